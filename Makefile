@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Every install goes through the constraints file: it pins torch to the CPU wheel.
+PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
+
+.PHONY: demo test lint bench venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP_INSTALL) "torch==2.13.0"
+	$(PIP_INSTALL) -e ".[test,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qconvdiag explain samples/forum_conv.pt
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check qconvdiag tests benchmarks
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_layer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from qconvdiag.cli import main
+
+main()

@@ -1,0 +1,298 @@
+"""ConvCase: the float tensors, the conv geometry and (optionally) the user's quantization setup.
+
+Everything is numpy here: no torch import, no quantized dtypes. Validation lives in
+``validate``; loaders and generators build cases through ``build_case`` so every case that
+reaches the diagnosis has passed the same checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CaseError
+from .qparams import QParams
+
+OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Convolution hyper-parameters, one entry per spatial dimension."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleState:
+    """What a quantized conv module (``nnq.Conv2d`` ...) really holds: it is what runs."""
+
+    weight_codes: np.ndarray
+    """Integer codes of the module's packed weight (int64 array, weight's shape)."""
+    weight_qparams: QParams
+    bias: np.ndarray | None
+    """Float bias as the module stores it (``None`` = no bias)."""
+    output_qparams: QParams
+    """The module's ``scale``/``zero_point`` (1.0 / 0 when never set)."""
+
+
+@dataclass(frozen=True, eq=False)
+class QuantSetup:
+    """The user's own quantization setup, exactly as they wrote it."""
+
+    input_qparams: QParams | None = None
+    weight_qparams: QParams | None = None
+    output_qparams: QParams | None = None
+    input_codes: np.ndarray | None = None
+    """Codes of a quantized input the user made (``qinput``), int64."""
+    weight_codes: np.ndarray | None = None
+    """Codes of a quantized weight the user made (``qweight``), int64."""
+    module: ModuleState | None = None
+    used_quantized_dtypes: bool = False
+    """The case was built with torch's quantized dtypes (deprecated from torch 2.13)."""
+    apis: tuple[str, ...] = ()
+    """Quantization APIs the case was built with (for QCD060)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ConvCase:
+    """One convolution to explain."""
+
+    input: np.ndarray
+    """Float input, float32, shape (N, C, *spatial)."""
+    weight: np.ndarray
+    """Float weight, float32, shape (O, C / groups, *kernel)."""
+    bias: np.ndarray | None
+    """Float bias, float32, shape (O,), or None."""
+    geometry: Geometry
+    setup: QuantSetup | None = None
+    source: str = ""
+    """Where the case came from (a path, ``random --seed 3``, ``recipe forum``)."""
+    notes: tuple[str, ...] = field(default=())
+    """Things the loader did that the user should know (e.g. integers converted to float32)."""
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.weight.ndim - 2
+
+    @property
+    def op(self) -> str:
+        return OPS[self.spatial_dims]
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.weight.shape[2:])
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return output_shape(self.input.shape, self.weight.shape, self.geometry)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "op": self.op,
+            "input_shape": list(self.input.shape),
+            "weight_shape": list(self.weight.shape),
+            "output_shape": list(self.output_shape),
+            "bias": self.bias is not None,
+            **self.geometry.to_dict(),
+            "source": self.source,
+            "notes": list(self.notes),
+        }
+
+
+def output_shape(
+    input_shape: tuple[int, ...], weight_shape: tuple[int, ...], g: Geometry
+) -> tuple[int, ...]:
+    spatial = []
+    for i, (size, k) in enumerate(zip(input_shape[2:], weight_shape[2:])):
+        eff = g.dilation[i] * (k - 1) + 1
+        spatial.append((size + 2 * g.padding[i] - eff) // g.stride[i] + 1)
+    return (input_shape[0], weight_shape[0], *spatial)
+
+
+def _int_tuple(value: object, name: str, dims: int, minimum: int) -> tuple[int, ...]:
+    if hasattr(value, "tolist"):
+        value = value.tolist()  # type: ignore[union-attr]
+    if isinstance(value, bool):
+        raise CaseError(f"{name} must be an int or {dims} ints, got {value!r}")
+    if isinstance(value, (int, float)):
+        if float(value) != int(value):
+            raise CaseError(f"{name} must be integers, got {value!r}")
+        items = [int(value)] * dims
+    elif isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            value = list(value) * dims
+        if len(value) != dims:
+            raise CaseError(
+                f"{name} has {len(value)} entries but the weight has {dims} spatial dimensions"
+            )
+        items = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
+                raise CaseError(f"{name} must be integers, got {v!r}")
+            items.append(int(v))
+    else:
+        raise CaseError(f"{name} must be an int or a list of ints, got {type(value).__name__}")
+    for v in items:
+        if v < minimum:
+            raise CaseError(f"{name} must be >= {minimum}, got {v}")
+    return tuple(items)
+
+
+def make_geometry(
+    dims: int,
+    stride: object = 1,
+    padding: object = 0,
+    dilation: object = 1,
+    groups: object = 1,
+) -> Geometry:
+    if hasattr(groups, "item"):
+        groups = groups.item()  # type: ignore[union-attr]
+    if isinstance(groups, bool) or not isinstance(groups, (int, float)) or int(groups) != groups:
+        raise CaseError(f"groups must be a positive integer, got {groups!r}")
+    if int(groups) < 1:
+        raise CaseError(f"groups must be >= 1, got {groups}")
+    return Geometry(
+        stride=_int_tuple(stride, "stride", dims, 1),
+        padding=_int_tuple(padding, "padding", dims, 0),
+        dilation=_int_tuple(dilation, "dilation", dims, 1),
+        groups=int(groups),
+    )
+
+
+def as_float_tensor(array: object, name: str, notes: list[str]) -> np.ndarray:
+    """Check a tensor's dtype and values and return it as float32."""
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        raise CaseError(f"'{name}' is a bool tensor: convert it to float32")
+    if np.iscomplexobj(a):
+        raise CaseError(f"'{name}' is complex: qconvdiag needs real float32 tensors")
+    if a.dtype.kind in "iu":
+        notes.append(f"'{name}' holds integers ({a.dtype}); converted to float32")
+        a = a.astype(np.float32)
+    elif a.dtype.kind != "f":
+        raise CaseError(f"'{name}' has dtype {a.dtype}: save it as a float32 tensor")
+    if a.size == 0:
+        raise CaseError(f"'{name}' is empty (shape {tuple(a.shape)}): give at least one element")
+    if a.dtype != np.float32:
+        if a.dtype == np.float64:
+            notes.append(f"'{name}' is float64; converted to float32 as torch's conv would run it")
+        a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise CaseError(f"'{name}' holds {bad} NaN/Inf values: fix the tensor before diagnosing")
+    return np.ascontiguousarray(a)
+
+
+def validate(
+    inp: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: Geometry
+) -> None:
+    """Shape and geometry rules of torch's conv, with a message that says what to fix."""
+    if weight.ndim not in (3, 4, 5):
+        raise CaseError(
+            f"weight has rank {weight.ndim}: expected 3 (conv1d), 4 (conv2d) or 5 (conv3d)"
+        )
+    dims = weight.ndim - 2
+    if inp.ndim != weight.ndim:
+        raise CaseError(
+            f"input has rank {inp.ndim} but the {OPS[dims]} weight needs rank {weight.ndim} "
+            f"(N, C, {'spatial, ' * dims}...): add the batch dimension with input[None]"
+        )
+    if weight.shape[0] % g.groups:
+        raise CaseError(
+            f"weight has {weight.shape[0]} output channels, not divisible by groups={g.groups}"
+        )
+    if inp.shape[1] != weight.shape[1] * g.groups:
+        raise CaseError(
+            f"channel mismatch: input has C={inp.shape[1]} but weight C_in * groups = "
+            f"{weight.shape[1]} * {g.groups} = {weight.shape[1] * g.groups}"
+        )
+    for i in range(dims):
+        padded = inp.shape[2 + i] + 2 * g.padding[i]
+        eff = g.dilation[i] * (weight.shape[2 + i] - 1) + 1
+        if eff > padded:
+            raise CaseError(
+                f"kernel larger than the padded input in dimension {i}: effective kernel {eff} "
+                f"> input {inp.shape[2 + i]} + 2 * padding {g.padding[i]}"
+            )
+    if bias is not None and (bias.ndim != 1 or bias.shape[0] != weight.shape[0]):
+        raise CaseError(
+            f"bias has shape {tuple(bias.shape)} but the weight has {weight.shape[0]} output "
+            f"channels: give a 1-D bias of length {weight.shape[0]}"
+        )
+    n_out = math.prod(output_shape(inp.shape, weight.shape, g))
+    if n_out <= 0:
+        raise CaseError("the convolution has an empty output: check the geometry")
+
+
+def build_case(
+    inp: object,
+    weight: object,
+    bias: object | None = None,
+    *,
+    stride: object = 1,
+    padding: object = 0,
+    dilation: object = 1,
+    groups: object = 1,
+    setup: QuantSetup | None = None,
+    source: str = "",
+    notes: tuple[str, ...] = (),
+) -> ConvCase:
+    """Validate and build a ConvCase (raises CaseError with a fix on any problem)."""
+    note_list = list(notes)
+    inp_a = as_float_tensor(inp, "input", note_list)
+    w_a = as_float_tensor(weight, "weight", note_list)
+    b_a = None if bias is None else as_float_tensor(bias, "bias", note_list)
+    if w_a.ndim not in (3, 4, 5):
+        raise CaseError(
+            f"weight has rank {w_a.ndim}: expected 3 (conv1d), 4 (conv2d) or 5 (conv3d)"
+        )
+    g = make_geometry(w_a.ndim - 2, stride, padding, dilation, groups)
+    validate(inp_a, w_a, b_a, g)
+    if setup is not None:
+        _validate_setup(setup, inp_a, w_a)
+    return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list))
+
+
+def _validate_setup(setup: QuantSetup, inp: np.ndarray, weight: np.ndarray) -> None:
+    for name, qp, shape in (
+        ("input_qparams", setup.input_qparams, inp.shape),
+        ("weight_qparams", setup.weight_qparams, weight.shape),
+    ):
+        if qp is not None and qp.per_channel:
+            axis = qp.axis if qp.axis is not None else 0
+            if not -len(shape) <= axis < len(shape):
+                raise CaseError(f"{name}.axis={axis} is out of range for shape {tuple(shape)}")
+            if shape[axis] != len(qp.scale):
+                raise CaseError(
+                    f"{name} has {len(qp.scale)} per-channel scales but the tensor has "
+                    f"{shape[axis]} channels along axis {axis}"
+                )
+    if setup.input_codes is not None and setup.input_codes.shape != inp.shape:
+        raise CaseError(f"qinput shape {setup.input_codes.shape} != input shape {inp.shape}")
+    if setup.weight_codes is not None and setup.weight_codes.shape != weight.shape:
+        raise CaseError(f"qweight shape {setup.weight_codes.shape} != weight shape {weight.shape}")
+    if setup.module is not None:
+        m = setup.module
+        if m.weight_codes.shape != weight.shape:
+            raise CaseError(
+                f"qconv.weight has shape {tuple(m.weight_codes.shape)} but the float weight has "
+                f"{tuple(weight.shape)}: the module is not this layer's quantized twin"
+            )
+        if m.bias is not None and m.bias.shape != (weight.shape[0],):
+            raise CaseError(
+                f"qconv.bias has shape {tuple(m.bias.shape)}, expected ({weight.shape[0]},)"
+            )

@@ -1,0 +1,151 @@
+"""The command line. The only module that turns results into exit codes.
+
+Heavy imports (torch, numpy) happen inside the commands so ``qconvdiag --help`` is instant.
+Exit codes: 0 ok, 1 a threshold or ``--fail-on`` level was breached, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from . import __version__
+from .errors import QconvdiagError
+
+app = typer.Typer(
+    name="qconvdiag",
+    help="Explain, number by number, why a float conv and its quantized counterpart disagree.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(func: F) -> F:
+    """Our errors become one line on stderr and exit code 2; Ctrl-C becomes exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except QconvdiagError as exc:
+            _err(f"qconvdiag: error: {exc}")
+            raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt:
+            _err("qconvdiag: interrupted; nothing was written")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qconvdiag {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """qconvdiag: per-stage error breakdown of a quantized convolution."""
+
+
+def _ints(text: Optional[str], name: str) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise QconvdiagError(f"{name} must be comma-separated integers, e.g. 1,8,16,16") from None
+
+
+def _geometry_arg(text: Optional[str], name: str) -> Optional[int | tuple[int, ...]]:
+    values = _ints(text, name)
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+@app.command()
+@handles_errors
+def explain(
+    case_file: Annotated[Path, typer.Argument(help="Case file: .pt/.pth, .npz or .safetensors.")],
+) -> None:
+    """Explain a case file: where the quantized conv's error comes from."""
+    from .io import load_case
+    from .render.summary import print_case_summary
+
+    case = load_case(case_file)
+    print_case_summary(case)
+
+
+@app.command()
+@handles_errors
+def random(
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same case.")],
+    shape: Annotated[
+        Optional[str], typer.Option("--shape", help="Input shape N,C,spatial... e.g. 1,8,16,16.")
+    ] = None,
+    weight_shape: Annotated[
+        Optional[str], typer.Option("--weight-shape", help="Weight shape O,C/groups,kernel...")
+    ] = None,
+    stride: Annotated[Optional[str], typer.Option(help="Stride, e.g. 1 or 2,1.")] = None,
+    padding: Annotated[Optional[str], typer.Option(help="Padding, e.g. 1 or 1,0.")] = None,
+    dilation: Annotated[Optional[str], typer.Option(help="Dilation, e.g. 1 or 2,2.")] = None,
+    groups: Annotated[Optional[int], typer.Option(help="Groups (= channels for depthwise).")] = None,
+    distribution: Annotated[
+        str, typer.Option(help="Input values: normal, uniform, relu, int (randint(0,20)), heavy.")
+    ] = "normal",
+    per_channel_varied: Annotated[
+        bool, typer.Option("--per-channel-varied", help="Weight ranges differ per out channel.")
+    ] = False,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option(help="forum: the seed thread exactly; handmade: its formulas on this case."),
+    ] = None,
+    save: Annotated[
+        Optional[Path], typer.Option("--save", help="Write the case to this file (.pt/.npz/...).")
+    ] = None,
+) -> None:
+    """Generate a reproducible case and explain it."""
+    from .generate import RandomSpec, generate
+    from .io import save_case
+    from .render.summary import print_case_summary
+
+    spec = RandomSpec(
+        seed=seed,
+        input_shape=_ints(shape, "--shape"),
+        weight_shape=_ints(weight_shape, "--weight-shape"),
+        stride=_geometry_arg(stride, "--stride"),
+        padding=_geometry_arg(padding, "--padding"),
+        dilation=_geometry_arg(dilation, "--dilation"),
+        groups=groups,
+        distribution=distribution,
+        per_channel_varied=per_channel_varied,
+        recipe=recipe,
+    )
+    case = generate(spec)
+    if save is not None:
+        save_case(case, save)
+        _err(f"wrote {save}")
+    print_case_summary(case)
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,26 @@
+"""The package's own exceptions. Only ``cli.py`` turns them into exit codes.
+
+Every message is one line that names the problem and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class QconvdiagError(Exception):
+    """Base class: a problem the user can fix (exit code 2 on the command line)."""
+
+
+class CaseFileError(QconvdiagError):
+    """A case file is missing, unreadable, corrupt, hostile or has the wrong keys."""
+
+
+class CaseError(QconvdiagError):
+    """The tensors or the geometry of a case are inconsistent or unusable."""
+
+
+class QParamsError(QconvdiagError):
+    """Quantization parameters that no engine can use (scale <= 0, NaN, unknown dtype...)."""
+
+
+class UsageError(QconvdiagError):
+    """A command-line option or API argument is wrong."""

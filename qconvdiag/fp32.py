@@ -1,0 +1,65 @@
+"""Exact float32 arithmetic on numpy arrays, as the engines' vector units do it.
+
+numpy has no fused multiply-add. ``fma32(a, b, c)`` computes ``a * b + c`` with one float32
+rounding, like ``vfmadd``: the product of two float32 values is exact in float64, the sum's
+float64 rounding error is recovered exactly (TwoSum), and the only case where rounding the
+float64 sum to float32 could differ from rounding the exact sum (a float64 sum that lies
+exactly halfway between two float32 values while the exact sum does not) is settled by the
+error's sign.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def f32(x: np.ndarray | float) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def round_to_f32(s: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Round the exact value ``s + err`` (float64 pair, ``|err| <= ulp(s)/2``) to float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        r1 = s.astype(np.float32)
+        r1_64 = r1.astype(np.float64)
+        toward = np.where(s > r1_64, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+        r2 = np.nextafter(r1, toward)
+        r2_64 = r2.astype(np.float64)
+        midpoint = (s != r1_64) & ((r1_64 + r2_64) * 0.5 == s) & (err != 0)
+    if not midpoint.any():
+        return r1
+    # Exactly halfway in float64 but not in reality: the error's sign decides.
+    go_r2 = np.sign(err) == np.sign(r2_64 - s)
+    pick = np.where(go_r2, r2, r1)
+    return np.where(midpoint, pick, r1).astype(np.float32)
+
+
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 ``a * b + c`` with a single rounding (all inputs are rounded to float32 first)."""
+    a64 = f32(a).astype(np.float64)
+    b64 = f32(b).astype(np.float64)
+    c64 = f32(c).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a64 * b64  # exact: 24 + 24 bits < 53
+        s = p + c64
+        bp = s - p
+        err = (p - (s - bp)) + (c64 - bp)
+    err = np.where(np.isfinite(s), err, 0.0)
+    return round_to_f32(s, err)
+
+
+def add32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (f32(a) + f32(b)).astype(np.float32)
+
+
+def mul32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (f32(a) * f32(b)).astype(np.float32)
+
+
+def div32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return (f32(a) / f32(b)).astype(np.float32)
+
+
+def recip32(a: np.ndarray | float) -> np.ndarray:
+    return div32(np.float32(1.0), a)

@@ -1,0 +1,645 @@
+"""Case files: load and save ``.pt``/``.pth``, ``.npz`` and ``.safetensors``.
+
+Untrusted files are never unpickled: ``torch.load(..., weights_only=True)`` and
+``numpy.load(..., allow_pickle=False)``; safetensors has no code path at all.
+
+Every format decodes into one flat mapping (``input``, ``weight``, ``bias``, ``stride``, ...,
+``input_qparams`` ..., ``qinput``/``qweight`` codes, ``qconv.*`` module state), and
+``case_from_mapping`` builds the ConvCase from it, so the rules are the same for all formats.
+In ``.npz`` and ``.safetensors`` files, non-tensor entries (geometry, qparams dicts) are JSON
+text: a 0-d string array in ``.npz``, a metadata entry in ``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .case import ConvCase, ModuleState, QuantSetup, build_case
+from .errors import CaseError, CaseFileError, QParamsError
+from .qparams import CODE_DTYPES, QParams, dequantize32, from_mapping, per_tensor
+
+FORMATS = (".pt", ".pth", ".npz", ".safetensors")
+TENSOR_KEYS = ("input", "weight", "bias", "qinput", "qweight", "qconv.weight", "qconv.bias")
+GEOMETRY_KEYS = ("stride", "padding", "dilation", "groups")
+QPARAM_KEYS = ("input_qparams", "weight_qparams", "output_qparams", "qconv.weight_qparams")
+META_KEYS = ("qconv.scale", "qconv.zero_point", "provenance", "notes")
+KNOWN_KEYS = frozenset(TENSOR_KEYS + GEOMETRY_KEYS + QPARAM_KEYS + META_KEYS)
+#: Default guard on the number of elements of any one tensor in a case file.
+MAX_ELEMENTS = 200_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class Quantized:
+    """A quantized tensor taken apart: integer codes and the qparams torch stored with them."""
+
+    codes: np.ndarray
+    qparams: QParams
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_case(path: str | os.PathLike[str]) -> ConvCase:
+    """Read a case file (``.pt``/``.pth``, ``.npz``, ``.safetensors``) into a ConvCase."""
+    p = Path(path)
+    if not p.exists():
+        raise CaseFileError(f"{p}: no such file; give the path of a .pt, .npz or .safetensors case")
+    if p.is_dir():
+        raise CaseFileError(f"{p} is a directory; give the path of a case file inside it")
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise CaseFileError(
+            f"{p}: unknown extension '{p.suffix}'; case files are {', '.join(FORMATS)}"
+        )
+    if p.stat().st_size == 0:
+        raise CaseFileError(f"{p} is empty (0 bytes); write the case again")
+    if suffix in (".pt", ".pth"):
+        mapping = _read_pt(p)
+    elif suffix == ".npz":
+        mapping = _read_npz(p)
+    else:
+        mapping = _read_safetensors(p)
+    return case_from_mapping(mapping, source=str(p))
+
+
+def _read_pt(p: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    if not zipfile.is_zipfile(p):
+        # torch.save has written zip archives since 1.6; anything else is legacy or junk.
+        _check_legacy_pickle(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CaseFileError(
+            f"{p}: refused to unpickle it: it holds Python objects other than tensors and plain "
+            f"containers (weights_only=True; {first[:120]}); save plain tensors and dicts, see "
+            "README 'Case files'"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise CaseFileError(
+            f"{p}: not a readable torch file (truncated or corrupt?): {reason}; write it again "
+            "with torch.save or qconvdiag.save_case"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CaseFileError(
+            f"{p} holds a {type(obj).__name__}, not a dict: save "
+            "{'input': x, 'weight': w, ...} (see README 'Case files')"
+        )
+    return _decode_torch_mapping(obj, str(p))
+
+
+def _check_legacy_pickle(p: Path) -> None:
+    with open(p, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] != b"\x80":
+        raise CaseFileError(
+            f"{p}: not a torch file (no zip archive, no pickle header); write it with torch.save"
+        )
+
+
+def _decode_torch_mapping(obj: Mapping[Any, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CaseFileError(f"{where}: key {key!r} is not a string; use the documented keys")
+        name = prefix + key
+        if isinstance(value, torch.Tensor):
+            out[name] = _tensor_to_numpy(value, name, where)
+        elif isinstance(value, Mapping) and not name.endswith("qparams") and name == "qconv":
+            out.update(_decode_torch_mapping(value, where, prefix="qconv."))
+        elif isinstance(value, Mapping):
+            out[name] = {
+                str(k): (_tensor_to_numpy(v, f"{name}.{k}", where) if isinstance(v, torch.Tensor)
+                         else v)
+                for k, v in value.items()
+            }
+        else:
+            out[name] = value
+    return out
+
+
+def _tensor_to_numpy(t: Any, name: str, where: str) -> Any:
+    import torch
+
+    if t.numel() > MAX_ELEMENTS:
+        raise CaseFileError(
+            f"{where}: '{name}' has {t.numel()} elements, over the {MAX_ELEMENTS} guard"
+        )
+    if t.is_quantized:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            codes = t.int_repr().numpy().astype(np.int64)
+            dtype = str(t.dtype).rsplit(".", 1)[-1]
+            if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                qp = per_tensor(float(t.q_scale()), int(t.q_zero_point()), dtype, "tensor")
+            elif t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                qp = QParams(
+                    tuple(float(s) for s in t.q_per_channel_scales().tolist()),
+                    tuple(int(z) for z in t.q_per_channel_zero_points().tolist()),
+                    dtype, int(t.q_per_channel_axis()), "tensor",
+                )
+            else:
+                raise CaseFileError(
+                    f"{where}: '{name}' uses qscheme {t.qscheme()}, which qconvdiag does not "
+                    "support; use per-tensor or per-channel affine"
+                )
+        return Quantized(codes, qp)
+    t = t.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    if t.is_complex():
+        raise CaseError(f"'{name}' is complex: qconvdiag needs real float32 tensors")
+    return t.numpy().copy()
+
+
+def _read_npz(p: Path) -> dict[str, Any]:
+    try:
+        archive = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CaseFileError(
+            f"{p}: not a readable .npz archive (truncated or corrupt?): {str(exc)[:120]}; write "
+            "it again with numpy.savez or qconvdiag.save_case"
+        ) from None
+    out: dict[str, Any] = {}
+    with archive:
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise CaseFileError(f"{p} holds a single array, not an .npz archive of named arrays")
+        for name in archive.files:
+            try:
+                info = archive.zip.getinfo(name + ".npy")
+                if info.file_size > MAX_ELEMENTS * 8 + 4096:
+                    raise CaseFileError(
+                        f"{p}: entry '{name}' unpacks to {info.file_size} bytes, over the guard"
+                    )
+                value = archive[name]
+            except CaseFileError:
+                raise
+            except ValueError as exc:
+                if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                    raise CaseFileError(
+                        f"{p}: entry '{name}' is an object array, which would need unpickling; "
+                        "save numeric arrays and JSON strings only"
+                    ) from None
+                raise CaseFileError(f"{p}: entry '{name}' is unreadable: {str(exc)[:120]}") from None
+            except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+                raise CaseFileError(
+                    f"{p}: entry '{name}' is truncated or corrupt ({type(exc).__name__}); "
+                    "write the file again"
+                ) from None
+            out[name] = _decode_text_entry(value, name, str(p))
+    return out
+
+
+def _decode_text_entry(value: Any, name: str, where: str) -> Any:
+    if isinstance(value, np.ndarray) and value.dtype.kind in "US":
+        if value.ndim != 0:
+            raise CaseFileError(f"{where}: '{name}' is an array of strings; store one JSON string")
+        text = str(value.item())
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if isinstance(value, np.ndarray) and value.ndim == 0 and name in GEOMETRY_KEYS:
+        return value.item()
+    return value
+
+
+def _read_safetensors(p: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    _check_safetensors_header(p)
+    out: dict[str, Any] = {}
+    try:
+        with safe_open(str(p), framework="np") as fh:
+            meta = fh.metadata() or {}
+            for name in fh.keys():
+                out[name] = fh.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CaseFileError(
+            f"{p}: not a readable safetensors file (truncated or corrupt?): {str(exc)[:120]}"
+        ) from None
+    for key, text in meta.items():
+        if key == "format":
+            continue
+        try:
+            out[key] = json.loads(text)
+        except (json.JSONDecodeError, TypeError):
+            out[key] = text
+    return out
+
+
+def _check_safetensors_header(p: Path) -> None:
+    """Refuse declared sizes past the file's end before anything is allocated."""
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CaseFileError(f"{p}: truncated safetensors file (no header)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            raise CaseFileError(f"{p}: safetensors header length {n} exceeds the file; corrupt")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CaseFileError(f"{p}: safetensors header is not valid JSON; corrupt") from None
+    if not isinstance(header, dict):
+        raise CaseFileError(f"{p}: safetensors header is not a JSON object; corrupt")
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise CaseFileError(f"{p}: safetensors entry '{name}' is malformed")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+        ):
+            raise CaseFileError(f"{p}: safetensors entry '{name}' is malformed")
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise CaseFileError(
+                f"{p}: '{name}' declares {count} elements, over the {MAX_ELEMENTS} guard"
+            )
+        if offsets[1] > data_size or offsets[0] > offsets[1]:
+            raise CaseFileError(
+                f"{p}: '{name}' points past the end of the file (truncated or hostile)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# the one mapping -> ConvCase rule
+
+
+def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
+    """Build a ConvCase from the flat mapping every format decodes to."""
+    where = source or "case"
+    unknown = sorted(k for k in mapping if k not in KNOWN_KEYS)
+    if unknown:
+        raise CaseFileError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown[:5])}; known keys are "
+            "input, weight, bias, stride, padding, dilation, groups, input_qparams, "
+            "weight_qparams, output_qparams, qinput, qweight, qconv.* (README 'Case files')"
+        )
+    notes: list[str] = []
+    used_qdtypes = False
+    try:
+        in_qp = _qparams_entry(mapping, "input_qparams")
+        w_qp = _qparams_entry(mapping, "weight_qparams")
+        out_qp = _qparams_entry(mapping, "output_qparams")
+        qinput = _codes_entry(mapping, "qinput", in_qp, where)
+        qweight = _codes_entry(mapping, "qweight", w_qp, where)
+        if qinput is not None:
+            used_qdtypes |= qinput.qparams.source == "tensor"
+            if in_qp is not None and in_qp.source != "tensor" and _differs(in_qp, qinput.qparams):
+                notes.append("input_qparams differ from qinput's own; qinput's were used")
+            in_qp = qinput.qparams.with_source("user")
+        if qweight is not None:
+            used_qdtypes |= qweight.qparams.source == "tensor"
+            if w_qp is not None and _differs(w_qp, qweight.qparams):
+                notes.append("weight_qparams differ from qweight's own; qweight's were used")
+            w_qp = qweight.qparams.with_source("user")
+        module = _module_entry(mapping, where)
+        if module is not None and isinstance(mapping.get("qconv.weight"), Quantized):
+            used_qdtypes = True
+    except QParamsError as exc:
+        raise CaseFileError(f"{where}: {exc}") from None
+
+    inp = mapping.get("input")
+    weight = mapping.get("weight")
+    if inp is None and qinput is not None:
+        inp = dequantize32(qinput.codes, qinput.qparams)
+        notes.append("no float 'input': it is the dequantized qinput")
+    if weight is None and qweight is not None:
+        weight = dequantize32(qweight.codes, qweight.qparams)
+        notes.append("no float 'weight': it is the dequantized qweight")
+    if weight is None and module is not None:
+        weight = dequantize32(module.weight_codes, module.weight_qparams)
+        notes.append("no float 'weight': it is the dequantized qconv.weight")
+    missing = [k for k, v in (("input", inp), ("weight", weight)) if v is None]
+    if missing:
+        raise CaseFileError(
+            f"{where}: missing {' and '.join(repr(m) for m in missing)}; a case needs at least "
+            "'input' and 'weight' tensors (or 'qinput'/'qweight')"
+        )
+    for key in ("input", "weight", "bias"):
+        if isinstance(mapping.get(key), Quantized):
+            raise CaseFileError(
+                f"{where}: '{key}' is a quantized tensor; store it as 'q{key}' (or the float "
+                f"tensor as '{key}')"
+            )
+        if key in mapping and not isinstance(mapping[key], np.ndarray) and mapping[key] is not None:
+            raise CaseFileError(f"{where}: '{key}' must be a tensor, got {type(mapping[key]).__name__}")
+    bias = mapping.get("bias")
+    setup = None
+    if any(x is not None for x in (in_qp, w_qp, out_qp, qinput, qweight, module)):
+        prov = mapping.get("provenance") or {}
+        if not isinstance(prov, Mapping):
+            raise CaseFileError(f"{where}: 'provenance' must be a dict")
+        apis = tuple(str(a) for a in prov.get("apis", ()) if isinstance(a, str))
+        setup = QuantSetup(
+            input_qparams=in_qp,
+            weight_qparams=w_qp,
+            output_qparams=out_qp,
+            input_codes=None if qinput is None else qinput.codes,
+            weight_codes=None if qweight is None else qweight.codes,
+            module=module,
+            used_quantized_dtypes=bool(prov.get("used_quantized_dtypes", used_qdtypes)),
+            apis=apis,
+        )
+    extra_notes = mapping.get("notes") or []
+    if isinstance(extra_notes, list):
+        notes.extend(str(n) for n in extra_notes)
+    try:
+        return build_case(
+            inp, weight, bias,
+            stride=mapping.get("stride", 1),
+            padding=mapping.get("padding", 0),
+            dilation=mapping.get("dilation", 1),
+            groups=mapping.get("groups", 1),
+            setup=setup,
+            source=source,
+            notes=tuple(notes),
+        )
+    except CaseError as exc:
+        raise CaseError(f"{where}: {exc}") from None
+    except QParamsError as exc:
+        raise CaseFileError(f"{where}: {exc}") from None
+
+
+def _differs(a: QParams, b: QParams) -> bool:
+    return (a.scale, a.zero_point, a.dtype) != (b.scale, b.zero_point, b.dtype)
+
+
+def _qparams_entry(mapping: Mapping[str, Any], key: str) -> QParams | None:
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        clean = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in value.items()}
+        return from_mapping(clean, key)
+    raise QParamsError(
+        f"{key} must be a dict with 'scale', 'zero_point', 'dtype', got {type(value).__name__}"
+    )
+
+
+def _codes_entry(
+    mapping: Mapping[str, Any], key: str, qp: QParams | None, where: str
+) -> Quantized | None:
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(value, Quantized):
+        return value
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+        raise CaseFileError(
+            f"{where}: '{key}' must be a quantized tensor or an integer array of codes"
+        )
+    if qp is None:
+        owner = "input_qparams" if key == "qinput" else "weight_qparams"
+        raise CaseFileError(f"{where}: '{key}' holds integer codes but '{owner}' is missing")
+    codes = value.astype(np.int64)
+    if codes.size and (codes.min() < qp.dtype_min or codes.max() > qp.dtype_max):
+        raise CaseFileError(f"{where}: '{key}' holds codes outside the {qp.dtype} range")
+    return Quantized(codes, qp)
+
+
+def _module_entry(mapping: Mapping[str, Any], where: str) -> ModuleState | None:
+    keys = [k for k in mapping if k.startswith("qconv.")]
+    if not keys:
+        return None
+    w = mapping.get("qconv.weight")
+    if w is None:
+        raise CaseFileError(f"{where}: qconv.* given without 'qconv.weight'")
+    if not isinstance(w, Quantized):
+        qp = _qparams_entry(mapping, "qconv.weight_qparams")
+        w = _codes_entry(mapping, "qconv.weight", qp, where)
+        assert w is not None
+    bias = mapping.get("qconv.bias")
+    if bias is not None:
+        if not isinstance(bias, np.ndarray) or bias.dtype.kind != "f":
+            raise CaseFileError(f"{where}: 'qconv.bias' must be a float tensor")
+        if not np.isfinite(bias).all():
+            raise CaseFileError(f"{where}: 'qconv.bias' holds NaN/Inf")
+        bias = bias.astype(np.float32)
+    scale = _scalar(mapping.get("qconv.scale", 1.0), "qconv.scale", where)
+    zp = _scalar(mapping.get("qconv.zero_point", 0), "qconv.zero_point", where)
+    out_qp = from_mapping(
+        {"scale": scale, "zero_point": zp, "dtype": "quint8"}, "qconv.scale/zero_point", "module"
+    )
+    return ModuleState(w.codes, w.qparams.with_source("module"), bias, out_qp)
+
+
+def _scalar(value: Any, name: str, where: str) -> float:
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise CaseFileError(f"{where}: '{name}' must hold one number")
+        value = value.reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CaseFileError(f"{where}: '{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+
+def case_to_mapping(case: ConvCase) -> dict[str, Any]:
+    """The flat mapping ``save_case`` writes (numpy arrays and JSON-able values)."""
+    m: dict[str, Any] = {"input": case.input, "weight": case.weight}
+    if case.bias is not None:
+        m["bias"] = case.bias
+    m.update(case.geometry.to_dict())
+    s = case.setup
+    if s is not None:
+        for key, qp in (
+            ("input_qparams", s.input_qparams),
+            ("weight_qparams", s.weight_qparams),
+            ("output_qparams", s.output_qparams),
+        ):
+            if qp is not None:
+                m[key] = qp.to_dict()
+        if s.input_codes is not None and s.input_qparams is not None:
+            m["qinput"] = s.input_codes.astype(CODE_DTYPES[s.input_qparams.dtype])
+        if s.weight_codes is not None and s.weight_qparams is not None:
+            m["qweight"] = s.weight_codes.astype(CODE_DTYPES[s.weight_qparams.dtype])
+        if s.module is not None:
+            mod = s.module
+            m["qconv.weight"] = mod.weight_codes.astype(CODE_DTYPES[mod.weight_qparams.dtype])
+            m["qconv.weight_qparams"] = mod.weight_qparams.to_dict()
+            if mod.bias is not None:
+                m["qconv.bias"] = mod.bias
+            m["qconv.scale"] = mod.output_qparams.scale[0]
+            m["qconv.zero_point"] = (
+                mod.output_qparams.zero_point_given or mod.output_qparams.zero_point
+            )[0]
+        m["provenance"] = {"used_quantized_dtypes": s.used_quantized_dtypes, "apis": list(s.apis)}
+    return m
+
+
+def save_case(case: ConvCase, path: str | os.PathLike[str]) -> Path:
+    """Write a case file; the format follows the extension. The write is atomic."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise CaseFileError(f"{p}: unknown extension '{p.suffix}'; use one of {', '.join(FORMATS)}")
+    mapping = case_to_mapping(case)
+
+    data = encode_case(mapping, suffix)
+    atomic_write(p, lambda tmp: tmp.write_bytes(data))
+    return p
+
+
+def encode_case(mapping: Mapping[str, Any], suffix: str) -> bytes:
+    """The bytes of a case file; deterministic (the same case gives the same bytes)."""
+    if suffix in (".pt", ".pth"):
+        import io as _io
+
+        import torch
+
+        obj = {
+            k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v)
+            for k, v in mapping.items()
+        }
+        buf = _io.BytesIO()  # a file name would become the archive's (random) folder name
+        torch.save(obj, buf)
+        return buf.getvalue()
+    if suffix == ".npz":
+        return _npz_bytes(mapping)
+    from safetensors.numpy import save
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in mapping.items() if isinstance(v, np.ndarray)}
+    meta = {k: json.dumps(v) for k, v in mapping.items() if not isinstance(v, np.ndarray)}
+    return bytes(save(tensors, metadata=meta))
+
+
+def _npz_bytes(mapping: Mapping[str, Any]) -> bytes:
+    """Like ``numpy.savez`` but with fixed zip timestamps, so the bytes are reproducible."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, value in mapping.items():
+            arr = value if isinstance(value, np.ndarray) else np.array(json.dumps(value))
+            item = _io.BytesIO()
+            np.lib.format.write_array(item, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, item.getvalue())
+    return buf.getvalue()
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` then rename over ``path``: no partial file is ever left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# capture from live modules
+
+
+def capture(
+    conv: Any,
+    input: Any,
+    qconv: Any = None,
+    qinput: Any = None,
+    *,
+    path: str | os.PathLike[str] | None = "qconvdiag_case.pt",
+) -> ConvCase:
+    """Capture a case from live modules and tensors, and write it to ``path`` (unless None).
+
+    ``conv``: the float ``nn.Conv1d/2d/3d``; ``input``: its float input (or None with
+    ``qinput``); ``qconv``: the quantized conv module that disagrees; ``qinput``: the quantized
+    tensor you fed it. Example::
+
+        qconvdiag.capture(m, x, qconv=qm, qinput=qx, path="my_case.pt")
+    """
+    import torch
+
+    if not isinstance(conv, torch.nn.modules.conv._ConvNd) or getattr(conv, "transposed", False):
+        raise CaseError("capture() needs a float nn.Conv1d/Conv2d/Conv3d as 'conv'")
+    if conv.padding_mode != "zeros":
+        raise CaseError(
+            f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv: "
+            "use padding_mode='zeros'"
+        )
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:
+            k = conv.kernel_size
+            total = [d * (kk - 1) for d, kk in zip(conv.dilation, k)]
+            if any(t % 2 for t in total):
+                raise CaseError("padding='same' with an even kernel is asymmetric: pad explicitly")
+            padding = tuple(t // 2 for t in total)
+    mapping: dict[str, Any] = {
+        "weight": conv.weight.detach().float().cpu().numpy().copy(),
+        "stride": list(conv.stride),
+        "padding": list(padding) if not isinstance(padding, int) else padding,
+        "dilation": list(conv.dilation),
+        "groups": conv.groups,
+    }
+    if conv.bias is not None:
+        mapping["bias"] = conv.bias.detach().float().cpu().numpy().copy()
+    if input is not None:
+        mapping["input"] = torch.as_tensor(input).detach().cpu().numpy().copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if qinput is not None:
+            mapping["qinput"] = _tensor_to_numpy(qinput, "qinput", "capture")
+        if qconv is not None:
+            sd = qconv.state_dict()
+            for k in ("weight", "bias", "scale", "zero_point"):
+                v = sd.get(k)
+                if v is not None:
+                    mapping[f"qconv.{k}"] = _tensor_to_numpy(v, f"qconv.{k}", "capture")
+            for attr in ("stride", "padding", "dilation", "groups"):
+                mine, theirs = getattr(conv, attr), getattr(qconv, attr, None)
+                if theirs is not None and attr != "padding" and tuple(np.atleast_1d(mine)) != tuple(
+                    np.atleast_1d(theirs)
+                ):
+                    raise CaseError(
+                        f"conv.{attr}={mine} but qconv.{attr}={theirs}: they are not twins"
+                    )
+    mapping["provenance"] = {
+        "used_quantized_dtypes": qconv is not None or qinput is not None,
+        "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])
+        + (["torch.quantize_per_tensor"] if qinput is not None else []),
+    }
+    case = case_from_mapping(mapping, source="capture")
+    if path is not None:
+        save_case(case, path)
+    return case

@@ -1,0 +1,300 @@
+"""Quantization parameters: the formulas and the validity rules, nothing about convolution.
+
+A worked example, the seed case's weight: values 0..19, the user's formula
+``scale = (max - min) / 254 = 0.0708661``, ``zero_point = -(min / scale) = -14.1111`` for qint8.
+torch truncates the zero point toward zero (-14.1111 -> -14), multiplies by
+``float32(1 / scale)`` and rounds half to even: ``19 * 14.111111 = 268.1 -> 268 - 14 = 254``,
+which qint8's range clips to 127, i.e. the value ``(127 + 14) * 0.0708661 = 9.9921``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import QParamsError
+from .fp32 import add32, fma32, mul32
+
+#: Integer range of each quantized dtype torch offers, by name.
+DTYPE_RANGES: dict[str, tuple[int, int]] = {
+    "quint8": (0, 255),
+    "qint8": (-128, 127),
+    "qint32": (-(2**31), 2**31 - 1),
+}
+
+#: numpy dtype that holds the integer codes of each quantized dtype.
+CODE_DTYPES: dict[str, str] = {"quint8": "uint8", "qint8": "int8", "qint32": "int32"}
+
+#: Where a set of qparams came from.
+SOURCES = ("user", "default", "module", "tensor")
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.qint8``, ``"torch.qint8"`` or ``"qint8"`` -> ``"qint8"``."""
+    name = str(dtype).rsplit(".", 1)[-1].strip().lower()
+    if name not in DTYPE_RANGES:
+        raise QParamsError(
+            f"unknown quantized dtype {dtype!r}: use one of {', '.join(DTYPE_RANGES)}"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale(s), zero point(s) and dtype of one quantized tensor, as torch would use them."""
+
+    scale: tuple[float, ...]
+    """One scale (per tensor) or one per channel along ``axis``; float units per integer step."""
+    zero_point: tuple[int, ...]
+    """Integer zero point(s) as torch applies them (a float zero point truncated toward 0)."""
+    dtype: str
+    """``quint8``, ``qint8`` or ``qint32``."""
+    axis: int | None = None
+    """Channel axis for per-channel qparams, ``None`` for per-tensor."""
+    source: str = "user"
+    """``user``, ``default``, ``module``, ``tensor`` or ``observer:<name>``."""
+    zero_point_given: tuple[float, ...] | None = None
+    """The zero point(s) exactly as written, when that was not an integer (QCD001)."""
+    quant_min: int | None = None
+    """Lowest code allowed (defaults to the dtype's; 0..127 with reduce_range)."""
+    quant_max: int | None = None
+    """Highest code allowed."""
+    notes: tuple[str, ...] = field(default=())
+    """Free-form remarks about how these qparams were made."""
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    @property
+    def scheme(self) -> str:
+        return "per_channel_affine" if self.per_channel else "per_tensor_affine"
+
+    @property
+    def qmin(self) -> int:
+        return DTYPE_RANGES[self.dtype][0] if self.quant_min is None else self.quant_min
+
+    @property
+    def qmax(self) -> int:
+        return DTYPE_RANGES[self.dtype][1] if self.quant_max is None else self.quant_max
+
+    @property
+    def dtype_min(self) -> int:
+        return DTYPE_RANGES[self.dtype][0]
+
+    @property
+    def dtype_max(self) -> int:
+        return DTYPE_RANGES[self.dtype][1]
+
+    def scales(self) -> np.ndarray:
+        return np.asarray(self.scale, dtype=np.float64)
+
+    def zero_points(self) -> np.ndarray:
+        return np.asarray(self.zero_point, dtype=np.int64)
+
+    def with_source(self, source: str) -> QParams:
+        return QParams(
+            self.scale, self.zero_point, self.dtype, self.axis, source,
+            self.zero_point_given, self.quant_min, self.quant_max, self.notes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The case-file form (what ``save_case`` writes and ``from_mapping`` reads)."""
+        one = not self.per_channel
+        out: dict[str, Any] = {
+            "scale": self.scale[0] if one else list(self.scale),
+            "zero_point": (
+                (self.zero_point_given or self.zero_point)[0]
+                if one
+                else list(self.zero_point_given or self.zero_point)
+            ),
+            "dtype": self.dtype,
+        }
+        if self.axis is not None:
+            out["axis"] = self.axis
+        return out
+
+    def describe(self) -> str:
+        if self.per_channel:
+            s = self.scales()
+            return (
+                f"{self.dtype} per-channel(axis={self.axis}) scale {s.min():.6g}..{s.max():.6g}"
+            )
+        return f"{self.dtype} scale {self.scale[0]:.6g} zero_point {self.zero_point[0]}"
+
+
+def _as_float_list(value: Any, what: str) -> list[float]:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        out = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise QParamsError(f"{what} must be numbers, got {v!r}: write plain floats")
+            out.append(float(v))
+        return out
+    raise QParamsError(f"{what} must be a number or a list of numbers, got {type(value).__name__}")
+
+
+def truncate_zero_point(value: float) -> int:
+    """torch turns a float zero point into an int by truncation toward zero: -14.11 -> -14."""
+    return int(math.trunc(value))
+
+
+def from_mapping(mapping: Mapping[str, Any], what: str, source: str = "user") -> QParams:
+    """Build QParams from a case file's dict (``scale``, ``zero_point``, ``dtype``, ``axis``).
+
+    Raises QParamsError with a fix for scale <= 0, NaN/Inf, unknown dtype or missing keys.
+    """
+    if not isinstance(mapping, Mapping):
+        raise QParamsError(
+            f"{what} must be a dict with 'scale', 'zero_point' and 'dtype', "
+            f"got {type(mapping).__name__}"
+        )
+    missing = [k for k in ("scale", "zero_point") if k not in mapping]
+    if missing:
+        raise QParamsError(
+            f"{what} is missing {', '.join(repr(m) for m in missing)}: give "
+            "{'scale': s, 'zero_point': z, 'dtype': 'quint8'|'qint8'}"
+        )
+    scale = _as_float_list(mapping["scale"], f"{what}.scale")
+    zp_given = _as_float_list(mapping["zero_point"], f"{what}.zero_point")
+    dtype = dtype_name(mapping.get("dtype", "quint8"))
+    axis_raw = mapping.get("axis")
+    axis = None
+    if axis_raw is not None:
+        if hasattr(axis_raw, "item"):
+            axis_raw = axis_raw.item()
+        if isinstance(axis_raw, bool) or not isinstance(axis_raw, (int, float)):
+            raise QParamsError(f"{what}.axis must be an integer, got {axis_raw!r}")
+        axis = int(axis_raw)
+    return make_qparams(scale, zp_given, dtype, axis, what, source)
+
+
+def make_qparams(
+    scale: Sequence[float],
+    zero_point: Sequence[float],
+    dtype: str,
+    axis: int | None,
+    what: str,
+    source: str,
+) -> QParams:
+    """Validate and build; a float zero point is truncated as torch does and remembered."""
+    scale = [float(s) for s in scale]
+    zero_point = [float(z) for z in zero_point]
+    if not scale or not zero_point:
+        raise QParamsError(f"{what}: scale and zero_point must not be empty")
+    for s in scale:
+        if not math.isfinite(s):
+            raise QParamsError(f"{what}.scale is {s}: give a finite positive float")
+        if s <= 0:
+            raise QParamsError(
+                f"{what}.scale is {s:g}: a scale must be > 0 (e.g. (max - min) / 255)"
+            )
+        if s < 1e-30 or s > 1e30:
+            raise QParamsError(
+                f"{what}.scale is {s:g}: outside 1e-30..1e30, where float32 arithmetic breaks"
+            )
+    for z in zero_point:
+        if not math.isfinite(z):
+            raise QParamsError(f"{what}.zero_point is {z}: give a finite integer")
+        if abs(z) > 2**31:
+            raise QParamsError(f"{what}.zero_point {z:g} does not fit in int32: use 0..255")
+    if axis is None and (len(scale) > 1 or len(zero_point) > 1):
+        if len(scale) != len(zero_point):
+            raise QParamsError(
+                f"{what}: {len(scale)} scales but {len(zero_point)} zero points: give one each "
+                "per channel"
+            )
+        axis = 0
+    if axis is not None:
+        if len(zero_point) == 1 and len(scale) > 1:
+            zero_point = zero_point * len(scale)
+        if len(scale) != len(zero_point):
+            raise QParamsError(
+                f"{what}: {len(scale)} scales but {len(zero_point)} zero points: give one each "
+                "per channel"
+            )
+    truncated = tuple(truncate_zero_point(z) for z in zero_point)
+    given = None if all(float(t) == z for t, z in zip(truncated, zero_point)) else tuple(zero_point)
+    return QParams(
+        scale=tuple(scale), zero_point=truncated, dtype=dtype, axis=axis, source=source,
+        zero_point_given=given,
+    )
+
+
+def per_tensor(scale: float, zero_point: int, dtype: str, source: str) -> QParams:
+    return QParams((float(scale),), (int(zero_point),), dtype, None, source)
+
+
+def round_half_even(x: np.ndarray) -> np.ndarray:
+    """``np.rint`` rounds half to even, like the engines' ``nearbyint`` / ``cvtps``."""
+    return np.rint(x)
+
+
+def _broadcast(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """Integer codes as ``torch.quantize_per_tensor/per_channel`` computes them (int64 array).
+
+    8-bit per-tensor: ``q = clamp(rint(fma32(x, float32(1 / scale), zero_point)))``;
+    per-channel and qint32: ``q = clamp(rint(float32(float32(x * float32(1 / scale)) + zp)))``.
+    """
+    xf = np.asarray(x, dtype=np.float32)
+    if qp.per_channel and (qp.axis is None or not -xf.ndim <= qp.axis < xf.ndim):
+        raise QParamsError(f"axis {qp.axis} out of range for a tensor of rank {xf.ndim}")
+    axis = None if qp.axis is None else qp.axis % xf.ndim
+    if axis is not None and xf.shape[axis] != len(qp.scale):
+        raise QParamsError(
+            f"{len(qp.scale)} per-channel scales for {xf.shape[axis]} channels along axis {axis}"
+        )
+    inv = (np.float32(1.0) / qp.scales().astype(np.float32)).astype(np.float32)
+    inv = _broadcast(inv, xf.ndim, axis)
+    zp = _broadcast(qp.zero_points(), xf.ndim, axis)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # Measured on torch's quantize_per_tensor/per_channel, ties included:
+        # 8-bit per-tensor: fma(x, 1/scale, zero_point) in float32, one rounding, then rint;
+        # per-channel and qint32: float32(x * (1/scale)), + zero_point in float32, then rint.
+        if qp.per_channel or qp.dtype == "qint32":
+            scaled = add32(mul32(xf, inv), zp.astype(np.float32))
+        else:
+            scaled = fma32(xf, inv, zp.astype(np.float32))
+    # float32 -> int beyond int64 is undefined; the engines clamp afterwards, so clip first.
+    rounded = np.clip(round_half_even(scaled.astype(np.float64)), -(2.0**40), 2.0**40)
+    return np.clip(rounded.astype(np.int64), qp.qmin, qp.qmax)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """``(q - zero_point) * scale`` in float64 (torch does it in float32; see ``dequantize32``)."""
+    q = np.asarray(q, dtype=np.int64)
+    axis = None if qp.axis is None else qp.axis % q.ndim
+    s = _broadcast(qp.scales(), q.ndim, axis)
+    zp = _broadcast(qp.zero_points(), q.ndim, axis)
+    return (q - zp).astype(np.float64) * s
+
+
+def dequantize32(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """The float32 values ``tensor.dequantize()`` returns."""
+    q = np.asarray(q, dtype=np.int64)
+    axis = None if qp.axis is None else qp.axis % q.ndim
+    s = _broadcast(qp.scales().astype(np.float32), q.ndim, axis)
+    zp = _broadcast(qp.zero_points(), q.ndim, axis)
+    return ((q - zp).astype(np.float32) * s).astype(np.float32)
+
+
+def clip_bounds(qp: QParams) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest representable float value (per channel if per-channel)."""
+    s, zp = qp.scales(), qp.zero_points()
+    return (qp.qmin - zp) * s, (qp.qmax - zp) * s

@@ -1,0 +1,1 @@
+"""Renderers: turn a Report (or a case) into text; the core never prints."""
