@@ -1,0 +1,321 @@
+"""Integer-exact model of torch's quantized conv on each engine, on plain integer arrays.
+
+No quantized dtypes inside (deprecated from torch 2.13). Three kernels cover the four engines:
+
+* ``fbgemm`` (engines fbgemm, and x86 when it does not hand the conv to oneDNN): the raw
+  ``u8 * s8`` products are summed pairwise in saturating int16 (``vpmaddubsw``) along
+  K = (kernel taps, channels of the group), channels fastest, pairs (0,1), (2,3)... on CPUs
+  without AVX512-VNNI; exactly with VNNI. Zero points are corrected exactly afterwards, so
+  saturation depends on the raw codes. Requantization in float32:
+  ``atws = f32(w_s * in_s)``, ``M = f32(atws / out_s)``; per-tensor bias enters as
+  ``fma(bias, f32(1/atws), f32(acc))``, per-channel as ``f32(acc) + f32(bias / atws)``; then
+  ``q = clamp(rint(f32(x * M)) + zp)``.
+* ``onednn`` (engine onednn, and x86 on VNNI CPUs for symmetric weights): saturating int16
+  pairs of adjacent input channels of the same tap without VNNI; float32 rescaling with
+  reciprocal-of-reciprocal scales (oneDNN stores 1/scale).
+* ``qnnpack``: exact int32 accumulation; the bias quantized to int32 at ``in_s * w_s`` and added
+  to the accumulator; ``q = clamp(rint(f32(acc * M)) + zp)``.
+
+Every formula here is checked bit for bit against torch's kernels by the test suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .case import Geometry, output_shape
+from .fp32 import add32, div32, f32, fma32, mul32, recip32
+from .qparams import QParams, quantize
+
+INT16_MIN, INT16_MAX = -32768, 32767
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+#: Accumulation behaviours.
+EXACT = "exact"
+PAIRS_K = "int16_pairs_k"
+"""Pairs of consecutive K entries (taps x channels of the group, channels fastest)."""
+PAIRS_CHANNELS = "int16_pairs_channels"
+"""Pairs of adjacent input channels of the same kernel tap."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """What really runs for one engine on this CPU, for one layer."""
+
+    engine: str
+    """Engine name as torch knows it (``x86``, ``fbgemm``, ``onednn``, ``qnnpack``)."""
+    kernel: str
+    """Arithmetic family: ``fbgemm``, ``onednn`` or ``qnnpack``."""
+    accumulation: str
+    """``exact``, ``int16_pairs_k`` or ``int16_pairs_channels``."""
+
+
+@dataclass(frozen=True, eq=False)
+class Emulation:
+    """Every intermediate of one emulated quantized conv (arrays have the output's shape)."""
+
+    kernel: Kernel
+    acc_exact: np.ndarray
+    """int64: sum over K of (x - x_zp) * (w - w_zp), exact."""
+    acc: np.ndarray
+    """int64: the accumulator the engine really holds (int16 pair saturation included)."""
+    saturated_pairs: int
+    """How many int16 pair sums saturated."""
+    bias_real: np.ndarray | None
+    """(O,) float64: the bias as the engine effectively adds it, in float units."""
+    bias_int32: np.ndarray | None
+    """(O,) int64: qnnpack's int32 bias (scale in_s * w_s); None for other kernels."""
+    multiplier: np.ndarray
+    """(O,) float32 requantization multiplier (accumulator units -> output steps)."""
+    pre_round: np.ndarray
+    """float64: value in output steps right before rounding (zero point not yet added)."""
+    unclamped: np.ndarray
+    """int64: rint(pre_round) + zero point, before the clamp to the output dtype."""
+    output_codes: np.ndarray
+    """int64: final output codes."""
+    acc_scale: np.ndarray
+    """(O,) float64: in_s * w_s, one accumulator step in float units."""
+
+
+def _tap_views(xpad: np.ndarray, weight_shape: tuple[int, ...], g: Geometry,
+               out_spatial: tuple[int, ...]) -> dict[tuple[int, ...], np.ndarray]:
+    """For every kernel tap, the strided view of the padded input it multiplies."""
+    views = {}
+    for tap in itertools.product(*(range(k) for k in weight_shape[2:])):
+        sl = [slice(None), slice(None)]
+        for i, t in enumerate(tap):
+            start = t * g.dilation[i]
+            stop = start + (out_spatial[i] - 1) * g.stride[i] + 1
+            sl.append(slice(start, stop, g.stride[i]))
+        views[tap] = xpad[tuple(sl)]
+    return views
+
+
+def _pad(x: np.ndarray, padding: tuple[int, ...], value: int) -> np.ndarray:
+    width = [(0, 0), (0, 0)] + [(p, p) for p in padding]
+    return np.pad(x, width, mode="constant", constant_values=value)
+
+
+def exact_accumulator(
+    x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, w_zp: np.ndarray, g: Geometry
+) -> np.ndarray:
+    """sum((x - x_zp) * (w - w_zp)) per output element, exactly (float64 conv of integers)."""
+    import torch
+    import torch.nn.functional as F
+
+    dims = w_codes.ndim - 2
+    xs = torch.from_numpy((x_codes - x_zp).astype(np.float64))
+    ws = torch.from_numpy(
+        (w_codes - w_zp.reshape((-1,) + (1,) * (w_codes.ndim - 1))).astype(np.float64)
+    )
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    out = conv(xs, ws, None, g.stride, g.padding, g.dilation, g.groups)
+    return np.rint(out.numpy()).astype(np.int64)
+
+
+def pair_list(accumulation: str, cin_g: int, taps: int) -> list[tuple[tuple[int, int], ...]]:
+    """The (tap, channel) entries summed together in int16, per the engine's layout."""
+    pairs: list[tuple[tuple[int, int], ...]] = []
+    if accumulation == PAIRS_K:
+        k = [(t, c) for t in range(taps) for c in range(cin_g)]
+        for i in range(0, len(k), 2):
+            pairs.append(tuple(k[i:i + 2]))
+    elif accumulation == PAIRS_CHANNELS:
+        for t in range(taps):
+            for c in range(0, cin_g, 2):
+                pairs.append(tuple((t, cc) for cc in range(c, min(c + 2, cin_g))))
+    return pairs
+
+
+def pair_saturation(
+    x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, g: Geometry, accumulation: str,
+    pad_value: int,
+) -> tuple[np.ndarray, int]:
+    """sum over pairs of (sat16(P) - P) per output element, and the count of saturated pairs.
+
+    P is the pair sum of raw codes. Pairs that cannot leave int16 for any input value in
+    this tensor (bounded by each channel's min/max code) are skipped, so 7-bit activations
+    cost nothing.
+    """
+    out_sp = output_shape(x_codes.shape, w_codes.shape, g)[2:]
+    n = x_codes.shape[0]
+    o_total, cin_g = w_codes.shape[0], w_codes.shape[1]
+    og = o_total // g.groups
+    kernel = w_codes.shape[2:]
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    correction = np.zeros((n, o_total, *out_sp), dtype=np.int64)
+    pairs = [p for p in pair_list(accumulation, cin_g, len(taps)) if len(p) == 2]
+    if not pairs:
+        return correction, 0
+    xpad = _pad(x_codes, g.padding, pad_value)
+    per_channel_min = xpad.reshape(n, xpad.shape[1], -1).min(axis=(0, 2))
+    per_channel_max = xpad.reshape(n, xpad.shape[1], -1).max(axis=(0, 2))
+    views = _tap_views(xpad, w_codes.shape, g, out_sp)
+    w_flat = w_codes.reshape(o_total, cin_g, -1)  # (O, Cg, taps), taps in C order
+    saturated = 0
+    for grp in range(g.groups):
+        o_idx = np.arange(grp * og, (grp + 1) * og)
+        for (ta, ca), (tb, cb) in pairs:
+            xa_c, xb_c = grp * cin_g + ca, grp * cin_g + cb
+            wa = w_flat[o_idx, ca, ta]
+            wb = w_flat[o_idx, cb, tb]
+            lo = (np.minimum(wa * per_channel_min[xa_c], wa * per_channel_max[xa_c])
+                  + np.minimum(wb * per_channel_min[xb_c], wb * per_channel_max[xb_c]))
+            hi = (np.maximum(wa * per_channel_min[xa_c], wa * per_channel_max[xa_c])
+                  + np.maximum(wb * per_channel_min[xb_c], wb * per_channel_max[xb_c]))
+            risky = (hi > INT16_MAX) | (lo < INT16_MIN)
+            if not risky.any():
+                continue
+            sel = o_idx[risky]
+            shape_w = (1, -1) + (1,) * len(out_sp)
+            xa = views[taps[ta]][:, xa_c][:, None]
+            xb = views[taps[tb]][:, xb_c][:, None]
+            p = xa * wa[risky].reshape(shape_w) + xb * wb[risky].reshape(shape_w)
+            clipped = np.clip(p, INT16_MIN, INT16_MAX)
+            diff = clipped - p
+            saturated += int(np.count_nonzero(diff))
+            correction[:, sel] += diff
+    return correction, saturated
+
+
+# ------------------------------------------------------------------------------------------
+# requantization
+
+
+def _bcast(v: np.ndarray, ndim: int) -> np.ndarray:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _per_out(values: tuple[float, ...] | np.ndarray, o: int) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    return np.broadcast_to(arr, (o,)).copy() if arr.size == 1 else arr
+
+
+def _cvt_rint(y: np.ndarray) -> np.ndarray:
+    """``_mm256_cvtps_epi32``: round half to even; out of int32 range gives INT32_MIN."""
+    y64 = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y64) & (y64 >= -(2.0**31)) & (y64 < 2.0**31)
+    r = np.where(finite, np.rint(np.where(finite, y64, 0.0)), float(INT32_MIN))
+    return r.astype(np.int64)
+
+
+def requantize_fbgemm(
+    acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
+    out_scale: float, out_zp: int, per_channel: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Returns (pre_round float32 as float64, unclamped int64, multiplier, bias_real)."""
+    o = acc.shape[1]
+    atws = mul32(f32(w_scales), f32(in_scale))  # (O,)
+    mult = div32(atws, f32(out_scale))
+    acc32 = f32(acc)
+    bias_real = None
+    if bias is not None:
+        if per_channel:
+            b_steps = div32(f32(bias), atws)
+            x = add32(acc32, _bcast(b_steps, acc.ndim))
+            bias_real = b_steps.astype(np.float64) * atws.astype(np.float64)
+        else:
+            rcp = recip32(atws[0])
+            x = fma32(_bcast(f32(bias), acc.ndim), rcp, acc32)
+            bias_real = mul32(f32(bias), rcp).astype(np.float64) * float(atws[0])
+    else:
+        x = acc32
+    y = mul32(x, _bcast(np.broadcast_to(mult, (o,)), acc.ndim))
+    r = _cvt_rint(y)
+    return y.astype(np.float64), r + out_zp, mult, bias_real
+
+
+def requantize_qnnpack(
+    acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
+    out_scale: float, out_zp: int, per_channel: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    o = acc.shape[1]
+    bias_scale = w_scales.astype(np.float64) * float(in_scale)
+    bias_int = None
+    if bias is not None:
+        qp = QParams(tuple(float(s) for s in bias_scale), (0,) * o, "qint32", 0, "engine")
+        bias_int = quantize(f32(bias), qp)
+        acc = acc + _bcast(bias_int, acc.ndim)
+    mult = mul32(f32(mul32(f32(w_scales), f32(in_scale))), recip32(f32(out_scale)))
+    y = mul32(f32(acc), _bcast(np.broadcast_to(mult, (o,)), acc.ndim))
+    r = np.rint(y.astype(np.float64)).astype(np.int64)
+    bias_real = None if bias_int is None else bias_int * bias_scale
+    return y.astype(np.float64), r + out_zp, mult, bias_real, bias_int
+
+
+def requantize_onednn(
+    acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
+    out_scale: float, out_zp: int, per_channel: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    o = acc.shape[1]
+    s_src = recip32(recip32(f32(in_scale)))
+    s_dst = recip32(recip32(f32(out_scale)))
+    s_w = f32(w_scales)
+    scale = mul32(s_src, s_w)  # (O,)
+    x = mul32(f32(acc), _bcast(np.broadcast_to(scale, (o,)), acc.ndim))
+    bias_real = None
+    if bias is not None:
+        x = add32(x, _bcast(f32(bias), acc.ndim))
+        bias_real = f32(bias).astype(np.float64)
+    y = div32(x, s_dst)
+    y = add32(y, f32(out_zp))
+    r = _cvt_rint(y)
+    mult = div32(scale, s_dst)
+    pre = (y.astype(np.float64) - out_zp)
+    return pre, r, np.broadcast_to(mult, (o,)).copy(), bias_real
+
+
+def emulate(
+    kernel: Kernel,
+    x_codes: np.ndarray,
+    x_qp: QParams,
+    w_codes: np.ndarray,
+    w_qp: QParams,
+    bias: np.ndarray | None,
+    out_qp: QParams,
+    g: Geometry,
+) -> Emulation:
+    """The engine's quantized conv on these codes, every intermediate kept."""
+    o = w_codes.shape[0]
+    if kernel.kernel == "onednn" and w_qp.dtype == "quint8":
+        # oneDNN takes quint8 weights (zero point 0) and reads their bytes as int8 (measured).
+        w_codes = np.where(w_codes > 127, w_codes - 256, w_codes)
+    x_zp = int(x_qp.zero_point[0])
+    w_zp = np.asarray(_per_out(w_qp.zero_point, o), dtype=np.int64)
+    w_scales = _per_out(w_qp.scale, o)
+    in_scale = float(x_qp.scale[0])
+    out_scale, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
+    acc_exact = exact_accumulator(x_codes, x_zp, w_codes, w_zp, g)
+    saturated = 0
+    acc = acc_exact
+    if kernel.accumulation != EXACT:
+        pad_value = x_zp if kernel.kernel == "fbgemm" else 0
+        corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation, pad_value)
+        acc = acc_exact + corr
+    # int32 accumulator wraps like the hardware does
+    acc = ((acc - INT32_MIN) % 2**32) + INT32_MIN
+    per_channel = w_qp.per_channel
+    bias_int = None
+    if kernel.kernel == "qnnpack":
+        pre, unclamped, mult, bias_real, bias_int = requantize_qnnpack(
+            acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
+    elif kernel.kernel == "onednn":
+        pre, unclamped, mult, bias_real = requantize_onednn(
+            acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
+    else:
+        pre, unclamped, mult, bias_real = requantize_fbgemm(
+            acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
+    codes = np.clip(unclamped, out_qp.dtype_min, out_qp.dtype_max)
+    acc_scale = w_scales * in_scale
+    return Emulation(
+        kernel, acc_exact, acc, saturated, bias_real, bias_int,
+        np.asarray(mult, dtype=np.float32), pre, unclamped, codes, acc_scale,
+    )
+
+
+def effective_kernel_count(weight_shape: tuple[int, ...]) -> int:
+    return int(math.prod(weight_shape[1:]))

@@ -1,0 +1,190 @@
+"""What each quantized engine accepts, and what it really does on this CPU (probed).
+
+The probe runs a few tiny convs per engine whose outputs differ by accumulation behaviour
+(every activation code 255, every weight code 127, so each raw pair sum is 64770 and leaves
+int16): exact arithmetic gives 200, int16 pairs along K give 105, pairs of adjacent channels
+give 134 (dense, 3 channels, 3x3). It is cheap (milliseconds) and cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .case import Geometry
+from .emulate import EXACT, PAIRS_CHANNELS, PAIRS_K, Kernel
+from .qparams import QParams, per_tensor
+
+ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+
+#: Layer classes whose accumulation may differ within one engine.
+DENSE, GROUPED, DEPTHWISE = "dense", "grouped", "depthwise"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One row of the acceptance table: a setup an engine refuses (measured on torch 2.13)."""
+
+    engines: tuple[str, ...]
+    """Kernels (fbgemm, onednn, qnnpack) that refuse it."""
+    rule: str
+    """Stable id of the rule."""
+    test: Callable[[QParams, QParams], bool]
+    """``test(input_qparams, weight_qparams)`` is True when the setup is refused."""
+    message: str
+    """Plain-words reason and fix."""
+
+
+ALL = ("fbgemm", "onednn", "qnnpack")
+ACCEPTANCE: tuple[Refusal, ...] = (
+    Refusal(ALL, "input_dtype", lambda i, w: i.dtype != "quint8",
+            "activations must be quint8 on every engine (got {input_dtype}): quantize the input "
+            "with dtype=torch.quint8"),
+    Refusal(("fbgemm", "qnnpack"), "weight_dtype", lambda i, w: w.dtype != "qint8",
+            "weights must be qint8 (got {weight_dtype}): quantize the weight with "
+            "dtype=torch.qint8"),
+    # onednn accepts quint8 weights with zero point 0 and reads their bytes as int8 (codes
+    # above 127 turn negative): not a refusal, a silent reinterpretation the emulator models.
+    Refusal(("onednn",), "weight_symmetric", lambda i, w: any(z != 0 for z in w.zero_point),
+            "onednn only accepts symmetric weights (zero point 0), got {weight_zero_point}: use "
+            "torch.per_tensor_symmetric / per_channel_symmetric weight observers"),
+)
+
+
+def refusals(kernel: str, input_qp: QParams, weight_qp: QParams) -> list[Refusal]:
+    """Rows of ACCEPTANCE that stop ``kernel`` from running this setup."""
+    return [r for r in ACCEPTANCE if kernel in r.engines and r.test(input_qp, weight_qp)]
+
+
+def refusal_message(r: Refusal, input_qp: QParams, weight_qp: QParams) -> str:
+    return r.message.format(
+        input_dtype=input_qp.dtype, weight_dtype=weight_qp.dtype,
+        weight_zero_point=list(weight_qp.zero_point)[:4],
+    )
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """What one engine does on this CPU."""
+
+    engine: str
+    available: bool
+    accumulation: dict[str, str] = field(default_factory=dict)
+    """Layer class (dense, grouped, depthwise) -> EXACT / PAIRS_K / PAIRS_CHANNELS / unknown."""
+    x86_uses_onednn: bool = False
+    """For ``x86``: symmetric-weight convs (groups <= 100) are handed to oneDNN (VNNI CPUs)."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "available": self.available,
+            "accumulation": dict(self.accumulation),
+            **({"dispatches_to_onednn": self.x86_uses_onednn} if self.engine == "x86" else {}),
+        }
+
+
+_PROBE_LAYERS = {
+    # class: (groups, channels per group, output channels)
+    DENSE: (1, 3, 1),
+    GROUPED: (2, 3, 2),
+    DEPTHWISE: (2, 1, 2),
+}
+_PROBE_CODES = {DENSE: {200: EXACT, 105: PAIRS_K, 134: PAIRS_CHANNELS},
+                GROUPED: {200: EXACT, 105: PAIRS_K, 134: PAIRS_CHANNELS},
+                DEPTHWISE: {200: EXACT, 112: PAIRS_K}}
+
+
+def _probe_accumulation(engine: str, layer: str) -> str:
+    from .torch_ref import run_conv
+
+    groups, cin_g, out_c = _PROBE_LAYERS[layer]
+    x = np.full((1, groups * cin_g, 3, 3), 255, dtype=np.int64)
+    w = np.full((out_c, cin_g, 3, 3), 127, dtype=np.int64)
+    k = cin_g * 9
+    out_scale = 255 * 127 * k / 200.0
+    g = Geometry((1, 1), (0, 0), (1, 1), groups)
+    r = run_conv(engine, x, per_tensor(1.0, 0, "quint8", "probe"), w,
+                 per_tensor(1.0, 0, "qint8", "probe"), None, out_scale, 0, g)
+    if not r.ran or r.output_codes is None:
+        return "unknown"
+    values = np.unique(r.output_codes)
+    if values.size != 1:
+        return "unknown"
+    return _PROBE_CODES[layer].get(int(values[0]), "unknown")
+
+
+def _probe_x86_dispatch(accumulation: dict[str, str]) -> bool:
+    """Does x86 hand symmetric-weight convs to oneDNN?
+
+    Where accumulation saturates, the pairing tells (oneDNN pairs channels, fbgemm pairs K).
+    Where it is exact, both kernels give the same numbers (their requantizations agreed on
+    every one of 200,000 random scale sets we tried), so torch's own dispatch signal decides:
+    cpuinfo's AVX512-VNNI flag, which ``torch.cpu._is_vnni_supported`` exposes.
+    """
+    import torch
+
+    dense = accumulation.get(DENSE)
+    if dense == PAIRS_CHANNELS:
+        return True
+    if dense == PAIRS_K:
+        return False
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else False
+
+
+@functools.lru_cache(maxsize=1)
+def probe() -> dict[str, EngineProfile]:
+    """Probe every engine torch offers here (cached for the process)."""
+    import torch
+
+    supported = set(torch.backends.quantized.supported_engines)
+    profiles: dict[str, EngineProfile] = {}
+    for engine in ENGINES:
+        if engine not in supported:
+            profiles[engine] = EngineProfile(engine, False)
+            continue
+        acc = {layer: _probe_accumulation(engine, layer) for layer in _PROBE_LAYERS}
+        profiles[engine] = EngineProfile(engine, True, acc)
+    if profiles["x86"].available:
+        x86 = profiles["x86"]
+        uses = _probe_x86_dispatch(x86.accumulation)
+        profiles["x86"] = EngineProfile("x86", True, x86.accumulation, uses)
+    return profiles
+
+
+def layer_class(groups: int, cin_g: int) -> str:
+    if groups == 1:
+        return DENSE
+    return DEPTHWISE if cin_g == 1 else GROUPED
+
+
+def kernel_family(engine: str, weight_qp: QParams, groups: int) -> str:
+    """Which arithmetic runs: x86 picks oneDNN for symmetric weights on VNNI CPUs."""
+    if engine == "qnnpack":
+        return "qnnpack"
+    if engine == "onednn":
+        return "onednn"
+    if engine == "x86":
+        prof = probe()["x86"]
+        symmetric = all(z == 0 for z in weight_qp.zero_point)
+        if prof.x86_uses_onednn and symmetric and groups <= 100:
+            return "onednn"
+    return "fbgemm"
+
+
+def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int) -> Kernel:
+    """The Kernel (arithmetic family + accumulation) that runs this layer on this CPU."""
+    family = kernel_family(engine, weight_qp, groups)
+    if family == "qnnpack":
+        return Kernel(engine, family, EXACT)
+    profiles = probe()
+    if engine == "x86" and family == "onednn":
+        prof = profiles["x86"]  # the x86 probe runs symmetric weights, i.e. this very path
+    elif family == "onednn":
+        prof = profiles["onednn"]
+    else:
+        prof = profiles["fbgemm"] if profiles["fbgemm"].available else profiles["x86"]
+    acc = prof.accumulation.get(layer_class(groups, cin_g), "unknown")
+    return Kernel(engine, family, acc)

@@ -1,0 +1,106 @@
+"""Run torch's real quantized conv kernels on given integer codes (for the torch check).
+
+Quantized tensors are built from codes with ``_make_per_tensor_quantized_tensor`` (no rounding
+involved), packed fresh for every call (qnnpack caches the output scale at the first forward of
+a packed weight), and run under the requested engine. torch's deprecation warnings are caught
+here and handed back to the caller, never printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .case import Geometry
+from .qparams import QParams
+
+_TORCH_QDTYPE = {"quint8": "quint8", "qint8": "qint8", "qint32": "qint32"}
+
+
+@dataclass
+class TorchRun:
+    """Outcome of one torch kernel call."""
+
+    ran: bool
+    output_codes: np.ndarray | None = None
+    """int64 codes of torch's quantized output."""
+    error: str | None = None
+    """torch's own message when it refused the setup."""
+    warnings: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def engine(name: str) -> Iterator[None]:
+    import torch
+
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def quantized_tensor(codes: np.ndarray, qp: QParams):  # type: ignore[no-untyped-def]
+    import torch
+
+    dtype = getattr(torch, qp.dtype)
+    code_t = torch.from_numpy(np.ascontiguousarray(codes))
+    if qp.per_channel:
+        storage = {"quint8": torch.uint8, "qint8": torch.int8, "qint32": torch.int32}[qp.dtype]
+        return torch._make_per_channel_quantized_tensor(
+            code_t.to(storage),
+            torch.tensor(qp.scale, dtype=torch.float64),
+            torch.tensor(qp.zero_point, dtype=torch.int64),
+            int(qp.axis or 0),
+        )
+    storage = {"quint8": torch.uint8, "qint8": torch.int8, "qint32": torch.int32}[qp.dtype]
+    q = torch._make_per_tensor_quantized_tensor(
+        code_t.to(storage), float(qp.scale[0]), int(qp.zero_point[0])
+    )
+    assert q.dtype == dtype
+    return q
+
+
+def run_conv(
+    engine_name: str,
+    input_codes: np.ndarray,
+    input_qp: QParams,
+    weight_codes: np.ndarray,
+    weight_qp: QParams,
+    bias: np.ndarray | None,
+    output_scale: float,
+    output_zero_point: int,
+    geometry: Geometry,
+) -> TorchRun:
+    """torch.ops.quantized.conv{1,2,3}d on these codes; refusals come back as ``error``."""
+    import torch
+
+    dims = weight_codes.ndim - 2
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as record, engine(engine_name):
+        warnings.simplefilter("always")
+        try:
+            qx = quantized_tensor(input_codes, input_qp)
+            qw = quantized_tensor(weight_codes, weight_qp)
+            b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float32))
+            ops = torch.ops.quantized
+            prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
+            conv = {1: ops.conv1d, 2: ops.conv2d, 3: ops.conv3d}[dims]
+            packed = prepack(
+                qw, b, list(geometry.stride), list(geometry.padding), list(geometry.dilation),
+                geometry.groups,
+            )
+            out = conv(qx, packed, float(output_scale), int(output_zero_point))
+            codes = out.int_repr().numpy().astype(np.int64)
+            result = TorchRun(True, codes)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            result = TorchRun(False, None, msg[:300])
+        caught = [str(w.message).splitlines()[0] for w in record]
+    result.warnings = caught
+    return result

@@ -1,0 +1,33 @@
+"""Shared test settings. Numerical tolerances are defined once, here."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+#: Relative tolerance of the stage ladder's telescoping sum (DESIGN: 1e-9 relative).
+TELESCOPE_RTOL = 1e-9
+#: Tolerance for float numbers in golden JSON files (relative, absolute).
+GOLDEN_RTOL, GOLDEN_ATOL = 1e-6, 1e-9
+#: Emulated vs torch output codes: bit-exact.
+CODES_MAX_MISMATCH = 0
+
+settings.register_profile(
+    "fast", max_examples=60, derandomize=True, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long", max_examples=2500, derandomize=True, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("QCONVDIAG_HYPOTHESIS_PROFILE", "fast"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_torch_deprecations():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        yield
