@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -77,17 +78,120 @@ def _geometry_arg(text: Optional[str], name: str) -> Optional[int | tuple[int, .
     return values[0] if len(values) == 1 else values
 
 
+class FailOn(str, Enum):
+    error = "error"
+    warning = "warning"
+    never = "never"
+
+
+EngineOpt = Annotated[
+    Optional[str],
+    typer.Option("--engine", help="x86, fbgemm, onednn, qnnpack, or all (default: torch's)."),
+]
+ObserverOpt = Annotated[
+    Optional[str],
+    typer.Option("--observer", help="Production activation observer: histogram, minmax, "
+                 "moving_average (default: the engine's qconfig)."),
+]
+PerChannelOpt = Annotated[
+    Optional[bool],
+    typer.Option("--per-channel/--per-tensor", help="Production weight granularity.",
+                 show_default=False),
+]
+CalibOpt = Annotated[
+    Optional[Path], typer.Option("--calib", help="Calibration inputs (B, C, ...) for observers.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report to stdout.")]
+OutputOpt = Annotated[
+    Optional[Path], typer.Option("--output", help="Write the JSON report to this file.")
+]
+SaveOutputsOpt = Annotated[
+    Optional[Path], typer.Option("--save-outputs", help="Write the output tensors (.npz).")
+]
+SqnrOpt = Annotated[
+    Optional[float], typer.Option("--fail-under-sqnr", help="Exit 1 if SQNR (dB) is below this.")
+]
+MaxAbsOpt = Annotated[
+    Optional[float], typer.Option("--max-abs-error", help="Exit 1 if max |error| exceeds this.")
+]
+FailOnOpt = Annotated[
+    FailOn, typer.Option("--fail-on", help="Exit 1 on findings of this severity or worse.")
+]
+IgnoreOpt = Annotated[
+    Optional[list[str]], typer.Option("--ignore", help="Finding code to skip (repeatable).")
+]
+WidthOpt = Annotated[
+    Optional[int], typer.Option("--width", help="Terminal width for the report.", hidden=True)
+]
+
+
+def _diagnose_and_report(
+    case: Any, engine: Optional[str], observer: Optional[str], per_channel: Optional[bool],
+    calib: Optional[Path], json_out: bool, output: Optional[Path],
+    save_outputs: Optional[Path], fail_under_sqnr: Optional[float],
+    max_abs_error: Optional[float], fail_on: FailOn, ignore: Optional[list[str]],
+    width: Optional[int],
+) -> None:
+    from rich.console import Console
+
+    from .diagnose import Options, diagnose
+    from .io import atomic_write, load_calibration
+    from .paths import ProductionOptions
+    from .render.json_report import render_json
+    from .render.npz import save_outputs as write_npz
+    from .render.rich_report import render_rich
+
+    options = Options(
+        engine=engine,
+        production=ProductionOptions(observer=observer, per_channel=per_channel),
+        calib=None if calib is None else load_calibration(calib, case),
+        fail_under_sqnr=fail_under_sqnr,
+        max_abs_error=max_abs_error,
+        fail_on=fail_on.value,
+        ignore=tuple(c.upper() for c in (ignore or ())),
+    )
+    report = diagnose(case, options)
+    text = render_json(report)
+    if output is not None:
+        atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        _err(f"wrote {output}")
+    if save_outputs is not None:
+        write_npz(report, save_outputs)
+        _err(f"wrote {save_outputs}")
+    if json_out:
+        sys.stdout.write(text)
+    else:
+        render_rich(report, Console(width=width) if width else None)
+    if report.status == "fail":
+        if json_out:
+            for breach in report.gate.get("breaches", []):
+                _err(f"qconvdiag: gate: {breach}")
+        raise typer.Exit(EXIT_FAIL)
+
+
 @app.command()
 @handles_errors
 def explain(
     case_file: Annotated[Path, typer.Argument(help="Case file: .pt/.pth, .npz or .safetensors.")],
+    engine: EngineOpt = None,
+    observer: ObserverOpt = None,
+    per_channel: PerChannelOpt = None,
+    calib: CalibOpt = None,
+    json_out: JsonOpt = False,
+    output: OutputOpt = None,
+    save_outputs: SaveOutputsOpt = None,
+    fail_under_sqnr: SqnrOpt = None,
+    max_abs_error: MaxAbsOpt = None,
+    fail_on: FailOnOpt = FailOn.never,
+    ignore: IgnoreOpt = None,
+    width: WidthOpt = None,
 ) -> None:
-    """Explain a case file: where the quantized conv's error comes from."""
+    """Explain a case file: where the quantized conv's error comes from, and the fix."""
     from .io import load_case
-    from .render.summary import print_case_summary
 
     case = load_case(case_file)
-    print_case_summary(case)
+    _diagnose_and_report(case, engine, observer, per_channel, calib, json_out, output,
+                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width)
 
 
 @app.command()
@@ -117,11 +221,22 @@ def random(
     save: Annotated[
         Optional[Path], typer.Option("--save", help="Write the case to this file (.pt/.npz/...).")
     ] = None,
+    engine: EngineOpt = None,
+    observer: ObserverOpt = None,
+    per_channel: PerChannelOpt = None,
+    calib: CalibOpt = None,
+    json_out: JsonOpt = False,
+    output: OutputOpt = None,
+    save_outputs: SaveOutputsOpt = None,
+    fail_under_sqnr: SqnrOpt = None,
+    max_abs_error: MaxAbsOpt = None,
+    fail_on: FailOnOpt = FailOn.never,
+    ignore: IgnoreOpt = None,
+    width: WidthOpt = None,
 ) -> None:
     """Generate a reproducible case and explain it."""
     from .generate import RandomSpec, generate
     from .io import save_case
-    from .render.summary import print_case_summary
 
     spec = RandomSpec(
         seed=seed,
@@ -139,7 +254,8 @@ def random(
     if save is not None:
         save_case(case, save)
         _err(f"wrote {save}")
-    print_case_summary(case)
+    _diagnose_and_report(case, engine, observer, per_channel, calib, json_out, output,
+                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width)
 
 
 def _err(message: str) -> None:

@@ -32,37 +32,45 @@ class Refusal:
     """Kernels (fbgemm, onednn, qnnpack) that refuse it."""
     rule: str
     """Stable id of the rule."""
-    test: Callable[[QParams, QParams], bool]
-    """``test(input_qparams, weight_qparams)`` is True when the setup is refused."""
+    test: Callable[[QParams, QParams, int], bool]
+    """``test(input_qparams, weight_qparams, out_channels)`` is True when refused."""
     message: str
     """Plain-words reason and fix."""
 
 
 ALL = ("fbgemm", "onednn", "qnnpack")
 ACCEPTANCE: tuple[Refusal, ...] = (
-    Refusal(ALL, "input_dtype", lambda i, w: i.dtype != "quint8",
+    Refusal(ALL, "input_dtype", lambda i, w, o: i.dtype != "quint8",
             "activations must be quint8 on every engine (got {input_dtype}): quantize the input "
             "with dtype=torch.quint8"),
-    Refusal(("fbgemm", "qnnpack"), "weight_dtype", lambda i, w: w.dtype != "qint8",
+    Refusal(("fbgemm", "qnnpack"), "weight_dtype", lambda i, w, o: w.dtype != "qint8",
             "weights must be qint8 (got {weight_dtype}): quantize the weight with "
             "dtype=torch.qint8"),
     # onednn accepts quint8 weights with zero point 0 and reads their bytes as int8 (codes
     # above 127 turn negative): not a refusal, a silent reinterpretation the emulator models.
-    Refusal(("onednn",), "weight_symmetric", lambda i, w: any(z != 0 for z in w.zero_point),
+    Refusal(ALL, "per_channel_count",
+            lambda i, w, o: w.per_channel and len(w.scale) != o,
+            "per-channel weight qparams must have one scale per output channel ({n_scales} given "
+            "for {out_channels}): quantize the weight with axis=0"),
+    Refusal(("onednn",), "weight_symmetric", lambda i, w, o: any(z != 0 for z in w.zero_point),
             "onednn only accepts symmetric weights (zero point 0), got {weight_zero_point}: use "
             "torch.per_tensor_symmetric / per_channel_symmetric weight observers"),
 )
 
 
-def refusals(kernel: str, input_qp: QParams, weight_qp: QParams) -> list[Refusal]:
+def refusals(
+    kernel: str, input_qp: QParams, weight_qp: QParams, out_channels: int | None = None
+) -> list[Refusal]:
     """Rows of ACCEPTANCE that stop ``kernel`` from running this setup."""
-    return [r for r in ACCEPTANCE if kernel in r.engines and r.test(input_qp, weight_qp)]
+    o = out_channels if out_channels is not None else len(weight_qp.scale)
+    return [r for r in ACCEPTANCE if kernel in r.engines and r.test(input_qp, weight_qp, o)]
 
 
-def refusal_message(r: Refusal, input_qp: QParams, weight_qp: QParams) -> str:
+def refusal_message(r: Refusal, input_qp: QParams, weight_qp: QParams, out_channels: int) -> str:
     return r.message.format(
         input_dtype=input_qp.dtype, weight_dtype=weight_qp.dtype,
-        weight_zero_point=list(weight_qp.zero_point)[:4],
+        weight_zero_point=list(weight_qp.zero_point)[:4], n_scales=len(weight_qp.scale),
+        out_channels=out_channels,
     )
 
 

@@ -643,3 +643,39 @@ def capture(
     if path is not None:
         save_case(case, path)
     return case
+
+
+# --------------------------------------------------------------------------------------------
+# calibration data
+
+
+def load_calibration(path: str | os.PathLike[str], case: ConvCase) -> np.ndarray:
+    """A batch of inputs for the production observers: key ``calib`` or ``input`` in a
+    ``.pt``/``.npz``/``.safetensors`` file, shape (B, C, *spatial) matching the case."""
+    p = Path(path)
+    if not p.exists() or p.is_dir():
+        raise CaseFileError(f"--calib {p}: no such file")
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise CaseFileError(f"--calib {p}: unknown extension; use {', '.join(FORMATS)}")
+    if suffix in (".pt", ".pth"):
+        mapping = _read_pt(p)
+    elif suffix == ".npz":
+        mapping = _read_npz(p)
+    else:
+        mapping = _read_safetensors(p)
+    data = mapping.get("calib", mapping.get("input"))
+    if not isinstance(data, np.ndarray):
+        raise CaseFileError(f"--calib {p}: needs a tensor under 'calib' or 'input'")
+    from .case import as_float_tensor
+
+    arr = as_float_tensor(data, "calib", [])
+    want = case.input.ndim
+    if arr.ndim == want - 1:
+        arr = arr[None]
+    if arr.ndim != want or arr.shape[1] != case.input.shape[1]:
+        raise CaseFileError(
+            f"--calib {p}: shape {tuple(arr.shape)} does not match the case input "
+            f"(B, {case.input.shape[1]}, ...)"
+        )
+    return arr

@@ -31,7 +31,7 @@ def check(n: int, seed: int) -> dict[str, object]:
             kernel = select_kernel(e, case.w_qp, case.geometry.groups, case.w.shape[1])
             r = run_conv(e, case.x, case.x_qp, case.w, case.w_qp, case.bias,
                          case.out_qp.scale[0], case.out_qp.zero_point[0], case.geometry)
-            predicted = bool(refusals(kernel.kernel, case.x_qp, case.w_qp))
+            predicted = bool(refusals(kernel.kernel, case.x_qp, case.w_qp, case.w.shape[0]))
             stats = result[e]
             if not r.ran:
                 stats["refused"] += 1

@@ -129,10 +129,12 @@ def test_acceptance_table_row_matches_torch(row):
         "input_dtype": (per_tensor(0.1, 0, "qint8", "t"), ok_w),
         "weight_dtype": (ok_x, per_tensor(0.1, 0, "quint8", "t")),
         "weight_symmetric": (ok_x, per_tensor(0.1, 3, "qint8", "t")),
+        "per_channel_count": (ok_x, QParams((0.1, 0.2), (0, 0), "qint8", 1, "t")),
     }[row.rule]
-    assert row.test(*bad) and not row.test(ok_x, ok_w)
+    out_channels = 4 if row.rule == "per_channel_count" else 2
+    assert row.test(*bad, out_channels) and not row.test(ok_x, ok_w, out_channels)
     x = np.full((1, 2, 4, 4), 20)
-    w = np.full((2, 2, 3, 3), 5)
+    w = np.full((out_channels, 2, 3, 3), 5)
     g = Geometry((1, 1), (0, 0), (1, 1), 1)
     for engine in ("fbgemm", "onednn", "qnnpack"):
         if not probe()[engine].available:

@@ -1,0 +1,289 @@
+"""diagnose(): case -> paths -> emulation + stages -> findings -> Report. No printing."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .case import ConvCase
+from .emulate import Emulation, Kernel, emulate
+from .engines import ENGINES, probe, refusal_message, refusals, select_kernel
+from .errors import UsageError
+from .metrics import error_metrics, summary
+from .paths import PathSpec, ProductionOptions, build_as_given, build_production
+from .qparams import QParams
+from .report import Finding, PathReport, Report, TorchCheck
+from .stages import STAGE_IDS, Ladder, LadderInputs, StageResult, conv64, run_ladder
+from .torch_ref import run_conv
+
+FAIL_ON = ("error", "warning", "never")
+
+
+@dataclass(frozen=True)
+class Options:
+    engine: str | None = None
+    """Engine name, ``all``, or None for torch's current default engine."""
+    production: ProductionOptions = field(default_factory=ProductionOptions)
+    calib: np.ndarray | None = None
+    """Calibration inputs (B, C, *spatial) for the production observers."""
+    fail_under_sqnr: float | None = None
+    max_abs_error: float | None = None
+    fail_on: str = "never"
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class PathRun:
+    """A path's report plus the arrays behind it (for findings, trace and --save-outputs)."""
+
+    report: PathReport
+    spec: PathSpec
+    kernel: Kernel
+    emulation: Emulation | None
+    module_emulation: Emulation | None
+    ladder: Ladder | None
+    torch_codes: np.ndarray | None
+    torch_warnings: tuple[str, ...] = ()
+
+
+def resolve_engines(engine: str | None) -> tuple[str, ...]:
+    import torch
+
+    supported = tuple(e for e in ENGINES if e in torch.backends.quantized.supported_engines)
+    if engine is None:
+        current = torch.backends.quantized.engine
+        return (current if current in supported else supported[0],)
+    if engine == "all":
+        return supported
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine '{engine}': use one of {', '.join(ENGINES)} or all")
+    if engine not in supported:
+        raise UsageError(
+            f"engine '{engine}' is not available in this torch build (available: "
+            f"{', '.join(supported)})"
+        )
+    return (engine,)
+
+
+def _exec_weight_qparams(qp: QParams) -> QParams:
+    """torch applies per-channel weight scales per output channel, whatever the axis."""
+    if qp.per_channel and qp.axis != 0:
+        return QParams(qp.scale, qp.zero_point, qp.dtype, 0, qp.source, qp.zero_point_given)
+    return qp
+
+
+def run_path(case: ConvCase, spec: PathSpec, engine: str) -> PathRun:
+    g = case.geometry
+    out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
+    w_exec = _exec_weight_qparams(spec.weight_qparams)
+    kernel = select_kernel(engine, w_exec, g.groups, cin_g)
+    m = spec.module
+    run_w_qp = _exec_weight_qparams(m.weight_qparams) if m else w_exec
+    run_kernel = select_kernel(engine, run_w_qp, g.groups, cin_g) if m else kernel
+    refused_rows = refusals(run_kernel.kernel, spec.input_qparams, run_w_qp, out_c)
+    can_emulate = not any(
+        r.rule == "per_channel_count" for r in
+        refusals(kernel.kernel, spec.input_qparams, w_exec, out_c)
+        + refused_rows
+    )
+    qparams = {"input": spec.input_qparams, "weight": spec.weight_qparams,
+               "output": spec.output_qparams}
+    if m is not None:
+        qparams["module_weight"] = m.weight_qparams
+        qparams["module_output"] = m.output_qparams
+    final_out_qp = m.output_qparams if m else spec.output_qparams
+    tr = run_conv(
+        engine, spec.input_codes, spec.input_qparams,
+        m.weight_codes if m else spec.weight_codes, run_w_qp,
+        m.bias if m else spec.bias,
+        final_out_qp.scale[0], final_out_qp.zero_point[0], g,
+    )
+    refused = tr.error if not tr.ran else None
+    if refused is None and refused_rows:
+        refused = "; ".join(refusal_message(r, spec.input_qparams, run_w_qp, out_c)
+                            for r in refused_rows)
+    em = mem = ladder = None
+    if can_emulate:
+        em = emulate(kernel, spec.input_codes, spec.input_qparams, spec.weight_codes, w_exec,
+                     spec.bias, spec.output_qparams, g)
+        if m is not None:
+            mem = emulate(run_kernel, spec.input_codes, spec.input_qparams, m.weight_codes,
+                          run_w_qp, m.bias, m.output_qparams, g)
+        ladder = run_ladder(case, LadderInputs(
+            input_qparams=spec.input_qparams,
+            weight_qparams=spec.weight_qparams,
+            weight_exec_qparams=w_exec,
+            output_qparams=spec.output_qparams,
+            input_codes=spec.input_codes,
+            weight_codes=spec.weight_codes,
+            bias=spec.bias,
+            emulation=em,
+            module_emulation=mem,
+            module_output_qparams=m.output_qparams if m else None,
+            module_reason=(
+                "the production path builds its own module with from_float"
+                if spec.name == "production"
+                else "the case holds no quantized module state (qconv.*)"
+            ),
+            torch_codes=tr.output_codes if tr.ran else None,
+            torch_reason=f"torch did not run it on {engine}: {tr.error}",
+        ))
+    final_em = mem if mem is not None else em
+    if tr.ran and final_em is not None and tr.output_codes is not None:
+        diff = np.abs(tr.output_codes - final_em.output_codes)
+        check = TorchCheck(True, engine, int(np.count_nonzero(diff)), float(diff.max()))
+    else:
+        check = TorchCheck(False, engine, None, None, tr.error)
+    y0 = ladder.float_output if ladder is not None else conv64(
+        case.input, case.weight, case.bias, g)
+    if ladder is not None:
+        stages = ladder.stages
+        total = ladder.total
+        out_summary = summary(ladder.final) | {"values": _head(ladder.final)}
+    else:
+        reason = f"cannot run: {refused}"
+        stages = tuple(StageResult(s, False, reason, None, None, None, None) for s in STAGE_IDS)
+        total = error_metrics(np.zeros_like(y0), y0, None)
+        out_summary = {}
+    report = PathReport(
+        name=spec.name, engine=engine, kernel=run_kernel.kernel,
+        accumulation=run_kernel.accumulation, qparams=qparams, stages=stages, total=total,
+        output_summary=out_summary, torch_check=check,
+        saturated_pairs=final_em.saturated_pairs if final_em is not None else 0,
+        observers=spec.observers, notes=spec.notes, refused=refused,
+    )
+    return PathRun(report, spec, kernel, em, mem, ladder,
+                   tr.output_codes if tr.ran else None, tuple(tr.warnings))
+
+
+def _head(a: np.ndarray, n: int = 8) -> list[float]:
+    return [float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)[:n]]
+
+
+def cpu_info() -> dict[str, object]:
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                       "amx_int8") if f in flags]
+    return {
+        "isa": isa,
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "engines": {e: p.to_dict() for e, p in probe().items()},
+    }
+
+
+def diagnose_runs(case: ConvCase, options: Options) -> tuple[list[PathRun], list[str]]:
+    """Every path on every requested engine, with torch's warnings captured."""
+    engines = resolve_engines(options.engine)
+    runs: list[PathRun] = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for engine in engines:
+            production = build_production(case, engine, options.production, options.calib)
+            as_given = build_as_given(case, production)
+            if as_given is not None:
+                runs.append(run_path(case, as_given, engine))
+            runs.append(run_path(case, production, engine))
+    messages: list[str] = []
+    for text in [str(w.message) for w in record] + [t for r in runs for t in r.torch_warnings]:
+        first = text.splitlines()[0] if text else "warning"
+        if first not in messages:
+            messages.append(first)
+    return runs, messages
+
+
+def diagnose(case: ConvCase, options: Options | None = None) -> Report:
+    """Explain ``case``: the full report (paths, stages, findings, gate status)."""
+    import torch
+
+    from .findings import run_findings
+
+    options = options or Options()
+    if options.fail_on not in FAIL_ON:
+        raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
+    runs, torch_warnings = diagnose_runs(case, options)
+    y0 = runs[0].ladder.float_output if runs[0].ladder is not None else conv64(
+        case.input, case.weight, case.bias, case.geometry)
+    findings = run_findings(case, runs, torch_warnings, options.ignore)
+    status, gate = evaluate_gate([r.report for r in runs], findings, options)
+    tensors = collect_tensors(runs, y0, multi_engine=len({r.report.engine for r in runs}) > 1)
+    return Report(
+        qconvdiag_version=__version__,
+        torch_version=torch.__version__,
+        cpu=cpu_info(),
+        case=case.summary() | {"has_user_setup": case.setup is not None},
+        float_output=summary(y0) | {"values": _head(y0)},
+        paths=tuple(r.report for r in runs),
+        findings=tuple(findings),
+        status=status,
+        gate=gate,
+        torch_warnings=tuple(torch_warnings),
+        tensors=tensors,
+    )
+
+
+def evaluate_gate(
+    paths: list[PathReport], findings: list[Finding], options: Options
+) -> tuple[str, dict[str, object]]:
+    """CI thresholds. They judge the as_given path when there is one, else production."""
+    judged = [p for p in paths if p.name == "as_given"] or [p for p in paths
+                                                           if p.name == "production"]
+    breaches: list[str] = []
+    for p in judged:
+        if options.fail_under_sqnr is not None:
+            sqnr = p.total.sqnr_db
+            if p.refused or (sqnr is not None and sqnr < options.fail_under_sqnr):
+                breaches.append(
+                    f"{p.name}@{p.engine}: SQNR {'n/a' if sqnr is None else f'{sqnr:.2f}'} dB "
+                    f"< {options.fail_under_sqnr} dB"
+                )
+        if options.max_abs_error is not None and (
+            p.refused or p.total.max_abs > options.max_abs_error
+        ):
+            breaches.append(
+                f"{p.name}@{p.engine}: max abs error {p.total.max_abs:.6g} > "
+                f"{options.max_abs_error}"
+            )
+    levels = {"error": ("error",), "warning": ("error", "warning"), "never": ()}[options.fail_on]
+    for f in findings:
+        if f.severity in levels:
+            breaches.append(f"{f.code} ({f.severity}): {f.title}")
+    gate = {
+        "fail_under_sqnr": options.fail_under_sqnr,
+        "max_abs_error": options.max_abs_error,
+        "fail_on": options.fail_on,
+        "judged_path": judged[0].name if judged else None,
+        "breaches": breaches,
+    }
+    return ("fail" if breaches else "ok"), gate
+
+
+def collect_tensors(runs: list[PathRun], y0: np.ndarray, multi_engine: bool) -> dict[str, np.ndarray]:
+    """The arrays --save-outputs writes, named as DESIGN.md says."""
+    out: dict[str, np.ndarray] = {"float_output": y0.astype(np.float64)}
+    for r in runs:
+        p = r.report
+        prefix = f"{p.name}@{p.engine}" if multi_engine else p.name
+        if r.ladder is None:
+            continue
+        final_em = r.module_emulation if r.module_emulation is not None else r.emulation
+        out[f"{prefix}.quantized"] = r.ladder.final
+        if final_em is not None:
+            out[f"{prefix}.quantized_int"] = final_em.output_codes
+        if r.torch_codes is not None:
+            out[f"{prefix}.torch_int"] = r.torch_codes
+        for sid, state in r.ladder.states.items():
+            out[f"{prefix}.stage.{sid}"] = state
+    return out

@@ -1,0 +1,137 @@
+"""QCD050-QCD053: output requantization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..report import Finding
+from .base import Context, fmt, severity_for, share
+from .snippets import production_snippet, set_output_snippet
+
+
+def _final_output_qparams(run):  # type: ignore[no-untyped-def]
+    return run.spec.module.output_qparams if run.spec.module else run.spec.output_qparams
+
+
+def qcd050(ctx: Context) -> Iterator[Finding]:
+    run = ctx.as_given
+    if run is None:
+        return
+    qp = _final_output_qparams(run)
+    s = ctx.case.setup
+    user_set = s is not None and s.output_qparams is not None
+    if user_set or qp.scale[0] != 1.0 or qp.zero_point[0] != 0:
+        return
+    prod = ctx.production
+    y0 = run.ladder.float_output if run.ladder is not None else None
+    impact = share(run, "output_rounding", "output_clipping")
+    rng = "" if y0 is None else (
+        f" The float output spans {fmt(float(y0.min()))}..{fmt(float(y0.max()))}; with scale "
+        f"1.0 and zero point 0 only 0..255 in steps of 1.0 can be represented.")
+    yield Finding(
+        code="QCD050",
+        severity="error" if impact >= 0.05 else "warning",
+        title="output scale/zero_point left at the module defaults (1.0, 0)",
+        message=(
+            "The quantized conv's output scale and zero point were never set, so they are the "
+            "module's defaults 1.0 and 0." + rng +
+            " An output observer (calibration) or from_float sets them."
+        ),
+        evidence={"scale": qp.scale[0], "zero_point": qp.zero_point[0], "share": impact,
+                  "production_output_scale": None if prod is None else
+                  prod.report.qparams["output"].scale[0]},
+        fix=set_output_snippet(ctx.case, prod) + "\n\n# the production route:\n"
+        + production_snippet(ctx.case, ctx.engines[0], prod),
+        path="as_given", impact=max(impact, 0.05),
+    )
+
+
+def qcd051(ctx: Context) -> Iterator[Finding]:
+    for run in (ctx.as_given, ctx.production):
+        if run is None or run.emulation is None:
+            continue
+        em = run.module_emulation or run.emulation
+        qp = _final_output_qparams(run)
+        hi = em.unclamped > qp.dtype_max
+        lo = em.unclamped < qp.dtype_min
+        n = int(hi.sum() + lo.sum())
+        intended = run.emulation
+        n_int = int(((intended.unclamped > run.spec.output_qparams.dtype_max)
+                     | (intended.unclamped < run.spec.output_qparams.dtype_min)).sum())
+        if n == 0 and n_int == 0:
+            continue
+        impact = share(run, "output_clipping")
+        y0 = run.ladder.float_output if run.ladder is not None else None
+        s, zp = float(run.spec.output_qparams.scale[0]), int(run.spec.output_qparams.zero_point[0])
+        top = (run.spec.output_qparams.dtype_max - zp) * s
+        bottom = (run.spec.output_qparams.dtype_min - zp) * s
+        count = n_int if n_int else n
+        msg = (f"{count} of {em.output_codes.size} outputs fall outside the representable range "
+               f"[{fmt(bottom)}, {fmt(top)}] and saturate at the quint8 limits")
+        if y0 is not None:
+            msg += f" (the float output reaches {fmt(float(y0.max()))})"
+        yield Finding(
+            code="QCD051",
+            severity=severity_for(impact) if impact > 0.001 else "info",
+            title="outputs saturated at the output dtype's limits",
+            message=msg + ".",
+            evidence={"saturated": count, "total": int(em.output_codes.size), "low": bottom,
+                      "high": top, "share": impact, "path": run.report.name},
+            fix=set_output_snippet(ctx.case, ctx.production),
+            path=run.report.name, impact=impact,
+        )
+
+
+def qcd052(ctx: Context) -> Iterator[Finding]:
+    for run in (ctx.as_given, ctx.production):
+        if run is None or run.ladder is None:
+            continue
+        impact = share(run, "output_rounding")
+        st = run.report.stage("output_rounding")
+        y0 = run.ladder.float_output
+        out_s = float(run.spec.output_qparams.scale[0])
+        levels = float(y0.max() - y0.min()) / out_s if out_s > 0 else 0.0
+        floor = out_s / np.sqrt(12)
+        if impact < 0.5 or levels >= 64 or st.delta is None or \
+                run.report.total.rmse <= 1.5 * floor:
+            continue
+        yield Finding(
+            code="QCD052",
+            severity="warning",
+            title="output rounding dominates: the output scale is coarse",
+            message=(
+                f"Output rounding explains {impact:.0%} of the {run.report.name} path's error: "
+                f"the float output's range {fmt(float(y0.max() - y0.min()))} covers only "
+                f"{fmt(levels)} steps of the output scale {fmt(out_s)}."
+            ),
+            evidence={"share": impact, "levels": levels, "output_scale": out_s},
+            fix=set_output_snippet(ctx.case, ctx.production),
+            path=run.report.name, impact=impact,
+        )
+
+
+def qcd053(ctx: Context) -> Iterator[Finding]:
+    run = ctx.as_given
+    if run is None:
+        return
+    qp = _final_output_qparams(run)
+    zp = qp.zero_point[0]
+    if qp.dtype_min <= zp <= qp.dtype_max:
+        return
+    yield Finding(
+        code="QCD053",
+        severity="error",
+        title="output zero point outside the output dtype's range",
+        message=(
+            f"The output zero point {zp} is outside quint8's 0..255. torch accepts it silently; "
+            "the real value 0.0 has no code, and every output is shifted out of range."
+        ),
+        evidence={"zero_point": zp, "range": [qp.dtype_min, qp.dtype_max]},
+        fix=set_output_snippet(ctx.case, ctx.production),
+        path="as_given", impact=share(run, "output_clipping", "output_rounding"),
+    )
+
+
+__all__ = ["qcd050", "qcd051", "qcd052", "qcd053", "np"]

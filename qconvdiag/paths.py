@@ -1,0 +1,188 @@
+"""The quantized paths to compare with the float reference.
+
+* ``as_given``: the user's setup exactly as torch would execute it: zero points truncated,
+  codes clipped to the dtype, the module's defaults (output scale 1.0, zero point 0) when no
+  output qparams were set, and, when the case holds a quantized module, that module's actual
+  weight, bias and output qparams (``module``), which may differ from what the user intended.
+* ``production``: what the forum answer recommends, done for the user: the engine's default
+  qconfig observers (or ``--observer``/``--per-channel``), calibrated on the case input (or
+  ``--calib`` data), then the qparams ``from_float`` would use.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .case import ConvCase
+from .errors import UsageError
+from .qparams import QParams, per_tensor, quantize
+
+OBSERVERS = ("histogram", "minmax", "moving_average")
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleRun:
+    """What a quantized module really runs with, when it differs from the intended setup."""
+
+    weight_codes: np.ndarray
+    weight_qparams: QParams
+    bias: np.ndarray | None
+    output_qparams: QParams
+
+
+@dataclass(frozen=True, eq=False)
+class PathSpec:
+    """One quantized path: qparams, integer codes and the bias it intends to use."""
+
+    name: str
+    """``as_given`` or ``production``."""
+    input_qparams: QParams
+    weight_qparams: QParams
+    output_qparams: QParams
+    input_codes: np.ndarray
+    weight_codes: np.ndarray
+    bias: np.ndarray | None
+    """The float bias the path intends (the float layer's)."""
+    module: ModuleRun | None = None
+    """as_given only: what the quantized module really holds (module_state stage)."""
+    observers: dict[str, str] = field(default_factory=dict)
+    """production only: observer class per tensor (input, weight, output)."""
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProductionOptions:
+    observer: str | None = None
+    """Activation observer override: histogram, minmax, moving_average."""
+    per_channel: bool | None = None
+    """Weight granularity override (None: the engine's default qconfig)."""
+
+
+def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
+    """The user's setup as torch runs it; missing pieces come from ``fallback`` (production)."""
+    s = case.setup
+    if s is None:
+        return None
+    notes: list[str] = []
+    in_qp = s.input_qparams
+    if in_qp is None:
+        in_qp = fallback.input_qparams
+        notes.append("no input qparams given: the production observer's are used")
+    w_qp = s.weight_qparams
+    w_codes = s.weight_codes
+    if w_qp is None and s.module is not None:
+        w_qp, w_codes = s.module.weight_qparams, s.module.weight_codes
+    if w_qp is None:
+        w_qp = fallback.weight_qparams
+        notes.append("no weight qparams given: the production observer's are used")
+    out_qp = s.output_qparams
+    if out_qp is None and s.module is not None:
+        out_qp = s.module.output_qparams
+    if out_qp is None:
+        out_qp = per_tensor(1.0, 0, "quint8", "default")
+        notes.append("no output scale/zero_point: the quantized module's defaults 1.0 / 0 apply")
+    x_codes = s.input_codes if s.input_codes is not None else quantize(case.input, in_qp)
+    if w_codes is None:
+        w_codes = quantize(case.weight, w_qp)
+    module = None
+    if s.module is not None:
+        m = s.module
+        module = ModuleRun(m.weight_codes, m.weight_qparams, m.bias, m.output_qparams)
+    return PathSpec(
+        "as_given", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, module, {}, tuple(notes)
+    )
+
+
+def _activation_observer(engine: str, options: ProductionOptions):  # type: ignore[no-untyped-def]
+    import torch
+    from torch.ao.quantization import get_default_qconfig
+    from torch.ao.quantization.observer import (
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+    )
+
+    default = get_default_qconfig(engine).activation()
+    reduce_range = bool(getattr(default, "reduce_range", False))
+    if options.observer is None:
+        return default
+    cls = {
+        "histogram": HistogramObserver,
+        "minmax": MinMaxObserver,
+        "moving_average": MovingAverageMinMaxObserver,
+    }.get(options.observer)
+    if cls is None:
+        raise UsageError(
+            f"unknown observer '{options.observer}': use one of {', '.join(OBSERVERS)}"
+        )
+    return cls(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+
+
+def _weight_observer(engine: str, options: ProductionOptions):  # type: ignore[no-untyped-def]
+    import torch
+    from torch.ao.quantization import get_default_qconfig
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+    default = get_default_qconfig(engine).weight()
+    if options.per_channel is None:
+        return default
+    if options.per_channel:
+        return PerChannelMinMaxObserver(
+            ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+        )
+    return MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+
+
+def _qparams_from_observer(obs, dtype: str, axis: int | None) -> QParams:  # type: ignore[no-untyped-def]
+    scale, zp = obs.calculate_qparams()
+    scale = scale.reshape(-1).double().tolist()
+    zp = zp.reshape(-1).tolist()
+    name = f"observer:{type(obs).__name__}"
+    notes = ("reduce_range: 7-bit activations",) if getattr(obs, "reduce_range", False) else ()
+    if axis is None:
+        return QParams((float(scale[0]),), (int(zp[0]),), dtype, None, name, notes=notes)
+    return QParams(tuple(float(s) for s in scale), tuple(int(z) for z in zp), dtype, axis, name,
+                   notes=notes)
+
+
+def build_production(
+    case: ConvCase, engine: str, options: ProductionOptions, calib: np.ndarray | None = None
+) -> PathSpec:
+    """Observers calibrated on the case input (or ``calib``), then from_float's qparams."""
+    import torch
+    import torch.nn.functional as F
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        act_in = _activation_observer(engine, options)
+        act_out = _activation_observer(engine, options)
+        w_obs = _weight_observer(engine, options)
+    x = torch.from_numpy(case.input)
+    w = torch.from_numpy(case.weight)
+    b = None if case.bias is None else torch.from_numpy(case.bias)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
+    g = case.geometry
+    batches = [x] if calib is None else [torch.from_numpy(c[None]) for c in calib]
+    with torch.no_grad():
+        for xb in batches:
+            act_in(xb)
+            act_out(conv(xb, w, b, g.stride, g.padding, g.dilation, g.groups))
+        w_obs(w)
+    per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+    in_qp = _qparams_from_observer(act_in, "quint8", None)
+    out_qp = _qparams_from_observer(act_out, "quint8", None)
+    w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
+    observers = {
+        "input": type(act_in).__name__, "weight": type(w_obs).__name__,
+        "output": type(act_out).__name__,
+    }
+    notes = []
+    if calib is not None:
+        notes.append(f"calibrated on {len(batches)} inputs from --calib")
+    return PathSpec(
+        "production", in_qp, w_qp, out_qp, quantize(case.input, in_qp),
+        quantize(case.weight, w_qp), case.bias, None, observers, tuple(notes),
+    )
