@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from enum import Enum
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -207,7 +207,9 @@ def random(
     stride: Annotated[Optional[str], typer.Option(help="Stride, e.g. 1 or 2,1.")] = None,
     padding: Annotated[Optional[str], typer.Option(help="Padding, e.g. 1 or 1,0.")] = None,
     dilation: Annotated[Optional[str], typer.Option(help="Dilation, e.g. 1 or 2,2.")] = None,
-    groups: Annotated[Optional[int], typer.Option(help="Groups (= channels for depthwise).")] = None,
+    groups: Annotated[
+        Optional[int], typer.Option(help="Groups (= channels for depthwise).")
+    ] = None,
     distribution: Annotated[
         str, typer.Option(help="Input values: normal, uniform, relu, int (randint(0,20)), heavy.")
     ] = "normal",

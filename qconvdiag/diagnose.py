@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +16,7 @@ from .paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .qparams import QParams
 from .report import Finding, PathReport, Report, TorchCheck
 from .stages import STAGE_IDS, Ladder, LadderInputs, StageResult, conv64, run_ladder
-from .torch_ref import run_conv
+from .torch_ref import capture_warnings, captured_warnings, run_conv
 
 FAIL_ON = ("error", "warning", "never")
 
@@ -188,20 +187,14 @@ def diagnose_runs(case: ConvCase, options: Options) -> tuple[list[PathRun], list
     """Every path on every requested engine, with torch's warnings captured."""
     engines = resolve_engines(options.engine)
     runs: list[PathRun] = []
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+    with capture_warnings():
         for engine in engines:
             production = build_production(case, engine, options.production, options.calib)
             as_given = build_as_given(case, production)
             if as_given is not None:
                 runs.append(run_path(case, as_given, engine))
             runs.append(run_path(case, production, engine))
-    messages: list[str] = []
-    for text in [str(w.message) for w in record] + [t for r in runs for t in r.torch_warnings]:
-        first = text.splitlines()[0] if text else "warning"
-        if first not in messages:
-            messages.append(first)
-    return runs, messages
+    return runs, list(captured_warnings())
 
 
 def diagnose(case: ConvCase, options: Options | None = None) -> Report:
@@ -270,7 +263,9 @@ def evaluate_gate(
     return ("fail" if breaches else "ok"), gate
 
 
-def collect_tensors(runs: list[PathRun], y0: np.ndarray, multi_engine: bool) -> dict[str, np.ndarray]:
+def collect_tensors(
+    runs: list[PathRun], y0: np.ndarray, multi_engine: bool
+) -> dict[str, np.ndarray]:
     """The arrays --save-outputs writes, named as DESIGN.md says."""
     out: dict[str, np.ndarray] = {"float_output": y0.astype(np.float64)}
     for r in runs:

@@ -101,19 +101,30 @@ def _pad(x: np.ndarray, padding: tuple[int, ...], value: int) -> np.ndarray:
 
 
 def exact_accumulator(
-    x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, w_zp: np.ndarray, g: Geometry
+    x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, w_zp: np.ndarray, g: Geometry,
+    pad_code: int | None = None,
 ) -> np.ndarray:
-    """sum((x - x_zp) * (w - w_zp)) per output element, exactly (float64 conv of integers)."""
+    """sum((x - x_zp) * (w - w_zp)) per output element, exactly (float64 conv of integers).
+
+    Padded positions hold the raw code ``pad_code`` (the zero point itself unless an engine
+    stores it wrapped), so they contribute ``(pad_code - x_zp) * w``: 0 in the normal case.
+    """
     import torch
     import torch.nn.functional as F
 
     dims = w_codes.ndim - 2
-    xs = torch.from_numpy((x_codes - x_zp).astype(np.float64))
+    shift = 0 if pad_code is None else pad_code - x_zp
+    xs_np = (x_codes - x_zp).astype(np.float64)
+    padding = g.padding
+    if shift and any(g.padding):
+        xs_np = _pad(xs_np, g.padding, shift)
+        padding = (0,) * dims
+    xs = torch.from_numpy(xs_np)
     ws = torch.from_numpy(
         (w_codes - w_zp.reshape((-1,) + (1,) * (w_codes.ndim - 1))).astype(np.float64)
     )
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    out = conv(xs, ws, None, g.stride, g.padding, g.dilation, g.groups)
+    out = conv(xs, ws, None, g.stride, padding, g.dilation, g.groups)
     return np.rint(out.numpy()).astype(np.int64)
 
 
@@ -286,14 +297,23 @@ def emulate(
         w_codes = np.where(w_codes > 127, w_codes - 256, w_codes)
     x_zp = int(x_qp.zero_point[0])
     w_zp = np.asarray(_per_out(w_qp.zero_point, o), dtype=np.int64)
-    w_scales = _per_out(w_qp.scale, o)
     in_scale = float(x_qp.scale[0])
     out_scale, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
-    acc_exact = exact_accumulator(x_codes, x_zp, w_codes, w_zp, g)
+    if kernel.kernel == "qnnpack":
+        # qnnpack keeps every zero point in a uint8 (the weight's as zp + 128): out-of-range zero
+        # points wrap (measured: weight 135 acts as -121, input 300 as 44, output -20 as 236).
+        w_zp = (w_zp + 128) % 256 - 128
+        x_zp %= 256
+        out_zp %= 256
+    w_scales = _per_out(w_qp.scale, o)
+    # fbgemm pads im2col with the input zero point stored as uint8: an out-of-range zero point
+    # (torch accepts one from _make_per_tensor_quantized_tensor) pads with its wrapped value.
+    pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
+    acc_exact = exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code)
     saturated = 0
     acc = acc_exact
     if kernel.accumulation != EXACT:
-        pad_value = x_zp if kernel.kernel == "fbgemm" else 0
+        pad_value = pad_code if kernel.kernel == "fbgemm" else 0
         corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation, pad_value)
         acc = acc_exact + corr
     # int32 accumulator wraps like the hardware does

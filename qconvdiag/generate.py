@@ -69,7 +69,10 @@ def _draw_geometry(rng: np.random.Generator, spec: RandomSpec) -> dict[str, obje
         if in_c % groups:
             raise UsageError(f"groups={groups} does not divide the {in_c} input channels")
         cin_g = in_c // groups
-        out_c = groups * int(rng.choice([1, 2, 4])) if groups > 1 else int(rng.choice([1, 3, 8, 16]))
+        if groups > 1:
+            out_c = groups * int(rng.choice([1, 2, 4]))
+        else:
+            out_c = int(rng.choice([1, 3, 8, 16]))
         kmax = 3 if dims == 3 else 5
         kernel = tuple(int(rng.integers(1, kmax + 1)) for _ in range(dims))
     stride = spec.stride if spec.stride is not None else int(rng.choice([1, 1, 2]))
@@ -137,7 +140,9 @@ def random_case(spec: RandomSpec) -> ConvCase:
         factors = (10.0 ** rng.uniform(-1.5, 1.0, w_shape[0])).astype(np.float32)
         weight = (weight * factors.reshape((-1,) + (1,) * (len(w_shape) - 1))).astype(np.float32)
     has_bias = spec.bias if spec.bias is not None else bool(rng.random() < 0.8)
-    bias = (rng.uniform(-1, 1, w_shape[0]) / math.sqrt(fan_in)).astype(np.float32) if has_bias else None
+    bias = None
+    if has_bias:
+        bias = (rng.uniform(-1, 1, w_shape[0]) / math.sqrt(fan_in)).astype(np.float32)
     source = f"random --seed {spec.seed}"
     return build_case(
         inp, weight, bias,
@@ -180,9 +185,10 @@ def forum_case() -> ConvCase:
     zero point 0: its output is 0.0.
     """
     import random
-    import warnings
 
     import torch
+
+    from .torch_ref import capture_warnings
 
     state = torch.random.get_rng_state()
     try:
@@ -190,8 +196,7 @@ def forum_case() -> ConvCase:
         torch.manual_seed(0)
         inp = torch.randint(0, 20, (1, 1, 3, 3), dtype=torch.float32)
         weight = torch.randint(0, 20, (1, 1, 3, 3), dtype=torch.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with capture_warnings():
             m = torch.nn.Conv2d(1, 1, 3, stride=1)
         bias = m.bias.detach().clone()
     finally:

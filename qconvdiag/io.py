@@ -16,7 +16,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 from .case import ConvCase, ModuleState, QuantSetup, build_case
 from .errors import CaseError, CaseFileError, QParamsError
 from .qparams import CODE_DTYPES, QParams, dequantize32, from_mapping, per_tensor
+from .torch_ref import capture_warnings
 
 FORMATS = (".pt", ".pth", ".npz", ".safetensors")
 TENSOR_KEYS = ("input", "weight", "bias", "qinput", "qweight", "qconv.weight", "qconv.bias")
@@ -83,8 +83,7 @@ def _read_pt(p: Path) -> dict[str, Any]:
         # torch.save has written zip archives since 1.6; anything else is legacy or junk.
         _check_legacy_pickle(p)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with capture_warnings():
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -147,8 +146,7 @@ def _tensor_to_numpy(t: Any, name: str, where: str) -> Any:
             f"{where}: '{name}' has {t.numel()} elements, over the {MAX_ELEMENTS} guard"
         )
     if t.is_quantized:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with capture_warnings():
             codes = t.int_repr().numpy().astype(np.int64)
             dtype = str(t.dtype).rsplit(".", 1)[-1]
             if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
@@ -201,7 +199,9 @@ def _read_npz(p: Path) -> dict[str, Any]:
                         f"{p}: entry '{name}' is an object array, which would need unpickling; "
                         "save numeric arrays and JSON strings only"
                     ) from None
-                raise CaseFileError(f"{p}: entry '{name}' is unreadable: {str(exc)[:120]}") from None
+                raise CaseFileError(
+                    f"{p}: entry '{name}' is unreadable: {str(exc)[:120]}"
+                ) from None
             except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
                 raise CaseFileError(
                     f"{p}: entry '{name}' is truncated or corrupt ({type(exc).__name__}); "
@@ -353,7 +353,9 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
                 f"tensor as '{key}')"
             )
         if key in mapping and not isinstance(mapping[key], np.ndarray) and mapping[key] is not None:
-            raise CaseFileError(f"{where}: '{key}' must be a tensor, got {type(mapping[key]).__name__}")
+            raise CaseFileError(
+                f"{where}: '{key}' must be a tensor, got {type(mapping[key]).__name__}"
+            )
     bias = mapping.get("bias")
     setup = None
     if any(x is not None for x in (in_qp, w_qp, out_qp, qinput, qweight, module)):
@@ -616,8 +618,7 @@ def capture(
         mapping["bias"] = conv.bias.detach().float().cpu().numpy().copy()
     if input is not None:
         mapping["input"] = torch.as_tensor(input).detach().cpu().numpy().copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with capture_warnings():
         if qinput is not None:
             mapping["qinput"] = _tensor_to_numpy(qinput, "qinput", "capture")
         if qconv is not None:

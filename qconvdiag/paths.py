@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from .case import ConvCase
 from .errors import UsageError
 from .qparams import QParams, per_tensor, quantize
+from .torch_ref import capture_warnings
 
 OBSERVERS = ("histogram", "minmax", "moving_average")
 
@@ -155,8 +155,7 @@ def build_production(
     import torch
     import torch.nn.functional as F
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with capture_warnings():
         act_in = _activation_observer(engine, options)
         act_out = _activation_observer(engine, options)
         w_obs = _weight_observer(engine, options)

@@ -155,7 +155,6 @@ def run_ladder(case: ConvCase, li: LadderInputs) -> Ladder:
     y0 = conv64(x, w, b, g)
     w_axis = None if li.weight_qparams.axis is None else li.weight_qparams.axis % w.ndim
     x_deq = dequantize(li.input_codes, li.input_qparams)
-    w_deq = dequantize(li.weight_codes, li.weight_exec_qparams)
     x_clip = _clip_tensor(x, li.input_qparams, None)
     w_clip = _clip_tensor(w, li.weight_qparams, w_axis)
     em = li.emulation

@@ -33,6 +33,34 @@ class TorchRun:
     warnings: list[str] = field(default_factory=list)
 
 
+_CAPTURED: list[str] = []
+
+
+@contextlib.contextmanager
+def capture_warnings() -> Iterator[list[str]]:
+    """Catch every warning raised inside (never printed) and remember its first line.
+
+    torch emits many warnings once per process (TORCH_WARN_ONCE), so they are kept for the
+    whole process: ``captured_warnings()`` gives all of them to the report.
+    """
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        mine: list[str] = []
+        try:
+            yield mine
+        finally:
+            for w in record:
+                text = str(w.message)
+                first = text.splitlines()[0] if text else type(w.message).__name__
+                mine.append(first)
+                if first not in _CAPTURED:
+                    _CAPTURED.append(first)
+
+
+def captured_warnings() -> tuple[str, ...]:
+    return tuple(_CAPTURED)
+
+
 @contextlib.contextmanager
 def engine(name: str) -> Iterator[None]:
     import torch
@@ -81,9 +109,7 @@ def run_conv(
     import torch
 
     dims = weight_codes.ndim - 2
-    caught: list[str] = []
-    with warnings.catch_warnings(record=True) as record, engine(engine_name):
-        warnings.simplefilter("always")
+    with capture_warnings() as caught, engine(engine_name):
         try:
             qx = quantized_tensor(input_codes, input_qp)
             qw = quantized_tensor(weight_codes, weight_qp)
@@ -101,6 +127,5 @@ def run_conv(
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             result = TorchRun(False, None, msg[:300])
-        caught = [str(w.message).splitlines()[0] for w in record]
-    result.warnings = caught
+    result.warnings = list(caught)
     return result

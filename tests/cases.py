@@ -64,6 +64,11 @@ def random_codes_case(rng: np.random.Generator, i: int = 0) -> CodesCase:
     spread = float(rng.uniform(0.05, 0.5) if saturate else rng.uniform(0.5, 20))
     out_scale = spread * x_qp.scale[0] * float(np.mean(w_qp.scale)) * np.sqrt(fan) * 50
     out_qp = per_tensor(out_scale, int(rng.integers(0, 256)), "quint8", "t")
+    if rng.random() < 0.05:  # zero points outside the dtypes' ranges (torch accepts them here)
+        x_qp = per_tensor(x_qp.scale[0], int(rng.integers(-20, 300)), "quint8", "t")
+        out_qp = per_tensor(out_scale, int(rng.integers(-20, 300)), "quint8", "t")
+        if not w_qp.per_channel and w_qp.zero_point[0] != 0:
+            w_qp = per_tensor(w_qp.scale[0], int(rng.integers(-200, 200)), "qint8", "t")
     label = (f"#{i} conv{dims}d g={groups} cin_g={cin_g} k={k} "
              f"{'pc' if per_channel else 'pt'} wzp={'sym' if not any(w_qp.zero_point) else 'asym'}")
     return CodesCase(x, x_qp, w, w_qp, bias, out_qp, geometry, label)

@@ -91,7 +91,8 @@ def qcd003(ctx: Context) -> Iterator[Finding]:
         lo, hi = clip_bounds(qp)
         tol = qp.scale[0] / 2
         clipped = bool(np.any(tensor > hi[0] + tol) or np.any(tensor < lo[0] - tol))
-        if clipped or steps_used > full - 0.5:
+        # The thread's formula divides the range by 2^8 - 2 = 254: one level short.
+        if clipped or abs(steps_used - (full - 1)) > 0.5:
             continue
         good_scale, good_zp = minmax_qparams(tensor, qp.dtype)
         yield Finding(

@@ -182,6 +182,7 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
     impact = 1.0 if unrelated else share(run, "module_state")
     all_zero = not np.any(m.weight_codes - np.asarray(m.weight_qparams.zero_point).reshape(
         (-1,) + (1,) * (m.weight_codes.ndim - 1)))
+    bias_arg = "float_conv.bias" if ctx.case.bias is not None else "None"
     held_desc = "all zeros" if all_zero else f"values up to {fmt(float(np.abs(held).max()))}"
     yield Finding(
         code="QCD024",
@@ -197,7 +198,7 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
         evidence={"max_difference": diff, "module_weight_all_zero": all_zero,
                   "module_weight_scale": m.weight_qparams.scale[0],
                   "module_state_share": share(run, "module_state")},
-        fix=(f"qm.set_weight_bias(quantized_weight, {'float_conv.bias' if ctx.case.bias is not None else 'None'})"
+        fix=(f"qm.set_weight_bias(quantized_weight, {bias_arg})"
              "  # repacks weight and bias\n"
              "# or build qm with torch.ao.nn.quantized."
              f"{conv_name(ctx.case)}.from_float(float_conv) after calibration"),
@@ -229,6 +230,6 @@ def qcd025(ctx: Context) -> Iterator[Finding]:
             ),
             evidence={"axis": qp.axis, "scales": len(qp.scale), "out_channels": int(w.shape[0]),
                       "torch_error": refused},
-            fix="qw = torch.quantize_per_channel(w, scales, zero_points, axis=0, dtype=torch.qint8)",
+            fix="qw = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)  # axis 0",
             path="as_given", impact=1.0,
         )
