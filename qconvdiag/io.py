@@ -111,7 +111,8 @@ def _check_legacy_pickle(p: Path) -> None:
         head = fh.read(2)
     if head[:1] != b"\x80":
         raise CaseFileError(
-            f"{p}: not a torch file (no zip archive, no pickle header); write it with torch.save"
+            f"{p}: not a torch file (truncated or corrupt: no zip archive, no pickle header); "
+            "write it with torch.save or qconvdiag.save_case"
         )
 
 
@@ -532,11 +533,33 @@ def encode_case(mapping: Mapping[str, Any], suffix: str) -> bytes:
         return buf.getvalue()
     if suffix == ".npz":
         return _npz_bytes(mapping)
-    from safetensors.numpy import save
+    return _safetensors_bytes(mapping)
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in mapping.items() if isinstance(v, np.ndarray)}
-    meta = {k: json.dumps(v) for k, v in mapping.items() if not isinstance(v, np.ndarray)}
-    return bytes(save(tensors, metadata=meta))
+
+_ST_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _safetensors_bytes(mapping: Mapping[str, Any]) -> bytes:
+    """safetensors with sorted keys (the library's metadata order is not reproducible)."""
+    tensors = sorted((k, np.ascontiguousarray(v)) for k, v in mapping.items()
+                     if isinstance(v, np.ndarray))
+    header: dict[str, Any] = {
+        "__metadata__": {k: json.dumps(v) for k, v in sorted(mapping.items())
+                         if not isinstance(v, np.ndarray)}
+    }
+    offset = 0
+    for name, arr in tensors:
+        dtype = _ST_DTYPES.get(arr.dtype.name)
+        if dtype is None:
+            raise CaseFileError(f"cannot store '{name}' ({arr.dtype}) in safetensors")
+        header[name] = {"dtype": dtype, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    body = b"".join(arr.astype(arr.dtype.newbyteorder("<")).tobytes() for _, arr in tensors)
+    return len(text).to_bytes(8, "little") + text + body
 
 
 def _npz_bytes(mapping: Mapping[str, Any]) -> bytes:

@@ -9,11 +9,11 @@ state after           computed as                                            see
 ====================  =====================================================  ==========
 float                 conv(x, w) + b                                         803.69
 input_clipping        conv(clip(x), w) + b                                   803.69
-input_rounding        conv(dequant(x_codes), w) + b                          803.64
-weight_clipping       conv(dequant(x_codes), clip(w)) + b                    564.97
-weight_rounding       acc_exact * in_s * w_s + b                             564.97
-bias_quantization     acc_exact * in_s * w_s + bias as the engine adds it    564.97
-accumulation          acc_engine * in_s * w_s + bias as the engine adds it   564.97
+input_rounding        conv(dequant(x_codes), w) + b                          803.75
+weight_clipping       conv(dequant(x_codes), clip(w)) + b                    564.43
+weight_rounding       acc_exact * in_s * w_s + b                             564.62
+bias_quantization     acc_exact * in_s * w_s + bias as the engine adds it    564.62
+accumulation          acc_engine * in_s * w_s + bias as the engine adds it   564.62
 output_rounding       (rint(requantized) + zp - zp) * out_s, unclamped       565
 output_clipping       (clamp(...) - zp) * out_s: the emulated output         255
 module_state          the quantized module's own weight/bias/qparams         0

@@ -1,0 +1,229 @@
+"""Case files: every format round-trips bit-exactly; bad and hostile files are refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qconvdiag
+from qconvdiag.errors import CaseError, CaseFileError, QconvdiagError
+from qconvdiag.io import FORMATS, case_to_mapping, load_case, save_case
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in FORMATS)
+
+
+def _same_case(a, b):
+    ma, mb = case_to_mapping(a), case_to_mapping(b)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        if isinstance(ma[k], np.ndarray):
+            assert ma[k].dtype == mb[k].dtype and ma[k].tobytes() == mb[k].tobytes(), k
+        else:
+            assert ma[k] == mb[k], k
+
+
+def test_samples_exist_in_every_format():
+    assert {p.suffix for p in SAMPLES} >= {".pt", ".npz", ".safetensors"}
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("fmt", [".pt", ".pth", ".npz", ".safetensors"])
+def test_round_trip_bit_exact(sample, fmt, tmp_path):
+    case = load_case(sample)
+    out = save_case(case, tmp_path / f"copy{fmt}")
+    _same_case(case, load_case(out))
+
+
+def test_save_is_deterministic(tmp_path):
+    case = load_case(ROOT / "samples" / "relu_per_channel.npz")
+    for fmt in (".pt", ".npz", ".safetensors"):
+        a = save_case(case, tmp_path / f"a{fmt}").read_bytes()
+        b = save_case(case, tmp_path / f"b{fmt}").read_bytes()
+        assert a == b, fmt
+
+
+def test_quantized_tensors_in_pt_become_the_user_setup(tmp_path):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.rand(1, 2, 5, 5)
+        qx = torch.quantize_per_tensor(x, 0.01, 3, torch.quint8)
+        w = torch.randn(4, 2, 3, 3)
+        qw = torch.quantize_per_channel(w, torch.rand(4) / 50 + 0.001,
+                                        torch.zeros(4, dtype=torch.long), 0, torch.qint8)
+    torch.save({"qinput": qx, "qweight": qw, "bias": torch.zeros(4)}, tmp_path / "q.pt")
+    case = load_case(tmp_path / "q.pt")
+    s = case.setup
+    assert s.used_quantized_dtypes
+    assert s.input_qparams.scale == (0.01,) and s.input_qparams.zero_point == (3,)
+    assert s.weight_qparams.per_channel and s.weight_qparams.axis == 0
+    assert np.array_equal(s.input_codes, qx.int_repr().numpy())
+    assert np.allclose(case.input, qx.dequantize().numpy())  # the float input came from qinput
+    assert any("dequantized qinput" in n for n in case.notes)
+
+
+def test_module_state_dict_under_qconv(tmp_path):
+    import warnings
+
+    import torch
+    import torch.ao.nn.quantized as nnq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = nnq.Conv2d(2, 3, 3)
+        qm.scale, qm.zero_point = 0.5, 7
+        sd = qm.state_dict()
+    torch.save({"input": torch.rand(1, 2, 6, 6), "weight": torch.randn(3, 2, 3, 3),
+                "qconv": sd}, tmp_path / "m.pt")
+    m = load_case(tmp_path / "m.pt").setup.module
+    assert m.output_qparams.scale == (0.5,) and m.output_qparams.zero_point == (7,)
+    assert m.weight_codes.shape == (3, 2, 3, 3)
+
+
+def test_capture_writes_a_case(tmp_path):
+    import warnings
+
+    import torch
+    import torch.ao.nn.quantized as nnq
+
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.rand(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = nnq.Conv2d(3, 4, 3, padding=1)
+        qx = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+    case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=tmp_path / "c.pt")
+    again = load_case(tmp_path / "c.pt")
+    _same_case(case, again)
+    assert case.geometry.padding == (1, 1) and case.setup.module is not None
+    assert "torch.ao.nn.quantized" in case.setup.apis
+
+
+def test_integer_tensors_are_converted_and_noted(tmp_path):
+    np.savez(tmp_path / "i.npz", input=np.ones((1, 1, 4, 4), np.int64),
+             weight=np.ones((1, 1, 3, 3), np.int32))
+    case = load_case(tmp_path / "i.npz")
+    assert case.input.dtype == np.float32
+    assert any("holds integers" in n for n in case.notes)
+
+
+def _pt(tmp_path, obj, name="c.pt"):
+    import torch
+
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+def _bad_cases(tmp_path):
+    """(path, expected message fragment) for every kind of bad input the brief names."""
+    import torch
+
+    ok_x = torch.rand(1, 2, 5, 5)
+    ok_w = torch.rand(3, 2, 3, 3)
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.pt", "no such file")
+    d = tmp_path / "dir.pt"
+    d.mkdir()
+    cases["directory"] = (d, "is a directory")
+    (tmp_path / "c.txt").write_text("x")
+    cases["extension"] = (tmp_path / "c.txt", "unknown extension")
+    good = _pt(tmp_path, {"input": ok_x, "weight": ok_w}, "good.pt")
+    (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:200])
+    cases["truncated pt"] = (tmp_path / "trunc.pt", "truncated or corrupt")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04garbage")
+    cases["corrupt npz"] = (tmp_path / "junk.npz", "not a readable .npz")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    cases["corrupt safetensors"] = (tmp_path / "junk.safetensors", "not valid JSON")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases["empty file"] = (tmp_path / "empty.pt", "is empty")
+    cases["missing keys"] = (_pt(tmp_path, {"input": ok_x}, "k.pt"), "missing 'weight'")
+    cases["unknown key"] = (_pt(tmp_path, {"input": ok_x, "weight": ok_w, "wieght": ok_w},
+                                "u.pt"), "unknown key")
+    cases["channel mismatch"] = (_pt(tmp_path, {"input": torch.rand(1, 3, 5, 5), "weight": ok_w},
+                                     "ch.pt"), "channel mismatch")
+    cases["kernel too large"] = (_pt(tmp_path, {"input": torch.rand(1, 2, 2, 2), "weight": ok_w},
+                                     "kl.pt"), "kernel larger than the padded input")
+    cases["wrong rank"] = (_pt(tmp_path, {"input": torch.rand(2, 5, 5), "weight": ok_w},
+                               "r.pt"), "rank")
+    cases["weight rank"] = (_pt(tmp_path, {"input": ok_x, "weight": torch.rand(3, 2)},
+                                "wr.pt"), "weight has rank 2")
+    cases["complex"] = (_pt(tmp_path, {"input": ok_x.to(torch.complex64), "weight": ok_w},
+                            "cx.pt"), "complex")
+    cases["bool"] = (_pt(tmp_path, {"input": ok_x > 0.5, "weight": ok_w}, "b.pt"), "bool")
+    nan_x = ok_x.clone()
+    nan_x[0, 0, 0, 0] = float("nan")
+    cases["nan"] = (_pt(tmp_path, {"input": nan_x, "weight": ok_w}, "n.pt"), "NaN/Inf")
+    inf_w = ok_w.clone()
+    inf_w[0, 0, 0, 0] = float("inf")
+    cases["inf"] = (_pt(tmp_path, {"input": ok_x, "weight": inf_w}, "inf.pt"), "NaN/Inf")
+    cases["empty tensor"] = (_pt(tmp_path, {"input": torch.rand(0, 2, 5, 5), "weight": ok_w},
+                                 "e.pt"), "is empty")
+    cases["scale zero"] = (_pt(tmp_path, {"input": ok_x, "weight": ok_w,
+                                          "input_qparams": {"scale": 0.0, "zero_point": 0}},
+                               "s0.pt"), "must be > 0")
+    cases["scale nan"] = (_pt(tmp_path, {"input": ok_x, "weight": ok_w,
+                                         "input_qparams": {"scale": float("nan"),
+                                                           "zero_point": 0}},
+                              "sn.pt"), "finite")
+    cases["not a dict"] = (_pt(tmp_path, [ok_x, ok_w], "l.pt"), "not a dict")
+    cases["bad groups"] = (_pt(tmp_path, {"input": ok_x, "weight": ok_w, "groups": 0},
+                               "g.pt"), "groups must be >= 1")
+    np.savez(tmp_path / "obj.npz", input=np.array([{"a": 1}], dtype=object))
+    cases["object array npz"] = (tmp_path / "obj.npz", "object array")
+    header = json.dumps({"input": {"dtype": "F32", "shape": [10**6, 10**6],
+                                   "data_offsets": [0, 4 * 10**12]}}).encode()
+    (tmp_path / "huge.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    cases["huge safetensors"] = (tmp_path / "huge.safetensors", "over the")
+    header = json.dumps({"input": {"dtype": "F32", "shape": [4],
+                                   "data_offsets": [0, 16]}}).encode()
+    (tmp_path / "short.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    cases["offsets past end"] = (tmp_path / "short.safetensors", "past the end")
+    return cases
+
+
+def test_each_bad_input_raises_our_error_with_a_clear_message(tmp_path):
+    for label, (path, fragment) in _bad_cases(tmp_path).items():
+        with pytest.raises(QconvdiagError) as info:
+            load_case(path)
+        message = str(info.value)
+        assert fragment in message, (label, message)
+        assert "\n" not in message, label
+        assert isinstance(info.value, (CaseFileError, CaseError)), label
+
+
+def test_hostile_pickle_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"input": Evil()}, protocol=2))
+        zf.writestr("archive/version", "3\n")
+        zf.writestr("archive/byteorder", "little")
+    (tmp_path / "evil.pt").write_bytes(buf.getvalue())
+    (tmp_path / "evil_legacy.pt").write_bytes(pickle.dumps({"input": Evil()}, protocol=2))
+    for name in ("evil.pt", "evil_legacy.pt"):
+        with pytest.raises(CaseFileError, match="refused to unpickle|not a readable torch"):
+            load_case(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_save_refuses_unknown_extension(tmp_path):
+    case = load_case(ROOT / "samples" / "forum_conv.pt")
+    with pytest.raises(CaseFileError, match="unknown extension"):
+        save_case(case, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qconvdiag.metrics import energy_shares, error_metrics
+
+
+def test_zero_error_has_no_sqnr_and_full_cosine():
+    ref = np.array([1.0, -2.0, 3.0])
+    m = error_metrics(np.zeros(3), ref, lsb=0.5)
+    assert m.sqnr_db is None and m.max_abs == 0 and m.cosine == 1.0 and m.affected == 0
+    assert m.max_abs_lsb == 0
+
+
+def test_seed_case_metrics():
+    m = error_metrics(np.array([-803.6908]), np.array([803.6908]), lsb=1.0)
+    assert m.max_abs == m.rmse == 803.6908
+    assert m.sqnr_db == 0.0
+    assert m.cosine == 0.0
+    assert m.max_abs_lsb == 803.6908 and m.affected == 1.0
+
+
+def test_known_sqnr():
+    ref = np.ones(100)
+    m = error_metrics(np.full(100, 0.1), ref, lsb=None)
+    assert math.isclose(m.sqnr_db, 20.0)
+    assert m.max_abs_lsb is None
+
+
+def test_all_zero_reference_with_error_is_not_nan():
+    m = error_metrics(np.ones(4), np.zeros(4), lsb=1.0)
+    assert m.sqnr_db is None and m.cosine == 0.0
+
+
+def test_energy_shares_add_up_to_one():
+    d = {"a": np.array([3.0]), "b": np.array([4.0]), "c": np.zeros(1)}
+    s = energy_shares(d)
+    assert s == {"a": 9 / 25, "b": 16 / 25, "c": 0.0}
+    assert energy_shares({"a": np.zeros(2)}) == {"a": None}

@@ -1,0 +1,60 @@
+"""The stage ladder: deltas telescope exactly to the total; the seed case's story."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qconvdiag.diagnose import Options, diagnose_runs
+from qconvdiag.generate import RandomSpec, forum_case, generate
+from qconvdiag.stages import STAGE_IDS
+from tests.conftest import TELESCOPE_RTOL
+
+
+def _check_telescoping(run):
+    ladder = run.ladder
+    total = ladder.final - ladder.float_output
+    summed = sum(ladder.deltas.values())
+    scale = max(float(np.abs(total).max()), float(np.abs(ladder.float_output).max()), 1e-30)
+    assert float(np.abs(summed - total).max()) <= TELESCOPE_RTOL * scale
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("recipe", [None, "handmade"])
+def test_deltas_telescope_to_the_total(seed, recipe):
+    dist = ["normal", "relu", "int", "heavy"][seed % 4]
+    case = generate(RandomSpec(seed=seed, distribution=dist, recipe=recipe,
+                               per_channel_varied=seed % 3 == 0))
+    runs, _ = diagnose_runs(case, Options())
+    for run in runs:
+        _check_telescoping(run)
+        assert [s.id for s in run.report.stages] == list(STAGE_IDS)
+        shares = [s.share for s in run.report.stages if s.applies and s.share is not None]
+        if shares:
+            assert sum(shares) == pytest.approx(1.0)
+
+
+def test_seed_case_ladder_tells_the_story():
+    case = forum_case()
+    runs, _ = diagnose_runs(case, Options(engine="x86"))
+    as_given = next(r for r in runs if r.report.name == "as_given")
+    st = as_given.ladder.states
+    assert as_given.ladder.float_output.item() == pytest.approx(803.6908, abs=1e-4)
+    # clipped weights give ~565, the default output scale saturates at 255, the never-set
+    # weight makes it 0, and torch agrees.
+    assert st["weight_rounding"].item() == pytest.approx(564.6248, abs=1e-3)
+    assert st["output_rounding"].item() == 565
+    assert st["output_clipping"].item() == 255
+    assert st["module_state"].item() == 0
+    assert st["backend_residual"].item() == 0
+    assert as_given.report.torch_check.mismatched_elements == 0
+    production = next(r for r in runs if r.report.name == "production")
+    assert production.report.total.max_abs < 0.01 * 803.69
+    assert not production.report.stage("module_state").applies
+
+
+def test_stage_that_does_not_apply_has_a_reason():
+    case = generate(RandomSpec(seed=1, bias=False))
+    runs, _ = diagnose_runs(case, Options())
+    st = runs[0].report.stage("bias_quantization")
+    assert not st.applies and st.reason == "the layer has no bias" and st.delta is None
