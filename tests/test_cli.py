@@ -1,0 +1,170 @@
+"""The command line: exit codes 0/1/2, JSON on stdout, chatter on stderr, files written whole."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qconvdiag.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FORUM = str(ROOT / "samples" / "forum_conv.pt")
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [*args, "--width", "80"] if args and args[0] in (
+        "explain", "random") else list(args))
+
+
+def test_explain_forum_prints_the_story():
+    r = invoke("explain", FORUM)
+    assert r.exit_code == 0, r.output
+    for text in ("803.6908", "QCD024", "QCD050", "weight_clipping", "production"):
+        assert text in r.stdout, text
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+
+
+def test_json_is_the_whole_stdout():
+    r = invoke("explain", FORUM, "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    assert data["schema_version"] == 1 and data["status"] == "ok"
+    assert r.stderr == ""
+
+
+def test_gates_exit_1():
+    r = invoke("explain", FORUM, "--json", "--fail-under-sqnr", "30")
+    assert r.exit_code == 1, r.output
+    assert json.loads(r.stdout)["status"] == "fail"
+    assert "gate" in r.stderr
+    assert invoke("explain", FORUM, "--fail-on", "error").exit_code == 1
+    assert invoke("explain", FORUM, "--max-abs-error", "1").exit_code == 1
+    assert invoke("explain", FORUM, "--max-abs-error", "1000").exit_code == 0
+
+
+def test_gate_passes_on_a_healthy_sample():
+    r = invoke("explain", str(ROOT / "samples" / "relu_per_channel.npz"),
+               "--fail-under-sqnr", "25", "--fail-on", "warning")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("explain", "/no/such/file.pt"), "no such file"),
+        (("explain", FORUM, "--engine", "tpu"), "unknown engine"),
+        (("explain", FORUM, "--observer", "magic"), "unknown observer"),
+        (("explain", FORUM, "--ignore", "QCD999"), "unknown finding"),
+        (("random", "--seed", "1", "--distribution", "cauchy"), "unknown distribution"),
+        (("random", "--seed", "1", "--shape", "1,a,3"), "comma-separated integers"),
+        (("explain", FORUM, "--calib", "/no/calib.npz"), "no such file"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, fragment):
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output
+
+
+def test_bad_files_exit_2_without_traceback(tmp_path):
+    from tests.test_io import _bad_cases
+
+    for label, (path, fragment) in _bad_cases(tmp_path).items():
+        r = invoke("explain", str(path))
+        assert r.exit_code == 2, (label, r.output)
+        assert fragment in r.stderr, (label, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, label
+        assert "Traceback" not in r.output, label
+
+
+def test_output_and_save_outputs(tmp_path):
+    out, npz = tmp_path / "r.json", tmp_path / "t.npz"
+    r = invoke("explain", FORUM, "--output", str(out), "--save-outputs", str(npz))
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["paths"][0]["name"] == "as_given"
+    with np.load(npz, allow_pickle=False) as z:
+        keys = set(z.files)
+        assert z["float_output"].item() == pytest.approx(803.6908, abs=1e-4)
+        assert z["as_given.quantized"].item() == 0.0
+    for key in ("as_given.quantized_int", "as_given.torch_int", "production.quantized",
+                "as_given.stage.output_clipping", "as_given.stage.module_state"):
+        assert key in keys, key
+
+
+def test_engine_all_names_every_engine(tmp_path):
+    npz = tmp_path / "t.npz"
+    r = invoke("explain", FORUM, "--engine", "all", "--json", "--save-outputs", str(npz))
+    assert r.exit_code == 0
+    engines = {p["engine"] for p in json.loads(r.stdout)["paths"]}
+    import torch
+
+    assert engines == set(torch.backends.quantized.supported_engines) & {
+        "x86", "fbgemm", "onednn", "qnnpack"}
+    with np.load(npz) as z:
+        assert any(k.startswith("as_given@qnnpack.") for k in z.files)
+
+
+def test_random_forum_recipe_and_save(tmp_path):
+    case = tmp_path / "f.pt"
+    r = invoke("random", "--seed", "0", "--recipe", "forum", "--save", str(case), "--json")
+    assert r.exit_code == 0, r.output
+    assert case.read_bytes() == (ROOT / "samples" / "forum_conv.pt").read_bytes()
+    assert json.loads(r.stdout)["case"]["source"] == "recipe forum"
+
+
+def test_random_with_options():
+    r = invoke("random", "--seed", "3", "--shape", "1,8,12,12", "--weight-shape", "8,1,3,3",
+               "--groups", "8", "--padding", "1", "--distribution", "relu", "--json",
+               "--engine", "qnnpack", "--per-tensor", "--observer", "minmax")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["case"]["groups"] == 8 and d["paths"][0]["engine"] == "qnnpack"
+    assert d["paths"][0]["qparams"]["weight"]["scheme"] == "per_tensor_affine"
+    assert d["paths"][0]["observers"]["input"] == "MinMaxObserver"
+
+
+def test_calibration_file(tmp_path):
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, calib=rng.integers(0, 20, (8, 1, 3, 3)).astype(np.float32))
+    r = invoke("explain", FORUM, "--calib", str(calib), "--json")
+    assert r.exit_code == 0, r.output
+    prod = [p for p in json.loads(r.stdout)["paths"] if p["name"] == "production"][0]
+    assert "calibrated on 8 inputs" in " ".join(prod["notes"])
+
+
+def test_version_and_help():
+    assert "qconvdiag" in runner.invoke(app, ["--version"]).stdout
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; sys.argv = ['qconvdiag', '--help']\n"
+        "import qconvdiag.cli as c\n"
+        "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip().endswith("NO-TORCH"), out.stdout + out.stderr
+
+
+def test_import_qconvdiag_is_lean():
+    code = "import sys, qconvdiag; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False False"
+
+
+def test_json_is_deterministic():
+    a = invoke("explain", FORUM, "--json").stdout
+    b = invoke("explain", FORUM, "--json").stdout
+    assert a == b
