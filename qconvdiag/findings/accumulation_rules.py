@@ -8,7 +8,7 @@ import numpy as np
 
 from ..emulate import EXACT, PAIRS_K, pair_saturation
 from ..report import Finding
-from .base import Context, severity_for, share
+from .base import Context, fmt, severity_for, share
 
 REDUCE_RANGE_FIX = (
     "from torch.ao.quantization.observer import HistogramObserver\n"
@@ -24,31 +24,44 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
             run = ctx.run(name, engine)
             if run is None or run.emulation is None:
                 continue
-            em = run.module_emulation or run.emulation
-            if em.saturated_pairs > 0:
+            # The ladder's accumulation stage is the intended setup's; the module's run (what
+            # really ran) is reported next to it.
+            em = run.emulation
+            ran = run.module_emulation
+            if em.saturated_pairs > 0 or (ran is not None and ran.saturated_pairs > 0):
                 impact = share(run, "accumulation")
+                module_note = ""
+                if ran is not None:
+                    module_note = (f" (the module's own weight: {ran.saturated_pairs} "
+                                   "saturated pairs)")
+                st = run.report.stage("accumulation")
+                lsb = st.delta.max_abs_lsb if st.delta is not None else None
+                severity = severity_for(impact)
+                if severity == "info" and (lsb is None or lsb >= 1):
+                    severity = "warning"  # whole output steps lost, even if others dominate
                 yield Finding(
                     code="QCD040",
-                    severity=severity_for(impact) if impact > 0.001 else "warning",
+                    severity=severity,
                     title=f"int16 pair saturation in accumulation on {engine}",
                     message=(
                         f"On this CPU {engine} sums products of raw codes in pairs in saturating "
-                        f"int16 ({run.report.accumulation}); {em.saturated_pairs} pair sums "
-                        f"saturated on the {name} path, which explains {impact:.0%} of its error."
+                        f"int16 ({run.kernel.accumulation}); {em.saturated_pairs} pair "
+                        f"sum{'s' if em.saturated_pairs != 1 else ''} saturated on the {name} "
+                        f"path{module_note}, moving outputs by up to "
+                        f"{fmt(st.delta.max_abs if st.delta else 0)} "
+                        f"({fmt(lsb or 0)} output steps)."
                     ),
                     evidence={"saturated_pairs": em.saturated_pairs,
-                              "accumulation": run.report.accumulation, "share": impact,
+                              "accumulation": run.kernel.accumulation, "share": impact,
                               "path": name},
                     fix=REDUCE_RANGE_FIX, path=name, engine=engine, impact=impact,
                 )
-            elif name == "as_given" and run.report.kernel != "qnnpack" and \
-                    run.report.accumulation == EXACT and not hypothetical_done:
+            elif name == "as_given" and run.kernel.kernel != "qnnpack" and \
+                    run.kernel.accumulation == EXACT and not hypothetical_done:
                 hypothetical_done = True
                 # Exact here, but would a CPU without AVX512-VNNI saturate this setup?
                 spec = run.spec
                 codes, qp = spec.weight_codes, spec.weight_qparams
-                if run.spec.module is not None and np.any(run.spec.module.weight_codes):
-                    codes = run.spec.module.weight_codes
                 if qp.dtype != "qint8" or spec.input_qparams.dtype != "quint8":
                     continue
                 _, n = pair_saturation(spec.input_codes, spec.input_qparams.zero_point[0], codes,

@@ -1,0 +1,62 @@
+"""Whole-report comparisons against golden files, and schema validation of every report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+
+import jsonschema
+import pytest
+
+from qconvdiag.diagnose import Options, diagnose
+from qconvdiag.io import load_case
+from tests.conftest import GOLDEN_ATOL, GOLDEN_RTOL
+from tests.golden_reports import GOLDEN, ROOT
+
+SAMPLES = sorted(p.name for p in (ROOT / "samples").iterdir()
+                 if p.suffix in (".pt", ".npz", ".safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fresh_reports():
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-m", "tests.golden_reports"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compare(got, want, where="$"):
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (
+            where, sorted(set(got) ^ set(want)))
+        for k in want:
+            _compare(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _compare(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert isinstance(got, (int, float)), where
+        assert got == pytest.approx(want, rel=GOLDEN_RTOL, abs=GOLDEN_ATOL), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_golden_report(sample, fresh_reports):
+    want = json.loads((GOLDEN / f"{sample}.json").read_text())
+    _compare(fresh_reports[sample], want)
+
+
+def _schema():
+    return json.loads(resources.files("qconvdiag").joinpath("report.schema.json").read_text())
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_every_sample_report_validates_against_the_schema(sample):
+    report = diagnose(load_case(ROOT / "samples" / sample), Options(engine="all"))
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    jsonschema.validate(data, _schema())
