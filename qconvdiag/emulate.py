@@ -104,27 +104,57 @@ def exact_accumulator(
     x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, w_zp: np.ndarray, g: Geometry,
     pad_code: int | None = None,
 ) -> np.ndarray:
-    """sum((x - x_zp) * (w - w_zp)) per output element, exactly (float64 conv of integers).
+    """sum((x - x_zp) * (w - w_zp)) per output element, exactly.
 
     Padded positions hold the raw code ``pad_code`` (the zero point itself unless an engine
     stores it wrapped), so they contribute ``(pad_code - x_zp) * w``: 0 in the normal case.
+
+    float32 convs are exact while every partial sum stays below 2^24 in magnitude (any
+    summation order): the shifted input is split into base-16 digits so each digit's conv is
+    bounded by K * 15 * max|w|; float64 is the fallback for layers too deep for that.
     """
+    dims = w_codes.ndim - 2
+    shift = 0 if pad_code is None else pad_code - x_zp
+    xs = (x_codes - x_zp).astype(np.int64)
+    padding = g.padding
+    if shift and any(g.padding):
+        xs = _pad(xs, g.padding, shift)
+        padding = (0,) * dims
+    ws = (w_codes - w_zp.reshape((-1,) + (1,) * (w_codes.ndim - 1))).astype(np.int64)
+    k = int(np.prod(ws.shape[1:]))
+    w_max = int(np.abs(ws).max()) if ws.size else 0
+    x_max = int(np.abs(xs).max()) if xs.size else 0
+    g2 = Geometry(g.stride, padding, g.dilation, g.groups)
+    limit = 2**24
+    taps = k // ws.shape[1]
+    per_channel_bound = taps * x_max * w_max
+    if per_channel_bound == 0 or k * x_max * w_max < limit:
+        return _conv_int(xs, ws, g2, np.float32)
+    # Split each group's input channels into chunks whose partial sums stay below 2^24: the
+    # chunks' convs cost one conv in total, and their int64 sum is exact.
+    chunk = (limit - 1) // per_channel_bound
+    if chunk >= 1:
+        cin_g = ws.shape[1]
+        out = None
+        for start in range(0, cin_g, chunk):
+            stop = min(start + chunk, cin_g)
+            channels = np.concatenate([np.arange(grp * cin_g + start, grp * cin_g + stop)
+                                       for grp in range(g.groups)])
+            part = _conv_int(xs[:, channels], ws[:, start:stop], g2, np.float32)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+    return _conv_int(xs, ws, g2, np.float64)
+
+
+def _conv_int(x: np.ndarray, w: np.ndarray, g: Geometry, dtype: type) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    dims = w_codes.ndim - 2
-    shift = 0 if pad_code is None else pad_code - x_zp
-    xs_np = (x_codes - x_zp).astype(np.float64)
-    padding = g.padding
-    if shift and any(g.padding):
-        xs_np = _pad(xs_np, g.padding, shift)
-        padding = (0,) * dims
-    xs = torch.from_numpy(xs_np)
-    ws = torch.from_numpy(
-        (w_codes - w_zp.reshape((-1,) + (1,) * (w_codes.ndim - 1))).astype(np.float64)
-    )
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    out = conv(xs, ws, None, g.stride, padding, g.dilation, g.groups)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.ndim - 2]
+    with torch.no_grad():
+        out = conv(torch.from_numpy(x.astype(dtype)), torch.from_numpy(w.astype(dtype)), None,
+                   g.stride, g.padding, g.dilation, g.groups)
     return np.rint(out.numpy()).astype(np.int64)
 
 

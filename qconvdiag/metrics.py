@@ -42,29 +42,37 @@ def _finite(x: float) -> float:
     return float(x) if math.isfinite(x) else float(np.sign(x) * 1e308)
 
 
-def error_metrics(error: np.ndarray, reference: np.ndarray, lsb: float | None) -> Metrics:
-    """Metrics of ``error`` (approximation - reference), against ``reference``."""
+ZERO_LSB = 0.0
+
+
+def error_metrics(
+    error: np.ndarray, reference: np.ndarray, lsb: float | None, ref_energy: float | None = None
+) -> Metrics:
+    """Metrics of ``error`` (approximation - reference), against ``reference``.
+
+    ``ref_energy`` (sum of reference^2) may be passed when many errors share one reference.
+    """
     e = np.asarray(error, dtype=np.float64).reshape(-1)
     r = np.asarray(reference, dtype=np.float64).reshape(-1)
-    if e.size == 0:
-        return Metrics(0.0, 0.0, 0.0, None, 1.0, 0.0 if lsb else None, 0.0)
+    rr = float(np.dot(r, r)) if ref_energy is None else ref_energy
+    if e.size == 0 or not e.any():
+        return Metrics(0.0, 0.0, 0.0, None, 1.0,
+                       None if not lsb else ZERO_LSB, 0.0)
     abs_e = np.abs(e)
     max_abs = float(abs_e.max())
-    mean_abs = float(abs_e.mean())
-    err_energy = float(np.dot(e, e))
-    ref_energy = float(np.dot(r, r))
-    rmse = math.sqrt(err_energy / e.size)
-    sqnr = None
-    if err_energy > 0 and ref_energy > 0:
-        sqnr = 10.0 * math.log10(ref_energy / err_energy)
-    approx = r + e
-    na, nr = float(np.linalg.norm(approx)), float(np.linalg.norm(r))
-    if na == 0 and nr == 0:
+    mean_abs = float(abs_e.sum()) / e.size
+    ee = float(np.dot(e, e))
+    er = float(np.dot(e, r))
+    rmse = math.sqrt(ee / e.size)
+    sqnr = 10.0 * math.log10(rr / ee) if ee > 0 and rr > 0 else None
+    # cosine of (reference + error) with the reference, from the dot products above
+    aa = max(rr + 2 * er + ee, 0.0)
+    if aa == 0 and rr == 0:
         cosine = 1.0
-    elif na == 0 or nr == 0:
+    elif aa == 0 or rr == 0:
         cosine = 0.0
     else:
-        cosine = float(np.clip(np.dot(approx, r) / (na * nr), -1.0, 1.0))
+        cosine = float(np.clip((rr + er) / math.sqrt(aa * rr), -1.0, 1.0))
     max_lsb = None if not lsb else max_abs / lsb
     affected = float(np.count_nonzero(e) / e.size)
     return Metrics(
@@ -83,8 +91,10 @@ def energy_shares(deltas: dict[str, np.ndarray]) -> dict[str, float | None]:
     Seed case: weight clipping 239.3, output clipping 310, module state 255 give shares
     0.26, 0.44 and 0.30.
     """
-    energy = {k: float(np.sum(np.square(np.asarray(v, dtype=np.float64))))
-              for k, v in deltas.items()}
+    energy = {}
+    for k, v in deltas.items():
+        flat = np.asarray(v, dtype=np.float64).reshape(-1)
+        energy[k] = float(np.dot(flat, flat))
     total = sum(energy.values())
     if total == 0 or not math.isfinite(total):
         return {k: None for k in deltas}

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, settings
 
 #: Relative tolerance of the stage ladder's telescoping sum (DESIGN: 1e-9 relative).
 TELESCOPE_RTOL = 1e-9
-#: Tolerance for float numbers in golden JSON files (relative, absolute).
-GOLDEN_RTOL, GOLDEN_ATOL = 1e-6, 1e-9
+#: Tolerance for float numbers in golden JSON files: relative, and absolute as a fraction of
+#: the case's largest float output (stage states use float32 convs for their differences).
+GOLDEN_RTOL, GOLDEN_ATOL_FRACTION = 1e-4, 1e-6
 #: Emulated vs torch output codes: bit-exact.
 CODES_MAX_MISMATCH = 0
 
