@@ -27,9 +27,13 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
     prod = ctx.production
     y0 = run.ladder.float_output if run.ladder is not None else None
     impact = share(run, "output_rounding", "output_clipping")
-    rng = "" if y0 is None else (
-        f" The float output spans {fmt(float(y0.min()))}..{fmt(float(y0.max()))}; with scale "
-        f"1.0 and zero point 0 only 0..255 in steps of 1.0 can be represented.")
+    if y0 is None:
+        rng = ""
+    else:
+        lo, hi = float(y0.min()), float(y0.max())
+        span = f"is {fmt(lo)}" if lo == hi else f"spans {fmt(lo)}..{fmt(hi)}"
+        rng = (f" The float output {span}; with scale 1.0 and zero point 0 only 0..255 in "
+               "steps of 1.0 can be represented.")
     yield Finding(
         code="QCD050",
         severity="error" if impact >= 0.05 else "warning",
