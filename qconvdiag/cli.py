@@ -260,6 +260,41 @@ def random(
                          save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width)
 
 
+@app.command("trace")
+@handles_errors
+def trace_cmd(
+    case_file: Annotated[Path, typer.Argument(help="Case file: .pt/.pth, .npz or .safetensors.")],
+    at: Annotated[
+        Optional[str],
+        typer.Option("--at", help="Output element N,C,H,W (default: the largest error)."),
+    ] = None,
+    path: Annotated[str, typer.Option("--path", help="as_given or production.")] = "as_given",
+    engine: EngineOpt = None,
+    full: Annotated[bool, typer.Option("--full", help="Show every term and pair.")] = False,
+    json_out: JsonOpt = False,
+    width: WidthOpt = None,
+) -> None:
+    """Show the integer arithmetic of one output element, checked against torch."""
+    import json
+
+    from rich.console import Console
+
+    from .io import load_case
+    from .render.trace_view import render_trace
+    from .trace import parse_position, trace
+
+    if engine == "all":
+        raise QconvdiagError("trace runs one engine: give --engine NAME")
+    case = load_case(case_file)
+    if path == "as_given" and case.setup is None:
+        path = "production"
+    tr = trace(case, parse_position(at), path=path, engine=engine)
+    if json_out:
+        sys.stdout.write(json.dumps(tr.to_dict(), allow_nan=False, indent=2) + "\n")
+    else:
+        render_trace(tr, full, Console(width=width) if width else None)
+
+
 def _err(message: str) -> None:
     sys.stderr.write(message.rstrip("\n") + "\n")
 

@@ -1,0 +1,247 @@
+"""``qconvdiag trace``: the arithmetic of one output element, every number from the emulator
+and checked against torch's output for that element.
+
+It also answers the forum's two follow-ups with the user's numbers: what
+``torch.ops.quantized.conv2d_prepack`` returns (an opaque packed-params object: the weight
+re-laid out for the engine's kernel, with bias and geometry; ``unpack()`` gives copies back),
+and how a conv on quantized tensors is computed (integer products of codes minus zero points,
+an int32 accumulator, a float requantization to the output's scale and zero point).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .case import ConvCase
+from .diagnose import Options, PathRun, diagnose_runs
+from .emulate import EXACT, INT16_MAX, INT16_MIN, pair_list
+from .errors import UsageError
+
+PREPACK_SENTENCE = (
+    "torch.ops.quantized.conv{d}d_prepack returns a packed-params object (a ScriptObject): the "
+    "quantized weight re-laid out for the {kernel} kernel, plus the float bias, stride, "
+    "padding, dilation and groups. qm.weight() calls unpack() and returns a fresh copy, so "
+    "`qm.weight().data = w` changes only that copy; qm.set_weight_bias(w, b) repacks."
+)
+
+
+@dataclass(frozen=True)
+class Trace:
+    position: tuple[int, ...]
+    path: str
+    engine: str
+    kernel: str
+    accumulation: str
+    input_zero_point: int
+    weight_zero_point: int
+    terms: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    saturated_pairs: int
+    accumulator_exact: int
+    accumulator: int
+    bias_float: float | None
+    bias_int32: int | None
+    bias_in_accumulator_units: float | None
+    multiplier: float
+    pre_round: float
+    rounded: int
+    output_zero_point: int
+    unclamped: int
+    output_int: int
+    output_scale: float
+    dequantized: float
+    float_reference: float
+    torch_output_int: int | None
+    torch_agrees: bool | None
+    packed_params: dict[str, Any] = field(default_factory=dict)
+    module_note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import _jsonable
+
+        return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+def parse_position(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"--at must be comma-separated integers N,C,H,W, got '{text}'") from None
+
+
+def trace(case: ConvCase, position: tuple[int, ...] | None, path: str = "as_given",
+          engine: str | None = None, options: Options | None = None) -> Trace:
+    opts = options or Options(engine=engine)
+    runs, _ = diagnose_runs(case, opts)
+    candidates = [r for r in runs if r.report.name == path]
+    if not candidates:
+        names = sorted({r.report.name for r in runs})
+        raise UsageError(f"--path {path}: this case has no such path (it has: {', '.join(names)})")
+    run = candidates[0]
+    if run.emulation is None or run.ladder is None or run.report.refused:
+        raise UsageError(f"the {path} path cannot run on {run.report.engine}: "
+                         f"{run.report.refused}")
+    out_shape = run.ladder.float_output.shape
+    if position is None:
+        # Default: the element with the largest error of the intended setup's emulation.
+        err = np.abs(run.ladder.states["output_clipping"] - run.ladder.float_output)
+        position = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), out_shape))
+    if len(position) != len(out_shape) or any(
+            not 0 <= p < s for p, s in zip(position, out_shape)):
+        raise UsageError(f"--at {','.join(map(str, position))} is outside the output "
+                         f"{tuple(out_shape)}: give N,C,{'spatial,' * (len(out_shape) - 2)}"[:-1])
+    return _trace_run(case, run, position)
+
+
+def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
+    spec, em, kernel = run.spec, run.emulation, run.kernel
+    assert em is not None and run.ladder is not None
+    g = case.geometry
+    n, o = pos[0], pos[1]
+    out_sp = pos[2:]
+    cin_g = case.weight.shape[1]
+    og = case.weight.shape[0] // g.groups
+    grp = o // og
+    x_zp = int(spec.input_qparams.zero_point[0])
+    w_qp = spec.weight_qparams
+    w_zp = int(w_qp.zero_point[o] if w_qp.per_channel else w_qp.zero_point[0])
+    if kernel.kernel == "qnnpack":
+        x_zp_eff, w_zp_eff = x_zp % 256, (w_zp + 128) % 256 - 128
+        pad_code = x_zp_eff
+    else:
+        x_zp_eff, w_zp_eff = x_zp, w_zp
+        pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
+    taps = list(itertools.product(*(range(k) for k in case.weight.shape[2:])))
+    terms = []
+    for t_i, tap in enumerate(taps):
+        for c in range(cin_g):
+            ch = grp * cin_g + c
+            idx = [out_sp[d] * g.stride[d] - g.padding[d] + tap[d] * g.dilation[d]
+                   for d in range(len(tap))]
+            inside = all(0 <= i < s for i, s in zip(idx, case.input.shape[2:]))
+            if inside:
+                x_code = int(spec.input_codes[(n, ch, *idx)])
+                x_val = float(case.input[(n, ch, *idx)])
+            else:
+                x_code, x_val = pad_code, 0.0
+            w_code = int(spec.weight_codes[(o, c, *tap)])
+            terms.append({
+                "k": len(terms), "tap": list(tap), "channel": ch,
+                "input_index": [n, ch, *idx] if inside else None,
+                "x": x_val, "x_code": x_code, "w": float(case.weight[(o, c, *tap)]),
+                "w_code": w_code, "product": (x_code - x_zp_eff) * (w_code - w_zp_eff),
+                "raw_product": x_code * w_code, "t": t_i,
+            })
+    exact = sum(t["product"] for t in terms)
+    assert exact == int(em.acc_exact[pos]), "trace and emulation disagree on the accumulator"
+    pairs_out = []
+    correction = 0
+    by_tc = {(t["t"], t["channel"] - grp * cin_g): t for t in terms}
+    if kernel.accumulation not in (EXACT, "unknown"):
+        onednn_pad = kernel.kernel == "onednn"
+        for members in pair_list(kernel.accumulation, cin_g, len(taps)):
+            ts = [by_tc[m] for m in members]
+            raw = sum((0 if (onednn_pad and t["input_index"] is None) else t["x_code"])
+                      * t["w_code"] for t in ts)
+            sat = int(np.clip(raw, INT16_MIN, INT16_MAX))
+            correction += sat - raw
+            pairs_out.append({"k": [t["k"] for t in ts], "sum": raw, "saturated": sat != raw,
+                              "value": sat})
+    acc = exact + correction
+    acc = (acc - (-(2**31))) % 2**32 - 2**31
+    assert acc == int(em.acc[pos]), "trace and emulation disagree on the int16 pairs"
+    out_qp = spec.output_qparams
+    out_zp = int(out_qp.zero_point[0])
+    unclamped = int(em.unclamped[pos])
+    codes = int(em.output_codes[pos])
+    torch_code = None
+    agrees = None
+    intended_codes = run.torch_codes if spec.module is None else _torch_intended(case, run)
+    if intended_codes is not None:
+        torch_code = int(intended_codes[pos])
+        agrees = torch_code == codes
+    bias_f = None if case.bias is None else float(case.bias[o])
+    bias_int = None if em.bias_int32 is None else int(em.bias_int32[o])
+    bias_units = None
+    if bias_f is not None:
+        bias_units = float(em.bias_real[o] / em.acc_scale[o]) if em.bias_real is not None else None
+    module_note = None
+    if spec.module is not None and run.module_emulation is not None:
+        mcode = int(run.module_emulation.output_codes[pos])
+        mqp = spec.module.output_qparams
+        module_note = (f"the quantized module really ran its own weight/bias/qparams: output "
+                       f"code {mcode} = {(mcode - mqp.zero_point[0]) * mqp.scale[0]:.6g}"
+                       + ("" if run.torch_codes is None else
+                          f"; torch returned code {int(run.torch_codes[pos])}"))
+    return Trace(
+        position=pos, path=spec.name, engine=run.report.engine, kernel=kernel.kernel,
+        accumulation=kernel.accumulation, input_zero_point=x_zp, weight_zero_point=w_zp,
+        terms=[{k: v for k, v in t.items() if k != "t"} for t in terms], pairs=pairs_out,
+        saturated_pairs=sum(1 for p in pairs_out if p["saturated"]),
+        accumulator_exact=exact, accumulator=acc, bias_float=bias_f, bias_int32=bias_int,
+        bias_in_accumulator_units=bias_units, multiplier=float(em.multiplier[o]),
+        pre_round=float(em.pre_round[pos]), rounded=unclamped - (
+            out_zp % 256 if kernel.kernel == "qnnpack" else out_zp),
+        output_zero_point=out_zp, unclamped=unclamped, output_int=codes,
+        output_scale=float(out_qp.scale[0]),
+        dequantized=float((codes - out_zp) * out_qp.scale[0]),
+        float_reference=float(run.ladder.float_output[pos]), torch_output_int=torch_code,
+        torch_agrees=agrees, packed_params=packed_params(case, run), module_note=module_note,
+    )
+
+
+def _torch_intended(case: ConvCase, run: PathRun) -> np.ndarray | None:
+    """torch's output for the intended setup (the path's own weight, not the module's)."""
+    from .diagnose import _exec_weight_qparams
+    from .torch_ref import run_conv
+
+    spec = run.spec
+    r = run_conv(run.report.engine, spec.input_codes, spec.input_qparams, spec.weight_codes,
+                 _exec_weight_qparams(spec.weight_qparams), spec.bias,
+                 spec.output_qparams.scale[0], spec.output_qparams.zero_point[0], case.geometry)
+    return r.output_codes if r.ran else None
+
+
+def packed_params(case: ConvCase, run: PathRun) -> dict[str, Any]:
+    """What conv{d}d_prepack holds for this path's weight, unpacked again."""
+    import torch
+
+    from .torch_ref import capture_warnings, engine, quantized_tensor
+
+    spec = run.spec
+    dims = case.spatial_dims
+    ops = torch.ops.quantized
+    prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
+    g = case.geometry
+    info: dict[str, Any] = {
+        "returns": PREPACK_SENTENCE.format(d=dims, kernel=run.kernel.kernel),
+    }
+    with capture_warnings(), engine(run.report.engine):
+        try:
+            qw = quantized_tensor(spec.weight_codes, spec.weight_qparams)
+            b = None if spec.bias is None else torch.from_numpy(spec.bias)
+            packed = prepack(qw, b, list(g.stride), list(g.padding), list(g.dilation), g.groups)
+            w, bias = packed.unpack()
+            codes = w.int_repr().numpy().reshape(case.weight.shape)
+            if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                scales = w.q_per_channel_scales().tolist()
+                zps = w.q_per_channel_zero_points().tolist()
+            else:
+                scales, zps = [float(w.q_scale())], [int(w.q_zero_point())]
+            info.update({
+                "weight_int": codes.reshape(codes.shape[0], -1)[:, :16].tolist(),
+                "weight_int_matches": bool(np.array_equal(codes, spec.weight_codes)),
+                "scales": scales[:16], "zero_points": zps[:16],
+                "bias": None if bias is None else bias.tolist()[:16],
+                "stride": list(g.stride), "padding": list(g.padding),
+                "dilation": list(g.dilation), "groups": g.groups,
+            })
+        except (RuntimeError, ValueError) as exc:
+            info["error"] = str(exc).splitlines()[0][:200]
+    return info

@@ -1,0 +1,95 @@
+"""trace: one element's arithmetic, checked against torch's output for that element."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qconvdiag.cli import app
+from qconvdiag.engines import probe
+from qconvdiag.errors import UsageError
+from qconvdiag.generate import RandomSpec, forum_case, generate
+from qconvdiag.trace import trace
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = [e for e, p in probe().items() if p.available]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("seed", range(4))
+def test_trace_agrees_with_torch_at_random_positions(engine, seed):
+    case = generate(RandomSpec(seed=seed, recipe="handmade" if seed % 2 else None,
+                               distribution=["relu", "int", "normal", "heavy"][seed]))
+    path = "as_given" if case.setup is not None else "production"
+    rng = np.random.default_rng(seed)
+    shape = case.output_shape
+    for _ in range(3):
+        pos = tuple(int(rng.integers(0, s)) for s in shape)
+        try:
+            tr = trace(case, pos, path=path, engine=engine)
+        except UsageError as exc:  # onednn refuses asymmetric hand-made weights
+            assert engine == "onednn" and "cannot run" in str(exc)
+            return
+        assert tr.torch_agrees is True, (engine, pos)
+        assert tr.position == pos
+        assert sum(t["product"] for t in tr.terms) == tr.accumulator_exact
+        assert tr.dequantized == pytest.approx(
+            (tr.output_int - tr.output_zero_point) * tr.output_scale)
+
+
+def test_default_position_is_the_largest_error():
+    case = generate(RandomSpec(seed=5, recipe="handmade"))
+    tr = trace(case, None)
+    assert len(tr.position) == len(case.output_shape)
+
+
+def test_forum_trace_packed_params_and_module_note():
+    tr = trace(forum_case(), (0, 0, 0, 0), engine="x86")
+    assert tr.output_int == 255 and tr.accumulator_exact == 106571
+    assert tr.packed_params["weight_int"][0] == [28, 0, 71, 127, 127, 127, 127, 127, 99]
+    assert "qm.weight() calls unpack()" in tr.packed_params["returns"]
+    assert "output code 0" in tr.module_note
+
+
+def test_bad_position_is_a_usage_error():
+    with pytest.raises(UsageError, match="outside the output"):
+        trace(forum_case(), (0, 0, 5, 5))
+    r = CliRunner().invoke(app, ["trace", str(ROOT / "samples" / "forum_conv.pt"),
+                                 "--at", "0,0,9,9"])
+    assert r.exit_code == 2 and "outside the output" in r.stderr
+
+
+def test_cli_trace_json():
+    r = CliRunner().invoke(app, ["trace", str(ROOT / "samples" / "forum_conv.pt"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    for key in ("position", "path", "engine", "terms", "pairs", "saturated_pairs",
+                "accumulator", "bias_int32", "multiplier", "pre_round", "output_int",
+                "dequantized", "float_reference", "torch_output_int"):
+        assert key in d, key
+
+
+def test_seed_trace_shows_saturated_pairs_on_saturating_engines():
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    found = {}
+    for engine in ("fbgemm", "x86", "qnnpack"):
+        out = subprocess.run(
+            [sys.executable, "-m", "qconvdiag", "trace", "samples/forum_conv.pt", "--engine",
+             engine, "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        found[engine] = json.loads(out.stdout)
+    for engine in ("fbgemm", "x86"):
+        d = found[engine]
+        assert d["saturated_pairs"] == 1, engine
+        sat = [p for p in d["pairs"] if p["saturated"]]
+        assert sat[0]["k"] == [4, 5] and sat[0]["sum"] == 37338 and sat[0]["value"] == 32767
+        assert d["accumulator"] == 106571 - (37338 - 32767)
+        assert d["torch_output_int"] == d["output_int"]
+    assert found["qnnpack"]["pairs"] == [] and found["qnnpack"]["accumulator"] == 106571
