@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
-from .case import ConvCase
+from .case import ConvCase, Geometry
 from .emulate import Emulation, Kernel, emulate
 from .engines import ENGINES, probe, refusal_message, refusals, select_kernel
 from .errors import UsageError
@@ -46,6 +46,8 @@ class PathRun:
     ladder: Ladder | None
     torch_codes: np.ndarray | None
     torch_warnings: tuple[str, ...] = ()
+    geometry: Geometry | None = None
+    """The case's conv geometry (for re-running torch on this path's setup)."""
 
 
 def resolve_engines(engine: str | None) -> tuple[str, ...]:
@@ -155,7 +157,7 @@ def run_path(case: ConvCase, spec: PathSpec, engine: str) -> PathRun:
         observers=spec.observers, notes=spec.notes, refused=refused,
     )
     return PathRun(report, spec, kernel, em, mem, ladder,
-                   tr.output_codes if tr.ran else None, tuple(tr.warnings))
+                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g)
 
 
 def _head(a: np.ndarray, n: int = 8) -> list[float]:
@@ -212,6 +214,7 @@ def diagnose(case: ConvCase, options: Options | None = None) -> Report:
     findings = run_findings(case, runs, torch_warnings, options.ignore)
     status, gate = evaluate_gate([r.report for r in runs], findings, options)
     tensors = collect_tensors(runs, y0, multi_engine=len({r.report.engine for r in runs}) > 1)
+    comparison = compare_engines(runs)
     return Report(
         qconvdiag_version=__version__,
         torch_version=torch.__version__,
@@ -224,6 +227,7 @@ def diagnose(case: ConvCase, options: Options | None = None) -> Report:
         gate=gate,
         torch_warnings=tuple(torch_warnings),
         tensors=tensors,
+        engine_comparison=tuple(comparison),
     )
 
 
@@ -282,3 +286,111 @@ def collect_tensors(
         for sid, state in r.ladder.states.items():
             out[f"{prefix}.stage.{sid}"] = state
     return out
+
+
+def _same_qparams(a: PathSpec, b: PathSpec) -> bool:
+    return all(
+        (x.scale, x.zero_point, x.dtype, x.axis) == (y.scale, y.zero_point, y.dtype, y.axis)
+        for x, y in ((a.input_qparams, b.input_qparams), (a.weight_qparams, b.weight_qparams),
+                     (a.output_qparams, b.output_qparams))
+    )
+
+
+def compare_engines(runs: list[PathRun]) -> list[dict[str, object]]:
+    """Per path, each engine against the first engine that ran it: how many outputs of the
+    path's own setup (the ladder's) differ and why: torch's refusal, different default
+    qparams, int16 pair saturation, or the requantization arithmetic."""
+    import torch
+
+    engines = {r.report.engine for r in runs}
+    if len(engines) < 2:
+        return []
+    rows: list[dict[str, object]] = []
+    for name in dict.fromkeys(r.report.name for r in runs):
+        group = [r for r in runs if r.report.name == name]
+        refused = {r.report.engine: _intended_refusal(r) for r in group}
+        ref = next((r for r in group if not refused[r.report.engine]
+                    and r.emulation is not None), None)
+        for r in group:
+            row: dict[str, object] = {
+                "path": name, "engine": r.report.engine, "kernel": r.kernel.kernel,
+                "accumulation": r.kernel.accumulation,
+                "reference_engine": None if ref is None else ref.report.engine,
+                "differing_elements": None, "max_diff_lsb": None, "causes": [],
+            }
+            causes: list[str] = []
+            if refused[r.report.engine]:
+                causes.append(f"{r.report.engine} refuses this setup: {refused[r.report.engine]}")
+            em = r.emulation
+            if ref is not None and em is not None and ref.emulation is not None and r is not ref \
+                    and not refused[r.report.engine]:
+                ref_em = ref.emulation
+                diff = np.abs(em.output_codes - ref_em.output_codes)
+                row["differing_elements"] = int(np.count_nonzero(diff))
+                row["max_diff_lsb"] = float(diff.max())
+                if np.any(diff):
+                    causes.extend(_difference_causes(r, ref, diff))
+                elif _same_qparams(r.spec, ref.spec) and np.any(em.acc != ref_em.acc):
+                    n = int(np.count_nonzero(em.acc != ref_em.acc))
+                    sat = "; ".join(f"{x.report.engine}: {x.emulation.saturated_pairs} saturated "  # type: ignore[union-attr]
+                                    f"pairs" for x in (r, ref))
+                    causes.append(f"accumulators differ in {n} elements (int16 pair saturation: "
+                                  f"{sat}), hidden in the outputs by rounding or clamping")
+            row["causes"] = causes
+            rows.append(row)
+    for e in ENGINES:
+        if e not in engines and e not in torch.backends.quantized.supported_engines:
+            rows.append({"path": None, "engine": e, "kernel": None, "accumulation": None,
+                         "reference_engine": None, "differing_elements": None,
+                         "max_diff_lsb": None,
+                         "causes": [f"{e} is not available in this torch build: skipped"]})
+    return rows
+
+
+def _intended_refusal(run: PathRun) -> str | None:
+    """torch's own message when the path's own setup (not the module's) is refused."""
+    spec = run.spec
+    w_exec = _exec_weight_qparams(spec.weight_qparams)
+    rows = refusals(run.kernel.kernel, spec.input_qparams, w_exec, spec.weight_codes.shape[0])
+    if not rows:
+        return None
+    if spec.module is None and run.report.refused:
+        return run.report.refused
+    r = run_conv(run.report.engine, spec.input_codes, spec.input_qparams, spec.weight_codes,
+                 w_exec, spec.bias, spec.output_qparams.scale[0],
+                 spec.output_qparams.zero_point[0], run.geometry)
+    if r.error:
+        return r.error
+    return "; ".join(refusal_message(x, spec.input_qparams, w_exec, spec.weight_codes.shape[0])
+                     for x in rows)
+
+
+def _difference_causes(r: PathRun, ref: PathRun, diff: np.ndarray) -> list[str]:
+    a, b = r.spec, ref.spec
+    e, f = r.report.engine, ref.report.engine
+    if not _same_qparams(a, b):
+        parts = []
+        for label, x, y in (("input", a.input_qparams, b.input_qparams),
+                            ("weight", a.weight_qparams, b.weight_qparams),
+                            ("output", a.output_qparams, b.output_qparams)):
+            if (x.scale, x.zero_point, x.axis) != (y.scale, y.zero_point, y.axis):
+                parts.append(f"{label} {x.describe()} vs {y.describe()}")
+        return [f"{int(np.count_nonzero(diff))} outputs: {e}'s default qconfig gives other "
+                f"qparams than {f}'s ({'; '.join(parts)})"]
+    causes = []
+    em, ref_em = r.emulation, ref.emulation
+    assert em is not None and ref_em is not None
+    acc_differs = em.acc != ref_em.acc
+    n_acc = int(np.count_nonzero(acc_differs & (diff > 0)))
+    n_req = int(np.count_nonzero(~acc_differs & (diff > 0)))
+    if n_acc:
+        sat = [f"{x.report.engine}: {x.emulation.saturated_pairs} saturated pairs "  # type: ignore[union-attr]
+               f"({x.kernel.accumulation})" for x in (r, ref)]
+        causes.append(f"{n_acc} outputs: int16 pair saturation in accumulation ({'; '.join(sat)})")
+    if n_req:
+        kinds = {r.kernel.kernel, ref.kernel.kernel}
+        why = ("the bias is rounded to int32 on qnnpack, added in float elsewhere"
+               if "qnnpack" in kinds and len(kinds) > 1
+               else "float32 rounding of the requantization")
+        causes.append(f"{n_req} outputs: requantization arithmetic ({why})")
+    return causes

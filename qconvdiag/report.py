@@ -166,6 +166,9 @@ class Report:
     """Warnings torch raised during the diagnosis (captured, never printed raw)."""
     tensors: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
     """Output tensors for --save-outputs (not part of the JSON)."""
+    engine_comparison: tuple[Mapping[str, Any], ...] = ()
+    """With several engines: each engine's outputs against the first that ran, and why they
+    differ."""
 
     def path(self, name: str, engine: str | None = None) -> PathReport | None:
         for p in self.paths:
@@ -186,6 +189,7 @@ class Report:
             "status": self.status,
             "gate": _jsonable(self.gate),
             "torch_warnings": list(self.torch_warnings),
+            "engine_comparison": [_jsonable(r) for r in self.engine_comparison],
         }
 
 

@@ -144,17 +144,27 @@ def qparams_table(report: Report) -> Table:
 
 
 def engines_table(report: Report) -> Table | None:
-    engines = sorted({p.engine for p in report.paths})
-    if len(engines) < 2:
+    if not report.engine_comparison:
         return None
     t = Table(title="engines side by side", box=box.SIMPLE, title_justify="left")
-    for col in ("path", "engine", "kernel", "accumulation", "output", "max error", "vs torch"):
+    for col in ("path", "engine", "output", "max error", "vs torch", "differs from ref"):
         t.add_column(col)
-    for p in report.paths:
+    by_key = {(p.name, p.engine): p for p in report.paths}
+    for row in report.engine_comparison:
+        p = by_key.get((str(row["path"]), str(row["engine"])))
+        if p is None:
+            t.add_row("-", str(row["engine"]), "-", "-", "-", "; ".join(row["causes"]))
+            continue
         check = (f"{p.torch_check.mismatched_elements} mismatches" if p.torch_check.ran
-                 else f"refused: {(p.refused or '')[:40]}")
-        t.add_row(p.name, p.engine, p.kernel, p.accumulation, _values(dict(p.output_summary)),
-                  _num(p.total.max_abs), check)
+                 else "not run")
+        if row["differing_elements"] is None:
+            vs = "; ".join(row["causes"]) or "reference"
+        else:
+            vs = f"{row['differing_elements']} outputs vs {row['reference_engine']}"
+            if row["causes"]:
+                vs += ": " + "; ".join(row["causes"])
+        t.add_row(p.name, p.engine, _values(dict(p.output_summary)), _num(p.total.max_abs),
+                  check, vs)
     return t
 
 

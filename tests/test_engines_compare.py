@@ -1,0 +1,37 @@
+"""--engine all: every engine side by side, and the cause of every difference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from qconvdiag.generate import forum_case
+from qconvdiag.io import save_case
+from qconvdiag.qparams import per_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_engine_all_explains_saturation_refusal_and_qconfig(tmp_path):
+    case = forum_case()
+    # The user's setup with a sensible output scale and no module: the int16 pair saturation
+    # of pre-VNNI fbgemm/x86 now shows in the outputs.
+    setup = replace(case.setup, output_qparams=per_tensor(4.0, 0, "quint8", "user"), module=None)
+    path = save_case(replace(case, setup=setup), tmp_path / "c.pt")
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-m", "qconvdiag", "explain", str(path), "--engine",
+                          "all", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {(r["path"], r["engine"]): r for r in json.loads(out.stdout)["engine_comparison"]}
+    qnnpack = rows[("as_given", "qnnpack")]
+    assert qnnpack["reference_engine"] == "x86" and qnnpack["differing_elements"] == 1
+    assert "int16 pair saturation" in qnnpack["causes"][0]
+    assert "x86: 1 saturated pairs" in qnnpack["causes"][0]
+    assert rows[("as_given", "fbgemm")]["differing_elements"] == 0
+    assert "ONEDNN only supports symmetric" in rows[("as_given", "onednn")]["causes"][0]
+    assert any("default qconfig" in c for c in rows[("production", "qnnpack")]["causes"])
