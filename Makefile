@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Every install goes through the constraints file: it pins torch to the CPU wheel.
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test fuzz bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check qconvdiag tests benchmarks
 	$(PY) -m pytest
+
+# The long fuzz profile: 2,500 random case files through `qconvdiag explain`.
+fuzz: $(STAMP)
+	QCONVDIAG_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_fuzz.py -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layer.py

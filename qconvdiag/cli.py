@@ -120,6 +120,13 @@ FailOnOpt = Annotated[
 IgnoreOpt = Annotated[
     Optional[list[str]], typer.Option("--ignore", help="Finding code to skip (repeatable).")
 ]
+MaxElementsOpt = Annotated[
+    int,
+    typer.Option("--max-elements", help="Refuse tensors (input, weight, output) larger than this."),
+]
+#: Diagnoses of convs with at least this many output elements report progress on stderr.
+PROGRESS_ELEMENTS = 1_000_000
+
 WidthOpt = Annotated[
     Optional[int], typer.Option("--width", help="Terminal width for the report.", hidden=True)
 ]
@@ -130,12 +137,19 @@ def _diagnose_and_report(
     calib: Optional[Path], json_out: bool, output: Optional[Path],
     save_outputs: Optional[Path], fail_under_sqnr: Optional[float],
     max_abs_error: Optional[float], fail_on: FailOn, ignore: Optional[list[str]],
-    width: Optional[int],
+    width: Optional[int], max_elements: int, inputs: tuple[Path, ...] = (),
 ) -> None:
+    import math
+
     from rich.console import Console
 
     from .diagnose import Options, diagnose
-    from .io import atomic_write, load_calibration
+    from .io import atomic_write, check_size, load_calibration
+
+    for target in (output, save_outputs):
+        if target is not None and any(_same_file(target, i) for i in inputs):
+            raise QconvdiagError(f"{target} is an input of this run; write the report elsewhere")
+    check_size(case, max_elements)
     from .paths import ProductionOptions
     from .render.json_report import render_json
     from .render.npz import save_outputs as write_npz
@@ -150,7 +164,10 @@ def _diagnose_and_report(
         fail_on=fail_on.value,
         ignore=tuple(c.upper() for c in (ignore or ())),
     )
-    report = diagnose(case, options)
+    progress = None
+    if math.prod(case.output_shape) >= PROGRESS_ELEMENTS:
+        progress = _progress_printer()
+    report = diagnose(case, options, progress)
     text = render_json(report)
     if output is not None:
         atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -169,6 +186,24 @@ def _diagnose_and_report(
         raise typer.Exit(EXIT_FAIL)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _progress_printer() -> Callable[[str], None]:
+    import time
+
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        _err(f"qconvdiag: [{time.perf_counter() - start:5.1f}s] {message}")
+
+    return say
+
+
 @app.command()
 @handles_errors
 def explain(
@@ -184,14 +219,17 @@ def explain(
     max_abs_error: MaxAbsOpt = None,
     fail_on: FailOnOpt = FailOn.never,
     ignore: IgnoreOpt = None,
+    max_elements: MaxElementsOpt = 50_000_000,
     width: WidthOpt = None,
 ) -> None:
     """Explain a case file: where the quantized conv's error comes from, and the fix."""
     from .io import load_case
 
-    case = load_case(case_file)
+    case = load_case(case_file, max_elements)
+    inputs = (case_file,) + ((calib,) if calib else ())
     _diagnose_and_report(case, engine, observer, per_channel, calib, json_out, output,
-                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width)
+                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width,
+                         max_elements, inputs)
 
 
 @app.command()
@@ -234,6 +272,7 @@ def random(
     max_abs_error: MaxAbsOpt = None,
     fail_on: FailOnOpt = FailOn.never,
     ignore: IgnoreOpt = None,
+    max_elements: MaxElementsOpt = 50_000_000,
     width: WidthOpt = None,
 ) -> None:
     """Generate a reproducible case and explain it."""
@@ -253,11 +292,15 @@ def random(
         recipe=recipe,
     )
     case = generate(spec)
+    from .io import check_size
+
+    check_size(case, max_elements)
     if save is not None:
         save_case(case, save)
         _err(f"wrote {save}")
     _diagnose_and_report(case, engine, observer, per_channel, calib, json_out, output,
-                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width)
+                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width,
+                         max_elements, ((save,) if save else ()) + ((calib,) if calib else ()))
 
 
 @app.command("trace")
@@ -272,6 +315,7 @@ def trace_cmd(
     engine: EngineOpt = None,
     full: Annotated[bool, typer.Option("--full", help="Show every term and pair.")] = False,
     json_out: JsonOpt = False,
+    max_elements: MaxElementsOpt = 50_000_000,
     width: WidthOpt = None,
 ) -> None:
     """Show the integer arithmetic of one output element, checked against torch."""
@@ -285,7 +329,7 @@ def trace_cmd(
 
     if engine == "all":
         raise QconvdiagError("trace runs one engine: give --engine NAME")
-    case = load_case(case_file)
+    case = load_case(case_file, max_elements)
     if path == "as_given" and case.setup is None:
         path = "production"
     tr = trace(case, parse_position(at), path=path, engine=engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,22 +186,38 @@ def cpu_info() -> dict[str, object]:
     }
 
 
-def diagnose_runs(case: ConvCase, options: Options) -> tuple[list[PathRun], list[str]]:
+Progress = Callable[[str], None]
+
+
+def diagnose_runs(
+    case: ConvCase, options: Options, progress: Progress | None = None
+) -> tuple[list[PathRun], list[str]]:
     """Every path on every requested engine, with torch's warnings captured."""
+    say = progress or (lambda _msg: None)
     engines = resolve_engines(options.engine)
     runs: list[PathRun] = []
     with capture_warnings():
+        say("probing the engines on this CPU")
+        probe()
         for engine in engines:
+            say(f"{engine}: calibrating the production observers")
             production = build_production(case, engine, options.production, options.calib)
             as_given = build_as_given(case, production)
             if as_given is not None:
+                say(f"{engine}: as_given path (emulation, stage ladder, torch check)")
                 runs.append(run_path(case, as_given, engine))
+            say(f"{engine}: production path (emulation, stage ladder, torch check)")
             runs.append(run_path(case, production, engine))
     return runs, list(captured_warnings())
 
 
-def diagnose(case: ConvCase, options: Options | None = None) -> Report:
-    """Explain ``case``: the full report (paths, stages, findings, gate status)."""
+def diagnose(
+    case: ConvCase, options: Options | None = None, progress: Progress | None = None
+) -> Report:
+    """Explain ``case``: the full report (paths, stages, findings, gate status).
+
+    ``progress`` (optional) is called with a short message before each long step.
+    """
     import torch
 
     from .findings import run_findings
@@ -208,7 +225,9 @@ def diagnose(case: ConvCase, options: Options | None = None) -> Report:
     options = options or Options()
     if options.fail_on not in FAIL_ON:
         raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
-    runs, torch_warnings = diagnose_runs(case, options)
+    runs, torch_warnings = diagnose_runs(case, options, progress)
+    if progress is not None:
+        progress("findings")
     y0 = runs[0].ladder.float_output if runs[0].ladder is not None else conv64(
         case.input, case.weight, case.bias, case.geometry)
     findings = run_findings(case, runs, torch_warnings, options.ignore)

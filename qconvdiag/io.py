@@ -35,8 +35,50 @@ GEOMETRY_KEYS = ("stride", "padding", "dilation", "groups")
 QPARAM_KEYS = ("input_qparams", "weight_qparams", "output_qparams", "qconv.weight_qparams")
 META_KEYS = ("qconv.scale", "qconv.zero_point", "provenance", "notes")
 KNOWN_KEYS = frozenset(TENSOR_KEYS + GEOMETRY_KEYS + QPARAM_KEYS + META_KEYS)
-#: Default guard on the number of elements of any one tensor in a case file.
-MAX_ELEMENTS = 200_000_000
+#: Default guard on the elements of any one tensor (input, weight, output): ``--max-elements``.
+MAX_ELEMENTS = 50_000_000
+#: Zip members may not expand more than this (a zip bomb is refused before it is inflated).
+MAX_COMPRESSION_RATIO = 200
+
+
+def guard_message(where: str, name: str, count: int, limit: int) -> str:
+    return (f"{where}: '{name}' has {count:,} elements, over the --max-elements guard "
+            f"({limit:,}); raise it with --max-elements N if this machine has the memory")
+
+
+def check_size(case: ConvCase, limit: int = MAX_ELEMENTS) -> None:
+    """The conv's input, weight and output must each stay under the element guard."""
+    import math as _math
+
+    for name, shape in (("input", case.input.shape), ("weight", case.weight.shape),
+                        ("output", case.output_shape)):
+        count = _math.prod(shape)
+        if count > limit:
+            raise CaseError(guard_message(case.source or "case", name, count, limit))
+
+
+def _check_zip(p: Path, limit: int) -> None:
+    """Refuse archives that would inflate past the guard, before anything is inflated."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            total = 0
+            for info in zf.infolist():
+                total += info.file_size
+                if info.compress_size and info.file_size > 1_000_000 and \
+                        info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
+                    raise CaseFileError(
+                        f"{p}: member '{info.filename}' would expand {info.file_size:,} bytes "
+                        f"from {info.compress_size:,} (a zip bomb?); refused"
+                    )
+            if total > limit * 8 + 64 * 2**20:
+                raise CaseFileError(
+                    f"{p}: the archive expands to {total:,} bytes, over what the "
+                    f"--max-elements guard ({limit:,}) allows; raise it if the file is genuine"
+                )
+    except zipfile.BadZipFile:
+        raise CaseFileError(
+            f"{p}: not a readable {p.suffix} archive (truncated or corrupt?); write it again"
+        ) from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,8 +93,12 @@ class Quantized:
 # loading
 
 
-def load_case(path: str | os.PathLike[str]) -> ConvCase:
-    """Read a case file (``.pt``/``.pth``, ``.npz``, ``.safetensors``) into a ConvCase."""
+def load_case(path: str | os.PathLike[str], max_elements: int = MAX_ELEMENTS) -> ConvCase:
+    """Read a case file (``.pt``/``.pth``, ``.npz``, ``.safetensors``) into a ConvCase.
+
+    No tensor (nor the conv's output) may exceed ``max_elements``; hostile files (pickled
+    code, object arrays, zip bombs, lying safetensors headers) are refused with a CaseFileError.
+    """
     p = Path(path)
     if not p.exists():
         raise CaseFileError(f"{p}: no such file; give the path of a .pt, .npz or .safetensors case")
@@ -65,16 +111,21 @@ def load_case(path: str | os.PathLike[str]) -> ConvCase:
         )
     if p.stat().st_size == 0:
         raise CaseFileError(f"{p} is empty (0 bytes); write the case again")
+    mapping = _read_any(p, suffix, max_elements)
+    case = case_from_mapping(mapping, source=str(p))
+    check_size(case, max_elements)
+    return case
+
+
+def _read_any(p: Path, suffix: str, limit: int) -> dict[str, Any]:
     if suffix in (".pt", ".pth"):
-        mapping = _read_pt(p)
-    elif suffix == ".npz":
-        mapping = _read_npz(p)
-    else:
-        mapping = _read_safetensors(p)
-    return case_from_mapping(mapping, source=str(p))
+        return _read_pt(p, limit)
+    if suffix == ".npz":
+        return _read_npz(p, limit)
+    return _read_safetensors(p, limit)
 
 
-def _read_pt(p: Path) -> dict[str, Any]:
+def _read_pt(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
     import pickle
 
     import torch
@@ -82,6 +133,8 @@ def _read_pt(p: Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(p):
         # torch.save has written zip archives since 1.6; anything else is legacy or junk.
         _check_legacy_pickle(p)
+    else:
+        _check_zip(p, limit)
     try:
         with capture_warnings():
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
@@ -103,7 +156,7 @@ def _read_pt(p: Path) -> dict[str, Any]:
             f"{p} holds a {type(obj).__name__}, not a dict: save "
             "{'input': x, 'weight': w, ...} (see README 'Case files')"
         )
-    return _decode_torch_mapping(obj, str(p))
+    return _decode_torch_mapping(obj, str(p), limit=limit)
 
 
 def _check_legacy_pickle(p: Path) -> None:
@@ -116,7 +169,9 @@ def _check_legacy_pickle(p: Path) -> None:
         )
 
 
-def _decode_torch_mapping(obj: Mapping[Any, Any], where: str, prefix: str = "") -> dict[str, Any]:
+def _decode_torch_mapping(
+    obj: Mapping[Any, Any], where: str, prefix: str = "", limit: int = MAX_ELEMENTS
+) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {}
@@ -125,13 +180,13 @@ def _decode_torch_mapping(obj: Mapping[Any, Any], where: str, prefix: str = "") 
             raise CaseFileError(f"{where}: key {key!r} is not a string; use the documented keys")
         name = prefix + key
         if isinstance(value, torch.Tensor):
-            out[name] = _tensor_to_numpy(value, name, where)
-        elif isinstance(value, Mapping) and not name.endswith("qparams") and name == "qconv":
-            out.update(_decode_torch_mapping(value, where, prefix="qconv."))
+            out[name] = _tensor_to_numpy(value, name, where, limit)
+        elif isinstance(value, Mapping) and name == "qconv":
+            out.update(_decode_torch_mapping(value, where, prefix="qconv.", limit=limit))
         elif isinstance(value, Mapping):
             out[name] = {
-                str(k): (_tensor_to_numpy(v, f"{name}.{k}", where) if isinstance(v, torch.Tensor)
-                         else v)
+                str(k): (_tensor_to_numpy(v, f"{name}.{k}", where, limit)
+                         if isinstance(v, torch.Tensor) else v)
                 for k, v in value.items()
             }
         else:
@@ -139,13 +194,11 @@ def _decode_torch_mapping(obj: Mapping[Any, Any], where: str, prefix: str = "") 
     return out
 
 
-def _tensor_to_numpy(t: Any, name: str, where: str) -> Any:
+def _tensor_to_numpy(t: Any, name: str, where: str, limit: int = MAX_ELEMENTS) -> Any:
     import torch
 
-    if t.numel() > MAX_ELEMENTS:
-        raise CaseFileError(
-            f"{where}: '{name}' has {t.numel()} elements, over the {MAX_ELEMENTS} guard"
-        )
+    if t.numel() > limit:
+        raise CaseFileError(guard_message(where, name, t.numel(), limit))
     if t.is_quantized:
         with capture_warnings():
             codes = t.int_repr().numpy().astype(np.int64)
@@ -172,7 +225,8 @@ def _tensor_to_numpy(t: Any, name: str, where: str) -> Any:
     return t.numpy().copy()
 
 
-def _read_npz(p: Path) -> dict[str, Any]:
+def _read_npz(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
+    _check_zip(p, limit)
     try:
         archive = np.load(p, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -186,11 +240,9 @@ def _read_npz(p: Path) -> dict[str, Any]:
             raise CaseFileError(f"{p} holds a single array, not an .npz archive of named arrays")
         for name in archive.files:
             try:
-                info = archive.zip.getinfo(name + ".npy")
-                if info.file_size > MAX_ELEMENTS * 8 + 4096:
-                    raise CaseFileError(
-                        f"{p}: entry '{name}' unpacks to {info.file_size} bytes, over the guard"
-                    )
+                count = _npy_count(archive.zip, name + ".npy")
+                if count > limit:
+                    raise CaseFileError(guard_message(str(p), name, count, limit))
                 value = archive[name]
             except CaseFileError:
                 raise
@@ -212,6 +264,17 @@ def _read_npz(p: Path) -> dict[str, Any]:
     return out
 
 
+def _npy_count(zf: zipfile.ZipFile, member: str) -> int:
+    """Element count declared by an .npy member's header, read before its data."""
+    with zf.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, _ = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _, _ = np.lib.format.read_array_header_2_0(fh)
+    return int(math.prod(shape))
+
+
 def _decode_text_entry(value: Any, name: str, where: str) -> Any:
     if isinstance(value, np.ndarray) and value.dtype.kind in "US":
         if value.ndim != 0:
@@ -226,10 +289,10 @@ def _decode_text_entry(value: Any, name: str, where: str) -> Any:
     return value
 
 
-def _read_safetensors(p: Path) -> dict[str, Any]:
+def _read_safetensors(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
-    _check_safetensors_header(p)
+    _check_safetensors_header(p, limit)
     out: dict[str, Any] = {}
     try:
         with safe_open(str(p), framework="np") as fh:
@@ -250,7 +313,7 @@ def _read_safetensors(p: Path) -> dict[str, Any]:
     return out
 
 
-def _check_safetensors_header(p: Path) -> None:
+def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> None:
     """Refuse declared sizes past the file's end before anything is allocated."""
     size = p.stat().st_size
     with open(p, "rb") as fh:
@@ -282,10 +345,8 @@ def _check_safetensors_header(p: Path) -> None:
         ):
             raise CaseFileError(f"{p}: safetensors entry '{name}' is malformed")
         count = math.prod(shape)
-        if count > MAX_ELEMENTS:
-            raise CaseFileError(
-                f"{p}: '{name}' declares {count} elements, over the {MAX_ELEMENTS} guard"
-            )
+        if count > limit:
+            raise CaseFileError(guard_message(str(p), name, count, limit))
         if offsets[1] > data_size or offsets[0] > offsets[1]:
             raise CaseFileError(
                 f"{p}: '{name}' points past the end of the file (truncated or hostile)"
@@ -682,12 +743,7 @@ def load_calibration(path: str | os.PathLike[str], case: ConvCase) -> np.ndarray
     suffix = p.suffix.lower()
     if suffix not in FORMATS:
         raise CaseFileError(f"--calib {p}: unknown extension; use {', '.join(FORMATS)}")
-    if suffix in (".pt", ".pth"):
-        mapping = _read_pt(p)
-    elif suffix == ".npz":
-        mapping = _read_npz(p)
-    else:
-        mapping = _read_safetensors(p)
+    mapping = _read_any(p, suffix, MAX_ELEMENTS)
     data = mapping.get("calib", mapping.get("input"))
     if not isinstance(data, np.ndarray):
         raise CaseFileError(f"--calib {p}: needs a tensor under 'calib' or 'input'")

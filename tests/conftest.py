@@ -21,7 +21,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "long", max_examples=2500, derandomize=True, deadline=None,
+    "long", max_examples=int(os.environ.get("QCONVDIAG_FUZZ_EXAMPLES", "2500")),
+    derandomize=True, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("QCONVDIAG_HYPOTHESIS_PROFILE", "fast"))

@@ -137,6 +137,17 @@ def trig_qcd031():
     return case_with(setup, b=b)
 
 
+def trig_qcd012():
+    return case_with(good_setup(input_qparams=qp(float(X.max()), 0)))
+
+
+def trig_qcd026():
+    # weights of 1e-30: the weight observer's scale stops at float32 eps and every weight
+    # rounds to 0
+    return build_case(np.full((1, 2, 5, 5), 1e30, np.float32),
+                      np.full((3, 2, 3, 3), 1e-30, np.float32), None)
+
+
 def trig_qcd041():
     x = np.full((1, 4000, 3, 3), 10.0, np.float32)
     w = np.full((1, 4000, 3, 3), 1.0, np.float32)
@@ -178,7 +189,8 @@ def trig_qcd060():
 
 TRIGGERS = {
     "QCD001": (trig_qcd001, {}), "QCD002": (trig_qcd002, {}), "QCD003": (trig_qcd003, {}),
-    "QCD010": (trig_qcd010, {}), "QCD011": (trig_qcd011, {}), "QCD020": (trig_qcd020, {}),
+    "QCD010": (trig_qcd010, {}), "QCD011": (trig_qcd011, {}), "QCD012": (trig_qcd012, {}),
+    "QCD026": (trig_qcd026, {}), "QCD020": (trig_qcd020, {}),
     "QCD021": (trig_qcd021, {}), "QCD022": (trig_qcd022, {"engine": "onednn"}),
     "QCD023": (trig_qcd023, {}), "QCD024": (trig_qcd024, {}), "QCD025": (trig_qcd025, {}),
     "QCD030": (trig_qcd030, {}), "QCD031": (trig_qcd031, {"engine": "qnnpack"}),

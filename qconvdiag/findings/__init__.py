@@ -15,6 +15,7 @@ from . import (
     input_rules,
     output_rules,
     qparams_rules,
+    rounding_rules,
     weight_rules,
 )
 from .base import Context, Rule
@@ -25,6 +26,7 @@ REGISTRY: tuple[Rule, ...] = (
     Rule("QCD003", "scale formula wastes levels", qparams_rules.qcd003),
     Rule("QCD010", "input values clipped by the input qparams", input_rules.qcd010),
     Rule("QCD011", "input dtype or scheme the engine does not accept", input_rules.qcd011),
+    Rule("QCD012", "input rounding dominates", rounding_rules.qcd012),
     Rule("QCD020", "weight values clipped by the weight qparams", weight_rules.qcd020),
     Rule("QCD021", "unsigned-range zero point formula for a signed weight dtype",
          weight_rules.qcd021),
@@ -32,6 +34,7 @@ REGISTRY: tuple[Rule, ...] = (
     Rule("QCD023", "per-channel weights would cut the weight error", weight_rules.qcd023),
     Rule("QCD024", "quantized module's weight is not the quantized weight", weight_rules.qcd024),
     Rule("QCD025", "per-channel weights along the wrong axis", weight_rules.qcd025),
+    Rule("QCD026", "weight rounding dominates", rounding_rules.qcd026),
     Rule("QCD030", "quantized module's bias missing or different", bias_rules.qcd030),
     Rule("QCD031", "bias quantization error notable", bias_rules.qcd031),
     Rule("QCD040", "int16 pair saturation in accumulation", accumulation_rules.qcd040),

@@ -1,0 +1,156 @@
+"""Hostile and extreme input: refused without allocating, never a partial file, no NaN."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import qconvdiag.cli as cli
+from qconvdiag.case import QuantSetup, build_case
+from qconvdiag.diagnose import Options, diagnose
+from qconvdiag.errors import CaseError, CaseFileError
+from qconvdiag.io import load_case, save_case
+from qconvdiag.qparams import make_qparams
+
+ROOT = Path(__file__).resolve().parents[1]
+FORUM = ROOT / "samples" / "forum_conv.pt"
+runner = CliRunner()
+
+
+def _bomb(path: Path, member: str, size: int) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open(member, "w", force_zip64=True) as fh:
+            chunk = b"\0" * 2**20
+            for _ in range(size // 2**20):
+                fh.write(chunk)
+
+
+@pytest.mark.parametrize("name, member", [("bomb.npz", "input.npy"),
+                                          ("bomb.pt", "archive/data/0")])
+def test_zip_bomb_is_refused_before_inflating(tmp_path, name, member):
+    path = tmp_path / name
+    _bomb(path, member, 64 * 2**20)
+    assert path.stat().st_size < 2**20
+    t = time.perf_counter()
+    with pytest.raises(CaseFileError, match="zip bomb"):
+        load_case(path)
+    assert time.perf_counter() - t < 5
+
+
+def test_npz_header_declaring_a_huge_array_is_refused(tmp_path):
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.float32))
+    header["shape"] = (10**6, 10**6)
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(tmp_path / "h.npz", "w") as zf:
+        zf.writestr("input.npy", buf.getvalue() + b"\0" * 16)
+    with pytest.raises(CaseFileError, match="over the --max-elements guard"):
+        load_case(tmp_path / "h.npz")
+
+
+def test_max_elements_guard_and_how_to_raise_it():
+    r = runner.invoke(cli.app, ["explain", str(ROOT / "samples" / "relu_per_channel.npz"),
+                                "--max-elements", "1000"])
+    assert r.exit_code == 2 and "raise it with --max-elements" in r.stderr
+    r = runner.invoke(cli.app, ["random", "--seed", "1", "--shape", "1,4,300,300",
+                                "--max-elements", "100000"])
+    assert r.exit_code == 2 and "--max-elements" in r.stderr
+    with pytest.raises(CaseError, match="over the --max-elements guard"):
+        from qconvdiag.io import check_size
+
+        check_size(load_case(FORUM), limit=0)
+
+
+def test_progress_on_stderr_for_long_diagnoses(monkeypatch):
+    monkeypatch.setattr(cli, "PROGRESS_ELEMENTS", 1)
+    r = runner.invoke(cli.app, ["explain", str(FORUM), "--json"])
+    assert r.exit_code == 0
+    assert "probing the engines" in r.stderr and "findings" in r.stderr
+    json.loads(r.stdout)  # stdout still carries only the payload
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(monkeypatch, tmp_path):
+    import qconvdiag.diagnose as d
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(d, "diagnose_runs", interrupted)
+    out = tmp_path / "r.json"
+    r = runner.invoke(cli.app, ["explain", str(FORUM), "--output", str(out)])
+    assert r.exit_code == 130
+    assert len(r.stderr.strip().splitlines()) == 1 and "interrupted" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_never_overwrites_the_input(tmp_path):
+    case = tmp_path / "case.pt"
+    case.write_bytes(FORUM.read_bytes())
+    for opt in ("--output", "--save-outputs"):
+        r = runner.invoke(cli.app, ["explain", str(case), opt, str(case)])
+        assert r.exit_code == 2 and "is an input of this run" in r.stderr
+    assert case.read_bytes() == FORUM.read_bytes()
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import qconvdiag.io as io_mod
+
+    def boom(mapping, suffix):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_mod, "encode_case", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_case(load_case(FORUM), tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_is_byte_identical_across_runs():
+    args = ["random", "--seed", "11", "--recipe", "handmade", "--engine", "all", "--json"]
+    assert runner.invoke(cli.app, args).stdout == runner.invoke(cli.app, args).stdout
+
+
+def _qp(s, z, d="quint8", axis=None):
+    return make_qparams(s if isinstance(s, list) else [s], z if isinstance(z, list) else [z], d,
+                        axis, "t", "user")
+
+
+W = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+W_ZERO_CHANNEL = W.copy()
+W_ZERO_CHANNEL[1] = 0
+EXTREME = {
+    "all-zero input": lambda: build_case(np.zeros((1, 2, 5, 5), np.float32), W, None),
+    "constant tensors": lambda: build_case(np.full((1, 2, 5, 5), 3, np.float32),
+                                           np.full((3, 2, 3, 3), 0.5, np.float32),
+                                           np.zeros(3, np.float32)),
+    "single-element conv": lambda: build_case(np.ones((1, 1, 1, 1), np.float32),
+                                              np.ones((1, 1, 1, 1), np.float32), None),
+    "denormal weights": lambda: build_case(np.ones((1, 2, 5, 5), np.float32),
+                                           np.full((3, 2, 3, 3), 1e-40, np.float32), None),
+    "per-channel weight with a zero channel": lambda: build_case(
+        np.ones((1, 2, 5, 5), np.float32), W_ZERO_CHANNEL, None,
+        setup=QuantSetup(_qp(1 / 255, 0), _qp([0.01, 1e-30, 0.01], [0, 0, 0], "qint8", 0),
+                         _qp(0.1, 0))),
+    "outputs exactly on rounding ties": lambda: build_case(
+        np.full((1, 1, 2, 2), 0.5, np.float32), np.ones((1, 1, 1, 1), np.float32), None,
+        setup=QuantSetup(_qp(0.5, 0), _qp(1.0, 0, "qint8"), _qp(1.0, 0))),
+    "eps-sized observer ranges": lambda: build_case(
+        (1 + np.random.default_rng(1).random((1, 2, 5, 5)) * 1e-7).astype(np.float32), W, None),
+    "tiny and huge values": lambda: build_case(np.full((1, 2, 5, 5), 1e30, np.float32),
+                                               np.full((3, 2, 3, 3), 1e-30, np.float32), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTREME))
+def test_extreme_but_valid_numerics_give_valid_reports(name):
+    report = diagnose(EXTREME[name](), Options(engine="all"))
+    text = json.dumps(report.to_dict(), allow_nan=False)
+    assert report.findings, name  # always explained, even if only "at the rounding floor"
+    assert "NaN" not in text and "Infinity" not in text
