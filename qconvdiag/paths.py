@@ -105,10 +105,12 @@ def _activation_observer(engine: str, options: ProductionOptions):  # type: igno
         MovingAverageMinMaxObserver,
     )
 
+    from .observers import accelerate
+
     default = get_default_qconfig(engine).activation()
     reduce_range = bool(getattr(default, "reduce_range", False))
     if options.observer is None:
-        return default
+        return accelerate(default)
     cls = {
         "histogram": HistogramObserver,
         "minmax": MinMaxObserver,
@@ -118,7 +120,8 @@ def _activation_observer(engine: str, options: ProductionOptions):  # type: igno
         raise UsageError(
             f"unknown observer '{options.observer}': use one of {', '.join(OBSERVERS)}"
         )
-    return cls(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+    return accelerate(
+        cls(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range))
 
 
 def _weight_observer(engine: str, options: ProductionOptions):  # type: ignore[no-untyped-def]

@@ -44,7 +44,8 @@ def arrays(draw, base_shape=None):
     if dtype == "bool":
         return np.asarray(a > 0)
     if dtype.startswith("complex"):
-        return np.asarray((a + 1j * a).astype(dtype))
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.asarray((a + 1j * a).astype(dtype))
     with np.errstate(invalid="ignore", over="ignore"):
         return np.asarray(a.astype(dtype))
 
