@@ -31,7 +31,9 @@ fuzz: $(STAMP)
 	QCONVDIAG_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_fuzz.py -q
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_startup.py
 	$(PY) benchmarks/bench_layer.py
+	$(PY) benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

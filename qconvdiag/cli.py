@@ -162,6 +162,7 @@ def _diagnose_and_report(
         max_abs_error=max_abs_error,
         fail_on=fail_on.value,
         ignore=tuple(c.upper() for c in (ignore or ())),
+        keep_arrays=save_outputs is not None,
     )
     progress = None
     if math.prod(case.output_shape) >= PROGRESS_ELEMENTS:

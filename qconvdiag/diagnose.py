@@ -33,6 +33,8 @@ class Options:
     max_abs_error: float | None = None
     fail_on: str = "never"
     ignore: tuple[str, ...] = ()
+    keep_arrays: bool = False
+    """Keep every stage's state and delta (for --save-outputs and tests); costs memory."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +79,8 @@ def _exec_weight_qparams(qp: QParams) -> QParams:
     return qp
 
 
-def run_path(case: ConvCase, spec: PathSpec, engine: str) -> PathRun:
+def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None = None,
+             keep: bool = False) -> PathRun:
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
     w_exec = _exec_weight_qparams(spec.weight_qparams)
@@ -132,15 +135,16 @@ def run_path(case: ConvCase, spec: PathSpec, engine: str) -> PathRun:
             ),
             torch_codes=tr.output_codes if tr.ran else None,
             torch_reason=f"torch did not run it on {engine}: {tr.error}",
-        ))
+        ), y0=y0, keep=keep)
     final_em = mem if mem is not None else em
     if tr.ran and final_em is not None and tr.output_codes is not None:
         diff = np.abs(tr.output_codes - final_em.output_codes)
         check = TorchCheck(True, engine, int(np.count_nonzero(diff)), float(diff.max()))
     else:
         check = TorchCheck(False, engine, None, None, tr.error)
-    y0 = ladder.float_output if ladder is not None else conv64(
-        case.input, case.weight, case.bias, g)
+    if y0 is None:
+        y0 = ladder.float_output if ladder is not None else conv64(
+            case.input, case.weight, case.bias, g)
     if ladder is not None:
         stages = ladder.stages
         total = ladder.total
@@ -199,15 +203,18 @@ def diagnose_runs(
     with capture_warnings():
         say("probing the engines on this CPU")
         probe()
+        say("float reference (float64 conv)")
+        y0 = conv64(case.input, case.weight, case.bias, case.geometry)
+        keep = options.keep_arrays
         for engine in engines:
             say(f"{engine}: calibrating the production observers")
             production = build_production(case, engine, options.production, options.calib)
             as_given = build_as_given(case, production)
             if as_given is not None:
                 say(f"{engine}: as_given path (emulation, stage ladder, torch check)")
-                runs.append(run_path(case, as_given, engine))
+                runs.append(run_path(case, as_given, engine, y0, keep))
             say(f"{engine}: production path (emulation, stage ladder, torch check)")
-            runs.append(run_path(case, production, engine))
+            runs.append(run_path(case, production, engine, y0, keep))
     return runs, list(captured_warnings())
 
 

@@ -238,9 +238,12 @@ def _per_out(values: tuple[float, ...] | np.ndarray, o: int) -> np.ndarray:
 
 def _cvt_rint(y: np.ndarray) -> np.ndarray:
     """``_mm256_cvtps_epi32``: round half to even; out of int32 range gives INT32_MIN."""
-    y64 = np.asarray(y, dtype=np.float64)
-    finite = np.isfinite(y64) & (y64 >= -(2.0**31)) & (y64 < 2.0**31)
-    r = np.where(finite, np.rint(np.where(finite, y64, 0.0)), float(INT32_MIN))
+    y32 = np.asarray(y, dtype=np.float32)
+    r = np.rint(y32)  # float32 rint is exact
+    with np.errstate(invalid="ignore"):
+        bad = ~((r >= np.float32(-(2.0**31))) & (r < np.float32(2.0**31)))  # NaN included
+    if bad.any():
+        r = np.where(bad, np.float32(INT32_MIN), r)
     return r.astype(np.int64)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 
 def f32(x: np.ndarray | float) -> np.ndarray:
+    """As float32, without a copy when it already is."""
     return np.asarray(x, dtype=np.float32)
 
 
@@ -21,17 +22,24 @@ def round_to_f32(s: np.ndarray, err: np.ndarray) -> np.ndarray:
     """Round the exact value ``s + err`` (float64 pair, ``|err| <= ulp(s)/2``) to float32."""
     with np.errstate(over="ignore", invalid="ignore"):
         r1 = s.astype(np.float32)
-        r1_64 = r1.astype(np.float64)
-        toward = np.where(s > r1_64, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
-        r2 = np.nextafter(r1, toward)
+    suspect = np.flatnonzero(err)  # usually few: s is exact wherever err == 0
+    if suspect.size == 0:
+        return r1
+    s_sub, e_sub, r_sub = s.reshape(-1)[suspect], err.reshape(-1)[suspect], r1.reshape(-1)[suspect]
+    with np.errstate(over="ignore", invalid="ignore"):
+        r1_64 = r_sub.astype(np.float64)
+        toward = np.where(s_sub > r1_64, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+        r2 = np.nextafter(r_sub, toward)
         r2_64 = r2.astype(np.float64)
-        midpoint = (s != r1_64) & ((r1_64 + r2_64) * 0.5 == s) & (err != 0)
+        midpoint = (s_sub != r1_64) & ((r1_64 + r2_64) * 0.5 == s_sub)
     if not midpoint.any():
         return r1
     # Exactly halfway in float64 but not in reality: the error's sign decides.
-    go_r2 = np.sign(err) == np.sign(r2_64 - s)
-    pick = np.where(go_r2, r2, r1)
-    return np.where(midpoint, pick, r1).astype(np.float32)
+    go_r2 = np.sign(e_sub) == np.sign(r2_64 - s_sub)
+    fixed = np.where(midpoint & go_r2, r2, r_sub).astype(np.float32)
+    out = r1.reshape(-1).copy()
+    out[suspect] = fixed
+    return out.reshape(r1.shape)
 
 
 def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -23,13 +23,14 @@ backend_residual      torch's real output                                    0
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .case import ConvCase, Geometry
 from .emulate import Emulation
-from .metrics import Metrics, energy_shares, error_metrics
+from .metrics import Metrics, error_metrics
 from .qparams import QParams, clip_bounds, dequantize
 
 STAGE_IDS = (
@@ -70,17 +71,38 @@ class Ladder:
     float_output: np.ndarray
     """float64 reference output."""
     states: dict[str, np.ndarray]
-    """Cumulative output after each applicable stage (float64)."""
+    """Cumulative output after each applicable stage (float64); empty unless kept."""
     deltas: dict[str, np.ndarray]
+    """Each stage's delta (float64); empty unless kept."""
     final: np.ndarray
     """The quantized output the ladder ends at (torch's when it ran, else the emulation)."""
     total: Metrics
     output_scale: float
 
 
+#: torch's float64 conv unfolds the whole input (im2col); above this many bytes of im2col the
+#: reference is summed over chunks of input channels instead, to bound memory.
+IM2COL_BYTES = 16 * 2**20
+
+
 def conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry) -> np.ndarray:
-    """The float reference: conv in float64."""
-    return _conv(x, w, b, g, np.float64)
+    """The float reference: conv in float64 (input channels chunked when im2col would be big)."""
+    from .case import output_shape
+
+    out_sp = output_shape(x.shape, w.shape, g)[2:]
+    taps = int(np.prod(w.shape[2:]))
+    per_channel = taps * int(np.prod(out_sp)) * 8
+    cin = w.shape[1]
+    if g.groups != 1 or cin * per_channel <= IM2COL_BYTES:
+        return _conv(x, w, b, g, np.float64)
+    chunk = max(1, IM2COL_BYTES // per_channel)
+    out = None
+    for start in range(0, cin, chunk):
+        part = _conv(x[:, start:start + chunk], w[:, start:start + chunk],
+                     b if start == 0 else None, g, np.float64)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
 
 
 def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
@@ -171,104 +193,121 @@ class LadderInputs:
     torch_reason: str
 
 
-def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None) -> Ladder:
-    """The ladder for one path; ``y0`` is the float reference when already computed."""
+def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
+                   reasons: dict[str, str]) -> Iterator[tuple[str, np.ndarray, object]]:
+    """Yield (stage id, state, isolated) in data-flow order; isolated is an array, None, or
+    DELTA (the effect alone is the step itself). One state at a time: memory stays flat."""
     g = case.geometry
     x, w, b = case.input, case.weight, case.bias
-    if y0 is None:
-        y0 = conv64(x, w, b, g)
     w_axis = None if li.weight_qparams.axis is None else li.weight_qparams.axis % w.ndim
-    x_deq = dequantize(li.input_codes, li.input_qparams)
-    x_clip = _clip_tensor(x, li.input_qparams, None)
-    w_clip = _clip_tensor(w, li.weight_qparams, w_axis)
     em = li.emulation
     out_qp = li.output_qparams
     out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
     acc_scale = em.acc_scale.reshape((1, -1) + (1,) * (y0.ndim - 2))
-    bias_real = em.bias_real
 
-    states: dict[str, np.ndarray] = {}
-    isolated: dict[str, np.ndarray] = {}
-    reasons: dict[str, str] = {}
-    x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    dx_clip = x_clip - x64
-    dw_clip = w_clip - w64
-    x_round = _round_only(x, li.input_qparams, None)
-    isolated["input_clipping"] = conv_diff(dx_clip, w, g)
-    states["input_clipping"] = y0 + isolated["input_clipping"]
+    x_deq = dequantize(li.input_codes, li.input_qparams)
+    x_clip = _clip_tensor(x, li.input_qparams, None)
+    dx_clip = x_clip - x
+    iso_clip = conv_diff(dx_clip, w, g)
+    state = y0 + iso_clip
+    yield "input_clipping", state, iso_clip
+    del iso_clip
     step_in = conv_diff(x_deq - x_clip, w, g)
-    states["input_rounding"] = states["input_clipping"] + step_in
+    state = state + step_in
+    x_round = _round_only(x, li.input_qparams, None)
     if not dx_clip.any() and np.array_equal(x_round, x_deq):
-        isolated["input_rounding"] = step_in  # nothing clipped: rounding alone is this step
+        yield "input_rounding", state, DELTA  # nothing clipped: rounding alone is this step
     else:
-        isolated["input_rounding"] = conv_diff(x_round - x64, w, g)
-    isolated["weight_clipping"] = conv_diff(x, dw_clip, g)
-    states["weight_clipping"] = states["input_rounding"] + conv_diff(x_deq, dw_clip, g)
-    states["weight_rounding"] = _bias_add(em.acc_exact * acc_scale, b)
-    isolated["weight_rounding"] = conv_diff(
-        x, _round_only(w, li.weight_qparams, w_axis) - w64, g)
+        yield "input_rounding", state, conv_diff(x_round - x, w, g)
+    del step_in, x_round, x_clip, dx_clip
+    dw_clip = _clip_tensor(w, li.weight_qparams, w_axis) - w
+    if dw_clip.any():
+        state = state + conv_diff(x_deq, dw_clip, g)
+    yield "weight_clipping", state, conv_diff(x, dw_clip, g)
+    del x_deq
+    w_round = _round_only(w, li.weight_qparams, w_axis) - w
+    yield "weight_rounding", _bias_add(em.acc_exact * acc_scale, b), conv_diff(x, w_round, g)
     if b is None:
         reasons["bias_quantization"] = "the layer has no bias"
     else:
-        states["bias_quantization"] = _bias_add(em.acc_exact * acc_scale, bias_real)
-        isolated["bias_quantization"] = np.broadcast_to(
-            _bias_add(np.zeros_like(y0), bias_real) - _bias_add(np.zeros_like(y0), b), y0.shape
-        ).copy()
-    states["accumulation"] = _bias_add(em.acc * acc_scale, bias_real if b is not None else None)
-    states["output_rounding"] = (em.unclamped - out_zp).astype(np.float64) * out_s
-    isolated["output_rounding"] = _requant_float(y0, out_qp, clip=False) - y0
-    states["output_clipping"] = (em.output_codes - out_zp).astype(np.float64) * out_s
-    isolated["output_clipping"] = (
-        np.clip(y0, (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s) - y0
-    )
+        bias_shift = np.asarray(em.bias_real, dtype=np.float64) - b.astype(np.float64)
+        yield ("bias_quantization", _bias_add(em.acc_exact * acc_scale, em.bias_real),
+               np.broadcast_to(_bias_add(np.zeros((1,) * y0.ndim), bias_shift), y0.shape))
+    yield ("accumulation", _bias_add(em.acc * acc_scale, em.bias_real if b is not None else None),
+           DELTA)
+    yield ("output_rounding", (em.unclamped - out_zp).astype(np.float64) * out_s,
+           _requant_float(y0, out_qp, clip=False) - y0)
+    lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
+    yield ("output_clipping", (em.output_codes - out_zp).astype(np.float64) * out_s,
+           np.clip(y0, lo, hi) - y0)
     final_qp = out_qp
     if li.module_emulation is not None and li.module_output_qparams is not None:
         final_qp = li.module_output_qparams
         ms, mzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
-        states["module_state"] = (li.module_emulation.output_codes - mzp).astype(np.float64) * ms
+        yield ("module_state", (li.module_emulation.output_codes - mzp).astype(np.float64) * ms,
+               DELTA)
     else:
         reasons["module_state"] = li.module_reason
     fs, fzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
     if li.torch_codes is not None:
-        states["backend_residual"] = (li.torch_codes - fzp).astype(np.float64) * fs
+        yield "backend_residual", (li.torch_codes - fzp).astype(np.float64) * fs, DELTA
     else:
         reasons["backend_residual"] = li.torch_reason
 
-    order = [s for s in STAGE_IDS if s in states]
-    final = states[order[-1]]
-    total_err = final - y0
-    deltas: dict[str, np.ndarray] = {}
-    prev = y0
-    for sid in order:
-        deltas[sid] = states[sid] - prev
-        prev = states[sid]
-    if "accumulation" in deltas:
-        isolated["accumulation"] = deltas["accumulation"]
-    for sid in ("module_state", "backend_residual"):
-        if sid in deltas:
-            isolated[sid] = deltas[sid]
-    shares = energy_shares(deltas)
+
+DELTA = object()
+"""Marker: a stage's isolated effect is its own delta."""
+
+
+def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
+               keep: bool = False) -> Ladder:
+    """The ladder for one path; ``y0`` is the float reference when already computed.
+
+    Metrics are computed state by state and the arrays dropped, unless ``keep`` (for
+    --save-outputs and the tests) keeps every state and delta.
+    """
+    if y0 is None:
+        y0 = conv64(case.input, case.weight, case.bias, case.geometry)
+    out_s = float(li.output_qparams.scale[0])
+    fs = float((li.module_output_qparams if li.module_emulation is not None
+                and li.module_output_qparams is not None else li.output_qparams).scale[0])
     rr = float(np.dot(y0.reshape(-1), y0.reshape(-1)))
-    results = []
+    reasons: dict[str, str] = {}
+    states: dict[str, np.ndarray] = {}
+    deltas: dict[str, np.ndarray] = {}
+    energies: dict[str, float] = {}
+    metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
+    prev = y0
     cumulative_prev: Metrics | None = None
-    for sid in STAGE_IDS:
-        if sid not in states:
-            results.append(StageResult(sid, False, reasons.get(sid, "does not apply"),
-                                       None, None, None, None))
-            continue
+    for sid, state, iso_arr in _ladder_states(case, li, y0, reasons):
         lsb = fs if sid in ("module_state", "backend_residual") else out_s
-        delta = error_metrics(deltas[sid], y0, lsb, rr)
+        delta_arr = state - prev
+        flat = delta_arr.reshape(-1)
+        energies[sid] = float(np.dot(flat, flat))
+        delta = error_metrics(delta_arr, y0, lsb, rr)
         if delta.max_abs == 0 and cumulative_prev is not None and lsb == out_s:
             cumulative = cumulative_prev  # nothing changed: same state, same error
         else:
-            cumulative = error_metrics(states[sid] - y0, y0, lsb, rr)
-        if sid in isolated and isolated[sid] is deltas[sid]:
+            cumulative = error_metrics(state - y0, y0, lsb, rr)
+        if iso_arr is DELTA:
             iso: Metrics | None = delta
-        elif sid in isolated:
-            iso = error_metrics(isolated[sid], y0, lsb, rr)
         else:
-            iso = None
+            iso = error_metrics(iso_arr, y0, lsb, rr)  # type: ignore[arg-type]
+        metrics[sid] = (delta, cumulative, iso)
         cumulative_prev = cumulative
-        results.append(StageResult(sid, True, None, delta, cumulative, iso, shares[sid]))
-    return Ladder(tuple(results), y0, states, deltas, final,
-                  error_metrics(total_err, y0, fs, rr), fs)
+        if keep:
+            states[sid], deltas[sid] = state, delta_arr
+        prev = state
+    final = prev
+    total_energy = sum(energies.values())
+    results = []
+    for sid in STAGE_IDS:
+        if sid not in metrics:
+            results.append(StageResult(sid, False, reasons.get(sid, "does not apply"),
+                                       None, None, None, None))
+            continue
+        d, c, i = metrics[sid]
+        share = energies[sid] / total_energy if total_energy > 0 else None
+        results.append(StageResult(sid, True, None, d, c, i, share))
+    total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
+    return Ladder(tuple(results), y0, states, deltas, final, total, fs)

@@ -90,7 +90,9 @@ def trace(case: ConvCase, position: tuple[int, ...] | None, path: str = "as_give
     out_shape = run.ladder.float_output.shape
     if position is None:
         # Default: the element with the largest error of the intended setup's emulation.
-        err = np.abs(run.ladder.states["output_clipping"] - run.ladder.float_output)
+        out_qp = run.spec.output_qparams
+        emulated = (run.emulation.output_codes - out_qp.zero_point[0]) * out_qp.scale[0]
+        err = np.abs(emulated - run.ladder.float_output)
         position = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), out_shape))
     if len(position) != len(out_shape) or any(
             not 0 <= p < s for p, s in zip(position, out_shape)):

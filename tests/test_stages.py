@@ -25,7 +25,7 @@ def test_deltas_telescope_to_the_total(seed, recipe):
     dist = ["normal", "relu", "int", "heavy"][seed % 4]
     case = generate(RandomSpec(seed=seed, distribution=dist, recipe=recipe,
                                per_channel_varied=seed % 3 == 0))
-    runs, _ = diagnose_runs(case, Options())
+    runs, _ = diagnose_runs(case, Options(keep_arrays=True))
     for run in runs:
         _check_telescoping(run)
         assert [s.id for s in run.report.stages] == list(STAGE_IDS)
@@ -36,7 +36,7 @@ def test_deltas_telescope_to_the_total(seed, recipe):
 
 def test_seed_case_ladder_tells_the_story():
     case = forum_case()
-    runs, _ = diagnose_runs(case, Options(engine="x86"))
+    runs, _ = diagnose_runs(case, Options(engine="x86", keep_arrays=True))
     as_given = next(r for r in runs if r.report.name == "as_given")
     st = as_given.ladder.states
     assert as_given.ladder.float_output.item() == pytest.approx(803.6908, abs=1e-4)

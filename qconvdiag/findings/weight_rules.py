@@ -8,7 +8,7 @@ import numpy as np
 
 from ..qparams import QParams, clip_bounds, dequantize, quantize
 from ..report import Finding
-from ..stages import conv64
+from ..stages import conv_diff
 from .base import Context, conv_name, fmt, severity_for, share, symmetric_scale
 
 
@@ -121,10 +121,10 @@ def qcd022(ctx: Context) -> Iterator[Finding]:
 
 
 def _weight_error_rmse(ctx: Context, w_deq: np.ndarray) -> float:
+    """RMSE of the output change that replacing the weight by ``w_deq`` alone causes."""
     case = ctx.case
-    y0 = conv64(case.input, case.weight, case.bias, case.geometry)
-    y = conv64(case.input, w_deq, case.bias, case.geometry)
-    return float(np.sqrt(np.mean((y - y0) ** 2)))
+    diff = conv_diff(case.input, w_deq - case.weight.astype(np.float64), case.geometry)
+    return float(np.sqrt(np.mean(diff * diff)))
 
 
 def qcd023(ctx: Context) -> Iterator[Finding]:

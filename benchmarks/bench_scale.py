@@ -1,0 +1,93 @@
+"""Per-layer cost, memory and big inputs, as ratios measured in one run.
+
+3. Full diagnosis (both paths, one engine; stage ladder and torch check included) of a
+   (1,256,56,56) x (256,256,3,3) conv vs one float32 conv forward (target <= 5x), and with
+   --engine all (target <= 3x more).
+4. Peak RSS of that diagnosis vs the torch-import baseline plus 12x the float32 bytes of
+   input + weight + output (each measured in a fresh child process).
+5. (8,64,112,112) x (64,64,3,3): diagnosis vs one float conv of that layer (target <= 20x).
+
+    .venv/bin/python benchmarks/bench_scale.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+mode, n, c, h, o = sys.argv[1], *map(int, sys.argv[2:6])
+import torch
+if mode == "baseline":
+    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})); sys.exit()
+from qconvdiag.case import QuantSetup, build_case
+from qconvdiag.diagnose import Options, diagnose
+from qconvdiag.qparams import make_qparams
+rng = np.random.default_rng(0)
+x = np.maximum(rng.standard_normal((n, c, h, h)), 0).astype(np.float32)
+w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(c * 9)).astype(np.float32)
+b = (rng.standard_normal(o) * 0.1).astype(np.float32)
+# a user setup too, so both paths run: min/max input, symmetric per-tensor weights
+setup = QuantSetup(make_qparams([float(x.max()) / 255], [0], "quint8", None, "i", "user"),
+                   make_qparams([float(np.abs(w).max()) / 127.5], [0], "qint8", None, "w", "user"),
+                   make_qparams([0.05], [128], "quint8", None, "o", "user"))
+case = build_case(x, w, b, padding=1, setup=setup)
+xt, wt, bt = map(torch.from_numpy, (x, w, b))
+with torch.no_grad():
+    torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+    t = []
+    for _ in range(5):
+        s = time.perf_counter(); torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+        t.append(time.perf_counter() - s)
+conv = sorted(t)[2]
+diagnose(case, Options(engine="x86"))  # warm-up (probe, first-call costs)
+s = time.perf_counter(); diagnose(case, Options(engine="x86")); one = time.perf_counter() - s
+every = None
+if mode == "all":
+    s = time.perf_counter(); diagnose(case, Options(engine="all")); every = time.perf_counter() - s
+out_elems = n * o * h * h
+print(json.dumps({"conv": conv, "one": one, "all": every,
+                  "bytes": 4 * (x.size + w.size + out_elems),
+                  "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    base = statistics.median(child("baseline", "1", "1", "1", "1")["rss_kb"]
+                             for _ in range(args.repeats))
+    layer = [child("all", "1", "256", "56", "256") for _ in range(args.repeats)]
+    conv = statistics.median(r["conv"] for r in layer)
+    one = statistics.median(r["one"] for r in layer)
+    every = statistics.median(r["all"] for r in layer)
+    rss = statistics.median(r["rss_kb"] for r in layer)
+    budget = base + 12 * layer[0]["bytes"] / 1024
+    print(f"3. layer (1,256,56,56)x(256,256,3,3): float conv {conv * 1e3:.1f} ms; diagnosis "
+          f"(both paths, x86) {one * 1e3:.0f} ms = {one / conv:.1f}x (target <= 5x); "
+          f"--engine all {every * 1e3:.0f} ms = {every / one:.2f}x one engine (target <= 3x)")
+    print(f"4. peak RSS {rss / 1024:.0f} MB vs torch baseline {base / 1024:.0f} MB + 12 x "
+          f"{layer[0]['bytes'] / 2**20:.1f} MB = {budget / 1024:.0f} MB budget: "
+          f"{(rss - base) / (layer[0]['bytes'] / 1024):.1f}x the tensors' bytes (target <= 12x)")
+    big = [child("one", "8", "64", "112", "64") for _ in range(max(1, args.repeats - 2))]
+    bconv = statistics.median(r["conv"] for r in big)
+    bone = statistics.median(r["one"] for r in big)
+    print(f"5. big (8,64,112,112)x(64,64,3,3): float conv {bconv * 1e3:.0f} ms; diagnosis "
+          f"{bone:.2f} s = {bone / bconv:.1f}x (target <= 20x); peak RSS "
+          f"{statistics.median(r['rss_kb'] for r in big) / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
