@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/qconvdiag explain samples/forum_conv.pt
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check qconvdiag tests benchmarks
+	$(VENV)/bin/ruff check qconvdiag tests benchmarks samples
+	$(VENV)/bin/mypy qconvdiag
 	$(PY) -m pytest
 
 # The long fuzz profile: 2,500 random case files through `qconvdiag explain`.

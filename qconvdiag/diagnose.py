@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -259,7 +260,7 @@ def diagnose(
 
 def evaluate_gate(
     paths: list[PathReport], findings: list[Finding], options: Options
-) -> tuple[str, dict[str, object]]:
+) -> tuple[str, dict[str, Any]]:
     """CI thresholds. They judge the as_given path when there is one, else production."""
     judged = [p for p in paths if p.name == "as_given"] or [p for p in paths
                                                            if p.name == "production"]
@@ -384,7 +385,7 @@ def _intended_refusal(run: PathRun) -> str | None:
         return run.report.refused
     r = run_conv(run.report.engine, spec.input_codes, spec.input_qparams, spec.weight_codes,
                  w_exec, spec.bias, spec.output_qparams.scale[0],
-                 spec.output_qparams.zero_point[0], run.geometry)
+                 spec.output_qparams.zero_point[0], run.geometry or Geometry((), (), ()))
     if r.error:
         return r.error
     return "; ".join(refusal_message(x, spec.input_qparams, w_exec, spec.weight_codes.shape[0])

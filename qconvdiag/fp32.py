@@ -42,7 +42,7 @@ def round_to_f32(s: np.ndarray, err: np.ndarray) -> np.ndarray:
     return out.reshape(r1.shape)
 
 
-def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+def fma32(a: np.ndarray | float, b: np.ndarray | float, c: np.ndarray | float) -> np.ndarray:
     """float32 ``a * b + c`` with a single rounding (all inputs are rounded to float32 first)."""
     a64 = f32(a).astype(np.float64)
     b64 = f32(b).astype(np.float64)
@@ -56,18 +56,18 @@ def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return round_to_f32(s, err)
 
 
-def add32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def add32(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
     return (f32(a) + f32(b)).astype(np.float32)
 
 
-def mul32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def mul32(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
     return (f32(a) * f32(b)).astype(np.float32)
 
 
-def div32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def div32(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return (f32(a) / f32(b)).astype(np.float32)
 
 
 def recip32(a: np.ndarray | float) -> np.ndarray:
-    return div32(np.float32(1.0), a)
+    return div32(1.0, a)

@@ -198,6 +198,7 @@ def forum_case() -> ConvCase:
         weight = torch.randint(0, 20, (1, 1, 3, 3), dtype=torch.float32)
         with capture_warnings():
             m = torch.nn.Conv2d(1, 1, 3, stride=1)
+        assert m.bias is not None
         bias = m.bias.detach().clone()
     finally:
         torch.random.set_rng_state(state)

@@ -240,6 +240,7 @@ def _read_npz(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
             raise CaseFileError(f"{p} holds a single array, not an .npz archive of named arrays")
         for name in archive.files:
             try:
+                assert archive.zip is not None
                 count = _npy_count(archive.zip, name + ".npy")
                 if count > limit:
                     raise CaseFileError(guard_message(str(p), name, count, limit))
@@ -681,7 +682,7 @@ def capture(
             f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv: "
             "use padding_mode='zeros'"
         )
-    padding = conv.padding
+    padding: Any = conv.padding
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
@@ -707,10 +708,10 @@ def capture(
             mapping["qinput"] = _tensor_to_numpy(qinput, "qinput", "capture")
         if qconv is not None:
             sd = qconv.state_dict()
-            for k in ("weight", "bias", "scale", "zero_point"):
-                v = sd.get(k)
+            for key in ("weight", "bias", "scale", "zero_point"):
+                v = sd.get(key)
                 if v is not None:
-                    mapping[f"qconv.{k}"] = _tensor_to_numpy(v, f"qconv.{k}", "capture")
+                    mapping[f"qconv.{key}"] = _tensor_to_numpy(v, f"qconv.{key}", "capture")
             for attr in ("stride", "padding", "dilation", "groups"):
                 mine, theirs = getattr(conv, attr), getattr(qconv, attr, None)
                 if theirs is not None and attr != "padding" and tuple(np.atleast_1d(mine)) != tuple(

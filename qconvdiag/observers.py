@@ -65,5 +65,6 @@ def accelerate(observer: Any) -> Any:
 
     if isinstance(observer, HistogramObserver) and hasattr(observer,
                                                            "_non_linear_param_search"):
-        observer._non_linear_param_search = types.MethodType(_fast_search, observer)
+        observer._non_linear_param_search = types.MethodType(  # type: ignore[method-assign]
+            _fast_search, observer)
     return observer

@@ -79,7 +79,7 @@ class PathReport:
     stages: tuple[StageResult, ...]
     total: Metrics
     """Error of the final quantized output vs the float output."""
-    output_summary: Mapping[str, float]
+    output_summary: Mapping[str, Any]
     torch_check: TorchCheck
     saturated_pairs: int
     """int16 pair sums that saturated in the emulated run (what really ran)."""
@@ -155,7 +155,7 @@ class Report:
     torch_version: str
     cpu: Mapping[str, Any]
     case: Mapping[str, Any]
-    float_output: Mapping[str, float]
+    float_output: Mapping[str, Any]
     paths: tuple[PathReport, ...]
     findings: tuple[Finding, ...]
     status: str

@@ -154,13 +154,13 @@ def _clip_tensor(t: np.ndarray, qp: QParams, axis: int | None) -> np.ndarray:
 
 def _round_only(t: np.ndarray, qp: QParams, axis: int | None) -> np.ndarray:
     """Rounding without clipping: rint(x / scale) * scale (per channel where per-channel)."""
-    s = qp.scales()
-    if axis is not None and s.size > 1:
+    scales = qp.scales()
+    if axis is not None and scales.size > 1:
         shape = [1] * t.ndim
         shape[axis] = -1
-        s = s.reshape(shape)
+        s: np.ndarray | float = scales.reshape(shape)
     else:
-        s = float(s.reshape(-1)[0])
+        s = float(scales.reshape(-1)[0])
     return np.rint(t.astype(np.float64) / s) * s
 
 

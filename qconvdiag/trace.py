@@ -120,7 +120,7 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
         x_zp_eff, w_zp_eff = x_zp, w_zp
         pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
     taps = list(itertools.product(*(range(k) for k in case.weight.shape[2:])))
-    terms = []
+    terms: list[dict[str, Any]] = []
     for t_i, tap in enumerate(taps):
         for c in range(cin_g):
             ch = grp * cin_g + c

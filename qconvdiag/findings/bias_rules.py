@@ -22,6 +22,7 @@ def qcd030(ctx: Context) -> Iterator[Finding]:
     if b is not None and mb is not None and np.allclose(b, mb, rtol=1e-6, atol=0):
         return
     if b is None:
+        assert mb is not None
         what = f"a bias (max |b| {fmt(float(np.abs(mb).max()))}) the float layer does not have"
     elif mb is None:
         what = "no bias, while the float layer has one"
