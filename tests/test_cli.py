@@ -168,3 +168,11 @@ def test_json_is_deterministic():
     a = invoke("explain", FORUM, "--json").stdout
     b = invoke("explain", FORUM, "--json").stdout
     assert a == b
+
+
+def test_terminal_report_says_integers_were_converted(tmp_path):
+    np.savez(tmp_path / "i.npz", input=np.ones((1, 1, 4, 4), np.int64),
+             weight=np.ones((1, 1, 3, 3), np.int32))
+    r = invoke("explain", str(tmp_path / "i.npz"))
+    assert r.exit_code == 0, r.output
+    assert "holds integers (int64); converted to float32" in r.stdout

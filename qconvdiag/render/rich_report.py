@@ -63,6 +63,8 @@ def header(report: Report) -> Panel:
     lines.append(f"{case['op']}  input {tuple(case['input_shape'])}  weight "
                  f"{tuple(case['weight_shape'])}  groups {case['groups']}\n", style="bold")
     lines.append(f"source: {case['source']}\n")
+    for note in case.get("notes", []):
+        lines.append(f"note: {note}\n", style="dim")
     lines.append("float output      ", style="bold")
     lines.append(f"{_values(dict(report.float_output))}\n")
     for p in report.paths:
