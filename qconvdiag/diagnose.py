@@ -85,10 +85,12 @@ def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None 
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
     w_exec = _exec_weight_qparams(spec.weight_qparams)
-    kernel = select_kernel(engine, w_exec, g.groups, cin_g)
+    out_g = out_c // g.groups
+    ksize = case.kernel_size
+    kernel = select_kernel(engine, w_exec, g.groups, cin_g, out_g, g, ksize)
     m = spec.module
     run_w_qp = _exec_weight_qparams(m.weight_qparams) if m else w_exec
-    run_kernel = select_kernel(engine, run_w_qp, g.groups, cin_g) if m else kernel
+    run_kernel = select_kernel(engine, run_w_qp, g.groups, cin_g, out_g, g, ksize) if m else kernel
     refused_rows = refusals(run_kernel.kernel, spec.input_qparams, run_w_qp, out_c)
     can_emulate = not any(
         r.rule == "per_channel_count" for r in

@@ -12,7 +12,8 @@ No quantized dtypes inside (deprecated from torch 2.13). Three kernels cover the
   ``q = clamp(rint(f32(x * M)) + zp)``.
 * ``onednn`` (engine onednn, and x86 on VNNI CPUs for symmetric weights): saturating int16
   pairs of adjacent input channels of the same tap without VNNI; float32 rescaling with
-  reciprocal-of-reciprocal scales (oneDNN stores 1/scale).
+  reciprocal-of-reciprocal scales (oneDNN stores 1/scale):
+  ``q = rint(f32(f32(f32(f32(acc * s_src) * w_s) + bias) / s_dst) + zp)``.
 * ``qnnpack``: exact int32 accumulation; the bias quantized to int32 at ``in_s * w_s`` and added
   to the accumulator; ``q = clamp(rint(f32(acc * M)) + zp)``.
 
@@ -299,8 +300,10 @@ def requantize_onednn(
     s_src = recip32(recip32(f32(in_scale)))
     s_dst = recip32(recip32(f32(out_scale)))
     s_w = f32(w_scales)
-    scale = mul32(s_src, s_w)  # (O,)
-    x = mul32(f32(acc), _bcast(np.broadcast_to(scale, (o,)), acc.ndim))
+    scale = mul32(s_src, s_w)  # (O,), for the report's multiplier only
+    # The source scale and the weight scale are applied one after the other (measured: the
+    # combined scale rounds differently, e.g. 208.50002 -> 209 where torch gives 208).
+    x = mul32(mul32(f32(acc), s_src), _bcast(np.broadcast_to(s_w, (o,)), acc.ndim))
     bias_real = None
     if bias is not None:
         x = add32(x, _bcast(f32(bias), acc.ndim))

@@ -21,7 +21,13 @@ from .qparams import QParams, per_tensor
 ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
 #: Layer classes whose accumulation may differ within one engine.
-DENSE, GROUPED, DEPTHWISE = "dense", "grouped", "depthwise"
+DENSE, GROUPED, GROUPED4, DEPTHWISE = "dense", "grouped", "grouped4", "depthwise"
+DEPTHWISE_FAST = "depthwise_fast"
+"""fbgemm's specialised depthwise kernel (channels a multiple of 8, a k x k (x k) kernel with
+k in 3, 5, 7, padding (k - 1) / 2, stride 1 or 2, dilation 1, 1 or 2 outputs per channel):
+measured to sum int16 pairs of taps even on AVX512-VNNI CPUs."""
+"""grouped4: channels per group, in and out, both multiples of 4 (oneDNN's blocked grouped
+kernel, which pairs channels in int16 on AVX2; other grouped convs accumulate exactly)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ class EngineProfile:
     engine: str
     available: bool
     accumulation: dict[str, str] = field(default_factory=dict)
-    """Layer class (dense, grouped, depthwise) -> EXACT / PAIRS_K / PAIRS_CHANNELS / unknown."""
+    """Layer class (dense, grouped, grouped4, depthwise) -> EXACT / PAIRS_K / PAIRS_CHANNELS /
+    unknown."""
     x86_uses_onednn: bool = False
     """For ``x86``: symmetric-weight convs (groups <= 100) are handed to oneDNN (VNNI CPUs)."""
 
@@ -97,30 +104,45 @@ _PROBE_LAYERS = {
     # class: (groups, channels per group, output channels)
     DENSE: (1, 3, 1),
     GROUPED: (2, 3, 2),
+    GROUPED4: (2, 4, 8),
     DEPTHWISE: (2, 1, 2),
+    DEPTHWISE_FAST: (8, 1, 8),
 }
-_PROBE_CODES = {DENSE: {200: EXACT, 105: PAIRS_K, 134: PAIRS_CHANNELS},
-                GROUPED: {200: EXACT, 105: PAIRS_K, 134: PAIRS_CHANNELS},
-                DEPTHWISE: {200: EXACT, 112: PAIRS_K}}
+CANDIDATES = (EXACT, PAIRS_K, PAIRS_CHANNELS)
+PROBE_ZERO_POINT = 128
 
 
-def _probe_accumulation(engine: str, layer: str) -> str:
+def _probe_accumulation(engine: str, layer: str, zp: int = PROBE_ZERO_POINT) -> str:
+    """Run one tiny conv whose int16 pair sums all saturate, and name the accumulation whose
+    emulation gives torch's output (every activation code 255, every weight code 127)."""
+    from .emulate import emulate
     from .torch_ref import run_conv
 
     groups, cin_g, out_c = _PROBE_LAYERS[layer]
     x = np.full((1, groups * cin_g, 3, 3), 255, dtype=np.int64)
     w = np.full((out_c, cin_g, 3, 3), 127, dtype=np.int64)
     k = cin_g * 9
-    out_scale = 255 * 127 * k / 200.0
-    g = Geometry((1, 1), (0, 0), (1, 1), groups)
-    r = run_conv(engine, x, per_tensor(1.0, 0, "quint8", "probe"), w,
-                 per_tensor(1.0, 0, "qint8", "probe"), None, out_scale, 0, g)
+    out_scale = (255 - zp) * 127 * k / 200.0  # exact arithmetic gives code 200
+    pad = 1 if layer == DEPTHWISE_FAST else 0
+    g = Geometry((1, 1), (pad, pad), (1, 1), groups)
+    xq = per_tensor(1.0, zp, "quint8", "probe")
+    wq = per_tensor(1.0, 0, "qint8", "probe")
+    oq = per_tensor(out_scale, 0, "quint8", "probe")
+    r = run_conv(engine, x, xq, w, wq, None, out_scale, 0, g)
     if not r.ran or r.output_codes is None:
         return "unknown"
-    values = np.unique(r.output_codes)
-    if values.size != 1:
-        return "unknown"
-    return _PROBE_CODES[layer].get(int(values[0]), "unknown")
+    family = "qnnpack" if engine == "qnnpack" else "onednn" if engine == "onednn" else "fbgemm"
+    matches = []
+    # Where two pairings give the same numbers (4 channels per group pair alike either way),
+    # the kernel family's own layout wins.
+    order = (EXACT, PAIRS_CHANNELS, PAIRS_K) if family == "onednn" else CANDIDATES
+    for acc in order:
+        em = emulate(Kernel(engine, family, acc), x, xq, w, wq, None, oq, g)
+        if np.array_equal(em.output_codes, r.output_codes):
+            matches.append(acc)
+    if EXACT in matches:
+        return EXACT
+    return matches[0] if matches else "unknown"
 
 
 def _probe_x86_dispatch(accumulation: dict[str, str]) -> bool:
@@ -162,10 +184,24 @@ def probe() -> dict[str, EngineProfile]:
     return profiles
 
 
-def layer_class(groups: int, cin_g: int) -> str:
+def layer_class(groups: int, cin_g: int, out_g: int = 1, geometry: Geometry | None = None,
+                kernel_size: tuple[int, ...] = ()) -> str:
+    """dense, depthwise_fast, depthwise (one input channel per group), grouped4 or grouped."""
     if groups == 1:
         return DENSE
-    return DEPTHWISE if cin_g == 1 else GROUPED
+    if cin_g == 1:
+        if geometry is not None and _fbgemm_depthwise_fast(groups, out_g, geometry, kernel_size):
+            return DEPTHWISE_FAST
+        return DEPTHWISE
+    return GROUPED4 if cin_g % 4 == 0 and out_g % 4 == 0 else GROUPED
+
+
+def _fbgemm_depthwise_fast(groups: int, out_g: int, g: Geometry, k: tuple[int, ...]) -> bool:
+    return (
+        len(k) in (2, 3) and len(set(k)) == 1 and k[0] in (3, 5, 7) and groups % 8 == 0
+        and all(p == (k[0] - 1) // 2 for p in g.padding) and len(set(g.stride)) == 1
+        and g.stride[0] in (1, 2) and all(d == 1 for d in g.dilation) and out_g in (1, 2)
+    )
 
 
 def kernel_family(engine: str, weight_qp: QParams, groups: int) -> str:
@@ -182,7 +218,9 @@ def kernel_family(engine: str, weight_qp: QParams, groups: int) -> str:
     return "fbgemm"
 
 
-def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int) -> Kernel:
+def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
+                  out_g: int = 1, geometry: Geometry | None = None,
+                  kernel_size: tuple[int, ...] = ()) -> Kernel:
     """The Kernel (arithmetic family + accumulation) that runs this layer on this CPU."""
     family = kernel_family(engine, weight_qp, groups)
     if family == "qnnpack":
@@ -194,5 +232,8 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int) -> K
         prof = profiles["onednn"]
     else:
         prof = profiles["fbgemm"] if profiles["fbgemm"].available else profiles["x86"]
-    acc = prof.accumulation.get(layer_class(groups, cin_g), "unknown")
+    layer = layer_class(groups, cin_g, out_g, geometry, kernel_size)
+    acc = prof.accumulation.get(layer, "unknown")
+    if family == "onednn" and acc == PAIRS_K and layer == GROUPED4:
+        acc = PAIRS_CHANNELS  # the same pairs when channels per group are multiples of 4
     return Kernel(engine, family, acc)

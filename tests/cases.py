@@ -27,12 +27,12 @@ def random_codes_case(rng: np.random.Generator, i: int = 0) -> CodesCase:
     dims = int(rng.choice([1, 2, 2, 3]))
     depthwise = rng.random() < 0.2
     if depthwise:
-        groups, cin_g = int(rng.choice([2, 3, 4, 8])), 1
+        groups, cin_g = int(rng.choice([2, 3, 4, 8, 16])), 1
     else:
         groups = int(rng.choice([1, 1, 2, 3]))
-        cin_g = int(rng.choice([1, 2, 3, 4, 5, 8, 16]))
+        cin_g = int(rng.choice([1, 2, 3, 4, 5, 8, 12, 16]))
     c = groups * cin_g
-    o = groups * int(rng.choice([1, 2, 3]))
+    o = groups * int(rng.choice([1, 2, 3, 4, 8]))
     k = tuple(int(rng.integers(1, 4)) for _ in range(dims))
     stride = tuple(int(rng.integers(1, 3)) for _ in range(dims))
     dil = tuple(int(rng.integers(1, 3)) for _ in range(dims))

@@ -28,7 +28,9 @@ def check(n: int, seed: int) -> dict[str, object]:
     for i in range(n):
         case = random_codes_case(rng, i)
         for e in engines:
-            kernel = select_kernel(e, case.w_qp, case.geometry.groups, case.w.shape[1])
+            kernel = select_kernel(e, case.w_qp, case.geometry.groups, case.w.shape[1],
+                                   case.w.shape[0] // case.geometry.groups, case.geometry,
+                                   tuple(case.w.shape[2:]))
             r = run_conv(e, case.x, case.x_qp, case.w, case.w_qp, case.bias,
                          case.out_qp.scale[0], case.out_qp.zero_point[0], case.geometry)
             predicted = bool(refusals(kernel.kernel, case.x_qp, case.w_qp, case.w.shape[0]))
