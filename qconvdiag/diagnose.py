@@ -209,9 +209,11 @@ def diagnose_runs(
         say("float reference (float64 conv)")
         y0 = conv64(case.input, case.weight, case.bias, case.geometry)
         keep = options.keep_arrays
+        production_cache: dict[Any, Any] = {}
         for engine in engines:
             say(f"{engine}: calibrating the production observers")
-            production = build_production(case, engine, options.production, options.calib)
+            production = build_production(case, engine, options.production, options.calib,
+                                          production_cache)
             as_given = build_as_given(case, production)
             if as_given is not None:
                 say(f"{engine}: as_given path (emulation, stage ladder, torch check)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -151,40 +152,62 @@ def _qparams_from_observer(obs, dtype: str, axis: int | None) -> QParams:  # typ
                    notes=notes)
 
 
+def _signature(obs: Any) -> tuple[Any, ...]:
+    """What determines an observer's result on given data (engines often share qconfigs)."""
+    return tuple(str(getattr(obs, a, None)) for a in (
+        "__class__", "dtype", "qscheme", "reduce_range", "quant_min", "quant_max", "bins",
+        "ch_axis", "averaging_constant", "eps"))
+
+
 def build_production(
-    case: ConvCase, engine: str, options: ProductionOptions, calib: np.ndarray | None = None
+    case: ConvCase, engine: str, options: ProductionOptions, calib: np.ndarray | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> PathSpec:
-    """Observers calibrated on the case input (or ``calib``), then from_float's qparams."""
+    """Observers calibrated on the case input (or ``calib``), then from_float's qparams.
+
+    ``cache`` (one per diagnosis) reuses observer results across engines whose qconfigs agree
+    (x86 and fbgemm entirely, onednn and qnnpack for activations): observers are the costliest
+    part of a small case.
+    """
     import torch
     import torch.nn.functional as F
 
+    cache = {} if cache is None else cache
     with capture_warnings():
         act_in = _activation_observer(engine, options)
         act_out = _activation_observer(engine, options)
         w_obs = _weight_observer(engine, options)
+    act_key, w_key = ("act", _signature(act_in)), ("weight", _signature(w_obs))
     x = torch.from_numpy(case.input)
     w = torch.from_numpy(case.weight)
-    b = None if case.bias is None else torch.from_numpy(case.bias)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
-    g = case.geometry
-    batches = [x] if calib is None else [torch.from_numpy(c[None]) for c in calib]
-    with torch.no_grad():
-        for xb in batches:
-            act_in(xb)
-            act_out(conv(xb, w, b, g.stride, g.padding, g.dilation, g.groups))
-        w_obs(w)
-    per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
-    in_qp = _qparams_from_observer(act_in, "quint8", None)
-    out_qp = _qparams_from_observer(act_out, "quint8", None)
-    w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
+    if act_key not in cache:
+        b = None if case.bias is None else torch.from_numpy(case.bias)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
+        g = case.geometry
+        batches = [x] if calib is None else [torch.from_numpy(c[None]) for c in calib]
+        with torch.no_grad():
+            for xb in batches:
+                act_in(xb)
+                act_out(conv(xb, w, b, g.stride, g.padding, g.dilation, g.groups))
+        in_qp = _qparams_from_observer(act_in, "quint8", None)
+        cache[act_key] = (in_qp, _qparams_from_observer(act_out, "quint8", None),
+                          quantize(case.input, in_qp), len(batches))
+    if w_key not in cache:
+        with torch.no_grad():
+            w_obs(w)
+        per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
+        cache[w_key] = (w_qp, quantize(case.weight, w_qp))
+    in_qp, out_qp, x_codes, n_batches = cache[act_key]
+    w_qp, w_codes = cache[w_key]
     observers = {
         "input": type(act_in).__name__, "weight": type(w_obs).__name__,
         "output": type(act_out).__name__,
     }
     notes = []
     if calib is not None:
-        notes.append(f"calibrated on {len(batches)} inputs from --calib")
+        notes.append(f"calibrated on {n_batches} inputs from --calib")
     return PathSpec(
-        "production", in_qp, w_qp, out_qp, quantize(case.input, in_qp),
-        quantize(case.weight, w_qp), case.bias, None, observers, tuple(notes),
+        "production", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, None, observers,
+        tuple(notes),
     )
