@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,7 +204,11 @@ def diagnose_runs(
     say = progress or (lambda _msg: None)
     engines = resolve_engines(options.engine)
     runs: list[PathRun] = []
-    with capture_warnings():
+    from .memo import memo_scope
+
+    # Hashing costs a little on every conv; it pays off only when engines share work.
+    sharing = memo_scope() if len(engines) > 1 else contextlib.nullcontext()
+    with capture_warnings(), sharing:
         say("probing the engines on this CPU")
         probe()
         say("float reference (float64 conv)")

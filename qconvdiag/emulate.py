@@ -345,7 +345,10 @@ def emulate(
     # fbgemm pads im2col with the input zero point stored as uint8: an out-of-range zero point
     # (torch accepts one from _make_per_tensor_quantized_tensor) pads with its wrapped value.
     pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
-    acc_exact = exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code)
+    from .memo import memoized
+
+    acc_exact = memoized("exact_accumulator", (x_codes, w_codes, w_zp), (x_zp, pad_code, g),
+                         lambda: exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code))
     saturated = 0
     acc = acc_exact
     if kernel.accumulation != EXACT:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -205,28 +206,45 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
     acc_scale = em.acc_scale.reshape((1, -1) + (1,) * (y0.ndim - 2))
 
-    x_deq = dequantize(li.input_codes, li.input_qparams)
-    x_clip = _clip_tensor(x, li.input_qparams, None)
-    dx_clip = x_clip - x
-    iso_clip = conv_diff(dx_clip, w, g)
+    # Everything up to weight rounding depends only on the input and weight qparams and codes,
+    # not on the engine: with several engines it is computed once (memo).
+    from .memo import active, digest, remember
+
+    def qkey(qp: QParams, codes: np.ndarray) -> tuple[Any, ...]:
+        sig = (qp.scale, qp.zero_point, qp.dtype, qp.axis)
+        return (sig, digest(codes)) if active() else (sig,)
+
+    kin, kw = qkey(li.input_qparams, li.input_codes), qkey(li.weight_qparams, li.weight_codes)
+
+    def input_side() -> tuple[np.ndarray, np.ndarray, object]:
+        x_deq = dequantize(li.input_codes, li.input_qparams)
+        x_clip = _clip_tensor(x, li.input_qparams, None)
+        dx_clip = x_clip - x
+        iso_clip = conv_diff(dx_clip, w, g)
+        step_in = conv_diff(x_deq - x_clip, w, g)
+        x_round = _round_only(x, li.input_qparams, None)
+        if not dx_clip.any() and np.array_equal(x_round, x_deq):
+            return iso_clip, step_in, DELTA  # nothing clipped: rounding alone is this step
+        return iso_clip, step_in, conv_diff(x_round - x, w, g)
+
+    def weight_side() -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        dw_clip = _clip_tensor(w, li.weight_qparams, w_axis) - w
+        step_w = None
+        if dw_clip.any():
+            step_w = conv_diff(dequantize(li.input_codes, li.input_qparams), dw_clip, g)
+        w_round = _round_only(w, li.weight_qparams, w_axis) - w
+        return conv_diff(x, dw_clip, g), step_w, conv_diff(x, w_round, g)
+
+    iso_clip, step_in, iso_round = remember(("ladder_input", kin), input_side)
     state = y0 + iso_clip
     yield "input_clipping", state, iso_clip
-    del iso_clip
-    step_in = conv_diff(x_deq - x_clip, w, g)
     state = state + step_in
-    x_round = _round_only(x, li.input_qparams, None)
-    if not dx_clip.any() and np.array_equal(x_round, x_deq):
-        yield "input_rounding", state, DELTA  # nothing clipped: rounding alone is this step
-    else:
-        yield "input_rounding", state, conv_diff(x_round - x, w, g)
-    del step_in, x_round, x_clip, dx_clip
-    dw_clip = _clip_tensor(w, li.weight_qparams, w_axis) - w
-    if dw_clip.any():
-        state = state + conv_diff(x_deq, dw_clip, g)
-    yield "weight_clipping", state, conv_diff(x, dw_clip, g)
-    del x_deq
-    w_round = _round_only(w, li.weight_qparams, w_axis) - w
-    yield "weight_rounding", _bias_add(em.acc_exact * acc_scale, b), conv_diff(x, w_round, g)
+    yield "input_rounding", state, iso_round
+    iso_wclip, step_w, iso_wround = remember(("ladder_weight", kin, kw), weight_side)
+    if step_w is not None:
+        state = state + step_w
+    yield "weight_clipping", state, iso_wclip
+    yield "weight_rounding", _bias_add(em.acc_exact * acc_scale, b), iso_wround
     if b is None:
         reasons["bias_quantization"] = "the layer has no bias"
     else:

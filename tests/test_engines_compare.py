@@ -35,3 +35,18 @@ def test_engine_all_explains_saturation_refusal_and_qconfig(tmp_path):
     assert rows[("as_given", "fbgemm")]["differing_elements"] == 0
     assert "ONEDNN only supports symmetric" in rows[("as_given", "onednn")]["causes"][0]
     assert any("default qconfig" in c for c in rows[("production", "qnnpack")]["causes"])
+
+
+def test_engines_share_work_without_changing_results():
+    """--engine all reuses engine-independent results; each engine's report is the one a
+    single-engine run gives."""
+    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag.generate import RandomSpec, generate
+
+    case = generate(RandomSpec(seed=4, recipe="handmade"))
+    every = diagnose(case, Options(engine="all"))
+    for engine in ("x86", "qnnpack"):
+        alone = diagnose(case, Options(engine=engine))
+        for p in alone.paths:
+            q = every.path(p.name, engine)
+            assert q is not None and q.to_dict() == p.to_dict(), (engine, p.name)

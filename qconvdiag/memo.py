@@ -1,0 +1,62 @@
+"""Results shared across the engines of one diagnosis.
+
+With ``--engine all`` the same input and weight codes often go through every engine: the
+stage ladder's convs before the accumulation stage and the exact integer accumulator do not
+depend on the engine. Inside ``memo_scope()`` such results are remembered by the content of
+their inputs (a 128-bit BLAKE2 digest), so each is computed once. Cached arrays are shared:
+callers never modify them in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import numpy as np
+
+_MEMO: contextvars.ContextVar[dict[Hashable, Any] | None] = contextvars.ContextVar(
+    "qconvdiag_memo", default=None)
+
+
+@contextlib.contextmanager
+def memo_scope() -> Iterator[None]:
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def digest(a: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+    arr = np.ascontiguousarray(a)
+    return (hashlib.blake2b(arr.data, digest_size=16).hexdigest(),  # type: ignore[arg-type]
+            arr.shape, arr.dtype.str)
+
+
+def active() -> bool:
+    return _MEMO.get() is not None
+
+
+def memoized(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
+             compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the result remembered for the same kind, array contents and extra."""
+    table = _MEMO.get()
+    if table is None:
+        return compute()
+    key = (kind, tuple(digest(a) for a in arrays), extra)
+    if key not in table:
+        table[key] = compute()
+    return table[key]
+
+
+def remember(key: Hashable, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the result remembered under a key the caller built."""
+    table = _MEMO.get()
+    if table is None:
+        return compute()
+    if key not in table:
+        table[key] = compute()
+    return table[key]
