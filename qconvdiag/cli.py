@@ -46,6 +46,21 @@ def handles_errors(func: F) -> F:
         except KeyboardInterrupt:
             _err("qconvdiag: interrupted; nothing was written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            _err("qconvdiag: error: out of memory; lower --max-elements or diagnose a smaller "
+                 "batch of the input")
+            raise typer.Exit(EXIT_USAGE) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug: one line, and QCONVDIAG_DEBUG=1 shows the traceback
+            import os
+
+            if os.environ.get("QCONVDIAG_DEBUG"):
+                raise
+            _err(f"qconvdiag: internal error: {type(exc).__name__}: "
+                 f"{(str(exc).splitlines() or [''])[0][:200]} (please report it with the case; "
+                 "QCONVDIAG_DEBUG=1 shows the traceback)")
+            raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -176,3 +176,15 @@ def test_terminal_report_says_integers_were_converted(tmp_path):
     r = invoke("explain", str(tmp_path / "i.npz"))
     assert r.exit_code == 0, r.output
     assert "holds integers (int64); converted to float32" in r.stdout
+
+
+def test_an_internal_error_is_one_line_not_a_traceback(monkeypatch):
+    import qconvdiag.diagnose as d
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(d, "diagnose_runs", broken)
+    r = invoke("explain", FORUM)
+    assert r.exit_code == 2 and "internal error: ValueError: boom" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
