@@ -270,10 +270,28 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
         if qp.per_channel or qp.dtype == "qint32":
             scaled = add32(mul32(xf, inv), zp.astype(np.float32))
         else:
-            scaled = fma32(xf, inv, zp.astype(np.float32))
+            return np.clip(_rint_fma32(xf, inv, zp), qp.qmin, qp.qmax)
     # float32 -> int beyond int64 is undefined; the engines clamp afterwards, so clip first.
     rounded = np.clip(round_half_even(scaled.astype(np.float64)), -(2.0**40), 2.0**40)
     return np.clip(rounded.astype(np.int64), qp.qmin, qp.qmax)
+
+
+def _rint_fma32(x: np.ndarray, inv: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """rint(fma32(x, inv, zp)) as int64, fast: x * inv is exact in float64, so the float64 sum
+    only needs the exact float32 treatment where it lies within a float32 step of a .5 tie."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = x.astype(np.float64) * inv.astype(np.float64) + zp.astype(np.float64)
+        r = np.rint(v)
+        near = np.abs(np.abs(v - r) - 0.5) <= np.abs(v) * 2.0**-22 + 2.0**-126
+    if near.any():
+        idx = np.flatnonzero(near)
+        xs = np.broadcast_to(x, v.shape).reshape(-1)[idx]
+        ins = np.broadcast_to(inv, v.shape).reshape(-1)[idx]
+        zs = np.broadcast_to(zp.astype(np.float32), v.shape).reshape(-1)[idx]
+        flat = r.reshape(-1).copy()
+        flat[idx] = np.rint(fma32(xs, ins, zs).astype(np.float64))
+        r = flat.reshape(v.shape)
+    return np.clip(np.nan_to_num(r, nan=0.0), -(2.0**40), 2.0**40).astype(np.int64)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
