@@ -13,7 +13,7 @@ No quantized dtypes inside (deprecated from torch 2.13). Three kernels cover the
 * ``onednn`` (engine onednn, and x86 on VNNI CPUs for symmetric weights): saturating int16
   pairs of adjacent input channels of the same tap without VNNI; float32 rescaling with
   reciprocal-of-reciprocal scales (oneDNN stores 1/scale):
-  ``q = rint(f32(f32(f32(f32(acc * s_src) * w_s) + bias) / s_dst) + zp)``.
+  ``q = rint(f32(f32(f32(f32(acc * s_src) * w_s) + bias) * f32(1 / out_s)) + zp)``.
 * ``qnnpack``: exact int32 accumulation; the bias quantized to int32 at ``in_s * w_s`` and added
   to the accumulator; ``q = clamp(rint(f32(acc * M)) + zp)``.
 
@@ -298,7 +298,6 @@ def requantize_onednn(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     o = acc.shape[1]
     s_src = recip32(recip32(f32(in_scale)))
-    s_dst = recip32(recip32(f32(out_scale)))
     s_w = f32(w_scales)
     scale = mul32(s_src, s_w)  # (O,), for the report's multiplier only
     # The source scale and the weight scale are applied one after the other (measured: the
@@ -308,10 +307,13 @@ def requantize_onednn(
     if bias is not None:
         x = add32(x, _bcast(f32(bias), acc.ndim))
         bias_real = f32(bias).astype(np.float64)
-    y = div32(x, s_dst)
+    # torch hands oneDNN the output scale as float(1.0 / output_scale) and oneDNN multiplies
+    # by it (measured: dividing by the scale rounds a tie the other way, 80.500008 vs 80.5).
+    dst_mult = f32(1.0 / out_scale)
+    y = mul32(x, dst_mult)
     y = add32(y, f32(out_zp))
     r = _cvt_rint(y)
-    mult = div32(scale, s_dst)
+    mult = mul32(scale, dst_mult)
     pre = (y.astype(np.float64) - out_zp)
     return pre, r, np.broadcast_to(mult, (o,)).copy(), bias_real
 

@@ -211,3 +211,19 @@ def test_whole_pipeline_matches_torch_on_generated_cases(seed):
             for p in diagnose(case, Options(engine="all")).paths:
                 if p.torch_check.ran:
                     assert p.torch_check.mismatched_elements == 0, (s, recipe, p.name, p.engine)
+
+
+def test_onednn_multiplies_by_the_reciprocal_output_scale():
+    """A stem-like layer (3->64, 7x7, stride 2) whose one tie (80.500008 by division, 80.5 by
+    the reciprocal) pins oneDNN's output scaling."""
+    from qconvdiag.case import build_case
+    from qconvdiag.diagnose import Options, diagnose
+
+    if not probe()["onednn"].available:
+        return
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 3, 224, 224)).astype(np.float32) * 2 - 1
+    w = (rng.standard_normal((64, 3, 7, 7)) * 0.05).astype(np.float32)
+    case = build_case(x, w, np.zeros(64, np.float32), stride=2, padding=3)
+    for p in diagnose(case, Options(engine="onednn")).paths:
+        assert p.torch_check.mismatched_elements == 0
