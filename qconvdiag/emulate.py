@@ -23,7 +23,6 @@ Every formula here is checked bit for bit against torch's kernels by the test su
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -377,6 +376,3 @@ def emulate(
         np.asarray(mult, dtype=np.float32), pre, unclamped, codes, acc_scale,
     )
 
-
-def effective_kernel_count(weight_shape: tuple[int, ...]) -> int:
-    return int(math.prod(weight_shape[1:]))

@@ -91,14 +91,20 @@ def energy_shares(deltas: dict[str, np.ndarray]) -> dict[str, float | None]:
     Seed case: weight clipping 239.3, output clipping 310, module state 255 give shares
     0.26, 0.44 and 0.30.
     """
-    energy = {}
-    for k, v in deltas.items():
-        flat = np.asarray(v, dtype=np.float64).reshape(-1)
-        energy[k] = float(np.dot(flat, flat))
-    total = sum(energy.values())
+    return shares_from_energies({k: energy(v) for k, v in deltas.items()})
+
+
+def energy(delta: np.ndarray) -> float:
+    """sum(delta^2)."""
+    flat = np.asarray(delta, dtype=np.float64).reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def shares_from_energies(energies: dict[str, float]) -> dict[str, float | None]:
+    total = sum(energies.values())
     if total == 0 or not math.isfinite(total):
-        return {k: None for k in deltas}
-    return {k: e / total for k, e in energy.items()}
+        return {k: None for k in energies}
+    return {k: e / total for k, e in energies.items()}
 
 
 def summary(values: np.ndarray) -> dict[str, float]:

@@ -29,9 +29,6 @@ DTYPE_RANGES: dict[str, tuple[int, int]] = {
 #: numpy dtype that holds the integer codes of each quantized dtype.
 CODE_DTYPES: dict[str, str] = {"quint8": "uint8", "qint8": "int8", "qint32": "int32"}
 
-#: Where a set of qparams came from.
-SOURCES = ("user", "default", "module", "tensor")
-
 
 def dtype_name(dtype: Any) -> str:
     """``torch.qint8``, ``"torch.qint8"`` or ``"qint8"`` -> ``"qint8"``."""

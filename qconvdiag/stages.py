@@ -31,7 +31,7 @@ import numpy as np
 
 from .case import ConvCase, Geometry
 from .emulate import Emulation
-from .metrics import Metrics, error_metrics
+from .metrics import Metrics, energy, error_metrics, shares_from_energies
 from .qparams import QParams, clip_bounds, dequantize
 
 STAGE_IDS = (
@@ -300,8 +300,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     for sid, state, iso_arr in _ladder_states(case, li, y0, reasons):
         lsb = fs if sid in ("module_state", "backend_residual") else out_s
         delta_arr = state - prev
-        flat = delta_arr.reshape(-1)
-        energies[sid] = float(np.dot(flat, flat))
+        energies[sid] = energy(delta_arr)
         delta = error_metrics(delta_arr, y0, lsb, rr)
         if delta.max_abs == 0 and cumulative_prev is not None and lsb == out_s:
             cumulative = cumulative_prev  # nothing changed: same state, same error
@@ -317,7 +316,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
             states[sid], deltas[sid] = state, delta_arr
         prev = state
     final = prev
-    total_energy = sum(energies.values())
+    shares = shares_from_energies(energies)
     results = []
     for sid in STAGE_IDS:
         if sid not in metrics:
@@ -325,7 +324,6 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                                        None, None, None, None))
             continue
         d, c, i = metrics[sid]
-        share = energies[sid] / total_energy if total_energy > 0 else None
-        results.append(StageResult(sid, True, None, d, c, i, share))
+        results.append(StageResult(sid, True, None, d, c, i, shares[sid]))
     total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
     return Ladder(tuple(results), y0, states, deltas, final, total, fs)
