@@ -62,7 +62,7 @@ class Emulation:
     acc_exact: np.ndarray
     """int64: sum over K of (x - x_zp) * (w - w_zp), exact."""
     acc: np.ndarray
-    """int64: the accumulator the engine really holds (int16 pair saturation included)."""
+    """int32: the accumulator the engine really holds (int16 pair saturation included)."""
     saturated_pairs: int
     """How many int16 pair sums saturated."""
     bias_real: np.ndarray | None
@@ -76,7 +76,7 @@ class Emulation:
     unclamped: np.ndarray
     """int64: rint(pre_round) + zero point, before the clamp to the output dtype."""
     output_codes: np.ndarray
-    """int64: final output codes."""
+    """int32: final output codes."""
     acc_scale: np.ndarray
     """(O,) float64: in_s * w_s, one accumulator step in float units."""
 
@@ -357,7 +357,7 @@ def emulate(
         corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation, pad_value)
         acc = acc_exact + corr
     # int32 accumulator wraps like the hardware does
-    acc = ((acc - INT32_MIN) % 2**32) + INT32_MIN
+    acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
     per_channel = w_qp.per_channel
     bias_int = None
     if kernel.kernel == "qnnpack":
@@ -369,7 +369,7 @@ def emulate(
     else:
         pre, unclamped, mult, bias_real = requantize_fbgemm(
             acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
-    codes = np.clip(unclamped, out_qp.dtype_min, out_qp.dtype_max)
+    codes = np.clip(unclamped, out_qp.dtype_min, out_qp.dtype_max).astype(np.int32)
     acc_scale = w_scales * in_scale
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,
