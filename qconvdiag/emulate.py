@@ -317,6 +317,42 @@ def requantize_onednn(
     return pre, r, np.broadcast_to(mult, (o,)).copy(), bias_real
 
 
+@dataclass(frozen=True)
+class ZeroPoints:
+    """The zero points as the engine really stores and applies them."""
+
+    input: int
+    weight: np.ndarray
+    """(O,) int64."""
+    output: int
+    pad_code: int
+    """Raw code of padded input positions in the exact accumulation (the input zero point)."""
+    pair_pad_code: int
+    """Raw code of padded positions inside int16 pair sums (oneDNN pads raw 0)."""
+
+
+def engine_zero_points(kernel: Kernel, x_zp: int, w_zp: np.ndarray, out_zp: int) -> ZeroPoints:
+    """qnnpack keeps every zero point in a uint8 (the weight's as zp + 128), so out-of-range zero
+    points wrap (measured: weight 135 acts as -121, input 300 as 44, output -20 as 236); fbgemm
+    pads im2col with the input zero point stored as uint8 (an out-of-range zero point, which
+    torch accepts from _make_per_tensor_quantized_tensor, pads with its wrapped value)."""
+    w_zp = np.asarray(w_zp, dtype=np.int64)
+    if kernel.kernel == "qnnpack":
+        w_zp = (w_zp + 128) % 256 - 128
+        x_zp %= 256
+        out_zp %= 256
+    pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
+    pair_pad = pad_code if kernel.kernel == "fbgemm" else 0
+    return ZeroPoints(x_zp, w_zp, out_zp, pad_code, pair_pad)
+
+
+def engine_weight_codes(kernel: Kernel, w_codes: np.ndarray, w_qp: QParams) -> np.ndarray:
+    """oneDNN takes quint8 weights (zero point 0) and reads their bytes as int8 (measured)."""
+    if kernel.kernel == "onednn" and w_qp.dtype == "quint8":
+        return np.where(w_codes > 127, w_codes - 256, w_codes)
+    return w_codes
+
+
 def emulate(
     kernel: Kernel,
     x_codes: np.ndarray,
@@ -329,23 +365,13 @@ def emulate(
 ) -> Emulation:
     """The engine's quantized conv on these codes, every intermediate kept."""
     o = w_codes.shape[0]
-    if kernel.kernel == "onednn" and w_qp.dtype == "quint8":
-        # oneDNN takes quint8 weights (zero point 0) and reads their bytes as int8 (measured).
-        w_codes = np.where(w_codes > 127, w_codes - 256, w_codes)
-    x_zp = int(x_qp.zero_point[0])
-    w_zp = np.asarray(_per_out(w_qp.zero_point, o), dtype=np.int64)
+    w_codes = engine_weight_codes(kernel, w_codes, w_qp)
+    zps = engine_zero_points(kernel, int(x_qp.zero_point[0]), _per_out(w_qp.zero_point, o),
+                             int(out_qp.zero_point[0]))
+    x_zp, w_zp, out_zp, pad_code = zps.input, zps.weight, zps.output, zps.pad_code
     in_scale = float(x_qp.scale[0])
-    out_scale, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
-    if kernel.kernel == "qnnpack":
-        # qnnpack keeps every zero point in a uint8 (the weight's as zp + 128): out-of-range zero
-        # points wrap (measured: weight 135 acts as -121, input 300 as 44, output -20 as 236).
-        w_zp = (w_zp + 128) % 256 - 128
-        x_zp %= 256
-        out_zp %= 256
+    out_scale = float(out_qp.scale[0])
     w_scales = _per_out(w_qp.scale, o)
-    # fbgemm pads im2col with the input zero point stored as uint8: an out-of-range zero point
-    # (torch accepts one from _make_per_tensor_quantized_tensor) pads with its wrapped value.
-    pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
     from .memo import memoized
 
     acc_exact = memoized("exact_accumulator", (x_codes, w_codes, w_zp), (x_zp, pad_code, g),
@@ -353,8 +379,8 @@ def emulate(
     saturated = 0
     acc = acc_exact
     if kernel.accumulation != EXACT:
-        pad_value = pad_code if kernel.kernel == "fbgemm" else 0
-        corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation, pad_value)
+        corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation,
+                                          zps.pair_pad_code)
         acc = acc_exact + corr
     # int32 accumulator wraps like the hardware does
     acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)

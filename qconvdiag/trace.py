@@ -18,7 +18,14 @@ import numpy as np
 
 from .case import ConvCase
 from .diagnose import Options, PathRun, diagnose_runs
-from .emulate import EXACT, INT16_MAX, INT16_MIN, pair_list
+from .emulate import (
+    EXACT,
+    INT16_MAX,
+    INT16_MIN,
+    engine_weight_codes,
+    engine_zero_points,
+    pair_list,
+)
 from .errors import UsageError
 
 PREPACK_SENTENCE = (
@@ -113,12 +120,9 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
     x_zp = int(spec.input_qparams.zero_point[0])
     w_qp = spec.weight_qparams
     w_zp = int(w_qp.zero_point[o] if w_qp.per_channel else w_qp.zero_point[0])
-    if kernel.kernel == "qnnpack":
-        x_zp_eff, w_zp_eff = x_zp % 256, (w_zp + 128) % 256 - 128
-        pad_code = x_zp_eff
-    else:
-        x_zp_eff, w_zp_eff = x_zp, w_zp
-        pad_code = x_zp % 256 if kernel.kernel == "fbgemm" else x_zp
+    zps = engine_zero_points(kernel, x_zp, np.array([w_zp]), int(spec.output_qparams.zero_point[0]))
+    x_zp_eff, w_zp_eff, pad_code = zps.input, int(zps.weight[0]), zps.pad_code
+    w_codes = engine_weight_codes(kernel, spec.weight_codes, w_qp)
     taps = list(itertools.product(*(range(k) for k in case.weight.shape[2:])))
     terms: list[dict[str, Any]] = []
     for t_i, tap in enumerate(taps):
@@ -132,7 +136,7 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
                 x_val = float(case.input[(n, ch, *idx)])
             else:
                 x_code, x_val = pad_code, 0.0
-            w_code = int(spec.weight_codes[(o, c, *tap)])
+            w_code = int(w_codes[(o, c, *tap)])
             terms.append({
                 "k": len(terms), "tap": list(tap), "channel": ch,
                 "input_index": [n, ch, *idx] if inside else None,
@@ -146,10 +150,9 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
     correction = 0
     by_tc = {(t["t"], t["channel"] - grp * cin_g): t for t in terms}
     if kernel.accumulation not in (EXACT, "unknown"):
-        onednn_pad = kernel.kernel == "onednn"
         for members in pair_list(kernel.accumulation, cin_g, len(taps)):
             ts = [by_tc[m] for m in members]
-            raw = sum((0 if (onednn_pad and t["input_index"] is None) else t["x_code"])
+            raw = sum((zps.pair_pad_code if t["input_index"] is None else t["x_code"])
                       * t["w_code"] for t in ts)
             sat = int(np.clip(raw, INT16_MIN, INT16_MAX))
             correction += sat - raw
@@ -188,8 +191,7 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
         saturated_pairs=sum(1 for p in pairs_out if p["saturated"]),
         accumulator_exact=exact, accumulator=acc, bias_float=bias_f, bias_int32=bias_int,
         bias_in_accumulator_units=bias_units, multiplier=float(em.multiplier[o]),
-        pre_round=float(em.pre_round[pos]), rounded=unclamped - (
-            out_zp % 256 if kernel.kernel == "qnnpack" else out_zp),
+        pre_round=float(em.pre_round[pos]), rounded=unclamped - zps.output,
         output_zero_point=out_zp, unclamped=unclamped, output_int=codes,
         output_scale=float(out_qp.scale[0]),
         dequantized=float((codes - out_zp) * out_qp.scale[0]),
