@@ -91,6 +91,9 @@ class EngineProfile:
     unknown."""
     x86_uses_onednn: bool = False
     """For ``x86``: symmetric-weight convs (groups <= 100) are handed to oneDNN (VNNI CPUs)."""
+    matches: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Layer class -> every accumulation that reproduced the probe (when several agree, the
+    kernel family decides: see ``prefer``)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -112,8 +115,8 @@ CANDIDATES = (EXACT, PAIRS_K, PAIRS_CHANNELS)
 PROBE_ZERO_POINT = 128
 
 
-def _probe_accumulation(engine: str, layer: str, zp: int = PROBE_ZERO_POINT) -> str:
-    """Run one tiny conv whose int16 pair sums all saturate, and name the accumulation whose
+def _probe_accumulation(engine: str, layer: str, zp: int = PROBE_ZERO_POINT) -> tuple[str, ...]:
+    """Run one tiny conv whose int16 pair sums all saturate, and name every accumulation whose
     emulation gives torch's output (every activation code 255, every weight code 127)."""
     from .emulate import emulate
     from .torch_ref import run_conv
@@ -130,19 +133,21 @@ def _probe_accumulation(engine: str, layer: str, zp: int = PROBE_ZERO_POINT) -> 
     oq = per_tensor(out_scale, 0, "quint8", "probe")
     r = run_conv(engine, x, xq, w, wq, None, out_scale, 0, g)
     if not r.ran or r.output_codes is None:
-        return "unknown"
+        return ()
     family = "qnnpack" if engine == "qnnpack" else "onednn" if engine == "onednn" else "fbgemm"
-    matches = []
-    # Where two pairings give the same numbers (4 channels per group pair alike either way),
-    # the kernel family's own layout wins.
+    return tuple(
+        acc for acc in CANDIDATES
+        if np.array_equal(
+            emulate(Kernel(engine, family, acc), x, xq, w, wq, None, oq, g).output_codes,
+            r.output_codes)
+    )
+
+
+def prefer(matches: tuple[str, ...], family: str) -> str:
+    """The accumulation to emulate among those the probe could not tell apart (with 4 channels
+    per group, pairs along K and pairs of channels are the same pairs): the family's own."""
     order = (EXACT, PAIRS_CHANNELS, PAIRS_K) if family == "onednn" else CANDIDATES
-    for acc in order:
-        em = emulate(Kernel(engine, family, acc), x, xq, w, wq, None, oq, g)
-        if np.array_equal(em.output_codes, r.output_codes):
-            matches.append(acc)
-    if EXACT in matches:
-        return EXACT
-    return matches[0] if matches else "unknown"
+    return next((acc for acc in order if acc in matches), "unknown")
 
 
 def _probe_x86_dispatch(accumulation: dict[str, str]) -> bool:
@@ -175,12 +180,15 @@ def probe() -> dict[str, EngineProfile]:
         if engine not in supported:
             profiles[engine] = EngineProfile(engine, False)
             continue
-        acc = {layer: _probe_accumulation(engine, layer) for layer in _PROBE_LAYERS}
-        profiles[engine] = EngineProfile(engine, True, acc)
+        matches = {layer: _probe_accumulation(engine, layer) for layer in _PROBE_LAYERS}
+        family = "onednn" if engine == "onednn" else "fbgemm"
+        acc = {layer: prefer(m, family) for layer, m in matches.items()}
+        profiles[engine] = EngineProfile(engine, True, acc, matches=matches)
     if profiles["x86"].available:
         x86 = profiles["x86"]
         uses = _probe_x86_dispatch(x86.accumulation)
-        profiles["x86"] = EngineProfile("x86", True, x86.accumulation, uses)
+        acc = {layer: prefer(m, "onednn" if uses else "fbgemm") for layer, m in x86.matches.items()}
+        profiles["x86"] = EngineProfile("x86", True, acc, uses, x86.matches)
     return profiles
 
 
@@ -233,7 +241,4 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
     else:
         prof = profiles["fbgemm"] if profiles["fbgemm"].available else profiles["x86"]
     layer = layer_class(groups, cin_g, out_g, geometry, kernel_size)
-    acc = prof.accumulation.get(layer, "unknown")
-    if family == "onednn" and acc == PAIRS_K and layer == GROUPED4:
-        acc = PAIRS_CHANNELS  # the same pairs when channels per group are multiples of 4
-    return Kernel(engine, family, acc)
+    return Kernel(engine, family, prefer(prof.matches.get(layer, ()), family))
