@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,15 @@ from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .qparams import QParams
 from .report import Finding, PathReport, Report, TorchCheck
-from .stages import STAGE_IDS, Ladder, LadderInputs, StageResult, conv64, run_ladder
+from .stages import (
+    STAGE_IDS,
+    Ladder,
+    LadderInputs,
+    StageResult,
+    conv64,
+    float_reference,
+    run_ladder,
+)
 from .torch_ref import capture_warnings, captured_warnings, run_conv
 
 FAIL_ON = ("error", "warning", "never")
@@ -72,6 +79,14 @@ def resolve_engines(engine: str | None) -> tuple[str, ...]:
             f"{', '.join(supported)})"
         )
     return (engine,)
+
+
+def reference_engine() -> str:
+    """The engine whose default production grid the float reference is derived from."""
+    import torch
+
+    supported = torch.backends.quantized.supported_engines
+    return next((e for e in ENGINES if e in supported), "x86")
 
 
 def _exec_weight_qparams(qp: QParams) -> QParams:
@@ -206,15 +221,20 @@ def diagnose_runs(
     runs: list[PathRun] = []
     from .memo import memo_scope
 
-    # Hashing costs a little on every conv; it pays off only when engines share work.
-    sharing = memo_scope() if len(engines) > 1 else contextlib.nullcontext()
-    with capture_warnings(), sharing:
+    # Hashing array contents costs ~1 ms per MB; it pays off only when engines share work.
+    with capture_warnings(), memo_scope(by_content=len(engines) > 1):
         say("probing the engines on this CPU")
         probe()
-        say("float reference (float64 conv)")
-        y0 = conv64(case.input, case.weight, case.bias, case.geometry)
         keep = options.keep_arrays
         production_cache: dict[Any, Any] = {}
+        # The float reference is derived from one fixed grid, the default production path of
+        # the reference engine, so it does not depend on --engine, --observer or --calib
+        # (bit for bit); with the defaults that path is diagnosed anyway and shares its work.
+        say("float reference (exact integer conv + float32 convs of rounding differences)")
+        grid = build_production(case, reference_engine(), ProductionOptions(), None,
+                                production_cache)
+        y0 = float_reference(case, grid.input_qparams, grid.input_codes, grid.weight_qparams,
+                             grid.weight_codes)
         for engine in engines:
             say(f"{engine}: calibrating the production observers")
             production = build_production(case, engine, options.production, options.calib,

@@ -22,6 +22,7 @@ Every formula here is checked bit for bit against torch's kernels by the test su
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -113,6 +114,10 @@ def exact_accumulator(
     summation order): the shifted input is split into base-16 digits so each digit's conv is
     bounded by K * 15 * max|w|; float64 is the fallback for layers too deep for that.
     """
+    fast = _gemm_accumulator(x_codes, x_zp, w_codes, w_zp, g,
+                             x_zp if pad_code is None else pad_code)
+    if fast is not None:
+        return fast
     dims = w_codes.ndim - 2
     shift = 0 if pad_code is None else pad_code - x_zp
     xs = (x_codes - x_zp).astype(np.int64)
@@ -145,6 +150,119 @@ def exact_accumulator(
         assert out is not None
         return out
     return _conv_int(xs, ws, g2, np.float64)
+
+
+#: Largest im2col block (bytes of int8) the integer GEMM route builds at once.
+IM2COL_BLOCK_BYTES = 16 * 2**20
+
+
+def _int8_offset(lo: int, hi: int) -> int | None:
+    """An offset c with every code - c in int8, or None."""
+    for c in (0, 128, -128):
+        if lo - c >= -128 and hi - c <= 127:
+            return c
+    return None
+
+
+@functools.cache
+def int_gemm_exact() -> bool:
+    """True when ``torch._int_mm`` sums int8 products exactly in int32 on this CPU.
+
+    oneDNN's int8 GEMM is exact with AVX512-VNNI/AMX; without them it pairs products in
+    saturating int16 (measured: 64 products of 127 * 127 give 8160). The same worst case decides
+    here, at run time, whatever the CPU; the float32 conv route is used otherwise.
+    """
+    import torch
+
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    if vnni is None or not vnni():
+        return False
+    try:
+        for v in (127, -128):
+            a = torch.full((32, 64), v, dtype=torch.int8)
+            got = torch._int_mm(a, a.t().contiguous())
+            if int(got.min()) != int(got.max()) or int(got[0, 0]) != 64 * v * v:
+                return False
+        rng = np.random.default_rng(0)
+        a8 = rng.integers(-128, 128, (40, 72)).astype(np.int8)
+        b8 = rng.integers(-128, 128, (72, 24)).astype(np.int8)
+        prod = torch._int_mm(torch.from_numpy(a8), torch.from_numpy(b8)).numpy()
+        return bool(np.array_equal(prod, a8.astype(np.int64) @ b8.astype(np.int64)))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _gemm_accumulator(
+    x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, w_zp: np.ndarray, g: Geometry,
+    pad_code: int,
+) -> np.ndarray | None:
+    """The exact accumulator as int8 GEMMs (im2col in blocks), or None when not applicable.
+
+    With a = x - cx and b = w - cw in int8 (cx, cw in {0, 128, -128}):
+    sum (x - zx)(w - zw) = sum a*b + (cw - zw) sum a + (cx - zx) sum b + K (cx - zx)(cw - zw),
+    where sum a runs over the receptive field (padded positions hold pad_code - cx) and K is
+    the number of products. int32 holds sum a*b exactly while K * 2^14 < 2^31.
+    """
+    if g.groups > 8 or x_codes.size == 0 or w_codes.size == 0:
+        return None
+    o_total, cin_g = w_codes.shape[0], w_codes.shape[1]
+    taps = int(np.prod(w_codes.shape[2:]))
+    k = cin_g * taps
+    if k < 16 or k * 2**14 >= 2**31 or not int_gemm_exact():
+        return None
+    cx = _int8_offset(min(int(x_codes.min()), pad_code), max(int(x_codes.max()), pad_code))
+    cw = _int8_offset(int(w_codes.min()), int(w_codes.max()))
+    if cx is None or cw is None:
+        return None
+    import torch
+
+    out_sp = output_shape(x_codes.shape, w_codes.shape, g)[2:]
+    n = x_codes.shape[0]
+    og = o_total // g.groups
+    a_pad = _pad((x_codes - cx).astype(np.int8), g.padding, pad_code - cx)
+    views = list(_tap_views(a_pad, w_codes.shape, g, out_sp).values())
+    b = (w_codes - cw).astype(np.int8).reshape(o_total, k)
+    zw = np.asarray(w_zp, dtype=np.int64).reshape(-1)
+    row_term = (cx - x_zp) * (b.astype(np.int64).sum(axis=1) + k * (cw - zw))  # (O,)
+    col_weight = cw - zw  # (O,): multiplies sum a
+    need_col = bool(np.any(col_weight))
+    rows = out_sp[0] if out_sp else 1
+    per_row = k * int(np.prod(out_sp[1:], dtype=np.int64))
+    row_block = max(1, min(rows, IM2COL_BLOCK_BYTES // max(per_row, 1)))
+    out = np.empty((n, o_total, *out_sp), dtype=np.int64)
+    for grp in range(g.groups):
+        o_sl = slice(grp * og, (grp + 1) * og)
+        c_sl = slice(grp * cin_g, (grp + 1) * cin_g)
+        w_g = torch.from_numpy(np.ascontiguousarray(b[o_sl]))
+        for i in range(n):
+            for r0 in range(0, rows, row_block):
+                r1 = min(rows, r0 + row_block)
+                block = (r1 - r0) * int(np.prod(out_sp[1:], dtype=np.int64))
+                cols = np.empty((cin_g, taps, block), dtype=np.int8)
+                for t, v in enumerate(views):
+                    part = v[i, c_sl, r0:r1]
+                    np.copyto(cols[:, t].reshape(part.shape), part)
+                cols2 = cols.reshape(k, block)
+                acc = torch._int_mm(w_g, torch.from_numpy(cols2)).numpy().astype(np.int64)
+                acc += row_term[o_sl, None]
+                if need_col:
+                    acc += col_weight[o_sl, None] * cols2.sum(axis=0, dtype=np.int64)[None]
+                dest = out[i, o_sl, r0:r1]
+                dest[...] = acc.reshape(dest.shape)
+    return out
+
+
+def shared_exact_accumulator(
+    x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, w_zp: np.ndarray, g: Geometry,
+    pad_code: int,
+) -> np.ndarray:
+    """``exact_accumulator``, computed once per diagnosis for the same codes and zero points
+    (the float reference, every engine and the trace share it). Never modify the result."""
+    from .memo import memoized
+
+    zps = tuple(int(v) for v in np.asarray(w_zp).reshape(-1))
+    return memoized("exact_accumulator", (x_codes, w_codes), (int(x_zp), int(pad_code), zps, g),
+                    lambda: exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code))
 
 
 def _conv_int(x: np.ndarray, w: np.ndarray, g: Geometry, dtype: type) -> np.ndarray:
@@ -372,10 +490,7 @@ def emulate(
     in_scale = float(x_qp.scale[0])
     out_scale = float(out_qp.scale[0])
     w_scales = _per_out(w_qp.scale, o)
-    from .memo import memoized
-
-    acc_exact = memoized("exact_accumulator", (x_codes, w_codes, w_zp), (x_zp, pad_code, g),
-                         lambda: exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code))
+    acc_exact = shared_exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code)
     saturated = 0
     acc = acc_exact
     if kernel.accumulation != EXACT:

@@ -21,12 +21,21 @@ _MEMO: contextvars.ContextVar[dict[Hashable, Any] | None] = contextvars.ContextV
     "qconvdiag_memo", default=None)
 
 
+_BY_CONTENT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "qconvdiag_memo_by_content", default=False)
+
+
 @contextlib.contextmanager
-def memo_scope() -> Iterator[None]:
+def memo_scope(by_content: bool = True) -> Iterator[None]:
+    """Results remembered until the scope ends. ``by_content``: ``memoized`` also finds equal
+    arrays that are other objects (hashing costs ~1 ms per MB: worth it across engines only);
+    otherwise it matches the very same array objects."""
     token = _MEMO.set({})
+    content = _BY_CONTENT.set(by_content)
     try:
         yield
     finally:
+        _BY_CONTENT.reset(content)
         _MEMO.reset(token)
 
 
@@ -46,10 +55,30 @@ def memoized(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
     table = _MEMO.get()
     if table is None:
         return compute()
+    if not _BY_CONTENT.get():
+        return identity(kind, arrays, extra, compute)
     key = (kind, tuple(digest(a) for a in arrays), extra)
     if key not in table:
         table[key] = compute()
     return table[key]
+
+
+def identity(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
+             compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the result remembered for these very array objects (no hashing).
+
+    The arrays are kept with the result, so an id is never reused by another array while the
+    entry lives."""
+    table = _MEMO.get()
+    if table is None:
+        return compute()
+    key = ("identity", kind, tuple(id(a) for a in arrays), extra)
+    hit = table.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], arrays, strict=True)):
+        return hit[1]
+    result = compute()
+    table[key] = (arrays, result)
+    return result
 
 
 def remember(key: Hashable, compute: Callable[[], Any]) -> Any:

@@ -167,7 +167,8 @@ def build_production(
 
     ``cache`` (one per diagnosis) reuses observer results across engines whose qconfigs agree
     (x86 and fbgemm entirely, onednn and qnnpack for activations): observers are the costliest
-    part of a small case.
+    part of a small case. The output observer sees the float layer's float32 output, as in
+    torch's own calibration (computed once per diagnosis and shared through ``cache``).
     """
     import torch
     import torch.nn.functional as F
@@ -177,9 +178,17 @@ def build_production(
         act_in = _activation_observer(engine, options)
         act_out = _activation_observer(engine, options)
         w_obs = _weight_observer(engine, options)
-    act_key, w_key = ("act", _signature(act_in)), ("weight", _signature(w_obs))
+    act_key = ("act", _signature(act_in), calib is None)
+    w_key = ("weight", _signature(w_obs))
     x = torch.from_numpy(case.input)
     w = torch.from_numpy(case.weight)
+    if w_key not in cache:
+        with torch.no_grad():
+            w_obs(w)
+        per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
+        cache[w_key] = (w_qp, quantize(case.weight, w_qp))
+    w_qp, w_codes = cache[w_key]
     if act_key not in cache:
         b = None if case.bias is None else torch.from_numpy(case.bias)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
@@ -188,18 +197,19 @@ def build_production(
         with torch.no_grad():
             for xb in batches:
                 act_in(xb)
-                act_out(conv(xb, w, b, g.stride, g.padding, g.dilation, g.groups))
-        in_qp = _qparams_from_observer(act_in, "quint8", None)
-        cache[act_key] = (in_qp, _qparams_from_observer(act_out, "quint8", None),
-                          quantize(case.input, in_qp), len(batches))
-    if w_key not in cache:
-        with torch.no_grad():
-            w_obs(w)
-        per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
-        w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
-        cache[w_key] = (w_qp, quantize(case.weight, w_qp))
+            in_qp = _qparams_from_observer(act_in, "quint8", None)
+            x_codes = quantize(case.input, in_qp)
+            for xb in batches:
+                if calib is None:
+                    if "float32_output" not in cache:
+                        cache["float32_output"] = conv(xb, w, b, g.stride, g.padding,
+                                                       g.dilation, g.groups)
+                    act_out(cache["float32_output"])
+                else:
+                    act_out(conv(xb, w, b, g.stride, g.padding, g.dilation, g.groups))
+        cache[act_key] = (in_qp, _qparams_from_observer(act_out, "quint8", None), x_codes,
+                          len(batches))
     in_qp, out_qp, x_codes, n_batches = cache[act_key]
-    w_qp, w_codes = cache[w_key]
     observers = {
         "input": type(act_in).__name__, "weight": type(w_obs).__name__,
         "output": type(act_out).__name__,

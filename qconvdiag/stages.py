@@ -114,11 +114,77 @@ def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
     (~1e-7 relative to the change) lands in the next exact state's delta, so deltas still add
     up exactly to the total. An all-zero change costs nothing and adds exactly 0.
     """
-    if not np.any(x) or not np.any(w):
-        from .case import output_shape
+    from .case import output_shape
 
-        return np.zeros(output_shape(x.shape, w.shape, g), dtype=np.float64)
+    shape = output_shape(x.shape, w.shape, g)
+    nx, nw = np.count_nonzero(x), np.count_nonzero(w)
+    if not nx or not nw:
+        return np.zeros(shape, dtype=np.float64)
+    out_elems = int(np.prod(shape))
+    dense_macs = out_elems * int(np.prod(w.shape[1:]))
+    taps = int(np.prod(w.shape[2:]))
+    # A difference that is mostly zero (a few clipped weights or inputs) costs far less as a
+    # scatter of its nonzeros, accumulated in float64, than as a dense conv.
+    if nw <= SPARSE_WEIGHT_MAX and nw * (out_elems // shape[1]) * SPARSE_GAIN <= dense_macs:
+        return _conv_sparse_weight(x, w, g, shape)
+    if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
+        return _conv_sparse_input(x, w, g, shape)
     return _conv(x, w, None, g, np.float32).astype(np.float64)
+
+
+#: A scatter is used when it does at most 1/SPARSE_GAIN of a dense conv's multiply-adds.
+SPARSE_GAIN = 16
+#: The weight scatter loops over nonzero weights in Python: at most this many.
+SPARSE_WEIGHT_MAX = 4096
+#: Nonzero inputs scattered at once (bounds the (nonzeros, output channels) temporary).
+SPARSE_INPUT_BLOCK = 4096
+
+
+def _conv_sparse_weight(x: np.ndarray, w: np.ndarray, g: Geometry,
+                        shape: tuple[int, ...]) -> np.ndarray:
+    """conv(x, w) for a weight with few nonzeros: one scaled input slice per nonzero."""
+    from .emulate import _pad, _tap_views
+
+    out = np.zeros(shape, dtype=np.float64)
+    views = _tap_views(_pad(x, g.padding, 0), w.shape, g, tuple(shape[2:]))
+    og, cin_g = shape[1] // g.groups, w.shape[1]
+    for idx in zip(*np.nonzero(w), strict=True):
+        o, c, tap = int(idx[0]), int(idx[1]), tuple(int(t) for t in idx[2:])
+        # a float64 scalar makes the product float64 whatever the input's dtype
+        out[:, o] += views[tap][:, (o // og) * cin_g + c] * np.float64(w[idx])
+    return out
+
+
+def _conv_sparse_input(x: np.ndarray, w: np.ndarray, g: Geometry,
+                       shape: tuple[int, ...]) -> np.ndarray:
+    """conv(x, w) for an input with few nonzeros: each one scattered to the outputs it feeds."""
+    import itertools
+
+    n_out, o_total = shape[0], shape[1]
+    out_sp = tuple(shape[2:])
+    og, cin_g = o_total // g.groups, w.shape[1]
+    acc = np.zeros((n_out, *out_sp, o_total), dtype=np.float64)  # channels last for scatter
+    nz = np.nonzero(x)
+    vals = x[nz].astype(np.float64)
+    n_i, c_i, sp_i = nz[0], nz[1], nz[2:]
+    grp, cg = c_i // cin_g, c_i % cin_g
+    same_group = (np.arange(o_total)[None, :] // og) == grp[:, None] if g.groups > 1 else None
+    for tap in itertools.product(*(range(k) for k in w.shape[2:])):
+        valid = np.ones(vals.shape, dtype=bool)
+        coords = []
+        for d, t in enumerate(tap):
+            num = sp_i[d] + g.padding[d] - t * g.dilation[d]
+            q = num // g.stride[d]
+            valid &= (num >= 0) & (num % g.stride[d] == 0) & (q < out_sp[d])
+            coords.append(q)
+        sel = np.flatnonzero(valid)
+        for start in range(0, sel.size, SPARSE_INPUT_BLOCK):
+            part = sel[start:start + SPARSE_INPUT_BLOCK]
+            contrib = w[(slice(None), cg[part], *tap)].T.astype(np.float64) * vals[part, None]
+            if same_group is not None:
+                contrib *= same_group[part]
+            np.add.at(acc, (n_i[part], *(c[part] for c in coords)), contrib)
+    return np.ascontiguousarray(np.moveaxis(acc, -1, 1))
 
 
 def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry, dtype: type
@@ -136,6 +202,83 @@ def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry, dtype
             g.stride, g.padding, g.dilation, g.groups,
         )
     return out.numpy()
+
+
+def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(conv(clip(x) - x, w), conv(dequant(codes) - clip(x), w), whether anything clips).
+
+    The clipping part is usually sparse (a scatter in float64), the rounding part is bounded
+    by half a step (a float32 conv). Computed once per diagnosis for the same codes."""
+    from .memo import memoized
+
+    def compute() -> tuple[np.ndarray, np.ndarray, bool]:
+        x, w, g = case.input, case.weight, case.geometry
+        x_clip = _clip_tensor(x, qp, None)
+        dx_clip = x_clip - x
+        clipped = bool(dx_clip.any())
+        clip_step = conv_diff(dx_clip, w, g)
+        return clip_step, conv_diff(dequantize(codes, qp) - x_clip, w, g), clipped
+
+    return memoized("input_steps", (codes, case.input, case.weight), _qsig(qp), compute)
+
+
+def weight_clip_step(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QParams,
+                     w_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(clip(w) - w, conv(dequant(x_codes), clip(w) - w) or None when nothing clips)."""
+    from .memo import memoized
+
+    def compute() -> tuple[np.ndarray, np.ndarray | None]:
+        w = case.weight
+        axis = None if w_qp.axis is None else w_qp.axis % w.ndim
+        dw_clip = _clip_tensor(w, w_qp, axis) - w
+        if not dw_clip.any():
+            return dw_clip, None
+        return dw_clip, conv_diff(dequantize(x_codes, x_qp), dw_clip, case.geometry)
+
+    return memoized("weight_clip_step", (x_codes, w_codes, case.input, case.weight),
+                    (_qsig(x_qp), _qsig(w_qp)), compute)
+
+
+def _qsig(qp: QParams) -> tuple[Any, ...]:
+    return (qp.scale, qp.zero_point, qp.dtype, qp.axis)
+
+
+def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QParams,
+                    w_codes: np.ndarray) -> np.ndarray:
+    """The float output conv(x, w) + b, about 1e-8 of the output accurate, for one float32 conv.
+
+    With any quantization grid, conv(x, w) = conv(x_q, w_q) + conv(x - x_q, w)
+    + conv(x_q, w - w_q), where x_q, w_q are the dequantized codes. The first term is exact
+    (the integer accumulator, times in_s * w_s); the two others are the grid's clipping
+    (usually sparse: a float64 scatter) and rounding differences (at most half a step: a
+    float32 conv whose rounding is ~1e-8 of the output, measured against a float64 conv). The
+    input differences are the stage ladder's own steps for that grid, shared; a float64 conv
+    would cost 4-5 float32 convs. ``w_qp`` must be per tensor or per output channel (axis 0)
+    with zero points in range, else the float64 conv is used.
+    """
+    from .emulate import shared_exact_accumulator
+
+    g = case.geometry
+    zx = int(x_qp.zero_point[0])
+    if (x_qp.per_channel or (w_qp.per_channel and (w_qp.axis or 0) % w_codes.ndim != 0)
+            or not w_qp.dtype_min <= min(w_qp.zero_point) <= max(w_qp.zero_point)
+            <= w_qp.dtype_max or not x_qp.dtype_min <= zx <= x_qp.dtype_max):
+        return conv64(case.input, case.weight, case.bias, g)
+    o = w_codes.shape[0]
+    zw = np.broadcast_to(np.asarray(w_qp.zero_point, dtype=np.int64), (o,))
+    acc = shared_exact_accumulator(x_codes, zx, w_codes, zw, g, zx)
+    w_s = np.broadcast_to(np.asarray(w_qp.scale, dtype=np.float64), (o,))
+    acc_scale = (w_s * float(x_qp.scale[0])).reshape((1, -1) + (1,) * (acc.ndim - 2))
+    clip_in, round_in, _ = input_steps(case, x_qp, x_codes)
+    dw_clip, clip_w = weight_clip_step(case, x_qp, x_codes, w_qp, w_codes)
+    round_w = conv_diff(dequantize(x_codes, x_qp),
+                        dequantize(w_codes, w_qp) - (case.weight + dw_clip), g)
+    y = acc * acc_scale
+    for part in (clip_in, round_in, clip_w, round_w):
+        if part is not None:
+            y -= part
+    return _bias_add(y, case.bias)
 
 
 def _bias_add(y: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -208,39 +351,30 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
 
     # Everything up to weight rounding depends only on the input and weight qparams and codes,
     # not on the engine: with several engines it is computed once (memo).
-    from .memo import active, digest, remember
+    from .memo import memoized
 
-    def qkey(qp: QParams, codes: np.ndarray) -> tuple[Any, ...]:
-        sig = (qp.scale, qp.zero_point, qp.dtype, qp.axis)
-        return (sig, digest(codes)) if active() else (sig,)
-
-    kin, kw = qkey(li.input_qparams, li.input_codes), qkey(li.weight_qparams, li.weight_codes)
+    kin, kw = _qsig(li.input_qparams), _qsig(li.weight_qparams)
 
     def input_side() -> tuple[np.ndarray, np.ndarray, object]:
-        x_deq = dequantize(li.input_codes, li.input_qparams)
-        x_clip = _clip_tensor(x, li.input_qparams, None)
-        dx_clip = x_clip - x
-        iso_clip = conv_diff(dx_clip, w, g)
-        step_in = conv_diff(x_deq - x_clip, w, g)
-        x_round = _round_only(x, li.input_qparams, None)
-        if not dx_clip.any() and np.array_equal(x_round, x_deq):
+        iso_clip, step_in, clipped = input_steps(case, li.input_qparams, li.input_codes)
+        if not clipped:
             return iso_clip, step_in, DELTA  # nothing clipped: rounding alone is this step
+        x_round = _round_only(x, li.input_qparams, None)
         return iso_clip, step_in, conv_diff(x_round - x, w, g)
 
     def weight_side() -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        dw_clip = _clip_tensor(w, li.weight_qparams, w_axis) - w
-        step_w = None
-        if dw_clip.any():
-            step_w = conv_diff(dequantize(li.input_codes, li.input_qparams), dw_clip, g)
+        dw_clip, step_w = weight_clip_step(case, li.input_qparams, li.input_codes,
+                                           li.weight_qparams, li.weight_codes)
         w_round = _round_only(w, li.weight_qparams, w_axis) - w
         return conv_diff(x, dw_clip, g), step_w, conv_diff(x, w_round, g)
 
-    iso_clip, step_in, iso_round = remember(("ladder_input", kin), input_side)
+    iso_clip, step_in, iso_round = memoized("ladder_input", (li.input_codes,), kin, input_side)
     state = y0 + iso_clip
     yield "input_clipping", state, iso_clip
     state = state + step_in
     yield "input_rounding", state, iso_round
-    iso_wclip, step_w, iso_wround = remember(("ladder_weight", kin, kw), weight_side)
+    iso_wclip, step_w, iso_wround = memoized(
+        "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
     if step_w is not None:
         state = state + step_w
     yield "weight_clipping", state, iso_wclip

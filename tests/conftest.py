@@ -10,6 +10,9 @@ from hypothesis import HealthCheck, settings
 
 #: Relative tolerance of the stage ladder's telescoping sum (DESIGN: 1e-9 relative).
 TELESCOPE_RTOL = 1e-9
+#: Accuracy of the float reference (exact integer conv + float32 convs of rounding differences)
+#: against a float64 conv, relative to the output's largest magnitude (measured: up to 1e-8).
+REFERENCE_RTOL = 1e-7
 #: Tolerance for float numbers in golden JSON files: relative, and absolute as a fraction of
 #: the case's largest float output (stage states use float32 convs for their differences).
 GOLDEN_RTOL, GOLDEN_ATOL_FRACTION = 1e-4, 1e-6

@@ -1,0 +1,141 @@
+"""The fast routes give the same numbers as the plain ones: the float reference derived from an
+exact integer conv, the int8-GEMM exact accumulator, and the sparse scatter convs of mostly-zero
+stage differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qconvdiag import emulate
+from qconvdiag.case import Geometry, build_case
+from qconvdiag.diagnose import Options, diagnose_runs
+from qconvdiag.generate import RandomSpec, generate
+from qconvdiag.stages import _conv_sparse_input, _conv_sparse_weight, conv64, conv_diff
+from tests.conftest import REFERENCE_RTOL
+
+
+def _random_geometry(rng: np.random.Generator, max_groups: int = 4):
+    while True:
+        dims = int(rng.integers(1, 4))
+        groups = int(rng.choice([g for g in (1, 1, 2, 3, 4) if g <= max_groups]))
+        cin_g, out_g = int(rng.integers(1, 9)), int(rng.integers(1, 6))
+        k = tuple(int(v) for v in rng.integers(1, 4, dims))
+        sp = tuple(int(v) for v in rng.integers(3, 9, dims))
+        stride = tuple(int(v) for v in rng.integers(1, 3, dims))
+        pad = tuple(int(v) for v in rng.integers(0, 3, dims))
+        dil = tuple(int(v) for v in rng.integers(1, 3, dims))
+        if all(s + 2 * p - d * (kk - 1) - 1 >= 0 for s, p, d, kk in zip(sp, pad, dil, k)):
+            g = Geometry(stride, pad, dil, groups)
+            return g, (int(rng.integers(1, 3)), cin_g * groups, *sp), (out_g * groups, cin_g, *k)
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("recipe", [None, "handmade"])
+def test_float_reference_matches_a_float64_conv(seed, recipe):
+    dist = ["normal", "relu", "int", "heavy"][seed % 4]
+    case = generate(RandomSpec(seed=seed, distribution=dist, recipe=recipe,
+                               per_channel_varied=seed % 3 == 0))
+    runs, _ = diagnose_runs(case, Options(keep_arrays=True))
+    want = conv64(case.input, case.weight, case.bias, case.geometry)
+    scale = max(float(np.abs(want).max()), 1e-30)
+    for run in runs:
+        got = run.ladder.float_output
+        assert float(np.abs(got - want).max()) <= REFERENCE_RTOL * scale
+
+
+def test_float_reference_does_not_depend_on_the_engines_or_observers():
+    case = generate(RandomSpec(seed=5, recipe="handmade"))
+    ref = diagnose_runs(case, Options(engine="qnnpack"))[0][0].ladder.float_output
+    for opts in (Options(engine="all"), Options(engine="onednn"),
+                 Options(calib=case.input[:1] * 0.5)):
+        runs, _ = diagnose_runs(case, opts)
+        assert all(np.array_equal(r.ladder.float_output, ref) for r in runs)
+
+
+def test_realistic_layer_reference_and_stages():
+    """A ResNet-like layer with a user setup that clips a few inputs and weights: the sparse
+    routes run, the reference stays float64-accurate, the ladder still telescopes."""
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.qparams import make_qparams
+
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal((1, 32, 20, 20)), 0).astype(np.float32)
+    x[0, 3, 4, 4] = 40.0  # an outlier the user's input scale clips
+    w = (rng.standard_normal((48, 32, 3, 3)) / 20).astype(np.float32)
+    b = (rng.standard_normal(48) * 0.1).astype(np.float32)
+    setup = QuantSetup(
+        make_qparams([3.0 / 255], [0], "quint8", None, "i", "user"),
+        make_qparams([float(w.max()) / 130], [0], "qint8", None, "w", "user"),
+        make_qparams([0.05], [128], "quint8", None, "o", "user"))
+    case = build_case(x, w, b, padding=1, setup=setup)
+    runs, _ = diagnose_runs(case, Options(engine="x86", keep_arrays=True))
+    want = conv64(x, w, b, case.geometry)
+    for run in runs:
+        assert float(np.abs(run.ladder.float_output - want).max()) <= (
+            REFERENCE_RTOL * float(np.abs(want).max()))
+        total = run.ladder.final - run.ladder.float_output
+        assert np.allclose(sum(run.ladder.deltas.values()), total, rtol=0, atol=1e-9 * 40)
+    given = next(r for r in runs if r.report.name == "as_given")
+    assert given.report.stage("input_clipping").delta.max_abs > 1.0
+    assert given.report.stage("weight_clipping").delta.max_abs > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sparse_convs_equal_the_dense_conv(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        g, xs, ws = _random_geometry(rng)
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        sparse_x = x * (rng.random(xs) < 0.1)
+        sparse_w = w * (rng.random(ws) < 0.1)
+        shape = conv64(x, w, None, g).shape
+        for a, b, fn in ((x, sparse_w, _conv_sparse_weight), (sparse_x, w, _conv_sparse_input)):
+            want = conv64(a, b, None, g)
+            got = fn(a, b, g, shape)
+            assert np.allclose(got, want, rtol=1e-12, atol=1e-12), (fn.__name__, g, xs, ws)
+
+
+def test_conv_diff_picks_the_sparse_route_and_agrees():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 64, 24, 24)).astype(np.float32)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    g = Geometry((1, 1), (1, 1), (1, 1), 1)
+    dw = np.zeros_like(w)
+    dw[np.arange(64), rng.integers(0, 64, 64), 1, 1] = 0.01  # one clipped weight per channel
+    dx = np.zeros_like(x)
+    dx[0, rng.integers(0, 64, 30), rng.integers(0, 24, 30), rng.integers(0, 24, 30)] = 0.5
+    for a, b in ((x, dw), (dx, w)):
+        want = conv64(a, b, None, g)
+        assert np.allclose(conv_diff(a, b, g), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_int8_gemm_accumulator_is_exact(seed, monkeypatch):
+    """The int8 GEMM route equals the float conv route bit for bit (zero points, wrapped pad
+    codes, unsigned or signed codes, groups, strides, dilations, blocks of rows)."""
+    exact_here = emulate.int_gemm_exact()  # False without AVX512-VNNI: the route is refused
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(emulate, "IM2COL_BLOCK_BYTES", 64 if seed % 2 else 1 << 24)
+    used = 0
+    for _ in range(100):
+        g, xs, ws = _random_geometry(rng)
+        signed_x, unsigned_w = rng.random() < 0.3, rng.random() < 0.3
+        x = rng.integers(-128, 128, xs) if signed_x else rng.integers(0, 256, xs)
+        w = rng.integers(0, 256, ws) if unsigned_w else rng.integers(-128, 128, ws)
+        zx = int(rng.integers(-20, 300))
+        zw = (rng.integers(-130, 260, ws[0]) if rng.random() < 0.5
+              else np.zeros(ws[0], dtype=np.int64))
+        pad = int(rng.choice([zx, zx % 256, int(rng.integers(0, 256))]))
+        fast = emulate._gemm_accumulator(x, zx, w, zw, g, pad)
+        with monkeypatch.context() as m:
+            m.setattr(emulate, "int_gemm_exact", lambda: False)
+            slow = emulate.exact_accumulator(x, zx, w, zw, g, pad)
+        if not exact_here:
+            assert fast is None
+            continue
+        if fast is not None:
+            used += 1
+            assert fast.dtype == np.int64 and np.array_equal(fast, slow), (g, xs, ws)
+    assert used >= 5 or not exact_here
