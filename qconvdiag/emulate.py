@@ -316,19 +316,24 @@ def pair_saturation(
     views = _tap_views(xpad, w_codes.shape, g, out_sp)
     w_flat = w_codes.reshape(o_total, cin_g, -1)  # (O, Cg, taps), taps in C order
     saturated = 0
+    pa = np.array([(ta, ca) for (ta, ca), _ in pairs], dtype=np.int64).reshape(-1, 2)
+    pb = np.array([(tb, cb) for _, (tb, cb) in pairs], dtype=np.int64).reshape(-1, 2)
     for grp in range(g.groups):
         o_idx = np.arange(grp * og, (grp + 1) * og)
-        for (ta, ca), (tb, cb) in pairs:
+        # every pair's reachable range at once: (outputs of the group, pairs)
+        w_g = w_flat[o_idx].astype(np.int64)
+        wa_all, wb_all = w_g[:, pa[:, 1], pa[:, 0]], w_g[:, pb[:, 1], pb[:, 0]]
+        xa_c, xb_c = grp * cin_g + pa[:, 1], grp * cin_g + pb[:, 1]
+        ea = np.stack([wa_all * per_channel_min[xa_c], wa_all * per_channel_max[xa_c]])
+        eb = np.stack([wb_all * per_channel_min[xb_c], wb_all * per_channel_max[xb_c]])
+        lo_all = ea.min(axis=0) + eb.min(axis=0)
+        hi_all = ea.max(axis=0) + eb.max(axis=0)
+        risky_all = (hi_all > INT16_MAX) | (lo_all < INT16_MIN)
+        for j in np.flatnonzero(risky_all.any(axis=0)):
+            (ta, ca), (tb, cb) = pairs[j]
             xa_c, xb_c = grp * cin_g + ca, grp * cin_g + cb
-            wa = w_flat[o_idx, ca, ta]
-            wb = w_flat[o_idx, cb, tb]
-            lo = (np.minimum(wa * per_channel_min[xa_c], wa * per_channel_max[xa_c])
-                  + np.minimum(wb * per_channel_min[xb_c], wb * per_channel_max[xb_c]))
-            hi = (np.maximum(wa * per_channel_min[xa_c], wa * per_channel_max[xa_c])
-                  + np.maximum(wb * per_channel_min[xb_c], wb * per_channel_max[xb_c]))
-            risky = (hi > INT16_MAX) | (lo < INT16_MIN)
-            if not risky.any():
-                continue
+            wa, wb = wa_all[:, j], wb_all[:, j]
+            risky = risky_all[:, j]
             sel = o_idx[risky]
             shape_w = (1, -1) + (1,) * len(out_sp)
             xa = views[taps[ta]][:, xa_c][:, None]

@@ -79,6 +79,8 @@ class Ladder:
     """The quantized output the ladder ends at (torch's when it ran, else the emulation)."""
     total: Metrics
     output_scale: float
+    weight_error_rmse: float | None = None
+    """RMSE of conv(x, dequant(w_codes) - w): the weight's whole quantization error alone."""
 
 
 #: torch's float64 conv unfolds the whole input (im2col); above this many bytes of im2col the
@@ -296,18 +298,6 @@ def _clip_tensor(t: np.ndarray, qp: QParams, axis: int | None) -> np.ndarray:
     return np.clip(t.astype(np.float64), lo.reshape(shape), hi.reshape(shape))
 
 
-def _round_only(t: np.ndarray, qp: QParams, axis: int | None) -> np.ndarray:
-    """Rounding without clipping: rint(x / scale) * scale (per channel where per-channel)."""
-    scales = qp.scales()
-    if axis is not None and scales.size > 1:
-        shape = [1] * t.ndim
-        shape[axis] = -1
-        s: np.ndarray | float = scales.reshape(shape)
-    else:
-        s = float(scales.reshape(-1)[0])
-    return np.rint(t.astype(np.float64) / s) * s
-
-
 def _requant_float(y: np.ndarray, out_qp: QParams, clip: bool) -> np.ndarray:
     s, zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
     q = np.rint(y / s) + zp
@@ -338,12 +328,12 @@ class LadderInputs:
 
 
 def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
-                   reasons: dict[str, str]) -> Iterator[tuple[str, np.ndarray, object]]:
+                   reasons: dict[str, str], measured: dict[str, float]
+                   ) -> Iterator[tuple[str, np.ndarray, object]]:
     """Yield (stage id, state, isolated) in data-flow order; isolated is an array, None, or
     DELTA (the effect alone is the step itself). One state at a time: memory stays flat."""
     g = case.geometry
     x, w, b = case.input, case.weight, case.bias
-    w_axis = None if li.weight_qparams.axis is None else li.weight_qparams.axis % w.ndim
     em = li.emulation
     out_qp = li.output_qparams
     out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
@@ -356,25 +346,30 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     kin, kw = _qsig(li.input_qparams), _qsig(li.weight_qparams)
 
     def input_side() -> tuple[np.ndarray, np.ndarray, object]:
-        iso_clip, step_in, clipped = input_steps(case, li.input_qparams, li.input_codes)
-        if not clipped:
-            return iso_clip, step_in, DELTA  # nothing clipped: rounding alone is this step
-        x_round = _round_only(x, li.input_qparams, None)
-        return iso_clip, step_in, conv_diff(x_round - x, w, g)
+        # Rounding alone is the rounding of the in-range (clipped) input: the step itself.
+        iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
+        return iso_clip, step_in, DELTA
 
-    def weight_side() -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def weight_side() -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float]:
         dw_clip, step_w = weight_clip_step(case, li.input_qparams, li.input_codes,
                                            li.weight_qparams, li.weight_codes)
-        w_round = _round_only(w, li.weight_qparams, w_axis) - w
-        return conv_diff(x, dw_clip, g), step_w, conv_diff(x, w_round, g)
+        # isolated: each effect on the float input; rounding is that of the in-range weight,
+        # so clipping + rounding is the weight's whole quantization error, whose output RMSE
+        # QCD023 compares with per-channel weights
+        iso_wclip = conv_diff(x, dw_clip, g)
+        w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
+        iso_wround = conv_diff(x, w_round, g)
+        both = iso_wclip + iso_wround
+        return iso_wclip, step_w, iso_wround, float(np.sqrt(np.mean(both * both)))
 
     iso_clip, step_in, iso_round = memoized("ladder_input", (li.input_codes,), kin, input_side)
     state = y0 + iso_clip
     yield "input_clipping", state, iso_clip
     state = state + step_in
     yield "input_rounding", state, iso_round
-    iso_wclip, step_w, iso_wround = memoized(
+    iso_wclip, step_w, iso_wround, w_rmse = memoized(
         "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
+    measured["weight_error_rmse"] = w_rmse
     if step_w is not None:
         state = state + step_w
     yield "weight_clipping", state, iso_wclip
@@ -431,7 +426,8 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
     prev = y0
     cumulative_prev: Metrics | None = None
-    for sid, state, iso_arr in _ladder_states(case, li, y0, reasons):
+    measured: dict[str, float] = {}
+    for sid, state, iso_arr in _ladder_states(case, li, y0, reasons, measured):
         lsb = fs if sid in ("module_state", "backend_residual") else out_s
         delta_arr = state - prev
         energies[sid] = energy(delta_arr)
@@ -460,4 +456,5 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         d, c, i = metrics[sid]
         results.append(StageResult(sid, True, None, d, c, i, shares[sid]))
     total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
-    return Ladder(tuple(results), y0, states, deltas, final, total, fs)
+    return Ladder(tuple(results), y0, states, deltas, final, total, fs,
+                  measured.get("weight_error_rmse"))

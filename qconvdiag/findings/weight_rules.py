@@ -140,7 +140,9 @@ def qcd023(ctx: Context) -> Iterator[Finding]:
         per_ch_scale = np.where(per_ch_scale > 0, per_ch_scale, 1.0)
         pc = QParams(tuple(float(s) for s in per_ch_scale), (0,) * w.shape[0], "qint8", 0, "x")
         candidate = dequantize(quantize(w, pc), pc)
-        now, then = _weight_error_rmse(ctx, current), _weight_error_rmse(ctx, candidate)
+        measured = run.ladder.weight_error_rmse if run.ladder is not None else None
+        now = measured if measured is not None else _weight_error_rmse(ctx, current)
+        then = _weight_error_rmse(ctx, candidate)
         if now <= 0 or then >= now / 2:
             continue
         impact = share(run, "weight_clipping", "weight_rounding") * (1 - then / now)
