@@ -23,7 +23,7 @@ backend_residual      torch's real output                                    0
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from .case import ConvCase, Geometry
 from .emulate import Emulation
-from .metrics import Metrics, energy, error_metrics, shares_from_energies
+from .metrics import CHUNK, ErrorAccumulator, Metrics, chunks, shares_from_energies
 from .qparams import QParams, clip_bounds, dequantize
 
 STAGE_IDS = (
@@ -329,9 +329,10 @@ class LadderInputs:
 
 def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
                    reasons: dict[str, str], measured: dict[str, float]
-                   ) -> Iterator[tuple[str, np.ndarray, object]]:
-    """Yield (stage id, state, isolated) in data-flow order; isolated is an array, None, or
-    DELTA (the effect alone is the step itself). One state at a time: memory stays flat."""
+                   ) -> Iterator[tuple[str, Callable[[np.ndarray, np.ndarray], Any], object]]:
+    """Yield (stage id, fill, isolated) in data-flow order: ``fill(out, previous state)``
+    writes the state; isolated is an array, a ``PerChannel`` constant, or DELTA (the effect
+    alone is the step itself)."""
     g = case.geometry
     x, w, b = case.input, case.weight, case.bias
     em = li.emulation
@@ -359,47 +360,78 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
         iso_wclip = conv_diff(x, dw_clip, g)
         w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
         iso_wround = conv_diff(x, w_round, g)
-        both = iso_wclip + iso_wround
-        return iso_wclip, step_w, iso_wround, float(np.sqrt(np.mean(both * both)))
+        acc = ErrorAccumulator()
+        a, c = iso_wclip.reshape(-1), iso_wround.reshape(-1)
+        buf = np.empty(CHUNK, dtype=np.float64)
+        for sl in chunks(a.size):
+            part = np.add(a[sl], c[sl], out=buf[:sl.stop - sl.start])
+            acc.add(part, part)
+        return iso_wclip, step_w, iso_wround, float(np.sqrt(acc.energy / max(acc.n, 1)))
 
     iso_clip, step_in, iso_round = memoized("ladder_input", (li.input_codes,), kin, input_side)
-    state = y0 + iso_clip
-    yield "input_clipping", state, iso_clip
-    state = state + step_in
-    yield "input_rounding", state, iso_round
+    # Each state is written into a buffer the caller owns (two, used in turn), by a function
+    # of (out, previous state): no full-size temporaries on the way.
+    yield "input_clipping", lambda out, prev: np.add(y0, iso_clip, out=out), iso_clip
+    yield "input_rounding", lambda out, prev: np.add(prev, step_in, out=out), iso_round
     iso_wclip, step_w, iso_wround, w_rmse = memoized(
         "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
     measured["weight_error_rmse"] = w_rmse
-    if step_w is not None:
-        state = state + step_w
-    yield "weight_clipping", state, iso_wclip
-    yield "weight_rounding", _bias_add(em.acc_exact * acc_scale, b), iso_wround
+    yield ("weight_clipping", lambda out, prev: (np.copyto(out, prev) if step_w is None
+                                                 else np.add(prev, step_w, out=out)), iso_wclip)
+    yield ("weight_rounding", lambda out, prev: _scaled(out, em.acc_exact, acc_scale, b),
+           iso_wround)
     if b is None:
         reasons["bias_quantization"] = "the layer has no bias"
     else:
         bias_shift = np.asarray(em.bias_real, dtype=np.float64) - b.astype(np.float64)
-        yield ("bias_quantization", _bias_add(em.acc_exact * acc_scale, em.bias_real),
-               np.broadcast_to(_bias_add(np.zeros((1,) * y0.ndim), bias_shift), y0.shape))
-    yield ("accumulation", _bias_add(em.acc * acc_scale, em.bias_real if b is not None else None),
-           DELTA)
-    yield ("output_rounding", (em.unclamped - out_zp).astype(np.float64) * out_s,
+        yield ("bias_quantization",
+               lambda out, prev: _scaled(out, em.acc_exact, acc_scale, em.bias_real),
+               PerChannel(bias_shift))
+    yield ("accumulation", lambda out, prev: _scaled(
+        out, em.acc, acc_scale, em.bias_real if b is not None else None), DELTA)
+    yield ("output_rounding", lambda out, prev: _dequantized(out, em.unclamped, out_zp, out_s),
            _requant_float(y0, out_qp, clip=False) - y0)
     lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
-    yield ("output_clipping", (em.output_codes - out_zp).astype(np.float64) * out_s,
+    yield ("output_clipping", lambda out, prev: _dequantized(out, em.output_codes, out_zp, out_s),
            np.clip(y0, lo, hi) - y0)
     final_qp = out_qp
     if li.module_emulation is not None and li.module_output_qparams is not None:
         final_qp = li.module_output_qparams
+        mem = li.module_emulation
         ms, mzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
-        yield ("module_state", (li.module_emulation.output_codes - mzp).astype(np.float64) * ms,
+        yield ("module_state", lambda out, prev: _dequantized(out, mem.output_codes, mzp, ms),
                DELTA)
     else:
         reasons["module_state"] = li.module_reason
     fs, fzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
     if li.torch_codes is not None:
-        yield "backend_residual", (li.torch_codes - fzp).astype(np.float64) * fs, DELTA
+        codes = li.torch_codes
+        yield "backend_residual", lambda out, prev: _dequantized(out, codes, fzp, fs), DELTA
     else:
         reasons["backend_residual"] = li.torch_reason
+
+
+def _scaled(out: np.ndarray, acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
+            ) -> np.ndarray:
+    """out = acc * scale (+ bias per output channel), in float64."""
+    np.multiply(acc, scale, out=out)
+    if bias is not None:
+        out += np.asarray(bias, dtype=np.float64).reshape((1, -1) + (1,) * (out.ndim - 2))
+    return out
+
+
+def _dequantized(out: np.ndarray, codes: np.ndarray, zp: int, scale: float) -> np.ndarray:
+    """out = (codes - zp) * scale, in float64."""
+    np.subtract(codes, zp, out=out)
+    out *= scale
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PerChannel:
+    """An isolated effect that is one constant per output channel (the bias's)."""
+
+    values: np.ndarray
 
 
 DELTA = object()
@@ -425,27 +457,43 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     energies: dict[str, float] = {}
     metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
     prev = y0
-    cumulative_prev: Metrics | None = None
     measured: dict[str, float] = {}
-    for sid, state, iso_arr in _ladder_states(case, li, y0, reasons, measured):
+    ref = y0.reshape(-1)
+    parts = chunks(ref.size)
+    d_buf = np.empty(CHUNK, dtype=np.float64)
+    c_buf = np.empty(CHUNK, dtype=np.float64)
+    buffers = [np.empty(y0.shape, dtype=np.float64), np.empty(y0.shape, dtype=np.float64)]
+    channel_sums: np.ndarray | None = None
+    for k, (sid, fill, iso_arr) in enumerate(_ladder_states(case, li, y0, reasons, measured)):
         lsb = fs if sid in ("module_state", "backend_residual") else out_s
-        delta_arr = state - prev
-        energies[sid] = energy(delta_arr)
-        delta = error_metrics(delta_arr, y0, lsb, rr)
-        if delta.max_abs == 0 and cumulative_prev is not None and lsb == out_s:
-            cumulative = cumulative_prev  # nothing changed: same state, same error
-        else:
-            cumulative = error_metrics(state - y0, y0, lsb, rr)
-        if iso_arr is DELTA:
-            iso: Metrics | None = delta
-        else:
-            iso = error_metrics(iso_arr, y0, lsb, rr)  # type: ignore[arg-type]
+        state = buffers[k % 2]
+        fill(state, prev)
+        # delta, cumulative and isolated metrics in one trip through memory, chunk by chunk,
+        # without materialising the delta or the cumulative error
+        cur, before = state.reshape(-1), prev.reshape(-1)
+        iso_flat = (None if iso_arr is DELTA or isinstance(iso_arr, PerChannel)
+                    else np.ascontiguousarray(iso_arr, dtype=np.float64).reshape(-1))
+        d_acc, c_acc, i_acc = ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator()
+        for sl in parts:
+            r = ref[sl]
+            n = r.size
+            d_acc.add(np.subtract(cur[sl], before[sl], out=d_buf[:n]), r)
+            c_acc.add(np.subtract(cur[sl], r, out=c_buf[:n]), r)
+            if iso_flat is not None:
+                i_acc.add(iso_flat[sl], r)
+        if isinstance(iso_arr, PerChannel):
+            if channel_sums is None:
+                channel_sums = y0.sum(axis=tuple(i for i in range(y0.ndim) if i != 1))
+            i_acc.add_per_channel(iso_arr.values, channel_sums, y0.size // y0.shape[1])
+        energies[sid] = d_acc.energy
+        delta = d_acc.metrics(rr, lsb)
+        cumulative = c_acc.metrics(rr, lsb)
+        iso: Metrics | None = delta if iso_arr is DELTA else i_acc.metrics(rr, lsb)
         metrics[sid] = (delta, cumulative, iso)
-        cumulative_prev = cumulative
         if keep:
-            states[sid], deltas[sid] = state, delta_arr
+            states[sid], deltas[sid] = state.copy(), state - prev
         prev = state
-    final = prev
+    final = prev.copy()
     shares = shares_from_energies(energies)
     results = []
     for sid in STAGE_IDS:
