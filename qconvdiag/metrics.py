@@ -63,7 +63,7 @@ def error_metrics(
 
 #: Elements per chunk when metrics are accumulated: small enough to stay in cache, so the
 #: five reductions over a chunk cost one trip through memory instead of five.
-CHUNK = 1 << 15
+CHUNK = 1 << 16
 
 
 def chunks(n: int) -> list[slice]:

@@ -273,9 +273,26 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     return np.clip(rounded.astype(np.int64), qp.qmin, qp.qmax)
 
 
+#: Elements quantized per block (the float64 temporaries stay in cache).
+QUANTIZE_BLOCK = 1 << 16
+
+
 def _rint_fma32(x: np.ndarray, inv: np.ndarray, zp: np.ndarray) -> np.ndarray:
     """rint(fma32(x, inv, zp)) as int64, fast: x * inv is exact in float64, so the float64 sum
-    only needs the exact float32 treatment where it lies within a float32 step of a .5 tie."""
+    only needs the exact float32 treatment where it lies within a float32 step of a .5 tie.
+    Per-tensor (scalar ``inv`` and ``zp``) large tensors go block by block."""
+    if inv.size == 1 and zp.size == 1 and x.size > QUANTIZE_BLOCK:
+        flat = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty(flat.size, dtype=np.int64)
+        i1, z1 = inv.reshape(-1)[:1], zp.reshape(-1)[:1]
+        for start in range(0, flat.size, QUANTIZE_BLOCK):
+            stop = min(start + QUANTIZE_BLOCK, flat.size)
+            out[start:stop] = _rint_fma32_block(flat[start:stop], i1, z1)
+        return out.reshape(x.shape)
+    return _rint_fma32_block(x, inv, zp)
+
+
+def _rint_fma32_block(x: np.ndarray, inv: np.ndarray, zp: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         v = x.astype(np.float64) * inv.astype(np.float64) + zp.astype(np.float64)
         r = np.rint(v)

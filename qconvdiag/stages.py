@@ -390,10 +390,10 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     yield ("accumulation", lambda out, prev: _scaled(
         out, em.acc, acc_scale, em.bias_real if b is not None else None), DELTA)
     yield ("output_rounding", lambda out, prev: _dequantized(out, em.unclamped, out_zp, out_s),
-           _requant_float(y0, out_qp, clip=False) - y0)
+           Elementwise(lambda r: _requant_float(r, out_qp, clip=False) - r))
     lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
     yield ("output_clipping", lambda out, prev: _dequantized(out, em.output_codes, out_zp, out_s),
-           np.clip(y0, lo, hi) - y0)
+           Elementwise(lambda r: np.clip(r, lo, hi) - r))
     final_qp = out_qp
     if li.module_emulation is not None and li.module_output_qparams is not None:
         final_qp = li.module_output_qparams
@@ -425,6 +425,14 @@ def _dequantized(out: np.ndarray, codes: np.ndarray, zp: int, scale: float) -> n
     np.subtract(codes, zp, out=out)
     out *= scale
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class Elementwise:
+    """An isolated effect that is a function of the float output alone, element by element
+    (evaluated chunk by chunk on the reference)."""
+
+    error: Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -471,7 +479,8 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         # delta, cumulative and isolated metrics in one trip through memory, chunk by chunk,
         # without materialising the delta or the cumulative error
         cur, before = state.reshape(-1), prev.reshape(-1)
-        iso_flat = (None if iso_arr is DELTA or isinstance(iso_arr, PerChannel)
+        lazy = iso_arr.error if isinstance(iso_arr, Elementwise) else None
+        iso_flat = (None if iso_arr is DELTA or isinstance(iso_arr, (PerChannel, Elementwise))
                     else np.ascontiguousarray(iso_arr, dtype=np.float64).reshape(-1))
         d_acc, c_acc, i_acc = ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator()
         for sl in parts:
@@ -481,6 +490,8 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
             c_acc.add(np.subtract(cur[sl], r, out=c_buf[:n]), r)
             if iso_flat is not None:
                 i_acc.add(iso_flat[sl], r)
+            elif lazy is not None:
+                i_acc.add(lazy(r), r)
         if isinstance(iso_arr, PerChannel):
             if channel_sums is None:
                 channel_sums = y0.sum(axis=tuple(i for i in range(y0.ndim) if i != 1))
