@@ -363,6 +363,10 @@ def _cvt_rint(y: np.ndarray) -> np.ndarray:
     """``_mm256_cvtps_epi32``: round half to even; out of int32 range gives INT32_MIN."""
     y32 = np.asarray(y, dtype=np.float32)
     r = np.rint(y32)  # float32 rint is exact
+    if r.size:
+        lo, hi = float(r.min()), float(r.max())  # NaN propagates into both
+        if lo >= -(2.0**31) and hi < 2.0**31:
+            return r.astype(np.int64)
     with np.errstate(invalid="ignore"):
         bad = ~((r >= np.float32(-(2.0**31))) & (r < np.float32(2.0**31)))  # NaN included
     if bad.any():
@@ -502,8 +506,11 @@ def emulate(
         corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation,
                                           zps.pair_pad_code)
         acc = acc_exact + corr
-    # int32 accumulator wraps like the hardware does
-    acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
+    # int32 accumulator wraps like the hardware does (a plain cast when nothing wraps)
+    if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
+        acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
+    else:
+        acc = acc.astype(np.int32)
     per_channel = w_qp.per_channel
     bias_int = None
     if kernel.kernel == "qnnpack":

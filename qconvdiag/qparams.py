@@ -314,7 +314,9 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     axis = None if qp.axis is None else qp.axis % q.ndim
     s = _broadcast(qp.scales(), q.ndim, axis)
     zp = _broadcast(qp.zero_points(), q.ndim, axis)
-    return (q - zp).astype(np.float64) * s
+    out = np.subtract(q, zp, dtype=np.float64)  # exact: integers far below 2^53
+    out *= s
+    return out
 
 
 def dequantize32(q: np.ndarray, qp: QParams) -> np.ndarray:
