@@ -61,7 +61,7 @@ class Emulation:
 
     kernel: Kernel
     acc_exact: np.ndarray
-    """int64: sum over K of (x - x_zp) * (w - w_zp), exact."""
+    """int32 (int64 when out of range): sum over K of (x - x_zp) * (w - w_zp), exact."""
     acc: np.ndarray
     """int32: the accumulator the engine really holds (int16 pair saturation included)."""
     saturated_pairs: int
@@ -72,14 +72,22 @@ class Emulation:
     """(O,) int64: qnnpack's int32 bias (scale in_s * w_s); None for other kernels."""
     multiplier: np.ndarray
     """(O,) float32 requantization multiplier (accumulator units -> output steps)."""
-    pre_round: np.ndarray
-    """float64: value in output steps right before rounding (zero point not yet added)."""
+    pre_round32: np.ndarray
+    """float32: the engine's float32 value right before rounding (see ``pre_round``)."""
     unclamped: np.ndarray
-    """int64: rint(pre_round) + zero point, before the clamp to the output dtype."""
+    """int32 (int64 if out of range): rint(pre_round) + zero point, before the clamp."""
     output_codes: np.ndarray
     """int32: final output codes."""
     acc_scale: np.ndarray
     """(O,) float64: in_s * w_s, one accumulator step in float units."""
+    pre_round_offset: int = 0
+    """Subtracted from ``pre_round32`` to give ``pre_round`` (oneDNN adds the zero point
+    before rounding)."""
+
+    @property
+    def pre_round(self) -> np.ndarray:
+        """float64: value in output steps right before rounding (zero point not yet added)."""
+        return self.pre_round32.astype(np.float64) - self.pre_round_offset
 
 
 def _tap_views(xpad: np.ndarray, weight_shape: tuple[int, ...], g: Geometry,
@@ -261,8 +269,15 @@ def shared_exact_accumulator(
     from .memo import memoized
 
     zps = tuple(int(v) for v in np.asarray(w_zp).reshape(-1))
+
+    def compute() -> np.ndarray:
+        acc = exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code)
+        if acc.size and INT32_MIN <= int(acc.min()) and int(acc.max()) <= INT32_MAX:
+            return acc.astype(np.int32)  # half the memory; int64 only when needed
+        return acc
+
     return memoized("exact_accumulator", (x_codes, w_codes), (int(x_zp), int(pad_code), zps, g),
-                    lambda: exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code))
+                    compute)
 
 
 def _conv_int(x: np.ndarray, w: np.ndarray, g: Geometry, dtype: type) -> np.ndarray:
@@ -378,7 +393,7 @@ def requantize_fbgemm(
     acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
     out_scale: float, out_zp: int, per_channel: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Returns (pre_round float32 as float64, unclamped int64, multiplier, bias_real)."""
+    """Returns (pre_round float32, unclamped int64, multiplier, bias_real)."""
     o = acc.shape[1]
     atws = mul32(f32(w_scales), f32(in_scale))  # (O,)
     mult = div32(atws, f32(out_scale))
@@ -397,7 +412,7 @@ def requantize_fbgemm(
         x = acc32
     y = mul32(x, _bcast(np.broadcast_to(mult, (o,)), acc.ndim))
     r = _cvt_rint(y)
-    return y.astype(np.float64), r + out_zp, mult, bias_real
+    return y, r + out_zp, mult, bias_real
 
 
 def requantize_qnnpack(
@@ -415,7 +430,7 @@ def requantize_qnnpack(
     y = mul32(f32(acc), _bcast(np.broadcast_to(mult, (o,)), acc.ndim))
     r = np.rint(y.astype(np.float64)).astype(np.int64)
     bias_real = None if bias_int is None else bias_int * bias_scale
-    return y.astype(np.float64), r + out_zp, mult, bias_real, bias_int
+    return y, r + out_zp, mult, bias_real, bias_int
 
 
 def requantize_onednn(
@@ -440,8 +455,7 @@ def requantize_onednn(
     y = add32(y, f32(out_zp))
     r = _cvt_rint(y)
     mult = mul32(scale, dst_mult)
-    pre = (y.astype(np.float64) - out_zp)
-    return pre, r, np.broadcast_to(mult, (o,)).copy(), bias_real
+    return y, r, np.broadcast_to(mult, (o,)).copy(), bias_real
 
 
 @dataclass(frozen=True)
@@ -523,9 +537,12 @@ def emulate(
         pre, unclamped, mult, bias_real = requantize_fbgemm(
             acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
     codes = np.clip(unclamped, out_qp.dtype_min, out_qp.dtype_max).astype(np.int32)
+    if unclamped.size and INT32_MIN <= int(unclamped.min()) and int(unclamped.max()) <= INT32_MAX:
+        unclamped = unclamped.astype(np.int32)  # half the memory; int64 only when needed
     acc_scale = w_scales * in_scale
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,
-        np.asarray(mult, dtype=np.float32), pre, unclamped, codes, acc_scale,
+        np.asarray(mult, dtype=np.float32), np.asarray(pre, dtype=np.float32), unclamped, codes,
+        acc_scale, out_zp if kernel.kernel == "onednn" else 0,
     )
 
