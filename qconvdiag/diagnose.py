@@ -219,7 +219,7 @@ def diagnose_runs(
     say = progress or (lambda _msg: None)
     engines = resolve_engines(options.engine)
     runs: list[PathRun] = []
-    from .memo import memo_scope
+    from .memo import forget_all, memo_scope
 
     # Hashing array contents costs ~1 ms per MB; it pays off only when engines share work.
     with capture_warnings(), memo_scope(by_content=len(engines) > 1):
@@ -240,11 +240,16 @@ def diagnose_runs(
             production = build_production(case, engine, options.production, options.calib,
                                           production_cache)
             as_given = build_as_given(case, production)
+            # production first: it reuses the reference's convs; with one engine nothing is
+            # reused after it, so the shared results are dropped before the as_given path
+            say(f"{engine}: production path (emulation, stage ladder, torch check)")
+            prod_run = run_path(case, production, engine, y0, keep)
+            if len(engines) == 1:
+                forget_all()
             if as_given is not None:
                 say(f"{engine}: as_given path (emulation, stage ladder, torch check)")
                 runs.append(run_path(case, as_given, engine, y0, keep))
-            say(f"{engine}: production path (emulation, stage ladder, torch check)")
-            runs.append(run_path(case, production, engine, y0, keep))
+            runs.append(prod_run)
     return runs, list(captured_warnings())
 
 

@@ -39,6 +39,13 @@ def memo_scope(by_content: bool = True) -> Iterator[None]:
         _MEMO.reset(token)
 
 
+def forget_all() -> None:
+    """Drop every remembered result of the current scope (their memory is freed)."""
+    table = _MEMO.get()
+    if table is not None:
+        table.clear()
+
+
 def digest(a: np.ndarray) -> tuple[str, tuple[int, ...], str]:
     arr = np.ascontiguousarray(a)
     return (hashlib.blake2b(arr.data, digest_size=16).hexdigest(),  # type: ignore[arg-type]

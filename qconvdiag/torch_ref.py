@@ -122,7 +122,7 @@ def run_conv(
                 geometry.groups,
             )
             out = conv(qx, packed, float(output_scale), int(output_zero_point))
-            codes = out.int_repr().numpy().astype(np.int64)
+            codes = out.int_repr().numpy().astype(np.int32)
             result = TorchRun(True, codes)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
