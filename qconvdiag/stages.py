@@ -31,7 +31,7 @@ import numpy as np
 
 from .case import ConvCase, Geometry
 from .emulate import Emulation
-from .metrics import CHUNK, ErrorAccumulator, Metrics, chunks, shares_from_energies
+from .metrics import CHUNK, ErrorAccumulator, Metrics, chunks, dot, shares_from_energies
 from .qparams import QParams, clip_bounds, dequantize
 
 STAGE_IDS = (
@@ -458,7 +458,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     out_s = float(li.output_qparams.scale[0])
     fs = float((li.module_output_qparams if li.module_emulation is not None
                 and li.module_output_qparams is not None else li.output_qparams).scale[0])
-    rr = float(np.dot(y0.reshape(-1), y0.reshape(-1)))
+    rr = dot(y0.reshape(-1), y0.reshape(-1))
     reasons: dict[str, str] = {}
     states: dict[str, np.ndarray] = {}
     deltas: dict[str, np.ndarray] = {}
