@@ -52,6 +52,11 @@ def digest(a: np.ndarray) -> tuple[str, tuple[int, ...], str]:
             arr.shape, arr.dtype.str)
 
 
+def by_content() -> bool:
+    """True inside a scope that shares results between equal arrays (several engines)."""
+    return _MEMO.get() is not None and _BY_CONTENT.get()
+
+
 def active() -> bool:
     return _MEMO.get() is not None
 
@@ -64,10 +69,21 @@ def memoized(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
         return compute()
     if not _BY_CONTENT.get():
         return identity(kind, arrays, extra, compute)
-    key = (kind, tuple(digest(a) for a in arrays), extra)
+    key = (kind, tuple(_digest_once(table, a) for a in arrays), extra)
     if key not in table:
         table[key] = compute()
     return table[key]
+
+
+def _digest_once(table: dict[Hashable, Any], a: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+    """``digest(a)``, computed once per array object in the scope (the object is kept with it,
+    so its id is not reused; callers never modify remembered inputs in place)."""
+    key = ("digest", id(a))
+    hit = table.get(key)
+    if hit is None or hit[0] is not a:
+        hit = (a, digest(a))
+        table[key] = hit
+    return hit[1]  # type: ignore[no-any-return]
 
 
 def identity(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,

@@ -442,6 +442,10 @@ class PerChannel:
     values: np.ndarray
 
 
+ENGINE_FREE_STAGES = ("input_clipping", "input_rounding", "weight_clipping")
+"""Stages whose states depend on the codes and qparams only, not on the engine (weight
+rounding already uses the engine's exact accumulator: qnnpack wraps zero points)."""
+
 DELTA = object()
 """Marker: a stage's isolated effect is its own delta."""
 
@@ -472,10 +476,23 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     c_buf = np.empty(CHUNK, dtype=np.float64)
     buffers = [np.empty(y0.shape, dtype=np.float64), np.empty(y0.shape, dtype=np.float64)]
     channel_sums: np.ndarray | None = None
+    # The stages before weight rounding do not depend on the engine: with several engines their
+    # metrics are measured once per grid and output step (memo; nothing to share otherwise).
+    from .memo import by_content, memoized
+
+    shared: dict[str, tuple[tuple[Metrics, Metrics, Metrics | None], float]] = {}
+    if by_content() and not keep:
+        shared = memoized("ladder_prefix", (li.input_codes, li.weight_codes, y0),
+                          (_qsig(li.input_qparams), _qsig(li.weight_qparams), out_s), dict)
+    prefix_known = all(sid in shared for sid in ENGINE_FREE_STAGES)
     for k, (sid, fill, iso_arr) in enumerate(_ladder_states(case, li, y0, reasons, measured)):
         lsb = fs if sid in ("module_state", "backend_residual") else out_s
         state = buffers[k % 2]
         fill(state, prev)
+        if prefix_known and sid in ENGINE_FREE_STAGES:
+            metrics[sid], energies[sid] = shared[sid]
+            prev = state
+            continue
         # delta, cumulative and isolated metrics in one trip through memory, chunk by chunk,
         # without materialising the delta or the cumulative error
         cur, before = state.reshape(-1), prev.reshape(-1)
@@ -501,6 +518,8 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         cumulative = c_acc.metrics(rr, lsb)
         iso: Metrics | None = delta if iso_arr is DELTA else i_acc.metrics(rr, lsb)
         metrics[sid] = (delta, cumulative, iso)
+        if sid in ENGINE_FREE_STAGES and not prefix_known:
+            shared[sid] = (metrics[sid], energies[sid])
         if keep:
             states[sid], deltas[sid] = state.copy(), state - prev
         prev = state
