@@ -327,9 +327,13 @@ class LadderInputs:
     torch_reason: str
 
 
+Fill = Callable[[np.ndarray, np.ndarray], Any]
+"""Writes a stage's state: fill(out, previous state)."""
+
+
 def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
                    reasons: dict[str, str], measured: dict[str, float]
-                   ) -> Iterator[tuple[str, Callable[[np.ndarray, np.ndarray], Any], object]]:
+                   ) -> Iterator[tuple[str, Fill | None, object]]:
     """Yield (stage id, fill, isolated) in data-flow order: ``fill(out, previous state)``
     writes the state; isolated is an array, a ``PerChannel`` constant, or DELTA (the effect
     alone is the step itself)."""
@@ -387,13 +391,16 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
         yield ("bias_quantization",
                lambda out, prev: _scaled(out, em.acc_exact, acc_scale, em.bias_real),
                PerChannel(bias_shift))
-    yield ("accumulation", lambda out, prev: _scaled(
+    exact_acc = em.saturated_pairs == 0 and em.acc_exact.dtype == np.int32  # nothing wrapped
+    yield ("accumulation", SAME if exact_acc else lambda out, prev: _scaled(
         out, em.acc, acc_scale, em.bias_real if b is not None else None), DELTA)
     yield ("output_rounding", lambda out, prev: _dequantized(out, em.unclamped, out_zp, out_s),
            Elementwise(lambda r: _requant_float(r, out_qp, clip=False) - r))
     lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
-    yield ("output_clipping", lambda out, prev: _dequantized(out, em.output_codes, out_zp, out_s),
-           Elementwise(lambda r: np.clip(r, lo, hi) - r))
+    in_range = em.unclamped.size == 0 or (
+        out_qp.dtype_min <= int(em.unclamped.min()) and int(em.unclamped.max()) <= out_qp.dtype_max)
+    yield ("output_clipping", SAME if in_range else lambda out, prev: _dequantized(
+        out, em.output_codes, out_zp, out_s), Elementwise(lambda r: np.clip(r, lo, hi) - r))
     final_qp = out_qp
     if li.module_emulation is not None and li.module_output_qparams is not None:
         final_qp = li.module_output_qparams
@@ -406,7 +413,10 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     fs, fzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
     if li.torch_codes is not None:
         codes = li.torch_codes
-        yield "backend_residual", lambda out, prev: _dequantized(out, codes, fzp, fs), DELTA
+        final = li.module_emulation if final_qp is not out_qp else em
+        same = final is not None and np.array_equal(codes, final.output_codes)
+        yield ("backend_residual", SAME if same else
+               lambda out, prev: _dequantized(out, codes, fzp, fs), DELTA)
     else:
         reasons["backend_residual"] = li.torch_reason
 
@@ -441,6 +451,9 @@ class PerChannel:
 
     values: np.ndarray
 
+
+SAME = None
+"""In place of a state's fill: the state is the previous one (the stage changes nothing)."""
 
 ENGINE_FREE_STAGES = ("input_clipping", "input_rounding", "weight_clipping")
 """Stages whose states depend on the codes and qparams only, not on the engine (weight
@@ -485,12 +498,32 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         shared = memoized("ladder_prefix", (li.input_codes, li.weight_codes, y0),
                           (_qsig(li.input_qparams), _qsig(li.weight_qparams), out_s), dict)
     prefix_known = all(sid in shared for sid in ENGINE_FREE_STAGES)
-    for k, (sid, fill, iso_arr) in enumerate(_ladder_states(case, li, y0, reasons, measured)):
+    cumulative_prev: Metrics | None = None
+    k = 0
+    for sid, fill, iso_arr in _ladder_states(case, li, y0, reasons, measured):
         lsb = fs if sid in ("module_state", "backend_residual") else out_s
+        if fill is SAME and cumulative_prev is not None and lsb == out_s:
+            # nothing changes: zero delta, the same cumulative error, no pass over the state
+            zero = ErrorAccumulator().metrics(rr, lsb)
+            iso_m = zero
+            if isinstance(iso_arr, Elementwise):
+                i_acc = ErrorAccumulator()
+                for sl in parts:
+                    i_acc.add(iso_arr.error(ref[sl]), ref[sl])
+                iso_m = i_acc.metrics(rr, lsb)
+            metrics[sid], energies[sid] = (zero, cumulative_prev, iso_m), 0.0
+            if keep:
+                states[sid], deltas[sid] = prev.copy(), np.zeros_like(prev)
+            continue
         state = buffers[k % 2]
-        fill(state, prev)
+        k += 1
+        if fill is SAME:
+            np.copyto(state, prev)
+        else:
+            fill(state, prev)
         if prefix_known and sid in ENGINE_FREE_STAGES:
             metrics[sid], energies[sid] = shared[sid]
+            cumulative_prev = metrics[sid][1]
             prev = state
             continue
         # delta, cumulative and isolated metrics in one trip through memory, chunk by chunk,
@@ -518,6 +551,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         cumulative = c_acc.metrics(rr, lsb)
         iso: Metrics | None = delta if iso_arr is DELTA else i_acc.metrics(rr, lsb)
         metrics[sid] = (delta, cumulative, iso)
+        cumulative_prev = cumulative
         if sid in ENGINE_FREE_STAGES and not prefix_known:
             shared[sid] = (metrics[sid], energies[sid])
         if keep:
