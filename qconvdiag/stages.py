@@ -207,15 +207,21 @@ def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry, dtype
 
 
 def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(conv(clip(x) - x, w), conv(dequant(codes) - clip(x), w), whether anything clips).
+                ) -> tuple[np.ndarray | None, np.ndarray, bool]:
+    """(conv(clip(x) - x, w) or None when nothing clips, conv(dequant(codes) - clip(x), w),
+    whether anything clips).
 
     The clipping part is usually sparse (a scatter in float64), the rounding part is bounded
     by half a step (a float32 conv). Computed once per diagnosis for the same codes."""
     from .memo import memoized
 
-    def compute() -> tuple[np.ndarray, np.ndarray, bool]:
+    def compute() -> tuple[np.ndarray | None, np.ndarray, bool]:
         x, w, g = case.input, case.weight, case.geometry
+        lo, hi = (float(v.reshape(-1)[0]) for v in clip_bounds(qp))
+        if x.size == 0 or (float(x.min()) >= lo and float(x.max()) <= hi):
+            d = dequantize(codes, qp)
+            d -= x  # nothing clips: the rounding difference alone
+            return None, conv_diff(d, w, g), False
         x_clip = _clip_tensor(x, qp, None)
         dx_clip = x_clip - x
         clipped = bool(dx_clip.any())
@@ -350,7 +356,7 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
 
     kin, kw = _qsig(li.input_qparams), _qsig(li.weight_qparams)
 
-    def input_side() -> tuple[np.ndarray, np.ndarray, object]:
+    def input_side() -> tuple[np.ndarray | None, np.ndarray, object]:
         # Rounding alone is the rounding of the in-range (clipped) input: the step itself.
         iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
         return iso_clip, step_in, DELTA
@@ -375,7 +381,8 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     iso_clip, step_in, iso_round = memoized("ladder_input", (li.input_codes,), kin, input_side)
     # Each state is written into a buffer the caller owns (two, used in turn), by a function
     # of (out, previous state): no full-size temporaries on the way.
-    yield "input_clipping", lambda out, prev: np.add(y0, iso_clip, out=out), iso_clip
+    yield ("input_clipping", SAME if iso_clip is None else
+           lambda out, prev: np.add(y0, iso_clip, out=out), DELTA if iso_clip is None else iso_clip)
     yield "input_rounding", lambda out, prev: np.add(prev, step_in, out=out), iso_round
     iso_wclip, step_w, iso_wround, w_rmse = memoized(
         "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
