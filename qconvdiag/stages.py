@@ -109,7 +109,9 @@ def conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry) -> n
 
 
 def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
-    """conv of a (usually small or sparse) difference tensor, in float32, returned as float64.
+    """conv of a (usually small or sparse) difference tensor: a float32 conv, returned as
+    float32 (its own precision; consumers add it into float64), or, for a mostly-zero
+    difference, a float64 scatter.
 
     Stage states are built as ``previous state + conv_diff(change)``: linearity makes that the
     same conv, and float32 (oneDNN) is several times faster than float64. The float32 rounding
@@ -131,7 +133,7 @@ def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
         return _conv_sparse_weight(x, w, g, shape)
     if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
         return _conv_sparse_input(x, w, g, shape)
-    return _conv(x, w, None, g, np.float32).astype(np.float64)
+    return _conv(x, w, None, g, np.float32)
 
 
 #: A scatter is used when it does at most 1/SPARSE_GAIN of a dense conv's multiply-adds.
@@ -538,7 +540,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         cur, before = state.reshape(-1), prev.reshape(-1)
         lazy = iso_arr.error if isinstance(iso_arr, Elementwise) else None
         iso_flat = (None if iso_arr is DELTA or isinstance(iso_arr, (PerChannel, Elementwise))
-                    else np.ascontiguousarray(iso_arr, dtype=np.float64).reshape(-1))
+                    else np.ascontiguousarray(iso_arr).reshape(-1))  # float32 or float64
         d_acc, c_acc, i_acc = ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator()
         for sl in parts:
             r = ref[sl]

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..metrics import dot
 from ..qparams import QParams, clip_bounds, dequantize, quantize
 from ..report import Finding
 from ..stages import conv_diff
@@ -124,7 +125,8 @@ def _weight_error_rmse(ctx: Context, w_deq: np.ndarray) -> float:
     """RMSE of the output change that replacing the weight by ``w_deq`` alone causes."""
     case = ctx.case
     diff = conv_diff(case.input, w_deq - case.weight.astype(np.float64), case.geometry)
-    return float(np.sqrt(np.mean(diff * diff)))
+    flat = diff.reshape(-1)
+    return float(np.sqrt(dot(flat, flat) / max(flat.size, 1)))
 
 
 def qcd023(ctx: Context) -> Iterator[Finding]:
