@@ -1,4 +1,5 @@
-"""The stage ladder: deltas telescope exactly to the total; the seed case's story."""
+"""The stage ladder: deltas telescope exactly to the total, the float reference matches a
+float64 conv; the seed case's story."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 
 from qconvdiag.diagnose import Options, diagnose_runs
 from qconvdiag.generate import RandomSpec, forum_case, generate
-from qconvdiag.stages import STAGE_IDS
-from tests.conftest import TELESCOPE_RTOL
+from qconvdiag.stages import STAGE_IDS, conv64
+from tests.conftest import REFERENCE_RTOL, TELESCOPE_RTOL
 
 
 def _check_telescoping(run):
@@ -26,7 +27,11 @@ def test_deltas_telescope_to_the_total(seed, recipe):
     case = generate(RandomSpec(seed=seed, distribution=dist, recipe=recipe,
                                per_channel_varied=seed % 3 == 0))
     runs, _ = diagnose_runs(case, Options(keep_arrays=True))
+    # the float reference (exact integer conv + float32 rounding differences) vs float64
+    want = conv64(case.input, case.weight, case.bias, case.geometry)
+    scale = max(float(np.abs(want).max()), 1e-30)
     for run in runs:
+        assert float(np.abs(run.ladder.float_output - want).max()) <= REFERENCE_RTOL * scale
         _check_telescoping(run)
         assert [s.id for s in run.report.stages] == list(STAGE_IDS)
         shares = [s.share for s in run.report.stages if s.applies and s.share is not None]
