@@ -524,7 +524,7 @@ def emulate(
     if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
         acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
     else:
-        acc = acc.astype(np.int32)
+        acc = acc.astype(np.int32, copy=False)  # exact accumulation: the same array
     per_channel = w_qp.per_channel
     bias_int = None
     if kernel.kernel == "qnnpack":

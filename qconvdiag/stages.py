@@ -566,7 +566,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         if keep:
             states[sid], deltas[sid] = state.copy(), state - prev
         prev = state
-    final = prev.copy()
+    final = prev  # the last state's buffer: nothing writes to it any more
     shares = shares_from_energies(energies)
     results = []
     for sid in STAGE_IDS:
