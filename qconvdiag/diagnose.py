@@ -235,10 +235,14 @@ def diagnose_runs(
                                 production_cache)
         y0 = float_reference(case, grid.input_qparams, grid.input_codes, grid.weight_qparams,
                              grid.weight_codes)
+        productions = {}
         for engine in engines:
             say(f"{engine}: calibrating the production observers")
-            production = build_production(case, engine, options.production, options.calib,
-                                          production_cache)
+            productions[engine] = build_production(case, engine, options.production,
+                                                   options.calib, production_cache)
+        production_cache.pop("float32_output", None)  # calibration is over
+        for engine in engines:
+            production = productions[engine]
             as_given = build_as_given(case, production)
             # production first: it reuses the reference's convs; with one engine nothing is
             # reused after it, so the shared results are dropped before the as_given path
@@ -332,7 +336,7 @@ def collect_tensors(
     runs: list[PathRun], y0: np.ndarray, multi_engine: bool
 ) -> dict[str, np.ndarray]:
     """The arrays --save-outputs writes, named as DESIGN.md says."""
-    out: dict[str, np.ndarray] = {"float_output": y0.astype(np.float64)}
+    out: dict[str, np.ndarray] = {"float_output": np.asarray(y0, dtype=np.float64)}
     for r in runs:
         p = r.report
         prefix = f"{p.name}@{p.engine}" if multi_engine else p.name
