@@ -3,7 +3,9 @@
 With ``--engine all`` the same input and weight codes often go through every engine: the
 stage ladder's convs before the accumulation stage and the exact integer accumulator do not
 depend on the engine. Inside ``memo_scope()`` such results are remembered by the content of
-their inputs (a 128-bit BLAKE2 digest), so each is computed once. Cached arrays are shared:
+their inputs (a 128-bit BLAKE2 digest, once per array object), so each is computed once. With
+one engine the scope matches the very same array objects instead (no hashing): the float
+reference and the production path share their convs that way. Cached arrays are shared:
 callers never modify them in place.
 """
 
@@ -57,10 +59,6 @@ def by_content() -> bool:
     return _MEMO.get() is not None and _BY_CONTENT.get()
 
 
-def active() -> bool:
-    return _MEMO.get() is not None
-
-
 def memoized(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
              compute: Callable[[], Any]) -> Any:
     """``compute()``, or the result remembered for the same kind, array contents and extra."""
@@ -102,13 +100,3 @@ def identity(kind: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
     result = compute()
     table[key] = (arrays, result)
     return result
-
-
-def remember(key: Hashable, compute: Callable[[], Any]) -> Any:
-    """``compute()``, or the result remembered under a key the caller built."""
-    table = _MEMO.get()
-    if table is None:
-        return compute()
-    if key not in table:
-        table[key] = compute()
-    return table[key]
