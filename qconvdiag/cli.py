@@ -6,7 +6,9 @@ Exit codes: 0 ok, 1 a threshold or ``--fail-on`` level was breached, 2 usage or 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -150,49 +152,96 @@ WidthOpt = Annotated[
 ]
 
 
-def _diagnose_and_report(
-    case: Any, engine: Optional[str], observer: Optional[str], per_channel: Optional[bool],
-    calib: Optional[Path], json_out: bool, output: Optional[Path],
-    save_outputs: Optional[Path], fail_under_sqnr: Optional[float],
-    max_abs_error: Optional[float], fail_on: FailOn, ignore: Optional[list[str]],
-    width: Optional[int], max_elements: int, inputs: tuple[Path, ...] = (),
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class DiagnosisArgs:
+    """The diagnosis options every diagnosing command takes (see ``diagnosis_options``)."""
+
+    engine: Optional[str] = None
+    observer: Optional[str] = None
+    per_channel: Optional[bool] = None
+    calib: Optional[Path] = None
+    json_out: bool = False
+    output: Optional[Path] = None
+    save_outputs: Optional[Path] = None
+    fail_under_sqnr: Optional[float] = None
+    max_abs_error: Optional[float] = None
+    fail_on: FailOn = FailOn.never
+    ignore: Optional[list[str]] = None
+    max_elements: int = 50_000_000
+    width: Optional[int] = None
+
+
+#: (parameter, CLI annotation) of every DiagnosisArgs field, in --help order.
+_DIAGNOSIS_PARAMS: tuple[tuple[str, Any], ...] = (
+    ("engine", EngineOpt), ("observer", ObserverOpt), ("per_channel", PerChannelOpt),
+    ("calib", CalibOpt), ("json_out", JsonOpt), ("output", OutputOpt),
+    ("save_outputs", SaveOutputsOpt), ("fail_under_sqnr", SqnrOpt),
+    ("max_abs_error", MaxAbsOpt), ("fail_on", FailOnOpt), ("ignore", IgnoreOpt),
+    ("max_elements", MaxElementsOpt), ("width", WidthOpt),
+)
+
+
+def diagnosis_options(func: F) -> F:
+    """Give a command every diagnosis option: typer reads them from the signature this adds,
+    and the command receives them as one ``diag: DiagnosisArgs`` (one definition, not one
+    copy per command)."""
+    defaults = DiagnosisArgs()
+    sig = inspect.signature(func, eval_str=True)  # real annotations: typer reads them
+    own = [p for p in sig.parameters.values() if p.name != "diag"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                default=getattr(defaults, name))
+              for name, ann in _DIAGNOSIS_PARAMS]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        diag = DiagnosisArgs(**{name: kwargs.pop(name) for name, _ in _DIAGNOSIS_PARAMS
+                                if name in kwargs})
+        return func(*args, diag=diag, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + shared)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{k: v for k, v in func.__annotations__.items() if k != "diag"},
+                               **dict(_DIAGNOSIS_PARAMS)}
+    return wrapper  # type: ignore[return-value]
+
+
+def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...] = ()
+                         ) -> None:
     import math
 
     from .diagnose import Options, diagnose
     from .io import atomic_write, check_size, load_calibration
 
-    for target in (output, save_outputs):
+    for target in (diag.output, diag.save_outputs):
         if target is not None and any(_same_file(target, i) for i in inputs):
             raise QconvdiagError(f"{target} is an input of this run; write the report elsewhere")
-    check_size(case, max_elements)
+    check_size(case, diag.max_elements)
     from .paths import ProductionOptions
     from .render.json_report import render_json
 
     options = Options(
-        engine=engine,
-        production=ProductionOptions(observer=observer, per_channel=per_channel),
-        calib=None if calib is None else load_calibration(calib, case),
-        fail_under_sqnr=fail_under_sqnr,
-        max_abs_error=max_abs_error,
-        fail_on=fail_on.value,
-        ignore=tuple(c.upper() for c in (ignore or ())),
-        keep_arrays=save_outputs is not None,
+        engine=diag.engine,
+        production=ProductionOptions(observer=diag.observer, per_channel=diag.per_channel),
+        calib=None if diag.calib is None else load_calibration(diag.calib, case),
+        fail_under_sqnr=diag.fail_under_sqnr,
+        max_abs_error=diag.max_abs_error,
+        fail_on=diag.fail_on.value,
+        ignore=tuple(c.upper() for c in (diag.ignore or ())),
+        keep_arrays=diag.save_outputs is not None,
     )
     progress = None
     if math.prod(case.output_shape) >= PROGRESS_ELEMENTS:
         progress = _progress_printer()
     report = diagnose(case, options, progress)
     text = render_json(report)
-    if output is not None:
-        atomic_write(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        _err(f"wrote {output}")
-    if save_outputs is not None:
+    if diag.output is not None:
+        atomic_write(diag.output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        _err(f"wrote {diag.output}")
+    if diag.save_outputs is not None:
         from .render.npz import save_outputs as write_npz
 
-        write_npz(report, save_outputs)
-        _err(f"wrote {save_outputs}")
-    if json_out:
+        write_npz(report, diag.save_outputs)
+        _err(f"wrote {diag.save_outputs}")
+    if diag.json_out:
         sys.stdout.write(text)
     else:
         # rich costs ~0.1 s to import: only the terminal report pays for it
@@ -200,9 +249,9 @@ def _diagnose_and_report(
 
         from .render.rich_report import render_rich
 
-        render_rich(report, Console(width=width) if width else None)
+        render_rich(report, Console(width=diag.width) if diag.width else None)
     if report.status == "fail":
-        if json_out:
+        if diag.json_out:
             for breach in report.gate.get("breaches", []):
                 _err(f"qconvdiag: gate: {breach}")
         raise typer.Exit(EXIT_FAIL)
@@ -228,34 +277,21 @@ def _progress_printer() -> Callable[[str], None]:
 
 @app.command()
 @handles_errors
+@diagnosis_options
 def explain(
     case_file: Annotated[Path, typer.Argument(help="Case file: .pt/.pth, .npz or .safetensors.")],
-    engine: EngineOpt = None,
-    observer: ObserverOpt = None,
-    per_channel: PerChannelOpt = None,
-    calib: CalibOpt = None,
-    json_out: JsonOpt = False,
-    output: OutputOpt = None,
-    save_outputs: SaveOutputsOpt = None,
-    fail_under_sqnr: SqnrOpt = None,
-    max_abs_error: MaxAbsOpt = None,
-    fail_on: FailOnOpt = FailOn.never,
-    ignore: IgnoreOpt = None,
-    max_elements: MaxElementsOpt = 50_000_000,
-    width: WidthOpt = None,
+    diag: DiagnosisArgs,
 ) -> None:
     """Explain a case file: where the quantized conv's error comes from, and the fix."""
     from .io import load_case
 
-    case = load_case(case_file, max_elements)
-    inputs = (case_file,) + ((calib,) if calib else ())
-    _diagnose_and_report(case, engine, observer, per_channel, calib, json_out, output,
-                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width,
-                         max_elements, inputs)
+    case = load_case(case_file, diag.max_elements)
+    _diagnose_and_report(case, diag, (case_file,) + ((diag.calib,) if diag.calib else ()))
 
 
 @app.command()
 @handles_errors
+@diagnosis_options
 def random(
     seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same case.")],
     shape: Annotated[
@@ -283,19 +319,7 @@ def random(
     save: Annotated[
         Optional[Path], typer.Option("--save", help="Write the case to this file (.pt/.npz/...).")
     ] = None,
-    engine: EngineOpt = None,
-    observer: ObserverOpt = None,
-    per_channel: PerChannelOpt = None,
-    calib: CalibOpt = None,
-    json_out: JsonOpt = False,
-    output: OutputOpt = None,
-    save_outputs: SaveOutputsOpt = None,
-    fail_under_sqnr: SqnrOpt = None,
-    max_abs_error: MaxAbsOpt = None,
-    fail_on: FailOnOpt = FailOn.never,
-    ignore: IgnoreOpt = None,
-    max_elements: MaxElementsOpt = 50_000_000,
-    width: WidthOpt = None,
+    diag: DiagnosisArgs = DiagnosisArgs(),
 ) -> None:
     """Generate a reproducible case and explain it."""
     from .generate import RandomSpec, generate
@@ -316,13 +340,12 @@ def random(
     case = generate(spec)
     from .io import check_size
 
-    check_size(case, max_elements)
+    check_size(case, diag.max_elements)
     if save is not None:
         save_case(case, save)
         _err(f"wrote {save}")
-    _diagnose_and_report(case, engine, observer, per_channel, calib, json_out, output,
-                         save_outputs, fail_under_sqnr, max_abs_error, fail_on, ignore, width,
-                         max_elements, ((save,) if save else ()) + ((calib,) if calib else ()))
+    _diagnose_and_report(case, diag,
+                         ((save,) if save else ()) + ((diag.calib,) if diag.calib else ()))
 
 
 @app.command("trace")
