@@ -60,6 +60,8 @@ class PathRun:
     torch_warnings: tuple[str, ...] = ()
     geometry: Geometry | None = None
     """The case's conv geometry (for re-running torch on this path's setup)."""
+    float_output: np.ndarray | None = None
+    """The float reference the path was measured against (shared by every path)."""
 
 
 def resolve_engines(engine: str | None) -> tuple[str, ...]:
@@ -181,7 +183,7 @@ def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None 
         observers=spec.observers, notes=spec.notes, refused=refused,
     )
     return PathRun(report, spec, kernel, em, mem, ladder,
-                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g)
+                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g, y0)
 
 
 def _head(a: np.ndarray, n: int = 8) -> list[float]:
@@ -274,8 +276,8 @@ def diagnose(
     runs, torch_warnings = diagnose_runs(case, options, progress)
     if progress is not None:
         progress("findings")
-    y0 = runs[0].ladder.float_output if runs[0].ladder is not None else conv64(
-        case.input, case.weight, case.bias, case.geometry)
+    y0 = runs[0].float_output  # the reference every path was measured against
+    assert y0 is not None
     findings = run_findings(case, runs, torch_warnings, options.ignore)
     status, gate = evaluate_gate([r.report for r in runs], findings, options)
     tensors = collect_tensors(runs, y0, multi_engine=len({r.report.engine for r in runs}) > 1)

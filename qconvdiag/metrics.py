@@ -9,6 +9,7 @@ quantized output is all zero), max_abs_lsb 803.69 (output scale 1.0), affected 1
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,10 +62,7 @@ def error_metrics(
     e = np.ascontiguousarray(error, dtype=np.float64).reshape(-1)
     r = np.ascontiguousarray(reference, dtype=np.float64).reshape(-1)
     rr = dot(r, r) if ref_energy is None else ref_energy
-    acc = ErrorAccumulator()
-    for sl in chunks(e.size):
-        acc.add(e[sl], r[sl])
-    return acc.metrics(rr, lsb)
+    return accumulate(lambda sl: e[sl], r).metrics(rr, lsb)
 
 
 #: Elements per chunk when metrics are accumulated: small enough to stay in cache, so the
@@ -74,6 +72,15 @@ CHUNK = 1 << 16
 
 def chunks(n: int) -> list[slice]:
     return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+def accumulate(error: Callable[[slice], np.ndarray], reference: np.ndarray
+               ) -> ErrorAccumulator:
+    """The error's metrics, produced chunk by chunk by ``error(slice)`` (1-d ``reference``)."""
+    acc = ErrorAccumulator()
+    for sl in chunks(reference.size):
+        acc.add(error(sl), reference[sl])
+    return acc
 
 
 class ErrorAccumulator:

@@ -31,7 +31,15 @@ import numpy as np
 
 from .case import ConvCase, Geometry
 from .emulate import Emulation
-from .metrics import CHUNK, ErrorAccumulator, Metrics, chunks, dot, shares_from_energies
+from .metrics import (
+    CHUNK,
+    ErrorAccumulator,
+    Metrics,
+    accumulate,
+    chunks,
+    dot,
+    shares_from_energies,
+)
 from .qparams import QParams, clip_bounds, dequantize
 
 STAGE_IDS = (
@@ -358,11 +366,6 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
 
     kin, kw = _qsig(li.input_qparams), _qsig(li.weight_qparams)
 
-    def input_side() -> tuple[np.ndarray | None, np.ndarray, object]:
-        # Rounding alone is the rounding of the in-range (clipped) input: the step itself.
-        iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
-        return iso_clip, step_in, DELTA
-
     def weight_side() -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float]:
         dw_clip, step_w = weight_clip_step(case, li.input_qparams, li.input_codes,
                                            li.weight_qparams, li.weight_codes)
@@ -372,20 +375,18 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
         iso_wclip = conv_diff(x, dw_clip, g)
         w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
         iso_wround = conv_diff(x, w_round, g)
-        acc = ErrorAccumulator()
         a, c = iso_wclip.reshape(-1), iso_wround.reshape(-1)
         buf = np.empty(CHUNK, dtype=np.float64)
-        for sl in chunks(a.size):
-            part = np.add(a[sl], c[sl], out=buf[:sl.stop - sl.start])
-            acc.add(part, part)
-        return iso_wclip, step_w, iso_wround, float(np.sqrt(acc.energy / max(acc.n, 1)))
+        both = accumulate(lambda sl: np.add(a[sl], c[sl], out=buf[:sl.stop - sl.start]), a)
+        return iso_wclip, step_w, iso_wround, float(np.sqrt(both.energy / max(both.n, 1)))
 
-    iso_clip, step_in, iso_round = memoized("ladder_input", (li.input_codes,), kin, input_side)
+    # rounding alone is the rounding of the in-range (clipped) input: the step itself (DELTA)
+    iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
     # Each state is written into a buffer the caller owns (two, used in turn), by a function
     # of (out, previous state): no full-size temporaries on the way.
     yield ("input_clipping", SAME if iso_clip is None else
            lambda out, prev: np.add(y0, iso_clip, out=out), DELTA if iso_clip is None else iso_clip)
-    yield "input_rounding", lambda out, prev: np.add(prev, step_in, out=out), iso_round
+    yield "input_rounding", lambda out, prev: np.add(prev, step_in, out=out), DELTA
     iso_wclip, step_w, iso_wround, w_rmse = memoized(
         "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
     measured["weight_error_rmse"] = w_rmse
@@ -454,6 +455,11 @@ class Elementwise:
     error: Callable[[np.ndarray], np.ndarray]
 
 
+def _on_chunks(error: Callable[[np.ndarray], np.ndarray], ref: np.ndarray
+               ) -> Callable[[slice], np.ndarray]:
+    return lambda sl: error(ref[sl])
+
+
 @dataclass(frozen=True, eq=False)
 class PerChannel:
     """An isolated effect that is one constant per output channel (the bias's)."""
@@ -516,10 +522,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
             zero = ErrorAccumulator().metrics(rr, lsb)
             iso_m = zero
             if isinstance(iso_arr, Elementwise):
-                i_acc = ErrorAccumulator()
-                for sl in parts:
-                    i_acc.add(iso_arr.error(ref[sl]), ref[sl])
-                iso_m = i_acc.metrics(rr, lsb)
+                iso_m = accumulate(_on_chunks(iso_arr.error, ref), ref).metrics(rr, lsb)
             metrics[sid], energies[sid] = (zero, cumulative_prev, iso_m), 0.0
             if keep:
                 states[sid], deltas[sid] = prev.copy(), np.zeros_like(prev)

@@ -137,13 +137,13 @@ def qcd023(ctx: Context) -> Iterator[Finding]:
         if w.shape[0] < 2:
             continue
         qp = run.spec.weight_qparams
-        current = dequantize(run.spec.weight_codes, qp)
         per_ch_scale = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) / 127.5
         per_ch_scale = np.where(per_ch_scale > 0, per_ch_scale, 1.0)
         pc = QParams(tuple(float(s) for s in per_ch_scale), (0,) * w.shape[0], "qint8", 0, "x")
         candidate = dequantize(quantize(w, pc), pc)
         measured = run.ladder.weight_error_rmse if run.ladder is not None else None
-        now = measured if measured is not None else _weight_error_rmse(ctx, current)
+        now = measured if measured is not None else _weight_error_rmse(
+            ctx, dequantize(run.spec.weight_codes, qp))
         then = _weight_error_rmse(ctx, candidate)
         if now <= 0 or then >= now / 2:
             continue
