@@ -231,6 +231,9 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
     progress = None
     if math.prod(case.output_shape) >= PROGRESS_ELEMENTS:
         progress = _progress_printer()
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()  # this process only diagnoses: big arrays reuse memory (runtime.py)
     report = diagnose(case, options, progress)
     text = render_json(report)
     if diag.output is not None:

@@ -269,16 +269,18 @@ def diagnose(
     import torch
 
     from .findings import run_findings
+    from .runtime import single_threaded_blas
 
     options = options or Options()
     if options.fail_on not in FAIL_ON:
         raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
-    runs, torch_warnings = diagnose_runs(case, options, progress)
-    if progress is not None:
-        progress("findings")
-    y0 = runs[0].float_output  # the reference every path was measured against
-    assert y0 is not None
-    findings = run_findings(case, runs, torch_warnings, options.ignore)
+    with single_threaded_blas():
+        runs, torch_warnings = diagnose_runs(case, options, progress)
+        if progress is not None:
+            progress("findings")
+        y0 = runs[0].float_output  # the reference every path was measured against
+        assert y0 is not None
+        findings = run_findings(case, runs, torch_warnings, options.ignore)
     status, gate = evaluate_gate([r.report for r in runs], findings, options)
     tensors = collect_tensors(runs, y0, multi_engine=len({r.report.engine for r in runs}) > 1)
     comparison = compare_engines(runs)

@@ -116,7 +116,7 @@ def conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry) -> n
     return out
 
 
-def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
+def conv_diff(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry) -> np.ndarray:
     """conv of a (usually small or sparse) difference tensor: a float32 conv, returned as
     float32 (its own precision; consumers add it into float64), or, for a mostly-zero
     difference, a float64 scatter.
@@ -125,11 +125,12 @@ def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
     same conv, and float32 (oneDNN) is several times faster than float64. The float32 rounding
     (~1e-7 relative to the change) lands in the next exact state's delta, so deltas still add
     up exactly to the total. An all-zero change costs nothing and adds exactly 0.
+    ``x`` may be a ``DequantizedInput``: its float64 values are formed only where needed.
     """
     from .case import output_shape
 
     shape = output_shape(x.shape, w.shape, g)
-    nx, nw = np.count_nonzero(x), np.count_nonzero(w)
+    nx, nw = _count_nonzero(x), np.count_nonzero(w)
     if not nx or not nw:
         return np.zeros(shape, dtype=np.float64)
     out_elems = int(np.prod(shape))
@@ -139,9 +140,85 @@ def conv_diff(x: np.ndarray, w: np.ndarray, g: Geometry) -> np.ndarray:
     # scatter of its nonzeros, accumulated in float64, than as a dense conv.
     if nw <= SPARSE_WEIGHT_MAX and nw * (out_elems // shape[1]) * SPARSE_GAIN <= dense_macs:
         return _conv_sparse_weight(x, w, g, shape)
+    if isinstance(x, DequantizedInput):
+        if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
+            return _conv_sparse_input(x.dense64(), w, g, shape)
+        return _conv(x.dense32(), w, None, g, np.float32)
     if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
         return _conv_sparse_input(x, w, g, shape)
     return _conv(x, w, None, g, np.float32)
+
+
+class DequantizedInput:
+    """``dequant(codes)`` of an input, formed in float64 only per channel or per block, so no
+    full-size float64 copy exists: a conv gets it as float32 (each value the float64 one
+    rounded once, as a cast would give), a scatter gets float64 channels."""
+
+    def __init__(self, codes: np.ndarray, qp: QParams) -> None:
+        self.codes, self.qp = codes, qp
+        self.shape: tuple[int, ...] = tuple(codes.shape)
+
+    def _per_tensor(self) -> tuple[float, int] | None:
+        if self.qp.per_channel:
+            return None
+        return float(self.qp.scales().reshape(-1)[0]), int(self.qp.zero_points().reshape(-1)[0])
+
+    def count_nonzero(self) -> int:
+        pt = self._per_tensor()
+        if pt is None:
+            return int(np.count_nonzero(self.dense64()))
+        if pt[0] == 0:
+            return 0
+        return int(self.codes.size - np.count_nonzero(self.codes == pt[1]))
+
+    def channel(self, c: int) -> np.ndarray:
+        """Channel ``c`` in float64, shape (N, 1, *spatial)."""
+        pt = self._per_tensor()
+        if pt is None:
+            return self.dense64()[:, c:c + 1]
+        out = np.subtract(self.codes[:, c:c + 1], pt[1], dtype=np.float64)
+        out *= pt[0]
+        return out
+
+    def at(self, flat: np.ndarray) -> np.ndarray:
+        """float64 values at flat indices."""
+        pt = self._per_tensor()
+        if pt is None:
+            return self.dense64().reshape(-1)[flat]
+        out = np.subtract(np.ascontiguousarray(self.codes).reshape(-1)[flat], pt[1],
+                          dtype=np.float64)
+        out *= pt[0]
+        return out
+
+    def dense64(self) -> np.ndarray:
+        return dequantize(self.codes, self.qp)
+
+    def dense32(self, minus: np.ndarray | None = None) -> np.ndarray:
+        """float32(dequant(codes) [- minus]), the difference taken in float64."""
+        pt = self._per_tensor()
+        if pt is None:
+            d = self.dense64()
+            if minus is not None:
+                d -= minus
+            return d.astype(np.float32)
+        s, zp = pt
+        codes = np.ascontiguousarray(self.codes).reshape(-1)
+        sub = None if minus is None else np.ascontiguousarray(minus).reshape(-1)
+        out = np.empty(codes.size, dtype=np.float32)
+        buf = np.empty(CHUNK, dtype=np.float64)
+        for sl in chunks(codes.size):
+            t = np.subtract(codes[sl], zp, out=buf[:sl.stop - sl.start], dtype=np.float64)
+            t *= s
+            if sub is not None:
+                t -= sub[sl]
+            out[sl] = t
+        return out.reshape(self.shape)
+
+
+def _count_nonzero(x: np.ndarray | DequantizedInput) -> int:
+    if isinstance(x, DequantizedInput):
+        return x.count_nonzero()
+    return int(np.count_nonzero(x))
 
 
 #: A scatter is used when it does at most 1/SPARSE_GAIN of a dense conv's multiply-adds.
@@ -152,18 +229,25 @@ SPARSE_WEIGHT_MAX = 4096
 SPARSE_INPUT_BLOCK = 4096
 
 
-def _conv_sparse_weight(x: np.ndarray, w: np.ndarray, g: Geometry,
+def _conv_sparse_weight(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry,
                         shape: tuple[int, ...]) -> np.ndarray:
-    """conv(x, w) for a weight with few nonzeros: one scaled input slice per nonzero."""
+    """conv(x, w) for a weight with few nonzeros: one scaled input slice per nonzero. Only the
+    input channels those nonzeros read are padded, one at a time."""
     from .emulate import _pad, _tap_views
 
     out = np.zeros(shape, dtype=np.float64)
-    views = _tap_views(_pad(x, g.padding, 0), w.shape, g, tuple(shape[2:]))
     og, cin_g = shape[1] // g.groups, w.shape[1]
+    by_channel: dict[int, list[tuple[int, tuple[int, ...], np.float64]]] = {}
     for idx in zip(*np.nonzero(w), strict=True):
-        o, c, tap = int(idx[0]), int(idx[1]), tuple(int(t) for t in idx[2:])
-        # a float64 scalar makes the product float64 whatever the input's dtype
-        out[:, o] += views[tap][:, (o // og) * cin_g + c] * np.float64(w[idx])
+        o, c = int(idx[0]), int(idx[1])
+        by_channel.setdefault((o // og) * cin_g + c, []).append(
+            (o, tuple(int(t) for t in idx[2:]), np.float64(w[idx])))
+    for cx, uses in by_channel.items():
+        xc = x.channel(cx) if isinstance(x, DequantizedInput) else x[:, cx:cx + 1]
+        views = _tap_views(_pad(xc, g.padding, 0), w.shape, g, tuple(shape[2:]))
+        for o, tap, v in uses:
+            # a float64 scalar makes the product float64 whatever the input's dtype
+            out[:, o] += views[tap][:, 0] * v
     return out
 
 
@@ -227,16 +311,21 @@ def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
 
     def compute() -> tuple[np.ndarray | None, np.ndarray, bool]:
         x, w, g = case.input, case.weight, case.geometry
-        lo, hi = (float(v.reshape(-1)[0]) for v in clip_bounds(qp))
-        if x.size == 0 or (float(x.min()) >= lo and float(x.max()) <= hi):
-            d = dequantize(codes, qp)
-            d -= x  # nothing clips: the rounding difference alone
-            return None, conv_diff(d, w, g), False
-        x_clip = _clip_tensor(x, qp, None)
-        dx_clip = x_clip - x
-        clipped = bool(dx_clip.any())
-        clip_step = conv_diff(dx_clip, w, g)
-        return clip_step, conv_diff(dequantize(codes, qp) - x_clip, w, g), clipped
+        lo, hi = (np.float64(v.reshape(-1)[0]) for v in clip_bounds(qp))
+        deq = DequantizedInput(codes, qp)
+        # compared in float64 (the bounds are float64), without a float64 copy of the input
+        outside = np.flatnonzero((x < lo) | (x > hi)) if x.size else np.empty(0, np.intp)
+        if not outside.size:
+            # nothing clips: the rounding difference alone
+            return None, conv_diff(deq.dense32(minus=x), w, g), False
+        xf = np.ascontiguousarray(x).reshape(-1)
+        x_out = xf[outside].astype(np.float64)
+        x_clip = np.clip(x_out, lo, hi)
+        dx_clip = np.zeros(x.shape, dtype=np.float64)
+        dx_clip.reshape(-1)[outside] = x_clip - x_out
+        rounding = deq.dense32(minus=x)  # dequant(codes) - clip(x): fixed where x clips
+        rounding.reshape(-1)[outside] = deq.at(outside) - x_clip
+        return conv_diff(dx_clip, w, g), conv_diff(rounding, w, g), True
 
     return memoized("input_steps", (codes, case.input, case.weight), _qsig(qp), compute)
 
@@ -252,7 +341,7 @@ def weight_clip_step(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: Q
         dw_clip = _clip_tensor(w, w_qp, axis) - w
         if not dw_clip.any():
             return dw_clip, None
-        return dw_clip, conv_diff(dequantize(x_codes, x_qp), dw_clip, case.geometry)
+        return dw_clip, conv_diff(DequantizedInput(x_codes, x_qp), dw_clip, case.geometry)
 
     return memoized("weight_clip_step", (x_codes, w_codes, case.input, case.weight),
                     (_qsig(x_qp), _qsig(w_qp)), compute)
@@ -290,7 +379,7 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
     acc_scale = (w_s * float(x_qp.scale[0])).reshape((1, -1) + (1,) * (acc.ndim - 2))
     clip_in, round_in, _ = input_steps(case, x_qp, x_codes)
     dw_clip, clip_w = weight_clip_step(case, x_qp, x_codes, w_qp, w_codes)
-    round_w = conv_diff(dequantize(x_codes, x_qp),
+    round_w = conv_diff(DequantizedInput(x_codes, x_qp),
                         dequantize(w_codes, w_qp) - (case.weight + dw_clip), g)
     y = acc * acc_scale
     for part in (clip_in, round_in, clip_w, round_w):

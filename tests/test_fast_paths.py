@@ -11,7 +11,15 @@ from qconvdiag import emulate
 from qconvdiag.case import Geometry, build_case
 from qconvdiag.diagnose import Options, diagnose_runs
 from qconvdiag.generate import RandomSpec, generate
-from qconvdiag.stages import _conv_sparse_input, _conv_sparse_weight, conv64, conv_diff
+from qconvdiag.qparams import dequantize, make_qparams, quantize
+from qconvdiag.stages import (
+    DequantizedInput,
+    _conv_sparse_input,
+    _conv_sparse_weight,
+    conv64,
+    conv_diff,
+    input_steps,
+)
 from tests.conftest import REFERENCE_RTOL
 
 
@@ -95,6 +103,61 @@ def test_conv_diff_picks_the_sparse_route_and_agrees():
     for a, b in ((x, dw), (dx, w)):
         want = conv64(a, b, None, g)
         assert np.allclose(conv_diff(a, b, g), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_dequantized_input_equals_the_dequantized_array(per_channel, monkeypatch):
+    """conv_diff of dequant(codes) formed lazily (float64 per channel, float32 for a conv) gives
+    the numbers of the materialised float64 array, on every route (sparse weight, sparse
+    input, dense conv)."""
+    from qconvdiag import stages
+
+    rng = np.random.default_rng(3)
+    g = Geometry((1, 1), (1, 1), (1, 1), 1)
+    x = np.maximum(rng.standard_normal((2, 16, 12, 12)), 0).astype(np.float32)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    qp = (make_qparams(list(rng.random(16) * 0.05 + 0.01), [0] * 16, "quint8", 1, "i", "user")
+          if per_channel else make_qparams([0.023], [3], "quint8", None, "i", "user"))
+    routes: list[str] = []
+    for name in ("_conv_sparse_weight", "_conv_sparse_input", "_conv"):
+        fn = getattr(stages, name)
+        monkeypatch.setattr(stages, name, lambda *a, _f=fn, _n=name: routes.append(_n) or _f(*a))
+    for xs in (x, x * (rng.random(x.shape) < 0.005)):
+        codes = quantize(xs, qp)
+        lazy, dense = DequantizedInput(codes, qp), dequantize(codes, qp)
+        assert lazy.count_nonzero() == np.count_nonzero(dense)
+        assert np.array_equal(lazy.dense32(), dense.astype(np.float32))
+        assert np.array_equal(lazy.dense32(minus=xs), (dense - xs).astype(np.float32))
+        flat = rng.integers(0, xs.size, 50)
+        assert np.array_equal(lazy.at(flat), dense.reshape(-1)[flat])
+        for weight in (w * (rng.random(w.shape) < 0.01), w):
+            assert np.allclose(conv_diff(lazy, weight, g), conv_diff(dense, weight, g),
+                               rtol=1e-12, atol=1e-12)
+    assert {"_conv_sparse_weight", "_conv_sparse_input", "_conv"} <= set(routes)
+
+
+def test_input_steps_match_the_plain_formulas():
+    """The clipping step is conv(clip(x) - x, w) and the rounding step conv(dequant(codes) -
+    clip(x), w), found without float64 copies of the input."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32) * 3
+    w = rng.standard_normal((4, 8, 3, 3)).astype(np.float32)
+    case = build_case(x, w, None, padding=1)
+    for qp in (make_qparams([0.01], [128], "quint8", None, "i", "user"),  # most inputs clip
+               make_qparams([0.05], [128], "quint8", None, "i", "user"),  # a few clip
+               make_qparams([0.2], [128], "quint8", None, "i", "user")):  # nothing clips
+        codes = quantize(x, qp)
+        lo, hi = 0 - 128 * qp.scale[0], 127 * qp.scale[0]
+        clipped = np.clip(x.astype(np.float64), lo, hi)
+        clip_step, rounding_step, any_clip = input_steps(case, qp, codes)
+        assert any_clip == bool((clipped != x).any())
+        want_round = conv64(dequantize(codes, qp) - clipped, w, None, case.geometry)
+        assert np.allclose(rounding_step, want_round, rtol=1e-5, atol=1e-6)
+        if any_clip:
+            want_clip = conv64(clipped - x, w, None, case.geometry)
+            assert np.allclose(clip_step, want_clip, rtol=1e-5, atol=1e-5)
+        else:
+            assert clip_step is None
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -1,0 +1,45 @@
+"""The process settings of runtime.py do what their docstrings measure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from threadpoolctl import threadpool_info
+
+from qconvdiag.runtime import single_threaded_blas
+
+FAULTS = """
+import resource, sys
+import numpy as np
+from qconvdiag.runtime import keep_freed_memory
+took = keep_freed_memory() if sys.argv[1] == "keep" else None
+a = np.ones(8 << 20); del a  # 64 MB, freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = np.ones(8 << 20)
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _blas_threads() -> list[int]:
+    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+
+def test_blas_runs_on_one_thread_inside_and_is_restored():
+    before = _blas_threads()
+    with single_threaded_blas():
+        assert _blas_threads() and all(n == 1 for n in _blas_threads())
+        assert float(np.dot(np.ones(100_000), np.ones(100_000))) == 100_000.0
+    assert _blas_threads() == before
+
+
+def test_keep_freed_memory_reuses_a_freed_big_block():
+    """A second 64 MB array page-faults its memory in again by default; not once kept."""
+    runs = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        runs[mode] = (out[0], int(out[1]))
+    assert runs["keep"][0] == "True"
+    assert runs["keep"][1] < runs["default"][1], runs
