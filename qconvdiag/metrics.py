@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,60 @@ def chunks(n: int) -> list[slice]:
 
 def accumulate(error: Callable[[slice], np.ndarray], reference: np.ndarray
                ) -> ErrorAccumulator:
-    """The error's metrics, produced chunk by chunk by ``error(slice)`` (1-d ``reference``)."""
-    acc = ErrorAccumulator()
-    for sl in chunks(reference.size):
-        acc.add(error(sl), reference[sl])
-    return acc
+    """The error's metrics, produced chunk by chunk by ``error(slice)`` (1-d ``reference``;
+    ``error`` is called from several threads)."""
+
+    def work(parts: list[slice]) -> ErrorAccumulator:
+        acc = ErrorAccumulator()
+        for sl in parts:
+            acc.add(error(sl), reference[sl])
+        return acc
+
+    return merged(over_chunks(reference.size, work))
+
+
+#: The chunks of one pass are cut into this many contiguous groups, each on its own thread
+#: (numpy's loops and BLAS release the GIL: measured 1.6x on 2 cores). The cut is fixed, so the
+#: numbers do not depend on how many cores the machine has.
+SPLIT = 2
+_POOL: list[Any] = []
+
+
+def over_chunks(n: int, work: Callable[[list[slice]], T]) -> list[T]:
+    """``work`` over the chunks of ``n`` elements, one call per group (see SPLIT), in order."""
+    return over_groups(chunks(n), work)
+
+
+def over_groups(items: list[Any], work: Callable[[list[Any]], T]) -> list[T]:
+    """``work`` over SPLIT contiguous groups of ``items``, on threads, results in order."""
+    size = max(1, -(-len(items) // SPLIT))
+    groups = [items[i:i + size] for i in range(0, len(items), size)] or [[]]
+    if len(groups) == 1 or _cores() < 2:
+        return [work(g) for g in groups]
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(SPLIT - 1, thread_name_prefix="qconvdiag-metrics"))
+    futures = [_POOL[0].submit(work, g) for g in groups[1:]]
+    first = work(groups[0])
+    return [first, *(f.result() for f in futures)]
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def merged(accs: list[ErrorAccumulator]) -> ErrorAccumulator:
+    """One accumulator holding the chunks of all of ``accs`` (in order)."""
+    first = accs[0]
+    for other in accs[1:]:
+        first.merge(other)
+    return first
 
 
 class ErrorAccumulator:
@@ -125,6 +177,16 @@ class ErrorAccumulator:
         self.sum_abs += float(a.sum()) * count
         self.ee += dot(v, v) * count
         self.er += dot(v, channel_sums)
+
+    def merge(self, other: ErrorAccumulator) -> None:
+        """Add the chunks ``other`` saw."""
+        self.n += other.n
+        self.nonzero += other.nonzero
+        m = other.max_abs
+        self.max_abs = m if (m > self.max_abs or m != m) else self.max_abs
+        self.sum_abs += other.sum_abs
+        self.ee += other.ee
+        self.er += other.er
 
     @property
     def energy(self) -> float:

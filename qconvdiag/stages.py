@@ -38,6 +38,8 @@ from .metrics import (
     accumulate,
     chunks,
     dot,
+    merged,
+    over_groups,
     shares_from_energies,
 )
 from .qparams import QParams, clip_bounds, dequantize
@@ -432,22 +434,60 @@ class LadderInputs:
     torch_reason: str
 
 
-Fill = Callable[[np.ndarray, np.ndarray], Any]
-"""Writes a stage's state: fill(out, previous state)."""
+class Block:
+    """A block of the output seen as rows (batch x output channel) by columns (spatial
+    positions): whole rows, or part of one row when a row alone is bigger than a chunk. Every
+    output-sized array is read through ``of``; per-channel values through ``per_channel``."""
+
+    __slots__ = ("rows", "cols", "channels")
+
+    def __init__(self, rows: slice, cols: slice, out_channels: int) -> None:
+        self.rows, self.cols = rows, cols
+        self.channels = np.arange(rows.start, rows.stop) % out_channels
+
+    def of(self, a: np.ndarray) -> np.ndarray:
+        """This block of an output-sized array given as (rows, columns)."""
+        return a[self.rows, self.cols]
+
+    def per_channel(self, v: np.ndarray) -> np.ndarray:
+        """One value per output channel, as a column matching the block's rows."""
+        return np.asarray(v, dtype=np.float64).reshape(-1)[self.channels][:, None]
+
+
+def _blocks(shape: tuple[int, ...]) -> list[Block]:
+    """Cache-sized blocks (about CHUNK elements) covering an output of ``shape``."""
+    o = shape[1]
+    rows, cols = shape[0] * o, int(np.prod(shape[2:], dtype=np.int64))
+    if cols >= CHUNK:
+        return [Block(slice(r, r + 1), slice(c, min(c + CHUNK, cols)), o)
+                for r in range(rows) for c in range(0, cols, CHUNK)]
+    step = max(1, CHUNK // max(cols, 1))
+    return [Block(slice(r, min(r + step, rows)), slice(None), o) for r in range(0, rows, step)]
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """An output-sized array as (batch x channels, spatial), a view when contiguous."""
+    return np.ascontiguousarray(a).reshape(a.shape[0] * a.shape[1], -1)
+
+
+Fill = Callable[[np.ndarray, np.ndarray, Block], Any]
+"""Writes one block of a stage's state: fill(out, previous state, block)."""
 
 
 def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
                    reasons: dict[str, str], measured: dict[str, float]
                    ) -> Iterator[tuple[str, Fill | None, object]]:
-    """Yield (stage id, fill, isolated) in data-flow order: ``fill(out, previous state)``
-    writes the state; isolated is an array, a ``PerChannel`` constant, or DELTA (the effect
-    alone is the step itself)."""
+    """Yield (stage id, fill, isolated) in data-flow order: ``fill(out, previous, block)``
+    writes a block of the state; isolated is an output-sized array, a ``PerChannel``
+    constant, an ``Elementwise`` function of the reference, or DELTA (the effect alone is the
+    step itself)."""
     g = case.geometry
     x, w, b = case.input, case.weight, case.bias
     em = li.emulation
     out_qp = li.output_qparams
     out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
-    acc_scale = em.acc_scale.reshape((1, -1) + (1,) * (y0.ndim - 2))
+    acc_scale = np.asarray(em.acc_scale, dtype=np.float64).reshape(-1)
+    rows = _as_rows
 
     # Everything up to weight rounding depends only on the input and weight qparams and codes,
     # not on the engine: with several engines it is computed once (memo).
@@ -465,47 +505,63 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
         w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
         iso_wround = conv_diff(x, w_round, g)
         a, c = iso_wclip.reshape(-1), iso_wround.reshape(-1)
-        buf = np.empty(CHUNK, dtype=np.float64)
-        both = accumulate(lambda sl: np.add(a[sl], c[sl], out=buf[:sl.stop - sl.start]), a)
+        both = accumulate(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), a)
         return iso_wclip, step_w, iso_wround, float(np.sqrt(both.energy / max(both.n, 1)))
 
     # rounding alone is the rounding of the in-range (clipped) input: the step itself (DELTA)
     iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
-    # Each state is written into a buffer the caller owns (two, used in turn), by a function
-    # of (out, previous state): no full-size temporaries on the way.
-    yield ("input_clipping", SAME if iso_clip is None else
-           lambda out, prev: np.add(y0, iso_clip, out=out), DELTA if iso_clip is None else iso_clip)
-    yield "input_rounding", lambda out, prev: np.add(prev, step_in, out=out), DELTA
+    y0r, step_in_r = rows(y0), rows(step_in)
+    if iso_clip is None:
+        yield "input_clipping", SAME, DELTA
+    else:
+        iso_clip_r = rows(iso_clip)
+        yield ("input_clipping",
+               lambda out, prev, k: np.add(k.of(y0r), k.of(iso_clip_r), out=out), iso_clip)
+    yield "input_rounding", lambda out, prev, k: np.add(prev, k.of(step_in_r), out=out), DELTA
     iso_wclip, step_w, iso_wround, w_rmse = memoized(
         "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
     measured["weight_error_rmse"] = w_rmse
-    yield ("weight_clipping", lambda out, prev: (np.copyto(out, prev) if step_w is None
-                                                 else np.add(prev, step_w, out=out)), iso_wclip)
-    yield ("weight_rounding", lambda out, prev: _scaled(out, em.acc_exact, acc_scale, b),
+    if step_w is None:
+        yield "weight_clipping", lambda out, prev, k: np.copyto(out, prev), iso_wclip
+    else:
+        step_w_r = rows(step_w)
+        yield ("weight_clipping", lambda out, prev, k: np.add(prev, k.of(step_w_r), out=out),
+               iso_wclip)
+    acc_exact_r = rows(em.acc_exact)
+    yield ("weight_rounding",
+           lambda out, prev, k: _scaled(out, k.of(acc_exact_r), k.per_channel(acc_scale),
+                                        None if b is None else k.per_channel(b)),
            iso_wround)
-    if b is None:
+    bias_real = None if b is None else np.asarray(em.bias_real, dtype=np.float64).reshape(-1)
+    if bias_real is None:
         reasons["bias_quantization"] = "the layer has no bias"
     else:
-        bias_shift = np.asarray(em.bias_real, dtype=np.float64) - b.astype(np.float64)
+        bias_shift = bias_real - np.asarray(b, dtype=np.float64).reshape(-1)
         yield ("bias_quantization",
-               lambda out, prev: _scaled(out, em.acc_exact, acc_scale, em.bias_real),
+               lambda out, prev, k: _scaled(out, k.of(acc_exact_r), k.per_channel(acc_scale),
+                                            k.per_channel(bias_real)),
                PerChannel(bias_shift))
     exact_acc = em.saturated_pairs == 0 and em.acc_exact.dtype == np.int32  # nothing wrapped
-    yield ("accumulation", SAME if exact_acc else lambda out, prev: _scaled(
-        out, em.acc, acc_scale, em.bias_real if b is not None else None), DELTA)
-    yield ("output_rounding", lambda out, prev: _dequantized(out, em.unclamped, out_zp, out_s),
-           Elementwise(lambda r: _requant_float(r, out_qp, clip=False) - r))
+    acc_r = rows(em.acc)
+    yield ("accumulation", SAME if exact_acc else lambda out, prev, k: _scaled(
+        out, k.of(acc_r), k.per_channel(acc_scale),
+        None if bias_real is None else k.per_channel(bias_real)), DELTA)
+    unclamped_r = rows(em.unclamped)
+    yield ("output_rounding",
+           lambda out, prev, k: _dequantized(out, k.of(unclamped_r), out_zp, out_s),
+           Elementwise(_rounding_error(out_s)))
     lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
     in_range = em.unclamped.size == 0 or (
         out_qp.dtype_min <= int(em.unclamped.min()) and int(em.unclamped.max()) <= out_qp.dtype_max)
-    yield ("output_clipping", SAME if in_range else lambda out, prev: _dequantized(
-        out, em.output_codes, out_zp, out_s), Elementwise(lambda r: np.clip(r, lo, hi) - r))
+    codes_r = rows(em.output_codes)
+    yield ("output_clipping", SAME if in_range else lambda out, prev, k: _dequantized(
+        out, k.of(codes_r), out_zp, out_s), Elementwise(_clipping_error(lo, hi)))
     final_qp = out_qp
     if li.module_emulation is not None and li.module_output_qparams is not None:
         final_qp = li.module_output_qparams
-        mem = li.module_emulation
+        mem_r = rows(li.module_emulation.output_codes)
         ms, mzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
-        yield ("module_state", lambda out, prev: _dequantized(out, mem.output_codes, mzp, ms),
+        yield ("module_state", lambda out, prev, k: _dequantized(out, k.of(mem_r), mzp, ms),
                DELTA)
     else:
         reasons["module_state"] = li.module_reason
@@ -514,18 +570,39 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
         codes = li.torch_codes
         final = li.module_emulation if final_qp is not out_qp else em
         same = final is not None and np.array_equal(codes, final.output_codes)
+        torch_r = rows(codes)
         yield ("backend_residual", SAME if same else
-               lambda out, prev: _dequantized(out, codes, fzp, fs), DELTA)
+               lambda out, prev, k: _dequantized(out, k.of(torch_r), fzp, fs), DELTA)
     else:
         reasons["backend_residual"] = li.torch_reason
 
 
+def _rounding_error(s: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Output rounding alone: rint(r / s) * s - r (the zero point cancels exactly)."""
+    def error(r: np.ndarray) -> np.ndarray:
+        t = np.divide(r, s)
+        np.rint(t, out=t)
+        t *= s
+        t -= r
+        return t
+    return error
+
+
+def _clipping_error(lo: float, hi: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Output clipping alone: clip(r, lo, hi) - r."""
+    def error(r: np.ndarray) -> np.ndarray:
+        t = np.clip(r, lo, hi)
+        t -= r
+        return t
+    return error
+
+
 def _scaled(out: np.ndarray, acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
             ) -> np.ndarray:
-    """out = acc * scale (+ bias per output channel), in float64."""
+    """out = acc * scale (+ bias), in float64; scale and bias broadcast against ``acc``."""
     np.multiply(acc, scale, out=out)
     if bias is not None:
-        out += np.asarray(bias, dtype=np.float64).reshape((1, -1) + (1,) * (out.ndim - 2))
+        out += bias
     return out
 
 
@@ -542,11 +619,6 @@ class Elementwise:
     (evaluated chunk by chunk on the reference)."""
 
     error: Callable[[np.ndarray], np.ndarray]
-
-
-def _on_chunks(error: Callable[[np.ndarray], np.ndarray], ref: np.ndarray
-               ) -> Callable[[slice], np.ndarray]:
-    return lambda sl: error(ref[sl])
 
 
 @dataclass(frozen=True, eq=False)
@@ -566,13 +638,17 @@ rounding already uses the engine's exact accumulator: qnnpack wraps zero points)
 DELTA = object()
 """Marker: a stage's isolated effect is its own delta."""
 
+Triple = tuple[ErrorAccumulator, ErrorAccumulator, ErrorAccumulator]
+
 
 def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                keep: bool = False) -> Ladder:
     """The ladder for one path; ``y0`` is the float reference when already computed.
 
-    Metrics are computed state by state and the arrays dropped, unless ``keep`` (for
-    --save-outputs and the tests) keeps every state and delta.
+    The output is walked in cache-sized blocks (on two threads): in each block every stage's
+    state is written and measured (delta, cumulative, isolated) while it is in cache, so no
+    full-size state exists but the final one, unless ``keep`` (for --save-outputs and the
+    tests) keeps every state and delta.
     """
     if y0 is None:
         y0 = conv64(case.input, case.weight, case.bias, case.geometry)
@@ -581,18 +657,8 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                 and li.module_output_qparams is not None else li.output_qparams).scale[0])
     rr = dot(y0.reshape(-1), y0.reshape(-1))
     reasons: dict[str, str] = {}
-    states: dict[str, np.ndarray] = {}
-    deltas: dict[str, np.ndarray] = {}
-    energies: dict[str, float] = {}
-    metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
-    prev = y0
     measured: dict[str, float] = {}
-    ref = y0.reshape(-1)
-    parts = chunks(ref.size)
-    d_buf = np.empty(CHUNK, dtype=np.float64)
-    c_buf = np.empty(CHUNK, dtype=np.float64)
-    buffers = [np.empty(y0.shape, dtype=np.float64), np.empty(y0.shape, dtype=np.float64)]
-    channel_sums: np.ndarray | None = None
+    ladder = list(_ladder_states(case, li, y0, reasons, measured))
     # The stages before weight rounding do not depend on the engine: with several engines their
     # metrics are measured once per grid and output step (memo; nothing to share otherwise).
     from .memo import by_content, memoized
@@ -602,63 +668,94 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         shared = memoized("ladder_prefix", (li.input_codes, li.weight_codes, y0),
                           (_qsig(li.input_qparams), _qsig(li.weight_qparams), out_s), dict)
     prefix_known = all(sid in shared for sid in ENGINE_FREE_STAGES)
+
+    def lsb_of(sid: str) -> float:
+        return fs if sid in ("module_state", "backend_residual") else out_s
+
+    # A stage that changes nothing (SAME) after a measured one, at the same output step, has a
+    # zero delta and the previous cumulative error: no pass over its state.
+    unchanged = {sid for pos, (sid, fill, _iso) in enumerate(ladder)
+                 if fill is SAME and pos > 0 and lsb_of(sid) == out_s}
+    skip = set(ENGINE_FREE_STAGES) if prefix_known else set()
+    y0r = _as_rows(y0)
+    final = np.empty(y0.shape, dtype=np.float64)
+    final_r = final.reshape(y0r.shape)
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if keep:
+        kept = {sid: (np.empty(y0r.shape), np.empty(y0r.shape)) for sid, _, _ in ladder}
+    isos = {sid: (_as_rows(iso) if isinstance(iso, np.ndarray) else None)
+            for sid, _, iso in ladder}
+
+    def work(blocks: list[Block]) -> dict[str, Triple]:
+        accs = {sid: (ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator())
+                for sid, _, _ in ladder}
+        size = max((k.of(y0r).size for k in blocks), default=0)
+        bufs = [np.empty(size), np.empty(size)]
+        d_buf, c_buf = np.empty(size), np.empty(size)
+        for k in blocks:
+            ref2 = k.of(y0r)
+            shape2, n = ref2.shape, ref2.size
+            r = ref2.reshape(-1)
+            prev2 = ref2
+            turn = 0
+            for sid, fill, iso in ladder:
+                d_acc, c_acc, i_acc = accs[sid]
+                if fill is SAME:
+                    cur2 = prev2
+                else:
+                    cur2 = bufs[turn][:n].reshape(shape2)
+                    turn ^= 1
+                    fill(cur2, prev2, k)
+                if keep:
+                    np.copyto(k.of(kept[sid][0]), cur2)
+                    np.subtract(cur2, prev2, out=k.of(kept[sid][1]))
+                lazy = iso.error if isinstance(iso, Elementwise) else None
+                if sid in unchanged:
+                    if lazy is not None:
+                        i_acc.add(lazy(r), r)
+                elif sid not in skip:
+                    cur = cur2.reshape(-1)
+                    if fill is SAME:
+                        d_acc.n += n  # a zero delta
+                    else:
+                        d_acc.add(np.subtract(cur, prev2.reshape(-1), out=d_buf[:n]), r)
+                    c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
+                    iso_r = isos[sid]
+                    if iso_r is not None:
+                        i_acc.add(k.of(iso_r).reshape(-1), r)
+                    elif lazy is not None:
+                        i_acc.add(lazy(r), r)
+                prev2 = cur2
+            np.copyto(k.of(final_r), prev2)
+        return accs
+
+    groups = over_groups(_blocks(y0.shape), work)
+    channel_sums: np.ndarray | None = None
+    energies: dict[str, float] = {}
+    metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
     cumulative_prev: Metrics | None = None
-    k = 0
-    for sid, fill, iso_arr in _ladder_states(case, li, y0, reasons, measured):
-        lsb = fs if sid in ("module_state", "backend_residual") else out_s
-        if fill is SAME and cumulative_prev is not None and lsb == out_s:
-            # nothing changes: zero delta, the same cumulative error, no pass over the state
-            zero = ErrorAccumulator().metrics(rr, lsb)
-            iso_m = zero
-            if isinstance(iso_arr, Elementwise):
-                iso_m = accumulate(_on_chunks(iso_arr.error, ref), ref).metrics(rr, lsb)
-            metrics[sid], energies[sid] = (zero, cumulative_prev, iso_m), 0.0
-            if keep:
-                states[sid], deltas[sid] = prev.copy(), np.zeros_like(prev)
-            continue
-        state = buffers[k % 2]
-        k += 1
-        if fill is SAME:
-            np.copyto(state, prev)
-        else:
-            fill(state, prev)
-        if prefix_known and sid in ENGINE_FREE_STAGES:
+    for sid, _fill, iso in ladder:
+        lsb = lsb_of(sid)
+        d_acc, c_acc, i_acc = (merged([grp[sid][j] for grp in groups]) for j in range(3))
+        if sid in skip:
             metrics[sid], energies[sid] = shared[sid]
-            cumulative_prev = metrics[sid][1]
-            prev = state
-            continue
-        # delta, cumulative and isolated metrics in one trip through memory, chunk by chunk,
-        # without materialising the delta or the cumulative error
-        cur, before = state.reshape(-1), prev.reshape(-1)
-        lazy = iso_arr.error if isinstance(iso_arr, Elementwise) else None
-        iso_flat = (None if iso_arr is DELTA or isinstance(iso_arr, (PerChannel, Elementwise))
-                    else np.ascontiguousarray(iso_arr).reshape(-1))  # float32 or float64
-        d_acc, c_acc, i_acc = ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator()
-        for sl in parts:
-            r = ref[sl]
-            n = r.size
-            d_acc.add(np.subtract(cur[sl], before[sl], out=d_buf[:n]), r)
-            c_acc.add(np.subtract(cur[sl], r, out=c_buf[:n]), r)
-            if iso_flat is not None:
-                i_acc.add(iso_flat[sl], r)
-            elif lazy is not None:
-                i_acc.add(lazy(r), r)
-        if isinstance(iso_arr, PerChannel):
-            if channel_sums is None:
-                channel_sums = y0.sum(axis=tuple(i for i in range(y0.ndim) if i != 1))
-            i_acc.add_per_channel(iso_arr.values, channel_sums, y0.size // y0.shape[1])
-        energies[sid] = d_acc.energy
-        delta = d_acc.metrics(rr, lsb)
-        cumulative = c_acc.metrics(rr, lsb)
-        iso: Metrics | None = delta if iso_arr is DELTA else i_acc.metrics(rr, lsb)
-        metrics[sid] = (delta, cumulative, iso)
-        cumulative_prev = cumulative
-        if sid in ENGINE_FREE_STAGES and not prefix_known:
-            shared[sid] = (metrics[sid], energies[sid])
-        if keep:
-            states[sid], deltas[sid] = state.copy(), state - prev
-        prev = state
-    final = prev  # the last state's buffer: nothing writes to it any more
+        elif sid in unchanged:
+            assert cumulative_prev is not None
+            zero = ErrorAccumulator().metrics(rr, lsb)
+            alone = i_acc.metrics(rr, lsb) if isinstance(iso, Elementwise) else zero
+            metrics[sid], energies[sid] = (zero, cumulative_prev, alone), 0.0
+        else:
+            if isinstance(iso, PerChannel):
+                if channel_sums is None:
+                    channel_sums = y0.sum(axis=tuple(i for i in range(y0.ndim) if i != 1))
+                i_acc.add_per_channel(iso.values, channel_sums, y0.size // y0.shape[1])
+            energies[sid] = d_acc.energy
+            delta = d_acc.metrics(rr, lsb)
+            metrics[sid] = (delta, c_acc.metrics(rr, lsb),
+                            delta if iso is DELTA else i_acc.metrics(rr, lsb))
+            if sid in ENGINE_FREE_STAGES and not prefix_known:
+                shared[sid] = (metrics[sid], energies[sid])
+        cumulative_prev = metrics[sid][1]
     shares = shares_from_energies(energies)
     results = []
     for sid in STAGE_IDS:
@@ -669,5 +766,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
         d, c, i = metrics[sid]
         results.append(StageResult(sid, True, None, d, c, i, shares[sid]))
     total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
+    states = {sid: st.reshape(y0.shape) for sid, (st, _) in kept.items()}
+    deltas = {sid: dl.reshape(y0.shape) for sid, (_, dl) in kept.items()}
     return Ladder(tuple(results), y0, states, deltas, final, total, fs,
                   measured.get("weight_error_rmse"))

@@ -267,3 +267,30 @@ def test_ignore_skips_codes_and_rejects_unknown():
 
 def test_qparams_helper_is_consistent():
     assert isinstance(qp(0.1, 0), QParams)
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_qcd023_per_channel_error_reused_from_production_equals_the_candidate(engine):
+    """QCD023's per-channel error comes from the production ladder when that path quantized the
+    weight per channel with the same recipe; it must be the candidate's error (scales equal up
+    to float32 rounding), and computed afresh when production is per tensor (qnnpack)."""
+    from qconvdiag.diagnose import diagnose_runs
+    from qconvdiag.findings.base import Context
+    from qconvdiag.findings.weight_rules import (
+        _production_per_channel_rmse,
+        _weight_error_rmse,
+    )
+    from qconvdiag.qparams import dequantize
+
+    case = trig_qcd023()
+    runs, warnings = diagnose_runs(case, Options(engine=engine))
+    ctx = Context(case, tuple(runs), tuple(warnings))
+    w = case.weight
+    scales = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) / 127.5
+    pc = QParams(tuple(float(s) for s in scales), (0,) * w.shape[0], "qint8", 0, "x")
+    fresh = _weight_error_rmse(ctx, dequantize(quantize(w, pc), pc))
+    reused = _production_per_channel_rmse(ctx, ctx.as_given, scales)
+    if engine == "qnnpack":
+        assert reused is None
+    else:
+        assert reused is not None and reused == pytest.approx(fresh, rel=1e-6)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..diagnose import PathRun
 from ..metrics import dot
 from ..qparams import QParams, clip_bounds, dequantize, quantize
 from ..report import Finding
@@ -129,6 +130,23 @@ def _weight_error_rmse(ctx: Context, w_deq: np.ndarray) -> float:
     return float(np.sqrt(dot(flat, flat) / max(flat.size, 1)))
 
 
+def _production_per_channel_rmse(ctx: Context, run: PathRun, scales: np.ndarray
+                                 ) -> float | None:
+    """The weight error RMSE the production path measured, when it quantized the weight per
+    output channel, symmetric qint8, at the candidate's scales (up to float32 rounding: the
+    observer computes them in float32), else None."""
+    prod = ctx.run("production", run.report.engine)
+    if prod is None or prod.ladder is None or prod.ladder.weight_error_rmse is None:
+        return None
+    qp = prod.spec.weight_qparams
+    w = ctx.case.weight
+    if (not qp.per_channel or (qp.axis or 0) % w.ndim != 0 or qp.dtype != "qint8"
+            or any(qp.zero_point) or len(qp.scale) != len(scales)
+            or not np.allclose(qp.scales(), scales, rtol=1e-6, atol=0)):
+        return None
+    return prod.ladder.weight_error_rmse
+
+
 def qcd023(ctx: Context) -> Iterator[Finding]:
     for run in (ctx.as_given, ctx.production):
         if run is None or run.spec.weight_qparams.per_channel:
@@ -140,11 +158,14 @@ def qcd023(ctx: Context) -> Iterator[Finding]:
         per_ch_scale = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) / 127.5
         per_ch_scale = np.where(per_ch_scale > 0, per_ch_scale, 1.0)
         pc = QParams(tuple(float(s) for s in per_ch_scale), (0,) * w.shape[0], "qint8", 0, "x")
-        candidate = dequantize(quantize(w, pc), pc)
         measured = run.ladder.weight_error_rmse if run.ladder is not None else None
         now = measured if measured is not None else _weight_error_rmse(
             ctx, dequantize(run.spec.weight_codes, qp))
-        then = _weight_error_rmse(ctx, candidate)
+        # the production path quantized this weight per channel with the same recipe: its
+        # ladder measured the candidate's error already (one conv of the layer saved)
+        then = _production_per_channel_rmse(ctx, run, per_ch_scale)
+        if then is None:
+            then = _weight_error_rmse(ctx, dequantize(quantize(w, pc), pc))
         if now <= 0 or then >= now / 2:
             continue
         impact = share(run, "weight_clipping", "weight_rounding") * (1 - then / now)
