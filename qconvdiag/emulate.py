@@ -307,13 +307,14 @@ def pair_list(accumulation: str, cin_g: int, taps: int) -> list[tuple[tuple[int,
 
 def pair_saturation(
     x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, g: Geometry, accumulation: str,
-    pad_value: int,
+    pad_value: int, count_only: bool = False,
 ) -> tuple[np.ndarray, int]:
     """sum over pairs of (sat16(P) - P) per output element, and the count of saturated pairs.
 
     P is the pair sum of raw codes. Pairs that cannot leave int16 for any input value in
     this tensor (bounded by each channel's min/max code) are skipped, so 7-bit activations
-    cost nothing.
+    cost nothing. Pair sums of 8-bit codes fit int32 (|P| <= 2 * 255 * 255) and are formed for
+    a block of output channels at a time. ``count_only`` returns an empty correction.
     """
     out_sp = output_shape(x_codes.shape, w_codes.shape, g)[2:]
     n = x_codes.shape[0]
@@ -321,18 +322,21 @@ def pair_saturation(
     og = o_total // g.groups
     kernel = w_codes.shape[2:]
     taps = list(itertools.product(*(range(k) for k in kernel)))
-    correction = np.zeros((n, o_total, *out_sp), dtype=np.int64)
+    correction = np.zeros((0,) if count_only else (n, o_total, *out_sp), dtype=np.int64)
     pairs = [p for p in pair_list(accumulation, cin_g, len(taps)) if len(p) == 2]
     if not pairs:
         return correction, 0
-    xpad = _pad(x_codes, g.padding, pad_value)
-    per_channel_min = xpad.reshape(n, xpad.shape[1], -1).min(axis=(0, 2))
-    per_channel_max = xpad.reshape(n, xpad.shape[1], -1).max(axis=(0, 2))
+    xpad = _pad(np.asarray(x_codes).astype(np.int32), g.padding, pad_value)
+    per_channel_min = xpad.reshape(n, xpad.shape[1], -1).min(axis=(0, 2)).astype(np.int64)
+    per_channel_max = xpad.reshape(n, xpad.shape[1], -1).max(axis=(0, 2)).astype(np.int64)
     views = _tap_views(xpad, w_codes.shape, g, out_sp)
     w_flat = w_codes.reshape(o_total, cin_g, -1)  # (O, Cg, taps), taps in C order
     saturated = 0
     pa = np.array([(ta, ca) for (ta, ca), _ in pairs], dtype=np.int64).reshape(-1, 2)
     pb = np.array([(tb, cb) for _, (tb, cb) in pairs], dtype=np.int64).reshape(-1, 2)
+    plane = n * int(np.prod(out_sp, dtype=np.int64))
+    block = max(1, PAIR_BLOCK_ELEMENTS // max(plane, 1))
+    shape_w = (1, -1) + (1,) * len(out_sp)
     for grp in range(g.groups):
         o_idx = np.arange(grp * og, (grp + 1) * og)
         # every pair's reachable range at once: (outputs of the group, pairs)
@@ -346,19 +350,25 @@ def pair_saturation(
         risky_all = (hi_all > INT16_MAX) | (lo_all < INT16_MIN)
         for j in np.flatnonzero(risky_all.any(axis=0)):
             (ta, ca), (tb, cb) = pairs[j]
-            xa_c, xb_c = grp * cin_g + ca, grp * cin_g + cb
-            wa, wb = wa_all[:, j], wb_all[:, j]
-            risky = risky_all[:, j]
-            sel = o_idx[risky]
-            shape_w = (1, -1) + (1,) * len(out_sp)
-            xa = views[taps[ta]][:, xa_c][:, None]
-            xb = views[taps[tb]][:, xb_c][:, None]
-            p = xa * wa[risky].reshape(shape_w) + xb * wb[risky].reshape(shape_w)
-            clipped = np.clip(p, INT16_MIN, INT16_MAX)
-            diff = clipped - p
-            saturated += int(np.count_nonzero(diff))
-            correction[:, sel] += diff
+            xa = views[taps[ta]][:, grp * cin_g + ca][:, None]
+            xb = views[taps[tb]][:, grp * cin_g + cb][:, None]
+            rows = np.flatnonzero(risky_all[:, j])
+            for start in range(0, rows.size, block):
+                part = rows[start:start + block]
+                wa = wa_all[part, j].astype(np.int32).reshape(shape_w)
+                wb = wb_all[part, j].astype(np.int32).reshape(shape_w)
+                p = xa * wa
+                p += xb * wb
+                diff = np.clip(p, INT16_MIN, INT16_MAX)
+                diff -= p
+                saturated += int(np.count_nonzero(diff))
+                if not count_only:
+                    correction[:, o_idx[part]] += diff
     return correction, saturated
+
+
+#: Pair sums formed at once (output channels x positions): bounds the int32 temporaries.
+PAIR_BLOCK_ELEMENTS = 1 << 18
 
 
 # ------------------------------------------------------------------------------------------

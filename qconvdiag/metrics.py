@@ -9,6 +9,7 @@ quantized output is all zero), max_abs_lsb 803.69 (output scale 1.0), affected 1
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -138,20 +139,30 @@ def merged(accs: list[ErrorAccumulator]) -> ErrorAccumulator:
     return first
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A float64 buffer of n elements owned by the calling thread (reused across calls)."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _LOCAL.buf = np.empty(max(n, CHUNK), dtype=np.float64)
+    return buf[:n]
+
+
 class ErrorAccumulator:
     """Metrics of an error tensor, fed chunk by chunk (same numbers as one pass)."""
 
-    __slots__ = ("n", "nonzero", "max_abs", "sum_abs", "ee", "er", "_buf")
+    __slots__ = ("n", "nonzero", "max_abs", "sum_abs", "ee", "er")
 
     def __init__(self) -> None:
         self.n = self.nonzero = 0
         self.max_abs = self.sum_abs = self.ee = self.er = 0.0
-        self._buf = np.empty(CHUNK, dtype=np.float64)
 
     def add(self, e: np.ndarray, r: np.ndarray) -> None:
         """One chunk of the error and the matching chunk of the reference (1-d, float64)."""
         self.n += e.size
-        a = np.abs(e, out=self._buf[:e.size])
+        a = np.abs(e, out=_scratch(e.size))
         # |e| has no -0.0, so its bit patterns are nonzero exactly where e is (3x faster)
         nz = int(np.count_nonzero(a.view(np.int64)))
         if nz == 0:

@@ -227,3 +227,22 @@ def test_onednn_multiplies_by_the_reciprocal_output_scale():
     case = build_case(x, w, np.zeros(64, np.float32), stride=2, padding=3)
     for p in diagnose(case, Options(engine="onednn")).paths:
         assert p.torch_check.mismatched_elements == 0
+
+
+@pytest.mark.parametrize("accumulation", [PAIRS_K, PAIRS_CHANNELS])
+def test_pair_saturation_blocks_and_count_only_agree(accumulation, monkeypatch):
+    """Blocking the output channels (down to one at a time) and counting only give the same
+    correction and count as one block; the correction is the int64 sum over pairs."""
+    from qconvdiag import emulate as em_mod
+    from qconvdiag.case import Geometry
+
+    rng = np.random.default_rng(11)
+    g = Geometry((1, 1), (1, 1), (1, 1), 1)
+    x = rng.integers(0, 256, (2, 6, 7, 7))
+    w = rng.integers(-128, 128, (5, 6, 3, 3))
+    full, n_full = em_mod.pair_saturation(x, 0, w, g, accumulation, 0)
+    assert n_full > 0 and full.dtype == np.int64
+    monkeypatch.setattr(em_mod, "PAIR_BLOCK_ELEMENTS", 1)
+    blocked, n_blocked = em_mod.pair_saturation(x, 0, w, g, accumulation, 0)
+    _, n_count = em_mod.pair_saturation(x, 0, w, g, accumulation, 0, count_only=True)
+    assert np.array_equal(full, blocked) and n_full == n_blocked == n_count

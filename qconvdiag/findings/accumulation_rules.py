@@ -66,7 +66,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     continue
                 _, n = pair_saturation(spec.input_codes, spec.input_qparams.zero_point[0], codes,
                                        ctx.case.geometry, PAIRS_K,
-                                       spec.input_qparams.zero_point[0])
+                                       spec.input_qparams.zero_point[0], count_only=True)
                 if n == 0:
                     continue
                 yield Finding(
