@@ -169,7 +169,7 @@ def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None 
     if ladder is not None:
         stages = ladder.stages
         total = ladder.total
-        out_summary = summary(ladder.final) | {"values": _head(ladder.final)}
+        out_summary = ladder.final_summary
     else:
         reason = f"cannot run: {refused}"
         stages = tuple(StageResult(s, False, reason, None, None, None, None) for s in STAGE_IDS)
@@ -347,7 +347,8 @@ def collect_tensors(
         if r.ladder is None:
             continue
         final_em = r.module_emulation if r.module_emulation is not None else r.emulation
-        out[f"{prefix}.quantized"] = r.ladder.final
+        if r.ladder.final is not None:  # kept when the arrays are (keep_arrays)
+            out[f"{prefix}.quantized"] = r.ladder.final
         if final_em is not None:
             out[f"{prefix}.quantized_int"] = final_em.output_codes
         if r.torch_codes is not None:

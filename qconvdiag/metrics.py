@@ -251,6 +251,43 @@ def shares_from_energies(energies: dict[str, float]) -> dict[str, float | None]:
     return {k: e / total for k, e in energies.items()}
 
 
+class SummaryAccumulator:
+    """``summary`` of an array fed block by block (mean summed per block), plus its first
+    values."""
+
+    HEAD = 8
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.lo, self.hi, self.total = math.inf, -math.inf, 0.0
+        self.head: list[float] = []
+
+    def add(self, v: np.ndarray) -> None:
+        """The next block of the array (1-d, in order)."""
+        if not v.size:
+            return
+        self.n += v.size
+        self.lo = min(self.lo, float(v.min()))
+        self.hi = max(self.hi, float(v.max()))
+        self.total += float(v.sum())
+        if len(self.head) < self.HEAD:
+            self.head += [float(x) for x in v[:self.HEAD - len(self.head)]]
+
+    def merge(self, other: SummaryAccumulator) -> None:
+        """Add the blocks ``other`` saw, which come after this one's."""
+        self.n += other.n
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        self.total += other.total
+        self.head = (self.head + other.head)[:self.HEAD]
+
+    def result(self) -> dict[str, Any]:
+        if not self.n:
+            return {"min": 0.0, "max": 0.0, "mean": 0.0, "abs_max": 0.0, "values": []}
+        return {"min": _finite(self.lo), "max": _finite(self.hi),
+                "mean": _finite(self.total / self.n),
+                "abs_max": _finite(max(abs(self.lo), abs(self.hi))), "values": self.head}
+
+
 def summary(values: np.ndarray) -> dict[str, float]:
     """min / max / mean / absmax of an output tensor."""
     v = np.asarray(values, dtype=np.float64)

@@ -35,6 +35,7 @@ from .metrics import (
     CHUNK,
     ErrorAccumulator,
     Metrics,
+    SummaryAccumulator,
     accumulate,
     chunks,
     dot,
@@ -85,8 +86,11 @@ class Ladder:
     """Cumulative output after each applicable stage (float64); empty unless kept."""
     deltas: dict[str, np.ndarray]
     """Each stage's delta (float64); empty unless kept."""
-    final: np.ndarray
-    """The quantized output the ladder ends at (torch's when it ran, else the emulation)."""
+    final: np.ndarray | None
+    """The quantized output the ladder ends at (torch's when it ran, else the emulation);
+    kept only with the states (``keep``)."""
+    final_summary: dict[str, Any]
+    """min / max / mean / abs_max and the first values of ``final``."""
     total: Metrics
     output_scale: float
     weight_error_rmse: float | None = None
@@ -207,8 +211,9 @@ class DequantizedInput:
         codes = np.ascontiguousarray(self.codes).reshape(-1)
         sub = None if minus is None else np.ascontiguousarray(minus).reshape(-1)
         out = np.empty(codes.size, dtype=np.float32)
-        buf = np.empty(CHUNK, dtype=np.float64)
-        for sl in chunks(codes.size):
+        parts = chunks(codes.size)
+        buf = np.empty(max((p.stop - p.start for p in parts), default=0), dtype=np.float64)
+        for sl in parts:
             t = np.subtract(codes[sl], zp, out=buf[:sl.stop - sl.start], dtype=np.float64)
             t *= s
             if sub is not None:
@@ -678,17 +683,18 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                  if fill is SAME and pos > 0 and lsb_of(sid) == out_s}
     skip = set(ENGINE_FREE_STAGES) if prefix_known else set()
     y0r = _as_rows(y0)
-    final = np.empty(y0.shape, dtype=np.float64)
-    final_r = final.reshape(y0r.shape)
     kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    final: np.ndarray | None = None
     if keep:
         kept = {sid: (np.empty(y0r.shape), np.empty(y0r.shape)) for sid, _, _ in ladder}
+        final = np.empty(y0.shape, dtype=np.float64)
     isos = {sid: (_as_rows(iso) if isinstance(iso, np.ndarray) else None)
             for sid, _, iso in ladder}
 
-    def work(blocks: list[Block]) -> dict[str, Triple]:
+    def work(blocks: list[Block]) -> tuple[dict[str, Triple], SummaryAccumulator]:
         accs = {sid: (ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator())
                 for sid, _, _ in ladder}
+        final_acc = SummaryAccumulator()
         size = max((k.of(y0r).size for k in blocks), default=0)
         bufs = [np.empty(size), np.empty(size)]
         d_buf, c_buf = np.empty(size), np.empty(size)
@@ -726,10 +732,16 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                     elif lazy is not None:
                         i_acc.add(lazy(r), r)
                 prev2 = cur2
-            np.copyto(k.of(final_r), prev2)
-        return accs
+            final_acc.add(prev2.reshape(-1))
+            if final is not None:
+                np.copyto(k.of(final.reshape(y0r.shape)), prev2)
+        return accs, final_acc
 
-    groups = over_groups(_blocks(y0.shape), work)
+    results_by_group = over_groups(_blocks(y0.shape), work)
+    groups = [accs for accs, _ in results_by_group]
+    final_summary = results_by_group[0][1]
+    for _, other in results_by_group[1:]:
+        final_summary.merge(other)
     channel_sums: np.ndarray | None = None
     energies: dict[str, float] = {}
     metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
@@ -768,5 +780,5 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
     states = {sid: st.reshape(y0.shape) for sid, (st, _) in kept.items()}
     deltas = {sid: dl.reshape(y0.shape) for sid, (_, dl) in kept.items()}
-    return Ladder(tuple(results), y0, states, deltas, final, total, fs,
+    return Ladder(tuple(results), y0, states, deltas, final, final_summary.result(), total, fs,
                   measured.get("weight_error_rmse"))

@@ -8,6 +8,7 @@ import pytest
 
 from qconvdiag.diagnose import Options, diagnose_runs
 from qconvdiag.generate import RandomSpec, forum_case, generate
+from qconvdiag.metrics import error_metrics, summary
 from qconvdiag.stages import STAGE_IDS, conv64
 from tests.conftest import REFERENCE_RTOL, TELESCOPE_RTOL
 
@@ -63,3 +64,42 @@ def test_stage_that_does_not_apply_has_a_reason():
     runs, _ = diagnose_runs(case, Options())
     st = runs[0].report.stage("bias_quantization")
     assert not st.applies and st.reason == "the layer has no bias" and st.delta is None
+
+
+def _close(a, b):
+    if a is None or b is None:
+        return a is b
+    return all(
+        (x is None and y is None) or (x is not None and y is not None
+                                      and x == pytest.approx(y, rel=1e-9, abs=1e-12))
+        for x, y in zip(a.to_dict().values(), b.to_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_streamed_metrics_equal_the_metrics_of_the_whole_arrays(seed, monkeypatch):
+    """The ladder measures block by block on two threads; its delta and cumulative metrics
+    must be those of the whole state arrays, its output summary that of the whole final
+    output, with or without the arrays kept. Small blocks (CHUNK) make many of them."""
+    from qconvdiag import metrics, stages
+
+    monkeypatch.setattr(stages, "CHUNK", 37 + seed)  # blocks of part rows and of many rows
+    case = generate(RandomSpec(seed=seed, recipe="handmade" if seed % 2 else None,
+                               distribution=["normal", "relu", "int", "heavy"][seed % 4]))
+    kept, _ = diagnose_runs(case, Options(keep_arrays=True))
+    streamed, _ = diagnose_runs(case, Options())
+    for run, plain in zip(kept, streamed, strict=True):
+        ladder, y0 = run.ladder, run.ladder.float_output
+        lsb = float(run.spec.output_qparams.scale[0])
+        assert plain.ladder.final is None
+        want = summary(ladder.final)
+        for key, value in want.items():
+            assert plain.ladder.final_summary[key] == pytest.approx(value, rel=1e-12, abs=1e-12)
+        assert plain.ladder.final_summary["values"] == list(ladder.final.reshape(-1)[:8])
+        for st, st_plain in zip(run.report.stages, plain.report.stages, strict=True):
+            assert _close(st.delta, st_plain.delta) and _close(st.cumulative, st_plain.cumulative)
+            assert _close(st.isolated, st_plain.isolated)
+            if not st.applies or st.id in ("module_state", "backend_residual"):
+                continue
+            assert _close(st.delta, error_metrics(ladder.deltas[st.id], y0, lsb))
+            assert _close(st.cumulative, error_metrics(ladder.states[st.id] - y0, y0, lsb))
+    assert metrics.CHUNK == 1 << 16  # the metric chunks are untouched
