@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -72,8 +74,8 @@ class Emulation:
     """(O,) int64: qnnpack's int32 bias (scale in_s * w_s); None for other kernels."""
     multiplier: np.ndarray
     """(O,) float32 requantization multiplier (accumulator units -> output steps)."""
-    pre_round32: np.ndarray
-    """float32: the engine's float32 value right before rounding (see ``pre_round``)."""
+    pre_round_fn: Callable[[], np.ndarray]
+    """Recomputes ``pre_round32`` from ``acc`` (only the trace needs it: not kept)."""
     unclamped: np.ndarray
     """int32 (int64 if out of range): rint(pre_round) + zero point, before the clamp."""
     output_codes: np.ndarray
@@ -83,6 +85,11 @@ class Emulation:
     pre_round_offset: int = 0
     """Subtracted from ``pre_round32`` to give ``pre_round`` (oneDNN adds the zero point
     before rounding)."""
+
+    @property
+    def pre_round32(self) -> np.ndarray:
+        """float32: the engine's float32 value right before rounding (see ``pre_round``)."""
+        return self.pre_round_fn()
 
     @property
     def pre_round(self) -> np.ndarray:
@@ -535,24 +542,21 @@ def emulate(
         acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
     else:
         acc = acc.astype(np.int32, copy=False)  # exact accumulation: the same array
-    per_channel = w_qp.per_channel
-    bias_int = None
-    if kernel.kernel == "qnnpack":
-        pre, unclamped, mult, bias_real, bias_int = requantize_qnnpack(
-            acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
-    elif kernel.kernel == "onednn":
-        pre, unclamped, mult, bias_real = requantize_onednn(
-            acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
-    else:
-        pre, unclamped, mult, bias_real = requantize_fbgemm(
-            acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel)
+    requantize: Callable[..., tuple[Any, ...]] = {
+        "qnnpack": requantize_qnnpack, "onednn": requantize_onednn}.get(
+        kernel.kernel, requantize_fbgemm)
+    args = (acc, bias, in_scale, w_scales, out_scale, out_zp, w_qp.per_channel)
+    pre, unclamped, mult, bias_real, *rest = requantize(*args)
+    bias_int = rest[0] if rest else None
+    del pre  # recomputed on demand (pre_round_fn): an output-sized array nobody else reads
     codes = np.clip(unclamped, out_qp.dtype_min, out_qp.dtype_max).astype(np.int32)
     if unclamped.size and INT32_MIN <= int(unclamped.min()) and int(unclamped.max()) <= INT32_MAX:
         unclamped = unclamped.astype(np.int32)  # half the memory; int64 only when needed
     acc_scale = w_scales * in_scale
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,
-        np.asarray(mult, dtype=np.float32), np.asarray(pre, dtype=np.float32), unclamped, codes,
+        np.asarray(mult, dtype=np.float32),
+        lambda: np.asarray(requantize(*args)[0], dtype=np.float32), unclamped, codes,
         acc_scale, out_zp if kernel.kernel == "onednn" else 0,
     )
 

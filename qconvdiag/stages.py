@@ -123,6 +123,14 @@ def conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry) -> n
 
 
 def conv_diff(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry) -> np.ndarray:
+    """``conv_diff_any`` as a dense array."""
+    out = conv_diff_any(x, w, g)
+    assert isinstance(out, np.ndarray)
+    return out
+
+
+def conv_diff_any(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry,
+                  compact: bool = False) -> np.ndarray | ChannelSparse:
     """conv of a (usually small or sparse) difference tensor: a float32 conv, returned as
     float32 (its own precision; consumers add it into float64), or, for a mostly-zero
     difference, a float64 scatter.
@@ -132,6 +140,8 @@ def conv_diff(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry) -> n
     (~1e-7 relative to the change) lands in the next exact state's delta, so deltas still add
     up exactly to the total. An all-zero change costs nothing and adds exactly 0.
     ``x`` may be a ``DequantizedInput``: its float64 values are formed only where needed.
+    ``compact``: a weight scatter that touches few output channels comes back as a
+    ``ChannelSparse`` (only those channels stored).
     """
     from .case import output_shape
 
@@ -145,7 +155,7 @@ def conv_diff(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry) -> n
     # A difference that is mostly zero (a few clipped weights or inputs) costs far less as a
     # scatter of its nonzeros, accumulated in float64, than as a dense conv.
     if nw <= SPARSE_WEIGHT_MAX and nw * (out_elems // shape[1]) * SPARSE_GAIN <= dense_macs:
-        return _conv_sparse_weight(x, w, g, shape)
+        return _conv_sparse_weight(x, w, g, shape, compact)
     if isinstance(x, DequantizedInput):
         if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
             return _conv_sparse_input(x.dense64(), w, g, shape)
@@ -237,25 +247,73 @@ SPARSE_INPUT_BLOCK = 4096
 
 
 def _conv_sparse_weight(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry,
-                        shape: tuple[int, ...]) -> np.ndarray:
+                        shape: tuple[int, ...], compact: bool = False
+                        ) -> np.ndarray | ChannelSparse:
     """conv(x, w) for a weight with few nonzeros: one scaled input slice per nonzero. Only the
-    input channels those nonzeros read are padded, one at a time."""
+    input channels those nonzeros read are padded, one at a time. With ``compact``, when the
+    nonzeros feed at most half of the output channels, only those channels are stored."""
     from .emulate import _pad, _tap_views
 
-    out = np.zeros(shape, dtype=np.float64)
     og, cin_g = shape[1] // g.groups, w.shape[1]
+    nz = np.nonzero(w)
+    touched = np.unique(nz[0])
+    sparse = compact and touched.size * 2 <= shape[1]
+    slot = np.full(shape[1], -1, dtype=np.int64)
+    slot[touched] = np.arange(touched.size)
+    out = np.zeros((shape[0], touched.size if sparse else shape[1], *shape[2:]), np.float64)
     by_channel: dict[int, list[tuple[int, tuple[int, ...], np.float64]]] = {}
-    for idx in zip(*np.nonzero(w), strict=True):
+    for idx in zip(*nz, strict=True):
         o, c = int(idx[0]), int(idx[1])
         by_channel.setdefault((o // og) * cin_g + c, []).append(
-            (o, tuple(int(t) for t in idx[2:]), np.float64(w[idx])))
+            (int(slot[o]) if sparse else o, tuple(int(t) for t in idx[2:]), np.float64(w[idx])))
     for cx, uses in by_channel.items():
         xc = x.channel(cx) if isinstance(x, DequantizedInput) else x[:, cx:cx + 1]
         views = _tap_views(_pad(xc, g.padding, 0), w.shape, g, tuple(shape[2:]))
         for o, tap, v in uses:
             # a float64 scalar makes the product float64 whatever the input's dtype
             out[:, o] += views[tap][:, 0] * v
-    return out
+    return ChannelSparse(shape, touched, out) if sparse else out
+
+
+class ChannelSparse:
+    """An output-sized float64 array that is zero outside a few output channels: ``values``
+    holds those channels, shape (N, len(channels), *spatial)."""
+
+    def __init__(self, shape: tuple[int, ...], channels: np.ndarray, values: np.ndarray) -> None:
+        self.shape, self.channels, self.values = tuple(shape), channels, values
+        self.size = int(np.prod(shape))
+        # row (n * O + o) of the output -> row of values, or -1
+        slot = np.full(shape[1], -1, dtype=np.int64)
+        slot[channels] = np.arange(channels.size)
+        n = np.arange(shape[0])[:, None]
+        self._row = np.where(slot[None, :] >= 0, n * channels.size + slot[None, :], -1
+                             ).reshape(-1)
+        self._values_r = values.reshape(shape[0] * channels.size, -1)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=np.float64)
+        out[:, self.channels] = self.values
+        return out
+
+    def subtract_from(self, y: np.ndarray) -> None:
+        y[:, self.channels] -= self.values
+
+    def block(self, k: Block) -> np.ndarray:
+        """The block ``k`` of the output as (rows, columns)."""
+        rows = self._row[k.rows]
+        hit = rows >= 0
+        cols = self._values_r.shape[1] if k.cols.stop is None else k.cols.stop
+        out = np.zeros((rows.size, len(range(*k.cols.indices(cols)))), dtype=np.float64)
+        if hit.any():
+            out[hit] = self._values_r[rows[hit], k.cols]
+        return out
+
+    def row_energy_added(self, base_rows: np.ndarray) -> float:
+        """sum((base + self)^2) - sum(base^2) over this array's rows (base given as rows)."""
+        rows = np.flatnonzero(self._row >= 0)
+        b = base_rows[rows].astype(np.float64)
+        v = self._values_r[self._row[rows]]
+        return float(np.einsum("ij,ij->", b + v, b + v) - np.einsum("ij,ij->", b, b))
 
 
 def _conv_sparse_input(x: np.ndarray, w: np.ndarray, g: Geometry,
@@ -338,17 +396,19 @@ def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
 
 
 def weight_clip_step(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QParams,
-                     w_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                     w_codes: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray | ChannelSparse | None]:
     """(clip(w) - w, conv(dequant(x_codes), clip(w) - w) or None when nothing clips)."""
     from .memo import memoized
 
-    def compute() -> tuple[np.ndarray, np.ndarray | None]:
+    def compute() -> tuple[np.ndarray, np.ndarray | ChannelSparse | None]:
         w = case.weight
         axis = None if w_qp.axis is None else w_qp.axis % w.ndim
         dw_clip = _clip_tensor(w, w_qp, axis) - w
         if not dw_clip.any():
             return dw_clip, None
-        return dw_clip, conv_diff(DequantizedInput(x_codes, x_qp), dw_clip, case.geometry)
+        return dw_clip, conv_diff_any(DequantizedInput(x_codes, x_qp), dw_clip, case.geometry,
+                                      compact=True)
 
     return memoized("weight_clip_step", (x_codes, w_codes, case.input, case.weight),
                     (_qsig(x_qp), _qsig(w_qp)), compute)
@@ -390,15 +450,13 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
                         dequantize(w_codes, w_qp) - (case.weight + dw_clip), g)
     y = acc * acc_scale
     for part in (clip_in, round_in, clip_w, round_w):
-        if part is not None:
+        if isinstance(part, ChannelSparse):
+            part.subtract_from(y)
+        elif part is not None:
             y -= part
-    return _bias_add(y, case.bias)
-
-
-def _bias_add(y: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    if b is None:
-        return y
-    return y + np.asarray(b, dtype=np.float64).reshape((1, -1) + (1,) * (y.ndim - 2))
+    if case.bias is not None:
+        y += np.asarray(case.bias, dtype=np.float64).reshape((1, -1) + (1,) * (y.ndim - 2))
+    return y
 
 
 def _clip_tensor(t: np.ndarray, qp: QParams, axis: int | None) -> np.ndarray:
@@ -470,6 +528,14 @@ def _blocks(shape: tuple[int, ...]) -> list[Block]:
     return [Block(slice(r, min(r + step, rows)), slice(None), o) for r in range(0, rows, step)]
 
 
+def _reader(a: np.ndarray | ChannelSparse) -> Callable[[Block], np.ndarray]:
+    """Reads one block of an output-sized array, dense or channel-sparse."""
+    if isinstance(a, ChannelSparse):
+        return a.block
+    rows = _as_rows(a)
+    return lambda k: k.of(rows)
+
+
 def _as_rows(a: np.ndarray) -> np.ndarray:
     """An output-sized array as (batch x channels, spatial), a view when contiguous."""
     return np.ascontiguousarray(a).reshape(a.shape[0] * a.shape[1], -1)
@@ -500,18 +566,24 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
 
     kin, kw = _qsig(li.input_qparams), _qsig(li.weight_qparams)
 
-    def weight_side() -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float]:
+    def weight_side() -> tuple[np.ndarray | ChannelSparse, np.ndarray | ChannelSparse | None,
+                               np.ndarray, float]:
         dw_clip, step_w = weight_clip_step(case, li.input_qparams, li.input_codes,
                                            li.weight_qparams, li.weight_codes)
         # isolated: each effect on the float input; rounding is that of the in-range weight,
         # so clipping + rounding is the weight's whole quantization error, whose output RMSE
         # QCD023 compares with per-channel weights
-        iso_wclip = conv_diff(x, dw_clip, g)
+        iso_wclip = conv_diff_any(x, dw_clip, g, compact=True)
         w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
         iso_wround = conv_diff(x, w_round, g)
-        a, c = iso_wclip.reshape(-1), iso_wround.reshape(-1)
-        both = accumulate(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), a)
-        return iso_wclip, step_w, iso_wround, float(np.sqrt(both.energy / max(both.n, 1)))
+        c = iso_wround.reshape(-1)
+        if isinstance(iso_wclip, ChannelSparse):
+            energy = accumulate(lambda sl: c[sl].astype(np.float64), c).energy
+            energy += iso_wclip.row_energy_added(_as_rows(iso_wround))
+        else:
+            a = iso_wclip.reshape(-1)
+            energy = accumulate(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), c).energy
+        return iso_wclip, step_w, iso_wround, float(np.sqrt(energy / max(c.size, 1)))
 
     # rounding alone is the rounding of the in-range (clipped) input: the step itself (DELTA)
     iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
@@ -529,8 +601,8 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     if step_w is None:
         yield "weight_clipping", lambda out, prev, k: np.copyto(out, prev), iso_wclip
     else:
-        step_w_r = rows(step_w)
-        yield ("weight_clipping", lambda out, prev, k: np.add(prev, k.of(step_w_r), out=out),
+        step_w_at = _reader(step_w)
+        yield ("weight_clipping", lambda out, prev, k: np.add(prev, step_w_at(k), out=out),
                iso_wclip)
     acc_exact_r = rows(em.acc_exact)
     yield ("weight_rounding",
@@ -688,7 +760,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     if keep:
         kept = {sid: (np.empty(y0r.shape), np.empty(y0r.shape)) for sid, _, _ in ladder}
         final = np.empty(y0.shape, dtype=np.float64)
-    isos = {sid: (_as_rows(iso) if isinstance(iso, np.ndarray) else None)
+    isos = {sid: (_reader(iso) if isinstance(iso, (np.ndarray, ChannelSparse)) else None)
             for sid, _, iso in ladder}
 
     def work(blocks: list[Block]) -> tuple[dict[str, Triple], SummaryAccumulator]:
@@ -726,9 +798,9 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                     else:
                         d_acc.add(np.subtract(cur, prev2.reshape(-1), out=d_buf[:n]), r)
                     c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
-                    iso_r = isos[sid]
-                    if iso_r is not None:
-                        i_acc.add(k.of(iso_r).reshape(-1), r)
+                    iso_at = isos[sid]
+                    if iso_at is not None:
+                        i_acc.add(iso_at(k).reshape(-1), r)
                     elif lazy is not None:
                         i_acc.add(lazy(r), r)
                 prev2 = cur2

@@ -13,11 +13,14 @@ from qconvdiag.diagnose import Options, diagnose_runs
 from qconvdiag.generate import RandomSpec, generate
 from qconvdiag.qparams import dequantize, make_qparams, quantize
 from qconvdiag.stages import (
+    ChannelSparse,
     DequantizedInput,
+    _blocks,
     _conv_sparse_input,
     _conv_sparse_weight,
     conv64,
     conv_diff,
+    conv_diff_any,
     input_steps,
 )
 from tests.conftest import REFERENCE_RTOL
@@ -134,6 +137,39 @@ def test_dequantized_input_equals_the_dequantized_array(per_channel, monkeypatch
             assert np.allclose(conv_diff(lazy, weight, g), conv_diff(dense, weight, g),
                                rtol=1e-12, atol=1e-12)
     assert {"_conv_sparse_weight", "_conv_sparse_input", "_conv"} <= set(routes)
+
+
+def test_channel_sparse_scatter_equals_the_dense_one(monkeypatch):
+    """A few clipped weights feeding a few output channels: the compact result stores those
+    channels only; densified, read block by block, subtracted, and its energy added to another
+    array, it gives the dense scatter's numbers."""
+    from qconvdiag import stages
+
+    rng = np.random.default_rng(8)
+    g = Geometry((1, 1), (1, 1), (1, 1), 1)
+    x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+    dw = np.zeros((8, 6, 3, 3), np.float32)
+    dw[[1, 1, 5], [0, 3, 2], [0, 1, 2], [2, 1, 0]] = [0.5, -0.25, 0.125]
+    dense = conv_diff(x, dw, g)
+    compact = conv_diff_any(x, dw, g, compact=True)
+    assert isinstance(compact, ChannelSparse) and list(compact.channels) == [1, 5]
+    assert np.array_equal(compact.dense(), dense)
+    rows = dense.reshape(2 * 8, -1)
+    monkeypatch.setattr(stages, "CHUNK", 20)  # blocks of part rows
+    for k in _blocks(dense.shape) + _blocks((2, 8, 9, 9))[:3]:
+        assert np.array_equal(compact.block(k), k.of(rows))
+    monkeypatch.setattr(stages, "CHUNK", 200)  # blocks of several rows
+    for k in _blocks(dense.shape):
+        assert np.array_equal(compact.block(k), k.of(rows))
+    y = rng.standard_normal(dense.shape)
+    want = y - dense
+    compact.subtract_from(y)
+    assert np.array_equal(y, want)
+    base = rng.standard_normal(rows.shape)
+    added = float(((base + rows) ** 2).sum() - (base ** 2).sum())
+    assert compact.row_energy_added(base) == pytest.approx(added, rel=1e-12)
+    dw[:, 0, 0, 0] = 1.0  # every output channel: no saving, a dense array
+    assert isinstance(conv_diff_any(x, dw, g, compact=True), np.ndarray)
 
 
 def test_input_steps_match_the_plain_formulas():
