@@ -333,7 +333,11 @@ def pair_saturation(
     pairs = [p for p in pair_list(accumulation, cin_g, len(taps)) if len(p) == 2]
     if not pairs:
         return correction, 0
-    xpad = _pad(np.asarray(x_codes).astype(np.int32), g.padding, pad_value)
+    x_codes = np.asarray(x_codes)
+    lo_code, hi_code = min(int(x_codes.min()), pad_value), max(int(x_codes.max()), pad_value)
+    # raw 8-bit codes and their pad fit a byte: a quarter of the memory of int32
+    small = np.uint8 if 0 <= lo_code and hi_code <= 255 else np.int32
+    xpad = _pad(x_codes.astype(small), g.padding, pad_value)
     per_channel_min = xpad.reshape(n, xpad.shape[1], -1).min(axis=(0, 2)).astype(np.int64)
     per_channel_max = xpad.reshape(n, xpad.shape[1], -1).max(axis=(0, 2)).astype(np.int64)
     views = _tap_views(xpad, w_codes.shape, g, out_sp)
@@ -347,14 +351,18 @@ def pair_saturation(
     for grp in range(g.groups):
         o_idx = np.arange(grp * og, (grp + 1) * og)
         # every pair's reachable range at once: (outputs of the group, pairs)
-        w_g = w_flat[o_idx].astype(np.int64)
-        wa_all, wb_all = w_g[:, pa[:, 1], pa[:, 0]], w_g[:, pb[:, 1], pb[:, 0]]
+        w_g = w_flat[grp * og:(grp + 1) * og]  # a view (o_idx as a slice)
+        wa_all = w_g[:, pa[:, 1], pa[:, 0]].astype(np.int64)
+        wb_all = w_g[:, pb[:, 1], pb[:, 0]].astype(np.int64)
         xa_c, xb_c = grp * cin_g + pa[:, 1], grp * cin_g + pb[:, 1]
-        ea = np.stack([wa_all * per_channel_min[xa_c], wa_all * per_channel_max[xa_c]])
-        eb = np.stack([wb_all * per_channel_min[xb_c], wb_all * per_channel_max[xb_c]])
-        lo_all = ea.min(axis=0) + eb.min(axis=0)
-        hi_all = ea.max(axis=0) + eb.max(axis=0)
+        # each product's reachable range over the channel's codes, then the pair's
+        lo_all, hi_all = _product_range(wa_all, per_channel_min[xa_c], per_channel_max[xa_c])
+        lo_b, hi_b = _product_range(wb_all, per_channel_min[xb_c], per_channel_max[xb_c])
+        lo_all += lo_b
+        hi_all += hi_b
+        del lo_b, hi_b
         risky_all = (hi_all > INT16_MAX) | (lo_all < INT16_MIN)
+        del lo_all, hi_all
         for j in np.flatnonzero(risky_all.any(axis=0)):
             (ta, ca), (tb, cb) = pairs[j]
             xa = views[taps[ta]][:, grp * cin_g + ca][:, None]
@@ -372,6 +380,16 @@ def pair_saturation(
                 if not count_only:
                     correction[:, o_idx[part]] += diff
     return correction, saturated
+
+
+def _product_range(w: np.ndarray, x_min: np.ndarray, x_max: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of w * x for x in [x_min, x_max] (per pair column), element by element."""
+    lo = w * x_min
+    hi = w * x_max
+    swap = lo > hi
+    lo[swap], hi[swap] = hi[swap], lo[swap]
+    return lo, hi
 
 
 #: Pair sums formed at once (output channels x positions): bounds the int32 temporaries.

@@ -18,7 +18,7 @@ import numpy as np
 
 from .case import ConvCase
 from .errors import UsageError
-from .qparams import QParams, per_tensor, quantize
+from .qparams import QParams, compact_codes, per_tensor, quantize
 from .torch_ref import capture_warnings
 
 OBSERVERS = ("histogram", "minmax", "moving_average")
@@ -85,9 +85,10 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
     if out_qp is None:
         out_qp = per_tensor(1.0, 0, "quint8", "default")
         notes.append("no output scale/zero_point: the quantized module's defaults 1.0 / 0 apply")
-    x_codes = s.input_codes if s.input_codes is not None else quantize(case.input, in_qp)
+    x_codes = (s.input_codes if s.input_codes is not None
+               else compact_codes(quantize(case.input, in_qp), in_qp))
     if w_codes is None:
-        w_codes = quantize(case.weight, w_qp)
+        w_codes = compact_codes(quantize(case.weight, w_qp), w_qp)
     module = None
     if s.module is not None:
         m = s.module
@@ -187,7 +188,7 @@ def build_production(
             w_obs(w)
         per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
         w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
-        cache[w_key] = (w_qp, quantize(case.weight, w_qp))
+        cache[w_key] = (w_qp, compact_codes(quantize(case.weight, w_qp), w_qp))
     w_qp, w_codes = cache[w_key]
     if act_key not in cache:
         b = None if case.bias is None else torch.from_numpy(case.bias)
@@ -198,7 +199,7 @@ def build_production(
             for xb in batches:
                 act_in(xb)
             in_qp = _qparams_from_observer(act_in, "quint8", None)
-            x_codes = quantize(case.input, in_qp)
+            x_codes = compact_codes(quantize(case.input, in_qp), in_qp)
             for xb in batches:
                 if calib is None:
                     if "float32_output" not in cache:

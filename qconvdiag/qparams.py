@@ -273,6 +273,15 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     return np.clip(rounded.astype(np.int64), qp.qmin, qp.qmax)
 
 
+def compact_codes(codes: np.ndarray, qp: QParams) -> np.ndarray:
+    """8-bit codes stored as int32 (half the memory of int64) when every zero point is within
+    +-2^15: then any code minus a zero point, and the product of two such, stays far inside
+    int32. Other codes (qint32, absurd zero points) are returned unchanged."""
+    if qp.dtype in ("quint8", "qint8") and max(abs(int(z)) for z in qp.zero_point) <= 2**15:
+        return codes.astype(np.int32)
+    return codes
+
+
 #: Elements quantized per block (the float64 temporaries stay in cache).
 QUANTIZE_BLOCK = 1 << 16
 
