@@ -238,13 +238,22 @@ def _gemm_accumulator(
     views = list(_tap_views(a_pad, w_codes.shape, g, out_sp).values())
     b = (w_codes - cw).astype(np.int8).reshape(o_total, k)
     zw = np.asarray(w_zp, dtype=np.int64).reshape(-1)
-    row_term = (cx - x_zp) * (b.astype(np.int64).sum(axis=1) + k * (cw - zw))  # (O,)
-    col_weight = cw - zw  # (O,): multiplies sum a
+    # Every partial sum below is bounded by K * max|x - zx| * max|w - zw| (and by K * 2^14,
+    # K * 255 * |cw - zw|, ...): when that bound fits int32, so does everything, and the
+    # accumulator is built in int32 without int64 temporaries.
+    x_dev = max(abs(min(int(x_codes.min()), pad_code) - x_zp),
+                abs(max(int(x_codes.max()), pad_code) - x_zp))
+    w_dev = int(np.abs(w_codes.reshape(o_total, -1).astype(np.int64) - zw[:, None]).max())
+    terms = max(x_dev * w_dev, 2**14, 255 * int(np.abs(cw - zw).max()),
+                abs(cx - x_zp) * (128 + int(np.abs(cw - zw).max())))
+    dtype = np.int32 if 4 * k * terms < 2**31 else np.int64
+    row_term = ((cx - x_zp) * (b.astype(np.int64).sum(axis=1) + k * (cw - zw))).astype(dtype)
+    col_weight = (cw - zw).astype(dtype)  # (O,): multiplies sum a
     need_col = bool(np.any(col_weight))
     rows = out_sp[0] if out_sp else 1
     per_row = k * int(np.prod(out_sp[1:], dtype=np.int64))
     row_block = max(1, min(rows, IM2COL_BLOCK_BYTES // max(per_row, 1)))
-    out = np.empty((n, o_total, *out_sp), dtype=np.int64)
+    out = np.empty((n, o_total, *out_sp), dtype=dtype)
     for grp in range(g.groups):
         o_sl = slice(grp * og, (grp + 1) * og)
         c_sl = slice(grp * cin_g, (grp + 1) * cin_g)
@@ -258,10 +267,10 @@ def _gemm_accumulator(
                     part = v[i, c_sl, r0:r1]
                     np.copyto(cols[:, t].reshape(part.shape), part)
                 cols2 = cols.reshape(k, block)
-                acc = torch._int_mm(w_g, torch.from_numpy(cols2)).numpy().astype(np.int64)
+                acc = torch._int_mm(w_g, torch.from_numpy(cols2)).numpy().astype(dtype)
                 acc += row_term[o_sl, None]
                 if need_col:
-                    acc += col_weight[o_sl, None] * cols2.sum(axis=0, dtype=np.int64)[None]
+                    acc += col_weight[o_sl, None] * cols2.sum(axis=0, dtype=dtype)[None]
                 dest = out[i, o_sl, r0:r1]
                 dest[...] = acc.reshape(dest.shape)
     return out
