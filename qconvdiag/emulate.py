@@ -267,7 +267,7 @@ def _gemm_accumulator(
                     part = v[i, c_sl, r0:r1]
                     np.copyto(cols[:, t].reshape(part.shape), part)
                 cols2 = cols.reshape(k, block)
-                acc = torch._int_mm(w_g, torch.from_numpy(cols2)).numpy().astype(dtype)
+                acc: np.ndarray = torch._int_mm(w_g, torch.from_numpy(cols2)).numpy().astype(dtype)
                 acc += row_term[o_sl, None]
                 if need_col:
                     acc += col_weight[o_sl, None] * cols2.sum(axis=0, dtype=dtype)[None]
@@ -502,6 +502,44 @@ def requantize_onednn(
     return y, r, np.broadcast_to(mult, (o,)).copy(), bias_real
 
 
+def _requantize_split(requantize: Callable[..., tuple[Any, ...]], args: tuple[Any, ...],
+                      qmin: int, qmax: int
+                      ) -> tuple[np.ndarray, np.ndarray, Any, Any, Any]:
+    """``requantize(*args)`` over two halves of the output channels on two threads (every
+    output channel is requantized on its own): (unclamped, output codes, multiplier,
+    bias_real, bias_int). The pre-rounding values are dropped (``pre_round_fn``)."""
+    from .metrics import over_groups
+
+    acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel = args
+    o = acc.shape[1]
+    unclamped = np.empty(acc.shape, dtype=np.int64)
+    codes = np.empty(acc.shape, dtype=np.int32)
+    half = (o + 1) // 2
+
+    def work(ranges: list[tuple[int, int]]) -> list[tuple[Any, ...]]:
+        parts = []
+        for a, b in ranges:
+            _pre, u, *rest = requantize(acc[:, a:b], None if bias is None else bias[a:b],
+                                        in_scale, w_scales[a:b], out_scale, out_zp, per_channel)
+            unclamped[:, a:b] = u
+            codes[:, a:b] = np.clip(u, qmin, qmax)
+            parts.append(tuple(rest))
+        return parts
+
+    halves = [(0, half), (half, o)] if o > 1 else [(0, o)]
+    parts = [p for grp in over_groups(halves, work) for p in grp]
+
+    def joined(j: int) -> Any:
+        vals = [p[j] for p in parts if j < len(p)]
+        if not vals or vals[0] is None:
+            return None
+        return np.concatenate([np.asarray(v).reshape(-1) for v in vals])
+
+    if unclamped.size and INT32_MIN <= int(unclamped.min()) and int(unclamped.max()) <= INT32_MAX:
+        unclamped = unclamped.astype(np.int32)  # half the memory; int64 only when needed
+    return unclamped, codes, joined(0), joined(1), joined(2)
+
+
 @dataclass(frozen=True)
 class ZeroPoints:
     """The zero points as the engine really stores and applies them."""
@@ -573,12 +611,8 @@ def emulate(
         "qnnpack": requantize_qnnpack, "onednn": requantize_onednn}.get(
         kernel.kernel, requantize_fbgemm)
     args = (acc, bias, in_scale, w_scales, out_scale, out_zp, w_qp.per_channel)
-    pre, unclamped, mult, bias_real, *rest = requantize(*args)
-    bias_int = rest[0] if rest else None
-    del pre  # recomputed on demand (pre_round_fn): an output-sized array nobody else reads
-    codes = np.clip(unclamped, out_qp.dtype_min, out_qp.dtype_max).astype(np.int32)
-    if unclamped.size and INT32_MIN <= int(unclamped.min()) and int(unclamped.max()) <= INT32_MAX:
-        unclamped = unclamped.astype(np.int32)  # half the memory; int64 only when needed
+    unclamped, codes, mult, bias_real, bias_int = _requantize_split(
+        requantize, args, out_qp.dtype_min, out_qp.dtype_max)
     acc_scale = w_scales * in_scale
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,

@@ -291,12 +291,18 @@ def _rint_fma32(x: np.ndarray, inv: np.ndarray, zp: np.ndarray) -> np.ndarray:
     only needs the exact float32 treatment where it lies within a float32 step of a .5 tie.
     Per-tensor (scalar ``inv`` and ``zp``) large tensors go block by block."""
     if inv.size == 1 and zp.size == 1 and x.size > QUANTIZE_BLOCK:
+        from .metrics import over_groups
+
         flat = np.ascontiguousarray(x).reshape(-1)
         out = np.empty(flat.size, dtype=np.int64)
         i1, z1 = inv.reshape(-1)[:1], zp.reshape(-1)[:1]
-        for start in range(0, flat.size, QUANTIZE_BLOCK):
-            stop = min(start + QUANTIZE_BLOCK, flat.size)
-            out[start:stop] = _rint_fma32_block(flat[start:stop], i1, z1)
+
+        def work(starts: list[int]) -> None:  # blocks on two threads
+            for start in starts:
+                stop = min(start + QUANTIZE_BLOCK, flat.size)
+                out[start:stop] = _rint_fma32_block(flat[start:stop], i1, z1)
+
+        over_groups(list(range(0, flat.size, QUANTIZE_BLOCK)), work)
         return out.reshape(x.shape)
     return _rint_fma32_block(x, inv, zp)
 

@@ -37,9 +37,9 @@ from .metrics import (
     Metrics,
     SummaryAccumulator,
     accumulate,
-    chunks,
     dot,
     merged,
+    over_chunks,
     over_groups,
     shares_from_energies,
 )
@@ -221,14 +221,17 @@ class DequantizedInput:
         codes = np.ascontiguousarray(self.codes).reshape(-1)
         sub = None if minus is None else np.ascontiguousarray(minus).reshape(-1)
         out = np.empty(codes.size, dtype=np.float32)
-        parts = chunks(codes.size)
-        buf = np.empty(max((p.stop - p.start for p in parts), default=0), dtype=np.float64)
-        for sl in parts:
-            t = np.subtract(codes[sl], zp, out=buf[:sl.stop - sl.start], dtype=np.float64)
-            t *= s
-            if sub is not None:
-                t -= sub[sl]
-            out[sl] = t
+
+        def work(parts: list[slice]) -> None:  # chunks on two threads
+            buf = np.empty(max((p.stop - p.start for p in parts), default=0), dtype=np.float64)
+            for sl in parts:
+                t = np.subtract(codes[sl], zp, out=buf[:sl.stop - sl.start], dtype=np.float64)
+                t *= s
+                if sub is not None:
+                    t -= sub[sl]
+                out[sl] = t
+
+        over_chunks(codes.size, work)
         return out.reshape(self.shape)
 
 
@@ -294,9 +297,6 @@ class ChannelSparse:
         out = np.zeros(self.shape, dtype=np.float64)
         out[:, self.channels] = self.values
         return out
-
-    def subtract_from(self, y: np.ndarray) -> None:
-        y[:, self.channels] -= self.values
 
     def block(self, k: Block) -> np.ndarray:
         """The block ``k`` of the output as (rows, columns)."""
@@ -443,19 +443,26 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
     zw = np.broadcast_to(np.asarray(w_qp.zero_point, dtype=np.int64), (o,))
     acc = shared_exact_accumulator(x_codes, zx, w_codes, zw, g, zx)
     w_s = np.broadcast_to(np.asarray(w_qp.scale, dtype=np.float64), (o,))
-    acc_scale = (w_s * float(x_qp.scale[0])).reshape((1, -1) + (1,) * (acc.ndim - 2))
+    acc_scale = w_s * float(x_qp.scale[0])
     clip_in, round_in, _ = input_steps(case, x_qp, x_codes)
     dw_clip, clip_w = weight_clip_step(case, x_qp, x_codes, w_qp, w_codes)
     round_w = conv_diff(DequantizedInput(x_codes, x_qp),
                         dequantize(w_codes, w_qp) - (case.weight + dw_clip), g)
-    y = acc * acc_scale
-    for part in (clip_in, round_in, clip_w, round_w):
-        if isinstance(part, ChannelSparse):
-            part.subtract_from(y)
-        elif part is not None:
-            y -= part
-    if case.bias is not None:
-        y += np.asarray(case.bias, dtype=np.float64).reshape((1, -1) + (1,) * (y.ndim - 2))
+    parts = [_reader(p) for p in (clip_in, round_in, clip_w, round_w) if p is not None]
+    bias = None if case.bias is None else np.asarray(case.bias, dtype=np.float64)
+    y = np.empty(acc.shape, dtype=np.float64)
+    y_r, acc_r = _as_rows(y), _as_rows(acc)
+
+    def work(blocks: list[Block]) -> None:  # y = acc * in_s * w_s - parts + b, per block
+        for k in blocks:
+            out = k.of(y_r)
+            np.multiply(k.of(acc_r), k.per_channel(acc_scale), out=out)
+            for read in parts:
+                out -= read(k)
+            if bias is not None:
+                out += k.per_channel(bias)
+
+    over_groups(_blocks(y.shape), work)
     return y
 
 
