@@ -244,6 +244,19 @@ def energy(delta: np.ndarray) -> float:
     return dot(flat, flat)
 
 
+def chunked_energy(values: Callable[[slice], np.ndarray], n: int) -> float:
+    """sum(v^2) of the n values ``values(slice)`` gives chunk by chunk (float64), on threads."""
+
+    def work(parts: list[slice]) -> float:
+        total = 0.0
+        for sl in parts:
+            v = values(sl)
+            total += dot(v, v)
+        return total
+
+    return float(sum(over_chunks(n, work)))
+
+
 def shares_from_energies(energies: dict[str, float]) -> dict[str, float | None]:
     total = sum(energies.values())
     if total == 0 or not math.isfinite(total):

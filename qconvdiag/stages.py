@@ -36,7 +36,7 @@ from .metrics import (
     ErrorAccumulator,
     Metrics,
     SummaryAccumulator,
-    accumulate,
+    chunked_energy,
     dot,
     merged,
     over_chunks,
@@ -585,11 +585,11 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
         iso_wround = conv_diff(x, w_round, g)
         c = iso_wround.reshape(-1)
         if isinstance(iso_wclip, ChannelSparse):
-            energy = accumulate(lambda sl: c[sl].astype(np.float64), c).energy
+            energy = chunked_energy(lambda sl: c[sl].astype(np.float64), c.size)
             energy += iso_wclip.row_energy_added(_as_rows(iso_wround))
         else:
             a = iso_wclip.reshape(-1)
-            energy = accumulate(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), c).energy
+            energy = chunked_energy(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), c.size)
         return iso_wclip, step_w, iso_wround, float(np.sqrt(energy / max(c.size, 1)))
 
     # rounding alone is the rounding of the in-range (clipped) input: the step itself (DELTA)
@@ -761,6 +761,9 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     unchanged = {sid for pos, (sid, fill, _iso) in enumerate(ladder)
                  if fill is SAME and pos > 0 and lsb_of(sid) == out_s}
     skip = set(ENGINE_FREE_STAGES) if prefix_known else set()
+    # up to the first stage that changes anything the previous state is the reference itself,
+    # so that stage's cumulative error is its delta: measured once
+    first_change = next((sid for sid, fill, _ in ladder if fill is not SAME), None)
     y0r = _as_rows(y0)
     kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     final: np.ndarray | None = None
@@ -804,7 +807,8 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                         d_acc.n += n  # a zero delta
                     else:
                         d_acc.add(np.subtract(cur, prev2.reshape(-1), out=d_buf[:n]), r)
-                    c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
+                    if sid != first_change:
+                        c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
                     iso_at = isos[sid]
                     if iso_at is not None:
                         i_acc.add(iso_at(k).reshape(-1), r)
@@ -842,7 +846,7 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
                 i_acc.add_per_channel(iso.values, channel_sums, y0.size // y0.shape[1])
             energies[sid] = d_acc.energy
             delta = d_acc.metrics(rr, lsb)
-            metrics[sid] = (delta, c_acc.metrics(rr, lsb),
+            metrics[sid] = (delta, delta if sid == first_change else c_acc.metrics(rr, lsb),
                             delta if iso is DELTA else i_acc.metrics(rr, lsb))
             if sid in ENGINE_FREE_STAGES and not prefix_known:
                 shared[sid] = (metrics[sid], energies[sid])

@@ -52,18 +52,23 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
     )
 
 
+def _saturated(unclamped: np.ndarray, lo: int, hi: int) -> int:
+    """How many values lie outside [lo, hi] (two reductions when none do)."""
+    if not unclamped.size or (int(unclamped.min()) >= lo and int(unclamped.max()) <= hi):
+        return 0
+    return int(np.count_nonzero(unclamped > hi) + np.count_nonzero(unclamped < lo))
+
+
 def qcd051(ctx: Context) -> Iterator[Finding]:
     for run in (ctx.as_given, ctx.production):
         if run is None or run.emulation is None:
             continue
         em = run.module_emulation or run.emulation
         qp = _final_output_qparams(run)
-        hi = em.unclamped > qp.dtype_max
-        lo = em.unclamped < qp.dtype_min
-        n = int(hi.sum() + lo.sum())
-        intended = run.emulation
-        n_int = int(((intended.unclamped > run.spec.output_qparams.dtype_max)
-                     | (intended.unclamped < run.spec.output_qparams.dtype_min)).sum())
+        n = _saturated(em.unclamped, qp.dtype_min, qp.dtype_max)
+        intended, out_qp = run.emulation, run.spec.output_qparams
+        n_int = n if intended is em and out_qp.dtype == qp.dtype else _saturated(
+            intended.unclamped, out_qp.dtype_min, out_qp.dtype_max)
         if n == 0 and n_int == 0:
             continue
         impact = share(run, "output_clipping")
