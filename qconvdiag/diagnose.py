@@ -26,7 +26,7 @@ from .stages import (
     float_reference,
     run_ladder,
 )
-from .torch_ref import capture_warnings, captured_warnings, run_conv
+from .torch_ref import TorchRun, capture_warnings, captured_warnings, run_conv
 
 FAIL_ON = ("error", "warning", "never")
 
@@ -98,8 +98,23 @@ def _exec_weight_qparams(qp: QParams) -> QParams:
     return qp
 
 
+def torch_run(case: ConvCase, spec: PathSpec, engine: str) -> TorchRun:
+    """torch's own quantized conv on the path's codes (the module's weight and output qparams
+    when the case holds a module): what the ladder's last rung and the torch check compare."""
+    m = spec.module
+    w_qp = _exec_weight_qparams(m.weight_qparams if m else spec.weight_qparams)
+    final_out_qp = m.output_qparams if m else spec.output_qparams
+    return run_conv(
+        engine, spec.input_codes, spec.input_qparams,
+        m.weight_codes if m else spec.weight_codes, w_qp,
+        m.bias if m else spec.bias,
+        final_out_qp.scale[0], final_out_qp.zero_point[0], case.geometry,
+    )
+
+
 def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None = None,
-             keep: bool = False) -> PathRun:
+             keep: bool = False, tr: TorchRun | None = None) -> PathRun:
+    """Emulate, ladder and torch-check one path (``tr``: torch's run, when already made)."""
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
     w_exec = _exec_weight_qparams(spec.weight_qparams)
@@ -120,13 +135,8 @@ def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None 
     if m is not None:
         qparams["module_weight"] = m.weight_qparams
         qparams["module_output"] = m.output_qparams
-    final_out_qp = m.output_qparams if m else spec.output_qparams
-    tr = run_conv(
-        engine, spec.input_codes, spec.input_qparams,
-        m.weight_codes if m else spec.weight_codes, run_w_qp,
-        m.bias if m else spec.bias,
-        final_out_qp.scale[0], final_out_qp.zero_point[0], g,
-    )
+    if tr is None:
+        tr = torch_run(case, spec, engine)
     refused = tr.error if not tr.ran else None
     if refused is None and refused_rows:
         refused = "; ".join(refusal_message(r, spec.input_qparams, run_w_qp, out_c)
@@ -232,29 +242,36 @@ def diagnose_runs(
         # The float reference is derived from one fixed grid, the default production path of
         # the reference engine, so it does not depend on --engine, --observer or --calib
         # (bit for bit); with the defaults that path is diagnosed anyway and shares its work.
-        say("float reference (exact integer conv + float32 convs of rounding differences)")
         grid = build_production(case, reference_engine(), ProductionOptions(), None,
                                 production_cache)
-        y0 = float_reference(case, grid.input_qparams, grid.input_codes, grid.weight_qparams,
-                             grid.weight_codes)
-        productions = {}
+        productions, given = {}, {}
         for engine in engines:
             say(f"{engine}: calibrating the production observers")
             productions[engine] = build_production(case, engine, options.production,
                                                    options.calib, production_cache)
+            given[engine] = build_as_given(case, productions[engine])
         production_cache.pop("float32_output", None)  # calibration is over
+        # torch's quantized convs first, while little else is held: their working memory is
+        # then reused by the arrays that follow instead of adding to the peak
+        say("torch's quantized convs (the torch check)")
+        checks = {(engine, spec.name): torch_run(case, spec, engine) for engine in engines
+                  for spec in (productions[engine], given[engine]) if spec is not None}
+        say("float reference (exact integer conv + float32 convs of rounding differences)")
+        y0 = float_reference(case, grid.input_qparams, grid.input_codes, grid.weight_qparams,
+                             grid.weight_codes)
         for engine in engines:
-            production = productions[engine]
-            as_given = build_as_given(case, production)
+            production, as_given = productions[engine], given[engine]
             # production first: it reuses the reference's convs; with one engine nothing is
             # reused after it, so the shared results are dropped before the as_given path
-            say(f"{engine}: production path (emulation, stage ladder, torch check)")
-            prod_run = run_path(case, production, engine, y0, keep)
+            say(f"{engine}: production path (emulation, stage ladder)")
+            prod_run = run_path(case, production, engine, y0, keep,
+                                checks.pop((engine, production.name)))
             if len(engines) == 1:
                 forget_all()
             if as_given is not None:
-                say(f"{engine}: as_given path (emulation, stage ladder, torch check)")
-                runs.append(run_path(case, as_given, engine, y0, keep))
+                say(f"{engine}: as_given path (emulation, stage ladder)")
+                runs.append(run_path(case, as_given, engine, y0, keep,
+                                     checks.pop((engine, as_given.name))))
             runs.append(prod_run)
     return runs, list(captured_warnings())
 

@@ -535,7 +535,10 @@ def _requantize_split(requantize: Callable[..., tuple[Any, ...]], args: tuple[An
             return None
         return np.concatenate([np.asarray(v).reshape(-1) for v in vals])
 
-    if unclamped.size and INT32_MIN <= int(unclamped.min()) and int(unclamped.max()) <= INT32_MAX:
+    lo, hi = (int(unclamped.min()), int(unclamped.max())) if unclamped.size else (0, 0)
+    if qmin <= lo and hi <= qmax:
+        unclamped = codes  # nothing saturates: the same values, one array
+    elif INT32_MIN <= lo and hi <= INT32_MAX:
         unclamped = unclamped.astype(np.int32)  # half the memory; int64 only when needed
     return unclamped, codes, joined(0), joined(1), joined(2)
 

@@ -378,8 +378,10 @@ def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
         x, w, g = case.input, case.weight, case.geometry
         lo, hi = (np.float64(v.reshape(-1)[0]) for v in clip_bounds(qp))
         deq = DequantizedInput(codes, qp)
-        # compared in float64 (the bounds are float64), without a float64 copy of the input
-        outside = np.flatnonzero((x < lo) | (x > hi)) if x.size else np.empty(0, np.intp)
+        # compared in float64 (the bounds are float64), without a float64 copy of the input;
+        # the min and max settle the usual case where nothing clips
+        inside = not x.size or (lo <= float(x.min()) and float(x.max()) <= hi)
+        outside = np.empty(0, np.intp) if inside else np.flatnonzero((x < lo) | (x > hi))
         if not outside.size:
             # nothing clips: the rounding difference alone
             return None, conv_diff(deq.dense32(minus=x), w, g), False
