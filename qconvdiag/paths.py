@@ -44,6 +44,8 @@ class PathSpec:
     weight_qparams: QParams
     output_qparams: QParams
     input_codes: np.ndarray
+    """Integer codes: int32 for 8-bit dtypes with moderate zero points (``compact_codes``),
+    else int64; user-given codes as loaded."""
     weight_codes: np.ndarray
     bias: np.ndarray | None
     """The float bias the path intends (the float layer's)."""

@@ -27,7 +27,7 @@ class TorchRun:
 
     ran: bool
     output_codes: np.ndarray | None = None
-    """int64 codes of torch's quantized output."""
+    """int32 codes of torch's quantized output."""
     error: str | None = None
     """torch's own message when it refused the setup."""
     warnings: list[str] = field(default_factory=list)
