@@ -115,6 +115,16 @@ def torch_run(case: ConvCase, spec: PathSpec, engine: str) -> TorchRun:
 def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None = None,
              keep: bool = False, tr: TorchRun | None = None) -> PathRun:
     """Emulate, ladder and torch-check one path (``tr``: torch's run, when already made)."""
+    import math
+
+    from .runtime import single_threaded_blas
+
+    with single_threaded_blas(math.prod(case.output_shape)):
+        return _run_path(case, spec, engine, y0, keep, tr)
+
+
+def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None,
+              keep: bool, tr: TorchRun | None) -> PathRun:
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
     w_exec = _exec_weight_qparams(spec.weight_qparams)
@@ -291,7 +301,9 @@ def diagnose(
     options = options or Options()
     if options.fail_on not in FAIL_ON:
         raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
-    with single_threaded_blas():
+    import math
+
+    with single_threaded_blas(math.prod(case.output_shape)):
         runs, torch_warnings = diagnose_runs(case, options, progress)
         if progress is not None:
             progress("findings")

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 from collections.abc import Iterator
+from typing import Any
 
 #: mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -34,24 +35,35 @@ def keep_freed_memory() -> bool:
     """Serve big allocations from glibc's heap and keep freed memory for reuse (glibc only).
 
     Returns whether the setting took (False on other C libraries, where nothing changes)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+    try:  # the process's own symbols first: find_library runs ldconfig (~12 ms)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        try:
+            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(
         mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
 
 
+_CONTROLLER: list[Any] = []
+#: OpenBLAS runs a dot product on one thread up to this many elements anyway.
+BLAS_SERIAL_ELEMENTS = 10_000
+
+
 @contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """numpy's BLAS on one thread inside the block (torch's own threads are untouched)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a declared dependency
+def single_threaded_blas(elements: int | None = None) -> Iterator[None]:
+    """numpy's BLAS on one thread inside the block (torch's own threads are untouched). The
+    loaded libraries are looked up once per process (~10 ms; skipped when the arrays have at
+    most BLAS_SERIAL_ELEMENTS ``elements``); entering costs microseconds."""
+    if elements is not None and elements <= BLAS_SERIAL_ELEMENTS:
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    if not _CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER.append(ThreadpoolController())
+    with _CONTROLLER[0].limit(limits=1, user_api="blas"):
         yield

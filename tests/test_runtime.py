@@ -32,6 +32,8 @@ def test_blas_runs_on_one_thread_inside_and_is_restored():
         assert _blas_threads() and all(n == 1 for n in _blas_threads())
         assert float(np.dot(np.ones(100_000), np.ones(100_000))) == 100_000.0
     assert _blas_threads() == before
+    with single_threaded_blas(elements=100):  # OpenBLAS keeps that small a dot serial anyway
+        assert _blas_threads() == before
 
 
 def test_keep_freed_memory_reuses_a_freed_big_block():
