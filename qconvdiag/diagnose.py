@@ -152,12 +152,16 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
         refused = "; ".join(refusal_message(r, spec.input_qparams, run_w_qp, out_c)
                             for r in refused_rows)
     em = mem = ladder = None
+    torch_same: bool | None = None
     if can_emulate:
         em = emulate(kernel, spec.input_codes, spec.input_qparams, spec.weight_codes, w_exec,
                      spec.bias, spec.output_qparams, g)
         if m is not None:
             mem = emulate(run_kernel, spec.input_codes, spec.input_qparams, m.weight_codes,
                           run_w_qp, m.bias, m.output_qparams, g)
+        ran_em = mem if mem is not None else em
+        if tr.ran and tr.output_codes is not None:  # one comparison for the check and ladder
+            torch_same = bool(np.array_equal(tr.output_codes, ran_em.output_codes))
         ladder = run_ladder(case, LadderInputs(
             input_qparams=spec.input_qparams,
             weight_qparams=spec.weight_qparams,
@@ -176,10 +180,13 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
             ),
             torch_codes=tr.output_codes if tr.ran else None,
             torch_reason=f"torch did not run it on {engine}: {tr.error}",
+            torch_same=torch_same,
         ), y0=y0, keep=keep)
     final_em = mem if mem is not None else em
-    if tr.ran and final_em is not None and tr.output_codes is not None:
-        diff = np.abs(tr.output_codes - final_em.output_codes)
+    if torch_same:
+        check = TorchCheck(True, engine, 0, 0.0)
+    elif tr.ran and final_em is not None and tr.output_codes is not None:
+        diff = np.abs(tr.output_codes.astype(np.int64) - final_em.output_codes)
         check = TorchCheck(True, engine, int(np.count_nonzero(diff)), float(diff.max()))
     else:
         check = TorchCheck(False, engine, None, None, tr.error)

@@ -504,6 +504,8 @@ class LadderInputs:
     module_reason: str
     torch_codes: np.ndarray | None
     torch_reason: str
+    torch_same: bool | None = None
+    """Whether torch's codes equal the final emulation's (None: not compared yet)."""
 
 
 class Block:
@@ -655,7 +657,8 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
     if li.torch_codes is not None:
         codes = li.torch_codes
         final = li.module_emulation if final_qp is not out_qp else em
-        same = final is not None and np.array_equal(codes, final.output_codes)
+        same = final is not None and (li.torch_same if li.torch_same is not None
+                                      else np.array_equal(codes, final.output_codes))
         torch_r = rows(codes)
         yield ("backend_residual", SAME if same else
                lambda out, prev, k: _dequantized(out, k.of(torch_r), fzp, fs), DELTA)
