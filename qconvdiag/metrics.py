@@ -113,11 +113,14 @@ def over_groups(items: list[Any], work: Callable[[list[Any]], T]) -> list[T]:
     groups = [items[i:i + size] for i in range(0, len(items), size)] or [[]]
     if len(groups) == 1 or _cores() < 2:
         return [work(g) for g in groups]
-    if not _POOL:
+    import os
+
+    if not _POOL or _POOL[0][0] != os.getpid():  # a forked child has no worker thread
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(SPLIT - 1, thread_name_prefix="qconvdiag-metrics"))
-    futures = [_POOL[0].submit(work, g) for g in groups[1:]]
+        _POOL[:] = [(os.getpid(), ThreadPoolExecutor(SPLIT - 1,
+                                                     thread_name_prefix="qconvdiag-metrics"))]
+    futures = [_POOL[0][1].submit(work, g) for g in groups[1:]]
     first = work(groups[0])
     return [first, *(f.result() for f in futures)]
 

@@ -45,3 +45,25 @@ def test_keep_freed_memory_reuses_a_freed_big_block():
         runs[mode] = (out[0], int(out[1]))
     assert runs["keep"][0] == "True"
     assert runs["keep"][1] < runs["default"][1], runs
+
+
+def test_the_worker_pool_survives_a_fork():
+    """A process forked after a diagnosis used the worker thread gets its own pool (the
+    parent's thread does not exist in the child: submitting to it would wait forever)."""
+    import os
+    import signal
+
+    from qconvdiag.metrics import CHUNK, accumulate
+
+    r = np.ones(4 * CHUNK)
+    assert accumulate(lambda sl: r[sl], r).n == r.size  # the pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the threaded pass completes
+        ok = False
+        try:
+            signal.alarm(30)  # a pass waiting on the parent's thread would hang: killed
+            ok = accumulate(lambda sl: r[sl], r).n == r.size
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
