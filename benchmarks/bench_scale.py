@@ -70,7 +70,7 @@ def timed(opts, runs):
         s = time.perf_counter(); diagnose(case, opts); t.append(time.perf_counter() - s)
     return sorted(t)[len(t) // 2]
 diagnose(case, Options(engine="x86"))  # warm-up (probe, first-call costs)
-runs = 3 if n * o * h * h < 4_000_000 else 1
+runs = 3  # median of three diagnoses in the process (the big layer too)
 one = timed(Options(engine="x86"), runs)
 every = None
 if mode == "all":
@@ -111,7 +111,7 @@ def main() -> None:
           f"{base / 1024:.0f} MB + 12 x {mem[0]['bytes'] / 2**20:.1f} MB = {budget / 1024:.0f} MB "
           f"budget: {(rss - base) / (mem[0]['bytes'] / 1024):.1f}x the tensors' bytes "
           "(target <= 12x)")
-    big = [child("one", "8", "64", "112", "64") for _ in range(max(1, args.repeats - 2))]
+    big = [child("one", "8", "64", "112", "64") for _ in range(max(1, args.repeats - 1))]
     bconv = statistics.median(r["conv"] for r in big)
     bkept = statistics.median(r["conv_kept"] for r in big)
     bone = statistics.median(r["one"] for r in big)
