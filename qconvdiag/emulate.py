@@ -55,6 +55,9 @@ class Kernel:
     """Arithmetic family: ``fbgemm``, ``onednn`` or ``qnnpack``."""
     accumulation: str
     """``exact``, ``int16_pairs_k`` or ``int16_pairs_channels``."""
+    combined_scales: bool = False
+    """oneDNN only: the source and weight scales are applied as one precomputed product (its
+    pre-VNNI kernels), not one after the other (its VNNI brgemm kernels); measured."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -479,22 +482,30 @@ def requantize_qnnpack(
 
 def requantize_onednn(
     acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
-    out_scale: float, out_zp: int, per_channel: bool,
+    out_scale: float, out_zp: int, per_channel: bool, combined_scales: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     o = acc.shape[1]
-    s_src = recip32(recip32(f32(in_scale)))
+    # torch hands oneDNN reciprocal scales (1 / scale, double -> float) and oneDNN inverts them
+    # in float32; measured on 65,536 outputs placed within an ulp of a .5 tie (both paths tie
+    # differently from f32(scale) by one ulp on about 1 layer in 5)
+    s_src = recip32(f32(1.0 / in_scale))
     s_w = f32(w_scales)
     scale = mul32(s_src, s_w)  # (O,), for the report's multiplier only
-    # The source scale and the weight scale are applied one after the other (measured: the
-    # combined scale rounds differently, e.g. 208.50002 -> 209 where torch gives 208).
-    x = mul32(mul32(f32(acc), s_src), _bcast(np.broadcast_to(s_w, (o,)), acc.ndim))
+    # VNNI (brgemm) kernels apply the source scale, then the weight scale (measured: the
+    # combined scale rounds differently, e.g. 208.50002 -> 209 where torch gives 208); the
+    # pre-VNNI kernels multiply by the precomputed product (measured on near-tie outputs).
+    if combined_scales:
+        x = mul32(f32(acc), _bcast(np.broadcast_to(scale, (o,)), acc.ndim))
+    else:
+        x = mul32(mul32(f32(acc), s_src), _bcast(np.broadcast_to(s_w, (o,)), acc.ndim))
     bias_real = None
     if bias is not None:
         x = add32(x, _bcast(f32(bias), acc.ndim))
         bias_real = f32(bias).astype(np.float64)
-    # torch hands oneDNN the output scale as float(1.0 / output_scale) and oneDNN multiplies
-    # by it (measured: dividing by the scale rounds a tie the other way, 80.500008 vs 80.5).
-    dst_mult = f32(1.0 / out_scale)
+    # the output side: float(1 / output_scale) inverted twice in float32, then multiplied
+    # (measured: dividing by the scale rounds a tie the other way, 80.500008 vs 80.5; using
+    # float(1 / output_scale) as it is misses one output in ten near a tie on some scales)
+    dst_mult = recip32(recip32(f32(1.0 / out_scale)))
     y = mul32(x, dst_mult)
     y = add32(y, f32(out_zp))
     r = _cvt_rint(y)
@@ -610,9 +621,12 @@ def emulate(
         acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
     else:
         acc = acc.astype(np.int32, copy=False)  # exact accumulation: the same array
-    requantize: Callable[..., tuple[Any, ...]] = {
-        "qnnpack": requantize_qnnpack, "onednn": requantize_onednn}.get(
-        kernel.kernel, requantize_fbgemm)
+    requantize: Callable[..., tuple[Any, ...]] = requantize_fbgemm
+    if kernel.kernel == "qnnpack":
+        requantize = requantize_qnnpack
+    elif kernel.kernel == "onednn":
+        requantize = functools.partial(requantize_onednn,
+                                       combined_scales=kernel.combined_scales)
     args = (acc, bias, in_scale, w_scales, out_scale, out_zp, w_qp.per_channel)
     unclamped, codes, mult, bias_real, bias_int = _requantize_split(
         requantize, args, out_qp.dtype_min, out_qp.dtype_max)

@@ -241,4 +241,7 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
     else:
         prof = profiles["fbgemm"] if profiles["fbgemm"].available else profiles["x86"]
     layer = layer_class(groups, cin_g, out_g, geometry, kernel_size)
-    return Kernel(engine, family, prefer(prof.matches.get(layer, ()), family))
+    # oneDNN without VNNI (its dense convs pair channels) runs kernels that apply one
+    # precomputed source x weight scale
+    combined = family == "onednn" and prof.accumulation.get(DENSE) == PAIRS_CHANNELS
+    return Kernel(engine, family, prefer(prof.matches.get(layer, ()), family), combined)
