@@ -241,7 +241,8 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
     else:
         prof = profiles["fbgemm"] if profiles["fbgemm"].available else profiles["x86"]
     layer = layer_class(groups, cin_g, out_g, geometry, kernel_size)
-    # oneDNN without VNNI (its dense convs pair channels) runs kernels that apply one
-    # precomputed source x weight scale
-    combined = family == "onednn" and prof.accumulation.get(DENSE) == PAIRS_CHANNELS
-    return Kernel(engine, family, prefer(prof.matches.get(layer, ()), family), combined)
+    accumulation = prefer(prof.matches.get(layer, ()), family)
+    # oneDNN's kernels that pair channels in int16 (no VNNI) apply one precomputed
+    # source x weight scale
+    combined = family == "onednn" and accumulation == PAIRS_CHANNELS
+    return Kernel(engine, family, accumulation, combined)
