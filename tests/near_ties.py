@@ -26,7 +26,7 @@ from qconvdiag.qparams import QParams, make_qparams
 from qconvdiag.torch_ref import run_conv
 
 CHANNELS = 512
-ENGINES = ("x86", "onednn", "fbgemm")
+ENGINES = ("x86", "onednn", "fbgemm", "qnnpack")
 
 
 def _case(rng: np.random.Generator, per_channel: bool, bias: bool, groups: int
