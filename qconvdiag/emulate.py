@@ -57,7 +57,8 @@ class Kernel:
     """``exact``, ``int16_pairs_k`` or ``int16_pairs_channels``."""
     combined_scales: bool = False
     """oneDNN only: the source and weight scales are applied as one precomputed product (its
-    pre-VNNI kernels), not one after the other (its VNNI brgemm kernels); measured."""
+    channel-pairing kernels, without VNNI), not one after the other (its VNNI brgemm kernels);
+    measured."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -486,14 +487,15 @@ def requantize_onednn(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     o = acc.shape[1]
     # torch hands oneDNN reciprocal scales (1 / scale, double -> float) and oneDNN inverts them
-    # in float32; measured on 65,536 outputs placed within an ulp of a .5 tie (both paths tie
-    # differently from f32(scale) by one ulp on about 1 layer in 5)
+    # in float32; measured on 65,536 outputs placed within an ulp of a .5 tie (for about one
+    # scale in five the result is one ulp away from f32(scale), which moves such outputs)
     s_src = recip32(f32(1.0 / in_scale))
     s_w = f32(w_scales)
-    scale = mul32(s_src, s_w)  # (O,), for the report's multiplier only
+    scale = mul32(s_src, s_w)  # (O,): the combined scale, and the report's multiplier
     # VNNI (brgemm) kernels apply the source scale, then the weight scale (measured: the
     # combined scale rounds differently, e.g. 208.50002 -> 209 where torch gives 208); the
-    # pre-VNNI kernels multiply by the precomputed product (measured on near-tie outputs).
+    # kernels that pair channels (no VNNI) multiply by the precomputed product (measured on
+    # near-tie outputs).
     if combined_scales:
         x = mul32(f32(acc), _bcast(np.broadcast_to(scale, (o,)), acc.ndim))
     else:

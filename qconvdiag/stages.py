@@ -477,14 +477,6 @@ def _clip_tensor(t: np.ndarray, qp: QParams, axis: int | None) -> np.ndarray:
     return np.clip(t.astype(np.float64), lo.reshape(shape), hi.reshape(shape))
 
 
-def _requant_float(y: np.ndarray, out_qp: QParams, clip: bool) -> np.ndarray:
-    s, zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
-    q = np.rint(y / s) + zp
-    if clip:
-        q = np.clip(q, out_qp.dtype_min, out_qp.dtype_max)
-    return (q - zp) * s
-
-
 @dataclass(frozen=True, eq=False)
 class LadderInputs:
     """What the ladder needs from a path."""
