@@ -10,16 +10,16 @@ import numpy as np
 
 from . import __version__
 from .case import ConvCase, Geometry
-from .emulate import Emulation, Kernel, emulate
+from .emulate import emulate
 from .engines import ENGINES, probe, refusal_message, refusals, select_kernel
 from .errors import UsageError
+from .evidence import PathRun, exec_weight_qparams
+from .findings import run_findings
 from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
-from .qparams import QParams
 from .report import Finding, PathReport, Report, TorchCheck
 from .stages import (
     STAGE_IDS,
-    Ladder,
     LadderInputs,
     StageResult,
     conv64,
@@ -44,24 +44,6 @@ class Options:
     ignore: tuple[str, ...] = ()
     keep_arrays: bool = False
     """Keep every stage's state and delta (for --save-outputs and tests); costs memory."""
-
-
-@dataclass(frozen=True, eq=False)
-class PathRun:
-    """A path's report plus the arrays behind it (for findings, trace and --save-outputs)."""
-
-    report: PathReport
-    spec: PathSpec
-    kernel: Kernel
-    emulation: Emulation | None
-    module_emulation: Emulation | None
-    ladder: Ladder | None
-    torch_codes: np.ndarray | None
-    torch_warnings: tuple[str, ...] = ()
-    geometry: Geometry | None = None
-    """The case's conv geometry (for re-running torch on this path's setup)."""
-    float_output: np.ndarray | None = None
-    """The float reference the path was measured against (shared by every path)."""
 
 
 def resolve_engines(engine: str | None) -> tuple[str, ...]:
@@ -91,18 +73,11 @@ def reference_engine() -> str:
     return next((e for e in ENGINES if e in supported), "x86")
 
 
-def _exec_weight_qparams(qp: QParams) -> QParams:
-    """torch applies per-channel weight scales per output channel, whatever the axis."""
-    if qp.per_channel and qp.axis != 0:
-        return QParams(qp.scale, qp.zero_point, qp.dtype, 0, qp.source, qp.zero_point_given)
-    return qp
-
-
 def torch_run(case: ConvCase, spec: PathSpec, engine: str) -> TorchRun:
     """torch's own quantized conv on the path's codes (the module's weight and output qparams
     when the case holds a module): what the ladder's last rung and the torch check compare."""
     m = spec.module
-    w_qp = _exec_weight_qparams(m.weight_qparams if m else spec.weight_qparams)
+    w_qp = exec_weight_qparams(m.weight_qparams if m else spec.weight_qparams)
     final_out_qp = m.output_qparams if m else spec.output_qparams
     return run_conv(
         engine, spec.input_codes, spec.input_qparams,
@@ -127,12 +102,12 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
               keep: bool, tr: TorchRun | None) -> PathRun:
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
-    w_exec = _exec_weight_qparams(spec.weight_qparams)
+    w_exec = exec_weight_qparams(spec.weight_qparams)
     out_g = out_c // g.groups
     ksize = case.kernel_size
     kernel = select_kernel(engine, w_exec, g.groups, cin_g, out_g, g, ksize)
     m = spec.module
-    run_w_qp = _exec_weight_qparams(m.weight_qparams) if m else w_exec
+    run_w_qp = exec_weight_qparams(m.weight_qparams) if m else w_exec
     run_kernel = select_kernel(engine, run_w_qp, g.groups, cin_g, out_g, g, ksize) if m else kernel
     refused_rows = refusals(run_kernel.kernel, spec.input_qparams, run_w_qp, out_c)
     can_emulate = not any(
@@ -302,7 +277,6 @@ def diagnose(
     """
     import torch
 
-    from .findings import run_findings
     from .runtime import single_threaded_blas
 
     options = options or Options()
@@ -456,7 +430,7 @@ def compare_engines(runs: list[PathRun]) -> list[dict[str, object]]:
 def _intended_refusal(run: PathRun) -> str | None:
     """torch's own message when the path's own setup (not the module's) is refused."""
     spec = run.spec
-    w_exec = _exec_weight_qparams(spec.weight_qparams)
+    w_exec = exec_weight_qparams(spec.weight_qparams)
     rows = refusals(run.kernel.kernel, spec.input_qparams, w_exec, spec.weight_codes.shape[0])
     if not rows:
         return None

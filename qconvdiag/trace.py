@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .case import ConvCase
-from .diagnose import Options, PathRun, diagnose_runs
+from .diagnose import Options, diagnose_runs
 from .emulate import (
     EXACT,
     INT16_MAX,
@@ -27,6 +27,7 @@ from .emulate import (
     pair_list,
 )
 from .errors import UsageError
+from .evidence import PathRun, exec_weight_qparams
 
 PREPACK_SENTENCE = (
     "torch.ops.quantized.conv{d}d_prepack returns a packed-params object (a ScriptObject): the "
@@ -202,12 +203,11 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
 
 def _torch_intended(case: ConvCase, run: PathRun) -> np.ndarray | None:
     """torch's output for the intended setup (the path's own weight, not the module's)."""
-    from .diagnose import _exec_weight_qparams
     from .torch_ref import run_conv
 
     spec = run.spec
     r = run_conv(run.report.engine, spec.input_codes, spec.input_qparams, spec.weight_codes,
-                 _exec_weight_qparams(spec.weight_qparams), spec.bias,
+                 exec_weight_qparams(spec.weight_qparams), spec.bias,
                  spec.output_qparams.scale[0], spec.output_qparams.zero_point[0], case.geometry)
     return r.output_codes if r.ran else None
 

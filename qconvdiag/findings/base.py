@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..case import ConvCase
-from ..diagnose import PathRun
+from ..evidence import PathRun
 from ..qparams import QParams
 from ..report import Finding
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..case import ConvCase
-from ..diagnose import PathRun
+from ..evidence import PathRun
 from .base import conv_name, fmt
 
 

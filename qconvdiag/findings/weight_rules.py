@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..diagnose import PathRun
+from ..evidence import PathRun
 from ..metrics import dot
 from ..qparams import QParams, clip_bounds, dequantize, quantize
 from ..report import Finding

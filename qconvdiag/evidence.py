@@ -1,0 +1,40 @@
+"""What the measurement hands the findings and the trace: each path's report plus the arrays
+behind it. The rules read this; they never import the orchestrator (``diagnose``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .case import Geometry
+from .emulate import Emulation, Kernel
+from .paths import PathSpec
+from .qparams import QParams
+from .report import PathReport
+from .stages import Ladder
+
+
+@dataclass(frozen=True, eq=False)
+class PathRun:
+    """A path's report plus the arrays behind it (for findings, trace and --save-outputs)."""
+
+    report: PathReport
+    spec: PathSpec
+    kernel: Kernel
+    emulation: Emulation | None
+    module_emulation: Emulation | None
+    ladder: Ladder | None
+    torch_codes: np.ndarray | None
+    torch_warnings: tuple[str, ...] = ()
+    geometry: Geometry | None = None
+    """The case's conv geometry (for re-running torch on this path's setup)."""
+    float_output: np.ndarray | None = None
+    """The float reference the path was measured against (shared by every path)."""
+
+
+def exec_weight_qparams(qp: QParams) -> QParams:
+    """torch applies per-channel weight scales per output channel, whatever the axis."""
+    if qp.per_channel and qp.axis != 0:
+        return QParams(qp.scale, qp.zero_point, qp.dtype, 0, qp.source, qp.zero_point_given)
+    return qp
