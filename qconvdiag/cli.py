@@ -147,6 +147,9 @@ MaxElementsOpt = Annotated[
 #: Diagnoses of convs with at least this many output elements report progress on stderr.
 PROGRESS_ELEMENTS = 1_000_000
 
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Every finding in full, both paths' stages.")
+]
 WidthOpt = Annotated[
     Optional[int], typer.Option("--width", help="Terminal width for the report.", hidden=True)
 ]
@@ -168,6 +171,7 @@ class DiagnosisArgs:
     fail_on: FailOn = FailOn.never
     ignore: Optional[list[str]] = None
     max_elements: int = 50_000_000
+    verbose: bool = False
     width: Optional[int] = None
 
 
@@ -177,7 +181,7 @@ _DIAGNOSIS_PARAMS: tuple[tuple[str, Any], ...] = (
     ("calib", CalibOpt), ("json_out", JsonOpt), ("output", OutputOpt),
     ("save_outputs", SaveOutputsOpt), ("fail_under_sqnr", SqnrOpt),
     ("max_abs_error", MaxAbsOpt), ("fail_on", FailOnOpt), ("ignore", IgnoreOpt),
-    ("max_elements", MaxElementsOpt), ("width", WidthOpt),
+    ("max_elements", MaxElementsOpt), ("verbose", VerboseOpt), ("width", WidthOpt),
 )
 
 
@@ -252,7 +256,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
 
         from .render.rich_report import render_rich
 
-        render_rich(report, Console(width=diag.width) if diag.width else None)
+        render_rich(report, Console(width=diag.width) if diag.width else None, diag.verbose)
     if report.status == "fail":
         if diag.json_out:
             for breach in report.gate.get("breaches", []):

@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .budget import compute_budget
 from .case import ConvCase, Geometry
 from .emulate import emulate
 from .engines import ENGINES, probe, refusal_message, refusals, select_kernel
 from .errors import UsageError
-from .evidence import PathRun, exec_weight_qparams
-from .findings import run_findings
+from .evidence import PathRun, exec_weight_qparams, saturation_without_vnni
+from .findings import ROOTS, run_findings
+from .findings.verdict import verdicts
 from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .report import Finding, PathReport, Report, TorchCheck
@@ -177,15 +179,21 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
         stages = tuple(StageResult(s, False, reason, None, None, None, None) for s in STAGE_IDS)
         total = error_metrics(np.zeros_like(y0), y0, None)
         out_summary = {}
+    budget = None
+    if ladder is not None:
+        budget = compute_budget(case, spec, kernel, stages, total.rmse, y0, em)
     report = PathReport(
         name=spec.name, engine=engine, kernel=run_kernel.kernel,
         accumulation=run_kernel.accumulation, qparams=qparams, stages=stages, total=total,
         output_summary=out_summary, torch_check=check,
         saturated_pairs=final_em.saturated_pairs if final_em is not None else 0,
-        observers=spec.observers, notes=spec.notes, refused=refused,
+        observers=spec.observers, notes=spec.notes, refused=refused, budget=budget,
     )
+    # what a CPU without VNNI would do to the user's own setup (advice for the judged path)
+    hypothetical = saturation_without_vnni(spec, run_kernel, g) \
+        if spec.name == "as_given" and em is not None else None
     return PathRun(report, spec, kernel, em, mem, ladder,
-                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g, y0)
+                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g, y0, hypothetical)
 
 
 def _head(a: np.ndarray, n: int = 8) -> list[float]:
@@ -291,6 +299,7 @@ def diagnose(
         y0 = runs[0].float_output  # the reference every path was measured against
         assert y0 is not None
         findings = run_findings(case, runs, torch_warnings, options.ignore)
+        path_verdicts = verdicts(runs, findings, ROOTS)
     status, gate = evaluate_gate([r.report for r in runs], findings, options)
     tensors = collect_tensors(runs, y0, multi_engine=len({r.report.engine for r in runs}) > 1)
     comparison = compare_engines(runs)
@@ -307,13 +316,15 @@ def diagnose(
         torch_warnings=tuple(torch_warnings),
         tensors=tensors,
         engine_comparison=tuple(comparison),
+        verdicts=path_verdicts,
     )
 
 
 def evaluate_gate(
     paths: list[PathReport], findings: list[Finding], options: Options
 ) -> tuple[str, dict[str, Any]]:
-    """CI thresholds. They judge the as_given path when there is one, else production."""
+    """CI thresholds. They judge the as_given path when there is one, else production; so do
+    the --fail-on levels (a production finding is advice when there is an as_given path)."""
     judged = [p for p in paths if p.name == "as_given"] or [p for p in paths
                                                            if p.name == "production"]
     breaches: list[str] = []
@@ -333,8 +344,10 @@ def evaluate_gate(
                 f"{options.max_abs_error}"
             )
     levels = {"error": ("error",), "warning": ("error", "warning"), "never": ()}[options.fail_on]
+    judged_names = {p.name for p in judged}
     for f in findings:
-        if f.severity in levels:
+        # findings of the other path are advice: only the judged path's trip the gate
+        if f.severity in levels and f.path in judged_names:
             breaches.append(f"{f.code} ({f.severity}): {f.title}")
     gate = {
         "fail_under_sqnr": options.fail_under_sqnr,

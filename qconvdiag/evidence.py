@@ -31,6 +31,9 @@ class PathRun:
     """The case's conv geometry (for re-running torch on this path's setup)."""
     float_output: np.ndarray | None = None
     """The float reference the path was measured against (shared by every path)."""
+    saturation_without_vnni: int | None = None
+    """int16 pair sums this path's codes would saturate in fbgemm's pre-VNNI kernels (measured
+    when this CPU accumulates exactly; None when not measured)."""
 
 
 def exec_weight_qparams(qp: QParams) -> QParams:
@@ -38,3 +41,19 @@ def exec_weight_qparams(qp: QParams) -> QParams:
     if qp.per_channel and qp.axis != 0:
         return QParams(qp.scale, qp.zero_point, qp.dtype, 0, qp.source, qp.zero_point_given)
     return qp
+
+
+def saturation_without_vnni(spec: PathSpec, kernel: Kernel, g: Geometry) -> int | None:
+    """How many int16 pair sums the path's codes would saturate on a CPU without AVX512-VNNI,
+    where fbgemm/x86 sum raw u8 * s8 products pairwise along K (measured only when this CPU
+    accumulates the path exactly; qnnpack never pairs)."""
+    from .emulate import EXACT, PAIRS_K, pair_saturation
+
+    if kernel.kernel == "qnnpack" or kernel.accumulation != EXACT:
+        return None
+    if spec.weight_qparams.dtype != "qint8" or spec.input_qparams.dtype != "quint8":
+        return None
+    zp = spec.input_qparams.zero_point[0]
+    _, n = pair_saturation(spec.input_codes, zp, spec.weight_codes, g, PAIRS_K, zp,
+                           count_only=True)
+    return n

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .case import ConvCase
-from .errors import UsageError
+from .case import ConvCase, ModuleState
+from .errors import QParamsError, UsageError
 from .qparams import QParams, compact_codes, per_tensor, quantize
 from .torch_ref import capture_warnings
 
@@ -77,7 +77,11 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
     w_qp = s.weight_qparams
     w_codes = s.weight_codes
     if w_qp is None and s.module is not None:
-        w_qp, w_codes = s.module.weight_qparams, s.module.weight_codes
+        if holds_float_weight(case, s.module):
+            w_qp, w_codes = s.module.weight_qparams, s.module.weight_codes
+        else:
+            notes.append("the quantized module's weight is not the float weight quantized: the "
+                         "weight meant is the production observer's")
     if w_qp is None:
         w_qp = fallback.weight_qparams
         notes.append("no weight qparams given: the production observer's are used")
@@ -98,6 +102,29 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
     return PathSpec(
         "as_given", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, module, {}, tuple(notes)
     )
+
+
+#: A module's weight is the float weight quantized when at most this fraction of its codes is
+#: more than one code away from quantizing the float weight with the module's own qparams.
+FOREIGN_CODES = 0.01
+
+
+def holds_float_weight(case: ConvCase, module: ModuleState) -> bool:
+    """Does the quantized module hold the float weight, quantized with its own qparams (well or
+    badly)? Not when it holds another weight, or a freshly built module's weight: scale 1.0
+    and zero point 0 where the float weight's own symmetric scale (max|w| / 127.5) is below
+    0.25, a scale no observer would pick."""
+    qp = module.weight_qparams
+    w = case.weight
+    top = float(np.abs(w).max()) if w.size else 0.0
+    if not qp.per_channel and qp.scale[0] == 1.0 and qp.zero_point[0] == 0 and top / 127.5 < 0.25:
+        return False
+    try:
+        expected = quantize(w, qp)
+    except QParamsError:
+        return True  # qparams that do not fit the weight: the weight rules say so
+    off = np.abs(expected.astype(np.int64) - module.weight_codes.astype(np.int64)) > 1
+    return float(off.mean()) <= FOREIGN_CODES
 
 
 def _activation_observer(engine: str, options: ProductionOptions):  # type: ignore[no-untyped-def]

@@ -64,6 +64,78 @@ class TorchCheck:
 
 
 @dataclass(frozen=True)
+class StageBudget:
+    """One stage of a path's error budget (see ``budget.py``)."""
+
+    id: str
+    measured: float
+    """RMSE of the stage's delta on the ladder, float units (0 when exact)."""
+    alone: float
+    """RMSE of this effect alone, applied to the float path (the ladder's isolated view), float
+    units: what the excess is judged on."""
+    floor: float
+    """RMSE this stage would add at the floor (good qparams for the dtype and the data)."""
+    excess: float
+    """Error energy (mean square, float units^2) above the floor this stage is credited with."""
+    exact: bool
+    """The delta is within the float reference's own noise: shown as exact."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "measured": self.measured, "alone": self.alone,
+                "floor": self.floor, "excess": self.excess, "exact": self.exact}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A path's error budget: what it measured against what good qparams would give."""
+
+    stages: tuple[StageBudget, ...]
+    rmse: float
+    """The path's total RMSE, float units."""
+    floor_rmse: float
+    """RMSE at the floor of this configuration (7-bit activations counted when used)."""
+    floor_rmse_8bit: float
+    """RMSE at the floor with 8-bit activations."""
+    ratio: float
+    """rmse / floor_rmse."""
+    excess: float
+    """Error energy above the floor, summed over stages (float units^2)."""
+    floor_energy: float
+    """floor_rmse^2."""
+    verdict: str
+    """at_floor, above_floor or broken (RMSE at least budget.FAR times the floor)."""
+    input_bits: int
+    """8, or 7 when the input uses 128 levels (reduce_range) on an engine that pairs int16."""
+    output_bits: int
+    input_step_ratio: float
+    """Input scale over the ideal 8-bit step of the input's range."""
+    output_step_ratio: float
+    """Output scale over the ideal 8-bit step of the float output's range."""
+    weight_step_ratio: float
+    """Largest weight scale over its channel's ideal per-channel step."""
+    outputs: int
+    """Output elements the measurement rests on."""
+    weight_candidates: Mapping[str, float] = field(default_factory=dict)
+    """For a per-tensor weight with excess: the weight error RMSE of a good per-tensor scale
+    (``per_tensor_symmetric``) and of per-channel weights (``per_channel_symmetric``)."""
+
+    def stage(self, sid: str) -> StageBudget:
+        return next(s for s in self.stages if s.id == sid)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict, "rmse": self.rmse, "floor_rmse": self.floor_rmse,
+            "floor_rmse_8bit": self.floor_rmse_8bit, "ratio": self.ratio,
+            "excess": self.excess, "input_bits": self.input_bits,
+            "output_bits": self.output_bits, "input_step_ratio": self.input_step_ratio,
+            "output_step_ratio": self.output_step_ratio,
+            "weight_step_ratio": self.weight_step_ratio, "outputs": self.outputs,
+            "weight_candidates": dict(self.weight_candidates),
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+
+@dataclass(frozen=True)
 class PathReport:
     """One quantized path on one engine."""
 
@@ -87,6 +159,8 @@ class PathReport:
     notes: tuple[str, ...] = ()
     refused: str | None = None
     """torch's message when this engine refuses the setup."""
+    budget: Budget | None = None
+    """The error budget (None when the path could not run)."""
 
     def stage(self, sid: str) -> StageResult:
         return next(s for s in self.stages if s.id == sid)
@@ -115,6 +189,7 @@ class PathReport:
             "torch_check": self.torch_check.to_dict(),
             "saturated_pairs": self.saturated_pairs,
             "refused": self.refused,
+            "budget": None if self.budget is None else _jsonable(self.budget.to_dict()),
         }
         if self.observers:
             d["observers"] = dict(self.observers)
@@ -139,13 +214,68 @@ class Finding:
     path: str | None = None
     engine: str | None = None
     impact: float = 0.0
-    """Share of the total error this cause explains (for ordering; 0..1)."""
+    """Share of the path's error above its floor this cause explains (0..1)."""
+    stages: tuple[str, ...] = ()
+    """The budget stages whose excess this cause explains."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "code": self.code, "severity": self.severity, "title": self.title,
             "message": self.message, "evidence": _jsonable(self.evidence), "fix": self.fix,
             "path": self.path, "engine": self.engine, "impact": self.impact,
+            "stages": list(self.stages),
+        }
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One cause the verdict names: a finding and its part of the path's excess."""
+
+    code: str
+    severity: str
+    title: str
+    share: float
+    """Share of the path's error energy above its floor this cause explains (0..1)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "title": self.title,
+                "share": self.share}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A path's verdict in plain words: at its floor, above it for named causes, or broken."""
+
+    path: str
+    engine: str
+    status: str
+    """at_floor, above_floor, broken (RMSE at least 4x the floor) or refused (torch refused
+    the setup)."""
+    judged: bool
+    """The path the gates judge (as_given when the case has a user setup, else production)."""
+    rmse: float | None
+    floor_rmse: float | None
+    ratio: float | None
+    """rmse / floor_rmse."""
+    sqnr_db: float | None
+    floor_sqnr_db: float | None
+    """The SQNR this layer would have at its floor."""
+    causes: tuple[Cause, ...]
+    """Up to three causes, by their part of the excess."""
+    unexplained: float
+    """Share of the excess no finding explains (0..1)."""
+    healthy: bool
+    """No warning or error on this path."""
+    first_fix: str | None
+    """The fix of the first cause."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "engine": self.engine, "status": self.status,
+            "judged": self.judged, "rmse": self.rmse, "floor_rmse": self.floor_rmse,
+            "ratio": self.ratio, "sqnr_db": self.sqnr_db, "floor_sqnr_db": self.floor_sqnr_db,
+            "causes": [c.to_dict() for c in self.causes], "unexplained": self.unexplained,
+            "healthy": self.healthy, "first_fix": self.first_fix,
         }
 
 
@@ -169,6 +299,13 @@ class Report:
     engine_comparison: tuple[Mapping[str, Any], ...] = ()
     """With several engines: each engine's outputs against the first that ran, and why they
     differ."""
+    verdicts: tuple[Verdict, ...] = ()
+    """One per path and engine, the judged path first."""
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The judged path's verdict (on the first engine)."""
+        return next((v for v in self.verdicts if v.judged), None)
 
     def path(self, name: str, engine: str | None = None) -> PathReport | None:
         for p in self.paths:
@@ -190,6 +327,7 @@ class Report:
             "gate": _jsonable(self.gate),
             "torch_warnings": list(self.torch_warnings),
             "engine_comparison": [_jsonable(r) for r in self.engine_comparison],
+            "verdicts": [_jsonable(v.to_dict()) for v in self.verdicts],
         }
 
 

@@ -16,6 +16,9 @@ REFERENCE_RTOL = 1e-7
 #: Tolerance for float numbers in golden JSON files: relative, and absolute as a fraction of
 #: the case's largest float output (stage states use float32 convs for their differences).
 GOLDEN_RTOL, GOLDEN_ATOL_FRACTION = 1e-4, 1e-6
+#: A healthy layer's RMSE over its modelled floor (budget.py), as measured on the corpus: the
+#: floor model is within this band for every layer torch's eager flow makes.
+FLOOR_MODEL_RANGE = (0.85, 1.55)
 #: Emulated vs torch output codes: bit-exact.
 CODES_MAX_MISMATCH = 0
 

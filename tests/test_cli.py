@@ -23,12 +23,45 @@ def invoke(*args):
         "explain", "random") else list(args))
 
 
-def test_explain_forum_prints_the_story():
+def _fix_lines(json_text: str) -> set[str]:
+    return {line.strip() for f in json.loads(json_text)["findings"]
+            for line in f["fix"].splitlines() if line.strip()}
+
+
+def test_explain_forum_tells_the_story_first():
     r = invoke("explain", FORUM)
     assert r.exit_code == 0, r.output
-    for text in ("803.6908", "QCD024", "QCD050", "weight_clipping", "production"):
+    lines = [line.rstrip() for line in r.stdout.splitlines()]
+    end_of_header = next(i for i, line in enumerate(lines) if line.startswith("╰"))
+    assert lines[end_of_header + 1] == "verdict"
+    story = "\n".join(lines[end_of_header + 2:end_of_header + 9])
+    assert "as_given on x86 is broken" in story
+    for i, code in enumerate(("QCD050", "QCD024", "QCD021"), 1):
+        assert f"{i}. {code}" in story
+    assert "first fix (QCD050):" in "\n".join(lines)
+    for text in ("803.6908", "weight_clipping", "production"):
         assert text in r.stdout, text
-    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("width", ["80", "40"])
+def test_code_is_never_wrapped_and_prose_fits(width):
+    """Piped (CliRunner) at any width, every line of every fix is printed whole; prose lines
+    fit the width."""
+    code = _fix_lines(runner.invoke(app, ["explain", FORUM, "--json"]).stdout)
+    r = runner.invoke(app, ["explain", FORUM, "--width", width, "--verbose"])
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    assert code <= set(lines), code - set(lines)
+    prose = [line for line in r.stdout.splitlines() if line.strip() not in code]
+    assert max(len(line.rstrip()) for line in prose) <= int(width)
+
+
+@pytest.mark.parametrize("args", [("random", "--seed", "3"),
+                                  ("explain", str(ROOT / "samples" / "relu_per_channel.npz"))])
+def test_a_healthy_layer_s_report_is_short(args):
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert "Nothing is misconfigured" in r.stdout
+    assert len(r.stdout.splitlines()) <= 30, r.stdout
 
 
 def test_json_is_the_whole_stdout():
@@ -52,6 +85,9 @@ def test_gates_exit_1():
 def test_gate_passes_on_a_healthy_sample():
     r = invoke("explain", str(ROOT / "samples" / "relu_per_channel.npz"),
                "--fail-under-sqnr", "25", "--fail-on", "warning")
+    assert r.exit_code == 0, r.output
+    r = invoke("explain", str(ROOT / "samples" / "depthwise_outlier.safetensors"),
+               "--fail-on", "warning")
     assert r.exit_code == 0, r.output
 
 

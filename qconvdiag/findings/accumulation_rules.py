@@ -1,4 +1,4 @@
-"""QCD040-QCD041: integer accumulation."""
+"""QCD040-QCD042: integer accumulation, and the 7-bit activations that protect it."""
 
 from __future__ import annotations
 
@@ -6,83 +6,58 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..emulate import EXACT, PAIRS_K, pair_saturation
 from ..report import Finding
-from .base import Context, fmt, severity_for, share
+from .base import Context, excess, finding, fmt, severity
+from .fixes import eager_flow
 
-REDUCE_RANGE_FIX = (
-    "from torch.ao.quantization.observer import HistogramObserver\n"
-    "act = HistogramObserver.with_args(reduce_range=True)  # 7-bit activations: pairs fit int16\n"
-    "# get_default_qconfig('x86') and ('fbgemm') already use reduce_range=True"
+REDUCE_RANGE_QCONFIG = (
+    "model.qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range={flag}), "
+    "weight=get_default_qconfig(\"{engine}\").weight)"
 )
+QCONFIG_IMPORTS = ("from torch.ao.quantization import QConfig\n"
+                   "from torch.ao.quantization.observer import HistogramObserver\n")
+
+
+def _reduce_range_fix(ctx: Context, engine: str, flag: bool) -> str:
+    return QCONFIG_IMPORTS + eager_flow(
+        ctx.case, engine, REDUCE_RANGE_QCONFIG.format(flag=flag, engine=engine))
 
 
 def qcd040(ctx: Context) -> Iterator[Finding]:
-    hypothetical_done = False
     for engine in ctx.engines:
-        for name in ("as_given", "production"):
-            run = ctx.run(name, engine)
-            if run is None or run.emulation is None:
+        for run in ctx.paths(engine):
+            if run.emulation is None:
                 continue
-            # The ladder's accumulation stage is the intended setup's; the module's run (what
-            # really ran) is reported next to it.
-            em = run.emulation
-            ran = run.module_emulation
+            em, ran = run.emulation, run.module_emulation
             if em.saturated_pairs > 0 or (ran is not None and ran.saturated_pairs > 0):
-                impact = share(run, "accumulation")
-                module_note = ""
-                if ran is not None:
-                    module_note = (f" (the module's own weight: {ran.saturated_pairs} "
-                                   "saturated pairs)")
+                energy = excess(run, "accumulation")
                 st = run.report.stage("accumulation")
-                lsb = st.delta.max_abs_lsb if st.delta is not None else None
-                severity = severity_for(impact)
-                if severity == "info" and (lsb is None or lsb >= 1):
-                    severity = "warning"  # whole output steps lost, even if others dominate
-                yield Finding(
-                    code="QCD040",
-                    severity=severity,
-                    title=f"int16 pair saturation in accumulation on {engine}",
-                    message=(
-                        f"On this CPU {engine} sums products of raw codes in pairs in saturating "
-                        f"int16 ({run.kernel.accumulation}); {em.saturated_pairs} pair "
-                        f"sum{'s' if em.saturated_pairs != 1 else ''} saturated on the {name} "
-                        f"path{module_note}, moving outputs by up to "
-                        f"{fmt(st.delta.max_abs if st.delta else 0)} "
-                        f"({fmt(lsb or 0)} output steps)."
-                    ),
-                    evidence={"saturated_pairs": em.saturated_pairs,
-                              "accumulation": run.kernel.accumulation, "share": impact,
-                              "path": name},
-                    fix=REDUCE_RANGE_FIX, path=name, engine=engine, impact=impact,
-                )
-            elif name == "as_given" and run.kernel.kernel != "qnnpack" and \
-                    run.kernel.accumulation == EXACT and not hypothetical_done:
-                hypothetical_done = True
-                # Exact here, but would a CPU without AVX512-VNNI saturate this setup?
-                spec = run.spec
-                codes, qp = spec.weight_codes, spec.weight_qparams
-                if qp.dtype != "qint8" or spec.input_qparams.dtype != "quint8":
-                    continue
-                _, n = pair_saturation(spec.input_codes, spec.input_qparams.zero_point[0], codes,
-                                       ctx.case.geometry, PAIRS_K,
-                                       spec.input_qparams.zero_point[0], count_only=True)
-                if n == 0:
-                    continue
-                yield Finding(
-                    code="QCD040",
-                    severity="info",
-                    title="int16 pair saturation on CPUs without AVX512-VNNI",
-                    message=(
-                        f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
-                        f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "
-                        f"this input (codes up to {int(spec.input_codes.max())}) would saturate "
-                        f"{n} pair sum{'s' if n != 1 else ''} there and change the result."
-                    ),
-                    evidence={"saturated_pairs_without_vnni": n,
-                              "max_input_code": int(spec.input_codes.max())},
-                    fix=REDUCE_RANGE_FIX, path=name, engine=None, impact=0.0,
-                )
+                module_note = ("" if ran is None else
+                               f" (the module's own weight: {ran.saturated_pairs} saturated pairs)")
+                yield finding(
+                    "QCD040", severity(run, energy, "warning" if energy > 0 else "info"),
+                    f"int16 pair saturation in accumulation on {engine}",
+                    f"On this CPU {engine} sums products of raw codes in pairs in saturating "
+                    f"int16 ({run.kernel.accumulation}); {em.saturated_pairs} pair "
+                    f"sum{'s' if em.saturated_pairs != 1 else ''} saturated on the "
+                    f"{run.report.name} path{module_note}, moving outputs by up to "
+                    f"{fmt(st.delta.max_abs if st.delta else 0)} "
+                    f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps).",
+                    {"saturated_pairs": em.saturated_pairs,
+                     "accumulation": run.kernel.accumulation, "excess": energy},
+                    _reduce_range_fix(ctx, engine, True), run, energy, ("accumulation",))
+            elif run.saturation_without_vnni:
+                n = run.saturation_without_vnni
+                yield finding(
+                    "QCD040", "info", "int16 pair saturation on CPUs without AVX512-VNNI",
+                    f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
+                    f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "
+                    f"this input (codes up to {int(run.spec.input_codes.max())}) would "
+                    f"saturate {n} pair sum{'s' if n != 1 else ''} there and change the "
+                    "result. 7-bit activations (reduce_range, the x86/fbgemm default) cannot.",
+                    {"saturated_pairs_without_vnni": n,
+                     "max_input_code": int(run.spec.input_codes.max())},
+                    _reduce_range_fix(ctx, engine, True), run)
 
 
 def qcd041(ctx: Context) -> Iterator[Finding]:
@@ -102,15 +77,43 @@ def qcd041(ctx: Context) -> Iterator[Finding]:
         return
     exact = run.emulation.acc_exact if run.emulation is not None else np.zeros(1, np.int64)
     overflowed = int(np.count_nonzero((exact > 2**31 - 1) | (exact < -(2**31))))
-    yield Finding(
-        code="QCD041",
-        severity="error" if overflowed else "warning",
-        title="int32 accumulator overflow possible",
-        message=(
-            f"K = {k} products of up to {max_x} x {max_w} can reach {bound:,}, beyond int32 "
-            f"(2,147,483,647); {overflowed} outputs of this input actually overflow and wrap."
-        ),
-        evidence={"k": k, "bound": bound, "overflowed": overflowed},
-        fix="# split the conv along input channels (groups) or lower the activation range",
-        path=run.report.name, impact=1.0 if overflowed else 0.0,
-    )
+    energy = excess(run, "accumulation") if overflowed else 0.0
+    yield finding(
+        "QCD041", severity(run, energy, "warning" if overflowed else "info"),
+        "int32 accumulator overflow possible",
+        f"K = {k} products of up to {max_x} x {max_w} can reach {bound:,}, beyond int32 "
+        f"(2,147,483,647); {overflowed} outputs of this input actually overflow and wrap.",
+        {"k": k, "bound": bound, "overflowed": overflowed, "excess": energy},
+        "# quantize the weight symmetric (zero point 0) so |w - zp| <= 128, and calibrate the\n"
+        "# input so its codes stay near their zero point:\n"
+        + eager_flow(ctx.case, run.report.engine), run, energy, ("accumulation",))
+
+
+def qcd042(ctx: Context) -> Iterator[Finding]:
+    for run in ctx.paths():
+        b = run.report.budget
+        if b is None or (b.input_bits == 8 and b.output_bits == 8) \
+                or not b.floor_rmse > b.floor_rmse_8bit > 0:
+            continue
+        which = " and ".join(t for t, bits in (("input", b.input_bits),
+                                              ("output", b.output_bits)) if bits == 7)
+        cost_db = 20 * float(np.log10(b.floor_rmse / b.floor_rmse_8bit))
+        exact_here = run.kernel.accumulation == "exact"
+        yield finding(
+            "QCD042", "info", "7-bit activations: reduce_range's trade-off",
+            f"The {which} use{'s' if ' and ' not in which else ''} 128 of 256 codes, as "
+            f"reduce_range gives (the {run.report.engine} default qconfig): that costs "
+            f"{cost_db:.1f} dB at the floor (RMSE floor {fmt(b.floor_rmse)} vs "
+            f"{fmt(b.floor_rmse_8bit)} with 8 bits). On CPUs without AVX512-VNNI the x86, "
+            "fbgemm and onednn kernels sum u8*s8 products in int16 pairs that 8-bit "
+            "activations can saturate; 7 bits cannot. "
+            + ("This CPU accumulates this layer exactly: 8-bit activations would be safe "
+               "here, only here." if exact_here else
+               f"This layer's kernel pairs them on this CPU too ({run.kernel.accumulation}): "
+               "keep 7 bits."),
+            {"input_bits": b.input_bits, "output_bits": b.output_bits, "cost_db": cost_db,
+             "floor_rmse": b.floor_rmse, "floor_rmse_8bit": b.floor_rmse_8bit,
+             "exact_here": exact_here},
+            ("# only if the model never runs on a CPU without AVX512-VNNI:\n"
+             + _reduce_range_fix(ctx, run.report.engine, False)) if exact_here else
+            "# nothing to fix: keep reduce_range, this layer's kernel needs it here", run)

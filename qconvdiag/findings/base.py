@@ -1,4 +1,19 @@
-"""What every finding rule reads, and the helpers they share."""
+"""What every finding rule reads, and how a finding's severity follows from what it costs.
+
+A rule reads the evidence the measurement layer made (each path's report, its error budget and
+arrays: ``evidence.PathRun``); it never runs a conv or the emulator itself.
+
+Severity (thresholds in ``budget.py``):
+
+* ``error``: the path is broken (RMSE at least ``FAR`` = 4x its floor) and this cause explains
+  most of the excess (``MOST`` = half of it), or would put the path that far above its floor on
+  its own;
+* ``warning``: a real misuse with a measurable cost (its excess reaches ``MATERIAL`` = 25% of
+  the floor's energy, about 1 dB), or torch refuses the setup;
+* ``info``: true but harmless, or advice.
+
+The production path is advice: its findings are at most warnings.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..budget import FAR, MATERIAL, MOST
 from ..case import ConvCase
 from ..evidence import PathRun
 from ..qparams import QParams
@@ -42,32 +58,67 @@ class Context:
     def production(self) -> PathRun | None:
         return self.run("production")
 
+    def paths(self, engine: str | None = None) -> list[PathRun]:
+        """The paths of one engine (the first by default), the judged one first."""
+        return [r for r in (self.run("as_given", engine), self.run("production", engine))
+                if r is not None]
+
 
 @dataclass(frozen=True)
 class Rule:
     code: str
-    title: str
     check: Callable[[Context], Iterable[Finding]]
+    stages: tuple[str, ...] = ()
+    """Budget stages whose excess this cause can explain (the verdict's causes)."""
+    root: bool = False
+    """A root cause (a formula, a default left in place) rather than its symptom (clipping,
+    coarse rounding): the verdict names the root cause when both explain a stage."""
 
 
-def severity_for(impact: float, error_at: float = 0.5, warning_at: float = 0.05) -> str:
-    if impact >= error_at:
-        return "error"
-    if impact >= warning_at:
-        return "warning"
-    return "info"
-
-
-def share(run: PathRun | None, *stage_ids: str) -> float:
-    """Summed signed share of the total error of these stages (0 when unknown)."""
-    if run is None:
+def excess(run: PathRun | None, *stage_ids: str) -> float:
+    """Error energy above the floor these stages are credited with (0 when unknown)."""
+    if run is None or run.report.budget is None:
         return 0.0
-    total = 0.0
-    for sid in stage_ids:
-        s = run.report.stage(sid)
-        if s.applies and s.share is not None:
-            total += s.share
-    return max(0.0, min(1.0, total))
+    b = run.report.budget
+    return float(sum(b.stage(s).excess for s in stage_ids))
+
+
+def share_of_excess(run: PathRun | None, energy: float) -> float:
+    """``energy`` as a share of the path's whole excess (0..1), for ordering."""
+    if run is None or run.report.budget is None or run.report.budget.excess <= 0:
+        return 0.0
+    return max(0.0, min(1.0, energy / run.report.budget.excess))
+
+
+def severity(run: PathRun | None, energy: float, floor: str = "info") -> str:
+    """The severity a cause with ``energy`` of excess deserves on ``run`` (never below
+    ``floor``; at most a warning on the production path)."""
+    level = floor
+    b = None if run is None else run.report.budget
+    if b is not None and energy > 0:
+        if energy >= MATERIAL * b.floor_energy and level == "info":
+            level = "warning"
+        alone_far = energy >= (FAR ** 2 - 1) * b.floor_energy
+        if b.verdict == "broken" and (energy >= MOST * b.excess or alone_far) \
+                and energy >= MATERIAL * b.floor_energy:
+            level = "error"
+    if run is not None and run.report.name == "production" and level == "error":
+        level = "warning"
+    return level
+
+
+def material(run: PathRun | None, energy: float) -> bool:
+    b = None if run is None else run.report.budget
+    return b is not None and energy > 0 and energy >= MATERIAL * b.floor_energy
+
+
+def db_gain(run: PathRun, energy: float) -> float:
+    """SQNR the path would gain if ``energy`` of its error went away (dB)."""
+    b = run.report.budget
+    assert b is not None
+    total = b.rmse ** 2
+    rest = max(total - energy, b.floor_energy * 0.5, 1e-300)
+    return float(10 * np.log10(max(total, 1e-300) / rest)) if total > 0 else 0.0
 
 
 def fmt(x: float) -> str:
@@ -90,21 +141,27 @@ def minmax_qparams(t: np.ndarray, dtype: str) -> tuple[float, int]:
     return scale, zp
 
 
-def symmetric_scale(t: np.ndarray) -> float:
-    """torch's per-tensor symmetric qint8 scale: max|t| / ((127 - -128) / 2)."""
-    m = float(np.abs(t).max())
-    return m / 127.5 if m > 0 else 1.0
-
-
 def conv_name(case: ConvCase) -> str:
     return {1: "Conv1d", 2: "Conv2d", 3: "Conv3d"}[case.spatial_dims]
 
 
-def qp_desc(qp: QParams) -> str:
-    if qp.per_channel:
-        return f"{qp.dtype} per-channel (axis {qp.axis}), {len(qp.scale)} scales"
-    return f"{qp.dtype} scale {fmt(qp.scale[0])}, zero_point {qp.zero_point[0]}"
+def final_output_qparams(run: PathRun) -> QParams:
+    """The output qparams the quantized module really applies."""
+    return run.spec.module.output_qparams if run.spec.module else run.spec.output_qparams
 
 
-def torch_dtype(dtype: str) -> str:
-    return f"torch.{dtype}"
+def judged(ctx: Context) -> PathRun | None:
+    """The path the gates judge: as_given when the case has a user setup, else production."""
+    return ctx.as_given or ctx.production
+
+
+def finding(code: str, severity_: str, title: str, message: str, evidence: dict[str, object],
+            fix: str, run: PathRun | None, energy: float = 0.0,
+            stages: tuple[str, ...] = ()) -> Finding:
+    """A Finding on ``run``'s path and engine, ranked by its share of the path's excess."""
+    return Finding(
+        code=code, severity=severity_, title=title, message=message, evidence=evidence,
+        fix=fix, path=None if run is None else run.report.name,
+        engine=None if run is None else run.report.engine,
+        impact=share_of_excess(run, energy), stages=stages,
+    )

@@ -6,17 +6,30 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..evidence import PathRun
 from ..report import Finding
-from .base import Context, fmt, severity_for, share
+from .base import Context, excess, finding, fmt, material, severity
+from .fixes import eager_flow
+
+
+def bias_energy(ctx: Context, run: PathRun) -> float:
+    """Mean square output shift of the module's bias against the float bias: a constant per
+    output channel (float units^2), at most the module_state stage's excess."""
+    m = run.spec.module
+    if m is None:
+        return 0.0
+    o = ctx.case.weight.shape[0]
+    b = np.zeros(o) if ctx.case.bias is None else ctx.case.bias.astype(np.float64)
+    mb = np.zeros(o) if m.bias is None else m.bias.astype(np.float64)
+    return min(float(np.mean((mb - b) ** 2)), excess(run, "module_state"))
 
 
 def qcd030(ctx: Context) -> Iterator[Finding]:
-    s = ctx.case.setup
     run = ctx.as_given
-    if s is None or s.module is None or run is None:
+    if run is None or run.spec.module is None:
         return
     b = ctx.case.bias
-    mb = s.module.bias
+    mb = run.spec.module.bias
     if b is None and mb is None:
         return
     if b is not None and mb is not None and np.allclose(b, mb, rtol=1e-6, atol=0):
@@ -26,47 +39,38 @@ def qcd030(ctx: Context) -> Iterator[Finding]:
         what = f"a bias (max |b| {fmt(float(np.abs(mb).max()))}) the float layer does not have"
     elif mb is None:
         what = "no bias, while the float layer has one"
+    elif not np.any(mb):
+        what = f"a zero bias, while the float bias is {fmt(float(b.reshape(-1)[0]))}" + (
+            "" if b.size == 1 else " ...")
     else:
         d = float(np.abs(mb - b).max())
         what = f"a bias that differs from the float bias by up to {fmt(d)}"
-        if not np.any(mb):
-            what = f"a zero bias, while the float bias is {fmt(float(b.reshape(-1)[0]))}" + (
-                "" if b.size == 1 else " ...")
-    impact = share(run, "module_state") * 0.1
-    yield Finding(
-        code="QCD030",
-        severity="warning" if b is not None and float(np.abs(b).max()) > 0 else "info",
-        title="the quantized module's bias is missing or differs from the float bias",
-        message=f"The quantized module holds {what}.",
-        evidence={"float_bias": None if b is None else b[:8].tolist(),
-                  "module_bias": None if mb is None else mb[:8].tolist()},
-        fix="qm.set_weight_bias(quantized_weight, float_conv.bias)",
-        path="as_given", impact=impact,
-    )
+    energy = bias_energy(ctx, run)
+    yield finding(
+        "QCD030", severity(run, energy, "warning" if material(run, energy) else "info"),
+        "the module's bias is missing or not the float bias",
+        f"The quantized module holds {what}: outputs shift by "
+        f"{fmt(float(np.sqrt(energy)))} RMSE.",
+        {"float_bias": None if b is None else b[:8].tolist(),
+         "module_bias": None if mb is None else mb[:8].tolist(), "excess": energy},
+        "qm.set_weight_bias(qm.weight(), conv.bias)  # the module's weight, the float bias",
+        run, energy, ("module_state",))
 
 
 def qcd031(ctx: Context) -> Iterator[Finding]:
-    for run in (ctx.as_given, ctx.production):
-        if run is None:
+    for run in ctx.paths():
+        energy = excess(run, "bias_quantization")
+        if not material(run, energy):
             continue
         st = run.report.stage("bias_quantization")
-        if not st.applies or st.delta is None or st.delta.max_abs_lsb is None:
-            continue
-        impact = share(run, "bias_quantization")
-        if st.delta.max_abs_lsb < 0.5 and impact < 0.05:
-            continue
-        yield Finding(
-            code="QCD031",
-            severity=severity_for(impact),
-            title="bias quantization error is notable",
-            message=(
-                f"Quantizing the bias (step input_scale * weight_scale) moves outputs by up to "
-                f"{fmt(st.delta.max_abs)} ({fmt(st.delta.max_abs_lsb)} output steps) on the "
-                f"{run.report.name} path ({run.report.kernel})."
-            ),
-            evidence={"max_abs": st.delta.max_abs, "max_abs_lsb": st.delta.max_abs_lsb,
-                      "share": impact},
-            fix="# larger input/weight scales coarsen the bias grid; calibrate input and weight "
-                "qparams with observers instead of hand-made ones",
-            path=run.report.name, engine=run.report.engine, impact=impact,
-        )
+        assert st.delta is not None
+        yield finding(
+            "QCD031", severity(run, energy), "bias quantization error is notable",
+            f"Quantizing the bias (step input_scale * weight_scale) moves outputs by up to "
+            f"{fmt(st.delta.max_abs)} ({fmt(st.delta.max_abs_lsb or 0)} output steps) on the "
+            f"{run.report.name} path ({run.report.kernel} rounds the bias to int32).",
+            {"max_abs": st.delta.max_abs, "max_abs_lsb": st.delta.max_abs_lsb,
+             "excess": energy},
+            "# the bias grid is input_scale * weight_scale; qparams from observers keep it fine\n"
+            "# against the output step:\n" + eager_flow(ctx.case, run.report.engine),
+            run, energy, ("bias_quantization",))

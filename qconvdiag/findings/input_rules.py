@@ -1,4 +1,4 @@
-"""QCD010-QCD011: the input."""
+"""QCD010-QCD012: the input."""
 
 from __future__ import annotations
 
@@ -6,41 +6,46 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..budget import ideal_step
 from ..qparams import clip_bounds
 from ..report import Finding
-from .base import Context, fmt, minmax_qparams, severity_for, share
+from .base import Context, excess, finding, fmt, material, severity
+from .fixes import input_fix
+
+CLIPPING, ROUNDING = ("input_clipping",), ("input_rounding",)
 
 
 def qcd010(ctx: Context) -> Iterator[Finding]:
-    run = ctx.as_given
-    if run is None:
-        return
-    qp = run.spec.input_qparams
-    lo, hi = clip_bounds(qp)
-    x = ctx.case.input
-    if not x.size or (float(x.min()) >= lo[0] and float(x.max()) <= hi[0]):
-        return  # the extremes settle it: nothing clips
-    n = int(np.count_nonzero(x > hi[0]) + np.count_nonzero(x < lo[0]))
-    if n == 0:
-        return
-    impact = share(run, "input_clipping")
-    scale, zp = minmax_qparams(x, "quint8")
-    yield Finding(
-        code="QCD010",
-        severity=severity_for(impact) if impact > 0.001 else "info",
-        title="input values clipped by the input qparams",
-        message=(
-            f"{n} of {x.size} input values lie outside the representable range "
-            f"[{fmt(lo[0])}, {fmt(hi[0])}] and were clipped"
-            f" (largest {fmt(float(x.max()))}, smallest {fmt(float(x.min()))})."
-        ),
-        evidence={"clipped": n, "total": int(x.size), "low": float(lo[0]),
-                  "high": float(hi[0]), "input_min": float(x.min()),
-                  "input_max": float(x.max()), "share": impact},
-        fix=(f"input_scale = {scale:.6g}  # (max - min) / 255 over this input\n"
-             f"input_zero_point = {zp}"),
-        path="as_given", impact=impact,
-    )
+    for run in ctx.paths():
+        energy = excess(run, *CLIPPING)
+        if not material(run, energy):
+            continue  # nothing clips beyond rounding, or the clipping pays for finer rounding
+        qp = run.spec.input_qparams
+        lo, hi = (float(v.reshape(-1)[0]) for v in clip_bounds(qp))
+        # within half a step of a bound is rounding, not clipping
+        half = float(qp.scale[0]) / 2 * (1 + 1e-6)
+        x = ctx.case.input
+        low = int(np.count_nonzero(x < lo - half))
+        high = int(np.count_nonzero(x > hi + half))
+        if low + high == 0:
+            continue
+        sides = []
+        if high:
+            sides.append(f"{high} above {fmt(hi)} (largest {fmt(float(x.max()))})")
+        if low:
+            sides.append(f"{low} below {fmt(lo)} (smallest {fmt(float(x.min()))})")
+        production = run.report.name == "production"
+        yield finding(
+            "QCD010", severity(run, energy),
+            "input values clipped by the input qparams",
+            f"{low + high} of {x.size} input values lie outside the representable range "
+            f"[{fmt(lo)}, {fmt(hi)}] and are clipped: {' and '.join(sides)}."
+            + (" The observer clips outliers on purpose to get a finer step; here that costs "
+               "more than it saves." if production else ""),
+            {"clipped": low + high, "below": low, "above": high, "total": int(x.size),
+             "low": lo, "high": hi, "input_min": float(x.min()), "input_max": float(x.max()),
+             "excess": energy},
+            input_fix(ctx.case)[0], run, energy, CLIPPING)
 
 
 def qcd011(ctx: Context) -> Iterator[Finding]:
@@ -52,20 +57,38 @@ def qcd011(ctx: Context) -> Iterator[Finding]:
         if qp.dtype == "quint8" and not qp.per_channel:
             continue
         what = "per-channel" if qp.per_channel else qp.dtype
-        yield Finding(
-            code="QCD011",
-            severity="error",
-            title=f"input {what} is not accepted by {engine}",
-            message=(
-                f"The {engine} quantized conv takes per-tensor quint8 activations; this input is "
-                f"{what}. torch says: {run.report.refused or 'refused'}"
-            ),
-            evidence={"dtype": qp.dtype, "scheme": qp.scheme, "engine": engine,
-                      "torch_error": run.report.refused},
-            fix=("qx = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)"
-                 "  # zero_point in 0..255"),
-            path="as_given", engine=engine, impact=1.0,
-        )
+        yield finding(
+            "QCD011", "error", f"input {what} is not accepted by {engine}",
+            f"The {engine} quantized conv takes per-tensor quint8 activations; this input is "
+            f"{what}. torch says: {run.report.refused or 'refused'}",
+            {"dtype": qp.dtype, "scheme": qp.scheme, "engine": engine,
+             "torch_error": run.report.refused},
+            input_fix(ctx.case)[0], run, run.report.budget.excess if run.report.budget else 0.0)
 
 
-__all__ = ["qcd010", "qcd011", "np"]
+def qcd012(ctx: Context) -> Iterator[Finding]:
+    for run in ctx.paths():
+        b = run.report.budget
+        energy = excess(run, *ROUNDING)
+        if b is None or not material(run, energy):
+            continue
+        allowed = 2.0 if b.input_bits == 7 else 1.0
+        ratio = b.input_step_ratio / allowed
+        if ratio < 1.5:
+            continue  # the step is fine: the excess is sampling noise of a small input
+        x = ctx.case.input
+        qp = run.spec.input_qparams
+        step = float(qp.scale[0])
+        below = int(np.count_nonzero((np.abs(x) < step / 2) & (x != 0)))
+        yield finding(
+            "QCD012", severity(run, energy),
+            "input step too coarse for the input's range",
+            f"The input scale {fmt(step)} is {fmt(b.input_step_ratio)}x the step the input's "
+            f"range needs ({fmt(ideal_step(x))} = range / 255), so input rounding adds "
+            f"{fmt(b.stage('input_rounding').measured)} RMSE where "
+            f"{fmt(b.stage('input_rounding').floor)} would do"
+            + (f"; {below} of {x.size} nonzero inputs are below half a step and round to 0"
+               if below else "") + ".",
+            {"scale": step, "ideal_step": ideal_step(x), "step_ratio": b.input_step_ratio,
+             "below_half_step": below, "excess": energy},
+            input_fix(ctx.case)[0], run, energy, ROUNDING)

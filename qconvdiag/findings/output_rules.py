@@ -6,145 +6,145 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..budget import ideal_step
+from ..evidence import PathRun
 from ..report import Finding
-from .base import Context, fmt, severity_for, share
-from .snippets import production_snippet, set_output_snippet
+from .base import Context, excess, final_output_qparams, finding, fmt, material, severity
+from .fixes import eager_flow, output_fix
+from .qparams_rules import observer_default
+
+OUTPUT = ("output_rounding", "output_clipping")
+#: Output-scale verdicts rest on the float output's range: fewer values do not show one.
+MIN_OUTPUTS_FOR_SCALE = 16
 
 
-def _final_output_qparams(run):  # type: ignore[no-untyped-def]
-    return run.spec.module.output_qparams if run.spec.module else run.spec.output_qparams
+def _y0(run: PathRun) -> np.ndarray:
+    assert run.float_output is not None
+    return run.float_output
 
 
 def qcd050(ctx: Context) -> Iterator[Finding]:
     run = ctx.as_given
-    if run is None:
-        return
-    qp = _final_output_qparams(run)
     s = ctx.case.setup
-    user_set = s is not None and s.output_qparams is not None
-    if user_set or qp.scale[0] != 1.0 or qp.zero_point[0] != 0:
+    if run is None or s is None or run.float_output is None:
         return
-    prod = ctx.production
-    y0 = run.ladder.float_output if run.ladder is not None else None
-    impact = share(run, "output_rounding", "output_clipping")
-    if y0 is None:
-        rng = ""
-    else:
-        lo, hi = float(y0.min()), float(y0.max())
-        span = f"is {fmt(lo)}" if lo == hi else f"spans {fmt(lo)}..{fmt(hi)}"
-        rng = (f" The float output {span}; with scale 1.0 and zero point 0 only 0..255 in "
-               "steps of 1.0 can be represented.")
-    yield Finding(
-        code="QCD050",
-        severity="error" if impact >= 0.05 else "warning",
-        title="output scale/zero_point left at the module defaults (1.0, 0)",
-        message=(
-            "The quantized conv's output scale and zero point were never set, so they are the "
-            "module's defaults 1.0 and 0." + rng +
-            " An output observer (calibration) or from_float sets them."
-        ),
-        evidence={"scale": qp.scale[0], "zero_point": qp.zero_point[0], "share": impact,
-                  "production_output_scale": None if prod is None else
-                  prod.report.qparams["output"].scale[0]},
-        fix=set_output_snippet(ctx.case, prod) + "\n\n# the production route:\n"
-        + production_snippet(ctx.case, ctx.engines[0], prod),
-        path="as_given", impact=max(impact, 0.05),
-    )
+    qp = final_output_qparams(run)
+    if not observer_default(qp) or (s.output_qparams is not None and s.module is None):
+        return  # not defaults, or the user wrote scale 1.0 / zero point 0 themselves
+    # the intended output qparams are the defaults too (none given), or only the module
+    # holds them: then the module_state rung carries their cost
+    stages = OUTPUT if observer_default(run.spec.output_qparams) else ("module_state",)
+    energy = excess(run, *stages)
+    if energy <= 0:
+        return  # 1.0 / 0 happen to suit this output (e.g. pixel values 0..255)
+    uncalibrated = observer_default(s.input_qparams)
+    y0 = _y0(run)
+    lo, hi = float(y0.min()), float(y0.max())
+    span = f"is {fmt(lo)}" if lo == hi else f"spans {fmt(lo)}..{fmt(hi)}"
+    fix, _ = output_fix(y0)
+    yield finding(
+        "QCD050", severity(run, energy, "warning"),
+        "output qparams left at the defaults 1.0 / 0",
+        ("The quantized conv's output scale and zero point are 1.0 and 0: "
+         + ("what its observer returns when the model was converted without calibration "
+            "batches." if uncalibrated else
+            "a freshly built module's defaults, never set.")
+         + f" The float output {span}; with scale 1.0 and zero point 0 only 0..255 in steps of "
+         "1.0 can be represented. An output observer (calibration) or from_float sets them."),
+        {"scale": qp.scale[0], "zero_point": qp.zero_point[0], "uncalibrated": uncalibrated,
+         "excess": energy},
+        fix + "\n# or the eager flow, which sets them from observers:\n"
+        + eager_flow(ctx.case, run.report.engine),
+        run, energy, stages)
 
 
-def _saturated(unclamped: np.ndarray, lo: int, hi: int) -> int:
-    """How many values lie outside [lo, hi] (two reductions when none do)."""
-    if not unclamped.size or (int(unclamped.min()) >= lo and int(unclamped.max()) <= hi):
-        return 0
-    return int(np.count_nonzero(unclamped > hi) + np.count_nonzero(unclamped < lo))
+def _saturation(run: PathRun) -> tuple[int, int]:
+    """Outputs below and above the dtype's range before clamping (the intended setup's)."""
+    em = run.emulation
+    if em is None or not em.unclamped.size:
+        return 0, 0
+    qp = run.spec.output_qparams
+    lo, hi = int(em.unclamped.min()), int(em.unclamped.max())
+    below = 0 if lo >= qp.dtype_min else int(np.count_nonzero(em.unclamped < qp.dtype_min))
+    above = 0 if hi <= qp.dtype_max else int(np.count_nonzero(em.unclamped > qp.dtype_max))
+    return below, above
 
 
 def qcd051(ctx: Context) -> Iterator[Finding]:
-    for run in (ctx.as_given, ctx.production):
-        if run is None or run.emulation is None:
+    for run in ctx.paths():
+        energy = excess(run, "output_clipping")
+        if not material(run, energy) or run.float_output is None:
             continue
-        em = run.module_emulation or run.emulation
-        qp = _final_output_qparams(run)
-        n = _saturated(em.unclamped, qp.dtype_min, qp.dtype_max)
-        intended, out_qp = run.emulation, run.spec.output_qparams
-        n_int = n if intended is em and out_qp.dtype == qp.dtype else _saturated(
-            intended.unclamped, out_qp.dtype_min, out_qp.dtype_max)
-        if n == 0 and n_int == 0:
+        below, above = _saturation(run)
+        if below + above == 0:
             continue
-        impact = share(run, "output_clipping")
-        y0 = run.ladder.float_output if run.ladder is not None else None
-        s, zp = float(run.spec.output_qparams.scale[0]), int(run.spec.output_qparams.zero_point[0])
-        top = (run.spec.output_qparams.dtype_max - zp) * s
-        bottom = (run.spec.output_qparams.dtype_min - zp) * s
-        count = n_int if n_int else n
-        msg = (f"{count} of {em.output_codes.size} outputs fall outside the representable range "
-               f"[{fmt(bottom)}, {fmt(top)}] and saturate at the quint8 limits")
-        if y0 is not None:
-            msg += f" (the float output reaches {fmt(float(y0.max()))})"
-        yield Finding(
-            code="QCD051",
-            severity=severity_for(impact) if impact > 0.001 else "info",
-            title="outputs saturated at the output dtype's limits",
-            message=msg + ".",
-            evidence={"saturated": count, "total": int(em.output_codes.size), "low": bottom,
-                      "high": top, "share": impact, "path": run.report.name},
-            fix=set_output_snippet(ctx.case, ctx.production),
-            path=run.report.name, impact=impact,
-        )
+        qp = run.spec.output_qparams
+        s, zp = float(qp.scale[0]), int(qp.zero_point[0])
+        top, bottom = (qp.dtype_max - zp) * s, (qp.dtype_min - zp) * s
+        y0 = _y0(run)
+        sides = []
+        if above:
+            sides.append(f"{above} above {fmt(top)} (the float output reaches "
+                         f"{fmt(float(y0.max()))})")
+        if below:
+            sides.append(f"{below} below {fmt(bottom)} (the float output reaches "
+                         f"{fmt(float(y0.min()))})")
+        fix, _ = output_fix(y0)
+        production = run.report.name == "production"
+        yield finding(
+            "QCD051", severity(run, energy), "outputs saturated at the output dtype's limits",
+            f"{below + above} of {y0.size} outputs fall outside the representable range "
+            f"[{fmt(bottom)}, {fmt(top)}] of output scale {fmt(s)}, zero point {zp} and "
+            f"saturate: {' and '.join(sides)}."
+            + (" The output observer trims outliers on purpose; here that costs more than it "
+               "saves." if production else ""),
+            {"saturated": below + above, "below": below, "above": above,
+             "total": int(y0.size), "low": bottom, "high": top, "excess": energy},
+            fix, run, energy, ("output_clipping",))
 
 
 def qcd052(ctx: Context) -> Iterator[Finding]:
-    # Judged on the user's setup only: production's 7-bit (reduce_range) output scale is
-    # coarser by design, and that trade-off is the engine default, not a mistake.
-    for run in (ctx.as_given,):
-        if run is None or run.ladder is None:
+    for run in ctx.paths():
+        b = run.report.budget
+        energy = excess(run, "output_rounding")
+        if b is None or run.float_output is None or not material(run, energy) \
+                or b.outputs < MIN_OUTPUTS_FOR_SCALE:
             continue
-        impact = share(run, "output_rounding")
-        y0 = run.ladder.float_output
+        allowed = 2.0 if b.output_bits == 7 else 1.0
+        if b.output_step_ratio / allowed < 1.5:
+            continue
+        y0 = _y0(run)
         out_s = float(run.spec.output_qparams.scale[0])
         lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
-        ideal = (hi - lo) / 255
-        if impact < 0.5 or ideal <= 0 or out_s <= 2 * ideal or \
-                run.report.total.max_abs < 0.25 * out_s:
-            continue
-        levels = (hi - lo) / out_s
-        yield Finding(
-            code="QCD052",
-            severity="warning",
-            title="output rounding dominates: the output scale is coarse",
-            message=(
-                f"Output rounding explains {impact:.0%} of the {run.report.name} path's error: "
-                f"the output scale {fmt(out_s)} is {fmt(out_s / ideal)}x what the float "
-                f"output's range [{fmt(lo)}, {fmt(hi)}] needs ({fmt(ideal)}), so it uses only "
-                f"{fmt(levels)} of quint8's 255 steps."
-            ),
-            evidence={"share": impact, "levels": levels, "output_scale": out_s,
-                      "needed_scale": ideal},
-            fix=set_output_snippet(ctx.case, ctx.production),
-            path=run.report.name, impact=impact,
-        )
+        ideal = ideal_step(y0)
+        fix, _ = output_fix(y0)
+        yield finding(
+            "QCD052", severity(run, energy), "output step too coarse for the output's range",
+            f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "
+            f"output's range [{fmt(lo)}, {fmt(hi)}] needs ({fmt(ideal)} = range / 255), so it "
+            f"uses only {fmt((hi - lo) / out_s)} of quint8's 255 steps and output rounding adds "
+            f"{fmt(b.stage('output_rounding').measured)} RMSE where "
+            f"{fmt(b.stage('output_rounding').floor)} would do.",
+            {"output_scale": out_s, "needed_scale": ideal, "step_ratio": b.output_step_ratio,
+             "levels": (hi - lo) / out_s, "excess": energy},
+            fix, run, energy, ("output_rounding",))
 
 
 def qcd053(ctx: Context) -> Iterator[Finding]:
     run = ctx.as_given
-    if run is None:
+    if run is None or run.float_output is None:
         return
-    qp = _final_output_qparams(run)
+    qp = final_output_qparams(run)
     zp = qp.zero_point[0]
     if qp.dtype_min <= zp <= qp.dtype_max:
         return
-    yield Finding(
-        code="QCD053",
-        severity="error",
-        title="output zero point outside the output dtype's range",
-        message=(
-            f"The output zero point {zp} is outside quint8's 0..255. torch accepts it silently; "
-            "the real value 0.0 has no code, and every output is shifted out of range."
-        ),
-        evidence={"zero_point": zp, "range": [qp.dtype_min, qp.dtype_max]},
-        fix=set_output_snippet(ctx.case, ctx.production),
-        path="as_given", impact=share(run, "output_clipping", "output_rounding"),
-    )
-
-
-__all__ = ["qcd050", "qcd051", "qcd052", "qcd053", "np"]
+    energy = excess(run, *OUTPUT, "module_state")
+    fix, _ = output_fix(_y0(run))
+    yield finding(
+        "QCD053", severity(run, energy, "warning"),
+        "output zero point outside the output dtype's range",
+        f"The output zero point {zp} is outside {qp.dtype}'s {qp.dtype_min}..{qp.dtype_max}. "
+        "torch accepts it silently; the real value 0.0 has no code, and outputs are shifted "
+        "out of range.",
+        {"zero_point": zp, "range": [qp.dtype_min, qp.dtype_max], "excess": energy},
+        fix, run, energy, OUTPUT)

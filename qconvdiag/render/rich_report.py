@@ -1,19 +1,24 @@
-"""The terminal report (rich): header, stage table, findings with fixes, paths side by side.
+"""The terminal report (rich), story first: the header, the verdict in plain words, the judged
+path's stage table with its floor, then the findings with their fixes. ``verbose`` adds the
+other path's table, the qparams side by side, and every info finding in full.
 
-Readable at 80 columns; rich turns colour off when stdout is not a TTY or NO_COLOR is set.
+Readable at 80 columns; rich turns colour off when stdout is not a TTY or NO_COLOR is set. Code
+is never wrapped: every line of a fix is printed whole (soft-wrapped by the terminal at most),
+so it pastes as it is; prose wraps with a hanging indent.
 """
 
 from __future__ import annotations
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from ..metrics import Metrics
-from ..report import Finding, PathReport, Report
+from ..report import Finding, PathReport, Report, Verdict
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 ACCUMULATION_WORDS = {
@@ -22,6 +27,13 @@ ACCUMULATION_WORDS = {
     "int16_pairs_channels": "int16 pair sums of adjacent channels (saturating)",
     "unknown": "accumulation not identified by the probe",
 }
+STATUS_WORDS = {
+    "at_floor": "at its floor",
+    "above_floor": "above its floor",
+    "broken": "broken",
+    "refused": "refused by torch",
+}
+INDENT = 2
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -35,13 +47,13 @@ def _num(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits - 1}e}"
 
 
-def _values(summary: dict[str, object] | object) -> str:
+def _values(summary: dict[str, object] | object, n: int = 4) -> str:
     if not isinstance(summary, dict) or "values" not in summary:
         return "-"
     vals = summary["values"]
     assert isinstance(vals, list)
-    head = ", ".join(_num(v) for v in vals[:4])
-    return head if len(vals) <= 4 else head + ", ..."
+    head = ", ".join(_num(v) for v in vals[:n])
+    return head if len(vals) <= n else head + ", ..."
 
 
 def _sqnr(m: Metrics) -> str:
@@ -50,11 +62,32 @@ def _sqnr(m: Metrics) -> str:
     return f"{m.sqnr_db:.1f} dB"
 
 
-def _bar(share: float | None, width: int = 10) -> str:
+def _bar(share: float | None, width: int = 8) -> str:
     if share is None:
         return ""
     n = int(round(max(0.0, min(1.0, share)) * width))
     return "█" * n + "·" * (width - n)
+
+
+def _prose(text: str, style: str = "") -> Padding:
+    """A paragraph that wraps with the report's hanging indent."""
+    return Padding(Text(text, style=style), (0, 0, 0, INDENT))
+
+
+def _print_code(console: Console, code: str, indent: int = INDENT) -> None:
+    """Every line whole: soft wrap (the terminal's, not rich's) keeps it pasteable."""
+    highlighted = Syntax(code, "python", theme="ansi_dark", background_color="default")
+    for line in highlighted.highlight(code).split("\n"):
+        if line.plain == "" and not code.endswith("\n"):
+            continue
+        console.print(Text(" " * indent) + line, soft_wrap=True)
+
+
+def main_fix(fix: str) -> str:
+    """A fix without its alternatives (the lines from the first ``# or ...`` on)."""
+    lines = fix.split("\n")
+    cut = next((i for i, line in enumerate(lines) if i and line.startswith("# or ")), len(lines))
+    return "\n".join(lines[:cut])
 
 
 def header(report: Report) -> Panel:
@@ -65,17 +98,17 @@ def header(report: Report) -> Panel:
     lines.append(f"source: {case['source']}\n")
     for note in case.get("notes", []):
         lines.append(f"note: {note}\n", style="dim")
-    lines.append("float output      ", style="bold")
-    lines.append(f"{_values(dict(report.float_output))}\n")
+    width = max([len(f"{p.name} ({p.engine})") for p in report.paths] + [len("float output")])
+    lines.append("float output".ljust(width + 2), style="bold")
+    lines.append(f"{_values(dict(report.float_output), 3)}\n")
     for p in report.paths:
-        label = f"{p.name} ({p.engine})".ljust(18)
-        lines.append(label, style="bold")
+        lines.append(f"{p.name} ({p.engine})".ljust(width + 2), style="bold")
         if p.refused and p.torch_check.ran is False:
             lines.append(f"refused by torch: {p.refused}\n", style="red")
             continue
-        lines.append(f"{_values(dict(p.output_summary))}   max error {_num(p.total.max_abs)}, "
-                     f"SQNR {_sqnr(p.total)}\n")
-    engines = sorted({p.engine for p in report.paths})
+        lines.append(f"{_values(dict(p.output_summary), 3)}  max error "
+                     f"{_num(p.total.max_abs)}, SQNR {_sqnr(p.total)}\n")
+    engines = list(dict.fromkeys(p.engine for p in report.paths))
     for e in engines:
         p = next(x for x in report.paths if x.engine == e)
         lines.append(f"engine {e}: kernel {p.kernel}, "
@@ -85,39 +118,113 @@ def header(report: Report) -> Panel:
     return Panel(lines, title="qconvdiag", box=box.ROUNDED)
 
 
+def verdict_sentence(v: Verdict) -> str:
+    where = f"{v.path} on {v.engine}"
+    if v.status == "refused":
+        return f"{where}: refused by torch, so it cannot run as written."
+    sqnr = "" if v.sqnr_db is None else f"SQNR {v.sqnr_db:.1f} dB"
+    floor = "" if v.floor_sqnr_db is None else f"{v.floor_sqnr_db:.1f} dB at the floor"
+    db = ", ".join(x for x in (sqnr, floor) if x)
+    ratio = "" if v.ratio is None else f"RMSE {_num(v.rmse)} is {_num(v.ratio, 2)}x its floor"
+    detail = "; ".join(x for x in (ratio, db) if x)
+    text = f"{where} is {STATUS_WORDS[v.status]}" + (f" ({detail})" if detail else "") + "."
+    if v.healthy and v.causes:
+        text += " No misuse found; what lifts it above its floor is advice:"
+    elif v.healthy:
+        text += (" Nothing is misconfigured." if v.status == "at_floor" else
+                 " No misuse found, and no cause explains the rest.")
+    return text
+
+
+def other_sentence(v: Verdict) -> str:
+    """The advice path's verdict, in one line."""
+    if v.status == "refused":
+        return f"{v.path} on {v.engine}: refused by torch."
+    sqnr = "" if v.sqnr_db is None else f", SQNR {v.sqnr_db:.1f} dB"
+    return f"{v.path} on {v.engine}: {STATUS_WORDS[v.status]}{sqnr}."
+
+
+def verdict_block(console: Console, report: Report) -> None:
+    if not report.verdicts:
+        return
+    console.print(Text("verdict", style="bold underline"))
+    judged = report.verdict
+    for v in report.verdicts:
+        if v is not judged and v.engine != (judged.engine if judged else v.engine):
+            continue
+        if v is not judged:
+            console.print(_prose(other_sentence(v)))
+            continue
+        console.print(_prose(verdict_sentence(v), "bold"))
+        if v.causes:
+            rows = Table.grid(padding=(0, 1), expand=True)
+            rows.add_column(no_wrap=True)
+            rows.add_column(no_wrap=True)
+            rows.add_column(ratio=1)
+            rows.add_column(no_wrap=True, justify="right")
+            for i, c in enumerate(v.causes, 1):
+                rows.add_row(f"{i}. {c.code}", Text(f"{c.severity:<7}",
+                                                    SEVERITY_STYLE[c.severity]),
+                             c.title, f"{c.share:.0%}")
+            console.print(Padding(rows, (0, 0, 0, INDENT * 2)))
+        if v.causes and v.unexplained >= 0.05:
+            console.print(_prose(f"  {v.unexplained:.0%} of the excess has no named cause."))
+        if v.first_fix and not v.healthy:
+            console.print(_prose(f"first fix ({v.causes[0].code}):"))
+            _print_code(console, main_fix(v.first_fix), INDENT * 2)
+
+
 def stage_table(p: PathReport) -> Table:
-    t = Table(title=f"{p.name} path on {p.engine}: where the error comes from", box=box.SIMPLE,
-              title_justify="left", pad_edge=False)
+    b = p.budget
+    t = Table(title=f"{p.name} on {p.engine}: where the error comes from", box=None,
+              title_justify="left", pad_edge=False, show_edge=False, padding=(0, 1))
     t.add_column("stage", no_wrap=True, min_width=17)
-    t.add_column("adds", justify="right", no_wrap=True, min_width=10)
-    t.add_column("cumulative", justify="right", no_wrap=True, min_width=10)
-    t.add_column("share", justify="right", no_wrap=True)
-    t.add_column("", max_width=30)
+    t.add_column("adds", justify="right", no_wrap=True)
+    t.add_column("cumulative", justify="right", no_wrap=True)
+    t.add_column("RMSE", justify="right", no_wrap=True)
+    t.add_column("floor", justify="right", no_wrap=True)
+    t.add_column("excess", justify="right", no_wrap=True)
+    t.add_column("", no_wrap=True)
     for s in p.stages:
-        if not s.applies:
-            t.add_row(Text(s.id, style="dim"), Text("n/a", style="dim"), "", "",
-                      Text(s.reason or "", style="dim"))
+        if not s.applies:  # the reason is in the JSON and --verbose
+            t.add_row(Text(s.id, style="dim"), Text("n/a", style="dim"), "", "", "", "", "")
             continue
         assert s.delta is not None and s.cumulative is not None
-        share = "-" if s.share is None else f"{s.share:.0%}"
-        t.add_row(s.id, _num(s.delta.max_abs), _num(s.cumulative.max_abs), share, _bar(s.share))
-    t.caption = (f"max abs error per stage, float units; total {_num(p.total.max_abs)} "
-                 f"(RMSE {_num(p.total.rmse)}, SQNR {_sqnr(p.total)}); torch vs emulation: "
-                 + (f"{p.torch_check.mismatched_elements} mismatches" if p.torch_check.ran
-                    else "not run"))
+        sb = b.stage(s.id) if b is not None else None
+        if sb is not None and sb.exact:
+            t.add_row(s.id, "exact", _num(s.cumulative.max_abs), "", "", "", "")
+            continue
+        share = None if b is None or sb is None or b.excess <= 0 else sb.excess / b.excess
+        t.add_row(s.id, _num(s.delta.max_abs), _num(s.cumulative.max_abs),
+                  _num(s.delta.rmse, 3), "" if sb is None else _num(sb.floor, 3),
+                  "" if not share else f"{share:.0%}", _bar(share) if share else "")
     return t
 
 
-def finding_block(f: Finding) -> Group:
-    head = Text()
-    head.append(f"{f.code} ", style="bold")
-    head.append(f"{f.severity:<7} ", style=SEVERITY_STYLE[f.severity])
-    head.append(f.title, style="bold")
-    parts: list[object] = [head, Text(f"  {f.message}")]
+def stage_caption(p: PathReport) -> Text:
+    b = p.budget
+    check = (f"{p.torch_check.mismatched_elements} mismatches" if p.torch_check.ran
+             else "not run")
+    floor = "" if b is None else f" (floor {_num(b.floor_rmse, 3)})"
+    return Text(f"total RMSE {_num(p.total.rmse, 3)}{floor}, SQNR {_sqnr(p.total)}; "
+                f"torch vs emulation: {check}")
+
+
+def finding_block(console: Console, f: Finding, full: bool = True, judged: str | None = None
+                  ) -> None:
+    head = Table.grid(padding=(0, 1))
+    head.add_column(no_wrap=True)
+    head.add_column(no_wrap=True)
+    head.add_column(ratio=1)
+    where = "" if f.path in (None, judged) else f" ({f.path})"
+    head.add_row(Text(f.code, style="bold"), Text(f"{f.severity:<7}", SEVERITY_STYLE[f.severity]),
+                 Text(f.title + where, style="bold"))
+    console.print(head)
+    if not full:
+        return
+    console.print(_prose(f.message))
     if f.fix:
-        parts.append(Syntax(f.fix, "python", theme="ansi_dark", word_wrap=True,
-                            background_color="default", padding=(0, 2)))
-    return Group(*parts)  # type: ignore[arg-type]
+        _print_code(console, f.fix)
 
 
 def qparams_table(report: Report) -> Table:
@@ -170,18 +277,38 @@ def engines_table(report: Report) -> Table | None:
     return t
 
 
-def render_rich(report: Report, console: Console | None = None) -> None:
+def render_rich(report: Report, console: Console | None = None, verbose: bool = False) -> None:
     console = console or Console()
     console.print(header(report))
+    verdict_block(console, report)
+    judged = report.verdict
+    first = report.paths[0].engine
     for p in report.paths:
-        if p.engine == report.paths[0].engine:
-            console.print(stage_table(p))
-    if report.findings:
-        console.print(Text("findings, by impact", style="bold underline"))
-        for f in report.findings:
-            console.print(finding_block(f))
+        is_judged = judged is not None and (p.name, p.engine) == (judged.path, judged.engine)
+        if is_judged or (verbose and p.engine == first):
             console.print()
-    console.print(qparams_table(report))
+            console.print(stage_table(p))
+            console.print(stage_caption(p))
+    if any(verbose or f.code != "QCD070" for f in report.findings):
+        console.print()
+        heading = Text("findings", style="bold underline")
+        if not verbose and any(f.severity == "info" for f in report.findings):
+            heading.append(" (--verbose: info findings in full, both paths' stages)",
+                           style="dim")
+        console.print(heading)
+        for f in report.findings:
+            if f.code == "QCD070" and not verbose:
+                continue  # the verdict says it
+            full = verbose or f.severity != "info"
+            finding_block(console, f, full, None if judged is None else judged.path)
+            if full:
+                console.print()
+    if verbose:
+        for p in report.paths:
+            for s in p.stages:
+                if not s.applies and p.engine == first:
+                    console.print(Text(f"{p.name}: {s.id} n/a: {s.reason}", style="dim"))
+        console.print(qparams_table(report))
     et = engines_table(report)
     if et is not None:
         console.print(et)

@@ -1,0 +1,306 @@
+"""The error budget of a path: per stage, what it measured next to what it would add at the
+*floor* (good qparams for the dtype and the data's range), and the path's verdict.
+
+The floor models every rounding as uniform noise of the ideal step (variance step^2 / 12),
+propagated through the conv:
+
+* input: step ``dx = (max(x, 0) - min(x, 0)) / 255`` (quint8, the range always holds 0); an
+  output element receives ``dx^2 / 12 * sum(w^2)`` over the taps that read real (not padded)
+  inputs, scaled by the fraction of nonzero inputs (an exact 0 rounds to itself);
+* weight: per output channel ``dw = max|w_o| / 127.5`` (symmetric per-channel qint8, the finest
+  grid torch offers); an output element receives ``dw^2 / 12 * sum(x^2)`` over its window;
+* output: ``dy = (max(y, 0) - min(y, 0)) / 255``, i.e. ``dy^2 / 12`` per element;
+* clipping, accumulation, the module's state and torch's residual: 0.
+
+With 7-bit activations (``reduce_range``, the x86/fbgemm default that keeps int16 pair sums
+from saturating on CPUs without AVX512-VNNI) an activation's floor is that of 127 levels: the
+configuration's floor. Measured on the healthy corpus (tests/corpus.py: 200 layers quantized by
+torch's eager flow with each engine's default qconfig), a layer's RMSE is 0.9x-1.1x its floor.
+
+Worked example, the forum case's production path (x86): one output 803.69, so
+``dy = 803.69 / 255 = 3.152`` and the output floor is ``3.152 / sqrt(12) = 0.91``; with 7-bit
+activations the configuration's floor is twice that. Its measured error is 7e-6: at the floor.
+
+Stage deltas within the float reference's own noise (``REFERENCE_NOISE`` of the output's
+magnitude) count as exact. Thresholds, stated once:
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .case import ConvCase
+from .emulate import Emulation, Kernel
+from .paths import PathSpec
+from .qparams import QParams
+from .report import Budget, StageBudget
+from .stages import StageResult
+
+#: A path whose RMSE is within this factor of its floor is at the floor: nothing to fix.
+AT_FLOOR = 1.5
+#: A path whose RMSE is at least this factor above its floor (12 dB of SQNR lost) is broken.
+FAR = 4.0
+#: A cause costs measurably when its excess error energy reaches this fraction of the floor's
+#: energy: alone it lifts the RMSE 12% above the floor (1 dB of SQNR).
+MATERIAL = 0.25
+#: "Explains most of the excess".
+MOST = 0.5
+#: Small samples: a stage's measured energy scatters around its floor by about
+#: 1.4 / sqrt(outputs); floors are widened by (1 + SLACK / sqrt(outputs)) before excess counts.
+SLACK = 4.0
+#: The float reference is accurate to ~1e-8 of the output's magnitude (docs/stages.md); deltas
+#: below this fraction of it are exact.
+REFERENCE_NOISE = 1e-7
+
+GROUPS = {
+    "input_clipping": "input", "input_rounding": "input",
+    "weight_clipping": "weight", "weight_rounding": "weight",
+    "output_rounding": "output", "output_clipping": "output",
+}
+#: Kernel families that sum int16 pairs on CPUs without VNNI: 7-bit activations are their
+#: deliberate trade-off. qnnpack accumulates exactly, so 7 bits there only cost precision.
+PAIRING_KERNELS = ("fbgemm", "onednn")
+
+
+def ideal_step(t: np.ndarray, levels: int = 255) -> float:
+    """Step of minmax affine qparams over ``levels`` steps, the range extended to hold 0."""
+    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+    return (hi - lo) / levels
+
+
+def per_channel_steps(w: np.ndarray) -> np.ndarray:
+    """Symmetric per-output-channel qint8 steps ``max|w_o| / 127.5`` (1.0 for a zero channel,
+    as torch's observers give)."""
+    m = np.abs(w.reshape(w.shape[0], -1).astype(np.float64)).max(axis=1)
+    return np.where(m > 0, m / 127.5, 1.0)
+
+
+def _valid_positions(case: ConvCase, d: int, tap: int) -> slice | None:
+    """Input positions (along spatial dim d) that tap ``tap`` reads over all outputs, as a
+    strided slice; None when it only reads padding."""
+    g = case.geometry
+    length = case.input.shape[2 + d]
+    out = case.output_shape[2 + d]
+    s, offset = g.stride[d], tap * g.dilation[d] - g.padding[d]
+    first = max(0, -(offset // s))  # smallest p with p * s + offset >= 0
+    last = min(out - 1, (length - 1 - offset) // s)  # largest p with p * s + offset < length
+    if last < first:
+        return None
+    return slice(first * s + offset, last * s + offset + 1, s)
+
+
+def _tap_counts(case: ConvCase) -> np.ndarray:
+    """How many output positions each tap reads a real input at (kernel-shaped)."""
+    counts = np.ones((), dtype=np.float64)
+    for d, k in enumerate(case.kernel_size):
+        per = []
+        for t in range(k):
+            sl = _valid_positions(case, d, t)
+            per.append(0 if sl is None else len(range(*sl.indices(case.input.shape[2 + d]))))
+        counts = np.multiply.outer(counts, np.asarray(per, dtype=np.float64))
+    return counts
+
+
+def input_noise_gain(case: ConvCase) -> float:
+    """Mean over output elements of sum(w^2) over the taps that read real inputs: the output
+    variance per unit of input variance."""
+    w2 = case.weight.astype(np.float64) ** 2
+    per_tap = w2.sum(axis=1)  # (O, *kernel)
+    positions = math.prod(case.output_shape[2:])
+    return float((per_tap * _tap_counts(case)).sum() / (w2.shape[0] * max(positions, 1)))
+
+
+def weight_noise_gains(case: ConvCase) -> np.ndarray:
+    """Per output channel, the mean over its outputs of sum(x^2) over the window: the output
+    variance per unit of weight variance. Window sums are linear, so x^2 is summed over the
+    batch and the group's channels first."""
+    g = case.geometry
+    x2 = case.input.astype(np.float64) ** 2
+    n, c = x2.shape[:2]
+    cin_g = case.weight.shape[1]
+    a = x2.sum(axis=0).reshape(g.groups, cin_g, *x2.shape[2:]).sum(axis=1)  # (G, *spatial)
+    for d in range(case.spatial_dims - 1, -1, -1):  # window sums, last spatial dim first
+        axis = 1 + d
+        parts = []
+        for t in range(case.kernel_size[d]):
+            sl = _valid_positions(case, d, t)
+            if sl is None:
+                parts.append(np.zeros(a.shape[:axis] + a.shape[axis + 1:]))
+            else:
+                parts.append(np.take(a, range(*sl.indices(a.shape[axis])), axis=axis)
+                             .sum(axis=axis))
+        a = np.stack(parts, axis=-1)
+    per_group = a.reshape(g.groups, -1).sum(axis=1)
+    positions = math.prod(case.output_shape[2:])
+    out_g = case.weight.shape[0] // g.groups
+    return np.repeat(per_group / (n * max(positions, 1)), out_g)
+
+
+def weight_noise(case: ConvCase, steps: np.ndarray, gains: np.ndarray | None = None) -> float:
+    """Expected output error energy (mean square) of rounding the weight with per-channel
+    ``steps`` (exact zeros excluded)."""
+    w = case.weight.reshape(case.weight.shape[0], -1)
+    nonzero = np.count_nonzero(w, axis=1) / max(w.shape[1], 1)
+    gains = weight_noise_gains(case) if gains is None else gains
+    return float(np.mean(np.asarray(steps, dtype=np.float64) ** 2 / 12 * gains * nonzero))
+
+
+def uses_seven_bits(codes: np.ndarray, step_ratio: float) -> bool:
+    """Activations quantized to 128 levels, as ``reduce_range`` gives: the step is about twice
+    the 8-bit step and (but for 0.5% of values: a histogram observer's trimmed outliers, or
+    extremes that round up by one code) the codes span at most 128 levels."""
+    if codes.size == 0 or not 1.3 <= step_ratio <= 2.3:
+        return False
+    lo = int(codes.min())
+    return int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size
+
+
+def input_error(x: np.ndarray, spec: PathSpec) -> float:
+    """Mean square of dequant(input codes) - x, on the input itself (float units^2)."""
+    from .qparams import dequantize
+
+    if spec.input_qparams.per_channel or x.size == 0:
+        return float("inf")
+    d = dequantize(spec.input_codes, spec.input_qparams).reshape(-1)
+    d -= x.reshape(-1)
+    return float(np.dot(d, d) / d.size)
+
+
+def _step(qp: QParams) -> float:
+    return float(np.max(qp.scales()))
+
+
+def stage_energy(s: StageResult) -> float:
+    return 0.0 if not s.applies or s.delta is None else s.delta.rmse ** 2
+
+
+def isolated_energy(s: StageResult, noise: float) -> float:
+    """Mean square of the stage's effect alone on the float path (0 within the reference's
+    noise); its delta where the effect has no isolated view (accumulation, module state,
+    torch's residual: the ladder reports their delta as their isolated effect)."""
+    m = s.isolated if s.isolated is not None else s.delta
+    if not s.applies or m is None or m.max_abs <= noise:
+        return 0.0
+    return m.rmse ** 2
+
+
+def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple[StageResult, ...],
+                   total_rmse: float, y0: np.ndarray, emulation: Emulation | None) -> Budget:
+    """The path's budget: per stage measured vs floor, excess, and the verdict."""
+    x, w = case.input, case.weight
+    n_out = max(int(y0.size), 1)
+    y_abs = float(np.abs(y0).max()) if y0.size else 0.0
+    noise = (REFERENCE_NOISE * y_abs) ** 2
+    slack = 1 + SLACK / math.sqrt(n_out)
+
+    dx8, dy8 = ideal_step(x), ideal_step(y0)
+    in_ratio = _step(spec.input_qparams) / dx8 if dx8 > 0 else 1.0
+    out_qp = spec.output_qparams
+    out_ratio = _step(out_qp) / dy8 if dy8 > 0 else 1.0
+    pairing = kernel.kernel in PAIRING_KERNELS
+    observed_7 = any("reduce_range" in n for n in spec.input_qparams.notes)
+    in_bits = 7 if pairing and (observed_7 or uses_seven_bits(spec.input_codes, in_ratio)) else 8
+    out_codes = emulation.unclamped if emulation is not None else np.empty(0)
+    out_7 = any("reduce_range" in n for n in out_qp.notes) or uses_seven_bits(out_codes, out_ratio)
+    out_bits = 7 if pairing and out_7 else 8
+
+    f_in8 = dx8 ** 2 / 12 * input_noise_gain(case) * (np.count_nonzero(x) / max(x.size, 1))
+    gains = weight_noise_gains(case)
+    f_w = weight_noise(case, per_channel_steps(w), gains)
+    f_out8 = dy8 ** 2 / 12
+    f_in = f_in8 * (4 if in_bits == 7 else 1)
+    f_out = f_out8 * (4 if out_bits == 7 else 1)
+    f_bias = 0.0
+    if kernel.kernel == "qnnpack" and case.bias is not None:  # bias rounded to int32
+        f_bias = (_step(spec.input_qparams) * _step(spec.weight_qparams)) ** 2 / 12
+    floors = {"input_rounding": f_in, "weight_rounding": f_w, "bias_quantization": f_bias,
+              "output_rounding": f_out}
+
+    exact = {s.id: s.applies and s.delta is not None and s.delta.max_abs <= REFERENCE_NOISE * y_abs
+             for s in stages}
+    # Each effect is judged by what it costs on its own, applied to the float path (the
+    # ladder's isolated view): order-free, so an earlier stage's damage neither hides nor
+    # inflates a later one's (a clip that pulls an overshoot back costs what the clip alone
+    # costs).
+    alone = {st.id: isolated_energy(st, REFERENCE_NOISE * y_abs) for st in stages}
+
+    def over(sid: str) -> float:
+        return max(0.0, alone[sid] - (floors.get(sid, 0.0) + noise) * slack)
+
+    # An observer may clip the input's outliers on purpose for a finer step; judged on the
+    # input itself, clipping and rounding together are then no worse than minmax's rounding
+    # (a sound trade-off, not a misuse), whatever the conv makes of the few clipped values.
+    input_sound = input_error(x, spec) <= (dx8 ** 2 / 12 * (4 if in_bits == 7 else 1)
+                                           * (np.count_nonzero(x) / max(x.size, 1))
+                                           * (1 + SLACK / math.sqrt(max(x.size, 1))))
+    excess: dict[str, float] = {}
+    for group in ("input", "weight", "output"):
+        ids = [sid for sid, grp in GROUPS.items() if grp == group]
+        group_floor = sum(floors.get(sid, 0.0) + noise for sid in ids) * slack
+        group_excess = max(0.0, sum(alone[sid] for sid in ids) - group_floor)
+        if group == "input" and input_sound:
+            group_excess = 0.0
+        parts = {sid: over(sid) for sid in ids}
+        if not sum(parts.values()):
+            parts = {sid: alone[sid] for sid in ids}
+        total = sum(parts.values())
+        for sid in ids:
+            excess[sid] = group_excess * parts[sid] / total if total > 0 else 0.0
+    for st in stages:
+        if st.id not in excess:
+            excess[st.id] = over(st.id)
+
+    floor_energy = f_in + f_w + f_out + f_bias
+    candidates: dict[str, float] = {}
+    weight_excess = excess["weight_clipping"] + excess["weight_rounding"]
+    if not spec.weight_qparams.per_channel and weight_excess >= MATERIAL * floor_energy / 2:
+        candidates = weight_candidates(case, spec)
+    floor_energy_8bit = f_in8 + f_w + f_out8 + f_bias
+    floor_rmse = math.sqrt(floor_energy)
+    ratio = total_rmse / floor_rmse if floor_rmse > 0 else (0.0 if total_rmse == 0 else math.inf)
+    at_floor = AT_FLOOR + SLACK / math.sqrt(n_out) / 2
+    verdict = ("at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor")
+    return Budget(
+        stages=tuple(StageBudget(
+            id=st.id, measured=0.0 if exact[st.id] else math.sqrt(stage_energy(st)),
+            alone=math.sqrt(alone[st.id]), floor=math.sqrt(floors.get(st.id, 0.0)),
+            excess=excess[st.id], exact=exact[st.id]) for st in stages),
+        rmse=total_rmse, floor_rmse=floor_rmse, floor_rmse_8bit=math.sqrt(floor_energy_8bit),
+        ratio=ratio, excess=sum(excess.values()), floor_energy=floor_energy,
+        verdict=verdict, input_bits=in_bits, output_bits=out_bits,
+        input_step_ratio=in_ratio, output_step_ratio=out_ratio,
+        weight_step_ratio=float(np.max(_weight_step_ratios(spec.weight_qparams, w))),
+        outputs=n_out, weight_candidates=candidates,
+    )
+
+
+def _weight_step_ratios(qp: QParams, w: np.ndarray) -> np.ndarray:
+    """The weight's steps over the ideal per-channel steps, per output channel."""
+    ideal = per_channel_steps(w)
+    steps = qp.scales()
+    if qp.per_channel and (qp.axis or 0) % w.ndim == 0 and steps.size == ideal.size:
+        return steps / ideal
+    return np.full(ideal.size, float(steps.max())) / ideal
+
+
+def weight_candidates(case: ConvCase, spec: PathSpec) -> dict[str, float]:
+    """Output RMSE of the weight's quantization error alone (applied to the float input) for the
+    two ways to fix a per-tensor weight: a good per-tensor scale (symmetric, max|w| / 127.5) and
+    per-channel symmetric weights. Each is one float32 conv of the weight difference."""
+    from .qparams import dequantize, quantize
+    from .stages import conv_diff
+
+    w = case.weight
+    out: dict[str, float] = {}
+    m = float(np.abs(w).max())
+    per_tensor = QParams((m / 127.5 if m > 0 else 1.0,), (0,), "qint8", None, "candidate")
+    steps = per_channel_steps(w)
+    per_channel = QParams(tuple(float(s) for s in steps), (0,) * w.shape[0], "qint8", 0,
+                          "candidate")
+    for name, qp in (("per_tensor_symmetric", per_tensor), ("per_channel_symmetric", per_channel)):
+        diff = conv_diff(case.input, dequantize(quantize(w, qp), qp) - w.astype(np.float64),
+                         case.geometry).reshape(-1)
+        out[name] = float(np.sqrt(np.dot(diff.astype(np.float64), diff) / max(diff.size, 1)))
+    return out

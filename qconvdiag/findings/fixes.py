@@ -1,0 +1,119 @@
+"""Fix code the user can paste, filled in with this case's numbers.
+
+Every fix is written against the names a user's script holds (README, "Fixes"):
+
+* ``conv``: the float conv module (its ``weight`` and ``bias``), ``x``: its float input;
+* ``qx``: the quantized input, ``qm``: the quantized conv (``torch.ao.nn.quantized.ConvNd``);
+* ``calibration_batches``: a few real inputs (for the eager flow).
+
+A fix ends with ``qx`` and ``qm`` updated, so ``qm(qx)`` gives the fixed output. Fixes that set
+qparams are checked against the engine's refusals before they are printed (onednn takes only
+symmetric weights), and every number is the one torch will use (integer zero points, in range).
+tests/test_fixes.py pastes each fix into such a script, runs it with torch, and checks the
+cause is gone or smaller.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..case import ConvCase
+from ..engines import refusals
+from ..errors import QconvdiagError
+from ..qparams import QParams, per_tensor
+from .base import conv_name, fmt, minmax_qparams
+
+#: Weight fixes are symmetric (zero point 0): accepted by every engine.
+SYMMETRIC = 127.5
+
+
+def checked(kernel: str, input_qp: QParams, weight_qp: QParams, out_channels: int) -> None:
+    """Refuse to print a fix the engine would refuse (a bug in the rule, never the user's)."""
+    refused = refusals(kernel, input_qp, weight_qp, out_channels)
+    if refused:
+        raise QconvdiagError(f"internal: a fix for {kernel} would be refused "
+                             f"({', '.join(r.rule for r in refused)})")
+
+
+def input_fix(case: ConvCase) -> tuple[str, QParams]:
+    """Minmax quint8 input qparams over the input's range (0 included)."""
+    scale, zp = minmax_qparams(case.input, "quint8")
+    qp = per_tensor(scale, zp, "quint8", "fix")
+    lo, hi = min(float(case.input.min()), 0.0), max(float(case.input.max()), 0.0)
+    return (f"qx = torch.quantize_per_tensor(x, {scale!r}, {zp}, torch.quint8)"
+            f"  # minmax over [{fmt(lo)}, {fmt(hi)}]"), qp
+
+
+def weight_fix(case: ConvCase, kernel: str, per_channel: bool, input_qp: QParams) -> str:
+    """Symmetric qint8 weights (per tensor or per output channel), repacked into ``qm``."""
+    w = case.weight
+    out_c = w.shape[0]
+    if per_channel:
+        m = np.abs(w.reshape(out_c, -1).astype(np.float64)).max(axis=1)
+        qp = QParams(tuple(float(v / SYMMETRIC) if v > 0 else 1.0 for v in m), (0,) * out_c,
+                     "qint8", 0, "fix")
+        checked(kernel, input_qp, qp, out_c)
+        return ("w = conv.weight.detach()\n"
+                f"scales = w.flatten(1).abs().amax(dim=1).clamp(min=1e-30) / {SYMMETRIC}"
+                "  # per output channel\n"
+                "qw = torch.quantize_per_channel(w, scales.double(), "
+                "torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)\n"
+                "qm.set_weight_bias(qw, conv.bias)")
+    top = float(np.abs(w).max())
+    scale = top / SYMMETRIC if top > 0 else 1.0
+    checked(kernel, input_qp, per_tensor(scale, 0, "qint8", "fix"), out_c)
+    return (f"qw = torch.quantize_per_tensor(conv.weight.detach(), {scale!r}, 0, torch.qint8)"
+            f"  # symmetric: max|w| {fmt(top)} / {SYMMETRIC}\n"
+            "qm.set_weight_bias(qw, conv.bias)")
+
+
+def given_weight_fix(case: ConvCase, kernel: str, weight_qp: QParams, input_qp: QParams,
+                     note: str = "your weight qparams") -> str | None:
+    """Repack the user's own quantized weight into ``qm`` (None when the engine refuses those
+    qparams or they cannot be written as one quantize call)."""
+    out_c = case.weight.shape[0]
+    if weight_qp.per_channel or refusals(kernel, input_qp, weight_qp, out_c):
+        return None
+    if not weight_qp.dtype_min <= weight_qp.zero_point[0] <= weight_qp.dtype_max:
+        return None
+    return (f"qw = torch.quantize_per_tensor(conv.weight.detach(), {weight_qp.scale[0]!r}, "
+            f"{weight_qp.zero_point[0]}, torch.{weight_qp.dtype})  # {note}\n"
+            "qm.set_weight_bias(qw, conv.bias)  # repacks weight and bias")
+
+
+def output_fix(y0: np.ndarray) -> tuple[str, QParams]:
+    """Minmax quint8 output qparams over the float output's range (0 included)."""
+    scale, zp = minmax_qparams(y0, "quint8")
+    lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
+    return (f"qm.scale = {scale!r}  # minmax over the float output [{fmt(lo)}, {fmt(hi)}]\n"
+            f"qm.zero_point = {zp}"), per_tensor(scale, zp, "quint8", "fix")
+
+
+def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> str:
+    """The forum answer's route, done: observers, calibration between prepare and convert
+    (``qconfig_line`` in place of the engine's default qconfig)."""
+    shape = ", ".join(["N", *(str(d) for d in case.input.shape[1:])])
+    return "\n".join([
+        "from torch.ao.quantization import DeQuantStub, QuantStub, convert, "
+        "get_default_qconfig, prepare",
+        f'torch.backends.quantized.engine = "{engine}"',
+        "model = torch.nn.Sequential(QuantStub(), conv, DeQuantStub()).eval()",
+        qconfig_line or f'model.qconfig = get_default_qconfig("{engine}")',
+        "prepared = prepare(model)  # observers on the input and the conv's output",
+        f"for batch in calibration_batches:  # a few real inputs, shape ({shape})",
+        "    prepared(batch)",
+        "quantized = convert(prepared)  # from_float: weight, bias, scale, zero_point set",
+        "qm, qx = quantized[1], quantized[0](x)",
+    ])
+
+
+def per_channel_qconfig() -> str:
+    return ("from torch.ao.quantization import QConfig, get_default_qconfig\n"
+            "from torch.ao.quantization.observer import PerChannelMinMaxObserver\n"
+            "qconfig = QConfig(activation=get_default_qconfig(torch.backends.quantized.engine)"
+            ".activation, weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, "
+            "qscheme=torch.per_channel_symmetric))")
+
+
+def module_name(case: ConvCase) -> str:
+    return f"torch.ao.nn.quantized.{conv_name(case)}"

@@ -1,0 +1,69 @@
+"""Each path's verdict: at its floor, above it for named causes, or broken.
+
+For every budget stage with excess, the verdict names the finding that explains it on that
+path: a root cause (a formula, a default left in place) before its symptom (clipping, coarse
+rounding), then the more severe. Each named cause is credited with the excess of the stages it
+was picked for; up to three are kept, largest first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..evidence import PathRun
+from ..report import SEVERITIES, Cause, Finding, Verdict
+
+#: Causes the verdict names at most.
+MAX_CAUSES = 3
+#: A cause with less of the excess than this is left to the findings list.
+MIN_SHARE = 0.05
+
+
+def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozenset[str]
+             ) -> tuple[Verdict, ...]:
+    judged_name = runs[0].report.name if runs else None
+    first_engine = runs[0].report.engine if runs else None
+    out = []
+    for run in runs:
+        p = run.report
+        mine = [f for f in findings if f.path == p.name and f.engine in (None, p.engine)]
+        healthy = not any(f.severity in ("error", "warning") for f in mine)
+        judged = p.name == judged_name and p.engine == first_engine
+        b = p.budget
+        if b is None:
+            refusal = next((f for f in mine if f.severity == "error"), None)
+            out.append(Verdict(
+                p.name, p.engine, "refused", judged, None, None, None, None, None,
+                () if refusal is None else (Cause(refusal.code, refusal.severity,
+                                                  refusal.title, 1.0),),
+                0.0, False, None if refusal is None else refusal.fix))
+            continue
+        credit: dict[str, float] = {}
+        rank = {s: i for i, s in enumerate(SEVERITIES)}
+        for st in b.stages:
+            if st.excess <= 0:
+                continue
+            explaining = [f for f in mine if st.id in f.stages]
+            if not explaining:
+                continue
+            best = min(explaining, key=lambda f: (f.code not in roots, rank[f.severity], f.code))
+            credit[best.code] = credit.get(best.code, 0.0) + st.excess
+        by_code = {f.code: f for f in mine}
+        named = sorted(credit.items(), key=lambda kv: -kv[1])
+        causes = tuple(
+            Cause(code, by_code[code].severity, by_code[code].title, energy / b.excess)
+            for code, energy in named[:MAX_CAUSES] if b.excess > 0 and energy / b.excess
+            >= MIN_SHARE)
+        unexplained = 0.0 if b.excess <= 0 else max(
+            0.0, 1.0 - sum(e for _, e in named) / b.excess)
+        sqnr = p.total.sqnr_db
+        floor_sqnr = None
+        if sqnr is not None and b.ratio > 0 and math.isfinite(b.ratio):
+            floor_sqnr = sqnr + 20 * math.log10(b.ratio)
+        out.append(Verdict(
+            p.name, p.engine, b.verdict, judged, b.rmse, b.floor_rmse,
+            b.ratio if math.isfinite(b.ratio) else None, sqnr, floor_sqnr, causes,
+            unexplained, healthy, by_code[causes[0].code].fix if causes else None))
+    out.sort(key=lambda v: not v.judged)
+    return tuple(out)

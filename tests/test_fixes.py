@@ -1,0 +1,56 @@
+"""Every fix works: pasted into the user's script (tests/fix_harness.py) and run with torch on
+the case's engine, the cause it was printed for is gone, or its excess error is smaller."""
+
+from __future__ import annotations
+
+import pytest
+
+from qconvdiag.diagnose import Options, diagnose
+from tests.corpus_faults import faults
+from tests.fix_harness import apply_fix
+
+#: Codes whose fix is not a change to the layer: the floor (nothing to fix), the deprecation
+#: (a migration, issue 15) and a torch/emulation mismatch (a bug report).
+NOT_A_LAYER_FIX = ("QCD060", "QCD061", "QCD070")
+TRIGGERS = [f for f in faults() if f.expect and not f.expect & set(NOT_A_LAYER_FIX)]
+
+
+def _finding(report, code):  # type: ignore[no-untyped-def]
+    judged = report.verdict.path
+    return next((f for f in report.findings if f.code == code and f.path == judged), None)
+
+
+@pytest.mark.parametrize("labeled", TRIGGERS, ids=[f.label for f in TRIGGERS])
+def test_the_fix_removes_or_shrinks_its_cause(labeled):
+    case = labeled.build()
+    (code,) = labeled.expect
+    before = _finding(diagnose(case, Options(engine=labeled.engine)), code)
+    assert before is not None
+    if before.fix.startswith("# nothing to fix"):
+        return  # a trade-off this layer's kernel needs (QCD042 on fbgemm's depthwise kernel)
+    after_report = diagnose(apply_fix(case, labeled.engine, before.fix),
+                            Options(engine=labeled.engine))
+    after = _finding(after_report, code)
+    if after is not None:
+        assert after.evidence["excess"] < before.evidence["excess"], (before.fix, after.message)
+    assert after_report.verdict.status != "refused", before.fix
+
+
+def test_fix_lines_name_only_the_script_s_objects():
+    """Fixes are written against conv, x, qx, qm, calibration_batches (and torch)."""
+    import ast
+    import builtins
+
+    allowed = {"torch", "conv", "x", "qx", "qm", "calibration_batches"}
+    for labeled in TRIGGERS[::3]:
+        report = diagnose(labeled.build(), Options(engine=labeled.engine))
+        for f in report.findings:
+            tree = ast.parse(f.fix)
+            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                        and isinstance(n.ctx, ast.Store)}
+            imported = {a.asname or a.name.split(".")[0] for n in ast.walk(tree)
+                        if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+            used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                    and isinstance(n.ctx, ast.Load)}
+            unknown = used - assigned - imported - allowed - set(dir(builtins))
+            assert not unknown, (f.code, unknown, f.fix)
