@@ -19,6 +19,7 @@ from .findings import ROOTS, run_findings
 from .findings.verdict import verdicts
 from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
+from .qparams import QParams
 from .report import Finding, PathReport, Report, TorchCheck
 from .stages import (
     STAGE_IDS,
@@ -184,7 +185,8 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
         budget = compute_budget(case, spec, kernel, stages, total.rmse, y0, em)
     report = PathReport(
         name=spec.name, engine=engine, kernel=run_kernel.kernel,
-        accumulation=run_kernel.accumulation, qparams=qparams, stages=stages, total=total,
+        accumulation=run_kernel.accumulation, setup_kernel=kernel.kernel,
+        setup_accumulation=kernel.accumulation, qparams=qparams, stages=stages, total=total,
         output_summary=out_summary, torch_check=check,
         saturated_pairs=final_em.saturated_pairs if final_em is not None else 0,
         observers=spec.observers, notes=spec.notes, refused=refused, budget=budget,
@@ -418,12 +420,19 @@ def compare_engines(runs: list[PathRun]) -> list[dict[str, object]]:
             if ref is not None and em is not None and ref.emulation is not None and r is not ref \
                     and not refused[r.report.engine]:
                 ref_em = ref.emulation
-                diff = np.abs(em.output_codes - ref_em.output_codes)
+                # values, not codes: engines with other default qparams write other codes for
+                # the same output; the difference is counted in the reference's output steps
+                step = float(ref.spec.output_qparams.scale[0])
+                diff = np.abs(_values(em.output_codes, r.spec) -
+                              _values(ref_em.output_codes, ref.spec)) / step
+                diff[diff < SAME_VALUE_STEPS] = 0.0
                 row["differing_elements"] = int(np.count_nonzero(diff))
-                row["max_diff_lsb"] = float(diff.max())
-                if np.any(diff):
+                row["max_diff_lsb"] = float(diff.max()) if diff.size else 0.0
+                if not _same_qparams(r.spec, ref.spec):
+                    causes.extend(_qparams_causes(r, ref, int(np.count_nonzero(diff))))
+                elif np.any(diff):
                     causes.extend(_difference_causes(r, ref, diff))
-                elif _same_qparams(r.spec, ref.spec) and np.any(em.acc != ref_em.acc):
+                elif np.any(em.acc != ref_em.acc):
                     n = int(np.count_nonzero(em.acc != ref_em.acc))
                     sat = "; ".join(f"{x.report.engine}: {x.emulation.saturated_pairs} saturated "  # type: ignore[union-attr]
                                     f"pairs" for x in (r, ref))
@@ -458,18 +467,37 @@ def _intended_refusal(run: PathRun) -> str | None:
                      for x in rows)
 
 
-def _difference_causes(r: PathRun, ref: PathRun, diff: np.ndarray) -> list[str]:
+#: Outputs closer than this (in the reference's output steps) count as the same: two engines'
+#: grids (127 * 6.3283 and 255 * 3.1517 for 803.69) rarely meet exactly, and a hundredth of a
+#: step is below anything the report weighs.
+SAME_VALUE_STEPS = 0.01
+
+
+def _values(codes: np.ndarray, spec: PathSpec) -> np.ndarray:
+    qp = spec.output_qparams
+    return (codes.astype(np.float64) - qp.zero_point[0]) * qp.scale[0]
+
+
+def _short(qp: QParams) -> str:
+    if qp.per_channel:
+        return f"per-channel {min(qp.scale):.4g}..{max(qp.scale):.4g}"
+    return f"{qp.scale[0]:.4g}" + (f" (zero point {qp.zero_point[0]})" if qp.zero_point[0]
+                                   else "")
+
+
+def _qparams_causes(r: PathRun, ref: PathRun, differing: int) -> list[str]:
     a, b = r.spec, ref.spec
-    e, f = r.report.engine, ref.report.engine
-    if not _same_qparams(a, b):
-        parts = []
-        for label, x, y in (("input", a.input_qparams, b.input_qparams),
-                            ("weight", a.weight_qparams, b.weight_qparams),
-                            ("output", a.output_qparams, b.output_qparams)):
-            if (x.scale, x.zero_point, x.axis) != (y.scale, y.zero_point, y.axis):
-                parts.append(f"{label} {x.describe()} vs {y.describe()}")
-        return [f"{int(np.count_nonzero(diff))} outputs: {e}'s default qconfig gives other "
-                f"qparams than {f}'s ({'; '.join(parts)})"]
+    parts = [f"{label} scale {_short(x)} vs {_short(y)}"
+             for label, x, y in (("input", a.input_qparams, b.input_qparams),
+                                 ("weight", a.weight_qparams, b.weight_qparams),
+                                 ("output", a.output_qparams, b.output_qparams))
+             if (x.scale, x.zero_point, x.axis) != (y.scale, y.zero_point, y.axis)]
+    lead = f"{differing} outputs differ: " if differing else "same outputs, though "
+    return [f"{lead}{r.report.engine}'s default qconfig gives other qparams than "
+            f"{ref.report.engine}'s ({'; '.join(parts)})"]
+
+
+def _difference_causes(r: PathRun, ref: PathRun, diff: np.ndarray) -> list[str]:
     causes = []
     em, ref_em = r.emulation, ref.emulation
     assert em is not None and ref_em is not None

@@ -143,7 +143,8 @@ class PathReport:
     """``as_given`` or ``production``."""
     engine: str
     kernel: str
-    """Arithmetic family that runs: fbgemm, onednn or qnnpack."""
+    """Arithmetic family torch ran (the quantized module's, when the case holds one): fbgemm,
+    onednn or qnnpack."""
     accumulation: str
     """exact, int16_pairs_k, int16_pairs_channels or unknown (on this CPU, for this layer)."""
     qparams: Mapping[str, QParams]
@@ -161,6 +162,11 @@ class PathReport:
     """torch's message when this engine refuses the setup."""
     budget: Budget | None = None
     """The error budget (None when the path could not run)."""
+    setup_kernel: str = ""
+    """Arithmetic family that runs the path's own setup (the stage ladder's): x86 hands
+    symmetric weights to onednn and others to fbgemm, so a module whose weight differs from
+    the setup's may run on another kernel."""
+    setup_accumulation: str = ""
 
     def stage(self, sid: str) -> StageResult:
         return next(s for s in self.stages if s.id == sid)
@@ -171,6 +177,8 @@ class PathReport:
             "engine": self.engine,
             "kernel": self.kernel,
             "accumulation": self.accumulation,
+            "setup_kernel": self.setup_kernel or self.kernel,
+            "setup_accumulation": self.setup_accumulation or self.accumulation,
             "qparams": {k: qparams_dict(v) for k, v in self.qparams.items()},
             "stages": [
                 {

@@ -181,8 +181,11 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
     if spec.module is not None and run.module_emulation is not None:
         mcode = int(run.module_emulation.output_codes[pos])
         mqp = spec.module.output_qparams
-        module_note = (f"the quantized module really ran its own weight/bias/qparams: output "
-                       f"code {mcode} = {(mcode - mqp.zero_point[0]) * mqp.scale[0]:.6g}"
+        on = ("" if run.report.kernel == kernel.kernel else
+              f" on kernel {run.report.kernel} (this setup: {kernel.kernel})")
+        module_note = (f"the quantized module really ran its own weight/bias/qparams{on}: "
+                       f"output code {mcode} = "
+                       f"{(mcode - mqp.zero_point[0]) * mqp.scale[0]:.6g}"
                        + ("" if run.torch_codes is None else
                           f"; torch returned code {int(run.torch_codes[pos])}"))
     return Trace(

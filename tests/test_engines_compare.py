@@ -50,3 +50,27 @@ def test_engines_share_work_without_changing_results():
         for p in alone.paths:
             q = every.path(p.name, engine)
             assert q is not None and q.to_dict() == p.to_dict(), (engine, p.name)
+
+
+def test_engines_are_compared_by_values_in_the_reference_s_steps():
+    """The forum's production paths: x86 writes code 127 at scale 6.33 (7-bit), onednn code
+    255 at 3.15; the same 803.69, so no output differs, and the qparams are named as a note."""
+    from qconvdiag.diagnose import Options, diagnose
+
+    rows = {(r["path"], r["engine"]): r for r in
+            diagnose(forum_case(), Options(engine="all")).to_dict()["engine_comparison"]}
+    onednn = rows[("production", "onednn")]
+    assert onednn["differing_elements"] == 0 and onednn["max_diff_lsb"] < 0.01
+    assert onednn["causes"][0].startswith("same outputs, though onednn's default qconfig")
+
+
+def test_the_report_says_which_kernel_ran_which_part():
+    """x86 hands the forum's asymmetric weight (zero point -14) to fbgemm; its module's weight
+    (zero point 0) goes to onednn where the CPU has VNNI."""
+    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag.engines import probe
+
+    report = diagnose(forum_case(), Options(engine="x86"))
+    p = report.path("as_given").to_dict()
+    assert p["setup_kernel"] == "fbgemm"
+    assert p["kernel"] == ("onednn" if probe()["x86"].x86_uses_onednn else "fbgemm")

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from ..metrics import Metrics
 from ..report import Finding, PathReport, Report, Verdict
+from .text import hanging
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 ACCUMULATION_WORDS = {
@@ -90,6 +91,23 @@ def main_fix(fix: str) -> str:
     return "\n".join(lines[:cut])
 
 
+def engine_line(engine: str, paths: list[PathReport]) -> str:
+    """Which kernel ran which part: x86 hands symmetric weights to onednn and the others to
+    fbgemm, so the setup and a quantized module holding another weight can differ."""
+    p = paths[0]
+    words = ACCUMULATION_WORDS.get(p.accumulation, p.accumulation)
+    split = [x for x in paths if x.setup_kernel and x.setup_kernel != x.kernel]
+    if not split:
+        return f"engine {engine}: kernel {p.kernel}, {words} on this CPU"
+    x = split[0]
+    if x.setup_accumulation == x.accumulation:
+        return (f"engine {engine}: kernel {x.setup_kernel} for the {x.name} setup, "
+                f"{x.kernel} for its module; {words} on this CPU")
+    setup_words = ACCUMULATION_WORDS.get(x.setup_accumulation, x.setup_accumulation)
+    return (f"engine {engine}: kernel {x.setup_kernel} for the {x.name} setup ({setup_words}), "
+            f"{x.kernel} for its module ({words}) on this CPU")
+
+
 def header(report: Report) -> Panel:
     case = report.case
     lines = Text()
@@ -110,9 +128,7 @@ def header(report: Report) -> Panel:
                      f"{_num(p.total.max_abs)}, SQNR {_sqnr(p.total)}\n")
     engines = list(dict.fromkeys(p.engine for p in report.paths))
     for e in engines:
-        p = next(x for x in report.paths if x.engine == e)
-        lines.append(f"engine {e}: kernel {p.kernel}, "
-                     f"{ACCUMULATION_WORDS.get(p.accumulation, p.accumulation)} on this CPU")
+        lines.append(engine_line(e, [x for x in report.paths if x.engine == e]))
         if e != engines[-1]:
             lines.append("\n")
     return Panel(lines, title="qconvdiag", box=box.ROUNDED)
@@ -252,29 +268,33 @@ def qparams_table(report: Report) -> Table:
     return t
 
 
-def engines_table(report: Report) -> Table | None:
+def engines_block(console: Console, report: Report) -> None:
+    """Every engine's output against the path's first engine (values, in that engine's output
+    steps), one row each; the causes of a difference below it, with a hanging indent."""
     if not report.engine_comparison:
-        return None
-    t = Table(title="engines side by side", box=box.SIMPLE, title_justify="left")
-    for col in ("path", "engine", "output", "max error", "vs torch", "differs from ref"):
-        t.add_column(col)
+        return
+    console.print()
+    console.print(Text("engines side by side", style="bold underline"))
     by_key = {(p.name, p.engine): p for p in report.paths}
     for row in report.engine_comparison:
         p = by_key.get((str(row["path"]), str(row["engine"])))
+        causes = list(row["causes"])  # type: ignore[call-overload]
         if p is None:
-            t.add_row("-", str(row["engine"]), "-", "-", "-", "; ".join(row["causes"]))
+            hanging(console, f"{row['engine']}: " + "; ".join(causes), 4)
             continue
-        check = (f"{p.torch_check.mismatched_elements} mismatches" if p.torch_check.ran
-                 else "not run")
         if row["differing_elements"] is None:
-            vs = "; ".join(row["causes"]) or "reference"
+            vs = "reference" if not causes else "refused"
+        elif row["differing_elements"] == 0:
+            vs = f"same as {row['reference_engine']}"
         else:
-            vs = f"{row['differing_elements']} outputs vs {row['reference_engine']}"
-            if row["causes"]:
-                vs += ": " + "; ".join(row["causes"])
-        t.add_row(p.name, p.engine, _values(dict(p.output_summary)), _num(p.total.max_abs),
-                  check, vs)
-    return t
+            vs = (f"{row['differing_elements']} outputs differ from {row['reference_engine']}, "
+                  f"up to {_num(row['max_diff_lsb'], 3)} steps")
+        if p.torch_check.ran and p.torch_check.mismatched_elements:
+            vs += f"; torch differs in {p.torch_check.mismatched_elements} outputs"
+        hanging(console, f"{p.name:<11}{p.engine:<8}{_values(dict(p.output_summary), 2):<12}"
+                f"max error {_num(p.total.max_abs):<10} {vs}", 4)
+        for cause in causes:
+            hanging(console, f"    {cause}", 6, style="dim")
 
 
 def render_rich(report: Report, console: Console | None = None, verbose: bool = False) -> None:
@@ -309,9 +329,7 @@ def render_rich(report: Report, console: Console | None = None, verbose: bool = 
                 if not s.applies and p.engine == first:
                     console.print(Text(f"{p.name}: {s.id} n/a: {s.reason}", style="dim"))
         console.print(qparams_table(report))
-    et = engines_table(report)
-    if et is not None:
-        console.print(et)
+    engines_block(console, report)
     if report.gate.get("breaches"):
         console.print(Text("CI gate failed:", style="bold red"))
         for b in report.gate["breaches"]:  # type: ignore[union-attr]

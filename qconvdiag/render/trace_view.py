@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from ..trace import Trace
+from .text import hanging
 
 SUMMARY_TERMS = 10
 
@@ -49,9 +51,9 @@ def render_trace(tr: Trace, full: bool, console: Console | None = None) -> None:
         elif tr.bias_in_accumulator_units is not None:
             line += f" = {tr.bias_in_accumulator_units:.6g} accumulator steps"
         console.print(line)
-    console.print(f"requantization multiplier {tr.multiplier:.8g}; value before rounding "
-                  f"{tr.pre_round:.6g}; rint -> {tr.rounded}; + zero point {tr.output_zero_point}"
-                  f" = {tr.unclamped}; clamp -> {tr.output_int}")
+    hanging(console, f"requantization multiplier {tr.multiplier:.8g}; value before rounding "
+            f"{tr.pre_round:.6g}; rint -> {tr.rounded}; + zero point {tr.output_zero_point}"
+            f" = {tr.unclamped}; clamp -> {tr.output_int}")
     console.print(f"dequantized: ({tr.output_int} - {tr.output_zero_point}) * "
                   f"{tr.output_scale:.6g} = {tr.dequantized:.6g}   float reference "
                   f"{tr.float_reference:.6g}")
@@ -59,15 +61,16 @@ def render_trace(tr: Trace, full: bool, console: Console | None = None) -> None:
         verdict = "agrees" if tr.torch_agrees else "DIFFERS"
         console.print(f"torch's kernel returned code {tr.torch_output_int}: {verdict}")
     if tr.module_note:
-        console.print(Text(tr.module_note, style="yellow"))
+        hanging(console, tr.module_note, style="yellow")
     pp = tr.packed_params
     console.print(Text("packed params", style="bold"))
-    console.print(f"  {pp.get('returns', '')}")
+    console.print(Padding(Text(pp.get("returns", "")), (0, 0, 0, 2)))
     if "error" in pp:
         console.print(f"  torch refused to pack it: {pp['error']}")
     else:
-        console.print(f"  weight (unpacked int values, first row): {pp['weight_int'][0]}")
-        console.print(f"  scale(s) {pp['scales']}, zero point(s) {pp['zero_points']}, "
-                      f"bias {pp['bias']}")
+        hanging(console, f"  weight (unpacked int values, first row): {pp['weight_int'][0]}",
+                4)
+        hanging(console, f"  scale(s) {pp['scales']}, zero point(s) {pp['zero_points']}, "
+                f"bias {pp['bias']}", 4)
         console.print(f"  stride {pp['stride']}, padding {pp['padding']}, dilation "
                       f"{pp['dilation']}, groups {pp['groups']}")
