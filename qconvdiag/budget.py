@@ -48,7 +48,8 @@ MATERIAL = 0.25
 #: "Explains most of the excess".
 MOST = 0.5
 #: Small samples: a stage's measured energy scatters around its floor by about
-#: 1.4 / sqrt(outputs); floors are widened by (1 + SLACK / sqrt(outputs)) before excess counts.
+#: 1.4 / sqrt(n) for n independent errors (outputs; for the input and the weight, their
+#: elements when fewer); floors are widened by (1 + SLACK / sqrt(n)) before excess counts.
 SLACK = 4.0
 #: The float reference is accurate to ~1e-8 of the output's magnitude (docs/stages.md); deltas
 #: below this fraction of it are exact.
@@ -226,8 +227,15 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
     # costs).
     alone = {st.id: isolated_energy(st, REFERENCE_NOISE * y_abs) for st in stages}
 
+    # the measured energy of a group scatters with the fewest independent errors behind it:
+    # the outputs, or the input's or the weight's elements when there are fewer of those
+    group_slack = {"input": 1 + SLACK / math.sqrt(max(1, min(n_out, x.size))),
+                   "weight": 1 + SLACK / math.sqrt(max(1, min(n_out, w.size))),
+                   "output": slack}
+
     def over(sid: str) -> float:
-        return max(0.0, alone[sid] - (floors.get(sid, 0.0) + noise) * slack)
+        factor = group_slack.get(GROUPS.get(sid, ""), slack)
+        return max(0.0, alone[sid] - (floors.get(sid, 0.0) + noise) * factor)
 
     # An observer may clip the input's outliers on purpose for a finer step; judged on the
     # input itself, clipping and rounding together are then no worse than minmax's rounding
@@ -238,7 +246,7 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
     excess: dict[str, float] = {}
     for group in ("input", "weight", "output"):
         ids = [sid for sid, grp in GROUPS.items() if grp == group]
-        group_floor = sum(floors.get(sid, 0.0) + noise for sid in ids) * slack
+        group_floor = sum(floors.get(sid, 0.0) + noise for sid in ids) * group_slack[group]
         group_excess = max(0.0, sum(alone[sid] for sid in ids) - group_floor)
         if group == "input" and input_sound:
             group_excess = 0.0

@@ -23,7 +23,7 @@ def qcd010(ctx: Context) -> Iterator[Finding]:
         qp = run.spec.input_qparams
         lo, hi = (float(v.reshape(-1)[0]) for v in clip_bounds(qp))
         # within half a step of a bound is rounding, not clipping
-        half = float(qp.scale[0]) / 2 * (1 + 1e-6)
+        half = float(qp.scale[0]) / 2 * (1 + 1e-3)
         x = ctx.case.input
         low = int(np.count_nonzero(x < lo - half))
         high = int(np.count_nonzero(x > hi + half))
