@@ -30,8 +30,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from qconvdiag import Options, diagnose
     from qconvdiag.case import build_case
-    from qconvdiag.diagnose import Options, diagnose, run_path
+    from qconvdiag.diagnosis import run_path  # one path's ladder alone: internal
     from qconvdiag.paths import ProductionOptions, build_production
     from qconvdiag.stages import conv64
 

@@ -29,7 +29,7 @@ import torch
 if mode == "baseline":
     print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})); sys.exit()
 from qconvdiag.case import QuantSetup, build_case
-from qconvdiag.diagnose import Options, diagnose
+from qconvdiag import Options, diagnose
 from qconvdiag.qparams import make_qparams
 rng = np.random.default_rng(0)
 x = np.maximum(rng.standard_normal((n, c, h, h)), 0).astype(np.float32)

@@ -1,10 +1,17 @@
 """qconvdiag: explain, number by number, why a float conv and its quantized twin disagree.
 
-Public API (imported lazily so ``import qconvdiag`` does not import torch)::
+Public API (imported lazily: ``import qconvdiag`` does not import torch)::
 
-    case = qconvdiag.load_case("case.pt")
-    qconvdiag.save_case(case, "case.npz")
-    qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path="my_case.pt")
+    import qconvdiag
+    case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path="my_case.pt")
+    case = qconvdiag.load_case("my_case.pt")          # .pt / .npz / .safetensors
+    report = qconvdiag.diagnose(case)                 # a qconvdiag.Report
+    print(report.verdict.status, [c.code for c in report.verdict.causes])
+    qconvdiag.save_case(case, "my_case.npz")
+
+``diagnose(case, options=qconvdiag.Options(engine="onednn", fail_on="warning"))`` takes the
+command line's options; every error is a ``qconvdiag.QconvdiagError`` with a message that says
+what to do.
 """
 
 from __future__ import annotations
@@ -13,20 +20,28 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_case", "save_case", "capture", "ConvCase", "QconvdiagError"]
+__all__ = [
+    "__version__", "load_case", "save_case", "capture", "diagnose", "Options", "Report",
+    "ConvCase", "QconvdiagError",
+]
 
 _LAZY = {
     "load_case": ("qconvdiag.io", "load_case"),
     "save_case": ("qconvdiag.io", "save_case"),
     "capture": ("qconvdiag.io", "capture"),
+    "diagnose": ("qconvdiag.diagnosis", "diagnose"),
+    "Options": ("qconvdiag.diagnosis", "Options"),
+    "Report": ("qconvdiag.report", "Report"),
     "ConvCase": ("qconvdiag.case", "ConvCase"),
     "QconvdiagError": ("qconvdiag.errors", "QconvdiagError"),
 }
 
 if TYPE_CHECKING:
     from .case import ConvCase
+    from .diagnosis import Options, diagnose
     from .errors import QconvdiagError
     from .io import capture, load_case, save_case
+    from .report import Report
 
 
 def __getattr__(name: str) -> Any:
@@ -36,3 +51,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'qconvdiag' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

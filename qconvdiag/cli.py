@@ -212,7 +212,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
                          ) -> None:
     import math
 
-    from .diagnose import Options, diagnose
+    from .diagnosis import Options, diagnose
     from .io import atomic_write, check_size, load_calibration
 
     for target in (diag.output, diag.save_outputs):

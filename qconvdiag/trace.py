@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .case import ConvCase
-from .diagnose import Options, diagnose_runs
+from .diagnosis import Options, diagnose_runs
 from .emulate import (
     EXACT,
     INT16_MAX,

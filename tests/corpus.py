@@ -163,7 +163,7 @@ def healthy_layers() -> Iterator[Layer]:
 def evaluate(case: ConvCase, engine: str) -> tuple[dict[str, str], dict[str, str]]:
     """(code -> severity on the judged path, code -> severity on any path); the most severe
     when a code fires more than once."""
-    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag import Options, diagnose
     from qconvdiag.report import SEVERITIES
 
     report = diagnose(case, Options(engine=engine))

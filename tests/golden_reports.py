@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from qconvdiag.diagnose import Options, diagnose
+from qconvdiag import Options, diagnose
 from qconvdiag.io import FORMATS, load_case
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qconvdiag import Options, diagnose
 from qconvdiag.budget import input_noise_gain, weight_noise_gains
 from qconvdiag.case import build_case
-from qconvdiag.diagnose import Options, diagnose
 from qconvdiag.generate import forum_case
 from tests.conftest import FLOOR_MODEL_RANGE
 from tests.corpus import healthy_layer, healthy_specs

@@ -215,7 +215,7 @@ def test_terminal_report_says_integers_were_converted(tmp_path):
 
 
 def test_an_internal_error_is_one_line_not_a_traceback(monkeypatch):
-    import qconvdiag.diagnose as d
+    import qconvdiag.diagnosis as d
 
     def broken(*args, **kwargs):
         raise ValueError("boom")
@@ -224,3 +224,16 @@ def test_an_internal_error_is_one_line_not_a_traceback(monkeypatch):
     r = invoke("explain", FORUM)
     assert r.exit_code == 2 and "internal error: ValueError: boom" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_public_api_is_lean_and_complete():
+    code = ("import sys, qconvdiag; assert 'torch' not in sys.modules; "
+            "assert set(qconvdiag.__all__) >= {'load_case', 'save_case', 'capture', 'diagnose', "
+            "'Options', 'Report', 'QconvdiagError'}; "
+            "r = qconvdiag.diagnose(qconvdiag.load_case(sys.argv[1])); "
+            "assert isinstance(r, qconvdiag.Report) and callable(qconvdiag.diagnose); "
+            "print(r.verdict.status, [c.code for c in r.verdict.causes])")
+    out = subprocess.run([sys.executable, "-c", code, FORUM], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "broken ['QCD050', 'QCD024', 'QCD021']"

@@ -201,7 +201,7 @@ def test_onednn_reads_quint8_weights_as_int8():
 def test_whole_pipeline_matches_torch_on_generated_cases(seed):
     """Random cases through both paths on every engine: torch's output equals the emulation.
     Seed 28 (int inputs, 4x4 kernel) pins oneDNN's order of scales (source, then weight)."""
-    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag import Options, diagnose
     from qconvdiag.generate import DISTRIBUTIONS, RandomSpec, generate
 
     for s in (seed, 28) if seed == 27 else (seed,):
@@ -216,8 +216,8 @@ def test_whole_pipeline_matches_torch_on_generated_cases(seed):
 def test_onednn_multiplies_by_the_reciprocal_output_scale():
     """A stem-like layer (3->64, 7x7, stride 2) whose one tie (80.500008 by division, 80.5 by
     the reciprocal) pins oneDNN's output scaling."""
+    from qconvdiag import Options, diagnose
     from qconvdiag.case import build_case
-    from qconvdiag.diagnose import Options, diagnose
 
     if not probe()["onednn"].available:
         return

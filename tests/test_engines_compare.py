@@ -40,7 +40,7 @@ def test_engine_all_explains_saturation_refusal_and_qconfig(tmp_path):
 def test_engines_share_work_without_changing_results():
     """--engine all reuses engine-independent results; each engine's report is the one a
     single-engine run gives."""
-    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag import Options, diagnose
     from qconvdiag.generate import RandomSpec, generate
 
     case = generate(RandomSpec(seed=4, recipe="handmade"))
@@ -55,7 +55,7 @@ def test_engines_share_work_without_changing_results():
 def test_engines_are_compared_by_values_in_the_reference_s_steps():
     """The forum's production paths: x86 writes code 127 at scale 6.33 (7-bit), onednn code
     255 at 3.15; the same 803.69, so no output differs, and the qparams are named as a note."""
-    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag import Options, diagnose
 
     rows = {(r["path"], r["engine"]): r for r in
             diagnose(forum_case(), Options(engine="all")).to_dict()["engine_comparison"]}
@@ -67,7 +67,7 @@ def test_engines_are_compared_by_values_in_the_reference_s_steps():
 def test_the_report_says_which_kernel_ran_which_part():
     """x86 hands the forum's asymmetric weight (zero point -14) to fbgemm; its module's weight
     (zero point 0) goes to onednn where the CPU has VNNI."""
-    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag import Options, diagnose
     from qconvdiag.engines import probe
 
     report = diagnose(forum_case(), Options(engine="x86"))

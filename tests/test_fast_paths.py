@@ -9,7 +9,7 @@ import pytest
 
 from qconvdiag import emulate
 from qconvdiag.case import Geometry, build_case
-from qconvdiag.diagnose import Options, diagnose_runs
+from qconvdiag.diagnosis import Options, diagnose_runs
 from qconvdiag.generate import RandomSpec, generate
 from qconvdiag.qparams import dequantize, make_qparams, quantize
 from qconvdiag.stages import (

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qconvdiag import Options, diagnose
 from qconvdiag.case import build_case
-from qconvdiag.diagnose import Options, diagnose
 from qconvdiag.engines import refusals
 from qconvdiag.generate import forum_case
 from qconvdiag.io import load_case
@@ -128,7 +128,7 @@ def test_ignore_skips_codes_and_rejects_unknown():
 
 
 def test_qcd061_when_torch_disagrees_with_the_emulation(monkeypatch):
-    import qconvdiag.diagnose as d
+    import qconvdiag.diagnosis as d
 
     lay = layer(2)
     case = lay.case(lay.setup())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qconvdiag.diagnose import Options, diagnose
+from qconvdiag import Options, diagnose
 from tests.corpus_faults import faults
 from tests.fix_harness import apply_fix
 

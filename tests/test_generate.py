@@ -30,7 +30,7 @@ def test_forum_recipe_reenacts_the_thread():
 
 
 def test_forum_recipe_as_given_output_is_zero_as_in_the_thread():
-    from qconvdiag.diagnose import Options, diagnose
+    from qconvdiag import Options, diagnose
 
     report = diagnose(forum_case(), Options(engine="x86"))
     as_given = report.path("as_given")

@@ -11,7 +11,7 @@ from importlib import resources
 import jsonschema
 import pytest
 
-from qconvdiag.diagnose import Options, diagnose
+from qconvdiag import Options, diagnose
 from qconvdiag.io import load_case
 from tests.conftest import GOLDEN_ATOL_FRACTION, GOLDEN_RTOL, REFERENCE_RTOL
 from tests.golden_reports import GOLDEN, ROOT

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 import qconvdiag.cli as cli
+from qconvdiag import Options, diagnose
 from qconvdiag.case import QuantSetup, build_case
-from qconvdiag.diagnose import Options, diagnose
 from qconvdiag.errors import CaseError, CaseFileError
 from qconvdiag.io import load_case, save_case
 from qconvdiag.qparams import make_qparams
@@ -78,7 +78,7 @@ def test_progress_on_stderr_for_long_diagnoses(monkeypatch):
 
 
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(monkeypatch, tmp_path):
-    import qconvdiag.diagnose as d
+    import qconvdiag.diagnosis as d
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qconvdiag.diagnose import Options, diagnose_runs
+from qconvdiag.diagnosis import Options, diagnose_runs
 from qconvdiag.generate import RandomSpec, forum_case, generate
 from qconvdiag.metrics import error_metrics, summary
 from qconvdiag.stages import STAGE_IDS, conv64
