@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import CaseError
 from .qparams import QParams
+from .report import CaseSummary
 
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 
@@ -100,17 +101,14 @@ class ConvCase:
     def output_shape(self) -> tuple[int, ...]:
         return output_shape(self.input.shape, self.weight.shape, self.geometry)
 
-    def summary(self) -> dict[str, object]:
-        return {
-            "op": self.op,
-            "input_shape": list(self.input.shape),
-            "weight_shape": list(self.weight.shape),
-            "output_shape": list(self.output_shape),
-            "bias": self.bias is not None,
-            **self.geometry.to_dict(),
-            "source": self.source,
-            "notes": list(self.notes),
-        }
+    def summary(self) -> CaseSummary:
+        g = self.geometry
+        return CaseSummary(
+            op=self.op, input_shape=tuple(self.input.shape), weight_shape=tuple(self.weight.shape),
+            output_shape=tuple(self.output_shape), bias=self.bias is not None,
+            stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
+            source=self.source, notes=tuple(self.notes), has_user_setup=self.setup is not None,
+        )
 
 
 def output_shape(

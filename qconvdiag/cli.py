@@ -212,7 +212,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
                          ) -> None:
     import math
 
-    from .diagnosis import Options, diagnose
+    from .diagnosis import Options, run_diagnosis
     from .io import atomic_write, check_size, load_calibration
 
     for target in (diag.output, diag.save_outputs):
@@ -238,7 +238,8 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
     from .runtime import keep_freed_memory
 
     keep_freed_memory()  # this process only diagnoses: big arrays reuse memory (runtime.py)
-    report = diagnose(case, options, progress)
+    diagnosis = run_diagnosis(case, options, progress)
+    report = diagnosis.report
     text = render_json(report)
     if diag.output is not None:
         atomic_write(diag.output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -246,7 +247,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
     if diag.save_outputs is not None:
         from .render.npz import save_outputs as write_npz
 
-        write_npz(report, diag.save_outputs)
+        write_npz(diagnosis.arrays, diag.save_outputs)
         _err(f"wrote {diag.save_outputs}")
     if diag.json_out:
         sys.stdout.write(text)
@@ -259,7 +260,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
         render_rich(report, Console(width=diag.width) if diag.width else None, diag.verbose)
     if report.status == "fail":
         if diag.json_out:
-            for breach in report.gate.get("breaches", []):
+            for breach in report.gate.breaches:
                 _err(f"qconvdiag: gate: {breach}")
         raise typer.Exit(EXIT_FAIL)
 

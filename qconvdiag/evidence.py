@@ -36,6 +36,29 @@ class PathRun:
     when this CPU accumulates exactly; None when not measured)."""
 
 
+@dataclass(frozen=True, eq=False)
+class PathArrays:
+    """One path's output arrays, for --save-outputs (render/npz.py names them)."""
+
+    path: str
+    engine: str
+    quantized: np.ndarray | None
+    """The dequantized output the ladder ends at (kept only with the stage states)."""
+    quantized_int: np.ndarray | None
+    """The emulated integer output codes of what ran."""
+    torch_int: np.ndarray | None
+    """torch's integer output codes (None when torch refused)."""
+    stages: dict[str, np.ndarray]
+    """Cumulative output after each stage (empty unless kept)."""
+
+
+@dataclass(frozen=True, eq=False)
+class OutputArrays:
+    float_output: np.ndarray
+    """The float reference (float64)."""
+    paths: tuple[PathArrays, ...]
+
+
 def exec_weight_qparams(qp: QParams) -> QParams:
     """torch applies per-channel weight scales per output channel, whatever the axis."""
     if qp.per_channel and qp.axis != 0:

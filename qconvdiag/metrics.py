@@ -11,36 +11,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
+from .report import Metrics, OutputSummary
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """How far an output is from the float reference."""
-
-    max_abs: float
-    """Largest absolute error, float units."""
-    mean_abs: float
-    """Mean absolute error, float units."""
-    rmse: float
-    """Root mean square error, float units."""
-    sqnr_db: float | None
-    """10*log10(sum(ref^2) / sum(err^2)) in dB; None when the error is exactly 0 (infinite)
-    or the reference is all zero."""
-    cosine: float
-    """Cosine similarity of (reference + error) with the reference; 1.0 when both are zero."""
-    max_abs_lsb: float | None
-    """max_abs in output quantization steps (None when there is no output scale)."""
-    affected: float
-    """Fraction of output elements whose error is not 0."""
-
-    def to_dict(self) -> dict[str, float | None]:
-        return asdict(self)
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -296,20 +273,16 @@ class SummaryAccumulator:
         self.total += other.total
         self.head = (self.head + other.head)[:self.HEAD]
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> OutputSummary:
         if not self.n:
-            return {"min": 0.0, "max": 0.0, "mean": 0.0, "abs_max": 0.0, "values": []}
-        return {"min": _finite(self.lo), "max": _finite(self.hi),
-                "mean": _finite(self.total / self.n),
-                "abs_max": _finite(max(abs(self.lo), abs(self.hi))), "values": self.head}
+            return OutputSummary(0.0, 0.0, 0.0, 0.0, ())
+        return OutputSummary(_finite(self.lo), _finite(self.hi), _finite(self.total / self.n),
+                             _finite(max(abs(self.lo), abs(self.hi))), tuple(self.head))
 
 
-def summary(values: np.ndarray) -> dict[str, float]:
-    """min / max / mean / absmax of an output tensor."""
+def summary(values: np.ndarray, head: int = 8) -> OutputSummary:
+    """min / max / mean / absmax of an output tensor and its first ``head`` values."""
     v = np.asarray(values, dtype=np.float64)
-    return {
-        "min": _finite(float(v.min())),
-        "max": _finite(float(v.max())),
-        "mean": _finite(float(v.mean())),
-        "abs_max": _finite(float(np.abs(v).max())),
-    }
+    return OutputSummary(
+        _finite(float(v.min())), _finite(float(v.max())), _finite(float(v.mean())),
+        _finite(float(np.abs(v).max())), tuple(float(x) for x in v.reshape(-1)[:head]))

@@ -25,16 +25,6 @@ OBSERVERS = ("histogram", "minmax", "moving_average")
 
 
 @dataclass(frozen=True, eq=False)
-class ModuleRun:
-    """What a quantized module really runs with, when it differs from the intended setup."""
-
-    weight_codes: np.ndarray
-    weight_qparams: QParams
-    bias: np.ndarray | None
-    output_qparams: QParams
-
-
-@dataclass(frozen=True, eq=False)
 class PathSpec:
     """One quantized path: qparams, integer codes and the bias it intends to use."""
 
@@ -49,11 +39,29 @@ class PathSpec:
     weight_codes: np.ndarray
     bias: np.ndarray | None
     """The float bias the path intends (the float layer's)."""
-    module: ModuleRun | None = None
+    module: ModuleState | None = None
     """as_given only: what the quantized module really holds (module_state stage)."""
     observers: dict[str, str] = field(default_factory=dict)
     """production only: observer class per tensor (input, weight, output)."""
     notes: tuple[str, ...] = ()
+
+    @property
+    def final_output_qparams(self) -> QParams:
+        """The output qparams torch applies: the module's, when the case holds one."""
+        return self.module.output_qparams if self.module else self.output_qparams
+
+    @property
+    def run_weight_codes(self) -> np.ndarray:
+        """The weight torch runs: the module's, when the case holds one."""
+        return self.module.weight_codes if self.module else self.weight_codes
+
+    @property
+    def run_weight_qparams(self) -> QParams:
+        return self.module.weight_qparams if self.module else self.weight_qparams
+
+    @property
+    def run_bias(self) -> np.ndarray | None:
+        return self.module.bias if self.module else self.bias
 
 
 @dataclass(frozen=True)
@@ -95,12 +103,8 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
                else compact_codes(quantize(case.input, in_qp), in_qp))
     if w_codes is None:
         w_codes = compact_codes(quantize(case.weight, w_qp), w_qp)
-    module = None
-    if s.module is not None:
-        m = s.module
-        module = ModuleRun(m.weight_codes, m.weight_qparams, m.bias, m.output_qparams)
     return PathSpec(
-        "as_given", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, module, {}, tuple(notes)
+        "as_given", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, s.module, {}, tuple(notes)
     )
 
 

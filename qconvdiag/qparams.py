@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import QParamsError
 from .fp32 import add32, fma32, mul32
+from .report import QParamsReport
 
 #: Integer range of each quantized dtype torch offers, by name.
 DTYPE_RANGES: dict[str, tuple[int, int]] = {
@@ -115,13 +116,10 @@ class QParams:
             out["axis"] = self.axis
         return out
 
-    def describe(self) -> str:
-        if self.per_channel:
-            s = self.scales()
-            return (
-                f"{self.dtype} per-channel(axis={self.axis}) scale {s.min():.6g}..{s.max():.6g}"
-            )
-        return f"{self.dtype} scale {self.scale[0]:.6g} zero_point {self.zero_point[0]}"
+    def report(self) -> QParamsReport:
+        """The report's view of these qparams (plain values, one description)."""
+        return QParamsReport(self.scale, self.zero_point, self.dtype, self.axis, self.source,
+                             self.zero_point_given, self.notes)
 
 
 def _as_float_list(value: Any, what: str) -> list[float]:

@@ -1,43 +1,240 @@
-"""The Report: frozen dataclasses, no printing. Renderers in ``render/`` turn it into text.
+"""The Report: frozen dataclasses of plain Python values (no torch, no numpy, no printing).
 
-``to_dict()`` gives the JSON form (schema_version 1, see ``report.schema.json``).
+Every layer builds these types and the renderers in ``render/`` read them; ``to_dict()`` gives
+the JSON form (schema_version 1, see ``report.schema.json``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
-
-from .metrics import Metrics
-from .qparams import QParams
-from .stages import StageResult
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("error", "warning", "info")
 
 
-def qparams_dict(qp: QParams) -> dict[str, Any]:
-    """JSON form of qparams: dtypes as names, one value per-tensor, lists per-channel."""
-    one = not qp.per_channel
-    out: dict[str, Any] = {
-        "scale": qp.scale[0] if one else list(qp.scale),
-        "zero_point": qp.zero_point[0] if one else list(qp.zero_point),
-        "dtype": qp.dtype,
-        "scheme": qp.scheme,
-        "source": qp.source,
-    }
-    if qp.axis is not None:
-        out["axis"] = qp.axis
-    if qp.zero_point_given is not None:
-        out["zero_point_given"] = (
-            qp.zero_point_given[0] if one else list(qp.zero_point_given)
-        )
-    if qp.notes:
-        out["notes"] = list(qp.notes)
-    return out
+@dataclass(frozen=True)
+class Metrics:
+    """How far an output is from the float reference."""
+
+    max_abs: float
+    """Largest absolute error, float units."""
+    mean_abs: float
+    """Mean absolute error, float units."""
+    rmse: float
+    """Root mean square error, float units."""
+    sqnr_db: float | None
+    """10*log10(sum(ref^2) / sum(err^2)) in dB; None when the error is exactly 0 (infinite)
+    or the reference is all zero."""
+    cosine: float
+    """Cosine similarity of (reference + error) with the reference; 1.0 when both are zero."""
+    max_abs_lsb: float | None
+    """max_abs in output quantization steps (None when there is no output scale)."""
+    affected: float
+    """Fraction of output elements whose error is not 0."""
+
+    def to_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One rung of the ladder."""
+
+    id: str
+    applies: bool
+    reason: str | None
+    """Why the stage does not apply (None when it does)."""
+    delta: Metrics | None
+    """What this stage adds on the ladder (state after minus state before)."""
+    cumulative: Metrics | None
+    """Error of the state after this stage vs the float output."""
+    isolated: Metrics | None
+    """Error of this effect alone, applied to the float path."""
+    share: float | None
+    """This stage's share of the error energy all stages add (shares add up to 1)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "applies": self.applies,
+            **({"reason": self.reason} if not self.applies else {}),
+            "delta": None if self.delta is None else self.delta.to_dict(),
+            "cumulative": None if self.cumulative is None else self.cumulative.to_dict(),
+            "isolated": None if self.isolated is None else self.isolated.to_dict(),
+            "share": self.share,
+        }
+
+
+@dataclass(frozen=True)
+class QParamsReport:
+    """One tensor's qparams as a path uses them (the report's one description of qparams)."""
+
+    scale: tuple[float, ...]
+    """One scale (per tensor) or one per channel, float units per integer step."""
+    zero_point: tuple[int, ...]
+    """Integer zero point(s), as torch applies them."""
+    dtype: str
+    """quint8, qint8 or qint32."""
+    axis: int | None = None
+    """Channel axis of per-channel qparams (None: per tensor)."""
+    source: str = "user"
+    """user, default, module, tensor or observer:<name>."""
+    zero_point_given: tuple[float, ...] | None = None
+    """The zero point(s) exactly as written, when not an integer."""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    @property
+    def scheme(self) -> str:
+        return "per_channel_affine" if self.per_channel else "per_tensor_affine"
+
+    def describe(self) -> str:
+        """Short words: ``quint8 scale 0.0748 zero point 0`` or a per-channel range."""
+        if self.per_channel:
+            return f"{self.dtype} per-channel scale {min(self.scale):.4g}..{max(self.scale):.4g}"
+        zp = f" zero point {self.zero_point[0]}"
+        return f"{self.dtype} scale {self.scale[0]:.4g}{zp}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: dtypes as names, one value per tensor, lists per channel."""
+        one = not self.per_channel
+        out: dict[str, Any] = {
+            "scale": self.scale[0] if one else list(self.scale),
+            "zero_point": self.zero_point[0] if one else list(self.zero_point),
+            "dtype": self.dtype,
+            "scheme": self.scheme,
+            "source": self.source,
+        }
+        if self.axis is not None:
+            out["axis"] = self.axis
+        if self.zero_point_given is not None:
+            out["zero_point_given"] = (
+                self.zero_point_given[0] if one else list(self.zero_point_given))
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass(frozen=True)
+class OutputSummary:
+    """min / max / mean / abs_max of an output tensor and its first values (float units)."""
+
+    min: float
+    max: float
+    mean: float
+    abs_max: float
+    values: tuple[float, ...] = ()
+    """The first few values, in C order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "mean": self.mean, "abs_max": self.abs_max,
+                "values": list(self.values)}
+
+
+@dataclass(frozen=True)
+class CaseSummary:
+    """What was diagnosed."""
+
+    op: str
+    """conv1d, conv2d or conv3d."""
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    bias: bool
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    source: str
+    """Where the case came from (a path, ``random --seed 3``, ``recipe forum``)."""
+    notes: tuple[str, ...]
+    """What the loader did that the user should know."""
+    has_user_setup: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "op": self.op, "input_shape": list(self.input_shape),
+            "weight_shape": list(self.weight_shape), "output_shape": list(self.output_shape),
+            "bias": self.bias, "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "groups": self.groups, "source": self.source,
+            "notes": list(self.notes), "has_user_setup": self.has_user_setup,
+        }
+
+
+@dataclass(frozen=True)
+class EngineOnCpu:
+    """What one engine does on this CPU (run-time probe)."""
+
+    available: bool
+    accumulation: Mapping[str, str]
+    """Layer class (dense, grouped, ...) -> exact, int16_pairs_k, int16_pairs_channels or
+    unknown."""
+    dispatches_to_onednn: bool | None = None
+    """x86 only: symmetric-weight convs go to oneDNN (VNNI CPUs)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"available": self.available, "accumulation": dict(self.accumulation)}
+        if self.dispatches_to_onednn is not None:
+            d["dispatches_to_onednn"] = self.dispatches_to_onednn
+        return d
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    isa: tuple[str, ...]
+    """ISA flags that decide the kernels' arithmetic (avx2, avx512_vnni, amx_int8, ...)."""
+    torch_capability: str
+    engines: Mapping[str, EngineOnCpu]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"isa": list(self.isa), "torch_capability": self.torch_capability,
+                "engines": {k: v.to_dict() for k, v in self.engines.items()}}
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The CI thresholds that were checked, on which path, and which were breached."""
+
+    fail_under_sqnr: float | None
+    max_abs_error: float | None
+    fail_on: str
+    judged_path: str | None
+    breaches: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fail_under_sqnr": self.fail_under_sqnr, "max_abs_error": self.max_abs_error,
+                "fail_on": self.fail_on, "judged_path": self.judged_path,
+                "breaches": list(self.breaches)}
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    """With several engines: one path on one engine against the path's first engine."""
+
+    path: str | None
+    engine: str
+    kernel: str | None
+    """The kernel that runs the path's own setup."""
+    accumulation: str | None
+    reference_engine: str | None
+    differing_elements: int | None
+    """Outputs whose values differ from the reference engine's by a hundredth of a step or
+    more (None when either did not run)."""
+    max_diff_lsb: float | None
+    """Largest difference, in the reference engine's output steps."""
+    causes: tuple[str, ...] = ()
+    """Why they differ (or why this engine did not run), in plain words."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "engine": self.engine, "kernel": self.kernel,
+                "accumulation": self.accumulation, "reference_engine": self.reference_engine,
+                "differing_elements": self.differing_elements,
+                "max_diff_lsb": self.max_diff_lsb, "causes": list(self.causes)}
 
 
 @dataclass(frozen=True)
@@ -147,12 +344,12 @@ class PathReport:
     onednn or qnnpack."""
     accumulation: str
     """exact, int16_pairs_k, int16_pairs_channels or unknown (on this CPU, for this layer)."""
-    qparams: Mapping[str, QParams]
+    qparams: Mapping[str, QParamsReport]
     """input, weight, output (and module_weight / module_output when a module ran)."""
     stages: tuple[StageResult, ...]
     total: Metrics
     """Error of the final quantized output vs the float output."""
-    output_summary: Mapping[str, Any]
+    output_summary: OutputSummary | None
     torch_check: TorchCheck
     saturated_pairs: int
     """int16 pair sums that saturated in the emulated run (what really ran)."""
@@ -179,21 +376,10 @@ class PathReport:
             "accumulation": self.accumulation,
             "setup_kernel": self.setup_kernel or self.kernel,
             "setup_accumulation": self.setup_accumulation or self.accumulation,
-            "qparams": {k: qparams_dict(v) for k, v in self.qparams.items()},
-            "stages": [
-                {
-                    "id": s.id,
-                    "applies": s.applies,
-                    **({"reason": s.reason} if not s.applies else {}),
-                    "delta": None if s.delta is None else s.delta.to_dict(),
-                    "cumulative": None if s.cumulative is None else s.cumulative.to_dict(),
-                    "isolated": None if s.isolated is None else s.isolated.to_dict(),
-                    "share": s.share,
-                }
-                for s in self.stages
-            ],
+            "qparams": {k: v.to_dict() for k, v in self.qparams.items()},
+            "stages": [s.to_dict() for s in self.stages],
             "total": self.total.to_dict(),
-            "output": dict(self.output_summary),
+            "output": {} if self.output_summary is None else self.output_summary.to_dict(),
             "torch_check": self.torch_check.to_dict(),
             "saturated_pairs": self.saturated_pairs,
             "refused": self.refused,
@@ -291,20 +477,18 @@ class Verdict:
 class Report:
     qconvdiag_version: str
     torch_version: str
-    cpu: Mapping[str, Any]
-    case: Mapping[str, Any]
-    float_output: Mapping[str, Any]
+    cpu: CpuInfo
+    case: CaseSummary
+    float_output: OutputSummary
     paths: tuple[PathReport, ...]
     findings: tuple[Finding, ...]
     status: str
     """ok or fail (a --fail-under-sqnr / --max-abs-error / --fail-on threshold breached)."""
-    gate: Mapping[str, Any] = field(default_factory=dict)
+    gate: GateResult
     """The thresholds that were checked and which were breached."""
     torch_warnings: tuple[str, ...] = ()
     """Warnings torch raised during the diagnosis (captured, never printed raw)."""
-    tensors: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
-    """Output tensors for --save-outputs (not part of the JSON)."""
-    engine_comparison: tuple[Mapping[str, Any], ...] = ()
+    engine_comparison: tuple[EngineRow, ...] = ()
     """With several engines: each engine's outputs against the first that ran, and why they
     differ."""
     verdicts: tuple[Verdict, ...] = ()
@@ -326,33 +510,30 @@ class Report:
             "schema_version": SCHEMA_VERSION,
             "qconvdiag_version": self.qconvdiag_version,
             "torch_version": self.torch_version,
-            "cpu": _jsonable(self.cpu),
-            "case": _jsonable(self.case),
-            "float_output": dict(self.float_output),
+            "cpu": self.cpu.to_dict(),
+            "case": self.case.to_dict(),
+            "float_output": self.float_output.to_dict(),
             "paths": [p.to_dict() for p in self.paths],
             "findings": [f.to_dict() for f in self.findings],
             "status": self.status,
-            "gate": _jsonable(self.gate),
+            "gate": self.gate.to_dict(),
             "torch_warnings": list(self.torch_warnings),
-            "engine_comparison": [_jsonable(r) for r in self.engine_comparison],
+            "engine_comparison": [r.to_dict() for r in self.engine_comparison],
             "verdicts": [_jsonable(v.to_dict()) for v in self.verdicts],
         }
 
 
 def _jsonable(value: Any) -> Any:
+    """Plain JSON values: mappings and sequences recursed, numpy scalars and arrays (from a
+    rule's evidence) through their ``tolist()``, non-finite floats as null."""
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
         return _jsonable(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        f = float(value)
-        if f != f or f in (float("inf"), float("-inf")):
-            return None
-        return f
-    if isinstance(value, np.bool_):
-        return bool(value)
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
     return value

@@ -34,7 +34,6 @@ from .emulate import Emulation
 from .metrics import (
     CHUNK,
     ErrorAccumulator,
-    Metrics,
     SummaryAccumulator,
     chunked_energy,
     dot,
@@ -44,6 +43,7 @@ from .metrics import (
     shares_from_energies,
 )
 from .qparams import QParams, clip_bounds, dequantize
+from .report import Metrics, OutputSummary, StageResult
 
 STAGE_IDS = (
     "input_clipping",
@@ -59,24 +59,6 @@ STAGE_IDS = (
 )
 
 
-@dataclass(frozen=True)
-class StageResult:
-    """One rung of the ladder."""
-
-    id: str
-    applies: bool
-    reason: str | None
-    """Why the stage does not apply (None when it does)."""
-    delta: Metrics | None
-    """What this stage adds on the ladder (state after minus state before)."""
-    cumulative: Metrics | None
-    """Error of the state after this stage vs the float output."""
-    isolated: Metrics | None
-    """Error of this effect alone, applied to the float path."""
-    share: float | None
-    """This stage's share of the error energy all stages add (shares add up to 1)."""
-
-
 @dataclass(frozen=True, eq=False)
 class Ladder:
     stages: tuple[StageResult, ...]
@@ -89,7 +71,7 @@ class Ladder:
     final: np.ndarray | None
     """The quantized output the ladder ends at (torch's when it ran, else the emulation);
     kept only with the states (``keep``)."""
-    final_summary: dict[str, Any]
+    final_summary: OutputSummary
     """min / max / mean / abs_max and the first values of ``final``."""
     total: Metrics
     output_scale: float

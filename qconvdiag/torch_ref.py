@@ -18,8 +18,6 @@ import numpy as np
 from .case import Geometry
 from .qparams import QParams
 
-_TORCH_QDTYPE = {"quint8": "quint8", "qint8": "qint8", "qint32": "qint32"}
-
 
 @dataclass
 class TorchRun:

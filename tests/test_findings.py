@@ -51,9 +51,9 @@ def test_gates_judge_the_judged_path_only():
     assert report.status == "ok", report.gate
     report = diagnose(forum_case(), Options(engine="x86", fail_on="error"))
     assert report.status == "fail"
-    assert all(b.startswith("QCD") for b in report.gate["breaches"])
+    assert all(b.startswith("QCD") for b in report.gate.breaches)
     judged = {f.code for f in report.findings if f.path == "as_given" and f.severity == "error"}
-    assert {b.split()[0] for b in report.gate["breaches"]} == judged
+    assert {b.split()[0] for b in report.gate.breaches} == judged
 
 
 def test_readme_ci_recipe_passes_healthy_samples_and_fails_the_forum():

@@ -34,8 +34,8 @@ def test_forum_recipe_as_given_output_is_zero_as_in_the_thread():
 
     report = diagnose(forum_case(), Options(engine="x86"))
     as_given = report.path("as_given")
-    assert as_given.output_summary["values"] == [0.0]
-    assert report.float_output["values"][0] == pytest.approx(803.6908, abs=1e-4)
+    assert as_given.output_summary.values == (0.0,)
+    assert report.float_output.values[0] == pytest.approx(803.6908, abs=1e-4)
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)

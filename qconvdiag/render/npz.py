@@ -1,5 +1,6 @@
 """``--save-outputs FILE.npz``: the float output, and per path its quantized output, integer
-codes, torch's codes and the cumulative output after each stage."""
+codes, torch's codes and the cumulative output after each stage, named as DESIGN.md says
+(``<path>.<name>``, or ``<path>@<engine>.<name>`` with several engines)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evidence import OutputArrays
 from ..io import _npz_bytes, atomic_write
-from ..report import Report
 
 
-def save_outputs(report: Report, path: str | Path) -> Path:
+def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {"float_output": arrays.float_output}
+    multi_engine = len({p.engine for p in arrays.paths}) > 1
+    for p in arrays.paths:
+        prefix = f"{p.path}@{p.engine}" if multi_engine else p.path
+        for name, value in (("quantized", p.quantized), ("quantized_int", p.quantized_int),
+                            ("torch_int", p.torch_int)):
+            if value is not None:
+                out[f"{prefix}.{name}"] = value
+        for sid, state in p.stages.items():
+            out[f"{prefix}.stage.{sid}"] = state
+    return out
+
+
+def save_outputs(arrays: OutputArrays, path: str | Path) -> Path:
     p = Path(path)
-    data = _npz_bytes({k: np.ascontiguousarray(v) for k, v in report.tensors.items()})
+    data = _npz_bytes({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
     atomic_write(p, lambda tmp: tmp.write_bytes(data))
     return p

@@ -17,8 +17,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from ..metrics import Metrics
-from ..report import Finding, PathReport, Report, Verdict
+from ..report import Finding, Metrics, OutputSummary, PathReport, Report, Verdict
 from .text import hanging
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -48,13 +47,11 @@ def _num(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits - 1}e}"
 
 
-def _values(summary: dict[str, object] | object, n: int = 4) -> str:
-    if not isinstance(summary, dict) or "values" not in summary:
+def _values(summary: OutputSummary | None, n: int = 4) -> str:
+    if summary is None or not summary.values:
         return "-"
-    vals = summary["values"]
-    assert isinstance(vals, list)
-    head = ", ".join(_num(v) for v in vals[:n])
-    return head if len(vals) <= n else head + ", ..."
+    head = ", ".join(_num(v) for v in summary.values[:n])
+    return head if len(summary.values) <= n else head + ", ..."
 
 
 def _sqnr(m: Metrics) -> str:
@@ -111,20 +108,20 @@ def engine_line(engine: str, paths: list[PathReport]) -> str:
 def header(report: Report) -> Panel:
     case = report.case
     lines = Text()
-    lines.append(f"{case['op']}  input {tuple(case['input_shape'])}  weight "
-                 f"{tuple(case['weight_shape'])}  groups {case['groups']}\n", style="bold")
-    lines.append(f"source: {case['source']}\n")
-    for note in case.get("notes", []):
+    lines.append(f"{case.op}  input {case.input_shape}  weight {case.weight_shape}  groups "
+                 f"{case.groups}\n", style="bold")
+    lines.append(f"source: {case.source}\n")
+    for note in case.notes:
         lines.append(f"note: {note}\n", style="dim")
     width = max([len(f"{p.name} ({p.engine})") for p in report.paths] + [len("float output")])
     lines.append("float output".ljust(width + 2), style="bold")
-    lines.append(f"{_values(dict(report.float_output), 3)}\n")
+    lines.append(f"{_values(report.float_output, 3)}\n")
     for p in report.paths:
         lines.append(f"{p.name} ({p.engine})".ljust(width + 2), style="bold")
         if p.refused and p.torch_check.ran is False:
             lines.append(f"refused by torch: {p.refused}\n", style="red")
             continue
-        lines.append(f"{_values(dict(p.output_summary), 3)}  max error "
+        lines.append(f"{_values(p.output_summary, 3)}  max error "
                      f"{_num(p.total.max_abs)}, SQNR {_sqnr(p.total)}\n")
     engines = list(dict.fromkeys(p.engine for p in report.paths))
     for e in engines:
@@ -253,16 +250,12 @@ def qparams_table(report: Report) -> Table:
 
     def qp_text(p: PathReport, key: str) -> str:
         qp = p.qparams.get(key)
-        if qp is None:
-            return "-"
-        if qp.per_channel:
-            return f"{qp.dtype} per-channel {min(qp.scale):.4g}..{max(qp.scale):.4g}"
-        return f"{qp.dtype} s={qp.scale[0]:.4g} zp={qp.zero_point[0]} ({qp.source})"
+        return "-" if qp is None else f"{qp.describe()} ({qp.source})"
 
     for key in ("input", "weight", "output", "module_weight", "module_output"):
         if any(key in p.qparams for p in paths):
             t.add_row(key, *[qp_text(p, key) for p in paths])
-    t.add_row("output", *[_values(dict(p.output_summary)) for p in paths])
+    t.add_row("output", *[_values(p.output_summary) for p in paths])
     t.add_row("max error", *[_num(p.total.max_abs) for p in paths])
     t.add_row("SQNR", *[_sqnr(p.total) for p in paths])
     return t
@@ -277,23 +270,22 @@ def engines_block(console: Console, report: Report) -> None:
     console.print(Text("engines side by side", style="bold underline"))
     by_key = {(p.name, p.engine): p for p in report.paths}
     for row in report.engine_comparison:
-        p = by_key.get((str(row["path"]), str(row["engine"])))
-        causes = list(row["causes"])  # type: ignore[call-overload]
+        p = by_key.get((str(row.path), row.engine))
         if p is None:
-            hanging(console, f"{row['engine']}: " + "; ".join(causes), 4)
+            hanging(console, f"{row.engine}: " + "; ".join(row.causes), 4)
             continue
-        if row["differing_elements"] is None:
-            vs = "reference" if not causes else "refused"
-        elif row["differing_elements"] == 0:
-            vs = f"same as {row['reference_engine']}"
+        if row.differing_elements is None:
+            vs = "reference" if not row.causes else "refused"
+        elif row.differing_elements == 0:
+            vs = f"same as {row.reference_engine}"
         else:
-            vs = (f"{row['differing_elements']} outputs differ from {row['reference_engine']}, "
-                  f"up to {_num(row['max_diff_lsb'], 3)} steps")
+            vs = (f"{row.differing_elements} outputs differ from {row.reference_engine}, "
+                  f"up to {_num(row.max_diff_lsb, 3)} steps")
         if p.torch_check.ran and p.torch_check.mismatched_elements:
             vs += f"; torch differs in {p.torch_check.mismatched_elements} outputs"
-        hanging(console, f"{p.name:<11}{p.engine:<8}{_values(dict(p.output_summary), 2):<12}"
+        hanging(console, f"{p.name:<11}{p.engine:<8}{_values(p.output_summary, 2):<12}"
                 f"max error {_num(p.total.max_abs):<10} {vs}", 4)
-        for cause in causes:
+        for cause in row.causes:
             hanging(console, f"    {cause}", 6, style="dim")
 
 
@@ -330,7 +322,7 @@ def render_rich(report: Report, console: Console | None = None, verbose: bool = 
                     console.print(Text(f"{p.name}: {s.id} n/a: {s.reason}", style="dim"))
         console.print(qparams_table(report))
     engines_block(console, report)
-    if report.gate.get("breaches"):
+    if report.gate.breaches:
         console.print(Text("CI gate failed:", style="bold red"))
-        for b in report.gate["breaches"]:  # type: ignore[union-attr]
+        for b in report.gate.breaches:
             console.print(f"  - {b}")
