@@ -33,7 +33,7 @@ from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .report import PathReport, Report, StageResult, TorchCheck
 from .stages import STAGE_IDS, Ladder, LadderInputs, conv64, float_reference, run_ladder
-from .torch_ref import TorchRun, capture_warnings, captured_warnings, run_conv
+from .torch_ref import TorchRun, capture_warnings, run_conv
 
 Progress = Callable[[str], None]
 
@@ -119,7 +119,7 @@ def diagnose_runs(
     engines = resolve_engines(options.engine)
     runs: list[PathRun] = []
     # Hashing array contents costs ~1 ms per MB; it pays off only when engines share work.
-    with capture_warnings(), memo_scope(by_content=len(engines) > 1):
+    with capture_warnings() as torch_warnings, memo_scope(by_content=len(engines) > 1):
         say("probing the engines on this CPU")
         probe()
         cache: dict[Any, Any] = {}
@@ -151,7 +151,7 @@ def diagnose_runs(
                 runs.append(run_path(case, as_given, engine, y0, options.keep_arrays,
                                      checks.pop((engine, as_given.name))))
             runs.append(prod_run)
-    return runs, list(captured_warnings())
+    return runs, list(torch_warnings)
 
 
 def _build_paths(case: ConvCase, options: Options, engines: tuple[str, ...],

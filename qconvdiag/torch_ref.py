@@ -31,32 +31,29 @@ class TorchRun:
     warnings: list[str] = field(default_factory=list)
 
 
-_CAPTURED: list[str] = []
+#: The lists of every capture_warnings() scope now open, innermost last.
+_SCOPES: list[list[str]] = []
 
 
 @contextlib.contextmanager
 def capture_warnings() -> Iterator[list[str]]:
-    """Catch every warning raised inside (never printed) and remember its first line.
-
-    torch emits many warnings once per process (TORCH_WARN_ONCE), so they are kept for the
-    whole process: ``captured_warnings()`` gives all of them to the report.
-    """
+    """Catch every warning raised inside (never printed); the list it yields gets the first
+    line of each, once, also of warnings caught by scopes opened inside it. A diagnosis opens
+    one scope, so its report holds its own warnings, not an earlier diagnosis's."""
+    mine: list[str] = []
+    _SCOPES.append(mine)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        mine: list[str] = []
         try:
             yield mine
         finally:
             for w in record:
                 text = str(w.message)
                 first = text.splitlines()[0] if text else type(w.message).__name__
-                mine.append(first)
-                if first not in _CAPTURED:
-                    _CAPTURED.append(first)
-
-
-def captured_warnings() -> tuple[str, ...]:
-    return tuple(_CAPTURED)
+                for scope in _SCOPES:
+                    if first not in scope:
+                        scope.append(first)
+            del _SCOPES[next(i for i, x in enumerate(_SCOPES) if x is mine)]
 
 
 @contextlib.contextmanager

@@ -67,3 +67,33 @@ def test_the_worker_pool_survives_a_fork():
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_torch_warnings_belong_to_the_diagnosis_that_raised_them(monkeypatch):
+    """Each report holds its own diagnosis's warnings, not an earlier one's (the capture scope
+    is per diagnosis; nested scopes hand theirs outwards)."""
+    import warnings
+
+    import qconvdiag.diagnosis as d
+    from qconvdiag import Options, diagnose
+    from qconvdiag.generate import forum_case
+    from qconvdiag.torch_ref import capture_warnings
+
+    with capture_warnings() as outer:
+        with capture_warnings() as inner:
+            warnings.warn("raised inside", UserWarning, stacklevel=1)
+        warnings.warn("raised outside", UserWarning, stacklevel=1)
+    assert inner == ["raised inside"] and outer == ["raised inside", "raised outside"]
+
+    real = d.run_conv
+
+    def noisy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        warnings.warn("only in the first diagnosis", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(d, "run_conv", noisy)
+    first = diagnose(forum_case(), Options(engine="x86"))
+    monkeypatch.setattr(d, "run_conv", real)
+    second = diagnose(forum_case(), Options(engine="x86"))
+    assert "only in the first diagnosis" in first.torch_warnings
+    assert "only in the first diagnosis" not in second.torch_warnings
