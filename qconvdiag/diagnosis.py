@@ -154,6 +154,27 @@ def diagnose_runs(
     return runs, list(torch_warnings)
 
 
+def diagnose_path(case: ConvCase, name: str, options: Options) -> PathRun:
+    """One path on one engine (what ``trace`` needs), not the whole diagnosis: the
+    production observers (the as_given path falls back on them), torch's run of that path,
+    and the same float reference the full diagnosis uses."""
+    from .memo import memo_scope
+
+    (engine,) = resolve_engines(options.engine)
+    with capture_warnings(), memo_scope(by_content=False):
+        probe()
+        cache: dict[Any, Any] = {}
+        grid = build_production(case, reference_engine(), ProductionOptions(), None, cache)
+        production = build_production(case, engine, options.production, options.calib, cache)
+        spec = production if name == "production" else build_as_given(case, production)
+        if spec is None or name not in ("as_given", "production"):
+            have = "as_given, production" if case.setup is not None else "production"
+            raise UsageError(f"--path {name}: this case has no such path (it has: {have})")
+        y0 = float_reference(case, grid.input_qparams, grid.input_codes, grid.weight_qparams,
+                             grid.weight_codes)
+        return run_path(case, spec, engine, y0)
+
+
 def _build_paths(case: ConvCase, options: Options, engines: tuple[str, ...],
                  cache: dict[Any, Any], say: Progress
                  ) -> dict[str, tuple[PathSpec | None, PathSpec | None]]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .case import ConvCase
-from .diagnosis import Options, diagnose_runs
+from .diagnosis import Options, diagnose_path
 from .emulate import (
     EXACT,
     INT16_MAX,
@@ -86,12 +86,7 @@ def parse_position(text: str | None) -> tuple[int, ...] | None:
 def trace(case: ConvCase, position: tuple[int, ...] | None, path: str = "as_given",
           engine: str | None = None, options: Options | None = None) -> Trace:
     opts = options or Options(engine=engine)
-    runs, _ = diagnose_runs(case, opts)
-    candidates = [r for r in runs if r.report.name == path]
-    if not candidates:
-        names = sorted({r.report.name for r in runs})
-        raise UsageError(f"--path {path}: this case has no such path (it has: {', '.join(names)})")
-    run = candidates[0]
+    run = diagnose_path(case, path, opts)  # that path alone, not the whole diagnosis
     if run.emulation is None or run.ladder is None or run.report.refused:
         raise UsageError(f"the {path} path cannot run on {run.report.engine}: "
                          f"{run.report.refused}")

@@ -93,3 +93,15 @@ def test_seed_trace_shows_saturated_pairs_on_saturating_engines():
         assert d["accumulator"] == 106571 - (37338 - 32767)
         assert d["torch_output_int"] == d["output_int"]
     assert found["qnnpack"]["pairs"] == [] and found["qnnpack"]["accumulator"] == 106571
+
+
+def test_trace_runs_one_path_not_the_whole_diagnosis(monkeypatch):
+    import qconvdiag.diagnosis as d
+    from qconvdiag.generate import forum_case
+    from qconvdiag.trace import trace
+
+    calls = []
+    real = d.run_path
+    monkeypatch.setattr(d, "run_path", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    tr = trace(forum_case(), (0, 0, 0, 0), path="production", engine="x86")
+    assert calls == ["production"] and tr.path == "production"
