@@ -33,8 +33,8 @@ def main() -> None:
     from qconvdiag import Options, diagnose
     from qconvdiag.case import build_case
     from qconvdiag.diagnosis import run_path  # one path's ladder alone: internal
+    from qconvdiag.float_conv import conv64
     from qconvdiag.paths import ProductionOptions, build_production
-    from qconvdiag.stages import conv64
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)

@@ -297,8 +297,8 @@ def weight_candidates(case: ConvCase, spec: PathSpec) -> dict[str, float]:
     """Output RMSE of the weight's quantization error alone (applied to the float input) for the
     two ways to fix a per-tensor weight: a good per-tensor scale (symmetric, max|w| / 127.5) and
     per-channel symmetric weights. Each is one float32 conv of the weight difference."""
+    from .float_conv import conv_diff
     from .qparams import dequantize, quantize
-    from .stages import conv_diff
 
     w = case.weight
     out: dict[str, float] = {}

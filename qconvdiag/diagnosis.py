@@ -28,11 +28,12 @@ from .evidence import (
 )
 from .findings import ROOTS, run_findings
 from .findings.verdict import verdicts
+from .float_conv import conv64
 from .gate import FAIL_ON, evaluate_gate
 from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .report import PathReport, Report, StageResult, TorchCheck
-from .stages import STAGE_IDS, Ladder, LadderInputs, conv64, float_reference, run_ladder
+from .stages import STAGE_IDS, Ladder, LadderInputs, float_reference, run_ladder
 from .torch_ref import TorchRun, capture_warnings, run_conv
 
 Progress = Callable[[str], None]

@@ -23,22 +23,22 @@ backend_residual      torch's real output                                    0
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .case import ConvCase, Geometry
+from .blocks import Block, as_rows, blocks, reader
+from .case import ConvCase
 from .emulate import Emulation
+from .float_conv import ChannelSparse, DequantizedInput, conv64, conv_diff, conv_diff_any
 from .metrics import (
-    CHUNK,
     ErrorAccumulator,
     SummaryAccumulator,
     chunked_energy,
     dot,
     merged,
-    over_chunks,
     over_groups,
     shares_from_energies,
 )
@@ -77,274 +77,6 @@ class Ladder:
     output_scale: float
     weight_error_rmse: float | None = None
     """RMSE of conv(x, dequant(w_codes) - w): the weight's whole quantization error alone."""
-
-
-#: torch's float64 conv unfolds the whole input (im2col); above this many bytes of im2col the
-#: reference is summed over chunks of input channels instead, to bound memory.
-IM2COL_BYTES = 16 * 2**20
-
-
-def conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry) -> np.ndarray:
-    """The float reference: conv in float64 (input channels chunked when im2col would be big)."""
-    from .case import output_shape
-
-    out_sp = output_shape(x.shape, w.shape, g)[2:]
-    taps = int(np.prod(w.shape[2:]))
-    per_channel = taps * int(np.prod(out_sp)) * 8
-    cin = w.shape[1]
-    if g.groups != 1 or cin * per_channel <= IM2COL_BYTES:
-        return _conv(x, w, b, g, np.float64)
-    chunk = max(1, IM2COL_BYTES // per_channel)
-    out = None
-    for start in range(0, cin, chunk):
-        part = _conv(x[:, start:start + chunk], w[:, start:start + chunk],
-                     b if start == 0 else None, g, np.float64)
-        out = part if out is None else out + part
-    assert out is not None
-    return out
-
-
-def conv_diff(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry) -> np.ndarray:
-    """``conv_diff_any`` as a dense array."""
-    out = conv_diff_any(x, w, g)
-    assert isinstance(out, np.ndarray)
-    return out
-
-
-def conv_diff_any(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry,
-                  compact: bool = False) -> np.ndarray | ChannelSparse:
-    """conv of a (usually small or sparse) difference tensor: a float32 conv, returned as
-    float32 (its own precision; consumers add it into float64), or, for a mostly-zero
-    difference, a float64 scatter.
-
-    Stage states are built as ``previous state + conv_diff(change)``: linearity makes that the
-    same conv, and float32 (oneDNN) is several times faster than float64. The float32 rounding
-    (~1e-7 relative to the change) lands in the next exact state's delta, so deltas still add
-    up exactly to the total. An all-zero change costs nothing and adds exactly 0.
-    ``x`` may be a ``DequantizedInput``: its float64 values are formed only where needed.
-    ``compact``: a weight scatter that touches few output channels comes back as a
-    ``ChannelSparse`` (only those channels stored).
-    """
-    from .case import output_shape
-
-    shape = output_shape(x.shape, w.shape, g)
-    nx, nw = _count_nonzero(x), np.count_nonzero(w)
-    if not nx or not nw:
-        return np.zeros(shape, dtype=np.float64)
-    out_elems = int(np.prod(shape))
-    dense_macs = out_elems * int(np.prod(w.shape[1:]))
-    taps = int(np.prod(w.shape[2:]))
-    # A difference that is mostly zero (a few clipped weights or inputs) costs far less as a
-    # scatter of its nonzeros, accumulated in float64, than as a dense conv.
-    if nw <= SPARSE_WEIGHT_MAX and nw * (out_elems // shape[1]) * SPARSE_GAIN <= dense_macs:
-        return _conv_sparse_weight(x, w, g, shape, compact)
-    if isinstance(x, DequantizedInput):
-        if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
-            return _conv_sparse_input(x.dense64(), w, g, shape)
-        return _conv(x.dense32(), w, None, g, np.float32)
-    if nx * taps * shape[1] * SPARSE_GAIN <= dense_macs:
-        return _conv_sparse_input(x, w, g, shape)
-    return _conv(x, w, None, g, np.float32)
-
-
-class DequantizedInput:
-    """``dequant(codes)`` of an input, formed in float64 only per channel or per block, so no
-    full-size float64 copy exists: a conv gets it as float32 (each value the float64 one
-    rounded once, as a cast would give), a scatter gets float64 channels."""
-
-    def __init__(self, codes: np.ndarray, qp: QParams) -> None:
-        self.codes, self.qp = codes, qp
-        self.shape: tuple[int, ...] = tuple(codes.shape)
-
-    def _per_tensor(self) -> tuple[float, int] | None:
-        if self.qp.per_channel:
-            return None
-        return float(self.qp.scales().reshape(-1)[0]), int(self.qp.zero_points().reshape(-1)[0])
-
-    def count_nonzero(self) -> int:
-        pt = self._per_tensor()
-        if pt is None:
-            return int(np.count_nonzero(self.dense64()))
-        if pt[0] == 0:
-            return 0
-        return int(self.codes.size - np.count_nonzero(self.codes == pt[1]))
-
-    def channel(self, c: int) -> np.ndarray:
-        """Channel ``c`` in float64, shape (N, 1, *spatial)."""
-        pt = self._per_tensor()
-        if pt is None:
-            return self.dense64()[:, c:c + 1]
-        out = np.subtract(self.codes[:, c:c + 1], pt[1], dtype=np.float64)
-        out *= pt[0]
-        return out
-
-    def at(self, flat: np.ndarray) -> np.ndarray:
-        """float64 values at flat indices."""
-        pt = self._per_tensor()
-        if pt is None:
-            return self.dense64().reshape(-1)[flat]
-        out = np.subtract(np.ascontiguousarray(self.codes).reshape(-1)[flat], pt[1],
-                          dtype=np.float64)
-        out *= pt[0]
-        return out
-
-    def dense64(self) -> np.ndarray:
-        return dequantize(self.codes, self.qp)
-
-    def dense32(self, minus: np.ndarray | None = None) -> np.ndarray:
-        """float32(dequant(codes) [- minus]), the difference taken in float64."""
-        pt = self._per_tensor()
-        if pt is None:
-            d = self.dense64()
-            if minus is not None:
-                d -= minus
-            return d.astype(np.float32)
-        s, zp = pt
-        codes = np.ascontiguousarray(self.codes).reshape(-1)
-        sub = None if minus is None else np.ascontiguousarray(minus).reshape(-1)
-        out = np.empty(codes.size, dtype=np.float32)
-
-        def work(parts: list[slice]) -> None:  # chunks on two threads
-            buf = np.empty(max((p.stop - p.start for p in parts), default=0), dtype=np.float64)
-            for sl in parts:
-                t = np.subtract(codes[sl], zp, out=buf[:sl.stop - sl.start], dtype=np.float64)
-                t *= s
-                if sub is not None:
-                    t -= sub[sl]
-                out[sl] = t
-
-        over_chunks(codes.size, work)
-        return out.reshape(self.shape)
-
-
-def _count_nonzero(x: np.ndarray | DequantizedInput) -> int:
-    if isinstance(x, DequantizedInput):
-        return x.count_nonzero()
-    return int(np.count_nonzero(x))
-
-
-#: A scatter is used when it does at most 1/SPARSE_GAIN of a dense conv's multiply-adds.
-SPARSE_GAIN = 16
-#: The weight scatter loops over nonzero weights in Python: at most this many.
-SPARSE_WEIGHT_MAX = 4096
-#: Nonzero inputs scattered at once (bounds the (nonzeros, output channels) temporary).
-SPARSE_INPUT_BLOCK = 4096
-
-
-def _conv_sparse_weight(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry,
-                        shape: tuple[int, ...], compact: bool = False
-                        ) -> np.ndarray | ChannelSparse:
-    """conv(x, w) for a weight with few nonzeros: one scaled input slice per nonzero. Only the
-    input channels those nonzeros read are padded, one at a time. With ``compact``, when the
-    nonzeros feed at most half of the output channels, only those channels are stored."""
-    from .emulate import _pad, _tap_views
-
-    og, cin_g = shape[1] // g.groups, w.shape[1]
-    nz = np.nonzero(w)
-    touched = np.unique(nz[0])
-    sparse = compact and touched.size * 2 <= shape[1]
-    slot = np.full(shape[1], -1, dtype=np.int64)
-    slot[touched] = np.arange(touched.size)
-    out = np.zeros((shape[0], touched.size if sparse else shape[1], *shape[2:]), np.float64)
-    by_channel: dict[int, list[tuple[int, tuple[int, ...], np.float64]]] = {}
-    for idx in zip(*nz, strict=True):
-        o, c = int(idx[0]), int(idx[1])
-        by_channel.setdefault((o // og) * cin_g + c, []).append(
-            (int(slot[o]) if sparse else o, tuple(int(t) for t in idx[2:]), np.float64(w[idx])))
-    for cx, uses in by_channel.items():
-        xc = x.channel(cx) if isinstance(x, DequantizedInput) else x[:, cx:cx + 1]
-        views = _tap_views(_pad(xc, g.padding, 0), w.shape, g, tuple(shape[2:]))
-        for o, tap, v in uses:
-            # a float64 scalar makes the product float64 whatever the input's dtype
-            out[:, o] += views[tap][:, 0] * v
-    return ChannelSparse(shape, touched, out) if sparse else out
-
-
-class ChannelSparse:
-    """An output-sized float64 array that is zero outside a few output channels: ``values``
-    holds those channels, shape (N, len(channels), *spatial)."""
-
-    def __init__(self, shape: tuple[int, ...], channels: np.ndarray, values: np.ndarray) -> None:
-        self.shape, self.channels, self.values = tuple(shape), channels, values
-        self.size = int(np.prod(shape))
-        # row (n * O + o) of the output -> row of values, or -1
-        slot = np.full(shape[1], -1, dtype=np.int64)
-        slot[channels] = np.arange(channels.size)
-        n = np.arange(shape[0])[:, None]
-        self._row = np.where(slot[None, :] >= 0, n * channels.size + slot[None, :], -1
-                             ).reshape(-1)
-        self._values_r = values.reshape(shape[0] * channels.size, -1)
-
-    def dense(self) -> np.ndarray:
-        out = np.zeros(self.shape, dtype=np.float64)
-        out[:, self.channels] = self.values
-        return out
-
-    def block(self, k: Block) -> np.ndarray:
-        """The block ``k`` of the output as (rows, columns)."""
-        rows = self._row[k.rows]
-        hit = rows >= 0
-        cols = self._values_r.shape[1] if k.cols.stop is None else k.cols.stop
-        out = np.zeros((rows.size, len(range(*k.cols.indices(cols)))), dtype=np.float64)
-        if hit.any():
-            out[hit] = self._values_r[rows[hit], k.cols]
-        return out
-
-    def row_energy_added(self, base_rows: np.ndarray) -> float:
-        """sum((base + self)^2) - sum(base^2) over this array's rows (base given as rows)."""
-        rows = np.flatnonzero(self._row >= 0)
-        b = base_rows[rows].astype(np.float64)
-        v = self._values_r[self._row[rows]]
-        return float(np.einsum("ij,ij->", b + v, b + v) - np.einsum("ij,ij->", b, b))
-
-
-def _conv_sparse_input(x: np.ndarray, w: np.ndarray, g: Geometry,
-                       shape: tuple[int, ...]) -> np.ndarray:
-    """conv(x, w) for an input with few nonzeros: each one scattered to the outputs it feeds."""
-    import itertools
-
-    n_out, o_total = shape[0], shape[1]
-    out_sp = tuple(shape[2:])
-    og, cin_g = o_total // g.groups, w.shape[1]
-    acc = np.zeros((n_out, *out_sp, o_total), dtype=np.float64)  # channels last for scatter
-    nz = np.nonzero(x)
-    vals = x[nz].astype(np.float64)
-    n_i, c_i, sp_i = nz[0], nz[1], nz[2:]
-    grp, cg = c_i // cin_g, c_i % cin_g
-    same_group = (np.arange(o_total)[None, :] // og) == grp[:, None] if g.groups > 1 else None
-    for tap in itertools.product(*(range(k) for k in w.shape[2:])):
-        valid = np.ones(vals.shape, dtype=bool)
-        coords = []
-        for d, t in enumerate(tap):
-            num = sp_i[d] + g.padding[d] - t * g.dilation[d]
-            q = num // g.stride[d]
-            valid &= (num >= 0) & (num % g.stride[d] == 0) & (q < out_sp[d])
-            coords.append(q)
-        sel = np.flatnonzero(valid)
-        for start in range(0, sel.size, SPARSE_INPUT_BLOCK):
-            part = sel[start:start + SPARSE_INPUT_BLOCK]
-            contrib = w[(slice(None), cg[part], *tap)].T.astype(np.float64) * vals[part, None]
-            if same_group is not None:
-                contrib *= same_group[part]
-            np.add.at(acc, (n_i[part], *(c[part] for c in coords)), contrib)
-    return np.ascontiguousarray(np.moveaxis(acc, -1, 1))
-
-
-def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry, dtype: type
-          ) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    dims = w.ndim - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    with torch.no_grad():
-        out = conv(
-            torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)),
-            torch.from_numpy(np.ascontiguousarray(w, dtype=dtype)),
-            None if b is None else torch.from_numpy(np.asarray(b, dtype=dtype)),
-            g.stride, g.padding, g.dilation, g.groups,
-        )
-    return out.numpy()
 
 
 def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
@@ -432,10 +164,10 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
     dw_clip, clip_w = weight_clip_step(case, x_qp, x_codes, w_qp, w_codes)
     round_w = conv_diff(DequantizedInput(x_codes, x_qp),
                         dequantize(w_codes, w_qp) - (case.weight + dw_clip), g)
-    parts = [_reader(p) for p in (clip_in, round_in, clip_w, round_w) if p is not None]
+    parts = [reader(p) for p in (clip_in, round_in, clip_w, round_w) if p is not None]
     bias = None if case.bias is None else np.asarray(case.bias, dtype=np.float64)
     y = np.empty(acc.shape, dtype=np.float64)
-    y_r, acc_r = _as_rows(y), _as_rows(acc)
+    y_r, acc_r = as_rows(y), as_rows(acc)
 
     def work(blocks: list[Block]) -> None:  # y = acc * in_s * w_s - parts + b, per block
         for k in blocks:
@@ -446,7 +178,7 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
             if bias is not None:
                 out += k.per_channel(bias)
 
-    over_groups(_blocks(y.shape), work)
+    over_groups(blocks(y.shape), work)
     return y
 
 
@@ -482,162 +214,170 @@ class LadderInputs:
     """Whether torch's codes equal the final emulation's (None: not compared yet)."""
 
 
-class Block:
-    """A block of the output seen as rows (batch x output channel) by columns (spatial
-    positions): whole rows, or part of one row when a row alone is bigger than a chunk. Every
-    output-sized array is read through ``of``; per-channel values through ``per_channel``."""
-
-    __slots__ = ("rows", "cols", "channels")
-
-    def __init__(self, rows: slice, cols: slice, out_channels: int) -> None:
-        self.rows, self.cols = rows, cols
-        self.channels = np.arange(rows.start, rows.stop) % out_channels
-
-    def of(self, a: np.ndarray) -> np.ndarray:
-        """This block of an output-sized array given as (rows, columns)."""
-        return a[self.rows, self.cols]
-
-    def per_channel(self, v: np.ndarray) -> np.ndarray:
-        """One value per output channel, as a column matching the block's rows."""
-        return np.asarray(v, dtype=np.float64).reshape(-1)[self.channels][:, None]
-
-
-def _blocks(shape: tuple[int, ...]) -> list[Block]:
-    """Cache-sized blocks (about CHUNK elements) covering an output of ``shape``."""
-    o = shape[1]
-    rows, cols = shape[0] * o, int(np.prod(shape[2:], dtype=np.int64))
-    if cols >= CHUNK:
-        return [Block(slice(r, r + 1), slice(c, min(c + CHUNK, cols)), o)
-                for r in range(rows) for c in range(0, cols, CHUNK)]
-    step = max(1, CHUNK // max(cols, 1))
-    return [Block(slice(r, min(r + step, rows)), slice(None), o) for r in range(0, rows, step)]
-
-
-def _reader(a: np.ndarray | ChannelSparse) -> Callable[[Block], np.ndarray]:
-    """Reads one block of an output-sized array, dense or channel-sparse."""
-    if isinstance(a, ChannelSparse):
-        return a.block
-    rows = _as_rows(a)
-    return lambda k: k.of(rows)
-
-
-def _as_rows(a: np.ndarray) -> np.ndarray:
-    """An output-sized array as (batch x channels, spatial), a view when contiguous."""
-    return np.ascontiguousarray(a).reshape(a.shape[0] * a.shape[1], -1)
-
-
 Fill = Callable[[np.ndarray, np.ndarray, Block], Any]
 """Writes one block of a stage's state: fill(out, previous state, block)."""
 
 
-def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
-                   reasons: dict[str, str], measured: dict[str, float]
-                   ) -> Iterator[tuple[str, Fill | None, object]]:
-    """Yield (stage id, fill, isolated) in data-flow order: ``fill(out, previous, block)``
-    writes a block of the state; isolated is an output-sized array, a ``PerChannel``
-    constant, an ``Elementwise`` function of the reference, or DELTA (the effect alone is the
-    step itself)."""
-    g = case.geometry
-    x, w, b = case.input, case.weight, case.bias
-    em = li.emulation
-    out_qp = li.output_qparams
-    out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
-    acc_scale = np.asarray(em.acc_scale, dtype=np.float64).reshape(-1)
-    rows = _as_rows
+@dataclass(frozen=True, eq=False)
+class Rung:
+    """One stage of the ladder's plan."""
 
-    # Everything up to weight rounding depends only on the input and weight qparams and codes,
-    # not on the engine: with several engines it is computed once (memo).
-    from .memo import memoized
+    id: str
+    fill: Fill | None
+    """Writes the stage's state block by block; None (SAME): the state is the previous one."""
+    isolated: object
+    """The effect alone on the float path: an output-sized array, a ``ChannelSparse``, a
+    ``PerChannel`` constant, an ``Elementwise`` function of the reference, or DELTA (the
+    effect alone is the stage's own step)."""
 
-    kin, kw = _qsig(li.input_qparams), _qsig(li.weight_qparams)
 
-    def weight_side() -> tuple[np.ndarray | ChannelSparse, np.ndarray | ChannelSparse | None,
-                               np.ndarray, float]:
-        dw_clip, step_w = weight_clip_step(case, li.input_qparams, li.input_codes,
-                                           li.weight_qparams, li.weight_codes)
-        # isolated: each effect on the float input; rounding is that of the in-range weight,
-        # so clipping + rounding is the weight's whole quantization error, whose output RMSE
-        # QCD023 compares with per-channel weights
-        iso_wclip = conv_diff_any(x, dw_clip, g, compact=True)
-        w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
-        iso_wround = conv_diff(x, w_round, g)
-        c = iso_wround.reshape(-1)
-        if isinstance(iso_wclip, ChannelSparse):
-            energy = chunked_energy(lambda sl: c[sl].astype(np.float64), c.size)
-            energy += iso_wclip.row_energy_added(_as_rows(iso_wround))
-        else:
-            a = iso_wclip.reshape(-1)
-            energy = chunked_energy(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), c.size)
-        return iso_wclip, step_w, iso_wround, float(np.sqrt(energy / max(c.size, 1)))
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The ladder as data: its rungs in data-flow order, and why the others do not apply."""
 
+    rungs: tuple[Rung, ...]
+    reasons: dict[str, str]
+    """Stage id -> why it does not apply."""
+    weight_error_rmse: float
+    """RMSE of conv(x, dequant(w_codes) - w): the weight's whole quantization error alone."""
+
+
+def plan_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray) -> Plan:
+    """The rungs of one path, in data-flow order (see the table at the top)."""
+    reasons: dict[str, str] = {}
+    weight, w_rmse = _weight_rungs(case, li)
+    rungs = (_input_rungs(case, li, y0) + weight + _accumulator_rungs(case, li, reasons)
+             + _output_rungs(li) + _final_rungs(li, reasons))
+    return Plan(tuple(rungs), reasons, w_rmse)
+
+
+def _input_rungs(case: ConvCase, li: LadderInputs, y0: np.ndarray) -> list[Rung]:
     # rounding alone is the rounding of the in-range (clipped) input: the step itself (DELTA)
     iso_clip, step_in, _ = input_steps(case, li.input_qparams, li.input_codes)
-    y0r, step_in_r = rows(y0), rows(step_in)
+    y0r, step_in_r = as_rows(y0), as_rows(step_in)
     if iso_clip is None:
-        yield "input_clipping", SAME, DELTA
+        clipping = Rung("input_clipping", SAME, DELTA)
     else:
-        iso_clip_r = rows(iso_clip)
-        yield ("input_clipping",
-               lambda out, prev, k: np.add(k.of(y0r), k.of(iso_clip_r), out=out), iso_clip)
-    yield "input_rounding", lambda out, prev, k: np.add(prev, k.of(step_in_r), out=out), DELTA
+        iso_clip_r = as_rows(iso_clip)
+        clipping = Rung("input_clipping",
+                        lambda out, prev, k: np.add(k.of(y0r), k.of(iso_clip_r), out=out),
+                        iso_clip)
+    return [clipping, Rung("input_rounding",
+                           lambda out, prev, k: np.add(prev, k.of(step_in_r), out=out), DELTA)]
+
+
+def _weight_rungs(case: ConvCase, li: LadderInputs) -> tuple[list[Rung], float]:
+    """Weight clipping and rounding. Everything up to weight rounding depends only on the
+    input and weight qparams and codes, not on the engine: with several engines it is
+    computed once (memo)."""
+    from .memo import memoized
+
+    em, b = li.emulation, case.bias
+    acc_scale = np.asarray(em.acc_scale, dtype=np.float64).reshape(-1)
     iso_wclip, step_w, iso_wround, w_rmse = memoized(
-        "ladder_weight", (li.input_codes, li.weight_codes), (kin, kw), weight_side)
-    measured["weight_error_rmse"] = w_rmse
+        "ladder_weight", (li.input_codes, li.weight_codes),
+        (_qsig(li.input_qparams), _qsig(li.weight_qparams)), lambda: _weight_side(case, li))
     if step_w is None:
-        yield "weight_clipping", lambda out, prev, k: np.copyto(out, prev), iso_wclip
+        clipping = Rung("weight_clipping", lambda out, prev, k: np.copyto(out, prev), iso_wclip)
     else:
-        step_w_at = _reader(step_w)
-        yield ("weight_clipping", lambda out, prev, k: np.add(prev, step_w_at(k), out=out),
-               iso_wclip)
-    acc_exact_r = rows(em.acc_exact)
-    yield ("weight_rounding",
-           lambda out, prev, k: _scaled(out, k.of(acc_exact_r), k.per_channel(acc_scale),
-                                        None if b is None else k.per_channel(b)),
-           iso_wround)
+        step_w_at = reader(step_w)
+        clipping = Rung("weight_clipping",
+                        lambda out, prev, k: np.add(prev, step_w_at(k), out=out), iso_wclip)
+    acc_exact_r = as_rows(em.acc_exact)
+    rounding = Rung("weight_rounding",
+                    lambda out, prev, k: _scaled(out, k.of(acc_exact_r), k.per_channel(acc_scale),
+                                                 None if b is None else k.per_channel(b)),
+                    iso_wround)
+    return [clipping, rounding], w_rmse
+
+
+def _weight_side(case: ConvCase, li: LadderInputs
+                 ) -> tuple[np.ndarray | ChannelSparse, np.ndarray | ChannelSparse | None,
+                            np.ndarray, float]:
+    """(clipping alone, the clipping step, rounding alone, the weight's whole error RMSE)."""
+    x, w, g = case.input, case.weight, case.geometry
+    dw_clip, step_w = weight_clip_step(case, li.input_qparams, li.input_codes,
+                                       li.weight_qparams, li.weight_codes)
+    # isolated: each effect on the float input; rounding is that of the in-range weight, so
+    # clipping + rounding is the weight's whole quantization error
+    iso_wclip = conv_diff_any(x, dw_clip, g, compact=True)
+    w_round = dequantize(li.weight_codes, li.weight_qparams) - (w + dw_clip)
+    iso_wround = conv_diff(x, w_round, g)
+    c = iso_wround.reshape(-1)
+    if isinstance(iso_wclip, ChannelSparse):
+        energy = chunked_energy(lambda sl: c[sl].astype(np.float64), c.size)
+        energy += iso_wclip.row_energy_added(as_rows(iso_wround))
+    else:
+        a = iso_wclip.reshape(-1)
+        energy = chunked_energy(lambda sl: np.add(a[sl], c[sl], dtype=np.float64), c.size)
+    return iso_wclip, step_w, iso_wround, float(np.sqrt(energy / max(c.size, 1)))
+
+
+def _accumulator_rungs(case: ConvCase, li: LadderInputs, reasons: dict[str, str]) -> list[Rung]:
+    """The bias as the engine adds it, and the engine's accumulator (int16 pairs)."""
+    em, b = li.emulation, case.bias
+    acc_scale = np.asarray(em.acc_scale, dtype=np.float64).reshape(-1)
+    acc_exact_r = as_rows(em.acc_exact)
+    rungs = []
     bias_real = None if b is None else np.asarray(em.bias_real, dtype=np.float64).reshape(-1)
     if bias_real is None:
         reasons["bias_quantization"] = "the layer has no bias"
     else:
         bias_shift = bias_real - np.asarray(b, dtype=np.float64).reshape(-1)
-        yield ("bias_quantization",
-               lambda out, prev, k: _scaled(out, k.of(acc_exact_r), k.per_channel(acc_scale),
-                                            k.per_channel(bias_real)),
-               PerChannel(bias_shift))
+        rungs.append(Rung("bias_quantization",
+                          lambda out, prev, k: _scaled(out, k.of(acc_exact_r),
+                                                       k.per_channel(acc_scale),
+                                                       k.per_channel(bias_real)),
+                          PerChannel(bias_shift)))
     exact_acc = em.saturated_pairs == 0 and em.acc_exact.dtype == np.int32  # nothing wrapped
-    acc_r = rows(em.acc)
-    yield ("accumulation", SAME if exact_acc else lambda out, prev, k: _scaled(
+    acc_r = as_rows(em.acc)
+    rungs.append(Rung("accumulation", SAME if exact_acc else lambda out, prev, k: _scaled(
         out, k.of(acc_r), k.per_channel(acc_scale),
-        None if bias_real is None else k.per_channel(bias_real)), DELTA)
-    unclamped_r = rows(em.unclamped)
-    yield ("output_rounding",
-           lambda out, prev, k: _dequantized(out, k.of(unclamped_r), out_zp, out_s),
-           Elementwise(_rounding_error(out_s)))
+        None if bias_real is None else k.per_channel(bias_real)), DELTA))
+    return rungs
+
+
+def _output_rungs(li: LadderInputs) -> list[Rung]:
+    em, out_qp = li.emulation, li.output_qparams
+    out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
+    unclamped_r = as_rows(em.unclamped)
+    rounding = Rung("output_rounding",
+                    lambda out, prev, k: _dequantized(out, k.of(unclamped_r), out_zp, out_s),
+                    Elementwise(_rounding_error(out_s)))
     lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
     in_range = em.unclamped.size == 0 or (
         out_qp.dtype_min <= int(em.unclamped.min()) and int(em.unclamped.max()) <= out_qp.dtype_max)
-    codes_r = rows(em.output_codes)
-    yield ("output_clipping", SAME if in_range else lambda out, prev, k: _dequantized(
+    codes_r = as_rows(em.output_codes)
+    clipping = Rung("output_clipping", SAME if in_range else lambda out, prev, k: _dequantized(
         out, k.of(codes_r), out_zp, out_s), Elementwise(_clipping_error(lo, hi)))
+    return [rounding, clipping]
+
+
+def _final_rungs(li: LadderInputs, reasons: dict[str, str]) -> list[Rung]:
+    """What the quantized module really runs, and torch's own output."""
+    em, out_qp = li.emulation, li.output_qparams
+    rungs = []
     final_qp = out_qp
     if li.module_emulation is not None and li.module_output_qparams is not None:
         final_qp = li.module_output_qparams
-        mem_r = rows(li.module_emulation.output_codes)
+        mem_r = as_rows(li.module_emulation.output_codes)
         ms, mzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
-        yield ("module_state", lambda out, prev, k: _dequantized(out, k.of(mem_r), mzp, ms),
-               DELTA)
+        rungs.append(Rung("module_state",
+                          lambda out, prev, k: _dequantized(out, k.of(mem_r), mzp, ms), DELTA))
     else:
         reasons["module_state"] = li.module_reason
     fs, fzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
-    if li.torch_codes is not None:
-        codes = li.torch_codes
-        final = li.module_emulation if final_qp is not out_qp else em
-        same = final is not None and (li.torch_same if li.torch_same is not None
-                                      else np.array_equal(codes, final.output_codes))
-        torch_r = rows(codes)
-        yield ("backend_residual", SAME if same else
-               lambda out, prev, k: _dequantized(out, k.of(torch_r), fzp, fs), DELTA)
-    else:
+    if li.torch_codes is None:
         reasons["backend_residual"] = li.torch_reason
+        return rungs
+    codes = li.torch_codes
+    final = li.module_emulation if final_qp is not out_qp else em
+    same = final is not None and (li.torch_same if li.torch_same is not None
+                                  else np.array_equal(codes, final.output_codes))
+    torch_r = as_rows(codes)
+    rungs.append(Rung("backend_residual", SAME if same else lambda out, prev, k: _dequantized(
+        out, k.of(torch_r), fzp, fs), DELTA))
+    return rungs
 
 
 def _rounding_error(s: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -702,6 +442,7 @@ DELTA = object()
 """Marker: a stage's isolated effect is its own delta."""
 
 Triple = tuple[ErrorAccumulator, ErrorAccumulator, ErrorAccumulator]
+MetricTriple = tuple[Metrics, Metrics, Metrics | None]
 
 
 def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
@@ -715,132 +456,162 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     """
     if y0 is None:
         y0 = conv64(case.input, case.weight, case.bias, case.geometry)
-    out_s = float(li.output_qparams.scale[0])
-    fs = float((li.module_output_qparams if li.module_emulation is not None
-                and li.module_output_qparams is not None else li.output_qparams).scale[0])
-    rr = dot(y0.reshape(-1), y0.reshape(-1))
-    reasons: dict[str, str] = {}
-    measured: dict[str, float] = {}
-    ladder = list(_ladder_states(case, li, y0, reasons, measured))
-    # The stages before weight rounding do not depend on the engine: with several engines their
-    # metrics are measured once per grid and output step (memo; nothing to share otherwise).
-    from .memo import by_content, memoized
-
-    shared: dict[str, tuple[tuple[Metrics, Metrics, Metrics | None], float]] = {}
-    if by_content() and not keep:
-        shared = memoized("ladder_prefix", (li.input_codes, li.weight_codes, y0),
-                          (_qsig(li.input_qparams), _qsig(li.weight_qparams), out_s), dict)
-    prefix_known = all(sid in shared for sid in ENGINE_FREE_STAGES)
-
-    def lsb_of(sid: str) -> float:
-        return fs if sid in ("module_state", "backend_residual") else out_s
-
-    # A stage that changes nothing (SAME) after a measured one, at the same output step, has a
-    # zero delta and the previous cumulative error: no pass over its state.
-    unchanged = {sid for pos, (sid, fill, _iso) in enumerate(ladder)
-                 if fill is SAME and pos > 0 and lsb_of(sid) == out_s}
-    skip = set(ENGINE_FREE_STAGES) if prefix_known else set()
-    # up to the first stage that changes anything the previous state is the reference itself,
-    # so that stage's cumulative error is its delta: measured once
-    first_change = next((sid for sid, fill, _ in ladder if fill is not SAME), None)
-    y0r = _as_rows(y0)
-    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    final: np.ndarray | None = None
-    if keep:
-        kept = {sid: (np.empty(y0r.shape), np.empty(y0r.shape)) for sid, _, _ in ladder}
-        final = np.empty(y0.shape, dtype=np.float64)
-    isos = {sid: (_reader(iso) if isinstance(iso, (np.ndarray, ChannelSparse)) else None)
-            for sid, _, iso in ladder}
-
-    def work(blocks: list[Block]) -> tuple[dict[str, Triple], SummaryAccumulator]:
-        accs = {sid: (ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator())
-                for sid, _, _ in ladder}
-        final_acc = SummaryAccumulator()
-        size = max((k.of(y0r).size for k in blocks), default=0)
-        bufs = [np.empty(size), np.empty(size)]
-        d_buf, c_buf = np.empty(size), np.empty(size)
-        for k in blocks:
-            ref2 = k.of(y0r)
-            shape2, n = ref2.shape, ref2.size
-            r = ref2.reshape(-1)
-            prev2 = ref2
-            turn = 0
-            for sid, fill, iso in ladder:
-                d_acc, c_acc, i_acc = accs[sid]
-                if fill is SAME:
-                    cur2 = prev2
-                else:
-                    cur2 = bufs[turn][:n].reshape(shape2)
-                    turn ^= 1
-                    fill(cur2, prev2, k)
-                if keep:
-                    np.copyto(k.of(kept[sid][0]), cur2)
-                    np.subtract(cur2, prev2, out=k.of(kept[sid][1]))
-                lazy = iso.error if isinstance(iso, Elementwise) else None
-                if sid in unchanged:
-                    if lazy is not None:
-                        i_acc.add(lazy(r), r)
-                elif sid not in skip:
-                    cur = cur2.reshape(-1)
-                    if fill is SAME:
-                        d_acc.n += n  # a zero delta
-                    else:
-                        d_acc.add(np.subtract(cur, prev2.reshape(-1), out=d_buf[:n]), r)
-                    if sid != first_change:
-                        c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
-                    iso_at = isos[sid]
-                    if iso_at is not None:
-                        i_acc.add(iso_at(k).reshape(-1), r)
-                    elif lazy is not None:
-                        i_acc.add(lazy(r), r)
-                prev2 = cur2
-            final_acc.add(prev2.reshape(-1))
-            if final is not None:
-                np.copyto(k.of(final.reshape(y0r.shape)), prev2)
-        return accs, final_acc
-
-    results_by_group = over_groups(_blocks(y0.shape), work)
-    groups = [accs for accs, _ in results_by_group]
-    final_summary = results_by_group[0][1]
-    for _, other in results_by_group[1:]:
-        final_summary.merge(other)
-    channel_sums: np.ndarray | None = None
-    energies: dict[str, float] = {}
-    metrics: dict[str, tuple[Metrics, Metrics, Metrics | None]] = {}
-    cumulative_prev: Metrics | None = None
-    for sid, _fill, iso in ladder:
-        lsb = lsb_of(sid)
-        d_acc, c_acc, i_acc = (merged([grp[sid][j] for grp in groups]) for j in range(3))
-        if sid in skip:
-            metrics[sid], energies[sid] = shared[sid]
-        elif sid in unchanged:
-            assert cumulative_prev is not None
-            zero = ErrorAccumulator().metrics(rr, lsb)
-            alone = i_acc.metrics(rr, lsb) if isinstance(iso, Elementwise) else zero
-            metrics[sid], energies[sid] = (zero, cumulative_prev, alone), 0.0
-        else:
-            if isinstance(iso, PerChannel):
-                if channel_sums is None:
-                    channel_sums = y0.sum(axis=tuple(i for i in range(y0.ndim) if i != 1))
-                i_acc.add_per_channel(iso.values, channel_sums, y0.size // y0.shape[1])
-            energies[sid] = d_acc.energy
-            delta = d_acc.metrics(rr, lsb)
-            metrics[sid] = (delta, delta if sid == first_change else c_acc.metrics(rr, lsb),
-                            delta if iso is DELTA else i_acc.metrics(rr, lsb))
-            if sid in ENGINE_FREE_STAGES and not prefix_known:
-                shared[sid] = (metrics[sid], energies[sid])
-        cumulative_prev = metrics[sid][1]
+    plan = plan_ladder(case, li, y0)
+    walk = _Walk(plan, li, y0, keep)
+    accs, final_summary = walk.run()
+    metrics, energies = walk.measure(accs)
     shares = shares_from_energies(energies)
     results = []
     for sid in STAGE_IDS:
         if sid not in metrics:
-            results.append(StageResult(sid, False, reasons.get(sid, "does not apply"),
+            results.append(StageResult(sid, False, plan.reasons.get(sid, "does not apply"),
                                        None, None, None, None))
             continue
         d, c, i = metrics[sid]
         results.append(StageResult(sid, True, None, d, c, i, shares[sid]))
     total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
-    states = {sid: st.reshape(y0.shape) for sid, (st, _) in kept.items()}
-    deltas = {sid: dl.reshape(y0.shape) for sid, (_, dl) in kept.items()}
-    return Ladder(tuple(results), y0, states, deltas, final, final_summary.result(), total, fs,
-                  measured.get("weight_error_rmse"))
+    shape = y0.shape
+    states = {sid: st.reshape(shape) for sid, (st, _) in walk.kept.items()}
+    deltas = {sid: dl.reshape(shape) for sid, (_, dl) in walk.kept.items()}
+    return Ladder(tuple(results), y0, states, deltas, walk.final, final_summary.result(), total,
+                  walk.final_step, plan.weight_error_rmse)
+
+
+class _Walk:
+    """The plan's states and metrics, walked block by block."""
+
+    def __init__(self, plan: Plan, li: LadderInputs, y0: np.ndarray, keep: bool) -> None:
+        from .memo import by_content, memoized
+
+        self.plan, self.y0, self.keep = plan, y0, keep
+        self.out_step = float(li.output_qparams.scale[0])
+        self.final_step = float((li.module_output_qparams if li.module_emulation is not None
+                                 and li.module_output_qparams is not None
+                                 else li.output_qparams).scale[0])
+        self.y0r = as_rows(y0)
+        # The stages before weight rounding do not depend on the engine: with several engines
+        # their metrics are measured once per grid and output step (memo; nothing to share
+        # otherwise).
+        self.shared: dict[str, tuple[MetricTriple, float]] = {}
+        if by_content() and not keep:
+            self.shared = memoized("ladder_prefix", (li.input_codes, li.weight_codes, y0),
+                                   (_qsig(li.input_qparams), _qsig(li.weight_qparams),
+                                    self.out_step), dict)
+        self.prefix_known = all(sid in self.shared for sid in ENGINE_FREE_STAGES)
+        rungs = plan.rungs
+        # A stage that changes nothing (SAME) after a measured one, at the same output step,
+        # has a zero delta and the previous cumulative error: no pass over its state.
+        self.unchanged = {r.id for pos, r in enumerate(rungs)
+                          if r.fill is SAME and pos > 0 and self.lsb(r.id) == self.out_step}
+        self.skip = set(ENGINE_FREE_STAGES) if self.prefix_known else set()
+        # up to the first stage that changes anything the previous state is the reference
+        # itself, so that stage's cumulative error is its delta: measured once
+        self.first_change = next((r.id for r in rungs if r.fill is not SAME), None)
+        self.kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.final: np.ndarray | None = None
+        if keep:
+            self.kept = {r.id: (np.empty(self.y0r.shape), np.empty(self.y0r.shape))
+                         for r in rungs}
+            self.final = np.empty(y0.shape, dtype=np.float64)
+        self.isos = {r.id: (reader(r.isolated) if isinstance(r.isolated, (np.ndarray,
+                                                                          ChannelSparse))
+                            else None) for r in rungs}
+
+    def lsb(self, sid: str) -> float:
+        return self.final_step if sid in ("module_state", "backend_residual") else self.out_step
+
+    def run(self) -> tuple[list[dict[str, Triple]], SummaryAccumulator]:
+        results = over_groups(blocks(self.y0.shape), self._blocks)
+        final_summary = results[0][1]
+        for _, other in results[1:]:
+            final_summary.merge(other)
+        return [accs for accs, _ in results], final_summary
+
+    def _blocks(self, group: list[Block]) -> tuple[dict[str, Triple], SummaryAccumulator]:
+        """One thread's blocks: every stage's state written and measured per block."""
+        accs = {r.id: (ErrorAccumulator(), ErrorAccumulator(), ErrorAccumulator())
+                for r in self.plan.rungs}
+        final_acc = SummaryAccumulator()
+        size = max((k.of(self.y0r).size for k in group), default=0)
+        bufs = [np.empty(size), np.empty(size)]
+        scratch = (np.empty(size), np.empty(size))
+        for k in group:
+            prev2 = self._block(k, accs, bufs, scratch)
+            final_acc.add(prev2.reshape(-1))
+            if self.final is not None:
+                np.copyto(k.of(self.final.reshape(self.y0r.shape)), prev2)
+        return accs, final_acc
+
+    def _block(self, k: Block, accs: dict[str, Triple], bufs: list[np.ndarray],
+               scratch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        ref2 = k.of(self.y0r)
+        shape2, n = ref2.shape, ref2.size
+        r = ref2.reshape(-1)
+        d_buf, c_buf = scratch
+        prev2, turn = ref2, 0
+        for rung in self.plan.rungs:
+            sid, fill, iso = rung.id, rung.fill, rung.isolated
+            d_acc, c_acc, i_acc = accs[sid]
+            if fill is SAME:
+                cur2 = prev2
+            else:
+                cur2 = bufs[turn][:n].reshape(shape2)
+                turn ^= 1
+                fill(cur2, prev2, k)
+            if self.keep:
+                np.copyto(k.of(self.kept[sid][0]), cur2)
+                np.subtract(cur2, prev2, out=k.of(self.kept[sid][1]))
+            lazy = iso.error if isinstance(iso, Elementwise) else None
+            if sid in self.unchanged:
+                if lazy is not None:
+                    i_acc.add(lazy(r), r)
+            elif sid not in self.skip:
+                cur = cur2.reshape(-1)
+                if fill is SAME:
+                    d_acc.n += n  # a zero delta
+                else:
+                    d_acc.add(np.subtract(cur, prev2.reshape(-1), out=d_buf[:n]), r)
+                if sid != self.first_change:
+                    c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
+                iso_at = self.isos[sid]
+                if iso_at is not None:
+                    i_acc.add(iso_at(k).reshape(-1), r)
+                elif lazy is not None:
+                    i_acc.add(lazy(r), r)
+            prev2 = cur2
+        return prev2
+
+    def measure(self, groups: list[dict[str, Triple]]
+                ) -> tuple[dict[str, MetricTriple], dict[str, float]]:
+        """Every stage's (delta, cumulative, isolated) metrics and delta energy."""
+        y0 = self.y0
+        rr = dot(y0.reshape(-1), y0.reshape(-1))
+        channel_sums: np.ndarray | None = None
+        energies: dict[str, float] = {}
+        metrics: dict[str, MetricTriple] = {}
+        cumulative_prev: Metrics | None = None
+        for rung in self.plan.rungs:
+            sid, iso = rung.id, rung.isolated
+            lsb = self.lsb(sid)
+            d_acc, c_acc, i_acc = (merged([grp[sid][j] for grp in groups]) for j in range(3))
+            if sid in self.skip:
+                metrics[sid], energies[sid] = self.shared[sid]
+            elif sid in self.unchanged:
+                assert cumulative_prev is not None
+                zero = ErrorAccumulator().metrics(rr, lsb)
+                alone = i_acc.metrics(rr, lsb) if isinstance(iso, Elementwise) else zero
+                metrics[sid], energies[sid] = (zero, cumulative_prev, alone), 0.0
+            else:
+                if isinstance(iso, PerChannel):
+                    if channel_sums is None:
+                        channel_sums = y0.sum(axis=tuple(i for i in range(y0.ndim) if i != 1))
+                    i_acc.add_per_channel(iso.values, channel_sums, y0.size // y0.shape[1])
+                energies[sid] = d_acc.energy
+                delta = d_acc.metrics(rr, lsb)
+                metrics[sid] = (delta, delta if sid == self.first_change else
+                                c_acc.metrics(rr, lsb),
+                                delta if iso is DELTA else i_acc.metrics(rr, lsb))
+                if sid in ENGINE_FREE_STAGES and not self.prefix_known:
+                    self.shared[sid] = (metrics[sid], energies[sid])
+            cumulative_prev = metrics[sid][1]
+        return metrics, energies

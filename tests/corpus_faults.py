@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qconvdiag.case import ConvCase, ModuleState, QuantSetup, build_case
+from qconvdiag.float_conv import conv64
 from qconvdiag.qparams import QParams, make_qparams, per_tensor, quantize
-from qconvdiag.stages import conv64
 from tests.corpus import _input, _weight
 
 

@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 
 from qconvdiag import emulate
+from qconvdiag.blocks import blocks
 from qconvdiag.case import Geometry, build_case
 from qconvdiag.diagnosis import Options, diagnose_runs
-from qconvdiag.generate import RandomSpec, generate
-from qconvdiag.qparams import dequantize, make_qparams, quantize
-from qconvdiag.stages import (
+from qconvdiag.float_conv import (
     ChannelSparse,
     DequantizedInput,
-    _blocks,
     _conv_sparse_input,
     _conv_sparse_weight,
     conv64,
     conv_diff,
     conv_diff_any,
-    input_steps,
 )
+from qconvdiag.generate import RandomSpec, generate
+from qconvdiag.qparams import dequantize, make_qparams, quantize
+from qconvdiag.stages import input_steps
 from tests.conftest import REFERENCE_RTOL
 
 
@@ -113,7 +113,7 @@ def test_dequantized_input_equals_the_dequantized_array(per_channel, monkeypatch
     """conv_diff of dequant(codes) formed lazily (float64 per channel, float32 for a conv) gives
     the numbers of the materialised float64 array, on every route (sparse weight, sparse
     input, dense conv)."""
-    from qconvdiag import stages
+    from qconvdiag import float_conv
 
     rng = np.random.default_rng(3)
     g = Geometry((1, 1), (1, 1), (1, 1), 1)
@@ -123,8 +123,9 @@ def test_dequantized_input_equals_the_dequantized_array(per_channel, monkeypatch
           if per_channel else make_qparams([0.023], [3], "quint8", None, "i", "user"))
     routes: list[str] = []
     for name in ("_conv_sparse_weight", "_conv_sparse_input", "_conv"):
-        fn = getattr(stages, name)
-        monkeypatch.setattr(stages, name, lambda *a, _f=fn, _n=name: routes.append(_n) or _f(*a))
+        fn = getattr(float_conv, name)
+        monkeypatch.setattr(float_conv, name,
+                            lambda *a, _f=fn, _n=name: routes.append(_n) or _f(*a))
     for xs in (x, x * (rng.random(x.shape) < 0.005)):
         codes = quantize(xs, qp)
         lazy, dense = DequantizedInput(codes, qp), dequantize(codes, qp)
@@ -143,7 +144,7 @@ def test_channel_sparse_scatter_equals_the_dense_one(monkeypatch):
     """A few clipped weights feeding a few output channels: the compact result stores those
     channels only; densified, read block by block, and its energy added to another
     array, it gives the dense scatter's numbers."""
-    from qconvdiag import stages
+    from qconvdiag import blocks as blocks_module
 
     rng = np.random.default_rng(8)
     g = Geometry((1, 1), (1, 1), (1, 1), 1)
@@ -155,11 +156,11 @@ def test_channel_sparse_scatter_equals_the_dense_one(monkeypatch):
     assert isinstance(compact, ChannelSparse) and list(compact.channels) == [1, 5]
     assert np.array_equal(compact.dense(), dense)
     rows = dense.reshape(2 * 8, -1)
-    monkeypatch.setattr(stages, "CHUNK", 20)  # blocks of part rows
-    for k in _blocks(dense.shape) + _blocks((2, 8, 9, 9))[:3]:
+    monkeypatch.setattr(blocks_module, "CHUNK", 20)  # blocks of part rows
+    for k in blocks(dense.shape) + blocks((2, 8, 9, 9))[:3]:
         assert np.array_equal(compact.block(k), k.of(rows))
-    monkeypatch.setattr(stages, "CHUNK", 200)  # blocks of several rows
-    for k in _blocks(dense.shape):
+    monkeypatch.setattr(blocks_module, "CHUNK", 200)  # blocks of several rows
+    for k in blocks(dense.shape):
         assert np.array_equal(compact.block(k), k.of(rows))
     base = rng.standard_normal(rows.shape)
     added = float(((base + rows) ** 2).sum() - (base ** 2).sum())

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from qconvdiag.errors import UsageError
+from qconvdiag.float_conv import conv64
 from qconvdiag.generate import DISTRIBUTIONS, RandomSpec, forum_case, generate
 from qconvdiag.io import save_case
-from qconvdiag.stages import conv64
 
 
 def test_forum_recipe_reenacts_the_thread():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from qconvdiag.diagnosis import Options, diagnose_runs
+from qconvdiag.float_conv import conv64
 from qconvdiag.generate import RandomSpec, forum_case, generate
 from qconvdiag.metrics import error_metrics, summary
-from qconvdiag.stages import STAGE_IDS, conv64
+from qconvdiag.stages import STAGE_IDS
 from tests.conftest import REFERENCE_RTOL, TELESCOPE_RTOL
 
 
@@ -80,9 +81,9 @@ def test_streamed_metrics_equal_the_metrics_of_the_whole_arrays(seed, monkeypatc
     """The ladder measures block by block on two threads; its delta and cumulative metrics
     must be those of the whole state arrays, its output summary that of the whole final
     output, with or without the arrays kept. Small blocks (CHUNK) make many of them."""
-    from qconvdiag import metrics, stages
+    from qconvdiag import blocks, metrics
 
-    monkeypatch.setattr(stages, "CHUNK", 37 + seed)  # blocks of part rows and of many rows
+    monkeypatch.setattr(blocks, "CHUNK", 37 + seed)  # blocks of part rows and of many rows
     case = generate(RandomSpec(seed=seed, recipe="handmade" if seed % 2 else None,
                                distribution=["normal", "relu", "int", "heavy"][seed % 4]))
     kept, _ = diagnose_runs(case, Options(keep_arrays=True))
