@@ -28,6 +28,7 @@ magnitude) count as exact. Thresholds, stated once:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -187,15 +188,37 @@ def isolated_energy(s: StageResult, noise: float) -> float:
     return m.rmse ** 2
 
 
-def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple[StageResult, ...],
-                   total_rmse: float, y0: np.ndarray, emulation: Emulation | None) -> Budget:
-    """The path's budget: per stage measured vs floor, excess, and the verdict."""
-    x, w = case.input, case.weight
-    n_out = max(int(y0.size), 1)
-    y_abs = float(np.abs(y0).max()) if y0.size else 0.0
-    noise = (REFERENCE_NOISE * y_abs) ** 2
-    slack = 1 + SLACK / math.sqrt(n_out)
+@dataclass(frozen=True)
+class Floors:
+    """What each rounding stage would add at the floor (mean squares, float units^2)."""
 
+    stages: dict[str, float]
+    """input_rounding, weight_rounding, bias_quantization, output_rounding."""
+    input_8bit: float
+    output_8bit: float
+    input_itself: float
+    """The input's own rounding floor, on the input itself (not through the conv), at the
+    input's bits."""
+    input_bits: int
+    output_bits: int
+    input_step_ratio: float
+    """The input's scale over the ideal 8-bit step."""
+    output_step_ratio: float
+
+    @property
+    def energy(self) -> float:
+        return sum(self.stages.values())
+
+    @property
+    def energy_8bit(self) -> float:
+        s = self.stages
+        return self.input_8bit + s["weight_rounding"] + self.output_8bit + s["bias_quantization"]
+
+
+def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
+           emulation: Emulation | None) -> Floors:
+    """The floor of every rounding stage; 7-bit activations where the engine pairs int16."""
+    x = case.input
     dx8, dy8 = ideal_step(x), ideal_step(y0)
     in_ratio = _step(spec.input_qparams) / dx8 if dx8 > 0 else 1.0
     out_qp = spec.output_qparams
@@ -206,27 +229,62 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
     out_codes = emulation.unclamped if emulation is not None else np.empty(0)
     out_7 = any("reduce_range" in n for n in out_qp.notes) or uses_seven_bits(out_codes, out_ratio)
     out_bits = 7 if pairing and out_7 else 8
-
-    f_in8 = dx8 ** 2 / 12 * input_noise_gain(case) * (np.count_nonzero(x) / max(x.size, 1))
-    gains = weight_noise_gains(case)
-    f_w = weight_noise(case, per_channel_steps(w), gains)
+    on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1))
+    f_in8 = on_input * input_noise_gain(case)
     f_out8 = dy8 ** 2 / 12
-    f_in = f_in8 * (4 if in_bits == 7 else 1)
-    f_out = f_out8 * (4 if out_bits == 7 else 1)
     f_bias = 0.0
     if kernel.kernel == "qnnpack" and case.bias is not None:  # bias rounded to int32
         f_bias = (_step(spec.input_qparams) * _step(spec.weight_qparams)) ** 2 / 12
-    floors = {"input_rounding": f_in, "weight_rounding": f_w, "bias_quantization": f_bias,
-              "output_rounding": f_out}
+    stages = {"input_rounding": f_in8 * (4 if in_bits == 7 else 1),
+              "weight_rounding": weight_noise(case, per_channel_steps(case.weight)),
+              "bias_quantization": f_bias,
+              "output_rounding": f_out8 * (4 if out_bits == 7 else 1)}
+    return Floors(stages, f_in8, f_out8, on_input * (4 if in_bits == 7 else 1), in_bits,
+                  out_bits, in_ratio, out_ratio)
 
-    exact = {s.id: s.applies and s.delta is not None and s.delta.max_abs <= REFERENCE_NOISE * y_abs
-             for s in stages}
+
+def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple[StageResult, ...],
+                   total_rmse: float, y0: np.ndarray, emulation: Emulation | None) -> Budget:
+    """The path's budget: per stage measured vs floor, excess, and the verdict."""
+    n_out = max(int(y0.size), 1)
+    y_abs = float(np.abs(y0).max()) if y0.size else 0.0
+    f = floors(case, spec, kernel, y0, emulation)
     # Each effect is judged by what it costs on its own, applied to the float path (the
     # ladder's isolated view): order-free, so an earlier stage's damage neither hides nor
     # inflates a later one's (a clip that pulls an overshoot back costs what the clip alone
     # costs).
     alone = {st.id: isolated_energy(st, REFERENCE_NOISE * y_abs) for st in stages}
+    excess = _excess(case, spec, f, alone, n_out, (REFERENCE_NOISE * y_abs) ** 2)
+    candidates: dict[str, float] = {}
+    weight_excess = excess["weight_clipping"] + excess["weight_rounding"]
+    if not spec.weight_qparams.per_channel and weight_excess >= MATERIAL * f.energy / 2:
+        candidates = weight_candidates(case, spec)
+    floor_rmse = math.sqrt(f.energy)
+    ratio = total_rmse / floor_rmse if floor_rmse > 0 else (0.0 if total_rmse == 0 else math.inf)
+    at_floor = AT_FLOOR + SLACK / math.sqrt(n_out) / 2
+    verdict = ("at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor")
+    exact = {st.id: st.applies and st.delta is not None
+             and st.delta.max_abs <= REFERENCE_NOISE * y_abs for st in stages}
+    return Budget(
+        stages=tuple(StageBudget(
+            id=st.id, measured=0.0 if exact[st.id] else math.sqrt(stage_energy(st)),
+            alone=math.sqrt(alone[st.id]), floor=math.sqrt(f.stages.get(st.id, 0.0)),
+            excess=excess[st.id], exact=exact[st.id]) for st in stages),
+        rmse=total_rmse, floor_rmse=floor_rmse, floor_rmse_8bit=math.sqrt(f.energy_8bit),
+        ratio=ratio, excess=sum(excess.values()), floor_energy=f.energy,
+        verdict=verdict, input_bits=f.input_bits, output_bits=f.output_bits,
+        input_step_ratio=f.input_step_ratio, output_step_ratio=f.output_step_ratio,
+        weight_step_ratio=float(np.max(_weight_step_ratios(spec.weight_qparams, case.weight))),
+        outputs=n_out, weight_candidates=candidates,
+    )
 
+
+def _excess(case: ConvCase, spec: PathSpec, f: Floors, alone: dict[str, float], n_out: int,
+            noise: float) -> dict[str, float]:
+    """Per stage, the error energy above its floor (groups judged together, then split over
+    their stages by how far each exceeds its own floor)."""
+    x, w = case.input, case.weight
+    slack = 1 + SLACK / math.sqrt(n_out)
     # the measured energy of a group scatters with the fewest independent errors behind it:
     # the outputs, or the input's or the weight's elements when there are fewer of those
     group_slack = {"input": 1 + SLACK / math.sqrt(max(1, min(n_out, x.size))),
@@ -235,18 +293,16 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
 
     def over(sid: str) -> float:
         factor = group_slack.get(GROUPS.get(sid, ""), slack)
-        return max(0.0, alone[sid] - (floors.get(sid, 0.0) + noise) * factor)
+        return max(0.0, alone[sid] - (f.stages.get(sid, 0.0) + noise) * factor)
 
     # An observer may clip the input's outliers on purpose for a finer step; judged on the
     # input itself, clipping and rounding together are then no worse than minmax's rounding
     # (a sound trade-off, not a misuse), whatever the conv makes of the few clipped values.
-    input_sound = input_error(x, spec) <= (dx8 ** 2 / 12 * (4 if in_bits == 7 else 1)
-                                           * (np.count_nonzero(x) / max(x.size, 1))
-                                           * (1 + SLACK / math.sqrt(max(x.size, 1))))
+    input_sound = input_error(x, spec) <= f.input_itself * (1 + SLACK / math.sqrt(max(x.size, 1)))
     excess: dict[str, float] = {}
     for group in ("input", "weight", "output"):
         ids = [sid for sid, grp in GROUPS.items() if grp == group]
-        group_floor = sum(floors.get(sid, 0.0) + noise for sid in ids) * group_slack[group]
+        group_floor = sum(f.stages.get(sid, 0.0) + noise for sid in ids) * group_slack[group]
         group_excess = max(0.0, sum(alone[sid] for sid in ids) - group_floor)
         if group == "input" and input_sound:
             group_excess = 0.0
@@ -256,32 +312,10 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
         total = sum(parts.values())
         for sid in ids:
             excess[sid] = group_excess * parts[sid] / total if total > 0 else 0.0
-    for st in stages:
-        if st.id not in excess:
-            excess[st.id] = over(st.id)
-
-    floor_energy = f_in + f_w + f_out + f_bias
-    candidates: dict[str, float] = {}
-    weight_excess = excess["weight_clipping"] + excess["weight_rounding"]
-    if not spec.weight_qparams.per_channel and weight_excess >= MATERIAL * floor_energy / 2:
-        candidates = weight_candidates(case, spec)
-    floor_energy_8bit = f_in8 + f_w + f_out8 + f_bias
-    floor_rmse = math.sqrt(floor_energy)
-    ratio = total_rmse / floor_rmse if floor_rmse > 0 else (0.0 if total_rmse == 0 else math.inf)
-    at_floor = AT_FLOOR + SLACK / math.sqrt(n_out) / 2
-    verdict = ("at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor")
-    return Budget(
-        stages=tuple(StageBudget(
-            id=st.id, measured=0.0 if exact[st.id] else math.sqrt(stage_energy(st)),
-            alone=math.sqrt(alone[st.id]), floor=math.sqrt(floors.get(st.id, 0.0)),
-            excess=excess[st.id], exact=exact[st.id]) for st in stages),
-        rmse=total_rmse, floor_rmse=floor_rmse, floor_rmse_8bit=math.sqrt(floor_energy_8bit),
-        ratio=ratio, excess=sum(excess.values()), floor_energy=floor_energy,
-        verdict=verdict, input_bits=in_bits, output_bits=out_bits,
-        input_step_ratio=in_ratio, output_step_ratio=out_ratio,
-        weight_step_ratio=float(np.max(_weight_step_ratios(spec.weight_qparams, w))),
-        outputs=n_out, weight_candidates=candidates,
-    )
+    for sid in alone:
+        if sid not in excess:
+            excess[sid] = over(sid)
+    return excess
 
 
 def _weight_step_ratios(qp: QParams, w: np.ndarray) -> np.ndarray:
