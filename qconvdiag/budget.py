@@ -217,26 +217,32 @@ class Floors:
 
 def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
            emulation: Emulation | None) -> Floors:
-    """The floor of every rounding stage; 7-bit activations where the engine pairs int16."""
+    """The floor of every rounding stage; 7-bit activations where the engine pairs int16. With
+    a fused ReLU the output is relu(y0): noise passes, and rounding happens, only where it is
+    active (its zeros are exact)."""
     x = case.input
-    dx8, dy8 = ideal_step(x), ideal_step(y0)
+    relu = case.activation == "relu"
+    y = np.maximum(y0, 0.0) if relu else y0
+    active = float(np.count_nonzero(y0 > 0) / max(y0.size, 1)) if relu else 1.0
+    dx8, dy8 = ideal_step(x), ideal_step(y)
     in_ratio = _step(spec.input_qparams) / dx8 if dx8 > 0 else 1.0
     out_qp = spec.output_qparams
     out_ratio = _step(out_qp) / dy8 if dy8 > 0 else 1.0
     pairing = kernel.kernel in PAIRING_KERNELS
     observed_7 = any("reduce_range" in n for n in spec.input_qparams.notes)
     in_bits = 7 if pairing and (observed_7 or uses_seven_bits(spec.input_codes, in_ratio)) else 8
-    out_codes = emulation.unclamped if emulation is not None else np.empty(0)
+    out_codes = np.empty(0) if emulation is None else (
+        emulation.output_codes if relu else emulation.unclamped)  # relu: what it lets through
     out_7 = any("reduce_range" in n for n in out_qp.notes) or uses_seven_bits(out_codes, out_ratio)
     out_bits = 7 if pairing and out_7 else 8
     on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1))
-    f_in8 = on_input * input_noise_gain(case)
-    f_out8 = dy8 ** 2 / 12
+    f_in8 = on_input * input_noise_gain(case) * active
+    f_out8 = dy8 ** 2 / 12 * active  # a ReLU's zeros are exact
     f_bias = 0.0
     if kernel.kernel == "qnnpack" and case.bias is not None:  # bias rounded to int32
         f_bias = (_step(spec.input_qparams) * _step(spec.weight_qparams)) ** 2 / 12
     stages = {"input_rounding": f_in8 * (4 if in_bits == 7 else 1),
-              "weight_rounding": weight_noise(case, per_channel_steps(case.weight)),
+              "weight_rounding": weight_noise(case, per_channel_steps(case.weight)) * active,
               "bias_quantization": f_bias,
               "output_rounding": f_out8 * (4 if out_bits == 7 else 1)}
     return Floors(stages, f_in8, f_out8, on_input * (4 if in_bits == 7 else 1), in_bits,
@@ -247,7 +253,8 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
                    total_rmse: float, y0: np.ndarray, emulation: Emulation | None) -> Budget:
     """The path's budget: per stage measured vs floor, excess, and the verdict."""
     n_out = max(int(y0.size), 1)
-    y_abs = float(np.abs(y0).max()) if y0.size else 0.0
+    y = np.maximum(y0, 0.0) if case.activation == "relu" else y0
+    y_abs = float(np.abs(y).max()) if y.size else 0.0
     f = floors(case, spec, kernel, y0, emulation)
     # Each effect is judged by what it costs on its own, applied to the float path (the
     # ladder's isolated view): order-free, so an earlier stage's damage neither hides nor
@@ -265,13 +272,19 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
     verdict = ("at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor")
     exact = {st.id: st.applies and st.delta is not None
              and st.delta.max_abs <= REFERENCE_NOISE * y_abs for st in stages}
+    # effects that show only in the chain, not alone (a scale applied to the wrong channel):
+    # when the stages' excess misses most of the path's, the path's whole excess counts,
+    # credited to no stage (effects that compound, like the forum's, stay the stages')
+    whole = max(0.0, total_rmse ** 2 - f.energy * (1 + SLACK / math.sqrt(n_out)))
+    stage_sum = sum(excess.values())
     return Budget(
         stages=tuple(StageBudget(
             id=st.id, measured=0.0 if exact[st.id] else math.sqrt(stage_energy(st)),
             alone=math.sqrt(alone[st.id]), floor=math.sqrt(f.stages.get(st.id, 0.0)),
             excess=excess[st.id], exact=exact[st.id]) for st in stages),
         rmse=total_rmse, floor_rmse=floor_rmse, floor_rmse_8bit=math.sqrt(f.energy_8bit),
-        ratio=ratio, excess=sum(excess.values()), floor_energy=f.energy,
+        ratio=ratio, excess=stage_sum if stage_sum >= whole / 2 else whole,
+        floor_energy=f.energy,
         verdict=verdict, input_bits=f.input_bits, output_bits=f.output_bits,
         input_step_ratio=f.input_step_ratio, output_step_ratio=f.output_step_ratio,
         weight_step_ratio=float(np.max(_weight_step_ratios(spec.weight_qparams, case.weight))),

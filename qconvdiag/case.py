@@ -17,6 +17,8 @@ from .qparams import QParams
 from .report import CaseSummary
 
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+#: Fused activations a quantized conv module may apply (torch.ao.nn.intrinsic ConvReLU).
+ACTIVATIONS = (None, "relu")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class ConvCase:
     """Where the case came from (a path, ``random --seed 3``, ``recipe forum``)."""
     notes: tuple[str, ...] = field(default=())
     """Things the loader did that the user should know (e.g. integers converted to float32)."""
+    activation: str | None = None
+    """A fused activation after the conv (``relu``: ConvReLU modules), applied to the float
+    output too; None for a plain conv."""
 
     @property
     def spatial_dims(self) -> int:
@@ -108,6 +113,7 @@ class ConvCase:
             output_shape=tuple(self.output_shape), bias=self.bias is not None,
             stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
             source=self.source, notes=tuple(self.notes), has_user_setup=self.setup is not None,
+            activation=self.activation,
         )
 
 
@@ -248,8 +254,12 @@ def build_case(
     setup: QuantSetup | None = None,
     source: str = "",
     notes: tuple[str, ...] = (),
+    activation: str | None = None,
 ) -> ConvCase:
     """Validate and build a ConvCase (raises CaseError with a fix on any problem)."""
+    if activation not in ACTIVATIONS:
+        raise CaseError(f"activation {activation!r}: qconvdiag knows the fused "
+                        f"{', '.join(a for a in ACTIVATIONS if a)} (or none)")
     note_list = list(notes)
     inp_a = as_float_tensor(inp, "input", note_list)
     w_a = as_float_tensor(weight, "weight", note_list)
@@ -262,7 +272,7 @@ def build_case(
     validate(inp_a, w_a, b_a, g)
     if setup is not None:
         _validate_setup(setup, inp_a, w_a)
-    return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list))
+    return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list), activation)
 
 
 def _validate_setup(setup: QuantSetup, inp: np.ndarray, weight: np.ndarray) -> None:

@@ -97,7 +97,7 @@ def run_diagnosis(case: ConvCase, options: Options | None = None,
         torch_version=torch.__version__,
         cpu=cpu_info(),
         case=case.summary(),
-        float_output=summary(y0),
+        float_output=summary(np.maximum(y0, 0.0) if case.activation == "relu" else y0),
         paths=tuple(r.report for r in runs),
         findings=tuple(findings),
         status=status,
@@ -222,7 +222,8 @@ def torch_run(case: ConvCase, spec: PathSpec, engine: str) -> TorchRun:
     out_qp = spec.final_output_qparams
     return run_conv(engine, spec.input_codes, spec.input_qparams, spec.run_weight_codes,
                     exec_weight_qparams(spec.run_weight_qparams), spec.run_bias,
-                    out_qp.scale[0], out_qp.zero_point[0], case.geometry)
+                    out_qp.scale[0], out_qp.zero_point[0], case.geometry,
+                    relu=case.activation == "relu")
 
 
 def run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None = None,
@@ -270,13 +271,15 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
     refused = (tr.error if not tr.ran else None) or k.refused
     em = mem = ladder = None
     if k.can_emulate:
+        relu = case.activation == "relu"
         em = emulate(k.setup, spec.input_codes, spec.input_qparams, spec.weight_codes,
                      exec_weight_qparams(spec.weight_qparams), spec.bias, spec.output_qparams,
-                     g)
+                     g, relu)
         if spec.module is not None:
             m = spec.module
             mem = emulate(k.run, spec.input_codes, spec.input_qparams, m.weight_codes,
-                          exec_weight_qparams(m.weight_qparams), m.bias, m.output_qparams, g)
+                          exec_weight_qparams(m.weight_qparams), m.bias, m.output_qparams, g,
+                          relu)
         ladder = _ladder(case, spec, engine, em, mem, tr, y0, keep)
     final_em = mem if mem is not None else em
     if y0 is None:
@@ -289,7 +292,8 @@ def _run_path(case: ConvCase, spec: PathSpec, engine: str, y0: np.ndarray | None
     hypothetical = saturation_without_vnni(spec, k.run, g) \
         if spec.name == "as_given" and em is not None else None
     return PathRun(report, spec, k.setup, em, mem, ladder,
-                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g, y0, hypothetical)
+                   tr.output_codes if tr.ran else None, tuple(tr.warnings), g, y0, hypothetical,
+                   case.activation)
 
 
 def _ladder(case: ConvCase, spec: PathSpec, engine: str, em: Emulation,
@@ -316,6 +320,7 @@ def _ladder(case: ConvCase, spec: PathSpec, engine: str, em: Emulation,
         torch_codes=tr.output_codes if tr.ran else None,
         torch_reason=f"torch did not run it on {engine}: {tr.error}",
         torch_same=torch_same,
+        relu=case.activation == "relu",
     ), y0=y0, keep=keep)
 
 

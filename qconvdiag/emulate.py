@@ -592,6 +592,17 @@ def engine_weight_codes(kernel: Kernel, w_codes: np.ndarray, w_qp: QParams) -> n
     return w_codes
 
 
+def relu_floor(kernel: Kernel, zero_point: int, engine_zero_point: int) -> int:
+    """The code a fused ReLU clamps at: the output zero point, as each kernel holds it when it
+    lies outside 0..255 (measured): fbgemm keeps a uint8 (284 -> 28), qnnpack saturates it
+    (284 -> 255)."""
+    if kernel.kernel == "fbgemm":
+        return zero_point % 256
+    if kernel.kernel == "qnnpack":
+        return min(max(zero_point, 0), 255)
+    return engine_zero_point
+
+
 def emulate(
     kernel: Kernel,
     x_codes: np.ndarray,
@@ -601,8 +612,11 @@ def emulate(
     bias: np.ndarray | None,
     out_qp: QParams,
     g: Geometry,
+    relu: bool = False,
 ) -> Emulation:
-    """The engine's quantized conv on these codes, every intermediate kept."""
+    """The engine's quantized conv on these codes, every intermediate kept. ``relu``: a fused
+    ReLU (ConvReLU modules), which every engine applies as a lower clamp at the output zero
+    point."""
     o = w_codes.shape[0]
     w_codes = engine_weight_codes(kernel, w_codes, w_qp)
     zps = engine_zero_points(kernel, int(x_qp.zero_point[0]), _per_out(w_qp.zero_point, o),
@@ -630,8 +644,10 @@ def emulate(
         requantize = functools.partial(requantize_onednn,
                                        combined_scales=kernel.combined_scales)
     args = (acc, bias, in_scale, w_scales, out_scale, out_zp, w_qp.per_channel)
+    qmin = max(out_qp.dtype_min, relu_floor(kernel, int(out_qp.zero_point[0]), out_zp)) \
+        if relu else out_qp.dtype_min
     unclamped, codes, mult, bias_real, bias_int = _requantize_split(
-        requantize, args, out_qp.dtype_min, out_qp.dtype_max)
+        requantize, args, qmin, out_qp.dtype_max)
     acc_scale = w_scales * in_scale
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,

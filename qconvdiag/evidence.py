@@ -34,6 +34,15 @@ class PathRun:
     saturation_without_vnni: int | None = None
     """int16 pair sums this path's codes would saturate in fbgemm's pre-VNNI kernels (measured
     when this CPU accumulates exactly; None when not measured)."""
+    activation: str | None = None
+    """The case's fused activation (``relu``): the ladder measures after it."""
+
+    @property
+    def output_reference(self) -> np.ndarray | None:
+        """The float output the quantized one is compared with: after the fused activation."""
+        if self.float_output is None or self.activation != "relu":
+            return self.float_output
+        return np.maximum(self.float_output, 0.0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,7 +33,7 @@ FORMATS = (".pt", ".pth", ".npz", ".safetensors")
 TENSOR_KEYS = ("input", "weight", "bias", "qinput", "qweight", "qconv.weight", "qconv.bias")
 GEOMETRY_KEYS = ("stride", "padding", "dilation", "groups")
 QPARAM_KEYS = ("input_qparams", "weight_qparams", "output_qparams", "qconv.weight_qparams")
-META_KEYS = ("qconv.scale", "qconv.zero_point", "provenance", "notes")
+META_KEYS = ("qconv.scale", "qconv.zero_point", "provenance", "notes", "activation")
 KNOWN_KEYS = frozenset(TENSOR_KEYS + GEOMETRY_KEYS + QPARAM_KEYS + META_KEYS)
 #: Default guard on the elements of any one tensor (input, weight, output): ``--max-elements``.
 MAX_ELEMENTS = 50_000_000
@@ -449,11 +449,21 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             setup=setup,
             source=source,
             notes=tuple(notes),
+            activation=_activation_entry(mapping.get("activation"), where),
         )
     except CaseError as exc:
         raise CaseError(f"{where}: {exc}") from None
     except QParamsError as exc:
         raise CaseFileError(f"{where}: {exc}") from None
+
+
+def _activation_entry(value: Any, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise CaseFileError(f"{where}: 'activation' must be a string ('relu'), got "
+                            f"{type(value).__name__}")
+    return value
 
 
 def _differs(a: QParams, b: QParams) -> bool:
@@ -539,6 +549,8 @@ def case_to_mapping(case: ConvCase) -> dict[str, Any]:
     if case.bias is not None:
         m["bias"] = case.bias
     m.update(case.geometry.to_dict())
+    if case.activation is not None:
+        m["activation"] = case.activation
     s = case.setup
     if s is not None:
         for key, qp in (
@@ -720,6 +732,8 @@ def capture(
                     raise CaseError(
                         f"conv.{attr}={mine} but qconv.{attr}={theirs}: they are not twins"
                     )
+    if qconv is not None and "ReLU" in type(qconv).__name__:
+        mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
     mapping["provenance"] = {
         "used_quantized_dtypes": qconv is not None or qinput is not None,
         "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])

@@ -225,8 +225,13 @@ def build_production(
     w_qp, w_codes = cache[w_key]
     if act_key not in cache:
         b = None if case.bias is None else torch.from_numpy(case.bias)
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
+        conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
         g = case.geometry
+
+        def conv(*args: Any) -> Any:  # the float layer: conv, then its fused activation
+            y = conv_nd(*args)
+            return torch.relu(y) if case.activation == "relu" else y
+
         batches = [x] if calib is None else [torch.from_numpy(c[None]) for c in calib]
         with torch.no_grad():
             for xb in batches:

@@ -155,9 +155,12 @@ class CaseSummary:
     notes: tuple[str, ...]
     """What the loader did that the user should know."""
     has_user_setup: bool
+    activation: str | None = None
+    """A fused activation (``relu``) applied after the conv, to the float output too."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"activation": self.activation} if self.activation else {}),
             "op": self.op, "input_shape": list(self.input_shape),
             "weight_shape": list(self.weight_shape), "output_shape": list(self.output_shape),
             "bias": self.bias, "stride": list(self.stride), "padding": list(self.padding),
@@ -296,7 +299,8 @@ class Budget:
     ratio: float
     """rmse / floor_rmse."""
     excess: float
-    """Error energy above the floor, summed over stages (float units^2)."""
+    """Error energy above the floor (float units^2): the stages' excess, or the path's whole
+    energy above its floor when that is larger (effects that show only in the chain)."""
     floor_energy: float
     """floor_rmse^2."""
     verdict: str

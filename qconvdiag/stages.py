@@ -212,6 +212,9 @@ class LadderInputs:
     torch_reason: str
     torch_same: bool | None = None
     """Whether torch's codes equal the final emulation's (None: not compared yet)."""
+    relu: bool = False
+    """A fused ReLU (ConvReLU modules): every state is measured after the activation, against
+    relu(float output); the states still chain before it."""
 
 
 Fill = Callable[[np.ndarray, np.ndarray, Block], Any]
@@ -484,6 +487,7 @@ class _Walk:
         from .memo import by_content, memoized
 
         self.plan, self.y0, self.keep = plan, y0, keep
+        self.relu = li.relu
         self.out_step = float(li.output_qparams.scale[0])
         self.final_step = float((li.module_output_qparams if li.module_emulation is not None
                                  and li.module_output_qparams is not None
@@ -493,7 +497,7 @@ class _Walk:
         # their metrics are measured once per grid and output step (memo; nothing to share
         # otherwise).
         self.shared: dict[str, tuple[MetricTriple, float]] = {}
-        if by_content() and not keep:
+        if by_content() and not keep and not self.relu:
             self.shared = memoized("ladder_prefix", (li.input_codes, li.weight_codes, y0),
                                    (_qsig(li.input_qparams), _qsig(li.weight_qparams),
                                     self.out_step), dict)
@@ -535,8 +539,10 @@ class _Walk:
         size = max((k.of(self.y0r).size for k in group), default=0)
         bufs = [np.empty(size), np.empty(size)]
         scratch = (np.empty(size), np.empty(size))
+        post = [np.empty(size), np.empty(size), np.empty(size)] if self.relu else []
         for k in group:
-            prev2 = self._block(k, accs, bufs, scratch)
+            prev2 = (self._block_relu(k, accs, bufs, post, scratch) if self.relu
+                     else self._block(k, accs, bufs, scratch))
             final_acc.add(prev2.reshape(-1))
             if self.final is not None:
                 np.copyto(k.of(self.final.reshape(self.y0r.shape)), prev2)
@@ -581,10 +587,59 @@ class _Walk:
             prev2 = cur2
         return prev2
 
+    def _block_relu(self, k: Block, accs: dict[str, Triple], bufs: list[np.ndarray],
+                    post: list[np.ndarray], scratch: tuple[np.ndarray, np.ndarray]
+                    ) -> np.ndarray:
+        """``_block`` with a fused ReLU: the states chain before the activation and are
+        measured after it, against relu(float output); an effect alone is
+        relu(float + effect) - relu(float)."""
+        ref2 = k.of(self.y0r)
+        shape2, n = ref2.shape, ref2.size
+        r_post = np.maximum(ref2, 0.0, out=post[2][:n].reshape(shape2))
+        r = r_post.reshape(-1)
+        d_buf, c_buf = scratch
+        prev2, prev_post, turn = ref2, r_post, 0
+        for rung in self.plan.rungs:
+            sid, fill, iso = rung.id, rung.fill, rung.isolated
+            d_acc, c_acc, i_acc = accs[sid]
+            if fill is SAME:
+                cur2, cur_post = prev2, prev_post
+            else:
+                cur2 = bufs[turn][:n].reshape(shape2)
+                fill(cur2, prev2, k)
+                cur_post = np.maximum(cur2, 0.0, out=post[turn][:n].reshape(shape2))
+                turn ^= 1
+            if self.keep:
+                np.copyto(k.of(self.kept[sid][0]), cur_post)
+                np.subtract(cur_post, prev_post, out=k.of(self.kept[sid][1]))
+            cur = cur_post.reshape(-1)
+            d_acc.add(np.subtract(cur, prev_post.reshape(-1), out=d_buf[:n]), r)
+            c_acc.add(np.subtract(cur, r, out=c_buf[:n]), r)
+            alone = self._alone_relu(sid, iso, k, ref2, r_post)
+            if alone is not None:
+                i_acc.add(alone.reshape(-1), r)
+            prev2, prev_post = cur2, cur_post
+        return prev_post
+
+    def _alone_relu(self, sid: str, iso: object, k: Block, ref2: np.ndarray,
+                    r_post: np.ndarray) -> np.ndarray | None:
+        iso_at = self.isos[sid]
+        if isinstance(iso, Elementwise):
+            return iso.error(r_post.reshape(-1))
+        if isinstance(iso, PerChannel):
+            effect = ref2 + k.per_channel(iso.values)
+        elif iso_at is not None:
+            effect = ref2 + iso_at(k)
+        else:
+            return None  # DELTA: the delta is the effect
+        np.maximum(effect, 0.0, out=effect)
+        effect -= r_post
+        return effect
+
     def measure(self, groups: list[dict[str, Triple]]
                 ) -> tuple[dict[str, MetricTriple], dict[str, float]]:
         """Every stage's (delta, cumulative, isolated) metrics and delta energy."""
-        y0 = self.y0
+        y0 = np.maximum(self.y0, 0.0) if self.relu else self.y0
         rr = dot(y0.reshape(-1), y0.reshape(-1))
         channel_sums: np.ndarray | None = None
         energies: dict[str, float] = {}
@@ -594,7 +649,12 @@ class _Walk:
             sid, iso = rung.id, rung.isolated
             lsb = self.lsb(sid)
             d_acc, c_acc, i_acc = (merged([grp[sid][j] for grp in groups]) for j in range(3))
-            if sid in self.skip:
+            if self.relu:  # every stage measured in the block walk
+                energies[sid] = d_acc.energy
+                delta = d_acc.metrics(rr, lsb)
+                metrics[sid] = (delta, c_acc.metrics(rr, lsb),
+                                delta if iso is DELTA else i_acc.metrics(rr, lsb))
+            elif sid in self.skip:
                 metrics[sid], energies[sid] = self.shared[sid]
             elif sid in self.unchanged:
                 assert cumulative_prev is not None

@@ -99,6 +99,7 @@ def run_conv(
     output_scale: float,
     output_zero_point: int,
     geometry: Geometry,
+    relu: bool = False,
 ) -> TorchRun:
     """torch.ops.quantized.conv{1,2,3}d on these codes; refusals come back as ``error``."""
     import torch
@@ -111,7 +112,8 @@ def run_conv(
             b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float32))
             ops = torch.ops.quantized
             prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
-            conv = {1: ops.conv1d, 2: ops.conv2d, 3: ops.conv3d}[dims]
+            conv = ({1: ops.conv1d_relu, 2: ops.conv2d_relu, 3: ops.conv3d_relu} if relu
+                    else {1: ops.conv1d, 2: ops.conv2d, 3: ops.conv3d})[dims]
             packed = prepack(
                 qw, b, list(geometry.stride), list(geometry.padding), list(geometry.dilation),
                 geometry.groups,

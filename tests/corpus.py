@@ -85,13 +85,18 @@ def _qconfig(engine: str, which: str):  # type: ignore[no-untyped-def]
 
 
 def eager_quantize(conv, x, engine: str, qconfig_name: str = "default",  # type: ignore[no-untyped-def]
-                   calibration=None):
-    """torch's eager flow on one conv: QuantStub -> conv -> DeQuantStub, prepare, calibrate,
-    convert. Returns the quantized conv module and the quantized input it receives."""
+                   calibration=None, relu: bool = False):
+    """torch's eager flow on one conv: QuantStub -> conv (-> ReLU, fused) -> DeQuantStub,
+    prepare, calibrate, convert. Returns the quantized conv module and the quantized input it
+    receives."""
     import torch
-    from torch.ao.quantization import DeQuantStub, QuantStub, convert, prepare
+    from torch.ao.quantization import DeQuantStub, QuantStub, convert, fuse_modules, prepare
 
-    model = torch.nn.Sequential(QuantStub(), conv, DeQuantStub()).eval()
+    if relu:
+        model = torch.nn.Sequential(QuantStub(), conv, torch.nn.ReLU(), DeQuantStub()).eval()
+        model = fuse_modules(model, [["1", "2"]])
+    else:
+        model = torch.nn.Sequential(QuantStub(), conv, DeQuantStub()).eval()
     model.qconfig = _qconfig(engine, qconfig_name)
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
@@ -118,7 +123,7 @@ def _conv_module(w_shape: tuple[int, ...], groups: int, stride: int, padding: in
 
 
 def healthy_layer(seed: int, engine: str, qconfig: str, inputs: str, geometry: str,
-                  bn_folded: bool = False) -> Layer:
+                  bn_folded: bool = False, relu: bool = False) -> Layer:
     """One layer quantized by torch's eager flow with ``engine``'s qconfig, calibrated on its
     own input."""
     import torch
@@ -134,24 +139,25 @@ def healthy_layer(seed: int, engine: str, qconfig: str, inputs: str, geometry: s
         conv.bias.copy_(torch.from_numpy((rng.standard_normal(w_shape[0]) * 0.1)
                                          .astype(np.float32)))
     x = torch.from_numpy(_input(rng, x_shape, inputs))
-    qm, qx = eager_quantize(conv, x, engine, qconfig)
+    qm, qx = eager_quantize(conv, x, engine, qconfig, relu=relu)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
-    label = f"{engine}/{qconfig}/{inputs}/{geometry}" + ("/bn" if bn_folded else "")
+    label = (f"{engine}/{qconfig}/{inputs}/{geometry}" + ("/bn" if bn_folded else "")
+             + ("/relu" if relu else ""))
     return Layer(label, case, engine)
 
 
-def healthy_specs() -> list[tuple[int, str, str, str, str, bool]]:
+def healthy_specs() -> list[tuple[int, str, str, str, str, bool, bool]]:
     """Every engine x qconfig x input kind x geometry (208 layers: qnnpack's conv1d/conv3d
     modules cannot be saved), each seeded by its position; BatchNorm-folded weights on every
-    other one. Arguments of ``healthy_layer``."""
+    other one, a fused ReLU (ConvReLU) on every third. Arguments of ``healthy_layer``."""
     out = []
     combos = itertools.product(ENGINES, QCONFIGS, INPUTS, GEOMETRIES)
     for i, (engine, qconfig, inputs, geometry) in enumerate(combos):
         if engine == "qnnpack" and geometry in QNNPACK_2D_ONLY:
             continue  # torch cannot unpack (save) qnnpack's conv1d/conv3d modules
-        out.append((i, engine, qconfig, inputs, geometry, i % 2 == 1))
+        out.append((i, engine, qconfig, inputs, geometry, i % 2 == 1, i % 3 == 0))
     return out
 
 

@@ -17,7 +17,8 @@ from qconvdiag.torch_ref import run_conv
 from tests.cases import random_codes_case
 
 
-def check(n: int, seed: int) -> dict[str, object]:
+def check(n: int, seed: int, relu: bool = False) -> dict[str, object]:
+    """``relu``: every conv with a fused ReLU (torch's conv{d}d_relu, ConvReLU modules)."""
     rng = np.random.default_rng(seed)
     profiles = probe()
     engines = [e for e, p in profiles.items() if p.available]
@@ -32,7 +33,8 @@ def check(n: int, seed: int) -> dict[str, object]:
                                    case.w.shape[0] // case.geometry.groups, case.geometry,
                                    tuple(case.w.shape[2:]))
             r = run_conv(e, case.x, case.x_qp, case.w, case.w_qp, case.bias,
-                         case.out_qp.scale[0], case.out_qp.zero_point[0], case.geometry)
+                         case.out_qp.scale[0], case.out_qp.zero_point[0], case.geometry,
+                         relu=relu)
             predicted = bool(refusals(kernel.kernel, case.x_qp, case.w_qp, case.w.shape[0]))
             stats = result[e]
             if not r.ran:
@@ -45,7 +47,7 @@ def check(n: int, seed: int) -> dict[str, object]:
                 stats["failures"].append(f"{case.label}: predicted a refusal but torch ran it")
             stats["ran"] += 1
             em = emulate(kernel, case.x, case.x_qp, case.w, case.w_qp, case.bias, case.out_qp,
-                         case.geometry)
+                         case.geometry, relu)
             stats["saturated_cases"] += int(em.saturated_pairs > 0)
             bad = int(np.count_nonzero(em.output_codes != r.output_codes))
             if bad:
@@ -57,4 +59,4 @@ def check(n: int, seed: int) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(check(int(sys.argv[1]), int(sys.argv[2]))))
+    print(json.dumps(check(int(sys.argv[1]), int(sys.argv[2]), relu="--relu" in sys.argv)))

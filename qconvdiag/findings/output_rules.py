@@ -19,8 +19,9 @@ MIN_OUTPUTS_FOR_SCALE = 16
 
 
 def _y0(run: PathRun) -> np.ndarray:
-    assert run.float_output is not None
-    return run.float_output
+    y = run.output_reference
+    assert y is not None
+    return y
 
 
 def qcd050(ctx: Context) -> Iterator[Finding]:

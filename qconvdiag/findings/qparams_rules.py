@@ -57,7 +57,7 @@ def qcd001(ctx: Context) -> Iterator[Finding]:
                 ctx.case, run.kernel.kernel, qp.per_channel, run.spec.input_qparams)
         else:
             fix = (f"qm.zero_point = {rounded}  # an integer zero point" if in_range
-                   else output_fix(run.float_output if run.float_output is not None
+                   else output_fix(run.output_reference if run.output_reference is not None
                                    else np.zeros(1))[0])
         yield finding(
             "QCD001", "info", f"{name} zero point is not an integer",

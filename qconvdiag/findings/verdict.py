@@ -20,6 +20,20 @@ MAX_CAUSES = 3
 MIN_SHARE = 0.05
 
 
+def _credit_the_rest(credit: dict[str, float], total: float, mine: list[Finding],
+                     rank: dict[str, int]) -> None:
+    """When no stage's effect alone explains most of the excess (it shows only in the chain),
+    the rest goes to the most severe finding not yet named that claims at least half of it."""
+    rest = total - sum(credit.values())
+    if total <= 0 or rest < total / 2:
+        return  # the stages explain most of it (the budget counts the whole only then)
+    claims = [f for f in mine if f.code not in credit and f.severity != "info"
+              and float(f.evidence.get("excess", 0.0) or 0.0) >= rest / 2]
+    if claims:
+        best = min(claims, key=lambda f: (rank[f.severity], f.code))
+        credit[best.code] = rest
+
+
 def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozenset[str]
              ) -> tuple[Verdict, ...]:
     judged_name = runs[0].report.name if runs else None
@@ -50,9 +64,10 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
             best = min(explaining, key=lambda f: (f.code not in roots, rank[f.severity], f.code))
             credit[best.code] = credit.get(best.code, 0.0) + st.excess
         by_code = {f.code: f for f in mine}
+        _credit_the_rest(credit, b.excess, mine, rank)
         named = sorted(credit.items(), key=lambda kv: -kv[1])
         causes = tuple(
-            Cause(code, by_code[code].severity, by_code[code].title, energy / b.excess)
+            Cause(code, by_code[code].severity, by_code[code].title, float(energy / b.excess))
             for code, energy in named[:MAX_CAUSES] if b.excess > 0 and energy / b.excess
             >= MIN_SHARE)
         unexplained = 0.0 if b.excess <= 0 else max(

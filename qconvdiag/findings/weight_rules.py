@@ -244,7 +244,10 @@ def qcd025(ctx: Context) -> Iterator[Finding]:
         if qp is None or not qp.per_channel or (qp.axis or 0) % w.ndim == 0:
             continue
         refused = run.report.refused
-        energy = excess(run, *WEIGHT, "module_state")
+        b = run.report.budget
+        # every output channel scaled by another channel's scale: it shows in the chain, not
+        # in the weight's effect alone, so it is credited with the path's whole excess
+        energy = max(excess(run, *WEIGHT, "module_state"), 0.0 if b is None else b.excess)
         yield finding(
             "QCD025", severity(run, energy, "warning"),
             f"per-channel {label} scales along axis {qp.axis}, not 0",
