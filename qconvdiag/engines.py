@@ -252,6 +252,23 @@ def fbgemm_conv_path(groups: int, cin_g: int, out_g: int, g: Geometry, k: tuple[
     return FBGEMM_GEMM
 
 
+def fbgemm_groupwise_overrun(engine: str, weight_qp: QParams, groups: int, cin_g: int,
+                             out_g: int, g: Geometry, k: tuple[int, ...]) -> str | None:
+    """Why torch must not run this layer, or None: fbgemm's groupwise kernel works on
+    ``fbgemm_groups_together`` groups at a time and does not check that they divide the groups
+    (src/GroupwiseConv.cc, ``for (g = 0; g < G; g += G_together)``), so the last block reads and
+    writes past the tensors: measured on an AVX512 CPU with 4 channels per group, 5 groups abort
+    the process (heap corruption), 6 or 7 give wrong outputs for the groups past 4."""
+    if fbgemm_conv_path(groups, cin_g, out_g, g, k) != FBGEMM_GROUPWISE:
+        return None
+    together = fbgemm_groups_together(cin_g, out_g)
+    if groups % together == 0 or kernel_family(engine, weight_qp, groups) != "fbgemm":
+        return None
+    return (f"not run: on this CPU torch's fbgemm groupwise kernel takes {together} groups at a "
+            f"time and overruns its buffers on the last {groups % together} of {groups} groups "
+            "(wrong outputs there, or the process aborts)")
+
+
 def fbgemm_groups_together(cin_g: int, out_g: int) -> int:
     """How many groups fbgemm's groupwise kernel handles at once (``numOfGroupsTogether``, src/
     PackWeightMatrixForGConv.cc): a 64-byte register's worth on CPUs with AVX512 (cpuinfo's

@@ -98,3 +98,30 @@ def test_fbgemm_kernels_bit_exact_with_the_isa_forced_to_avx2():
                 FBGEMM_DEPTHWISE: PAIRS_K}[case.fbgemm_path]
         assert result[case.name]["fbgemm"]["kernel"] == f"fbgemm/{want}", case.name
 
+
+
+def test_layers_the_groupwise_kernel_would_overrun_are_not_run():
+    """One group more than a block (5 groups of 4 channels on AVX512 CPUs) aborted the process
+    with heap corruption; qconvdiag does not call torch there and says why."""
+    import numpy as np
+
+    from qconvdiag.case import build_case
+    from qconvdiag.diagnosis import Options, diagnose
+    from qconvdiag.qparams import per_tensor
+    from qconvdiag.torch_ref import run_conv
+
+    together = fbgemm_groups_together(4, 4)
+    x, w = np.full((1, 4 * (together + 1), 5, 5), 10), np.full((4 * (together + 1), 4, 3, 3), 3)
+    xq, wq = per_tensor(0.1, 0, "quint8", "t"), per_tensor(0.1, 2, "qint8", "t")
+    for groups, runs in ((together + 1, False), (together, True)):
+        g = _geo((1, 1), (1, 1), groups)
+        n = 4 * groups
+        for engine in ("fbgemm", "x86"):  # x86 runs asymmetric weights on fbgemm
+            r = run_conv(engine, x[:, :n], xq, w[:n], wq, None, 1.0, 0, g)
+            assert r.ran == runs, (groups, engine, r.error)
+            assert runs or "overruns" in (r.error or "")
+    case = build_case(np.ones((1, 4 * (together + 1), 6, 6), np.float32),
+                      np.ones((4 * (together + 1), 4, 3, 3), np.float32), None, padding=1,
+                      groups=together + 1)
+    for path in diagnose(case, Options(engine="fbgemm")).paths:
+        assert not path.torch_check.ran and "overruns" in (path.torch_check.error or "")
