@@ -323,4 +323,6 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
     # oneDNN's kernels that pair channels in int16 (no VNNI) apply one precomputed
     # source x weight scale
     combined = family == "onednn" and accumulation == PAIRS_CHANNELS
-    return Kernel(engine, family, accumulation, combined)
+    # fbgemm's depthwise kernel sums each window's input codes in saturating int16
+    row_sums_int16 = family == "fbgemm" and layer == DEPTHWISE_FAST
+    return Kernel(engine, family, accumulation, combined, row_sums_int16)

@@ -603,7 +603,8 @@ def _ladder_states(case: ConvCase, li: LadderInputs, y0: np.ndarray,
                lambda out, prev, k: _scaled(out, k.of(acc_exact_r), k.per_channel(acc_scale),
                                             k.per_channel(bias_real)),
                PerChannel(bias_shift))
-    exact_acc = em.saturated_pairs == 0 and em.acc_exact.dtype == np.int32  # nothing wrapped
+    exact_acc = (em.saturated_pairs == 0 and em.saturated_row_sums == 0
+                 and em.acc_exact.dtype == np.int32)  # nothing saturated or wrapped
     acc_r = rows(em.acc)
     yield ("accumulation", SAME if exact_acc else lambda out, prev, k: _scaled(
         out, k.of(acc_r), k.per_channel(acc_scale),

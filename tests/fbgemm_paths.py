@@ -5,9 +5,11 @@ kernel, its groupwise kernel (``fbgemmOptimizedGConv``: 3x3 or 3x3x3, padding 1,
 output as input channels per group, 2, 4, 8 or 16 of them, including groups=1), or a GEMM.
 Random layers almost never land on the specialised ones, so these do on purpose: the three
 mismatches reported in issue 17 (item 15) with the ISA forced to AVX2, and the depthwise shapes
-outside the old rule (mixed strides, 3D kernels whose first side differs).
+outside the old rule (mixed strides, 3D kernels whose first side differs), one of them with
+window code sums past int16.
 Prints one JSON line: per case and engine, mismatched outputs of how many, and on the fbgemm
-kernels how many an exact accumulation and int16 pairs along K would give instead.
+kernels how many an exact accumulation and int16 pairs along K would give instead (and exact
+window code sums, on the depthwise kernel).
 
     python -m tests.fbgemm_paths
 """
@@ -15,12 +17,12 @@ kernels how many an exact accumulation and int16 pairs along K would give instea
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import EXACT, PAIRS_K, Kernel, emulate
+from qconvdiag.emulate import EXACT, PAIRS_K, emulate
 from qconvdiag.engines import fbgemm_conv_path, probe, select_kernel
 from qconvdiag.qparams import QParams, per_tensor
 from qconvdiag.torch_ref import run_conv
@@ -61,6 +63,10 @@ CASES = (
              False, 0.01, "depthwise"),
     PathCase("depthwise_3d_5x3x3", 8, 1, 2, (5, 3, 3), (5, 5, 5), (2, 1, 1), (2, 1, 1), 10, 0,
              False, 0.01, "depthwise"),
+    # 175 taps: the window's code sum (padding holds the input zero point) passes 32767 (the
+    # kernel keeps it in int16), which the weight zero point multiplies
+    PathCase("depthwise_3d_7x5x5_weight_zp_3", 8, 1, 1, (7, 5, 5), (7, 5, 5), (1, 2, 2),
+             (3, 2, 2), 200, 3, False, 0.01, "depthwise"),
     # not specialised: padding 0 (GEMM on im2col), channels per group 3
     PathCase("dense_padding_0", 1, 8, 8, (3, 3), (7, 7), (1, 1), (0, 0), 100, -128,
              False, 0.01, "gemm"),
@@ -131,11 +137,15 @@ def check(seed: int = 0) -> dict[str, object]:
                 "mismatched": int(np.count_nonzero(em.output_codes != r.output_codes)),
                 "outputs": int(r.output_codes.size),
             }
-            if kernel.kernel == "fbgemm":  # what the other accumulation would give
-                for acc in (EXACT, PAIRS_K):
-                    alt = emulate(Kernel(e, "fbgemm", acc), x, xq, w, wq, bias, oq, g)
-                    stats[f"mismatched_if_{acc}"] = int(
+            if kernel.kernel == "fbgemm":  # what the other accumulations would give
+                alternatives = {acc: replace(kernel, accumulation=acc) for acc in (EXACT, PAIRS_K)}
+                if kernel.row_sums_int16:
+                    alternatives["exact_row_sums"] = replace(kernel, row_sums_int16=False)
+                for name, alt_kernel in alternatives.items():
+                    alt = emulate(alt_kernel, x, xq, w, wq, bias, oq, g)
+                    stats[f"mismatched_if_{name}"] = int(
                         np.count_nonzero(alt.output_codes != r.output_codes))
+                stats["saturated_row_sums"] = em.saturated_row_sums
             per_engine[e] = stats
         result[case.name] = per_engine
     return result
