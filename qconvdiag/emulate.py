@@ -59,6 +59,11 @@ class Kernel:
     """oneDNN only: the source and weight scales are applied as one precomputed product (its
     channel-pairing kernels, without VNNI), not one after the other (its VNNI brgemm kernels);
     measured."""
+    row_sums_int16: bool = False
+    """fbgemm's depthwise kernel only: the sum of each window's raw input codes, which the
+    weight zero point multiplies in the correction, is accumulated in saturating int16
+    (FBGEMM src/GenerateI8Depthwise.cc: ``vpaddsw``), so it stops at 32767; that happens
+    from 129 taps on (a 7x5x5 kernel), and only matters with a nonzero weight zero point."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +94,9 @@ class Emulation:
     pre_round_offset: int = 0
     """Subtracted from ``pre_round32`` to give ``pre_round`` (oneDNN adds the zero point
     before rounding)."""
+    saturated_row_sums: int = 0
+    """How many (output position, channel) input-code sums stopped at 32767
+    (``Kernel.row_sums_int16``)."""
 
     @property
     def pre_round32(self) -> np.ndarray:
@@ -395,6 +403,40 @@ def pair_saturation(
     return correction, saturated
 
 
+def row_sum_saturation(
+    x_codes: np.ndarray, w_zp: np.ndarray, g: Geometry, kernel_size: tuple[int, ...],
+    pad_value: int,
+) -> tuple[np.ndarray | None, int]:
+    """What fbgemm's depthwise kernel adds to the accumulator by summing each window's raw input
+    codes in saturating int16 (one input channel per group), and how many sums saturated.
+
+    The kernel subtracts ``w_zp * min(S, 32767)`` where the exact correction is ``w_zp * S``,
+    ``S`` the sum of the window's codes (padding holds ``pad_value``), so it adds
+    ``w_zp * max(S - 32767, 0)``: e.g. a 7x5x5 window of codes 255 sums to 44,625, and weight
+    zero point 3 adds 3 * 11,858 = 35,574 accumulator steps. None when nothing saturates.
+    """
+    taps = int(np.prod(kernel_size))
+    w_zp = np.asarray(w_zp, dtype=np.int64).reshape(-1)
+    if x_codes.size == 0 or not np.any(w_zp) or taps * max(
+            int(x_codes.max()), pad_value) <= INT16_MAX:
+        return None, 0
+    import torch
+    import torch.nn.functional as F
+
+    channels = x_codes.shape[1]
+    xpad = _pad(np.asarray(x_codes, dtype=np.float32), g.padding, pad_value)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel_size)]
+    ones = torch.ones((channels, 1, *kernel_size), dtype=torch.float32)
+    with torch.no_grad():  # sums below 2^24: exact in float32
+        sums = conv(torch.from_numpy(xpad), ones, None, g.stride, 0, g.dilation,
+                    channels).numpy().astype(np.int64)
+    excess = np.maximum(sums - INT16_MAX, 0)
+    out_g = w_zp.size // channels
+    excess = np.repeat(excess, out_g, axis=1)  # output channel o reads input channel o // out_g
+    return excess * w_zp.reshape((1, -1) + (1,) * len(kernel_size)), int(
+        np.count_nonzero(excess[:, ::out_g]))
+
+
 def _product_range(w: np.ndarray, x_min: np.ndarray, x_max: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(min, max) of w * x for x in [x_min, x_max] (per pair column), element by element."""
@@ -632,6 +674,12 @@ def emulate(
         corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation,
                                           zps.pair_pad_code)
         acc = acc_exact + corr
+    saturated_row_sums = 0
+    if kernel.row_sums_int16:
+        row_corr, saturated_row_sums = row_sum_saturation(
+            x_codes, w_zp, g, tuple(w_codes.shape[2:]), zps.pair_pad_code)
+        if row_corr is not None:
+            acc = acc + row_corr
     # int32 accumulator wraps like the hardware does (a plain cast when nothing wraps)
     if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
         acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
@@ -653,6 +701,6 @@ def emulate(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,
         np.asarray(mult, dtype=np.float32),
         lambda: np.asarray(requantize(*args)[0], dtype=np.float32), unclamped, codes,
-        acc_scale, out_zp if kernel.kernel == "onednn" else 0,
+        acc_scale, out_zp if kernel.kernel == "onednn" else 0, saturated_row_sums,
     )
 

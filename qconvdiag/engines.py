@@ -22,12 +22,21 @@ ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
 #: Layer classes whose accumulation may differ within one engine.
 DENSE, GROUPED, GROUPED4, DEPTHWISE = "dense", "grouped", "grouped4", "depthwise"
-DEPTHWISE_FAST = "depthwise_fast"
-"""fbgemm's specialised depthwise kernel (channels a multiple of 8, a k x k (x k) kernel with
-k in 3, 5, 7, padding (k - 1) / 2, stride 1 or 2, dilation 1, 1 or 2 outputs per channel):
-measured to sum int16 pairs of taps even on AVX512-VNNI CPUs."""
 """grouped4: channels per group, in and out, both multiples of 4 (oneDNN's blocked grouped
 kernel, which pairs channels in int16 on AVX2; other grouped convs accumulate exactly)."""
+DEPTHWISE_FAST = "depthwise_fast"
+"""Layers fbgemm runs with its depthwise kernel (``fbgemm_conv_path``), measured to sum int16
+pairs of taps even on AVX512-VNNI CPUs (its code is AVX2 intrinsics)."""
+GROUPWISE_FAST = "groupwise_fast"
+"""Layers fbgemm runs with its groupwise kernel (``fbgemm_conv_path``). The kernel is
+generated for the ISA cpuinfo reports, which ``FBGEMM_ENABLE_INSTRUCTIONS`` does not change
+(FBGEMM src/GroupwiseConv.cc, ``getOrCreateConvKernel``): exact on AVX512-VNNI CPUs even when
+the GEMM kernels are forced down to AVX2; elsewhere ``vpmaddubsw`` pairs adjacent channels of
+one tap, which are the pairs along K since it only takes an even number of channels. Only the
+fbgemm family has this class."""
+
+#: Kernels fbgemm chooses between (FBGEMM src/FbgemmConv.cc, ``ConvFastPath``).
+FBGEMM_DEPTHWISE, FBGEMM_GROUPWISE, FBGEMM_GEMM = "depthwise", "groupwise", "gemm"
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,10 @@ _PROBE_LAYERS = {
     GROUPED4: (2, 4, 8),
     DEPTHWISE: (2, 1, 2),
     DEPTHWISE_FAST: (8, 1, 8),
+    GROUPWISE_FAST: (1, 8, 8),
 }
+#: Probe layers that take padding 1 (the fast kernels' shape).
+_PADDED_PROBES = (DEPTHWISE_FAST, GROUPWISE_FAST)
 CANDIDATES = (EXACT, PAIRS_K, PAIRS_CHANNELS)
 PROBE_ZERO_POINT = 128
 
@@ -126,7 +138,7 @@ def _probe_accumulation(engine: str, layer: str, zp: int = PROBE_ZERO_POINT) -> 
     w = np.full((out_c, cin_g, 3, 3), 127, dtype=np.int64)
     k = cin_g * 9
     out_scale = (255 - zp) * 127 * k / 200.0  # exact arithmetic gives code 200
-    pad = 1 if layer == DEPTHWISE_FAST else 0
+    pad = 1 if layer in _PADDED_PROBES else 0
     g = Geometry((1, 1), (pad, pad), (1, 1), groups)
     xq = per_tensor(1.0, zp, "quint8", "probe")
     wq = per_tensor(1.0, 0, "qint8", "probe")
@@ -193,23 +205,89 @@ def probe() -> dict[str, EngineProfile]:
 
 
 def layer_class(groups: int, cin_g: int, out_g: int = 1, geometry: Geometry | None = None,
-                kernel_size: tuple[int, ...] = ()) -> str:
-    """dense, depthwise_fast, depthwise (one input channel per group), grouped4 or grouped."""
+                kernel_size: tuple[int, ...] = (), family: str = "fbgemm") -> str:
+    """dense, depthwise_fast, depthwise (one input channel per group), grouped4 or grouped;
+    groupwise_fast for the layers fbgemm runs with its groupwise kernel (family fbgemm)."""
+    path = (fbgemm_conv_path(groups, cin_g, out_g, geometry, kernel_size)
+            if geometry is not None else FBGEMM_GEMM)
+    if path == FBGEMM_GROUPWISE and family == "fbgemm":
+        return GROUPWISE_FAST
     if groups == 1:
         return DENSE
     if cin_g == 1:
-        if geometry is not None and _fbgemm_depthwise_fast(groups, out_g, geometry, kernel_size):
-            return DEPTHWISE_FAST
-        return DEPTHWISE
+        return DEPTHWISE_FAST if path == FBGEMM_DEPTHWISE else DEPTHWISE
     return GROUPED4 if cin_g % 4 == 0 and out_g % 4 == 0 else GROUPED
 
 
-def _fbgemm_depthwise_fast(groups: int, out_g: int, g: Geometry, k: tuple[int, ...]) -> bool:
-    return (
-        len(k) in (2, 3) and len(set(k)) == 1 and k[0] in (3, 5, 7) and groups % 8 == 0
-        and all(p == (k[0] - 1) // 2 for p in g.padding) and len(set(g.stride)) == 1
-        and g.stride[0] in (1, 2) and all(d == 1 for d in g.dilation) and out_g in (1, 2)
-    )
+def fbgemm_conv_path(groups: int, cin_g: int, out_g: int, g: Geometry, k: tuple[int, ...]
+                     ) -> str:
+    """The kernel fbgemm runs a (non-transposed) conv with: FBGEMM's ``ConvFastPath`` (src/
+    FbgemmConv.cc) tries its depthwise kernel, then its groupwise kernel, then a GEMM (on the
+    input itself for 1x1 convs, else on im2col; both the same arithmetic). torch runs conv1d
+    as a 2D conv with a (1, k) kernel, which neither specialised kernel takes.
+
+    * depthwise (``takeDepthWiseFastPath``): one input channel per group, 1 or 2 outputs per
+      channel, groups a multiple of 8, 2D or 3D, every side of the kernel 3, 5 or 7 with the
+      last two equal, padding (k - 1) / 2 per side, strides 1 or 2, dilation 1; e.g. 32
+      channels, 5x3x3 kernel, padding (2, 1, 1), stride (2, 1, 1).
+    * groupwise (``fbgemmOptimizedGConv``, src/Fbgemm.cc): as many output as input channels per
+      group, 2, 4, 8 or 16 of them, at least ``fbgemm_groups_together`` groups, 3x3 or 3x3x3,
+      padding 1, dilation 1, height and width strides both 1 or both 2 (3D: any depth
+      stride); groups=1 counts: a dense 8 -> 8 3x3 conv with padding 1 takes it.
+    """
+    dims = len(k)
+    if dims < 2 or len(g.padding) != dims:
+        return FBGEMM_GEMM
+    if (cin_g == 1 and out_g in (1, 2) and groups % 8 == 0 and k[-2] == k[-1]
+            and all(s in (3, 5, 7) for s in k) and all(d == 1 for d in g.dilation)
+            and all(p == (s - 1) // 2 for p, s in zip(g.padding, k))
+            and all(st in (1, 2) for st in g.stride)):
+        return FBGEMM_DEPTHWISE
+    hw_strides = set(g.stride[-2:])
+    if (cin_g == out_g and cin_g in (2, 4, 8, 16)
+            and groups >= fbgemm_groups_together(cin_g, out_g)
+            and all(s == 3 for s in k) and all(p == 1 for p in g.padding)
+            and all(d == 1 for d in g.dilation) and hw_strides in ({1}, {2})):
+        return FBGEMM_GROUPWISE
+    return FBGEMM_GEMM
+
+
+def fbgemm_groupwise_overrun(engine: str, weight_qp: QParams, groups: int, cin_g: int,
+                             out_g: int, g: Geometry, k: tuple[int, ...]) -> str | None:
+    """Why torch must not run this layer, or None: fbgemm's groupwise kernel works on
+    ``fbgemm_groups_together`` groups at a time and does not check that they divide the groups
+    (src/GroupwiseConv.cc, ``for (g = 0; g < G; g += G_together)``), so the last block reads and
+    writes past the tensors: measured on an AVX512 CPU with 4 channels per group, 5 groups abort
+    the process (heap corruption), 6 or 7 give wrong outputs for the groups past 4."""
+    if fbgemm_conv_path(groups, cin_g, out_g, g, k) != FBGEMM_GROUPWISE:
+        return None
+    together = fbgemm_groups_together(cin_g, out_g)
+    if groups % together == 0 or kernel_family(engine, weight_qp, groups) != "fbgemm":
+        return None
+    return (f"not run: on this CPU torch's fbgemm groupwise kernel takes {together} groups at a "
+            f"time and overruns its buffers on the last {groups % together} of {groups} groups "
+            "(wrong outputs there, or the process aborts)")
+
+
+def fbgemm_groups_together(cin_g: int, out_g: int) -> int:
+    """How many groups fbgemm's groupwise kernel handles at once (``numOfGroupsTogether``, src/
+    PackWeightMatrixForGConv.cc): a 64-byte register's worth on CPUs with AVX512 (cpuinfo's
+    f/bw/dq/vl, not what ``FBGEMM_ENABLE_INSTRUCTIONS`` forces), else 32 bytes, over
+    ``out_g * max(cin_g, 4)``; at least 1. E.g. 4 channels per group: 4 groups (2 on AVX2),
+    so a 2-group layer takes the GEMM there."""
+    width = 64 if _cpu_has("avx512_f", "avx512_bw", "avx512_dq", "avx512_vl") or _cpu_has(
+        "avx512_vnni") else 32
+    return max(width // out_g // max(cin_g, 4), 1)
+
+
+@functools.cache
+def _cpu_has(*features: str) -> bool:
+    """cpuinfo's flags, as fbgemm reads them (``torch.cpu.get_capabilities``)."""
+    import torch
+
+    get = getattr(torch.cpu, "get_capabilities", None)
+    caps = get() if get is not None else {}
+    return all(bool(caps.get(f, False)) for f in features)
 
 
 def kernel_family(engine: str, weight_qp: QParams, groups: int) -> str:
@@ -240,9 +318,11 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
         prof = profiles["onednn"]
     else:
         prof = profiles["fbgemm"] if profiles["fbgemm"].available else profiles["x86"]
-    layer = layer_class(groups, cin_g, out_g, geometry, kernel_size)
+    layer = layer_class(groups, cin_g, out_g, geometry, kernel_size, family)
     accumulation = prefer(prof.matches.get(layer, ()), family)
     # oneDNN's kernels that pair channels in int16 (no VNNI) apply one precomputed
     # source x weight scale
     combined = family == "onednn" and accumulation == PAIRS_CHANNELS
-    return Kernel(engine, family, accumulation, combined)
+    # fbgemm's depthwise kernel sums each window's input codes in saturating int16
+    row_sums_int16 = family == "fbgemm" and layer == DEPTHWISE_FAST
+    return Kernel(engine, family, accumulation, combined, row_sums_int16)

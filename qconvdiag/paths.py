@@ -99,6 +99,7 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
     if out_qp is None:
         out_qp = per_tensor(1.0, 0, "quint8", "default")
         notes.append("no output scale/zero_point: the quantized module's defaults 1.0 / 0 apply")
+    out_qp = conv_output_qparams(out_qp)
     x_codes = (s.input_codes if s.input_codes is not None
                else compact_codes(quantize(case.input, in_qp), in_qp))
     if w_codes is None:
@@ -106,6 +107,29 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
     return PathSpec(
         "as_given", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, s.module, {}, tuple(notes)
     )
+
+
+def conv_output_qparams(qp: QParams) -> QParams:
+    """The output qparams torch's quantized conv really runs with.
+
+    ``torch.ops.quantized.conv2d(qx, packed, scale, zero_point)`` (and a quantized module,
+    which holds only ``scale`` and ``zero_point``) takes no output dtype: every engine allocates
+    a quint8 output with that scale and zero point (aten/src/ATen/native/quantized/cpu/
+    qconv.cpp, ``_empty_affine_quantized(..., kQUInt8, output_scale, output_zero_point)``). So
+    qint8 output qparams with zero point 0 give codes 0..255, not -128..127: every negative
+    output becomes 0 and positive ones reach 255 * scale. Returns quint8 qparams with the same
+    scale and zero point, the dtype as written kept in ``dtype_given`` and a note saying so.
+    """
+    if qp.dtype == "quint8":
+        return qp
+    zp = qp.zero_point[0]
+    note = (f"the output qparams say {qp.dtype}, but torch's quantized conv takes only the "
+            f"scale and zero point and writes quint8: codes clamp(round(y / scale) + {zp}, 0, "
+            f"255), i.e. outputs from {-zp * qp.scale[0]:.6g} to {(255 - zp) * qp.scale[0]:.6g}"
+            f" instead of {qp.dtype}'s {(qp.dtype_min - zp) * qp.scale[0]:.6g} to "
+            f"{(qp.dtype_max - zp) * qp.scale[0]:.6g}; emulated as torch runs it")
+    return QParams(qp.scale, qp.zero_point, "quint8", qp.axis, qp.source, qp.zero_point_given,
+                   None, None, qp.notes + (note,), qp.dtype)
 
 
 #: A module's weight is the float weight quantized when at most this fraction of its codes is

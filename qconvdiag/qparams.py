@@ -63,6 +63,9 @@ class QParams:
     """Highest code allowed."""
     notes: tuple[str, ...] = field(default=())
     """Free-form remarks about how these qparams were made."""
+    dtype_given: str | None = None
+    """The dtype exactly as written, when torch runs another: output qparams that say qint8 or
+    qint32 (torch's quantized convs write quint8 whatever they say)."""
 
     @property
     def per_channel(self) -> bool:
@@ -97,7 +100,7 @@ class QParams:
     def with_source(self, source: str) -> QParams:
         return QParams(
             self.scale, self.zero_point, self.dtype, self.axis, source,
-            self.zero_point_given, self.quant_min, self.quant_max, self.notes,
+            self.zero_point_given, self.quant_min, self.quant_max, self.notes, self.dtype_given,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -332,7 +332,8 @@ def _accumulator_rungs(case: ConvCase, li: LadderInputs, reasons: dict[str, str]
                                                        k.per_channel(acc_scale),
                                                        k.per_channel(bias_real)),
                           PerChannel(bias_shift)))
-    exact_acc = em.saturated_pairs == 0 and em.acc_exact.dtype == np.int32  # nothing wrapped
+    exact_acc = (em.saturated_pairs == 0 and em.saturated_row_sums == 0
+                 and em.acc_exact.dtype == np.int32)  # nothing saturated or wrapped
     acc_r = as_rows(em.acc)
     rungs.append(Rung("accumulation", SAME if exact_acc else lambda out, prev, k: _scaled(
         out, k.of(acc_r), k.per_channel(acc_scale),

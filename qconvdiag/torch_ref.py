@@ -101,10 +101,18 @@ def run_conv(
     geometry: Geometry,
     relu: bool = False,
 ) -> TorchRun:
-    """torch.ops.quantized.conv{1,2,3}d on these codes; refusals come back as ``error``."""
+    """torch.ops.quantized.conv{1,2,3}d on these codes; refusals come back as ``error``, and so
+    do layers torch's kernel would corrupt memory on (``fbgemm_groupwise_overrun``)."""
     import torch
 
+    from .engines import fbgemm_groupwise_overrun
+
     dims = weight_codes.ndim - 2
+    o, cin_g = weight_codes.shape[0], weight_codes.shape[1]
+    hazard = fbgemm_groupwise_overrun(engine_name, weight_qp, geometry.groups, cin_g,
+                                      o // geometry.groups, geometry, weight_codes.shape[2:])
+    if hazard is not None:
+        return TorchRun(False, None, hazard)
     with capture_warnings() as caught, engine(engine_name):
         try:
             qx = quantized_tensor(input_codes, input_qp)

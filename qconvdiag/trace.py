@@ -67,6 +67,9 @@ class Trace:
     torch_agrees: bool | None
     packed_params: dict[str, Any] = field(default_factory=dict)
     module_note: str | None = None
+    input_code_sum: dict[str, Any] | None = None
+    """fbgemm's depthwise kernel: the window's input codes summed in saturating int16 for the
+    weight zero point's correction (``sum``, ``saturated``, ``value`` kept); else None."""
 
     def to_dict(self) -> dict[str, Any]:
         from .report import _jsonable
@@ -154,9 +157,17 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
             correction += sat - raw
             pairs_out.append({"k": [t["k"] for t in ts], "sum": raw, "saturated": sat != raw,
                               "value": sat})
+    input_code_sum = None
+    if kernel.row_sums_int16 and w_zp_eff != 0:
+        # fbgemm's depthwise kernel sums the window's codes in saturating int16
+        total = sum(zps.pair_pad_code if t["input_index"] is None else t["x_code"]
+                    for t in terms)
+        kept = min(total, INT16_MAX)
+        correction += w_zp_eff * (total - kept)
+        input_code_sum = {"sum": total, "saturated": kept != total, "value": kept}
     acc = exact + correction
     acc = (acc - (-(2**31))) % 2**32 - 2**31
-    assert acc == int(em.acc[pos]), "trace and emulation disagree on the int16 pairs"
+    assert acc == int(em.acc[pos]), "trace and emulation disagree on the int16 sums"
     out_qp = spec.output_qparams
     out_zp = int(out_qp.zero_point[0])
     unclamped = int(em.unclamped[pos])
@@ -196,6 +207,7 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
         dequantized=float((codes - out_zp) * out_qp.scale[0]),
         float_reference=float(run.ladder.float_output[pos]), torch_output_int=torch_code,
         torch_agrees=agrees, packed_params=packed_params(case, run), module_note=module_note,
+        input_code_sum=input_code_sum,
     )
 
 

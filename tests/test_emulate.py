@@ -249,6 +249,22 @@ def test_pair_saturation_blocks_and_count_only_agree(accumulation, monkeypatch):
 
 
 NEAR_TIE_SEEDS = ["0", "1", "3"]
+#: fbgemm's groupwise and depthwise kernels requantize in their own code (src/QuantUtilsAvx512.cc
+#: requantizeOutputProcessingGConvAvx512, src/FbgemmI8DepthwiseAvx2-inl.h requantize_): one
+#: seed each (16 cases, 6,144 and 12,288 outputs per engine).
+FAST_KERNEL_NEAR_TIES = ["--layouts", "groupwise,depthwise", "0"]
+
+
+def _assert_near_ties_exact(result: dict) -> None:
+    for engine, (mismatched, total) in result.items():
+        assert total > 0 and mismatched <= CODES_MAX_MISMATCH, (engine, mismatched, total)
+
+
+def _near_ties_forced(*args: str) -> dict:
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-m", "tests.near_ties", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_requantization_at_near_ties():
@@ -257,18 +273,16 @@ def test_requantization_at_near_ties():
     100,000 outputs, so they are placed on purpose here (tests/near_ties.py)."""
     from tests.near_ties import check as near_ties
 
-    for engine, (mismatched, total) in near_ties([int(s) for s in NEAR_TIE_SEEDS]).items():
-        assert total > 0 and mismatched <= CODES_MAX_MISMATCH, (engine, mismatched, total)
+    _assert_near_ties_exact(near_ties([int(s) for s in NEAR_TIE_SEEDS], ("dense", "grouped8")))
+    _assert_near_ties_exact(near_ties([0], ("groupwise", "depthwise")))
 
 
 def test_requantization_at_near_ties_without_vnni():
     """The same for dense convs with the ISA forced down to AVX2 (oneDNN's pre-VNNI kernels
-    that pair channels apply one precomputed source x weight scale). Not covered: oneDNN's
-    grouped convs without VNNI (exact accumulation, a third arithmetic: 62 of 6,144 near-tie
-    outputs differ; README, Limits)."""
-    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
-    out = subprocess.run([sys.executable, "-m", "tests.near_ties", "--dense", *NEAR_TIE_SEEDS],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                         check=True)
-    for engine, (mismatched, total) in json.loads(out.stdout.strip().splitlines()[-1]).items():
-        assert total > 0 and mismatched <= CODES_MAX_MISMATCH, (engine, mismatched, total)
+    that pair channels apply one precomputed source x weight scale), and for fbgemm's groupwise
+    and depthwise kernels (x86 runs these 256- and 512-group layers on fbgemm). Not covered:
+    oneDNN's grouped and depthwise convs without VNNI (a third arithmetic: 82 of 6,144 and 158
+    of 12,288 near-tie outputs differ; README, Limits)."""
+    _assert_near_ties_exact(_near_ties_forced("--layouts", "dense", *NEAR_TIE_SEEDS))
+    _assert_near_ties_exact(_near_ties_forced("--engines", "x86,fbgemm,qnnpack",
+                                              *FAST_KERNEL_NEAR_TIES))

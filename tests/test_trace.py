@@ -105,3 +105,23 @@ def test_trace_runs_one_path_not_the_whole_diagnosis(monkeypatch):
     monkeypatch.setattr(d, "run_path", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
     tr = trace(forum_case(), (0, 0, 0, 0), path="production", engine="x86")
     assert calls == ["production"] and tr.path == "production"
+
+
+def test_trace_of_a_depthwise_window_whose_code_sum_leaves_int16():
+    """fbgemm's depthwise kernel keeps each window's input code sum (for the weight zero
+    point's correction) in saturating int16: a 7x5x5 window of codes near 255 passes 32767."""
+    from qconvdiag.case import QuantSetup, build_case
+    from qconvdiag.qparams import per_tensor
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(2.0, 2.6, (1, 8, 7, 5, 5)).astype(np.float32)
+    w = rng.uniform(-1, 1, (8, 1, 7, 5, 5)).astype(np.float32)
+    setup = QuantSetup(per_tensor(0.01, 0, "quint8", "user"),
+                       per_tensor(0.01, 3, "qint8", "user"), per_tensor(0.5, 128, "quint8", "user"))
+    case = build_case(x, w, None, padding=(3, 2, 2), groups=8, setup=setup)
+    tr = trace(case, (0, 2, 3, 2, 2), path="as_given", engine="fbgemm")
+    assert tr.kernel == "fbgemm" and tr.input_code_sum is not None
+    assert tr.input_code_sum["saturated"] and tr.input_code_sum["value"] == 32767
+    assert tr.accumulator == tr.accumulator_exact + sum(
+        p["value"] - p["sum"] for p in tr.pairs) + 3 * (tr.input_code_sum["sum"] - 32767)
+    assert tr.torch_agrees is True
