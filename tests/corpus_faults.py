@@ -413,6 +413,34 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
     ], [("output zero point 255", lambda: L2.case(L2.setup(output_qparams=qp(
         float(-L2.y().min()) / 255 * 1.01, 255))), "x86")])
 
+    def signed_output(lay: Layer, zp: int) -> ConvCase:
+        """Output qparams written for qint8 (signed outputs around zero point 0)."""
+        y = lay.y()
+        scale = float(np.abs(y).max()) / 127.5
+        return lay.case(lay.setup(output_qparams=qp(scale, zp, "qint8")))
+
+    yield from _group("QCD054", [
+        ("qint8 output qparams, zero point 0", lambda: signed_output(L2, 0), "x86"),
+        ("qint8 output qparams on qnnpack", lambda: signed_output(L3, 0), "qnnpack"),
+        ("qint8 output qparams, zero point -10", lambda: signed_output(L2, -10), "fbgemm"),
+    ], [("quint8 output qparams", lambda: L2.case(L2.setup()), "x86")])
+
+    def groupwise(groups: int) -> ConvCase:
+        """fbgemm's groupwise kernel (3x3, padding 1, 4 channels per group in and out)."""
+        rng = np.random.default_rng(groups)
+        lay = Layer(_input(rng, (1, 4 * groups, 8, 8), "relu"),
+                    _weight(rng, (4 * groups, 4, 3, 3), False),
+                    (rng.standard_normal(4 * groups) * 0.1).astype(np.float32),
+                    dict(padding=1, groups=groups))
+        return lay.case(lay.setup())
+
+    yield from _group("QCD062", [
+        ("5 groups of 4 channels on fbgemm", lambda: groupwise(5), "fbgemm"),
+        ("7 groups of 4 channels on fbgemm", lambda: groupwise(7), "fbgemm"),
+        ("9 groups of 4 channels on fbgemm", lambda: groupwise(9), "fbgemm"),
+    ], [("8 groups of 4 channels on fbgemm", lambda: groupwise(8), "fbgemm")],
+        severity="error")
+
     yield from _group("QCD060", [
         ("the forum", lambda: forum_case(), "x86"),
         ("eager flow on x86", lambda: healthy_layer(6, "x86", "default", "relu",

@@ -49,8 +49,10 @@ REGISTRY: tuple[Rule, ...] = (
     Rule("QCD051", output_rules.qcd051, OUT[1:]),
     Rule("QCD052", output_rules.qcd052, OUT[:1]),
     Rule("QCD053", output_rules.qcd053, OUT, root=True),
+    Rule("QCD054", output_rules.qcd054, OUT, root=True),
     Rule("QCD060", backend_rules.qcd060),
     Rule("QCD061", backend_rules.qcd061, ("backend_residual",)),
+    Rule("QCD062", backend_rules.qcd062, root=True),
 )
 #: Runs last: it only speaks on a path no other rule found a problem on.
 FLOOR_CODE = "QCD070"

@@ -29,11 +29,17 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
             if run.emulation is None:
                 continue
             em, ran = run.emulation, run.module_emulation
-            if em.saturated_pairs > 0 or (ran is not None and ran.saturated_pairs > 0):
+            saturated = [e for e in (em, ran) if e is not None
+                         and (e.saturated_pairs > 0 or e.saturated_row_sums > 0)]
+            if saturated:
                 energy = excess(run, "accumulation")
                 st = run.report.stage("accumulation")
                 module_note = ("" if ran is None else
                                f" (the module's own weight: {ran.saturated_pairs} saturated pairs)")
+                rows = max(e.saturated_row_sums for e in saturated)
+                if rows:
+                    module_note += (f"; {rows} window sums of input codes (the depthwise "
+                                    "kernel's weight zero point correction) saturated in int16")
                 yield finding(
                     "QCD040", severity(run, energy, "warning" if energy > 0 else "info"),
                     f"int16 pair saturation in accumulation on {engine}",
@@ -43,7 +49,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     f"{run.report.name} path{module_note}, moving outputs by up to "
                     f"{fmt(st.delta.max_abs if st.delta else 0)} "
                     f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps).",
-                    {"saturated_pairs": em.saturated_pairs,
+                    {"saturated_pairs": em.saturated_pairs, "saturated_row_sums": rows,
                      "accumulation": run.kernel.accumulation, "excess": energy},
                     _reduce_range_fix(ctx, engine, True), run, energy, ("accumulation",))
             elif run.saturation_without_vnni:

@@ -56,6 +56,29 @@ def qcd061(ctx: Context) -> Iterator[Finding]:
             run, energy, ("backend_residual",))
 
 
+def qcd062(ctx: Context) -> Iterator[Finding]:
+    """torch's own kernel would corrupt memory on this layer: it is not run, and says so."""
+    from ..engines import fbgemm_groupwise_overrun
+
+    case = ctx.case
+    g = case.geometry
+    o, cin_g = case.weight.shape[0], case.weight.shape[1]
+    for run in ctx.runs:
+        hazard = fbgemm_groupwise_overrun(run.report.engine, run.spec.run_weight_qparams,
+                                          g.groups, cin_g, o // g.groups, g, case.kernel_size)
+        if hazard is None:
+            continue
+        yield finding(
+            "QCD062", "error" if run.report.name == "as_given" else "warning",
+            f"torch's fbgemm kernel overruns its buffers on this layer ({run.report.engine})",
+            f"On this CPU torch's fbgemm groupwise kernel {hazard.split(': ', 1)[1]}. "
+            "qconvdiag did not run torch on it; the emulation shows what the kernel computes "
+            "for the groups it handles correctly.",
+            {"groups": g.groups, "channels_per_group": cin_g, "engine": run.report.engine},
+            "# run this layer on another engine (onednn takes symmetric weights):\n"
+            'torch.backends.quantized.engine = "qnnpack"', run)
+
+
 def qcd070(ctx: Context, others: list[Finding]) -> Iterator[Finding]:
     """Runs last: a path at its floor with no warning or error gets the all-clear."""
     for run in ctx.paths():

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..budget import ideal_step
 from ..evidence import PathRun
+from ..qparams import DTYPE_RANGES
 from ..report import Finding
 from .base import Context, excess, final_output_qparams, finding, fmt, material, severity
 from .fixes import eager_flow, output_fix
@@ -129,6 +130,28 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
             {"output_scale": out_s, "needed_scale": ideal, "step_ratio": b.output_step_ratio,
              "levels": (hi - lo) / out_s, "excess": energy},
             fix, run, energy, ("output_rounding",))
+
+
+def qcd054(ctx: Context) -> Iterator[Finding]:
+    run = ctx.as_given
+    if run is None or run.output_reference is None:
+        return
+    qp = run.spec.output_qparams
+    if qp.dtype_given is None or qp.dtype_given == "quint8":
+        return
+    energy = excess(run, *OUTPUT)
+    zp, s = qp.zero_point[0], qp.scale[0]
+    lo, hi = DTYPE_RANGES[qp.dtype_given]
+    fix, _ = output_fix(_y0(run))
+    yield finding(
+        "QCD054", severity(run, energy, "warning"),
+        f"output qparams say {qp.dtype_given}; torch's quantized conv writes quint8",
+        f"The output qparams say {qp.dtype_given}, but torch's quantized conv takes only a "
+        f"scale and a zero point and always writes quint8: with zero point {zp} the outputs "
+        f"run from {fmt(-zp * s)} to {fmt((255 - zp) * s)}, not {qp.dtype_given}'s "
+        f"{fmt((lo - zp) * s)} to {fmt((hi - zp) * s)}.",
+        {"dtype_given": qp.dtype_given, "zero_point": zp, "excess": energy},
+        "# quint8 output qparams over the float output's range:\n" + fix, run, energy, OUTPUT)
 
 
 def qcd053(ctx: Context) -> Iterator[Finding]:
