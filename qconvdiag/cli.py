@@ -213,7 +213,8 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
     import math
 
     from .diagnosis import Options, run_diagnosis
-    from .io import atomic_write, check_size, load_calibration
+    from .io import check_size, load_calibration
+    from .writes import atomic_write
 
     for target in (diag.output, diag.save_outputs):
         if target is not None and any(_same_file(target, i) for i in inputs):
@@ -242,7 +243,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
     report = diagnosis.report
     text = render_json(report)
     if diag.output is not None:
-        atomic_write(diag.output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(diag.output, text.encode("utf-8"))
         _err(f"wrote {diag.output}")
     if diag.save_outputs is not None:
         from .render.npz import save_outputs as write_npz

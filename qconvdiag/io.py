@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from .case import ConvCase, ModuleState, QuantSetup, build_case
 from .errors import CaseError, CaseFileError, QParamsError
 from .qparams import CODE_DTYPES, QParams, dequantize32, from_mapping, per_tensor
 from .torch_ref import capture_warnings
+from .writes import atomic_write
 
 FORMATS = (".pt", ".pth", ".npz", ".safetensors")
 TENSOR_KEYS = ("input", "weight", "bias", "qinput", "qweight", "qconv.weight", "qconv.bias")
@@ -586,8 +586,7 @@ def save_case(case: ConvCase, path: str | os.PathLike[str]) -> Path:
         raise CaseFileError(f"{p}: unknown extension '{p.suffix}'; use one of {', '.join(FORMATS)}")
     mapping = case_to_mapping(case)
 
-    data = encode_case(mapping, suffix)
-    atomic_write(p, lambda tmp: tmp.write_bytes(data))
+    atomic_write(p, encode_case(mapping, suffix))
     return p
 
 
@@ -649,20 +648,6 @@ def _npz_bytes(mapping: Mapping[str, Any]) -> bytes:
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             zf.writestr(info, item.getvalue())
     return buf.getvalue()
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp)`` then rename over ``path``: no partial file is ever left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..evidence import OutputArrays
-from ..io import _npz_bytes, atomic_write
+from ..io import _npz_bytes
+from ..writes import atomic_write
 
 
 def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
@@ -29,5 +30,5 @@ def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
 def save_outputs(arrays: OutputArrays, path: str | Path) -> Path:
     p = Path(path)
     data = _npz_bytes({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
-    atomic_write(p, lambda tmp: tmp.write_bytes(data))
+    atomic_write(p, data)
     return p
