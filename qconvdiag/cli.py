@@ -208,17 +208,46 @@ def diagnosis_options(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...] = ()
-                         ) -> None:
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """The files a run writes, reserved before any work (see ``writes.PendingWrites``)."""
+
+    writes: Any
+    report: Any = None
+    """``--output``: the JSON report."""
+    tensors: Any = None
+    """``--save-outputs``: the npz of output tensors."""
+    case: Any = None
+    """``--save`` (random): the generated case."""
+
+
+def _reserve_outputs(diag: DiagnosisArgs, writes: Any, inputs: tuple[Optional[Path], ...],
+                     save: Optional[Path] = None) -> Outputs:
+    """Check every destination and create its temporary file, before any work."""
+    for target in (diag.output, diag.save_outputs):
+        if target is not None and any(i is not None and _same_file(target, i) for i in inputs):
+            raise QconvdiagError(f"{target} is an input of this run; write the report elsewhere")
+    if save is not None:
+        from .io import FORMATS
+
+        if save.suffix.lower() not in FORMATS:
+            raise QconvdiagError(f"{save}: unknown extension '{save.suffix}'; use one of "
+                                 f"{', '.join(FORMATS)}")
+    return Outputs(
+        writes,
+        case=None if save is None else writes.reserve(save, "--save"),
+        report=None if diag.output is None else writes.reserve(diag.output, "--output"),
+        tensors=(None if diag.save_outputs is None
+                 else writes.reserve(diag.save_outputs, "--save-outputs")),
+    )
+
+
+def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs) -> None:
     import math
 
     from .diagnosis import Options, run_diagnosis
     from .io import check_size, load_calibration
-    from .writes import atomic_write
 
-    for target in (diag.output, diag.save_outputs):
-        if target is not None and any(_same_file(target, i) for i in inputs):
-            raise QconvdiagError(f"{target} is an input of this run; write the report elsewhere")
     check_size(case, diag.max_elements)
     from .paths import ProductionOptions
     from .render.json_report import render_json
@@ -242,14 +271,15 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, inputs: tuple[Path, ...
     diagnosis = run_diagnosis(case, options, progress)
     report = diagnosis.report
     text = render_json(report)
-    if diag.output is not None:
-        atomic_write(diag.output, text.encode("utf-8"))
-        _err(f"wrote {diag.output}")
-    if diag.save_outputs is not None:
-        from .render.npz import save_outputs as write_npz
+    writes = outputs.writes
+    if outputs.report is not None:
+        writes.write(outputs.report, text.encode("utf-8"))
+    if outputs.tensors is not None:
+        from .render.npz import npz_bytes
 
-        write_npz(diagnosis.arrays, diag.save_outputs)
-        _err(f"wrote {diag.save_outputs}")
+        writes.write(outputs.tensors, npz_bytes(diagnosis.arrays))
+    for dest in writes.commit():  # every file in place only when all were written
+        _err(f"wrote {dest.path}")
     if diag.json_out:
         sys.stdout.write(text)
     else:
@@ -293,9 +323,12 @@ def explain(
 ) -> None:
     """Explain a case file: where the quantized conv's error comes from, and the fix."""
     from .io import load_case
+    from .writes import PendingWrites
 
-    case = load_case(case_file, diag.max_elements)
-    _diagnose_and_report(case, diag, (case_file,) + ((diag.calib,) if diag.calib else ()))
+    with PendingWrites() as writes:
+        outputs = _reserve_outputs(diag, writes, (case_file, diag.calib))
+        case = load_case(case_file, diag.max_elements)
+        _diagnose_and_report(case, diag, outputs)
 
 
 @app.command()
@@ -332,7 +365,8 @@ def random(
 ) -> None:
     """Generate a reproducible case and explain it."""
     from .generate import RandomSpec, generate
-    from .io import save_case
+    from .io import case_to_mapping, check_size, encode_case
+    from .writes import PendingWrites
 
     spec = RandomSpec(
         seed=seed,
@@ -346,15 +380,14 @@ def random(
         per_channel_varied=per_channel_varied,
         recipe=recipe,
     )
-    case = generate(spec)
-    from .io import check_size
-
-    check_size(case, diag.max_elements)
-    if save is not None:
-        save_case(case, save)
-        _err(f"wrote {save}")
-    _diagnose_and_report(case, diag,
-                         ((save,) if save else ()) + ((diag.calib,) if diag.calib else ()))
+    with PendingWrites() as writes:
+        outputs = _reserve_outputs(diag, writes, (save, diag.calib), save)
+        case = generate(spec)
+        check_size(case, diag.max_elements)
+        if outputs.case is not None:
+            suffix = outputs.case.path.suffix.lower()
+            writes.write(outputs.case, encode_case(case_to_mapping(case), suffix))
+        _diagnose_and_report(case, diag, outputs)
 
 
 @app.command("trace")

@@ -1,25 +1,125 @@
-"""Output files (``--output``, ``--save-outputs``, ``--save``, ``save_case``): written to a
-temporary file beside the destination, then renamed over it, so no partial file is ever left.
+"""Output files (``--output``, ``--save-outputs``, ``--save``, ``save_case``).
+
+Every destination is checked, and its temporary file created beside it, before any work
+(``PendingWrites.reserve``); the data goes to the temporary files; ``commit`` renames them over
+the destinations only when every one was written. A failed or interrupted run removes its
+temporary files and leaves every destination as it was. Only regular files and new paths are
+written: a directory, device, FIFO or socket is refused and left untouched (a rename would
+replace a device node such as ``/dev/full`` with a file).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UsageError
+
+
+@dataclass
+class Destination:
+    """One output file: where it goes and the temporary file that will become it."""
+
+    label: str
+    """How the user named it (``--output r.json``), for messages."""
+    path: Path
+    """The path as given."""
+    target: Path
+    """The file that gets replaced: ``path`` with symlinks resolved (a link is written through,
+    not replaced)."""
+    tmp: Path
+    """The temporary file beside ``target``."""
+    written: bool = False
+    committed: bool = False
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class PendingWrites:
+    """Output files put in place together, or not at all. Use as a context manager: leaving it
+    without ``commit`` (an error, Ctrl-C) removes the temporary files."""
+
+    def __init__(self) -> None:
+        self._destinations: list[Destination] = []
+
+    def __enter__(self) -> PendingWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def reserve(self, path: str | os.PathLike[str], option: str = "") -> Destination:
+        """Check that ``path`` can be written and create its temporary file (empty) beside it.
+        Raises UsageError with a fix when it cannot."""
+        p = Path(path)
+        label = f"{option} {p}" if option else str(p)
+        target = Path(os.path.realpath(p))
+        try:
+            mode: int | None = os.stat(target).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            mode = None
+        except OSError as exc:
+            raise UsageError(f"{label}: cannot use this path ({exc.strerror}); write elsewhere"
+                             ) from None
+        if mode is not None and not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{label} is {_kind(mode)}: qconvdiag writes only regular files or new paths; "
+                "give a file name"
+            )
+        parent = target.parent
+        if not parent.exists():
+            raise UsageError(f"{label}: directory {parent} does not exist; create it first or "
+                             "write elsewhere")
+        if not parent.is_dir():
+            raise UsageError(f"{label}: {parent} is not a directory; write elsewhere")
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                            dir=parent)
+        except OSError as exc:
+            raise UsageError(f"{label}: cannot create a file in {parent} ({exc.strerror}); "
+                             "write elsewhere") from None
+        os.close(fd)
+        dest = Destination(label, p, target, Path(tmp_name))
+        self._destinations.append(dest)
+        return dest
+
+    def write(self, dest: Destination, data: bytes) -> None:
+        """Write ``data`` to the destination's temporary file (not yet in place)."""
+        with open(dest.tmp, "wb") as fh:
+            fh.write(data)
+        dest.written = True
+
+    def commit(self) -> list[Destination]:
+        """Rename every written temporary file over its destination, in reserve order."""
+        pending = [d for d in self._destinations if not d.committed]
+        missing = [d.label for d in pending if not d.written]
+        if missing:
+            raise RuntimeError(f"commit before writing {', '.join(missing)}")
+        for d in pending:
+            os.replace(d.tmp, d.target)
+            d.committed = True
+        return pending
+
+    def discard(self) -> None:
+        """Remove the temporary files of every destination not committed."""
+        for d in self._destinations:
+            if not d.committed:
+                d.tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=p.suffix, dir=p.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+    with PendingWrites() as writes:
+        writes.write(writes.reserve(path), data)
+        writes.commit()
+    return Path(path)

@@ -27,8 +27,12 @@ def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
     return out
 
 
+def npz_bytes(arrays: OutputArrays) -> bytes:
+    """The bytes of the npz ``save_outputs`` writes."""
+    return _npz_bytes({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
+
+
 def save_outputs(arrays: OutputArrays, path: str | Path) -> Path:
     p = Path(path)
-    data = _npz_bytes({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
-    atomic_write(p, data)
+    atomic_write(p, npz_bytes(arrays))
     return p

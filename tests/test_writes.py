@@ -1,0 +1,118 @@
+"""Output files: checked before any work, put in place together, never over a non-file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import qconvdiag.cli as cli
+from qconvdiag.errors import UsageError
+from qconvdiag.writes import PendingWrites, atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+FORUM = str(ROOT / "samples" / "forum_conv.pt")
+runner = CliRunner()
+
+
+def _one_line_error(r, fragment):
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "internal error" not in r.stderr
+
+
+def _special_files(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    return sock, {"a FIFO": fifo, "a directory": folder, "a socket": sock_path}
+
+
+@pytest.mark.parametrize("option", ["--output", "--save-outputs"])
+def test_a_device_fifo_socket_or_directory_destination_is_refused_and_left_alone(tmp_path,
+                                                                                   option):
+    sock, targets = _special_files(tmp_path)
+    with sock:
+        before = {p: os.lstat(p).st_mode for p in targets.values()}
+        for kind, target in targets.items():
+            r = runner.invoke(cli.app, ["explain", FORUM, option, str(target)])
+            _one_line_error(r, f"is {kind}")
+        assert {p: os.lstat(p).st_mode for p in targets.values()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "folder", "sock"]
+    with pytest.raises(UsageError, match="FIFO"):
+        atomic_write(targets["a FIFO"], b"data")
+    assert stat.S_ISFIFO(os.lstat(targets["a FIFO"]).st_mode)
+
+
+def test_a_symlink_is_written_through_not_replaced(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    r = runner.invoke(cli.app, ["explain", FORUM, "--json", "--output", str(link)])
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and real.read_text() == r.stdout
+
+
+def test_every_destination_is_checked_before_work_and_a_failed_run_writes_nothing(tmp_path):
+    report = tmp_path / "r.json"
+    r = runner.invoke(cli.app, ["explain", FORUM, "--output", str(report),
+                                "--save-outputs", str(tmp_path)])
+    _one_line_error(r, "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_put_in_place_only_when_the_whole_run_succeeded(tmp_path, monkeypatch):
+    import qconvdiag.render.npz as npz
+
+    def broken(report):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(npz, "npz_bytes", broken)
+    old = tmp_path / "r.json"
+    old.write_text("the previous report")
+    args = ["random", "--seed", "2", "--save", str(tmp_path / "case.npz"),
+            "--output", str(old), "--save-outputs", str(tmp_path / "t.npz")]
+    r = runner.invoke(cli.app, args)
+    assert r.exit_code == 2 and "internal error: ValueError: boom" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert old.read_text() == "the previous report"
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file" / "r.json", "is not a directory"
+
+
+OUTPUT_PATHS = {
+    "missing directory": lambda tmp: (tmp / "missing" / "r.json", "does not exist"),
+    "under a file": _under_a_file,
+}
+if Path("/proc").is_dir():
+    OUTPUT_PATHS["in /proc"] = lambda tmp: (Path("/proc/qconvdiag-test.json"), "cannot create")
+
+
+@pytest.mark.parametrize("where", sorted(OUTPUT_PATHS))
+def test_unwritable_output_paths_are_one_line_errors(tmp_path, where):
+    target, fragment = OUTPUT_PATHS[where](tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    r = runner.invoke(cli.app, ["explain", FORUM, "--output", str(target)])
+    _one_line_error(r, fragment)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_pending_writes_discard_their_temporary_files(tmp_path):
+    with pytest.raises(KeyboardInterrupt), PendingWrites() as writes:
+        dest = writes.reserve(tmp_path / "a.json", "--output")
+        writes.write(dest, b"half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
