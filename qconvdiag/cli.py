@@ -224,9 +224,9 @@ class Outputs:
 def _reserve_outputs(diag: DiagnosisArgs, writes: Any, inputs: tuple[Optional[Path], ...],
                      save: Optional[Path] = None) -> Outputs:
     """Check every destination and create its temporary file, before any work."""
-    for target in (diag.output, diag.save_outputs):
+    for target in (save, diag.output, diag.save_outputs):
         if target is not None and any(i is not None and _same_file(target, i) for i in inputs):
-            raise QconvdiagError(f"{target} is an input of this run; write the report elsewhere")
+            raise QconvdiagError(f"{target} is an input of this run; write it elsewhere")
     if save is not None:
         from .io import FORMATS
 
@@ -297,8 +297,11 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs) -> No
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names (the same path, a symlink or a hard link)."""
+    import os
+
     try:
-        return a.resolve() == b.resolve()
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
     except OSError:
         return False
 
@@ -381,7 +384,7 @@ def random(
         recipe=recipe,
     )
     with PendingWrites() as writes:
-        outputs = _reserve_outputs(diag, writes, (save, diag.calib), save)
+        outputs = _reserve_outputs(diag, writes, (diag.calib,), save)
         case = generate(spec)
         check_size(case, diag.max_elements)
         if outputs.case is not None:

@@ -45,6 +45,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _same_existing_file(a: Path, b: Path) -> bool:
+    """Two names of one existing file (hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class PendingWrites:
     """Output files put in place together, or not at all. Use as a context manager: leaving it
     without ``commit`` (an error, Ctrl-C) removes the temporary files."""
@@ -64,6 +72,10 @@ class PendingWrites:
         p = Path(path)
         label = f"{option} {p}" if option else str(p)
         target = Path(os.path.realpath(p))
+        for other in self._destinations:
+            if other.target == target or _same_existing_file(other.target, target):
+                raise UsageError(f"{label} names the same file as {other.label}: give each "
+                                 "its own file")
         try:
             mode: int | None = os.stat(target).st_mode
         except (FileNotFoundError, NotADirectoryError):

@@ -116,3 +116,36 @@ def test_pending_writes_discard_their_temporary_files(tmp_path):
         writes.write(dest, b"half")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_options_naming_one_file_are_refused(tmp_path):
+    target = tmp_path / "same.npz"
+    cases = [
+        ["explain", FORUM, "--output", str(target), "--save-outputs", str(target)],
+        ["random", "--seed", "1", "--save", str(target), "--save-outputs", str(target)],
+        ["random", "--seed", "1", "--save", str(target), "--output", str(target)],
+    ]
+    (tmp_path / "existing.npz").write_bytes(b"old")
+    os.link(tmp_path / "existing.npz", tmp_path / "hardlink.npz")
+    (tmp_path / "symlink.npz").symlink_to(tmp_path / "existing.npz")
+    for alias in ("hardlink.npz", "symlink.npz"):
+        cases.append(["random", "--seed", "1", "--save-outputs", str(tmp_path / "existing.npz"),
+                      "--save", str(tmp_path / alias)])
+    for args in cases:
+        r = runner.invoke(cli.app, args)
+        _one_line_error(r, "names the same file as")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "existing.npz", "hardlink.npz", "symlink.npz"]
+    assert (tmp_path / "existing.npz").read_bytes() == b"old"
+
+
+def test_save_over_the_calibration_file_is_refused(tmp_path):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, calib=np.ones((2, 1, 3, 3), np.float32))
+    before = calib.read_bytes()
+    r = runner.invoke(cli.app, ["random", "--seed", "0", "--recipe", "forum",
+                                "--calib", str(calib), "--save", str(calib)])
+    _one_line_error(r, "is an input of this run")
+    assert calib.read_bytes() == before
