@@ -36,6 +36,31 @@ class Destination:
     committed: bool = False
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(target: Path) -> int:
+    """Permissions of a written file, as ``open(target, "w")`` (and so ``torch.save``) would
+    leave them: an existing file keeps its own, a new one gets 0666 minus the umask (0644 with
+    the usual umask 022). mkstemp's temporary files are 0600."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~umask()
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -106,8 +131,10 @@ class PendingWrites:
         return dest
 
     def write(self, dest: Destination, data: bytes) -> None:
-        """Write ``data`` to the destination's temporary file (not yet in place)."""
+        """Write ``data`` to the destination's temporary file (not yet in place), with the
+        permissions the file will keep (see ``file_mode``)."""
         with open(dest.tmp, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode(dest.target))
             fh.write(data)
         dest.written = True
 

@@ -149,3 +149,32 @@ def test_save_over_the_calibration_file_is_refused(tmp_path):
                                 "--calib", str(calib), "--save", str(calib)])
     _one_line_error(r, "is an input of this run")
     assert calib.read_bytes() == before
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=oct)
+def test_new_files_follow_the_umask_like_torch_save(tmp_path, mask):
+    import torch
+
+    old = os.umask(mask)
+    try:
+        torch.save({"x": torch.zeros(1)}, tmp_path / "torch.pt")
+        r = runner.invoke(cli.app, ["random", "--seed", "0", "--recipe", "forum",
+                                    "--save", str(tmp_path / "case.pt"),
+                                    "--output", str(tmp_path / "r.json"),
+                                    "--save-outputs", str(tmp_path / "t.npz")])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    want = stat.S_IMODE((tmp_path / "torch.pt").stat().st_mode)
+    assert want == 0o666 & ~mask
+    for name in ("case.pt", "r.json", "t.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    target.chmod(0o640)
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
