@@ -123,10 +123,11 @@ CalibOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report to stdout.")]
 OutputOpt = Annotated[
-    Optional[Path], typer.Option("--output", help="Write the JSON report to this file.")
+    Optional[Path], typer.Option("--output", help="Write the JSON report to this .json file.")
 ]
 SaveOutputsOpt = Annotated[
-    Optional[Path], typer.Option("--save-outputs", help="Write the output tensors (.npz).")
+    Optional[Path], typer.Option("--save-outputs", help="Write the output tensors to this "
+                                 ".npz file.")
 ]
 SqnrOpt = Annotated[
     Optional[float], typer.Option("--fail-under-sqnr", help="Exit 1 if SQNR (dB) is below this.")
@@ -227,18 +228,16 @@ def _reserve_outputs(diag: DiagnosisArgs, writes: Any, inputs: tuple[Optional[Pa
     for target in (save, diag.output, diag.save_outputs):
         if target is not None and any(i is not None and _same_file(target, i) for i in inputs):
             raise QconvdiagError(f"{target} is an input of this run; write it elsewhere")
-    if save is not None:
-        from .io import FORMATS
+    from .io import FORMATS
 
-        if save.suffix.lower() not in FORMATS:
-            raise QconvdiagError(f"{save}: unknown extension '{save.suffix}'; use one of "
-                                 f"{', '.join(FORMATS)}")
     return Outputs(
         writes,
-        case=None if save is None else writes.reserve(save, "--save"),
-        report=None if diag.output is None else writes.reserve(diag.output, "--output"),
+        case=None if save is None else writes.reserve(save, "--save", FORMATS, "a case file"),
+        report=(None if diag.output is None
+                else writes.reserve(diag.output, "--output", (".json",), "the JSON report")),
         tensors=(None if diag.save_outputs is None
-                 else writes.reserve(diag.save_outputs, "--save-outputs")),
+                 else writes.reserve(diag.save_outputs, "--save-outputs", (".npz",),
+                                     "the output tensors (an npz archive)")),
     )
 
 

@@ -91,9 +91,12 @@ class PendingWrites:
     def __exit__(self, *exc: object) -> None:
         self.discard()
 
-    def reserve(self, path: str | os.PathLike[str], option: str = "") -> Destination:
+    def reserve(self, path: str | os.PathLike[str], option: str = "",
+                formats: tuple[str, ...] = (), what: str = "") -> Destination:
         """Check that ``path`` can be written and create its temporary file (empty) beside it.
-        Raises UsageError with a fix when it cannot."""
+        ``formats``: the extensions allowed (the extension names the format, one rule for
+        every file written), ``what`` the file's content for the message. Raises UsageError
+        with a fix when the path cannot be used."""
         p = Path(path)
         label = f"{option} {p}" if option else str(p)
         target = Path(os.path.realpath(p))
@@ -119,6 +122,11 @@ class PendingWrites:
                              "write elsewhere")
         if not parent.is_dir():
             raise UsageError(f"{label}: {parent} is not a directory; write elsewhere")
+        if formats and p.suffix.lower() not in formats:
+            raise UsageError(
+                f"{label}: {what or 'the file'} needs a name ending in {' or '.join(formats)} "
+                f"(the extension names the format), e.g. {p.stem or 'out'}{formats[0]}"
+            )
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
                                             dir=parent)

@@ -121,7 +121,8 @@ def test_pending_writes_discard_their_temporary_files(tmp_path):
 def test_two_options_naming_one_file_are_refused(tmp_path):
     target = tmp_path / "same.npz"
     cases = [
-        ["explain", FORUM, "--output", str(target), "--save-outputs", str(target)],
+        ["explain", FORUM, "--output", str(tmp_path / "same.json"),
+         "--save-outputs", str(tmp_path / "same.json")],
         ["random", "--seed", "1", "--save", str(target), "--save-outputs", str(target)],
         ["random", "--seed", "1", "--save", str(target), "--output", str(target)],
     ]
@@ -178,3 +179,21 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
     atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("option, name, ok", [
+    ("--save-outputs", "t.txt", "t.npz"),
+    ("--save-outputs", "t", "T.NPZ"),
+    ("--output", "r.txt", "r.json"),
+    ("--save", "case.txt", "case.safetensors"),
+])
+def test_one_rule_for_every_file_written_the_extension_names_the_format(tmp_path, option,
+                                                                         name, ok):
+    r = runner.invoke(cli.app, ["random", "--seed", "0", "--recipe", "forum",
+                                option, str(tmp_path / name)])
+    _one_line_error(r, "needs a name ending in")
+    assert list(tmp_path.iterdir()) == []
+    r = runner.invoke(cli.app, ["random", "--seed", "0", "--recipe", "forum",
+                                option, str(tmp_path / ok)])
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in tmp_path.iterdir()] == [ok]
