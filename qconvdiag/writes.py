@@ -18,6 +18,9 @@ from pathlib import Path
 
 from .errors import UsageError
 
+#: Bytes per write call.
+WRITE_CHUNK = 4 << 20
+
 
 @dataclass
 class Destination:
@@ -68,6 +71,19 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not sync directories; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def _same_existing_file(a: Path, b: Path) -> bool:
@@ -140,10 +156,17 @@ class PendingWrites:
 
     def write(self, dest: Destination, data: bytes) -> None:
         """Write ``data`` to the destination's temporary file (not yet in place), with the
-        permissions the file will keep (see ``file_mode``)."""
-        with open(dest.tmp, "wb") as fh:
-            os.fchmod(fh.fileno(), file_mode(dest.target))
-            fh.write(data)
+        permissions the file will keep (see ``file_mode``), and flush it to disk."""
+        fd = os.open(dest.tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.fchmod(fd, file_mode(dest.target))
+            view = memoryview(data)
+            while view:  # in chunks: Ctrl-C is handled between them, not after 500 MB
+                view = view[os.write(fd, view[:WRITE_CHUNK]):]
+            # on disk before the rename, or a crash could leave an empty file in its place
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         dest.written = True
 
     def commit(self) -> list[Destination]:
@@ -155,6 +178,8 @@ class PendingWrites:
         for d in pending:
             os.replace(d.tmp, d.target)
             d.committed = True
+        for folder in {d.target.parent for d in pending}:
+            _fsync_directory(folder)  # the renames themselves on disk
         return pending
 
     def discard(self) -> None:

@@ -197,3 +197,69 @@ def test_one_rule_for_every_file_written_the_extension_names_the_format(tmp_path
                                 option, str(tmp_path / ok)])
     assert r.exit_code == 0, r.output
     assert [p.name for p in tmp_path.iterdir()] == [ok]
+
+
+#: Runs the real command line in a subprocess that signals itself in the middle of writing one
+#: output: after the second chunk of that file (chunks made small so the files have several).
+KILLED_MID_WRITE = """
+import os, signal, sys
+import qconvdiag.writes as writes
+
+which, signum = sys.argv[1], getattr(signal, sys.argv[2])
+# Python's own Ctrl-C handler, also when started with SIGINT ignored (a background job)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+writes.WRITE_CHUNK = 1024
+state = {"file": None, "chunks": 0}
+real_os_write, real_pending_write = os.write, writes.PendingWrites.write
+
+def pending_write(self, dest, data):
+    state.update(file=dest.label.split()[0], chunks=0, size=len(data))
+    return real_pending_write(self, dest, data)
+
+def os_write(fd, data):
+    n = real_os_write(fd, data)
+    if state["file"] == which:
+        state["chunks"] += 1
+        if state["chunks"] == 2:
+            assert state["size"] > 3 * writes.WRITE_CHUNK  # the file is not done yet
+            os.kill(os.getpid(), signum)
+    return n
+
+writes.PendingWrites.write = pending_write
+os.write = os_write
+sys.argv = ["qconvdiag", *sys.argv[3:]]
+from qconvdiag.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("option, signame", [
+    ("--output", "SIGKILL"), ("--output", "SIGINT"),
+    ("--save-outputs", "SIGKILL"), ("--save-outputs", "SIGINT"),
+])
+def test_a_kill_in_the_middle_of_a_write_never_leaves_a_truncated_file(tmp_path, option,
+                                                                       signame):
+    import subprocess
+    import sys
+
+    report, tensors = tmp_path / "r.json", tmp_path / "t.npz"
+    report.write_text("previous report")
+    tensors.write_bytes(b"previous tensors")
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, option, signame, "explain", FORUM,
+         "--json", "--output", str(report), "--save-outputs", str(tensors)],
+        capture_output=True, text=True, cwd=ROOT)
+    assert report.read_text() == "previous report"
+    assert tensors.read_bytes() == b"previous tensors"
+    left = sorted(p for p in tmp_path.iterdir() if p not in (report, tensors))
+    if signame == "SIGKILL":  # no clean-up possible: the partial file is a hidden temporary
+        assert run.returncode == -9, run.stderr
+        killed = report if option == "--output" else tensors
+        partial = [p for p in left if p.name.startswith(f".{killed.name}.")]
+        assert len(partial) == 1 and partial[0].name.endswith(".tmp"), left
+        assert partial[0].stat().st_size == 2 * 1024  # the signal landed mid-write
+    else:
+        assert run.returncode == 130, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            "qconvdiag: interrupted; nothing was written"]
+        assert left == []
