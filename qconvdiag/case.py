@@ -205,39 +205,48 @@ def validate(
     inp: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, g: Geometry
 ) -> None:
     """Shape and geometry rules of torch's conv, with a message that says what to fix."""
-    if weight.ndim not in (3, 4, 5):
+    validate_shapes(inp.shape, weight.shape, None if bias is None else bias.shape, g)
+
+
+def validate_shapes(
+    input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None, g: Geometry,
+) -> None:
+    """``validate`` on shapes alone (checked before any tensor is made)."""
+    rank = len(weight_shape)
+    if rank not in (3, 4, 5):
         raise CaseError(
-            f"weight has rank {weight.ndim}: expected 3 (conv1d), 4 (conv2d) or 5 (conv3d)"
+            f"weight has rank {rank}: expected 3 (conv1d), 4 (conv2d) or 5 (conv3d)"
         )
-    dims = weight.ndim - 2
-    if inp.ndim != weight.ndim:
+    dims = rank - 2
+    if len(input_shape) != rank:
         raise CaseError(
-            f"input has rank {inp.ndim} but the {OPS[dims]} weight needs rank {weight.ndim} "
+            f"input has rank {len(input_shape)} but the {OPS[dims]} weight needs rank {rank} "
             f"(N, C, {'spatial, ' * dims}...): add the batch dimension with input[None]"
         )
-    if weight.shape[0] % g.groups:
+    if weight_shape[0] % g.groups:
         raise CaseError(
-            f"weight has {weight.shape[0]} output channels, not divisible by groups={g.groups}"
+            f"weight has {weight_shape[0]} output channels, not divisible by groups={g.groups}"
         )
-    if inp.shape[1] != weight.shape[1] * g.groups:
+    if input_shape[1] != weight_shape[1] * g.groups:
         raise CaseError(
-            f"channel mismatch: input has C={inp.shape[1]} but weight C_in * groups = "
-            f"{weight.shape[1]} * {g.groups} = {weight.shape[1] * g.groups}"
+            f"channel mismatch: input has C={input_shape[1]} but weight C_in * groups = "
+            f"{weight_shape[1]} * {g.groups} = {weight_shape[1] * g.groups}"
         )
     for i in range(dims):
-        padded = inp.shape[2 + i] + 2 * g.padding[i]
-        eff = g.dilation[i] * (weight.shape[2 + i] - 1) + 1
+        padded = input_shape[2 + i] + 2 * g.padding[i]
+        eff = g.dilation[i] * (weight_shape[2 + i] - 1) + 1
         if eff > padded:
             raise CaseError(
                 f"kernel larger than the padded input in dimension {i}: effective kernel {eff} "
-                f"> input {inp.shape[2 + i]} + 2 * padding {g.padding[i]}"
+                f"> input {input_shape[2 + i]} + 2 * padding {g.padding[i]}"
             )
-    if bias is not None and (bias.ndim != 1 or bias.shape[0] != weight.shape[0]):
+    if bias_shape is not None and (len(bias_shape) != 1 or bias_shape[0] != weight_shape[0]):
         raise CaseError(
-            f"bias has shape {tuple(bias.shape)} but the weight has {weight.shape[0]} output "
-            f"channels: give a 1-D bias of length {weight.shape[0]}"
+            f"bias has shape {tuple(bias_shape)} but the weight has {weight_shape[0]} output "
+            f"channels: give a 1-D bias of length {weight_shape[0]}"
         )
-    n_out = math.prod(output_shape(inp.shape, weight.shape, g))
+    n_out = math.prod(output_shape(input_shape, weight_shape, g))
     if n_out <= 0:
         raise CaseError("the convolution has an empty output: check the geometry")
 
