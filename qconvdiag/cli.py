@@ -384,7 +384,7 @@ def random(
     )
     with PendingWrites() as writes:
         outputs = _reserve_outputs(diag, writes, (diag.calib,), save)
-        case = generate(spec)
+        case = generate(spec, diag.max_elements)  # shapes checked before tensors are made
         check_size(case, diag.max_elements)
         if outputs.case is not None:
             suffix = outputs.case.path.suffix.lower()

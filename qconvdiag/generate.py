@@ -11,8 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import ConvCase, ModuleState, QuantSetup, build_case
-from .errors import UsageError
+from .case import (
+    ConvCase,
+    ModuleState,
+    QuantSetup,
+    build_case,
+    make_geometry,
+    output_shape,
+    validate_shapes,
+)
+from .errors import CaseError, UsageError
 from .qparams import make_qparams, per_tensor, quantize
 
 DISTRIBUTIONS = ("normal", "uniform", "relu", "int", "heavy")
@@ -36,14 +44,17 @@ class RandomSpec:
     recipe: str | None = None
 
 
-def generate(spec: RandomSpec) -> ConvCase:
+def generate(spec: RandomSpec, max_elements: int | None = None) -> ConvCase:
+    """The case ``spec`` asks for. No tensor (input, weight, output) may exceed
+    ``max_elements`` (default: the ``--max-elements`` default): shapes are checked before any
+    tensor is made."""
     if spec.recipe is not None:
         if spec.recipe == "forum":
             return forum_case()
         if spec.recipe == "handmade":
-            return handmade_case(random_case(spec), spec.seed)
+            return handmade_case(random_case(spec, max_elements), spec.seed)
         raise UsageError(f"unknown recipe '{spec.recipe}': use one of {', '.join(RECIPES)}")
-    return random_case(spec)
+    return random_case(spec, max_elements)
 
 
 def _draw_geometry(rng: np.random.Generator, spec: RandomSpec) -> dict[str, object]:
@@ -120,14 +131,34 @@ def _draw_tensor(rng: np.random.Generator, shape: tuple[int, ...], dist: str) ->
     return x.astype(np.float32)
 
 
-def random_case(spec: RandomSpec) -> ConvCase:
+def _check_shapes(geo: dict[str, object], source: str, max_elements: int) -> None:
+    """The drawn shapes against the conv's rules and the element guard, before any tensor."""
+    from .io import guard_message
+
+    in_shape: tuple[int, ...] = geo["input_shape"]  # type: ignore[assignment]
+    w_shape: tuple[int, ...] = geo["weight_shape"]  # type: ignore[assignment]
+    g = make_geometry(len(w_shape) - 2, geo["stride"], geo["padding"], geo["dilation"],
+                      geo["groups"])
+    validate_shapes(in_shape, w_shape, None, g)
+    for name, shape in (("input", in_shape), ("weight", w_shape),
+                        ("output", output_shape(in_shape, w_shape, g))):
+        count = math.prod(shape)
+        if count > max_elements:
+            raise CaseError(guard_message(source, name, count, max_elements))
+
+
+def random_case(spec: RandomSpec, max_elements: int | None = None) -> ConvCase:
     """A random float case (no user setup): tensors and geometry drawn from ``spec.seed``."""
+    from .io import MAX_ELEMENTS
+
     if spec.distribution not in DISTRIBUTIONS:
         raise UsageError(
             f"unknown distribution '{spec.distribution}': use one of {', '.join(DISTRIBUTIONS)}"
         )
     rng = np.random.default_rng(spec.seed)
     geo = _draw_geometry(rng, spec)
+    _check_shapes(geo, f"random --seed {spec.seed}",
+                  MAX_ELEMENTS if max_elements is None else max_elements)
     inp = _draw_tensor(rng, geo["input_shape"], spec.distribution)  # type: ignore[arg-type]
     w_shape: tuple[int, ...] = geo["weight_shape"]  # type: ignore[assignment]
     fan_in = math.prod(w_shape[1:])

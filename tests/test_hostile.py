@@ -69,6 +69,27 @@ def test_max_elements_guard_and_how_to_raise_it():
         check_size(load_case(FORUM), limit=0)
 
 
+@pytest.mark.parametrize("args, name", [
+    (["--shape", "1,16,3000,3000", "--max-elements", "1000"], "'input' has 144,000,000"),
+    (["--shape", "1,16,30000,30000"], "'input' has 14,400,000,000"),  # the default guard
+    (["--shape", "1,1,20,20", "--weight-shape", "50,1,1,1", "--max-elements", "1000"],
+     "'output' has 20,000"),
+    (["--weight-shape", "2000,1,30,30", "--max-elements", "100000", "--recipe", "handmade"],
+     "'weight' has 1,800,000"),
+])
+def test_random_checks_shapes_against_the_guard_before_making_tensors(monkeypatch, args, name):
+    import qconvdiag.generate as generate
+
+    def no_tensors(*args, **kwargs):
+        raise AssertionError("a tensor was made before the size check")
+
+    monkeypatch.setattr(generate, "_draw_tensor", no_tensors)
+    r = runner.invoke(cli.app, ["random", "--seed", "1", *args])
+    assert r.exit_code == 2, r.output
+    assert name in r.stderr and "raise it with --max-elements" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_progress_on_stderr_for_long_diagnoses(monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_ELEMENTS", 1)
     r = runner.invoke(cli.app, ["explain", str(FORUM), "--json"])
