@@ -254,7 +254,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs) -> No
     options = Options(
         engine=diag.engine,
         production=ProductionOptions(observer=diag.observer, per_channel=diag.per_channel),
-        calib=None if diag.calib is None else load_calibration(diag.calib, case),
+        calib=None if diag.calib is None else load_calibration(diag.calib, case, diag.max_elements),
         fail_under_sqnr=diag.fail_under_sqnr,
         max_abs_error=diag.max_abs_error,
         fail_on=diag.fail_on.value,

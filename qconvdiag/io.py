@@ -734,16 +734,18 @@ def capture(
 # calibration data
 
 
-def load_calibration(path: str | os.PathLike[str], case: ConvCase) -> np.ndarray:
+def load_calibration(path: str | os.PathLike[str], case: ConvCase,
+                     max_elements: int = MAX_ELEMENTS) -> np.ndarray:
     """A batch of inputs for the production observers: key ``calib`` or ``input`` in a
-    ``.pt``/``.npz``/``.safetensors`` file, shape (B, C, *spatial) matching the case."""
+    ``.pt``/``.npz``/``.safetensors`` file, shape (B, C, *spatial) matching the case. No tensor
+    in the file may exceed ``max_elements`` (the ``--max-elements`` guard)."""
     p = Path(path)
     if not p.exists() or p.is_dir():
         raise CaseFileError(f"--calib {p}: no such file")
     suffix = p.suffix.lower()
     if suffix not in FORMATS:
         raise CaseFileError(f"--calib {p}: unknown extension; use {', '.join(FORMATS)}")
-    mapping = _read_any(p, suffix, MAX_ELEMENTS)
+    mapping = _read_any(p, suffix, max_elements)
     data = mapping.get("calib", mapping.get("input"))
     if not isinstance(data, np.ndarray):
         raise CaseFileError(f"--calib {p}: needs a tensor under 'calib' or 'input'")

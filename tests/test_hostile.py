@@ -90,6 +90,23 @@ def test_random_checks_shapes_against_the_guard_before_making_tensors(monkeypatc
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("fmt", [".npz", ".pt"])
+def test_calibration_data_obeys_the_max_elements_guard(tmp_path, fmt):
+    calib = np.ones((500, 1, 3, 3), np.float32)  # 4,500 elements; the forum case has 9 each
+    path = tmp_path / f"calib{fmt}"
+    if fmt == ".npz":
+        np.savez(path, calib=calib)
+    else:
+        import torch
+
+        torch.save({"calib": torch.from_numpy(calib)}, path)
+    args = ["explain", str(FORUM), "--calib", str(path), "--json"]
+    r = runner.invoke(cli.app, [*args, "--max-elements", "1000"])
+    assert r.exit_code == 2, r.output
+    assert "'calib' has 4,500 elements, over the --max-elements guard (1,000)" in r.stderr
+    assert runner.invoke(cli.app, [*args, "--max-elements", "5000"]).exit_code == 0
+
+
 def test_progress_on_stderr_for_long_diagnoses(monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_ELEMENTS", 1)
     r = runner.invoke(cli.app, ["explain", str(FORUM), "--json"])
