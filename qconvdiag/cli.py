@@ -222,6 +222,48 @@ class Outputs:
     """``--save`` (random): the generated case."""
 
 
+def _check_engine(engine: Optional[str], allow_all: bool) -> None:
+    from .engines import ENGINES
+
+    if engine is None or engine in ENGINES:
+        return
+    if engine == "all":
+        if allow_all:
+            return
+        raise QconvdiagError("trace runs one engine: give --engine NAME")
+    raise QconvdiagError(f"unknown engine '{engine}': use one of {', '.join(ENGINES)}"
+                         + (" or all" if allow_all else ""))
+
+
+def _check_input_file(path: Path, option: str) -> None:
+    from .io import FORMATS
+
+    if not path.is_file():
+        raise QconvdiagError(f"{option} {path}: no such file; give the path of a .pt, .npz or "
+                             ".safetensors file")
+    if path.suffix.lower() not in FORMATS:
+        raise QconvdiagError(f"{option} {path}: unknown extension '{path.suffix}'; use "
+                             f"{', '.join(FORMATS)}")
+
+
+def _check_diagnosis_args(diag: DiagnosisArgs) -> None:
+    """Every diagnosis option that can be checked without torch, before any work."""
+    from .findings import CODES
+    from .paths import OBSERVERS
+
+    _check_engine(diag.engine, allow_all=True)
+    if diag.observer is not None and diag.observer not in OBSERVERS:
+        raise QconvdiagError(
+            f"unknown observer '{diag.observer}': use one of {', '.join(OBSERVERS)}"
+        )
+    unknown = [c for c in (diag.ignore or ()) if c.upper() not in CODES]
+    if unknown:
+        raise QconvdiagError(f"--ignore: unknown finding code(s) {', '.join(unknown)}; codes "
+                             f"are {CODES[0]}..{CODES[-1]} (docs/findings.md)")
+    if diag.calib is not None:
+        _check_input_file(diag.calib, "--calib")
+
+
 def _reserve_outputs(diag: DiagnosisArgs, writes: Any, inputs: tuple[Optional[Path], ...],
                      save: Optional[Path] = None) -> Outputs:
     """Check every destination and create its temporary file, before any work."""
@@ -327,6 +369,7 @@ def explain(
     from .io import load_case
     from .writes import PendingWrites
 
+    _check_diagnosis_args(diag)
     with PendingWrites() as writes:
         outputs = _reserve_outputs(diag, writes, (case_file, diag.calib))
         case = load_case(case_file, diag.max_elements)
@@ -366,9 +409,11 @@ def random(
     diag: DiagnosisArgs = DiagnosisArgs(),
 ) -> None:
     """Generate a reproducible case and explain it."""
-    from .generate import RandomSpec, generate
+    from .generate import RandomSpec, check_spec, generate
     from .io import case_to_mapping, check_size, encode_case
     from .writes import PendingWrites
+
+    _check_diagnosis_args(diag)
 
     spec = RandomSpec(
         seed=seed,
@@ -382,6 +427,7 @@ def random(
         per_channel_varied=per_channel_varied,
         recipe=recipe,
     )
+    check_spec(spec)
     with PendingWrites() as writes:
         outputs = _reserve_outputs(diag, writes, (diag.calib,), save)
         case = generate(spec, diag.max_elements)  # shapes checked before tensors are made
@@ -390,6 +436,20 @@ def random(
             suffix = outputs.case.path.suffix.lower()
             writes.write(outputs.case, encode_case(case_to_mapping(case), suffix))
         _diagnose_and_report(case, diag, outputs)
+
+
+TRACE_PATHS = ("as_given", "production")
+
+
+def _position(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``--at N,C,H,W``: non-negative integers."""
+    if text is None:
+        return None
+    tokens = [t.strip() for t in text.split(",")]
+    if not all(t.isascii() and t.isdigit() for t in tokens):
+        raise QconvdiagError(f"--at must be comma-separated non-negative integers N,C,H,W, "
+                             f"got '{text}'")
+    return tuple(int(t) for t in tokens)
 
 
 @app.command("trace")
@@ -408,20 +468,22 @@ def trace_cmd(
     width: WidthOpt = None,
 ) -> None:
     """Show the integer arithmetic of one output element, checked against torch."""
+    position = _position(at)
+    if path not in TRACE_PATHS:
+        raise QconvdiagError(f"--path {path}: use {' or '.join(TRACE_PATHS)}")
+    _check_engine(engine, allow_all=False)
     import json
 
     from rich.console import Console
 
     from .io import load_case
     from .render.trace_view import render_trace
-    from .trace import parse_position, trace
+    from .trace import trace
 
-    if engine == "all":
-        raise QconvdiagError("trace runs one engine: give --engine NAME")
     case = load_case(case_file, max_elements)
     if path == "as_given" and case.setup is None:
         path = "production"
-    tr = trace(case, parse_position(at), path=path, engine=engine)
+    tr = trace(case, position, path=path, engine=engine)
     if json_out:
         sys.stdout.write(json.dumps(tr.to_dict(), allow_nan=False, indent=2) + "\n")
     else:

@@ -44,10 +44,21 @@ class RandomSpec:
     recipe: str | None = None
 
 
+def check_spec(spec: RandomSpec) -> None:
+    """What can be checked of ``spec`` before anything is drawn (UsageError with a fix)."""
+    if spec.recipe is not None and spec.recipe not in RECIPES:
+        raise UsageError(f"unknown recipe '{spec.recipe}': use one of {', '.join(RECIPES)}")
+    if spec.distribution not in DISTRIBUTIONS:
+        raise UsageError(
+            f"unknown distribution '{spec.distribution}': use one of {', '.join(DISTRIBUTIONS)}"
+        )
+
+
 def generate(spec: RandomSpec, max_elements: int | None = None) -> ConvCase:
     """The case ``spec`` asks for. No tensor (input, weight, output) may exceed
     ``max_elements`` (default: the ``--max-elements`` default): shapes are checked before any
     tensor is made."""
+    check_spec(spec)
     if spec.recipe is not None:
         if spec.recipe == "forum":
             return forum_case()

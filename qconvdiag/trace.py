@@ -77,15 +77,6 @@ class Trace:
         return _jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
 
 
-def parse_position(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise UsageError(f"--at must be comma-separated integers N,C,H,W, got '{text}'") from None
-
-
 def trace(case: ConvCase, position: tuple[int, ...] | None, path: str = "as_given",
           engine: str | None = None, options: Options | None = None) -> Trace:
     opts = options or Options(engine=engine)

@@ -237,3 +237,50 @@ def test_the_public_api_is_lean_and_complete():
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "broken ['QCD050', 'QCD024', 'QCD021']"
+
+
+BAD_ARGUMENTS = [
+    (["explain", FORUM, "--engine", "tpu"], "unknown engine"),
+    (["explain", FORUM, "--observer", "magic"], "unknown observer"),
+    (["explain", FORUM, "--ignore", "QCD999"], "unknown finding"),
+    (["explain", FORUM, "--calib", "missing.npz"], "no such file"),
+    (["explain", FORUM, "--calib", str(ROOT / "README.md")], "unknown extension"),
+    (["random", "--seed", "1", "--distribution", "cauchy"], "unknown distribution"),
+    (["random", "--seed", "1", "--recipe", "nope"], "unknown recipe"),
+    (["random", "--seed", "1", "--engine", "tpu", "--recipe", "forum"], "unknown engine"),
+    (["trace", FORUM, "--at", "a,b"], "--at must be comma-separated"),
+    (["trace", FORUM, "--path", "bogus"], "--path bogus: use as_given or production"),
+    (["trace", FORUM, "--engine", "all"], "trace runs one engine"),
+    (["trace", FORUM, "--engine", "tpu"], "unknown engine"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", BAD_ARGUMENTS,
+                         ids=[" ".join(x for x in a if x != FORUM) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_before_any_work(monkeypatch, args, fragment):
+    import qconvdiag.generate
+    import qconvdiag.io
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(qconvdiag.io, "load_case", work)
+    monkeypatch.setattr(qconvdiag.generate, "generate", work)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_are_refused_without_importing_torch():
+    code = (
+        "import json, sys\n"
+        "from qconvdiag.cli import main\n"
+        f"for args in {json.dumps([a for a, _ in BAD_ARGUMENTS])}:\n"
+        "    sys.argv = ['qconvdiag', *args]\n"
+        "    try:\n        main()\n    except SystemExit as exc:\n        assert exc.code == 2\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "NO-TORCH", out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == len(BAD_ARGUMENTS), out.stderr
