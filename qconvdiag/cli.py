@@ -83,12 +83,14 @@ def root(
 
 
 def _ints(text: Optional[str], name: str) -> Optional[tuple[int, ...]]:
+    """``1,8,16,16`` (or ``1x8x16x16``): every entry an integer, none left out."""
     if text is None:
         return None
     try:
-        return tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+        return tuple(int(t) for t in text.replace("x", ",").split(","))
     except ValueError:
-        raise QconvdiagError(f"{name} must be comma-separated integers, e.g. 1,8,16,16") from None
+        raise QconvdiagError(f"{name} must be comma-separated integers, e.g. 1,8,16,16, got "
+                             f"'{text}'") from None
 
 
 def _geometry_arg(text: Optional[str], name: str) -> Optional[int | tuple[int, ...]]:
@@ -246,12 +248,27 @@ def _check_input_file(path: Path, option: str) -> None:
                              f"{', '.join(FORMATS)}")
 
 
+def _check_max_elements(limit: int) -> None:
+    if limit < 1:
+        raise QconvdiagError(f"--max-elements must be at least 1, got {limit}")
+
+
 def _check_diagnosis_args(diag: DiagnosisArgs) -> None:
     """Every diagnosis option that can be checked without torch, before any work."""
     from .findings import CODES
     from .paths import OBSERVERS
 
     _check_engine(diag.engine, allow_all=True)
+    _check_max_elements(diag.max_elements)
+    import math
+
+    if diag.fail_under_sqnr is not None and not math.isfinite(diag.fail_under_sqnr):
+        raise QconvdiagError(f"--fail-under-sqnr must be a finite number of dB, got "
+                             f"{diag.fail_under_sqnr}")
+    if diag.max_abs_error is not None and not (math.isfinite(diag.max_abs_error)
+                                               and diag.max_abs_error >= 0):
+        raise QconvdiagError(f"--max-abs-error must be a finite number >= 0, got "
+                             f"{diag.max_abs_error}")
     if diag.observer is not None and diag.observer not in OBSERVERS:
         raise QconvdiagError(
             f"unknown observer '{diag.observer}': use one of {', '.join(OBSERVERS)}"
@@ -452,6 +469,24 @@ def _position(text: Optional[str]) -> Optional[tuple[int, ...]]:
     return tuple(int(t) for t in tokens)
 
 
+def _check_position(position: tuple[int, ...], case: Any) -> None:
+    """``--at`` against the case's output, before the diagnosis runs."""
+    shape = tuple(case.output_shape)
+    axes = "N,C," + ",".join("DHW"[3 - case.spatial_dims:])
+    if len(position) != len(shape):
+        raise QconvdiagError(f"--at needs {len(shape)} indices {axes} for this {case.op}'s "
+                             f"output of shape {shape}, got {len(position)}")
+    if any(p >= s for p, s in zip(position, shape)):
+        raise QconvdiagError(f"--at {','.join(map(str, position))} is outside the output "
+                             f"{shape}: each index must be below its size")
+
+
+TraceEngineOpt = Annotated[
+    Optional[str],
+    typer.Option("--engine", help="x86, fbgemm, onednn or qnnpack (default: torch's)."),
+]
+
+
 @app.command("trace")
 @handles_errors
 def trace_cmd(
@@ -461,7 +496,7 @@ def trace_cmd(
         typer.Option("--at", help="Output element N,C,H,W (default: the largest error)."),
     ] = None,
     path: Annotated[str, typer.Option("--path", help="as_given or production.")] = "as_given",
-    engine: EngineOpt = None,
+    engine: TraceEngineOpt = None,
     full: Annotated[bool, typer.Option("--full", help="Show every term and pair.")] = False,
     json_out: JsonOpt = False,
     max_elements: MaxElementsOpt = 50_000_000,
@@ -472,6 +507,7 @@ def trace_cmd(
     if path not in TRACE_PATHS:
         raise QconvdiagError(f"--path {path}: use {' or '.join(TRACE_PATHS)}")
     _check_engine(engine, allow_all=False)
+    _check_max_elements(max_elements)
     import json
 
     from rich.console import Console
@@ -481,6 +517,8 @@ def trace_cmd(
     from .trace import trace
 
     case = load_case(case_file, max_elements)
+    if position is not None:
+        _check_position(position, case)
     if path == "as_given" and case.setup is None:
         path = "production"
     tr = trace(case, position, path=path, engine=engine)

@@ -252,6 +252,15 @@ BAD_ARGUMENTS = [
     (["trace", FORUM, "--path", "bogus"], "--path bogus: use as_given or production"),
     (["trace", FORUM, "--engine", "all"], "trace runs one engine"),
     (["trace", FORUM, "--engine", "tpu"], "unknown engine"),
+    (["explain", FORUM, "--fail-under-sqnr", "nan"], "--fail-under-sqnr must be a finite"),
+    (["explain", FORUM, "--fail-under-sqnr", "inf"], "--fail-under-sqnr must be a finite"),
+    (["explain", FORUM, "--max-abs-error", "nan"], "--max-abs-error must be a finite"),
+    (["explain", FORUM, "--max-abs-error", "-1"], "--max-abs-error must be a finite number >= 0"),
+    (["explain", FORUM, "--max-elements", "-1"], "--max-elements must be at least 1"),
+    (["random", "--seed", "1", "--max-elements", "0"], "--max-elements must be at least 1"),
+    (["trace", FORUM, "--max-elements", "0"], "--max-elements must be at least 1"),
+    (["random", "--seed", "1", "--shape", "1,2,3,x"], "comma-separated integers"),
+    (["random", "--seed", "1", "--shape", "1,2,,3"], "comma-separated integers"),
 ]
 
 
@@ -284,3 +293,18 @@ def test_bad_arguments_are_refused_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "NO-TORCH", out.stdout + out.stderr
     assert len(out.stderr.strip().splitlines()) == len(BAD_ARGUMENTS), out.stderr
+
+
+def test_trace_at_with_the_wrong_number_of_indices_says_how_many():
+    r = runner.invoke(app, ["trace", FORUM, "--at", "0,0,0"])
+    assert r.exit_code == 2, r.output
+    assert "--at needs 4 indices N,C,H,W for this conv2d's output of shape (1, 1, 1, 1), got 3" \
+        in r.stderr
+    r = runner.invoke(app, ["trace", FORUM, "--at", "0,0,0,1"])
+    assert r.exit_code == 2 and "is outside the output (1, 1, 1, 1)" in r.stderr
+
+
+def test_trace_help_offers_only_the_engines_it_accepts():
+    text = runner.invoke(app, ["trace", "--help"], terminal_width=200).stdout
+    engine_line = next(line for line in text.splitlines() if "--engine" in line)
+    assert "qnnpack" in engine_line and "all" not in engine_line
