@@ -52,6 +52,22 @@ def check_spec(spec: RandomSpec) -> None:
         raise UsageError(
             f"unknown distribution '{spec.distribution}': use one of {', '.join(DISTRIBUTIONS)}"
         )
+    if spec.seed < 0:
+        raise UsageError(f"--seed must be >= 0 (numpy's generators take non-negative seeds), "
+                         f"got {spec.seed}")
+    for name, shape in (("--shape", spec.input_shape), ("--weight-shape", spec.weight_shape)):
+        if shape is None:
+            continue
+        if not 3 <= len(shape) <= 5:
+            raise UsageError(f"{name} needs 3 to 5 entries (N, C, spatial...), got "
+                             f"{len(shape)}")
+        if min(shape) < 1:
+            raise UsageError(f"{name} entries must be >= 1, got {','.join(map(str, shape))}")
+    for name, value, least in (("--stride", spec.stride, 1), ("--padding", spec.padding, 0),
+                               ("--dilation", spec.dilation, 1), ("--groups", spec.groups, 1)):
+        values = () if value is None else (value,) if isinstance(value, int) else value
+        if any(v < least for v in values):
+            raise UsageError(f"{name} must be >= {least}, got {','.join(map(str, values))}")
 
 
 def generate(spec: RandomSpec, max_elements: int | None = None) -> ConvCase:

@@ -261,6 +261,13 @@ BAD_ARGUMENTS = [
     (["trace", FORUM, "--max-elements", "0"], "--max-elements must be at least 1"),
     (["random", "--seed", "1", "--shape", "1,2,3,x"], "comma-separated integers"),
     (["random", "--seed", "1", "--shape", "1,2,,3"], "comma-separated integers"),
+    (["random", "--seed", "1", "--groups", "0"], "--groups must be >= 1, got 0"),
+    (["random", "--seed", "-1"], "--seed must be >= 0"),
+    (["random", "--seed", "1", "--shape", "1,-2,5,5"], "--shape entries must be >= 1"),
+    (["random", "--seed", "1", "--weight-shape", "4,0,3,3"], "--weight-shape entries must be"),
+    (["random", "--seed", "1", "--shape", "1,2"], "--shape needs 3 to 5 entries"),
+    (["random", "--seed", "1", "--dilation", "1,0"], "--dilation must be >= 1, got 1,0"),
+    (["random", "--seed", "1", "--padding", "-1"], "--padding must be >= 0"),
 ]
 
 
