@@ -202,8 +202,9 @@ def make_qparams(
     for z in zero_point:
         if not math.isfinite(z):
             raise QParamsError(f"{what}.zero_point is {z}: give a finite integer")
-        if abs(z) > 2**31:
-            raise QParamsError(f"{what}.zero_point {z:g} does not fit in int32: use 0..255")
+        if not -(2**31) <= math.trunc(z) <= 2**31 - 1:
+            raise QParamsError(f"{what}.zero_point {math.trunc(z)} does not fit in int32 "
+                               f"(-2147483648..2147483647): use 0..255")
     if axis is None and (len(scale) > 1 or len(zero_point) > 1):
         if len(scale) != len(zero_point):
             raise QParamsError(

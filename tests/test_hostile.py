@@ -107,6 +107,21 @@ def test_calibration_data_obeys_the_max_elements_guard(tmp_path, fmt):
     assert runner.invoke(cli.app, [*args, "--max-elements", "5000"]).exit_code == 0
 
 
+@pytest.mark.parametrize("zero_point, exit_code", [(2**31, 2), (2**31 - 1, 0)])
+def test_a_zero_point_past_int32_is_a_one_line_error(tmp_path, zero_point, exit_code):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "zp.npz"
+    np.savez(path, input=rng.standard_normal((1, 2, 5, 5)).astype(np.float32),
+             weight=rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
+             input_qparams=np.array(json.dumps({"scale": 0.1, "zero_point": zero_point,
+                                                "dtype": "quint8"})))
+    r = runner.invoke(cli.app, ["explain", str(path), "--json"])
+    assert r.exit_code == exit_code, r.output
+    if exit_code:
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert "zero_point 2147483648 does not fit in int32" in r.stderr
+
+
 def test_progress_on_stderr_for_long_diagnoses(monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_ELEMENTS", 1)
     r = runner.invoke(cli.app, ["explain", str(FORUM), "--json"])

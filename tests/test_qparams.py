@@ -98,3 +98,13 @@ def test_fma32_rounds_once():
         best = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact),
                                          int(np.float32(v).view(np.int32)) & 1))
         assert gi == best
+
+
+@pytest.mark.parametrize("zp, fits", [(2**31 - 1, True), (-(2**31), True), (2**31, False),
+                                      (-(2**31) - 1, False), (2**31 - 0.5, True)])
+def test_zero_points_must_fit_in_int32_exactly(zp, fits):
+    if fits:
+        assert make_qparams([0.1], [zp], "quint8", None, "q", "user").zero_point[0] == int(zp)
+    else:
+        with pytest.raises(QParamsError, match=r"does not fit in int32 \(-2147483648"):
+            make_qparams([0.1], [zp], "quint8", None, "q", "user")
