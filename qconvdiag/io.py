@@ -218,11 +218,16 @@ def _tensor_to_numpy(t: Any, name: str, where: str, limit: int = MAX_ELEMENTS) -
                 )
         return Quantized(codes, qp)
     t = t.detach().cpu()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()
     if t.is_complex():
-        raise CaseError(f"'{name}' is complex: qconvdiag needs real float32 tensors")
-    return t.numpy().copy()
+        raise CaseError(f"{where}: '{name}' is complex: qconvdiag needs real float32 tensors")
+    dtype = str(t.dtype).rsplit(".", 1)[-1]
+    try:
+        if t.dtype.is_floating_point and t.dtype not in (torch.float32, torch.float64):
+            t = t.float()  # float16, bfloat16, float8 variants: exact in float32
+        return t.numpy().copy()
+    except (TypeError, RuntimeError):
+        raise CaseError(f"{where}: '{name}' has dtype {dtype}, which qconvdiag cannot read: "
+                        "save it as float32") from None
 
 
 def _read_npz(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
@@ -293,13 +298,21 @@ def _decode_text_entry(value: Any, name: str, where: str) -> Any:
 def _read_safetensors(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
-    _check_safetensors_header(p, limit)
+    header = _check_safetensors_header(p, limit)
+    # numpy has no bfloat16 or float8: those are read through torch (and become float32)
+    via_torch = {name for name, info in header.items()
+                 if name != "__metadata__" and info.get("dtype") not in _ST_DTYPES.values()}
     out: dict[str, Any] = {}
     try:
         with safe_open(str(p), framework="np") as fh:
             meta = fh.metadata() or {}
             for name in fh.keys():
-                out[name] = fh.get_tensor(name)
+                if name not in via_torch:
+                    out[name] = fh.get_tensor(name)
+        if via_torch:
+            with safe_open(str(p), framework="pt") as fh:
+                for name in sorted(via_torch):
+                    out[name] = _tensor_to_numpy(fh.get_tensor(name), name, str(p), limit)
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise CaseFileError(
             f"{p}: not a readable safetensors file (truncated or corrupt?): {str(exc)[:120]}"
@@ -314,8 +327,8 @@ def _read_safetensors(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
     return out
 
 
-def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> None:
-    """Refuse declared sizes past the file's end before anything is allocated."""
+def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
+    """Refuse declared sizes past the file's end before anything is allocated; the header."""
     size = p.stat().st_size
     with open(p, "rb") as fh:
         head = fh.read(8)
@@ -352,6 +365,7 @@ def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> None:
             raise CaseFileError(
                 f"{p}: '{name}' points past the end of the file (truncated or hostile)"
             )
+    return header
 
 
 # --------------------------------------------------------------------------------------------

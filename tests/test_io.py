@@ -189,7 +189,32 @@ def _bad_cases(tmp_path):
                                    "data_offsets": [0, 16]}}).encode()
     (tmp_path / "short.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     cases["offsets past end"] = (tmp_path / "short.safetensors", "past the end")
+    cases["bits8 tensor"] = (_pt(tmp_path, {"input": ok_x, "weight": torch.zeros(
+        3, 2, 3, 3, dtype=torch.uint8).view(torch.bits8)}, "bits.pt"), "'weight' has dtype bits8")
     return cases
+
+
+FLOAT_DTYPES = ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz"]
+
+
+@pytest.mark.parametrize("fmt", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_low_precision_float_tensors_are_read_as_float32(tmp_path, fmt, dtype):
+    import torch
+    from safetensors.torch import save_file
+
+    if fmt == ".safetensors" and dtype == "float8_e4m3fnuz":
+        dtype = "float8_e5m2"  # safetensors has no fnuz types
+    x = torch.randn(1, 2, 5, 5).to(getattr(torch, dtype))
+    w = torch.randn(3, 2, 3, 3)
+    path = tmp_path / f"low{fmt}"
+    if fmt == ".pt":
+        torch.save({"input": x, "weight": w}, path)
+    else:
+        save_file({"input": x, "weight": w}, str(path))
+    case = load_case(path)
+    assert case.input.dtype == np.float32
+    assert np.array_equal(case.input, x.float().numpy())
 
 
 def test_each_bad_input_raises_our_error_with_a_clear_message(tmp_path):
