@@ -127,15 +127,29 @@ def output_shape(
     return (input_shape[0], weight_shape[0], *spatial)
 
 
+#: Largest stride, padding, dilation or groups accepted (torch's conv overflows far beyond).
+GEOMETRY_MAX = 2**31 - 1
+
+
+def _geometry_int(value: object, name: str) -> int:
+    """An integer entry of the geometry: an int or an integral float, at most GEOMETRY_MAX."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise CaseError(f"{name} must be integers, got {str(value)[:40]!r}")
+    number = int(value)
+    if abs(number) > GEOMETRY_MAX:
+        raise CaseError(f"{name} must be at most {GEOMETRY_MAX:,}, got a number of "
+                        f"{len(str(abs(number)))} digits")
+    return number
+
+
 def _int_tuple(value: object, name: str, dims: int, minimum: int) -> tuple[int, ...]:
     if hasattr(value, "tolist"):
         value = value.tolist()  # type: ignore[union-attr]
     if isinstance(value, bool):
         raise CaseError(f"{name} must be an int or {dims} ints, got {value!r}")
     if isinstance(value, (int, float)):
-        if float(value) != int(value):
-            raise CaseError(f"{name} must be integers, got {value!r}")
-        items = [int(value)] * dims
+        items = [_geometry_int(value, name)] * dims
     elif isinstance(value, (list, tuple)):
         if len(value) == 1:
             value = list(value) * dims
@@ -143,11 +157,7 @@ def _int_tuple(value: object, name: str, dims: int, minimum: int) -> tuple[int, 
             raise CaseError(
                 f"{name} has {len(value)} entries but the weight has {dims} spatial dimensions"
             )
-        items = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
-                raise CaseError(f"{name} must be integers, got {v!r}")
-            items.append(int(v))
+        items = [_geometry_int(v, name) for v in value]
     else:
         raise CaseError(f"{name} must be an int or a list of ints, got {type(value).__name__}")
     for v in items:
@@ -165,15 +175,14 @@ def make_geometry(
 ) -> Geometry:
     if hasattr(groups, "item"):
         groups = groups.item()  # type: ignore[union-attr]
-    if isinstance(groups, bool) or not isinstance(groups, (int, float)) or int(groups) != groups:
-        raise CaseError(f"groups must be a positive integer, got {groups!r}")
-    if int(groups) < 1:
-        raise CaseError(f"groups must be >= 1, got {groups}")
+    group_count = _geometry_int(groups, "groups")
+    if group_count < 1:
+        raise CaseError(f"groups must be >= 1, got {group_count}")
     return Geometry(
         stride=_int_tuple(stride, "stride", dims, 1),
         padding=_int_tuple(padding, "padding", dims, 0),
         dilation=_int_tuple(dilation, "dilation", dims, 1),
-        groups=int(groups),
+        groups=group_count,
     )
 
 

@@ -281,15 +281,42 @@ def _npy_count(zf: zipfile.ZipFile, member: str) -> int:
     return int(math.prod(shape))
 
 
+#: Deepest nesting of lists and dicts accepted in a JSON entry (a qparams dict needs 2).
+MAX_JSON_DEPTH = 16
+
+
+def _json_depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        level = [v for item in level if isinstance(item, (list, dict))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+        depth += 1
+    return depth - 1
+
+
+def _json_entry(text: str, name: str, where: str) -> Any:
+    """A JSON text entry (geometry, qparams dicts); text that is not JSON stays a string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    except RecursionError:
+        raise CaseFileError(f"{where}: '{name}' is JSON nested too deeply to read; store "
+                            "numbers, lists and dicts") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise CaseFileError(f"{where}: '{name}' holds an integer too long to read; store "
+                            "plain numbers") from None
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise CaseFileError(f"{where}: '{name}' nests lists or dicts more than "
+                            f"{MAX_JSON_DEPTH} levels deep; store numbers, lists and dicts")
+    return value
+
+
 def _decode_text_entry(value: Any, name: str, where: str) -> Any:
     if isinstance(value, np.ndarray) and value.dtype.kind in "US":
         if value.ndim != 0:
             raise CaseFileError(f"{where}: '{name}' is an array of strings; store one JSON string")
-        text = str(value.item())
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
+        return _json_entry(str(value.item()), name, where)
     if isinstance(value, np.ndarray) and value.ndim == 0 and name in GEOMETRY_KEYS:
         return value.item()
     return value
@@ -320,11 +347,12 @@ def _read_safetensors(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
     for key, text in meta.items():
         if key == "format":
             continue
-        try:
-            out[key] = json.loads(text)
-        except (json.JSONDecodeError, TypeError):
-            out[key] = text
+        out[key] = _json_entry(text, key, str(p)) if isinstance(text, str) else text
     return out
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
@@ -339,7 +367,7 @@ def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, A
             raise CaseFileError(f"{p}: safetensors header length {n} exceeds the file; corrupt")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError included
             raise CaseFileError(f"{p}: safetensors header is not valid JSON; corrupt") from None
     if not isinstance(header, dict):
         raise CaseFileError(f"{p}: safetensors header is not a JSON object; corrupt")
@@ -353,9 +381,10 @@ def _check_safetensors_header(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, A
         offsets = info.get("data_offsets")
         if (
             not isinstance(shape, list)
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not all(_natural(s) for s in shape)
             or not isinstance(offsets, list)
             or len(offsets) != 2
+            or not all(_natural(o) for o in offsets)
         ):
             raise CaseFileError(f"{p}: safetensors entry '{name}' is malformed")
         count = math.prod(shape)
@@ -550,7 +579,10 @@ def _scalar(value: Any, name: str, where: str) -> float:
         value = value.reshape(()).item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CaseFileError(f"{where}: '{name}' must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise CaseFileError(f"{where}: '{name}' is too large for a float") from None
 
 
 # --------------------------------------------------------------------------------------------

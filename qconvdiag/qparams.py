@@ -125,17 +125,25 @@ class QParams:
                              self.zero_point_given, self.notes)
 
 
+def _as_float(value: int | float, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float's range (1e308)
+        raise QParamsError(f"{what} is too large for a float: write a plain float") from None
+
+
 def _as_float_list(value: Any, what: str) -> list[float]:
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)]
+        return [_as_float(value, what)]
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         out = []
         for v in value:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise QParamsError(f"{what} must be numbers, got {v!r}: write plain floats")
-            out.append(float(v))
+                raise QParamsError(f"{what} must be numbers, got {str(v)[:40]!r}: write plain "
+                                   "floats")
+            out.append(_as_float(v, what))
         return out
     raise QParamsError(f"{what} must be a number or a list of numbers, got {type(value).__name__}")
 

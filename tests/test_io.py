@@ -189,6 +189,34 @@ def _bad_cases(tmp_path):
                                    "data_offsets": [0, 16]}}).encode()
     (tmp_path / "short.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     cases["offsets past end"] = (tmp_path / "short.safetensors", "past the end")
+    for label, text, fragment in (
+            ("nested JSON", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+            ("deep JSON", "[" * 40 + "]" * 40, "more than 16 levels deep"),
+            ("integer of 5000 digits", "1" + "0" * 5000, "integer too long to read"),
+            ("integer of 401 digits", "1" + "0" * 400, "stride must be at most 2,147,483,647"),
+            ("NaN stride", "NaN", "stride must be integers")):
+        np.savez(tmp_path / f"{label}.npz", input=ok_x.numpy(), weight=ok_w.numpy(),
+                 stride=np.array(text))
+        cases[f"npz: {label}"] = (tmp_path / f"{label}.npz", fragment)
+    np.savez(tmp_path / "bigscale.npz", input=ok_x.numpy(), weight=ok_w.numpy(),
+             input_qparams=np.array('{"scale": 1' + "0" * 400 + ', "zero_point": 0}'))
+    cases["npz: scale of 401 digits"] = (tmp_path / "bigscale.npz", "too large for a float")
+    good_st = qconvdiag.io._safetensors_bytes({"input": ok_x.numpy(), "weight": ok_w.numpy()})
+    size = int.from_bytes(good_st[:8], "little")
+    deep = "[" * 100_000 + "]" * 100_000
+    for label, edit, fragment in (
+            ("string offsets", lambda h: h["input"].update(data_offsets=["0", "200"]),
+             "'input' is malformed"),
+            ("nested metadata", lambda h: h.update(__metadata__={"stride": deep}),
+             "nested too deeply"),
+            ("nested header", lambda h: h.update(deep="DEEP"), "not valid JSON")):
+        header = json.loads(good_st[8:8 + size])
+        edit(header)
+        text = json.dumps(header).replace('"DEEP"', deep).encode()
+        text += b" " * (-len(text) % 8)
+        path = tmp_path / f"{label}.safetensors"
+        path.write_bytes(len(text).to_bytes(8, "little") + text + good_st[8 + size:])
+        cases[f"safetensors: {label}"] = (path, fragment)
     cases["bits8 tensor"] = (_pt(tmp_path, {"input": ok_x, "weight": torch.zeros(
         3, 2, 3, 3, dtype=torch.uint8).view(torch.bits8)}, "bits.pt"), "'weight' has dtype bits8")
     return cases
