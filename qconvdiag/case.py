@@ -260,6 +260,32 @@ def validate_shapes(
         raise CaseError("the convolution has an empty output: check the geometry")
 
 
+#: float32's largest value: torch runs the float conv and the observers in float32.
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(inp: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+                        name: str = "input") -> None:
+    """Refuse values for which float32 overflows: the input's range (observers compute
+    max(x, 0) - min(x, 0)), or the conv's output, bounded by |input| max times the largest sum
+    of |weights| of an output channel plus |bias|, whose range may be twice that."""
+    hi, lo = max(float(inp.max()), 0.0), min(float(inp.min()), 0.0)
+    if hi - lo > F32_MAX:
+        raise CaseError(
+            f"'{name}' spans {lo:.3g}..{hi:.3g}, a range float32 cannot hold (max 3.4e38): "
+            "observers and scale formulas would overflow; scale the tensor down"
+        )
+    x_max = max(hi, -lo)
+    w_sum = float(np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1, dtype=np.float64).max())
+    bound = x_max * w_sum + (0.0 if bias is None else float(np.abs(bias).max()))
+    if 2 * bound > F32_MAX:
+        raise CaseError(
+            f"the conv's output may overflow float32: |{name}| up to {x_max:.3g} times weights "
+            f"summing to {w_sum:.3g} in an output channel reach {bound:.3g}, and the output's "
+            "range must stay below 3.4e38; scale the tensors down"
+        )
+
+
 def build_case(
     inp: object,
     weight: object,
@@ -288,6 +314,7 @@ def build_case(
         )
     g = make_geometry(w_a.ndim - 2, stride, padding, dilation, groups)
     validate(inp_a, w_a, b_a, g)
+    check_float32_range(inp_a, w_a, b_a)
     if setup is not None:
         _validate_setup(setup, inp_a, w_a)
     return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list), activation)

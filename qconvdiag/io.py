@@ -795,7 +795,7 @@ def load_calibration(path: str | os.PathLike[str], case: ConvCase,
     data = mapping.get("calib", mapping.get("input"))
     if not isinstance(data, np.ndarray):
         raise CaseFileError(f"--calib {p}: needs a tensor under 'calib' or 'input'")
-    from .case import as_float_tensor
+    from .case import as_float_tensor, check_float32_range
 
     arr = as_float_tensor(data, "calib", [])
     want = case.input.ndim
@@ -806,4 +806,8 @@ def load_calibration(path: str | os.PathLike[str], case: ConvCase,
             f"--calib {p}: shape {tuple(arr.shape)} does not match the case input "
             f"(B, {case.input.shape[1]}, ...)"
         )
+    try:
+        check_float32_range(arr, case.weight, case.bias, "calib")
+    except CaseError as exc:
+        raise CaseFileError(f"--calib {p}: {exc}") from None
     return arr

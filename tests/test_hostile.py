@@ -122,6 +122,43 @@ def test_a_zero_point_past_int32_is_a_one_line_error(tmp_path, zero_point, exit_
         assert "zero_point 2147483648 does not fit in int32" in r.stderr
 
 
+def _huge(kind):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    if kind == "one input of 3.4e38":
+        x[0, 0, 0, 0] = 3.4e38
+    elif kind == "input spanning -3e38..3e38":
+        x, w = np.sign(x) * np.float32(3e38), w * np.float32(1e-30)
+    elif kind == "weights of 3.4e38":
+        w[:] = 3.4e38
+    return x, w
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("one input of 3.4e38", "the conv's output may overflow float32"),
+    ("input spanning -3e38..3e38", "a range float32 cannot hold"),
+    ("weights of 3.4e38", "the conv's output may overflow float32"),
+])
+def test_finite_values_that_overflow_float32_are_a_one_line_error(tmp_path, kind, fragment):
+    x, w = _huge(kind)
+    np.savez(tmp_path / "huge.npz", input=x, weight=w)
+    r = runner.invoke(cli.app, ["explain", str(tmp_path / "huge.npz"), "--json"])
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "internal error" not in r.stderr
+
+
+def test_calibration_values_that_overflow_float32_are_a_one_line_error(tmp_path):
+    calib = np.ones((2, 1, 3, 3), np.float32)
+    calib[1, 0, 1, 1] = 3.4e38
+    np.savez(tmp_path / "calib.npz", calib=calib)
+    r = runner.invoke(cli.app, ["explain", str(FORUM), "--calib", str(tmp_path / "calib.npz")])
+    assert r.exit_code == 2, r.output
+    assert "--calib" in r.stderr and "may overflow float32" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_progress_on_stderr_for_long_diagnoses(monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_ELEMENTS", 1)
     r = runner.invoke(cli.app, ["explain", str(FORUM), "--json"])
