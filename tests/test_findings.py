@@ -172,3 +172,24 @@ def test_a_case_without_setup_is_judged_on_production():
                       None, setup=None)
     report = diagnose(case, Options(engine="x86"))
     assert report.verdict is not None and report.verdict.path == "production"
+
+
+@pytest.mark.parametrize("out_channels", [2, 3])
+def test_per_channel_weight_along_axis_1_is_explained_not_a_crash(out_channels):
+    """2 scales along axis 1: with 2 output channels torch accepts it silently (and applies
+    them per output channel); with 3 it refuses. Either way the report says so (QCD025)."""
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.qparams import make_qparams
+
+    rng = np.random.default_rng(0)
+    case = build_case(
+        rng.standard_normal((1, 2, 5, 5)).astype(np.float32),
+        rng.standard_normal((out_channels, 2, 3, 3)).astype(np.float32), None,
+        setup=QuantSetup(
+            input_qparams=make_qparams([0.1], [0], "quint8", None, "input_qparams", "user"),
+            weight_qparams=make_qparams([0.1, 0.2], [0, 0], "qint8", 1, "weight_qparams",
+                                        "user")))
+    report = diagnose(case, Options(engine="x86"))
+    assert "QCD025" in {f.code for f in report.findings}
+    as_given = report.path("as_given")
+    assert (as_given.refused is None) == (out_channels == 2), as_given.refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -74,9 +75,12 @@ def qcd041(ctx: Context) -> Iterator[Finding]:
     k = int(np.prod(ctx.case.weight.shape[1:]))
     zx = spec.input_qparams.zero_point[0]
     max_x = int(max(abs(spec.input_codes.max() - zx), abs(spec.input_codes.min() - zx)))
-    zw = np.asarray(spec.weight_qparams.zero_point).reshape((-1,) + (1,) * (
-        spec.weight_codes.ndim - 1)) if spec.weight_qparams.per_channel else \
-        spec.weight_qparams.zero_point[0]
+    w_qp, ndim = spec.weight_qparams, spec.weight_codes.ndim
+    zw: Any = w_qp.zero_point[0]
+    if w_qp.per_channel:  # along the qparams' own axis (QCD025: not always the output channels)
+        shape = [1] * ndim
+        shape[(w_qp.axis or 0) % ndim] = -1
+        zw = np.asarray(w_qp.zero_point).reshape(shape)
     max_w = int(np.abs(spec.weight_codes - zw).max())
     bound = k * max_x * max_w
     if bound <= 2**31 - 1:
