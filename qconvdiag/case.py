@@ -19,6 +19,8 @@ from .report import CaseSummary
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 #: Fused activations a quantized conv module may apply (torch.ao.nn.intrinsic ConvReLU).
 ACTIVATIONS = (None, "relu")
+#: float32's largest value: torch runs the float conv and the observers in float32.
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,13 @@ def as_float_tensor(array: object, name: str, notes: list[str]) -> np.ndarray:
         raise CaseError(f"'{name}' is empty (shape {tuple(a.shape)}): give at least one element")
     if a.dtype != np.float32:
         if a.dtype == np.float64:
+            finite = a[np.isfinite(a)]
+            largest = float(np.abs(finite).max()) if finite.size else 0.0
+            if largest > F32_MAX:
+                raise CaseError(
+                    f"'{name}' is float64 with values up to {largest:.3g}, beyond float32's "
+                    "range (3.4e38) in which torch's conv runs: scale it down"
+                )
             notes.append(f"'{name}' is float64; converted to float32 as torch's conv would run it")
         a = a.astype(np.float32)
     if not np.isfinite(a).all():
@@ -258,10 +267,6 @@ def validate_shapes(
     n_out = math.prod(output_shape(input_shape, weight_shape, g))
     if n_out <= 0:
         raise CaseError("the convolution has an empty output: check the geometry")
-
-
-#: float32's largest value: torch runs the float conv and the observers in float32.
-F32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_float32_range(inp: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,

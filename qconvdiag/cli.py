@@ -10,18 +10,50 @@ import dataclasses
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import QconvdiagError
 
+
+class _OneLineErrors(TyperGroup):
+    """click's usage errors (a bad option value, an unknown option, a missing argument) become
+    one line on stderr like every other error, instead of click's four-line block."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                  **extra)
+        except typer.TyperException as exc:  # click's ClickException and its subclasses
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `qconvdiag`: the help
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                ctx = getattr(exc, "ctx", None)
+                where = ctx.command_path if ctx is not None else "qconvdiag"
+                message = exc.format_message().strip().rstrip(".")  # type: ignore[attr-defined]
+                _err(f"qconvdiag: error: {message}; see '{where} --help'")
+            sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
+        except typer.Abort:
+            _err("qconvdiag: aborted")
+            sys.exit(EXIT_FAIL)
+        # without standalone mode, click returns the exit code of typer.Exit
+        sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
 app = typer.Typer(
     name="qconvdiag",
+    cls=_OneLineErrors,
     help="Explain, number by number, why a float conv and its quantized counterpart disagree.",
     add_completion=False,
     no_args_is_help=True,
@@ -36,12 +68,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def handles_errors(func: F) -> F:
-    """Our errors become one line on stderr and exit code 2; Ctrl-C becomes exit 130."""
+    """Our errors become one line on stderr and exit code 2; Ctrl-C becomes exit 130. Python
+    warnings (numpy's, a library's) are caught: an error stays one line, and a run that
+    succeeds shows each warning as one line."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import warnings
+
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                result = func(*args, **kwargs)
+        except typer.Exit as exc:
+            if exc.exit_code in (EXIT_OK, EXIT_FAIL):
+                _warn(caught)
+            raise
         except QconvdiagError as exc:
             _err(f"qconvdiag: error: {exc}")
             raise typer.Exit(EXIT_USAGE) from None
@@ -52,7 +93,7 @@ def handles_errors(func: F) -> F:
             _err("qconvdiag: error: out of memory; lower --max-elements or diagnose a smaller "
                  "batch of the input")
             raise typer.Exit(EXIT_USAGE) from None
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug: one line, and QCONVDIAG_DEBUG=1 shows the traceback
             import os
@@ -63,8 +104,15 @@ def handles_errors(func: F) -> F:
                  f"{(str(exc).splitlines() or [''])[0][:200]} (please report it with the case; "
                  "QCONVDIAG_DEBUG=1 shows the traceback)")
             raise typer.Exit(EXIT_USAGE) from None
+        _warn(caught)
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _warn(caught: list[Any]) -> None:
+    for w in caught:
+        _err(f"qconvdiag: warning: {w.category.__name__}: {w.message}")
 
 
 def _version(value: bool) -> None:
@@ -529,7 +577,13 @@ def trace_cmd(
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(message.rstrip("\n") + "\n")
+    """One line on stderr: terminal escapes dropped, line breaks and other control characters
+    (from a file name, or a library's message) turned into spaces."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", message)
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
+    sys.stderr.write(text + "\n")
 
 
 def main() -> None:

@@ -315,3 +315,64 @@ def test_trace_help_offers_only_the_engines_it_accepts():
     text = runner.invoke(app, ["trace", "--help"], terminal_width=200).stdout
     engine_line = next(line for line in text.splitlines() if "--engine" in line)
     assert "qnnpack" in engine_line and "all" not in engine_line
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["explain", FORUM, "--max-elements", "abc"], "'abc' is not a valid int"),
+    (["explain", FORUM, "--bogus"], "No such option: --bogus"),
+    (["explain"], "Missing argument"),
+    (["explain", FORUM, "--fail-on", "bad"], "Invalid value for '--fail-on'"),
+    (["trace", FORUM, "--at"], "requires an argument"),
+    (["frobnicate"], "No such command"),
+])
+def test_click_usage_errors_are_one_line(args, fragment):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("qconvdiag: error: ") and fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_float64_input_beyond_float32_is_one_line_naming_it(tmp_path):
+    x = np.ones((1, 1, 4, 4))
+    x[0, 0, 0, 0] = 1e39
+    np.savez(tmp_path / "f64.npz", input=x, weight=np.ones((1, 1, 3, 3), np.float32))
+    out = subprocess.run([sys.executable, "-m", "qconvdiag", "explain", str(tmp_path / "f64.npz")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"qconvdiag: error: {tmp_path / 'f64.npz'}: 'input' is float64 with values up to 1e+39, "
+        "beyond float32's range (3.4e38) in which torch's conv runs: scale it down"]
+
+
+def test_an_error_is_one_line_even_with_warnings_and_line_breaks(monkeypatch):
+    import warnings
+
+    import qconvdiag.io
+    from qconvdiag.errors import CaseFileError
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a library's warning\nover two lines", RuntimeWarning, stacklevel=1)
+        raise CaseFileError("a message\nwith a line break and \x1b[1mescapes\x1b[0m")
+
+    monkeypatch.setattr(qconvdiag.io, "load_case", noisy)
+    r = runner.invoke(app, ["explain", FORUM])
+    assert r.exit_code == 2
+    assert r.stderr == "qconvdiag: error: a message with a line break and escapes\n"
+
+
+def test_a_warning_of_a_run_that_succeeds_is_one_line(monkeypatch):
+    import warnings
+
+    import qconvdiag.render.json_report as json_report
+
+    render = json_report.render_json
+
+    def noisy(report):
+        warnings.warn("something odd\nin two lines", RuntimeWarning, stacklevel=1)
+        return render(report)
+
+    monkeypatch.setattr(json_report, "render_json", noisy)
+    r = runner.invoke(app, ["explain", FORUM, "--json"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "qconvdiag: warning: RuntimeWarning: something odd in two lines\n"
+    json.loads(r.stdout)
