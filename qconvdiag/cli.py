@@ -100,9 +100,10 @@ def handles_errors(func: F) -> F:
 
             if os.environ.get("QCONVDIAG_DEBUG"):
                 raise
-            _err(f"qconvdiag: internal error: {type(exc).__name__}: "
-                 f"{(str(exc).splitlines() or [''])[0][:200]} (please report it with the case; "
-                 "QCONVDIAG_DEBUG=1 shows the traceback)")
+            from .errors import brief
+
+            _err(f"qconvdiag: internal error: {type(exc).__name__}: {brief(str(exc), 200)} "
+                 "(please report it with the case; QCONVDIAG_DEBUG=1 shows the traceback)")
             raise typer.Exit(EXIT_USAGE) from None
         _warn(caught)
         return result

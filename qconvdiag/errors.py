@@ -5,6 +5,8 @@ Every message is one line that names the problem and what to do about it.
 
 from __future__ import annotations
 
+import re
+
 
 class QconvdiagError(Exception):
     """Base class: a problem the user can fix (exit code 2 on the command line)."""
@@ -24,3 +26,12 @@ class QParamsError(QconvdiagError):
 
 class UsageError(QconvdiagError):
     """A command-line option or API argument is wrong."""
+
+
+def brief(text: str, limit: int = 120) -> str:
+    """A library's message for one of ours: its first line, terminal escapes removed, cut at a
+    word boundary (with "...") when longer than ``limit``."""
+    first = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).strip().split("\n", 1)[0].strip()
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."

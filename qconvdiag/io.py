@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .case import ConvCase, ModuleState, QuantSetup, build_case
-from .errors import CaseError, CaseFileError, QParamsError
+from .errors import CaseError, CaseFileError, QParamsError, brief
 from .qparams import CODE_DTYPES, QParams, dequantize32, from_mapping, per_tensor
 from .torch_ref import capture_warnings
 from .writes import atomic_write
@@ -139,14 +140,14 @@ def _read_pt(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
         with capture_warnings():
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"the Python object {found.group(1)}" if found else "Python objects"
         raise CaseFileError(
-            f"{p}: refused to unpickle it: it holds Python objects other than tensors and plain "
-            f"containers (weights_only=True; {first[:120]}); save plain tensors and dicts, see "
-            "README 'Case files'"
+            f"{p}: refused to unpickle it: it holds {what}, not only tensors and plain "
+            "containers (weights_only=True); save plain tensors and dicts, see README 'Case files'"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        reason = brief(str(exc) or type(exc).__name__, 160)
         raise CaseFileError(
             f"{p}: not a readable torch file (truncated or corrupt?): {reason}; write it again "
             "with torch.save or qconvdiag.save_case"
@@ -236,7 +237,7 @@ def _read_npz(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
         archive = np.load(p, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CaseFileError(
-            f"{p}: not a readable .npz archive (truncated or corrupt?): {str(exc)[:120]}; write "
+            f"{p}: not a readable .npz archive (truncated or corrupt?): {brief(str(exc))}; write "
             "it again with numpy.savez or qconvdiag.save_case"
         ) from None
     out: dict[str, Any] = {}
@@ -259,7 +260,7 @@ def _read_npz(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
                         "save numeric arrays and JSON strings only"
                     ) from None
                 raise CaseFileError(
-                    f"{p}: entry '{name}' is unreadable: {str(exc)[:120]}"
+                    f"{p}: entry '{name}' is unreadable: {brief(str(exc))}"
                 ) from None
             except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
                 raise CaseFileError(
@@ -342,7 +343,7 @@ def _read_safetensors(p: Path, limit: int = MAX_ELEMENTS) -> dict[str, Any]:
                     out[name] = _tensor_to_numpy(fh.get_tensor(name), name, str(p), limit)
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise CaseFileError(
-            f"{p}: not a readable safetensors file (truncated or corrupt?): {str(exc)[:120]}"
+            f"{p}: not a readable safetensors file (truncated or corrupt?): {brief(str(exc))}"
         ) from None
     for key, text in meta.items():
         if key == "format":

@@ -280,3 +280,28 @@ def test_save_refuses_unknown_extension(tmp_path):
     with pytest.raises(CaseFileError, match="unknown extension"):
         save_case(case, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_refused_pickle_names_the_object_in_one_clean_sentence(tmp_path):
+    import fractions
+
+    import torch
+
+    torch.save({"input": fractions.Fraction(1, 3)}, tmp_path / "f.pt")
+    with pytest.raises(CaseFileError) as info:
+        load_case(tmp_path / "f.pt")
+    message = str(info.value)
+    assert "\x1b" not in message and "\n" not in message
+    assert message == (f"{tmp_path / 'f.pt'}: refused to unpickle it: it holds the Python "
+                       "object fractions.Fraction, not only tensors and plain containers "
+                       "(weights_only=True); save plain tensors and dicts, see README "
+                       "'Case files'")
+
+
+def test_a_library_message_is_cut_at_a_word_boundary():
+    from qconvdiag.errors import brief
+
+    text = "\x1b[1mWeights only\x1b[0m load failed because " + "something " * 30 + "\nmore"
+    cut = brief(text, 60)
+    assert cut == "Weights only load failed because something something..."
+    assert brief("short message\nsecond line") == "short message"
