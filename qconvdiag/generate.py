@@ -288,5 +288,5 @@ def forum_case() -> ConvCase:
     return build_case(
         inp_np, weight_np, bias.numpy(), stride=1, padding=0, dilation=1, groups=1,
         setup=setup, source="recipe forum",
-        notes=("re-enacts the forum thread in ../shared/seeds (torch.manual_seed(0))",),
+        notes=("re-enacts the PyTorch forum thread (torch.manual_seed(0)); see README",),
     )

@@ -83,3 +83,8 @@ def test_unknown_recipe_and_distribution():
         generate(RandomSpec(seed=0, recipe="nope"))
     with pytest.raises(UsageError, match="unknown distribution"):
         generate(RandomSpec(seed=0, distribution="cauchy"))
+
+
+def test_forum_recipe_notes_name_no_path_outside_the_repository():
+    notes = forum_case().notes
+    assert notes and all("../" not in n and "shared" not in n for n in notes), notes
