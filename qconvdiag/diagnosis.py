@@ -4,6 +4,7 @@ prints (``progress`` is the caller's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .report import PathReport, Report, StageResult, TorchCheck
 from .stages import STAGE_IDS, Ladder, LadderInputs, float_reference, run_ladder
 from .torch_ref import TorchRun, capture_warnings, run_conv
+from .versions import unverified_torch_note
 
 Progress = Callable[[str], None]
 
@@ -92,11 +94,16 @@ def run_diagnosis(case: ConvCase, options: Options | None = None,
         path_verdicts = verdicts(runs, findings, ROOTS)
     status, gate = evaluate_gate([r.report for r in runs], findings, options.fail_under_sqnr,
                                  options.max_abs_error, options.fail_on)
+    case_summary = case.summary()
+    version_note = unverified_torch_note(torch.__version__)
+    if version_note is not None:
+        case_summary = dataclasses.replace(case_summary,
+                                           notes=(*case_summary.notes, version_note))
     report = Report(
         qconvdiag_version=__version__,
         torch_version=torch.__version__,
         cpu=cpu_info(),
-        case=case.summary(),
+        case=case_summary,
         float_output=summary(np.maximum(y0, 0.0) if case.activation == "relu" else y0),
         paths=tuple(r.report for r in runs),
         findings=tuple(findings),

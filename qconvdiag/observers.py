@@ -5,7 +5,8 @@ to 100,000 steps of 1e-5): about 130 ms per observer even for a 9-element tensor
 single cost of ``qconvdiag explain`` on a small case. This version runs the same loop on
 Python floats with the same float32 comparisons (a float32 tensor compared with a Python float
 compares in float32) and calls torch's own ``_compute_quantization_error`` at the same points,
-so it returns the very same min/max. ``tests/test_observers.py`` checks that on many inputs.
+so it returns the very same min/max. ``tests/test_observers.py`` checks that on many inputs;
+it is used only on the torch releases those tests ran on (``versions.VERIFIED_TORCH``).
 """
 
 from __future__ import annotations
@@ -60,11 +61,15 @@ def _fast_search(self: Any) -> tuple[Any, Any]:
 
 
 def accelerate(observer: Any) -> Any:
-    """Give a HistogramObserver the fast exact search (other observers are returned as is)."""
+    """Give a HistogramObserver the fast exact search (other observers are returned as is),
+    on the torch releases where the tests proved it equal to torch's (``versions.py``):
+    elsewhere torch's private method may have changed, and torch's own search runs."""
     from torch.ao.quantization.observer import HistogramObserver
 
-    if isinstance(observer, HistogramObserver) and hasattr(observer,
-                                                           "_non_linear_param_search"):
+    from .versions import torch_verified
+
+    if isinstance(observer, HistogramObserver) and torch_verified() and hasattr(
+            observer, "_non_linear_param_search"):
         observer._non_linear_param_search = types.MethodType(  # type: ignore[method-assign]
             _fast_search, observer)
     return observer

@@ -26,3 +26,15 @@ def test_fast_histogram_search_equals_torch(seed):
         fast(x * (k + 1))
     a, b = slow.calculate_qparams(), fast.calculate_qparams()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_fast_search_replaces_torchs_only_on_verified_releases(monkeypatch):
+    from qconvdiag.versions import VERIFIED_TORCH
+
+    major, minor = VERIFIED_TORCH[-1]
+    for version, replaced in ((f"{major}.{minor}.0+cpu", True), (f"{major}.{minor}.5", True),
+                              (f"{major}.{minor + 1}.0", False), ("2.12.1", False),
+                              (f"{major + 1}.0.0.dev20260101", False)):
+        monkeypatch.setattr(torch, "__version__", version)
+        observer = accelerate(HistogramObserver())
+        assert ("_non_linear_param_search" in vars(observer)) == replaced, version
