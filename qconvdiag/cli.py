@@ -63,7 +63,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -89,6 +89,9 @@ def handles_errors(func: F) -> F:
         except KeyboardInterrupt:
             _err("qconvdiag: interrupted; nothing was written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Terminated:
+            _err("qconvdiag: terminated; nothing was written")
+            raise typer.Exit(EXIT_TERMINATED) from None
         except MemoryError:
             _err("qconvdiag: error: out of memory; lower --max-elements or diagnose a smaller "
                  "batch of the input")
@@ -587,6 +590,19 @@ def _err(message: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill PID``) arrived: raised like Ctrl-C's KeyboardInterrupt so the run
+    unwinds and removes its temporary files (``writes.PendingWrites``)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. SIGTERM ends the run as cleanly as Ctrl-C (exit 143); without
+    this handler Python dies on the spot, leaving its temporary files."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()

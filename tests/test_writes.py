@@ -234,8 +234,8 @@ main()
 
 
 @pytest.mark.parametrize("option, signame", [
-    ("--output", "SIGKILL"), ("--output", "SIGINT"),
-    ("--save-outputs", "SIGKILL"), ("--save-outputs", "SIGINT"),
+    ("--output", "SIGKILL"), ("--output", "SIGINT"), ("--output", "SIGTERM"),
+    ("--save-outputs", "SIGKILL"), ("--save-outputs", "SIGINT"), ("--save-outputs", "SIGTERM"),
 ])
 def test_a_kill_in_the_middle_of_a_write_never_leaves_a_truncated_file(tmp_path, option,
                                                                        signame):
@@ -259,7 +259,7 @@ def test_a_kill_in_the_middle_of_a_write_never_leaves_a_truncated_file(tmp_path,
         assert len(partial) == 1 and partial[0].name.endswith(".tmp"), left
         assert partial[0].stat().st_size == 2 * 1024  # the signal landed mid-write
     else:
-        assert run.returncode == 130, run.stderr
-        assert run.stderr.strip().splitlines() == [
-            "qconvdiag: interrupted; nothing was written"]
+        code, word = (130, "interrupted") if signame == "SIGINT" else (143, "terminated")
+        assert run.returncode == code, run.stderr
+        assert run.stderr.strip().splitlines() == [f"qconvdiag: {word}; nothing was written"]
         assert left == []
