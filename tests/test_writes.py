@@ -263,3 +263,8 @@ def test_a_kill_in_the_middle_of_a_write_never_leaves_a_truncated_file(tmp_path,
         assert run.returncode == code, run.stderr
         assert run.stderr.strip().splitlines() == [f"qconvdiag: {word}; nothing was written"]
         assert left == []
+
+
+def test_a_device_node_is_refused_before_anything_is_created_beside_it():
+    with PendingWrites() as writes, pytest.raises(UsageError, match="is a character device"):
+        writes.reserve(os.devnull, "--output")
