@@ -54,6 +54,9 @@ class Options:
     ignore: tuple[str, ...] = ()
     keep_arrays: bool = False
     """Keep every stage's state and delta (for --save-outputs and tests); costs memory."""
+    production_path: bool = True
+    """Diagnose the production path too (the engine's observers on this case). Without it a
+    case with a complete setup gets its as_given path alone (the model walk's screening)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,9 +134,13 @@ def diagnose_runs(
         say("probing the engines on this CPU")
         probe()
         cache: dict[Any, Any] = {}
-        # the float reference's grid first: with the defaults it is a production path too
-        grid = build_production(case, reference_engine(), ProductionOptions(), None, cache)
         specs = _build_paths(case, options, engines, cache, say)
+        # the float reference's grid: the reference engine's default production path (with the
+        # defaults a path diagnosed anyway), or, without production paths, the first path's
+        first = next(iter(specs.values()))
+        grid = (build_production(case, reference_engine(), ProductionOptions(), None, cache)
+                if options.production_path else first[1] or first[0])
+        assert grid is not None
         cache.pop("float32_output", None)  # calibration is over
         # torch's quantized convs first, while little else is held: their working memory is
         # then reused by the arrays that follow instead of adding to the peak
@@ -146,19 +153,21 @@ def diagnose_runs(
         y0 = float_reference(case, grid.input_qparams, grid.input_codes, grid.weight_qparams,
                              grid.weight_codes)
         for engine, (production, as_given) in specs.items():
-            assert production is not None
-            # production first: it reuses the reference's convs; with one engine nothing is
-            # reused after it, so the shared results are dropped before the as_given path
-            say(f"{engine}: production path (emulation, stage ladder)")
-            prod_run = run_path(case, production, engine, y0, options.keep_arrays,
-                                checks.pop((engine, production.name)))
-            if len(engines) == 1:
-                forget_all()
+            prod_run = None
+            if production is not None:
+                # production first: it reuses the reference's convs; with one engine nothing is
+                # reused after it, so the shared results are dropped before the as_given path
+                say(f"{engine}: production path (emulation, stage ladder)")
+                prod_run = run_path(case, production, engine, y0, options.keep_arrays,
+                                    checks.pop((engine, production.name)))
+                if len(engines) == 1:
+                    forget_all()
             if as_given is not None:
                 say(f"{engine}: as_given path (emulation, stage ladder)")
                 runs.append(run_path(case, as_given, engine, y0, options.keep_arrays,
                                      checks.pop((engine, as_given.name))))
-            runs.append(prod_run)
+            if prod_run is not None:
+                runs.append(prod_run)
     return runs, list(torch_warnings)
 
 
@@ -190,9 +199,15 @@ def _build_paths(case: ConvCase, options: Options, engines: tuple[str, ...],
     qconfigs agree (one per diagnosis)."""
     out: dict[str, tuple[PathSpec | None, PathSpec | None]] = {}
     for engine in engines:
-        say(f"{engine}: calibrating the production observers")
-        production = build_production(case, engine, options.production, options.calib, cache)
-        out[engine] = (production, build_as_given(case, production))
+        def production(engine: str = engine) -> PathSpec:
+            say(f"{engine}: calibrating the production observers")
+            return build_production(case, engine, options.production, options.calib, cache)
+
+        if options.production_path or case.setup is None:
+            built = production()
+            out[engine] = (built, build_as_given(case, built))
+        else:
+            out[engine] = (None, build_as_given(case, production))
     return out
 
 

@@ -100,6 +100,23 @@ def load_case(path: str | os.PathLike[str], max_elements: int = MAX_ELEMENTS) ->
     No tensor (nor the conv's output) may exceed ``max_elements``; hostile files (pickled
     code, object arrays, zip bombs, lying safetensors headers) are refused with a CaseFileError.
     """
+    mapping = read_mapping(path, max_elements)
+    if BUNDLE_KEY in mapping:
+        raise CaseFileError(f"{path} is a model bundle (qconvdiag.capture_model), not one conv: "
+                            "`qconvdiag explain` reads it, or qconvdiag.load_bundle")
+    case = case_from_mapping(mapping, source=str(path))
+    check_size(case, max_elements)
+    return case
+
+
+#: The key that marks a model bundle (several convs of one model) in a file of the case formats.
+BUNDLE_KEY = "qconvdiag_bundle"
+
+
+def read_mapping(path: str | os.PathLike[str], max_elements: int = MAX_ELEMENTS
+                 ) -> dict[str, Any]:
+    """The flat mapping a case or bundle file holds, read as safely as a case (see
+    ``load_case``): numpy arrays, quantized tensors as codes, JSON values."""
     p = Path(path)
     if not p.exists():
         raise CaseFileError(f"{p}: no such file; give the path of a .pt, .npz or .safetensors case")
@@ -112,10 +129,7 @@ def load_case(path: str | os.PathLike[str], max_elements: int = MAX_ELEMENTS) ->
         )
     if p.stat().st_size == 0:
         raise CaseFileError(f"{p} is empty (0 bytes); write the case again")
-    mapping = _read_any(p, suffix, max_elements)
-    case = case_from_mapping(mapping, source=str(p))
-    check_size(case, max_elements)
-    return case
+    return _read_any(p, suffix, max_elements)
 
 
 def _read_any(p: Path, suffix: str, limit: int) -> dict[str, Any]:

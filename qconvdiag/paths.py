@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,15 +73,24 @@ class ProductionOptions:
     """Weight granularity override (None: the engine's default qconfig)."""
 
 
-def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
-    """The user's setup as torch runs it; missing pieces come from ``fallback`` (production)."""
+def build_as_given(case: ConvCase, production: PathSpec | Callable[[], PathSpec]
+                   ) -> PathSpec | None:
+    """The user's setup as torch runs it; missing pieces come from the production path
+    (``production``: the path, or a function that builds it only when a piece is missing)."""
     s = case.setup
     if s is None:
         return None
+    built: list[PathSpec] = []
+
+    def fallback_spec() -> PathSpec:
+        if not built:
+            built.append(production() if callable(production) else production)
+        return built[0]
+
     notes: list[str] = []
     in_qp = s.input_qparams
     if in_qp is None:
-        in_qp = fallback.input_qparams
+        in_qp = fallback_spec().input_qparams
         notes.append("no input qparams given: the production observer's are used")
     w_qp = s.weight_qparams
     w_codes = s.weight_codes
@@ -91,7 +101,7 @@ def build_as_given(case: ConvCase, fallback: PathSpec) -> PathSpec | None:
             notes.append("the quantized module's weight is not the float weight quantized: the "
                          "weight meant is the production observer's")
     if w_qp is None:
-        w_qp = fallback.weight_qparams
+        w_qp = fallback_spec().weight_qparams
         notes.append("no weight qparams given: the production observer's are used")
     out_qp = s.output_qparams
     if out_qp is None and s.module is not None:
