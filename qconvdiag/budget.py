@@ -52,6 +52,10 @@ MOST = 0.5
 #: 1.4 / sqrt(n) for n independent errors (outputs; for the input and the weight, their
 #: elements when fewer); floors are widened by (1 + SLACK / sqrt(n)) before excess counts.
 SLACK = 4.0
+#: Activations on 128 levels (reduce_range) have about twice the ideal 8-bit step of the data
+#: seen; calibrated on more data than that (a model's calibration set against one batch), up
+#: to this factor of it: twice, with 30% of range the calibration saw and this data does not.
+SEVEN_BIT_RATIO = 2.6
 #: The float reference is accurate to ~1e-8 of the output's magnitude (docs/stages.md); deltas
 #: below this fraction of it are exact.
 REFERENCE_NOISE = 1e-7
@@ -70,6 +74,15 @@ def ideal_step(t: np.ndarray, levels: int = 255) -> float:
     """Step of minmax affine qparams over ``levels`` steps, the range extended to hold 0."""
     lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
     return (hi - lo) / levels
+
+
+def output_span(case: ConvCase, y: np.ndarray) -> tuple[float, float]:
+    """The output range good output qparams cover: the float output's, 0 included, and in a
+    model walk the float model's output range at this conv (``ConvCase.output_range``)."""
+    lo, hi = (min(float(y.min()), 0.0), max(float(y.max()), 0.0)) if y.size else (0.0, 0.0)
+    if case.output_range is not None:
+        lo, hi = min(lo, case.output_range[0]), max(hi, case.output_range[1])
+    return lo, hi
 
 
 def per_channel_steps(w: np.ndarray) -> np.ndarray:
@@ -153,7 +166,7 @@ def uses_seven_bits(codes: np.ndarray, step_ratio: float) -> bool:
     """Activations quantized to 128 levels, as ``reduce_range`` gives: the step is about twice
     the 8-bit step and (but for 0.5% of values: a histogram observer's trimmed outliers, or
     extremes that round up by one code) the codes span at most 128 levels."""
-    if codes.size == 0 or not 1.3 <= step_ratio <= 2.3:
+    if codes.size == 0 or not 1.3 <= step_ratio <= SEVEN_BIT_RATIO:
         return False
     lo = int(codes.min())
     return int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size
@@ -216,23 +229,26 @@ class Floors:
 
 
 def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
-           emulation: Emulation | None) -> Floors:
+           emulation: Emulation | None, out_codes: np.ndarray | None = None) -> Floors:
     """The floor of every rounding stage; 7-bit activations where the engine pairs int16. With
     a fused ReLU the output is relu(y0): noise passes, and rounding happens, only where it is
-    active (its zeros are exact)."""
+    active (its zeros are exact). The output's codes (is it on 128 levels?) come from the
+    emulation, or are given (``out_codes``: a model's own output codes)."""
     x = case.input
     relu = case.activation == "relu"
     y = np.maximum(y0, 0.0) if relu else y0
     active = float(np.count_nonzero(y0 > 0) / max(y0.size, 1)) if relu else 1.0
-    dx8, dy8 = ideal_step(x), ideal_step(y)
+    lo, hi = output_span(case, y)
+    dx8, dy8 = ideal_step(x), (hi - lo) / 255
     in_ratio = _step(spec.input_qparams) / dx8 if dx8 > 0 else 1.0
     out_qp = spec.output_qparams
     out_ratio = _step(out_qp) / dy8 if dy8 > 0 else 1.0
     pairing = kernel.kernel in PAIRING_KERNELS
     observed_7 = any("reduce_range" in n for n in spec.input_qparams.notes)
     in_bits = 7 if pairing and (observed_7 or uses_seven_bits(spec.input_codes, in_ratio)) else 8
-    out_codes = np.empty(0) if emulation is None else (
-        emulation.output_codes if relu else emulation.unclamped)  # relu: what it lets through
+    if out_codes is None:
+        out_codes = np.empty(0) if emulation is None else (
+            emulation.output_codes if relu else emulation.unclamped)  # relu: what it lets through
     out_7 = any("reduce_range" in n for n in out_qp.notes) or uses_seven_bits(out_codes, out_ratio)
     out_bits = 7 if pairing and out_7 else 8
     on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1))

@@ -91,6 +91,10 @@ class ConvCase:
     activation: str | None = None
     """A fused activation after the conv (``relu``: ConvReLU modules), applied to the float
     output too; None for a plain conv."""
+    output_range: tuple[float, float] | None = None
+    """A model walk's conv: the range of its output in the float model, the data its output
+    qparams were calibrated for. The output's ideal step covers it as well as this case's own
+    float output (which may shrink when an earlier layer damaged this conv's input)."""
 
     @property
     def spatial_dims(self) -> int:

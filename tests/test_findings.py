@@ -193,3 +193,32 @@ def test_per_channel_weight_along_axis_1_is_explained_not_a_crash(out_channels):
     assert "QCD025" in {f.code for f in report.findings}
     as_given = report.path("as_given")
     assert (as_given.refused is None) == (out_channels == 2), as_given.refused
+
+
+def test_fused_relu_outputs_below_zero_are_not_saturation():
+    """With a fused ReLU, negative conv outputs are zeroed by the ReLU, whatever the output
+    qparams: QCD051 counts only what the output range really cuts (above its top)."""
+    import dataclasses
+
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.qparams import make_qparams
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    w = (rng.standard_normal((8, 4, 3, 3)) / 6).astype(np.float32)
+    setup = QuantSetup(
+        input_qparams=make_qparams([float(np.abs(x).max()) / 127.5], [128], "quint8", None,
+                                   "input", "user"),
+        weight_qparams=make_qparams([float(np.abs(w).max()) / 127.5], [0], "qint8", None,
+                                    "weight", "user"),
+        output_qparams=make_qparams([1 / 255], [0], "quint8", None, "output", "user"))
+    case = build_case(x, w, None, padding=1, setup=setup, activation="relu")
+    (f,) = [f for f in diagnose(case, Options(engine="qnnpack")).findings
+            if f.code == "QCD051" and f.path == "as_given"]
+    assert f.evidence["below"] == 0 and f.evidence["above"] > 0
+    assert "below" not in f.message
+    # a model walk widens the output's range to the float model's: the fix covers it
+    wide = dataclasses.replace(case, output_range=(0.0, 50.0))
+    (g,) = [f for f in diagnose(wide, Options(engine="qnnpack")).findings
+            if f.code == "QCD051" and f.path == "as_given"]
+    assert "[0, 50]" in g.fix

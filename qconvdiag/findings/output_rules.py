@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..budget import ideal_step
+from ..budget import output_span
 from ..evidence import PathRun
 from ..qparams import DTYPE_RANGES
 from ..report import Finding
@@ -23,6 +23,15 @@ def _y0(run: PathRun) -> np.ndarray:
     y = run.output_reference
     assert y is not None
     return y
+
+
+def _covered(ctx: Context, run: PathRun) -> np.ndarray:
+    """The values good output qparams cover (for their fix): the float output, or in a model
+    walk its range widened to the float model's (``budget.output_span``)."""
+    y0 = _y0(run)
+    if ctx.case.output_range is None:
+        return y0
+    return np.asarray(output_span(ctx.case, y0), dtype=np.float64)
 
 
 def qcd050(ctx: Context) -> Iterator[Finding]:
@@ -43,7 +52,7 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
     y0 = _y0(run)
     lo, hi = float(y0.min()), float(y0.max())
     span = f"is {fmt(lo)}" if lo == hi else f"spans {fmt(lo)}..{fmt(hi)}"
-    fix, _ = output_fix(y0)
+    fix, _ = output_fix(_covered(ctx, run))
     yield finding(
         "QCD050", severity(run, energy, "warning"),
         "output qparams left at the defaults 1.0 / 0",
@@ -68,6 +77,8 @@ def _saturation(run: PathRun) -> tuple[int, int]:
     qp = run.spec.output_qparams
     lo, hi = int(em.unclamped.min()), int(em.unclamped.max())
     below = 0 if lo >= qp.dtype_min else int(np.count_nonzero(em.unclamped < qp.dtype_min))
+    if run.activation == "relu":
+        below = 0  # a fused ReLU zeroes them anyway: its clamp, not a saturation
     above = 0 if hi <= qp.dtype_max else int(np.count_nonzero(em.unclamped > qp.dtype_max))
     return below, above
 
@@ -91,7 +102,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         if below:
             sides.append(f"{below} below {fmt(bottom)} (the float output reaches "
                          f"{fmt(float(y0.min()))})")
-        fix, _ = output_fix(y0)
+        fix, _ = output_fix(_covered(ctx, run))
         production = run.report.name == "production"
         yield finding(
             "QCD051", severity(run, energy), "outputs saturated at the output dtype's limits",
@@ -115,11 +126,10 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
         allowed = 2.0 if b.output_bits == 7 else 1.0
         if b.output_step_ratio / allowed < 1.5:
             continue
-        y0 = _y0(run)
         out_s = float(run.spec.output_qparams.scale[0])
-        lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
-        ideal = ideal_step(y0)
-        fix, _ = output_fix(y0)
+        lo, hi = output_span(ctx.case, _y0(run))
+        ideal = (hi - lo) / 255
+        fix, _ = output_fix(_covered(ctx, run))
         yield finding(
             "QCD052", severity(run, energy), "output step too coarse for the output's range",
             f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "
@@ -142,7 +152,7 @@ def qcd054(ctx: Context) -> Iterator[Finding]:
     energy = excess(run, *OUTPUT)
     zp, s = qp.zero_point[0], qp.scale[0]
     lo, hi = DTYPE_RANGES[qp.dtype_given]
-    fix, _ = output_fix(_y0(run))
+    fix, _ = output_fix(_covered(ctx, run))
     yield finding(
         "QCD054", severity(run, energy, "warning"),
         f"output qparams say {qp.dtype_given}; torch's quantized conv writes quint8",
@@ -163,7 +173,7 @@ def qcd053(ctx: Context) -> Iterator[Finding]:
     if qp.dtype_min <= zp <= qp.dtype_max:
         return
     energy = excess(run, *OUTPUT, "module_state")
-    fix, _ = output_fix(_y0(run))
+    fix, _ = output_fix(_covered(ctx, run))
     yield finding(
         "QCD053", severity(run, energy, "warning"),
         "output zero point outside the output dtype's range",
