@@ -62,8 +62,22 @@ def single_threaded_blas(elements: int | None = None) -> Iterator[None]:
         yield
         return
     if not _CONTROLLER:
-        from threadpoolctl import ThreadpoolController
-
-        _CONTROLLER.append(ThreadpoolController())
+        _CONTROLLER.append(_numpy_blas())
     with _CONTROLLER[0].limit(limits=1, user_api="blas"):
         yield
+
+
+def _numpy_blas() -> Any:
+    """A controller of numpy's own BLAS (the one qconvdiag's arrays use): the same library
+    whatever else (scipy's copy, say) the process loads before or after."""
+    import os
+
+    import numpy as np
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController()
+    here = os.path.dirname(os.path.dirname(np.__file__))  # site-packages: numpy, numpy.libs
+    own = [c.filepath for c in controller.lib_controllers if c.user_api == "blas"
+           and os.path.basename(os.path.dirname(c.filepath)) in ("numpy.libs", "numpy")
+           and c.filepath.startswith(here)]
+    return controller.select(filepath=own) if own else controller
