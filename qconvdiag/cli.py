@@ -431,18 +431,91 @@ def _progress_printer() -> Callable[[str], None]:
 @handles_errors
 @diagnosis_options
 def explain(
-    case_file: Annotated[Path, typer.Argument(help="Case file: .pt/.pth, .npz or .safetensors.")],
+    case_file: Annotated[Path, typer.Argument(
+        help="Case file (.pt/.pth, .npz, .safetensors), or a model bundle from "
+             "qconvdiag.capture_model.")],
     diag: DiagnosisArgs,
+    top: Annotated[Optional[int], typer.Option(
+        "--top", help="Model bundle: explain the worst K convs by own error in full "
+                      "(default 3; 0: the table only).")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option(
+        "--layer", help="Model bundle: explain this conv in full (its module path; "
+                        "repeatable).")] = None,
+    torch_check: Annotated[Optional[str], typer.Option(
+        "--torch-check", help="Model bundle: which convs' emulation is checked against the "
+                              "model's codes: diagnosed (default) or all.")] = None,
 ) -> None:
-    """Explain a case file: where the quantized conv's error comes from, and the fix."""
-    from .io import load_case
+    """Explain a case file: where the quantized conv's error comes from, and the fix. Given a
+    model bundle: which conv is to blame, then the worst convs explained."""
+    from .model.bundle import ModelBundle, load_case_or_bundle
     from .writes import PendingWrites
 
     _check_diagnosis_args(diag)
+    if top is not None and top < 0:
+        raise QconvdiagError(f"--top must be 0 or more, got {top}")
+    if torch_check is not None and torch_check not in ("diagnosed", "all"):
+        raise QconvdiagError(f"--torch-check {torch_check}: use diagnosed or all")
     with PendingWrites() as writes:
         outputs = _reserve_outputs(diag, writes, (case_file, diag.calib))
-        case = load_case(case_file, diag.max_elements)
-        _diagnose_and_report(case, diag, outputs)
+        loaded = load_case_or_bundle(case_file, diag.max_elements)
+        if isinstance(loaded, ModelBundle):
+            _walk_and_report(loaded, diag, outputs, 3 if top is None else top, tuple(layer or ()),
+                             torch_check or "diagnosed")
+            return
+        for option, given in (("--top", top is not None), ("--layer", bool(layer)),
+                              ("--torch-check", torch_check is not None)):
+            if given:
+                raise QconvdiagError(f"{option} applies to a model bundle; {case_file} is one "
+                                     "conv's case")
+        _diagnose_and_report(loaded, diag, outputs)
+
+
+def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: int,
+                     layers: tuple[str, ...], torch_check: str) -> None:
+    """The model walk of a bundle (model/walk.py), rendered like a case's report."""
+    for option, given in (("--calib", diag.calib), ("--save-outputs", diag.save_outputs)):
+        if given is not None:
+            raise QconvdiagError(f"{option} applies to one conv's case, not a model bundle: "
+                                 "each conv is diagnosed on the input it received")
+    if diag.engine is not None and diag.engine != bundle.engine:
+        raise QconvdiagError(
+            f"this bundle was captured on engine {bundle.engine} (its codes are that engine's): "
+            f"capture it again with torch.backends.quantized.engine = '{diag.engine}'")
+    for name in layers:
+        bundle.layer(name)  # an unknown name is refused before any work
+    from .model.walk import WalkOptions, walk_model
+    from .paths import ProductionOptions
+    from .render.json_report import render_json
+
+    options = WalkOptions(
+        top=top, layers=layers,
+        production=ProductionOptions(observer=diag.observer, per_channel=diag.per_channel),
+        fail_under_sqnr=diag.fail_under_sqnr, max_abs_error=diag.max_abs_error,
+        fail_on=diag.fail_on.value, ignore=tuple(c.upper() for c in (diag.ignore or ())),
+        torch_check=torch_check)
+    import math
+
+    work = sum(math.prod(lay.case.output_shape) for lay in bundle.layers)
+    progress = _progress_printer() if work >= PROGRESS_ELEMENTS else None
+    report = walk_model(bundle, options, progress).report
+    text = render_json(report)
+    if outputs.report is not None:
+        outputs.writes.write(outputs.report, text.encode("utf-8"))
+    for dest in outputs.writes.commit():
+        _err(f"wrote {dest.path}")
+    if diag.json_out:
+        sys.stdout.write(text)
+    else:
+        from rich.console import Console
+
+        from .render.rich_model import render_model
+
+        render_model(report, Console(width=diag.width) if diag.width else None, diag.verbose)
+    if report.status == "fail":
+        if diag.json_out:
+            for b in report.gate.breaches:
+                _err(f"qconvdiag: gate: {b.layer}: {b.breach}")
+        raise typer.Exit(EXIT_FAIL)
 
 
 @app.command()
@@ -553,6 +626,8 @@ def trace_cmd(
     json_out: JsonOpt = False,
     max_elements: MaxElementsOpt = 50_000_000,
     width: WidthOpt = None,
+    layer: Annotated[Optional[str], typer.Option(
+        "--layer", help="Model bundle: the conv to trace (its module path).")] = None,
 ) -> None:
     """Show the integer arithmetic of one output element, checked against torch."""
     position = _position(at)
@@ -564,11 +639,21 @@ def trace_cmd(
 
     from rich.console import Console
 
-    from .io import load_case
+    from .model.bundle import ModelBundle, load_case_or_bundle
     from .render.trace_view import render_trace
     from .trace import trace
 
-    case = load_case(case_file, max_elements)
+    loaded = load_case_or_bundle(case_file, max_elements)
+    if isinstance(loaded, ModelBundle):
+        if layer is None:
+            raise QconvdiagError(f"{case_file} is a model bundle: give --layer NAME, one of "
+                                 + ", ".join(lay.name for lay in loaded.layers))
+        case = loaded.layer(layer).case
+        engine = engine or loaded.engine  # the codes are that engine's
+    elif layer is not None:
+        raise QconvdiagError(f"--layer applies to a model bundle; {case_file} is one conv's case")
+    else:
+        case = loaded
     if position is not None:
         _check_position(position, case)
     if path == "as_given" and case.setup is None:

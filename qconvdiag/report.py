@@ -1,7 +1,7 @@
 """The Report: frozen dataclasses of plain Python values (no torch, no numpy, no printing).
 
 Every layer builds these types and the renderers in ``render/`` read them; ``to_dict()`` gives
-the JSON form (schema_version 1, see ``report.schema.json``).
+the JSON form (schema_version 2, see ``report.schema.json``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SEVERITIES = ("error", "warning", "info")
 
 
@@ -511,6 +511,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "kind": "conv",
             "schema_version": SCHEMA_VERSION,
             "qconvdiag_version": self.qconvdiag_version,
             "torch_version": self.torch_version,

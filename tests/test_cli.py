@@ -68,7 +68,7 @@ def test_json_is_the_whole_stdout():
     r = invoke("explain", FORUM, "--json")
     assert r.exit_code == 0
     data = json.loads(r.stdout)
-    assert data["schema_version"] == 1 and data["status"] == "ok"
+    assert data["kind"] == "conv" and data["schema_version"] == 2 and data["status"] == "ok"
     assert r.stderr == ""
 
 
@@ -281,6 +281,7 @@ def test_bad_arguments_are_refused_before_any_work(monkeypatch, args, fragment):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr(qconvdiag.io, "load_case", work)
+    monkeypatch.setattr(qconvdiag.io, "read_mapping", work)  # case files and model bundles
     monkeypatch.setattr(qconvdiag.generate, "generate", work)
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
@@ -347,14 +348,14 @@ def test_a_float64_input_beyond_float32_is_one_line_naming_it(tmp_path):
 def test_an_error_is_one_line_even_with_warnings_and_line_breaks(monkeypatch):
     import warnings
 
-    import qconvdiag.io
+    import qconvdiag.model.bundle
     from qconvdiag.errors import CaseFileError
 
     def noisy(*args, **kwargs):
         warnings.warn("a library's warning\nover two lines", RuntimeWarning, stacklevel=1)
         raise CaseFileError("a message\nwith a line break and \x1b[1mescapes\x1b[0m")
 
-    monkeypatch.setattr(qconvdiag.io, "load_case", noisy)
+    monkeypatch.setattr(qconvdiag.model.bundle, "load_case_or_bundle", noisy)
     r = runner.invoke(app, ["explain", FORUM])
     assert r.exit_code == 2
     assert r.stderr == "qconvdiag: error: a message with a line break and escapes\n"

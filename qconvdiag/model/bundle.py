@@ -1,0 +1,183 @@
+"""A model bundle: every quantized conv of a model, captured by ``capture_model``, in one file of
+the case formats (``.pt``, ``.npz``, ``.safetensors``), read as safely as a case file.
+
+Layout: the key ``qconvdiag_bundle`` holds the bundle's facts (version, engine, notes, and per
+layer its name, fused activation, the BatchNorm folded in); every layer ``i`` holds a case under
+the prefix ``layer{i}.`` (the keys of a case file) plus what the model walk compares:
+``float_input`` (the float model's input at that conv), ``float_output`` (the float model's
+output there: after the folded BatchNorm and the fused activation) and ``quantized_output`` with
+``quantized_output_qparams`` (the quantized module's output codes in the quantized model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..case import ConvCase
+from ..errors import CaseFileError
+from ..qparams import CODE_DTYPES, QParams, from_mapping
+
+BUNDLE_VERSION = 1
+MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
+                    "dequantized: this conv's own error, nothing before it")
+EXTRA_KEYS = ("float_input", "float_output", "quantized_output", "quantized_output_qparams")
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCapture:
+    """One quantized conv of a model, as the model walk needs it."""
+
+    name: str
+    """The module's path in the model (``features.3.conv``)."""
+    case: ConvCase
+    """The conv fed the quantized input it really received: input = that input dequantized,
+    weight and bias the float model's there (BatchNorm folded as the quantized model folded
+    it), setup = that quantized input and the quantized module's state."""
+    float_input: np.ndarray
+    """The float model's input at this conv (same samples)."""
+    float_output: np.ndarray
+    """The float model's output at this point: conv, folded BatchNorm, fused activation."""
+    quantized_output: np.ndarray
+    """The quantized module's output codes in the quantized model."""
+    quantized_output_qparams: QParams
+    bn_folded: str | None = None
+    """The BatchNorm module folded into this conv (its name), if any."""
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ModelBundle:
+    layers: tuple[LayerCapture, ...]
+    """In model order (the order the quantized model runs them)."""
+    engine: str
+    """torch's quantized engine when the model was captured (the kernels that ran it)."""
+    source: str = ""
+    notes: tuple[str, ...] = ()
+
+    def layer(self, name: str) -> LayerCapture:
+        for lay in self.layers:
+            if lay.name == name:
+                return lay
+        raise CaseFileError(f"no conv named {name!r} in this bundle; its convs are: "
+                            + ", ".join(lay.name for lay in self.layers))
+
+
+def with_model_range(case: ConvCase, float_output: np.ndarray) -> ConvCase:
+    """The case with the float model's output range at this conv (``ConvCase.output_range``)."""
+    if not float_output.size:
+        return case
+    return dataclasses.replace(case, output_range=(float(float_output.min()),
+                                                   float(float_output.max())))
+
+
+def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
+    from ..io import BUNDLE_KEY, case_to_mapping
+
+    meta = {"version": BUNDLE_VERSION, "engine": bundle.engine, "notes": list(bundle.notes),
+            "layers": [{"name": lay.name, "bn_folded": lay.bn_folded, "notes": list(lay.notes)}
+                       for lay in bundle.layers]}
+    out: dict[str, Any] = {BUNDLE_KEY: meta}
+    for i, lay in enumerate(bundle.layers):
+        case = case_to_mapping(lay.case)
+        case.pop("input", None)  # the dequantized qinput: read back from the codes
+        qp = lay.quantized_output_qparams
+        case.update({
+            "float_input": np.ascontiguousarray(lay.float_input, dtype=np.float32),
+            "float_output": np.ascontiguousarray(lay.float_output, dtype=np.float32),
+            "quantized_output": lay.quantized_output.astype(CODE_DTYPES[qp.dtype]),
+            "quantized_output_qparams": qp.to_dict(),
+        })
+        out.update({f"layer{i}.{k}": v for k, v in case.items()})
+    return out
+
+
+def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
+    from ..io import BUNDLE_KEY, case_from_mapping
+
+    meta = mapping.get(BUNDLE_KEY)
+    if not isinstance(meta, dict) or meta.get("version") != BUNDLE_VERSION:
+        raise CaseFileError(f"{source}: not a version-{BUNDLE_VERSION} model bundle; capture it "
+                            "again with qconvdiag.capture_model")
+    layers_meta = meta.get("layers")
+    if not isinstance(layers_meta, list) or not layers_meta:
+        raise CaseFileError(f"{source}: the bundle lists no layers")
+    layers = []
+    for i, info in enumerate(layers_meta):
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise CaseFileError(f"{source}: layer {i} has no name")
+        prefix = f"layer{i}."
+        own = {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+        extra = {k: own.pop(k, None) for k in EXTRA_KEYS}
+        where = f"{source} [{info['name']}]"
+        for key in EXTRA_KEYS:
+            if extra[key] is None:
+                raise CaseFileError(f"{where}: missing '{key}'; capture the model again")
+        case = case_from_mapping(own, source=f"{source}:{info['name']}")
+        case = dataclasses.replace(case, notes=tuple(
+            MODEL_INPUT_NOTE if n.startswith("no float 'input'") else n for n in case.notes))
+        out_qp = from_mapping(extra["quantized_output_qparams"],
+                              f"{where} quantized_output_qparams")
+        q_out = np.asarray(extra["quantized_output"])
+        if q_out.shape != case.output_shape:
+            raise CaseFileError(f"{where}: quantized_output has shape {q_out.shape}, the conv's "
+                                f"output is {case.output_shape}")
+        float_output = np.asarray(extra["float_output"], dtype=np.float32)
+        if float_output.shape != case.output_shape or not np.isfinite(float_output).all():
+            raise CaseFileError(f"{where}: float_output must be finite with the conv's output "
+                                f"shape {case.output_shape}; capture the model again")
+        layers.append(LayerCapture(
+            name=info["name"], case=with_model_range(case, float_output),
+            float_input=np.asarray(extra["float_input"], dtype=np.float32),
+            float_output=float_output,
+            quantized_output=q_out.astype(np.int64), quantized_output_qparams=out_qp,
+            bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
+            notes=tuple(str(n) for n in info.get("notes") or ())))
+    return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
+                       tuple(str(n) for n in meta.get("notes") or ()))
+
+
+def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:
+    """Write the bundle (the format follows the extension, as for a case); atomic."""
+    from ..io import FORMATS, encode_case
+    from ..writes import atomic_write
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise CaseFileError(f"{p}: unknown extension '{p.suffix}'; use one of {', '.join(FORMATS)}")
+    data = encode_case(bundle_to_mapping(bundle), suffix)
+    atomic_write(p, data)
+    return p
+
+
+def load_bundle(path: str | os.PathLike[str], max_elements: int | None = None) -> ModelBundle:
+    """Read a bundle file as safely as a case file (no tensor, nor a conv's output, over
+    ``max_elements``)."""
+    loaded = load_case_or_bundle(path, max_elements)
+    if not isinstance(loaded, ModelBundle):
+        raise CaseFileError(f"{path} is a case file, not a model bundle: load it with "
+                            "qconvdiag.load_case")
+    return loaded
+
+
+def load_case_or_bundle(path: str | os.PathLike[str], max_elements: int | None = None
+                        ) -> ConvCase | ModelBundle:
+    """A case file's case, or a bundle file's bundle (told apart by the bundle's key)."""
+    from ..io import BUNDLE_KEY, MAX_ELEMENTS, case_from_mapping, check_size, read_mapping
+
+    limit = MAX_ELEMENTS if max_elements is None else max_elements
+    mapping = read_mapping(path, limit)
+    if BUNDLE_KEY in mapping:
+        bundle = bundle_from_mapping(mapping, str(path))
+        for lay in bundle.layers:
+            check_size(lay.case, limit)
+        return bundle
+    case = case_from_mapping(mapping, source=str(path))
+    check_size(case, limit)
+    return case

@@ -1,0 +1,279 @@
+"""``capture_model``: run a float model and its quantized twin once, with hooks, and keep for
+every quantized conv what the model walk needs (see bundle.py).
+
+The quantized twin comes from torch.ao's eager flow (``prepare``/``convert``, fused ConvReLU
+and ConvBn included) or FX (``convert_fx``): both keep each conv's module path, so the float
+conv is the float model's module of the same name. A BatchNorm that consumed the float conv's
+output (the same tensor) and is gone from the quantized model was folded into the conv: the
+float weight and bias are folded the same way (``torch.nn.utils.fusion``), and the report says
+so. The float model's output at that point is what it computed there: the conv's output, or
+its BatchNorm's when folded, then the fused activation (applied here when the quantized conv
+fused it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..case import ModuleState, QuantSetup, build_case
+from ..errors import CaseError
+from ..qparams import QParams, dequantize32, dtype_name, make_qparams
+from .bundle import MODEL_INPUT_NOTE, LayerCapture, ModelBundle, save_bundle, with_model_range
+
+Progress = Callable[[str], None]
+
+
+def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
+                  path: str | os.PathLike[str] | None = None, *,
+                  max_elements: int | None = None, progress: Progress | None = None
+                  ) -> ModelBundle:
+    """Capture every quantized conv of ``quantized_model`` with its float twin in
+    ``float_model`` (eval mode), both run on ``inputs`` (a tensor or a list of batches), and
+    write the bundle to ``path`` (unless None). Example::
+
+        qconvdiag.capture_model(model, quantized, [x1, x2], path="model.pt")
+        # then: qconvdiag explain model.pt
+    """
+    import torch
+
+    from ..io import MAX_ELEMENTS
+
+    limit = MAX_ELEMENTS if max_elements is None else max_elements
+    say = progress or (lambda _msg: None)
+    for label, model in (("float_model", float_model), ("quantized_model", quantized_model)):
+        if not isinstance(model, torch.nn.Module):
+            raise CaseError(f"capture_model: {label} must be a torch.nn.Module")
+    if float_model.training:
+        raise CaseError("capture_model: the float model is in training mode (BatchNorm would "
+                        "update its statistics): call float_model.eval() first")
+    batches = _batches(inputs)
+    pairs = _conv_pairs(float_model, quantized_model)
+    if not pairs:
+        raise CaseError("capture_model: the quantized model holds no quantized conv "
+                        "(torch.ao.nn.quantized Conv1d/2d/3d, ConvReLU)")
+    say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
+    seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit)
+    notes: list[str] = []
+    keep = _samples_within(seen, limit)
+    total = sum(int(b.shape[0]) for b in batches)
+    if keep < total:
+        notes.append(f"captured the first {keep} of {total} samples: a layer's tensors would "
+                     f"exceed --max-elements ({limit:,} elements)")
+    layers = []
+    for name, (fconv, qconv) in pairs.items():
+        say(f"capturing {name}")
+        layers.append(_layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model))
+    from ..torch_ref import capture_warnings
+
+    with capture_warnings():
+        engine = torch.backends.quantized.engine
+    bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes))
+    if path is not None:
+        save_bundle(bundle, path)
+    return bundle
+
+
+def _batches(inputs: Any) -> list[Any]:
+    import torch
+
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise CaseError("capture_model: inputs must be a tensor or a list of tensors (batches)")
+    return [b.detach() for b in batches]
+
+
+def _is_quantized_conv(module: Any) -> bool:
+    from torch.ao.nn.quantized.modules.conv import _ConvNd
+
+    return isinstance(module, _ConvNd) and not getattr(module, "transposed", False)
+
+
+def _conv_pairs(float_model: Any, quantized_model: Any) -> dict[str, tuple[Any, Any]]:
+    """Quantized conv -> its float conv, by module path, in the quantized model's order."""
+    import torch
+
+    pairs = {}
+    for name, qconv in quantized_model.named_modules():
+        if not _is_quantized_conv(qconv):
+            continue
+        try:
+            fconv = float_model.get_submodule(name)
+        except AttributeError:
+            raise CaseError(f"capture_model: the float model has no module {name!r} for the "
+                            "quantized conv of that name: pass the float model the quantized "
+                            "one was made from") from None
+        # a float model fused before quantization holds ConvReLU2d / ConvBn2d: its conv is [0]
+        if not isinstance(fconv, torch.nn.modules.conv._ConvNd) and len(list(fconv.children())):
+            fconv = next(iter(fconv.children()))
+        if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
+            raise CaseError(f"capture_model: {name!r} is a {type(fconv).__name__} in the float "
+                            "model, not a Conv1d/2d/3d")
+        if (fconv.in_channels, fconv.out_channels) != (qconv.in_channels, qconv.out_channels):
+            raise CaseError(f"capture_model: {name!r} has {fconv.in_channels}->"
+                            f"{fconv.out_channels} channels in the float model, "
+                            f"{qconv.in_channels}->{qconv.out_channels} quantized")
+        pairs[name] = (fconv, qconv)
+    return pairs
+
+
+class _Seen:
+    """What the hooks saw of one conv, batch by batch."""
+
+    def __init__(self) -> None:
+        self.qinput: list[Any] = []
+        self.qoutput: list[Any] = []
+        self.float_input: list[np.ndarray] = []
+        self.float_output: list[np.ndarray] = []
+        """The float conv's output (copied: an in-place ReLU may overwrite it next)."""
+        self.bn: str | None = None
+        self.bn_output: list[np.ndarray] = []
+
+
+def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
+                    batches: list[Any], limit: int) -> dict[str, _Seen]:
+    import torch
+
+    from ..torch_ref import capture_warnings
+
+    seen = {name: _Seen() for name in pairs}
+    outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
+    handles = []
+
+    def q_hook(name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            seen[name].qinput.append(args[0].detach())
+            seen[name].qoutput.append(out.detach())
+        return hook
+
+    def f_hook(name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            seen[name].float_input.append(args[0].detach().float().numpy().copy())
+            seen[name].float_output.append(out.detach().float().numpy().copy())
+            outputs[id(out)] = name
+        return hook
+
+    def bn_hook(bn_name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            conv = outputs.get(id(args[0]))
+            if conv is not None and seen[conv].bn in (None, bn_name):
+                seen[conv].bn = bn_name
+                seen[conv].bn_output.append(out.detach().float().numpy().copy())
+        return hook
+
+    for name, (fconv, qconv) in pairs.items():
+        handles.append(qconv.register_forward_hook(q_hook(name)))
+        handles.append(fconv.register_forward_hook(f_hook(name)))
+    for name, module in float_model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_hook(bn_hook(name)))
+    try:
+        with torch.no_grad(), capture_warnings():
+            for batch in batches:
+                quantized_model(batch)
+                outputs.clear()
+                float_model(batch)
+                if _stored(seen) >= _samples_within(seen, limit):
+                    break  # memory stays bounded: later batches would be dropped anyway
+    finally:
+        for h in handles:
+            h.remove()
+    for name, s in seen.items():
+        if not s.qinput or len(s.qinput) != len(s.float_input):
+            raise CaseError(f"capture_model: {name!r} ran {len(s.qinput)} times in the quantized "
+                            f"model and {len(s.float_input)} in the float one; capture_model "
+                            "takes convs that run once per forward")
+    return seen
+
+
+def _stored(seen: dict[str, _Seen]) -> int:
+    return sum(int(q.shape[0]) for q in next(iter(seen.values())).qinput)
+
+
+def _samples_within(seen: dict[str, _Seen], limit: int) -> int:
+    """How many samples every layer's tensors can keep within ``limit`` elements."""
+    total = _stored(seen)
+    per_sample = max((math.prod(q.shape[1:]) for s in seen.values() for q in s.qinput + s.qoutput),
+                     default=1)
+    return max(1, min(total, limit // max(per_sample, 1)))
+
+
+def _qparams(t: Any, what: str) -> QParams:
+    import torch
+
+    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return make_qparams([float(t.q_scale())], [float(t.q_zero_point())],
+                            dtype_name(t.dtype), None, what, "tensor")
+    return make_qparams(t.q_per_channel_scales().tolist(),
+                        t.q_per_channel_zero_points().tolist(), dtype_name(t.dtype),
+                        int(t.q_per_channel_axis()), what, "tensor")
+
+
+def _codes(ts: Sequence[Any], keep: int) -> tuple[np.ndarray, QParams]:
+    """Concatenated integer codes of a list of quantized tensors with the same qparams."""
+    qp = _qparams(ts[0], "captured")
+    for t in ts[1:]:
+        if (float(t.q_scale()), int(t.q_zero_point())) != (qp.scale[0], qp.zero_point[0]):
+            raise CaseError("capture_model: a conv's input qparams change between batches")
+    codes = np.concatenate([t.int_repr().numpy().astype(np.int64) for t in ts])[:keep]
+    return codes, qp
+
+
+def _folded(fconv: Any, bn: Any | None) -> tuple[Any, Any]:
+    """The float conv's weight and bias, BatchNorm folded in as torch's fusion folds it."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    w, b = fconv.weight.detach(), None if fconv.bias is None else fconv.bias.detach()
+    if bn is None:
+        return w, b
+    w, b = fuse_conv_bn_weights(w, b, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                bn.bias)
+    return w.detach(), torch.as_tensor(b).detach()
+
+
+def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: Any,
+           quantized_model: Any) -> LayerCapture:
+    import torch
+
+    bn = None
+    notes = []
+    if s.bn is not None:
+        try:
+            still = quantized_model.get_submodule(s.bn)
+        except AttributeError:
+            still = None
+        if still is None or isinstance(still, torch.nn.Identity):
+            bn = float_model.get_submodule(s.bn)
+            notes.append(f"BatchNorm {s.bn} folded into the float weight and bias, as the "
+                         "quantized model folded it")
+    w, b = _folded(fconv, bn)
+    relu = "ReLU" in type(qconv).__name__
+    x_codes, x_qp = _codes(s.qinput, keep)
+    y_codes, y_qp = _codes(s.qoutput, keep)
+    sd_weight, sd_bias = qconv._weight_bias()
+    w_codes = sd_weight.int_repr().numpy().astype(np.int64)
+    module = ModuleState(w_codes, _qparams(sd_weight, "qconv.weight").with_source("module"),
+                         None if sd_bias is None else sd_bias.detach().float().numpy().copy(),
+                         make_qparams([float(qconv.scale)], [float(qconv.zero_point)],
+                                      "quint8", None, "qconv", "module"))
+    setup = QuantSetup(input_qparams=x_qp.with_source("user"), input_codes=x_codes,
+                       module=module, used_quantized_dtypes=True,
+                       apis=("torch.ao.nn.quantized",))
+    padding = fconv.padding if not isinstance(fconv.padding, str) else qconv.padding
+    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy().copy(),
+                      None if b is None else b.float().numpy().copy(),
+                      stride=list(fconv.stride), padding=list(padding),
+                      dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
+                      source=name, activation="relu" if relu else None,
+                      notes=(MODEL_INPUT_NOTE,))
+    x_float = np.concatenate(s.float_input)[:keep]
+    y_float = np.concatenate(s.bn_output if bn is not None else s.float_output)[:keep]
+    if relu:
+        np.maximum(y_float, 0.0, out=y_float)
+    return LayerCapture(name, with_model_range(case, y_float), x_float, y_float, y_codes, y_qp,
+                        s.bn if bn is not None else None, tuple(notes))

@@ -1,0 +1,368 @@
+"""The model walk: which conv of a model is to blame.
+
+Every captured conv is *screened*: its own error (its quantized output, as the quantized model
+computed it, against the float conv on the input it really received), its propagated error
+(against the float model's output at that point), the torch check (the emulation of the module
+on its captured input against the codes the model computed) and its floor (budget.py). The
+screen costs one float conv and one emulation per layer: no stage ladder.
+
+A layer above its floor gets the judged path's diagnosis (as_given alone: the module as it is),
+for its findings and its stage ladder. A layer at its floor gets none: findings fire only on
+error above the floor, so it has none to give. The worst ``top`` layers by own error, and the
+layers asked for by name, get the full single-conv diagnosis (the production path as well, as
+``qconvdiag explain`` gives a case).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..budget import AT_FLOOR, FAR, SLACK, floors
+from ..case import ConvCase
+from ..diagnosis import Diagnosis, Options, run_diagnosis
+from ..emulate import Kernel, emulate
+from ..engines import select_kernel
+from ..errors import UsageError
+from ..evidence import exec_weight_qparams
+from ..gate import FAIL_ON, LEVELS
+from ..model_report import (
+    ErrorSummary,
+    LayerBreach,
+    LayerDetail,
+    LayerFinding,
+    LayerRow,
+    ModelGate,
+    ModelReport,
+)
+from ..paths import PathSpec, ProductionOptions, conv_output_qparams, holds_float_weight
+from ..qparams import QParams, dequantize, dequantize32
+from ..report import Report
+from .bundle import LayerCapture, ModelBundle
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    top: int = 3
+    """Explain the worst ``top`` layers by own error in full (0: screen only)."""
+    layers: tuple[str, ...] = ()
+    """Explain these layers in full too (module paths)."""
+    production: ProductionOptions = field(default_factory=ProductionOptions)
+    """The production path's options, for the layers explained in full."""
+    fail_under_sqnr: float | None = None
+    max_abs_error: float | None = None
+    fail_on: str = "never"
+    ignore: tuple[str, ...] = ()
+    torch_check: str = "diagnosed"
+    """Which convs get the torch check (their emulation against the codes the model computed):
+    ``diagnosed`` (those above their floor and those explained: their numbers rest on the
+    emulation) or ``all`` (every conv: one integer emulation each, which costs more than the
+    screen)."""
+
+
+TORCH_CHECKS = ("diagnosed", "all")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelDiagnosis:
+    report: ModelReport
+    diagnoses: dict[str, Diagnosis]
+    """Every diagnosis that ran, by layer name (the explained layers' are full)."""
+
+
+@dataclass(frozen=True)
+class Screen:
+    """A layer's screen: the numbers that need no stage ladder."""
+
+    own: ErrorSummary
+    propagated: ErrorSummary
+    floor_rmse: float
+    verdict: str
+    dominant_stage: str | None
+
+
+def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
+               progress: Progress | None = None) -> ModelDiagnosis:
+    """Screen every conv of ``bundle``, diagnose those above their floor, and explain the
+    worst ``options.top`` (and ``options.layers``) in full."""
+    import torch
+
+    from .. import __version__
+    from ..cpu import cpu_info
+    from ..versions import unverified_torch_note
+
+    options = options or WalkOptions()
+    if options.fail_on not in FAIL_ON:
+        raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
+    if options.top < 0:
+        raise UsageError(f"--top must be 0 or more, got {options.top}")
+    if options.torch_check not in TORCH_CHECKS:
+        raise UsageError(f"--torch-check must be one of {', '.join(TORCH_CHECKS)}")
+    for name in options.layers:
+        bundle.layer(name)  # an unknown name is refused before any work
+    say = progress or (lambda _msg: None)
+    engine = bundle.engine
+    say(f"screening {len(bundle.layers)} convs")
+    screens = {lay.name: screen_layer(lay, engine) for lay in bundle.layers}
+    ranking = rank(screens)
+    explain = list(dict.fromkeys([*ranking[:options.top], *options.layers]))
+    diagnoses: dict[str, Diagnosis] = {}
+    for lay in bundle.layers:
+        full = lay.name in explain
+        if full or screens[lay.name].verdict != "at_floor":
+            say(f"diagnosing {lay.name}" + (" (in full)" if full else ""))
+            diagnoses[lay.name] = run_diagnosis(lay.case, _options(options, engine, full))
+    checks = {}
+    for lay in bundle.layers:
+        d = diagnoses.get(lay.name)
+        if d is not None:
+            checks[lay.name] = _diagnosis_check(lay, d)
+        elif options.torch_check == "all":
+            say(f"torch check of {lay.name}")
+            checks[lay.name] = torch_check(lay, engine)
+    rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
+                      checks.get(lay.name)) for lay in bundle.layers)
+    gate = _gate(rows, options)
+    notes = list(bundle.notes)
+    version_note = unverified_torch_note(torch.__version__)
+    if version_note is not None:
+        notes.append(version_note)
+    report = ModelReport(
+        qconvdiag_version=__version__, torch_version=torch.__version__, cpu=cpu_info(),
+        source=bundle.source, engine=engine, layers=rows, ranking=tuple(ranking),
+        details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
+        status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes))
+    return ModelDiagnosis(report, diagnoses)
+
+
+def _options(options: WalkOptions, engine: str, full: bool) -> Options:
+    return Options(engine=engine, production=options.production,
+                   fail_under_sqnr=options.fail_under_sqnr, max_abs_error=options.max_abs_error,
+                   fail_on=options.fail_on, ignore=options.ignore, production_path=full)
+
+
+def rank(screens: dict[str, Screen]) -> list[str]:
+    """Layer names by own error, worst first: lowest own SQNR (an exact layer last), then
+    largest RMSE."""
+    def key(name: str) -> tuple[float, float]:
+        own = screens[name].own
+        return (math.inf if own.sqnr_db is None else own.sqnr_db, -own.rmse)
+
+    return sorted(screens, key=key)
+
+
+def module_spec(case: ConvCase) -> PathSpec:
+    """The quantized module as it is, on the input codes it received."""
+    s = case.setup
+    assert s is not None and s.module is not None and s.input_qparams is not None
+    assert s.input_codes is not None
+    m = s.module
+    return PathSpec("as_given", s.input_qparams, m.weight_qparams,
+                    conv_output_qparams(m.output_qparams), s.input_codes, m.weight_codes, m.bias,
+                    m)
+
+
+def _kernel(case: ConvCase, spec: PathSpec, engine: str) -> Kernel:
+    g = case.geometry
+    out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
+    return select_kernel(engine, exec_weight_qparams(spec.weight_qparams), g.groups, cin_g,
+                         out_c // g.groups, g, case.kernel_size)
+
+
+def float_conv(case: ConvCase) -> np.ndarray:
+    """The float conv on the case's input (float32, as the float model runs it), after the
+    fused activation."""
+    import torch
+    import torch.nn.functional as F
+
+    g = case.geometry
+    conv = (F.conv1d, F.conv2d, F.conv3d)[case.spatial_dims - 1]
+    with torch.no_grad():
+        y = conv(torch.from_numpy(case.input), torch.from_numpy(case.weight),
+                 None if case.bias is None else torch.from_numpy(case.bias), list(g.stride),
+                 list(g.padding), list(g.dilation), g.groups)
+        if case.activation == "relu":
+            y = torch.relu(y)
+    return y.numpy()
+
+
+def screen_layer(lay: LayerCapture, engine: str) -> Screen:
+    """Own and propagated error, floor and verdict, and the dominant stage estimated from the
+    output codes: one float32 conv and a few passes over the output."""
+    case = lay.case
+    spec = module_spec(case)
+    y = float_conv(case)
+    quantized = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
+    own = summarize(quantized - y, y)
+    propagated = summarize(quantized - lay.float_output, lay.float_output)
+    f = floors(case, spec, _kernel(case, spec, engine), y, None, lay.quantized_output)
+    floor = math.sqrt(max(f.energy - f.stages.get("input_rounding", 0.0), 0.0))
+    ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
+    at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
+    verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
+    dominant = dominant_stage(case, spec, lay.quantized_output, quantized, y)
+    return Screen(own, propagated, floor, verdict, dominant)
+
+
+def summarize(error: np.ndarray, reference: np.ndarray) -> ErrorSummary:
+    e = error.reshape(-1)
+    r = reference.reshape(-1)
+    ee, rr = _energy(e), _energy(r)
+    sqnr = None if ee == 0 or rr == 0 else 10 * math.log10(rr / ee)
+    return ErrorSummary(sqnr, math.sqrt(ee / max(e.size, 1)),
+                        float(np.abs(e).max()) if e.size else 0.0)
+
+
+def _energy(v: np.ndarray) -> float:
+    """Sum of squares, accumulated in float64 chunk by chunk (float32 sums drift)."""
+    step = 1 << 16
+    return float(sum(np.dot(c, c) for c in (v[i:i + step].astype(np.float64)
+                                            for i in range(0, v.size, step))))
+
+
+def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized: np.ndarray,
+                   y: np.ndarray) -> str | None:
+    """The stage that adds most of the own error, estimated from the output codes (a layer
+    above its floor gets the stage ladder's answer instead). Outputs pinned at a limit of the
+    output dtype while the float output lies beyond it are clipped: their error is the
+    clipping's; elsewhere output rounding adds step^2 / 12 per output it lets through, and what
+    the error has beyond that is the weight's (split between its clipping and its rounding, or
+    the module's state when its weight is not the float weight quantized). The input stages
+    add nothing: the input is the one received."""
+    qp = spec.output_qparams
+    s, zp = float(qp.scale[0]), int(qp.zero_point[0])
+    e = (quantized - y).reshape(-1)
+    c, yf = codes.reshape(-1), y.reshape(-1)
+    clipped = (c == qp.dtype_max) & (yf > (qp.dtype_max - zp + 0.5) * s)
+    if case.activation != "relu":  # a ReLU's zeros are its own clamp
+        clipped |= (c == qp.dtype_min) & (yf < (qp.dtype_min - zp - 0.5) * s)
+    inside = e[~clipped]
+    passed = int(np.count_nonzero(yf[~clipped] > 0)) if case.activation == "relu" \
+        else inside.size
+    rest = _energy(inside)
+    rounding = min(rest, passed * s * s / 12)
+    energy = {"output_clipping": _energy(e[clipped]), "output_rounding": rounding}
+    if rest - rounding > max(energy.values()):
+        for sid, part in _weight_split(case, spec).items():
+            energy[sid] = (rest - rounding) * part
+    best = max(energy, key=lambda sid: energy[sid])
+    return best if energy[best] > 0 else None
+
+
+def _weight_split(case: ConvCase, spec: PathSpec) -> dict[str, float]:
+    """The weight's error energy, as fractions: the module's state, or clipping and rounding."""
+    assert spec.module is not None
+    if not holds_float_weight(case, spec.module):
+        return {"module_state": 1.0}
+    qp: QParams = spec.weight_qparams
+    w = case.weight.astype(np.float64)
+    axis = None if qp.axis is None else qp.axis % w.ndim
+    lo = dequantize(np.full((1,) * w.ndim, qp.dtype_min), qp) if axis is None else None
+    if axis is None:
+        hi = dequantize(np.full((1,) * w.ndim, qp.dtype_max), qp)
+    else:
+        n = w.shape[axis]
+        shape = [1] * w.ndim
+        shape[axis] = n
+        lo = dequantize(np.full(shape, qp.dtype_min), qp)
+        hi = dequantize(np.full(shape, qp.dtype_max), qp)
+    clipped = np.clip(w, lo, hi)
+    clip = float(np.sum((clipped - w) ** 2))
+    rounding = float(np.sum((dequantize(spec.weight_codes, qp) - clipped) ** 2))
+    total = clip + rounding
+    if total == 0:
+        return {"weight_rounding": 1.0}
+    return {"weight_clipping": clip / total, "weight_rounding": rounding / total}
+
+
+def torch_check(lay: LayerCapture, engine: str) -> int:
+    """Output elements where the emulation of the module on its captured input differs from
+    the codes the quantized model computed."""
+    case = lay.case
+    spec = module_spec(case)
+    em = emulate(_kernel(case, spec, engine), spec.input_codes, spec.input_qparams,
+                 spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
+                 spec.output_qparams, case.geometry, case.activation == "relu")
+    return int(np.count_nonzero(em.output_codes != lay.quantized_output))
+
+
+def _diagnosis_check(lay: LayerCapture, d: Diagnosis) -> int | None:
+    """The torch check from a diagnosis's as_given run (its emulation of the module)."""
+    run = next((r for r in d.runs if r.report.name == "as_given"), None)
+    em = None if run is None else (run.module_emulation or run.emulation)
+    if em is None:
+        return None
+    return int(np.count_nonzero(em.output_codes != lay.quantized_output))
+
+
+def _row(lay: LayerCapture, engine: str, screen: Screen, diagnosis: Diagnosis | None,
+         mismatches: int | None) -> LayerRow:
+    case = lay.case
+    op = f"conv{case.spatial_dims}d" + ("+relu" if case.activation == "relu" else "")
+    findings: tuple[LayerFinding, ...] = ()
+    dominant = screen.dominant_stage
+    if diagnosis is not None:
+        findings = judged_findings(diagnosis.report)
+        dominant = ladder_dominant(diagnosis.report) or dominant
+    return LayerRow(
+        name=lay.name, op=op, input_shape=tuple(case.input.shape),
+        weight_shape=tuple(case.weight.shape), engine=engine, own=screen.own,
+        propagated=screen.propagated, floor_rmse=screen.floor_rmse, verdict=screen.verdict,
+        dominant_stage=dominant, findings=findings, torch_mismatches=mismatches,
+        torch_total=int(lay.quantized_output.size), diagnosed=diagnosis is not None,
+        bn_folded=lay.bn_folded, notes=lay.notes)
+
+
+def judged_findings(report: Report) -> tuple[LayerFinding, ...]:
+    """The as_given path's findings (the module as it is), most severe first."""
+    return tuple(LayerFinding(f.code, f.severity, f.title) for f in report.findings
+                 if f.path in (None, "as_given"))
+
+
+def ladder_dominant(report: Report) -> str | None:
+    p = report.path("as_given")
+    if p is None:
+        return None
+    shares = [(s.share, s.id) for s in p.stages if s.applies and s.share]
+    return max(shares)[1] if shares else None
+
+
+def _gate(rows: tuple[LayerRow, ...], options: WalkOptions) -> ModelGate:
+    breaches = []
+    for row in rows:
+        sqnr = row.own.sqnr_db
+        if options.fail_under_sqnr is not None and sqnr is not None \
+                and sqnr < options.fail_under_sqnr:
+            breaches.append(LayerBreach(row.name, f"own SQNR {sqnr:.2f} dB < "
+                                                  f"{options.fail_under_sqnr} dB"))
+        if options.max_abs_error is not None and row.own.max_abs > options.max_abs_error:
+            breaches.append(LayerBreach(row.name, f"own max abs error {row.own.max_abs:.6g} > "
+                                                  f"{options.max_abs_error}"))
+        for f in row.findings:
+            if f.severity in LEVELS[options.fail_on]:
+                breaches.append(LayerBreach(row.name, f"{f.code} ({f.severity}): {f.title}"))
+    return ModelGate(options.fail_under_sqnr, options.max_abs_error, options.fail_on,
+                     tuple(breaches))
+
+
+def diagnose_model(float_model: object, quantized_model: object, inputs: object, top: int = 3,
+                   options: WalkOptions | None = None, max_elements: int | None = None,
+                   progress: Progress | None = None) -> ModelReport:
+    """Capture (``capture_model``, no file) and walk a model in-process::
+
+        report = qconvdiag.diagnose_model(model.eval(), quantized, [x1, x2], top=3)
+        print(report.ranking[0], report.layer(report.ranking[0]).own.sqnr_db)
+    """
+    import dataclasses
+
+    from .capture import capture_model
+
+    bundle = capture_model(float_model, quantized_model, inputs, None,
+                           max_elements=max_elements, progress=progress)
+    options = dataclasses.replace(options or WalkOptions(), top=top)
+    return walk_model(bundle, options, progress).report

@@ -1,0 +1,156 @@
+"""Terminal rendering of a model walk: the story first (which conv is to blame), then every conv
+in model order with its own and propagated error, then the explained layers in full."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from ..model_report import ErrorSummary, LayerRow, ModelReport
+from .rich_report import SEVERITY_STYLE, STATUS_WORDS, _num, render_rich
+from .text import hanging
+
+
+def _db(e: ErrorSummary) -> str:
+    if e.sqnr_db is None:
+        return "inf" if e.max_abs == 0 else "-"
+    return f"{e.sqnr_db:.1f}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _ratio(row: LayerRow) -> str:
+    if row.floor_rmse <= 0:
+        return "-"
+    return f"{row.own.rmse / row.floor_rmse:.1f}x"
+
+
+def _first_finding(row: LayerRow) -> Text:
+    serious = [f for f in row.findings if f.severity != "info"]
+    if not serious:
+        return Text("-" if row.verdict == "at_floor" else "(info only)", style="dim")
+    f = serious[0]
+    return Text(f.code, style=SEVERITY_STYLE[f.severity])
+
+
+def summary_sentence(report: ModelReport) -> str:
+    rows = report.layers
+    off = [r for r in rows if r.verdict != "at_floor"]
+    worst = report.layer(report.ranking[0]) if report.ranking else None
+    last = rows[-1]
+    tail = (f" The last conv ({last.name}) is {_db(last.propagated)} dB from the float model: "
+            "what the quantized model carries, all layers before it included.")
+    if not off:
+        return (f"All {len(rows)} quantized convs are at their rounding floor: no conv is "
+                "misquantized; what remains is what 8-bit rounding costs." + tail)
+    names = ", ".join(r.name for r in off[:4]) + (", ..." if len(off) > 4 else "")
+    lead = (f"{len(off)} of {len(rows)} quantized convs are above their rounding floor "
+            f"({names}).")
+    if worst is not None and worst.verdict != "at_floor":
+        serious = [f for f in worst.findings if f.severity != "info"]
+        cause = f" ({serious[0].code}: {serious[0].title})" if serious else ""
+        lead += (f" The worst by its own error is {worst.name}: {_db(worst.own)} dB, "
+                 f"{_ratio(worst)} its floor, {STATUS_WORDS[worst.verdict]}{cause}.")
+    return lead + tail
+
+
+def layer_table(report: ModelReport, width: int) -> Table:
+    """Every conv in model order; narrow terminals drop the shapes and RMSEs (the JSON has
+    them), the torch column shows only when a conv mismatches."""
+    rank = {name: i + 1 for i, name in enumerate(report.ranking)}
+    wide, medium = width >= 110, width >= 90
+    mismatch = any(row.torch_mismatches for row in report.layers)  # None or 0: no column
+    t = Table(box=box.SIMPLE_HEAD, title=f"{len(report.layers)} quantized convs in model order, "
+              "# = rank by own error", title_justify="left", pad_edge=False,
+              padding=(0, 1), collapse_padding=True)
+    columns = ["#", "layer", *(["conv"] if medium else []), "own dB", *(["RMSE"] if wide else []),
+               "x floor", "prop dB", *(["RMSE "] if wide else []), "stage", "finding",
+               *(["torch"] if mismatch else [])]
+    for col in columns:
+        right = col not in ("layer", "conv", "stage", "finding")
+        t.add_column(col, justify="right" if right else "left", no_wrap=True)
+    for row in report.layers:
+        style = "" if row.verdict == "at_floor" else SEVERITY_STYLE[
+            "error" if row.verdict == "broken" else "warning"]
+        cells: list[str | Text] = [str(rank[row.name]), Text(row.name, style=style)]
+        if medium:
+            cells.append(_shape(row.weight_shape) + (" relu" if row.op.endswith("+relu") else ""))
+        cells.append(_db(row.own))
+        if wide:
+            cells.append(_num(row.own.rmse, 3))
+        cells += [Text(_ratio(row), style=style), _db(row.propagated)]
+        if wide:
+            cells.append(_num(row.propagated.rmse, 3))
+        cells += [row.dominant_stage or "-", _first_finding(row)]
+        if mismatch:
+            n = row.torch_mismatches
+            cells.append(Text("-" if n is None else "ok" if n == 0 else
+                              f"{n}/{row.torch_total} differ", style="bold red" if n else ""))
+        t.add_row(*cells)
+    return t
+
+
+def legend(width: int) -> str:
+    shapes = " (conv: its weight's shape, relu when fused)" if width >= 90 else ""
+    return ("own: the conv on the quantized input it received, against the float conv on that "
+            f"input{shapes}; x floor: own RMSE over what good 8-bit qparams give; prop: the "
+            "quantized model against the float model at this conv.")
+
+
+def torch_sentence(report: ModelReport) -> str:
+    checked = [r for r in report.layers if r.torch_mismatches is not None]
+    bad = [r for r in checked if r.torch_mismatches]
+    if not checked:
+        return ("torch check: none of the convs was diagnosed (all at their floor); "
+                "--torch-check all checks every conv's emulation against the model's codes.")
+    scope = ("every conv" if len(checked) == len(report.layers) else
+             f"the {len(checked)} diagnosed conv{'s' if len(checked) > 1 else ''} "
+             "(--torch-check all: every conv)")
+    if not bad:
+        total = sum(r.torch_total for r in checked)
+        return (f"torch check: the emulation gives the codes the quantized model computed on "
+                f"{scope}: {total:,} outputs, 0 differ.")
+    return (f"torch check on {scope}: {len(bad)} convs differ from the quantized model's "
+            "codes (" + ", ".join(r.name for r in bad[:4]) + "): was the bundle captured on "
+            "another engine or CPU?")
+
+
+def render_model(report: ModelReport, console: Console | None = None,
+                 verbose: bool = False) -> None:
+    console = console or Console()
+    console.print(Text(f"qconvdiag model walk: {report.source or 'in-process'} "
+                       f"(engine {report.engine}, torch {report.torch_version})", style="bold"))
+    hanging(console, summary_sentence(report))
+    console.print()
+    console.print(layer_table(report, console.width))
+    hanging(console, legend(console.width), style="dim")
+    hanging(console, torch_sentence(report),
+            style="dim" if not any(r.torch_mismatches for r in report.layers) else "bold red")
+    for row in report.layers:
+        serious = [f for f in row.findings if f.severity != "info"]
+        if serious:
+            hanging(console, f"{row.name}: " + "; ".join(f"{f.code} {f.title}"
+                                                         for f in serious),
+                    style=SEVERITY_STYLE[serious[0].severity])
+    folded = [r for r in report.layers if r.bn_folded]
+    if folded:
+        hanging(console, f"BatchNorm folded into the float weight and bias of {len(folded)} "
+                "convs, as the quantized model folded it.", style="dim")
+    for note in report.notes:
+        hanging(console, f"note: {note}", style="dim")
+    for detail in report.details:
+        console.print()
+        console.print(Rule(f"layer {detail.layer}", align="left"))
+        hanging(console, f"In the fixes, qm is quantized.get_submodule({detail.layer!r}) and "
+                f"conv the float model's {detail.layer!r} (BatchNorm folded in, if any).",
+                style="dim")
+        render_rich(detail.report, console, verbose)
+    if report.gate.breaches:
+        console.print(Text("CI gate failed:", style="bold red"))
+        for b in report.gate.breaches:
+            console.print(f"  - {b.layer}: {b.breach}")

@@ -1,0 +1,314 @@
+"""The model walk (issue 14): capture_model, bundles, walk_model, diagnose_model, the CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+import qconvdiag
+from qconvdiag.errors import QconvdiagError
+from qconvdiag.model.walk import WalkOptions, walk_model
+from tests import models
+
+#: The float model's activations recomputed with BatchNorm folded into the conv agree with the
+#: float model's own to float32 rounding of the fold (relative to the activation's magnitude).
+FOLD_TOL = 1e-5
+#: The screen's own RMSE and the full diagnosis's as_given total are the same quantity computed
+#: two ways (one float64 conv each): equal to float64 rounding.
+SAME_RMSE = 1e-6
+ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "model" / "digits.pt"
+
+
+@pytest.fixture(autouse=True)
+def _engine_restored():  # noqa: ANN202
+    """The models set torch's quantized engine (capture_model records it): put it back."""
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+def walk(float_model, quantized, x, top=0, **kw):  # noqa: ANN001, ANN201
+    """Capture and walk, every conv torch-checked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(float_model, quantized, x)
+    return bundle, walk_model(bundle, WalkOptions(top=top, torch_check="all", **kw))
+
+
+@pytest.fixture(scope="module")
+def healthy_x86():  # noqa: ANN201
+    f, q = models.eager("x86")
+    x = models.inputs(2, 8, 7)
+    bundle, d = walk(f, q, x, top=1)
+    return f, q, x, bundle, d
+
+
+def test_capture_folds_batchnorm_as_the_float_model_computes(healthy_x86):  # noqa: ANN001
+    f, _q, x, bundle, _d = healthy_x86
+    seen = {}
+    points = {"stem": f.relu1, "dw": f.relu2, "pw": f.bn3, "head": f.head}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, n=n: seen.__setitem__(n, out.detach()))
+             for n, m in points.items()]
+    with torch.no_grad():
+        f(x)
+    for h in hooks:
+        h.remove()
+    assert [lay.name for lay in bundle.layers] == ["stem", "dw", "pw", "head"]
+    for lay in bundle.layers:
+        ref = seen[lay.name].numpy()
+        scale = float(np.abs(ref).max())
+        np.testing.assert_allclose(lay.float_output, ref, atol=FOLD_TOL * scale, rtol=0)
+    folded = {lay.name: lay.bn_folded for lay in bundle.layers}
+    assert folded == {"stem": "bn1", "dw": "bn2", "pw": "bn3", "head": None}
+    assert [lay.case.activation for lay in bundle.layers] == ["relu", "relu", None, None]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_healthy_model_is_quiet_and_torch_exact(engine):  # noqa: ANN001
+    f, q = models.eager(engine)
+    _bundle, d = walk(f, q, models.inputs(2, 8, 7))
+    for row in d.report.layers:
+        assert row.torch_mismatches == 0, row.name
+        assert row.verdict == "at_floor", (row.name, row.own, row.floor_rmse)
+        assert not [x for x in row.findings if x.severity != "info"], (row.name, row.findings)
+    assert d.report.status == "ok"
+
+
+def test_conv1d_model_and_fx_flow():
+    f, q = models.eager("x86", dims=1)
+    _b, d = walk(f, q, models.inputs(1, 8, 7))
+    assert [r.op for r in d.report.layers] == ["conv1d+relu", "conv1d"]
+    assert all(r.torch_mismatches == 0 and r.verdict == "at_floor" for r in d.report.layers)
+    f, q = models.fx("x86")
+    bundle, d = walk(f, q, models.inputs(2, 8, 7))
+    assert [lay.bn_folded for lay in bundle.layers] == ["bn1", "bn2", "bn3", None]
+    assert all(r.torch_mismatches == 0 and r.verdict == "at_floor" for r in d.report.layers)
+
+
+def test_screen_agrees_with_the_full_diagnosis(healthy_x86):  # noqa: ANN001
+    *_, d = healthy_x86
+    (detail,) = d.report.details
+    row = d.report.layer(detail.layer)
+    assert detail.layer == d.report.ranking[0]
+    total = detail.report.path("as_given").total
+    assert row.own.rmse == pytest.approx(total.rmse, rel=SAME_RMSE)
+    assert row.own.sqnr_db == pytest.approx(total.sqnr_db, rel=SAME_RMSE)
+
+
+def _break_output(q: torch.nn.Module, name: str, scale: float, zero_point: int) -> None:
+    m = q.get_submodule(name)
+    m.scale, m.zero_point = scale, zero_point
+
+
+def test_handmade_output_qparams_are_blamed_on_that_conv_only():
+    f, q = models.eager("x86")
+    _break_output(q, "dw", 1 / 255, 0)  # "the activations are in [0, 1]"
+    _b, d = walk(f, q, models.inputs(2, 8, 7), top=1)
+    r = d.report
+    assert r.ranking[0] == "dw"
+    dw = r.layer("dw")
+    assert dw.verdict == "broken" and dw.dominant_stage == "output_clipping"
+    assert dw.findings[0].code == "QCD051" and dw.findings[0].severity == "error"
+    # downstream convs receive a damaged input; their own error stays at the floor and
+    # nothing blames them, while their propagated error shows the damage
+    for name in ("pw", "head"):
+        row = r.layer(name)
+        assert row.verdict == "at_floor", (name, row.own, row.floor_rmse)
+        assert not [x for x in row.findings if x.severity != "info"]
+        assert row.propagated.sqnr_db < row.own.sqnr_db - 10
+    assert r.details[0].layer == "dw"
+    assert r.details[0].report.findings[0].code == "QCD051"
+    # the screen's estimate of the dominant stage agrees with the stage ladder's
+    from qconvdiag.model.walk import ladder_dominant, screen_layer
+
+    assert screen_layer(_b.layer("dw"), "x86").dominant_stage == "output_clipping"
+    assert ladder_dominant(r.details[0].report) == "output_clipping"
+
+
+def test_coarse_weight_is_named():
+    f, q = models.eager("qnnpack")
+    m = q.get_submodule("pw")
+    w, b = m.weight(), m.bias()
+    coarse = torch.quantize_per_tensor(w.dequantize(), float(w.dequantize().abs().max()) / 4,
+                                       0, torch.qint8)
+    m.set_weight_bias(coarse, b)
+    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    row = d.report.layer("pw")
+    assert d.report.ranking[0] == "pw" and row.verdict != "at_floor"
+    assert row.dominant_stage in ("weight_rounding", "module_state")
+    assert row.findings and row.findings[0].severity in ("error", "warning")
+    assert all(d.report.layer(n).verdict == "at_floor" for n in ("stem", "dw"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz", ".safetensors"])
+def test_bundle_round_trip(healthy_x86, tmp_path, suffix):  # noqa: ANN001
+    *_, bundle, d = healthy_x86
+    path = tmp_path / f"model{suffix}"
+    from qconvdiag.model.bundle import save_bundle
+
+    save_bundle(bundle, path)
+    loaded = qconvdiag.load_bundle(path)
+    assert [lay.name for lay in loaded.layers] == [lay.name for lay in bundle.layers]
+    for a, b in zip(loaded.layers, bundle.layers):
+        np.testing.assert_array_equal(a.quantized_output, b.quantized_output)
+        np.testing.assert_array_equal(a.float_output, b.float_output)
+        np.testing.assert_array_equal(a.case.setup.input_codes, b.case.setup.input_codes)
+    again = walk_model(loaded, WalkOptions(top=1)).report
+    assert [r.to_dict()["own"] for r in again.layers] == [r.to_dict()["own"]
+                                                         for r in d.report.layers]
+    with pytest.raises(QconvdiagError, match="model bundle"):
+        qconvdiag.load_case(path)
+
+
+def test_case_file_is_not_a_bundle():
+    with pytest.raises(QconvdiagError, match="not a model bundle"):
+        qconvdiag.load_bundle(Path(__file__).resolve().parent.parent / "samples" /
+                              "forum_conv.pt")
+
+
+def test_model_json_follows_the_schema(healthy_x86):  # noqa: ANN001
+    *_, d = healthy_x86
+    data = json.loads(json.dumps(d.report.to_dict(), allow_nan=False))
+    schema = json.loads(resources.files("qconvdiag").joinpath("report.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert data["kind"] == "model" and data["details"][0]["kind"] == "conv"
+    assert data["details"][0]["layer"] == data["ranking"][0]
+    sqnr = {lay["name"]: lay["own"]["sqnr_db"] for lay in data["layers"]}
+    assert [sqnr[n] for n in data["ranking"]] == sorted(sqnr.values())
+
+
+def test_gates_per_layer():
+    f, q = models.eager("x86")
+    _break_output(q, "dw", 1 / 255, 0)
+    _b, d = walk(f, q, models.inputs(2, 8, 7), fail_on="error", fail_under_sqnr=20.0)
+    assert d.report.status == "fail"
+    layers = {b.layer for b in d.report.gate.breaches}
+    assert layers == {"dw"}
+
+
+def test_diagnose_model_in_process_matches_the_file(healthy_x86, tmp_path):  # noqa: ANN001
+    f, q, x, _bundle, d = healthy_x86
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qconvdiag.diagnose_model(f, q, x, top=1)
+    assert report.ranking == d.report.ranking
+    assert [r.own for r in report.layers] == [r.own for r in d.report.layers]
+
+
+def test_capture_subsamples_within_max_elements():
+    f, q = models.eager("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(f, q, [models.inputs(2, 4, 1), models.inputs(2, 4, 2)],
+                                         max_elements=16 * 16 * 16 * 3)
+    assert all(lay.case.input.shape[0] == 3 for lay in bundle.layers)
+    assert any("first 3 of 8 samples" in n for n in bundle.notes)
+
+
+def test_capture_refuses_mismatched_models():
+    f, q = models.eager("x86")
+    with pytest.raises(QconvdiagError, match="training mode"):
+        qconvdiag.capture_model(f.train(), q, models.inputs(2, 2, 1))
+    f.eval()
+    other, _ = models.eager("x86", dims=1)
+    with pytest.raises(QconvdiagError, match="no module"):
+        qconvdiag.capture_model(other, q, models.inputs(2, 2, 1))
+
+
+def test_digits_sample_blames_the_broken_conv():
+    bundle = qconvdiag.load_bundle(SAMPLE)
+    r = walk_model(bundle, WalkOptions(top=1, torch_check="all")).report
+    assert r.ranking[0] == "conv2"
+    assert r.layer("conv2").findings[0].code == "QCD051"
+    for name in ("conv1", "conv3"):
+        row = r.layer(name)
+        assert row.verdict == "at_floor"
+        assert not [x for x in row.findings if x.severity != "info"]
+    assert all(row.torch_mismatches == 0 for row in r.layers)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def _cli(*args: str):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from qconvdiag.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_explains_a_bundle_with_top_and_layer():
+    r = _cli("explain", str(SAMPLE), "--top", "1", "--layer", "conv1", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["kind"] == "model"
+    assert [d["layer"] for d in data["details"]] == ["conv2", "conv1"]
+    r = _cli("explain", str(SAMPLE), "--top", "0", "--width", "100")
+    assert r.exit_code == 0
+    assert "conv2: QCD051 outputs saturated" in r.stdout
+    assert "1 of 3 quantized convs are above their rounding floor (conv2)" in r.stdout
+
+
+def test_cli_gate_names_the_layer():
+    r = _cli("explain", str(SAMPLE), "--top", "0", "--fail-under-sqnr", "20", "--json")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    breach = f"own SQNR {data['layers'][1]['own']['sqnr_db']:.2f} dB < 20.0 dB"
+    assert data["gate"]["breaches"] == [{"layer": "conv2", "breach": breach}]
+    assert r.stderr.strip() == f"qconvdiag: gate: conv2: {breach}"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--save-outputs", "OUT.npz"], "--save-outputs applies to one conv's case"),
+    (["--engine", "qnnpack"], "captured on engine x86"),
+    (["--layer", "nope"], "no conv named 'nope'"),
+    (["--top", "-1"], "--top must be 0 or more"),
+])
+def test_cli_refuses_what_a_bundle_cannot_do(tmp_path, args, fragment):  # noqa: ANN001
+    args = [a.replace("OUT.npz", str(tmp_path / "out.npz")) for a in args]
+    r = _cli("explain", str(SAMPLE), *args)
+    assert r.exit_code == 2
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_cli_top_applies_to_bundles_only():
+    forum = str(SAMPLE.parent.parent / "forum_conv.pt")
+    r = _cli("explain", forum, "--top", "1")
+    assert r.exit_code == 2 and "--top applies to a model bundle" in r.stderr
+
+
+def test_cli_traces_a_layer_of_a_bundle():
+    r = _cli("trace", str(SAMPLE), "--layer", "conv2", "--json")
+    assert r.exit_code == 0, r.stderr
+    tr = json.loads(r.stdout)
+    assert tr["engine"] == "x86" and tr["torch_agrees"] is True
+    assert tr["output_int"] == 255 and tr["unclamped"] > 255  # the saturation QCD051 names
+    r = _cli("trace", str(SAMPLE))
+    assert r.exit_code == 2 and "give --layer NAME" in r.stderr
+
+
+def test_digits_sample_is_what_its_script_makes(tmp_path, monkeypatch):  # noqa: ANN001
+    """The bundled sample is real: its script (train on scikit-learn's digits, quantize, break
+    conv2's output qparams by hand, capture) writes the same bytes again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_digits", SAMPLE.parent / "make_digits.py")
+    assert spec is not None and spec.loader is not None
+    make_digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_digits)
+    monkeypatch.setattr(make_digits, "HERE", tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        make_digits.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "digits.pt").read_bytes() == SAMPLE.read_bytes()
