@@ -111,14 +111,14 @@ def mappings(draw):
 def _write(path: Path, m: dict, fmt: str) -> None:
     import torch
 
-    from qconvdiag.io import _npz_bytes
+    from qconvdiag.casefile.write import npz_bytes
 
     if fmt == ".pt":
         obj = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v)
                for k, v in m.items()}
         torch.save(obj, path)
     elif fmt == ".npz":
-        path.write_bytes(_npz_bytes({k: v for k, v in m.items()}))
+        path.write_bytes(npz_bytes({k: v for k, v in m.items()}))
     else:
         header: dict = {"__metadata__": {k: json.dumps(v) for k, v in m.items()
                                          if not isinstance(v, np.ndarray)}}

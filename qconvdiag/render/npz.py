@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..casefile.write import npz_bytes as encode_npz
 from ..evidence import OutputArrays
-from ..io import _npz_bytes
 from ..writes import atomic_write
 
 
@@ -29,7 +29,7 @@ def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
 
 def npz_bytes(arrays: OutputArrays) -> bytes:
     """The bytes of the npz ``save_outputs`` writes."""
-    return _npz_bytes({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
+    return encode_npz({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
 
 
 def save_outputs(arrays: OutputArrays, path: str | Path) -> Path:
