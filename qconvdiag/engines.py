@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K
 from .case import Geometry
-from .emulate import EXACT, PAIRS_CHANNELS, PAIRS_K, Kernel
+from .emulate import Kernel
 from .qparams import QParams, per_tensor
 
 ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")

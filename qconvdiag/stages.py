@@ -147,7 +147,7 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
     would cost 4-5 float32 convs. ``w_qp`` must be per tensor or per output channel (axis 0)
     with zero points in range, else the float64 conv is used.
     """
-    from .emulate import shared_exact_accumulator
+    from .accumulate import shared_exact_accumulator
 
     g = case.geometry
     zx = int(x_qp.zero_point[0])

@@ -16,16 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from .accumulate import EXACT, INT16_MAX, INT16_MIN, pair_list
 from .case import ConvCase
 from .diagnosis import Options, diagnose_path
-from .emulate import (
-    EXACT,
-    INT16_MAX,
-    INT16_MIN,
-    engine_weight_codes,
-    engine_zero_points,
-    pair_list,
-)
+from .emulate import engine_weight_codes, engine_zero_points
 from .errors import UsageError
 from .evidence import PathRun, exec_weight_qparams
 
@@ -217,12 +211,11 @@ def packed_params(case: ConvCase, run: PathRun) -> dict[str, Any]:
     """What conv{d}d_prepack holds for this path's weight, unpacked again."""
     import torch
 
-    from .torch_ref import capture_warnings, engine, quantized_tensor
+    from .torch_ref import capture_warnings, engine, quantized_conv, quantized_tensor
 
     spec = run.spec
     dims = case.spatial_dims
-    ops = torch.ops.quantized
-    prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
+    prepack, _ = quantized_conv(dims)
     g = case.geometry
     info: dict[str, Any] = {
         "returns": PREPACK_SENTENCE.format(d=dims, kernel=run.kernel.kernel),
