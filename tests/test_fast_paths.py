@@ -22,7 +22,7 @@ from qconvdiag.float_conv import (
 )
 from qconvdiag.generate import RandomSpec, generate
 from qconvdiag.qparams import dequantize, make_qparams, quantize
-from qconvdiag.stages import input_steps
+from qconvdiag.reference import input_steps
 from tests.conftest import REFERENCE_RTOL
 
 
