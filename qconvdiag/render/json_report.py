@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any, Protocol
 
-from ..report import Report
+
+class JsonSubject(Protocol):
+    """What ``render_json`` renders: a Report (``explain``) or a Trace (``trace --json``)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
-def render_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), allow_nan=False, indent=2) + "\n"
+def render_json(subject: JsonSubject) -> str:
+    return json.dumps(subject.to_dict(), allow_nan=False, indent=2) + "\n"

@@ -5,12 +5,16 @@ codes, torch's codes and the cumulative output after each stage, named as DESIGN
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..casefile.write import npz_bytes as encode_npz
 from ..evidence import OutputArrays
 from ..writes import atomic_write
+
+if TYPE_CHECKING:
+    from ..diagnosis import Diagnosis
 
 
 def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
@@ -25,6 +29,11 @@ def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
         for sid, state in p.stages.items():
             out[f"{prefix}.stage.{sid}"] = state
     return out
+
+
+def render_npz(diagnosis: Diagnosis) -> bytes:
+    """The npz archive of the diagnosis's kept arrays (``Options.keep_arrays``)."""
+    return npz_bytes(diagnosis.arrays)
 
 
 def npz_bytes(arrays: OutputArrays) -> bytes:
