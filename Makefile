@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # The long fuzz profile: 2,500 random case files through `qconvdiag explain`.
 fuzz: $(STAMP)
-	QCONVDIAG_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_fuzz.py -q
+	QCONVDIAG_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_startup.py

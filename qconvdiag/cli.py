@@ -385,20 +385,18 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs) -> No
     if outputs.report is not None:
         writes.write(outputs.report, text.encode("utf-8"))
     if outputs.tensors is not None:
-        from .render.npz import npz_bytes
+        from .render.npz import render_npz
 
-        writes.write(outputs.tensors, npz_bytes(diagnosis.arrays))
+        writes.write(outputs.tensors, render_npz(diagnosis))
     for dest in writes.commit():  # every file in place only when all were written
         _err(f"wrote {dest.path}")
     if diag.json_out:
         sys.stdout.write(text)
     else:
         # rich costs ~0.1 s to import: only the terminal report pays for it
-        from rich.console import Console
+        from .render.terminal import render_terminal
 
-        from .render.rich_report import render_rich
-
-        render_rich(report, Console(width=diag.width) if diag.width else None, diag.verbose)
+        sys.stdout.write(render_terminal(report, verbose=diag.verbose, width=diag.width))
     if report.status == "fail":
         if diag.json_out:
             for breach in report.gate.breaches:
@@ -506,11 +504,9 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
     if diag.json_out:
         sys.stdout.write(text)
     else:
-        from rich.console import Console
+        from .render.terminal import render_terminal
 
-        from .render.rich_model import render_model
-
-        render_model(report, Console(width=diag.width) if diag.width else None, diag.verbose)
+        sys.stdout.write(render_terminal(report, verbose=diag.verbose, width=diag.width))
     if report.status == "fail":
         if diag.json_out:
             for b in report.gate.breaches:
@@ -635,11 +631,8 @@ def trace_cmd(
         raise QconvdiagError(f"--path {path}: use {' or '.join(TRACE_PATHS)}")
     _check_engine(engine, allow_all=False)
     _check_max_elements(max_elements)
-    import json
-
-    from rich.console import Console
-
     from .model.bundle import ModelBundle, load_case_or_bundle
+    from .render.json_report import render_json
     from .render.trace_view import render_trace
     from .trace import trace
 
@@ -660,9 +653,9 @@ def trace_cmd(
         path = "production"
     tr = trace(case, position, path=path, engine=engine)
     if json_out:
-        sys.stdout.write(json.dumps(tr.to_dict(), allow_nan=False, indent=2) + "\n")
+        sys.stdout.write(render_json(tr))
     else:
-        render_trace(tr, full, Console(width=width) if width else None)
+        sys.stdout.write(render_trace(tr, full=full, width=width))
 
 
 def _err(message: str) -> None:

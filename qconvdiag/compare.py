@@ -113,8 +113,8 @@ def _values(codes: np.ndarray, spec: PathSpec) -> np.ndarray:
 def _short(qp: QParams) -> str:
     r = qp.report()
     if r.per_channel:
-        return f"per-channel {min(r.scale):.4g}..{max(r.scale):.4g}"
-    return f"{r.scale[0]:.4g}" + (f" (zero point {r.zero_point[0]})" if r.zero_point[0] else "")
+        return f"per-channel {r.scales()}"
+    return r.scales() + (f" (zero point {r.zero_point[0]})" if r.zero_point[0] else "")
 
 
 def _qparams_causes(r: PathRun, ref: PathRun, differing: int) -> list[str]:

@@ -33,8 +33,9 @@ from .float_conv import conv64
 from .gate import FAIL_ON, evaluate_gate
 from .metrics import error_metrics, summary
 from .paths import PathSpec, ProductionOptions, build_as_given, build_production
+from .reference import float_reference
 from .report import PathReport, Report, StageResult, TorchCheck
-from .stages import STAGE_IDS, Ladder, LadderInputs, float_reference, run_ladder
+from .stages import STAGE_IDS, Ladder, LadderInputs, run_ladder
 from .torch_ref import TorchRun, capture_warnings, run_conv
 from .versions import unverified_torch_note
 

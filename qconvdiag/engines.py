@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K
 from .case import Geometry
-from .emulate import EXACT, PAIRS_CHANNELS, PAIRS_K, Kernel
+from .emulate import Kernel
 from .qparams import QParams, per_tensor
 
 ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 
-#: Layer classes whose accumulation may differ within one engine.
+#: Layer classes whose accumulation may differ within one engine. grouped4: channels per group,
+#: in and out, both multiples of 4 (oneDNN's blocked grouped kernel, which pairs channels in
+#: int16 on AVX2; other grouped convs accumulate exactly).
 DENSE, GROUPED, GROUPED4, DEPTHWISE = "dense", "grouped", "grouped4", "depthwise"
-"""grouped4: channels per group, in and out, both multiples of 4 (oneDNN's blocked grouped
-kernel, which pairs channels in int16 on AVX2; other grouped convs accumulate exactly)."""
 DEPTHWISE_FAST = "depthwise_fast"
 """Layers fbgemm runs with its depthwise kernel (``fbgemm_conv_path``), measured to sum int16
 pairs of taps even on AVX512-VNNI CPUs (its code is AVX2 intrinsics)."""

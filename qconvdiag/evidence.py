@@ -79,7 +79,7 @@ def saturation_without_vnni(spec: PathSpec, kernel: Kernel, g: Geometry) -> int 
     """How many int16 pair sums the path's codes would saturate on a CPU without AVX512-VNNI,
     where fbgemm/x86 sum raw u8 * s8 products pairwise along K (measured only when this CPU
     accumulates the path exactly; qnnpack never pairs)."""
-    from .emulate import EXACT, PAIRS_K, pair_saturation
+    from .accumulate import EXACT, PAIRS_K, pair_saturation
 
     if kernel.kernel == "qnnpack" or kernel.accumulation != EXACT:
         return None

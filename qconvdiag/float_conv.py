@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .accumulate import pad_spatial, tap_views
 from .case import Geometry
 from .metrics import over_chunks
 from .qparams import QParams, dequantize
+from .torch_ref import conv_function
 
 if TYPE_CHECKING:
     from .blocks import Block
@@ -176,7 +178,6 @@ def _conv_sparse_weight(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geom
     """conv(x, w) for a weight with few nonzeros: one scaled input slice per nonzero. Only the
     input channels those nonzeros read are padded, one at a time. With ``compact``, when the
     nonzeros feed at most half of the output channels, only those channels are stored."""
-    from .emulate import _pad, _tap_views
 
     og, cin_g = shape[1] // g.groups, w.shape[1]
     nz = np.nonzero(w)
@@ -192,7 +193,7 @@ def _conv_sparse_weight(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geom
             (int(slot[o]) if sparse else o, tuple(int(t) for t in idx[2:]), np.float64(w[idx])))
     for cx, uses in by_channel.items():
         xc = x.channel(cx) if isinstance(x, DequantizedInput) else x[:, cx:cx + 1]
-        views = _tap_views(_pad(xc, g.padding, 0), w.shape, g, tuple(shape[2:]))
+        views = tap_views(pad_spatial(xc, g.padding, 0), w.shape, g, tuple(shape[2:]))
         for o, tap, v in uses:
             # a float64 scalar makes the product float64 whatever the input's dtype
             out[:, o] += views[tap][:, 0] * v
@@ -272,10 +273,8 @@ def _conv_sparse_input(x: np.ndarray, w: np.ndarray, g: Geometry,
 def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry, dtype: type
           ) -> np.ndarray:
     import torch
-    import torch.nn.functional as F
 
-    dims = w.ndim - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    conv = conv_function(w.ndim - 2)
     with torch.no_grad():
         out = conv(
             torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)),

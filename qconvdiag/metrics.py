@@ -206,24 +206,6 @@ class ErrorAccumulator:
         )
 
 
-def energy_shares(deltas: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """Each stage's share of the error energy the stages add: ||delta||^2 / sum ||delta_j||^2.
-
-    Shares are >= 0 and add up to 1 (None for all when no stage adds any error). The deltas
-    themselves add up exactly to the total error; their energies do not have to (a stage can
-    undo another's error), which is why a share measures how much error a stage *adds*.
-    Seed case: weight clipping 239.3, output clipping 310, module state 255 give shares
-    0.26, 0.44 and 0.30.
-    """
-    return shares_from_energies({k: energy(v) for k, v in deltas.items()})
-
-
-def energy(delta: np.ndarray) -> float:
-    """sum(delta^2)."""
-    flat = np.asarray(delta, dtype=np.float64).reshape(-1)
-    return dot(flat, flat)
-
-
 def chunked_energy(values: Callable[[slice], np.ndarray], n: int) -> float:
     """sum(v^2) of the n values ``values(slice)`` gives chunk by chunk (float64), on threads."""
 
@@ -238,6 +220,14 @@ def chunked_energy(values: Callable[[slice], np.ndarray], n: int) -> float:
 
 
 def shares_from_energies(energies: dict[str, float]) -> dict[str, float | None]:
+    """Each stage's share of the error energy the stages add: ||delta||^2 / sum ||delta_j||^2.
+
+    Shares are >= 0 and add up to 1 (None for all when no stage adds any error). The deltas
+    themselves add up exactly to the total error; their energies do not have to (a stage can
+    undo another's error), which is why a share measures how much error a stage *adds*.
+    Seed case: weight clipping 239.3, output clipping 310, module state 255 give shares
+    0.26, 0.44 and 0.30.
+    """
     total = sum(energies.values())
     if total == 0 or not math.isfinite(total):
         return {k: None for k in energies}

@@ -20,7 +20,7 @@ import numpy as np
 from .case import ConvCase, ModuleState
 from .errors import QParamsError, UsageError
 from .qparams import QParams, compact_codes, per_tensor, quantize
-from .torch_ref import capture_warnings
+from .torch_ref import capture_warnings, conv_function
 
 OBSERVERS = ("histogram", "minmax", "moving_average")
 
@@ -239,7 +239,6 @@ def build_production(
     torch's own calibration (computed once per diagnosis and shared through ``cache``).
     """
     import torch
-    import torch.nn.functional as F
 
     cache = {} if cache is None else cache
     with capture_warnings():
@@ -259,7 +258,7 @@ def build_production(
     w_qp, w_codes = cache[w_key]
     if act_key not in cache:
         b = None if case.bias is None else torch.from_numpy(case.bias)
-        conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[case.spatial_dims]
+        conv_nd = conv_function(case.spatial_dims)
         g = case.geometry
 
         def conv(*args: Any) -> Any:  # the float layer: conv, then its fused activation

@@ -93,12 +93,17 @@ class QParamsReport:
     def scheme(self) -> str:
         return "per_channel_affine" if self.per_channel else "per_tensor_affine"
 
+    def scales(self) -> str:
+        """The scale in short words: ``0.0748``, or the range ``0.0012..0.0031`` per channel."""
+        if self.per_channel:
+            return f"{min(self.scale):.4g}..{max(self.scale):.4g}"
+        return f"{self.scale[0]:.4g}"
+
     def describe(self) -> str:
         """Short words: ``quint8 scale 0.0748 zero point 0`` or a per-channel range."""
         if self.per_channel:
-            return f"{self.dtype} per-channel scale {min(self.scale):.4g}..{max(self.scale):.4g}"
-        zp = f" zero point {self.zero_point[0]}"
-        return f"{self.dtype} scale {self.scale[0]:.4g}{zp}"
+            return f"{self.dtype} per-channel scale {self.scales()}"
+        return f"{self.dtype} scale {self.scales()} zero point {self.zero_point[0]}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: dtypes as names, one value per tensor, lists per channel."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,25 @@ def capture_warnings() -> Iterator[list[str]]:
                     if first not in scope:
                         scope.append(first)
             del _SCOPES[next(i for i, x in enumerate(_SCOPES) if x is mine)]
+
+
+def conv_function(dims: int) -> Callable[..., Any]:
+    """torch's float conv for 1, 2 or 3 spatial dims: ``F.conv1d``, ``conv2d`` or ``conv3d``."""
+    import torch.nn.functional as F
+
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+
+
+def quantized_conv(dims: int, relu: bool = False) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(prepack, conv) of torch's quantized ops for 1, 2 or 3 spatial dims:
+    ``torch.ops.quantized.conv2d_prepack`` and ``conv2d`` (``conv2d_relu`` with ``relu``)."""
+    import torch
+
+    ops = torch.ops.quantized
+    prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
+    conv = ({1: ops.conv1d_relu, 2: ops.conv2d_relu, 3: ops.conv3d_relu} if relu
+            else {1: ops.conv1d, 2: ops.conv2d, 3: ops.conv3d})[dims]
+    return prepack, conv
 
 
 @contextlib.contextmanager
@@ -118,10 +138,7 @@ def run_conv(
             qx = quantized_tensor(input_codes, input_qp)
             qw = quantized_tensor(weight_codes, weight_qp)
             b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float32))
-            ops = torch.ops.quantized
-            prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
-            conv = ({1: ops.conv1d_relu, 2: ops.conv2d_relu, 3: ops.conv3d_relu} if relu
-                    else {1: ops.conv1d, 2: ops.conv2d, 3: ops.conv3d})[dims]
+            prepack, conv = quantized_conv(dims, relu)
             packed = prepack(
                 qw, b, list(geometry.stride), list(geometry.padding), list(geometry.dilation),
                 geometry.groups,

@@ -16,16 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from .accumulate import EXACT, INT16_MAX, INT16_MIN, pair_list
 from .case import ConvCase
 from .diagnosis import Options, diagnose_path
-from .emulate import (
-    EXACT,
-    INT16_MAX,
-    INT16_MIN,
-    engine_weight_codes,
-    engine_zero_points,
-    pair_list,
-)
+from .emulate import Emulation, Kernel, ZeroPoints, engine_weight_codes, engine_zero_points
 from .errors import UsageError
 from .evidence import PathRun, exec_weight_qparams
 
@@ -101,21 +95,52 @@ def trace(case: ConvCase, position: tuple[int, ...] | None, path: str = "as_give
 def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
     spec, em, kernel = run.spec, run.emulation, run.kernel
     assert em is not None and run.ladder is not None
-    g = case.geometry
-    n, o = pos[0], pos[1]
-    out_sp = pos[2:]
-    cin_g = case.weight.shape[1]
-    og = case.weight.shape[0] // g.groups
-    grp = o // og
+    o = pos[1]
     x_zp = int(spec.input_qparams.zero_point[0])
     w_qp = spec.weight_qparams
     w_zp = int(w_qp.zero_point[o] if w_qp.per_channel else w_qp.zero_point[0])
     zps = engine_zero_points(kernel, x_zp, np.array([w_zp]), int(spec.output_qparams.zero_point[0]))
-    x_zp_eff, w_zp_eff, pad_code = zps.input, int(zps.weight[0]), zps.pad_code
-    w_codes = engine_weight_codes(kernel, spec.weight_codes, w_qp)
-    taps = list(itertools.product(*(range(k) for k in case.weight.shape[2:])))
+    terms = _terms(case, run, pos, zps)
+    exact = sum(t["product"] for t in terms)
+    assert exact == int(em.acc_exact[pos]), "trace and emulation disagree on the accumulator"
+    pairs, input_code_sum, correction = _int16_sums(case, kernel, zps, terms, o)
+    acc = exact + correction
+    acc = (acc - (-(2**31))) % 2**32 - 2**31
+    assert acc == int(em.acc[pos]), "trace and emulation disagree on the int16 sums"
+    out_qp = spec.output_qparams
+    out_zp = int(out_qp.zero_point[0])
+    unclamped = int(em.unclamped[pos])
+    codes = int(em.output_codes[pos])
+    torch_code, agrees = _torch_code(case, run, pos, codes)
+    bias_f, bias_int, bias_units = _bias(case, em, o)
+    return Trace(
+        position=pos, path=spec.name, engine=run.report.engine, kernel=kernel.kernel,
+        accumulation=kernel.accumulation, input_zero_point=x_zp, weight_zero_point=w_zp,
+        terms=[{k: v for k, v in t.items() if k != "t"} for t in terms], pairs=pairs,
+        saturated_pairs=sum(1 for p in pairs if p["saturated"]),
+        accumulator_exact=exact, accumulator=acc, bias_float=bias_f, bias_int32=bias_int,
+        bias_in_accumulator_units=bias_units, multiplier=float(em.multiplier[o]),
+        pre_round=float(em.pre_round[pos]), rounded=unclamped - zps.output,
+        output_zero_point=out_zp, unclamped=unclamped, output_int=codes,
+        output_scale=float(out_qp.scale[0]),
+        dequantized=float((codes - out_zp) * out_qp.scale[0]),
+        float_reference=float(run.ladder.float_output[pos]), torch_output_int=torch_code,
+        torch_agrees=agrees, packed_params=packed_params(case, run),
+        module_note=_module_note(run, pos), input_code_sum=input_code_sum,
+    )
+
+
+def _terms(case: ConvCase, run: PathRun, pos: tuple[int, ...], zps: ZeroPoints
+           ) -> list[dict[str, Any]]:
+    """Every product of the output element's receptive field: (tap, channel) in K order."""
+    spec, g = run.spec, case.geometry
+    n, o, out_sp = pos[0], pos[1], pos[2:]
+    cin_g = case.weight.shape[1]
+    grp = o // (case.weight.shape[0] // g.groups)
+    w_codes = engine_weight_codes(run.kernel, spec.weight_codes, spec.weight_qparams)
+    x_zp, w_zp = zps.input, int(zps.weight[0])
     terms: list[dict[str, Any]] = []
-    for t_i, tap in enumerate(taps):
+    for t_i, tap in enumerate(itertools.product(*(range(k) for k in case.weight.shape[2:]))):
         for c in range(cin_g):
             ch = grp * cin_g + c
             idx = [out_sp[d] * g.stride[d] - g.padding[d] + tap[d] * g.dilation[d]
@@ -125,81 +150,84 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
                 x_code = int(spec.input_codes[(n, ch, *idx)])
                 x_val = float(case.input[(n, ch, *idx)])
             else:
-                x_code, x_val = pad_code, 0.0
+                x_code, x_val = zps.pad_code, 0.0
             w_code = int(w_codes[(o, c, *tap)])
             terms.append({
                 "k": len(terms), "tap": list(tap), "channel": ch,
                 "input_index": [n, ch, *idx] if inside else None,
                 "x": x_val, "x_code": x_code, "w": float(case.weight[(o, c, *tap)]),
-                "w_code": w_code, "product": (x_code - x_zp_eff) * (w_code - w_zp_eff),
+                "w_code": w_code, "product": (x_code - x_zp) * (w_code - w_zp),
                 "raw_product": x_code * w_code, "t": t_i,
             })
-    exact = sum(t["product"] for t in terms)
-    assert exact == int(em.acc_exact[pos]), "trace and emulation disagree on the accumulator"
-    pairs_out = []
+    return terms
+
+
+def _int16_sums(case: ConvCase, kernel: Kernel, zps: ZeroPoints, terms: list[dict[str, Any]],
+                o: int) -> tuple[list[dict[str, Any]], dict[str, Any] | None, int]:
+    """(the int16 pair sums, fbgemm's depthwise input-code sum or None, what both add to the
+    exact accumulator)."""
+    cin_g = case.weight.shape[1]
+    grp = o // (case.weight.shape[0] // case.geometry.groups)
+    taps = int(np.prod(case.weight.shape[2:]))
+    pairs = []
     correction = 0
     by_tc = {(t["t"], t["channel"] - grp * cin_g): t for t in terms}
     if kernel.accumulation not in (EXACT, "unknown"):
-        for members in pair_list(kernel.accumulation, cin_g, len(taps)):
+        for members in pair_list(kernel.accumulation, cin_g, taps):
             ts = [by_tc[m] for m in members]
             raw = sum((zps.pair_pad_code if t["input_index"] is None else t["x_code"])
                       * t["w_code"] for t in ts)
             sat = int(np.clip(raw, INT16_MIN, INT16_MAX))
             correction += sat - raw
-            pairs_out.append({"k": [t["k"] for t in ts], "sum": raw, "saturated": sat != raw,
-                              "value": sat})
+            pairs.append({"k": [t["k"] for t in ts], "sum": raw, "saturated": sat != raw,
+                          "value": sat})
     input_code_sum = None
-    if kernel.row_sums_int16 and w_zp_eff != 0:
+    w_zp = int(zps.weight[0])
+    if kernel.row_sums_int16 and w_zp != 0:
         # fbgemm's depthwise kernel sums the window's codes in saturating int16
         total = sum(zps.pair_pad_code if t["input_index"] is None else t["x_code"]
                     for t in terms)
         kept = min(total, INT16_MAX)
-        correction += w_zp_eff * (total - kept)
+        correction += w_zp * (total - kept)
         input_code_sum = {"sum": total, "saturated": kept != total, "value": kept}
-    acc = exact + correction
-    acc = (acc - (-(2**31))) % 2**32 - 2**31
-    assert acc == int(em.acc[pos]), "trace and emulation disagree on the int16 sums"
-    out_qp = spec.output_qparams
-    out_zp = int(out_qp.zero_point[0])
-    unclamped = int(em.unclamped[pos])
-    codes = int(em.output_codes[pos])
-    torch_code = None
-    agrees = None
-    intended_codes = run.torch_codes if spec.module is None else _torch_intended(case, run)
-    if intended_codes is not None:
-        torch_code = int(intended_codes[pos])
-        agrees = torch_code == codes
+    return pairs, input_code_sum, correction
+
+
+def _torch_code(case: ConvCase, run: PathRun, pos: tuple[int, ...], codes: int
+                ) -> tuple[int | None, bool | None]:
+    """torch's output code for the intended setup at ``pos``, and whether it is ``codes``."""
+    intended = run.torch_codes if run.spec.module is None else _torch_intended(case, run)
+    if intended is None:
+        return None, None
+    torch_code = int(intended[pos])
+    return torch_code, torch_code == codes
+
+
+def _bias(case: ConvCase, em: Emulation, o: int
+          ) -> tuple[float | None, int | None, float | None]:
+    """(the float bias, qnnpack's int32 bias, the bias in accumulator steps) of channel o."""
     bias_f = None if case.bias is None else float(case.bias[o])
     bias_int = None if em.bias_int32 is None else int(em.bias_int32[o])
     bias_units = None
     if bias_f is not None:
         bias_units = float(em.bias_real[o] / em.acc_scale[o]) if em.bias_real is not None else None
-    module_note = None
-    if spec.module is not None and run.module_emulation is not None:
-        mcode = int(run.module_emulation.output_codes[pos])
-        mqp = spec.module.output_qparams
-        on = ("" if run.report.kernel == kernel.kernel else
-              f" on kernel {run.report.kernel} (this setup: {kernel.kernel})")
-        module_note = (f"the quantized module really ran its own weight/bias/qparams{on}: "
-                       f"output code {mcode} = "
-                       f"{(mcode - mqp.zero_point[0]) * mqp.scale[0]:.6g}"
-                       + ("" if run.torch_codes is None else
-                          f"; torch returned code {int(run.torch_codes[pos])}"))
-    return Trace(
-        position=pos, path=spec.name, engine=run.report.engine, kernel=kernel.kernel,
-        accumulation=kernel.accumulation, input_zero_point=x_zp, weight_zero_point=w_zp,
-        terms=[{k: v for k, v in t.items() if k != "t"} for t in terms], pairs=pairs_out,
-        saturated_pairs=sum(1 for p in pairs_out if p["saturated"]),
-        accumulator_exact=exact, accumulator=acc, bias_float=bias_f, bias_int32=bias_int,
-        bias_in_accumulator_units=bias_units, multiplier=float(em.multiplier[o]),
-        pre_round=float(em.pre_round[pos]), rounded=unclamped - zps.output,
-        output_zero_point=out_zp, unclamped=unclamped, output_int=codes,
-        output_scale=float(out_qp.scale[0]),
-        dequantized=float((codes - out_zp) * out_qp.scale[0]),
-        float_reference=float(run.ladder.float_output[pos]), torch_output_int=torch_code,
-        torch_agrees=agrees, packed_params=packed_params(case, run), module_note=module_note,
-        input_code_sum=input_code_sum,
-    )
+    return bias_f, bias_int, bias_units
+
+
+def _module_note(run: PathRun, pos: tuple[int, ...]) -> str | None:
+    """What the quantized module really ran at ``pos``, when it differs from the setup."""
+    spec, kernel = run.spec, run.kernel
+    if spec.module is None or run.module_emulation is None:
+        return None
+    mcode = int(run.module_emulation.output_codes[pos])
+    mqp = spec.module.output_qparams
+    on = ("" if run.report.kernel == kernel.kernel else
+          f" on kernel {run.report.kernel} (this setup: {kernel.kernel})")
+    return (f"the quantized module really ran its own weight/bias/qparams{on}: "
+            f"output code {mcode} = "
+            f"{(mcode - mqp.zero_point[0]) * mqp.scale[0]:.6g}"
+            + ("" if run.torch_codes is None else
+               f"; torch returned code {int(run.torch_codes[pos])}"))
 
 
 def _torch_intended(case: ConvCase, run: PathRun) -> np.ndarray | None:
@@ -217,12 +245,11 @@ def packed_params(case: ConvCase, run: PathRun) -> dict[str, Any]:
     """What conv{d}d_prepack holds for this path's weight, unpacked again."""
     import torch
 
-    from .torch_ref import capture_warnings, engine, quantized_tensor
+    from .torch_ref import capture_warnings, engine, quantized_conv, quantized_tensor
 
     spec = run.spec
     dims = case.spatial_dims
-    ops = torch.ops.quantized
-    prepack = {1: ops.conv1d_prepack, 2: ops.conv2d_prepack, 3: ops.conv3d_prepack}[dims]
+    prepack, _ = quantized_conv(dims)
     g = case.geometry
     info: dict[str, Any] = {
         "returns": PREPACK_SENTENCE.format(d=dims, kernel=run.kernel.kernel),

@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from qconvdiag.accumulate import EXACT, PAIRS_K
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import EXACT, PAIRS_K, emulate
+from qconvdiag.emulate import emulate
 from qconvdiag.engines import fbgemm_conv_path, probe, select_kernel
 from qconvdiag.qparams import QParams, per_tensor
 from qconvdiag.torch_ref import run_conv

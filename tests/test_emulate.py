@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qconvdiag.accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K, pair_list
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import EXACT, PAIRS_CHANNELS, PAIRS_K, Kernel, emulate, pair_list
+from qconvdiag.emulate import Kernel, emulate
 from qconvdiag.engines import ACCEPTANCE, probe, select_kernel
 from qconvdiag.qparams import QParams, per_tensor
 from qconvdiag.torch_ref import run_conv
@@ -233,7 +234,7 @@ def test_onednn_multiplies_by_the_reciprocal_output_scale():
 def test_pair_saturation_blocks_and_count_only_agree(accumulation, monkeypatch):
     """Blocking the output channels (down to one at a time) and counting only give the same
     correction and count as one block; the correction is the int64 sum over pairs."""
-    from qconvdiag import emulate as em_mod
+    from qconvdiag import accumulate as em_mod
     from qconvdiag.case import Geometry
 
     rng = np.random.default_rng(11)

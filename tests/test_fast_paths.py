@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qconvdiag import emulate
+from qconvdiag import accumulate
 from qconvdiag.blocks import blocks
 from qconvdiag.case import Geometry, build_case
 from qconvdiag.diagnosis import Options, diagnose_runs
@@ -22,7 +22,7 @@ from qconvdiag.float_conv import (
 )
 from qconvdiag.generate import RandomSpec, generate
 from qconvdiag.qparams import dequantize, make_qparams, quantize
-from qconvdiag.stages import input_steps
+from qconvdiag.reference import input_steps
 from tests.conftest import REFERENCE_RTOL
 
 
@@ -197,9 +197,9 @@ def test_input_steps_match_the_plain_formulas():
 def test_int8_gemm_accumulator_is_exact(seed, monkeypatch):
     """The int8 GEMM route equals the float conv route bit for bit (zero points, wrapped pad
     codes, unsigned or signed codes, groups, strides, dilations, blocks of rows)."""
-    exact_here = emulate.int_gemm_exact()  # False without AVX512-VNNI: the route is refused
+    exact_here = accumulate.int_gemm_exact()  # False without AVX512-VNNI: the route is refused
     rng = np.random.default_rng(seed)
-    monkeypatch.setattr(emulate, "IM2COL_BLOCK_BYTES", 64 if seed % 2 else 1 << 24)
+    monkeypatch.setattr(accumulate, "IM2COL_BLOCK_BYTES", 64 if seed % 2 else 1 << 24)
     used, dtypes = 0, set()
     for _ in range(100):
         g, xs, ws = _random_geometry(rng)
@@ -212,10 +212,10 @@ def test_int8_gemm_accumulator_is_exact(seed, monkeypatch):
         zw = (rng.integers(-130, 260, ws[0]) if rng.random() < 0.5
               else np.zeros(ws[0], dtype=np.int64))
         pad = int(rng.choice([zx, zx % 256, int(rng.integers(0, 256))]))
-        fast = emulate._gemm_accumulator(x, zx, w, zw, g, pad)
+        fast = accumulate._gemm_accumulator(x, zx, w, zw, g, pad)
         with monkeypatch.context() as m:
-            m.setattr(emulate, "int_gemm_exact", lambda: False)
-            slow = emulate.exact_accumulator(x, zx, w, zw, g, pad)
+            m.setattr(accumulate, "int_gemm_exact", lambda: False)
+            slow = accumulate.exact_accumulator(x, zx, w, zw, g, pad)
         if not exact_here:
             assert fast is None
             continue

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qconvdiag.accumulate import EXACT, PAIRS_K
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import EXACT, PAIRS_K
 from qconvdiag.engines import (
     FBGEMM_DEPTHWISE,
     FBGEMM_GEMM,

@@ -191,12 +191,12 @@ def test_output_never_overwrites_the_input(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import qconvdiag.io as io_mod
+    import qconvdiag.casefile.write as write_mod
 
     def boom(mapping, suffix):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io_mod, "encode_case", boom)
+    monkeypatch.setattr(write_mod, "encode_case", boom)
     with pytest.raises(KeyboardInterrupt):
         save_case(load_case(FORUM), tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []

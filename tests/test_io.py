@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import qconvdiag
+from qconvdiag.casefile.write import safetensors_bytes
 from qconvdiag.errors import CaseError, CaseFileError, QconvdiagError
 from qconvdiag.io import FORMATS, case_to_mapping, load_case, save_case
 
@@ -201,7 +202,7 @@ def _bad_cases(tmp_path):
     np.savez(tmp_path / "bigscale.npz", input=ok_x.numpy(), weight=ok_w.numpy(),
              input_qparams=np.array('{"scale": 1' + "0" * 400 + ', "zero_point": 0}'))
     cases["npz: scale of 401 digits"] = (tmp_path / "bigscale.npz", "too large for a float")
-    good_st = qconvdiag.io._safetensors_bytes({"input": ok_x.numpy(), "weight": ok_w.numpy()})
+    good_st = safetensors_bytes({"input": ok_x.numpy(), "weight": ok_w.numpy()})
     size = int.from_bytes(good_st[:8], "little")
     deep = "[" * 100_000 + "]" * 100_000
     for label, edit, fragment in (

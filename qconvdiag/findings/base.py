@@ -25,6 +25,7 @@ import numpy as np
 from ..budget import FAR, MATERIAL, MOST
 from ..case import ConvCase
 from ..evidence import PathRun
+from ..numbers import fmt as fmt  # the rules import it from here
 from ..qparams import QParams
 from ..report import Finding
 
@@ -121,16 +122,6 @@ def db_gain(run: PathRun, energy: float) -> float:
     return float(10 * np.log10(max(total, 1e-300) / rest)) if total > 0 else 0.0
 
 
-def fmt(x: float) -> str:
-    """Short human number: 4 significant digits, no exponent for everyday magnitudes."""
-    if x == 0:
-        return "0"
-    ax = abs(x)
-    if 1e-3 <= ax < 1e6:
-        return f"{x:.4f}".rstrip("0").rstrip(".") if ax < 1000 else f"{x:.2f}"
-    return f"{x:.4g}"
-
-
 def minmax_qparams(t: np.ndarray, dtype: str) -> tuple[float, int]:
     """MinMax affine qparams over the dtype's full range, range extended to include 0."""
     lo = min(float(t.min()), 0.0)
@@ -142,7 +133,8 @@ def minmax_qparams(t: np.ndarray, dtype: str) -> tuple[float, int]:
 
 
 def conv_name(case: ConvCase) -> str:
-    return {1: "Conv1d", 2: "Conv2d", 3: "Conv3d"}[case.spatial_dims]
+    """The torch module's class name: ``Conv2d`` for a conv2d case."""
+    return case.op.capitalize()
 
 
 def final_output_qparams(run: PathRun) -> QParams:

@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import json
-
-from ..model_report import ModelReport
-from ..report import Report
+from typing import Any, Protocol
 
 
-def render_json(report: Report | ModelReport) -> str:
-    return json.dumps(report.to_dict(), allow_nan=False, indent=2) + "\n"
+class JsonSubject(Protocol):
+    """What ``render_json`` renders: a Report or a ModelReport (``explain``) or a Trace
+    (``trace --json``)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def render_json(subject: JsonSubject) -> str:
+    return json.dumps(subject.to_dict(), allow_nan=False, indent=2) + "\n"

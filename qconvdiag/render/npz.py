@@ -5,12 +5,16 @@ codes, torch's codes and the cumulative output after each stage, named as DESIGN
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..casefile.write import npz_bytes as encode_npz
 from ..evidence import OutputArrays
-from ..io import _npz_bytes
 from ..writes import atomic_write
+
+if TYPE_CHECKING:
+    from ..diagnosis import Diagnosis
 
 
 def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
@@ -27,9 +31,14 @@ def named_arrays(arrays: OutputArrays) -> dict[str, np.ndarray]:
     return out
 
 
+def render_npz(diagnosis: Diagnosis) -> bytes:
+    """The npz archive of the diagnosis's kept arrays (``Options.keep_arrays``)."""
+    return npz_bytes(diagnosis.arrays)
+
+
 def npz_bytes(arrays: OutputArrays) -> bytes:
     """The bytes of the npz ``save_outputs`` writes."""
-    return _npz_bytes({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
+    return encode_npz({k: np.ascontiguousarray(v) for k, v in named_arrays(arrays).items()})
 
 
 def save_outputs(arrays: OutputArrays, path: str | Path) -> Path:

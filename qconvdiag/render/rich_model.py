@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..model_report import ErrorSummary, LayerRow, ModelReport
-from .rich_report import SEVERITY_STYLE, STATUS_WORDS, _num, render_rich
+from ..numbers import table_number as _num
+from .rich_report import SEVERITY_STYLE, STATUS_WORDS, render_rich
 from .text import hanging
 
 

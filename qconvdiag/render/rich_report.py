@@ -17,6 +17,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from ..numbers import table_number as _num
 from ..report import Finding, Metrics, OutputSummary, PathReport, Report, Verdict
 from .text import hanging
 
@@ -34,17 +35,6 @@ STATUS_WORDS = {
     "refused": "refused by torch",
 }
 INDENT = 2
-
-
-def _num(x: float | None, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    ax = abs(x)
-    if 1e-3 <= ax < 1e5:
-        return f"{x:.{digits}f}".rstrip("0").rstrip(".")
-    return f"{x:.{digits - 1}e}"
 
 
 def _values(summary: OutputSummary | None, n: int = 4) -> str:

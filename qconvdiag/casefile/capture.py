@@ -1,0 +1,91 @@
+"""Capturing a case from live modules and tensors (``qconvdiag.capture``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..case import ConvCase
+from ..errors import CaseError
+from ..torch_ref import capture_warnings
+from .pt_reader import tensor_to_numpy
+from .validate import case_from_mapping
+from .write import save_case
+
+
+def capture(
+    conv: Any,
+    input: Any,
+    qconv: Any = None,
+    qinput: Any = None,
+    *,
+    path: str | os.PathLike[str] | None = "qconvdiag_case.pt",
+) -> ConvCase:
+    """Capture a case from live modules and tensors, and write it to ``path`` (unless None).
+
+    ``conv``: the float ``nn.Conv1d/2d/3d``; ``input``: its float input (or None with
+    ``qinput``); ``qconv``: the quantized conv module that disagrees; ``qinput``: the quantized
+    tensor you fed it. Example::
+
+        qconvdiag.capture(m, x, qconv=qm, qinput=qx, path="my_case.pt")
+    """
+    import torch
+
+    if not isinstance(conv, torch.nn.modules.conv._ConvNd) or getattr(conv, "transposed", False):
+        raise CaseError("capture() needs a float nn.Conv1d/Conv2d/Conv3d as 'conv'")
+    if conv.padding_mode != "zeros":
+        raise CaseError(
+            f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv: "
+            "use padding_mode='zeros'"
+        )
+    padding: Any = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:
+            k = conv.kernel_size
+            total = [d * (kk - 1) for d, kk in zip(conv.dilation, k)]
+            if any(t % 2 for t in total):
+                raise CaseError("padding='same' with an even kernel is asymmetric: pad explicitly")
+            padding = tuple(t // 2 for t in total)
+    mapping: dict[str, Any] = {
+        "weight": conv.weight.detach().float().cpu().numpy().copy(),
+        "stride": list(conv.stride),
+        "padding": list(padding) if not isinstance(padding, int) else padding,
+        "dilation": list(conv.dilation),
+        "groups": conv.groups,
+    }
+    if conv.bias is not None:
+        mapping["bias"] = conv.bias.detach().float().cpu().numpy().copy()
+    if input is not None:
+        mapping["input"] = torch.as_tensor(input).detach().cpu().numpy().copy()
+    with capture_warnings():
+        if qinput is not None:
+            mapping["qinput"] = tensor_to_numpy(qinput, "qinput", "capture")
+        if qconv is not None:
+            sd = qconv.state_dict()
+            for key in ("weight", "bias", "scale", "zero_point"):
+                v = sd.get(key)
+                if v is not None:
+                    mapping[f"qconv.{key}"] = tensor_to_numpy(v, f"qconv.{key}", "capture")
+            for attr in ("stride", "padding", "dilation", "groups"):
+                mine, theirs = getattr(conv, attr), getattr(qconv, attr, None)
+                if theirs is not None and attr != "padding" and tuple(np.atleast_1d(mine)) != tuple(
+                    np.atleast_1d(theirs)
+                ):
+                    raise CaseError(
+                        f"conv.{attr}={mine} but qconv.{attr}={theirs}: they are not twins"
+                    )
+    if qconv is not None and "ReLU" in type(qconv).__name__:
+        mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
+    mapping["provenance"] = {
+        "used_quantized_dtypes": qconv is not None or qinput is not None,
+        "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])
+        + (["torch.quantize_per_tensor"] if qinput is not None else []),
+    }
+    case = case_from_mapping(mapping, source="capture")
+    if path is not None:
+        save_case(case, path)
+    return case

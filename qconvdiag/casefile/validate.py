@@ -1,0 +1,198 @@
+"""The one mapping -> ConvCase rule: every format decodes into one flat mapping, and this
+module checks its entries and builds the case, so the rules are the same for all formats."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..case import ConvCase, ModuleState, QuantSetup, build_case
+from ..errors import CaseError, CaseFileError, QParamsError
+from ..qparams import QParams, dequantize32, from_mapping
+from .entries import KNOWN_KEYS, Quantized
+
+
+def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
+    """Build a ConvCase from the flat mapping every format decodes to."""
+    where = source or "case"
+    unknown = sorted(k for k in mapping if k not in KNOWN_KEYS)
+    if unknown:
+        raise CaseFileError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown[:5])}; known keys are "
+            "input, weight, bias, stride, padding, dilation, groups, input_qparams, "
+            "weight_qparams, output_qparams, qinput, qweight, qconv.* (README 'Case files')"
+        )
+    notes: list[str] = []
+    used_qdtypes = False
+    try:
+        in_qp = _qparams_entry(mapping, "input_qparams")
+        w_qp = _qparams_entry(mapping, "weight_qparams")
+        out_qp = _qparams_entry(mapping, "output_qparams")
+        qinput = _codes_entry(mapping, "qinput", in_qp, where)
+        qweight = _codes_entry(mapping, "qweight", w_qp, where)
+        if qinput is not None:
+            used_qdtypes |= qinput.qparams.source == "tensor"
+            if in_qp is not None and in_qp.source != "tensor" and _differs(in_qp, qinput.qparams):
+                notes.append("input_qparams differ from qinput's own; qinput's were used")
+            in_qp = qinput.qparams.with_source("user")
+        if qweight is not None:
+            used_qdtypes |= qweight.qparams.source == "tensor"
+            if w_qp is not None and _differs(w_qp, qweight.qparams):
+                notes.append("weight_qparams differ from qweight's own; qweight's were used")
+            w_qp = qweight.qparams.with_source("user")
+        module = _module_entry(mapping, where)
+        if module is not None and isinstance(mapping.get("qconv.weight"), Quantized):
+            used_qdtypes = True
+    except QParamsError as exc:
+        raise CaseFileError(f"{where}: {exc}") from None
+
+    inp = mapping.get("input")
+    weight = mapping.get("weight")
+    if inp is None and qinput is not None:
+        inp = dequantize32(qinput.codes, qinput.qparams)
+        notes.append("no float 'input': it is the dequantized qinput")
+    if weight is None and qweight is not None:
+        weight = dequantize32(qweight.codes, qweight.qparams)
+        notes.append("no float 'weight': it is the dequantized qweight")
+    if weight is None and module is not None:
+        weight = dequantize32(module.weight_codes, module.weight_qparams)
+        notes.append("no float 'weight': it is the dequantized qconv.weight")
+    missing = [k for k, v in (("input", inp), ("weight", weight)) if v is None]
+    if missing:
+        raise CaseFileError(
+            f"{where}: missing {' and '.join(repr(m) for m in missing)}; a case needs at least "
+            "'input' and 'weight' tensors (or 'qinput'/'qweight')"
+        )
+    for key in ("input", "weight", "bias"):
+        if isinstance(mapping.get(key), Quantized):
+            raise CaseFileError(
+                f"{where}: '{key}' is a quantized tensor; store it as 'q{key}' (or the float "
+                f"tensor as '{key}')"
+            )
+        if key in mapping and not isinstance(mapping[key], np.ndarray) and mapping[key] is not None:
+            raise CaseFileError(
+                f"{where}: '{key}' must be a tensor, got {type(mapping[key]).__name__}"
+            )
+    bias = mapping.get("bias")
+    setup = None
+    if any(x is not None for x in (in_qp, w_qp, out_qp, qinput, qweight, module)):
+        prov = mapping.get("provenance") or {}
+        if not isinstance(prov, Mapping):
+            raise CaseFileError(f"{where}: 'provenance' must be a dict")
+        apis = tuple(str(a) for a in prov.get("apis", ()) if isinstance(a, str))
+        setup = QuantSetup(
+            input_qparams=in_qp,
+            weight_qparams=w_qp,
+            output_qparams=out_qp,
+            input_codes=None if qinput is None else qinput.codes,
+            weight_codes=None if qweight is None else qweight.codes,
+            module=module,
+            used_quantized_dtypes=bool(prov.get("used_quantized_dtypes", used_qdtypes)),
+            apis=apis,
+        )
+    extra_notes = mapping.get("notes") or []
+    if isinstance(extra_notes, list):
+        notes.extend(str(n) for n in extra_notes)
+    try:
+        return build_case(
+            inp, weight, bias,
+            stride=mapping.get("stride", 1),
+            padding=mapping.get("padding", 0),
+            dilation=mapping.get("dilation", 1),
+            groups=mapping.get("groups", 1),
+            setup=setup,
+            source=source,
+            notes=tuple(notes),
+            activation=_activation_entry(mapping.get("activation"), where),
+        )
+    except CaseError as exc:
+        raise CaseError(f"{where}: {exc}") from None
+    except QParamsError as exc:
+        raise CaseFileError(f"{where}: {exc}") from None
+
+
+def _activation_entry(value: Any, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise CaseFileError(f"{where}: 'activation' must be a string ('relu'), got "
+                            f"{type(value).__name__}")
+    return value
+
+
+def _differs(a: QParams, b: QParams) -> bool:
+    return (a.scale, a.zero_point, a.dtype) != (b.scale, b.zero_point, b.dtype)
+
+
+def _qparams_entry(mapping: Mapping[str, Any], key: str) -> QParams | None:
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        clean = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in value.items()}
+        return from_mapping(clean, key)
+    raise QParamsError(
+        f"{key} must be a dict with 'scale', 'zero_point', 'dtype', got {type(value).__name__}"
+    )
+
+
+def _codes_entry(
+    mapping: Mapping[str, Any], key: str, qp: QParams | None, where: str
+) -> Quantized | None:
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if isinstance(value, Quantized):
+        return value
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+        raise CaseFileError(
+            f"{where}: '{key}' must be a quantized tensor or an integer array of codes"
+        )
+    if qp is None:
+        owner = "input_qparams" if key == "qinput" else "weight_qparams"
+        raise CaseFileError(f"{where}: '{key}' holds integer codes but '{owner}' is missing")
+    codes = value.astype(np.int64)
+    if codes.size and (codes.min() < qp.dtype_min or codes.max() > qp.dtype_max):
+        raise CaseFileError(f"{where}: '{key}' holds codes outside the {qp.dtype} range")
+    return Quantized(codes, qp)
+
+
+def _module_entry(mapping: Mapping[str, Any], where: str) -> ModuleState | None:
+    keys = [k for k in mapping if k.startswith("qconv.")]
+    if not keys:
+        return None
+    w = mapping.get("qconv.weight")
+    if w is None:
+        raise CaseFileError(f"{where}: qconv.* given without 'qconv.weight'")
+    if not isinstance(w, Quantized):
+        qp = _qparams_entry(mapping, "qconv.weight_qparams")
+        w = _codes_entry(mapping, "qconv.weight", qp, where)
+        assert w is not None
+    bias = mapping.get("qconv.bias")
+    if bias is not None:
+        if not isinstance(bias, np.ndarray) or bias.dtype.kind != "f":
+            raise CaseFileError(f"{where}: 'qconv.bias' must be a float tensor")
+        if not np.isfinite(bias).all():
+            raise CaseFileError(f"{where}: 'qconv.bias' holds NaN/Inf")
+        bias = bias.astype(np.float32)
+    scale = _scalar(mapping.get("qconv.scale", 1.0), "qconv.scale", where)
+    zp = _scalar(mapping.get("qconv.zero_point", 0), "qconv.zero_point", where)
+    out_qp = from_mapping(
+        {"scale": scale, "zero_point": zp, "dtype": "quint8"}, "qconv.scale/zero_point", "module"
+    )
+    return ModuleState(w.codes, w.qparams.with_source("module"), bias, out_qp)
+
+
+def _scalar(value: Any, name: str, where: str) -> float:
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise CaseFileError(f"{where}: '{name}' must hold one number")
+        value = value.reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CaseFileError(f"{where}: '{name}' must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise CaseFileError(f"{where}: '{name}' is too large for a float") from None
