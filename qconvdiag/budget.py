@@ -88,7 +88,7 @@ def output_span(case: ConvCase, y: np.ndarray) -> tuple[float, float]:
 def per_channel_steps(w: np.ndarray) -> np.ndarray:
     """Symmetric per-output-channel qint8 steps ``max|w_o| / 127.5`` (1.0 for a zero channel,
     as torch's observers give)."""
-    m = np.abs(w.reshape(w.shape[0], -1).astype(np.float64)).max(axis=1)
+    m = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)  # a max is exact
     return np.where(m > 0, m / 127.5, 1.0)
 
 
@@ -229,11 +229,14 @@ class Floors:
 
 
 def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
-           emulation: Emulation | None, out_codes: np.ndarray | None = None) -> Floors:
+           emulation: Emulation | None, out_codes: np.ndarray | None = None,
+           input_floor: bool = True) -> Floors:
     """The floor of every rounding stage; 7-bit activations where the engine pairs int16. With
     a fused ReLU the output is relu(y0): noise passes, and rounding happens, only where it is
     active (its zeros are exact). The output's codes (is it on 128 levels?) come from the
-    emulation, or are given (``out_codes``: a model's own output codes)."""
+    emulation, or are given (``out_codes``: a model's own output codes). Without
+    ``input_floor`` the input's floor is 0 (a model walk's conv: its input is the one it
+    received, not rounded again)."""
     x = case.input
     relu = case.activation == "relu"
     y = np.maximum(y0, 0.0) if relu else y0
@@ -251,8 +254,8 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
             emulation.output_codes if relu else emulation.unclamped)  # relu: what it lets through
     out_7 = any("reduce_range" in n for n in out_qp.notes) or uses_seven_bits(out_codes, out_ratio)
     out_bits = 7 if pairing and out_7 else 8
-    on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1))
-    f_in8 = on_input * input_noise_gain(case) * active
+    on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1)) if input_floor else 0.0
+    f_in8 = on_input * input_noise_gain(case) * active if input_floor else 0.0
     f_out8 = dy8 ** 2 / 12 * active  # a ReLU's zeros are exact
     f_bias = 0.0
     if kernel.kernel == "qnnpack" and case.bias is not None:  # bias rounded to int32

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..case import ConvCase
 from ..errors import CaseFileError
-from ..qparams import CODE_DTYPES, QParams, from_mapping
+from ..qparams import CODE_DTYPES, QParams, compact_codes, from_mapping
 
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
@@ -135,7 +135,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             name=info["name"], case=with_model_range(case, float_output),
             float_input=np.asarray(extra["float_input"], dtype=np.float32),
             float_output=float_output,
-            quantized_output=q_out.astype(np.int64), quantized_output_qparams=out_qp,
+            quantized_output=compact_codes(q_out, out_qp), quantized_output_qparams=out_qp,
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
             notes=tuple(str(n) for n in info.get("notes") or ())))
     return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
-from ..qparams import QParams, dequantize32, dtype_name, make_qparams
+from ..qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
 from .bundle import MODEL_INPUT_NOTE, LayerCapture, ModelBundle, save_bundle, with_model_range
 
 Progress = Callable[[str], None]
@@ -219,7 +219,7 @@ def _codes(ts: Sequence[Any], keep: int) -> tuple[np.ndarray, QParams]:
     for t in ts[1:]:
         if (float(t.q_scale()), int(t.q_zero_point())) != (qp.scale[0], qp.zero_point[0]):
             raise CaseError("capture_model: a conv's input qparams change between batches")
-    codes = np.concatenate([t.int_repr().numpy().astype(np.int64) for t in ts])[:keep]
+    codes = compact_codes(np.concatenate([t.int_repr().numpy() for t in ts])[:keep], qp)
     return codes, qp
 
 

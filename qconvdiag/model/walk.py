@@ -200,8 +200,9 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     quantized = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
     own = summarize(quantized - y, y)
     propagated = summarize(quantized - lay.float_output, lay.float_output)
-    f = floors(case, spec, _kernel(case, spec, engine), y, None, lay.quantized_output)
-    floor = math.sqrt(max(f.energy - f.stages.get("input_rounding", 0.0), 0.0))
+    f = floors(case, spec, _kernel(case, spec, engine), y, None, lay.quantized_output,
+               input_floor=False)
+    floor = math.sqrt(f.energy)
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
@@ -220,7 +221,7 @@ def summarize(error: np.ndarray, reference: np.ndarray) -> ErrorSummary:
 
 def _energy(v: np.ndarray) -> float:
     """Sum of squares, accumulated in float64 chunk by chunk (float32 sums drift)."""
-    step = 1 << 16
+    step = 1 << 18
     return float(sum(np.dot(c, c) for c in (v[i:i + step].astype(np.float64)
                                             for i in range(0, v.size, step))))
 
