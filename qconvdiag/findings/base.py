@@ -26,7 +26,6 @@ from ..budget import FAR, MATERIAL, MOST
 from ..case import ConvCase
 from ..evidence import PathRun
 from ..numbers import fmt as fmt  # the rules import it from here
-from ..qparams import QParams
 from ..report import Finding
 
 
@@ -135,11 +134,6 @@ def minmax_qparams(t: np.ndarray, dtype: str) -> tuple[float, int]:
 def conv_name(case: ConvCase) -> str:
     """The torch module's class name: ``Conv2d`` for a conv2d case."""
     return case.op.capitalize()
-
-
-def final_output_qparams(run: PathRun) -> QParams:
-    """The output qparams the quantized module really applies."""
-    return run.spec.module.output_qparams if run.spec.module else run.spec.output_qparams
 
 
 def judged(ctx: Context) -> PathRun | None:

@@ -10,7 +10,7 @@ from ..budget import output_span
 from ..evidence import PathRun
 from ..qparams import DTYPE_RANGES
 from ..report import Finding
-from .base import Context, excess, final_output_qparams, finding, fmt, material, severity
+from .base import Context, excess, finding, fmt, material, severity
 from .fixes import eager_flow, output_fix
 from .qparams_rules import observer_default
 
@@ -39,7 +39,7 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
     s = ctx.case.setup
     if run is None or s is None or run.float_output is None:
         return
-    qp = final_output_qparams(run)
+    qp = run.spec.final_output_qparams
     if not observer_default(qp) or (s.output_qparams is not None and s.module is None):
         return  # not defaults, or the user wrote scale 1.0 / zero point 0 themselves
     # the intended output qparams are the defaults too (none given), or only the module
@@ -168,7 +168,7 @@ def qcd053(ctx: Context) -> Iterator[Finding]:
     run = ctx.as_given
     if run is None or run.float_output is None:
         return
-    qp = final_output_qparams(run)
+    qp = run.spec.final_output_qparams
     zp = qp.zero_point[0]
     if qp.dtype_min <= zp <= qp.dtype_max:
         return
