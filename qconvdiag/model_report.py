@@ -54,6 +54,9 @@ class LayerRow:
     propagated: ErrorSummary
     """The quantized model's output of this conv against the float model's, both models run
     on the original input: this conv's error plus everything before it."""
+    input: ErrorSummary
+    """The quantized input this conv received, dequantized, against the float model's input
+    at this conv: everything before it."""
     floor_rmse: float
     """The own error a good quantization of this conv would have (budget.py's floor, without
     the input's rounding: the input is the one received)."""
@@ -81,12 +84,37 @@ class LayerRow:
             "name": self.name, "op": self.op, "input_shape": list(self.input_shape),
             "weight_shape": list(self.weight_shape), "engine": self.engine,
             "own": self.own.to_dict(), "propagated": self.propagated.to_dict(),
+            "input": self.input.to_dict(),
             "floor_rmse": self.floor_rmse, "verdict": self.verdict,
             "dominant_stage": self.dominant_stage,
             "findings": [f.to_dict() for f in self.findings],
             "torch_check": {"mismatches": self.torch_mismatches, "total": self.torch_total},
             "diagnosed": self.diagnosed, "bn_folded": self.bn_folded, "notes": list(self.notes),
         }
+
+
+@dataclass(frozen=True)
+class UpstreamLoss:
+    """A conv whose input is already far from the float model's, more than the convs before it
+    explain: the quantization before it (the model's input quantization, or an op between
+    convs: an add, a pool, a cat, with its own output scale) loses the signal."""
+
+    layer: str
+    input: ErrorSummary
+    """The quantized input the conv received against the float model's input there."""
+    floor_ratio: float | None
+    """For a conv no earlier conv feeds: the input's RMSE over the 8-bit rounding floor of
+    quantizing it (ideal step / sqrt(12))."""
+    worst_before: str | None
+    """Else: the earlier conv with the worst propagated error; its SQNR is
+    ``worst_before_sqnr_db``."""
+    worst_before_sqnr_db: float | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "input": self.input.to_dict(),
+                "floor_ratio": self.floor_ratio, "worst_before": self.worst_before,
+                "worst_before_sqnr_db": self.worst_before_sqnr_db, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,8 @@ class ModelReport:
     status: str
     gate: ModelGate
     notes: tuple[str, ...] = ()
+    upstream: tuple[UpstreamLoss, ...] = ()
+    """Convs whose input lost more than the convs before them explain."""
 
     def layer(self, name: str) -> LayerRow | None:
         return next((lay for lay in self.layers if lay.name == name), None)
@@ -162,4 +192,5 @@ class ModelReport:
             "status": self.status,
             "gate": self.gate.to_dict(),
             "notes": list(self.notes),
+            "upstream": [_jsonable(u.to_dict()) for u in self.upstream],
         }

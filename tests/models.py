@@ -55,6 +55,27 @@ class Net1d(nn.Module):
 FUSE_1D = [["a", "relu"]]
 
 
+class NetAdd(nn.Module):
+    """Two convs whose outputs meet in a quantized add (its own output scale) before a third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.add = nn.quantized.FloatFunctional()
+        self.c = nn.Conv2d(8, 4, 1)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.a(self.quant(x)))
+        return self.dequant(self.c(self.add.add(y, self.b(y))))
+
+
+FUSE_ADD = [["a", "relu"]]
+
+
 def _randomize_bn(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -69,21 +90,22 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
 
 def inputs(dims: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 3, 16, 16) if dims == 2 else (n, 4, 32)
+    shape = (n, 4, 32) if dims == 1 else (n, 3, 16, 16)
     return torch.randn(*shape, generator=g)
 
 
 def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """The float model (eval) and its eager-quantized twin: fuse, prepare with the engine's
-    default qconfig, calibrate on 4 batches, convert."""
+    default qconfig, calibrate on 4 batches, convert. ``dims``: 2 (Net2d), 1 (Net1d) or 0
+    (NetAdd, 2-d with a quantized add)."""
     from torch.ao.quantization import convert, fuse_modules, get_default_qconfig, prepare
 
     torch.manual_seed(seed)
     torch.backends.quantized.engine = engine
-    model = (Net2d() if dims == 2 else Net1d()).eval()
+    model = {2: Net2d, 1: Net1d, 0: NetAdd}[dims]().eval()
     _randomize_bn(model, seed)
     q = copy.deepcopy(model)
-    fuse_modules(q, FUSE_2D if dims == 2 else FUSE_1D, inplace=True)
+    fuse_modules(q, {2: FUSE_2D, 1: FUSE_1D, 0: FUSE_ADD}[dims], inplace=True)
     q.qconfig = get_default_qconfig(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

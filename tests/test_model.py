@@ -312,3 +312,29 @@ def test_digits_sample_is_what_its_script_makes(tmp_path, monkeypatch):  # noqa:
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "digits.pt").read_bytes() == SAMPLE.read_bytes()
+
+
+def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
+    """A QuantStub whose scale is 12x too coarse: every conv is at its floor on the input it
+    received, and the report says the first conv's input was lost before it."""
+    f, q = models.eager("x86")
+    q.quant.scale = q.quant.scale * 12
+    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    r = d.report
+    assert all(row.verdict == "at_floor" for row in r.layers)
+    (loss,) = r.upstream
+    assert loss.layer == "stem" and loss.floor_ratio >= 4 and "QuantStub" in loss.message
+    f, q = models.eager("x86")
+    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    assert d.report.upstream == ()
+
+
+def test_a_loss_between_convs_is_named_at_the_conv_that_receives_it():
+    f, q = models.eager("x86", dims=0)
+    _b, d = walk(f, q, models.inputs(0, 8, 7))
+    assert d.report.upstream == ()
+    q.add.scale = q.add.scale * 30  # the quantized add's output scale, 30x too coarse
+    _b, d = walk(f, q, models.inputs(0, 8, 7))
+    (loss,) = d.report.upstream
+    assert loss.layer == "c" and loss.worst_before in ("a", "b") and "an add" in loss.message
+    assert d.report.layer("c").verdict == "at_floor"

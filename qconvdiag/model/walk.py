@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..budget import AT_FLOOR, FAR, SLACK, floors
+from ..budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
 from ..case import ConvCase
 from ..diagnosis import Diagnosis, Options, run_diagnosis
 from ..emulate import Kernel, emulate
@@ -37,6 +37,7 @@ from ..model_report import (
     LayerRow,
     ModelGate,
     ModelReport,
+    UpstreamLoss,
 )
 from ..paths import PathSpec, ProductionOptions, conv_output_qparams, holds_float_weight
 from ..qparams import QParams, dequantize, dequantize32
@@ -81,6 +82,10 @@ class Screen:
 
     own: ErrorSummary
     propagated: ErrorSummary
+    input: ErrorSummary
+    input_floor_ratio: float
+    """The input's RMSE over the 8-bit rounding floor of quantizing it (inf for a constant
+    input that is not exact)."""
     floor_rmse: float
     verdict: str
     dominant_stage: str | None
@@ -136,8 +141,52 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
         qconvdiag_version=__version__, torch_version=torch.__version__, cpu=cpu_info(),
         source=bundle.source, engine=engine, layers=rows, ranking=tuple(ranking),
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
-        status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes))
+        status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
+        upstream=upstream_losses([lay.name for lay in bundle.layers], screens))
     return ModelDiagnosis(report, diagnoses)
+
+
+#: A conv's input is lost upstream when it is this many dB worse than the worst propagated
+#: error of the convs before it (errors of several branches add: two equal ones cost 3 dB).
+UPSTREAM_DB = 10.0
+
+
+def upstream_losses(order: list[str], screens: dict[str, Screen]) -> tuple[UpstreamLoss, ...]:
+    """Convs whose input is far worse than the convs before them explain: for a conv no
+    earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
+    quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
+    the convs before it (in model order: a residual branch's worst included), and its error
+    FAR times that floor too."""
+    out = []
+    worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
+    for name in order:
+        s = screens[name]
+        got = s.input.sqnr_db
+        if worst is None:
+            if s.input_floor_ratio >= FAR:
+                out.append(UpstreamLoss(
+                    name, s.input, s.input_floor_ratio, None, None,
+                    f"{name}'s input is {_db_text(got)} from the float model's, "
+                    f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: the "
+                    "model's input quantization (QuantStub: its observer calibrated on inputs "
+                    "scaled as at inference) loses it before any conv."))
+        elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
+            out.append(UpstreamLoss(
+                name, s.input, None, worst[1], worst[0],
+                f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
+                f" dB worse than any conv before it delivers (worst: {worst[1]}, "
+                f"{worst[0]:.1f} dB): an op between them (an add, a pool, a cat, a linear "
+                "layer: its output scale) loses it."))
+        p = s.propagated.sqnr_db
+        if p is not None and (worst is None or p < worst[0]):
+            worst = (p, name)
+        elif worst is None:
+            worst = (math.inf, name)
+    return tuple(out)
+
+
+def _db_text(sqnr: float | None) -> str:
+    return "exactly" if sqnr is None else f"{sqnr:.1f} dB"
 
 
 def _options(options: WalkOptions, engine: str, full: bool) -> Options:
@@ -207,7 +256,11 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
     dominant = dominant_stage(case, spec, lay.quantized_output, quantized, y)
-    return Screen(own, propagated, floor, verdict, dominant)
+    received = summarize(case.input - lay.float_input, lay.float_input)
+    input_floor = ideal_step(lay.float_input) / math.sqrt(12)
+    input_ratio = (received.rmse / input_floor if input_floor > 0
+                   else 0.0 if received.rmse == 0 else math.inf)
+    return Screen(own, propagated, received, input_ratio, floor, verdict, dominant)
 
 
 def summarize(error: np.ndarray, reference: np.ndarray) -> ErrorSummary:
@@ -313,7 +366,8 @@ def _row(lay: LayerCapture, engine: str, screen: Screen, diagnosis: Diagnosis | 
     return LayerRow(
         name=lay.name, op=op, input_shape=tuple(case.input.shape),
         weight_shape=tuple(case.weight.shape), engine=engine, own=screen.own,
-        propagated=screen.propagated, floor_rmse=screen.floor_rmse, verdict=screen.verdict,
+        propagated=screen.propagated, input=screen.input, floor_rmse=screen.floor_rmse,
+        verdict=screen.verdict,
         dominant_stage=dominant, findings=findings, torch_mismatches=mismatches,
         torch_total=int(lay.quantized_output.size), diagnosed=diagnosis is not None,
         bn_folded=lay.bn_folded, notes=lay.notes)

@@ -127,6 +127,8 @@ def render_model(report: ModelReport, console: Console | None = None,
     console.print(Text(f"qconvdiag model walk: {report.source or 'in-process'} "
                        f"(engine {report.engine}, torch {report.torch_version})", style="bold"))
     hanging(console, summary_sentence(report))
+    for loss in report.upstream:
+        hanging(console, loss.message, style=SEVERITY_STYLE["warning"])
     console.print()
     console.print(layer_table(report, console.width))
     hanging(console, legend(console.width), style="dim")
