@@ -1,0 +1,158 @@
+"""--html: the page's content (render/html.py, render/html_charts.py) and the CLI option.
+The page in a real browser: tests/test_html_browser.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from html import unescape
+from pathlib import Path
+
+import pytest
+
+from qconvdiag.diagnosis import run_diagnosis
+from qconvdiag.io import load_case
+from qconvdiag.render.html import render_html
+from qconvdiag.render.rich_report import main_fix, verdict_sentence
+
+ROOT = Path(__file__).resolve().parents[1]
+FORUM = ROOT / "samples" / "forum_conv.pt"
+#: The issue's budget for the forum sample's page.
+FORUM_PAGE_MAX_BYTES = 5_000_000
+
+
+def specs_of(page: str) -> dict:
+    text = re.search(r'<script type="application/json" id="qcd-specs">(.*?)</script>', page,
+                     re.S).group(1)
+    return json.loads(text)
+
+
+def title_of(spec: dict) -> str:
+    title = spec.get("title", "")
+    return title if isinstance(title, str) else title["text"]
+
+
+def figures_of(page: str) -> list[str]:
+    return re.findall(r'<figure class="qcd-figure" data-spec="([^"]+)"', page)
+
+
+@pytest.fixture(scope="module")
+def forum():
+    case = load_case(FORUM)
+    diagnosis = run_diagnosis(case)
+    return diagnosis, render_html(diagnosis, case, "samples/forum_conv.pt")
+
+
+def test_the_page_tells_the_story_first(forum):
+    diagnosis, page = forum
+    report = diagnosis.report
+    body = unescape(page[page.index("<body>"):])
+    verdict = verdict_sentence(report.verdict)
+    assert verdict in body
+    order = [body.index(x) for x in (verdict, "<h2>Findings</h2>",
+                                     "as_given on x86: how each stage",
+                                     "production on x86: how each stage")]
+    assert order == sorted(order)
+    for i, code in enumerate(("QCD050", "QCD024", "QCD021"), 1):
+        assert f"{i}. {code}" in body
+    assert report.verdict.first_fix is not None
+    assert main_fix(report.verdict.first_fix) in body
+
+
+def test_every_fix_is_a_copyable_code_block(forum):
+    diagnosis, page = forum
+    blocks = [unescape(b) for b in re.findall(
+        r'<div class="code"><button type="button" data-copy>copy</button><pre><code>(.*?)'
+        r"</code></pre></div>", page, re.S)]
+    fixes = [f.fix for f in diagnosis.report.findings if f.fix]
+    assert all(fix in blocks for fix in fixes)
+    assert len(blocks) == len(fixes) + 1  # and the verdict's first fix
+
+
+def test_every_figure_has_its_spec_and_the_page_fetches_nothing(forum):
+    _, page = forum
+    specs = specs_of(page)
+    figures = figures_of(page)
+    assert figures and set(figures) == set(specs) and len(figures) == len(set(figures))
+    # per path: waterfall, input and weight histograms, channel errors, one map (1 channel);
+    # production's per-channel weights add their ranges per channel
+    assert len(figures) == 5 + 6
+    assert sum(title_of(s) == "production: weight range per channel against its clipping "
+               "range" for s in specs.values()) == 1
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    markup = re.sub(r"(<script[^>]*>).*?</script>", r"\1", page, flags=re.S)
+    assert not re.search(r"<(script|img|link|iframe)[^>]+(src|href)=", markup)
+    assert markup.count("<script") == 4  # head.js, the Vega bundle, the specs, page.js
+    for spec in specs.values():
+        assert "$schema" not in spec and "url" not in json.dumps(spec.get("data", {}))
+
+
+def test_the_waterfall_builds_up_to_the_total_with_isolated_marks(forum):
+    diagnosis, page = forum
+    specs = specs_of(page)
+    waterfall = next(s for s in specs.values()
+                     if title_of(s) == "as_given on x86: how each stage moves the error")
+    rows = waterfall["layer"][0]["data"]["values"]
+    assert [r["stage"] for r in rows] == [s.id for s in diagnosis.report.paths[0].stages]
+    assert rows[-1]["end"] == pytest.approx(diagnosis.report.paths[0].total.rmse)
+    assert all(a["end"] == b["start"] for a, b in zip(rows, rows[1:]))
+    marks = {json.dumps(layer["mark"]) for layer in waterfall["layer"]}
+    assert any('"point"' in m for m in marks)  # the isolated effects
+    clipping = next(r for r in rows if r["stage"] == "weight_clipping")
+    assert clipping["isolated"] > 0 and clipping["state"] == "raises the error"
+
+
+def test_histograms_show_the_clipped_weights(forum):
+    _, page = forum
+    specs = specs_of(page)
+    weight = next(s for s in specs.values()
+                  if title_of(s).startswith("as_given: weight values"))
+    assert weight["title"]["subtitle"][0].startswith("5 of 9 values clipped (55.56%)")
+    bins = next(layer["data"]["values"] for layer in weight["layer"]
+                if layer.get("mark", {}).get("type") == "bar")
+    assert sum(b["count"] for b in bins if b["where"] == "clipped") == 5
+
+
+def test_the_error_map_offers_the_trace_command(forum):
+    _, page = forum
+    specs = specs_of(page)
+    heat = next(s for s in specs.values() if title_of(s) == "as_given: error of output "
+                "channel 0")
+    (record,) = heat["datasets"]["cells"]
+    assert record["e"] == [pytest.approx(-803.69, abs=0.01)]
+    trace = next(t["calculate"] for t in heat["transform"] if t.get("as") == "trace")
+    assert trace == ("'qconvdiag trace samples/forum_conv.pt --at ' + datum.at + "
+                     "' --path as_given --engine x86'")
+    at = next(t["calculate"] for t in heat["transform"] if t.get("as") == "at")
+    assert at == "datum.n + ',' + datum.c + ',' + datum.h + ',' + datum.w"
+
+
+def test_the_forum_page_is_within_its_budget(forum):
+    _, page = forum
+    assert len(page.encode("utf-8")) <= FORUM_PAGE_MAX_BYTES
+
+
+def test_a_large_layer_is_downsampled_and_says_so():
+    from qconvdiag.generate import RandomSpec, generate
+
+    case = generate(RandomSpec(seed=4, input_shape=(1, 2, 130, 70), weight_shape=(3, 2, 1, 1),
+                               stride=1, padding=0, dilation=1))
+    page = render_html(run_diagnosis(case), case)
+    assert "downsampled from 130 x 70 to 44 x 35 cells" in page
+    specs = specs_of(page)
+    maps = [s for s in specs.values() if "cells" in s.get("datasets", {})]
+    assert maps and all(len(s["datasets"]["cells"][0]["w"]) == 44 * 35 for s in maps)
+    assert "save it with <code>--save CASE.pt</code>" in page  # no case file to trace
+    trace = next(t["calculate"] for t in maps[0]["transform"] if t.get("as") == "trace")
+    assert trace.startswith("'qconvdiag trace CASE --at '")
+
+
+def test_names_and_text_are_escaped(tmp_path):
+    """A case file named like markup or a quote cannot break the page or its scripts."""
+    case = load_case(FORUM)
+    page = render_html(run_diagnosis(case), case, "it's </script><b>x.pt")
+    assert "</script><b>" not in page
+    specs = specs_of(page)  # still parses: '</' is escaped inside the JSON
+    heat = next(s for s in specs.values() if "cells" in s.get("datasets", {}))
+    trace = next(t["calculate"] for t in heat["transform"] if t.get("as") == "trace")
+    assert "qconvdiag trace 'it'\"'\"'s </script><b>x.pt' --at " in trace.replace("\\'", "'")
