@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
+import sys
 from html import unescape
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from qconvdiag.cli import app
 from qconvdiag.diagnosis import run_diagnosis
 from qconvdiag.io import load_case
 from qconvdiag.render.html import render_html
@@ -19,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORUM = ROOT / "samples" / "forum_conv.pt"
 #: The issue's budget for the forum sample's page.
 FORUM_PAGE_MAX_BYTES = 5_000_000
+runner = CliRunner()
 
 
 def specs_of(page: str) -> dict:
@@ -156,3 +162,96 @@ def test_names_and_text_are_escaped(tmp_path):
     heat = next(s for s in specs.values() if "cells" in s.get("datasets", {}))
     trace = next(t["calculate"] for t in heat["transform"] if t.get("as") == "trace")
     assert "qconvdiag trace 'it'\"'\"'s </script><b>x.pt' --at " in trace.replace("\\'", "'")
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def test_explain_html_writes_the_page(tmp_path):
+    out = tmp_path / "r.html"
+    r = runner.invoke(app, ["explain", str(FORUM), "--html", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["status"] == "ok"  # stdout stays the payload
+    assert r.stderr.strip() == f"wrote {out}"
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert f"'qconvdiag trace {shlex.quote(str(FORUM))} --at ' + datum.at" in page
+
+
+def test_random_html_traces_the_saved_case(tmp_path):
+    out, case = tmp_path / "r.html", tmp_path / "case.npz"
+    r = runner.invoke(app, ["random", "--seed", "0", "--recipe", "forum", "--save", str(case),
+                            "--html", str(out)])
+    assert r.exit_code == 0, r.output
+    assert case.exists() and f"'qconvdiag trace {case} --at ' + datum.at" in out.read_text()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--html", "{tmp}/r.htm"], "--html {tmp}/r.htm: the HTML report needs a name ending in "
+                                ".html"),
+    (["--html", "{tmp}/r.html", "--html", "{tmp}/r.json"], "--html {tmp}/r.json: the HTML "
+                                                         "report needs a name ending in .html"),
+    (["--html", str(FORUM)], "is an input of this run"),
+    (["--html", "{tmp}/nowhere/r.html"], "does not exist"),
+])
+def test_bad_html_destinations_are_one_line_and_nothing_is_written(tmp_path, args, fragment):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    before = FORUM.read_bytes()
+    r = runner.invoke(app, ["explain", str(FORUM), *args])
+    assert r.exit_code == 2, r.output
+    assert fragment.replace("{tmp}", str(tmp_path)) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == [] and FORUM.read_bytes() == before
+
+
+def test_html_and_another_option_naming_one_file_are_refused(tmp_path):
+    (tmp_path / "same.html").symlink_to(tmp_path / "r.json")
+    r = runner.invoke(app, ["explain", str(FORUM), "--output", str(tmp_path / "r.json"),
+                            "--html", str(tmp_path / "same.html")])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (f"qconvdiag: error: --html {tmp_path}/same.html names the same "
+                                f"file as --output {tmp_path}/r.json: give each its own file")
+    assert [p.name for p in tmp_path.iterdir()] == ["same.html"]
+
+
+def test_without_the_extra_html_is_one_line_naming_the_install(tmp_path, monkeypatch):
+    import qconvdiag.diagnosis as d
+
+    monkeypatch.setitem(sys.modules, "altair", None)  # find_spec: not installed
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the diagnosis ran")
+
+    monkeypatch.setattr(d, "run_diagnosis", no_work)
+    out = tmp_path / "r.html"
+    r = runner.invoke(app, ["explain", str(FORUM), "--html", str(out), "--output",
+                            str(tmp_path / "r.json")])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == ("qconvdiag: error: --html needs the html extra (altair not "
+                                "installed): pip install 'qconvdiag[html]'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_page_writes_no_file_at_all(tmp_path, monkeypatch):
+    """All or nothing: the JSON report is not put in place when the page fails."""
+    import qconvdiag.render.html as h
+
+    def broken(*args, **kwargs):
+        raise ValueError("no page")
+
+    monkeypatch.setattr(h, "render_html", broken)
+    r = runner.invoke(app, ["explain", str(FORUM), "--output", str(tmp_path / "r.json"),
+                            "--html", str(tmp_path / "r.html")])
+    assert r.exit_code == 2 and "internal error: ValueError: no page" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_html_and_help_stay_lean():
+    """--help and `import qconvdiag` import neither torch nor the plotting library."""
+    code = ("import sys; sys.argv = ['qconvdiag', 'explain', '--help']\n"
+            "import qconvdiag, qconvdiag.cli as c\n"
+            "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'altair', 'vl_convert') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert "--html" in out.stdout
+    assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
