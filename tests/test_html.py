@@ -93,6 +93,13 @@ def test_every_figure_has_its_spec_and_the_page_fetches_nothing(forum):
         assert "$schema" not in spec and "url" not in json.dumps(spec.get("data", {}))
 
 
+def test_every_spec_is_valid_vega_lite(forum):
+    import altair as alt
+
+    for spec in specs_of(forum[1]).values():
+        alt.TopLevelSpec.from_dict(spec, validate=True)  # raises on a schema violation
+
+
 def test_the_waterfall_builds_up_to_the_total_with_isolated_marks(forum):
     diagnosis, page = forum
     specs = specs_of(page)
