@@ -110,6 +110,42 @@ def test_a_heatmap_cell_offers_a_trace_command_that_runs(forum_page):
     assert "output element [0,0,0,0] on the as_given path, engine x86" in r.stdout
 
 
+#: Appended to a copy of a page: once it is drawn, move the pointer over the first heatmap's
+#: first cell and click it, then note the tooltip's and the picked command's text on <html>.
+HOVER_AND_CLICK = """<script>
+(function wait() {
+  var root = document.documentElement;
+  if (root.getAttribute("data-qcd-status") !== "done") { setTimeout(wait, 50); return; }
+  var figure = document.querySelector(".qcd-figure[data-first-trace]");
+  var cell = figure.querySelector("svg .mark-rect path");
+  var box = cell.getBoundingClientRect();
+  var at = {bubbles: true, clientX: box.x + box.width / 2, clientY: box.y + box.height / 2};
+  cell.dispatchEvent(new PointerEvent("pointermove", at));
+  cell.dispatchEvent(new MouseEvent("click", at));
+  setTimeout(function () {
+    var tip = document.querySelector("#vg-tooltip-element");
+    root.setAttribute("data-probe-tooltip", tip ? tip.innerText : "");
+    root.setAttribute("data-probe-picked", figure.querySelector(".qcd-picked code").textContent);
+  }, 300);
+})();
+</script>"""
+
+
+def test_hovering_a_cell_shows_its_value_and_a_click_its_command(forum_page, tmp_path):
+    case, page, _ = forum_page
+    text = page.read_text()
+    end = text.rindex("</body>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(text[:end] + HOVER_AND_CLICK + text[end:])
+    result = outcome(open_in_browser(probe, tmp_path / "profile"))
+    command = f"qconvdiag trace {shlex.quote(str(case))} --at 0,0,0,0 --path as_given --engine x86"
+    assert result["data-probe-picked"] == command
+    tooltip = result["data-probe-tooltip"]
+    for line in ("output index", "0,0,0,0", "error (quantized - float)", "\u2212803.69",  # minus
+                 "float", "803.69", command):
+        assert line in tooltip, tooltip
+
+
 @pytest.mark.parametrize("args", [
     ("random", "--seed", "4", "--shape", "1,2,130,70", "--weight-shape", "3,2,1,1",
      "--stride", "1", "--padding", "0", "--dilation", "1", "--per-channel"),
