@@ -262,3 +262,16 @@ def test_html_and_help_stay_lean():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "--html" in out.stdout
     assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+
+
+def test_the_readme_s_html_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(qconvdiag [^\n#]*--html [^\n#]*?)\s*(?:#.*)?$", readme, re.M)
+    assert commands, "README shows no --html command"
+    for command in commands:
+        args = [str(ROOT / a) if a.startswith("samples/") else a
+                for a in shlex.split(command)[1:]]
+        monkeypatch.chdir(tmp_path)
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, (command, r.output)
+        assert Path(args[args.index("--html") + 1]).read_text().startswith("<!DOCTYPE html>")
