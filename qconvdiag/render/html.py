@@ -83,21 +83,29 @@ def render_html(diagnosis: Diagnosis, case: ConvCase, case_file: str | Path | No
 
 def conv_page(diagnosis: Diagnosis, case: ConvCase, case_file: str | Path | None = None
               ) -> Page:
-    report = diagnosis.report
-    c = report.case
+    c = diagnosis.report.case
     page = Page(f"qconvdiag: {c.op} input {c.input_shape} weight {c.weight_shape}")
+    conv_sections(page, diagnosis, case, case_file)
+    return page
+
+
+def conv_sections(page: Page, diagnosis: Diagnosis, case: ConvCase,
+                  case_file: str | Path | None = None, anchor: str = "") -> None:
+    """One conv's sections, added to ``page``: header, verdict, findings, each path, the
+    engines. ``anchor`` prefixes their ids, so that several convs (a model's layers) can
+    share a page."""
+    report = diagnosis.report
     page.sections.append(header_section(report))
-    page.section("verdict", "Verdict", verdict_section(report))
-    page.section("findings", "Findings", findings_section(report))
+    page.section(f"{anchor}verdict", "Verdict", verdict_section(report))
+    page.section(f"{anchor}findings", "Findings", findings_section(report))
     runs = {(r.report.name, r.report.engine): r for r in diagnosis.runs}
     for p in ordered_paths(report):
         run = runs.get((p.name, p.engine))
         if run is not None:
-            path_sections(page, run, case, case_file)
+            path_sections(page, run, case, case_file, anchor)
     if report.engine_comparison:
-        page.section("engines", "Engines side by side", engines_section(report))
+        page.section(f"{anchor}engines", "Engines side by side", engines_section(report))
     page.sections.append(footer(report))
-    return page
 
 
 def ordered_paths(report: Report) -> list[PathReport]:
@@ -111,8 +119,8 @@ def path_label(p: PathReport) -> str:
     return f"{p.name} on {p.engine}"
 
 
-def path_anchor(p: PathReport) -> str:
-    return f"path-{p.name}-{p.engine}"
+def path_anchor(p: PathReport, anchor: str = "") -> str:
+    return f"{anchor}path-{p.name}-{p.engine}"
 
 
 # --- the story: header, verdict, findings -------------------------------------------------
@@ -201,14 +209,14 @@ def _severity(severity: str) -> str:
 # --- one path: stages, values against the grid, where the error sits -----------------------
 
 
-def path_sections(page: Page, run: PathRun, case: ConvCase, case_file: str | Path | None
-                  ) -> None:
+def path_sections(page: Page, run: PathRun, case: ConvCase, case_file: str | Path | None,
+                  anchor: str = "") -> None:
     """One path: how its stages move the error, its input and weight values against their
     grids, and where in the output its error sits."""
     p = run.report
     body = stages_block(page, p) + values_block(page, run, case) + error_block(
         page, run, case_file)
-    page.section(path_anchor(p), path_label(p), body)
+    page.section(path_anchor(p, anchor), path_label(p), body)
 
 
 def stages_block(page: Page, p: PathReport) -> str:
