@@ -11,6 +11,7 @@ import sys
 from html import unescape
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -275,3 +276,33 @@ def test_the_readme_s_html_example_runs(tmp_path, monkeypatch):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, (command, r.output)
         assert Path(args[args.index("--html") + 1]).read_text().startswith("<!DOCTYPE html>")
+
+
+def test_the_page_is_deterministic_and_its_ids_unique(forum):
+    diagnosis, page = forum
+    assert render_html(diagnosis, load_case(FORUM), "samples/forum_conv.pt") == page
+    markup = re.sub(r"(<script[^>]*>).*?</script>", r"\1", page, flags=re.S)
+    ids = re.findall(r' id="([^"]+)"', markup)
+    assert len(ids) == len(set(ids)) and "QCD050-as_given-x86" in ids
+
+
+def test_a_path_torch_refuses_still_gets_its_page(tmp_path):
+    """Per-channel weights on axis 1 (QCD025): torch refuses the as_given path; its page says
+    so and still shows the values against the grid."""
+    rng = np.random.default_rng(0)
+    case_file = tmp_path / "axis1.npz"
+    np.savez(case_file, input=rng.normal(size=(1, 4, 6, 6)).astype(np.float32),
+             weight=(rng.normal(size=(8, 4, 3, 3)) * 0.1).astype(np.float32),
+             input_qparams=np.array(json.dumps({"scale": 0.05, "zero_point": 128,
+                                                "dtype": "quint8"})),
+             weight_qparams=np.array(json.dumps({"scale": [0.002] * 4, "zero_point": [0] * 4,
+                                                 "dtype": "qint8", "axis": 1})))
+    case = load_case(case_file)
+    diagnosis = run_diagnosis(case)
+    assert diagnosis.report.paths[0].refused
+    page = render_html(diagnosis, case, str(case_file))
+    section = page[page.index('<section id="path-as_given-x86">'):
+                   page.index('<section id="path-production-x86">')]
+    assert "No stage ran: " in section and "The path did not run: no output to map." in section
+    titles = {title_of(s) for s in specs_of(page).values()}
+    assert "as_given: weight range per channel against its clipping range" in titles

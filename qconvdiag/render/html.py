@@ -97,7 +97,7 @@ def conv_sections(page: Page, diagnosis: Diagnosis, case: ConvCase,
     report = diagnosis.report
     page.sections.append(header_section(report))
     page.section(f"{anchor}verdict", "Verdict", verdict_section(report))
-    page.section(f"{anchor}findings", "Findings", findings_section(report))
+    page.section(f"{anchor}findings", "Findings", findings_section(report, anchor))
     runs = {(r.report.name, r.report.engine): r for r in diagnosis.runs}
     for p in ordered_paths(report):
         run = runs.get((p.name, p.engine))
@@ -175,23 +175,27 @@ def gate_block(report: Report) -> str:
     return f'<p class="sev-error">CI gate failed:</p><ul>{items}</ul>'
 
 
-def findings_section(report: Report) -> str:
+def findings_section(report: Report, anchor: str = "") -> str:
     if not report.findings:
         return "<p>No findings.</p>"
     judged = report.verdict
     judged_path = None if judged is None else judged.path
-    shown = [finding_block(f, judged_path) for f in report.findings if f.severity != "info"]
-    info = [finding_block(f, judged_path) for f in report.findings if f.severity == "info"]
+    shown = [finding_block(f, judged_path, anchor) for f in report.findings
+             if f.severity != "info"]
+    info = [finding_block(f, judged_path, anchor) for f in report.findings
+            if f.severity == "info"]
     if info:
         shown.append(f"<details><summary>{len(info)} info finding(s): true but harmless, or "
                      f"advice</summary>{''.join(info)}</details>")
     return "".join(shown)
 
 
-def finding_block(f: Finding, judged_path: str | None) -> str:
+def finding_block(f: Finding, judged_path: str | None, anchor: str = "") -> str:
+    """One finding; its id (``QCD050-as_given-x86``) is unique on the page, every engine's."""
     where = "" if f.path in (None, judged_path) else f" ({f.path})"
     fix = code_block(f.fix) if f.fix else ""
-    return (f'<article class="finding" id="{escape(f.code)}-{escape(str(f.path))}">'
+    fid = "-".join(str(x) for x in (f.code, f.path, f.engine) if x is not None)
+    return (f'<article class="finding" id="{escape(anchor + fid)}">'
             f"<h3>{escape(f.code)} {_severity(f.severity)} {escape(f.title + where)}</h3>"
             f"<p>{escape(f.message)}</p>{fix}</article>")
 
