@@ -72,7 +72,7 @@ def _errors(shape, spike_at, spike=9.0, seed=0):
     err = rng.uniform(-1, 1, shape)
     err[spike_at] = spike
     quantized = rng.normal(size=shape)
-    return data.PathErrors(quantized, quantized - err)
+    return data.PathErrors(quantized, err)
 
 
 def test_a_large_map_is_downsampled_and_keeps_exact_positions():

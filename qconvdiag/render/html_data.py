@@ -43,12 +43,8 @@ class PathErrors:
 
     quantized: np.ndarray
     """The dequantized output torch returned (the emulation's when torch did not run)."""
-    reference: np.ndarray
-    """The float output it is compared with (after a fused ReLU)."""
-
-    @property
-    def error(self) -> np.ndarray:
-        return self.quantized - self.reference
+    error: np.ndarray
+    """quantized - float output (the float output after a fused ReLU)."""
 
 
 def path_errors(run: PathRun) -> PathErrors | None:
@@ -64,7 +60,7 @@ def path_errors(run: PathRun) -> PathErrors | None:
         return None
     qp = run.spec.final_output_qparams
     quantized = (np.asarray(codes, dtype=np.float64) - qp.zero_point[0]) * qp.scale[0]
-    return PathErrors(quantized, np.asarray(reference, dtype=np.float64))
+    return PathErrors(quantized, np.subtract(quantized, reference, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -82,9 +78,10 @@ class ChannelErrors:
 
 
 def channel_errors(error: np.ndarray) -> ChannelErrors:
-    per_channel = np.moveaxis(error, 1, 0).reshape(error.shape[1], -1)
-    return ChannelErrors(np.sqrt(np.mean(per_channel * per_channel, axis=1)),
-                         np.max(np.abs(per_channel), axis=1))
+    """Over every batch element and position (one output-sized temporary at a time)."""
+    others = (0, *range(2, error.ndim))
+    return ChannelErrors(np.sqrt(np.mean(np.square(error), axis=others)),
+                         np.max(np.abs(error), axis=others))
 
 
 @dataclass(frozen=True)
