@@ -84,8 +84,8 @@ def test_every_figure_has_its_spec_and_the_page_fetches_nothing(forum):
     # per path: waterfall, input and weight histograms, channel errors, one map (1 channel);
     # production's per-channel weights add their ranges per channel
     assert len(figures) == 5 + 6
-    assert sum(title_of(s) == "production: weight range per channel against its clipping "
-               "range" for s in specs.values()) == 1
+    assert sum(title_of(s) == "production on x86: weight range per channel against its "
+               "clipping range" for s in specs.values()) == 1
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     markup = re.sub(r"(<script[^>]*>).*?</script>", r"\1", page, flags=re.S)
     assert not re.search(r"<(script|img|link|iframe)[^>]+(src|href)=", markup)
@@ -120,7 +120,7 @@ def test_histograms_show_the_clipped_weights(forum):
     _, page = forum
     specs = specs_of(page)
     weight = next(s for s in specs.values()
-                  if title_of(s).startswith("as_given: weight values"))
+                  if title_of(s).startswith("as_given on x86: weight values"))
     assert weight["title"]["subtitle"][0].startswith("5 of 9 values clipped (55.56%)")
     bins = next(layer["data"]["values"] for layer in weight["layer"]
                 if layer.get("mark", {}).get("type") == "bar")
@@ -130,7 +130,7 @@ def test_histograms_show_the_clipped_weights(forum):
 def test_the_error_map_offers_the_trace_command(forum):
     _, page = forum
     specs = specs_of(page)
-    heat = next(s for s in specs.values() if title_of(s) == "as_given: error of output "
+    heat = next(s for s in specs.values() if title_of(s) == "as_given on x86: error of output "
                 "channel 0")
     (record,) = heat["datasets"]["cells"]
     assert record["e"] == [pytest.approx(-803.69, abs=0.01)]
@@ -305,4 +305,4 @@ def test_a_path_torch_refuses_still_gets_its_page(tmp_path):
                    page.index('<section id="path-production-x86">')]
     assert "No stage ran: " in section and "The path did not run: no output to map." in section
     titles = {title_of(s) for s in specs_of(page).values()}
-    assert "as_given: weight range per channel against its clipping range" in titles
+    assert "as_given on x86: weight range per channel against its clipping range" in titles

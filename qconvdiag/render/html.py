@@ -280,12 +280,12 @@ def values_block(page: Page, run: PathRun, case: ConvCase) -> str:
                              ("weight", case.weight, spec.weight_qparams)):
         h = data.value_histogram(values, qp)
         parts.append(page.figure(charts.histogram_chart(
-            h, f"{p.name}: {name} values, {qp.report().describe()}", histogram_notes(h)),
+            h, f"{path_label(p)}: {name} values, {qp.report().describe()}", histogram_notes(h)),
             histogram_caption(name, h)))
         ranges = data.channel_ranges(values, qp)
         if ranges is not None:
             parts.append(page.figure(charts.channel_ranges_chart(
-                ranges, f"{p.name}: {name} range per channel against its clipping range")))
+                ranges, f"{path_label(p)}: {name} range per channel against its clipping range")))
     return "".join(parts)
 
 
@@ -320,7 +320,7 @@ def error_block(page: Page, run: PathRun, case_file: str | Path | None) -> str:
     ce = data.channel_errors(errors.error)
     worst = ce.worst()
     parts = ["<h3>Where the error sits</h3>", page.figure(charts.channel_error_chart(
-        ce, worst, f"{p.name}: error per output channel"),
+        ce, worst, f"{path_label(p)}: error per output channel"),
         "RMSE and largest |error| of each output channel over every batch element and "
         "position; the orange channels are mapped below.")]
     if not worst:
@@ -340,7 +340,7 @@ def heatmap_figure(page: Page, errors: data.PathErrors, channel: int, p: PathRep
                    trace: tuple[str, str], peak: float) -> str:
     hm = data.heatmap(errors, channel)
     return page.figure(
-        charts.heatmap_chart(hm, trace, peak, f"{p.name}: error of output channel {channel}",
+        charts.heatmap_chart(hm, trace, peak, f"{path_label(p)}: error of output channel {channel}",
                              heatmap_notes(hm)),
         "quantized - float at each output position (red: above the float output, blue: "
         "below). Hover a cell for its value and the qconvdiag trace command of that element; "
