@@ -215,19 +215,19 @@ def heatmap_chart(hm: Heatmap, trace: tuple[str, str], peak: float, title: str,
     the command's text before and after the ``--at`` indices."""
     spatial = hm.positions.shape[1] - 2 - (hm.depth is not None)
     fixed = {"n": hm.batch, "c": hm.channel, **({"d": hm.depth} if hm.depth is not None else {})}
-    cols = {"h": hm.positions[:, -2]} if spatial == 2 else {}
-    data, datasets = _columns("cells", **fixed, **cols, w=hm.positions[:, -1],
+    rows_h = {"h": hm.positions[:, -2]} if spatial == 2 else {}  # conv1d: one row
+    data, datasets = _columns("cells", **fixed, **rows_h, w=hm.positions[:, -1],
                               e=rounded(hm.error), q=rounded(hm.quantized))
-    at = " + ',' + ".join(f"datum.{k}" for k in (*fixed, *cols, "w"))
+    at = " + ',' + ".join(f"datum.{k}" for k in (*fixed, *rows_h, "w"))
     bh, bw = hm.block
-    chart = alt.Chart(data).transform_flatten([*cols, "w", "e", "q"]).transform_calculate(
-        at=at, row=f"floor({'datum.h' if cols else '0'} / {bh})", col=f"floor(datum.w / {bw})",
+    chart = alt.Chart(data).transform_flatten([*rows_h, "w", "e", "q"]).transform_calculate(
+        at=at, row=f"floor({'datum.h' if rows_h else '0'} / {bh})", col=f"floor(datum.w / {bw})",
         float="datum.q - datum.e",
         trace=f"{_js_string(trace[0])} + datum.at + {_js_string(trace[1])}")
     rows, columns = hm.cells
     px = max(3, min(40, (WIDTH + 40) // max(columns, 1)))
     peak = peak or 1.0
-    axis = {"h": _cell_axis(rows, bh, "H") if cols else None, "w": _cell_axis(columns, bw, "W")}
+    axis = {"h": _cell_axis(rows, bh, "H") if rows_h else None, "w": _cell_axis(columns, bw, "W")}
     chart = chart.mark_rect().encode(
         x=alt.X("col:O", axis=axis["w"]), y=alt.Y("row:O", axis=axis["h"]),
         color=alt.Color("e:Q", title="error", scale=alt.Scale(
