@@ -26,11 +26,11 @@ from typing import Any
 from ..case import ConvCase
 from ..diagnosis import Diagnosis
 from ..evidence import PathRun
+from ..numbers import table_number
 from ..report import Finding, PathReport, Report
 from . import html_charts as charts
 from . import html_data as data
 from .rich_report import (
-    _num,
     _sqnr,
     _values,
     engine_line,
@@ -135,7 +135,7 @@ def header_section(report: Report) -> str:
             rows.append((f"{p.name} ({p.engine})", f"refused by torch: {p.refused}", "", ""))
             continue
         rows.append((f"{p.name} ({p.engine})", _values(p.output_summary, 3),
-                     _num(p.total.max_abs), _sqnr(p.total)))
+                     table_number(p.total.max_abs), _sqnr(p.total)))
     table = _table(("", "output", "max error", "SQNR"), rows, numeric=(1, 2, 3))
     engines = list(dict.fromkeys(p.engine for p in report.paths))
     lines = "".join(f"<p>{escape(engine_line(e, [p for p in report.paths if p.engine == e]))}"
@@ -248,11 +248,11 @@ def stage_table(p: PathReport) -> str:
             continue
         sb = b.stage(s.id) if b is not None else None
         if sb is not None and sb.exact:
-            rows.append((s.id, "exact", _num(s.cumulative.max_abs), "", "", "", ""))
+            rows.append((s.id, "exact", table_number(s.cumulative.max_abs), "", "", "", ""))
             continue
         share = None if b is None or sb is None or b.excess <= 0 else sb.excess / b.excess
-        rows.append((s.id, _num(s.delta.max_abs), _num(s.cumulative.max_abs),
-                     _num(s.delta.rmse, 3), "" if sb is None else _num(sb.floor, 3),
+        rows.append((s.id, table_number(s.delta.max_abs), table_number(s.cumulative.max_abs),
+                     table_number(s.delta.rmse, 3), "" if sb is None else table_number(sb.floor, 3),
                      f"{share:.0%}" if share else "", _share_bar(share)))
     return _table(("stage", "adds", "cumulative", "RMSE", "floor", "excess", ""), rows,
                   escaped=True, numeric=(1, 2, 3, 4, 5))
@@ -262,8 +262,8 @@ def stage_caption(p: PathReport) -> str:
     b = p.budget
     check = (f"{p.torch_check.mismatched_elements} mismatches" if p.torch_check.ran
              else "not run")
-    floor = "" if b is None else f" (floor {_num(b.floor_rmse, 3)})"
-    return (f"total RMSE {_num(p.total.rmse, 3)}{floor}, SQNR {_sqnr(p.total)}; torch vs "
+    floor = "" if b is None else f" (floor {table_number(b.floor_rmse, 3)})"
+    return (f"total RMSE {table_number(p.total.rmse, 3)}{floor}, SQNR {_sqnr(p.total)}; torch vs "
             f"emulation: {check}")
 
 
@@ -378,7 +378,7 @@ def engines_section(report: Report) -> str:
             vs = f"same as {row.reference_engine}"
         else:
             vs = (f"{row.differing_elements} outputs differ from {row.reference_engine}, "
-                  f"up to {_num(row.max_diff_lsb, 3)} steps")
+                  f"up to {table_number(row.max_diff_lsb, 3)} steps")
         rows.append((str(row.path), row.engine, str(row.kernel), vs, "; ".join(row.causes)))
     return _table(("path", "engine", "kernel", "outputs", "why"), rows)
 
