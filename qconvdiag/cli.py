@@ -421,7 +421,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs,
             progress("the HTML report")
         from .render.html import render_html  # the plotting library: only for --html
 
-        writes.write(outputs.html, render_html(diagnosis, case, case_file).encode("utf-8"))
+        writes.write(outputs.html, render_html(diagnosis, case_file=case_file).encode("utf-8"))
     for dest in writes.commit():  # every file in place only when all were written
         _err(f"wrote {dest.path}")
     if diag.json_out:

@@ -47,7 +47,7 @@ def figures_of(page: str) -> list[str]:
 def forum():
     case = load_case(FORUM)
     diagnosis = run_diagnosis(case)
-    return diagnosis, render_html(diagnosis, case, "samples/forum_conv.pt")
+    return diagnosis, render_html(diagnosis, case_file="samples/forum_conv.pt")
 
 
 def test_the_page_tells_the_story_first(forum):
@@ -151,7 +151,7 @@ def test_a_large_layer_is_downsampled_and_says_so():
 
     case = generate(RandomSpec(seed=4, input_shape=(1, 2, 130, 70), weight_shape=(3, 2, 1, 1),
                                stride=1, padding=0, dilation=1))
-    page = render_html(run_diagnosis(case), case)
+    page = render_html(run_diagnosis(case))
     assert "downsampled from 130 x 70 to 44 x 35 cells" in page
     specs = specs_of(page)
     maps = [s for s in specs.values() if "cells" in s.get("datasets", {})]
@@ -164,7 +164,7 @@ def test_a_large_layer_is_downsampled_and_says_so():
 def test_names_and_text_are_escaped(tmp_path):
     """A case file named like markup or a quote cannot break the page or its scripts."""
     case = load_case(FORUM)
-    page = render_html(run_diagnosis(case), case, "it's </script><b>x.pt")
+    page = render_html(run_diagnosis(case), case_file="it's </script><b>x.pt")
     assert "</script><b>" not in page
     specs = specs_of(page)  # still parses: '</' is escaped inside the JSON
     heat = next(s for s in specs.values() if "cells" in s.get("datasets", {}))
@@ -280,7 +280,7 @@ def test_the_readme_s_html_example_runs(tmp_path, monkeypatch):
 
 def test_the_page_is_deterministic_and_its_ids_unique(forum):
     diagnosis, page = forum
-    assert render_html(diagnosis, load_case(FORUM), "samples/forum_conv.pt") == page
+    assert render_html(diagnosis, case_file="samples/forum_conv.pt") == page
     markup = re.sub(r"(<script[^>]*>).*?</script>", r"\1", page, flags=re.S)
     ids = re.findall(r' id="([^"]+)"', markup)
     assert len(ids) == len(set(ids)) and "QCD050-as_given-x86" in ids
@@ -300,9 +300,16 @@ def test_a_path_torch_refuses_still_gets_its_page(tmp_path):
     case = load_case(case_file)
     diagnosis = run_diagnosis(case)
     assert diagnosis.report.paths[0].refused
-    page = render_html(diagnosis, case, str(case_file))
+    page = render_html(diagnosis, case_file=str(case_file))
     section = page[page.index('<section id="path-as_given-x86">'):
                    page.index('<section id="path-production-x86">')]
     assert "No stage ran: " in section and "The path did not run: no output to map." in section
     titles = {title_of(s) for s in specs_of(page).values()}
     assert "as_given on x86: weight range per channel against its clipping range" in titles
+
+
+def test_render_html_is_a_renderer_that_prints_nothing(forum, capsys):
+    diagnosis, page = forum
+    assert diagnosis.case is not None  # the histograms' values come from the diagnosis
+    assert render_html(diagnosis, case_file="samples/forum_conv.pt") == page
+    assert capsys.readouterr() == ("", "")

@@ -74,23 +74,22 @@ class Page:
         return shell(self.title, _toc(self.toc) + "".join(self.sections), self.specs)
 
 
-def render_html(diagnosis: Diagnosis, case: ConvCase, case_file: str | Path | None = None
-                ) -> str:
-    """The page of one conv's diagnosis. ``case_file``: the case's path, for the ``qconvdiag
-    trace`` commands the error maps offer (None: a generated case not saved)."""
-    return conv_page(diagnosis, case, case_file).html()
+def render_html(diagnosis: Diagnosis, *, case_file: str | Path | None = None) -> str:
+    """The page of one conv's diagnosis (a renderer: see ``render/__init__``). ``case_file``:
+    the case's path, for the ``qconvdiag trace`` commands the error maps offer (None: a
+    generated case not saved)."""
+    return conv_page(diagnosis, case_file).html()
 
 
-def conv_page(diagnosis: Diagnosis, case: ConvCase, case_file: str | Path | None = None
-              ) -> Page:
+def conv_page(diagnosis: Diagnosis, case_file: str | Path | None = None) -> Page:
     c = diagnosis.report.case
     page = Page(f"qconvdiag: {c.op} input {c.input_shape} weight {c.weight_shape}")
-    conv_sections(page, diagnosis, case, case_file)
+    conv_sections(page, diagnosis, case_file)
     return page
 
 
-def conv_sections(page: Page, diagnosis: Diagnosis, case: ConvCase,
-                  case_file: str | Path | None = None, anchor: str = "") -> None:
+def conv_sections(page: Page, diagnosis: Diagnosis, case_file: str | Path | None = None,
+                  anchor: str = "") -> None:
     """One conv's sections, added to ``page``: header, verdict, findings, each path, the
     engines. ``anchor`` prefixes their ids, so that several convs (a model's layers) can
     share a page."""
@@ -102,7 +101,7 @@ def conv_sections(page: Page, diagnosis: Diagnosis, case: ConvCase,
     for p in ordered_paths(report):
         run = runs.get((p.name, p.engine))
         if run is not None:
-            path_sections(page, run, case, case_file, anchor)
+            path_sections(page, run, diagnosis.case, case_file, anchor)
     if report.engine_comparison:
         page.section(f"{anchor}engines", "Engines side by side", engines_section(report))
     page.sections.append(footer(report))
@@ -213,8 +212,8 @@ def _severity(severity: str) -> str:
 # --- one path: stages, values against the grid, where the error sits -----------------------
 
 
-def path_sections(page: Page, run: PathRun, case: ConvCase, case_file: str | Path | None,
-                  anchor: str = "") -> None:
+def path_sections(page: Page, run: PathRun, case: ConvCase | None,
+                  case_file: str | Path | None, anchor: str = "") -> None:
     """One path: how its stages move the error, its input and weight values against their
     grids, and where in the output its error sits."""
     p = run.report
@@ -273,9 +272,11 @@ def _share_bar(share: float | None) -> str:
     return f'<span class="bar" style="width:{max(1, round(share * 80))}px"></span>'
 
 
-def values_block(page: Page, run: PathRun, case: ConvCase) -> str:
+def values_block(page: Page, run: PathRun, case: ConvCase | None) -> str:
     spec, p = run.spec, run.report
     parts = ["<h3>Values against the quantization grid</h3>"]
+    if case is None:
+        return parts[0] + "<p>The diagnosis kept no case: its values are not drawn.</p>"
     for name, values, qp in (("input", case.input, spec.input_qparams),
                              ("weight", case.weight, spec.weight_qparams)):
         h = data.value_histogram(values, qp)
