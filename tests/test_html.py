@@ -222,6 +222,17 @@ def test_html_and_another_option_naming_one_file_are_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["same.html"]
 
 
+def test_a_model_bundle_s_page_is_refused_in_one_line(tmp_path):
+    """The model page is not built yet: --html on a bundle says so before the walk runs."""
+    r = runner.invoke(app, ["explain", str(ROOT / "samples" / "model" / "digits.pt"),
+                            "--html", str(tmp_path / "m.html")])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == ("qconvdiag: error: --html draws one conv's case; a model "
+                                "bundle's page is not built yet: use the terminal report or "
+                                "--json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_without_the_extra_html_is_one_line_naming_the_install(tmp_path, monkeypatch):
     import qconvdiag.diagnosis as d
 
