@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 # Every install goes through the constraints file: it pins torch to the CPU wheel.
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: demo test fuzz bench venv clean
+.PHONY: demo test fuzz bench venv browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP_INSTALL) "torch==2.13.0"
-	$(PIP_INSTALL) -e ".[test,dev,samples]"
+	$(PIP_INSTALL) -e ".[test,dev,samples,html]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -22,7 +22,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/qconvdiag explain samples/forum_conv.pt
 
-test: $(STAMP)
+# The HTML report's browser test (tests/test_html_browser.py) loads pages in Chromium; it
+# never skips, so the test target installs it where it is missing (as root, like CI).
+browser:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y chromium)
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check qconvdiag tests benchmarks samples
 	$(VENV)/bin/mypy qconvdiag
 	$(PY) -m pytest

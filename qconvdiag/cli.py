@@ -183,6 +183,10 @@ SaveOutputsOpt = Annotated[
     Optional[Path], typer.Option("--save-outputs", help="Write the output tensors to this "
                                  ".npz file.")
 ]
+HtmlOpt = Annotated[
+    Optional[Path], typer.Option("--html", help="Write a self-contained HTML report (figures) "
+                                 "to this .html file; needs qconvdiag[html].")
+]
 SqnrOpt = Annotated[
     Optional[float], typer.Option("--fail-under-sqnr", help="Exit 1 if SQNR (dB) is below this.")
 ]
@@ -221,6 +225,7 @@ class DiagnosisArgs:
     json_out: bool = False
     output: Optional[Path] = None
     save_outputs: Optional[Path] = None
+    html: Optional[Path] = None
     fail_under_sqnr: Optional[float] = None
     max_abs_error: Optional[float] = None
     fail_on: FailOn = FailOn.never
@@ -234,7 +239,7 @@ class DiagnosisArgs:
 _DIAGNOSIS_PARAMS: tuple[tuple[str, Any], ...] = (
     ("engine", EngineOpt), ("observer", ObserverOpt), ("per_channel", PerChannelOpt),
     ("calib", CalibOpt), ("json_out", JsonOpt), ("output", OutputOpt),
-    ("save_outputs", SaveOutputsOpt), ("fail_under_sqnr", SqnrOpt),
+    ("save_outputs", SaveOutputsOpt), ("html", HtmlOpt), ("fail_under_sqnr", SqnrOpt),
     ("max_abs_error", MaxAbsOpt), ("fail_on", FailOnOpt), ("ignore", IgnoreOpt),
     ("max_elements", MaxElementsOpt), ("verbose", VerboseOpt), ("width", WidthOpt),
 )
@@ -274,6 +279,8 @@ class Outputs:
     """``--save-outputs``: the npz of output tensors."""
     case: Any = None
     """``--save`` (random): the generated case."""
+    html: Any = None
+    """``--html``: the HTML report."""
 
 
 def _check_engine(engine: Optional[str], allow_all: bool) -> None:
@@ -331,12 +338,28 @@ def _check_diagnosis_args(diag: DiagnosisArgs) -> None:
                              f"are {CODES[0]}..{CODES[-1]} (docs/findings.md)")
     if diag.calib is not None:
         _check_input_file(diag.calib, "--calib")
+    if diag.html is not None:
+        _check_html_extra()
+
+
+#: How to get what --html needs (altair and vl-convert-python).
+HTML_EXTRA = "pip install 'qconvdiag[html]'"
+
+
+def _check_html_extra() -> None:
+    """--html's libraries are an optional extra: found (not imported) before any work."""
+    import importlib.util
+
+    missing = [m for m in ("altair", "vl_convert") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QconvdiagError(f"--html needs the html extra ({', '.join(missing)} not "
+                             f"installed): {HTML_EXTRA}")
 
 
 def _reserve_outputs(diag: DiagnosisArgs, writes: Any, inputs: tuple[Optional[Path], ...],
                      save: Optional[Path] = None) -> Outputs:
     """Check every destination and create its temporary file, before any work."""
-    for target in (save, diag.output, diag.save_outputs):
+    for target in (save, diag.output, diag.save_outputs, diag.html):
         if target is not None and any(i is not None and _same_file(target, i) for i in inputs):
             raise QconvdiagError(f"{target} is an input of this run; write it elsewhere")
     from .io import FORMATS
@@ -349,10 +372,15 @@ def _reserve_outputs(diag: DiagnosisArgs, writes: Any, inputs: tuple[Optional[Pa
         tensors=(None if diag.save_outputs is None
                  else writes.reserve(diag.save_outputs, "--save-outputs", (".npz",),
                                      "the output tensors (an npz archive)")),
+        html=(None if diag.html is None
+              else writes.reserve(diag.html, "--html", (".html",), "the HTML report")),
     )
 
 
-def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs) -> None:
+def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs,
+                         case_file: Optional[Path] = None) -> None:
+    """``case_file``: where the case can be read again (for the HTML report's trace
+    commands); None for a generated case not saved."""
     import math
 
     from .diagnosis import Options, run_diagnosis
@@ -388,6 +416,12 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs) -> No
         from .render.npz import render_npz
 
         writes.write(outputs.tensors, render_npz(diagnosis))
+    if outputs.html is not None:
+        if progress is not None:
+            progress("the HTML report")
+        from .render.html import render_html  # the plotting library: only for --html
+
+        writes.write(outputs.html, render_html(diagnosis, case_file=case_file).encode("utf-8"))
     for dest in writes.commit():  # every file in place only when all were written
         _err(f"wrote {dest.path}")
     if diag.json_out:
@@ -465,7 +499,7 @@ def explain(
             if given:
                 raise QconvdiagError(f"{option} applies to a model bundle; {case_file} is one "
                                      "conv's case")
-        _diagnose_and_report(loaded, diag, outputs)
+        _diagnose_and_report(loaded, diag, outputs, case_file)
 
 
 def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: int,
@@ -475,6 +509,9 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
         if given is not None:
             raise QconvdiagError(f"{option} applies to one conv's case, not a model bundle: "
                                  "each conv is diagnosed on the input it received")
+    if diag.html is not None:
+        raise QconvdiagError("--html draws one conv's case; a model bundle's page is not built "
+                             "yet: use the terminal report or --json")
     if diag.engine is not None and diag.engine != bundle.engine:
         raise QconvdiagError(
             f"this bundle was captured on engine {bundle.engine} (its codes are that engine's): "
@@ -573,7 +610,7 @@ def random(
         if outputs.case is not None:
             suffix = outputs.case.path.suffix.lower()
             writes.write(outputs.case, encode_case(case_to_mapping(case), suffix))
-        _diagnose_and_report(case, diag, outputs)
+        _diagnose_and_report(case, diag, outputs, save)
 
 
 TRACE_PATHS = ("as_given", "production")

@@ -62,12 +62,13 @@ class Options:
 
 @dataclass(frozen=True, eq=False)
 class Diagnosis:
-    """The report, and what it was computed from: every path's run and, when kept, the
-    output arrays (--save-outputs)."""
+    """The report, and what it was computed from: every path's run, when kept the output
+    arrays (--save-outputs), and the case (its tensors, for --html's histograms)."""
 
     report: Report
     runs: tuple[PathRun, ...]
     arrays: OutputArrays
+    case: ConvCase | None = None
 
 
 def diagnose(case: ConvCase, options: Options | None = None,
@@ -117,7 +118,7 @@ def run_diagnosis(case: ConvCase, options: Options | None = None,
         engine_comparison=compare_engines(runs),
         verdicts=path_verdicts,
     )
-    return Diagnosis(report, tuple(runs), output_arrays(runs, y0))
+    return Diagnosis(report, tuple(runs), output_arrays(runs, y0), case)
 
 
 def diagnose_runs(

@@ -14,6 +14,8 @@ render_json       json_report.py             Report,     str
                                              ModelReport
                                              or Trace
 render_npz        npz.py (--save-outputs)    Diagnosis   bytes
+render_html       html.py (--html; needs     Diagnosis   str
+                  the html extra)
 render_trace      trace_view.py              Trace       str
 ================  =========================  ==========  =======
 """
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # mypy checks that each renderer is a Renderer of its subject
     from ..model_report import ModelReport
     from ..report import Report
     from ..trace import Trace
+    from .html import render_html
     from .json_report import render_json
     from .npz import render_npz
     from .terminal import render_terminal
@@ -44,4 +47,4 @@ if TYPE_CHECKING:  # mypy checks that each renderer is a Renderer of its subject
     _REPORT: tuple[Renderer[Report], ...] = (render_terminal, render_json)
     _MODEL: tuple[Renderer[ModelReport], ...] = (render_terminal, render_json)
     _TRACE: tuple[Renderer[Trace], ...] = (render_trace, render_json)
-    _DIAGNOSIS: tuple[Renderer[Diagnosis], ...] = (render_npz,)
+    _DIAGNOSIS: tuple[Renderer[Diagnosis], ...] = (render_npz, render_html)
