@@ -509,9 +509,6 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
         if given is not None:
             raise QconvdiagError(f"{option} applies to one conv's case, not a model bundle: "
                                  "each conv is diagnosed on the input it received")
-    if diag.html is not None:
-        raise QconvdiagError("--html draws one conv's case; a model bundle's page is not built "
-                             "yet: use the terminal report or --json")
     if diag.engine is not None and diag.engine != bundle.engine:
         raise QconvdiagError(
             f"this bundle was captured on engine {bundle.engine} (its codes are that engine's): "
@@ -532,10 +529,16 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
 
     work = sum(math.prod(lay.case.output_shape) for lay in bundle.layers)
     progress = _progress_printer() if work >= PROGRESS_ELEMENTS else None
-    report = walk_model(bundle, options, progress).report
+    walk = walk_model(bundle, options, progress)
+    report = walk.report
     text = render_json(report)
     if outputs.report is not None:
         outputs.writes.write(outputs.report, text.encode("utf-8"))
+    if outputs.html is not None:
+        from .render.html_model import render_model_html  # the plotting library: --html only
+
+        outputs.writes.write(outputs.html, render_model_html(
+            walk, bundle_file=bundle.source or None).encode("utf-8"))
     for dest in outputs.writes.commit():
         _err(f"wrote {dest.path}")
     if diag.json_out:

@@ -222,15 +222,23 @@ def test_html_and_another_option_naming_one_file_are_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["same.html"]
 
 
-def test_a_model_bundle_s_page_is_refused_in_one_line(tmp_path):
-    """The model page is not built yet: --html on a bundle says so before the walk runs."""
-    r = runner.invoke(app, ["explain", str(ROOT / "samples" / "model" / "digits.pt"),
-                            "--html", str(tmp_path / "m.html")])
-    assert r.exit_code == 2, r.output
-    assert r.stderr.strip() == ("qconvdiag: error: --html draws one conv's case; a model "
-                                "bundle's page is not built yet: use the terminal report or "
-                                "--json")
-    assert list(tmp_path.iterdir()) == []
+def test_a_model_page_ranks_the_convs_and_links_the_explained(tmp_path):
+    import altair as alt
+
+    bundle = ROOT / "samples" / "model" / "digits.pt"
+    page = tmp_path / "m.html"
+    r = runner.invoke(app, ["explain", str(bundle), "--top", "0", "--layer", "conv3",
+                            "--html", str(page)])
+    assert r.exit_code == 0, r.output
+    text = page.read_text()
+    rows = re.findall(r"<tr><td class=\"num\">(\d+)</td><td>(.*?)</td>", text)
+    assert [(rank, re.sub("<[^>]+>", "", name)) for rank, name in rows[:3]] == [
+        ("1", "conv2"), ("2", "conv3"), ("3", "conv1")]
+    assert '<a href="#layer-conv3">conv3</a>' in text  # explained: linked
+    assert '<a href="#layer-conv2">' not in text  # not explained (top 0): no link
+    assert "QCD051 outputs saturated" in text
+    for spec in specs_of(text).values():
+        alt.TopLevelSpec.from_dict(spec, validate=True)
 
 
 def test_without_the_extra_html_is_one_line_naming_the_install(tmp_path, monkeypatch):

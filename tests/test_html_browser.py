@@ -175,3 +175,22 @@ def test_the_check_sees_a_fetch_and_a_broken_figure(tmp_path):
     assert "blocked by the page's policy: connect-src https://example.com/data.json" in errors
     assert "figure broken" in errors
     assert result["data-qcd-rendered"] != "2"
+
+
+def test_the_model_page_draws_the_model_and_its_explained_convs(tmp_path):
+    """A model bundle's page: the SQNR along the model, the ranked convs linking to the
+    explained ones, whose heatmaps offer `trace BUNDLE --layer NAME` commands that run."""
+    bundle = ROOT / "samples" / "model" / "digits.pt"
+    page = tmp_path / "model.html"
+    r = runner.invoke(app, ["explain", str(bundle), "--top", "1", "--html", str(page)])
+    assert r.exit_code == 0, r.output
+    dom = open_in_browser(page, tmp_path / "profile")
+    drawn = assert_every_figure_drawn(page, dom)
+    text = page.read_text()
+    assert 'href="#layer-conv2"' in text and 'id="layer-conv2"' in text
+    assert "Along the model" in text and text.count("Layer conv") == 1
+    traces = [a["data-first-trace"] for a in drawn if "data-first-trace" in a]
+    assert traces and all(f"{shlex.quote(str(bundle))} --layer conv2 --at" in t for t in traces)
+    r = runner.invoke(app, shlex.split(traces[0])[1:] + ["--width", "100"])
+    assert r.exit_code == 0, r.output
+    assert page.stat().st_size <= 5_000_000

@@ -16,6 +16,8 @@ render_json       json_report.py             Report,     str
 render_npz        npz.py (--save-outputs)    Diagnosis   bytes
 render_html       html.py (--html; needs     Diagnosis   str
                   the html extra)
+render_model_html html_model.py (--html)     ModelDiag-  str
+                                             nosis
 render_trace      trace_view.py              Trace       str
 ================  =========================  ==========  =======
 """
@@ -35,10 +37,12 @@ class Renderer(Protocol[Subject]):
 
 if TYPE_CHECKING:  # mypy checks that each renderer is a Renderer of its subject
     from ..diagnosis import Diagnosis
+    from ..model.walk import ModelDiagnosis
     from ..model_report import ModelReport
     from ..report import Report
     from ..trace import Trace
     from .html import render_html
+    from .html_model import render_model_html
     from .json_report import render_json
     from .npz import render_npz
     from .terminal import render_terminal
@@ -48,3 +52,4 @@ if TYPE_CHECKING:  # mypy checks that each renderer is a Renderer of its subject
     _MODEL: tuple[Renderer[ModelReport], ...] = (render_terminal, render_json)
     _TRACE: tuple[Renderer[Trace], ...] = (render_trace, render_json)
     _DIAGNOSIS: tuple[Renderer[Diagnosis], ...] = (render_npz, render_html)
+    _WALK: tuple[Renderer[ModelDiagnosis], ...] = (render_model_html,)

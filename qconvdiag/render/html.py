@@ -89,10 +89,11 @@ def conv_page(diagnosis: Diagnosis, case_file: str | Path | None = None) -> Page
 
 
 def conv_sections(page: Page, diagnosis: Diagnosis, case_file: str | Path | None = None,
-                  anchor: str = "") -> None:
+                  anchor: str = "", layer: str | None = None) -> None:
     """One conv's sections, added to ``page``: header, verdict, findings, each path, the
     engines. ``anchor`` prefixes their ids, so that several convs (a model's layers) can
-    share a page."""
+    share a page; ``layer``: the conv's name in the model bundle ``case_file`` (for the trace
+    commands)."""
     report = diagnosis.report
     page.sections.append(header_section(report))
     page.section(f"{anchor}verdict", "Verdict", verdict_section(report))
@@ -101,7 +102,7 @@ def conv_sections(page: Page, diagnosis: Diagnosis, case_file: str | Path | None
     for p in ordered_paths(report):
         run = runs.get((p.name, p.engine))
         if run is not None:
-            path_sections(page, run, diagnosis.case, case_file, anchor)
+            path_sections(page, run, diagnosis.case, case_file, anchor, layer)
     if report.engine_comparison:
         page.section(f"{anchor}engines", "Engines side by side", engines_section(report))
     page.sections.append(footer(report))
@@ -213,12 +214,13 @@ def _severity(severity: str) -> str:
 
 
 def path_sections(page: Page, run: PathRun, case: ConvCase | None,
-                  case_file: str | Path | None, anchor: str = "") -> None:
+                  case_file: str | Path | None, anchor: str = "",
+                  layer: str | None = None) -> None:
     """One path: how its stages move the error, its input and weight values against their
     grids, and where in the output its error sits."""
     p = run.report
     body = stages_block(page, p) + values_block(page, run, case) + error_block(
-        page, run, case_file)
+        page, run, case_file, layer)
     page.section(path_anchor(p, anchor), path_label(p), body)
 
 
@@ -313,7 +315,8 @@ def histogram_caption(name: str, h: data.Histogram) -> str:
             "red; black: the zero point.")
 
 
-def error_block(page: Page, run: PathRun, case_file: str | Path | None) -> str:
+def error_block(page: Page, run: PathRun, case_file: str | Path | None,
+                layer: str | None = None) -> str:
     errors = data.path_errors(run)
     if errors is None:
         return "<h3>Where the error sits</h3><p>The path did not run: no output to map.</p>"
@@ -326,7 +329,7 @@ def error_block(page: Page, run: PathRun, case_file: str | Path | None) -> str:
         "position; the orange channels are mapped below.")]
     if not worst:
         parts.append("<p>The output has no error anywhere: no map to draw.</p>")
-    trace = trace_command(p, case_file)
+    trace = trace_command(p, case_file, layer)
     peak = float(ce.max_abs.max()) if ce.max_abs.size else 0.0
     for channel in worst:
         parts.append(heatmap_figure(page, errors, channel, p, trace, peak))
@@ -360,11 +363,13 @@ def heatmap_notes(hm: data.Heatmap) -> list[str]:
     return notes
 
 
-def trace_command(p: PathReport, case_file: str | Path | None) -> tuple[str, str]:
+def trace_command(p: PathReport, case_file: str | Path | None,
+                  layer: str | None = None) -> tuple[str, str]:
     """``qconvdiag trace CASE --at `` and `` --path P --engine E``: the text around the
-    indices."""
+    indices (with ``--layer NAME`` for a conv of a model bundle)."""
     case = "CASE" if case_file is None else shlex.quote(str(case_file))
-    return f"qconvdiag trace {case} --at ", f" --path {p.name} --engine {p.engine}"
+    of = "" if layer is None else f" --layer {shlex.quote(layer)}"
+    return f"qconvdiag trace {case}{of} --at ", f" --path {p.name} --engine {p.engine}"
 
 
 # --- the rest: engines, footer, table, shell ------------------------------------------------

@@ -253,3 +253,21 @@ def _cell_axis(cells: int, block: int, name: str) -> alt.Axis:
 def _js_string(text: str) -> str:
     """A Vega expression string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def model_chart(names: Sequence[str], own: Sequence[float | None],
+                propagated: Sequence[float | None], title: str) -> Spec:
+    """SQNR along the model: each conv's own error and the error it carries (propagated), in
+    model order; an exact output (infinite SQNR) is left out."""
+    rows = [{"order": i, "layer": n, "error": kind, "sqnr_db": float(f"{v:.4g}")}
+            for i, n in enumerate(names)
+            for kind, v in (("own", own[i]), ("propagated", propagated[i])) if v is not None]
+    chart = alt.Chart(alt.Data(values=rows), title=title, width=WIDTH).mark_line(
+        point=True).encode(
+        x=alt.X("layer:N", sort=list(names), title="conv, in model order",
+                axis=alt.Axis(labelAngle=-45, labelLimit=160)),
+        y=alt.Y("sqnr_db:Q", title="SQNR (dB, higher is better)"),
+        color=alt.Color("error:N", scale=alt.Scale(domain=["own", "propagated"],
+                                                   range=[BLUE, ORANGE]), title=None),
+        tooltip=["layer:N", "error:N", alt.Tooltip("sqnr_db:Q", format=".2f")])
+    return _spec(chart)
