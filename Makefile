@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_startup.py
 	$(PY) benchmarks/bench_layer.py
 	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_model.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
