@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP_INSTALL) "torch==2.13.0"
-	$(PIP_INSTALL) -e ".[test,dev,samples,html]"
+	$(PIP_INSTALL) -e ".[test,dev,samples,html,pt2e]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -14,6 +14,10 @@ No quantized dtypes inside (deprecated from torch 2.13). Three kernels cover the
   pairs of adjacent input channels of the same tap without VNNI; float32 rescaling with
   reciprocal-of-reciprocal scales (oneDNN stores 1/scale):
   ``q = rint(f32(f32(f32(f32(acc * s_src) * w_s) + bias) * f32(1 / out_s)) + zp)``.
+* ``x86_inductor`` (PT2E: ``onednn.qconv_pointwise``, what inductor lowers a ``convert_pt2e``
+  conv to): the oneDNN kernels above, handed the scales themselves (``direct_scales``), with a
+  uint8 or float32 output; which oneDNN implementation runs a layer (and so the order of its
+  float32 scale operations) is probed per layer (``engines.onednn_arithmetic``).
 * ``qnnpack``: exact int32 accumulation; the bias quantized to int32 at ``in_s * w_s`` and added
   to the accumulator; ``q = clamp(rint(f32(acc * M)) + zp)``.
 
@@ -61,6 +65,14 @@ class Kernel:
     weight zero point multiplies in the correction, is accumulated in saturating int16
     (FBGEMM src/GenerateI8Depthwise.cc: ``vpaddsw``), so it stops at 32767; that happens
     from 129 taps on (a 7x5x5 kernel), and only matters with a nonzero weight zero point."""
+    direct_scales: bool = False
+    """oneDNN only: torch hands oneDNN the scales themselves (``onednn.qconv_pointwise``, the
+    ``x86_inductor`` engine), not their reciprocals (``quantized.conv2d``), so oneDNN's float32
+    source scale is ``f32(in_s)`` and it multiplies by ``f32(1 / f32(out_s))``."""
+    divides_dst_scale: bool = False
+    """oneDNN with ``direct_scales``: the output side divides by ``f32(out_s)`` instead of
+    multiplying by its float32 reciprocal (oneDNN's reference convolution, ``ref:any``, which
+    it runs where no optimised kernel takes the layer, e.g. grouped 1x1 convs without VNNI)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +106,10 @@ class Emulation:
     saturated_row_sums: int = 0
     """How many (output position, channel) input-code sums stopped at 32767
     (``Kernel.row_sums_int16``)."""
+    output_float32: np.ndarray | None = None
+    """float32: what a kernel with a float32 output writes (``x86_inductor``'s fp32 output:
+    the rescaled accumulator plus bias, after the fused ReLU); its codes are then those of
+    output scale 1.0 and zero point 0, which no kernel writes."""
 
     @property
     def pre_round32(self) -> np.ndarray:
@@ -183,12 +199,14 @@ def requantize_qnnpack(
 def requantize_onednn(
     acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
     out_scale: float, out_zp: int, per_channel: bool, combined_scales: bool = False,
+    direct_scales: bool = False, divides_dst_scale: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     o = acc.shape[1]
     # torch hands oneDNN reciprocal scales (1 / scale, double -> float) and oneDNN inverts them
     # in float32; measured on 65,536 outputs placed within an ulp of a .5 tie (for about one
-    # scale in five the result is one ulp away from f32(scale), which moves such outputs)
-    s_src = recip32(f32(1.0 / in_scale))
+    # scale in five the result is one ulp away from f32(scale), which moves such outputs).
+    # qconv_pointwise (x86_inductor) hands it the scales themselves.
+    s_src = f32(in_scale) if direct_scales else recip32(f32(1.0 / in_scale))
     s_w = f32(w_scales)
     scale = mul32(s_src, s_w)  # (O,): the combined scale, and the report's multiplier
     # VNNI (brgemm) kernels apply the source scale, then the weight scale (measured: the
@@ -206,8 +224,9 @@ def requantize_onednn(
     # the output side: float(1 / output_scale) inverted twice in float32, then multiplied
     # (measured: dividing by the scale rounds a tie the other way, 80.500008 vs 80.5; using
     # float(1 / output_scale) as it is misses one output in ten near a tie on some scales)
-    dst_mult = recip32(recip32(f32(1.0 / out_scale)))
-    y = mul32(x, dst_mult)
+    dst_mult = (recip32(f32(out_scale)) if direct_scales
+                else recip32(recip32(f32(1.0 / out_scale))))
+    y = div32(x, f32(out_scale)) if divides_dst_scale else mul32(x, dst_mult)
     y = add32(y, f32(out_zp))
     r = _cvt_rint(y)
     mult = mul32(scale, dst_mult)
@@ -312,10 +331,16 @@ def emulate(
     out_qp: QParams,
     g: Geometry,
     relu: bool = False,
+    float_output: bool = False,
 ) -> Emulation:
     """The engine's quantized conv on these codes, every intermediate kept. ``relu``: a fused
     ReLU (ConvReLU modules), which every engine applies as a lower clamp at the output zero
-    point."""
+    point. ``float_output``: the kernel writes float32 (x86_inductor only; ``out_qp`` is then
+    ignored: scale 1.0 and zero point 0, as inductor passes them)."""
+    if float_output:
+        if not kernel.direct_scales:
+            raise ValueError("float32 outputs are only written by the x86_inductor engine")
+        out_qp = QParams((1.0,), (0,), "quint8", None, "engine")
     o = w_codes.shape[0]
     w_codes = engine_weight_codes(kernel, w_codes, w_qp)
     zps = engine_zero_points(kernel, int(x_qp.zero_point[0]), _per_out(w_qp.zero_point, o),
@@ -347,17 +372,27 @@ def emulate(
         requantize = requantize_qnnpack
     elif kernel.kernel == "onednn":
         requantize = functools.partial(requantize_onednn,
-                                       combined_scales=kernel.combined_scales)
+                                       combined_scales=kernel.combined_scales,
+                                       direct_scales=kernel.direct_scales,
+                                       divides_dst_scale=kernel.divides_dst_scale)
     args = (acc, bias, in_scale, w_scales, out_scale, out_zp, w_qp.per_channel)
     qmin = max(out_qp.dtype_min, relu_floor(kernel, int(out_qp.zero_point[0]), out_zp)) \
         if relu else out_qp.dtype_min
     unclamped, codes, mult, bias_real, bias_int = _requantize_split(
         requantize, args, qmin, out_qp.dtype_max)
     acc_scale = w_scales * in_scale
+    output_float32 = None
+    if float_output:
+        # the value before the dst scale (1.0) and zero point (0), which oneDNN skips; the
+        # fused ReLU is an eltwise post-op on it
+        output_float32 = np.asarray(requantize(*args)[0], dtype=np.float32)
+        if relu:
+            output_float32 = np.maximum(output_float32, np.float32(0))
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,
         np.asarray(mult, dtype=np.float32),
         lambda: np.asarray(requantize(*args)[0], dtype=np.float32), unclamped, codes,
         acc_scale, out_zp if kernel.kernel == "onednn" else 0, saturated_row_sums,
+        output_float32,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from .emulate import Kernel
 from .qparams import QParams, per_tensor
 
 ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+#: Engines of torch's PT2E flow, outside ``torch.backends.quantized``: ``x86_inductor`` is the
+#: oneDNN kernel pair inductor lowers a ``convert_pt2e`` conv to when freezing is on
+#: (``torch.ops.onednn.qconv_prepack`` + ``qconv_pointwise``; torch_ref.run_inductor_conv).
+PT2E_ENGINES = ("x86_inductor",)
 
 #: Layer classes whose accumulation may differ within one engine. grouped4: channels per group,
 #: in and out, both multiples of 4 (oneDNN's blocked grouped kernel, which pairs channels in
@@ -147,11 +152,14 @@ def _probe_accumulation(engine: str, layer: str, zp: int = PROBE_ZERO_POINT) -> 
     r = run_conv(engine, x, xq, w, wq, None, out_scale, 0, g)
     if not r.ran or r.output_codes is None:
         return ()
-    family = "qnnpack" if engine == "qnnpack" else "onednn" if engine == "onednn" else "fbgemm"
+    family = ("qnnpack" if engine == "qnnpack"
+              else "onednn" if engine in ("onednn", *PT2E_ENGINES) else "fbgemm")
+    direct = engine in PT2E_ENGINES
     return tuple(
         acc for acc in CANDIDATES
         if np.array_equal(
-            emulate(Kernel(engine, family, acc), x, xq, w, wq, None, oq, g).output_codes,
+            emulate(Kernel(engine, family, acc, direct_scales=direct), x, xq, w, wq, None, oq,
+                    g).output_codes,
             r.output_codes)
     )
 
@@ -202,6 +210,20 @@ def probe() -> dict[str, EngineProfile]:
         uses = _probe_x86_dispatch(x86.accumulation)
         acc = {layer: prefer(m, "onednn" if uses else "fbgemm") for layer, m in x86.matches.items()}
         profiles["x86"] = EngineProfile("x86", True, acc, uses, x86.matches)
+    return profiles
+
+
+@functools.lru_cache(maxsize=1)
+def probe_pt2e() -> dict[str, EngineProfile]:
+    """Probe the PT2E engines (cached for the process): the same tiny convs as ``probe``."""
+    profiles: dict[str, EngineProfile] = {}
+    for engine in PT2E_ENGINES:
+        matches = {layer: _probe_accumulation(engine, layer) for layer in _PROBE_LAYERS}
+        if not any(matches.values()):  # torch without oneDNN: the kernel refused everything
+            profiles[engine] = EngineProfile(engine, False)
+            continue
+        acc = {layer: prefer(m, "onednn") for layer, m in matches.items()}
+        profiles[engine] = EngineProfile(engine, True, acc, matches=matches)
     return profiles
 
 
@@ -295,7 +317,7 @@ def kernel_family(engine: str, weight_qp: QParams, groups: int) -> str:
     """Which arithmetic runs: x86 picks oneDNN for symmetric weights on VNNI CPUs."""
     if engine == "qnnpack":
         return "qnnpack"
-    if engine == "onednn":
+    if engine in ("onednn", *PT2E_ENGINES):
         return "onednn"
     if engine == "x86":
         prof = probe()["x86"]
@@ -307,8 +329,24 @@ def kernel_family(engine: str, weight_qp: QParams, groups: int) -> str:
 
 def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
                   out_g: int = 1, geometry: Geometry | None = None,
-                  kernel_size: tuple[int, ...] = ()) -> Kernel:
-    """The Kernel (arithmetic family + accumulation) that runs this layer on this CPU."""
+                  kernel_size: tuple[int, ...] = (),
+                  input_shape: tuple[int, ...] | None = None,
+                  attrs: LayerAttrs | None = None) -> Kernel:
+    """The Kernel (arithmetic family + accumulation) that runs this layer on this CPU.
+    ``input_shape`` and ``attrs`` (x86_inductor): the layer's input shape and setup, for
+    ``onednn_arithmetic`` (without them: the accumulation's usual order)."""
+    if engine in PT2E_ENGINES:
+        layer = layer_class(groups, cin_g, out_g, geometry, kernel_size, "onednn")
+        accumulation = prefer(probe_pt2e()[engine].matches.get(layer, ()), "onednn")
+        combined = accumulation == PAIRS_CHANNELS
+        divides = False
+        if input_shape is not None and geometry is not None:
+            measured = onednn_arithmetic(
+                engine, tuple(input_shape), (out_g * groups, cin_g, *kernel_size), geometry,
+                accumulation, attrs or LayerAttrs(True, True, per_channel=weight_qp.per_channel))
+            combined, divides = (combined, divides) if measured is None else measured
+        return Kernel(engine, "onednn", accumulation, combined, direct_scales=True,
+                      divides_dst_scale=divides)
     family = kernel_family(engine, weight_qp, groups)
     if family == "qnnpack":
         return Kernel(engine, family, EXACT)
@@ -327,3 +365,127 @@ def select_kernel(engine: str, weight_qp: QParams, groups: int, cin_g: int,
     # fbgemm's depthwise kernel sums each window's input codes in saturating int16
     row_sums_int16 = family == "fbgemm" and layer == DEPTHWISE_FAST
     return Kernel(engine, family, accumulation, combined, row_sums_int16)
+
+
+
+#: Attempts of ``onednn_arithmetic`` before it gives up telling the candidates apart.
+ARITHMETIC_PROBE_TRIES = 6
+#: oneDNN's candidate arithmetics: (source x weight scale as one product, divides by the
+#: output scale).
+ONEDNN_ARITHMETICS = ((False, False), (True, False), (False, True), (True, True))
+
+
+@dataclass(frozen=True)
+class LayerAttrs:
+    """What of a layer's setup may change which implementation oneDNN picks for it (the
+    primitive's attributes: zero points present, the output's data type, post-ops)."""
+
+    input_zero_point: bool
+    """The input zero point is not 0."""
+    output_zero_point: bool
+    """The output zero point is not 0 (uint8 outputs)."""
+    float_output: bool = False
+    relu: bool = False
+    per_channel: bool = True
+
+
+@functools.lru_cache(maxsize=256)
+def onednn_arithmetic(engine: str, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                      geometry: Geometry, accumulation: str, attrs: LayerAttrs
+                      ) -> tuple[bool, bool] | None:
+    """(combined scales, divides by the output scale) of the implementation oneDNN runs for
+    this very layer on this CPU; None when the probe cannot tell.
+
+    oneDNN picks an implementation per layer and they differ here (measured with
+    ``ONEDNN_VERBOSE=1``): on an AVX512-VNNI CPU its brgemm, jit int8 and depthwise kernels
+    multiply by the source scale, then the weight scale, then the output scale's reciprocal,
+    while its GEMM-based convolution (``x64:gemm_s8u8s32:jit``, e.g. 3D depthwise convs with a
+    dilation) multiplies by the product of the first two; without VNNI (ISA forced to AVX2)
+    dense convs take the product, grouped ones either, and the reference convolution
+    (``ref:any``, e.g. grouped 1x1 convs) divides by the output scale. So the layer's own shape
+    is run with codes that make the candidates disagree: every input one step above its zero
+    point, one weight tap per output channel, and per channel a weight scale nudged (by float32
+    ulps) until two candidates give different outputs, alternately the scale product against
+    the scales in turn, and the reciprocal against the division. About one conv per try.
+    """
+    from .emulate import emulate
+    from .fp32 import add32, div32, f32, mul32, recip32
+    from .qparams import QParams
+    from .torch_ref import run_inductor_conv
+
+    rng = np.random.default_rng(0)
+    o = weight_shape[0]
+    candidates = list(ONEDNN_ARITHMETICS[:2] if attrs.float_output else ONEDNN_ARITHMETICS)
+    x_zp = 3 if attrs.input_zero_point else 0
+    out_zp = 128 if attrs.output_zero_point else 0
+    x = np.full(input_shape, x_zp + 1, dtype=np.int64)
+    w = np.zeros(weight_shape, dtype=np.int64)
+    for attempt in range(ARITHMETIC_PROBE_TRIES):
+        in_s = float(f32(rng.uniform(0.001, 0.1)))
+        out_s = float(f32(rng.uniform(0.01, 0.1)))
+        w0 = rng.integers(1, 128, o)
+        # the value before the zero point is added: halfway between zp + t + 0.5 (t + zp even:
+        # rint takes it down) and the next float32 above, so that an ulp decides the code
+        t = 2 * rng.integers(1, 50, o)
+        tie = (out_zp + t + 0.5).astype(np.float32)
+        target = t + 0.5 + (np.spacing(tie).astype(np.float64) / 2 if out_zp else 0.0)
+        base = f32(target * out_s / (w0 * in_s))
+        nudges = np.arange(-200, 201)
+        cand_sw = np.array([_nudge(base, int(k)) for k in nudges])  # (K, O)
+        value = f32(w0)  # the accumulator at a position that sees the tap
+        sep = mul32(mul32(value, f32(in_s)), cand_sw)
+        comb = mul32(value, mul32(f32(in_s), cand_sw))
+        rd = recip32(f32(out_s))
+        if attrs.float_output:
+            differs = sep != comb
+        else:
+            zp = f32(out_zp)
+
+            def code(v: np.ndarray, divide: bool = False, out_s: float = out_s,
+                     rd: np.ndarray = rd, zp: np.ndarray = zp) -> np.ndarray:
+                return np.rint(add32(div32(v, f32(out_s)) if divide else mul32(v, rd), zp))
+
+            differs = (code(sep) != code(sep, divide=True) if attempt % 2 == 0
+                       else code(sep) != code(comb))
+        pick = np.where(differs.any(axis=0), differs.argmax(axis=0), len(nudges) // 2)
+        scales = cand_sw[pick, np.arange(o)]
+        if not attrs.per_channel:  # one scale: every channel as the first that disagrees
+            j = int(differs.any(axis=0).argmax())
+            w0[:], scales = w0[j], scales[j:j + 1]
+        # one tap per output channel, the kernel's centre: inside the input wherever the
+        # padding is at most half the kernel (a 3x3 conv on a 1x1 input sees only it)
+        centre: tuple[Any, ...] = (slice(None), 0, *(k // 2 for k in weight_shape[2:]))
+        w[centre] = w0
+        wq = QParams(tuple(float(v) for v in scales), (0,) * scales.size, "qint8",
+                     0 if attrs.per_channel else None, "probe")
+        xq = per_tensor(in_s, x_zp, "quint8", "probe")
+        oq = per_tensor(1.0 if attrs.float_output else out_s,
+                        0 if attrs.float_output else out_zp, "quint8", "probe")
+        r = run_inductor_conv(x, xq, w, wq, None, oq.scale[0], oq.zero_point[0], geometry,
+                              attrs.relu, attrs.float_output)
+        if not r.ran:
+            return None
+        got = r.output_float if attrs.float_output else r.output_codes
+        kept = []
+        for combined, divides in candidates:
+            em = emulate(Kernel(engine, "onednn", accumulation, combined, direct_scales=True,
+                                divides_dst_scale=divides),
+                         x, xq, w, wq, None, oq, geometry, attrs.relu, attrs.float_output)
+            mine = em.output_float32 if attrs.float_output else em.output_codes
+            if mine is not None and got is not None and np.array_equal(mine, got):
+                kept.append((combined, divides))
+        candidates = kept
+        if len(candidates) <= 1:
+            break
+    if not candidates:
+        return None
+    return candidates[0]
+
+
+def _nudge(values: np.ndarray, ulps: int) -> np.ndarray:
+    """float32 ``values`` moved by ``ulps`` units in the last place (toward +inf if > 0)."""
+    out = np.asarray(values, dtype=np.float32).copy()
+    toward = np.float32(np.inf if ulps > 0 else -np.inf)
+    for _ in range(abs(ulps)):
+        out = np.nextafter(out, toward)
+    return out

@@ -28,6 +28,10 @@ class UsageError(QconvdiagError):
     """A command-line option or API argument is wrong."""
 
 
+class MissingExtraError(QconvdiagError):
+    """An optional dependency (an extra, e.g. ``qconvdiag[pt2e]``) is not installed."""
+
+
 def brief(text: str, limit: int = 120) -> str:
     """A library's message for one of ours: its first line, terminal escapes removed, cut at a
     word boundary (with "...") when longer than ``limit``."""

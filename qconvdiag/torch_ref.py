@@ -30,6 +30,9 @@ class TorchRun:
     error: str | None = None
     """torch's own message when it refused the setup."""
     warnings: list[str] = field(default_factory=list)
+    output_float: np.ndarray | None = None
+    """float32: the output of a kernel that writes float32 (``x86_inductor`` with an fp32
+    output); ``output_codes`` is then None."""
 
 
 #: The lists of every capture_warnings() scope now open, innermost last.
@@ -127,6 +130,9 @@ def run_conv(
 
     from .engines import fbgemm_groupwise_overrun
 
+    if engine_name in PT2E_ENGINES:
+        return run_inductor_conv(input_codes, input_qp, weight_codes, weight_qp, bias,
+                                 output_scale, output_zero_point, geometry, relu)
     dims = weight_codes.ndim - 2
     o, cin_g = weight_codes.shape[0], weight_codes.shape[1]
     hazard = fbgemm_groupwise_overrun(engine_name, weight_qp, geometry.groups, cin_g,
@@ -146,6 +152,62 @@ def run_conv(
             out = conv(qx, packed, float(output_scale), int(output_zero_point))
             codes = out.int_repr().numpy().astype(np.int32)
             result = TorchRun(True, codes)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            result = TorchRun(False, None, msg[:300])
+    result.warnings = list(caught)
+    return result
+
+
+#: The engines of torch's PT2E flow (not a ``torch.backends.quantized`` engine): inductor lowers a
+#: ``convert_pt2e`` conv pattern to these oneDNN ops when freezing is on.
+PT2E_ENGINES = ("x86_inductor",)
+
+
+def run_inductor_conv(
+    input_codes: np.ndarray,
+    input_qp: QParams,
+    weight_codes: np.ndarray,
+    weight_qp: QParams,
+    bias: np.ndarray | None,
+    output_scale: float,
+    output_zero_point: int,
+    geometry: Geometry,
+    relu: bool = False,
+    float_output: bool = False,
+) -> TorchRun:
+    """The ``x86_inductor`` engine: ``torch.ops.onednn.qconv_prepack`` then
+    ``qconv_pointwise``, as inductor calls them (uint8 activations and int8 weights as plain
+    tensors, the float32 weight scales, a float32 bias, ``attr`` "relu" for a fused ReLU;
+    ``float_output``: fp32 output, which takes output scale 1.0 and zero point 0)."""
+    import torch
+
+    with capture_warnings() as caught:
+        try:
+            if input_qp.dtype != "quint8" or weight_qp.dtype != "qint8":
+                raise ValueError(f"x86_inductor takes uint8 activations and int8 weights, got "
+                                 f"{input_qp.dtype} and {weight_qp.dtype}")
+            qx = torch.from_numpy(np.ascontiguousarray(input_codes)).to(torch.uint8)
+            qw = torch.from_numpy(np.ascontiguousarray(weight_codes)).to(torch.int8)
+            w_scale = torch.tensor(weight_qp.scale, dtype=torch.float32)
+            w_zp = torch.tensor(weight_qp.zero_point, dtype=torch.int64)
+            x_scale, x_zp = float(input_qp.scale[0]), int(input_qp.zero_point[0])
+            g = geometry
+            args = (list(g.stride), list(g.padding), list(g.dilation), g.groups)
+            packed = torch.ops.onednn.qconv_prepack(qw, w_scale, x_scale, x_zp, *args,
+                                                    list(qx.shape))
+            b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float32))
+            out = torch.ops.onednn.qconv_pointwise(
+                qx, x_scale, x_zp, packed, w_scale, w_zp, b, *args,
+                1.0 if float_output else float(output_scale),
+                0 if float_output else int(output_zero_point),
+                torch.float32 if float_output else torch.uint8,
+                "relu" if relu else "none", [], "")
+            out = out.contiguous()
+            if float_output:
+                result = TorchRun(True, None, output_float=out.numpy().copy())
+            else:
+                result = TorchRun(True, out.numpy().astype(np.int32))
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             result = TorchRun(False, None, msg[:300])

@@ -24,12 +24,12 @@ import numpy as np
 
 from qconvdiag.case import Geometry
 from qconvdiag.emulate import emulate
-from qconvdiag.engines import probe, select_kernel
+from qconvdiag.engines import LayerAttrs, probe, probe_pt2e, select_kernel
 from qconvdiag.qparams import QParams, make_qparams
 from qconvdiag.torch_ref import run_conv
 
 CHANNELS = 512
-ENGINES = ("x86", "onednn", "fbgemm", "qnnpack")
+ENGINES = ("x86", "onednn", "fbgemm", "qnnpack", "x86_inductor")
 
 
 LAYOUTS = ("dense", "grouped8", "groupwise", "depthwise")
@@ -85,7 +85,7 @@ def _layout(pairs: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray, Geo
 
 def check(seeds: list[int], layouts: tuple[str, ...] = LAYOUTS,
           engines: tuple[str, ...] = ENGINES) -> dict[str, list[int]]:
-    profiles = probe()
+    profiles = {**probe(), **probe_pt2e()}
     result = {e: [0, 0] for e in engines if profiles[e].available}
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -97,7 +97,10 @@ def check(seeds: list[int], layouts: tuple[str, ...] = LAYOUTS,
                 r = run_conv(engine, x, xq, w, wq, b, oq.scale[0], oq.zero_point[0], g)
                 if not r.ran or r.output_codes is None:
                     continue
-                kernel = select_kernel(engine, wq, g.groups, cin_g, out_g, g, w.shape[2:])
+                attrs = LayerAttrs(bool(xq.zero_point[0]), bool(oq.zero_point[0]),
+                                   per_channel=wq.per_channel)
+                kernel = select_kernel(engine, wq, g.groups, cin_g, out_g, g, w.shape[2:],
+                                       x.shape, attrs)
                 em = emulate(kernel, x, xq, w, wq, b, oq, g)
                 result[engine][0] += int(np.count_nonzero(em.output_codes != r.output_codes))
                 result[engine][1] += int(r.output_codes.size)
