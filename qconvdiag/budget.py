@@ -56,6 +56,11 @@ SLACK = 4.0
 #: seen; calibrated on more data than that (a model's calibration set against one batch), up
 #: to this factor of it: twice, with 30% of range the calibration saw and this data does not.
 SEVEN_BIT_RATIO = 2.6
+#: A model walk captured without calibration batches knows its outputs' range from a few
+#: samples, narrower than what the observers saw (by up to 5x measured on healthy models with
+#: heavy-tailed activations and 2-8 samples): an output step up to this many times the ideal
+#: step of the sampled range counts as the floor, so that only coarser scales are named.
+SAMPLE_RANGE = 8.0
 #: The float reference is accurate to ~1e-8 of the output's magnitude (docs/stages.md); deltas
 #: below this fraction of it are exact.
 REFERENCE_NOISE = 1e-7
@@ -260,10 +265,13 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     f_bias = 0.0
     if kernel.kernel == "qnnpack" and case.bias is not None:  # bias rounded to int32
         f_bias = (_step(spec.input_qparams) * _step(spec.weight_qparams)) ** 2 / 12
+    f_out = f_out8 * (4 if out_bits == 7 else 1)
+    if case.output_range_sampled:  # a sampled range: its ideal step may be too fine
+        f_out = max(f_out, min(_step(out_qp), SAMPLE_RANGE * dy8) ** 2 / 12 * active)
     stages = {"input_rounding": f_in8 * (4 if in_bits == 7 else 1),
               "weight_rounding": weight_noise(case, per_channel_steps(case.weight)) * active,
               "bias_quantization": f_bias,
-              "output_rounding": f_out8 * (4 if out_bits == 7 else 1)}
+              "output_rounding": f_out}
     return Floors(stages, f_in8, f_out8, on_input * (4 if in_bits == 7 else 1), in_bits,
                   out_bits, in_ratio, out_ratio)
 

@@ -95,6 +95,10 @@ class ConvCase:
     """A model walk's conv: the range of its output in the float model, the data its output
     qparams were calibrated for. The output's ideal step covers it as well as this case's own
     float output (which may shrink when an earlier layer damaged this conv's input)."""
+    output_range_sampled: bool = False
+    """``output_range`` comes from a few captured samples only, not the calibration batches
+    the observer saw (a narrower range): an output step up to ``budget.SAMPLE_RANGE`` times
+    the ideal step of that range counts as the floor."""
 
     @property
     def spatial_dims(self) -> int:

@@ -338,3 +338,57 @@ def test_a_loss_between_convs_is_named_at_the_conv_that_receives_it():
     (loss,) = d.report.upstream
     assert loss.layer == "c" and loss.worst_before in ("a", "b") and "an add" in loss.message
     assert d.report.layer("c").verdict == "at_floor"
+
+
+def test_capture_keeps_every_batch_within_the_limit():
+    f, q = models.eager("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(f, q, [models.inputs(2, 2, i) for i in range(5)])
+    assert all(lay.case.input.shape[0] == 10 for lay in bundle.layers)
+    assert not any("max-elements" in n for n in bundle.notes)
+
+
+def test_labels_in_batches_are_dropped_and_padding_modes_refused():
+    f, q = models.eager("x86")
+    x = models.inputs(2, 2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pairs = qconvdiag.capture_model(f, q, [(x, torch.zeros(2)), (x, torch.ones(2))])
+        assert all(lay.case.input.shape[0] == 4 for lay in pairs.layers)
+        f.stem.padding_mode = "reflect"
+        with pytest.raises(QconvdiagError, match="padding_mode='reflect'"):
+            qconvdiag.capture_model(f, q, x)
+
+
+def test_calibration_ranges_judge_output_scales_the_samples_cannot():
+    """An output scale 3x too coarse: with the calibration batches the walk names it; from two
+    samples alone their range is too uncertain to, and the bundle says so. A healthy model
+    stays quiet either way."""
+    f, q = models.eager("x86")
+    calibration = [models.inputs(2, 8, 100 + i) for i in range(4)]  # what eager() calibrated on
+    x = models.inputs(2, 2, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        healthy = qconvdiag.capture_model(f, q, x, calibration=calibration)
+        assert all(lay.calibration_range is not None for lay in healthy.layers)
+        assert all(r.verdict == "at_floor" for r in walk_model(healthy).report.layers)
+        q.pw.scale = q.pw.scale * 3
+        with_cal = qconvdiag.capture_model(f, q, x, calibration=calibration)
+        sampled = qconvdiag.capture_model(f, q, x)
+    row = walk_model(with_cal).report.layer("pw")
+    assert row.verdict != "at_floor" and row.findings[0].code == "QCD052"
+    assert walk_model(sampled).report.layer("pw").verdict == "at_floor"
+    assert any("no calibration batches given" in n for n in sampled.notes)
+
+
+def test_an_uncalibrated_quantstub_is_named_as_such():
+    f, q = models.eager("x86")
+    q.quant.scale, q.quant.zero_point = torch.tensor([1.0]), torch.tensor([0])
+    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    (loss,) = d.report.upstream
+    assert loss.layer == "stem" and "was never calibrated (scale 1.0, zero point 0" in loss.message
+    from qconvdiag.render.terminal import render_terminal
+
+    text = render_terminal(d.report, width=100)
+    assert "but the signal is lost before stem" in " ".join(text.split())

@@ -49,6 +49,9 @@ class LayerCapture:
     bn_folded: str | None = None
     """The BatchNorm module folded into this conv (its name), if any."""
     notes: tuple[str, ...] = ()
+    calibration_range: tuple[float, float] | None = None
+    """The float model's output range at this conv over the calibration batches given to
+    ``capture_model`` (None: none given)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,19 +71,36 @@ class ModelBundle:
                             + ", ".join(lay.name for lay in self.layers))
 
 
-def with_model_range(case: ConvCase, float_output: np.ndarray) -> ConvCase:
-    """The case with the float model's output range at this conv (``ConvCase.output_range``)."""
-    if not float_output.size:
-        return case
-    return dataclasses.replace(case, output_range=(float(float_output.min()),
-                                                   float(float_output.max())))
+def with_model_range(case: ConvCase, float_output: np.ndarray,
+                     calibration_range: tuple[float, float] | None = None) -> ConvCase:
+    """The case with the float model's output range at this conv (``ConvCase.output_range``):
+    over the captured samples and the calibration batches; from the samples alone, it is
+    marked as sampled."""
+    lo, hi = ((float(float_output.min()), float(float_output.max())) if float_output.size
+              else (0.0, 0.0))
+    if calibration_range is not None:
+        lo, hi = min(lo, calibration_range[0]), max(hi, calibration_range[1])
+    return dataclasses.replace(case, output_range=(lo, hi),
+                               output_range_sampled=calibration_range is None)
+
+
+def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in value)
+            or value[0] > value[1]):
+        raise CaseFileError(f"{where}: calibration_range must be [low, high], finite numbers")
+    return float(value[0]), float(value[1])
 
 
 def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
     from ..io import BUNDLE_KEY, case_to_mapping
 
     meta = {"version": BUNDLE_VERSION, "engine": bundle.engine, "notes": list(bundle.notes),
-            "layers": [{"name": lay.name, "bn_folded": lay.bn_folded, "notes": list(lay.notes)}
+            "layers": [{"name": lay.name, "bn_folded": lay.bn_folded, "notes": list(lay.notes),
+                        "calibration_range": (None if lay.calibration_range is None
+                                              else list(lay.calibration_range))}
                        for lay in bundle.layers]}
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
@@ -127,17 +147,18 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
         if q_out.shape != case.output_shape:
             raise CaseFileError(f"{where}: quantized_output has shape {q_out.shape}, the conv's "
                                 f"output is {case.output_shape}")
+        cal = _range_entry(info.get("calibration_range"), where)
         float_output = np.asarray(extra["float_output"], dtype=np.float32)
         if float_output.shape != case.output_shape or not np.isfinite(float_output).all():
             raise CaseFileError(f"{where}: float_output must be finite with the conv's output "
                                 f"shape {case.output_shape}; capture the model again")
         layers.append(LayerCapture(
-            name=info["name"], case=with_model_range(case, float_output),
+            name=info["name"], case=with_model_range(case, float_output, cal),
             float_input=np.asarray(extra["float_input"], dtype=np.float32),
             float_output=float_output,
             quantized_output=compact_codes(q_out, out_qp), quantized_output_qparams=out_qp,
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
-            notes=tuple(str(n) for n in info.get("notes") or ())))
+            notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal))
     return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
                        tuple(str(n) for n in meta.get("notes") or ()))
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..budget import SAMPLE_RANGE
 from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
 from ..qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
@@ -30,13 +31,17 @@ Progress = Callable[[str], None]
 
 def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
                   path: str | os.PathLike[str] | None = None, *,
-                  max_elements: int | None = None, progress: Progress | None = None
-                  ) -> ModelBundle:
+                  calibration: Any = None, max_elements: int | None = None,
+                  progress: Progress | None = None) -> ModelBundle:
     """Capture every quantized conv of ``quantized_model`` with its float twin in
     ``float_model`` (eval mode), both run on ``inputs`` (a tensor or a list of batches), and
-    write the bundle to ``path`` (unless None). Example::
+    write the bundle to ``path`` (unless None). ``calibration``: the batches the quantized
+    model was calibrated on (or like them): the float model runs on them once more to record
+    each conv's output range, against which its output scale is judged (without them, the
+    range of ``inputs`` only, judged leniently: ``budget.SAMPLE_RANGE``). Example::
 
-        qconvdiag.capture_model(model, quantized, [x1, x2], path="model.pt")
+        qconvdiag.capture_model(model, quantized, [x1, x2], path="model.pt",
+                                calibration=calibration_batches)
         # then: qconvdiag explain model.pt
     """
     import torch
@@ -64,10 +69,26 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     if keep < total:
         notes.append(f"captured the first {keep} of {total} samples: a layer's tensors would "
                      f"exceed --max-elements ({limit:,} elements)")
+    ranges: dict[str, tuple[float, float]] = {}
+    if calibration is not None:
+        cal_batches = _batches(calibration)
+        say(f"the float model on {len(cal_batches)} calibration batch(es): output ranges")
+        points = {}
+        for name, (fconv, qconv) in pairs.items():
+            bn = folded_bn(seen[name], quantized_model)
+            points[name] = (fconv if bn is None else float_model.get_submodule(bn),
+                            "ReLU" in type(qconv).__name__)
+        ranges = _calibration_ranges(float_model, points, cal_batches)
+    else:
+        notes.append("no calibration batches given (capture_model(..., calibration=...)): "
+                     "output scales are judged on the captured samples' range, which is "
+                     "narrower than the observers saw, so only scales over "
+                     f"{SAMPLE_RANGE:g}x too coarse for it are named")
     layers = []
     for name, (fconv, qconv) in pairs.items():
         say(f"capturing {name}")
-        layers.append(_layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model))
+        layers.append(_layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
+                             ranges.get(name)))
     from ..torch_ref import capture_warnings
 
     with capture_warnings():
@@ -82,8 +103,12 @@ def _batches(inputs: Any) -> list[Any]:
     import torch
 
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    # a DataLoader's or dataset's (inputs, labels) pairs: the inputs are the first item
+    batches = [b[0] if isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor)
+               else b for b in batches]
     if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
-        raise CaseError("capture_model: inputs must be a tensor or a list of tensors (batches)")
+        raise CaseError("capture_model: inputs must be a tensor, a list of tensors (batches) or "
+                        "of (inputs, labels) pairs, e.g. a DataLoader")
     return [b.detach() for b in batches]
 
 
@@ -113,6 +138,10 @@ def _conv_pairs(float_model: Any, quantized_model: Any) -> dict[str, tuple[Any, 
         if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
             raise CaseError(f"capture_model: {name!r} is a {type(fconv).__name__} in the float "
                             "model, not a Conv1d/2d/3d")
+        if getattr(fconv, "padding_mode", "zeros") != "zeros":
+            raise CaseError(f"capture_model: {name!r} pads with padding_mode="
+                            f"{fconv.padding_mode!r}; qconvdiag's emulation pads with zeros, "
+                            "as torch's quantized conv computes its default padding")
         if (fconv.in_channels, fconv.out_channels) != (qconv.in_channels, qconv.out_channels):
             raise CaseError(f"capture_model: {name!r} has {fconv.in_channels}->"
                             f"{fconv.out_channels} channels in the float model, "
@@ -177,7 +206,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                 quantized_model(batch)
                 outputs.clear()
                 float_model(batch)
-                if _stored(seen) >= _samples_within(seen, limit):
+                if _stored(seen) >= _room(seen, limit):
                     break  # memory stays bounded: later batches would be dropped anyway
     finally:
         for h in handles:
@@ -194,12 +223,17 @@ def _stored(seen: dict[str, _Seen]) -> int:
     return sum(int(q.shape[0]) for q in next(iter(seen.values())).qinput)
 
 
-def _samples_within(seen: dict[str, _Seen], limit: int) -> int:
-    """How many samples every layer's tensors can keep within ``limit`` elements."""
-    total = _stored(seen)
+def _room(seen: dict[str, _Seen], limit: int) -> int:
+    """How many samples every layer's tensors can hold within ``limit`` elements (at least
+    one)."""
     per_sample = max((math.prod(q.shape[1:]) for s in seen.values() for q in s.qinput + s.qoutput),
                      default=1)
-    return max(1, min(total, limit // max(per_sample, 1)))
+    return max(1, limit // max(per_sample, 1))
+
+
+def _samples_within(seen: dict[str, _Seen], limit: int) -> int:
+    """How many of the samples run every layer's tensors keep within ``limit`` elements."""
+    return min(_stored(seen), _room(seen, limit))
 
 
 def _qparams(t: Any, what: str) -> QParams:
@@ -236,26 +270,74 @@ def _folded(fconv: Any, bn: Any | None) -> tuple[Any, Any]:
     return w.detach(), torch.as_tensor(b).detach()
 
 
-def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: Any,
-           quantized_model: Any) -> LayerCapture:
+def folded_bn(s: _Seen, quantized_model: Any) -> str | None:
+    """The BatchNorm that consumed the float conv's output and is gone from the quantized
+    model (folded into the quantized conv), if any."""
     import torch
 
+    if s.bn is None:
+        return None
+    try:
+        still = quantized_model.get_submodule(s.bn)
+    except AttributeError:
+        still = None
+    return s.bn if still is None or isinstance(still, torch.nn.Identity) else None
+
+
+def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
+                        batches: list[Any]) -> dict[str, tuple[float, float]]:
+    """The float model's output range at each conv (``points``: the module whose output it is,
+    the conv or its folded BatchNorm, and whether a fused ReLU follows) over ``batches``."""
+    import torch
+
+    from ..torch_ref import capture_warnings
+
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def hook(name: str, relu: bool) -> Any:
+        def record(_module: Any, _args: Any, out: Any) -> None:
+            lo, hi = float(out.min()), float(out.max())
+            if relu:
+                lo, hi = max(lo, 0.0), max(hi, 0.0)
+            old = ranges.get(name, (lo, hi))
+            ranges[name] = (min(old[0], lo), max(old[1], hi))
+        return record
+
+    handles = [module.register_forward_hook(hook(name, relu))
+               for name, (module, relu) in points.items()]
+    try:
+        with torch.no_grad(), capture_warnings():
+            for batch in batches:
+                float_model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: Any,
+           quantized_model: Any, calibration_range: tuple[float, float] | None
+           ) -> LayerCapture:
     bn = None
     notes = []
-    if s.bn is not None:
-        try:
-            still = quantized_model.get_submodule(s.bn)
-        except AttributeError:
-            still = None
-        if still is None or isinstance(still, torch.nn.Identity):
-            bn = float_model.get_submodule(s.bn)
-            notes.append(f"BatchNorm {s.bn} folded into the float weight and bias, as the "
-                         "quantized model folded it")
+    bn_name = folded_bn(s, quantized_model)
+    if bn_name is not None:
+        bn = float_model.get_submodule(bn_name)
+        notes.append(f"BatchNorm {bn_name} folded into the float weight and bias, as the "
+                     "quantized model folded it")
     w, b = _folded(fconv, bn)
     relu = "ReLU" in type(qconv).__name__
     x_codes, x_qp = _codes(s.qinput, keep)
     y_codes, y_qp = _codes(s.qoutput, keep)
-    sd_weight, sd_bias = qconv._weight_bias()
+    try:
+        sd_weight, sd_bias = qconv._weight_bias()
+    except RuntimeError as exc:  # e.g. qnnpack cannot unpack a conv3d's weight
+        import torch
+
+        engine = torch.backends.quantized.engine
+        raise CaseError(f"capture_model: {name!r}: torch cannot read back its quantized weight "
+                        f"on engine {engine} ({str(exc).splitlines()[0]}); quantize and "
+                        "capture the model on another engine (x86, fbgemm or onednn)") from None
     w_codes = sd_weight.int_repr().numpy().astype(np.int64)
     module = ModuleState(w_codes, _qparams(sd_weight, "qconv.weight").with_source("module"),
                          None if sd_bias is None else sd_bias.detach().float().numpy().copy(),
@@ -275,5 +357,5 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
     y_float = np.concatenate(s.bn_output if bn is not None else s.float_output)[:keep]
     if relu:
         np.maximum(y_float, 0.0, out=y_float)
-    return LayerCapture(name, with_model_range(case, y_float), x_float, y_float, y_codes, y_qp,
-                        s.bn if bn is not None else None, tuple(notes))
+    return LayerCapture(name, with_model_range(case, y_float, calibration_range), x_float,
+                        y_float, y_codes, y_qp, bn_name, tuple(notes), calibration_range)

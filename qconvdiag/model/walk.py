@@ -86,6 +86,8 @@ class Screen:
     input_floor_ratio: float
     """The input's RMSE over the 8-bit rounding floor of quantizing it (inf for a constant
     input that is not exact)."""
+    input_defaults: bool
+    """The input's qparams are an uncalibrated observer's (scale 1.0, zero point 0)."""
     floor_rmse: float
     verdict: str
     dominant_stage: str | None
@@ -164,12 +166,16 @@ def upstream_losses(order: list[str], screens: dict[str, Screen]) -> tuple[Upstr
         got = s.input.sqnr_db
         if worst is None:
             if s.input_floor_ratio >= FAR:
+                why = ("was never calibrated (scale 1.0, zero point 0: run calibration "
+                       "batches between prepare and convert)" if s.input_defaults else
+                       "has a scale that does not fit the inputs (calibrate it on inputs "
+                       "scaled as at inference)")
                 out.append(UpstreamLoss(
                     name, s.input, s.input_floor_ratio, None, None,
                     f"{name}'s input is {_db_text(got)} from the float model's, "
                     f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: the "
-                    "model's input quantization (QuantStub: its observer calibrated on inputs "
-                    "scaled as at inference) loses it before any conv."))
+                    f"model's input quantization (its QuantStub) {why}, and loses it before "
+                    "any conv."))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
@@ -260,7 +266,9 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     input_floor = ideal_step(lay.float_input) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
-    return Screen(own, propagated, received, input_ratio, floor, verdict, dominant)
+    in_qp = spec.input_qparams
+    defaults = (in_qp.scale[0], in_qp.zero_point[0]) == (1.0, 0)
+    return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant)
 
 
 def summarize(error: np.ndarray, reference: np.ndarray) -> ErrorSummary:
@@ -407,7 +415,8 @@ def _gate(rows: tuple[LayerRow, ...], options: WalkOptions) -> ModelGate:
 
 def diagnose_model(float_model: object, quantized_model: object, inputs: object, top: int = 3,
                    options: WalkOptions | None = None, max_elements: int | None = None,
-                   progress: Progress | None = None) -> ModelReport:
+                   progress: Progress | None = None, calibration: object = None
+                   ) -> ModelReport:
     """Capture (``capture_model``, no file) and walk a model in-process::
 
         report = qconvdiag.diagnose_model(model.eval(), quantized, [x1, x2], top=3)
@@ -417,7 +426,7 @@ def diagnose_model(float_model: object, quantized_model: object, inputs: object,
 
     from .capture import capture_model
 
-    bundle = capture_model(float_model, quantized_model, inputs, None,
+    bundle = capture_model(float_model, quantized_model, inputs, None, calibration=calibration,
                            max_elements=max_elements, progress=progress)
     options = dataclasses.replace(options or WalkOptions(), top=top)
     return walk_model(bundle, options, progress).report

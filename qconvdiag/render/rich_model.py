@@ -46,6 +46,10 @@ def summary_sentence(report: ModelReport) -> str:
     last = rows[-1]
     tail = (f" The last conv ({last.name}) is {_db(last.propagated)} dB from the float model: "
             "what the quantized model carries, all layers before it included.")
+    if not off and report.upstream:
+        return (f"All {len(rows)} quantized convs are at their rounding floor on the inputs "
+                f"they received, but the signal is lost before {report.upstream[0].layer}: "
+                "the quantization outside the convs is at fault (below)." + tail)
     if not off:
         return (f"All {len(rows)} quantized convs are at their rounding floor: no conv is "
                 "misquantized; what remains is what 8-bit rounding costs." + tail)
@@ -118,7 +122,8 @@ def torch_sentence(report: ModelReport) -> str:
                 f"{scope}: {total:,} outputs, 0 differ.")
     return (f"torch check on {scope}: {len(bad)} convs differ from the quantized model's "
             "codes (" + ", ".join(r.name for r in bad[:4]) + "): was the bundle captured on "
-            "another engine or CPU?")
+            "another engine or CPU, or were a conv's scale or zero point changed after it ran "
+            "(qnnpack keeps the requantization it computed on its first run)?")
 
 
 def render_model(report: ModelReport, console: Console | None = None,

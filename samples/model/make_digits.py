@@ -96,9 +96,9 @@ def quantize(net: object, calib: object) -> object:
     return convert(q)
 
 
-def build() -> tuple[object, object, object, float, float]:
-    """The float model, its quantized twin with conv2 broken, the test images, and the float
-    and quantized test accuracies."""
+def build() -> tuple[object, object, object, object, float, float]:
+    """The float model, its quantized twin with conv2 broken, the training and test images,
+    and the float and quantized test accuracies."""
     import torch
 
     torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def build() -> tuple[object, object, object, float, float]:
     with torch.no_grad():
         acc_f = float((net(x_test).argmax(1) == y_test).float().mean())  # type: ignore
         acc_q = float((quantized(x_test).argmax(1) == y_test).float().mean())  # type: ignore
-    return net, quantized, x_test, acc_f, acc_q
+    return net, quantized, x_train, x_test, acc_f, acc_q
 
 
 def main() -> None:
@@ -122,9 +122,10 @@ def main() -> None:
 
     with warnings.catch_warnings():  # torch.ao's deprecation notices, on every call
         warnings.simplefilter("ignore")
-        net, quantized, x_test, acc_f, acc_q = build()
+        net, quantized, x_train, x_test, acc_f, acc_q = build()
         path = HERE / "digits.pt"
-        qconvdiag.capture_model(net, quantized, x_test[:64], path)  # type: ignore[index]
+        qconvdiag.capture_model(net, quantized, x_test[:64], path,  # type: ignore[index]
+                                calibration=x_train[:200])  # type: ignore[index]
     print(f"wrote {path}: test accuracy {acc_f:.3f} float, {acc_q:.3f} quantized")
 
 
