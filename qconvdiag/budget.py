@@ -167,14 +167,16 @@ def weight_noise(case: ConvCase, steps: np.ndarray, gains: np.ndarray | None = N
     return float(np.mean(np.asarray(steps, dtype=np.float64) ** 2 / 12 * gains * nonzero))
 
 
-def uses_seven_bits(codes: np.ndarray, step_ratio: float) -> bool:
+def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> bool:
     """Activations quantized to 128 levels, as ``reduce_range`` gives: the step is about twice
-    the 8-bit step and (but for 0.5% of values: a histogram observer's trimmed outliers, or
-    extremes that round up by one code) the codes span at most 128 levels."""
-    if codes.size == 0 or not 1.3 <= step_ratio <= SEVEN_BIT_RATIO:
+    the 8-bit step (at least ``low`` times it) and the codes span at most 128 levels, but for
+    0.5% of values (a histogram observer's trimmed outliers, or extremes that round up by one
+    code) or a few codes (data up to 10% beyond the range the observer saw)."""
+    if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO:
         return False
-    lo = int(codes.min())
-    return int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size
+    lo, hi = int(codes.min()), int(codes.max())
+    # data a little beyond what the observer saw reaches a few codes past 128 levels
+    return hi <= lo + 140 or int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size
 
 
 def input_error(x: np.ndarray, spec: PathSpec) -> float:
@@ -257,7 +259,11 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     if out_codes is None:
         out_codes = np.empty(0) if emulation is None else (
             emulation.output_codes if relu else emulation.unclamped)  # relu: what it lets through
-    out_7 = any("reduce_range" in n for n in out_qp.notes) or uses_seven_bits(out_codes, out_ratio)
+    # in a model walk the output's ideal step comes from the calibration range, whose
+    # outliers a histogram observer trims: its 7-bit step may be under 1.3x that ideal step
+    low = 1.0 if case.output_range is not None else 1.3
+    out_7 = (any("reduce_range" in n for n in out_qp.notes)
+             or uses_seven_bits(out_codes, out_ratio, low))
     out_bits = 7 if pairing and out_7 else 8
     on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1)) if input_floor else 0.0
     f_in8 = on_input * input_noise_gain(case) * active if input_floor else 0.0
