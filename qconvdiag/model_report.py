@@ -171,6 +171,20 @@ class ModelReport:
     upstream: tuple[UpstreamLoss, ...] = ()
     """Convs whose input lost more than the convs before them explain."""
 
+    def shared_cause(self) -> tuple[LayerFinding, int] | None:
+        """A finding that is the first serious one (warning or error) of at least half the convs
+        (two or more): a model-wide cause, with how many convs report it."""
+        counts: dict[str, tuple[LayerFinding, int]] = {}
+        for row in self.layers:
+            serious = [f for f in row.findings if f.severity != "info"]
+            if serious:
+                f, n = counts.get(serious[0].code, (serious[0], 0))
+                counts[serious[0].code] = (f, n + 1)
+        best = max(counts.values(), key=lambda fn: fn[1], default=None)
+        if best is None or best[1] < 2 or 2 * best[1] < len(self.layers):
+            return None
+        return best
+
     def layer(self, name: str) -> LayerRow | None:
         return next((lay for lay in self.layers if lay.name == name), None)
 

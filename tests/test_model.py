@@ -392,3 +392,56 @@ def test_an_uncalibrated_quantstub_is_named_as_such():
 
     text = render_terminal(d.report, width=100)
     assert "but the signal is lost before stem" in " ".join(text.split())
+
+
+def test_a_conv_called_twice_per_forward_is_refused():
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant = torch.ao.quantization.QuantStub()
+            self.c = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.dequant = torch.ao.quantization.DeQuantStub()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dequant(self.c(self.c(self.quant(x))))
+
+    from torch.ao.quantization import convert, get_default_qconfig, prepare
+
+    torch.backends.quantized.engine = "x86"
+    f = Twice().eval()
+    q = Twice().eval()
+    q.load_state_dict(f.state_dict())
+    q.qconfig = get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        q(models.inputs(2, 4, 1))
+        convert(q, inplace=True)
+        with pytest.raises(QconvdiagError, match="ran 2 times .* once per forward"):
+            qconvdiag.capture_model(f, q, models.inputs(2, 2, 2))
+
+
+def test_a_model_converted_without_calibration_is_named_once():
+    from torch.ao.quantization import convert, fuse_modules, get_default_qconfig, prepare
+
+    torch.backends.quantized.engine = "x86"
+    f, _ = models.eager("x86")
+    import copy
+
+    q = copy.deepcopy(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fuse_modules(q, models.FUSE_2D, inplace=True)
+        q.qconfig = get_default_qconfig("x86")
+        prepare(q, inplace=True)
+        convert(q, inplace=True)  # no calibration batches
+    _b, d = walk(f, q, models.inputs(2, 4, 7))
+    f_shared, n = d.report.shared_cause()
+    assert f_shared.code == "QCD050" and n >= 2
+    from qconvdiag.render.terminal import render_terminal
+
+    text = " ".join(render_terminal(d.report, width=100).split())
+    assert "A model-wide cause:" in text and "converted without calibration" in text
+    healthy_f, healthy_q = models.eager("x86")
+    _b, d = walk(healthy_f, healthy_q, models.inputs(2, 4, 7))
+    assert d.report.shared_cause() is None

@@ -202,21 +202,27 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
             handles.append(module.register_forward_hook(bn_hook(name)))
     try:
         with torch.no_grad(), capture_warnings():
-            for batch in batches:
+            for run, batch in enumerate(batches, 1):
                 quantized_model(batch)
                 outputs.clear()
                 float_model(batch)
+                _check_once_per_forward(seen, run)
                 if _stored(seen) >= _room(seen, limit):
                     break  # memory stays bounded: later batches would be dropped anyway
     finally:
         for h in handles:
             h.remove()
-    for name, s in seen.items():
-        if not s.qinput or len(s.qinput) != len(s.float_input):
-            raise CaseError(f"capture_model: {name!r} ran {len(s.qinput)} times in the quantized "
-                            f"model and {len(s.float_input)} in the float one; capture_model "
-                            "takes convs that run once per forward")
     return seen
+
+
+def _check_once_per_forward(seen: dict[str, _Seen], runs: int) -> None:
+    """Each conv ran once per forward of each model (a conv called twice, or skipped, would
+    mix its calls up as samples)."""
+    for name, s in seen.items():
+        if len(s.qinput) != runs or len(s.float_input) != runs:
+            raise CaseError(f"capture_model: {name!r} ran {len(s.qinput)} times in the quantized "
+                            f"model and {len(s.float_input)} in the float one over {runs} "
+                            "forward(s); capture_model takes convs that run once per forward")
 
 
 def _stored(seen: dict[str, _Seen]) -> int:

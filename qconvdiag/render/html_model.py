@@ -12,7 +12,7 @@ from ..model_report import LayerRow, ModelReport
 from ..numbers import table_number
 from . import html_charts as charts
 from .html import Page, _table, conv_sections
-from .rich_model import summary_sentence, torch_sentence
+from .rich_model import shared_cause_sentence, summary_sentence, torch_sentence
 
 
 def render_model_html(walk: ModelDiagnosis, *, bundle_file: str | Path | None = None) -> str:
@@ -46,6 +46,9 @@ def layer_anchor(name: str) -> str:
 
 def story(report: ModelReport) -> str:
     parts = [f"<p>{escape(summary_sentence(report))}</p>"]
+    shared = shared_cause_sentence(report)
+    if shared is not None:
+        parts.append(f'<p class="sev-error">{escape(shared)}</p>')
     parts += [f'<p class="sev-warning">{escape(u.message)}</p>' for u in report.upstream]
     parts.append(f'<p class="note">{escape(torch_sentence(report))}</p>')
     parts += [f'<p class="note">note: {escape(n)}</p>' for n in report.notes]

@@ -39,6 +39,29 @@ def _first_finding(row: LayerRow) -> Text:
     return Text(f.code, style=SEVERITY_STYLE[f.severity])
 
 
+#: What a finding shared by most convs says about the model as a whole.
+MODEL_WIDE = {
+    "QCD050": "the model was converted without calibration (its observers never ran): run "
+              "calibration batches between prepare() and convert()",
+    "QCD024": "the quantized model was not made from this float model's weights (or they "
+              "changed since): quantize this float model again (prepare, calibrate, convert)",
+    "QCD052": "the output scales are coarse throughout: the model was calibrated on data "
+              "scaled differently from the inputs it gets now",
+    "QCD051": "outputs saturate throughout: the model was calibrated on data narrower than the "
+              "inputs it gets now",
+}
+
+
+def shared_cause_sentence(report: ModelReport) -> str | None:
+    shared = report.shared_cause()
+    if shared is None:
+        return None
+    f, n = shared
+    why = MODEL_WIDE.get(f.code, "one cause for the whole model, and one fix")
+    return (f"A model-wide cause: {n} of {len(report.layers)} convs report {f.code} "
+            f"({f.title}): {why}.")
+
+
 def summary_sentence(report: ModelReport) -> str:
     rows = report.layers
     off = [r for r in rows if r.verdict != "at_floor"]
@@ -132,6 +155,9 @@ def render_model(report: ModelReport, console: Console | None = None,
     console.print(Text(f"qconvdiag model walk: {report.source or 'in-process'} "
                        f"(engine {report.engine}, torch {report.torch_version})", style="bold"))
     hanging(console, summary_sentence(report))
+    shared = shared_cause_sentence(report)
+    if shared is not None:
+        hanging(console, shared, style=SEVERITY_STYLE["error"])
     for loss in report.upstream:
         hanging(console, loss.message, style=SEVERITY_STYLE["warning"])
     console.print()
