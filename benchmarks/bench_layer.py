@@ -31,10 +31,10 @@ def main() -> None:
     import torch.nn.functional as F
 
     from qconvdiag import Options, diagnose
+    from qconvdiag.arithmetic.float_conv import conv64
     from qconvdiag.case import build_case
     from qconvdiag.diagnosis import run_path  # one path's ladder alone: internal
-    from qconvdiag.float_conv import conv64
-    from qconvdiag.paths import ProductionOptions, build_production
+    from qconvdiag.quantization.paths import ProductionOptions, build_production
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)

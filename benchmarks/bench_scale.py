@@ -30,7 +30,7 @@ if mode == "baseline":
     print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})); sys.exit()
 from qconvdiag.case import QuantSetup, build_case
 from qconvdiag import Options, diagnose
-from qconvdiag.qparams import make_qparams
+from qconvdiag.quantization.qparams import make_qparams
 rng = np.random.default_rng(0)
 x = np.maximum(rng.standard_normal((n, c, h, h)), 0).astype(np.float32)
 w = (rng.standard_normal((o, c, 3, 3)) / np.sqrt(c * 9)).astype(np.float32)

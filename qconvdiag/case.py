@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CaseError
-from .qparams import QParams
+from .quantization.qparams import QParams
 from .report import CaseSummary
 
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}

@@ -158,7 +158,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs,
     from .io import check_size, load_calibration
 
     check_size(case, diag.max_elements)
-    from .paths import ProductionOptions
+    from .quantization.paths import ProductionOptions
     from .render.json_report import render_json
 
     options = Options(
@@ -277,7 +277,7 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
     for name in layers:
         bundle.layer(name)  # an unknown name is refused before any work
     from .model.walk import WalkOptions, walk_model
-    from .paths import ProductionOptions
+    from .quantization.paths import ProductionOptions
     from .render.json_report import render_json
 
     options = WalkOptions(
@@ -348,7 +348,7 @@ def random(
     diag: DiagnosisArgs = DiagnosisArgs(),
 ) -> None:
     """Generate a reproducible case and explain it."""
-    from .generate import RandomSpec, check_spec, generate
+    from .casefile.generate import RandomSpec, check_spec, generate
     from .io import case_to_mapping, check_size, encode_case
     from .writes import PendingWrites
 

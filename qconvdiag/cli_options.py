@@ -168,7 +168,7 @@ class Outputs:
 
 
 def _check_engine(engine: Optional[str], allow_all: bool) -> None:
-    from .engines import ENGINES
+    from .arithmetic.engines import ENGINES
 
     if engine is None or engine in ENGINES:
         return
@@ -199,7 +199,7 @@ def _check_max_elements(limit: int) -> None:
 def _check_diagnosis_args(diag: DiagnosisArgs) -> None:
     """Every diagnosis option that can be checked without torch, before any work."""
     from .findings import CODES
-    from .paths import OBSERVERS
+    from .quantization.paths import OBSERVERS
 
     _check_engine(diag.engine, allow_all=True)
     _check_max_elements(diag.max_elements)

@@ -13,30 +13,30 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .budget import compute_budget
+from .arithmetic.cpu import cpu_info
+from .arithmetic.emulate import Emulation, Kernel, emulate
+from .arithmetic.engines import ENGINES, probe, refusal_message, refusals, select_kernel
+from .arithmetic.float_conv import conv64
+from .arithmetic.torch_ref import TorchRun, capture_warnings, run_conv
 from .case import ConvCase
-from .compare import compare_engines
-from .cpu import cpu_info
-from .emulate import Emulation, Kernel, emulate
-from .engines import ENGINES, probe, refusal_message, refusals, select_kernel
 from .errors import UsageError
-from .evidence import (
+from .findings import ROOTS, run_findings
+from .findings.verdict import verdicts
+from .gate import FAIL_ON, evaluate_gate
+from .measure.budget import compute_budget
+from .measure.compare import compare_engines
+from .measure.evidence import (
     OutputArrays,
     PathArrays,
     PathRun,
     exec_weight_qparams,
     saturation_without_vnni,
 )
-from .findings import ROOTS, run_findings
-from .findings.verdict import verdicts
-from .float_conv import conv64
-from .gate import FAIL_ON, evaluate_gate
-from .metrics import error_metrics, summary
-from .paths import PathSpec, ProductionOptions, build_as_given, build_production
-from .reference import float_reference
+from .measure.metrics import error_metrics, summary
+from .measure.reference import float_reference
+from .measure.stages import STAGE_IDS, Ladder, LadderInputs, run_ladder
+from .quantization.paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .report import PathReport, Report, StageResult, TorchCheck
-from .stages import STAGE_IDS, Ladder, LadderInputs, run_ladder
-from .torch_ref import TorchRun, capture_warnings, run_conv
 from .versions import unverified_torch_note
 
 Progress = Callable[[str], None]

@@ -16,12 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from .accumulate import EXACT, INT16_MAX, INT16_MIN, pair_list
+from .arithmetic.accumulate import EXACT, INT16_MAX, INT16_MIN, pair_list
+from .arithmetic.emulate import (
+    Emulation,
+    Kernel,
+    ZeroPoints,
+    engine_weight_codes,
+    engine_zero_points,
+)
 from .case import ConvCase
 from .diagnosis import Options, diagnose_path
-from .emulate import Emulation, Kernel, ZeroPoints, engine_weight_codes, engine_zero_points
 from .errors import UsageError
-from .evidence import PathRun, exec_weight_qparams
+from .measure.evidence import PathRun, exec_weight_qparams
 
 PREPACK_SENTENCE = (
     "torch.ops.quantized.conv{d}d_prepack returns a packed-params object (a ScriptObject): the "
@@ -232,7 +238,7 @@ def _module_note(run: PathRun, pos: tuple[int, ...]) -> str | None:
 
 def _torch_intended(case: ConvCase, run: PathRun) -> np.ndarray | None:
     """torch's output for the intended setup (the path's own weight, not the module's)."""
-    from .torch_ref import run_conv
+    from .arithmetic.torch_ref import run_conv
 
     spec = run.spec
     r = run_conv(run.report.engine, spec.input_codes, spec.input_qparams, spec.weight_codes,
@@ -245,7 +251,7 @@ def packed_params(case: ConvCase, run: PathRun) -> dict[str, Any]:
     """What conv{d}d_prepack holds for this path's weight, unpacked again."""
     import torch
 
-    from .torch_ref import capture_warnings, engine, quantized_conv, quantized_tensor
+    from .arithmetic.torch_ref import capture_warnings, engine, quantized_conv, quantized_tensor
 
     spec = run.spec
     dims = case.spatial_dims

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from qconvdiag.case import QuantSetup, build_case
-from qconvdiag.generate import forum_case
+from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import save_case
-from qconvdiag.qparams import make_qparams
+from qconvdiag.quantization.qparams import make_qparams
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,5 +1,5 @@
 """Seeded random quantized-conv setups for the bit-exactness tests (an independent generator:
-it draws integer codes and qparams directly, it does not use qconvdiag.generate)."""
+it draws integer codes and qparams directly, it does not use qconvdiag.casefile.generate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qconvdiag.case import Geometry
-from qconvdiag.qparams import QParams, per_tensor
+from qconvdiag.quantization.qparams import QParams, per_tensor
 
 
 @dataclass

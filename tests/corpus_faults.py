@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from qconvdiag.arithmetic.float_conv import conv64
 from qconvdiag.case import ConvCase, ModuleState, QuantSetup, build_case
-from qconvdiag.float_conv import conv64
-from qconvdiag.qparams import QParams, make_qparams, per_tensor, quantize
+from qconvdiag.quantization.qparams import QParams, make_qparams, per_tensor, quantize
 from tests.corpus import _input, _weight
 
 
@@ -119,7 +119,7 @@ def _group(code: str, triggers: list[tuple[str, Callable[[], ConvCase], str]],
 
 
 def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
-    from qconvdiag.generate import forum_case
+    from qconvdiag.casefile.generate import forum_case
 
     L1, L2, L3 = layer(1), layer(2, inputs="normal"), layer(3, "conv1d", "uniform")
 

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from qconvdiag.emulate import emulate
-from qconvdiag.engines import probe, refusals, select_kernel
-from qconvdiag.torch_ref import run_conv
+from qconvdiag.arithmetic.emulate import emulate
+from qconvdiag.arithmetic.engines import probe, refusals, select_kernel
+from qconvdiag.arithmetic.torch_ref import run_conv
 from tests.cases import random_codes_case
 
 

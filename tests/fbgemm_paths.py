@@ -21,12 +21,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qconvdiag.accumulate import EXACT, PAIRS_K
+from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_K
+from qconvdiag.arithmetic.emulate import emulate
+from qconvdiag.arithmetic.engines import fbgemm_conv_path, probe, select_kernel
+from qconvdiag.arithmetic.torch_ref import run_conv
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import emulate
-from qconvdiag.engines import fbgemm_conv_path, probe, select_kernel
-from qconvdiag.qparams import QParams, per_tensor
-from qconvdiag.torch_ref import run_conv
+from qconvdiag.quantization.qparams import QParams, per_tensor
 
 
 @dataclass(frozen=True)

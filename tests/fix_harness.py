@@ -12,15 +12,15 @@ import warnings
 from typing import Any
 
 from qconvdiag.case import ConvCase
-from qconvdiag.paths import ProductionOptions, build_as_given, build_production
+from qconvdiag.quantization.paths import ProductionOptions, build_as_given, build_production
 
 
 def user_script(case: ConvCase, engine: str) -> dict[str, Any]:
     """The objects a user's script holds for this case, built with torch."""
     import torch
 
-    from qconvdiag.evidence import exec_weight_qparams
-    from qconvdiag.torch_ref import quantized_tensor
+    from qconvdiag.arithmetic.torch_ref import quantized_tensor
+    from qconvdiag.measure.evidence import exec_weight_qparams
 
     g = case.geometry
     dims = case.spatial_dims

@@ -22,11 +22,11 @@ import sys
 
 import numpy as np
 
+from qconvdiag.arithmetic.emulate import emulate
+from qconvdiag.arithmetic.engines import LayerAttrs, probe, probe_pt2e, select_kernel
+from qconvdiag.arithmetic.torch_ref import run_conv
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import emulate
-from qconvdiag.engines import LayerAttrs, probe, probe_pt2e, select_kernel
-from qconvdiag.qparams import QParams, make_qparams
-from qconvdiag.torch_ref import run_conv
+from qconvdiag.quantization.qparams import QParams, make_qparams
 
 CHANNELS = 512
 ENGINES = ("x86", "onednn", "fbgemm", "qnnpack", "x86_inductor")

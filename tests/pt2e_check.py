@@ -19,10 +19,10 @@ import sys
 
 import numpy as np
 
-from qconvdiag.emulate import emulate
-from qconvdiag.engines import LayerAttrs, probe_pt2e, select_kernel
-from qconvdiag.qparams import QParams, per_tensor
-from qconvdiag.torch_ref import run_inductor_conv
+from qconvdiag.arithmetic.emulate import emulate
+from qconvdiag.arithmetic.engines import LayerAttrs, probe_pt2e, select_kernel
+from qconvdiag.arithmetic.torch_ref import run_inductor_conv
+from qconvdiag.quantization.qparams import QParams, per_tensor
 from tests.cases import CodesCase, random_codes_case
 
 ENGINE = "x86_inductor"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from qconvdiag import Options, diagnose
-from qconvdiag.budget import input_noise_gain, weight_noise_gains
 from qconvdiag.case import build_case
-from qconvdiag.generate import forum_case
+from qconvdiag.casefile.generate import forum_case
+from qconvdiag.measure.budget import input_noise_gain, weight_noise_gains
 from tests.conftest import FLOOR_MODEL_RANGE
 from tests.corpus import healthy_layer, healthy_specs
 

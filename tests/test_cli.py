@@ -274,7 +274,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize("args, fragment", BAD_ARGUMENTS,
                          ids=[" ".join(x for x in a if x != FORUM) for a, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_refused_before_any_work(monkeypatch, args, fragment):
-    import qconvdiag.generate
+    import qconvdiag.casefile.generate
     import qconvdiag.io
 
     def work(*args, **kwargs):
@@ -282,7 +282,7 @@ def test_bad_arguments_are_refused_before_any_work(monkeypatch, args, fragment):
 
     monkeypatch.setattr(qconvdiag.io, "load_case", work)
     monkeypatch.setattr(qconvdiag.io, "read_mapping", work)  # case files and model bundles
-    monkeypatch.setattr(qconvdiag.generate, "generate", work)
+    monkeypatch.setattr(qconvdiag.casefile.generate, "generate", work)
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
     assert fragment in r.stderr, r.stderr

@@ -6,11 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qconvdiag.arithmetic.emulate import emulate
+from qconvdiag.arithmetic.engines import (
+    DEPTHWISE,
+    DEPTHWISE_FAST,
+    layer_class,
+    probe,
+    select_kernel,
+)
+from qconvdiag.arithmetic.torch_ref import run_conv
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import emulate
-from qconvdiag.engines import DEPTHWISE, DEPTHWISE_FAST, layer_class, probe, select_kernel
-from qconvdiag.qparams import per_tensor
-from qconvdiag.torch_ref import run_conv
+from qconvdiag.quantization.qparams import per_tensor
 
 
 def test_fast_path_shapes_are_classified():

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qconvdiag.accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K, pair_list
+from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K, pair_list
+from qconvdiag.arithmetic.emulate import Kernel, emulate
+from qconvdiag.arithmetic.engines import ACCEPTANCE, probe, select_kernel
+from qconvdiag.arithmetic.torch_ref import run_conv
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import Kernel, emulate
-from qconvdiag.engines import ACCEPTANCE, probe, select_kernel
-from qconvdiag.qparams import QParams, per_tensor
-from qconvdiag.torch_ref import run_conv
+from qconvdiag.quantization.qparams import QParams, per_tensor
 from tests.conftest import CODES_MAX_MISMATCH
 from tests.emulation_check import check
 
@@ -150,7 +150,7 @@ def test_acceptance_table_row_matches_torch(row):
 
 
 def test_seed_case_matches_torch_on_every_engine():
-    from qconvdiag.generate import forum_case
+    from qconvdiag.casefile.generate import forum_case
 
     case = forum_case()
     s = case.setup
@@ -203,7 +203,7 @@ def test_whole_pipeline_matches_torch_on_generated_cases(seed):
     """Random cases through both paths on every engine: torch's output equals the emulation.
     Seed 28 (int inputs, 4x4 kernel) pins oneDNN's order of scales (source, then weight)."""
     from qconvdiag import Options, diagnose
-    from qconvdiag.generate import DISTRIBUTIONS, RandomSpec, generate
+    from qconvdiag.casefile.generate import DISTRIBUTIONS, RandomSpec, generate
 
     for s in (seed, 28) if seed == 27 else (seed,):
         for recipe in (None, "handmade"):
@@ -234,7 +234,7 @@ def test_onednn_multiplies_by_the_reciprocal_output_scale():
 def test_pair_saturation_blocks_and_count_only_agree(accumulation, monkeypatch):
     """Blocking the output channels (down to one at a time) and counting only give the same
     correction and count as one block; the correction is the int64 sum over pairs."""
-    from qconvdiag import accumulate as em_mod
+    from qconvdiag.arithmetic import accumulate as em_mod
     from qconvdiag.case import Geometry
 
     rng = np.random.default_rng(11)

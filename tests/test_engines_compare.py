@@ -9,9 +9,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from qconvdiag.generate import forum_case
+from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import save_case
-from qconvdiag.qparams import per_tensor
+from qconvdiag.quantization.qparams import per_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_engines_share_work_without_changing_results():
     """--engine all reuses engine-independent results; each engine's report is the one a
     single-engine run gives."""
     from qconvdiag import Options, diagnose
-    from qconvdiag.generate import RandomSpec, generate
+    from qconvdiag.casefile.generate import RandomSpec, generate
 
     case = generate(RandomSpec(seed=4, recipe="handmade"))
     every = diagnose(case, Options(engine="all"))
@@ -68,7 +68,7 @@ def test_the_report_says_which_kernel_ran_which_part():
     """x86 hands the forum's asymmetric weight (zero point -14) to fbgemm; its module's weight
     (zero point 0) goes to onednn where the CPU has VNNI."""
     from qconvdiag import Options, diagnose
-    from qconvdiag.engines import probe
+    from qconvdiag.arithmetic.engines import probe
 
     report = diagnose(forum_case(), Options(engine="x86"))
     p = report.path("as_given").to_dict()

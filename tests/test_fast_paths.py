@@ -7,11 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qconvdiag import accumulate
-from qconvdiag.blocks import blocks
-from qconvdiag.case import Geometry, build_case
-from qconvdiag.diagnosis import Options, diagnose_runs
-from qconvdiag.float_conv import (
+from qconvdiag.arithmetic import accumulate
+from qconvdiag.arithmetic.float_conv import (
     ChannelSparse,
     DequantizedInput,
     _conv_sparse_input,
@@ -20,9 +17,12 @@ from qconvdiag.float_conv import (
     conv_diff,
     conv_diff_any,
 )
-from qconvdiag.generate import RandomSpec, generate
-from qconvdiag.qparams import dequantize, make_qparams, quantize
-from qconvdiag.reference import input_steps
+from qconvdiag.case import Geometry, build_case
+from qconvdiag.casefile.generate import RandomSpec, generate
+from qconvdiag.diagnosis import Options, diagnose_runs
+from qconvdiag.measure.blocks import blocks
+from qconvdiag.measure.reference import input_steps
+from qconvdiag.quantization.qparams import dequantize, make_qparams, quantize
 from tests.conftest import REFERENCE_RTOL
 
 
@@ -54,7 +54,7 @@ def test_realistic_layer_reference_and_stages():
     """A ResNet-like layer with a user setup that clips a few inputs and weights: the sparse
     routes run, the reference stays float64-accurate, the ladder still telescopes."""
     from qconvdiag.case import QuantSetup
-    from qconvdiag.qparams import make_qparams
+    from qconvdiag.quantization.qparams import make_qparams
 
     rng = np.random.default_rng(0)
     x = np.maximum(rng.standard_normal((1, 32, 20, 20)), 0).astype(np.float32)
@@ -113,7 +113,7 @@ def test_dequantized_input_equals_the_dequantized_array(per_channel, monkeypatch
     """conv_diff of dequant(codes) formed lazily (float64 per channel, float32 for a conv) gives
     the numbers of the materialised float64 array, on every route (sparse weight, sparse
     input, dense conv)."""
-    from qconvdiag import float_conv
+    from qconvdiag.arithmetic import float_conv
 
     rng = np.random.default_rng(3)
     g = Geometry((1, 1), (1, 1), (1, 1), 1)
@@ -144,7 +144,7 @@ def test_channel_sparse_scatter_equals_the_dense_one(monkeypatch):
     """A few clipped weights feeding a few output channels: the compact result stores those
     channels only; densified, read block by block, and its energy added to another
     array, it gives the dense scatter's numbers."""
-    from qconvdiag import blocks as blocks_module
+    from qconvdiag.measure import blocks as blocks_module
 
     rng = np.random.default_rng(8)
     g = Geometry((1, 1), (1, 1), (1, 1), 1)

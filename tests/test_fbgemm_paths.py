@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qconvdiag.accumulate import EXACT, PAIRS_K
-from qconvdiag.case import Geometry
-from qconvdiag.engines import (
+from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_K
+from qconvdiag.arithmetic.engines import (
     FBGEMM_DEPTHWISE,
     FBGEMM_GEMM,
     FBGEMM_GROUPWISE,
@@ -21,6 +20,7 @@ from qconvdiag.engines import (
     fbgemm_groups_together,
     layer_class,
 )
+from qconvdiag.case import Geometry
 from tests.conftest import CODES_MAX_MISMATCH
 from tests.fbgemm_paths import CASES, check
 
@@ -108,10 +108,10 @@ def test_layers_the_groupwise_kernel_would_overrun_are_not_run():
     with heap corruption; qconvdiag does not call torch there and says why."""
     import numpy as np
 
+    from qconvdiag.arithmetic.torch_ref import run_conv
     from qconvdiag.case import build_case
     from qconvdiag.diagnosis import Options, diagnose
-    from qconvdiag.qparams import per_tensor
-    from qconvdiag.torch_ref import run_conv
+    from qconvdiag.quantization.qparams import per_tensor
 
     together = fbgemm_groups_together(4, 4)
     x, w = np.full((1, 4 * (together + 1), 5, 5), 10), np.full((4 * (together + 1), 4, 3, 3), 3)

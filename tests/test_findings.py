@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qconvdiag import Options, diagnose
+from qconvdiag.arithmetic.engines import refusals
 from qconvdiag.case import build_case
-from qconvdiag.engines import refusals
-from qconvdiag.generate import forum_case
+from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import load_case
 from tests.corpus import healthy_layer
 from tests.corpus_faults import layer, qp
@@ -179,7 +179,7 @@ def test_per_channel_weight_along_axis_1_is_explained_not_a_crash(out_channels):
     """2 scales along axis 1: with 2 output channels torch accepts it silently (and applies
     them per output channel); with 3 it refuses. Either way the report says so (QCD025)."""
     from qconvdiag.case import QuantSetup
-    from qconvdiag.qparams import make_qparams
+    from qconvdiag.quantization.qparams import make_qparams
 
     rng = np.random.default_rng(0)
     case = build_case(
@@ -201,7 +201,7 @@ def test_fused_relu_outputs_below_zero_are_not_saturation():
     import dataclasses
 
     from qconvdiag.case import QuantSetup
-    from qconvdiag.qparams import make_qparams
+    from qconvdiag.quantization.qparams import make_qparams
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qconvdiag.arithmetic.float_conv import conv64
+from qconvdiag.casefile.generate import DISTRIBUTIONS, RandomSpec, forum_case, generate
 from qconvdiag.errors import UsageError
-from qconvdiag.float_conv import conv64
-from qconvdiag.generate import DISTRIBUTIONS, RandomSpec, forum_case, generate
 from qconvdiag.io import save_case
 
 

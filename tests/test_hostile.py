@@ -16,7 +16,7 @@ from qconvdiag import Options, diagnose
 from qconvdiag.case import QuantSetup, build_case
 from qconvdiag.errors import CaseError, CaseFileError
 from qconvdiag.io import load_case, save_case
-from qconvdiag.qparams import make_qparams
+from qconvdiag.quantization.qparams import make_qparams
 
 ROOT = Path(__file__).resolve().parents[1]
 FORUM = ROOT / "samples" / "forum_conv.pt"
@@ -78,7 +78,7 @@ def test_max_elements_guard_and_how_to_raise_it():
      "'weight' has 1,800,000"),
 ])
 def test_random_checks_shapes_against_the_guard_before_making_tensors(monkeypatch, args, name):
-    import qconvdiag.generate as generate
+    import qconvdiag.casefile.generate as generate
 
     def no_tensors(*args, **kwargs):
         raise AssertionError("a tensor was made before the size check")

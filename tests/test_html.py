@@ -147,7 +147,7 @@ def test_the_forum_page_is_within_its_budget(forum):
 
 
 def test_a_large_layer_is_downsampled_and_says_so():
-    from qconvdiag.generate import RandomSpec, generate
+    from qconvdiag.casefile.generate import RandomSpec, generate
 
     case = generate(RandomSpec(seed=4, input_shape=(1, 2, 130, 70), weight_shape=(3, 2, 1, 1),
                                stride=1, padding=0, dilation=1))

@@ -10,7 +10,7 @@ import pytest
 
 from qconvdiag.diagnosis import run_diagnosis
 from qconvdiag.io import load_case
-from qconvdiag.qparams import QParams
+from qconvdiag.quantization.qparams import QParams
 from qconvdiag.render import html_data as data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from qconvdiag.metrics import error_metrics, shares_from_energies
+from qconvdiag.measure.metrics import error_metrics, shares_from_energies
 
 
 def test_zero_error_has_no_sqnr_and_full_cosine():

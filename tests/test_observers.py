@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.ao.quantization.observer import HistogramObserver
 
-from qconvdiag.observers import accelerate
+from qconvdiag.quantization.observers import accelerate
 
 
 @pytest.mark.parametrize("seed", range(16))

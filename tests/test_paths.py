@@ -8,8 +8,8 @@ import pytest
 
 from qconvdiag.case import QuantSetup, build_case
 from qconvdiag.diagnosis import Options, diagnose
-from qconvdiag.paths import conv_output_qparams
-from qconvdiag.qparams import per_tensor
+from qconvdiag.quantization.paths import conv_output_qparams
+from qconvdiag.quantization.qparams import per_tensor
 
 
 def test_output_qparams_of_another_dtype_run_as_quint8():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qconvdiag import pt2e
+from qconvdiag.arithmetic import pt2e
 from qconvdiag.errors import MissingExtraError, QconvdiagError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_torchao_imports_without_a_word():
     """torchao 0.18 logs "Failed to load ..." for its CUDA-only extensions and torch a
     deprecation for one of its enums: require_torchao lets none of it through."""
     assert pt2e.torchao_available(), "make test installs the pt2e extra"
-    code = ("from qconvdiag.pt2e import require_torchao; m = require_torchao(); "
+    code = ("from qconvdiag.arithmetic.pt2e import require_torchao; m = require_torchao(); "
             "import torchao.quantization.pt2e.quantize_pt2e as q; "
             "assert hasattr(q, 'convert_pt2e')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -37,7 +37,7 @@ def test_torchao_imports_without_a_word():
 
 
 def test_import_qconvdiag_does_not_import_torchao():
-    code = "import sys, qconvdiag, qconvdiag.pt2e; print('torchao' in sys.modules)"
+    code = "import sys, qconvdiag, qconvdiag.arithmetic.pt2e; print('torchao' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"

@@ -8,9 +8,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from qconvdiag.arithmetic.fp32 import fma32
 from qconvdiag.errors import QParamsError
-from qconvdiag.fp32 import fma32
-from qconvdiag.qparams import dequantize, from_mapping, make_qparams, quantize
+from qconvdiag.quantization.qparams import dequantize, from_mapping, make_qparams, quantize
 
 
 def _torch_codes(x, scale, zp, dtype, axis=None):

@@ -55,7 +55,7 @@ def test_the_worker_pool_survives_a_fork():
     import os
     import signal
 
-    from qconvdiag.metrics import CHUNK, accumulate
+    from qconvdiag.measure.metrics import CHUNK, accumulate
 
     r = np.ones(4 * CHUNK)
     assert accumulate(lambda sl: r[sl], r).n == r.size  # the pool exists now
@@ -78,8 +78,8 @@ def test_torch_warnings_belong_to_the_diagnosis_that_raised_them(monkeypatch):
 
     import qconvdiag.diagnosis as d
     from qconvdiag import Options, diagnose
-    from qconvdiag.generate import forum_case
-    from qconvdiag.torch_ref import capture_warnings
+    from qconvdiag.arithmetic.torch_ref import capture_warnings
+    from qconvdiag.casefile.generate import forum_case
 
     with capture_warnings() as outer:
         with capture_warnings() as inner:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qconvdiag.arithmetic.float_conv import conv64
+from qconvdiag.casefile.generate import RandomSpec, forum_case, generate
 from qconvdiag.diagnosis import Options, diagnose_runs
-from qconvdiag.float_conv import conv64
-from qconvdiag.generate import RandomSpec, forum_case, generate
-from qconvdiag.metrics import error_metrics, summary
-from qconvdiag.stages import STAGE_IDS
+from qconvdiag.measure.metrics import error_metrics, summary
+from qconvdiag.measure.stages import STAGE_IDS
 from tests.conftest import REFERENCE_RTOL, TELESCOPE_RTOL
 
 
@@ -81,7 +81,7 @@ def test_streamed_metrics_equal_the_metrics_of_the_whole_arrays(seed, monkeypatc
     """The ladder measures block by block on two threads; its delta and cumulative metrics
     must be those of the whole state arrays, its output summary that of the whole final
     output, with or without the arrays kept. Small blocks (CHUNK) make many of them."""
-    from qconvdiag import blocks, metrics
+    from qconvdiag.measure import blocks, metrics
 
     monkeypatch.setattr(blocks, "CHUNK", 37 + seed)  # blocks of part rows and of many rows
     case = generate(RandomSpec(seed=seed, recipe="handmade" if seed % 2 else None,

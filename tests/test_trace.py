@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from qconvdiag.arithmetic.engines import probe
+from qconvdiag.casefile.generate import RandomSpec, forum_case, generate
 from qconvdiag.cli import app
-from qconvdiag.engines import probe
 from qconvdiag.errors import UsageError
-from qconvdiag.generate import RandomSpec, forum_case, generate
 from qconvdiag.trace import trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_seed_trace_shows_saturated_pairs_on_saturating_engines():
 
 def test_trace_runs_one_path_not_the_whole_diagnosis(monkeypatch):
     import qconvdiag.diagnosis as d
-    from qconvdiag.generate import forum_case
+    from qconvdiag.casefile.generate import forum_case
     from qconvdiag.trace import trace
 
     calls = []
@@ -111,7 +111,7 @@ def test_trace_of_a_depthwise_window_whose_code_sum_leaves_int16():
     """fbgemm's depthwise kernel keeps each window's input code sum (for the weight zero
     point's correction) in saturating int16: a 7x5x5 window of codes near 255 passes 32767."""
     from qconvdiag.case import QuantSetup, build_case
-    from qconvdiag.qparams import per_tensor
+    from qconvdiag.quantization.qparams import per_tensor
 
     rng = np.random.default_rng(3)
     x = rng.uniform(2.0, 2.6, (1, 8, 7, 5, 5)).astype(np.float32)

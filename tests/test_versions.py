@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qconvdiag import Options, diagnose
-from qconvdiag.generate import forum_case
+from qconvdiag.casefile.generate import forum_case
 from qconvdiag.versions import VERIFIED_TORCH, torch_release, torch_verified
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qconvdiag.accumulate import EXACT, PAIRS_CHANNELS
+from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_CHANNELS
+from qconvdiag.arithmetic.emulate import Kernel, emulate
+from qconvdiag.arithmetic.engines import ENGINES, LayerAttrs, onednn_arithmetic, probe, probe_pt2e
+from qconvdiag.arithmetic.torch_ref import run_conv, run_inductor_conv
 from qconvdiag.case import Geometry
-from qconvdiag.emulate import Kernel, emulate
-from qconvdiag.engines import ENGINES, LayerAttrs, onednn_arithmetic, probe, probe_pt2e
-from qconvdiag.qparams import QParams, per_tensor
-from qconvdiag.torch_ref import run_conv, run_inductor_conv
+from qconvdiag.quantization.qparams import QParams, per_tensor
 from tests.conftest import CODES_MAX_MISMATCH
 from tests.pt2e_check import check
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CaseFileError
-from ..qparams import QParams
+from ..quantization.qparams import QParams
 
 FORMATS = (".pt", ".pth", ".npz", ".safetensors")
 TENSOR_KEYS = ("input", "weight", "bias", "qinput", "qweight", "qconv.weight", "qconv.bias")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..case import ConvCase, ModuleState, QuantSetup, build_case
 from ..errors import CaseError, CaseFileError, QParamsError
-from ..qparams import QParams, dequantize32, from_mapping
+from ..quantization.qparams import QParams, dequantize32, from_mapping
 from .entries import KNOWN_KEYS, Quantized
 
 

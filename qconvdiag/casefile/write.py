@@ -14,7 +14,7 @@ import numpy as np
 
 from ..case import ConvCase
 from ..errors import CaseFileError
-from ..qparams import CODE_DTYPES
+from ..quantization.qparams import CODE_DTYPES
 from ..writes import atomic_write
 from .entries import FORMATS, ST_DTYPES
 

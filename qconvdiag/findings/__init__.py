@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ..case import ConvCase
 from ..errors import UsageError
-from ..evidence import PathRun
+from ..measure.evidence import PathRun
 from ..report import SEVERITIES, Finding
 from . import (
     accumulation_rules,

@@ -58,7 +58,7 @@ def qcd061(ctx: Context) -> Iterator[Finding]:
 
 def qcd062(ctx: Context) -> Iterator[Finding]:
     """torch's own kernel would corrupt memory on this layer: it is not run, and says so."""
-    from ..engines import fbgemm_groupwise_overrun
+    from ..arithmetic.engines import fbgemm_groupwise_overrun
 
     case = ctx.case
     g = case.geometry

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..budget import FAR, MATERIAL, MOST
 from ..case import ConvCase
-from ..evidence import PathRun
+from ..measure.budget import FAR, MATERIAL, MOST
+from ..measure.evidence import PathRun
 from ..numbers import fmt as fmt  # the rules import it from here
 from ..report import Finding
 

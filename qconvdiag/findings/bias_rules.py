@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..evidence import PathRun
+from ..measure.evidence import PathRun
 from ..report import Finding
 from .base import Context, excess, finding, fmt, material, severity
 from .fixes import eager_flow

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arithmetic.engines import refusals
 from ..case import ConvCase
-from ..engines import refusals
 from ..errors import QconvdiagError
-from ..qparams import QParams, per_tensor
+from ..quantization.qparams import QParams, per_tensor
 from .base import conv_name, fmt, minmax_qparams
 
 #: Weight fixes are symmetric (zero point 0): accepted by every engine.

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..budget import ideal_step
-from ..qparams import clip_bounds
+from ..measure.budget import ideal_step
+from ..quantization.qparams import clip_bounds
 from ..report import Finding
 from .base import Context, excess, finding, fmt, material, severity
 from .fixes import input_fix

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..budget import output_span
-from ..evidence import PathRun
-from ..qparams import DTYPE_RANGES
+from ..measure.budget import output_span
+from ..measure.evidence import PathRun
+from ..quantization.qparams import DTYPE_RANGES
 from ..report import Finding
 from .base import Context, excess, finding, fmt, material, severity
 from .fixes import eager_flow, output_fix

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..budget import ideal_step
-from ..qparams import QParams, clip_bounds
+from ..measure.budget import ideal_step
+from ..quantization.qparams import QParams, clip_bounds
 from ..report import Finding
 from .base import Context, excess, finding, fmt, minmax_qparams, severity
 from .fixes import eager_flow, given_weight_fix, input_fix, output_fix, weight_fix

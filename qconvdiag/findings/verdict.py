@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..evidence import PathRun
+from ..measure.evidence import PathRun
 from ..report import SEVERITIES, Cause, Finding, Verdict
 
 #: Causes the verdict names at most.

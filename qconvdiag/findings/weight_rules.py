@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..evidence import PathRun
-from ..qparams import QParams, clip_bounds, dequantize
+from ..measure.evidence import PathRun
+from ..quantization.qparams import QParams, clip_bounds, dequantize
 from ..report import Finding
 from .base import Context, conv_name, excess, finding, fmt, material, severity
 from .fixes import given_weight_fix, per_channel_qconfig, weight_fix

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..case import ConvCase
 from ..errors import CaseFileError
-from ..qparams import CODE_DTYPES, QParams, compact_codes, from_mapping
+from ..quantization.qparams import CODE_DTYPES, QParams, compact_codes, from_mapping
 
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from ..budget import SAMPLE_RANGE
 from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
-from ..qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
+from ..measure.budget import SAMPLE_RANGE
+from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
 from .bundle import MODEL_INPUT_NOTE, LayerCapture, ModelBundle, save_bundle, with_model_range
 
 Progress = Callable[[str], None]
@@ -89,7 +89,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         say(f"capturing {name}")
         layers.append(_layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
                              ranges.get(name)))
-    from ..torch_ref import capture_warnings
+    from ..arithmetic.torch_ref import capture_warnings
 
     with capture_warnings():
         engine = torch.backends.quantized.engine
@@ -167,7 +167,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                     batches: list[Any], limit: int) -> dict[str, _Seen]:
     import torch
 
-    from ..torch_ref import capture_warnings
+    from ..arithmetic.torch_ref import capture_warnings
 
     seen = {name: _Seen() for name in pairs}
     outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
@@ -296,7 +296,7 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
     the conv or its folded BatchNorm, and whether a fused ReLU follows) over ``batches``."""
     import torch
 
-    from ..torch_ref import capture_warnings
+    from ..arithmetic.torch_ref import capture_warnings
 
     ranges: dict[str, tuple[float, float]] = {}
 

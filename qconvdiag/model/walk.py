@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
+from ..arithmetic.emulate import Kernel, emulate
+from ..arithmetic.engines import select_kernel
 from ..case import ConvCase
 from ..diagnosis import Diagnosis, Options, run_diagnosis
-from ..emulate import Kernel, emulate
-from ..engines import select_kernel
 from ..errors import UsageError
-from ..evidence import exec_weight_qparams
 from ..gate import FAIL_ON, LEVELS
+from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
+from ..measure.evidence import exec_weight_qparams
 from ..model_report import (
     ErrorSummary,
     LayerBreach,
@@ -39,8 +39,13 @@ from ..model_report import (
     ModelReport,
     UpstreamLoss,
 )
-from ..paths import PathSpec, ProductionOptions, conv_output_qparams, holds_float_weight
-from ..qparams import QParams, dequantize, dequantize32
+from ..quantization.paths import (
+    PathSpec,
+    ProductionOptions,
+    conv_output_qparams,
+    holds_float_weight,
+)
+from ..quantization.qparams import QParams, dequantize, dequantize32
 from ..report import Report
 from .bundle import LayerCapture, ModelBundle
 
@@ -100,7 +105,7 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
     import torch
 
     from .. import __version__
-    from ..cpu import cpu_info
+    from ..arithmetic.cpu import cpu_info
     from ..versions import unverified_torch_note
 
     options = options or WalkOptions()

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..case import ConvCase
 from ..diagnosis import Diagnosis
-from ..evidence import PathRun
+from ..measure.evidence import PathRun
 from ..numbers import table_number
 from ..report import Finding, PathReport, Report
 from . import html_charts as charts

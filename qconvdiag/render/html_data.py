@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evidence import PathRun
-from ..qparams import QParams, clip_bounds
+from ..measure.evidence import PathRun
+from ..quantization.qparams import QParams, clip_bounds
 from ..report import PathReport
 
 #: Largest side of an error heatmap (cells); a longer side is downsampled in blocks.

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..casefile.write import npz_bytes as encode_npz
-from ..evidence import OutputArrays
+from ..measure.evidence import OutputArrays
 from ..writes import atomic_write
 
 if TYPE_CHECKING:

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import ConvCase
-from .emulate import Emulation, Kernel
-from .paths import PathSpec
-from .qparams import QParams
-from .report import Budget, StageBudget
+from ..arithmetic.emulate import Emulation, Kernel
+from ..case import ConvCase
+from ..quantization.paths import PathSpec
+from ..quantization.qparams import QParams
+from ..report import Budget, StageBudget
 from .stages import StageResult
 
 #: A path whose RMSE is within this factor of its floor is at the floor: nothing to fix.
@@ -181,7 +181,7 @@ def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> b
 
 def input_error(x: np.ndarray, spec: PathSpec) -> float:
     """Mean square of dequant(input codes) - x, on the input itself (float units^2)."""
-    from .qparams import dequantize
+    from ..quantization.qparams import dequantize
 
     if spec.input_qparams.per_channel or x.size == 0:
         return float("inf")
@@ -377,8 +377,8 @@ def weight_candidates(case: ConvCase, spec: PathSpec) -> dict[str, float]:
     """Output RMSE of the weight's quantization error alone (applied to the float input) for the
     two ways to fix a per-tensor weight: a good per-tensor scale (symmetric, max|w| / 127.5) and
     per-channel symmetric weights. Each is one float32 conv of the weight difference."""
-    from .float_conv import conv_diff
-    from .qparams import dequantize, quantize
+    from ..arithmetic.float_conv import conv_diff
+    from ..quantization.qparams import dequantize, quantize
 
     w = case.weight
     out: dict[str, float] = {}

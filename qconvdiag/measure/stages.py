@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from ..arithmetic.emulate import Emulation
+from ..arithmetic.float_conv import ChannelSparse, conv64, conv_diff, conv_diff_any
+from ..case import ConvCase
+from ..quantization.qparams import QParams, dequantize
+from ..report import Metrics, OutputSummary, StageResult
 from .blocks import Block, as_rows, blocks, reader
-from .case import ConvCase
-from .emulate import Emulation
-from .float_conv import ChannelSparse, conv64, conv_diff, conv_diff_any
 from .metrics import (
     ErrorAccumulator,
     SummaryAccumulator,
@@ -42,9 +44,7 @@ from .metrics import (
     over_groups,
     shares_from_energies,
 )
-from .qparams import QParams, dequantize
 from .reference import input_steps, qsig, weight_clip_step
-from .report import Metrics, OutputSummary, StageResult
 
 STAGE_IDS = (
     "input_clipping",
@@ -163,7 +163,7 @@ def _weight_rungs(case: ConvCase, li: LadderInputs) -> tuple[list[Rung], float]:
     """Weight clipping and rounding. Everything up to weight rounding depends only on the
     input and weight qparams and codes, not on the engine: with several engines it is
     computed once (memo)."""
-    from .memo import memoized
+    from ..memo import memoized
 
     em, b = li.emulation, case.bias
     acc_scale = np.asarray(em.acc_scale, dtype=np.float64).reshape(-1)
@@ -375,7 +375,7 @@ class _Walk:
     """The plan's states and metrics, walked block by block."""
 
     def __init__(self, plan: Plan, li: LadderInputs, y0: np.ndarray, keep: bool) -> None:
-        from .memo import by_content, memoized
+        from ..memo import by_content, memoized
 
         self.plan, self.y0, self.keep = plan, y0, keep
         self.relu = li.relu

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import (
+from ..case import (
     ConvCase,
     ModuleState,
     QuantSetup,
@@ -20,8 +20,8 @@ from .case import (
     output_shape,
     validate_shapes,
 )
-from .errors import CaseError, UsageError
-from .qparams import make_qparams, per_tensor, quantize
+from ..errors import CaseError, UsageError
+from ..quantization.qparams import make_qparams, per_tensor, quantize
 
 DISTRIBUTIONS = ("normal", "uniform", "relu", "int", "heavy")
 RECIPES = ("forum", "handmade")
@@ -160,7 +160,7 @@ def _draw_tensor(rng: np.random.Generator, shape: tuple[int, ...], dist: str) ->
 
 def _check_shapes(geo: dict[str, object], source: str, max_elements: int) -> None:
     """The drawn shapes against the conv's rules and the element guard, before any tensor."""
-    from .io import guard_message
+    from ..io import guard_message
 
     in_shape: tuple[int, ...] = geo["input_shape"]  # type: ignore[assignment]
     w_shape: tuple[int, ...] = geo["weight_shape"]  # type: ignore[assignment]
@@ -176,7 +176,7 @@ def _check_shapes(geo: dict[str, object], source: str, max_elements: int) -> Non
 
 def random_case(spec: RandomSpec, max_elements: int | None = None) -> ConvCase:
     """A random float case (no user setup): tensors and geometry drawn from ``spec.seed``."""
-    from .io import MAX_ELEMENTS
+    from ..io import MAX_ELEMENTS
 
     if spec.distribution not in DISTRIBUTIONS:
         raise UsageError(
@@ -246,7 +246,7 @@ def forum_case() -> ConvCase:
 
     import torch
 
-    from .torch_ref import capture_warnings
+    from ..arithmetic.torch_ref import capture_warnings
 
     state = torch.random.get_rng_state()
     try:

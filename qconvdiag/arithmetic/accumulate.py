@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from .case import Geometry, output_shape
+from ..case import Geometry, output_shape
 from .torch_ref import conv_function
 
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -214,7 +214,7 @@ def shared_exact_accumulator(
 ) -> np.ndarray:
     """``exact_accumulator``, computed once per diagnosis for the same codes and zero points
     (the float reference, every engine and the trace share it). Never modify the result."""
-    from .memo import memoized
+    from ..memo import memoized
 
     zps = tuple(int(v) for v in np.asarray(w_zp).reshape(-1))
 

@@ -66,7 +66,7 @@ def accelerate(observer: Any) -> Any:
     elsewhere torch's private method may have changed, and torch's own search runs."""
     from torch.ao.quantization.observer import HistogramObserver
 
-    from .versions import torch_verified
+    from ..versions import torch_verified
 
     if isinstance(observer, HistogramObserver) and torch_verified() and hasattr(
             observer, "_non_linear_param_search"):

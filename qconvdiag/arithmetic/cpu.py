@@ -3,8 +3,8 @@ accumulation as the run-time probe (engines.probe) found it."""
 
 from __future__ import annotations
 
+from ..report import CpuInfo, EngineOnCpu
 from .engines import probe
-from .report import CpuInfo, EngineOnCpu
 
 #: Flags that change the quantized kernels' arithmetic (VNNI: exact int32 accumulation).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")

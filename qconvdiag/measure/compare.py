@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Geometry
-from .engines import ENGINES, refusal_message, refusals
+from ..arithmetic.engines import ENGINES, refusal_message, refusals
+from ..arithmetic.torch_ref import run_conv
+from ..case import Geometry
+from ..quantization.paths import PathSpec
+from ..quantization.qparams import QParams
+from ..report import EngineRow
 from .evidence import PathRun, exec_weight_qparams
-from .paths import PathSpec
-from .qparams import QParams
-from .report import EngineRow
-from .torch_ref import run_conv
 
 #: Outputs closer than this (in the reference's output steps) count as the same: two engines'
 #: grids (127 * 6.3283 and 255 * 3.1517 for 803.69) rarely meet exactly, and a hundredth of a

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .report import Metrics, OutputSummary
+from ..report import Metrics, OutputSummary
 
 T = TypeVar("T")
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..case import Geometry
+from ..quantization.qparams import QParams, per_tensor
 from .accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K
-from .case import Geometry
 from .emulate import Kernel
-from .qparams import QParams, per_tensor
 
 ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 #: Engines of torch's PT2E flow, outside ``torch.backends.quantized``: ``x86_inductor`` is the
@@ -408,9 +408,9 @@ def onednn_arithmetic(engine: str, input_shape: tuple[int, ...], weight_shape: t
     ulps) until two candidates give different outputs, alternately the scale product against
     the scales in turn, and the reciprocal against the division. About one conv per try.
     """
+    from ..quantization.qparams import QParams
     from .emulate import emulate
     from .fp32 import add32, div32, f32, mul32, recip32
-    from .qparams import QParams
     from .torch_ref import run_inductor_conv
 
     rng = np.random.default_rng(0)

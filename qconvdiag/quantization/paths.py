@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .case import ConvCase, ModuleState
-from .errors import QParamsError, UsageError
+from ..arithmetic.torch_ref import capture_warnings, conv_function
+from ..case import ConvCase, ModuleState
+from ..errors import QParamsError, UsageError
 from .qparams import QParams, compact_codes, per_tensor, quantize
-from .torch_ref import capture_warnings, conv_function
 
 OBSERVERS = ("histogram", "minmax", "moving_average")
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .case import Geometry
-from .emulate import Emulation, Kernel
-from .paths import PathSpec
-from .qparams import QParams
-from .report import PathReport
+from ..arithmetic.emulate import Emulation, Kernel
+from ..case import Geometry
+from ..quantization.paths import PathSpec
+from ..quantization.qparams import QParams
+from ..report import PathReport
 from .stages import Ladder
 
 
@@ -79,7 +79,7 @@ def saturation_without_vnni(spec: PathSpec, kernel: Kernel, g: Geometry) -> int 
     """How many int16 pair sums the path's codes would saturate on a CPU without AVX512-VNNI,
     where fbgemm/x86 sum raw u8 * s8 products pairwise along K (measured only when this CPU
     accumulates the path exactly; qnnpack never pairs)."""
-    from .accumulate import EXACT, PAIRS_K, pair_saturation
+    from ..arithmetic.accumulate import EXACT, PAIRS_K, pair_saturation
 
     if kernel.kernel == "qnnpack" or kernel.accumulation != EXACT:
         return None

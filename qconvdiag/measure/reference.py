@@ -11,11 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from ..arithmetic.float_conv import (
+    ChannelSparse,
+    DequantizedInput,
+    conv64,
+    conv_diff,
+    conv_diff_any,
+)
+from ..case import ConvCase
+from ..quantization.qparams import QParams, clip_bounds, dequantize
 from .blocks import Block, as_rows, blocks, reader
-from .case import ConvCase
-from .float_conv import ChannelSparse, DequantizedInput, conv64, conv_diff, conv_diff_any
 from .metrics import over_groups
-from .qparams import QParams, clip_bounds, dequantize
 
 
 def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
@@ -25,7 +31,7 @@ def input_steps(case: ConvCase, qp: QParams, codes: np.ndarray
 
     The clipping part is usually sparse (a scatter in float64), the rounding part is bounded
     by half a step (a float32 conv). Computed once per diagnosis for the same codes."""
-    from .memo import memoized
+    from ..memo import memoized
 
     def compute() -> tuple[np.ndarray | None, np.ndarray, bool]:
         x, w, g = case.input, case.weight, case.geometry
@@ -54,7 +60,7 @@ def weight_clip_step(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: Q
                      w_codes: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray | ChannelSparse | None]:
     """(clip(w) - w, conv(dequant(x_codes), clip(w) - w) or None when nothing clips)."""
-    from .memo import memoized
+    from ..memo import memoized
 
     def compute() -> tuple[np.ndarray, np.ndarray | ChannelSparse | None]:
         w = case.weight
@@ -86,7 +92,7 @@ def float_reference(case: ConvCase, x_qp: QParams, x_codes: np.ndarray, w_qp: QP
     would cost 4-5 float32 convs. ``w_qp`` must be per tensor or per output channel (axis 0)
     with zero points in range, else the float64 conv is used.
     """
-    from .accumulate import shared_exact_accumulator
+    from ..arithmetic.accumulate import shared_exact_accumulator
 
     g = case.geometry
     zx = int(x_qp.zero_point[0])

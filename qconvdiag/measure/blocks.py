@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .float_conv import ChannelSparse
+from ..arithmetic.float_conv import ChannelSparse
 from .metrics import CHUNK
 
 

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..case import Geometry
+from ..measure.metrics import over_chunks
+from ..quantization.qparams import QParams, dequantize
 from .accumulate import pad_spatial, tap_views
-from .case import Geometry
-from .metrics import over_chunks
-from .qparams import QParams, dequantize
 from .torch_ref import conv_function
 
 if TYPE_CHECKING:
-    from .blocks import Block
+    from ..measure.blocks import Block
 
 
 #: torch's float64 conv unfolds the whole input (im2col); above this many bytes of im2col the
@@ -27,7 +27,7 @@ IM2COL_BYTES = 16 * 2**20
 
 def conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, g: Geometry) -> np.ndarray:
     """The float reference: conv in float64 (input channels chunked when im2col would be big)."""
-    from .case import output_shape
+    from ..case import output_shape
 
     out_sp = output_shape(x.shape, w.shape, g)[2:]
     taps = int(np.prod(w.shape[2:]))
@@ -66,7 +66,7 @@ def conv_diff_any(x: np.ndarray | DequantizedInput, w: np.ndarray, g: Geometry,
     ``compact``: a weight scatter that touches few output channels comes back as a
     ``ChannelSparse`` (only those channels stored).
     """
-    from .case import output_shape
+    from ..case import output_shape
 
     shape = output_shape(x.shape, w.shape, g)
     nx, nw = _count_nonzero(x), np.count_nonzero(w)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .case import Geometry
-from .qparams import QParams
+from ..case import Geometry
+from ..quantization.qparams import QParams
 
 
 @dataclass
