@@ -144,7 +144,7 @@ def test_channel_sparse_scatter_equals_the_dense_one(monkeypatch):
     """A few clipped weights feeding a few output channels: the compact result stores those
     channels only; densified, read block by block, and its energy added to another
     array, it gives the dense scatter's numbers."""
-    from qconvdiag.measure import blocks as blocks_module
+    from qconvdiag import parallel as blocks_module  # blocks() and BLOCK live there
 
     rng = np.random.default_rng(8)
     g = Geometry((1, 1), (1, 1), (1, 1), 1)
@@ -156,10 +156,10 @@ def test_channel_sparse_scatter_equals_the_dense_one(monkeypatch):
     assert isinstance(compact, ChannelSparse) and list(compact.channels) == [1, 5]
     assert np.array_equal(compact.dense(), dense)
     rows = dense.reshape(2 * 8, -1)
-    monkeypatch.setattr(blocks_module, "CHUNK", 20)  # blocks of part rows
+    monkeypatch.setattr(blocks_module, "BLOCK", 20)  # blocks of part rows
     for k in blocks(dense.shape) + blocks((2, 8, 9, 9))[:3]:
         assert np.array_equal(compact.block(k), k.of(rows))
-    monkeypatch.setattr(blocks_module, "CHUNK", 200)  # blocks of several rows
+    monkeypatch.setattr(blocks_module, "BLOCK", 200)  # blocks of several rows
     for k in blocks(dense.shape):
         assert np.array_equal(compact.block(k), k.of(rows))
     base = rng.standard_normal(rows.shape)

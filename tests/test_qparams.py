@@ -8,8 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from qconvdiag.arithmetic.fp32 import fma32
 from qconvdiag.errors import QParamsError
+from qconvdiag.fp32 import fma32
 from qconvdiag.quantization.qparams import dequantize, from_mapping, make_qparams, quantize
 
 

@@ -80,10 +80,11 @@ def _close(a, b):
 def test_streamed_metrics_equal_the_metrics_of_the_whole_arrays(seed, monkeypatch):
     """The ladder measures block by block on two threads; its delta and cumulative metrics
     must be those of the whole state arrays, its output summary that of the whole final
-    output, with or without the arrays kept. Small blocks (CHUNK) make many of them."""
-    from qconvdiag.measure import blocks, metrics
+    output, with or without the arrays kept. Small blocks (BLOCK) make many of them."""
+    from qconvdiag import parallel
+    from qconvdiag.measure import metrics
 
-    monkeypatch.setattr(blocks, "CHUNK", 37 + seed)  # blocks of part rows and of many rows
+    monkeypatch.setattr(parallel, "BLOCK", 37 + seed)  # blocks of part rows and of many rows
     case = generate(RandomSpec(seed=seed, recipe="handmade" if seed % 2 else None,
                                distribution=["normal", "relu", "int", "heavy"][seed % 4]))
     kept, _ = diagnose_runs(case, Options(keep_arrays=True))

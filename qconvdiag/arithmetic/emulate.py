@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..case import Geometry
+from ..fp32 import add32, div32, f32, fma32, mul32, recip32
 from ..quantization.qparams import QParams, quantize
 from .accumulate import (
     EXACT,
@@ -43,7 +44,6 @@ from .accumulate import (
     row_sum_saturation,
     shared_exact_accumulator,
 )
-from .fp32 import add32, div32, f32, fma32, mul32, recip32
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def _requantize_split(requantize: Callable[..., tuple[Any, ...]], args: tuple[An
     """``requantize(*args)`` over two halves of the output channels on two threads (every
     output channel is requantized on its own): (unclamped, output codes, multiplier,
     bias_real, bias_int). The pre-rounding values are dropped (``pre_round_fn``)."""
-    from ..measure.metrics import over_groups
+    from ..parallel import over_groups
 
     acc, bias, in_scale, w_scales, out_scale, out_zp, per_channel = args
     o = acc.shape[1]

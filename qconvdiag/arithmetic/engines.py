@@ -408,9 +408,9 @@ def onednn_arithmetic(engine: str, input_shape: tuple[int, ...], weight_shape: t
     ulps) until two candidates give different outputs, alternately the scale product against
     the scales in turn, and the reciprocal against the division. About one conv per try.
     """
+    from ..fp32 import add32, div32, f32, mul32, recip32
     from ..quantization.qparams import QParams
     from .emulate import emulate
-    from .fp32 import add32, div32, f32, mul32, recip32
     from .torch_ref import run_inductor_conv
 
     rng = np.random.default_rng(0)

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..case import Geometry
-from ..measure.metrics import over_chunks
+from ..parallel import over_chunks
 from ..quantization.qparams import QParams, dequantize
 from .accumulate import pad_spatial, tap_views
 from .torch_ref import conv_function
 
 if TYPE_CHECKING:
-    from ..measure.blocks import Block
+    from ..parallel import Block
 
 
 #: torch's float64 conv unfolds the whole input (im2col); above this many bytes of im2col the

@@ -9,7 +9,6 @@ here and handed back to the caller, never printed.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..case import Geometry
 from ..quantization.qparams import QParams
+from ..torch_calls import capture_warnings, conv_function  # noqa: F401
 
 
 @dataclass
@@ -33,38 +33,6 @@ class TorchRun:
     output_float: np.ndarray | None = None
     """float32: the output of a kernel that writes float32 (``x86_inductor`` with an fp32
     output); ``output_codes`` is then None."""
-
-
-#: The lists of every capture_warnings() scope now open, innermost last.
-_SCOPES: list[list[str]] = []
-
-
-@contextlib.contextmanager
-def capture_warnings() -> Iterator[list[str]]:
-    """Catch every warning raised inside (never printed); the list it yields gets the first
-    line of each, once, also of warnings caught by scopes opened inside it. A diagnosis opens
-    one scope, so its report holds its own warnings, not an earlier diagnosis's."""
-    mine: list[str] = []
-    _SCOPES.append(mine)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        try:
-            yield mine
-        finally:
-            for w in record:
-                text = str(w.message)
-                first = text.splitlines()[0] if text else type(w.message).__name__
-                for scope in _SCOPES:
-                    if first not in scope:
-                        scope.append(first)
-            del _SCOPES[next(i for i, x in enumerate(_SCOPES) if x is mine)]
-
-
-def conv_function(dims: int) -> Callable[..., Any]:
-    """torch's float conv for 1, 2 or 3 spatial dims: ``F.conv1d``, ``conv2d`` or ``conv3d``."""
-    import torch.nn.functional as F
-
-    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
 
 
 def quantized_conv(dims: int, relu: bool = False) -> tuple[Callable[..., Any], Callable[..., Any]]:

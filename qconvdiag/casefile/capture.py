@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..arithmetic.torch_ref import capture_warnings
 from ..case import ConvCase
 from ..errors import CaseError
+from ..torch_calls import capture_warnings
 from .pt_reader import tensor_to_numpy
 from .validate import case_from_mapping
 from .write import save_case

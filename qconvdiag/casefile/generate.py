@@ -246,7 +246,7 @@ def forum_case() -> ConvCase:
 
     import torch
 
-    from ..arithmetic.torch_ref import capture_warnings
+    from ..torch_calls import capture_warnings
 
     state = torch.random.get_rng_state()
     try:

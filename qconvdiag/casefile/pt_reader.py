@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..arithmetic.torch_ref import capture_warnings
 from ..errors import CaseError, CaseFileError, brief
 from ..quantization.qparams import QParams, per_tensor
+from ..torch_calls import capture_warnings
 from .entries import Quantized
 from .guards import MAX_ELEMENTS, check_zip, guard_message
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
+from ..parallel import CHUNK, SPLIT, chunks, over_chunks, over_groups  # noqa: F401
 from ..report import Metrics, OutputSummary
 
 T = TypeVar("T")
@@ -49,15 +50,6 @@ def error_metrics(
     return accumulate(lambda sl: e[sl], r).metrics(rr, lsb)
 
 
-#: Elements per chunk when metrics are accumulated: small enough to stay in cache, so the
-#: five reductions over a chunk cost one trip through memory instead of five.
-CHUNK = 1 << 16
-
-
-def chunks(n: int) -> list[slice]:
-    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
-
-
 def accumulate(error: Callable[[slice], np.ndarray], reference: np.ndarray
                ) -> ErrorAccumulator:
     """The error's metrics, produced chunk by chunk by ``error(slice)`` (1-d ``reference``;
@@ -70,45 +62,6 @@ def accumulate(error: Callable[[slice], np.ndarray], reference: np.ndarray
         return acc
 
     return merged(over_chunks(reference.size, work))
-
-
-#: The chunks of one pass are cut into this many contiguous groups, each on its own thread
-#: (numpy's loops and BLAS release the GIL: measured 1.6x on 2 cores). The cut is fixed, so the
-#: numbers do not depend on how many cores the machine has.
-SPLIT = 2
-_POOL: list[Any] = []
-
-
-def over_chunks(n: int, work: Callable[[list[slice]], T]) -> list[T]:
-    """``work`` over the chunks of ``n`` elements, one call per group (see SPLIT), in order."""
-    return over_groups(chunks(n), work)
-
-
-def over_groups(items: list[Any], work: Callable[[list[Any]], T]) -> list[T]:
-    """``work`` over SPLIT contiguous groups of ``items``, on threads, results in order."""
-    size = max(1, -(-len(items) // SPLIT))
-    groups = [items[i:i + size] for i in range(0, len(items), size)] or [[]]
-    if len(groups) == 1 or _cores() < 2:
-        return [work(g) for g in groups]
-    import os
-
-    if not _POOL or _POOL[0][0] != os.getpid():  # a forked child has no worker thread
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL[:] = [(os.getpid(), ThreadPoolExecutor(SPLIT - 1,
-                                                     thread_name_prefix="qconvdiag-metrics"))]
-    futures = [_POOL[0][1].submit(work, g) for g in groups[1:]]
-    first = work(groups[0])
-    return [first, *(f.result() for f in futures)]
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def merged(accs: list[ErrorAccumulator]) -> ErrorAccumulator:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..arithmetic.torch_ref import capture_warnings, conv_function
 from ..case import ConvCase, ModuleState
 from ..errors import QParamsError, UsageError
+from ..torch_calls import capture_warnings, conv_function
 from .qparams import QParams, compact_codes, per_tensor, quantize
 
 OBSERVERS = ("histogram", "minmax", "moving_average")

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..arithmetic.fp32 import add32, fma32, mul32
 from ..errors import QParamsError
+from ..fp32 import add32, fma32, mul32
 from ..report import QParamsReport
 
 #: Integer range of each quantized dtype torch offers, by name.
@@ -301,7 +301,7 @@ def _rint_fma32(x: np.ndarray, inv: np.ndarray, zp: np.ndarray) -> np.ndarray:
     only needs the exact float32 treatment where it lies within a float32 step of a .5 tie.
     Per-tensor (scalar ``inv`` and ``zp``) large tensors go block by block."""
     if inv.size == 1 and zp.size == 1 and x.size > QUANTIZE_BLOCK:
-        from ..measure.metrics import over_groups
+        from ..parallel import over_groups
 
         flat = np.ascontiguousarray(x).reshape(-1)
         out = np.empty(flat.size, dtype=np.int64)
