@@ -29,6 +29,7 @@ from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
 from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
 from ..measure.evidence import exec_weight_qparams
+from ..measure.metrics import chunked_energy, error_metrics
 from ..model_report import (
     ErrorSummary,
     LayerBreach,
@@ -277,19 +278,13 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
 
 
 def summarize(error: np.ndarray, reference: np.ndarray) -> ErrorSummary:
-    e = error.reshape(-1)
-    r = reference.reshape(-1)
-    ee, rr = _energy(e), _energy(r)
-    sqnr = None if ee == 0 or rr == 0 else 10 * math.log10(rr / ee)
-    return ErrorSummary(sqnr, math.sqrt(ee / max(e.size, 1)),
-                        float(np.abs(e).max()) if e.size else 0.0)
+    """SQNR, RMSE and max |error| (``metrics.error_metrics``, the ladder's own metrics)."""
+    m = error_metrics(error, reference, None)
+    return ErrorSummary(m.sqnr_db, m.rmse, m.max_abs)
 
 
 def _energy(v: np.ndarray) -> float:
-    """Sum of squares, accumulated in float64 chunk by chunk (float32 sums drift)."""
-    step = 1 << 18
-    return float(sum(np.dot(c, c) for c in (v[i:i + step].astype(np.float64)
-                                            for i in range(0, v.size, step))))
+    return chunked_energy(lambda sl: v[sl], v.size)
 
 
 def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized: np.ndarray,
