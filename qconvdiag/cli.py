@@ -193,6 +193,13 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs,
         from .render.html import render_html  # the plotting library: only for --html
 
         writes.write(outputs.html, render_html(diagnosis, case_file=case_file).encode("utf-8"))
+    _deliver(writes, text, report, diag, list(report.gate.breaches))
+
+
+def _deliver(writes: Any, text: str, report: Any, diag: DiagnosisArgs,
+             breaches: list[str]) -> None:
+    """Put the reserved files in place (all or none), print the report (JSON, or the terminal
+    view), and exit 1 when a gate was breached (naming each breach on stderr under --json)."""
     for dest in writes.commit():  # every file in place only when all were written
         _err(f"wrote {dest.path}")
     if diag.json_out:
@@ -204,7 +211,7 @@ def _diagnose_and_report(case: Any, diag: DiagnosisArgs, outputs: Outputs,
         sys.stdout.write(render_terminal(report, verbose=diag.verbose, width=diag.width))
     if report.status == "fail":
         if diag.json_out:
-            for breach in report.gate.breaches:
+            for breach in breaches:
                 _err(f"qconvdiag: gate: {breach}")
         raise typer.Exit(EXIT_FAIL)
 
@@ -300,19 +307,8 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
 
         outputs.writes.write(outputs.html, render_model_html(
             walk, bundle_file=bundle.source or None).encode("utf-8"))
-    for dest in outputs.writes.commit():
-        _err(f"wrote {dest.path}")
-    if diag.json_out:
-        sys.stdout.write(text)
-    else:
-        from .render.terminal import render_terminal
-
-        sys.stdout.write(render_terminal(report, verbose=diag.verbose, width=diag.width))
-    if report.status == "fail":
-        if diag.json_out:
-            for b in report.gate.breaches:
-                _err(f"qconvdiag: gate: {b.layer}: {b.breach}")
-        raise typer.Exit(EXIT_FAIL)
+    _deliver(outputs.writes, text, report, diag,
+             [f"{b.layer}: {b.breach}" for b in report.gate.breaches])
 
 
 @app.command()

@@ -38,6 +38,7 @@ from .rich_report import (
     other_sentence,
     verdict_sentence,
 )
+from .text import engine_outputs
 
 #: Nothing but the page itself: no fetch, no image, font or script from anywhere else.
 CONTENT_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -378,14 +379,8 @@ def trace_command(p: PathReport, case_file: str | Path | None,
 def engines_section(report: Report) -> str:
     rows = []
     for row in report.engine_comparison:
-        if row.differing_elements is None:
-            vs = "reference" if not row.causes else "refused"
-        elif row.differing_elements == 0:
-            vs = f"same as {row.reference_engine}"
-        else:
-            vs = (f"{row.differing_elements} outputs differ from {row.reference_engine}, "
-                  f"up to {table_number(row.max_diff_lsb, 3)} steps")
-        rows.append((str(row.path), row.engine, str(row.kernel), vs, "; ".join(row.causes)))
+        rows.append((str(row.path), row.engine, str(row.kernel), engine_outputs(row),
+                     "; ".join(row.causes)))
     return _table(("path", "engine", "kernel", "outputs", "why"), rows)
 
 

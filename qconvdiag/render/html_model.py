@@ -12,7 +12,14 @@ from ..model_report import LayerRow, ModelReport
 from ..numbers import table_number
 from . import html_charts as charts
 from .html import Page, _table, conv_sections
-from .rich_model import shared_cause_sentence, summary_sentence, torch_sentence
+from .rich_model import (
+    conv_text,
+    floor_ratio_text,
+    shared_cause_sentence,
+    sqnr_text,
+    summary_sentence,
+    torch_sentence,
+)
 
 
 def render_model_html(walk: ModelDiagnosis, *, bundle_file: str | Path | None = None) -> str:
@@ -63,23 +70,12 @@ def layer_table(report: ModelReport) -> str:
         assert row is not None
         link = (f'<a href="#{escape(layer_anchor(name))}">{escape(name)}</a>'
                 if name in explained else escape(name))
-        rows.append((str(rank), link, escape(_shape(row)), _db(row.own.sqnr_db),
-                     table_number(row.own.rmse, 3), _ratio(row), _db(row.propagated.sqnr_db),
+        rows.append((str(rank), link, escape(conv_text(row)), sqnr_text(row.own),
+                     table_number(row.own.rmse, 3), floor_ratio_text(row),
+                     sqnr_text(row.propagated),
                      escape(row.dominant_stage or "-"), escape(_finding(row))))
     return _table(("#", "conv", "weight", "own dB", "own RMSE", "x floor", "propagated dB",
                    "stage", "finding"), rows, escaped=True, numeric=(0, 3, 4, 5, 6))
-
-
-def _shape(row: LayerRow) -> str:
-    return "x".join(str(n) for n in row.weight_shape) + (" relu" if "+relu" in row.op else "")
-
-
-def _db(sqnr: float | None) -> str:
-    return "inf" if sqnr is None else f"{sqnr:.1f}"
-
-
-def _ratio(row: LayerRow) -> str:
-    return "-" if row.floor_rmse <= 0 else f"{row.own.rmse / row.floor_rmse:.1f}x"
 
 
 def _finding(row: LayerRow) -> str:

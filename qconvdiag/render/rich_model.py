@@ -15,17 +15,20 @@ from .rich_report import SEVERITY_STYLE, STATUS_WORDS, render_rich
 from .text import hanging
 
 
-def _db(e: ErrorSummary) -> str:
+def sqnr_text(e: ErrorSummary) -> str:
+    """SQNR in dB; ``inf`` for an exact output, ``-`` when the reference is all zero."""
     if e.sqnr_db is None:
         return "inf" if e.max_abs == 0 else "-"
     return f"{e.sqnr_db:.1f}"
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return "x".join(str(n) for n in shape)
+def conv_text(row: LayerRow) -> str:
+    """The conv's weight shape, ``relu`` when fused: ``32x16x3x3 relu``."""
+    return "x".join(str(n) for n in row.weight_shape) + (" relu" if row.op.endswith("+relu")
+                                                          else "")
 
 
-def _ratio(row: LayerRow) -> str:
+def floor_ratio_text(row: LayerRow) -> str:
     if row.floor_rmse <= 0:
         return "-"
     return f"{row.own.rmse / row.floor_rmse:.1f}x"
@@ -67,8 +70,8 @@ def summary_sentence(report: ModelReport) -> str:
     off = [r for r in rows if r.verdict != "at_floor"]
     worst = report.layer(report.ranking[0]) if report.ranking else None
     last = rows[-1]
-    tail = (f" The last conv ({last.name}) is {_db(last.propagated)} dB from the float model: "
-            "what the quantized model carries, all layers before it included.")
+    tail = (f" The last conv ({last.name}) is {sqnr_text(last.propagated)} dB from the float "
+            "model: what the quantized model carries, all layers before it included.")
     if not off and report.upstream:
         return (f"All {len(rows)} quantized convs are at their rounding floor on the inputs "
                 f"they received, but the signal is lost before {report.upstream[0].layer}: "
@@ -82,8 +85,8 @@ def summary_sentence(report: ModelReport) -> str:
     if worst is not None and worst.verdict != "at_floor":
         serious = [f for f in worst.findings if f.severity != "info"]
         cause = f" ({serious[0].code}: {serious[0].title})" if serious else ""
-        lead += (f" The worst by its own error is {worst.name}: {_db(worst.own)} dB, "
-                 f"{_ratio(worst)} its floor, {STATUS_WORDS[worst.verdict]}{cause}.")
+        lead += (f" The worst by its own error is {worst.name}: {sqnr_text(worst.own)} dB, "
+                 f"{floor_ratio_text(worst)} its floor, {STATUS_WORDS[worst.verdict]}{cause}.")
     return lead + tail
 
 
@@ -107,11 +110,11 @@ def layer_table(report: ModelReport, width: int) -> Table:
             "error" if row.verdict == "broken" else "warning"]
         cells: list[str | Text] = [str(rank[row.name]), Text(row.name, style=style)]
         if medium:
-            cells.append(_shape(row.weight_shape) + (" relu" if row.op.endswith("+relu") else ""))
-        cells.append(_db(row.own))
+            cells.append(conv_text(row))
+        cells.append(sqnr_text(row.own))
         if wide:
             cells.append(_num(row.own.rmse, 3))
-        cells += [Text(_ratio(row), style=style), _db(row.propagated)]
+        cells += [Text(floor_ratio_text(row), style=style), sqnr_text(row.propagated)]
         if wide:
             cells.append(_num(row.propagated.rmse, 3))
         cells += [row.dominant_stage or "-", _first_finding(row)]

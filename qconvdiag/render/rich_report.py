@@ -19,7 +19,7 @@ from rich.text import Text
 
 from ..numbers import table_number as _num
 from ..report import Finding, Metrics, OutputSummary, PathReport, Report, Verdict
-from .text import hanging
+from .text import engine_outputs, hanging
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 ACCUMULATION_WORDS = {
@@ -264,13 +264,7 @@ def engines_block(console: Console, report: Report) -> None:
         if p is None:
             hanging(console, f"{row.engine}: " + "; ".join(row.causes), 4)
             continue
-        if row.differing_elements is None:
-            vs = "reference" if not row.causes else "refused"
-        elif row.differing_elements == 0:
-            vs = f"same as {row.reference_engine}"
-        else:
-            vs = (f"{row.differing_elements} outputs differ from {row.reference_engine}, "
-                  f"up to {_num(row.max_diff_lsb, 3)} steps")
+        vs = engine_outputs(row)
         if p.torch_check.ran and p.torch_check.mismatched_elements:
             vs += f"; torch differs in {p.torch_check.mismatched_elements} outputs"
         hanging(console, f"{p.name:<11}{p.engine:<8}{_values(p.output_summary, 2):<12}"

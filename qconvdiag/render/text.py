@@ -7,6 +7,9 @@ import textwrap
 from rich.console import Console
 from rich.text import Text
 
+from ..numbers import table_number
+from ..report import EngineRow
+
 
 def hanging(console: Console, text: str, indent: int = 2, style: str = "") -> None:
     """Print prose wrapped to the console's width, continuation lines indented (a hanging
@@ -15,3 +18,13 @@ def hanging(console: Console, text: str, indent: int = 2, style: str = "") -> No
                           subsequent_indent=" " * indent, break_on_hyphens=False) or [""]
     for line in lines:
         console.print(Text(line, style=style), soft_wrap=True)
+
+
+def engine_outputs(row: EngineRow) -> str:
+    """An engine's outputs against the comparison's reference engine, in a few words."""
+    if row.differing_elements is None:
+        return "reference" if not row.causes else "refused"
+    if row.differing_elements == 0:
+        return f"same as {row.reference_engine}"
+    return (f"{row.differing_elements} outputs differ from {row.reference_engine}, "
+            f"up to {table_number(row.max_diff_lsb, 3)} steps")
