@@ -38,3 +38,19 @@ def test_energy_shares_add_up_to_one():
     s = shares_from_energies({"a": 3.0**2, "b": 4.0**2, "c": 0.0})
     assert s == {"a": 9 / 25, "b": 16 / 25, "c": 0.0}
     assert shares_from_energies({"a": 0.0}) == {"a": None}
+
+
+def test_difference_metrics_equal_the_metrics_of_the_float32_difference() -> None:
+    """The chunked difference (no full-size temporary) gives error_metrics' numbers on
+    a - b taken in float32; only the order of the float64 sums differs (relative 1e-12)."""
+    from qconvdiag.measure.metrics import difference_metrics
+
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=(3, 70_001)).astype(np.float32)  # several chunks and a tail
+    a = (b + rng.normal(scale=0.01, size=b.shape)).astype(np.float32)
+    want = error_metrics(a - b, b, 0.5)
+    got = difference_metrics(a, b, 0.5)
+    for field in ("max_abs", "mean_abs", "rmse", "sqnr_db", "cosine", "max_abs_lsb",
+                  "affected"):
+        assert math.isclose(getattr(got, field), getattr(want, field), rel_tol=1e-12), field
+    assert difference_metrics(b, b).sqnr_db is None  # exact: no error, no SQNR

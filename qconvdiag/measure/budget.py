@@ -126,7 +126,7 @@ def _tap_counts(case: ConvCase) -> np.ndarray:
 def input_noise_gain(case: ConvCase) -> float:
     """Mean over output elements of sum(w^2) over the taps that read real inputs: the output
     variance per unit of input variance."""
-    w2 = case.weight.astype(np.float64) ** 2
+    w2 = np.square(case.weight, dtype=np.float64)
     per_tap = w2.sum(axis=1)  # (O, *kernel)
     positions = math.prod(case.output_shape[2:])
     return float((per_tap * _tap_counts(case)).sum() / (w2.shape[0] * max(positions, 1)))
@@ -137,7 +137,7 @@ def weight_noise_gains(case: ConvCase) -> np.ndarray:
     variance per unit of weight variance. Window sums are linear, so x^2 is summed over the
     batch and the group's channels first."""
     g = case.geometry
-    x2 = case.input.astype(np.float64) ** 2
+    x2 = np.square(case.input, dtype=np.float64)
     n, c = x2.shape[:2]
     cin_g = case.weight.shape[1]
     a = x2.sum(axis=0).reshape(g.groups, cin_g, *x2.shape[2:]).sum(axis=1)  # (G, *spatial)

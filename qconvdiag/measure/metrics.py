@@ -50,6 +50,26 @@ def error_metrics(
     return accumulate(lambda sl: e[sl], r).metrics(rr, lsb)
 
 
+def difference_metrics(approximation: np.ndarray, reference: np.ndarray,
+                       lsb: float | None = None) -> Metrics:
+    """``error_metrics(approximation - reference, reference)`` for two float32 arrays of one
+    shape, the difference taken in float32 (as torch takes it), chunk by chunk: no full-size
+    temporary, one pass over each array."""
+    a = np.ascontiguousarray(approximation, dtype=np.float32).reshape(-1)
+    r = np.ascontiguousarray(reference, dtype=np.float32).reshape(-1)
+
+    def work(parts: list[slice]) -> tuple[ErrorAccumulator, float]:
+        acc, rr = ErrorAccumulator(), 0.0
+        for sl in parts:
+            r64 = r[sl].astype(np.float64)
+            acc.add((a[sl] - r[sl]).astype(np.float64), r64)
+            rr += dot(r64, r64)
+        return acc, rr
+
+    results = over_chunks(r.size, work)
+    return merged([acc for acc, _ in results]).metrics(sum(rr for _, rr in results), lsb)
+
+
 def accumulate(error: Callable[[slice], np.ndarray], reference: np.ndarray
                ) -> ErrorAccumulator:
     """The error's metrics, produced chunk by chunk by ``error(slice)`` (1-d ``reference``;

@@ -23,7 +23,7 @@ import numpy as np
 from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
-from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
+from ..quantization.qparams import QParams, compact_codes, dtype_name, make_qparams
 from .bundle import MODEL_INPUT_NOTE, LayerCapture, ModelBundle, save_bundle, with_model_range
 
 Progress = Callable[[str], None]
@@ -156,11 +156,11 @@ class _Seen:
     def __init__(self) -> None:
         self.qinput: list[Any] = []
         self.qoutput: list[Any] = []
-        self.float_input: list[np.ndarray] = []
-        self.float_output: list[np.ndarray] = []
+        self.float_input: list[Any] = []
+        self.float_output: list[Any] = []
         """The float conv's output (copied: an in-place ReLU may overwrite it next)."""
         self.bn: str | None = None
-        self.bn_output: list[np.ndarray] = []
+        self.bn_output: list[Any] = []
 
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
@@ -181,8 +181,8 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
 
     def f_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
-            seen[name].float_input.append(args[0].detach().float().numpy().copy())
-            seen[name].float_output.append(out.detach().float().numpy().copy())
+            seen[name].float_input.append(_copy(args[0]))
+            seen[name].float_output.append(_copy(out))
             outputs[id(out)] = name
         return hook
 
@@ -191,7 +191,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
             conv = outputs.get(id(args[0]))
             if conv is not None and seen[conv].bn in (None, bn_name):
                 seen[conv].bn = bn_name
-                seen[conv].bn_output.append(out.detach().float().numpy().copy())
+                seen[conv].bn_output.append(_copy(out))
         return hook
 
     for name, (fconv, qconv) in pairs.items():
@@ -213,6 +213,20 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
         for h in handles:
             h.remove()
     return seen
+
+
+def _copy(t: Any) -> Any:
+    """A float32, C-ordered copy of a float tensor (an in-place op may overwrite it next)."""
+    import torch
+
+    return t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _joined(ts: Sequence[Any], keep: int) -> Any:
+    """The first ``keep`` samples of a conv's batches, as one tensor."""
+    import torch
+
+    return (ts[0] if len(ts) == 1 else torch.cat(list(ts)))[:keep]
 
 
 def _check_once_per_forward(seen: dict[str, _Seen], runs: int) -> None:
@@ -253,24 +267,33 @@ def _qparams(t: Any, what: str) -> QParams:
                         int(t.q_per_channel_axis()), what, "tensor")
 
 
-def _codes(ts: Sequence[Any], keep: int) -> tuple[np.ndarray, QParams]:
-    """Concatenated integer codes of a list of quantized tensors with the same qparams."""
+def _codes(ts: Sequence[Any], keep: int) -> tuple[Any, np.ndarray, QParams]:
+    """A conv's quantized tensors of every batch (same qparams) as one quantized tensor, its
+    integer codes and its qparams."""
     qp = _qparams(ts[0], "captured")
     for t in ts[1:]:
         if (float(t.q_scale()), int(t.q_zero_point())) != (qp.scale[0], qp.zero_point[0]):
             raise CaseError("capture_model: a conv's input qparams change between batches")
-    codes = compact_codes(np.concatenate([t.int_repr().numpy() for t in ts])[:keep], qp)
-    return codes, qp
+    joined = _joined(ts, keep)
+    return joined, _int_codes(joined, qp), qp
+
+
+def _int_codes(t: Any, qp: QParams) -> np.ndarray:
+    """A quantized tensor's integer codes (``compact_codes``: int32 for 8-bit dtypes)."""
+    from ..torch_calls import int_codes
+
+    return compact_codes(int_codes(t), qp)
 
 
 def _folded(fconv: Any, bn: Any | None) -> tuple[Any, Any]:
-    """The float conv's weight and bias, BatchNorm folded in as torch's fusion folds it."""
+    """The float conv's weight and bias, BatchNorm folded in as torch's fusion folds it (new
+    tensors, not the float model's)."""
     import torch
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     w, b = fconv.weight.detach(), None if fconv.bias is None else fconv.bias.detach()
-    if bn is None:
-        return w, b
+    if bn is None:  # copies: the float model's parameters may change after the capture
+        return w.clone(), None if b is None else b.clone()
     w, b = fuse_conv_bn_weights(w, b, bn.running_mean, bn.running_var, bn.eps, bn.weight,
                                 bn.bias)
     return w.detach(), torch.as_tensor(b).detach()
@@ -333,8 +356,8 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                      "quantized model folded it")
     w, b = _folded(fconv, bn)
     relu = "ReLU" in type(qconv).__name__
-    x_codes, x_qp = _codes(s.qinput, keep)
-    y_codes, y_qp = _codes(s.qoutput, keep)
+    x_q, x_codes, x_qp = _codes(s.qinput, keep)
+    _, y_codes, y_qp = _codes(s.qoutput, keep)
     try:
         sd_weight, sd_bias = qconv._weight_bias()
     except RuntimeError as exc:  # e.g. qnnpack cannot unpack a conv3d's weight
@@ -344,8 +367,8 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
         raise CaseError(f"capture_model: {name!r}: torch cannot read back its quantized weight "
                         f"on engine {engine} ({str(exc).splitlines()[0]}); quantize and "
                         "capture the model on another engine (x86, fbgemm or onednn)") from None
-    w_codes = sd_weight.int_repr().numpy().astype(np.int64)
-    module = ModuleState(w_codes, _qparams(sd_weight, "qconv.weight").with_source("module"),
+    w_qp = _qparams(sd_weight, "qconv.weight").with_source("module")
+    module = ModuleState(_int_codes(sd_weight, w_qp), w_qp,
                          None if sd_bias is None else sd_bias.detach().float().numpy().copy(),
                          make_qparams([float(qconv.scale)], [float(qconv.zero_point)],
                                       "quint8", None, "qconv", "module"))
@@ -353,14 +376,14 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                        module=module, used_quantized_dtypes=True,
                        apis=("torch.ao.nn.quantized",))
     padding = fconv.padding if not isinstance(fconv.padding, str) else qconv.padding
-    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy().copy(),
-                      None if b is None else b.float().numpy().copy(),
+    case = build_case(x_q.dequantize().numpy(), w.float().numpy(),
+                      None if b is None else b.float().numpy(),
                       stride=list(fconv.stride), padding=list(padding),
                       dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
                       source=name, activation="relu" if relu else None,
                       notes=(MODEL_INPUT_NOTE,))
-    x_float = np.concatenate(s.float_input)[:keep]
-    y_float = np.concatenate(s.bn_output if bn is not None else s.float_output)[:keep]
+    x_float = _joined(s.float_input, keep).numpy()
+    y_float = _joined(s.bn_output if bn is not None else s.float_output, keep).numpy()
     if relu:
         np.maximum(y_float, 0.0, out=y_float)
     return LayerCapture(name, with_model_range(case, y_float, calibration_range), x_float,

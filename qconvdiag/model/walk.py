@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
 from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
 from ..measure.evidence import exec_weight_qparams
-from ..measure.metrics import chunked_energy, error_metrics
+from ..measure.metrics import chunked_energy, difference_metrics
 from ..model_report import (
     ErrorSummary,
     LayerBreach,
@@ -103,11 +103,7 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
                progress: Progress | None = None) -> ModelDiagnosis:
     """Screen every conv of ``bundle``, diagnose those above their floor, and explain the
     worst ``options.top`` (and ``options.layers``) in full."""
-    import torch
-
-    from .. import __version__
-    from ..arithmetic.cpu import cpu_info
-    from ..versions import unverified_torch_note
+    from ..runtime import single_threaded_blas
 
     options = options or WalkOptions()
     if options.fail_on not in FAIL_ON:
@@ -118,7 +114,17 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
         raise UsageError(f"--torch-check must be one of {', '.join(TORCH_CHECKS)}")
     for name in options.layers:
         bundle.layer(name)  # an unknown name is refused before any work
-    say = progress or (lambda _msg: None)
+    with single_threaded_blas():
+        return _walk(bundle, options, progress or (lambda _msg: None))
+
+
+def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiagnosis:
+    import torch
+
+    from .. import __version__
+    from ..arithmetic.cpu import cpu_info
+    from ..versions import unverified_torch_note
+
     engine = bundle.engine
     say(f"screening {len(bundle.layers)} convs")
     screens = {lay.name: screen_layer(lay, engine) for lay in bundle.layers}
@@ -259,8 +265,8 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     spec = module_spec(case)
     y = float_conv(case)
     quantized = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
-    own = summarize(quantized - y, y)
-    propagated = summarize(quantized - lay.float_output, lay.float_output)
+    own = summarize(quantized, y)
+    propagated = summarize(quantized, lay.float_output)
     f = floors(case, spec, _kernel(case, spec, engine), y, None, lay.quantized_output,
                input_floor=False)
     floor = math.sqrt(f.energy)
@@ -268,7 +274,7 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
     dominant = dominant_stage(case, spec, lay.quantized_output, quantized, y)
-    received = summarize(case.input - lay.float_input, lay.float_input)
+    received = summarize(case.input, lay.float_input)
     input_floor = ideal_step(lay.float_input) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
@@ -277,9 +283,10 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant)
 
 
-def summarize(error: np.ndarray, reference: np.ndarray) -> ErrorSummary:
-    """SQNR, RMSE and max |error| (``metrics.error_metrics``, the ladder's own metrics)."""
-    m = error_metrics(error, reference, None)
+def summarize(approximation: np.ndarray, reference: np.ndarray) -> ErrorSummary:
+    """SQNR, RMSE and max |error| of ``approximation`` against ``reference`` (the ladder's own
+    metrics: ``metrics.difference_metrics``)."""
+    m = difference_metrics(approximation, reference)
     return ErrorSummary(m.sqnr_db, m.rmse, m.max_abs)
 
 
@@ -303,12 +310,13 @@ def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized:
     clipped = (c == qp.dtype_max) & (yf > (qp.dtype_max - zp + 0.5) * s)
     if case.activation != "relu":  # a ReLU's zeros are its own clamp
         clipped |= (c == qp.dtype_min) & (yf < (qp.dtype_min - zp - 0.5) * s)
-    inside = e[~clipped]
-    passed = int(np.count_nonzero(yf[~clipped] > 0)) if case.activation == "relu" \
-        else inside.size
-    rest = _energy(inside)
+    at_limit = _energy(e[clipped])
+    rest = max(_energy(e) - at_limit, 0.0)
+    n_clipped = int(np.count_nonzero(clipped))
+    passed = (int(np.count_nonzero(yf > 0)) - int(np.count_nonzero(yf[clipped] > 0))
+              if case.activation == "relu" else e.size - n_clipped)
     rounding = min(rest, passed * s * s / 12)
-    energy = {"output_clipping": _energy(e[clipped]), "output_rounding": rounding}
+    energy = {"output_clipping": at_limit, "output_rounding": rounding}
     if rest - rounding > max(energy.values()):
         for sid, part in _weight_split(case, spec).items():
             energy[sid] = (rest - rounding) * part

@@ -288,7 +288,7 @@ def compact_codes(codes: np.ndarray, qp: QParams) -> np.ndarray:
     +-2^15: then any code minus a zero point, and the product of two such, stays far inside
     int32. Other codes (qint32, absurd zero points) are returned unchanged."""
     if qp.dtype in ("quint8", "qint8") and max(abs(int(z)) for z in qp.zero_point) <= 2**15:
-        return codes.astype(np.int32)
+        return codes.astype(np.int32, copy=False)
     return codes
 
 
@@ -345,12 +345,24 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
 
 
 def dequantize32(q: np.ndarray, qp: QParams) -> np.ndarray:
-    """The float32 values ``tensor.dequantize()`` returns."""
-    q = np.asarray(q, dtype=np.int64)
+    """The float32 values ``tensor.dequantize()`` returns: float32(q - zero_point) * scale."""
+    q = np.asarray(q)
     axis = None if qp.axis is None else qp.axis % q.ndim
     s = _broadcast(qp.scales().astype(np.float32), q.ndim, axis)
     zp = _broadcast(qp.zero_points(), q.ndim, axis)
+    if compact(q, qp):  # codes, zero points and their difference are exact in float32
+        out = q.astype(np.float32)
+        out -= zp.astype(np.float32)
+        out *= s
+        return out
+    q = q.astype(np.int64, copy=False)
     return ((q - zp).astype(np.float32) * s).astype(np.float32)
+
+
+def compact(q: np.ndarray, qp: QParams) -> bool:
+    """8-bit codes in an integer array of at most 32 bits, zero points within +-2^15."""
+    return (qp.dtype in ("quint8", "qint8") and q.dtype.kind in "iu" and q.dtype.itemsize <= 4
+            and max(abs(int(z)) for z in qp.zero_point) <= 2**15)
 
 
 def clip_bounds(qp: QParams) -> tuple[np.ndarray, np.ndarray]:
