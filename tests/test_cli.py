@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from qconvdiag.cli import app
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORUM = str(ROOT / "samples" / "forum_conv.pt")
 runner = CliRunner()
 

@@ -14,7 +14,7 @@ from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import load_case
 from tests.corpus import healthy_layer
 from tests.corpus_faults import layer, qp
-from tests.golden_reports import ROOT
+from tests.repo import ROOT
 
 
 def _codes(report, path=None):  # type: ignore[no-untyped-def]

@@ -20,8 +20,8 @@ from qconvdiag.diagnosis import run_diagnosis
 from qconvdiag.io import load_case
 from qconvdiag.render.html import render_html
 from qconvdiag.render.rich_report import main_fix, verdict_sentence
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORUM = ROOT / "samples" / "forum_conv.pt"
 #: The issue's budget for the forum sample's page.
 FORUM_PAGE_MAX_BYTES = 5_000_000
