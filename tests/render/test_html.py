@@ -1,5 +1,5 @@
 """--html: the page's content (render/html.py, render/html_charts.py) and the CLI option.
-The page in a real browser: tests/test_html_browser.py."""
+The page in a real browser: tests/render/test_html_browser.py."""
 
 from __future__ import annotations
 
