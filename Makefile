@@ -22,7 +22,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/qconvdiag explain samples/forum_conv.pt
 
-# The HTML report's browser test (tests/test_html_browser.py) loads pages in Chromium; it
+# The HTML report's browser test (tests/render/test_html_browser.py) loads pages in Chromium; it
 # never skips, so the test target installs it where it is missing (as root, like CI).
 browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive \

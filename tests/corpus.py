@@ -1,7 +1,7 @@
 """Layers for calibrating the verdicts: healthy layers quantized the way torch's eager flow does
 it (prepare, calibrate on the layer's own data, convert), captured with ``qconvdiag.capture``.
 
-Every healthy layer must get no warning and no error on any path (tests/test_corpus.py);
+Every healthy layer must get no warning and no error on any path (tests/findings/test_corpus.py);
 ``python -m tests.corpus`` prints precision and recall per finding code over the whole corpus
 (healthy layers, triggering cases and near misses, see tests/corpus_faults.py).
 """

@@ -459,5 +459,5 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
 
 
 #: Codes the corpus cannot plant: torch and the emulation always agree here, so QCD061 is
-#: tested by forcing a disagreement (tests/test_findings.py).
+#: tested by forcing a disagreement (tests/findings/test_findings.py).
 NOT_PLANTED = ("QCD061",)

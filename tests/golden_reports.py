@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from qconvdiag import Options, diagnose
 from qconvdiag.io import FORMATS, load_case
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 #: Fields that describe the machine or the versions, not the case.
 MACHINE_FIELDS = ("cpu", "torch_warnings", "qconvdiag_version", "torch_version")

@@ -7,7 +7,8 @@ fast-path shapes included), then given PT2E's setup: uint8 activations with a ze
 0..255, int8 weights per channel on axis 0 (per tensor in one case in five) with zero point 0
 and float32 scales, a float32 bias, and one of uint8 output (half of them with a fused ReLU, conv1d
 and conv2d: the kernel fuses ReLU only there) or float32 output (also with or without ReLU).
-Used in-process by tests/test_x86_inductor.py and in a subprocess with the ISA forced down.
+Used in-process by tests/arithmetic/test_x86_inductor.py and in a subprocess with the ISA forced
+down.
 
     python -m tests.pt2e_check N SEED
 """

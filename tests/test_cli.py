@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from qconvdiag.cli import app
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORUM = str(ROOT / "samples" / "forum_conv.pt")
 runner = CliRunner()
 
@@ -112,7 +111,7 @@ def test_usage_errors_exit_2_with_one_line(args, fragment):
 
 
 def test_bad_files_exit_2_without_traceback(tmp_path):
-    from tests.test_io import _bad_cases
+    from tests.casefile.test_io import _bad_cases
 
     for label, (path, fragment) in _bad_cases(tmp_path).items():
         r = invoke("explain", str(path))

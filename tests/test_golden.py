@@ -14,7 +14,8 @@ import pytest
 from qconvdiag import Options, diagnose
 from qconvdiag.io import load_case
 from tests.conftest import GOLDEN_ATOL_FRACTION, GOLDEN_RTOL, REFERENCE_RTOL
-from tests.golden_reports import GOLDEN, ROOT
+from tests.golden_reports import GOLDEN
+from tests.repo import ROOT
 
 SAMPLES = sorted(p.name for p in (ROOT / "samples").iterdir()
                  if p.suffix in (".pt", ".npz", ".safetensors"))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qconvdiag.cli import app
-from tests.golden_reports import ROOT
+from tests.repo import ROOT
 
 BLOCKS = re.findall(r"```\n\$ (qconvdiag [^\n]+)\n(.*?)```", (ROOT / "README.md").read_text(),
                     re.S)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from qconvdiag.casefile.generate import RandomSpec, forum_case, generate
 from qconvdiag.cli import app
 from qconvdiag.errors import UsageError
 from qconvdiag.trace import trace
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ENGINES = [e for e, p in probe().items() if p.available]
 
 

@@ -4,15 +4,13 @@ report when the installed torch is outside them."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
 from qconvdiag import Options, diagnose
 from qconvdiag.casefile.generate import forum_case
 from qconvdiag.versions import VERIFIED_TORCH, torch_release, torch_verified
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
 
 
 def test_packaging_requires_the_oldest_verified_release_and_pins_a_verified_one():

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import qconvdiag.cli as cli
 from qconvdiag.errors import UsageError
 from qconvdiag.writes import PendingWrites, atomic_write
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORUM = str(ROOT / "samples" / "forum_conv.pt")
 runner = CliRunner()
 

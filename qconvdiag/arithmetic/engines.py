@@ -408,13 +408,9 @@ def onednn_arithmetic(engine: str, input_shape: tuple[int, ...], weight_shape: t
     ulps) until two candidates give different outputs, alternately the scale product against
     the scales in turn, and the reciprocal against the division. About one conv per try.
     """
-    from ..fp32 import add32, div32, f32, mul32, recip32
-    from ..quantization.qparams import QParams
-    from .emulate import emulate
-    from .torch_ref import run_inductor_conv
+    from ..fp32 import f32
 
     rng = np.random.default_rng(0)
-    o = weight_shape[0]
     candidates = list(ONEDNN_ARITHMETICS[:2] if attrs.float_output else ONEDNN_ARITHMETICS)
     x_zp = 3 if attrs.input_zero_point else 0
     out_zp = 128 if attrs.output_zero_point else 0
@@ -423,35 +419,8 @@ def onednn_arithmetic(engine: str, input_shape: tuple[int, ...], weight_shape: t
     for attempt in range(ARITHMETIC_PROBE_TRIES):
         in_s = float(f32(rng.uniform(0.001, 0.1)))
         out_s = float(f32(rng.uniform(0.01, 0.1)))
-        w0 = rng.integers(1, 128, o)
-        # the value before the zero point is added: halfway between zp + t + 0.5 (t + zp even:
-        # rint takes it down) and the next float32 above, so that an ulp decides the code
-        t = 2 * rng.integers(1, 50, o)
-        tie = (out_zp + t + 0.5).astype(np.float32)
-        target = t + 0.5 + (np.spacing(tie).astype(np.float64) / 2 if out_zp else 0.0)
-        base = f32(target * out_s / (w0 * in_s))
-        nudges = np.arange(-200, 201)
-        cand_sw = np.array([_nudge(base, int(k)) for k in nudges])  # (K, O)
-        value = f32(w0)  # the accumulator at a position that sees the tap
-        sep = mul32(mul32(value, f32(in_s)), cand_sw)
-        comb = mul32(value, mul32(f32(in_s), cand_sw))
-        rd = recip32(f32(out_s))
-        if attrs.float_output:
-            differs = sep != comb
-        else:
-            zp = f32(out_zp)
-
-            def code(v: np.ndarray, divide: bool = False, out_s: float = out_s,
-                     rd: np.ndarray = rd, zp: np.ndarray = zp) -> np.ndarray:
-                return np.rint(add32(div32(v, f32(out_s)) if divide else mul32(v, rd), zp))
-
-            differs = (code(sep) != code(sep, divide=True) if attempt % 2 == 0
-                       else code(sep) != code(comb))
-        pick = np.where(differs.any(axis=0), differs.argmax(axis=0), len(nudges) // 2)
-        scales = cand_sw[pick, np.arange(o)]
-        if not attrs.per_channel:  # one scale: every channel as the first that disagrees
-            j = int(differs.any(axis=0).argmax())
-            w0[:], scales = w0[j], scales[j:j + 1]
+        w0, scales = _telling_weight_scales(rng, weight_shape[0], in_s, out_s, out_zp, attrs,
+                                            against_division=attempt % 2 == 0)
         # one tap per output channel, the kernel's centre: inside the input wherever the
         # padding is at most half the kernel (a 3x3 conv on a 1x1 input sees only it)
         centre: tuple[Any, ...] = (slice(None), 0, *(k // 2 for k in weight_shape[2:]))
@@ -461,25 +430,82 @@ def onednn_arithmetic(engine: str, input_shape: tuple[int, ...], weight_shape: t
         xq = per_tensor(in_s, x_zp, "quint8", "probe")
         oq = per_tensor(1.0 if attrs.float_output else out_s,
                         0 if attrs.float_output else out_zp, "quint8", "probe")
-        r = run_inductor_conv(x, xq, w, wq, None, oq.scale[0], oq.zero_point[0], geometry,
-                              attrs.relu, attrs.float_output)
-        if not r.ran:
+        kept = _candidates_torch_agrees_with(candidates, engine, accumulation, geometry, attrs,
+                                             (x, xq, w, wq, oq))
+        if kept is None:
             return None
-        got = r.output_float if attrs.float_output else r.output_codes
-        kept = []
-        for combined, divides in candidates:
-            em = emulate(Kernel(engine, "onednn", accumulation, combined, direct_scales=True,
-                                divides_dst_scale=divides),
-                         x, xq, w, wq, None, oq, geometry, attrs.relu, attrs.float_output)
-            mine = em.output_float32 if attrs.float_output else em.output_codes
-            if mine is not None and got is not None and np.array_equal(mine, got):
-                kept.append((combined, divides))
         candidates = kept
         if len(candidates) <= 1:
             break
     if not candidates:
         return None
     return candidates[0]
+
+
+def _telling_weight_scales(rng: np.random.Generator, channels: int, in_s: float, out_s: float,
+                           out_zp: int, attrs: LayerAttrs, against_division: bool
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(weight code of each channel's one tap, weight scales) that make two of oneDNN's
+    arithmetics give different outputs: the separate scales against the division by the output
+    scale (``against_division``) or against the scales' product."""
+    from ..fp32 import add32, div32, f32, mul32, recip32
+
+    w0 = rng.integers(1, 128, channels)
+    # the value before the zero point is added: halfway between zp + t + 0.5 (t + zp even:
+    # rint takes it down) and the next float32 above, so that an ulp decides the code
+    t = 2 * rng.integers(1, 50, channels)
+    tie = (out_zp + t + 0.5).astype(np.float32)
+    target = t + 0.5 + (np.spacing(tie).astype(np.float64) / 2 if out_zp else 0.0)
+    base = f32(target * out_s / (w0 * in_s))
+    nudges = np.arange(-200, 201)
+    cand_sw = np.array([_nudge(base, int(k)) for k in nudges])  # (K, O)
+    value = f32(w0)  # the accumulator at a position that sees the tap
+    sep = mul32(mul32(value, f32(in_s)), cand_sw)
+    comb = mul32(value, mul32(f32(in_s), cand_sw))
+    rd = recip32(f32(out_s))
+    if attrs.float_output:
+        differs = sep != comb
+    else:
+        zp = f32(out_zp)
+
+        def code(v: np.ndarray, divide: bool = False) -> np.ndarray:
+            return np.rint(add32(div32(v, f32(out_s)) if divide else mul32(v, rd), zp))
+
+        differs = (code(sep) != code(sep, divide=True) if against_division
+                   else code(sep) != code(comb))
+    pick = np.where(differs.any(axis=0), differs.argmax(axis=0), len(nudges) // 2)
+    scales = cand_sw[pick, np.arange(channels)]
+    if not attrs.per_channel:  # one scale: every channel as the first that disagrees
+        j = int(differs.any(axis=0).argmax())
+        w0[:], scales = w0[j], scales[j:j + 1]
+    return w0, scales
+
+
+def _candidates_torch_agrees_with(
+    candidates: list[tuple[bool, bool]], engine: str, accumulation: str, geometry: Geometry,
+    attrs: LayerAttrs, probe: tuple[np.ndarray, QParams, np.ndarray, QParams, QParams],
+) -> list[tuple[bool, bool]] | None:
+    """The candidate arithmetics whose emulation gives torch's output on the probe (input
+    codes, input qparams, weight codes, weight qparams, output qparams); None when torch's
+    conv did not run."""
+    from .emulate import emulate
+    from .torch_ref import run_inductor_conv
+
+    x, xq, w, wq, oq = probe
+    r = run_inductor_conv(x, xq, w, wq, None, oq.scale[0], oq.zero_point[0], geometry,
+                          attrs.relu, attrs.float_output)
+    if not r.ran:
+        return None
+    got = r.output_float if attrs.float_output else r.output_codes
+    kept = []
+    for combined, divides in candidates:
+        em = emulate(Kernel(engine, "onednn", accumulation, combined, direct_scales=True,
+                            divides_dst_scale=divides),
+                     x, xq, w, wq, None, oq, geometry, attrs.relu, attrs.float_output)
+        mine = em.output_float32 if attrs.float_output else em.output_codes
+        if mine is not None and got is not None and np.array_equal(mine, got):
+            kept.append((combined, divides))
+    return kept
 
 
 def _nudge(values: np.ndarray, ulps: int) -> np.ndarray:

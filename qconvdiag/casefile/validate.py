@@ -4,6 +4,7 @@ module checks its entries and builds the case, so the rules are the same for all
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,55 @@ from .entries import KNOWN_KEYS, Quantized
 def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
     """Build a ConvCase from the flat mapping every format decodes to."""
     where = source or "case"
+    _check_known_keys(mapping, where)
+    quant = _quant_entries(mapping, where)
+    inp, weight, float_notes = _float_tensors(mapping, quant, where)
+    _check_float_entries(mapping, where)
+    setup = _quant_setup(mapping, quant, where)
+    notes = (*quant.notes, *float_notes, *_extra_notes(mapping))
+    try:
+        return build_case(
+            inp, weight, mapping.get("bias"),
+            stride=mapping.get("stride", 1),
+            padding=mapping.get("padding", 0),
+            dilation=mapping.get("dilation", 1),
+            groups=mapping.get("groups", 1),
+            setup=setup,
+            source=source,
+            notes=notes,
+            activation=_activation_entry(mapping.get("activation"), where),
+        )
+    except CaseError as exc:
+        raise CaseError(f"{where}: {exc}") from None
+    except QParamsError as exc:
+        raise CaseFileError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _QuantEntries:
+    """The user's quantization entries of a case file, read and reconciled."""
+
+    input_qparams: QParams | None
+    weight_qparams: QParams | None
+    output_qparams: QParams | None
+    #: The input's codes ('qinput'), with their qparams.
+    qinput: Quantized | None
+    #: The weight's codes ('qweight'), with their qparams.
+    qweight: Quantized | None
+    #: A quantized conv module's state ('qconv.*').
+    module: ModuleState | None
+    #: Whether the file held torch's quantized tensors (not integer codes beside qparams).
+    used_quantized_dtypes: bool
+    #: What was reconciled, for the report's case notes.
+    notes: tuple[str, ...]
+
+    def any_given(self) -> bool:
+        return any(x is not None for x in (self.input_qparams, self.weight_qparams,
+                                           self.output_qparams, self.qinput, self.qweight,
+                                           self.module))
+
+
+def _check_known_keys(mapping: Mapping[str, Any], where: str) -> None:
     unknown = sorted(k for k in mapping if k not in KNOWN_KEYS)
     if unknown:
         raise CaseFileError(
@@ -24,40 +74,51 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             "input, weight, bias, stride, padding, dilation, groups, input_qparams, "
             "weight_qparams, output_qparams, qinput, qweight, qconv.* (README 'Case files')"
         )
-    notes: list[str] = []
-    used_qdtypes = False
+
+
+def _quant_entries(mapping: Mapping[str, Any], where: str) -> _QuantEntries:
+    """The quantization entries; a tensor's own qparams win over the separate entry's."""
     try:
         in_qp = _qparams_entry(mapping, "input_qparams")
         w_qp = _qparams_entry(mapping, "weight_qparams")
         out_qp = _qparams_entry(mapping, "output_qparams")
         qinput = _codes_entry(mapping, "qinput", in_qp, where)
         qweight = _codes_entry(mapping, "qweight", w_qp, where)
-        if qinput is not None:
-            used_qdtypes |= qinput.qparams.source == "tensor"
-            if in_qp is not None and in_qp.source != "tensor" and _differs(in_qp, qinput.qparams):
-                notes.append("input_qparams differ from qinput's own; qinput's were used")
-            in_qp = qinput.qparams.with_source("user")
-        if qweight is not None:
-            used_qdtypes |= qweight.qparams.source == "tensor"
-            if w_qp is not None and _differs(w_qp, qweight.qparams):
-                notes.append("weight_qparams differ from qweight's own; qweight's were used")
-            w_qp = qweight.qparams.with_source("user")
         module = _module_entry(mapping, where)
-        if module is not None and isinstance(mapping.get("qconv.weight"), Quantized):
-            used_qdtypes = True
     except QParamsError as exc:
         raise CaseFileError(f"{where}: {exc}") from None
+    notes: list[str] = []
+    if qinput is not None:
+        if in_qp is not None and in_qp.source != "tensor" and _differs(in_qp, qinput.qparams):
+            notes.append("input_qparams differ from qinput's own; qinput's were used")
+        in_qp = qinput.qparams.with_source("user")
+    if qweight is not None:
+        if w_qp is not None and _differs(w_qp, qweight.qparams):
+            notes.append("weight_qparams differ from qweight's own; qweight's were used")
+        w_qp = qweight.qparams.with_source("user")
+    used_qdtypes = (
+        any(q is not None and q.qparams.source == "tensor" for q in (qinput, qweight))
+        or (module is not None and isinstance(mapping.get("qconv.weight"), Quantized))
+    )
+    return _QuantEntries(in_qp, w_qp, out_qp, qinput, qweight, module, used_qdtypes,
+                         tuple(notes))
 
+
+def _float_tensors(
+    mapping: Mapping[str, Any], quant: _QuantEntries, where: str
+) -> tuple[Any, Any, list[str]]:
+    """The float input and weight, dequantized from their codes when the file has none."""
+    notes: list[str] = []
     inp = mapping.get("input")
     weight = mapping.get("weight")
-    if inp is None and qinput is not None:
-        inp = dequantize32(qinput.codes, qinput.qparams)
+    if inp is None and quant.qinput is not None:
+        inp = dequantize32(quant.qinput.codes, quant.qinput.qparams)
         notes.append("no float 'input': it is the dequantized qinput")
-    if weight is None and qweight is not None:
-        weight = dequantize32(qweight.codes, qweight.qparams)
+    if weight is None and quant.qweight is not None:
+        weight = dequantize32(quant.qweight.codes, quant.qweight.qparams)
         notes.append("no float 'weight': it is the dequantized qweight")
-    if weight is None and module is not None:
-        weight = dequantize32(module.weight_codes, module.weight_qparams)
+    if weight is None and quant.module is not None:
+        weight = dequantize32(quant.module.weight_codes, quant.module.weight_qparams)
         notes.append("no float 'weight': it is the dequantized qconv.weight")
     missing = [k for k, v in (("input", inp), ("weight", weight)) if v is None]
     if missing:
@@ -65,6 +126,11 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             f"{where}: missing {' and '.join(repr(m) for m in missing)}; a case needs at least "
             "'input' and 'weight' tensors (or 'qinput'/'qweight')"
         )
+    return inp, weight, notes
+
+
+def _check_float_entries(mapping: Mapping[str, Any], where: str) -> None:
+    """'input', 'weight' and 'bias', when given, are plain (not quantized) tensors."""
     for key in ("input", "weight", "bias"):
         if isinstance(mapping.get(key), Quantized):
             raise CaseFileError(
@@ -75,42 +141,34 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             raise CaseFileError(
                 f"{where}: '{key}' must be a tensor, got {type(mapping[key]).__name__}"
             )
-    bias = mapping.get("bias")
-    setup = None
-    if any(x is not None for x in (in_qp, w_qp, out_qp, qinput, qweight, module)):
-        prov = mapping.get("provenance") or {}
-        if not isinstance(prov, Mapping):
-            raise CaseFileError(f"{where}: 'provenance' must be a dict")
-        apis = tuple(str(a) for a in prov.get("apis", ()) if isinstance(a, str))
-        setup = QuantSetup(
-            input_qparams=in_qp,
-            weight_qparams=w_qp,
-            output_qparams=out_qp,
-            input_codes=None if qinput is None else qinput.codes,
-            weight_codes=None if qweight is None else qweight.codes,
-            module=module,
-            used_quantized_dtypes=bool(prov.get("used_quantized_dtypes", used_qdtypes)),
-            apis=apis,
-        )
-    extra_notes = mapping.get("notes") or []
-    if isinstance(extra_notes, list):
-        notes.extend(str(n) for n in extra_notes)
-    try:
-        return build_case(
-            inp, weight, bias,
-            stride=mapping.get("stride", 1),
-            padding=mapping.get("padding", 0),
-            dilation=mapping.get("dilation", 1),
-            groups=mapping.get("groups", 1),
-            setup=setup,
-            source=source,
-            notes=tuple(notes),
-            activation=_activation_entry(mapping.get("activation"), where),
-        )
-    except CaseError as exc:
-        raise CaseError(f"{where}: {exc}") from None
-    except QParamsError as exc:
-        raise CaseFileError(f"{where}: {exc}") from None
+
+
+def _quant_setup(
+    mapping: Mapping[str, Any], quant: _QuantEntries, where: str
+) -> QuantSetup | None:
+    """The user's setup, with the provenance capture() recorded; None when there is none."""
+    if not quant.any_given():
+        return None
+    prov = mapping.get("provenance") or {}
+    if not isinstance(prov, Mapping):
+        raise CaseFileError(f"{where}: 'provenance' must be a dict")
+    apis = tuple(str(a) for a in prov.get("apis", ()) if isinstance(a, str))
+    return QuantSetup(
+        input_qparams=quant.input_qparams,
+        weight_qparams=quant.weight_qparams,
+        output_qparams=quant.output_qparams,
+        input_codes=None if quant.qinput is None else quant.qinput.codes,
+        weight_codes=None if quant.qweight is None else quant.qweight.codes,
+        module=quant.module,
+        used_quantized_dtypes=bool(prov.get("used_quantized_dtypes", quant.used_quantized_dtypes)),
+        apis=apis,
+    )
+
+
+def _extra_notes(mapping: Mapping[str, Any]) -> list[str]:
+    """The notes the file itself carries (a list; anything else is ignored)."""
+    extra = mapping.get("notes") or []
+    return [str(n) for n in extra] if isinstance(extra, list) else []
 
 
 def _activation_entry(value: Any, where: str) -> str | None:

@@ -9,7 +9,7 @@ Every fix is written against the names a user's script holds (README, "Fixes"):
 A fix ends with ``qx`` and ``qm`` updated, so ``qm(qx)`` gives the fixed output. Fixes that set
 qparams are checked against the engine's refusals before they are printed (onednn takes only
 symmetric weights), and every number is the one torch will use (integer zero points, in range).
-tests/test_fixes.py pastes each fix into such a script, runs it with torch, and checks the
+tests/findings/test_fixes.py pastes each fix into such a script, runs it with torch, and checks the
 cause is gone or smaller.
 """
 

@@ -5,8 +5,8 @@ to 100,000 steps of 1e-5): about 130 ms per observer even for a 9-element tensor
 single cost of ``qconvdiag explain`` on a small case. This version runs the same loop on
 Python floats with the same float32 comparisons (a float32 tensor compared with a Python float
 compares in float32) and calls torch's own ``_compute_quantization_error`` at the same points,
-so it returns the very same min/max. ``tests/test_observers.py`` checks that on many inputs;
-it is used only on the torch releases those tests ran on (``versions.VERIFIED_TORCH``).
+so it returns the very same min/max. ``tests/quantization/test_observers.py`` checks that on
+many inputs; it is used only on the torch releases those tests ran on (``versions.VERIFIED_TORCH``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ STAGE_STATES = {"raises the error": RED, "lowers the error": GREEN, "exact": GRE
 def _spec(chart: alt.TopLevelMixin, datasets: dict[str, Any] | None = None) -> Spec:
     """The chart's Vega-Lite dict, with ``datasets`` (from ``_columns``) joined in after
     altair has built it (altair walks every value of its data, one by one). Not validated
-    here (a second of jsonschema per page): tests/test_html.py validates every figure's spec
+    here (a second of jsonschema per page): tests/render/test_html.py validates every figure's spec
     against the Vega-Lite schema, and the browser test draws them."""
     spec: Spec = chart.to_dict(validate=False)
     spec.pop("$schema", None)  # a URL: nothing is fetched at view time, so say none

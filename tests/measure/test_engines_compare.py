@@ -7,13 +7,11 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import save_case
 from qconvdiag.quantization.qparams import per_tensor
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
 
 
 def test_engine_all_explains_saturation_refusal_and_qconfig(tmp_path):

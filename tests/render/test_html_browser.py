@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from qconvdiag.cli import app
 from qconvdiag.render.html import shell
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 #: A page's scripts finish long before this (about 1 s for the forum sample).
 BROWSER_TIMEOUT_S = 180

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from qconvdiag.arithmetic import pt2e
 from qconvdiag.errors import MissingExtraError, QconvdiagError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
 
 
 def test_missing_extra_is_one_line_naming_it(monkeypatch):

@@ -1,5 +1,5 @@
 """--html: the page's content (render/html.py, render/html_charts.py) and the CLI option.
-The page in a real browser: tests/test_html_browser.py."""
+The page in a real browser: tests/render/test_html_browser.py."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from qconvdiag.diagnosis import run_diagnosis
 from qconvdiag.io import load_case
 from qconvdiag.render.html import render_html
 from qconvdiag.render.rich_report import main_fix, verdict_sentence
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORUM = ROOT / "samples" / "forum_conv.pt"
 #: The issue's budget for the forum sample's page.
 FORUM_PAGE_MAX_BYTES = 5_000_000

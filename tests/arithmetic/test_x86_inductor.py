@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -20,8 +19,8 @@ from qconvdiag.case import Geometry
 from qconvdiag.quantization.qparams import QParams, per_tensor
 from tests.conftest import CODES_MAX_MISMATCH
 from tests.pt2e_check import check
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 #: In CI; benchmarks of 500 cases per ISA (python -m tests.pt2e_check 500 SEED) gave 0 too.
 CASES = 100
 FORCED = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")

@@ -17,8 +17,8 @@ from qconvdiag.case import QuantSetup, build_case
 from qconvdiag.errors import CaseError, CaseFileError
 from qconvdiag.io import load_case, save_case
 from qconvdiag.quantization.qparams import make_qparams
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORUM = ROOT / "samples" / "forum_conv.pt"
 runner = CliRunner()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from qconvdiag import Options
 from qconvdiag.diagnosis import run_diagnosis
@@ -13,8 +12,9 @@ from qconvdiag.render.npz import render_npz
 from qconvdiag.render.terminal import render_terminal
 from qconvdiag.render.trace_view import render_trace
 from qconvdiag.trace import trace
+from tests.repo import SAMPLES
 
-FORUM = Path(__file__).resolve().parents[1] / "samples" / "forum_conv.pt"
+FORUM = SAMPLES / "forum_conv.pt"
 
 
 def test_renderers_return_their_payload_and_print_nothing(capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ from qconvdiag.diagnosis import run_diagnosis
 from qconvdiag.io import load_case
 from qconvdiag.quantization.qparams import QParams
 from qconvdiag.render import html_data as data
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
 
 
 @pytest.fixture(scope="module", params=["forum_conv.pt", "relu_per_channel.npz",

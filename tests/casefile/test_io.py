@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ import qconvdiag
 from qconvdiag.casefile.write import safetensors_bytes
 from qconvdiag.errors import CaseError, CaseFileError, QconvdiagError
 from qconvdiag.io import FORMATS, case_to_mapping, load_case, save_case
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in FORMATS)
 
 

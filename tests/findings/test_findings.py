@@ -1,6 +1,6 @@
 """Findings on the error budget: what fires, how severe, on which path, and what the verdict
-says. Every code's triggers and near misses are in the corpus (tests/test_corpus.py); every
-fix is run with torch (tests/test_fixes.py)."""
+says. Every code's triggers and near misses are in the corpus (tests/findings/test_corpus.py); every
+fix is run with torch (tests/findings/test_fixes.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import load_case
 from tests.corpus import healthy_layer
 from tests.corpus_faults import layer, qp
-from tests.golden_reports import ROOT
+from tests.repo import ROOT
 
 
 def _codes(report, path=None):  # type: ignore[no-untyped-def]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 from importlib import resources
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -16,6 +15,7 @@ import qconvdiag
 from qconvdiag.errors import QconvdiagError
 from qconvdiag.model.walk import WalkOptions, walk_model
 from tests import models
+from tests.repo import SAMPLES
 
 #: The float model's activations recomputed with BatchNorm folded into the conv agree with the
 #: float model's own to float32 rounding of the fold (relative to the activation's magnitude).
@@ -24,7 +24,7 @@ FOLD_TOL = 1e-5
 #: two ways (one float64 conv each): equal to float64 rounding.
 SAME_RMSE = 1e-6
 ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
-SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "model" / "digits.pt"
+SAMPLE = SAMPLES / "model" / "digits.pt"
 
 
 @pytest.fixture(autouse=True)
@@ -170,8 +170,7 @@ def test_bundle_round_trip(healthy_x86, tmp_path, suffix):  # noqa: ANN001
 
 def test_case_file_is_not_a_bundle():
     with pytest.raises(QconvdiagError, match="not a model bundle"):
-        qconvdiag.load_bundle(Path(__file__).resolve().parent.parent / "samples" /
-                              "forum_conv.pt")
+        qconvdiag.load_bundle(SAMPLES / "forum_conv.pt")
 
 
 def test_model_json_follows_the_schema(healthy_x86):  # noqa: ANN001

@@ -9,7 +9,7 @@ from qconvdiag.findings import CODES
 from qconvdiag.report import SEVERITIES
 from tests.corpus import Result, healthy_specs, markdown, precision_recall, run_corpus
 from tests.corpus_faults import NOT_PLANTED, faults
-from tests.golden_reports import ROOT
+from tests.repo import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_K
 from qconvdiag.arithmetic.engines import (
@@ -23,8 +22,7 @@ from qconvdiag.arithmetic.engines import (
 from qconvdiag.case import Geometry
 from tests.conftest import CODES_MAX_MISMATCH
 from tests.fbgemm_paths import CASES, check
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
 
 
 def _geo(stride: tuple[int, ...], pad: tuple[int, ...], groups: int,

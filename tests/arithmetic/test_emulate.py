@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ from qconvdiag.case import Geometry
 from qconvdiag.quantization.qparams import QParams, per_tensor
 from tests.conftest import CODES_MAX_MISMATCH
 from tests.emulation_check import check
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CASES_PER_ENGINE = 500
 
 #: The one class of cases the emulator does not match: oneDNN's depthwise kernels (one input

@@ -16,7 +16,7 @@ from qconvdiag import Options, diagnose
 from tests.conftest import CODES_MAX_MISMATCH, TELESCOPE_RTOL
 from tests.corpus import healthy_layer
 from tests.emulation_check import check
-from tests.golden_reports import ROOT
+from tests.repo import ROOT
 
 CASES = 150
 
