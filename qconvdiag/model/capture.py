@@ -23,7 +23,7 @@ import numpy as np
 from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
-from ..quantization.qparams import QParams, compact_codes, dtype_name, make_qparams
+from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
 from .bundle import MODEL_INPUT_NOTE, LayerCapture, ModelBundle, save_bundle, with_model_range
 
 Progress = Callable[[str], None]
@@ -227,13 +227,6 @@ def _first(arrays: Sequence[np.ndarray], keep: int) -> np.ndarray:
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays))[:keep]
 
 
-def _joined(ts: Sequence[Any], keep: int) -> Any:
-    """The first ``keep`` samples of a conv's quantized batches, as one tensor."""
-    import torch
-
-    return (ts[0] if len(ts) == 1 else torch.cat(list(ts)))[:keep]
-
-
 def _check_once_per_forward(seen: dict[str, _Seen], runs: int) -> None:
     """Each conv ran once per forward of each model (a conv called twice, or skipped, would
     mix its calls up as samples)."""
@@ -272,15 +265,14 @@ def _qparams(t: Any, what: str) -> QParams:
                         int(t.q_per_channel_axis()), what, "tensor")
 
 
-def _codes(ts: Sequence[Any], keep: int) -> tuple[Any, np.ndarray, QParams]:
-    """A conv's quantized tensors of every batch (same qparams) as one quantized tensor, its
-    integer codes and its qparams."""
+def _codes(ts: Sequence[Any], keep: int) -> tuple[np.ndarray, QParams]:
+    """The integer codes and qparams of a conv's quantized tensors of every batch (same
+    qparams)."""
     qp = _qparams(ts[0], "captured")
     for t in ts[1:]:
         if (float(t.q_scale()), int(t.q_zero_point())) != (qp.scale[0], qp.zero_point[0]):
             raise CaseError("capture_model: a conv's input qparams change between batches")
-    joined = _joined(ts, keep)
-    return joined, _int_codes(joined, qp), qp
+    return _first([_int_codes(t, qp) for t in ts], keep), qp
 
 
 def _int_codes(t: Any, qp: QParams) -> np.ndarray:
@@ -361,8 +353,8 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                      "quantized model folded it")
     w, b = _folded(fconv, bn)
     relu = "ReLU" in type(qconv).__name__
-    x_q, x_codes, x_qp = _codes(s.qinput, keep)
-    _, y_codes, y_qp = _codes(s.qoutput, keep)
+    x_codes, x_qp = _codes(s.qinput, keep)
+    y_codes, y_qp = _codes(s.qoutput, keep)
     try:
         sd_weight, sd_bias = qconv._weight_bias()
     except RuntimeError as exc:  # e.g. qnnpack cannot unpack a conv3d's weight
@@ -381,7 +373,7 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                        module=module, used_quantized_dtypes=True,
                        apis=("torch.ao.nn.quantized",))
     padding = fconv.padding if not isinstance(fconv.padding, str) else qconv.padding
-    case = build_case(x_q.dequantize().numpy(), w.float().numpy(),
+    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy(),
                       None if b is None else b.float().numpy(),
                       stride=list(fconv.stride), padding=list(padding),
                       dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
