@@ -40,16 +40,7 @@ def capture(
             f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv: "
             "use padding_mode='zeros'"
         )
-    padding: Any = conv.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = 0
-        else:
-            k = conv.kernel_size
-            total = [d * (kk - 1) for d, kk in zip(conv.dilation, k)]
-            if any(t % 2 for t in total):
-                raise CaseError("padding='same' with an even kernel is asymmetric: pad explicitly")
-            padding = tuple(t // 2 for t in total)
+    padding = _explicit_padding(conv)
     mapping: dict[str, Any] = {
         "weight": conv.weight.detach().float().cpu().numpy().copy(),
         "stride": list(conv.stride),
@@ -65,19 +56,7 @@ def capture(
         if qinput is not None:
             mapping["qinput"] = tensor_to_numpy(qinput, "qinput", "capture")
         if qconv is not None:
-            sd = qconv.state_dict()
-            for key in ("weight", "bias", "scale", "zero_point"):
-                v = sd.get(key)
-                if v is not None:
-                    mapping[f"qconv.{key}"] = tensor_to_numpy(v, f"qconv.{key}", "capture")
-            for attr in ("stride", "padding", "dilation", "groups"):
-                mine, theirs = getattr(conv, attr), getattr(qconv, attr, None)
-                if theirs is not None and attr != "padding" and tuple(np.atleast_1d(mine)) != tuple(
-                    np.atleast_1d(theirs)
-                ):
-                    raise CaseError(
-                        f"conv.{attr}={mine} but qconv.{attr}={theirs}: they are not twins"
-                    )
+            mapping.update(_module_entries(conv, qconv))
     if qconv is not None and "ReLU" in type(qconv).__name__:
         mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
     mapping["provenance"] = {
@@ -89,3 +68,35 @@ def capture(
     if path is not None:
         save_case(case, path)
     return case
+
+
+def _explicit_padding(conv: Any) -> Any:
+    """The conv's padding as numbers: 'valid' is 0, 'same' half the dilated kernel (refused
+    when asymmetric)."""
+    padding: Any = conv.padding
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return 0
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(t % 2 for t in total):
+        raise CaseError("padding='same' with an even kernel is asymmetric: pad explicitly")
+    return tuple(t // 2 for t in total)
+
+
+def _module_entries(conv: Any, qconv: Any) -> dict[str, Any]:
+    """The quantized module's state as case-file entries (``qconv.weight``, ...), after checking
+    that it has the float conv's geometry."""
+    out = {}
+    sd = qconv.state_dict()
+    for key in ("weight", "bias", "scale", "zero_point"):
+        v = sd.get(key)
+        if v is not None:
+            out[f"qconv.{key}"] = tensor_to_numpy(v, f"qconv.{key}", "capture")
+    for attr in ("stride", "padding", "dilation", "groups"):
+        mine, theirs = getattr(conv, attr), getattr(qconv, attr, None)
+        if theirs is not None and attr != "padding" and tuple(np.atleast_1d(mine)) != tuple(
+            np.atleast_1d(theirs)
+        ):
+            raise CaseError(f"conv.{attr}={mine} but qconv.{attr}={theirs}: they are not twins")
+    return out
