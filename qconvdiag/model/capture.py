@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,27 +64,13 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
                         "(torch.ao.nn.quantized Conv1d/2d/3d, ConvReLU)")
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
     seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit)
-    notes: list[str] = []
-    keep = _samples_within(seen, limit)
-    total = sum(int(b.shape[0]) for b in batches)
-    if keep < total:
-        notes.append(f"captured the first {keep} of {total} samples: a layer's tensors would "
-                     f"exceed --max-elements ({limit:,} elements)")
-    ranges: dict[str, tuple[float, float]] = {}
-    if calibration is not None:
-        cal_batches = _batches(calibration)
-        say(f"the float model on {len(cal_batches)} calibration batch(es): output ranges")
-        points = {}
-        for name, (fconv, qconv) in pairs.items():
-            bn = folded_bn(seen[name], quantized_model)
-            points[name] = (fconv if bn is None else float_model.get_submodule(bn),
-                            "ReLU" in type(qconv).__name__)
-        ranges = _calibration_ranges(float_model, points, cal_batches)
-    else:
-        notes.append("no calibration batches given (capture_model(..., calibration=...)): "
-                     "output scales are judged on the captured samples' range, which is "
-                     "narrower than the observers saw, so only scales over "
-                     f"{SAMPLE_RANGE:g}x too coarse for it are named")
+    keep, notes = sample_notes(seen, batches, limit)
+    points = {}
+    for name, (fconv, qconv) in pairs.items():
+        bn = folded_bn(seen[name], quantized_model)
+        points[name] = (fconv if bn is None else float_model.get_submodule(bn),
+                        "ReLU" in type(qconv).__name__)
+    ranges = output_ranges(float_model, points, calibration, notes, say)
     layers = []
     for name, (fconv, qconv) in pairs.items():
         say(f"capturing {name}")
@@ -93,6 +80,39 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
 
     with capture_warnings():
         engine = torch.backends.quantized.engine
+    return finish_bundle(layers, engine, path, notes)
+
+
+def sample_notes(seen: dict[str, _Seen], batches: list[Any], limit: int
+                 ) -> tuple[int, list[str]]:
+    """How many samples every layer keeps, and the bundle's note when that drops some."""
+    notes: list[str] = []
+    keep = _samples_within(seen, limit)
+    total = sum(int(b.shape[0]) for b in batches)
+    if keep < total:
+        notes.append(f"captured the first {keep} of {total} samples: a layer's tensors would "
+                     f"exceed --max-elements ({limit:,} elements)")
+    return keep, notes
+
+
+def output_ranges(float_model: Any, points: dict[str, tuple[Any, bool]], calibration: Any,
+                  notes: list[str], say: Progress) -> dict[str, tuple[float, float]]:
+    """The float model's output range at each conv over the calibration batches (``points``:
+    see ``_calibration_ranges``); without them, none, and a note in ``notes``."""
+    if calibration is None:
+        notes.append("no calibration batches given (capture_model(..., calibration=...)): "
+                     "output scales are judged on the captured samples' range, which is "
+                     "narrower than the observers saw, so only scales over "
+                     f"{SAMPLE_RANGE:g}x too coarse for it are named")
+        return {}
+    cal_batches = _batches(calibration)
+    say(f"the float model on {len(cal_batches)} calibration batch(es): output ranges")
+    return _calibration_ranges(float_model, points, cal_batches)
+
+
+def finish_bundle(layers: list[LayerCapture], engine: str,
+                  path: str | os.PathLike[str] | None, notes: list[str]) -> ModelBundle:
+    """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes))
     if path is not None:
         save_bundle(bundle, path)
@@ -165,19 +185,32 @@ class _Seen:
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
                     batches: list[Any], limit: int) -> dict[str, _Seen]:
-    import torch
-
-    from ..arithmetic.torch_ref import capture_warnings
-
     seen = {name: _Seen() for name in pairs}
-    outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
-    handles = []
 
     def q_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
             seen[name].qinput.append(args[0].detach())
             seen[name].qoutput.append(out.detach())
         return hook
+
+    handles = [qconv.register_forward_hook(q_hook(name))
+               for name, (_fconv, qconv) in pairs.items()]
+    run_both(float_model, lambda batch: quantized_model(batch),
+             {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
+             handles)
+    return seen
+
+
+def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
+             seen: dict[str, _Seen], batches: list[Any], limit: int, handles: list[Any]) -> None:
+    """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
+    quantized side) and the float model, batch by batch, the float convs and BatchNorms
+    hooked; every hook in ``handles`` is removed at the end."""
+    import torch
+
+    from ..arithmetic.torch_ref import capture_warnings
+
+    outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
 
     def f_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
@@ -194,8 +227,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                 seen[conv].bn_output.append(out.detach().float().numpy().copy())
         return hook
 
-    for name, (fconv, qconv) in pairs.items():
-        handles.append(qconv.register_forward_hook(q_hook(name)))
+    for name, fconv in fconvs.items():
         handles.append(fconv.register_forward_hook(f_hook(name)))
     for name, module in float_model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -203,7 +235,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
     try:
         with torch.no_grad(), capture_warnings():
             for run, batch in enumerate(batches, 1):
-                quantized_model(batch)
+                run_quantized(batch)
                 outputs.clear()
                 float_model(batch)
                 _check_once_per_forward(seen, run)
@@ -212,7 +244,6 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
     finally:
         for h in handles:
             h.remove()
-    return seen
 
 
 def _check_once_per_forward(seen: dict[str, _Seen], runs: int) -> None:
@@ -324,15 +355,9 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
 def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: Any,
            quantized_model: Any, calibration_range: tuple[float, float] | None
            ) -> LayerCapture:
-    bn = None
-    notes = []
     bn_name = folded_bn(s, quantized_model)
-    if bn_name is not None:
-        bn = float_model.get_submodule(bn_name)
-        notes.append(f"BatchNorm {bn_name} folded into the float weight and bias, as the "
-                     "quantized model folded it")
-    w, b = _folded(fconv, bn)
     relu = "ReLU" in type(qconv).__name__
+    float_side = float_reference(fconv, s, keep, float_model, bn_name, relu)
     x_codes, x_qp = _codes(s.qinput, keep)
     y_codes, y_qp = _codes(s.qoutput, keep)
     try:
@@ -353,15 +378,55 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                        module=module, used_quantized_dtypes=True,
                        apis=("torch.ao.nn.quantized",))
     padding = fconv.padding if not isinstance(fconv.padding, str) else qconv.padding
-    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy().copy(),
-                      None if b is None else b.float().numpy().copy(),
-                      stride=list(fconv.stride), padding=list(padding),
-                      dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
-                      source=name, activation="relu" if relu else None,
-                      notes=(MODEL_INPUT_NOTE,))
+    return layer_capture(name, fconv, float_side, x_codes, x_qp, setup, list(padding), relu,
+                         y_codes, y_qp, bn_name, calibration_range)
+
+
+@dataclass(frozen=True, eq=False)
+class FloatSide:
+    """What the float model gives one captured conv."""
+
+    weight: Any
+    """The float conv's weight (torch tensor), its BatchNorm folded in."""
+    bias: Any
+    input: np.ndarray
+    """The float model's input at the conv (the kept samples)."""
+    output: np.ndarray
+    """The float model's output there: the conv's, or its folded BatchNorm's, then the fused
+    ReLU."""
+    notes: tuple[str, ...]
+
+
+def float_reference(fconv: Any, s: _Seen, keep: int, float_model: Any, bn_name: str | None,
+                    relu: bool) -> FloatSide:
+    """The float side of one conv: its weight and bias with ``bn_name`` folded in (the
+    BatchNorm the quantized model folded, if any), its input and output in the float model."""
+    bn = None if bn_name is None else float_model.get_submodule(bn_name)
+    notes = () if bn_name is None else (
+        f"BatchNorm {bn_name} folded into the float weight and bias, as the quantized model "
+        "folded it",)
+    w, b = _folded(fconv, bn)
     x_float = np.concatenate(s.float_input)[:keep]
     y_float = np.concatenate(s.bn_output if bn is not None else s.float_output)[:keep]
     if relu:
         np.maximum(y_float, 0.0, out=y_float)
-    return LayerCapture(name, with_model_range(case, y_float, calibration_range), x_float,
-                        y_float, y_codes, y_qp, bn_name, tuple(notes), calibration_range)
+    return FloatSide(w, b, x_float, y_float, notes)
+
+
+def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndarray,
+                  x_qp: QParams, setup: QuantSetup, padding: list[int], relu: bool,
+                  y_codes: np.ndarray, y_qp: QParams, bn_name: str | None,
+                  calibration_range: tuple[float, float] | None) -> LayerCapture:
+    """The captured layer: its case (the float conv fed the quantized input it received,
+    ``setup`` what the quantized model ran) and what the model walk compares."""
+    w, b = float_side.weight, float_side.bias
+    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy().copy(),
+                      None if b is None else b.float().numpy().copy(),
+                      stride=list(fconv.stride), padding=padding,
+                      dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
+                      source=name, activation="relu" if relu else None,
+                      notes=(MODEL_INPUT_NOTE,))
+    y_float = float_side.output
+    return LayerCapture(name, with_model_range(case, y_float, calibration_range),
+                        float_side.input, y_float, y_codes, y_qp, bn_name, float_side.notes,
+                        calibration_range)
