@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ConvCase, ModuleState, QuantSetup, build_case
+from ..case import FLOWS, ConvCase, ModuleState, QuantSetup, build_case
 from ..errors import CaseError, CaseFileError, QParamsError
 from ..quantization.qparams import QParams, dequantize32, from_mapping
 from .entries import KNOWN_KEYS, Quantized
@@ -106,6 +106,7 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             source=source,
             notes=tuple(notes),
             activation=_activation_entry(mapping.get("activation"), where),
+            flow=_flow_entry(mapping.get("flow"), where),
         )
     except CaseError as exc:
         raise CaseError(f"{where}: {exc}") from None
@@ -119,6 +120,17 @@ def _activation_entry(value: Any, where: str) -> str | None:
     if not isinstance(value, str):
         raise CaseFileError(f"{where}: 'activation' must be a string ('relu'), got "
                             f"{type(value).__name__}")
+    return value
+
+
+def _flow_entry(value: Any, where: str) -> str:
+    """``flow``: ``eager`` (the default) or ``pt2e`` (a conv of torchao's PT2E flow: engine
+    x86_inductor)."""
+    if value is None or value == "":
+        return "eager"
+    if not isinstance(value, str) or value not in FLOWS:
+        raise CaseFileError(f"{where}: 'flow' must be one of {', '.join(FLOWS)}, got "
+                            f"{str(value)[:40]!r}")
     return value
 
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arithmetic.emulate import Kernel, emulate
-from ..arithmetic.engines import select_kernel
+from ..arithmetic.engines import PT2E_ENGINES
 from ..case import ConvCase
-from ..diagnosis import Diagnosis, Options, run_diagnosis
+from ..diagnosis import Diagnosis, Options, layer_kernel, run_diagnosis
 from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
 from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
@@ -120,6 +120,10 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
         bundle.layer(name)  # an unknown name is refused before any work
     say = progress or (lambda _msg: None)
     engine = bundle.engine
+    if engine in PT2E_ENGINES:
+        from ..arithmetic.pt2e import require_torchao
+
+        require_torchao(f"the PT2E model bundle {bundle.source or ''}".rstrip())
     say(f"screening {len(bundle.layers)} convs")
     screens = {lay.name: screen_layer(lay, engine) for lay in bundle.layers}
     ranking = rank(screens)
@@ -229,10 +233,8 @@ def module_spec(case: ConvCase) -> PathSpec:
 
 
 def _kernel(case: ConvCase, spec: PathSpec, engine: str) -> Kernel:
-    g = case.geometry
-    out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
-    return select_kernel(engine, exec_weight_qparams(spec.weight_qparams), g.groups, cin_g,
-                         out_c // g.groups, g, case.kernel_size)
+    return layer_kernel(case, engine, spec.input_qparams,
+                        exec_weight_qparams(spec.weight_qparams), spec.output_qparams)
 
 
 def float_conv(case: ConvCase) -> np.ndarray:

@@ -1,0 +1,102 @@
+"""A single conv of torchao's PT2E flow as a case (issue 15): ``"flow": "pt2e"`` in a case
+file, engine x86_inductor by default and its torch check, ``--engine all``, the production path
+(X86InductorQuantizer's default config), and the missing extra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qconvdiag
+from qconvdiag.arithmetic import pt2e
+from qconvdiag.case import ModuleState, QuantSetup, build_case
+from qconvdiag.diagnosis import Options, resolve_engines, run_diagnosis
+from qconvdiag.errors import MissingExtraError
+from qconvdiag.quantization.qparams import QParams, per_tensor, quantize
+
+
+def pt2e_case(seed: int = 0):  # noqa: ANN201
+    """A conv as convert_pt2e leaves it: uint8 input codes (zero point 120), int8 weights
+    per channel with zero point 0, a float32 bias, uint8 output qparams, a fused ReLU."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    w = (rng.standard_normal((6, 4, 3, 3)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32) * 0.1
+    x_qp = per_tensor(0.025, 120, "quint8", "user")
+    w_scales = tuple(float(np.float32(s)) for s in np.abs(w).reshape(6, -1).max(1) / 127.5)
+    w_qp = QParams(w_scales, (0,) * 6, "qint8", 0, "module")
+    module = ModuleState(quantize(w, w_qp), w_qp, b, per_tensor(0.02, 0, "quint8", "module"))
+    setup = QuantSetup(input_qparams=x_qp, input_codes=quantize(x, x_qp), module=module)
+    return build_case(x, w, b, padding=1, setup=setup, activation="relu", flow="pt2e")
+
+
+def test_case_file_carries_the_flow(tmp_path):  # noqa: ANN001
+    for suffix in (".pt", ".npz", ".safetensors"):
+        path = tmp_path / f"c{suffix}"
+        qconvdiag.save_case(pt2e_case(), path)
+        assert qconvdiag.load_case(path).flow == "pt2e"
+    eager = tmp_path / "eager.npz"
+    qconvdiag.save_case(build_case(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3))), eager)
+    assert "flow" not in np.load(eager).files  # legacy case files are unchanged
+
+
+def test_pt2e_case_runs_on_x86_inductor_torch_exact():
+    report = run_diagnosis(pt2e_case()).report
+    assert [(p.name, p.engine) for p in report.paths] == [("as_given", "x86_inductor"),
+                                                          ("production", "x86_inductor")]
+    for p in report.paths:
+        assert p.torch_check.ran and p.torch_check.mismatched_elements == 0, p.name
+        assert p.kernel == "onednn"
+    production = report.path("production")
+    assert production.observers["input"] == "HistogramObserver"
+    assert production.observers["weight"] == "PerChannelMinMaxObserver"
+    weight = production.qparams["weight"]
+    assert weight.axis == 0 and set(weight.zero_point) == {0}
+    assert production.qparams["input"].dtype == "quint8"
+
+
+def test_engine_all_puts_x86_inductor_first_for_pt2e_only():
+    legacy = resolve_engines("all")
+    assert "x86_inductor" not in legacy
+    assert resolve_engines("all", pt2e=True) == ("x86_inductor", *legacy)
+    assert resolve_engines(None, pt2e=True) == ("x86_inductor",)
+    assert resolve_engines("x86_inductor") == ("x86_inductor",)  # asked for by name
+    report = run_diagnosis(pt2e_case(), Options(engine="all", production_path=False)).report
+    assert [p.engine for p in report.paths] == list(resolve_engines("all", pt2e=True))
+
+
+def test_explicit_engine_on_a_legacy_case():
+    case = pt2e_case()
+    legacy = build_case(case.input, case.weight, case.bias, padding=1, setup=case.setup,
+                        activation="relu")
+    report = run_diagnosis(legacy, Options(engine="x86_inductor", production_path=False)).report
+    assert report.paths[0].engine == "x86_inductor"
+    assert report.paths[0].torch_check.mismatched_elements == 0
+
+
+def _cli(*args: str):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from qconvdiag.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_case_file_refuses_an_unknown_flow(tmp_path):  # noqa: ANN001
+    path = tmp_path / "c.npz"
+    np.savez(path, input=np.ones((1, 1, 3, 3), np.float32),
+             weight=np.ones((1, 1, 3, 3), np.float32), flow=np.array('"fx"'))
+    r = _cli("explain", str(path))
+    assert r.exit_code == 2 and "'flow' must be one of eager, pt2e" in r.stderr
+
+
+def test_without_torchao_a_pt2e_case_names_the_extra(tmp_path, monkeypatch):  # noqa: ANN001
+    path = tmp_path / "case.npz"
+    qconvdiag.save_case(pt2e_case(), path)
+    monkeypatch.setattr(pt2e, "torchao_available", lambda: False)
+    r = _cli("explain", str(path))
+    assert r.exit_code == 2, r.stdout
+    assert r.stderr.count("\n") == 1 and "pip install 'qconvdiag[pt2e]'" in r.stderr
+    with pytest.raises(MissingExtraError):
+        run_diagnosis(pt2e_case(), Options(engine="x86_inductor"))
+    assert _cli("explain", str(path), "--engine", "x86", "--json").exit_code == 0
