@@ -2,13 +2,14 @@
 every quantized conv what the model walk needs (see bundle.py).
 
 The quantized twin comes from torch.ao's eager flow (``prepare``/``convert``, fused ConvReLU
-and ConvBn included) or FX (``convert_fx``): both keep each conv's module path, so the float
-conv is the float model's module of the same name. A BatchNorm that consumed the float conv's
-output (the same tensor) and is gone from the quantized model was folded into the conv: the
-float weight and bias are folded the same way (``torch.nn.utils.fusion``), and the report says
-so. The float model's output at that point is what it computed there: the conv's output, or
-its BatchNorm's when folded, then the fused activation (applied here when the quantized conv
-fused it).
+and ConvBn included), FX (``convert_fx``), or torchao's PT2E flow (``convert_pt2e``: see
+pt2e_capture.py, which reuses the steps here). The first two keep each conv's module path,
+so the float conv is the float model's module of the same name. A BatchNorm that consumed the
+float conv's output (the same tensor) and is gone from the quantized model was folded into
+the conv: the float weight and bias are folded the same way (``torch.nn.utils.fusion``), and
+the report says so. The float model's output at that point is what it computed there: the
+conv's output, or its BatchNorm's when folded, then the fused activation (applied here when
+the quantized conv fused it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         raise CaseError("capture_model: the float model is in training mode (BatchNorm would "
                         "update its statistics): call float_model.eval() first")
     batches = _batches(inputs)
+    from .pt2e_capture import capture_pt2e, is_pt2e_graph
+
+    if is_pt2e_graph(quantized_model):
+        return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
+                            say)
     pairs = _conv_pairs(float_model, quantized_model)
     if not pairs:
         raise CaseError("capture_model: the quantized model holds no quantized conv "
@@ -416,7 +422,8 @@ def float_reference(fconv: Any, s: _Seen, keep: int, float_model: Any, bn_name: 
 def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndarray,
                   x_qp: QParams, setup: QuantSetup, padding: list[int], relu: bool,
                   y_codes: np.ndarray, y_qp: QParams, bn_name: str | None,
-                  calibration_range: tuple[float, float] | None) -> LayerCapture:
+                  calibration_range: tuple[float, float] | None, flow: str = "eager"
+                  ) -> LayerCapture:
     """The captured layer: its case (the float conv fed the quantized input it received,
     ``setup`` what the quantized model ran) and what the model walk compares."""
     w, b = float_side.weight, float_side.bias
@@ -425,7 +432,7 @@ def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndar
                       stride=list(fconv.stride), padding=padding,
                       dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
                       source=name, activation="relu" if relu else None,
-                      notes=(MODEL_INPUT_NOTE,))
+                      notes=(MODEL_INPUT_NOTE,), flow=flow)
     y_float = float_side.output
     return LayerCapture(name, with_model_range(case, y_float, calibration_range),
                         float_side.input, y_float, y_codes, y_qp, bn_name, float_side.notes,
