@@ -206,6 +206,10 @@ def test_cli_explains_a_pt2e_bundle(captured):  # noqa: ANN001
     assert {lay["engine"] for lay in data["layers"]} == {"x86_inductor"}
     r = _cli("explain", str(path), "--engine", "x86")
     assert r.exit_code == 2 and "PT2E model's" in r.stderr
+    r = _cli("explain", str(path), "--top", "1", "--width", "100")
+    assert r.exit_code == 0, r.stderr
+    assert "qm stands for the conv's Q/DQ pattern in the convert_pt2e model" in r.stdout
+    assert "qm is quantized.get_submodule" not in r.stdout
 
 
 def test_a_layer_as_a_case_file_stays_pt2e(captured, tmp_path):  # noqa: ANN001
