@@ -39,9 +39,10 @@ class PT2ENet(nn.Module):
         return self.last(self.pool(self.pw(x)))
 
 
-def build(seed: int = 0, batch: int = 4) -> tuple[nn.Module, torch.fx.GraphModule, list]:
+def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0
+          ) -> tuple[nn.Module, torch.fx.GraphModule, list]:
     """The float model, its convert_pt2e twin (X86InductorQuantizer's default config,
-    calibrated on one batch), and two batches of 8x8 images."""
+    calibrated on one batch, times ``calibration_scale``), and two batches of 8x8 images."""
     pt2e.require_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -59,7 +60,7 @@ def build(seed: int = 0, batch: int = 4) -> tuple[nn.Module, torch.fx.GraphModul
     exported = torch.export.export(model, (batches[0],), strict=True).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
-        prepared(batches[0])
+        prepared(batches[0] * calibration_scale)
     return model, convert_pt2e(prepared), batches
 
 
@@ -219,6 +220,19 @@ def test_a_layer_as_a_case_file_stays_pt2e(captured, tmp_path):  # noqa: ANN001
     report = run_diagnosis(qconvdiag.load_case(path), Options(production_path=False)).report
     assert [(p.name, p.engine) for p in report.paths] == [("as_given", "x86_inductor")]
     assert report.paths[0].torch_check.mismatched_elements == 0
+
+
+def test_input_quantization_calibrated_on_other_inputs_is_named():
+    """Calibrated on inputs 12x larger than at inference: the model's input quantize loses
+    the input before the first conv, which is at its floor on what it received."""
+    model, converted, batches = build(calibration_scale=12.0)
+    bundle = qconvdiag.capture_model(model, converted, batches)
+    report = walk_model(bundle, WalkOptions(top=0)).report
+    assert report.layer("stem").verdict == "at_floor"
+    (loss,) = report.upstream
+    assert loss.layer == "stem" and loss.floor_ratio >= 4
+    assert "the quantize_per_tensor of the model's input" in loss.message
+    assert "QuantStub" not in loss.message
 
 
 def test_a_static_batch_size_is_named():

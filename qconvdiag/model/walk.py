@@ -154,7 +154,8 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
         source=bundle.source, engine=engine, layers=rows, ranking=tuple(ranking),
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
         status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
-        upstream=upstream_losses([lay.name for lay in bundle.layers], screens))
+        upstream=upstream_losses([lay.name for lay in bundle.layers], screens,
+                                 engine in PT2E_ENGINES))
     return ModelDiagnosis(report, diagnoses)
 
 
@@ -163,12 +164,15 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
 UPSTREAM_DB = 10.0
 
 
-def upstream_losses(order: list[str], screens: dict[str, Screen]) -> tuple[UpstreamLoss, ...]:
+def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = False
+                    ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
     the convs before it (in model order: a residual branch's worst included), and its error
-    FAR times that floor too."""
+    FAR times that floor too. ``pt2e``: the model is a convert_pt2e graph, whose input
+    quantization is a quantize_per_tensor node, not a QuantStub."""
+    stub = ("the quantize_per_tensor of the model's input" if pt2e else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
     for name in order:
@@ -184,7 +188,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen]) -> tuple[Upstr
                     name, s.input, s.input_floor_ratio, None, None,
                     f"{name}'s input is {_db_text(got)} from the float model's, "
                     f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: the "
-                    f"model's input quantization (its QuantStub) {why}, and loses it before "
+                    f"model's input quantization ({stub}) {why}, and loses it before "
                     "any conv."))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             out.append(UpstreamLoss(
