@@ -40,7 +40,9 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     write the bundle to ``path`` (unless None). ``calibration``: the batches the quantized
     model was calibrated on (or like them): the float model runs on them once more to record
     each conv's output range, against which its output scale is judged (without them, the
-    range of ``inputs`` only, judged leniently: ``budget.SAMPLE_RANGE``). Example::
+    range of ``inputs`` only, judged leniently: ``budget.SAMPLE_RANGE``). ``quantized_model``
+    may be a ``convert_pt2e`` GraphModule (torchao's PT2E flow; pt2e_capture.py): its convs
+    then run on engine ``x86_inductor``. Example::
 
         qconvdiag.capture_model(model, quantized, [x1, x2], path="model.pt",
                                 calibration=calibration_batches)
