@@ -4,6 +4,10 @@ file, engine x86_inductor by default and its torch check, ``--engine all``, the 
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
+import jsonschema
 import numpy as np
 import pytest
 
@@ -42,6 +46,9 @@ def test_case_file_carries_the_flow(tmp_path):  # noqa: ANN001
 
 def test_pt2e_case_runs_on_x86_inductor_torch_exact():
     report = run_diagnosis(pt2e_case()).report
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    schema = json.loads(resources.files("qconvdiag").joinpath("report.schema.json").read_text())
+    jsonschema.validate(data, schema)
     assert [(p.name, p.engine) for p in report.paths] == [("as_given", "x86_inductor"),
                                                           ("production", "x86_inductor")]
     for p in report.paths:
