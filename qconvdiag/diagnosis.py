@@ -26,7 +26,7 @@ from .arithmetic.engines import (
     select_kernel,
 )
 from .arithmetic.float_conv import conv64
-from .arithmetic.torch_ref import TorchRun, capture_warnings, run_conv
+from .arithmetic.torch_ref import TorchRun, capture_warnings, run_conv, run_eager_qdq
 from .case import ConvCase
 from .errors import UsageError
 from .findings import ROOTS, run_findings
@@ -43,7 +43,7 @@ from .measure.evidence import (
 )
 from .measure.metrics import error_metrics, summary
 from .measure.reference import float_reference
-from .measure.stages import STAGE_IDS, Ladder, LadderInputs, run_ladder
+from .measure.stages import Ladder, LadderInputs, run_ladder, stage_ids
 from .quantization.paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .quantization.qparams import QParams
 from .report import PathReport, Report, StageResult, TorchCheck
@@ -391,6 +391,10 @@ def _ladder(case: ConvCase, spec: PathSpec, engine: str, em: Emulation,
         torch_reason=f"torch did not run it on {engine}: {tr.error}",
         torch_same=torch_same,
         relu=case.activation == "relu",
+        eager_unclamped=(run_eager_qdq(spec.input_codes, spec.input_qparams, spec.weight_codes,
+                                       exec_weight_qparams(spec.weight_qparams), spec.bias,
+                                       spec.output_qparams, case.geometry)
+                         if engine in PT2E_ENGINES else None),
     ), y0=y0, keep=keep)
 
 
@@ -415,7 +419,8 @@ def _path_report(case: ConvCase, spec: PathSpec, engine: str, k: _Kernels, refus
         budget = compute_budget(case, spec, k.setup, stages, total.rmse, y0, em)
     else:
         reason = f"cannot run: {refused}"
-        stages = tuple(StageResult(s, False, reason, None, None, None, None) for s in STAGE_IDS)
+        stages = tuple(StageResult(s, False, reason, None, None, None, None)
+                       for s in stage_ids(engine in PT2E_ENGINES))
         total = error_metrics(np.zeros_like(y0), y0, None)
         out_summary, budget = None, None
     return PathReport(

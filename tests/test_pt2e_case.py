@@ -107,3 +107,52 @@ def test_without_torchao_a_pt2e_case_names_the_extra(tmp_path, monkeypatch):  # 
     with pytest.raises(MissingExtraError):
         run_diagnosis(pt2e_case(), Options(engine="x86_inductor"))
     assert _cli("explain", str(path), "--engine", "x86", "--json").exit_code == 0
+
+
+def near_tie_case():  # noqa: ANN201
+    """A dense 1x1 conv (8 -> 8 channels, 16x16) on which the eager Q/DQ graph and the integer
+    kernel give one output code differently (seed 179 of a search over 400)."""
+    rng = np.random.default_rng(179)
+    x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
+    w = (rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(8) * 0.1).astype(np.float32)
+    x_qp = per_tensor(float(np.float32(rng.uniform(0.01, 0.03))), int(rng.integers(100, 140)),
+                      "quint8", "user")
+    w_scales = tuple(float(np.float32(s)) for s in np.abs(w).reshape(8, -1).max(1) / 127.5)
+    w_qp = QParams(w_scales, (0,) * 8, "qint8", 0, "module")
+    out = per_tensor(float(np.float32(rng.uniform(0.002, 0.01))), int(rng.integers(100, 140)),
+                     "quint8", "module")
+    module = ModuleState(quantize(w, w_qp), w_qp, b, out)
+    setup = QuantSetup(input_qparams=x_qp, input_codes=quantize(x, x_qp), module=module)
+    return build_case(x, w, b, setup=setup, flow="pt2e")
+
+
+def test_ladder_separates_the_eager_graph_from_the_integer_kernel():
+    """On x86_inductor the output stages are the eager Q/DQ graph's and integer_kernel is what
+    the kernel changes: here one near-tie output, one step, at the floor (no finding)."""
+    from qconvdiag.arithmetic.torch_ref import run_eager_qdq
+    from qconvdiag.measure.stages import PT2E_STAGE_IDS, STAGE_IDS
+
+    case = near_tie_case()
+    d = run_diagnosis(case, Options(engine="all", production_path=False, keep_arrays=True))
+    (inductor,) = [r for r in d.runs if r.report.engine == "x86_inductor"]
+    assert [s.id for s in inductor.report.stages] == list(PT2E_STAGE_IDS)
+    for legacy in (r for r in d.runs if r.report.engine != "x86_inductor"):
+        assert [s.id for s in legacy.report.stages] == list(STAGE_IDS)
+    accumulation = inductor.report.stage("accumulation")
+    assert not accumulation.applies and "eager Q/DQ graph" in accumulation.reason
+    spec = inductor.spec
+    eager = np.clip(run_eager_qdq(spec.input_codes, spec.input_qparams, spec.weight_codes,
+                                  spec.weight_qparams, spec.bias, spec.output_qparams,
+                                  case.geometry), 0, 255)
+    kernel = inductor.emulation.output_codes
+    differ = int(np.count_nonzero(eager != kernel))
+    assert differ == 1 and int(np.abs(eager - kernel).max()) == 1  # measured on this CPU
+    stage = inductor.report.stage("integer_kernel")
+    assert stage.applies and stage.delta.affected * kernel.size == pytest.approx(differ)
+    assert stage.delta.max_abs_lsb == pytest.approx(1.0)
+    s, zp = spec.output_qparams.scale[0], spec.output_qparams.zero_point[0]
+    assert np.allclose(d.arrays.paths[0].stages["output_clipping"], (eager - zp) * s)
+    assert inductor.report.budget.stage("integer_kernel").excess == 0
+    assert inductor.report.torch_check.mismatched_elements == 0
+    assert not [f for f in d.report.findings if f.code == "QCD061"]

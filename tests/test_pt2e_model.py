@@ -4,8 +4,10 @@ and the diagnosis on engine x86_inductor, PT2E case files, and the missing extra
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -133,6 +135,41 @@ def test_kernel_outputs_feed_the_next_conv(captured):  # noqa: ANN001
     assert "torch.ops.onednn.qconv_pointwise" in note
 
 
+def test_eager_reference_is_what_the_graph_computes(captured):  # noqa: ANN001
+    """torch_ref.run_eager_qdq (the ladder's eager Q/DQ reference) gives the convert_pt2e
+    graph's own output codes for each conv, on the input codes the graph fed it."""
+    from qconvdiag.arithmetic.torch_ref import run_eager_qdq
+    from qconvdiag.case import Geometry
+
+    _model, converted, batches, bundle, _path, _walked = captured
+    quantizes = {n.args[0]: n for n in converted.graph.nodes
+                 if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default}
+    convs = [n for n in converted.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    seen: dict = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):  # noqa: ANN001, ANN202
+            out = super().run_node(n)
+            seen[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(converted).run(batches[0])
+    for lay, conv in zip(bundle.layers, convs):
+        after = next(iter(conv.users))
+        out_node = quantizes.get(after) or quantizes[conv]
+        codes_in = seen[conv.args[0].args[0]].numpy()
+        m = lay.case.setup.module
+        g = lay.case.geometry
+        eager = run_eager_qdq(codes_in, lay.case.setup.input_qparams, m.weight_codes,
+                              m.weight_qparams, m.bias, m.output_qparams,
+                              Geometry(g.stride, g.padding, g.dilation, g.groups))
+        expected = seen[out_node].numpy()
+        if lay.case.activation == "relu":
+            eager = np.maximum(eager, m.output_qparams.zero_point[0])
+        assert np.array_equal(np.clip(eager, 0, 255), expected), lay.name
+
+
 def test_walk_is_torch_exact_on_x86_inductor(captured):  # noqa: ANN001
     _model, _converted, _batches, bundle, _path, walked = captured
     report = walked.report
@@ -142,6 +179,10 @@ def test_walk_is_torch_exact_on_x86_inductor(captured):  # noqa: ANN001
         assert row.torch_mismatches == 0, row.name
         assert row.torch_total == bundle.layer(row.name).quantized_output.size
     (detail,) = report.details
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    schema = json.loads(resources.files("qconvdiag").joinpath("report.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert "integer_kernel" in [s["id"] for s in data["details"][0]["paths"][0]["stages"]]
     names = [(p.name, p.engine) for p in detail.report.paths]
     assert names == [("as_given", "x86_inductor"), ("production", "x86_inductor")]
     for p in detail.report.paths:
