@@ -156,3 +156,45 @@ def test_ladder_separates_the_eager_graph_from_the_integer_kernel():
     assert inductor.report.budget.stage("integer_kernel").excess == 0
     assert inductor.report.torch_check.mismatched_elements == 0
     assert not [f for f in d.report.findings if f.code == "QCD061"]
+
+
+SATURATING = """
+import json
+import numpy as np
+from qconvdiag.case import ModuleState, QuantSetup, build_case
+from qconvdiag.diagnosis import Options, run_diagnosis
+from qconvdiag.quantization.qparams import QParams, per_tensor, quantize
+rng = np.random.default_rng(0)
+x = rng.uniform(4.5, 5.0, (1, 8, 6, 6)).astype(np.float32)   # codes near 255 at scale 1/51
+w = rng.uniform(0.4, 0.5, (4, 8, 3, 3)).astype(np.float32)   # codes near 127, one sign
+x_qp = per_tensor(1 / 51, 0, "quint8", "user")
+w_qp = QParams((0.5 / 127,) * 4, (0,) * 4, "qint8", 0, "module")
+module = ModuleState(quantize(w, w_qp), w_qp, None, per_tensor(0.5, 0, "quint8", "module"))
+setup = QuantSetup(input_qparams=x_qp, input_codes=quantize(x, x_qp), module=module)
+case = build_case(x, w, None, setup=setup, flow="pt2e")
+report = run_diagnosis(case, Options(production_path=False)).report
+path = report.paths[0]
+qcd040 = [f for f in report.findings if f.code == "QCD040"]
+print(json.dumps({"accumulation": path.accumulation, "stage": path.stage("integer_kernel")
+                  .delta.max_abs_lsb, "excess": path.budget.stage("integer_kernel").excess,
+                  "qcd040": [(f.severity, list(f.stages)) for f in qcd040],
+                  "mismatches": path.torch_check.mismatched_elements}))
+"""
+
+
+def test_int16_saturation_without_vnni_is_the_integer_kernels():
+    """ISA forced to AVX2: oneDNN sums adjacent channels' products in saturating int16, which
+    the eager Q/DQ graph (fp32) does not: integer_kernel carries it, many steps, as excess,
+    and QCD040 names it there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", SATURATING], cwd=Path(__file__).parents[1],
+                         env=env, capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["accumulation"] == "int16_pairs_channels" and result["mismatches"] == 0
+    assert result["stage"] > 1 and result["excess"] > 0
+    assert result["qcd040"] and result["qcd040"][0][1] == ["integer_kernel"]
