@@ -19,6 +19,10 @@ from .report import CaseSummary
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 #: Fused activations a quantized conv module may apply (torch.ao.nn.intrinsic ConvReLU).
 ACTIVATIONS = (None, "relu")
+#: How the quantized conv was made: torch.ao's eager/FX flow (quantized modules, the engines of
+#: ``torch.backends.quantized``) or torchao's PT2E flow (``convert_pt2e``: a Q/DQ pattern that
+#: inductor lowers to the ``x86_inductor`` engine's oneDNN kernels).
+FLOWS = ("eager", "pt2e")
 #: float32's largest value: torch runs the float conv and the observers in float32.
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -99,6 +103,14 @@ class ConvCase:
     """``output_range`` comes from a few captured samples only, not the calibration batches
     the observer saw (a narrower range): an output step up to ``budget.SAMPLE_RANGE`` times
     the ideal step of that range counts as the floor."""
+    flow: str = "eager"
+    """``eager`` or ``pt2e`` (FLOWS). A PT2E case runs on ``x86_inductor`` unless ``--engine``
+    says otherwise, its production path is X86InductorQuantizer's default config, and its
+    setup's ``module`` holds the pattern's int8 weight, float32 bias and output qparams."""
+
+    @property
+    def pt2e(self) -> bool:
+        return self.flow == "pt2e"
 
     @property
     def spatial_dims(self) -> int:
@@ -317,8 +329,11 @@ def build_case(
     source: str = "",
     notes: tuple[str, ...] = (),
     activation: str | None = None,
+    flow: str = "eager",
 ) -> ConvCase:
     """Validate and build a ConvCase (raises CaseError with a fix on any problem)."""
+    if flow not in FLOWS:
+        raise CaseError(f"flow {flow!r}: use one of {', '.join(FLOWS)}")
     if activation not in ACTIVATIONS:
         raise CaseError(f"activation {activation!r}: qconvdiag knows the fused "
                         f"{', '.join(a for a in ACTIVATIONS if a)} (or none)")
@@ -335,7 +350,8 @@ def build_case(
     check_float32_range(inp_a, w_a, b_a)
     if setup is not None:
         _validate_setup(setup, inp_a, w_a)
-    return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list), activation)
+    return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list), activation,
+                    flow=flow)
 
 
 def _validate_setup(setup: QuantSetup, inp: np.ndarray, weight: np.ndarray) -> None:

@@ -278,6 +278,12 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
             raise QconvdiagError(f"{option} applies to one conv's case, not a model bundle: "
                                  "each conv is diagnosed on the input it received")
     if diag.engine is not None and diag.engine != bundle.engine:
+        from .arithmetic.engines import PT2E_ENGINES
+
+        if bundle.engine in PT2E_ENGINES:
+            raise QconvdiagError(
+                f"this bundle is a PT2E model's, run on engine {bundle.engine} (its codes are "
+                f"that engine's): --engine {diag.engine} does not apply")
         raise QconvdiagError(
             f"this bundle was captured on engine {bundle.engine} (its codes are that engine's): "
             f"capture it again with torch.backends.quantized.engine = '{diag.engine}'")

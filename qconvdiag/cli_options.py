@@ -45,7 +45,8 @@ class FailOn(str, Enum):
 
 EngineOpt = Annotated[
     Optional[str],
-    typer.Option("--engine", help="x86, fbgemm, onednn, qnnpack, or all (default: torch's)."),
+    typer.Option("--engine", help="x86, fbgemm, onednn, qnnpack, x86_inductor (PT2E), or "
+                 "all (default: torch's; x86_inductor for a PT2E case)."),
 ]
 ObserverOpt = Annotated[
     Optional[str],
@@ -168,15 +169,16 @@ class Outputs:
 
 
 def _check_engine(engine: Optional[str], allow_all: bool) -> None:
-    from .arithmetic.engines import ENGINES
+    from .arithmetic.engines import ENGINES, PT2E_ENGINES
 
-    if engine is None or engine in ENGINES:
+    if engine is None or engine in ENGINES or engine in PT2E_ENGINES:
         return
     if engine == "all":
         if allow_all:
             return
         raise QconvdiagError("trace runs one engine: give --engine NAME")
-    raise QconvdiagError(f"unknown engine '{engine}': use one of {', '.join(ENGINES)}"
+    raise QconvdiagError(f"unknown engine '{engine}': use one of "
+                         f"{', '.join((*ENGINES, *PT2E_ENGINES))}"
                          + (" or all" if allow_all else ""))
 
 

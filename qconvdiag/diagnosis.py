@@ -15,9 +15,18 @@ import numpy as np
 from . import __version__
 from .arithmetic.cpu import cpu_info
 from .arithmetic.emulate import Emulation, Kernel, emulate
-from .arithmetic.engines import ENGINES, probe, refusal_message, refusals, select_kernel
+from .arithmetic.engines import (
+    ENGINES,
+    PT2E_ENGINES,
+    LayerAttrs,
+    probe,
+    probe_pt2e,
+    refusal_message,
+    refusals,
+    select_kernel,
+)
 from .arithmetic.float_conv import conv64
-from .arithmetic.torch_ref import TorchRun, capture_warnings, run_conv
+from .arithmetic.torch_ref import TorchRun, capture_warnings, run_conv, run_eager_qdq
 from .case import ConvCase
 from .errors import UsageError
 from .findings import ROOTS, run_findings
@@ -34,8 +43,9 @@ from .measure.evidence import (
 )
 from .measure.metrics import error_metrics, summary
 from .measure.reference import float_reference
-from .measure.stages import STAGE_IDS, Ladder, LadderInputs, run_ladder
+from .measure.stages import Ladder, LadderInputs, run_ladder, stage_ids
 from .quantization.paths import PathSpec, ProductionOptions, build_as_given, build_production
+from .quantization.qparams import QParams
 from .report import PathReport, Report, StageResult, TorchCheck
 from .versions import unverified_torch_note
 
@@ -129,7 +139,7 @@ def diagnose_runs(
     from .memo import forget_all, memo_scope
 
     say = progress or (lambda _msg: None)
-    engines = resolve_engines(options.engine)
+    engines = resolve_engines(options.engine, case.pt2e)
     runs: list[PathRun] = []
     # Hashing array contents costs ~1 ms per MB; it pays off only when engines share work.
     with capture_warnings() as torch_warnings, memo_scope(by_content=len(engines) > 1):
@@ -179,7 +189,7 @@ def diagnose_path(case: ConvCase, name: str, options: Options) -> PathRun:
     and the same float reference the full diagnosis uses."""
     from .memo import memo_scope
 
-    (engine,) = resolve_engines(options.engine)
+    (engine,) = resolve_engines(options.engine, case.pt2e)
     with capture_warnings(), memo_scope(by_content=False):
         probe()
         cache: dict[Any, Any] = {}
@@ -213,23 +223,44 @@ def _build_paths(case: ConvCase, options: Options, engines: tuple[str, ...],
     return out
 
 
-def resolve_engines(engine: str | None) -> tuple[str, ...]:
+def resolve_engines(engine: str | None, pt2e: bool = False) -> tuple[str, ...]:
+    """The engines to diagnose on. A PT2E case (``pt2e``) runs on ``x86_inductor`` by default
+    and with ``all`` on it first, then on torch's engines; an eager case keeps torch's engines
+    (its default: torch's current one; ``all``: every one this build has), and runs on
+    ``x86_inductor`` only when asked by name. A PT2E engine needs torchao (the extra)."""
     import torch
 
     supported = tuple(e for e in ENGINES if e in torch.backends.quantized.supported_engines)
+    if engine is None and pt2e:
+        engine = PT2E_ENGINES[0]
     if engine is None:
         current = torch.backends.quantized.engine
         return (current if current in supported else supported[0],)
     if engine == "all":
-        return supported
+        return (*_pt2e_engines(PT2E_ENGINES), *supported) if pt2e else supported
+    if engine in PT2E_ENGINES:
+        return _pt2e_engines((engine,))
     if engine not in ENGINES:
-        raise UsageError(f"unknown engine '{engine}': use one of {', '.join(ENGINES)} or all")
+        raise UsageError(f"unknown engine '{engine}': use one of "
+                         f"{', '.join((*ENGINES, *PT2E_ENGINES))} or all")
     if engine not in supported:
         raise UsageError(
             f"engine '{engine}' is not available in this torch build (available: "
             f"{', '.join(supported)})"
         )
     return (engine,)
+
+
+def _pt2e_engines(engines: tuple[str, ...]) -> tuple[str, ...]:
+    """``engines`` (PT2E ones), once torchao is there and torch has their kernels."""
+    from .arithmetic.pt2e import require_torchao
+
+    require_torchao(f"engine {engines[0]}")
+    for engine in engines:
+        if not probe_pt2e()[engine].available:
+            raise UsageError(f"engine '{engine}' is not available in this torch build (its "
+                             "oneDNN kernels, torch.ops.onednn.qconv_pointwise, refused to run)")
+    return engines
 
 
 def reference_engine() -> str:
@@ -270,14 +301,29 @@ class _Kernels:
     can_emulate: bool
 
 
-def _kernels(case: ConvCase, spec: PathSpec, engine: str) -> _Kernels:
+def layer_kernel(case: ConvCase, engine: str, input_qp: QParams, weight_qp: QParams,
+                 output_qp: QParams) -> Kernel:
+    """The kernel that runs this conv with these qparams on ``engine`` (``weight_qp`` as the
+    kernel executes it); on a PT2E engine, the implementation oneDNN picks for this very
+    layer (``engines.onednn_arithmetic``)."""
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
     args = (g.groups, cin_g, out_c // g.groups, g, case.kernel_size)
+    if engine not in PT2E_ENGINES:
+        return select_kernel(engine, weight_qp, *args)
+    attrs = LayerAttrs(input_qp.zero_point[0] != 0, output_qp.zero_point[0] != 0,
+                       relu=case.activation == "relu", per_channel=weight_qp.per_channel)
+    return select_kernel(engine, weight_qp, *args, input_shape=tuple(case.input.shape),
+                         attrs=attrs)
+
+
+def _kernels(case: ConvCase, spec: PathSpec, engine: str) -> _Kernels:
+    out_c = case.weight.shape[0]
     w_exec = exec_weight_qparams(spec.weight_qparams)
-    setup = select_kernel(engine, w_exec, *args)
+    setup = layer_kernel(case, engine, spec.input_qparams, w_exec, spec.output_qparams)
     run_w_qp = exec_weight_qparams(spec.run_weight_qparams)
-    run = select_kernel(engine, run_w_qp, *args) if spec.module else setup
+    run = (layer_kernel(case, engine, spec.input_qparams, run_w_qp, spec.final_output_qparams)
+           if spec.module else setup)
     run_refusals = refusals(run.kernel, spec.input_qparams, run_w_qp, out_c)
     can_emulate = not any(r.rule == "per_channel_count" for r in
                           refusals(setup.kernel, spec.input_qparams, w_exec, out_c)
@@ -345,6 +391,10 @@ def _ladder(case: ConvCase, spec: PathSpec, engine: str, em: Emulation,
         torch_reason=f"torch did not run it on {engine}: {tr.error}",
         torch_same=torch_same,
         relu=case.activation == "relu",
+        eager_unclamped=(run_eager_qdq(spec.input_codes, spec.input_qparams, spec.weight_codes,
+                                       exec_weight_qparams(spec.weight_qparams), spec.bias,
+                                       spec.output_qparams, case.geometry)
+                         if engine in PT2E_ENGINES else None),
     ), y0=y0, keep=keep)
 
 
@@ -369,7 +419,8 @@ def _path_report(case: ConvCase, spec: PathSpec, engine: str, k: _Kernels, refus
         budget = compute_budget(case, spec, k.setup, stages, total.rmse, y0, em)
     else:
         reason = f"cannot run: {refused}"
-        stages = tuple(StageResult(s, False, reason, None, None, None, None) for s in STAGE_IDS)
+        stages = tuple(StageResult(s, False, reason, None, None, None, None)
+                       for s in stage_ids(engine in PT2E_ENGINES))
         total = error_metrics(np.zeros_like(y0), y0, None)
         out_summary, budget = None, None
     return PathReport(

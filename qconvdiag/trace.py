@@ -260,6 +260,14 @@ def packed_params(case: ConvCase, run: PathRun) -> dict[str, Any]:
     info: dict[str, Any] = {
         "returns": PREPACK_SENTENCE.format(d=dims, kernel=run.kernel.kernel),
     }
+    from .arithmetic.engines import PT2E_ENGINES
+
+    if run.report.engine in PT2E_ENGINES:
+        return {"returns": (f"{run.report.engine} packs the int8 weight with "
+                            "torch.ops.onednn.qconv_prepack (given the weight scales, the "
+                            "input scale and zero point): an opaque oneDNN tensor, not "
+                            "unpacked here; qconv_pointwise takes the scales and the float32 "
+                            "bias at every call"), "opaque": True}
     with capture_warnings(), engine(run.report.engine):
         try:
             qw = quantized_tensor(spec.weight_codes, spec.weight_qparams)

@@ -181,3 +181,52 @@ def run_inductor_conv(
             result = TorchRun(False, None, msg[:300])
     result.warnings = list(caught)
     return result
+
+
+def run_eager_qdq(
+    input_codes: np.ndarray,
+    input_qp: QParams,
+    weight_codes: np.ndarray,
+    weight_qp: QParams,
+    bias: np.ndarray | None,
+    output_qp: QParams,
+    geometry: Geometry,
+) -> np.ndarray | None:
+    """The eager Q/DQ graph ``convert_pt2e`` leaves, on these codes (what the GraphModule
+    computes without compiling): ``quantized_decomposed.dequantize_per_tensor`` of the uint8
+    input, ``dequantize_per_channel`` (or ``_per_tensor``) of the int8 weight, an fp32 conv
+    with the float32 bias, then ``quantize_per_tensor``'s rounding,
+    ``round(y * (1 / out_s)) + out_zp``, not clamped (int64 codes; a fused ReLU and the uint8
+    range clamp after, as in the graph). None when torch refuses it."""
+    import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    if input_qp.dtype != "quint8" or weight_qp.dtype != "qint8":
+        return None  # the kernel refuses these too (run_inductor_conv)
+    qd = torch.ops.quantized_decomposed
+    with capture_warnings():
+        try:
+            x = qd.dequantize_per_tensor(
+                torch.from_numpy(np.ascontiguousarray(input_codes)).to(torch.uint8),
+                float(input_qp.scale[0]), int(input_qp.zero_point[0]), 0, 255, torch.uint8)
+            w_int = torch.from_numpy(np.ascontiguousarray(weight_codes)).to(torch.int8)
+            if weight_qp.per_channel:
+                w = qd.dequantize_per_channel(
+                    w_int, torch.tensor(weight_qp.scale, dtype=torch.float32),
+                    torch.tensor(weight_qp.zero_point, dtype=torch.int64),
+                    int(weight_qp.axis or 0), -128, 127, torch.int8)
+            else:
+                w = qd.dequantize_per_tensor(w_int, float(weight_qp.scale[0]),
+                                             int(weight_qp.zero_point[0]), -128, 127,
+                                             torch.int8)
+            b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float32))
+            g = geometry
+            with torch.no_grad():
+                y = conv_function(len(g.stride))(x, w, b, list(g.stride), list(g.padding),
+                                                 list(g.dilation), g.groups)
+            codes = qd.quantize_per_tensor(y, float(output_qp.scale[0]),
+                                           int(output_qp.zero_point[0]), -(2**31), 2**31 - 1,
+                                           torch.int32)
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError):
+            return None
+    return codes.numpy().astype(np.int64)

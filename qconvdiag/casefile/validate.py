@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ConvCase, ModuleState, QuantSetup, build_case
+from ..case import FLOWS, ConvCase, ModuleState, QuantSetup, build_case
 from ..errors import CaseError, CaseFileError, QParamsError
 from ..quantization.qparams import QParams, dequantize32, from_mapping
 from .entries import KNOWN_KEYS, Quantized
@@ -177,6 +177,17 @@ def _activation_entry(value: Any, where: str) -> str | None:
     if not isinstance(value, str):
         raise CaseFileError(f"{where}: 'activation' must be a string ('relu'), got "
                             f"{type(value).__name__}")
+    return value
+
+
+def _flow_entry(value: Any, where: str) -> str:
+    """``flow``: ``eager`` (the default) or ``pt2e`` (a conv of torchao's PT2E flow: engine
+    x86_inductor)."""
+    if value is None or value == "":
+        return "eager"
+    if not isinstance(value, str) or value not in FLOWS:
+        raise CaseFileError(f"{where}: 'flow' must be one of {', '.join(FLOWS)}, got "
+                            f"{str(value)[:40]!r}")
     return value
 
 

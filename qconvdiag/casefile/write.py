@@ -27,6 +27,8 @@ def case_to_mapping(case: ConvCase) -> dict[str, Any]:
     m.update(case.geometry.to_dict())
     if case.activation is not None:
         m["activation"] = case.activation
+    if case.flow != "eager":
+        m["flow"] = case.flow
     s = case.setup
     if s is not None:
         for key, qp in (

@@ -42,7 +42,7 @@ REGISTRY: tuple[Rule, ...] = (
     Rule("QCD026", weight_rules.qcd026, W[1:]),
     Rule("QCD030", bias_rules.qcd030, ("module_state",), root=True),
     Rule("QCD031", bias_rules.qcd031, ("bias_quantization",)),
-    Rule("QCD040", accumulation_rules.qcd040, ("accumulation",)),
+    Rule("QCD040", accumulation_rules.qcd040, ("accumulation", "integer_kernel")),
     Rule("QCD041", accumulation_rules.qcd041, ("accumulation",), root=True),
     Rule("QCD042", accumulation_rules.qcd042),
     Rule("QCD050", output_rules.qcd050, OUT + ("module_state",), root=True),

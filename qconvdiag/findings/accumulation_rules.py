@@ -33,8 +33,12 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
             saturated = [e for e in (em, ran) if e is not None
                          and (e.saturated_pairs > 0 or e.saturated_row_sums > 0)]
             if saturated:
-                energy = excess(run, "accumulation")
-                st = run.report.stage("accumulation")
+                # on a PT2E engine the ladder's accumulation is the eager graph's (float32):
+                # the kernel's int16 pairs show in integer_kernel
+                sid = ("integer_kernel" if any(s.id == "integer_kernel" and s.applies
+                                               for s in run.report.stages) else "accumulation")
+                energy = excess(run, sid)
+                st = run.report.stage(sid)
                 module_note = ("" if ran is None else
                                f" (the module's own weight: {ran.saturated_pairs} saturated pairs)")
                 rows = max(e.saturated_row_sums for e in saturated)
@@ -52,7 +56,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps).",
                     {"saturated_pairs": em.saturated_pairs, "saturated_row_sums": rows,
                      "accumulation": run.kernel.accumulation, "excess": energy},
-                    _reduce_range_fix(ctx, engine, True), run, energy, ("accumulation",))
+                    _reduce_range_fix(ctx, engine, True), run, energy, (sid,))
             elif run.saturation_without_vnni:
                 n = run.saturation_without_vnni
                 yield finding(

@@ -58,6 +58,18 @@ STAGE_IDS = (
     "module_state",
     "backend_residual",
 )
+#: The PT2E engines' extra stage (after output clipping): the integer kernel against the eager
+#: Q/DQ graph convert_pt2e leaves (an fp32 conv on dequantized values, quantize_per_tensor),
+#: i.e. what compiling changes. On those engines the output rounding and clipping stages are
+#: the eager graph's; elsewhere this stage is not part of the ladder.
+INTEGER_KERNEL = "integer_kernel"
+PT2E_STAGE_IDS = (*STAGE_IDS[:STAGE_IDS.index("module_state")], INTEGER_KERNEL,
+                  *STAGE_IDS[STAGE_IDS.index("module_state"):])
+
+
+def stage_ids(pt2e: bool) -> tuple[str, ...]:
+    """The ladder's stage ids in data-flow order (``pt2e``: on a PT2E engine)."""
+    return PT2E_STAGE_IDS if pt2e else STAGE_IDS
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +117,10 @@ class LadderInputs:
     relu: bool = False
     """A fused ReLU (ConvReLU modules): every state is measured after the activation, against
     relu(float output); the states still chain before it."""
+    eager_unclamped: np.ndarray | None = None
+    """PT2E engines: the eager Q/DQ graph's output codes before the clamp
+    (``torch_ref.run_eager_qdq``); the output stages are then its, and ``integer_kernel``
+    follows. None elsewhere."""
 
 
 Fill = Callable[[np.ndarray, np.ndarray, Block], Any]
@@ -222,6 +238,12 @@ def _accumulator_rungs(case: ConvCase, li: LadderInputs, reasons: dict[str, str]
                                                        k.per_channel(acc_scale),
                                                        k.per_channel(bias_real)),
                           PerChannel(bias_shift)))
+    if li.eager_unclamped is not None:
+        reasons["accumulation"] = (
+            "the eager Q/DQ graph accumulates in float32 (its rounding shows in "
+            "output_rounding); what the integer kernel's accumulation changes (int16 pairs "
+            "without VNNI) shows in integer_kernel")
+        return rungs
     exact_acc = (em.saturated_pairs == 0 and em.saturated_row_sums == 0
                  and em.acc_exact.dtype == np.int32)  # nothing saturated or wrapped
     acc_r = as_rows(em.acc)
@@ -232,19 +254,34 @@ def _accumulator_rungs(case: ConvCase, li: LadderInputs, reasons: dict[str, str]
 
 
 def _output_rungs(li: LadderInputs) -> list[Rung]:
+    """Output rounding and clipping: the engine's (its float32 requantization), or on a PT2E
+    engine the eager Q/DQ graph's, then the integer kernel's difference from it."""
     em, out_qp = li.emulation, li.output_qparams
     out_s, out_zp = float(out_qp.scale[0]), int(out_qp.zero_point[0])
-    unclamped_r = as_rows(em.unclamped)
+    eager = li.eager_unclamped
+    unclamped = em.unclamped if eager is None else eager
+    unclamped_r = as_rows(unclamped)
     rounding = Rung("output_rounding",
                     lambda out, prev, k: _dequantized(out, k.of(unclamped_r), out_zp, out_s),
                     Elementwise(_rounding_error(out_s)))
     lo, hi = (out_qp.dtype_min - out_zp) * out_s, (out_qp.dtype_max - out_zp) * out_s
-    in_range = em.unclamped.size == 0 or (
-        out_qp.dtype_min <= int(em.unclamped.min()) and int(em.unclamped.max()) <= out_qp.dtype_max)
-    codes_r = as_rows(em.output_codes)
+    in_range = unclamped.size == 0 or (
+        out_qp.dtype_min <= int(unclamped.min()) and int(unclamped.max()) <= out_qp.dtype_max)
+    codes = em.output_codes
+    if eager is not None:  # the graph's clamp; a fused ReLU's floor at the zero point
+        floor = min(max(out_zp, out_qp.dtype_min), out_qp.dtype_max) if li.relu \
+            else out_qp.dtype_min
+        codes = np.clip(eager, floor, out_qp.dtype_max)
+    codes_r = as_rows(codes)
     clipping = Rung("output_clipping", SAME if in_range else lambda out, prev, k: _dequantized(
         out, k.of(codes_r), out_zp, out_s), Elementwise(_clipping_error(lo, hi)))
-    return [rounding, clipping]
+    if eager is None:
+        return [rounding, clipping]
+    kernel_r = as_rows(em.output_codes)
+    same = bool(np.array_equal(codes, em.output_codes))
+    kernel = Rung(INTEGER_KERNEL, SAME if same else lambda out, prev, k: _dequantized(
+        out, k.of(kernel_r), out_zp, out_s), DELTA)
+    return [rounding, clipping, kernel]
 
 
 def _final_rungs(li: LadderInputs, reasons: dict[str, str]) -> list[Rung]:
@@ -356,14 +393,15 @@ def run_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray | None = None,
     metrics, energies = walk.measure(accs)
     shares = shares_from_energies(energies)
     results = []
-    for sid in STAGE_IDS:
+    ids = stage_ids(li.eager_unclamped is not None)
+    for sid in ids:
         if sid not in metrics:
             results.append(StageResult(sid, False, plan.reasons.get(sid, "does not apply"),
                                        None, None, None, None))
             continue
         d, c, i = metrics[sid]
         results.append(StageResult(sid, True, None, d, c, i, shares[sid]))
-    total = metrics[[s for s in STAGE_IDS if s in metrics][-1]][1]
+    total = metrics[[s for s in ids if s in metrics][-1]][1]
     shape = y0.shape
     states = {sid: st.reshape(shape) for sid, (st, _) in walk.kept.items()}
     deltas = {sid: dl.reshape(shape) for sid, (_, dl) in walk.kept.items()}

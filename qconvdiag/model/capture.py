@@ -2,13 +2,14 @@
 every quantized conv what the model walk needs (see bundle.py).
 
 The quantized twin comes from torch.ao's eager flow (``prepare``/``convert``, fused ConvReLU
-and ConvBn included) or FX (``convert_fx``): both keep each conv's module path, so the float
-conv is the float model's module of the same name. A BatchNorm that consumed the float conv's
-output (the same tensor) and is gone from the quantized model was folded into the conv: the
-float weight and bias are folded the same way (``torch.nn.utils.fusion``), and the report says
-so. The float model's output at that point is what it computed there: the conv's output, or
-its BatchNorm's when folded, then the fused activation (applied here when the quantized conv
-fused it).
+and ConvBn included), FX (``convert_fx``), or torchao's PT2E flow (``convert_pt2e``: see
+pt2e_capture.py, which reuses the steps here). The first two keep each conv's module path,
+so the float conv is the float model's module of the same name. A BatchNorm that consumed the
+float conv's output (the same tensor) and is gone from the quantized model was folded into
+the conv: the float weight and bias are folded the same way (``torch.nn.utils.fusion``), and
+the report says so. The float model's output at that point is what it computed there: the
+conv's output, or its BatchNorm's when folded, then the fused activation (applied here when
+the quantized conv fused it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,9 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     write the bundle to ``path`` (unless None). ``calibration``: the batches the quantized
     model was calibrated on (or like them): the float model runs on them once more to record
     each conv's output range, against which its output scale is judged (without them, the
-    range of ``inputs`` only, judged leniently: ``budget.SAMPLE_RANGE``). Example::
+    range of ``inputs`` only, judged leniently: ``budget.SAMPLE_RANGE``). ``quantized_model``
+    may be a ``convert_pt2e`` GraphModule (torchao's PT2E flow; pt2e_capture.py): its convs
+    then run on engine ``x86_inductor``. Example::
 
         qconvdiag.capture_model(model, quantized, [x1, x2], path="model.pt",
                                 calibration=calibration_batches)
@@ -57,33 +61,24 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         raise CaseError("capture_model: the float model is in training mode (BatchNorm would "
                         "update its statistics): call float_model.eval() first")
     batches = _batches(inputs)
+    from .pt2e_capture import capture_pt2e, is_pt2e_graph
+
+    if is_pt2e_graph(quantized_model):
+        return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
+                            say)
     pairs = _conv_pairs(float_model, quantized_model)
     if not pairs:
         raise CaseError("capture_model: the quantized model holds no quantized conv "
                         "(torch.ao.nn.quantized Conv1d/2d/3d, ConvReLU)")
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
     seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit)
-    notes: list[str] = []
-    keep = _samples_within(seen, limit)
-    total = sum(int(b.shape[0]) for b in batches)
-    if keep < total:
-        notes.append(f"captured the first {keep} of {total} samples: a layer's tensors would "
-                     f"exceed --max-elements ({limit:,} elements)")
-    ranges: dict[str, tuple[float, float]] = {}
-    if calibration is not None:
-        cal_batches = _batches(calibration)
-        say(f"the float model on {len(cal_batches)} calibration batch(es): output ranges")
-        points = {}
-        for name, (fconv, qconv) in pairs.items():
-            bn = folded_bn(seen[name], quantized_model)
-            points[name] = (fconv if bn is None else float_model.get_submodule(bn),
-                            "ReLU" in type(qconv).__name__)
-        ranges = _calibration_ranges(float_model, points, cal_batches)
-    else:
-        notes.append("no calibration batches given (capture_model(..., calibration=...)): "
-                     "output scales are judged on the captured samples' range, which is "
-                     "narrower than the observers saw, so only scales over "
-                     f"{SAMPLE_RANGE:g}x too coarse for it are named")
+    keep, notes = sample_notes(seen, batches, limit)
+    points = {}
+    for name, (fconv, qconv) in pairs.items():
+        bn = folded_bn(seen[name], quantized_model)
+        points[name] = (fconv if bn is None else float_model.get_submodule(bn),
+                        "ReLU" in type(qconv).__name__)
+    ranges = output_ranges(float_model, points, calibration, notes, say)
     layers = []
     for name, (fconv, qconv) in pairs.items():
         say(f"capturing {name}")
@@ -93,6 +88,39 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
 
     with capture_warnings():
         engine = torch.backends.quantized.engine
+    return finish_bundle(layers, engine, path, notes)
+
+
+def sample_notes(seen: dict[str, _Seen], batches: list[Any], limit: int
+                 ) -> tuple[int, list[str]]:
+    """How many samples every layer keeps, and the bundle's note when that drops some."""
+    notes: list[str] = []
+    keep = _samples_within(seen, limit)
+    total = sum(int(b.shape[0]) for b in batches)
+    if keep < total:
+        notes.append(f"captured the first {keep} of {total} samples: a layer's tensors would "
+                     f"exceed --max-elements ({limit:,} elements)")
+    return keep, notes
+
+
+def output_ranges(float_model: Any, points: dict[str, tuple[Any, bool]], calibration: Any,
+                  notes: list[str], say: Progress) -> dict[str, tuple[float, float]]:
+    """The float model's output range at each conv over the calibration batches (``points``:
+    see ``_calibration_ranges``); without them, none, and a note in ``notes``."""
+    if calibration is None:
+        notes.append("no calibration batches given (capture_model(..., calibration=...)): "
+                     "output scales are judged on the captured samples' range, which is "
+                     "narrower than the observers saw, so only scales over "
+                     f"{SAMPLE_RANGE:g}x too coarse for it are named")
+        return {}
+    cal_batches = _batches(calibration)
+    say(f"the float model on {len(cal_batches)} calibration batch(es): output ranges")
+    return _calibration_ranges(float_model, points, cal_batches)
+
+
+def finish_bundle(layers: list[LayerCapture], engine: str,
+                  path: str | os.PathLike[str] | None, notes: list[str]) -> ModelBundle:
+    """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes))
     if path is not None:
         save_bundle(bundle, path)
@@ -165,19 +193,32 @@ class _Seen:
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
                     batches: list[Any], limit: int) -> dict[str, _Seen]:
-    import torch
-
-    from ..arithmetic.torch_ref import capture_warnings
-
     seen = {name: _Seen() for name in pairs}
-    outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
-    handles = []
 
     def q_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
             seen[name].qinput.append(args[0].detach())
             seen[name].qoutput.append(out.detach())
         return hook
+
+    handles = [qconv.register_forward_hook(q_hook(name))
+               for name, (_fconv, qconv) in pairs.items()]
+    run_both(float_model, lambda batch: quantized_model(batch),
+             {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
+             handles)
+    return seen
+
+
+def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
+             seen: dict[str, _Seen], batches: list[Any], limit: int, handles: list[Any]) -> None:
+    """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
+    quantized side) and the float model, batch by batch, the float convs and BatchNorms
+    hooked; every hook in ``handles`` is removed at the end."""
+    import torch
+
+    from ..arithmetic.torch_ref import capture_warnings
+
+    outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
 
     def f_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
@@ -194,8 +235,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                 seen[conv].bn_output.append(_copy(out))
         return hook
 
-    for name, (fconv, qconv) in pairs.items():
-        handles.append(qconv.register_forward_hook(q_hook(name)))
+    for name, fconv in fconvs.items():
         handles.append(fconv.register_forward_hook(f_hook(name)))
     for name, module in float_model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -203,7 +243,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
     try:
         with torch.no_grad(), capture_warnings():
             for run, batch in enumerate(batches, 1):
-                quantized_model(batch)
+                run_quantized(batch)
                 outputs.clear()
                 float_model(batch)
                 _check_once_per_forward(seen, run)
@@ -212,7 +252,6 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
     finally:
         for h in handles:
             h.remove()
-    return seen
 
 
 def _copy(t: Any) -> np.ndarray:
@@ -344,15 +383,9 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
 def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: Any,
            quantized_model: Any, calibration_range: tuple[float, float] | None
            ) -> LayerCapture:
-    bn = None
-    notes = []
     bn_name = folded_bn(s, quantized_model)
-    if bn_name is not None:
-        bn = float_model.get_submodule(bn_name)
-        notes.append(f"BatchNorm {bn_name} folded into the float weight and bias, as the "
-                     "quantized model folded it")
-    w, b = _folded(fconv, bn)
     relu = "ReLU" in type(qconv).__name__
+    float_side = float_reference(fconv, s, keep, float_model, bn_name, relu)
     x_codes, x_qp = _codes(s.qinput, keep)
     y_codes, y_qp = _codes(s.qoutput, keep)
     try:
@@ -373,15 +406,56 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                        module=module, used_quantized_dtypes=True,
                        apis=("torch.ao.nn.quantized",))
     padding = fconv.padding if not isinstance(fconv.padding, str) else qconv.padding
-    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy(),
-                      None if b is None else b.float().numpy(),
-                      stride=list(fconv.stride), padding=list(padding),
-                      dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
-                      source=name, activation="relu" if relu else None,
-                      notes=(MODEL_INPUT_NOTE,))
+    return layer_capture(name, fconv, float_side, x_codes, x_qp, setup, list(padding), relu,
+                         y_codes, y_qp, bn_name, calibration_range)
+
+
+@dataclass(frozen=True, eq=False)
+class FloatSide:
+    """What the float model gives one captured conv."""
+
+    weight: Any
+    """The float conv's weight (torch tensor), its BatchNorm folded in."""
+    bias: Any
+    input: np.ndarray
+    """The float model's input at the conv (the kept samples)."""
+    output: np.ndarray
+    """The float model's output there: the conv's, or its folded BatchNorm's, then the fused
+    ReLU."""
+    notes: tuple[str, ...]
+
+
+def float_reference(fconv: Any, s: _Seen, keep: int, float_model: Any, bn_name: str | None,
+                    relu: bool) -> FloatSide:
+    """The float side of one conv: its weight and bias with ``bn_name`` folded in (the
+    BatchNorm the quantized model folded, if any), its input and output in the float model."""
+    bn = None if bn_name is None else float_model.get_submodule(bn_name)
+    notes = () if bn_name is None else (
+        f"BatchNorm {bn_name} folded into the float weight and bias, as the quantized model "
+        "folded it",)
+    w, b = _folded(fconv, bn)
     x_float = _first(s.float_input, keep)
     y_float = _first(s.bn_output if bn is not None else s.float_output, keep)
     if relu:
         np.maximum(y_float, 0.0, out=y_float)
-    return LayerCapture(name, with_model_range(case, y_float, calibration_range), x_float,
-                        y_float, y_codes, y_qp, bn_name, tuple(notes), calibration_range)
+    return FloatSide(w, b, x_float, y_float, notes)
+
+
+def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndarray,
+                  x_qp: QParams, setup: QuantSetup, padding: list[int], relu: bool,
+                  y_codes: np.ndarray, y_qp: QParams, bn_name: str | None,
+                  calibration_range: tuple[float, float] | None, flow: str = "eager"
+                  ) -> LayerCapture:
+    """The captured layer: its case (the float conv fed the quantized input it received,
+    ``setup`` what the quantized model ran) and what the model walk compares."""
+    w, b = float_side.weight, float_side.bias
+    case = build_case(dequantize32(x_codes, x_qp), w.float().numpy(),
+                      None if b is None else b.float().numpy(),
+                      stride=list(fconv.stride), padding=padding,
+                      dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
+                      source=name, activation="relu" if relu else None,
+                      notes=(MODEL_INPUT_NOTE,), flow=flow)
+    y_float = float_side.output
+    return LayerCapture(name, with_model_range(case, y_float, calibration_range),
+                        float_side.input, y_float, y_codes, y_qp, bn_name, float_side.notes,
+                        calibration_range)

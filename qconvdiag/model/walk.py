@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arithmetic.emulate import Kernel, emulate
-from ..arithmetic.engines import select_kernel
+from ..arithmetic.engines import PT2E_ENGINES
 from ..case import ConvCase
-from ..diagnosis import Diagnosis, Options, run_diagnosis
+from ..diagnosis import Diagnosis, Options, layer_kernel, run_diagnosis
 from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
 from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
@@ -126,6 +126,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
     from ..versions import unverified_torch_note
 
     engine = bundle.engine
+    if engine in PT2E_ENGINES:
+        from ..arithmetic.pt2e import require_torchao
+
+        require_torchao(f"the PT2E model bundle {bundle.source or ''}".rstrip())
     say(f"screening {len(bundle.layers)} convs")
     screens = {lay.name: screen_layer(lay, engine) for lay in bundle.layers}
     ranking = rank(screens)
@@ -156,7 +160,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
         source=bundle.source, engine=engine, layers=rows, ranking=tuple(ranking),
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
         status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
-        upstream=upstream_losses([lay.name for lay in bundle.layers], screens))
+        upstream=upstream_losses([lay.name for lay in bundle.layers], screens,
+                                 engine in PT2E_ENGINES))
     return ModelDiagnosis(report, diagnoses)
 
 
@@ -165,12 +170,15 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
 UPSTREAM_DB = 10.0
 
 
-def upstream_losses(order: list[str], screens: dict[str, Screen]) -> tuple[UpstreamLoss, ...]:
+def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = False
+                    ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
     the convs before it (in model order: a residual branch's worst included), and its error
-    FAR times that floor too."""
+    FAR times that floor too. ``pt2e``: the model is a convert_pt2e graph, whose input
+    quantization is a quantize_per_tensor node, not a QuantStub."""
+    stub = ("the quantize_per_tensor of the model's input" if pt2e else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
     for name in order:
@@ -186,7 +194,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen]) -> tuple[Upstr
                     name, s.input, s.input_floor_ratio, None, None,
                     f"{name}'s input is {_db_text(got)} from the float model's, "
                     f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: the "
-                    f"model's input quantization (its QuantStub) {why}, and loses it before "
+                    f"model's input quantization ({stub}) {why}, and loses it before "
                     "any conv."))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             out.append(UpstreamLoss(
@@ -235,10 +243,8 @@ def module_spec(case: ConvCase) -> PathSpec:
 
 
 def _kernel(case: ConvCase, spec: PathSpec, engine: str) -> Kernel:
-    g = case.geometry
-    out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
-    return select_kernel(engine, exec_weight_qparams(spec.weight_qparams), g.groups, cin_g,
-                         out_c // g.groups, g, case.kernel_size)
+    return layer_kernel(case, engine, spec.input_qparams,
+                        exec_weight_qparams(spec.weight_qparams), spec.output_qparams)
 
 
 def float_conv(case: ConvCase) -> np.ndarray:

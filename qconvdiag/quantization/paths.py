@@ -165,6 +165,30 @@ def holds_float_weight(case: ConvCase, module: ModuleState) -> bool:
     return float(off.mean()) <= FOREIGN_CODES
 
 
+#: torchao's PT2E engines (arithmetic.engines.PT2E_ENGINES): their production path is the
+#: quantizer's default config, not a torch.ao qconfig.
+PT2E_PRODUCTION = ("x86_inductor",)
+
+
+def _pt2e_observer(which: str):  # type: ignore[no-untyped-def]
+    """An observer of ``X86InductorQuantizer``'s default config (torchao 0.18,
+    ``get_default_x86_inductor_quantization_config``), built as ``prepare_pt2e`` builds it
+    (``_create_obs_or_fq_from_qspec``): activations uint8 0..255 per-tensor affine with
+    torchao's HistogramObserver, weights int8 -128..127 per-channel symmetric on axis 0 with
+    its PerChannelMinMaxObserver, both with eps 2**-12. ``which``: input_activation,
+    output_activation or weight."""
+    from ..arithmetic.pt2e import require_torchao
+
+    require_torchao("the x86_inductor production path")
+    from torchao.quantization.pt2e.prepare import _create_obs_or_fq_from_qspec
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        get_default_x86_inductor_quantization_config,
+    )
+
+    spec = getattr(get_default_x86_inductor_quantization_config(), which)
+    return _create_obs_or_fq_from_qspec(spec, {}, False)
+
+
 def _activation_observer(engine: str, options: ProductionOptions):  # type: ignore[no-untyped-def]
     import torch
     from torch.ao.quantization import get_default_qconfig
@@ -176,7 +200,8 @@ def _activation_observer(engine: str, options: ProductionOptions):  # type: igno
 
     from .observers import accelerate
 
-    default = get_default_qconfig(engine).activation()
+    default = (_pt2e_observer("input_activation") if engine in PT2E_PRODUCTION
+               else get_default_qconfig(engine).activation())
     reduce_range = bool(getattr(default, "reduce_range", False))
     if options.observer is None:
         return accelerate(default)
@@ -198,7 +223,8 @@ def _weight_observer(engine: str, options: ProductionOptions):  # type: ignore[n
     from torch.ao.quantization import get_default_qconfig
     from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
-    default = get_default_qconfig(engine).weight()
+    default = (_pt2e_observer("weight") if engine in PT2E_PRODUCTION
+               else get_default_qconfig(engine).weight())
     if options.per_channel is None:
         return default
     if options.per_channel:

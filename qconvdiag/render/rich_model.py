@@ -9,6 +9,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
+from ..arithmetic.engines import PT2E_ENGINES
 from ..model_report import ErrorSummary, LayerRow, ModelReport
 from ..numbers import table_number as _num
 from .rich_report import SEVERITY_STYLE, STATUS_WORDS, render_rich
@@ -183,9 +184,16 @@ def render_model(report: ModelReport, console: Console | None = None,
     for detail in report.details:
         console.print()
         console.print(Rule(f"layer {detail.layer}", align="left"))
-        hanging(console, f"In the fixes, qm is quantized.get_submodule({detail.layer!r}) and "
-                f"conv the float model's {detail.layer!r} (BatchNorm folded in, if any).",
-                style="dim")
+        if report.engine in PT2E_ENGINES:
+            hanging(console, "In the fixes, qm stands for the conv's Q/DQ pattern in the "
+                    "convert_pt2e model (no module holds it: its qparams come from the "
+                    "quantizer's observers, so a fix there is a change to the quantizer's "
+                    f"config or calibration) and conv the float model's {detail.layer!r} "
+                    "(BatchNorm folded in, if any).", style="dim")
+        else:
+            hanging(console, f"In the fixes, qm is quantized.get_submodule({detail.layer!r}) "
+                    f"and conv the float model's {detail.layer!r} (BatchNorm folded in, if "
+                    "any).", style="dim")
         render_rich(detail.report, console, verbose)
     if report.gate.breaches:
         console.print(Text("CI gate failed:", style="bold red"))

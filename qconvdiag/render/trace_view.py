@@ -95,6 +95,8 @@ def _packed_params(tr: Trace, console: Console) -> None:
     pp = tr.packed_params
     console.print(Text("packed params", style="bold"))
     console.print(Padding(Text(pp.get("returns", "")), (0, 0, 0, 2)))
+    if pp.get("opaque"):
+        return
     if "error" in pp:
         console.print(f"  torch refused to pack it: {pp['error']}")
         return

@@ -115,7 +115,9 @@ def build() -> tuple[object, object, object, object, float, float]:
     return net, quantized, x_train, x_test, acc_f, acc_q
 
 
-def main() -> None:
+def main() -> object:
+    """Write the sample; returns the trained float model (make_digits_pt2e.py quantizes it
+    too)."""
     import warnings
 
     import qconvdiag
@@ -127,6 +129,7 @@ def main() -> None:
         qconvdiag.capture_model(net, quantized, x_test[:64], path,  # type: ignore[index]
                                 calibration=x_train[:200])  # type: ignore[index]
     print(f"wrote {path}: test accuracy {acc_f:.3f} float, {acc_q:.3f} quantized")
+    return net
 
 
 if __name__ == "__main__":

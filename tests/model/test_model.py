@@ -295,22 +295,34 @@ def test_cli_traces_a_layer_of_a_bundle():
     assert r.exit_code == 2 and "give --layer NAME" in r.stderr
 
 
-def test_digits_sample_is_what_its_script_makes(tmp_path, monkeypatch):  # noqa: ANN001
-    """The bundled sample is real: its script (train on scikit-learn's digits, quantize, break
-    conv2's output qparams by hand, capture) writes the same bytes again."""
+def _sample_script(name: str):  # noqa: ANN202
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_digits", SAMPLE.parent / "make_digits.py")
+    spec = importlib.util.spec_from_file_location(name, SAMPLE.parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
-    make_digits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_digits)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_samples_are_what_their_scripts_make(tmp_path, monkeypatch):  # noqa: ANN001
+    """The bundled samples are real: their scripts (train on scikit-learn's digits, quantize
+    with the eager flow and break conv2's output qparams by hand, capture; quantize the same
+    trained model with torchao's PT2E flow, capture) write the same bytes again."""
+    make_digits = _sample_script("make_digits")
+    make_pt2e = _sample_script("make_digits_pt2e")
     monkeypatch.setattr(make_digits, "HERE", tmp_path)
+    monkeypatch.setattr(make_pt2e, "HERE", tmp_path)
+    monkeypatch.setattr(make_pt2e, "digits_script", lambda: make_digits)
     threads = torch.get_num_threads()
     try:
-        make_digits.main()
+        net = make_digits.main()
+        make_pt2e.main(trained=net)
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "digits.pt").read_bytes() == SAMPLE.read_bytes()
+    pt2e_sample = SAMPLE.parent / "digits_pt2e.pt"
+    assert (tmp_path / "digits_pt2e.pt").read_bytes() == pt2e_sample.read_bytes()
 
 
 def test_a_loss_before_the_convs_is_named_not_blamed_on_them():

@@ -1,0 +1,339 @@
+"""``capture_model`` for torchao's PT2E flow: a ``convert_pt2e`` GraphModule beside its float
+model.
+
+There a quantized conv is a pattern, not a module (torchao 0.18, ``X86InductorQuantizer``)::
+
+    codes = quantize_per_tensor(x, in_s, in_zp, 0, 255, uint8)      (or the layer before's)
+    x_dq  = dequantize_per_tensor(codes, in_s, in_zp, 0, 255, uint8)
+    w_dq  = dequantize_per_channel(_frozen_paramN, _scale_N, _zero_point_N, 0, -128, 127, int8)
+    y     = aten.conv2d(x_dq, w_dq, bias, stride, padding, dilation, groups)
+    [y    = aten.relu(y)]
+    q     = quantize_per_tensor(y, out_s, out_zp, 0, 255, uint8)     (where a consumer needs it)
+
+``prepare_pt2e`` folded each BatchNorm into the conv's weight and bias; the float model's is
+folded the same way for the reference (``capture.float_reference``), and the layer says so.
+
+What the graph computes eagerly is an fp32 conv on dequantized values; what runs after
+``torch.compile`` with freezing (and ``lower_pt2e_quantized_to_x86``) is the integer kernel
+``torch.ops.onednn.qconv_pointwise``, engine ``x86_inductor``. The capture runs the graph as
+that kernel runs it: an ``fx.Interpreter`` computes each captured pattern's output codes with
+the kernel, on the codes the conv received, and hands them on; every other op runs as the
+graph says. How many codes the eager Q/DQ graph would have given differently is a bundle note.
+
+A conv whose output is not quantized (its consumer takes float32, e.g. a residual add that
+inductor fuses into the conv) has no output codes to judge: it is left out, and the bundle's
+notes name it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..case import ModuleState, QuantSetup
+from ..errors import CaseError
+from ..quantization.qparams import QParams, compact_codes, make_qparams
+from .bundle import LayerCapture, ModelBundle
+from .capture import (
+    Progress,
+    _Seen,
+    finish_bundle,
+    float_reference,
+    layer_capture,
+    output_ranges,
+    run_both,
+    sample_notes,
+)
+
+ENGINE = "x86_inductor"
+
+
+@dataclass(frozen=True)
+class ConvPattern:
+    """One conv's Q/DQ pattern in a ``convert_pt2e`` graph."""
+
+    name: str
+    """The float model's module path (the conv node's ``nn_module_stack``)."""
+    conv: Any
+    """The ``aten.conv{1,2,3}d`` node."""
+    input_codes: Any
+    """The node whose value is the uint8 codes the conv receives (a quantize_per_tensor)."""
+    input_qparams: QParams
+    weight_codes: np.ndarray
+    """int8 codes of ``_frozen_paramN`` (int64)."""
+    weight_qparams: QParams
+    bias: np.ndarray | None
+    """float32, BatchNorm folded in by prepare_pt2e."""
+    geometry: tuple[list[int], list[int], list[int], int]
+    """stride, padding, dilation, groups as the node holds them."""
+    relu: bool
+    output: Any
+    """The quantize_per_tensor node of the conv's (or its ReLU's) output."""
+    output_qparams: QParams
+
+
+def is_pt2e_graph(model: Any) -> bool:
+    """A GraphModule holding quantized_decomposed Q/DQ ops (a ``convert_pt2e`` result)."""
+    import torch
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    return any(n.op == "call_function" and "quantized_decomposed" in str(n.target)
+               for n in model.graph.nodes)
+
+
+def _ops() -> dict[str, Any]:
+    import torch
+
+    qd = torch.ops.quantized_decomposed
+    aten = torch.ops.aten
+    return {"q": qd.quantize_per_tensor.default, "dq": qd.dequantize_per_tensor.default,
+            "dq_channel": qd.dequantize_per_channel.default,
+            "convs": {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3},
+            "relus": (aten.relu.default, aten.relu_.default)}
+
+
+def _attr(model: Any, node: Any, what: str) -> Any:
+    if node.op != "get_attr":
+        raise CaseError(f"capture_model: {what} is computed by {node.name}, not a constant of "
+                        "the graph; capture a convert_pt2e result as it comes")
+    value = model
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _activation_qparams(node: Any, what: str) -> QParams:
+    """uint8 per-tensor qparams of a quantize/dequantize_per_tensor node's literal arguments."""
+    import torch
+
+    _x, scale, zero_point, qmin, qmax, dtype = node.args[:6]
+    if dtype != torch.uint8 or (qmin, qmax) != (0, 255):
+        raise CaseError(f"capture_model: {what} is quantized to {dtype} {qmin}..{qmax}; the "
+                        "x86_inductor kernel takes uint8 0..255 activations "
+                        "(X86InductorQuantizer's default config)")
+    return make_qparams([float(scale)], [float(zero_point)], "quint8", None, what, "graph")
+
+
+def module_path(node: Any) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        raise CaseError(f"capture_model: the graph's {node.name} names no module "
+                        "(nn_module_stack): export the model with torch.export.export")
+    return str(list(stack.values())[-1][0])
+
+
+def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
+    """Every conv pattern of a convert_pt2e graph, in graph order, and notes on the convs
+    left out (no quantized output)."""
+    ops = _ops()
+    patterns, skipped = [], []
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in ops["convs"]:
+            continue
+        name = module_path(node)
+        x, w = node.args[0], node.args[1]
+        if getattr(x, "target", None) != ops["dq"] or getattr(w, "target", None) != \
+                ops["dq_channel"]:
+            skipped.append(f"{name}: not a quantized conv pattern (its input or weight is not "
+                           "dequantized from int codes): left out")
+            continue
+        w_codes_node, w_scales, w_zps, axis, wmin, wmax = w.args[:6]
+        if axis != 0 or (wmin, wmax) != (-128, 127):
+            raise CaseError(f"capture_model: {name}'s weight is per-channel on axis {axis}, "
+                            f"{wmin}..{wmax}; x86_inductor takes int8 -128..127 on axis 0")
+        weight = _attr(model, w_codes_node, f"{name}'s weight").detach()
+        scales = _attr(model, w_scales, f"{name}'s weight scales").detach().double()
+        zps = _attr(model, w_zps, f"{name}'s weight zero points").detach()
+        w_qp = make_qparams(scales.tolist(), zps.tolist(), "qint8", 0, f"{name}.weight",
+                            "graph")
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        bias = None if bias_node is None else _attr(model, bias_node, f"{name}'s bias")
+        dims = ops["convs"][node.target]
+        rest = list(node.args[3:]) + [None] * 4
+        stride, padding, dilation, groups = (rest[0] or [1] * dims, rest[1] or [0] * dims,
+                                             rest[2] or [1] * dims, rest[3] or 1)
+        after, relu = node, False
+        users = list(after.users)
+        if len(users) == 1 and users[0].target in ops["relus"]:
+            after, relu = users[0], True
+            users = list(after.users)
+        if len(users) != 1 or users[0].target != ops["q"]:
+            skipped.append(f"{name}: its output is not quantized (a float32 consumer, e.g. an "
+                           "add inductor fuses into the conv): left out")
+            continue
+        patterns.append(ConvPattern(
+            name, node, x.args[0], _activation_qparams(x, f"{name}.input"),
+            weight.numpy().astype(np.int64), w_qp,
+            None if bias is None else bias.detach().float().numpy().copy(),
+            (list(stride), list(padding), list(dilation), int(groups)), relu, users[0],
+            _activation_qparams(users[0], f"{name}.output")))
+    return patterns, skipped
+
+
+def kernel_codes(p: ConvPattern, codes: Any) -> Any:
+    """The x86_inductor kernel (``onednn.qconv_pointwise``) on ``codes``: uint8 output codes."""
+    import torch
+
+    from ..arithmetic.torch_ref import run_inductor_conv
+    from ..case import Geometry
+
+    stride, padding, dilation, groups = p.geometry
+    out = p.output_qparams
+    r = run_inductor_conv(codes.numpy(), p.input_qparams, p.weight_codes, p.weight_qparams,
+                          p.bias, out.scale[0], out.zero_point[0],
+                          Geometry(tuple(stride), tuple(padding), tuple(dilation), groups),
+                          p.relu)
+    if not r.ran or r.output_codes is None:
+        raise CaseError(f"capture_model: torch's x86_inductor kernel refused {p.name}: "
+                        f"{r.error}")
+    return torch.from_numpy(r.output_codes.astype(np.uint8))
+
+
+def _runner(model: Any, patterns: list[ConvPattern], seen: dict[str, _Seen],
+            differ: list[int]) -> Callable[[Any], Any]:
+    """Run the graph with each pattern's output codes from the kernel; record every
+    pattern's input and output codes in ``seen``, and in ``differ`` (outputs, of which
+    different) how the eager Q/DQ codes compare."""
+    import torch
+
+    by_output = {p.output: p for p in patterns}
+    by_dequantize: dict[Any, list[ConvPattern]] = {}
+    for p in patterns:
+        by_dequantize.setdefault(p.conv.args[0], []).append(p)
+
+    # each pattern's input codes, kept from its dequantize (the interpreter frees a value
+    # after its last use)
+    received: dict[str, Any] = {}
+
+    class KernelInterpreter(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            for waiting in by_dequantize.get(n, ()):
+                received[waiting.name] = self.env[waiting.input_codes]
+            eager = super().run_node(n)
+            p = by_output.get(n)
+            if p is None:
+                return eager
+            codes = received.pop(p.name)
+            out = kernel_codes(p, codes)
+            seen[p.name].qinput.append(codes.detach().clone())
+            seen[p.name].qoutput.append(out)
+            differ[0] += int(out.numel())
+            differ[1] += int(torch.count_nonzero(out != eager))
+            return out
+
+    def run(batch: Any) -> Any:
+        try:
+            return KernelInterpreter(model).run(batch)
+        except (AssertionError, RuntimeError) as exc:  # e.g. an exported shape's guard
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CaseError(f"capture_model: the convert_pt2e model refused a batch of shape "
+                            f"{tuple(batch.shape)} ({first[:200]}); torch.export fixed the "
+                            "shapes it saw: pass batches of the exported shape, or export with "
+                            "dynamic_shapes") from None
+
+    return run
+
+
+def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: int,
+                 path: str | os.PathLike[str] | None, calibration: Any,
+                 say: Progress) -> ModelBundle:
+    """``capture_model`` of a ``convert_pt2e`` GraphModule (see the module's docstring)."""
+    import torch
+
+    from ..arithmetic.pt2e import require_torchao
+
+    require_torchao("a convert_pt2e model")
+    patterns, skipped = find_patterns(converted)
+    if not patterns:
+        raise CaseError("capture_model: the convert_pt2e model holds no quantized conv "
+                        "pattern (dequantize -> aten.conv -> quantize)"
+                        + (f"; {skipped[0]}" if skipped else ""))
+    fconvs = {}
+    for p in patterns:
+        if p.name in fconvs:
+            raise CaseError(f"capture_model: {p.name!r} runs twice in the graph; capture_model "
+                            "takes convs that run once per forward")
+        fconvs[p.name] = _float_conv(float_model, p)
+    graph_bns = _graph_batchnorms(converted)
+    seen = {p.name: _Seen() for p in patterns}
+    differ = [0, 0]
+    say(f"running both models on {len(batches)} batch(es), {len(patterns)} quantized convs")
+    run_both(float_model, _runner(converted, patterns, seen, differ), fconvs, seen, batches,
+             limit, [])
+    keep, notes = sample_notes(seen, batches, limit)
+    notes.append("a PT2E model (torchao convert_pt2e): its convs run as torch.compile with "
+                 "freezing runs them, torch.ops.onednn.qconv_pointwise (engine x86_inductor) "
+                 "on the codes they received; the eager Q/DQ graph (an fp32 conv on "
+                 f"dequantized values) gives {differ[1]:,} of these {differ[0]:,} output codes "
+                 "differently")
+    notes.extend(skipped)
+    bns = {p.name: _folded_bn(seen[p.name], graph_bns) for p in patterns}
+    points = {p.name: (fconvs[p.name] if bns[p.name] is None
+                       else float_model.get_submodule(bns[p.name]), p.relu) for p in patterns}
+    ranges = output_ranges(float_model, points, calibration, notes, say)
+    layers = []
+    with torch.no_grad():
+        for p in patterns:
+            say(f"capturing {p.name}")
+            layers.append(_layer(p, fconvs[p.name], seen[p.name], keep, float_model,
+                                 bns[p.name], ranges.get(p.name)))
+    return finish_bundle(layers, ENGINE, path, notes)
+
+
+def _float_conv(float_model: Any, p: ConvPattern) -> Any:
+    import torch
+
+    try:
+        fconv = float_model.get_submodule(p.name)
+    except AttributeError:
+        raise CaseError(f"capture_model: the float model has no module {p.name!r} for the "
+                        "quantized conv of that name: pass the float model the PT2E model "
+                        "was exported from") from None
+    if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
+        raise CaseError(f"capture_model: {p.name!r} is a {type(fconv).__name__} in the float "
+                        "model, not a Conv1d/2d/3d")
+    if getattr(fconv, "padding_mode", "zeros") != "zeros":
+        raise CaseError(f"capture_model: {p.name!r} pads with padding_mode="
+                        f"{fconv.padding_mode!r}; qconvdiag's emulation pads with zeros")
+    if tuple(fconv.weight.shape) != p.weight_codes.shape:
+        raise CaseError(f"capture_model: {p.name!r}'s weight is {tuple(fconv.weight.shape)} "
+                        f"in the float model, {p.weight_codes.shape} quantized")
+    return fconv
+
+
+def _graph_batchnorms(converted: Any) -> set[str]:
+    """Module paths of the BatchNorms the graph still computes (not folded)."""
+    return {module_path(n) for n in converted.graph.nodes
+            if n.op == "call_function" and "batch_norm" in str(n.target)
+            and n.meta.get("nn_module_stack")}
+
+
+def _folded_bn(s: _Seen, graph_bns: set[str]) -> str | None:
+    """The float BatchNorm that consumed the conv's output, when the graph no longer has it
+    (prepare_pt2e folded it into the conv)."""
+    return s.bn if s.bn is not None and s.bn not in graph_bns else None
+
+
+def _layer(p: ConvPattern, fconv: Any, s: _Seen, keep: int, float_model: Any,
+           bn_name: str | None, calibration_range: tuple[float, float] | None) -> LayerCapture:
+    x_codes = compact_codes(np.concatenate([t.numpy() for t in s.qinput])[:keep].astype(
+        np.int64), p.input_qparams)
+    y_codes = compact_codes(np.concatenate([t.numpy() for t in s.qoutput])[:keep].astype(
+        np.int64), p.output_qparams)
+    module = ModuleState(p.weight_codes, p.weight_qparams.with_source("module"), p.bias,
+                         p.output_qparams.with_source("module"))
+    setup = QuantSetup(input_qparams=p.input_qparams.with_source("user"), input_codes=x_codes,
+                       module=module)
+    float_side = float_reference(fconv, s, keep, float_model, bn_name, p.relu)
+    stride, padding, dilation, groups = p.geometry
+    if (list(fconv.stride), list(fconv.dilation), fconv.groups) != (stride, dilation, groups):
+        raise CaseError(f"capture_model: {p.name!r}'s geometry differs between the float model "
+                        "and the graph")
+    return layer_capture(p.name, fconv, float_side, x_codes, p.input_qparams, setup, padding,
+                         p.relu, y_codes, p.output_qparams, bn_name, calibration_range,
+                         flow="pt2e")

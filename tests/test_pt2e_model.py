@@ -1,0 +1,294 @@
+"""torchao's PT2E flow (issue 15): capture_model on a convert_pt2e GraphModule, the model walk
+and the diagnosis on engine x86_inductor, PT2E case files, and the missing extra."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import qconvdiag
+from qconvdiag.arithmetic import pt2e
+from qconvdiag.case import build_case
+from qconvdiag.diagnosis import Options, run_diagnosis
+from qconvdiag.errors import CaseError, MissingExtraError
+from qconvdiag.model.walk import WalkOptions, walk_model
+
+
+class PT2ENet(nn.Module):
+    """conv-BN-ReLU, a grouped conv with a ReLU module reused, a 1x1 conv before a pool (its
+    output quantized for the pool), and a last conv whose output stays float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pw = nn.Conv2d(8, 4, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.last = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.stem(x)))
+        x = self.relu(self.grouped(x))
+        return self.last(self.pool(self.pw(x)))
+
+
+def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0
+          ) -> tuple[nn.Module, torch.fx.GraphModule, list]:
+    """The float model, its convert_pt2e twin (X86InductorQuantizer's default config,
+    calibrated on one batch, times ``calibration_scale``), and two batches of 8x8 images."""
+    pt2e.require_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    torch.manual_seed(seed)
+    model = PT2ENet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randn(batch, 3, 8, 8, generator=gen) for _ in range(2)]
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (batches[0],), strict=True).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(batches[0] * calibration_scale)
+    return model, convert_pt2e(prepared), batches
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):  # noqa: ANN001, ANN201
+    model, converted, batches = build()
+    path = tmp_path_factory.mktemp("pt2e") / "pt2e.safetensors"
+    bundle = qconvdiag.capture_model(model, converted, batches, path,
+                                     calibration=batches[:1])
+    walked = walk_model(qconvdiag.load_bundle(path), WalkOptions(top=1, torch_check="all"))
+    return model, converted, batches, bundle, path, walked
+
+
+def _graph_conv(converted: torch.fx.GraphModule, index: int):  # noqa: ANN202
+    convs = [n for n in converted.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    return convs[index]
+
+
+def test_capture_reads_each_pattern_from_the_graph(captured):  # noqa: ANN001
+    model, converted, batches, bundle, _path, _walked = captured
+    assert bundle.engine == "x86_inductor"
+    assert [lay.name for lay in bundle.layers] == ["stem", "grouped", "pw"]
+    assert any("last: its output is not quantized" in n for n in bundle.notes)
+    stem = bundle.layers[0]
+    assert stem.case.flow == "pt2e" and stem.case.activation == "relu"
+    assert stem.bn_folded == "bn" and "BatchNorm bn folded" in stem.notes[0]
+    module = stem.case.setup.module
+    conv = _graph_conv(converted, 0)
+    dq_x, dq_w, bias = conv.args[:3]
+    assert np.array_equal(module.weight_codes, converted._frozen_param0.numpy())
+    assert module.weight_qparams.scale == tuple(converted._scale_0.double().tolist())
+    assert set(module.weight_qparams.zero_point) == {0}
+    assert np.array_equal(module.bias, getattr(converted, bias.target.split(".")[0]).bias
+                          .detach().numpy())
+    assert stem.case.setup.input_qparams.scale == (float(dq_x.args[1]),)
+    assert stem.case.setup.input_qparams.zero_point == (int(dq_x.args[2]),)
+    # the model's input codes are the graph's quantize of each batch
+    x = torch.cat(batches)
+    codes = torch.ops.quantized_decomposed.quantize_per_tensor(x, *dq_x.args[1:])
+    assert np.array_equal(stem.case.setup.input_codes, codes.numpy())
+    assert dq_w.args[0].target == "_frozen_param0"
+
+
+def test_float_side_folds_batchnorm_as_the_float_model_computes(captured):  # noqa: ANN001
+    model, _converted, batches, bundle, _path, _walked = captured
+    with torch.no_grad():
+        x = torch.cat(batches)
+        after_bn = model.relu(model.bn(model.stem(x)))
+        grouped_in = after_bn
+    stem = bundle.layers[0]
+    assert np.array_equal(stem.float_output, after_bn.numpy())
+    assert np.array_equal(bundle.layers[1].float_input, grouped_in.numpy())
+    # the folded float weight on the float input gives the float model's output
+    case = stem.case
+    with torch.no_grad():
+        refolded = torch.relu(torch.nn.functional.conv2d(
+            torch.from_numpy(stem.float_input), torch.from_numpy(case.weight),
+            torch.from_numpy(case.bias), padding=1))
+    assert float((refolded - after_bn).abs().max()) < 1e-5 * float(after_bn.abs().max())
+
+
+def test_kernel_outputs_feed_the_next_conv(captured):  # noqa: ANN001
+    """Each conv's output codes are the kernel's on the codes it received, and they are the
+    next conv's input codes (the graph runs on as the lowered model would)."""
+    _model, _converted, _batches, bundle, _path, _walked = captured
+    stem, grouped = bundle.layers[:2]
+    assert np.array_equal(stem.quantized_output, grouped.case.setup.input_codes)
+    assert stem.quantized_output_qparams.scale == grouped.case.setup.input_qparams.scale
+    note = next(n for n in bundle.notes if n.startswith("a PT2E model"))
+    assert "torch.ops.onednn.qconv_pointwise" in note
+
+
+def test_eager_reference_is_what_the_graph_computes(captured):  # noqa: ANN001
+    """torch_ref.run_eager_qdq (the ladder's eager Q/DQ reference) gives the convert_pt2e
+    graph's own output codes for each conv, on the input codes the graph fed it."""
+    from qconvdiag.arithmetic.torch_ref import run_eager_qdq
+    from qconvdiag.case import Geometry
+
+    _model, converted, batches, bundle, _path, _walked = captured
+    quantizes = {n.args[0]: n for n in converted.graph.nodes
+                 if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default}
+    convs = [n for n in converted.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    seen: dict = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):  # noqa: ANN001, ANN202
+            out = super().run_node(n)
+            seen[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(converted).run(batches[0])
+    for lay, conv in zip(bundle.layers, convs):
+        after = next(iter(conv.users))
+        out_node = quantizes.get(after) or quantizes[conv]
+        codes_in = seen[conv.args[0].args[0]].numpy()
+        m = lay.case.setup.module
+        g = lay.case.geometry
+        eager = run_eager_qdq(codes_in, lay.case.setup.input_qparams, m.weight_codes,
+                              m.weight_qparams, m.bias, m.output_qparams,
+                              Geometry(g.stride, g.padding, g.dilation, g.groups))
+        expected = seen[out_node].numpy()
+        if lay.case.activation == "relu":
+            eager = np.maximum(eager, m.output_qparams.zero_point[0])
+        assert np.array_equal(np.clip(eager, 0, 255), expected), lay.name
+
+
+def test_walk_is_torch_exact_on_x86_inductor(captured):  # noqa: ANN001
+    _model, _converted, _batches, bundle, _path, walked = captured
+    report = walked.report
+    assert report.engine == "x86_inductor"
+    for row in report.layers:
+        assert row.engine == "x86_inductor"
+        assert row.torch_mismatches == 0, row.name
+        assert row.torch_total == bundle.layer(row.name).quantized_output.size
+    (detail,) = report.details
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    schema = json.loads(resources.files("qconvdiag").joinpath("report.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    assert "integer_kernel" in [s["id"] for s in data["details"][0]["paths"][0]["stages"]]
+    names = [(p.name, p.engine) for p in detail.report.paths]
+    assert names == [("as_given", "x86_inductor"), ("production", "x86_inductor")]
+    for p in detail.report.paths:
+        assert p.torch_check.ran and p.torch_check.mismatched_elements == 0
+        assert p.kernel == "onednn"
+    production = detail.report.path("production")
+    assert production.observers == {"input": "HistogramObserver",
+                                    "weight": "PerChannelMinMaxObserver",
+                                    "output": "HistogramObserver"}
+    assert production.qparams["weight"].axis == 0
+    assert set(production.qparams["weight"].zero_point) == {0}
+
+
+def test_production_is_x86_inductor_quantizers_default_config(captured):  # noqa: ANN001
+    """On the batch the model was calibrated on, the production path's observers give the
+    graph's own qparams (input and weight of the first conv)."""
+    _model, converted, batches, bundle, _path, _walked = captured
+    from qconvdiag.quantization.paths import ProductionOptions, build_production
+
+    stem = bundle.layers[0]
+    n = batches[0].shape[0]
+    case = build_case(batches[0].numpy(), stem.case.weight, stem.case.bias,
+                                padding=1, activation="relu", flow="pt2e")
+    spec = build_production(case, "x86_inductor", ProductionOptions())
+    assert spec.input_qparams.scale == stem.case.setup.input_qparams.scale
+    assert spec.input_qparams.zero_point == stem.case.setup.input_qparams.zero_point
+    assert np.allclose(spec.weight_qparams.scale, stem.case.setup.module.weight_qparams.scale,
+                       rtol=1e-6)
+    assert np.array_equal(spec.input_codes, stem.case.setup.input_codes[:n])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_bundle_round_trip_keeps_the_flow(captured, tmp_path, suffix):  # noqa: ANN001
+    bundle = captured[3]
+    path = tmp_path / f"b{suffix}"
+    from qconvdiag.model.bundle import save_bundle
+
+    save_bundle(bundle, path)
+    again = qconvdiag.load_bundle(path)
+    assert again.engine == "x86_inductor"
+    assert [lay.case.flow for lay in again.layers] == ["pt2e"] * 3
+    for a, b in zip(bundle.layers, again.layers):
+        assert np.array_equal(a.quantized_output, b.quantized_output)
+        assert np.array_equal(a.case.setup.module.weight_codes, b.case.setup.module.weight_codes)
+
+
+def _cli(*args: str):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from qconvdiag.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_explains_a_pt2e_bundle(captured):  # noqa: ANN001
+    path = captured[4]
+    r = _cli("explain", str(path), "--top", "0", "--torch-check", "all", "--width", "100")
+    assert r.exit_code == 0, r.stderr
+    assert "(engine x86_inductor," in r.stdout
+    assert "0 differ" in r.stdout
+    r = _cli("explain", str(path), "--top", "0", "--json")
+    data = json.loads(r.stdout)
+    assert {lay["engine"] for lay in data["layers"]} == {"x86_inductor"}
+    r = _cli("explain", str(path), "--engine", "x86")
+    assert r.exit_code == 2 and "PT2E model's" in r.stderr
+    r = _cli("explain", str(path), "--top", "1", "--width", "100")
+    assert r.exit_code == 0, r.stderr
+    assert "qm stands for the conv's Q/DQ pattern in the convert_pt2e model" in r.stdout
+    assert "qm is quantized.get_submodule" not in r.stdout
+
+
+def test_a_layer_as_a_case_file_stays_pt2e(captured, tmp_path):  # noqa: ANN001
+    case = captured[3].layers[1].case
+    path = tmp_path / "grouped.npz"
+    qconvdiag.save_case(case, path)
+    report = run_diagnosis(qconvdiag.load_case(path), Options(production_path=False)).report
+    assert [(p.name, p.engine) for p in report.paths] == [("as_given", "x86_inductor")]
+    assert report.paths[0].torch_check.mismatched_elements == 0
+
+
+def test_input_quantization_calibrated_on_other_inputs_is_named():
+    """Calibrated on inputs 12x larger than at inference: the model's input quantize loses
+    the input before the first conv, which is at its floor on what it received."""
+    model, converted, batches = build(calibration_scale=12.0)
+    bundle = qconvdiag.capture_model(model, converted, batches)
+    report = walk_model(bundle, WalkOptions(top=0)).report
+    assert report.layer("stem").verdict == "at_floor"
+    (loss,) = report.upstream
+    assert loss.layer == "stem" and loss.floor_ratio >= 4
+    assert "the quantize_per_tensor of the model's input" in loss.message
+    assert "QuantStub" not in loss.message
+
+
+def test_a_static_batch_size_is_named():
+    model, converted, batches = build(batch=4)
+    with pytest.raises(CaseError, match="pass batches of the exported shape"):
+        qconvdiag.capture_model(model, converted, [batches[0][:2]])
+
+
+def test_without_torchao_one_line_names_the_extra(captured, monkeypatch):  # noqa: ANN001
+    model, converted, batches, _bundle, path, _walked = captured
+    monkeypatch.setattr(pt2e, "torchao_available", lambda: False)
+    with pytest.raises(MissingExtraError, match=r"qconvdiag\[pt2e\]"):
+        qconvdiag.capture_model(model, converted, batches)
+    r = _cli("explain", str(path))
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and "pip install 'qconvdiag[pt2e]'" in r.stderr
+    legacy = Path(__file__).resolve().parent.parent / "samples" / "forum_conv.pt"
+    assert _cli("explain", str(legacy), "--json").exit_code == 0
