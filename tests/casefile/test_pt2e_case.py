@@ -17,6 +17,7 @@ from qconvdiag.case import ModuleState, QuantSetup, build_case
 from qconvdiag.diagnosis import Options, resolve_engines, run_diagnosis
 from qconvdiag.errors import MissingExtraError
 from qconvdiag.quantization.qparams import QParams, per_tensor, quantize
+from tests.repo import ROOT
 
 
 def pt2e_case(seed: int = 0):  # noqa: ANN201
@@ -189,10 +190,9 @@ def test_int16_saturation_without_vnni_is_the_integer_kernels():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
-    out = subprocess.run([sys.executable, "-c", SATURATING], cwd=Path(__file__).parents[1],
+    out = subprocess.run([sys.executable, "-c", SATURATING], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["accumulation"] == "int16_pairs_channels" and result["mismatches"] == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -19,6 +18,7 @@ from qconvdiag.case import build_case
 from qconvdiag.diagnosis import Options, run_diagnosis
 from qconvdiag.errors import CaseError, MissingExtraError
 from qconvdiag.model.walk import WalkOptions, walk_model
+from tests.repo import SAMPLES
 
 
 class PT2ENet(nn.Module):
@@ -290,5 +290,5 @@ def test_without_torchao_one_line_names_the_extra(captured, monkeypatch):  # noq
     r = _cli("explain", str(path))
     assert r.exit_code == 2
     assert r.stderr.count("\n") == 1 and "pip install 'qconvdiag[pt2e]'" in r.stderr
-    legacy = Path(__file__).resolve().parent.parent / "samples" / "forum_conv.pt"
+    legacy = SAMPLES / "forum_conv.pt"
     assert _cli("explain", str(legacy), "--json").exit_code == 0
