@@ -35,6 +35,7 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             source=source,
             notes=notes,
             activation=_activation_entry(mapping.get("activation"), where),
+            flow=_flow_entry(mapping.get("flow"), where),
         )
     except CaseError as exc:
         raise CaseError(f"{where}: {exc}") from None
