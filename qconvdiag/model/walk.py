@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
 from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
 from ..measure.evidence import exec_weight_qparams
-from ..measure.metrics import chunked_energy, difference_metrics
+from ..measure.metrics import chunked_energy, difference
 from ..model_report import (
     ErrorSummary,
     LayerBreach,
@@ -290,9 +290,9 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
 
 
 def summarize(approximation: np.ndarray, reference: np.ndarray) -> ErrorSummary:
-    """SQNR, RMSE and max |error| of ``approximation`` against ``reference`` (the ladder's own
-    metrics: ``metrics.difference_metrics``)."""
-    m = difference_metrics(approximation, reference)
+    """SQNR, RMSE and max |error| of ``approximation`` against ``reference``
+    (``metrics.difference``: the ladder's metrics, in one lean pass)."""
+    m = difference(approximation, reference)
     return ErrorSummary(m.sqnr_db, m.rmse, m.max_abs)
 
 
