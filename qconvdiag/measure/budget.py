@@ -141,10 +141,12 @@ def weight_noise_gains(case: ConvCase) -> np.ndarray:
     variance per unit of weight variance. Window sums are linear, so x^2 is summed over the
     batch and the group's channels first."""
     g = case.geometry
-    x2 = np.square(case.input, dtype=np.float64)
-    n, c = x2.shape[:2]
+    n = case.input.shape[0]
+    x2 = np.zeros(case.input.shape[1:], dtype=np.float64)
+    for sample in case.input:  # summed over the batch in order: sum(axis=0)'s numbers, no
+        x2 += np.square(sample, dtype=np.float64)  # batch-sized float64 temporary
     cin_g = case.weight.shape[1]
-    a = x2.sum(axis=0).reshape(g.groups, cin_g, *x2.shape[2:]).sum(axis=1)  # (G, *spatial)
+    a = x2.reshape(g.groups, cin_g, *x2.shape[1:]).sum(axis=1)  # (G, *spatial)
     for d in range(case.spatial_dims - 1, -1, -1):  # window sums, last spatial dim first
         axis = 1 + d
         parts = []

@@ -279,7 +279,8 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
-    dominant = dominant_stage(case, spec, lay.quantized_output, quantized, y)
+    dominant = dominant_stage(case, spec, lay.quantized_output, quantized, y,
+                              own.rmse ** 2 * y.size)
     received = summarize(case.input, lay.float_input)
     input_floor = ideal_step(lay.float_input) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
@@ -301,26 +302,26 @@ def _energy(v: np.ndarray) -> float:
 
 
 def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized: np.ndarray,
-                   y: np.ndarray) -> str | None:
+                   y: np.ndarray, own_energy: float) -> str | None:
     """The stage that adds most of the own error, estimated from the output codes (a layer
     above its floor gets the stage ladder's answer instead). Outputs pinned at a limit of the
     output dtype while the float output lies beyond it are clipped: their error is the
     clipping's; elsewhere output rounding adds step^2 / 12 per output it lets through, and what
     the error has beyond that is the weight's (split between its clipping and its rounding, or
     the module's state when its weight is not the float weight quantized). The input stages
-    add nothing: the input is the one received."""
+    add nothing: the input is the one received. ``own_energy``: sum((quantized - y)^2)."""
     qp = spec.output_qparams
     s, zp = float(qp.scale[0]), int(qp.zero_point[0])
-    e = (quantized - y).reshape(-1)
     c, yf = codes.reshape(-1), y.reshape(-1)
-    clipped = (c == qp.dtype_max) & (yf > (qp.dtype_max - zp + 0.5) * s)
+    clipped = _beyond(c, yf, qp.dtype_max, (qp.dtype_max - zp + 0.5) * s, above=True)
     if case.activation != "relu":  # a ReLU's zeros are its own clamp
-        clipped |= (c == qp.dtype_min) & (yf < (qp.dtype_min - zp - 0.5) * s)
-    at_limit = _energy(e[clipped])
-    rest = max(_energy(e) - at_limit, 0.0)
-    n_clipped = int(np.count_nonzero(clipped))
+        clipped = np.concatenate(
+            [clipped, _beyond(c, yf, qp.dtype_min, (qp.dtype_min - zp - 0.5) * s, above=False)])
+    e_clipped = quantized.reshape(-1)[clipped] - yf[clipped]
+    at_limit = _energy(e_clipped)
+    rest = max(own_energy - at_limit, 0.0)
     passed = (int(np.count_nonzero(yf > 0)) - int(np.count_nonzero(yf[clipped] > 0))
-              if case.activation == "relu" else e.size - n_clipped)
+              if case.activation == "relu" else yf.size - clipped.size)
     rounding = min(rest, passed * s * s / 12)
     energy = {"output_clipping": at_limit, "output_rounding": rounding}
     if rest - rounding > max(energy.values()):
@@ -328,6 +329,15 @@ def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized:
             energy[sid] = (rest - rounding) * part
     best = max(energy, key=lambda sid: energy[sid])
     return best if energy[best] > 0 else None
+
+
+def _beyond(codes: np.ndarray, values: np.ndarray, limit: int, threshold: float, above: bool
+            ) -> np.ndarray:
+    """Positions whose code is ``limit`` and whose value lies beyond ``threshold`` (above or
+    below it; only the few codes at the limit are compared)."""
+    at = np.flatnonzero(codes == limit)
+    v = values[at]
+    return at[v > threshold] if above else at[v < threshold]
 
 
 def _weight_split(case: ConvCase, spec: PathSpec) -> dict[str, float]:
