@@ -193,6 +193,13 @@ class Result:
     severity: str | None
     on_judged: dict[str, str]
     anywhere: dict[str, str]
+    said: bool = False
+    """The forbidden codes may be said as info (corpus_faults.Labeled.said)."""
+
+    def forbidden_fired(self) -> list[str]:
+        """The forbidden codes that fired on the judged path (as info too, unless ``said``)."""
+        return [c for c in self.forbid if c in self.on_judged
+                and not (self.said and self.on_judged[c] == "info")]
 
 
 def run_corpus() -> list[Result]:
@@ -206,7 +213,7 @@ def run_corpus() -> list[Result]:
                           *evaluate(lay.case, lay.engine)))
     for f in faults():
         out.append(Result(f.label, False, f.expect, f.forbid, f.severity,
-                          *evaluate(f.build(), f.engine)))
+                          *evaluate(f.build(), f.engine), said=f.said))
     return out
 
 
@@ -226,9 +233,8 @@ def precision_recall(results: list[Result]) -> dict[str, dict[str, float]]:
         for code in r.expect:
             table[code]["cases"] += 1
             table[code]["tp" if code in r.on_judged else "fn"] += 1
-        for code in r.forbid:
-            if code in r.on_judged:
-                table[code]["fp"] += 1
+        for code in r.forbidden_fired():
+            table[code]["fp"] += 1
     out = {}
     for code, t in table.items():
         fired = t["tp"] + t["fp"]

@@ -17,6 +17,13 @@ from .qparams_rules import observer_default
 OUTPUT = ("output_rounding", "output_clipping")
 #: Output-scale verdicts rest on the float output's range: fewer values do not show one.
 MIN_OUTPUTS_FOR_SCALE = 16
+#: Saturation a histogram observer's trim gives (the default activation observer of both of
+#: torch's flows): at most this fraction of the outputs (the 0.5% ``budget.uses_seven_bits``
+#: allows for trimmed outliers too), beyond a range that keeps at least TRIM_KEEPS of the float
+#: output's reach on that side. It is said (info), not warned about: the observer trades those
+#: outliers for a finer step by design.
+TRIMMED_OUTLIERS = 0.005
+TRIM_KEEPS = 0.5
 
 
 def _y0(run: PathRun) -> np.ndarray:
@@ -104,16 +111,33 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
                          f"{fmt(float(y0.min()))})")
         fix, _ = output_fix(_covered(ctx, run))
         production = run.report.name == "production"
+        trimmed = _trimmed(below + above, int(y0.size), (bottom, top),
+                           (float(y0.min()), float(y0.max())), below > 0, above > 0)
         yield finding(
-            "QCD051", severity(run, energy), "outputs saturated at the output dtype's limits",
+            "QCD051", "info" if trimmed else severity(run, energy),
+            "outputs saturated at the output dtype's limits",
             f"{below + above} of {y0.size} outputs fall outside the representable range "
             f"[{fmt(bottom)}, {fmt(top)}] of output scale {fmt(s)}, zero point {zp} and "
             f"saturate: {' and '.join(sides)}."
             + (" The output observer trims outliers on purpose; here that costs more than it "
-               "saves." if production else ""),
+               "saves." if production and not trimmed else "")
+            + (f" That is {fmt(100 * (below + above) / y0.size)}% of the outputs, as a histogram"
+               " observer (the default) trims outliers for a finer step: a MinMax observer "
+               "keeps them, at a coarser step." if trimmed else ""),
             {"saturated": below + above, "below": below, "above": above,
              "total": int(y0.size), "low": bottom, "high": top, "excess": energy},
             fix, run, energy, ("output_clipping",))
+
+
+def _trimmed(saturated: int, total: int, representable: tuple[float, float],
+             reach: tuple[float, float], low_side: bool, high_side: bool) -> bool:
+    """A saturation a histogram observer's trim gives: few outputs (TRIMMED_OUTLIERS) beyond a
+    range that keeps most of the float output's reach (TRIM_KEEPS) on each saturated side."""
+    if saturated > TRIMMED_OUTLIERS * total:
+        return False
+    keeps_high = not high_side or representable[1] >= TRIM_KEEPS * reach[1]
+    keeps_low = not low_side or representable[0] <= TRIM_KEEPS * reach[0]
+    return keeps_high and keeps_low
 
 
 def qcd052(ctx: Context) -> Iterator[Finding]:
