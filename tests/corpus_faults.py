@@ -274,6 +274,16 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
     ], [("the module holds the quantized weight", lambda: holding(
         L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp()), "x86")], severity="warning")
 
+    yield from _group("QCD027", [
+        ("conv2d, BatchNorm folded into the module only", lambda: bn_folded(L1, 21), "x86"),
+        ("conv1d on fbgemm", lambda: bn_folded(L3, 22), "fbgemm"),
+        ("a PT2E conv (prepare_pt2e folds BatchNorm)", lambda: bn_folded(L2, 23, pt2e=True),
+         "x86_inductor"),
+    ], [("the float reference folded too", lambda: bn_folded(L1, 21, reference_folded=True),
+         "x86"),
+        ("the module holds the scaled weight plus 2 steps of noise", lambda: bn_folded(
+            L1, 24, noise_steps=2.0), "x86")])
+
     square = Layer(_input(np.random.default_rng(11), (1, 6, 8, 8), "relu"),
                    _weight(np.random.default_rng(12), (6, 6, 3, 3), True), None,
                    dict(padding=1))
@@ -475,3 +485,30 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
 #: Codes the corpus cannot plant: torch and the emulation always agree here, so QCD061 is
 #: tested by forcing a disagreement (tests/findings/test_findings.py).
 NOT_PLANTED = ("QCD061",)
+
+
+def bn_folded(lay: Layer, seed: int, pt2e: bool = False, reference_folded: bool = False,
+              noise_steps: float = 0.0) -> ConvCase:
+    """A conv whose quantized module has a BatchNorm folded in (w * gamma / sqrt(var + eps),
+    (b - mean) * gamma / sqrt(var + eps) + beta; per-channel symmetric weights, output qparams
+    for the folded output), compared with the float conv before the BatchNorm (or, with
+    ``reference_folded``, with the folded one: the right comparison)."""
+    rng = np.random.default_rng(seed)
+    out = lay.w.shape[0]
+    factor = rng.uniform(0.4, 2.5, out)
+    mean, beta = rng.normal(0, 0.3, out), rng.normal(0, 0.2, out)
+    shape = (-1,) + (1,) * (lay.w.ndim - 1)
+    w = (lay.w * factor.reshape(shape)).astype(np.float32)
+    b = (((lay.b if lay.b is not None else 0) - mean) * factor + beta).astype(np.float32)
+    folded = Layer(lay.x, w, b, lay.geometry)
+    w_qp = folded.weight_qp(per_channel=True)
+    if noise_steps:
+        steps = np.asarray(w_qp.scale).reshape(shape)
+        w = (w + rng.normal(0, noise_steps, w.shape) * steps).astype(np.float32)
+    codes = quantize(w, w_qp)
+    x_qp = folded.input_qp()
+    setup = QuantSetup(input_qparams=x_qp, module=module(codes, w_qp, b, folded.output_qp()),
+                       **({"input_codes": quantize(lay.x, x_qp)} if pt2e else {}))
+    reference = folded if reference_folded else lay
+    return build_case(lay.x, reference.w, reference.b, setup=setup,
+                      flow="pt2e" if pt2e else "eager", **lay.geometry)

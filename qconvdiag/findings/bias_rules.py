@@ -34,6 +34,10 @@ def qcd030(ctx: Context) -> Iterator[Finding]:
         return
     if b is not None and mb is not None and np.allclose(b, mb, rtol=1e-6, atol=0):
         return
+    from .weight_rules import batchnorm_fold
+
+    if batchnorm_fold(ctx, run) is not None:  # a folded BatchNorm's bias: QCD027 says so
+        return
     if b is None:
         assert mb is not None
         what = f"a bias (max |b| {fmt(float(np.abs(mb).max()))}) the float layer does not have"

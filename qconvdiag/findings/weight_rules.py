@@ -1,4 +1,4 @@
-"""QCD020-QCD026: the weight, and the module that should hold it.
+"""QCD020-QCD027: the weight, and the module that should hold it.
 
 The weight's floor is per-channel symmetric qint8 (the finest grid torch offers). For a
 per-tensor weight with excess, the measurement layer measured two candidates: a good per-tensor
@@ -204,12 +204,85 @@ def module_weight_problem(ctx: Context, run: PathRun) -> str | None:
     return f"values up to {fmt(float(np.abs(held).max()))}, {fmt(diff)} away from the meant weight"
 
 
+#: QCD027's evidence. A channel of fewer weights fits any factor, so it proves nothing.
+FOLD_MIN_WEIGHTS = 4
+#: The module's weight is the float weight times one factor per output channel when what is
+#: left after the fit is within this many of the channel's weight steps (RMS; rounding alone
+#: leaves 0.29, 1/sqrt(12))...
+FOLD_FIT_STEPS = 0.5
+#: ...and the factors explain at least this share of the difference's energy...
+FOLD_EXPLAINED = 0.75
+#: ...and none is near 0 (an all-zero module weight fits a factor 0: never set, QCD024).
+FOLD_SMALLEST = 0.01
+
+
+def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, float] | None:
+    """(smallest factor, largest factor, worst fit in weight steps, share of the difference
+    explained) when the module's weight is the float weight scaled per output channel, up to
+    rounding: what folding a BatchNorm into the conv gives (w * gamma / sqrt(var + eps)), while
+    the float weight is the conv's before BatchNorm. None when it is not, or not shown.
+
+    E.g. float weights (0.1, -0.2, 0.3, 0.05) in channel 0, module weight codes (12, -24, 36, 6)
+    at step 0.0125: the factor is 1.5 and nothing is left but rounding."""
+    m = run.spec.module
+    if m is None or module_weight_problem(ctx, run) is None:
+        return None
+    w = ctx.case.weight.astype(np.float64)
+    out = w.shape[0]
+    if w[0].size < FOLD_MIN_WEIGHTS:
+        return None
+    held = dequantize(m.weight_codes, m.weight_qparams).reshape(out, -1)
+    w = w.reshape(out, -1)
+    steps = np.broadcast_to(np.asarray(m.weight_qparams.scales(), np.float64).reshape(-1),
+                            (out,))
+    norms = (w * w).sum(axis=1)
+    if not np.all(norms > 0):
+        return None
+    factors = (held * w).sum(axis=1) / norms
+    left = held - factors[:, None] * w
+    fit = float(np.max(np.sqrt((left * left).mean(axis=1)) / steps))
+    difference = float(((held - w) ** 2).sum())
+    explained = 1.0 - float((left * left).sum()) / difference if difference > 0 else 0.0
+    if fit > FOLD_FIT_STEPS or explained < FOLD_EXPLAINED \
+            or float(np.abs(factors).min()) < FOLD_SMALLEST:
+        return None
+    return float(factors.min()), float(factors.max()), fit, explained
+
+
+def qcd027(ctx: Context) -> Iterator[Finding]:
+    run = ctx.as_given
+    if run is None:
+        return
+    fold = batchnorm_fold(ctx, run)
+    if fold is None:
+        return
+    low, high, fit, explained = fold
+    energy = excess(run, "module_state")
+    yield finding(
+        "QCD027", severity(run, energy, "warning"),
+        "the float reference is the conv before BatchNorm; the quantized conv has it folded in",
+        f"The quantized {conv_name(ctx.case)}'s weight is the float weight times one factor per "
+        f"output channel ({fmt(low)} to {fmt(high)}), up to rounding ({fmt(fit)} steps RMS "
+        f"left at most, {explained:.0%} of the difference explained): a BatchNorm folded into "
+        "the conv (prepare_pt2e, fuse_modules and QAT's ConvBn do), compared with the conv "
+        "before it. The quantized conv is not at fault; its float reference is (torchao's "
+        "numeric debugger compares this way and gives ~0 dB on every BN-folded conv). Its "
+        "bias differs for the same reason.",
+        {"factor_min": low, "factor_max": high, "fit_steps": fit, "explained": explained,
+         "excess": energy},
+        "# compare with the float conv with the same BatchNorm folded in (bn: the BatchNorm\n"
+        "# that follows conv in the float model, in eval mode)\n"
+        "conv = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())\n"
+        "# a whole model: qconvdiag.capture_model(model, quantized, ...) folds it for you",
+        run, energy, ("module_state",))
+
+
 def qcd024(ctx: Context) -> Iterator[Finding]:
     run = ctx.as_given
     if run is None or run.spec.module is None:
         return
     problem = module_weight_problem(ctx, run)
-    if problem is None:
+    if problem is None or batchnorm_fold(ctx, run) is not None:  # QCD027 explains it
         return
     from .bias_rules import bias_energy
 
