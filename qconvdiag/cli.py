@@ -444,6 +444,9 @@ def trace_cmd(
         if layer is None:
             raise QconvdiagError(f"{case_file} is a model bundle: give --layer NAME, one of "
                                  + ", ".join(lay.name for lay in loaded.layers))
+        if loaded.layer(layer).output_float32:
+            raise QconvdiagError(f"--layer {layer}: its output is float32 (a conv before a "
+                                 "residual add): trace follows an output's codes")
         case = loaded.layer(layer).case
         engine = engine or loaded.engine  # the codes are that engine's
     elif layer is not None:

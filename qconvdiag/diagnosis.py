@@ -302,16 +302,17 @@ class _Kernels:
 
 
 def layer_kernel(case: ConvCase, engine: str, input_qp: QParams, weight_qp: QParams,
-                 output_qp: QParams) -> Kernel:
+                 output_qp: QParams, float_output: bool = False) -> Kernel:
     """The kernel that runs this conv with these qparams on ``engine`` (``weight_qp`` as the
     kernel executes it); on a PT2E engine, the implementation oneDNN picks for this very
-    layer (``engines.onednn_arithmetic``)."""
+    layer (``engines.onednn_arithmetic``), with a float32 output when ``float_output``."""
     g = case.geometry
     out_c, cin_g = case.weight.shape[0], case.weight.shape[1]
     args = (g.groups, cin_g, out_c // g.groups, g, case.kernel_size)
     if engine not in PT2E_ENGINES:
         return select_kernel(engine, weight_qp, *args)
-    attrs = LayerAttrs(input_qp.zero_point[0] != 0, output_qp.zero_point[0] != 0,
+    attrs = LayerAttrs(input_qp.zero_point[0] != 0,
+                       not float_output and output_qp.zero_point[0] != 0, float_output,
                        relu=case.activation == "relu", per_channel=weight_qp.per_channel)
     return select_kernel(engine, weight_qp, *args, input_shape=tuple(case.input.shape),
                          attrs=attrs)

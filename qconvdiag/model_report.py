@@ -78,6 +78,9 @@ class LayerRow:
     bn_folded: str | None = None
     """The BatchNorm folded into the float weight and bias, as the quantized model folded it."""
     notes: tuple[str, ...] = ()
+    output_dtype: str = "quint8"
+    """What the conv's kernel writes: quint8 codes, or float32 (a PT2E conv whose consumer
+    takes float, e.g. a residual add: screened only, with no output stages)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class LayerRow:
             "findings": [f.to_dict() for f in self.findings],
             "torch_check": {"mismatches": self.torch_mismatches, "total": self.torch_total},
             "diagnosed": self.diagnosed, "bn_folded": self.bn_folded, "notes": list(self.notes),
+            "output_dtype": self.output_dtype,
         }
 
 

@@ -6,7 +6,9 @@ layer its name, fused activation, the BatchNorm folded in); every layer ``i`` ho
 the prefix ``layer{i}.`` (the keys of a case file) plus what the model walk compares:
 ``float_input`` (the float model's input at that conv), ``float_output`` (the float model's
 output there: after the folded BatchNorm and the fused activation) and ``quantized_output`` with
-``quantized_output_qparams`` (the quantized module's output codes in the quantized model).
+``quantized_output_qparams`` (the quantized module's output codes in the quantized model; for a
+layer whose facts say ``"output": "float32"``, the float32 values its kernel wrote, and the
+qparams the kernel took, scale 1.0 and zero point 0).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from ..quantization.qparams import CODE_DTYPES, QParams, compact_codes, from_map
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
                     "dequantized: this conv's own error, nothing before it")
+FLOAT32_NOTE = ("its output stays float32 (its consumer takes float, e.g. a residual add "
+                "inductor fuses into the conv): judged on the x86_inductor kernel's float32 "
+                "output (no output rounding or clipping); the fused add is not modelled")
 EXTRA_KEYS = ("float_input", "float_output", "quantized_output", "quantized_output_qparams")
 
 
@@ -44,7 +49,8 @@ class LayerCapture:
     float_output: np.ndarray
     """The float model's output at this point: conv, folded BatchNorm, fused activation."""
     quantized_output: np.ndarray
-    """The quantized module's output codes in the quantized model."""
+    """The quantized module's output codes in the quantized model; float32 values when
+    ``output_float32``."""
     quantized_output_qparams: QParams
     bn_folded: str | None = None
     """The BatchNorm module folded into this conv (its name), if any."""
@@ -52,6 +58,10 @@ class LayerCapture:
     calibration_range: tuple[float, float] | None = None
     """The float model's output range at this conv over the calibration batches given to
     ``capture_model`` (None: none given)."""
+    output_float32: bool = False
+    """The conv's kernel writes float32, not codes (a PT2E conv whose consumer takes float, e.g.
+    a residual add: x86_inductor's fp32 output): ``quantized_output`` holds those values and
+    ``quantized_output_qparams`` is scale 1.0, zero point 0, as the kernel takes them."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,10 +107,12 @@ def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
 def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
     from ..io import BUNDLE_KEY, case_to_mapping
 
+    # "output" is written for a float32 output only: a bundle of codes reads as before
     meta = {"version": BUNDLE_VERSION, "engine": bundle.engine, "notes": list(bundle.notes),
             "layers": [{"name": lay.name, "bn_folded": lay.bn_folded, "notes": list(lay.notes),
                         "calibration_range": (None if lay.calibration_range is None
-                                              else list(lay.calibration_range))}
+                                              else list(lay.calibration_range)),
+                        **({"output": "float32"} if lay.output_float32 else {})}
                        for lay in bundle.layers]}
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
@@ -110,7 +122,9 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         case.update({
             "float_input": np.ascontiguousarray(lay.float_input, dtype=np.float32),
             "float_output": np.ascontiguousarray(lay.float_output, dtype=np.float32),
-            "quantized_output": lay.quantized_output.astype(CODE_DTYPES[qp.dtype]),
+            "quantized_output": (np.ascontiguousarray(lay.quantized_output, dtype=np.float32)
+                                 if lay.output_float32
+                                 else lay.quantized_output.astype(CODE_DTYPES[qp.dtype])),
             "quantized_output_qparams": qp.to_dict(),
         })
         out.update({f"layer{i}.{k}": v for k, v in case.items()})
@@ -144,6 +158,12 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
         out_qp = from_mapping(extra["quantized_output_qparams"],
                               f"{where} quantized_output_qparams")
         q_out = np.asarray(extra["quantized_output"])
+        output = info.get("output", "codes")
+        if output not in ("codes", "float32"):
+            raise CaseFileError(f"{where}: output must be 'codes' or 'float32', got {output!r}")
+        as_float = output == "float32"
+        if as_float and (q_out.dtype != np.float32 or not np.isfinite(q_out).all()):
+            raise CaseFileError(f"{where}: a float32 output must be finite float32 values")
         if q_out.shape != case.output_shape:
             raise CaseFileError(f"{where}: quantized_output has shape {q_out.shape}, the conv's "
                                 f"output is {case.output_shape}")
@@ -156,9 +176,11 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             name=info["name"], case=with_model_range(case, float_output, cal),
             float_input=np.asarray(extra["float_input"], dtype=np.float32),
             float_output=float_output,
-            quantized_output=compact_codes(q_out, out_qp), quantized_output_qparams=out_qp,
+            quantized_output=q_out if as_float else compact_codes(q_out, out_qp),
+            quantized_output_qparams=out_qp,
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
-            notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal))
+            notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
+            output_float32=as_float))
     return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
                        tuple(str(n) for n in meta.get("notes") or ()))
 

@@ -26,7 +26,14 @@ from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
 from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
-from .bundle import MODEL_INPUT_NOTE, LayerCapture, ModelBundle, save_bundle, with_model_range
+from .bundle import (
+    FLOAT32_NOTE,
+    MODEL_INPUT_NOTE,
+    LayerCapture,
+    ModelBundle,
+    save_bundle,
+    with_model_range,
+)
 
 Progress = Callable[[str], None]
 
@@ -444,10 +451,11 @@ def float_reference(fconv: Any, s: _Seen, keep: int, float_model: Any, bn_name: 
 def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndarray,
                   x_qp: QParams, setup: QuantSetup, padding: list[int], relu: bool,
                   y_codes: np.ndarray, y_qp: QParams, bn_name: str | None,
-                  calibration_range: tuple[float, float] | None, flow: str = "eager"
-                  ) -> LayerCapture:
+                  calibration_range: tuple[float, float] | None, flow: str = "eager",
+                  output_float32: bool = False) -> LayerCapture:
     """The captured layer: its case (the float conv fed the quantized input it received,
-    ``setup`` what the quantized model ran) and what the model walk compares."""
+    ``setup`` what the quantized model ran) and what the model walk compares.
+    ``output_float32``: ``y_codes`` are the float32 values the kernel wrote."""
     w, b = float_side.weight, float_side.bias
     case = build_case(dequantize32(x_codes, x_qp), w.float().numpy(),
                       None if b is None else b.float().numpy(),
@@ -456,6 +464,9 @@ def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndar
                       source=name, activation="relu" if relu else None,
                       notes=(MODEL_INPUT_NOTE,), flow=flow)
     y_float = float_side.output
+    notes = float_side.notes
+    if output_float32:
+        notes = (FLOAT32_NOTE, *notes)
     return LayerCapture(name, with_model_range(case, y_float, calibration_range),
-                        float_side.input, y_float, y_codes, y_qp, bn_name, float_side.notes,
-                        calibration_range)
+                        float_side.input, y_float, y_codes, y_qp, bn_name, notes,
+                        calibration_range, output_float32)

@@ -21,8 +21,10 @@ the kernel, on the codes the conv received, and hands them on; every other op ru
 graph says. How many codes the eager Q/DQ graph would have given differently is a bundle note.
 
 A conv whose output is not quantized (its consumer takes float32, e.g. a residual add that
-inductor fuses into the conv) has no output codes to judge: it is left out, and the bundle's
-notes name it.
+inductor fuses into the conv as a binary post-op) runs as the same kernel with a float32
+output (``qconv_pointwise(..., output dtype float32)``, output scale 1.0, zero point 0): it is
+captured with that float32 output (``LayerCapture.output_float32``) and judged on it; the fused
+add itself is not modelled (the graph's add runs on the kernel's float32 output as it is).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ from .capture import (
 )
 
 ENGINE = "x86_inductor"
+#: The output qparams inductor passes qconv_pointwise for a float32 output (scale 1.0, zero
+#: point 0: the kernel skips them); no code is written with them.
+FLOAT32_OUTPUT = make_qparams([1.0], [0.0], "quint8", None, "float32 output", "engine")
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,12 @@ class ConvPattern:
     """stride, padding, dilation, groups as the node holds them."""
     relu: bool
     output: Any
-    """The quantize_per_tensor node of the conv's (or its ReLU's) output."""
+    """The quantize_per_tensor node of the conv's (or its ReLU's) output; with a float32
+    output, the conv's (or its ReLU's) node itself."""
     output_qparams: QParams
+    """The output's; with a float32 output, ``FLOAT32_OUTPUT`` (what the kernel takes)."""
+    float_output: bool = False
+    """The conv's output stays float32 (a consumer takes float, e.g. a residual add)."""
 
 
 def is_pt2e_graph(model: Any) -> bool:
@@ -128,8 +137,8 @@ def module_path(node: Any) -> str:
 
 
 def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
-    """Every conv pattern of a convert_pt2e graph, in graph order, and notes on the convs
-    left out (no quantized output)."""
+    """Every conv pattern of a convert_pt2e graph, in graph order (a float32 output
+    included), and notes on the convs left out (not a quantized conv pattern)."""
     ops = _ops()
     patterns, skipped = [], []
     for node in model.graph.nodes:
@@ -162,21 +171,21 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
         if len(users) == 1 and users[0].target in ops["relus"]:
             after, relu = users[0], True
             users = list(after.users)
-        if len(users) != 1 or users[0].target != ops["q"]:
-            skipped.append(f"{name}: its output is not quantized (a float32 consumer, e.g. an "
-                           "add inductor fuses into the conv): left out")
-            continue
+        quantized = len(users) == 1 and users[0].target == ops["q"]
         patterns.append(ConvPattern(
             name, node, x.args[0], _activation_qparams(x, f"{name}.input"),
             weight.numpy().astype(np.int64), w_qp,
             None if bias is None else bias.detach().float().numpy().copy(),
-            (list(stride), list(padding), list(dilation), int(groups)), relu, users[0],
-            _activation_qparams(users[0], f"{name}.output")))
+            (list(stride), list(padding), list(dilation), int(groups)), relu,
+            users[0] if quantized else after,
+            _activation_qparams(users[0], f"{name}.output") if quantized else FLOAT32_OUTPUT,
+            float_output=not quantized))
     return patterns, skipped
 
 
 def kernel_codes(p: ConvPattern, codes: Any) -> Any:
-    """The x86_inductor kernel (``onednn.qconv_pointwise``) on ``codes``: uint8 output codes."""
+    """The x86_inductor kernel (``onednn.qconv_pointwise``) on ``codes``: uint8 output codes,
+    or float32 values when the pattern's output stays float32."""
     import torch
 
     from ..arithmetic.torch_ref import run_inductor_conv
@@ -187,11 +196,12 @@ def kernel_codes(p: ConvPattern, codes: Any) -> Any:
     r = run_inductor_conv(codes.numpy(), p.input_qparams, p.weight_codes, p.weight_qparams,
                           p.bias, out.scale[0], out.zero_point[0],
                           Geometry(tuple(stride), tuple(padding), tuple(dilation), groups),
-                          p.relu)
-    if not r.ran or r.output_codes is None:
+                          p.relu, p.float_output)
+    got = r.output_float if p.float_output else r.output_codes
+    if not r.ran or got is None:
         raise CaseError(f"capture_model: torch's x86_inductor kernel refused {p.name}: "
                         f"{r.error}")
-    return torch.from_numpy(r.output_codes.astype(np.uint8))
+    return torch.from_numpy(got if p.float_output else got.astype(np.uint8))
 
 
 def _runner(model: Any, patterns: list[ConvPattern], seen: dict[str, _Seen],
@@ -222,8 +232,9 @@ def _runner(model: Any, patterns: list[ConvPattern], seen: dict[str, _Seen],
             out = kernel_codes(p, codes)
             seen[p.name].qinput.append(codes.detach().clone())
             seen[p.name].qoutput.append(out)
-            differ[0] += int(out.numel())
-            differ[1] += int(torch.count_nonzero(out != eager))
+            if not p.float_output:  # the eager graph's float32 conv is no code to compare
+                differ[0] += int(out.numel())
+                differ[1] += int(torch.count_nonzero(out != eager))
             return out
 
     def run(batch: Any) -> Any:
@@ -263,6 +274,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
     seen = {p.name: _Seen() for p in patterns}
     differ = [0, 0]
     say(f"running both models on {len(batches)} batch(es), {len(patterns)} quantized convs")
+    floats = [p.name for p in patterns if p.float_output]
     run_both(float_model, _runner(converted, patterns, seen, differ), fconvs, seen, batches,
              limit, [])
     keep, notes = sample_notes(seen, batches, limit)
@@ -270,7 +282,8 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
                  "freezing runs them, torch.ops.onednn.qconv_pointwise (engine x86_inductor) "
                  "on the codes they received; the eager Q/DQ graph (an fp32 conv on "
                  f"dequantized values) gives {differ[1]:,} of these {differ[0]:,} output codes "
-                 "differently")
+                 "differently" + (f" ({len(floats)} conv(s) output float32, not codes: "
+                                  + ", ".join(floats) + ")" if floats else ""))
     notes.extend(skipped)
     bns = {p.name: _folded_bn(seen[p.name], graph_bns) for p in patterns}
     points = {p.name: (fconvs[p.name] if bns[p.name] is None
@@ -323,8 +336,9 @@ def _layer(p: ConvPattern, fconv: Any, s: _Seen, keep: int, float_model: Any,
            bn_name: str | None, calibration_range: tuple[float, float] | None) -> LayerCapture:
     x_codes = compact_codes(np.concatenate([t.numpy() for t in s.qinput])[:keep].astype(
         np.int64), p.input_qparams)
-    y_codes = compact_codes(np.concatenate([t.numpy() for t in s.qoutput])[:keep].astype(
-        np.int64), p.output_qparams)
+    y_all = np.concatenate([t.numpy() for t in s.qoutput])[:keep]
+    y_codes = (np.ascontiguousarray(y_all, dtype=np.float32) if p.float_output
+               else compact_codes(y_all.astype(np.int64), p.output_qparams))
     module = ModuleState(p.weight_codes, p.weight_qparams.with_source("module"), p.bias,
                          p.output_qparams.with_source("module"))
     setup = QuantSetup(input_qparams=p.input_qparams.with_source("user"), input_codes=x_codes,
@@ -336,4 +350,4 @@ def _layer(p: ConvPattern, fconv: Any, s: _Seen, keep: int, float_model: Any,
                         "and the graph")
     return layer_capture(p.name, fconv, float_side, x_codes, p.input_qparams, setup, padding,
                          p.relu, y_codes, p.output_qparams, bn_name, calibration_range,
-                         flow="pt2e")
+                         flow="pt2e", output_float32=p.float_output)

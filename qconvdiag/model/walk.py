@@ -11,6 +11,12 @@ for its findings and its stage ladder. A layer at its floor gets none: findings 
 error above the floor, so it has none to give. The worst ``top`` layers by own error, and the
 layers asked for by name, get the full single-conv diagnosis (the production path as well, as
 ``qconvdiag explain`` gives a case).
+
+A conv whose kernel writes float32 (``LayerCapture.output_float32``: a PT2E conv before a
+residual add) is screened on those float32 values: no output rounding or clipping, so its floor
+is the weight's (and the bias's), its dominant stage a weight stage, and its torch check the
+emulation's float32 output against the kernel's, bit for bit. The stage ladder and the findings
+model a quantized output, so such a conv is screened only (never diagnosed nor explained).
 """
 
 from __future__ import annotations
@@ -113,7 +119,9 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
     if options.torch_check not in TORCH_CHECKS:
         raise UsageError(f"--torch-check must be one of {', '.join(TORCH_CHECKS)}")
     for name in options.layers:
-        bundle.layer(name)  # an unknown name is refused before any work
+        if bundle.layer(name).output_float32:  # an unknown name is refused before any work
+            raise UsageError(f"--layer {name}: its output is float32 (a conv before a residual "
+                             "add): it is screened only; the diagnosis models quantized outputs")
     with single_threaded_blas():
         return _walk(bundle, options, progress or (lambda _msg: None))
 
@@ -133,9 +141,13 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
     say(f"screening {len(bundle.layers)} convs")
     screens = {lay.name: screen_layer(lay, engine) for lay in bundle.layers}
     ranking = rank(screens)
-    explain = list(dict.fromkeys([*ranking[:options.top], *options.layers]))
+    floats = {lay.name for lay in bundle.layers if lay.output_float32}
+    explainable = [name for name in ranking if name not in floats]
+    explain = list(dict.fromkeys([*explainable[:options.top], *options.layers]))
     diagnoses: dict[str, Diagnosis] = {}
     for lay in bundle.layers:
+        if lay.output_float32:
+            continue
         full = lay.name in explain
         if full or screens[lay.name].verdict != "at_floor":
             say(f"diagnosing {lay.name}" + (" (in full)" if full else ""))
@@ -145,7 +157,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
         d = diagnoses.get(lay.name)
         if d is not None:
             checks[lay.name] = _diagnosis_check(lay, d)
-        elif options.torch_check == "all":
+        elif options.torch_check == "all" or (
+                lay.output_float32 and screens[lay.name].verdict != "at_floor"):
             say(f"torch check of {lay.name}")
             checks[lay.name] = torch_check(lay, engine)
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
@@ -242,9 +255,10 @@ def module_spec(case: ConvCase) -> PathSpec:
                     m)
 
 
-def _kernel(case: ConvCase, spec: PathSpec, engine: str) -> Kernel:
+def _kernel(case: ConvCase, spec: PathSpec, engine: str, float_output: bool = False) -> Kernel:
     return layer_kernel(case, engine, spec.input_qparams,
-                        exec_weight_qparams(spec.weight_qparams), spec.output_qparams)
+                        exec_weight_qparams(spec.weight_qparams), spec.output_qparams,
+                        float_output)
 
 
 def float_conv(case: ConvCase) -> np.ndarray:
@@ -270,17 +284,21 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     case = lay.case
     spec = module_spec(case)
     y = float_conv(case)
-    quantized = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
+    fp32 = lay.output_float32
+    quantized = (lay.quantized_output if fp32
+                 else dequantize32(lay.quantized_output, lay.quantized_output_qparams))
     own = summarize(quantized, y)
     propagated = summarize(quantized, lay.float_output)
-    f = floors(case, spec, _kernel(case, spec, engine), y, None, lay.quantized_output,
-               input_floor=False)
-    floor = math.sqrt(f.energy)
+    f = floors(case, spec, _kernel(case, spec, engine, fp32), y, None,
+               np.empty(0, dtype=np.int64) if fp32 else lay.quantized_output, input_floor=False)
+    # a float32 output is not rounded to a step: its floor is the weight's and the bias's
+    floor = math.sqrt(f.energy - f.stages["output_rounding"] if fp32 else f.energy)
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
-    dominant = dominant_stage(case, spec, lay.quantized_output, quantized, y,
-                              own.rmse ** 2 * y.size)
+    dominant = (weight_dominant(case, spec, own.rmse) if fp32 else
+                dominant_stage(case, spec, lay.quantized_output, quantized, y,
+                               own.rmse ** 2 * y.size))
     received = summarize(case.input, lay.float_input)
     input_floor = ideal_step(lay.float_input) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
@@ -331,6 +349,16 @@ def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized:
     return best if energy[best] > 0 else None
 
 
+def weight_dominant(case: ConvCase, spec: PathSpec, own_rmse: float) -> str | None:
+    """The dominant stage of a conv with a float32 output: its input is the one received and
+    its output is not rounded, so what error it has is the weight's (the float32 arithmetic
+    adds ~1e-7 relative); None when it is exactly 0."""
+    if own_rmse == 0:
+        return None
+    split = _weight_split(case, spec)
+    return max(split, key=lambda sid: split[sid])
+
+
 def _beyond(codes: np.ndarray, values: np.ndarray, limit: int, threshold: float, above: bool
             ) -> np.ndarray:
     """Positions whose code is ``limit`` and whose value lies beyond ``threshold`` (above or
@@ -368,12 +396,18 @@ def _weight_split(case: ConvCase, spec: PathSpec) -> dict[str, float]:
 
 def torch_check(lay: LayerCapture, engine: str) -> int:
     """Output elements where the emulation of the module on its captured input differs from
-    the codes the quantized model computed."""
+    the codes the quantized model computed (a float32 output: from the float32 values its
+    kernel wrote, bit for bit)."""
     case = lay.case
     spec = module_spec(case)
-    em = emulate(_kernel(case, spec, engine), spec.input_codes, spec.input_qparams,
+    fp32 = lay.output_float32
+    em = emulate(_kernel(case, spec, engine, fp32), spec.input_codes, spec.input_qparams,
                  spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
-                 spec.output_qparams, case.geometry, case.activation == "relu")
+                 spec.output_qparams, case.geometry, case.activation == "relu", fp32)
+    if fp32:
+        assert em.output_float32 is not None
+        mine, got = em.output_float32.view(np.int32), lay.quantized_output.view(np.int32)
+        return int(np.count_nonzero(mine != got))
     return int(np.count_nonzero(em.output_codes != lay.quantized_output))
 
 
@@ -402,7 +436,8 @@ def _row(lay: LayerCapture, engine: str, screen: Screen, diagnosis: Diagnosis | 
         verdict=screen.verdict,
         dominant_stage=dominant, findings=findings, torch_mismatches=mismatches,
         torch_total=int(lay.quantized_output.size), diagnosed=diagnosis is not None,
-        bn_folded=lay.bn_folded, notes=lay.notes)
+        bn_folded=lay.bn_folded, notes=lay.notes,
+        output_dtype="float32" if lay.output_float32 else "quint8")
 
 
 def judged_findings(report: Report) -> tuple[LayerFinding, ...]:

@@ -179,6 +179,11 @@ def render_model(report: ModelReport, console: Console | None = None,
     if folded:
         hanging(console, f"BatchNorm folded into the float weight and bias of {len(folded)} "
                 "convs, as the quantized model folded it.", style="dim")
+    fp32 = [r.name for r in report.layers if r.output_dtype == "float32"]
+    if fp32:
+        hanging(console, "float32 output (a consumer takes float, e.g. a residual add): "
+                + ", ".join(fp32) + "; judged on the kernel's float32 output, no output stages, "
+                "screened only.", style="dim")
     for note in report.notes:
         hanging(console, f"note: {note}", style="dim")
     for detail in report.details:

@@ -84,8 +84,9 @@ def _graph_conv(converted: torch.fx.GraphModule, index: int):  # noqa: ANN202
 def test_capture_reads_each_pattern_from_the_graph(captured):  # noqa: ANN001
     model, converted, batches, bundle, _path, _walked = captured
     assert bundle.engine == "x86_inductor"
-    assert [lay.name for lay in bundle.layers] == ["stem", "grouped", "pw"]
-    assert any("last: its output is not quantized" in n for n in bundle.notes)
+    assert [lay.name for lay in bundle.layers] == ["stem", "grouped", "pw", "last"]
+    assert [lay.output_float32 for lay in bundle.layers] == [False, False, False, True]
+    assert not any("left out" in n for n in bundle.notes)
     stem = bundle.layers[0]
     assert stem.case.flow == "pt2e" and stem.case.activation == "relu"
     assert stem.bn_folded == "bn" and "BatchNorm bn folded" in stem.notes[0]
@@ -156,6 +157,8 @@ def test_eager_reference_is_what_the_graph_computes(captured):  # noqa: ANN001
     with torch.no_grad():
         Recorder(converted).run(batches[0])
     for lay, conv in zip(bundle.layers, convs):
+        if lay.output_float32:  # no quantize: the graph's float32 conv is what it hands on
+            continue
         after = next(iter(conv.users))
         out_node = quantizes.get(after) or quantizes[conv]
         codes_in = seen[conv.args[0].args[0]].numpy()
@@ -223,8 +226,10 @@ def test_bundle_round_trip_keeps_the_flow(captured, tmp_path, suffix):  # noqa: 
     save_bundle(bundle, path)
     again = qconvdiag.load_bundle(path)
     assert again.engine == "x86_inductor"
-    assert [lay.case.flow for lay in again.layers] == ["pt2e"] * 3
+    assert [lay.case.flow for lay in again.layers] == ["pt2e"] * 4
     for a, b in zip(bundle.layers, again.layers):
+        assert a.output_float32 == b.output_float32
+        assert a.quantized_output.dtype == b.quantized_output.dtype
         assert np.array_equal(a.quantized_output, b.quantized_output)
         assert np.array_equal(a.case.setup.module.weight_codes, b.case.setup.module.weight_codes)
 
