@@ -41,9 +41,10 @@ from .measure.evidence import (
     exec_weight_qparams,
     saturation_without_vnni,
 )
+from .measure.ladder_plan import LadderInputs, stage_ids
 from .measure.metrics import error_metrics, summary
 from .measure.reference import float_reference
-from .measure.stages import Ladder, LadderInputs, run_ladder, stage_ids
+from .measure.stages import Ladder, run_ladder
 from .quantization.paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .quantization.qparams import QParams
 from .report import PathReport, Report, StageResult, TorchCheck

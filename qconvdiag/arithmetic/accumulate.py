@@ -150,19 +150,15 @@ def _gemm_accumulator(
     where sum a runs over the receptive field (padded positions hold pad_code - cx) and K is
     the number of products. int32 holds sum a*b exactly while K * 2^14 < 2^31.
     """
-    if g.groups > 8 or x_codes.size == 0 or w_codes.size == 0:
+    offsets = _gemm_offsets(x_codes, w_codes, g, pad_code)
+    if offsets is None:
         return None
+    cx, cw = offsets
+    import torch
+
     o_total, cin_g = w_codes.shape[0], w_codes.shape[1]
     taps = int(np.prod(w_codes.shape[2:]))
     k = cin_g * taps
-    if k < 16 or k * 2**14 >= 2**31 or not int_gemm_exact():
-        return None
-    cx = _int8_offset(min(int(x_codes.min()), pad_code), max(int(x_codes.max()), pad_code))
-    cw = _int8_offset(int(w_codes.min()), int(w_codes.max()))
-    if cx is None or cw is None:
-        return None
-    import torch
-
     out_sp = output_shape(x_codes.shape, w_codes.shape, g)[2:]
     n = x_codes.shape[0]
     og = o_total // g.groups
@@ -170,21 +166,13 @@ def _gemm_accumulator(
     views = list(tap_views(a_pad, w_codes.shape, g, out_sp).values())
     b = (w_codes - cw).astype(np.int8).reshape(o_total, k)
     zw = np.asarray(w_zp, dtype=np.int64).reshape(-1)
-    # Every partial sum below is bounded by K * max|x - zx| * max|w - zw| (and by K * 2^14,
-    # K * 255 * |cw - zw|, ...): when that bound fits int32, so does everything, and the
-    # accumulator is built in int32 without int64 temporaries.
-    x_dev = max(abs(min(int(x_codes.min()), pad_code) - x_zp),
-                abs(max(int(x_codes.max()), pad_code) - x_zp))
-    w_dev = int(np.abs(w_codes.reshape(o_total, -1).astype(np.int64) - zw[:, None]).max())
-    terms = max(x_dev * w_dev, 2**14, 255 * int(np.abs(cw - zw).max()),
-                abs(cx - x_zp) * (128 + int(np.abs(cw - zw).max())))
-    dtype = np.int32 if 4 * k * terms < 2**31 else np.int64
+    dtype = _gemm_dtype(x_codes, x_zp, w_codes, zw, pad_code, (cx, cw), k)
     row_term = ((cx - x_zp) * (b.astype(np.int64).sum(axis=1) + k * (cw - zw))).astype(dtype)
     col_weight = (cw - zw).astype(dtype)  # (O,): multiplies sum a
     need_col = bool(np.any(col_weight))
     rows = out_sp[0] if out_sp else 1
-    per_row = k * int(np.prod(out_sp[1:], dtype=np.int64))
-    row_block = max(1, min(rows, IM2COL_BLOCK_BYTES // max(per_row, 1)))
+    per_row = int(np.prod(out_sp[1:], dtype=np.int64))
+    row_block = max(1, min(rows, IM2COL_BLOCK_BYTES // max(k * per_row, 1)))
     out = np.empty((n, o_total, *out_sp), dtype=dtype)
     for grp in range(g.groups):
         o_sl = slice(grp * og, (grp + 1) * og)
@@ -193,19 +181,59 @@ def _gemm_accumulator(
         for i in range(n):
             for r0 in range(0, rows, row_block):
                 r1 = min(rows, r0 + row_block)
-                block = (r1 - r0) * int(np.prod(out_sp[1:], dtype=np.int64))
-                cols = np.empty((cin_g, taps, block), dtype=np.int8)
-                for t, v in enumerate(views):
-                    part = v[i, c_sl, r0:r1]
-                    np.copyto(cols[:, t].reshape(part.shape), part)
-                cols2 = cols.reshape(k, block)
-                acc: np.ndarray = torch._int_mm(w_g, torch.from_numpy(cols2)).numpy().astype(dtype)
+                cols = _im2col([v[i, c_sl, r0:r1] for v in views], (r1 - r0) * per_row)
+                acc: np.ndarray = torch._int_mm(w_g, torch.from_numpy(cols)).numpy().astype(dtype)
                 acc += row_term[o_sl, None]
                 if need_col:
-                    acc += col_weight[o_sl, None] * cols2.sum(axis=0, dtype=dtype)[None]
+                    acc += col_weight[o_sl, None] * cols.sum(axis=0, dtype=dtype)[None]
                 dest = out[i, o_sl, r0:r1]
                 dest[...] = acc.reshape(dest.shape)
     return out
+
+
+def _gemm_offsets(x_codes: np.ndarray, w_codes: np.ndarray, g: Geometry, pad_code: int
+                  ) -> tuple[int, int] | None:
+    """The int8 offsets (cx, cw) of the GEMM route, or None when it does not apply: many groups,
+    an empty tensor, K too small to pay or too large for int32, an inexact ``torch._int_mm``,
+    codes no offset brings into int8."""
+    if g.groups > 8 or x_codes.size == 0 or w_codes.size == 0:
+        return None
+    k = w_codes.shape[1] * int(np.prod(w_codes.shape[2:]))
+    if k < 16 or k * 2**14 >= 2**31 or not int_gemm_exact():
+        return None
+    cx = _int8_offset(min(int(x_codes.min()), pad_code), max(int(x_codes.max()), pad_code))
+    cw = _int8_offset(int(w_codes.min()), int(w_codes.max()))
+    if cx is None or cw is None:
+        return None
+    return cx, cw
+
+
+def _gemm_dtype(x_codes: np.ndarray, x_zp: int, w_codes: np.ndarray, zw: np.ndarray,
+                pad_code: int, offsets: tuple[int, int], k: int
+                ) -> type[np.int32] | type[np.int64]:
+    """int32 when every partial sum of the GEMM route fits it, else int64.
+
+    Every partial sum is bounded by K * max|x - zx| * max|w - zw| (and by K * 2^14,
+    K * 255 * |cw - zw|, ...): when that bound fits int32, so does everything, and the
+    accumulator is built in int32 without int64 temporaries.
+    """
+    cx, cw = offsets
+    o_total = w_codes.shape[0]
+    x_dev = max(abs(min(int(x_codes.min()), pad_code) - x_zp),
+                abs(max(int(x_codes.max()), pad_code) - x_zp))
+    w_dev = int(np.abs(w_codes.reshape(o_total, -1).astype(np.int64) - zw[:, None]).max())
+    terms = max(x_dev * w_dev, 2**14, 255 * int(np.abs(cw - zw).max()),
+                abs(cx - x_zp) * (128 + int(np.abs(cw - zw).max())))
+    return np.int32 if 4 * k * terms < 2**31 else np.int64
+
+
+def _im2col(tap_blocks: list[np.ndarray], block: int) -> np.ndarray:
+    """(K, block) int8 columns, K = (channels, taps) in the weight's order, from one block of
+    every tap's view ((channels, rows, ...) each)."""
+    cols = np.empty((tap_blocks[0].shape[0], len(tap_blocks), block), dtype=np.int8)
+    for t, part in enumerate(tap_blocks):
+        np.copyto(cols[:, t].reshape(part.shape), part)
+    return cols.reshape(cols.shape[0] * cols.shape[1], block)
 
 
 def shared_exact_accumulator(
@@ -267,59 +295,78 @@ def pair_saturation(
     n = x_codes.shape[0]
     o_total, cin_g = w_codes.shape[0], w_codes.shape[1]
     og = o_total // g.groups
-    kernel = w_codes.shape[2:]
-    taps = list(itertools.product(*(range(k) for k in kernel)))
+    taps = list(itertools.product(*(range(k) for k in w_codes.shape[2:])))
     correction = np.zeros((0,) if count_only else (n, o_total, *out_sp), dtype=np.int64)
     pairs = [p for p in pair_list(accumulation, cin_g, len(taps)) if len(p) == 2]
     if not pairs:
         return correction, 0
-    x_codes = np.asarray(x_codes)
-    lo_code, hi_code = min(int(x_codes.min()), pad_value), max(int(x_codes.max()), pad_value)
-    # raw 8-bit codes and their pad fit a byte: a quarter of the memory of int32
-    small = np.uint8 if 0 <= lo_code and hi_code <= 255 else np.int32
-    xpad = pad_spatial(x_codes.astype(small), g.padding, pad_value)
-    per_channel_min = xpad.reshape(n, xpad.shape[1], -1).min(axis=(0, 2)).astype(np.int64)
-    per_channel_max = xpad.reshape(n, xpad.shape[1], -1).max(axis=(0, 2)).astype(np.int64)
+    xpad = _padded_codes(np.asarray(x_codes), g.padding, pad_value)
+    channel_codes = xpad.reshape(n, xpad.shape[1], -1)
+    code_range = (channel_codes.min(axis=(0, 2)).astype(np.int64),
+                  channel_codes.max(axis=(0, 2)).astype(np.int64))
     views = tap_views(xpad, w_codes.shape, g, out_sp)
     w_flat = w_codes.reshape(o_total, cin_g, -1)  # (O, Cg, taps), taps in C order
-    saturated = 0
     pa = np.array([(ta, ca) for (ta, ca), _ in pairs], dtype=np.int64).reshape(-1, 2)
     pb = np.array([(tb, cb) for _, (tb, cb) in pairs], dtype=np.int64).reshape(-1, 2)
     plane = n * int(np.prod(out_sp, dtype=np.int64))
     block = max(1, PAIR_BLOCK_ELEMENTS // max(plane, 1))
-    shape_w = (1, -1) + (1,) * len(out_sp)
+    saturated = 0
     for grp in range(g.groups):
-        o_idx = np.arange(grp * og, (grp + 1) * og)
+        c0 = grp * cin_g
         # every pair's reachable range at once: (outputs of the group, pairs)
-        w_g = w_flat[grp * og:(grp + 1) * og]  # a view (o_idx as a slice)
+        w_g = w_flat[grp * og:(grp + 1) * og]  # a view
         wa_all = w_g[:, pa[:, 1], pa[:, 0]].astype(np.int64)
         wb_all = w_g[:, pb[:, 1], pb[:, 0]].astype(np.int64)
-        xa_c, xb_c = grp * cin_g + pa[:, 1], grp * cin_g + pb[:, 1]
-        # each product's reachable range over the channel's codes, then the pair's
-        lo_all, hi_all = _product_range(wa_all, per_channel_min[xa_c], per_channel_max[xa_c])
-        lo_b, hi_b = _product_range(wb_all, per_channel_min[xb_c], per_channel_max[xb_c])
-        lo_all += lo_b
-        hi_all += hi_b
-        del lo_b, hi_b
-        risky_all = (hi_all > INT16_MAX) | (lo_all < INT16_MIN)
-        del lo_all, hi_all
+        risky_all = _risky_pairs(wa_all, wb_all, c0 + pa[:, 1], c0 + pb[:, 1], code_range)
         for j in np.flatnonzero(risky_all.any(axis=0)):
             (ta, ca), (tb, cb) = pairs[j]
-            xa = views[taps[ta]][:, grp * cin_g + ca][:, None]
-            xb = views[taps[tb]][:, grp * cin_g + cb][:, None]
-            rows = np.flatnonzero(risky_all[:, j])
-            for start in range(0, rows.size, block):
-                part = rows[start:start + block]
-                wa = wa_all[part, j].astype(np.int32).reshape(shape_w)
-                wb = wb_all[part, j].astype(np.int32).reshape(shape_w)
-                p = xa * wa
-                p += xb * wb
-                diff = np.clip(p, INT16_MIN, INT16_MAX)
-                diff -= p
-                saturated += int(np.count_nonzero(diff))
-                if not count_only:
-                    correction[:, o_idx[part]] += diff
+            xa = views[taps[ta]][:, c0 + ca][:, None]
+            xb = views[taps[tb]][:, c0 + cb][:, None]
+            saturated += _saturate_pair(xa, xb, wa_all[:, j], wb_all[:, j],
+                                        np.flatnonzero(risky_all[:, j]), grp * og, block,
+                                        None if count_only else correction)
     return correction, saturated
+
+
+def _padded_codes(x_codes: np.ndarray, padding: tuple[int, ...], pad_value: int) -> np.ndarray:
+    """The raw codes padded with ``pad_value``: uint8 when codes and pad fit a byte (a quarter
+    of the memory of int32), else int32."""
+    lo_code, hi_code = min(int(x_codes.min()), pad_value), max(int(x_codes.max()), pad_value)
+    small = np.uint8 if 0 <= lo_code and hi_code <= 255 else np.int32
+    return pad_spatial(x_codes.astype(small), padding, pad_value)
+
+
+def _risky_pairs(wa: np.ndarray, wb: np.ndarray, channel_a: np.ndarray, channel_b: np.ndarray,
+                 code_range: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(outputs, pairs) bool: whether the pair sum can leave int16, from each product's
+    reachable range over its input channel's codes (``code_range``: per-channel min, max)."""
+    channel_min, channel_max = code_range
+    lo, hi = _product_range(wa, channel_min[channel_a], channel_max[channel_a])
+    lo_b, hi_b = _product_range(wb, channel_min[channel_b], channel_max[channel_b])
+    lo += lo_b
+    hi += hi_b
+    del lo_b, hi_b
+    return (hi > INT16_MAX) | (lo < INT16_MIN)
+
+
+def _saturate_pair(xa: np.ndarray, xb: np.ndarray, wa: np.ndarray, wb: np.ndarray,
+                   rows: np.ndarray, o_start: int, block: int, correction: np.ndarray | None
+                   ) -> int:
+    """One pair's int16 saturation for the output channels ``o_start + rows`` (``block`` at a
+    time): adds sat16(P) - P into ``correction`` (unless None) and counts the saturated sums.
+    ``xa``, ``xb``: (N, 1, *out) input codes; ``wa``, ``wb``: the group's weight codes."""
+    shape_w = (1, -1) + (1,) * (xa.ndim - 2)
+    saturated = 0
+    for start in range(0, rows.size, block):
+        part = rows[start:start + block]
+        p = xa * wa[part].astype(np.int32).reshape(shape_w)
+        p += xb * wb[part].astype(np.int32).reshape(shape_w)
+        diff = np.clip(p, INT16_MIN, INT16_MAX)
+        diff -= p
+        saturated += int(np.count_nonzero(diff))
+        if correction is not None:
+            correction[:, o_start + part] += diff
+    return saturated
 
 
 def row_sum_saturation(

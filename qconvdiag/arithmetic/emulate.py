@@ -321,6 +321,58 @@ def relu_floor(kernel: Kernel, zero_point: int, engine_zero_point: int) -> int:
     return engine_zero_point
 
 
+def _engine_accumulator(kernel: Kernel, x_codes: np.ndarray, w_codes: np.ndarray,
+                        zps: ZeroPoints, g: Geometry) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(exact accumulator, the int32 accumulator the engine holds, saturated int16 pairs,
+    saturated int16 row sums): the exact sum plus what the engine's int16 steps lose, then
+    wrapped to int32 like the hardware does."""
+    acc_exact = shared_exact_accumulator(x_codes, zps.input, w_codes, zps.weight, g,
+                                         zps.pad_code)
+    saturated = 0
+    acc = acc_exact
+    if kernel.accumulation != EXACT:
+        corr, saturated = pair_saturation(x_codes, zps.input, w_codes, g, kernel.accumulation,
+                                          zps.pair_pad_code)
+        acc = acc_exact + corr
+    saturated_row_sums = 0
+    if kernel.row_sums_int16:
+        row_corr, saturated_row_sums = row_sum_saturation(
+            x_codes, zps.weight, g, tuple(w_codes.shape[2:]), zps.pair_pad_code)
+        if row_corr is not None:
+            acc = acc + row_corr
+    return acc_exact, _wrap_int32(acc), saturated, saturated_row_sums
+
+
+def _wrap_int32(acc: np.ndarray) -> np.ndarray:
+    """The accumulator as int32, wrapped modulo 2^32 (a plain cast when nothing wraps: the exact
+    accumulator's own array when it is int32 already)."""
+    if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
+        return (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
+    return acc.astype(np.int32, copy=False)
+
+
+def _requantizer(kernel: Kernel) -> Callable[..., tuple[Any, ...]]:
+    """The kernel family's requantization, with its oneDNN options bound."""
+    if kernel.kernel == "qnnpack":
+        return requantize_qnnpack
+    if kernel.kernel == "onednn":
+        return functools.partial(requantize_onednn,
+                                 combined_scales=kernel.combined_scales,
+                                 direct_scales=kernel.direct_scales,
+                                 divides_dst_scale=kernel.divides_dst_scale)
+    return requantize_fbgemm
+
+
+def _float32_output(requantize: Callable[..., tuple[Any, ...]], args: tuple[Any, ...],
+                    relu: bool) -> np.ndarray:
+    """The value before the dst scale (1.0) and zero point (0), which oneDNN skips; the fused
+    ReLU is an eltwise post-op on it."""
+    output_float32 = np.asarray(requantize(*args)[0], dtype=np.float32)
+    if relu:
+        output_float32 = np.maximum(output_float32, np.float32(0))
+    return output_float32
+
+
 def emulate(
     kernel: Kernel,
     x_codes: np.ndarray,
@@ -345,54 +397,20 @@ def emulate(
     w_codes = engine_weight_codes(kernel, w_codes, w_qp)
     zps = engine_zero_points(kernel, int(x_qp.zero_point[0]), _per_out(w_qp.zero_point, o),
                              int(out_qp.zero_point[0]))
-    x_zp, w_zp, out_zp, pad_code = zps.input, zps.weight, zps.output, zps.pad_code
     in_scale = float(x_qp.scale[0])
-    out_scale = float(out_qp.scale[0])
     w_scales = _per_out(w_qp.scale, o)
-    acc_exact = shared_exact_accumulator(x_codes, x_zp, w_codes, w_zp, g, pad_code)
-    saturated = 0
-    acc = acc_exact
-    if kernel.accumulation != EXACT:
-        corr, saturated = pair_saturation(x_codes, x_zp, w_codes, g, kernel.accumulation,
-                                          zps.pair_pad_code)
-        acc = acc_exact + corr
-    saturated_row_sums = 0
-    if kernel.row_sums_int16:
-        row_corr, saturated_row_sums = row_sum_saturation(
-            x_codes, w_zp, g, tuple(w_codes.shape[2:]), zps.pair_pad_code)
-        if row_corr is not None:
-            acc = acc + row_corr
-    # int32 accumulator wraps like the hardware does (a plain cast when nothing wraps)
-    if acc.size and (int(acc.min()) < INT32_MIN or int(acc.max()) > INT32_MAX):
-        acc = (((acc - INT32_MIN) % 2**32) + INT32_MIN).astype(np.int32)
-    else:
-        acc = acc.astype(np.int32, copy=False)  # exact accumulation: the same array
-    requantize: Callable[..., tuple[Any, ...]] = requantize_fbgemm
-    if kernel.kernel == "qnnpack":
-        requantize = requantize_qnnpack
-    elif kernel.kernel == "onednn":
-        requantize = functools.partial(requantize_onednn,
-                                       combined_scales=kernel.combined_scales,
-                                       direct_scales=kernel.direct_scales,
-                                       divides_dst_scale=kernel.divides_dst_scale)
-    args = (acc, bias, in_scale, w_scales, out_scale, out_zp, w_qp.per_channel)
-    qmin = max(out_qp.dtype_min, relu_floor(kernel, int(out_qp.zero_point[0]), out_zp)) \
+    acc_exact, acc, saturated, saturated_row_sums = _engine_accumulator(
+        kernel, x_codes, w_codes, zps, g)
+    requantize = _requantizer(kernel)
+    args = (acc, bias, in_scale, w_scales, float(out_qp.scale[0]), zps.output, w_qp.per_channel)
+    qmin = max(out_qp.dtype_min, relu_floor(kernel, int(out_qp.zero_point[0]), zps.output)) \
         if relu else out_qp.dtype_min
     unclamped, codes, mult, bias_real, bias_int = _requantize_split(
         requantize, args, qmin, out_qp.dtype_max)
-    acc_scale = w_scales * in_scale
-    output_float32 = None
-    if float_output:
-        # the value before the dst scale (1.0) and zero point (0), which oneDNN skips; the
-        # fused ReLU is an eltwise post-op on it
-        output_float32 = np.asarray(requantize(*args)[0], dtype=np.float32)
-        if relu:
-            output_float32 = np.maximum(output_float32, np.float32(0))
     return Emulation(
         kernel, acc_exact, acc, saturated, bias_real, bias_int,
         np.asarray(mult, dtype=np.float32),
         lambda: np.asarray(requantize(*args)[0], dtype=np.float32), unclamped, codes,
-        acc_scale, out_zp if kernel.kernel == "onednn" else 0, saturated_row_sums,
-        output_float32,
+        w_scales * in_scale, zps.output if kernel.kernel == "onednn" else 0, saturated_row_sums,
+        _float32_output(requantize, args, relu) if float_output else None,
     )
-

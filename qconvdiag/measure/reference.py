@@ -2,7 +2,7 @@
 
 ``float_reference`` gives conv(x, w) + b about 1e-8 of the output accurate for the cost of one
 float32 conv; the input clipping/rounding steps and the weight clipping step it uses are also
-the first rungs of the stage ladder (``stages.py``), computed once per diagnosis (memo).
+the first rungs of the stage ladder (``ladder_plan.py``), computed once per diagnosis (memo).
 """
 
 from __future__ import annotations

@@ -264,49 +264,18 @@ def build_production(
     part of a small case. The output observer sees the float layer's float32 output, as in
     torch's own calibration (computed once per diagnosis and shared through ``cache``).
     """
-    import torch
-
     cache = {} if cache is None else cache
     with capture_warnings():
         act_in = _activation_observer(engine, options)
         act_out = _activation_observer(engine, options)
         w_obs = _weight_observer(engine, options)
-    act_key = ("act", _signature(act_in), calib is None)
     w_key = ("weight", _signature(w_obs))
-    x = torch.from_numpy(case.input)
-    w = torch.from_numpy(case.weight)
     if w_key not in cache:
-        with torch.no_grad():
-            w_obs(w)
-        per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
-        w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
-        cache[w_key] = (w_qp, compact_codes(quantize(case.weight, w_qp), w_qp))
+        cache[w_key] = _observed_weight(case, w_obs)
     w_qp, w_codes = cache[w_key]
+    act_key = ("act", _signature(act_in), calib is None)
     if act_key not in cache:
-        b = None if case.bias is None else torch.from_numpy(case.bias)
-        conv_nd = conv_function(case.spatial_dims)
-        g = case.geometry
-
-        def conv(*args: Any) -> Any:  # the float layer: conv, then its fused activation
-            y = conv_nd(*args)
-            return torch.relu(y) if case.activation == "relu" else y
-
-        batches = [x] if calib is None else [torch.from_numpy(c[None]) for c in calib]
-        with torch.no_grad():
-            for xb in batches:
-                act_in(xb)
-            in_qp = _qparams_from_observer(act_in, "quint8", None)
-            x_codes = compact_codes(quantize(case.input, in_qp), in_qp)
-            for xb in batches:
-                if calib is None:
-                    if "float32_output" not in cache:
-                        cache["float32_output"] = conv(xb, w, b, g.stride, g.padding,
-                                                       g.dilation, g.groups)
-                    act_out(cache["float32_output"])
-                else:
-                    act_out(conv(xb, w, b, g.stride, g.padding, g.dilation, g.groups))
-        cache[act_key] = (in_qp, _qparams_from_observer(act_out, "quint8", None), x_codes,
-                          len(batches))
+        cache[act_key] = _observed_activations(case, act_in, act_out, calib, cache)
     in_qp, out_qp, x_codes, n_batches = cache[act_key]
     observers = {
         "input": type(act_in).__name__, "weight": type(w_obs).__name__,
@@ -319,3 +288,50 @@ def build_production(
         "production", in_qp, w_qp, out_qp, x_codes, w_codes, case.bias, None, observers,
         tuple(notes),
     )
+
+
+def _observed_weight(case: ConvCase, w_obs: Any) -> tuple[QParams, np.ndarray]:
+    """The weight observer run on the case weight: its qparams and the weight codes."""
+    import torch
+
+    with torch.no_grad():
+        w_obs(torch.from_numpy(case.weight))
+    per_channel_w = w_obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+    w_qp = _qparams_from_observer(w_obs, "qint8", 0 if per_channel_w else None)
+    return w_qp, compact_codes(quantize(case.weight, w_qp), w_qp)
+
+
+def _observed_activations(case: ConvCase, act_in: Any, act_out: Any, calib: np.ndarray | None,
+                          cache: dict[Any, Any]) -> tuple[QParams, QParams, np.ndarray, int]:
+    """The activation observers run on the calibration batches (the case input, or each
+    ``calib`` sample) and on the float layer's outputs for them: (input qparams, output
+    qparams, input codes, number of batches). The case input's float32 output is kept in
+    ``cache`` as ``float32_output``."""
+    import torch
+
+    x = torch.from_numpy(case.input)
+    batches = [x] if calib is None else [torch.from_numpy(c[None]) for c in calib]
+    with torch.no_grad():
+        for xb in batches:
+            act_in(xb)
+        in_qp = _qparams_from_observer(act_in, "quint8", None)
+        x_codes = compact_codes(quantize(case.input, in_qp), in_qp)
+        for xb in batches:
+            if calib is None:
+                if "float32_output" not in cache:
+                    cache["float32_output"] = _float_layer(case, xb)
+                act_out(cache["float32_output"])
+            else:
+                act_out(_float_layer(case, xb))
+    return in_qp, _qparams_from_observer(act_out, "quint8", None), x_codes, len(batches)
+
+
+def _float_layer(case: ConvCase, x: Any) -> Any:
+    """The float layer on a torch input: conv, then its fused activation."""
+    import torch
+
+    g = case.geometry
+    b = None if case.bias is None else torch.from_numpy(case.bias)
+    y = conv_function(case.spatial_dims)(x, torch.from_numpy(case.weight), b, g.stride,
+                                         g.padding, g.dilation, g.groups)
+    return torch.relu(y) if case.activation == "relu" else y

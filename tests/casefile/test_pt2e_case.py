@@ -132,7 +132,7 @@ def test_ladder_separates_the_eager_graph_from_the_integer_kernel():
     """On x86_inductor the output stages are the eager Q/DQ graph's and integer_kernel is what
     the kernel changes: here one near-tie output, one step, at the floor (no finding)."""
     from qconvdiag.arithmetic.torch_ref import run_eager_qdq
-    from qconvdiag.measure.stages import PT2E_STAGE_IDS, STAGE_IDS
+    from qconvdiag.measure.ladder_plan import PT2E_STAGE_IDS, STAGE_IDS
 
     case = near_tie_case()
     d = run_diagnosis(case, Options(engine="all", production_path=False, keep_arrays=True))

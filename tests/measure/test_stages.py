@@ -9,8 +9,8 @@ import pytest
 from qconvdiag.arithmetic.float_conv import conv64
 from qconvdiag.casefile.generate import RandomSpec, forum_case, generate
 from qconvdiag.diagnosis import Options, diagnose_runs
+from qconvdiag.measure.ladder_plan import STAGE_IDS
 from qconvdiag.measure.metrics import error_metrics, summary
-from qconvdiag.measure.stages import STAGE_IDS
 from tests.conftest import REFERENCE_RTOL, TELESCOPE_RTOL
 
 
