@@ -254,7 +254,7 @@ def resolve_engines(engine: str | None, pt2e: bool = False) -> tuple[str, ...]:
 
 def _pt2e_engines(engines: tuple[str, ...]) -> tuple[str, ...]:
     """``engines`` (PT2E ones), once torchao is there and torch has their kernels."""
-    from .arithmetic.pt2e import require_torchao
+    from .torchao_import import require_torchao
 
     require_torchao(f"engine {engines[0]}")
     for engine in engines:

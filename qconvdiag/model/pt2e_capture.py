@@ -256,7 +256,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
     """``capture_model`` of a ``convert_pt2e`` GraphModule (see the module's docstring)."""
     import torch
 
-    from ..arithmetic.pt2e import require_torchao
+    from ..torchao_import import require_torchao
 
     require_torchao("a convert_pt2e model")
     patterns, skipped = find_patterns(converted)

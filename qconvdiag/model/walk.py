@@ -135,7 +135,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
 
     engine = bundle.engine
     if engine in PT2E_ENGINES:
-        from ..arithmetic.pt2e import require_torchao
+        from ..torchao_import import require_torchao
 
         require_torchao(f"the PT2E model bundle {bundle.source or ''}".rstrip())
     say(f"screening {len(bundle.layers)} convs")

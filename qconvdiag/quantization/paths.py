@@ -177,7 +177,7 @@ def _pt2e_observer(which: str):  # type: ignore[no-untyped-def]
     torchao's HistogramObserver, weights int8 -128..127 per-channel symmetric on axis 0 with
     its PerChannelMinMaxObserver, both with eps 2**-12. ``which``: input_activation,
     output_activation or weight."""
-    from ..arithmetic.pt2e import require_torchao
+    from ..torchao_import import require_torchao
 
     require_torchao("the x86_inductor production path")
     from torchao.quantization.pt2e.prepare import _create_obs_or_fq_from_qspec

@@ -37,7 +37,7 @@ def quantize_pt2e(net: Any, calibration: list[Any]) -> Any:
     """torchao's PT2E flow, as its x86 inductor tutorial does it."""
     import torch
 
-    from qconvdiag.arithmetic.pt2e import require_torchao
+    from qconvdiag.torchao_import import require_torchao
 
     require_torchao("the PT2E sample")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

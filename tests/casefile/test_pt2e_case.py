@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import qconvdiag
-from qconvdiag.arithmetic import pt2e
+from qconvdiag import torchao_import as pt2e
 from qconvdiag.case import ModuleState, QuantSetup, build_case
 from qconvdiag.diagnosis import Options, resolve_engines, run_diagnosis
 from qconvdiag.errors import MissingExtraError

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import qconvdiag
-from qconvdiag.arithmetic import pt2e
+from qconvdiag import torchao_import as pt2e
 from qconvdiag.case import build_case
 from qconvdiag.diagnosis import Options, run_diagnosis
 from qconvdiag.errors import CaseError, MissingExtraError

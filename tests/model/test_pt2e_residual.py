@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import qconvdiag
-from qconvdiag.arithmetic import pt2e
+from qconvdiag import torchao_import as pt2e
 from qconvdiag.arithmetic.torch_ref import run_inductor_conv
 from qconvdiag.errors import UsageError
 from qconvdiag.model.walk import WalkOptions, walk_model

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
-from ..errors import MissingExtraError
+from .errors import MissingExtraError
 
 EXTRA_HINT = "pip install 'qconvdiag[pt2e]'"
 #: Loggers that speak while torchao is imported.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qconvdiag.arithmetic import pt2e
+from qconvdiag import torchao_import as pt2e
 from qconvdiag.errors import MissingExtraError, QconvdiagError
 from tests.repo import ROOT
 
@@ -26,7 +26,7 @@ def test_torchao_imports_without_a_word():
     """torchao 0.18 logs "Failed to load ..." for its CUDA-only extensions and torch a
     deprecation for one of its enums: require_torchao lets none of it through."""
     assert pt2e.torchao_available(), "make test installs the pt2e extra"
-    code = ("from qconvdiag.arithmetic.pt2e import require_torchao; m = require_torchao(); "
+    code = ("from qconvdiag.torchao_import import require_torchao; m = require_torchao(); "
             "import torchao.quantization.pt2e.quantize_pt2e as q; "
             "assert hasattr(q, 'convert_pt2e')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -35,7 +35,7 @@ def test_torchao_imports_without_a_word():
 
 
 def test_import_qconvdiag_does_not_import_torchao():
-    code = "import sys, qconvdiag, qconvdiag.arithmetic.pt2e; print('torchao' in sys.modules)"
+    code = "import sys, qconvdiag, qconvdiag.torchao_import; print('torchao' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
