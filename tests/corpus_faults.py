@@ -67,7 +67,7 @@ class Layer:
     def weight_qp(self, factor: float = 1.0, per_channel: bool = False) -> QParams:
         if per_channel:
             m = np.abs(self.w.reshape(self.w.shape[0], -1)).max(axis=1) / 127.5 * factor
-            return qp(m.tolist(), 0, "qint8", 0)
+            return qp(np.where(m > 0, m, 1.0).tolist(), 0, "qint8", 0)  # torch's 1.0 for 0
         return qp(float(np.abs(self.w).max()) / 127.5 * factor, 0, "qint8")
 
     def output_qp(self, factor: float = 1.0) -> QParams:
@@ -279,6 +279,7 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
         ("conv1d on fbgemm", lambda: bn_folded(L3, 22), "fbgemm"),
         ("a PT2E conv (prepare_pt2e folds BatchNorm)", lambda: bn_folded(L2, 23, pt2e=True),
          "x86_inductor"),
+        ("a pruned (all-zero) output channel", lambda: bn_folded(L1, 25, pruned=True), "x86"),
     ], [("the float reference folded too", lambda: bn_folded(L1, 21, reference_folded=True),
          "x86"),
         ("the module holds the scaled weight plus 2 steps of noise", lambda: bn_folded(
@@ -413,10 +414,13 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
             float(L2.y().max()) / 255, 0))), "fbgemm"),
         ("conv1d output range over the central 50%", lambda: L3.case(L3.setup(
             output_qparams=trimmed_output(L3, 0.5))), "onednn"),
+        ("a hand-written range over 80% of the reach (0.4% of outputs saturate)",
+         lambda: L2.case(L2.setup(output_qparams=reach_output(L2, 0.8))), "x86"),
     ], [("0.1% of outputs trimmed", lambda: L2.case(L2.setup(
         output_qparams=trimmed_output(L2, 0.999))), "x86")],
         said=(("a histogram observer's trim: the outliers past 80% of the reach",
-               lambda: L2.case(L2.setup(output_qparams=reach_output(L2, 0.8))), "x86"),))
+               lambda: L2.case(L2.setup(
+                   output_qparams=reach_output(L2, 0.8).with_source("module"))), "x86"),))
 
     yield from _group("QCD052", [
         ("output step 8x", lambda: L1.case(L1.setup(output_qparams=L1.output_qp(8))), "x86"),
@@ -488,11 +492,16 @@ NOT_PLANTED = ("QCD061",)
 
 
 def bn_folded(lay: Layer, seed: int, pt2e: bool = False, reference_folded: bool = False,
-              noise_steps: float = 0.0) -> ConvCase:
+              noise_steps: float = 0.0, pruned: bool = False) -> ConvCase:
     """A conv whose quantized module has a BatchNorm folded in (w * gamma / sqrt(var + eps),
     (b - mean) * gamma / sqrt(var + eps) + beta; per-channel symmetric weights, output qparams
     for the folded output), compared with the float conv before the BatchNorm (or, with
-    ``reference_folded``, with the folded one: the right comparison)."""
+    ``reference_folded``, with the folded one: the right comparison). ``pruned``: the first
+    output channel's float weight is all zero, as pruning leaves it (and folding keeps it)."""
+    if pruned:
+        w0 = lay.w.copy()
+        w0[0] = 0
+        lay = Layer(lay.x, w0, lay.b, lay.geometry)
     rng = np.random.default_rng(seed)
     out = lay.w.shape[0]
     factor = rng.uniform(0.4, 2.5, out)

@@ -20,8 +20,9 @@ MIN_OUTPUTS_FOR_SCALE = 16
 #: Saturation a histogram observer's trim gives (the default activation observer of both of
 #: torch's flows): at most this fraction of the outputs (the 0.5% ``budget.uses_seven_bits``
 #: allows for trimmed outliers too), beyond a range that keeps at least TRIM_KEEPS of the float
-#: output's reach on that side. It is said (info), not warned about: the observer trades those
-#: outliers for a finer step by design.
+#: output's reach on that side. Where it would be a warning, it is said (info) instead: the
+#: observer trades those outliers for a finer step by design. It stays an error where it breaks
+#: the path, and keeps its severity on output qparams the user wrote.
 TRIMMED_OUTLIERS = 0.005
 TRIM_KEEPS = 0.5
 
@@ -111,10 +112,14 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
                          f"{fmt(float(y0.min()))})")
         fix, _ = output_fix(_covered(ctx, run))
         production = run.report.name == "production"
-        trimmed = _trimmed(below + above, int(y0.size), (bottom, top),
-                           (float(y0.min()), float(y0.max())), below > 0, above > 0)
+        level = severity(run, energy)
+        # a trim's cost is said, not warned about; a saturation that breaks the path, or
+        # qparams the user wrote (no observer trimmed them), keep their severity
+        trimmed = level == "warning" and qp.source != "user" and _trimmed(
+            below + above, int(y0.size), (bottom, top), (float(y0.min()), float(y0.max())),
+            below > 0, above > 0)
         yield finding(
-            "QCD051", "info" if trimmed else severity(run, energy),
+            "QCD051", "info" if trimmed else level,
             "outputs saturated at the output dtype's limits",
             f"{below + above} of {y0.size} outputs fall outside the representable range "
             f"[{fmt(bottom)}, {fmt(top)}] of output scale {fmt(s)}, zero point {zp} and "

@@ -220,7 +220,9 @@ def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, flo
     """(smallest factor, largest factor, worst fit in weight steps, share of the difference
     explained) when the module's weight is the float weight scaled per output channel, up to
     rounding: what folding a BatchNorm into the conv gives (w * gamma / sqrt(var + eps)), while
-    the float weight is the conv's before BatchNorm. None when it is not, or not shown.
+    the float weight is the conv's before BatchNorm. All-zero float channels (pruned) must be
+    zero in the module too, and at least half the channels (two or more) carry a factor. None
+    when it is not, or not shown.
 
     E.g. float weights (0.1, -0.2, 0.3, 0.05) in channel 0, module weight codes (12, -24, 36, 6)
     at step 0.0125: the factor is 1.5 and nothing is left but rounding."""
@@ -236,11 +238,14 @@ def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, flo
     steps = np.broadcast_to(np.asarray(m.weight_qparams.scales(), np.float64).reshape(-1),
                             (out,))
     norms = (w * w).sum(axis=1)
-    if not np.all(norms > 0):
+    live = norms > 0  # a pruned (all-zero) channel stays zero when folded: no factor to fit
+    if np.count_nonzero(live) < max(2, out // 2) \
+            or np.any(np.abs(held[~live]) > 0.5 * steps[~live, None]):
         return None
-    factors = (held * w).sum(axis=1) / norms
+    factors = np.where(live, (held * w).sum(axis=1) / np.where(live, norms, 1.0), 1.0)
     left = held - factors[:, None] * w
     fit = float(np.max(np.sqrt((left * left).mean(axis=1)) / steps))
+    factors = factors[live]
     difference = float(((held - w) ** 2).sum())
     explained = 1.0 - float((left * left).sum()) / difference if difference > 0 else 0.0
     if fit > FOLD_FIT_STEPS or explained < FOLD_EXPLAINED \
