@@ -24,6 +24,9 @@ MIN_OUTPUTS_FOR_SCALE = 16
 #: observer trades those outliers for a finer step by design. It stays an error where it breaks
 #: the path, and keeps its severity on output qparams the user wrote.
 TRIMMED_OUTLIERS = 0.005
+#: ...or at most this many outputs, where there are too few for a fraction (a squeeze-excite
+#: conv's 96 outputs): a sample other than the calibration data reaches past the trim by chance.
+TRIMMED_FEW = 2
 TRIM_KEEPS = 0.5
 
 
@@ -136,9 +139,10 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
 
 def _trimmed(saturated: int, total: int, representable: tuple[float, float],
              reach: tuple[float, float], low_side: bool, high_side: bool) -> bool:
-    """A saturation a histogram observer's trim gives: few outputs (TRIMMED_OUTLIERS) beyond a
-    range that keeps most of the float output's reach (TRIM_KEEPS) on each saturated side."""
-    if saturated > TRIMMED_OUTLIERS * total:
+    """A saturation a histogram observer's trim gives: few outputs (TRIMMED_OUTLIERS, or
+    TRIMMED_FEW) beyond a range that keeps most of the float output's reach (TRIM_KEEPS) on each
+    saturated side."""
+    if saturated > max(TRIMMED_OUTLIERS * total, TRIMMED_FEW):
         return False
     keeps_high = not high_side or representable[1] >= TRIM_KEEPS * reach[1]
     keeps_low = not low_side or representable[0] <= TRIM_KEEPS * reach[0]

@@ -222,3 +222,16 @@ def test_fused_relu_outputs_below_zero_are_not_saturation():
     (g,) = [f for f in diagnose(wide, Options(engine="qnnpack")).findings
             if f.code == "QCD051" and f.path == "as_given"]
     assert "[0, 50]" in g.fix
+
+
+def test_a_histogram_observers_trim_is_told_apart_from_a_range_too_small() -> None:
+    """QCD051's trim test: few outputs (0.5%, or 2 where there are few) beyond a range that
+    keeps at least half of the float output's reach on each saturated side."""
+    from qconvdiag.findings.output_rules import _trimmed
+
+    assert _trimmed(2, 96, (0.0, 8.0), (0.0, 10.0), False, True)  # a squeeze-excite conv
+    assert not _trimmed(3, 96, (0.0, 8.0), (0.0, 10.0), False, True)  # 3% of its outputs
+    assert _trimmed(5, 1000, (-4.0, 6.0), (-5.0, 10.0), True, True)
+    assert not _trimmed(6, 1000, (-4.0, 6.0), (-5.0, 10.0), True, True)  # 0.6%
+    assert not _trimmed(1, 1000, (0.0, 4.0), (0.0, 10.0), False, True)  # keeps 40% of reach
+    assert not _trimmed(1, 1000, (-2.0, 9.0), (-5.0, 10.0), True, False)  # low side kept 40%
