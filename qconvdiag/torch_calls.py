@@ -53,8 +53,14 @@ def int_codes(t: Any) -> Any:
     import torch
 
     name = str(t.dtype).removeprefix("torch.")
+    if name not in _CODE_VIEWS:  # quint4x2, quint2x4: several codes per byte
+        from .errors import CaseError
+
+        raise CaseError(f"a {name} tensor packs several codes per byte; qconvdiag reads quint8, "
+                        "qint8 and qint32 tensors (torch's quantized convs take no other)")
     view_dtype = getattr(torch, _CODE_VIEWS[name])
     view = torch.empty(0, dtype=view_dtype).set_(t.untyped_storage(), t.storage_offset(),
                                                  t.size(), t.stride())
     out_dtype = np.int32 if name in ("quint8", "qint8") else view.numpy().dtype
-    return np.ascontiguousarray(view.numpy(), dtype=out_dtype)
+    # np.array, not ascontiguousarray: that makes a 0-d tensor's codes 1-d
+    return np.array(view.numpy(), dtype=out_dtype, order="C")

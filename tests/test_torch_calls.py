@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qconvdiag.errors import CaseError
 from qconvdiag.torch_calls import int_codes
 
 
@@ -38,3 +39,14 @@ def test_int_codes_are_int_repr_for_every_layout(dtype: torch.dtype, per_channel
         assert got.flags["C_CONTIGUOUS"], name
         assert got.dtype == np.int32, name
         np.testing.assert_array_equal(got, t.int_repr().numpy(), err_msg=name)
+
+
+def test_int_codes_of_a_scalar_and_of_packed_dtypes() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scalar = torch.quantize_per_tensor(torch.tensor(1.0), 0.1, 3, torch.quint8)
+        packed = torch.quantize_per_tensor(torch.rand(4, 4), 0.1, 0, torch.quint4x2)
+    assert int_codes(scalar).shape == ()
+    assert int(int_codes(scalar)) == 13
+    with pytest.raises(CaseError, match="quint4x2"):
+        int_codes(packed)
