@@ -140,13 +140,17 @@ def torch_sentence(report: ModelReport) -> str:
     if not checked:
         return ("torch check: none of the convs was diagnosed (all at their floor); "
                 "--torch-check all checks every conv's emulation against the model's codes.")
+    float32 = sum(r.output_dtype == "float32" for r in checked)
+    what = "diagnosed" if not float32 else "checked"  # a float32 conv is checked, not diagnosed
     scope = ("every conv" if len(checked) == len(report.layers) else
-             f"the {len(checked)} diagnosed conv{'s' if len(checked) > 1 else ''} "
+             f"the {len(checked)} {what} conv{'s' if len(checked) > 1 else ''} "
              "(--torch-check all: every conv)")
+    values = "codes" if not float32 else (
+        f"codes, and float32 outputs bit for bit ({float32} of those convs),")
     if not bad:
         total = sum(r.torch_total for r in checked)
-        return (f"torch check: the emulation gives the codes the quantized model computed on "
-                f"{scope}: {total:,} outputs, 0 differ.")
+        return (f"torch check: the emulation gives the {values} the quantized model computed "
+                f"on {scope}: {total:,} outputs, 0 differ.")
     return (f"torch check on {scope}: {len(bad)} convs differ from the quantized model's "
             "codes (" + ", ".join(r.name for r in bad[:4]) + "): was the bundle captured on "
             "another engine or CPU, or were a conv's scale or zero point changed after it ran "

@@ -129,6 +129,13 @@ def test_torch_check_is_bit_exact_and_the_screen_has_no_output_stage(walked):  #
     # the explained layers are the worst quantized-output ones
     assert len(report.details) == 2
     assert not {d.layer for d in report.details} & FLOAT32
+    # the report's sentence says what was compared: codes, and the float32 outputs bit for bit
+    from qconvdiag.render.rich_model import torch_sentence
+
+    assert torch_sentence(report) == (
+        "torch check: the emulation gives the codes, and float32 outputs bit for bit "
+        f"({len(FLOAT32)} of those convs), the quantized model computed on every conv: "
+        f"{sum(r.torch_total for r in report.layers):,} outputs, 0 differ.")
 
 
 def test_a_healthy_residual_model_stays_quiet_and_validates(walked):  # noqa: ANN001
