@@ -70,6 +70,8 @@ def layer_table(report: ModelReport) -> str:
         assert row is not None
         link = (f'<a href="#{escape(layer_anchor(name))}">{escape(name)}</a>'
                 if name in explained else escape(name))
+        if row.output_dtype == "float32":  # judged on the kernel's float32 output
+            link += ' <span class="note">(float32 output: screened only)</span>'
         rows.append((str(rank), link, escape(conv_text(row)), sqnr_text(row.own),
                      table_number(row.own.rmse, 3), floor_ratio_text(row),
                      sqnr_text(row.propagated),

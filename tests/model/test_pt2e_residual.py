@@ -129,6 +129,10 @@ def test_torch_check_is_bit_exact_and_the_screen_has_no_output_stage(walked):  #
     # the explained layers are the worst quantized-output ones
     assert len(report.details) == 2
     assert not {d.layer for d in report.details} & FLOAT32
+    # the HTML page's table marks the float32 convs
+    from qconvdiag.render.html_model import layer_table
+
+    assert layer_table(report).count("(float32 output: screened only)") == len(FLOAT32)
     # the report's sentence says what was compared: codes, and the float32 outputs bit for bit
     from qconvdiag.render.rich_model import torch_sentence
 
