@@ -26,7 +26,7 @@ from .arithmetic.engines import (
     select_kernel,
 )
 from .arithmetic.float_conv import conv64
-from .arithmetic.torch_ref import TorchRun, capture_warnings, run_conv, run_eager_qdq
+from .arithmetic.torch_ref import TorchRun, run_conv, run_eager_qdq
 from .case import ConvCase
 from .errors import UsageError
 from .findings import ROOTS, run_findings
@@ -48,6 +48,7 @@ from .measure.stages import Ladder, run_ladder
 from .quantization.paths import PathSpec, ProductionOptions, build_as_given, build_production
 from .quantization.qparams import QParams
 from .report import PathReport, Report, StageResult, TorchCheck
+from .torch_calls import capture_warnings
 from .versions import unverified_torch_note
 
 Progress = Callable[[str], None]

@@ -251,7 +251,8 @@ def packed_params(case: ConvCase, run: PathRun) -> dict[str, Any]:
     """What conv{d}d_prepack holds for this path's weight, unpacked again."""
     import torch
 
-    from .arithmetic.torch_ref import capture_warnings, engine, quantized_conv, quantized_tensor
+    from .arithmetic.torch_ref import engine, quantized_conv, quantized_tensor
+    from .torch_calls import capture_warnings
 
     spec = run.spec
     dims = case.spatial_dims

@@ -78,8 +78,8 @@ def test_torch_warnings_belong_to_the_diagnosis_that_raised_them(monkeypatch):
 
     import qconvdiag.diagnosis as d
     from qconvdiag import Options, diagnose
-    from qconvdiag.arithmetic.torch_ref import capture_warnings
     from qconvdiag.casefile.generate import forum_case
+    from qconvdiag.torch_calls import capture_warnings
 
     with capture_warnings() as outer:
         with capture_warnings() as inner:

@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 
 from ..case import Geometry, output_shape
-from .torch_ref import conv_function
+from ..torch_calls import conv_function
 
 INT16_MIN, INT16_MAX = -32768, 32767
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

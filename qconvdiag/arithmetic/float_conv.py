@@ -13,8 +13,8 @@ import numpy as np
 from ..case import Geometry
 from ..parallel import over_chunks
 from ..quantization.qparams import QParams, dequantize
+from ..torch_calls import conv_function
 from .accumulate import pad_spatial, tap_views
-from .torch_ref import conv_function
 
 if TYPE_CHECKING:
     from ..parallel import Block

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..case import Geometry
 from ..quantization.qparams import QParams
-from ..torch_calls import capture_warnings, conv_function  # noqa: F401
+from ..torch_calls import capture_warnings, conv_function
+from .engines import PT2E_ENGINES
 
 
 @dataclass
@@ -125,11 +126,6 @@ def run_conv(
             result = TorchRun(False, None, msg[:300])
     result.warnings = list(caught)
     return result
-
-
-#: The engines of torch's PT2E flow (not a ``torch.backends.quantized`` engine): inductor lowers a
-#: ``convert_pt2e`` conv pattern to these oneDNN ops when freezing is on.
-PT2E_ENGINES = ("x86_inductor",)
 
 
 def run_inductor_conv(

@@ -91,7 +91,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         say(f"capturing {name}")
         layers.append(_layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
                              ranges.get(name)))
-    from ..arithmetic.torch_ref import capture_warnings
+    from ..torch_calls import capture_warnings
 
     with capture_warnings():
         engine = torch.backends.quantized.engine
@@ -155,34 +155,43 @@ def _is_quantized_conv(module: Any) -> bool:
 
 def _conv_pairs(float_model: Any, quantized_model: Any) -> dict[str, tuple[Any, Any]]:
     """Quantized conv -> its float conv, by module path, in the quantized model's order."""
-    import torch
 
     pairs = {}
     for name, qconv in quantized_model.named_modules():
         if not _is_quantized_conv(qconv):
             continue
-        try:
-            fconv = float_model.get_submodule(name)
-        except AttributeError:
-            raise CaseError(f"capture_model: the float model has no module {name!r} for the "
-                            "quantized conv of that name: pass the float model the quantized "
-                            "one was made from") from None
-        # a float model fused before quantization holds ConvReLU2d / ConvBn2d: its conv is [0]
-        if not isinstance(fconv, torch.nn.modules.conv._ConvNd) and len(list(fconv.children())):
-            fconv = next(iter(fconv.children()))
-        if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
-            raise CaseError(f"capture_model: {name!r} is a {type(fconv).__name__} in the float "
-                            "model, not a Conv1d/2d/3d")
-        if getattr(fconv, "padding_mode", "zeros") != "zeros":
-            raise CaseError(f"capture_model: {name!r} pads with padding_mode="
-                            f"{fconv.padding_mode!r}; qconvdiag's emulation pads with zeros, "
-                            "as torch's quantized conv computes its default padding")
+        fconv = float_conv_at(float_model, name, "the quantized one was made from")
         if (fconv.in_channels, fconv.out_channels) != (qconv.in_channels, qconv.out_channels):
             raise CaseError(f"capture_model: {name!r} has {fconv.in_channels}->"
                             f"{fconv.out_channels} channels in the float model, "
                             f"{qconv.in_channels}->{qconv.out_channels} quantized")
         pairs[name] = (fconv, qconv)
     return pairs
+
+
+def float_conv_at(float_model: Any, name: str, made_from: str) -> Any:
+    """The float model's conv at module path ``name`` (a fused ConvReLU/ConvBn's conv), refused
+    in one line when it is missing, not a conv, or pads other than with zeros. ``made_from``
+    ends the missing-module message ("pass the float model ...")."""
+    import torch
+
+    try:
+        fconv = float_model.get_submodule(name)
+    except AttributeError:
+        raise CaseError(f"capture_model: the float model has no module {name!r} for the "
+                        f"quantized conv of that name: pass the float model {made_from}"
+                        ) from None
+    # a float model fused before quantization holds ConvReLU2d / ConvBn2d: its conv is [0]
+    if not isinstance(fconv, torch.nn.modules.conv._ConvNd) and len(list(fconv.children())):
+        fconv = next(iter(fconv.children()))
+    if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
+        raise CaseError(f"capture_model: {name!r} is a {type(fconv).__name__} in the float "
+                        "model, not a Conv1d/2d/3d")
+    if getattr(fconv, "padding_mode", "zeros") != "zeros":
+        raise CaseError(f"capture_model: {name!r} pads with padding_mode="
+                        f"{fconv.padding_mode!r}; qconvdiag's emulation pads with zeros, "
+                        "as torch's quantized convs do")
+    return fconv
 
 
 class _Seen:
@@ -223,7 +232,7 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     hooked; every hook in ``handles`` is removed at the end."""
     import torch
 
-    from ..arithmetic.torch_ref import capture_warnings
+    from ..torch_calls import capture_warnings
 
     outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
 
@@ -362,7 +371,7 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
     the conv or its folded BatchNorm, and whether a fused ReLU follows) over ``batches``."""
     import torch
 
-    from ..arithmetic.torch_ref import capture_warnings
+    from ..torch_calls import capture_warnings
 
     ranges: dict[str, tuple[float, float]] = {}
 

@@ -44,6 +44,7 @@ from .capture import (
     Progress,
     _Seen,
     finish_bundle,
+    float_conv_at,
     float_reference,
     layer_capture,
     output_ranges,
@@ -299,20 +300,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
 
 
 def _float_conv(float_model: Any, p: ConvPattern) -> Any:
-    import torch
-
-    try:
-        fconv = float_model.get_submodule(p.name)
-    except AttributeError:
-        raise CaseError(f"capture_model: the float model has no module {p.name!r} for the "
-                        "quantized conv of that name: pass the float model the PT2E model "
-                        "was exported from") from None
-    if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
-        raise CaseError(f"capture_model: {p.name!r} is a {type(fconv).__name__} in the float "
-                        "model, not a Conv1d/2d/3d")
-    if getattr(fconv, "padding_mode", "zeros") != "zeros":
-        raise CaseError(f"capture_model: {p.name!r} pads with padding_mode="
-                        f"{fconv.padding_mode!r}; qconvdiag's emulation pads with zeros")
+    fconv = float_conv_at(float_model, p.name, "the PT2E model was exported from")
     if tuple(fconv.weight.shape) != p.weight_codes.shape:
         raise CaseError(f"capture_model: {p.name!r}'s weight is {tuple(fconv.weight.shape)} "
                         f"in the float model, {p.weight_codes.shape} quantized")

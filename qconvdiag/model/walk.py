@@ -265,10 +265,11 @@ def float_conv(case: ConvCase) -> np.ndarray:
     """The float conv on the case's input (float32, as the float model runs it), after the
     fused activation."""
     import torch
-    import torch.nn.functional as F
+
+    from ..torch_calls import conv_function
 
     g = case.geometry
-    conv = (F.conv1d, F.conv2d, F.conv3d)[case.spatial_dims - 1]
+    conv = conv_function(case.spatial_dims)
     with torch.no_grad():
         y = conv(torch.from_numpy(case.input), torch.from_numpy(case.weight),
                  None if case.bias is None else torch.from_numpy(case.bias), list(g.stride),
