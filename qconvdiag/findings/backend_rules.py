@@ -9,25 +9,30 @@ from ..report import Finding
 from .base import Context, excess, finding, fmt
 
 ALTERNATIVE = (
-    "# torch 2.13 deprecates the quantized dtypes and torch.ao.quantization; today's route is\n"
-    "# torchao's PT2E flow (pip install torchao): export, prepare, calibrate, convert, compile\n"
-    "from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e\n"
+    "# torch 2.13 deprecates the quantized dtypes and torch.ao.quantization; today's\n"
+    "# route is torchao's PT2E flow (pip install torchao): export, prepare,\n"
+    "# calibrate, convert, compile\n"
+    "from torchao.quantization.pt2e.quantize_pt2e import (\n"
+    "    convert_pt2e, prepare_pt2e)\n"
     "from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq\n"
     "quantizer = xiq.X86InductorQuantizer()\n"
     "quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())\n"
-    "# strict=True: a non-strict export of a module called twice (one ReLU reused) fails in\n"
-    "# prepare_pt2e with 'Input partition has more than one output node'\n"
+    "# strict=True: a non-strict export of a module called twice (one ReLU\n"
+    "# reused) fails in prepare_pt2e with 'Input partition has more than one\n"
+    "# output node'\n"
     "exported = torch.export.export(conv.eval(), (x,), strict=True).module()\n"
     "prepared = prepare_pt2e(exported, quantizer)\n"
     "with torch.no_grad():\n"
-    "    for batch in calibration_batches:  # batches of x's shape (export fixed it)\n"
+    "    for batch in calibration_batches:  # of x's shape (export fixed it)\n"
     "        prepared(batch)\n"
     "converted = convert_pt2e(prepared)\n"
-    "# without freezing, inductor runs an fp32 conv on dequantized values, not the int8 kernel\n"
+    "# without freezing, inductor runs an fp32 conv on dequantized values, not\n"
+    "# the int8 kernel\n"
     "torch._inductor.config.freezing = True\n"
     "with torch.no_grad():\n"
     "    compiled = torch.compile(converted)\n"
-    "    y = compiled(x)  # qconvdiag.capture_model(conv, converted, [x], ...) explains it"
+    "    y = compiled(x)\n"
+    "# qconvdiag.capture_model(conv, converted, [x], ...) explains its convs"
 )
 """QCD060's fix: the eager flow's replacement, written against the script's ``conv``, ``x`` and
 ``calibration_batches`` (for a whole model, pass the model where it says ``conv``);

@@ -275,10 +275,10 @@ def qcd027(ctx: Context) -> Iterator[Finding]:
         "bias differs for the same reason.",
         {"factor_min": low, "factor_max": high, "fit_steps": fit, "explained": explained,
          "excess": energy},
-        "# compare with the float conv with the same BatchNorm folded in (bn: the BatchNorm\n"
-        "# that follows conv in the float model, in eval mode)\n"
+        "# compare with the float conv with the same BatchNorm folded in (bn: the\n"
+        "# BatchNorm that follows conv in the float model, in eval mode)\n"
         "conv = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())\n"
-        "# a whole model: qconvdiag.capture_model(model, quantized, ...) folds it for you",
+        "# a whole model: qconvdiag.capture_model(model, quantized, ...) folds it",
         run, energy, ("module_state",))
 
 
