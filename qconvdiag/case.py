@@ -66,7 +66,9 @@ class QuantSetup:
     weight_qparams: QParams | None = None
     output_qparams: QParams | None = None
     input_codes: np.ndarray | None = None
-    """Codes of a quantized input the user made (``qinput``), int64."""
+    """Codes of a quantized input the user made (``qinput``): int32 or int64, or, in a model
+    capture, the 8-bit dtype the model stored them in (``qparams.wide_codes`` widens them
+    before arithmetic)."""
     weight_codes: np.ndarray | None = None
     """Codes of a quantized weight the user made (``qweight``), int64."""
     module: ModuleState | None = None

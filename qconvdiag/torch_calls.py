@@ -45,11 +45,10 @@ _CODE_VIEWS = {"quint8": "uint8", "qint8": "int8", "qint32": "int32"}
 
 
 def int_codes(t: Any) -> Any:
-    """A per-tensor or per-channel quantized tensor's integer codes as a numpy array (C order,
-    int32 for 8-bit dtypes, else the storage's dtype), read from its storage: a quantized
+    """A per-tensor or per-channel quantized tensor's integer codes as a numpy array (a C-ordered
+    copy in the storage's dtype: uint8, int8 or int32), read from its storage: a quantized
     tensor stores its codes, so a view of that storage holds ``t.int_repr()``'s values without
     int_repr's copy (measured on 1.6M codes: 0.4 ms against 2-3 ms)."""
-    import numpy as np
     import torch
 
     name = str(t.dtype).removeprefix("torch.")
@@ -61,6 +60,9 @@ def int_codes(t: Any) -> Any:
     view_dtype = getattr(torch, _CODE_VIEWS[name])
     view = torch.empty(0, dtype=view_dtype).set_(t.untyped_storage(), t.storage_offset(),
                                                  t.size(), t.stride())
-    out_dtype = np.int32 if name in ("quint8", "qint8") else view.numpy().dtype
-    # np.array, not ascontiguousarray: that makes a 0-d tensor's codes 1-d
-    return np.array(view.numpy(), dtype=out_dtype, order="C")
+    # torch makes the view C-ordered: the quantized convs write channels_last, and torch's
+    # transposing copy of the bytes is 3-10x faster than numpy's
+    codes = view.contiguous()
+    if codes.data_ptr() == view.data_ptr():
+        codes = codes.clone()  # never a view of the tensor's storage
+    return codes.numpy()

@@ -36,9 +36,12 @@ def test_int_codes_are_int_repr_for_every_layout(dtype: torch.dtype, per_channel
         layouts["transposed"] = q.transpose(2, 3)
     for name, t in layouts.items():
         got = int_codes(t)
+        want = t.int_repr().numpy()
         assert got.flags["C_CONTIGUOUS"], name
-        assert got.dtype == np.int32, name
-        np.testing.assert_array_equal(got, t.int_repr().numpy(), err_msg=name)
+        assert got.dtype == want.dtype, name  # the storage's: uint8, int8 or int32
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        got.reshape(-1)[0] += 1  # a copy: the tensor's storage is not the array's
+        np.testing.assert_array_equal(t.int_repr().numpy(), want, err_msg=name)
 
 
 def test_int_codes_of_a_scalar_and_of_packed_dtypes() -> None:

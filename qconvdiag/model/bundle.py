@@ -23,7 +23,7 @@ import numpy as np
 
 from ..case import ConvCase
 from ..errors import CaseFileError
-from ..quantization.qparams import CODE_DTYPES, QParams, compact_codes, from_mapping
+from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
@@ -49,8 +49,8 @@ class LayerCapture:
     float_output: np.ndarray
     """The float model's output at this point: conv, folded BatchNorm, fused activation."""
     quantized_output: np.ndarray
-    """The quantized module's output codes in the quantized model; float32 values when
-    ``output_float32``."""
+    """The quantized module's output codes in the quantized model (as a capture keeps them: in
+    their 8-bit dtype); float32 values when ``output_float32``."""
     quantized_output_qparams: QParams
     bn_folded: str | None = None
     """The BatchNorm module folded into this conv (its name), if any."""
@@ -102,6 +102,16 @@ def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
             or value[0] > value[1]):
         raise CaseFileError(f"{where}: calibration_range must be [low, high], finite numbers")
     return float(value[0]), float(value[1])
+
+
+def _output_codes(q_out: np.ndarray, qp: QParams, where: str) -> np.ndarray:
+    """A layer's output codes, in their 8-bit dtype as a capture keeps them (checked first:
+    a cast would wrap a code outside the dtype's range around)."""
+    if q_out.dtype.kind not in "iu" or (q_out.size and (
+            int(q_out.min()) < qp.dtype_min or int(q_out.max()) > qp.dtype_max)):
+        raise CaseFileError(f"{where}: quantized_output must hold integer codes within the "
+                            f"{qp.dtype} range; capture the model again")
+    return q_out.astype(CODE_DTYPES[qp.dtype], copy=False)
 
 
 def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
@@ -176,7 +186,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             name=info["name"], case=with_model_range(case, float_output, cal),
             float_input=np.asarray(extra["float_input"], dtype=np.float32),
             float_output=float_output,
-            quantized_output=q_out if as_float else compact_codes(q_out, out_qp),
+            quantized_output=q_out if as_float else _output_codes(q_out, out_qp, where),
             quantized_output_qparams=out_qp,
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,

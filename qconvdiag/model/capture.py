@@ -221,53 +221,114 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                for name, (_fconv, qconv) in pairs.items()]
     run_both(float_model, lambda batch: quantized_model(batch),
              {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
-             handles)
+             handles, lambda bn: _gone(quantized_model, bn))
     return seen
 
 
 def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
-             seen: dict[str, _Seen], batches: list[Any], limit: int, handles: list[Any]) -> None:
+             seen: dict[str, _Seen], batches: list[Any], limit: int, handles: list[Any],
+             folded: Callable[[str], bool]) -> None:
     """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
-    hooked; every hook in ``handles`` is removed at the end."""
+    hooked; every hook in ``handles`` is removed at the end. ``folded``: whether the quantized
+    model folded the float model's BatchNorm of this name into its conv.
+
+    A float conv's output is copied only when it is needed: a BatchNorm folded into the
+    quantized conv takes its place (its output is copied instead). Until the conv's consumer
+    is known the output stays pending, and it is copied before any other module runs (an
+    in-place ReLU would overwrite it). An in-place op between modules (``x += y``) bumps the
+    output's version: the output is then computed again by the conv, on its copied input."""
     import torch
 
     from ..torch_calls import capture_warnings
 
-    outputs: dict[int, str] = {}  # id of a float conv's output -> the conv's name
+    pending = _PendingOutputs(seen, fconvs)
 
     def f_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
             seen[name].float_input.append(_copy(args[0]))
-            seen[name].float_output.append(_copy(out))
-            outputs[id(out)] = name
+            pending.add(name, out)
         return hook
 
     def bn_hook(bn_name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
-            conv = outputs.get(id(args[0]))
+            conv = pending.owner(args[0])
             if conv is not None and seen[conv].bn in (None, bn_name):
                 seen[conv].bn = bn_name
                 seen[conv].bn_output.append(_copy(out))
+                if folded(bn_name):
+                    pending.drop(conv)  # the folded BatchNorm's output stands for it
+            pending.settle()
         return hook
+
+    def before_any(module: Any, args: tuple[Any, ...]) -> None:
+        is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        pending.settle(but=args[0] if is_bn and args else None)
 
     for name, fconv in fconvs.items():
         handles.append(fconv.register_forward_hook(f_hook(name)))
     for name, module in float_model.named_modules():
+        handles.append(module.register_forward_pre_hook(before_any))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             handles.append(module.register_forward_hook(bn_hook(name)))
     try:
         with torch.no_grad(), capture_warnings():
             for run, batch in enumerate(batches, 1):
                 run_quantized(batch)
-                outputs.clear()
                 float_model(batch)
+                pending.settle()
                 _check_once_per_forward(seen, run)
                 if _stored(seen) >= _room(seen, limit):
                     break  # memory stays bounded: later batches would be dropped anyway
     finally:
         for h in handles:
             h.remove()
+
+
+class _PendingOutputs:
+    """Float convs' outputs whose consumer is not known yet (see ``run_both``)."""
+
+    def __init__(self, seen: dict[str, _Seen], fconvs: dict[str, Any]) -> None:
+        self.seen, self.fconvs = seen, fconvs
+        self.waiting: dict[str, tuple[Any, int | None]] = {}  # conv -> (output, its version)
+
+    def add(self, name: str, out: Any) -> None:
+        self.waiting[name] = (out, _version(out))
+        if self.waiting[name][1] is None:  # an inference tensor keeps no version: copy now
+            self.settle()
+
+    def owner(self, t: Any) -> str | None:
+        return next((name for name, (out, _v) in self.waiting.items() if out is t), None)
+
+    def drop(self, name: str) -> None:
+        del self.waiting[name]
+
+    def settle(self, but: Any = None) -> None:
+        """Copy every pending output (but ``but``, which a BatchNorm is about to read)."""
+        for name, (out, version) in list(self.waiting.items()):
+            if out is but:
+                continue
+            del self.waiting[name]
+            s = self.seen[name]
+            if version is not None and _version(out) == version:
+                s.float_output.append(_copy(out))
+            else:  # overwritten in place: the conv computes it again on its input
+                import torch
+
+                conv = self.fconvs[name]
+                with torch.no_grad():
+                    again = conv.forward(torch.from_numpy(s.float_input[-1]).to(
+                        conv.weight.dtype))
+                s.float_output.append(_copy(again))
+
+
+def _version(t: Any) -> int | None:
+    """A tensor's version counter (bumped by every in-place op), None for an inference
+    tensor, which keeps none."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 def _copy(t: Any) -> np.ndarray:
@@ -321,20 +382,15 @@ def _qparams(t: Any, what: str) -> QParams:
 
 
 def _codes(ts: Sequence[Any], keep: int) -> tuple[np.ndarray, QParams]:
-    """The integer codes and qparams of a conv's quantized tensors of every batch (same
-    qparams)."""
+    """The integer codes (in their 8-bit dtype: a quarter of the memory that arithmetic's int32
+    takes) and qparams of a conv's quantized tensors of every batch (same qparams)."""
     qp = _qparams(ts[0], "captured")
     for t in ts[1:]:
         if (float(t.q_scale()), int(t.q_zero_point())) != (qp.scale[0], qp.zero_point[0]):
             raise CaseError("capture_model: a conv's input qparams change between batches")
-    return _first([_int_codes(t, qp) for t in ts], keep), qp
-
-
-def _int_codes(t: Any, qp: QParams) -> np.ndarray:
-    """A quantized tensor's integer codes (``compact_codes``: int32 for 8-bit dtypes)."""
     from ..torch_calls import int_codes
 
-    return compact_codes(int_codes(t), qp)
+    return _first([int_codes(t) for t in ts], keep), qp
 
 
 def _folded(fconv: Any, bn: Any | None) -> tuple[Any, Any]:
@@ -354,15 +410,19 @@ def _folded(fconv: Any, bn: Any | None) -> tuple[Any, Any]:
 def folded_bn(s: _Seen, quantized_model: Any) -> str | None:
     """The BatchNorm that consumed the float conv's output and is gone from the quantized
     model (folded into the quantized conv), if any."""
+
+    return s.bn if s.bn is not None and _gone(quantized_model, s.bn) else None
+
+
+def _gone(quantized_model: Any, bn_name: str) -> bool:
+    """The quantized model has no BatchNorm of this name (or an Identity in its place)."""
     import torch
 
-    if s.bn is None:
-        return None
     try:
-        still = quantized_model.get_submodule(s.bn)
+        still = quantized_model.get_submodule(bn_name)
     except AttributeError:
-        still = None
-    return s.bn if still is None or isinstance(still, torch.nn.Identity) else None
+        return True
+    return isinstance(still, torch.nn.Identity)
 
 
 def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
@@ -414,7 +474,9 @@ def _layer(name: str, fconv: Any, qconv: Any, s: _Seen, keep: int, float_model: 
                         f"on engine {engine} ({str(exc).splitlines()[0]}); quantize and "
                         "capture the model on another engine (x86, fbgemm or onednn)") from None
     w_qp = _qparams(sd_weight, "qconv.weight").with_source("module")
-    module = ModuleState(_int_codes(sd_weight, w_qp), w_qp,
+    from ..torch_calls import int_codes
+
+    module = ModuleState(compact_codes(int_codes(sd_weight), w_qp), w_qp,
                          None if sd_bias is None else sd_bias.detach().float().numpy().copy(),
                          make_qparams([float(qconv.scale)], [float(qconv.zero_point)],
                                       "quint8", None, "qconv", "module"))

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..case import ModuleState, QuantSetup
 from ..errors import CaseError
-from ..quantization.qparams import QParams, compact_codes, make_qparams
+from ..quantization.qparams import QParams, make_qparams
 from .bundle import LayerCapture, ModelBundle
 from .capture import (
     Progress,
@@ -277,7 +277,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
     say(f"running both models on {len(batches)} batch(es), {len(patterns)} quantized convs")
     floats = [p.name for p in patterns if p.float_output]
     run_both(float_model, _runner(converted, patterns, seen, differ), fconvs, seen, batches,
-             limit, [])
+             limit, [], lambda bn: bn not in graph_bns)
     keep, notes = sample_notes(seen, batches, limit)
     notes.append("a PT2E model (torchao convert_pt2e): its convs run as torch.compile with "
                  "freezing runs them, torch.ops.onednn.qconv_pointwise (engine x86_inductor) "
@@ -322,11 +322,10 @@ def _folded_bn(s: _Seen, graph_bns: set[str]) -> str | None:
 
 def _layer(p: ConvPattern, fconv: Any, s: _Seen, keep: int, float_model: Any,
            bn_name: str | None, calibration_range: tuple[float, float] | None) -> LayerCapture:
-    x_codes = compact_codes(np.concatenate([t.numpy() for t in s.qinput])[:keep].astype(
-        np.int64), p.input_qparams)
+    # codes in their 8-bit dtype, as the eager capture keeps them
+    x_codes = np.concatenate([t.numpy() for t in s.qinput])[:keep]
     y_all = np.concatenate([t.numpy() for t in s.qoutput])[:keep]
-    y_codes = (np.ascontiguousarray(y_all, dtype=np.float32) if p.float_output
-               else compact_codes(y_all.astype(np.int64), p.output_qparams))
+    y_codes = np.ascontiguousarray(y_all, dtype=np.float32) if p.float_output else y_all
     module = ModuleState(p.weight_codes, p.weight_qparams.with_source("module"), p.bias,
                          p.output_qparams.with_source("module"))
     setup = QuantSetup(input_qparams=p.input_qparams.with_source("user"), input_codes=x_codes,

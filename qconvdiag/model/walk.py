@@ -52,7 +52,7 @@ from ..quantization.paths import (
     conv_output_qparams,
     holds_float_weight,
 )
-from ..quantization.qparams import QParams, dequantize, dequantize32
+from ..quantization.qparams import QParams, dequantize, dequantize32, wide_codes
 from ..report import Report
 from .bundle import LayerCapture, ModelBundle
 
@@ -245,7 +245,8 @@ def rank(screens: dict[str, Screen]) -> list[str]:
 
 
 def module_spec(case: ConvCase) -> PathSpec:
-    """The quantized module as it is, on the input codes it received."""
+    """The quantized module as it is, on the input codes it received (in the dtype the capture
+    kept them in: what the screen reads of them needs no arithmetic)."""
     s = case.setup
     assert s is not None and s.module is not None and s.input_qparams is not None
     assert s.input_codes is not None
@@ -402,7 +403,8 @@ def torch_check(lay: LayerCapture, engine: str) -> int:
     case = lay.case
     spec = module_spec(case)
     fp32 = lay.output_float32
-    em = emulate(_kernel(case, spec, engine, fp32), spec.input_codes, spec.input_qparams,
+    em = emulate(_kernel(case, spec, engine, fp32),
+                 wide_codes(spec.input_codes, spec.input_qparams), spec.input_qparams,
                  spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
                  spec.output_qparams, case.geometry, case.activation == "relu", fp32)
     if fp32:

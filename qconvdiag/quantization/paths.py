@@ -20,7 +20,7 @@ import numpy as np
 from ..case import ConvCase, ModuleState
 from ..errors import QParamsError, UsageError
 from ..torch_calls import capture_warnings, conv_function
-from .qparams import QParams, compact_codes, per_tensor, quantize
+from .qparams import QParams, compact_codes, per_tensor, quantize, wide_codes
 
 OBSERVERS = ("histogram", "minmax", "moving_average")
 
@@ -110,7 +110,7 @@ def build_as_given(case: ConvCase, production: PathSpec | Callable[[], PathSpec]
         out_qp = per_tensor(1.0, 0, "quint8", "default")
         notes.append("no output scale/zero_point: the quantized module's defaults 1.0 / 0 apply")
     out_qp = conv_output_qparams(out_qp)
-    x_codes = (s.input_codes if s.input_codes is not None
+    x_codes = (wide_codes(s.input_codes, in_qp) if s.input_codes is not None
                else compact_codes(quantize(case.input, in_qp), in_qp))
     if w_codes is None:
         w_codes = compact_codes(quantize(case.weight, w_qp), w_qp)

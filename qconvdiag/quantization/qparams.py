@@ -292,6 +292,14 @@ def compact_codes(codes: np.ndarray, qp: QParams) -> np.ndarray:
     return codes
 
 
+def wide_codes(codes: np.ndarray, qp: QParams) -> np.ndarray:
+    """Codes in a dtype that arithmetic on them may use: ``compact_codes``'s int32, else int64
+    (8-bit codes kept in their own dtype, as a model capture keeps them, are widened: their
+    difference from a zero point would wrap around in uint8)."""
+    c = compact_codes(codes, qp)
+    return c if c.dtype.itemsize >= 4 else c.astype(np.int64)
+
+
 #: Elements quantized per block (the float64 temporaries stay in cache).
 QUANTIZE_BLOCK = 1 << 16
 

@@ -168,6 +168,17 @@ def test_bundle_round_trip(healthy_x86, tmp_path, suffix):  # noqa: ANN001
         qconvdiag.load_case(path)
 
 
+def test_bundle_output_codes_outside_their_dtype_are_refused(healthy_x86, tmp_path):  # noqa: ANN001
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    mapping = bundle_to_mapping(healthy_x86[-2])
+    codes = mapping["layer0.quantized_output"].astype(np.int64)
+    codes.reshape(-1)[0] = 256  # a cast to uint8 would read 0
+    mapping["layer0.quantized_output"] = codes
+    with pytest.raises(QconvdiagError, match="quantized_output must hold integer codes within"):
+        bundle_from_mapping(mapping, "b.npz")
+
+
 def test_case_file_is_not_a_bundle():
     with pytest.raises(QconvdiagError, match="not a model bundle"):
         qconvdiag.load_bundle(SAMPLES / "forum_conv.pt")
