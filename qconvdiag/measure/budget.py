@@ -38,6 +38,7 @@ from ..case import ConvCase
 from ..quantization.paths import PathSpec
 from ..quantization.qparams import QParams
 from ..report import Budget, StageBudget
+from .metrics import Span
 from .stages import StageResult
 
 #: A path whose RMSE is within this factor of its floor is at the floor: nothing to fix.
@@ -88,7 +89,13 @@ def ideal_step(t: np.ndarray, levels: int = 255) -> float:
 def output_span(case: ConvCase, y: np.ndarray) -> tuple[float, float]:
     """The output range good output qparams cover: the float output's, 0 included, and in a
     model walk the float model's output range at this conv (``ConvCase.output_range``)."""
-    lo, hi = (min(float(y.min()), 0.0), max(float(y.max()), 0.0)) if y.size else (0.0, 0.0)
+    return output_span_of(case, *(Span.of(y)[:2]))
+
+
+def output_span_of(case: ConvCase, low: float, high: float) -> tuple[float, float]:
+    """``output_span`` of an output whose smallest and largest value are ``low`` and
+    ``high``."""
+    lo, hi = min(low, 0.0), max(high, 0.0)
     if case.output_range is not None:
         lo, hi = min(lo, case.output_range[0]), max(hi, case.output_range[1])
     return lo, hi
@@ -243,19 +250,20 @@ class Floors:
 
 def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
            emulation: Emulation | None, out_codes: np.ndarray | None = None,
-           input_floor: bool = True) -> Floors:
+           input_floor: bool = True, spans: tuple[Span, Span] | None = None) -> Floors:
     """The floor of every rounding stage; 7-bit activations where the engine pairs int16. With
     a fused ReLU the output is relu(y0): noise passes, and rounding happens, only where it is
     active (its zeros are exact). The output's codes (is it on 128 levels?) come from the
     emulation, or are given (``out_codes``: a model's own output codes). Without
     ``input_floor`` the input's floor is 0 (a model walk's conv: its input is the one it
-    received, not rounded again)."""
+    received, not rounded again). ``spans``: the input's and ``y0``'s, when known already."""
     x = case.input
     relu = case.activation == "relu"
-    y = np.maximum(y0, 0.0) if relu else y0
-    active = float(np.count_nonzero(y0 > 0) / max(y0.size, 1)) if relu else 1.0
-    lo, hi = output_span(case, y)
-    dx8, dy8 = ideal_step(x), (hi - lo) / 255
+    x_span, y_span = spans if spans is not None else (Span.of(x), Span.of(y0))
+    active = y_span.positive / max(y0.size, 1) if relu else 1.0
+    lo, hi = (max(y_span.low, 0.0), max(y_span.high, 0.0)) if relu else y_span[:2]
+    lo, hi = output_span_of(case, lo, hi)
+    dx8, dy8 = x_span.ideal_step(), (hi - lo) / 255
     in_ratio = _step(spec.input_qparams) / dx8 if dx8 > 0 else 1.0
     out_qp = spec.output_qparams
     out_ratio = _step(out_qp) / dy8 if dy8 > 0 else 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 import numpy as np
@@ -66,27 +66,104 @@ def difference(approximation: np.ndarray, reference: np.ndarray) -> Difference:
     a = np.ascontiguousarray(approximation, dtype=np.float32).reshape(-1)
     r = np.ascontiguousarray(reference, dtype=np.float32).reshape(-1)
 
-    def work(parts: list[slice]) -> tuple[float, float, float]:
-        ee = rr = top = 0.0
-        e32 = np.empty(CHUNK, dtype=np.float32)
-        buf = _scratch(2 * CHUNK)
-        e64, r64 = buf[:CHUNK], buf[CHUNK:]
+    def work(parts: list[slice]) -> DifferenceSums:
+        sums = DifferenceSums()
         for sl in parts:
-            k = sl.stop - sl.start
-            e = np.subtract(a[sl], r[sl], out=e32[:k])
-            e64[:k], r64[:k] = e, r[sl]
-            ee += float(np.dot(e64[:k], e64[:k]))
-            rr += float(np.dot(r64[:k], r64[:k]))
-            top = max(top, float(e.max()), -float(e.min()))
-        return ee, rr, top
+            sums.add(a[sl], r[sl])
+        return sums
 
-    parts = over_chunks(r.size, work)
-    ee, rr = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    top = max(p[2] for p in parts)
-    if ee == 0:
-        return Difference(None, 0.0, 0.0)
-    return Difference(10.0 * math.log10(rr / ee) if rr > 0 else None,
-                      math.sqrt(ee / max(r.size, 1)), top)
+    return DifferenceSums.merged(over_chunks(r.size, work)).difference()
+
+
+class Span(NamedTuple):
+    """An array's smallest and largest value and how many of its values are positive."""
+
+    low: float
+    high: float
+    positive: int
+
+    def ideal_step(self, levels: int = 255) -> float:
+        """``budget.ideal_step`` of the array: minmax affine qparams' step, 0 in the range."""
+        return (max(self.high, 0.0) - min(self.low, 0.0)) / levels
+
+    @staticmethod
+    def of(a: np.ndarray) -> Span:
+        if a.size == 0:
+            return Span(0.0, 0.0, 0)
+        return Span(float(a.min()), float(a.max()), int(np.count_nonzero(a > 0)))
+
+
+def fused_pass(approximation: Callable[[slice], np.ndarray], references: Sequence[np.ndarray],
+               spans: Sequence[np.ndarray]) -> tuple[list[Difference], list[Span]]:
+    """One pass over arrays of one shape, chunk by chunk: ``difference`` of the approximation
+    (float32 values of the flat chunk ``approximation(slice)``) against each reference, and the
+    ``Span`` of each array in ``spans``; the same numbers as those functions, each array read
+    once (a model walk's screen: its passes go through memory once instead of five times).
+    At least one reference."""
+    refs = [np.ascontiguousarray(r, dtype=np.float32).reshape(-1) for r in references]
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in spans]
+    n = refs[0].size
+
+    def work(parts: list[slice]) -> tuple[list[DifferenceSums], list[list[float]]]:
+        sums = [DifferenceSums() for _ in refs]
+        found = [[math.inf, -math.inf, 0] for _ in flat]
+        for sl in parts:
+            a = approximation(sl)
+            for s, r in zip(sums, refs):
+                s.add(a, r[sl])
+            for f, v in zip(found, flat):
+                c = v[sl]
+                f[0], f[1] = min(f[0], float(c.min())), max(f[1], float(c.max()))
+                f[2] += int(np.count_nonzero(c > 0))
+        return sums, found
+
+    parts = over_chunks(n, work) if n else []
+    diffs = [DifferenceSums.merged([p[0][i] for p in parts]).difference()
+             for i in range(len(refs))] if parts else [Difference(None, 0.0, 0.0)] * len(refs)
+    out = []
+    for i in range(len(flat)):
+        if not parts:
+            out.append(Span(0.0, 0.0, 0))
+            continue
+        f = [p[1][i] for p in parts]
+        out.append(Span(min(x[0] for x in f), max(x[1] for x in f), sum(int(x[2]) for x in f)))
+    return diffs, out
+
+
+class DifferenceSums:
+    """``difference``'s sums, fed chunk by chunk (float32 chunks of at most CHUNK elements,
+    on one thread per instance)."""
+
+    __slots__ = ("n", "ee", "rr", "top")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.ee = self.rr = self.top = 0.0
+
+    def add(self, a: np.ndarray, r: np.ndarray) -> None:
+        k = r.size
+        e = np.subtract(a, r, out=_scratch32(k))
+        buf = _scratch(2 * CHUNK)
+        e64, r64 = buf[:k], buf[CHUNK:CHUNK + k]
+        e64[:], r64[:] = e, r
+        self.n += k
+        self.ee += float(np.dot(e64, e64))
+        self.rr += float(np.dot(r64, r64))
+        self.top = max(self.top, float(e.max()), -float(e.min()))
+
+    @staticmethod
+    def merged(parts: list[DifferenceSums]) -> DifferenceSums:
+        out = DifferenceSums()
+        out.n = sum(p.n for p in parts)
+        out.ee, out.rr = sum(p.ee for p in parts), sum(p.rr for p in parts)
+        out.top = max(p.top for p in parts)
+        return out
+
+    def difference(self) -> Difference:
+        if self.ee == 0:
+            return Difference(None, 0.0, 0.0)
+        return Difference(10.0 * math.log10(self.rr / self.ee) if self.rr > 0 else None,
+                          math.sqrt(self.ee / max(self.n, 1)), self.top)
 
 
 def accumulate(error: Callable[[slice], np.ndarray], reference: np.ndarray
@@ -119,6 +196,14 @@ def _scratch(n: int) -> np.ndarray:
     buf = getattr(_LOCAL, "buf", None)
     if buf is None or buf.size < n:
         buf = _LOCAL.buf = np.empty(max(n, CHUNK), dtype=np.float64)
+    return buf[:n]
+
+
+def _scratch32(n: int) -> np.ndarray:
+    """A float32 buffer of n <= CHUNK elements owned by the calling thread."""
+    buf = getattr(_LOCAL, "buf32", None)
+    if buf is None:
+        buf = _LOCAL.buf32 = np.empty(CHUNK, dtype=np.float32)
     return buf[:n]
 
 

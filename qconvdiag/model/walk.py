@@ -2,9 +2,11 @@
 
 Every captured conv is *screened*: its own error (its quantized output, as the quantized model
 computed it, against the float conv on the input it really received), its propagated error
-(against the float model's output at that point), the torch check (the emulation of the module
-on its captured input against the codes the model computed) and its floor (budget.py). The
-screen costs one float conv and one emulation per layer: no stage ladder.
+(against the float model's output at that point) and its floor (budget.py). The screen costs
+one float conv per layer and one pass over its output and its input: no stage ladder, no
+emulation. The torch check (the emulation of the module on its captured input against the codes
+the model computed) comes with a layer's diagnosis, or on every layer with ``--torch-check
+all``.
 
 A layer above its floor gets the judged path's diagnosis (as_given alone: the module as it is),
 for its findings and its stage ladder. A layer at its floor gets none: findings fire only on
@@ -33,9 +35,9 @@ from ..case import ConvCase
 from ..diagnosis import Diagnosis, Options, layer_kernel, run_diagnosis
 from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
-from ..measure.budget import AT_FLOOR, FAR, SLACK, floors, ideal_step
+from ..measure.budget import AT_FLOOR, FAR, SLACK, floors
 from ..measure.evidence import exec_weight_qparams
-from ..measure.metrics import chunked_energy, difference
+from ..measure.metrics import chunked_energy, fused_pass
 from ..model_report import (
     ErrorSummary,
     LayerBreach,
@@ -276,33 +278,36 @@ def float_conv(case: ConvCase) -> np.ndarray:
                  None if case.bias is None else torch.from_numpy(case.bias), list(g.stride),
                  list(g.padding), list(g.dilation), g.groups)
         if case.activation == "relu":
-            y = torch.relu(y)
+            torch.relu_(y)
     return y.numpy()
 
 
 def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     """Own and propagated error, floor and verdict, and the dominant stage estimated from the
-    output codes: one float32 conv and a few passes over the output."""
+    output codes: one float32 conv, one pass over the output and one over the input
+    (``metrics.fused_pass``)."""
     case = lay.case
     spec = module_spec(case)
     y = float_conv(case)
     fp32 = lay.output_float32
-    quantized = (lay.quantized_output if fp32
-                 else dequantize32(lay.quantized_output, lay.quantized_output_qparams))
-    own = summarize(quantized, y)
-    propagated = summarize(quantized, lay.float_output)
+    (own_d, propagated_d), (y_span,) = fused_pass(_output_values(lay), (y, lay.float_output),
+                                                  (y,))
+    x = np.ascontiguousarray(case.input).reshape(-1)
+    (received_d,), (x_span, float_x_span) = fused_pass(lambda sl: x[sl], (lay.float_input,),
+                                                       (case.input, lay.float_input))
+    own, propagated, received = (ErrorSummary(*d) for d in (own_d, propagated_d, received_d))
     f = floors(case, spec, _kernel(case, spec, engine, fp32), y, None,
-               np.empty(0, dtype=np.int64) if fp32 else lay.quantized_output, input_floor=False)
+               np.empty(0, dtype=np.int64) if fp32 else lay.quantized_output, input_floor=False,
+               spans=(x_span, y_span))
     # a float32 output is not rounded to a step: its floor is the weight's and the bias's
     floor = math.sqrt(f.energy - f.stages["output_rounding"] if fp32 else f.energy)
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
     dominant = (weight_dominant(case, spec, own.rmse) if fp32 else
-                dominant_stage(case, spec, lay.quantized_output, quantized, y,
-                               own.rmse ** 2 * y.size))
-    received = summarize(case.input, lay.float_input)
-    input_floor = ideal_step(lay.float_input) / math.sqrt(12)
+                dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
+                               y_span.positive))
+    input_floor = float_x_span.ideal_step() / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
     in_qp = spec.input_qparams
@@ -310,26 +315,33 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant)
 
 
-def summarize(approximation: np.ndarray, reference: np.ndarray) -> ErrorSummary:
-    """SQNR, RMSE and max |error| of ``approximation`` against ``reference``
-    (``metrics.difference``: the ladder's metrics, in one lean pass)."""
-    m = difference(approximation, reference)
-    return ErrorSummary(m.sqnr_db, m.rmse, m.max_abs)
+def _output_values(lay: LayerCapture) -> Callable[[slice], np.ndarray]:
+    """The layer's quantized output as float32 values, a flat chunk at a time (its codes
+    dequantized as ``tensor.dequantize()`` does; a float32 output as it is)."""
+    flat = np.ascontiguousarray(lay.quantized_output).reshape(-1)
+    qp = lay.quantized_output_qparams
+    if lay.output_float32:
+        return lambda sl: flat[sl]
+    if qp.per_channel:  # not a conv's output: dequantized whole, the channel axis known
+        whole = dequantize32(lay.quantized_output, qp).reshape(-1)
+        return lambda sl: whole[sl]
+    return lambda sl: dequantize32(flat[sl], qp)
 
 
 def _energy(v: np.ndarray) -> float:
     return chunked_energy(lambda sl: v[sl], v.size)
 
 
-def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized: np.ndarray,
-                   y: np.ndarray, own_energy: float) -> str | None:
+def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, y: np.ndarray,
+                   own_energy: float, positive: int) -> str | None:
     """The stage that adds most of the own error, estimated from the output codes (a layer
     above its floor gets the stage ladder's answer instead). Outputs pinned at a limit of the
     output dtype while the float output lies beyond it are clipped: their error is the
     clipping's; elsewhere output rounding adds step^2 / 12 per output it lets through, and what
     the error has beyond that is the weight's (split between its clipping and its rounding, or
     the module's state when its weight is not the float weight quantized). The input stages
-    add nothing: the input is the one received. ``own_energy``: sum((quantized - y)^2)."""
+    add nothing: the input is the one received. ``own_energy``: sum((quantized - y)^2);
+    ``positive``: how many of ``y`` are above 0."""
     qp = spec.output_qparams
     s, zp = float(qp.scale[0]), int(qp.zero_point[0])
     c, yf = codes.reshape(-1), y.reshape(-1)
@@ -337,10 +349,10 @@ def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, quantized:
     if case.activation != "relu":  # a ReLU's zeros are its own clamp
         clipped = np.concatenate(
             [clipped, _beyond(c, yf, qp.dtype_min, (qp.dtype_min - zp - 0.5) * s, above=False)])
-    e_clipped = quantized.reshape(-1)[clipped] - yf[clipped]
+    e_clipped = dequantize32(c[clipped], qp) - yf[clipped]
     at_limit = _energy(e_clipped)
     rest = max(own_energy - at_limit, 0.0)
-    passed = (int(np.count_nonzero(yf > 0)) - int(np.count_nonzero(yf[clipped] > 0))
+    passed = (positive - int(np.count_nonzero(yf[clipped] > 0))
               if case.activation == "relu" else yf.size - clipped.size)
     rounding = min(rest, passed * s * s / 12)
     energy = {"output_clipping": at_limit, "output_rounding": rounding}

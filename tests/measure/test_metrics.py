@@ -54,3 +54,26 @@ def test_difference_gives_the_metrics_of_the_float32_difference() -> None:
         assert math.isclose(getattr(got, field), getattr(want, field), rel_tol=1e-12), field
     assert difference(b, b) == (None, 0.0, 0.0)  # exact: no error, no SQNR
     assert difference(np.zeros(5, np.float32), np.ones(5, np.float32)).max_abs == 1.0
+
+
+def test_fused_pass_gives_the_numbers_of_separate_passes() -> None:
+    """One pass over the chunks gives what difference() and the arrays' min, max and positive
+    count give, to the bit (same chunks, same sums)."""
+    from qconvdiag.measure.metrics import Span, difference, fused_pass
+    from qconvdiag.quantization.qparams import dequantize32, per_tensor
+
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, size=(2, 3, 150, 151), dtype=np.uint8)  # chunks and a tail
+    qp = per_tensor(0.05, 128, "quint8", "test")
+    q = dequantize32(codes, qp)
+    y = (q + rng.normal(scale=0.02, size=q.shape)).astype(np.float32)
+    model = (q + rng.normal(scale=0.1, size=q.shape)).astype(np.float32)
+    flat = codes.reshape(-1)
+    diffs, spans = fused_pass(lambda sl: dequantize32(flat[sl], qp), (y, model), (y, codes))
+    assert diffs == [difference(q, y), difference(q, model)]
+    for got, a in zip(spans, (y, codes)):
+        assert got == Span(float(a.min()), float(a.max()), int(np.count_nonzero(a > 0)))
+    assert Span(-2.0, 3.1, 1).ideal_step() == (3.1 + 2.0) / 255
+    empty = np.zeros((0, 4), np.float32)
+    assert fused_pass(lambda sl: empty.reshape(-1)[sl], (empty,), (empty,)) == (
+        [(None, 0.0, 0.0)], [Span(0.0, 0.0, 0)])

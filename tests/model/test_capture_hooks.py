@@ -1,0 +1,68 @@
+"""The capture's hooks keep each float conv's output as the float model computed it, copying it
+only when no folded BatchNorm takes its place, whatever in-place op comes next."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qconvdiag.model.capture import _Seen, run_both
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, after: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(4, 4, 1)
+        self.after = after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.after == "bn":
+            y = self.bn(y)
+        elif self.after == "relu_module":
+            y = self.relu(y)
+        elif self.after == "inplace_op":
+            y += 1.0  # between modules: no hook sees it
+        return self.conv2(y)
+
+
+def _run(after: str, folded: bool) -> tuple[_Seen, torch.Tensor, np.ndarray]:
+    net = _Net(after).eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    seen = {"conv": _Seen()}
+
+    def quantized_side(_batch: torch.Tensor) -> None:  # what the quantized model's hooks add
+        seen["conv"].qinput.append(torch.zeros(1))
+        seen["conv"].qoutput.append(torch.zeros(1))
+
+    run_both(net, quantized_side, {"conv": net.conv}, seen, [x], 10**9, [], lambda _bn: folded)
+    with torch.no_grad():
+        want = net.conv(x)
+        bn = net.bn(want).numpy()
+    return seen["conv"], want, bn
+
+
+@pytest.mark.parametrize("after", ["relu_module", "inplace_op", "none"])
+def test_a_conv_output_is_kept_before_an_in_place_op_changes_it(after: str) -> None:
+    s, want, _bn = _run(after, folded=False)
+    assert s.bn is None and len(s.float_output) == 1
+    np.testing.assert_array_equal(s.float_output[0], want.numpy())
+
+
+def test_a_folded_batchnorm_stands_for_its_conv_output() -> None:
+    s, _want, bn = _run("bn", folded=True)
+    assert s.bn == "bn" and s.float_output == []  # not copied: the BatchNorm's output stands
+    np.testing.assert_array_equal(s.bn_output[0], bn)
+
+
+def test_a_batchnorm_kept_in_the_quantized_model_keeps_the_conv_output() -> None:
+    s, want, bn = _run("bn", folded=False)
+    np.testing.assert_array_equal(s.float_output[0], want.numpy())
+    np.testing.assert_array_equal(s.bn_output[0], bn)
