@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .report import SCHEMA_VERSION, CpuInfo, Report, _jsonable
+from .report import SCHEMA_VERSION, CpuInfo, Finding, Report, _jsonable
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,8 @@ class ModelReport:
     notes: tuple[str, ...] = ()
     upstream: tuple[UpstreamLoss, ...] = ()
     """Convs whose input lost more than the convs before them explain."""
+    findings: tuple[Finding, ...] = ()
+    """Findings about the model as a whole (how it was compiled: model/compiled.py)."""
 
     def shared_cause(self) -> tuple[LayerFinding, int] | None:
         """A finding that is the first serious one (warning or error) of at least half the convs
@@ -211,4 +213,5 @@ class ModelReport:
             "gate": self.gate.to_dict(),
             "notes": list(self.notes),
             "upstream": [_jsonable(u.to_dict()) for u in self.upstream],
+            "findings": [f.to_dict() for f in self.findings],
         }

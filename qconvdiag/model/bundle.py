@@ -24,6 +24,7 @@ import numpy as np
 from ..case import ConvCase
 from ..errors import CaseFileError
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
+from .compiled import CompiledWith
 
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
@@ -72,6 +73,9 @@ class ModelBundle:
     """torch's quantized engine when the model was captured (the kernels that ran it)."""
     source: str = ""
     notes: tuple[str, ...] = ()
+    compiled: CompiledWith | None = None
+    """How ``torch.compile`` compiled the model given to ``capture_model`` (None: it was not
+    a compiled module)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -124,6 +128,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                                               else list(lay.calibration_range)),
                         **({"output": "float32"} if lay.output_float32 else {})}
                        for lay in bundle.layers]}
+    if bundle.compiled is not None:
+        meta["compiled"] = bundle.compiled.to_dict()
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -191,8 +197,10 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
             output_float32=as_float))
+    compiled = meta.get("compiled")
     return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
-                       tuple(str(n) for n in meta.get("notes") or ()))
+                       tuple(str(n) for n in meta.get("notes") or ()),
+                       None if compiled is None else CompiledWith.from_mapping(compiled, source))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

@@ -34,6 +34,7 @@ from .bundle import (
     save_bundle,
     with_model_range,
 )
+from .compiled import CompiledWith
 
 Progress = Callable[[str], None]
 
@@ -49,7 +50,8 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     each conv's output range, against which its output scale is judged (without them, the
     range of ``inputs`` only, judged leniently: ``budget.SAMPLE_RANGE``). ``quantized_model``
     may be a ``convert_pt2e`` GraphModule (torchao's PT2E flow; pt2e_capture.py): its convs
-    then run on engine ``x86_inductor``. Example::
+    then run on engine ``x86_inductor``. It may be what ``torch.compile`` returned: the model
+    it wraps is captured, and how it was compiled kept (compiled.py). Example::
 
         qconvdiag.capture_model(model, quantized, [x1, x2], path="model.pt",
                                 calibration=calibration_batches)
@@ -68,11 +70,13 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         raise CaseError("capture_model: the float model is in training mode (BatchNorm would "
                         "update its statistics): call float_model.eval() first")
     batches = _batches(inputs)
+    from .compiled import unwrap
     from .pt2e_capture import capture_pt2e, is_pt2e_graph
 
+    quantized_model, compiled = unwrap(quantized_model)
     if is_pt2e_graph(quantized_model):
         return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
-                            say)
+                            say, compiled)
     pairs = _conv_pairs(float_model, quantized_model)
     if not pairs:
         raise CaseError("capture_model: the quantized model holds no quantized conv "
@@ -95,7 +99,10 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
 
     with capture_warnings():
         engine = torch.backends.quantized.engine
-    return finish_bundle(layers, engine, path, notes)
+    if compiled is not None:
+        notes.append(f"captured the model torch.compile wraps (backend {compiled.backend}), "
+                     "as its eager run computes it")
+    return finish_bundle(layers, engine, path, notes, compiled)
 
 
 def sample_notes(seen: dict[str, _Seen], batches: list[Any], limit: int
@@ -126,9 +133,11 @@ def output_ranges(float_model: Any, points: dict[str, tuple[Any, bool]], calibra
 
 
 def finish_bundle(layers: list[LayerCapture], engine: str,
-                  path: str | os.PathLike[str] | None, notes: list[str]) -> ModelBundle:
+                  path: str | os.PathLike[str] | None, notes: list[str],
+                  compiled: CompiledWith | None = None) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
-    bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes))
+    bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
+                         compiled)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

@@ -29,6 +29,7 @@ add itself is not modelled (the graph's add runs on the kernel's float32 output 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from .capture import (
     run_both,
     sample_notes,
 )
+from .compiled import CompiledWith
 
 ENGINE = "x86_inductor"
 #: The output qparams inductor passes qconv_pointwise for a float32 output (scale 1.0, zero
@@ -253,7 +255,7 @@ def _runner(model: Any, patterns: list[ConvPattern], seen: dict[str, _Seen],
 
 def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: int,
                  path: str | os.PathLike[str] | None, calibration: Any,
-                 say: Progress) -> ModelBundle:
+                 say: Progress, compiled: CompiledWith | None = None) -> ModelBundle:
     """``capture_model`` of a ``convert_pt2e`` GraphModule (see the module's docstring)."""
     import torch
 
@@ -296,7 +298,9 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
             say(f"capturing {p.name}")
             layers.append(_layer(p, fconvs[p.name], seen[p.name], keep, float_model,
                                  bns[p.name], ranges.get(p.name)))
-    return finish_bundle(layers, ENGINE, path, notes)
+    if compiled is not None:  # what the compiled model computes, if it runs the Q/DQ graph
+        compiled = dataclasses.replace(compiled, qdq_differ=differ[1], qdq_outputs=differ[0])
+    return finish_bundle(layers, ENGINE, path, notes, compiled)
 
 
 def _float_conv(float_model: Any, p: ConvPattern) -> Any:

@@ -55,8 +55,9 @@ from ..quantization.paths import (
     holds_float_weight,
 )
 from ..quantization.qparams import QParams, dequantize, dequantize32, wide_codes
-from ..report import Report
+from ..report import Finding, Report
 from .bundle import LayerCapture, ModelBundle
+from .compiled import CODE, qcd063
 
 Progress = Callable[[str], None]
 
@@ -165,7 +166,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
             checks[lay.name] = torch_check(lay, engine)
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name)) for lay in bundle.layers)
-    gate = _gate(rows, options)
+    compiled = qcd063(bundle.compiled, engine in PT2E_ENGINES)
+    model_findings = (compiled,) if compiled is not None and CODE not in options.ignore else ()
+    gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)
     version_note = unverified_torch_note(torch.__version__)
     if version_note is not None:
@@ -176,7 +179,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
         status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
         upstream=upstream_losses([lay.name for lay in bundle.layers], screens,
-                                 engine in PT2E_ENGINES))
+                                 engine in PT2E_ENGINES), findings=model_findings)
     return ModelDiagnosis(report, diagnoses)
 
 
@@ -469,8 +472,14 @@ def ladder_dominant(report: Report) -> str | None:
     return max(shares)[1] if shares else None
 
 
-def _gate(rows: tuple[LayerRow, ...], options: WalkOptions) -> ModelGate:
-    breaches = []
+#: The gate's name for a breach by a finding about the whole model.
+MODEL = "(model)"
+
+
+def _gate(rows: tuple[LayerRow, ...], options: WalkOptions,
+          model_findings: tuple[Finding, ...] = ()) -> ModelGate:
+    breaches = [LayerBreach(MODEL, f"{f.code} ({f.severity}): {f.title}")
+                for f in model_findings if f.severity in LEVELS[options.fail_on]]
     for row in rows:
         sqnr = row.own.sqnr_db
         if options.fail_under_sqnr is not None and sqnr is not None \

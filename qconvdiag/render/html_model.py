@@ -11,7 +11,7 @@ from ..model.walk import ModelDiagnosis
 from ..model_report import LayerRow, ModelReport
 from ..numbers import table_number
 from . import html_charts as charts
-from .html import Page, _table, conv_sections
+from .html import Page, _table, conv_sections, finding_block
 from .rich_model import (
     conv_text,
     floor_ratio_text,
@@ -57,6 +57,7 @@ def story(report: ModelReport) -> str:
     if shared is not None:
         parts.append(f'<p class="sev-error">{escape(shared)}</p>')
     parts += [f'<p class="sev-warning">{escape(u.message)}</p>' for u in report.upstream]
+    parts += [finding_block(f, None, "model-") for f in report.findings]
     parts.append(f'<p class="note">{escape(torch_sentence(report))}</p>')
     parts += [f'<p class="note">note: {escape(n)}</p>' for n in report.notes]
     return "".join(parts)

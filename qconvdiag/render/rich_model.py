@@ -12,7 +12,7 @@ from rich.text import Text
 from ..arithmetic.engines import PT2E_ENGINES
 from ..model_report import ErrorSummary, LayerRow, ModelReport
 from ..numbers import table_number as _num
-from .rich_report import SEVERITY_STYLE, STATUS_WORDS, render_rich
+from .rich_report import SEVERITY_STYLE, STATUS_WORDS, finding_block, render_rich
 from .text import hanging
 
 
@@ -168,6 +168,9 @@ def render_model(report: ModelReport, console: Console | None = None,
         hanging(console, shared, style=SEVERITY_STYLE["error"])
     for loss in report.upstream:
         hanging(console, loss.message, style=SEVERITY_STYLE["warning"])
+    for f in report.findings:  # about the whole model
+        console.print()
+        finding_block(console, f)
     console.print()
     console.print(layer_table(report, console.width))
     hanging(console, legend(console.width), style="dim")

@@ -1,0 +1,177 @@
+"""A convert_pt2e model given to capture_model as torch.compile returned it: what it wraps is
+captured, how it was compiled is kept in the bundle, and QCD063 names a compile that keeps the
+int8 kernels from running (inductor without freezing, or another backend). Its fix runs, and
+the claims it rests on are checked against torch.compile itself."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from importlib import resources
+
+import jsonschema
+import pytest
+import torch
+
+import qconvdiag
+from qconvdiag.errors import CaseFileError
+from qconvdiag.findings import CODES, MODEL_CODES
+from qconvdiag.io import BUNDLE_KEY
+from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping, save_bundle
+from qconvdiag.model.compiled import CODE, FIX, CompiledWith
+from qconvdiag.model.walk import WalkOptions, walk_model
+from tests import models as models_of_eager_flow
+from tests.model.test_pt2e_model import build
+
+
+@pytest.fixture(scope="module")
+def models():  # noqa: ANN201
+    return build()
+
+
+@pytest.fixture(autouse=True)
+def _inductor_config():  # noqa: ANN202
+    """Every test starts with freezing off and leaves it as it was, and no compiled code
+    behind (torch's config module is assigned, not monkeypatched: monkeypatch's undo deletes
+    an attribute the module serves through __getattr__)."""
+    before = torch._inductor.config.freezing
+    torch._inductor.config.freezing = False
+    yield
+    torch._inductor.config.freezing = before
+    torch._dynamo.reset()
+
+
+def _walk(models, compiled, **options):  # noqa: ANN001, ANN003, ANN202
+    model, _converted, batches = models
+    bundle = qconvdiag.capture_model(model, compiled, batches[:1])
+    return bundle, walk_model(bundle, WalkOptions(top=0, **options)).report
+
+
+def test_compiled_without_freezing_is_named_with_its_numbers(models):  # noqa: ANN001
+    bundle, report = _walk(models, torch.compile(models[1]), fail_on="warning")
+    c = bundle.compiled
+    assert c is not None and (c.backend, c.freezing_option, c.freezing_config) == (
+        "inductor", None, False)
+    assert c.qdq_outputs == sum(lay.quantized_output.size for lay in bundle.layers
+                                if not lay.output_float32)
+    (f,) = report.findings
+    assert (f.code, f.severity) == (CODE, "warning")
+    assert (f"{c.qdq_differ:,} of {c.qdq_outputs:,} output codes" if c.qdq_differ
+            else f"none of the {c.qdq_outputs:,} output codes") in f.message
+    assert "freezing off" in f.message and f.fix == FIX
+    assert [b.layer for b in report.gate.breaches] == ["(model)"]
+    assert report.status == "fail"
+    schema = json.loads(resources.files("qconvdiag").joinpath(
+        "report.schema.json").read_text())
+    jsonschema.validate(json.loads(json.dumps(report.to_dict())), schema)
+    # the same layers as the graph captured as it is: the wrapper changes nothing else
+    plain = walk_model(qconvdiag.capture_model(models[0], models[1], models[2][:1]),
+                       WalkOptions(top=0)).report
+    assert [r.to_dict() for r in report.layers] == [r.to_dict() for r in plain.layers]
+    assert plain.findings == ()
+    from qconvdiag.render.html_model import render_model_html
+
+    page = render_model_html(walk_model(bundle, WalkOptions(top=0)))
+    assert f'id="model-{CODE}"' in page and "compiled without freezing" in page
+
+
+def test_freezing_on_or_ignored_is_quiet(models):  # noqa: ANN001
+    assert _walk(models, torch.compile(models[1], options={"freezing": True}))[1].findings == ()
+    assert _walk(models, torch.compile(models[1]), ignore=(CODE,))[1].findings == ()
+    torch._inductor.config.freezing = True
+    assert _walk(models, torch.compile(models[1]))[1].findings == ()
+    # the option overrides the config
+    (f,) = _walk(models, torch.compile(models[1], options={"freezing": False}))[1].findings
+    assert "options={'freezing': False}" in f.message
+
+
+def test_another_backend_is_named(models):  # noqa: ANN001
+    (f,) = _walk(models, torch.compile(models[1], backend="aot_eager"))[1].findings
+    assert "backend 'aot_eager'" in f.message
+
+
+def test_a_compiled_eager_model_is_captured_without_a_finding():
+    engine = torch.backends.quantized.engine
+    model, quantized = models_of_eager_flow.eager("x86")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bundle = qconvdiag.capture_model(model, torch.compile(quantized),
+                                             models_of_eager_flow.inputs(2, 8, 7))
+    finally:
+        torch.backends.quantized.engine = engine
+    assert bundle.compiled is not None and bundle.compiled.backend == "inductor"
+    assert any("torch.compile wraps" in n for n in bundle.notes)
+    assert walk_model(bundle, WalkOptions(top=0)).report.findings == ()
+
+
+def test_the_bundle_keeps_how_the_model_was_compiled(models, tmp_path):  # noqa: ANN001
+    bundle, _report = _walk(models, torch.compile(models[1]))
+    for suffix in (".pt", ".safetensors"):
+        path = save_bundle(bundle, tmp_path / f"b{suffix}")
+        assert qconvdiag.load_bundle(path).compiled == bundle.compiled
+    mapping = bundle_to_mapping(bundle)
+    mapping[BUNDLE_KEY]["compiled"] = {
+        "backend": "inductor", "freezing_option": "yes", "freezing_config": False}
+    with pytest.raises(CaseFileError, match="'compiled' must hold"):
+        bundle_from_mapping(mapping, "b.pt")
+    assert CompiledWith.from_mapping(bundle.compiled.to_dict(), "b") == bundle.compiled
+
+
+def test_qcd063_is_a_code_ignore_accepts(tmp_path, models):  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from qconvdiag.cli import app
+
+    assert MODEL_CODES == (CODE,) and CODE in CODES
+    path = tmp_path / "compiled.pt"
+    qconvdiag.capture_model(models[0], torch.compile(models[1]), models[2][:1], path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["explain", str(path), "--top", "0", "--fail-on", "warning"])
+    assert r.exit_code == 1 and CODE in r.stdout
+    r = runner.invoke(app, ["explain", str(path), "--top", "0", "--fail-on", "warning",
+                            "--ignore", CODE])
+    assert r.exit_code == 0 and CODE not in r.stdout
+
+
+# torch's and torchao's own deprecation notices are theirs, not the test's subject
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_the_claims_and_the_fix(models):  # noqa: ANN001
+    """Compiled without freezing, the model runs float32 convs (aten.mkldnn_convolution), no
+    int8 kernel; QCD063's fix, pasted after it, compiles it with freezing: then it runs
+    onednn.qconv_pointwise and computes, bit for bit, what torchao's lowering of the graph to
+    that kernel computes."""
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+    _model, converted, batches = models
+    x = batches[0]
+    with torch.no_grad():
+        kernel = lower_pt2e_quantized_to_x86(converted, (x,))(x)
+    assert _convs_run(torch.compile(converted), x) == {"aten::mkldnn_convolution"}
+    scope = {"torch": torch, "converted": converted, "x": x}
+    exec(compile(FIX, "QCD063 fix", "exec"), scope)
+    assert torch._inductor.config.freezing
+    assert torch.equal(scope["y"], kernel)
+    assert _convs_run(scope["compiled"], x) == {"onednn::qconv_pointwise"}
+
+
+def _convs_run(compiled, x: torch.Tensor) -> set[str]:  # noqa: ANN001
+    """The conv ops a (compiled) model runs on ``x``: torch's profiler's names."""
+    with torch.no_grad():
+        compiled(x)  # compiles, if not yet
+        with torch.profiler.profile() as prof:
+            compiled(x)
+    names = {e.key for e in prof.key_averages() if "conv" in e.key.lower()}
+    return {n for n in names if n not in ("aten::convolution", "aten::_convolution")}
+
+
+def test_qcd063_fires_on_a_pt2e_model_whose_int8_kernels_do_not_run():
+    from qconvdiag.model.compiled import qcd063
+
+    f = qcd063(CompiledWith("inductor", None, False, 5, 100), pt2e=True)
+    assert f is not None and "they differ on 5 of 100 output codes" in f.message
+    assert qcd063(CompiledWith("inductor", None, False, 5, 100), pt2e=False) is None
+    assert qcd063(CompiledWith("inductor", True, False), pt2e=True) is None
+    assert qcd063(CompiledWith("inductor", None, True), pt2e=True) is None
+    assert qcd063(CompiledWith("inductor", False, True), pt2e=True) is not None
+    assert qcd063(CompiledWith("eager", None, True), pt2e=True) is not None
