@@ -78,6 +78,10 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
                             say, compiled)
     pairs = _conv_pairs(float_model, quantized_model)
+    if not pairs and isinstance(quantized_model, torch.fx.GraphModule):
+        raise CaseError("capture_model: the quantized model is a graph without quantize or "
+                        "dequantize nodes: its quantizer left every conv in float "
+                        "(X86InductorQuantizer quantizes conv1d and conv2d, not conv3d)")
     if not pairs:
         raise CaseError("capture_model: the quantized model holds no quantized conv "
                         "(torch.ao.nn.quantized Conv1d/2d/3d, ConvReLU)")

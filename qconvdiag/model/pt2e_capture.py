@@ -281,12 +281,14 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
     run_both(float_model, _runner(converted, patterns, seen, differ), fconvs, seen, batches,
              limit, [], lambda bn: bn not in graph_bns)
     keep, notes = sample_notes(seen, batches, limit)
+    compared = (f"the eager Q/DQ graph (an fp32 conv on dequantized values) gives "
+                f"{differ[1]:,} of these {differ[0]:,} output codes differently" if differ[0]
+                else "no conv outputs codes to compare with the eager Q/DQ graph's")
     notes.append("a PT2E model (torchao convert_pt2e): its convs run as torch.compile with "
                  "freezing runs them, torch.ops.onednn.qconv_pointwise (engine x86_inductor) "
-                 "on the codes they received; the eager Q/DQ graph (an fp32 conv on "
-                 f"dequantized values) gives {differ[1]:,} of these {differ[0]:,} output codes "
-                 "differently" + (f" ({len(floats)} conv(s) output float32, not codes: "
-                                  + ", ".join(floats) + ")" if floats else ""))
+                 f"on the codes they received; {compared}"
+                 + (f" ({len(floats)} conv(s) output float32, not codes: "
+                    + ", ".join(floats) + ")" if floats else ""))
     notes.extend(skipped)
     bns = {p.name: _folded_bn(seen[p.name], graph_bns) for p in patterns}
     points = {p.name: (fconvs[p.name] if bns[p.name] is None

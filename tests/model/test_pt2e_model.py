@@ -297,3 +297,35 @@ def test_without_torchao_one_line_names_the_extra(captured, monkeypatch):  # noq
     assert r.stderr.count("\n") == 1 and "pip install 'qconvdiag[pt2e]'" in r.stderr
     legacy = SAMPLES / "forum_conv.pt"
     assert _cli("explain", str(legacy), "--json").exit_code == 0
+
+
+def _converted(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, (x,), strict=True).module(), quantizer)
+    with torch.no_grad():
+        prepared(x)
+    return convert_pt2e(prepared)
+
+
+def test_conv1d_and_conv3d_pt2e_models():
+    """X86InductorQuantizer quantizes a conv1d's input and weight and leaves its ReLU'd output
+    float32 (the next conv1d, fed float, stays float: left out with a note); it quantizes no
+    conv3d at all, which capture_model says in one line."""
+    pt2e.require_torchao()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 16)
+    bundle = qconvdiag.capture_model(model, _converted(model, x), [x])
+    assert [(lay.name, lay.output_float32) for lay in bundle.layers] == [("0", True)]
+    assert any(n.startswith("2: not a quantized conv pattern") for n in bundle.notes)
+    assert any("no conv outputs codes to compare" in n for n in bundle.notes)
+    (row,) = walk_model(bundle, WalkOptions(top=0, torch_check="all")).report.layers
+    assert (row.torch_mismatches, row.torch_total) == (0, 2 * 8 * 16)
+    model3 = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ReLU()).eval()
+    x3 = torch.randn(1, 3, 6, 6, 6)
+    with pytest.raises(CaseError, match="left every conv in float"):
+        qconvdiag.capture_model(model3, _converted(model3, x3), [x3])
