@@ -25,6 +25,7 @@ from ..case import ConvCase
 from ..errors import CaseFileError
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 from .compiled import CompiledWith
+from .reuse import ReusedActivation
 
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
@@ -76,6 +77,8 @@ class ModelBundle:
     compiled: CompiledWith | None = None
     """How ``torch.compile`` compiled the model given to ``capture_model`` (None: it was not
     a compiled module)."""
+    reused: tuple[ReusedActivation, ...] = ()
+    """Activation modules the float model calls after several convs (reuse.py)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -130,6 +133,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                        for lay in bundle.layers]}
     if bundle.compiled is not None:
         meta["compiled"] = bundle.compiled.to_dict()
+    if bundle.reused:
+        meta["reused"] = [r.to_dict() for r in bundle.reused]
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -197,10 +202,13 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
             output_float32=as_float))
-    compiled = meta.get("compiled")
+    compiled, reused = meta.get("compiled"), meta.get("reused") or []
+    if not isinstance(reused, list):
+        raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")
     return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
                        tuple(str(n) for n in meta.get("notes") or ()),
-                       None if compiled is None else CompiledWith.from_mapping(compiled, source))
+                       None if compiled is None else CompiledWith.from_mapping(compiled, source),
+                       tuple(ReusedActivation.from_mapping(r, source) for r in reused))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

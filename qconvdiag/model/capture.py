@@ -35,6 +35,7 @@ from .bundle import (
     with_model_range,
 )
 from .compiled import CompiledWith
+from .reuse import ReusedActivation, reused_activations
 
 Progress = Callable[[str], None]
 
@@ -86,7 +87,10 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         raise CaseError("capture_model: the quantized model holds no quantized conv "
                         "(torch.ao.nn.quantized Conv1d/2d/3d, ConvReLU)")
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
-    seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit)
+    activations: dict[str, list[str]] = {}
+    seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
+    reused = reused_activations(activations, float_model, quantized_model,
+                                {name: qconv for name, (_f, qconv) in pairs.items()})
     keep, notes = sample_notes(seen, batches, limit)
     points = {}
     for name, (fconv, qconv) in pairs.items():
@@ -106,7 +110,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     if compiled is not None:
         notes.append(f"captured the model torch.compile wraps (backend {compiled.backend}), "
                      "as its eager run computes it")
-    return finish_bundle(layers, engine, path, notes, compiled)
+    return finish_bundle(layers, engine, path, notes, compiled, reused)
 
 
 def sample_notes(seen: dict[str, _Seen], batches: list[Any], limit: int
@@ -138,10 +142,11 @@ def output_ranges(float_model: Any, points: dict[str, tuple[Any, bool]], calibra
 
 def finish_bundle(layers: list[LayerCapture], engine: str,
                   path: str | os.PathLike[str] | None, notes: list[str],
-                  compiled: CompiledWith | None = None) -> ModelBundle:
+                  compiled: CompiledWith | None = None,
+                  reused: tuple[ReusedActivation, ...] = ()) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
-                         compiled)
+                         compiled, reused)
     if path is not None:
         save_bundle(bundle, path)
     return bundle
@@ -221,7 +226,8 @@ class _Seen:
 
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
-                    batches: list[Any], limit: int) -> dict[str, _Seen]:
+                    batches: list[Any], limit: int, activations: dict[str, list[str]]
+                    ) -> dict[str, _Seen]:
     seen = {name: _Seen() for name in pairs}
 
     def q_hook(name: str) -> Callable[..., None]:
@@ -234,17 +240,20 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                for name, (_fconv, qconv) in pairs.items()]
     run_both(float_model, lambda batch: quantized_model(batch),
              {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
-             handles, lambda bn: _gone(quantized_model, bn))
+             handles, lambda bn: _gone(quantized_model, bn), activations)
     return seen
 
 
 def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
              seen: dict[str, _Seen], batches: list[Any], limit: int, handles: list[Any],
-             folded: Callable[[str], bool]) -> None:
+             folded: Callable[[str], bool], activations: dict[str, list[str]] | None = None
+             ) -> None:
     """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
     hooked; every hook in ``handles`` is removed at the end. ``folded``: whether the quantized
-    model folded the float model's BatchNorm of this name into its conv.
+    model folded the float model's BatchNorm of this name into its conv. ``activations`` gets,
+    per activation module of the float model (``FUSED_ACTIVATIONS``), the convs whose output
+    (or their BatchNorm's) it was called on in the first forward, in order.
 
     A float conv's output is copied only when it is needed: a BatchNorm folded into the
     quantized conv takes its place (its output is copied instead). Until the conv's consumer
@@ -256,11 +265,15 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     from ..torch_calls import capture_warnings
 
     pending = _PendingOutputs(seen, fconvs)
+    produced = _ConvOutputs()
+    calls = {} if activations is None else activations
+    first = [True]
 
     def f_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
             seen[name].float_input.append(_copy(args[0]))
             pending.add(name, out)
+            produced.add(out, name)
         return hook
 
     def bn_hook(bn_name: str) -> Callable[..., None]:
@@ -272,16 +285,25 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
                 if folded(bn_name):
                     pending.drop(conv)  # the folded BatchNorm's output stands for it
             pending.settle()
+            conv = produced.of(args[0])
+            if conv is not None:
+                produced.add(out, conv)
         return hook
 
-    def before_any(module: Any, args: tuple[Any, ...]) -> None:
-        is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-        pending.settle(but=args[0] if is_bn and args else None)
+    def before(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
+            is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            pending.settle(but=args[0] if is_bn and args else None)
+            if first[0] and args and type(module).__name__ in FUSED_ACTIVATIONS:
+                conv = produced.of(args[0])
+                if conv is not None:
+                    calls.setdefault(name, []).append(conv)
+        return hook
 
     for name, fconv in fconvs.items():
         handles.append(fconv.register_forward_hook(f_hook(name)))
     for name, module in float_model.named_modules():
-        handles.append(module.register_forward_pre_hook(before_any))
+        handles.append(module.register_forward_pre_hook(before(name)))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             handles.append(module.register_forward_hook(bn_hook(name)))
     try:
@@ -289,6 +311,8 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
             for run, batch in enumerate(batches, 1):
                 run_quantized(batch)
                 float_model(batch)
+                first[0] = False
+                produced.clear()
                 pending.settle()
                 _check_once_per_forward(seen, run)
                 if _stored(seen) >= _room(seen, limit):
@@ -296,6 +320,33 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     finally:
         for h in handles:
             h.remove()
+
+
+#: Activation modules X86InductorQuantizer fuses into the conv before them. Measured with torch
+#: 2.13 and torchao 0.18: one such module called after two convs makes a non-strict
+#: ``torch.export`` of the model fail in ``prepare_pt2e`` ("Input partition has more than one
+#: output node"); GELU, LeakyReLU, Sigmoid and pools do not.
+FUSED_ACTIVATIONS = frozenset({"ReLU", "ReLU6", "Hardtanh", "Hardswish", "SiLU"})
+
+
+class _ConvOutputs:
+    """The float convs' outputs of one forward (and their BatchNorms'), by tensor: which conv
+    a tensor came from. Weak references: a freed tensor's id may be reused."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[Any, str]] = {}
+
+    def add(self, t: Any, conv: str) -> None:
+        import weakref
+
+        self.by_id[id(t)] = (weakref.ref(t), conv)
+
+    def of(self, t: Any) -> str | None:
+        hit = self.by_id.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
+    def clear(self) -> None:
+        self.by_id.clear()
 
 
 class _PendingOutputs:

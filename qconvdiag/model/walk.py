@@ -57,7 +57,8 @@ from ..quantization.paths import (
 from ..quantization.qparams import QParams, dequantize, dequantize32, wide_codes
 from ..report import Finding, Report
 from .bundle import LayerCapture, ModelBundle
-from .compiled import CODE, qcd063
+from .compiled import qcd063
+from .reuse import qcd064
 
 Progress = Callable[[str], None]
 
@@ -166,8 +167,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
             checks[lay.name] = torch_check(lay, engine)
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name)) for lay in bundle.layers)
-    compiled = qcd063(bundle.compiled, engine in PT2E_ENGINES)
-    model_findings = (compiled,) if compiled is not None and CODE not in options.ignore else ()
+    pt2e = engine in PT2E_ENGINES
+    model_findings = tuple(f for f in [qcd063(bundle.compiled, pt2e),
+                                       *qcd064(bundle.reused, pt2e)]
+                           if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)
     version_note = unverified_torch_note(torch.__version__)
@@ -178,8 +181,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
         source=bundle.source, engine=engine, layers=rows, ranking=tuple(ranking),
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
         status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
-        upstream=upstream_losses([lay.name for lay in bundle.layers], screens,
-                                 engine in PT2E_ENGINES), findings=model_findings)
+        upstream=upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
+                                 {c: r.kind for r in bundle.reused for c in r.lost}),
+        findings=model_findings)
     return ModelDiagnosis(report, diagnoses)
 
 
@@ -188,14 +192,16 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
 UPSTREAM_DB = 10.0
 
 
-def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = False
-                    ) -> tuple[UpstreamLoss, ...]:
+def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = False,
+                    missing: dict[str, str] | None = None) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
     the convs before it (in model order: a residual branch's worst included), and its error
     FAR times that floor too. ``pt2e``: the model is a convert_pt2e graph, whose input
-    quantization is a quantize_per_tensor node, not a QuantStub."""
+    quantization is a quantize_per_tensor node, not a QuantStub. ``missing``: convs that run
+    without the activation the float model applies after them (QCD064), and its kind: a loss
+    after one of them is blamed on that."""
     stub = ("the quantize_per_tensor of the model's input" if pt2e else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
@@ -215,12 +221,19 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
                     f"model's input quantization ({stub}) {why}, and loses it before "
                     "any conv."))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
+            since = order.index(out[-1].layer) if out else 0  # after the last loss named
+            before = [c for c in order[since:order.index(name)] if c in (missing or {})]
+            cause = ("an op between them (an add, a pool, a cat, a linear layer: its output "
+                     "scale) loses it" if not before else
+                     f"{', '.join(before)} {'runs' if len(before) == 1 else 'run'} without the "
+                     f"{(missing or {})[before[0]]} the float model applies after "
+                     f"{'it' if len(before) == 1 else 'them'} (QCD064), which lets negative "
+                     "outputs through")
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
                 f" dB worse than any conv before it delivers (worst: {worst[1]}, "
-                f"{worst[0]:.1f} dB): an op between them (an add, a pool, a cat, a linear "
-                "layer: its output scale) loses it."))
+                f"{worst[0]:.1f} dB): {cause}."))
         p = s.propagated.sqnr_db
         if p is not None and (worst is None or p < worst[0]):
             worst = (p, name)

@@ -123,7 +123,7 @@ def test_qcd063_is_a_code_ignore_accepts(tmp_path, models):  # noqa: ANN001
 
     from qconvdiag.cli import app
 
-    assert MODEL_CODES == (CODE,) and CODE in CODES
+    assert CODE in MODEL_CODES and CODE in CODES
     path = tmp_path / "compiled.pt"
     qconvdiag.capture_model(models[0], torch.compile(models[1]), models[2][:1], path)
     runner = CliRunner()

@@ -1,0 +1,148 @@
+"""QCD064: one activation module called after several convs. Fused into one conv by torch.ao's
+eager flow, it is gone after the others (a warning, whose repair runs here); not fused, it is
+the trap a non-strict torch.export meets in prepare_pt2e (info, its claim checked here)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.ao.quantization as tq
+
+import qconvdiag
+from qconvdiag.errors import CaseFileError
+from qconvdiag.io import BUNDLE_KEY
+from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping, save_bundle
+from qconvdiag.model.reuse import CODE, ReusedActivation
+from qconvdiag.model.walk import WalkOptions, walk_model
+
+
+class Shared(torch.nn.Module):
+    """conv1 -> relu -> conv2 -> relu -> conv3, one ReLU module for both (or two)."""
+
+    def __init__(self, shared: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(8, 4, 1)
+        self.relu = torch.nn.ReLU()
+        self.shared = shared
+        if not shared:
+            self.relu2 = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(self.quant(x)))
+        second = self.relu if self.shared else self.relu2
+        return self.dequant(self.conv3(second(self.conv2(x))))
+
+
+@pytest.fixture(autouse=True)
+def _engine():  # noqa: ANN202
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    yield
+    torch.backends.quantized.engine = before
+
+
+def _quantized(model: torch.nn.Module, fuse: list[list[str]], x: torch.Tensor
+               ) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = tq.fuse_modules(copy.deepcopy(model), fuse) if fuse else copy.deepcopy(model)
+        m.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(m)
+        prepared(x)
+        return tq.convert(prepared)
+
+
+def _walk(model: torch.nn.Module, quantized: torch.nn.Module, x: torch.Tensor):  # noqa: ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(model, quantized, [x], calibration=[x])
+        return bundle, walk_model(bundle, WalkOptions(top=0)).report
+
+
+def test_a_shared_relu_fused_into_one_conv_is_gone_after_the_other():
+    model, x = Shared().eval(), torch.randn(4, 3, 12, 12)
+    quantized = _quantized(model, [["conv1", "relu"]], x)
+    bundle, report = _walk(model, quantized, x)
+    assert bundle.reused == (ReusedActivation("relu", "ReLU", ("conv1", "conv2"), ("conv2",)),)
+    (f,) = report.findings
+    assert (f.code, f.severity) == (CODE, "warning") and "conv2 runs without it" in f.message
+    # the cost is real: conv3 receives conv2's negative outputs, where the float model's are 0
+    conv3 = report.layer("conv3")
+    assert conv3 is not None and conv3.input.sqnr_db is not None and conv3.input.sqnr_db < 10
+    (loss,) = report.upstream  # blamed on the missing ReLU, not on an op between the convs
+    assert loss.layer == "conv3" and "conv2 runs without the ReLU" in loss.message
+    # the repair the fix prints, run: the ReLU is back after conv2, and the finding is info
+    exec(compile(f.fix, "QCD064 fix", "exec"), {"torch": torch, "quantized": quantized})
+    bundle, report = _walk(model, quantized, x)
+    assert bundle.reused[0].lost == () and [g.severity for g in report.findings] == ["info"]
+    assert report.layer("conv3").input.sqnr_db > 25  # type: ignore[union-attr]
+
+
+def test_a_shared_relu_not_fused_is_the_pt2e_trap():
+    model, x = Shared().eval(), torch.randn(4, 3, 12, 12)
+    bundle, report = _walk(model, _quantized(model, [], x), x)
+    (f,) = report.findings
+    assert (f.code, f.severity) == (CODE, "info") and "strict=True" in f.fix
+    assert bundle.reused[0].lost == ()
+    assert walk_model(bundle, WalkOptions(top=0, ignore=(CODE,))).report.findings == ()
+    own = Shared(shared=False).eval()
+    fused = _quantized(own, [["conv1", "relu"], ["conv2", "relu2"]], x)
+    assert _walk(own, fused, x)[1].findings == ()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_the_pt2e_claim_and_the_fix():
+    """A non-strict export of the shared-ReLU model fails in prepare_pt2e; the fix's strict
+    export goes through it."""
+    from qconvdiag.torchao_import import require_torchao
+
+    require_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    class Plain(torch.nn.Module):  # no QuantStub: PT2E quantizes the graph
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    model, x = Plain().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="Input partition has more than one output node"):
+        prepare_pt2e(torch.export.export(model, (x,), strict=False).module(), quantizer)
+    f = qcd064_info()
+    scope = {"torch": torch, "model": model, "x": x}
+    exec(compile(f.fix, "QCD064 fix", "exec"), scope)
+    prepare_pt2e(scope["exported"], quantizer)
+
+
+def qcd064_info():  # noqa: ANN201
+    from qconvdiag.model.reuse import qcd064
+
+    (f,) = qcd064((ReusedActivation("relu", "ReLU", ("conv1", "conv2")),), pt2e=False)
+    assert qcd064((ReusedActivation("relu", "ReLU", ("conv1", "conv2")),), pt2e=True) == []
+    return f
+
+
+def test_the_bundle_keeps_the_reused_modules(tmp_path):  # noqa: ANN001
+    model, x = Shared().eval(), torch.randn(2, 3, 8, 8)
+    bundle, _report = _walk(model, _quantized(model, [["conv1", "relu"]], x), x)
+    for suffix in (".pt", ".safetensors", ".npz"):
+        path = save_bundle(bundle, tmp_path / f"b{suffix}")
+        assert qconvdiag.load_bundle(path).reused == bundle.reused
+    mapping = bundle_to_mapping(bundle)
+    mapping[BUNDLE_KEY]["reused"] = [{"name": "relu", "kind": "ReLU", "convs": "conv1"}]
+    with pytest.raises(CaseFileError, match="'reused' entry"):
+        bundle_from_mapping(mapping, "b.pt")
+
