@@ -252,8 +252,9 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
     hooked; every hook in ``handles`` is removed at the end. ``folded``: whether the quantized
     model folded the float model's BatchNorm of this name into its conv. ``activations`` gets,
-    per activation module of the float model (``FUSED_ACTIVATIONS``), the convs whose output
-    (or their BatchNorm's) it was called on in the first forward, in order.
+    per activation module of the float model (``FUSED_ACTIVATIONS``), its calls in the first
+    forward, in order: the conv whose output (or its BatchNorm's) each was called on, or "" for
+    another op's output.
 
     A float conv's output is copied only when it is needed: a BatchNorm folded into the
     quantized conv takes its place (its output is copied instead). Until the conv's consumer
@@ -295,9 +296,7 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
             is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
             pending.settle(but=args[0] if is_bn and args else None)
             if first[0] and args and type(module).__name__ in FUSED_ACTIVATIONS:
-                conv = produced.of(args[0])
-                if conv is not None:
-                    calls.setdefault(name, []).append(conv)
+                calls.setdefault(name, []).append(produced.of(args[0]) or "")
         return hook
 
     for name, fconv in fconvs.items():

@@ -1,11 +1,12 @@
-"""One activation module called after several convs (``self.relu`` after conv1 and conv2): two
-traps, seen by ``capture_model``'s hooks on the float model's first forward, named by QCD064.
+"""One activation module called more than once per forward, once at least after a conv
+(``self.relu`` after conv1 and conv2, or after conv1 and after a residual add): two traps, seen
+by ``capture_model``'s hooks on the float model's first forward, named by QCD064.
 
 - torch.ao's eager flow: ``fuse_modules(model, [["conv1", "relu"]])`` fuses the module into
-  conv1 and leaves ``Identity`` in its place, so every other conv that called it loses its
-  activation in the quantized model (its negative outputs pass, where the float model clips
-  them); fusing the module into a second conv fails (``did not find fuser method``). A warning:
-  it costs what the missing activation lets through, downstream.
+  conv1 and leaves ``Identity`` in its place, so every other call of it runs without the
+  activation in the quantized model (negative values pass, where the float model clips them);
+  fusing the module into a second conv fails (``did not find fuser method``). A warning: it
+  costs what the missing activation lets through, downstream.
 - The PT2E flow: a non-strict ``torch.export`` of such a model fails in ``prepare_pt2e``
   ("Input partition has more than one output node"; ``capture.FUSED_ACTIVATIONS`` lists the
   module types measured). Info, on an eager or FX model: its migration (QCD060) will meet it.
@@ -24,7 +25,8 @@ CODE = "QCD064"
 
 @dataclass(frozen=True)
 class ReusedActivation:
-    """An activation module the float model calls after more than one conv."""
+    """An activation module the float model calls more than once per forward, at least once
+    after a conv."""
 
     name: str
     """Its module path (``relu``)."""
@@ -32,97 +34,123 @@ class ReusedActivation:
     """Its type (``ReLU``)."""
     convs: tuple[str, ...]
     """The convs whose output (or their BatchNorm's) it was called on, in order."""
+    other_calls: int = 0
+    """Its calls on another op's output (an add, a pool)."""
     lost: tuple[str, ...] = ()
-    """Those whose quantized conv runs without it: the quantized model holds Identity in the
+    """Convs whose quantized conv runs without it: the quantized model holds Identity in the
     module's place (fused into another conv), and their quantized conv fused no activation."""
+    lost_other: int = 0
+    """Its calls on another op's output that run as Identity in the quantized model."""
+
+    @property
+    def calls(self) -> int:
+        return len(self.convs) + self.other_calls
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "convs": list(self.convs),
-                "lost": list(self.lost)}
+                "other_calls": self.other_calls, "lost": list(self.lost),
+                "lost_other": self.lost_other}
 
     @staticmethod
     def from_mapping(value: Any, where: str) -> ReusedActivation:
-        lists: list[list[str]] = []
-        ok = isinstance(value, dict) and all(isinstance(value.get(k), str)
-                                             for k in ("name", "kind"))
-        for key in ("convs", "lost"):
-            v = value.get(key) if ok else None
-            ok = ok and isinstance(v, list) and all(isinstance(s, str) for s in v)
-            lists.append(list(v) if ok and v is not None else [])
-        if not ok:
-            raise CaseFileError(f"{where}: each 'reused' entry must hold name, kind, convs and "
-                                "lost; capture the model again")
-        return ReusedActivation(value["name"], value["kind"], tuple(lists[0]), tuple(lists[1]))
+        def bad() -> CaseFileError:
+            return CaseFileError(f"{where}: each 'reused' entry must hold name, kind, convs, "
+                                 "other_calls, lost and lost_other; capture the model again")
+
+        if not isinstance(value, dict) or not all(isinstance(value.get(k), str)
+                                                  for k in ("name", "kind")):
+            raise bad()
+        lists = [value.get(k) for k in ("convs", "lost")]
+        counts = [value.get(k) for k in ("other_calls", "lost_other")]
+        if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in lists):
+            raise bad()
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise bad()
+        convs, lost = (tuple(str(c) for c in v or ()) for v in lists)
+        return ReusedActivation(value["name"], value["kind"], convs, int(counts[0] or 0),
+                                lost, int(counts[1] or 0))
 
 
 def reused_activations(calls: dict[str, list[str]], float_model: Any, quantized_model: Any,
                        qconvs: dict[str, Any]) -> tuple[ReusedActivation, ...]:
-    """The activation modules called after two or more convs (``calls``: module -> convs, from
-    the capture's hooks), with the convs each lost in the quantized model."""
+    """The activation modules called more than once per forward, once at least after a conv
+    (``calls``: module -> the conv each call followed, "" for another op: the capture's
+    hooks), with the calls each lost in the quantized model."""
     import torch
 
     out = []
-    for name, convs in calls.items():
-        unique = tuple(dict.fromkeys(convs))
-        if len(unique) < 2:
+    for name, sites in calls.items():
+        convs = tuple(dict.fromkeys(c for c in sites if c))
+        if len(sites) < 2 or not convs:
             continue
+        other = sum(1 for c in sites if not c)
         kind = type(float_model.get_submodule(name)).__name__
         try:
             now = quantized_model.get_submodule(name)
         except AttributeError:
             now = None
         fused_away = now is None or isinstance(now, torch.nn.Identity)
-        lost = tuple(c for c in unique if fused_away and c in qconvs
+        lost = tuple(c for c in convs if fused_away and c in qconvs
                      and kind not in type(qconvs[c]).__name__)
-        out.append(ReusedActivation(name, kind, unique, lost))
+        out.append(ReusedActivation(name, kind, convs, other, lost, other if fused_away else 0))
     return tuple(out)
+
+
+def _calls_text(r: ReusedActivation) -> str:
+    """``after 2 convs (conv1, conv2)``, ``3 times per forward: after conv1 and after 2 other
+    ops (an add, a pool)``."""
+    convs = ", ".join(r.convs)
+    if not r.other_calls:
+        return f"after {len(r.convs)} convs ({convs})"
+    ops = "another op (an add, a pool)" if r.other_calls == 1 else (
+        f"{r.other_calls} other ops (an add, a pool)")
+    return f"{r.calls} times per forward: after {convs} and after {ops}"
 
 
 def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool) -> list[Finding]:
     """QCD064 for each reused activation module of an eager or FX model (a PT2E model was
-    exported already): a warning where convs lost it in the quantized model, else info."""
+    exported already): a warning where calls lost it in the quantized model, else info."""
     if pt2e:
         return []
     found = []
     for r in reused:
-        convs = ", ".join(r.convs)
         evidence = {"module": r.name, "kind": r.kind, "convs": list(r.convs),
-                    "lost": list(r.lost)}
+                    "other_calls": r.other_calls, "lost": list(r.lost),
+                    "lost_other": r.lost_other}
         owner, _, attr = r.name.rpartition(".")
-        own = [f"self.{attr}{i}" for i in range(1, len(r.convs) + 1)]
+        own = [f"self.{attr}{i}" for i in range(1, r.calls + 1)]
         where = f" of {owner!r}" if owner else ""
         lasting = (f"# for good: one {r.kind} module per call, in __init__{where}\n"
                    + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
-                   + "# each used after its own conv in forward, then each pair fused:\n"
+                   + "# each used at one call in forward, each fused with its conv:\n"
                    + "#     fuse_modules(model, [" + ", ".join(
                        f"['{c}', '{o.removeprefix('self.')}']" for c, o in zip(r.convs, own))
                    + "])")
         parent = f"quantized.get_submodule({owner!r})" if owner else "quantized"
-        if r.lost:
+        calls = _calls_text(r)
+        if r.lost or r.lost_other:
+            gone = [*r.lost, *([f"{r.lost_other} call(s) after other ops"]
+                               if r.lost_other else [])]
             fix = (f"# now: a {r.kind} where fusion left Identity (after the conv that fused\n"
                    f"# it, a second {r.kind} changes nothing)\n"
                    f"{parent}.{attr} = torch.nn.{r.kind}()\n" + lasting)
-            lost = ", ".join(r.lost)
-            runs, its = ("runs", "its") if len(r.lost) == 1 else ("run", "their")
             found.append(Finding(
-                CODE, "warning", f"{r.kind} module {r.name!r} shared by several convs: fused "
-                "into one, gone after the others",
-                f"The float model calls {r.kind} module {r.name!r} after {len(r.convs)} convs "
-                f"({convs}). fuse_modules fused it into one of them and left Identity in its "
-                f"place, so in the quantized model {lost} {runs} without it: {its} negative "
-                f"outputs pass where the float model's {r.kind} clips them, and the convs "
-                "after receive those.", evidence, fix))
+                CODE, "warning", f"{r.kind} module {r.name!r} called several times: fused "
+                "into one conv, gone at its other calls",
+                f"The float model calls {r.kind} module {r.name!r} {calls}. fuse_modules "
+                "fused it into one conv and left Identity in its place, so the quantized "
+                f"model runs without it at {', '.join(gone)}: negative values pass there "
+                f"where the float model's {r.kind} clips them, and what follows receives "
+                "them.", evidence, fix))
         else:
             fix = ("exported = torch.export.export(model.eval(), (x,), strict=True).module()\n"
                    + lasting)
             found.append(Finding(
-                CODE, "info", f"{r.kind} module {r.name!r} shared by several convs: a "
+                CODE, "info", f"{r.kind} module {r.name!r} called several times: a "
                 "non-strict torch.export fails in prepare_pt2e",
-                f"The float model calls {r.kind} module {r.name!r} after {len(r.convs)} convs "
-                f"({convs}). Quantizing it with torchao's PT2E flow (QCD060), a non-strict "
-                "torch.export of it fails in prepare_pt2e ('Input partition has more than one "
-                "output node', measured with torch 2.13 and torchao 0.18); "
-                "torch.export.export(model, (x,), strict=True) works, and so does one module "
-                "per call.", evidence, fix))
+                f"The float model calls {r.kind} module {r.name!r} {calls}. Quantizing it "
+                "with torchao's PT2E flow (QCD060), a non-strict torch.export of it fails in "
+                "prepare_pt2e ('Input partition has more than one output node', measured with "
+                "torch 2.13 and torchao 0.18); torch.export.export(model, (x,), strict=True) "
+                "works, and so does one module per call.", evidence, fix))
     return found
-

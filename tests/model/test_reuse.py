@@ -70,9 +70,9 @@ def test_a_shared_relu_fused_into_one_conv_is_gone_after_the_other():
     model, x = Shared().eval(), torch.randn(4, 3, 12, 12)
     quantized = _quantized(model, [["conv1", "relu"]], x)
     bundle, report = _walk(model, quantized, x)
-    assert bundle.reused == (ReusedActivation("relu", "ReLU", ("conv1", "conv2"), ("conv2",)),)
+    assert bundle.reused == (ReusedActivation("relu", "ReLU", ("conv1", "conv2"), 0, ("conv2",)),)
     (f,) = report.findings
-    assert (f.code, f.severity) == (CODE, "warning") and "conv2 runs without it" in f.message
+    assert (f.code, f.severity) == (CODE, "warning") and "without it at conv2:" in f.message
     # the cost is real: conv3 receives conv2's negative outputs, where the float model's are 0
     conv3 = report.layer("conv3")
     assert conv3 is not None and conv3.input.sqnr_db is not None and conv3.input.sqnr_db < 10
@@ -82,7 +82,42 @@ def test_a_shared_relu_fused_into_one_conv_is_gone_after_the_other():
     exec(compile(f.fix, "QCD064 fix", "exec"), {"torch": torch, "quantized": quantized})
     bundle, report = _walk(model, quantized, x)
     assert bundle.reused[0].lost == () and [g.severity for g in report.findings] == ["info"]
+    assert "after 2 convs (conv1, conv2)" in report.findings[0].message
     assert report.layer("conv3").input.sqnr_db > 25  # type: ignore[union-attr]
+
+
+class Block(torch.nn.Module):
+    """torchvision's BasicBlock: one ReLU after conv1's BatchNorm and after the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1, self.bn1 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv3 = torch.nn.Conv2d(4, 4, 1)
+        self.relu = torch.nn.ReLU()
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.dequant(self.conv3(self.relu(self.add.add(out, x))))
+
+
+def test_a_relu_after_the_residual_add_fused_away_is_named():
+    model, x = Block().eval(), torch.randn(4, 4, 10, 10)
+    quantized = _quantized(model, [["conv1", "bn1", "relu"], ["conv2", "bn2"]], x)
+    bundle, report = _walk(model, quantized, x)
+    (r,) = bundle.reused
+    assert (r.convs, r.other_calls, r.lost, r.lost_other) == (("conv1",), 1, (), 1)
+    (f,) = report.findings
+    assert f.severity == "warning" and "without it at 1 call(s) after other ops" in f.message
+    assert "2 times per forward: after conv1 and after another op" in f.message
+    conv3 = report.layer("conv3")
+    assert conv3 is not None and conv3.input.sqnr_db is not None and conv3.input.sqnr_db < 10
+    exec(compile(f.fix, "QCD064 fix", "exec"), {"torch": torch, "quantized": quantized})
+    assert _walk(model, quantized, x)[1].layer("conv3").input.sqnr_db > 25  # type: ignore
 
 
 def test_a_shared_relu_not_fused_is_the_pt2e_trap():
