@@ -89,7 +89,9 @@ def reused_activations(calls: dict[str, list[str]], float_model: Any, quantized_
             now = quantized_model.get_submodule(name)
         except AttributeError:
             now = None
-        fused_away = now is None or isinstance(now, torch.nn.Identity)
+        # eager fusion leaves Identity; a module missing from an FX graph proves nothing (FX
+        # fuses each call on its own, and drops the module when no call is left)
+        fused_away = isinstance(now, torch.nn.Identity)
         lost = tuple(c for c in convs if fused_away and c in qconvs
                      and kind not in type(qconvs[c]).__name__)
         out.append(ReusedActivation(name, kind, convs, other, lost, other if fused_away else 0))
