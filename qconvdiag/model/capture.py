@@ -259,8 +259,10 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     A float conv's output is copied only when it is needed: a BatchNorm folded into the
     quantized conv takes its place (its output is copied instead). Until the conv's consumer
     is known the output stays pending, and it is copied before any other module runs (an
-    in-place ReLU would overwrite it). An in-place op between modules (``x += y``) bumps the
-    output's version: the output is then computed again by the conv, on its copied input."""
+    in-place ReLU would overwrite it); a folded BatchNorm that reads it after that (another
+    module ran between them) drops the copy. An in-place op between modules (``x += y``) bumps
+    the output's version: the output is then computed again by the conv, on its copied input.
+    An edit through ``.data`` bumps no version and goes unseen (torch keeps no trace of it)."""
     import torch
 
     from ..torch_calls import capture_warnings
@@ -279,16 +281,16 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
 
     def bn_hook(bn_name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
-            conv = pending.owner(args[0])
+            conv = produced.of(args[0], direct=True)  # the conv whose output it read
             if conv is not None and seen[conv].bn in (None, bn_name):
                 seen[conv].bn = bn_name
                 seen[conv].bn_output.append(_copy(out))
-                if folded(bn_name):
-                    pending.drop(conv)  # the folded BatchNorm's output stands for it
+                if folded(bn_name) and not pending.drop(conv):
+                    seen[conv].float_output.pop()  # copied already: the BatchNorm's stands
             pending.settle()
             conv = produced.of(args[0])
             if conv is not None:
-                produced.add(out, conv)
+                produced.add(out, conv, direct=False)
         return hook
 
     def before(name: str) -> Callable[..., None]:
@@ -333,16 +335,20 @@ class _ConvOutputs:
     a tensor came from. Weak references: a freed tensor's id may be reused."""
 
     def __init__(self) -> None:
-        self.by_id: dict[int, tuple[Any, str]] = {}
+        self.by_id: dict[int, tuple[Any, str, bool]] = {}
 
-    def add(self, t: Any, conv: str) -> None:
+    def add(self, t: Any, conv: str, direct: bool = True) -> None:
+        """``t`` came from ``conv``: its output (``direct``) or its BatchNorm's."""
         import weakref
 
-        self.by_id[id(t)] = (weakref.ref(t), conv)
+        self.by_id[id(t)] = (weakref.ref(t), conv, direct)
 
-    def of(self, t: Any) -> str | None:
+    def of(self, t: Any, direct: bool = False) -> str | None:
+        """The conv ``t`` came from (with ``direct``: only a conv's own output)."""
         hit = self.by_id.get(id(t))
-        return hit[1] if hit is not None and hit[0]() is t else None
+        if hit is None or hit[0]() is not t or (direct and not hit[2]):
+            return None
+        return hit[1]
 
     def clear(self) -> None:
         self.by_id.clear()
@@ -356,15 +362,15 @@ class _PendingOutputs:
         self.waiting: dict[str, tuple[Any, int | None]] = {}  # conv -> (output, its version)
 
     def add(self, name: str, out: Any) -> None:
-        self.waiting[name] = (out, _version(out))
-        if self.waiting[name][1] is None:  # an inference tensor keeps no version: copy now
-            self.settle()
+        version = _version(out)
+        if version is None:  # an inference tensor keeps no version: copied now
+            self.seen[name].float_output.append(_copy(out))
+        else:
+            self.waiting[name] = (out, version)
 
-    def owner(self, t: Any) -> str | None:
-        return next((name for name, (out, _v) in self.waiting.items() if out is t), None)
-
-    def drop(self, name: str) -> None:
-        del self.waiting[name]
+    def drop(self, name: str) -> bool:
+        """Forget ``name``'s pending output (False: it was not pending, copied already)."""
+        return self.waiting.pop(name, None) is not None
 
     def settle(self, but: Any = None) -> None:
         """Copy every pending output (but ``but``, which a BatchNorm is about to read)."""

@@ -66,3 +66,41 @@ def test_a_batchnorm_kept_in_the_quantized_model_keeps_the_conv_output() -> None
     s, want, bn = _run("bn", folded=False)
     np.testing.assert_array_equal(s.float_output[0], want.numpy())
     np.testing.assert_array_equal(s.bn_output[0], bn)
+
+
+class _TwoBranch(torch.nn.Module):
+    """Two convs run before either's BatchNorm: another module runs between a conv and its
+    BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ca, self.cb = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3)
+        self.bna, self.bnb = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.ca(x), self.cb(x)
+        return self.bna(a) + self.bnb(b)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_batchnorm_finds_its_conv_after_other_modules_ran(mode: str) -> None:
+    """The BatchNorm is linked to its conv by the conv's output tensor, however many modules ran
+    between them, and in inference mode (whose tensors keep no version counter) too."""
+    net = _TwoBranch().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seen = {"ca": _Seen(), "cb": _Seen()}
+
+    def quantized_side(_batch: torch.Tensor) -> None:
+        for s in seen.values():
+            s.qinput.append(torch.zeros(1))
+            s.qoutput.append(torch.zeros(1))
+
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        run_both(net, quantized_side, {"ca": net.ca, "cb": net.cb}, seen, [x], 10**9, [],
+                 lambda _bn: True)
+        want = {"ca": net.bna(net.ca(x)).numpy(), "cb": net.bnb(net.cb(x)).numpy()}
+    for name, bn in (("ca", "bna"), ("cb", "bnb")):
+        s = seen[name]
+        assert s.bn == bn and s.float_output == [], name  # the folded BatchNorm's stands
+        np.testing.assert_array_equal(s.bn_output[0], want[name])
