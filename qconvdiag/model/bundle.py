@@ -193,9 +193,13 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
         if float_output.shape != case.output_shape or not np.isfinite(float_output).all():
             raise CaseFileError(f"{where}: float_output must be finite with the conv's output "
                                 f"shape {case.output_shape}; capture the model again")
+        float_input = np.asarray(extra["float_input"], dtype=np.float32)
+        if float_input.shape != case.input.shape or not np.isfinite(float_input).all():
+            raise CaseFileError(f"{where}: float_input must be finite with the conv's input "
+                                f"shape {case.input.shape}; capture the model again")
         layers.append(LayerCapture(
             name=info["name"], case=with_model_range(case, float_output, cal),
-            float_input=np.asarray(extra["float_input"], dtype=np.float32),
+            float_input=float_input,
             float_output=float_output,
             quantized_output=q_out if as_float else _output_codes(q_out, out_qp, where),
             quantized_output_qparams=out_qp,

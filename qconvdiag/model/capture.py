@@ -75,6 +75,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     from .pt2e_capture import capture_pt2e, is_pt2e_graph
 
     quantized_model, compiled = unwrap(quantized_model)
+    float_model, _ = unwrap(float_model)  # its module names, not '_orig_mod.'-prefixed ones
     if is_pt2e_graph(quantized_model):
         return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
                             say, compiled)

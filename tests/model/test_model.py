@@ -179,6 +179,15 @@ def test_bundle_output_codes_outside_their_dtype_are_refused(healthy_x86, tmp_pa
         bundle_from_mapping(mapping, "b.npz")
 
 
+def test_bundle_float_input_of_another_shape_is_refused(healthy_x86):  # noqa: ANN001
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    mapping = bundle_to_mapping(healthy_x86[-2])
+    mapping["layer0.float_input"] = mapping["layer0.float_input"][:1]  # a truncated one
+    with pytest.raises(QconvdiagError, match="float_input must be finite with the conv's input"):
+        bundle_from_mapping(mapping, "b.npz")
+
+
 def test_case_file_is_not_a_bundle():
     with pytest.raises(QconvdiagError, match="not a model bundle"):
         qconvdiag.load_bundle(SAMPLES / "forum_conv.pt")

@@ -85,6 +85,12 @@ def test_freezing_on_or_ignored_is_quiet(models):  # noqa: ANN001
     assert "options={'freezing': False}" in f.message
 
 
+def test_a_compiled_float_model_keeps_its_module_names(models):  # noqa: ANN001
+    model, converted, batches = models
+    bundle = qconvdiag.capture_model(torch.compile(model), converted, batches[:1])
+    assert [lay.bn_folded for lay in bundle.layers][0] == "bn"  # not '_orig_mod.bn'
+
+
 def test_another_backend_is_named(models):  # noqa: ANN001
     (f,) = _walk(models, torch.compile(models[1], backend="aot_eager"))[1].findings
     assert "backend 'aot_eager'" in f.message
