@@ -80,13 +80,8 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
                             say, compiled)
     pairs = _conv_pairs(float_model, quantized_model)
-    if not pairs and isinstance(quantized_model, torch.fx.GraphModule):
-        raise CaseError("capture_model: the quantized model is a graph without quantize or "
-                        "dequantize nodes: its quantizer left every conv in float "
-                        "(X86InductorQuantizer quantizes conv1d and conv2d, not conv3d)")
     if not pairs:
-        raise CaseError("capture_model: the quantized model holds no quantized conv "
-                        "(torch.ao.nn.quantized Conv1d/2d/3d, ConvReLU)")
+        raise CaseError(_no_quantized_conv(quantized_model))
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
     activations: dict[str, list[str]] = {}
     seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
@@ -112,6 +107,25 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         notes.append(f"captured the model torch.compile wraps (backend {compiled.backend}), "
                      "as its eager run computes it")
     return finish_bundle(layers, engine, path, notes, compiled, reused)
+
+
+def _no_quantized_conv(model: Any) -> str:
+    """Why ``model`` holds no quantized conv, and what to pass instead."""
+    import torch
+
+    observers = [m for m in model.modules()
+                 if type(m).__name__.endswith(("Observer", "FakeQuantize"))]
+    if observers:
+        return ("capture_model: the quantized model is a prepared one, not converted yet (its "
+                f"{type(observers[0]).__name__} modules still observe): calibrate it, then "
+                "pass what convert_pt2e, convert_fx or convert returns")
+    if isinstance(model, torch.fx.GraphModule):
+        return ("capture_model: the quantized model is a graph without quantize or dequantize "
+                "nodes: a float graph (pass what convert_pt2e or convert_fx returns), or its "
+                "quantizer left every conv in float (X86InductorQuantizer quantizes conv1d and "
+                "conv2d, not conv3d)")
+    return ("capture_model: the quantized model holds no quantized conv (torch.ao.nn.quantized "
+            "Conv1d/2d/3d, ConvReLU)")
 
 
 def sample_notes(seen: dict[str, _Seen], batches: list[Any], limit: int

@@ -329,3 +329,18 @@ def test_conv1d_and_conv3d_pt2e_models():
     x3 = torch.randn(1, 3, 6, 6, 6)
     with pytest.raises(CaseError, match="left every conv in float"):
         qconvdiag.capture_model(model3, _converted(model3, x3), [x3])
+
+
+def test_a_prepared_model_not_converted_is_refused_as_such():
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    model, _converted, batches = build()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, (batches[0],), strict=True).module(),
+                            quantizer)
+    with pytest.raises(CaseError, match="a prepared one, not converted yet"):
+        qconvdiag.capture_model(model, prepared, batches)
+    with pytest.raises(CaseError, match="a float graph"):
+        qconvdiag.capture_model(model, torch.fx.symbolic_trace(model), batches)
