@@ -71,11 +71,30 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
         raise CaseError("capture_model: the float model is in training mode (BatchNorm would "
                         "update its statistics): call float_model.eval() first")
     batches = _batches(inputs)
-    from .compiled import unwrap
-    from .pt2e_capture import capture_pt2e, is_pt2e_graph
+    from .compiled import eager_calls, observed, unwrap
+    from .pt2e_capture import is_pt2e_graph
 
+    given = quantized_model
     quantized_model, compiled = unwrap(quantized_model)
     float_model, _ = unwrap(float_model)  # its module names, not '_orig_mod.'-prefixed ones
+    if compiled is not None and is_pt2e_graph(quantized_model):
+        say("running the compiled model once on the first batch (torch.compile compiles it "
+            "then, if not yet): which conv ops it runs")
+        compiled = observed(compiled, given, batches[0])
+    # a module compiled in place (module.compile()) runs as it is here: hooks and all
+    with eager_calls(quantized_model), eager_calls(float_model):
+        return _capture(float_model, quantized_model, batches, limit, path, calibration, say,
+                        compiled)
+
+
+def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: int,
+             path: str | os.PathLike[str] | None, calibration: Any, say: Progress,
+             compiled: CompiledWith | None) -> ModelBundle:
+    """``capture_model`` of the models as they are (not compiled)."""
+    import torch
+
+    from .pt2e_capture import capture_pt2e, is_pt2e_graph
+
     if is_pt2e_graph(quantized_model):
         return capture_pt2e(float_model, quantized_model, batches, limit, path, calibration,
                             say, compiled)

@@ -302,6 +302,10 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
                                  bns[p.name], ranges.get(p.name)))
     if compiled is not None:  # what the compiled model computes, if it runs the Q/DQ graph
         compiled = dataclasses.replace(compiled, qdq_differ=differ[1], qdq_outputs=differ[0])
+        if compiled.error is not None:
+            notes.append("the compiled model, run once on the first batch under "
+                         f"torch.no_grad(), failed ({compiled.error}); captured is the graph it "
+                         "wraps")
     return finish_bundle(layers, ENGINE, path, notes, compiled)
 
 

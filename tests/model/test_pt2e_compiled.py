@@ -50,8 +50,9 @@ def _walk(models, compiled, **options):  # noqa: ANN001, ANN003, ANN202
 def test_compiled_without_freezing_is_named_with_its_numbers(models):  # noqa: ANN001
     bundle, report = _walk(models, torch.compile(models[1]), fail_on="warning")
     c = bundle.compiled
-    assert c is not None and (c.backend, c.freezing_option, c.freezing_config) == (
-        "inductor", None, False)
+    assert c is not None and (c.backend, c.freezing_option, c.freezing_config, c.conv_ops,
+                              c.error) == ("inductor", None, False,
+                                           ("aten::mkldnn_convolution",), None)
     assert c.qdq_outputs == sum(lay.quantized_output.size for lay in bundle.layers
                                 if not lay.output_float32)
     (f,) = report.findings
@@ -59,6 +60,7 @@ def test_compiled_without_freezing_is_named_with_its_numbers(models):  # noqa: A
     assert (f"{c.qdq_differ:,} of {c.qdq_outputs:,} output codes" if c.qdq_differ
             else f"none of the {c.qdq_outputs:,} output codes") in f.message
     assert "freezing off" in f.message and f.fix == FIX
+    assert "it ran aten::mkldnn_convolution (torch's profiler)" in f.message
     assert [b.layer for b in report.gate.breaches] == ["(model)"]
     assert report.status == "fail"
     schema = json.loads(resources.files("qconvdiag").joinpath(
@@ -75,14 +77,55 @@ def test_compiled_without_freezing_is_named_with_its_numbers(models):  # noqa: A
     assert f'id="model-{CODE}"' in page and "compiled without freezing" in page
 
 
-def test_freezing_on_or_ignored_is_quiet(models):  # noqa: ANN001
-    assert _walk(models, torch.compile(models[1], options={"freezing": True}))[1].findings == ()
-    assert _walk(models, torch.compile(models[1]), ignore=(CODE,))[1].findings == ()
+def test_what_ran_decides_not_the_config_at_capture(models):  # noqa: ANN001
+    """Frozen through the config: quiet. Compiled and run under config.patch(freezing=True),
+    captured outside it: quiet too (the int8 kernel ran). Compiled and run without freezing,
+    the config set only afterwards: named (the model still runs the float32 conv)."""
+    converted, x = models[1], models[2][0]
     torch._inductor.config.freezing = True
-    assert _walk(models, torch.compile(models[1]))[1].findings == ()
-    # the option overrides the config
+    frozen = torch.compile(converted)
+    assert _walk(models, frozen)[1].findings == ()
+    assert _walk(models, frozen)[0].compiled.conv_ops == ("onednn::qconv_pointwise",)
+    torch._dynamo.reset()
+    torch._inductor.config.freezing = False
+    patched = torch.compile(converted)
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        patched(x)
+    assert _walk(models, patched)[1].findings == ()
+    torch._dynamo.reset()
+    early = torch.compile(converted)
+    with torch.no_grad():
+        early(x)
+    torch._inductor.config.freezing = True
+    (f,) = _walk(models, early)[1].findings
+    assert f.severity == "warning" and "was compiled before, at its first call" in f.message
+    assert _walk(models, early, ignore=(CODE,))[1].findings == ()
+
+
+def test_the_freezing_option_fails_and_is_an_error(models):  # noqa: ANN001
+    """options={'freezing': True} with the config off: the compiled model fails at its first
+    call (torch 2.13); the capture goes on with the graph, and QCD063 is an error."""
+    bundle, report = _walk(models, torch.compile(models[1], options={"freezing": True}))
+    assert "qconv_prepack" in (bundle.compiled.error or "")
+    (f,) = report.findings
+    assert f.severity == "error" and "failed" in f.message and f.fix == FIX
+    assert any("failed" in n and "captured is the graph" in n for n in bundle.notes)
+    torch._dynamo.reset()
+    torch._inductor.config.freezing = True  # the option off overrides the config on
     (f,) = _walk(models, torch.compile(models[1], options={"freezing": False}))[1].findings
     assert "options={'freezing': False}" in f.message
+
+
+def test_a_model_compiled_in_place_is_seen(models):  # noqa: ANN001
+    model, converted, batches = models
+    import copy
+
+    in_place = copy.deepcopy(converted)
+    in_place.compile()
+    bundle, report = _walk(models, in_place)
+    assert bundle.compiled is not None and bundle.compiled.backend == "inductor"
+    assert [f.code for f in report.findings] == [CODE]
+    assert in_place._compiled_call_impl is not None  # left compiled, as it was given
 
 
 def test_a_compiled_float_model_keeps_its_module_names(models):  # noqa: ANN001
