@@ -116,6 +116,7 @@ def test_the_freezing_option_fails_and_is_an_error(models):  # noqa: ANN001
     assert "options={'freezing': False}" in f.message
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's, copying a GraphModule
 def test_a_model_compiled_in_place_is_seen(models):  # noqa: ANN001
     model, converted, batches = models
     import copy
