@@ -33,6 +33,25 @@ def capture_warnings() -> Iterator[list[str]]:
             del _SCOPES[next(i for i, x in enumerate(_SCOPES) if x is mine)]
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Inside, what torch's C++ side writes to the process's stderr (file descriptor 2: the
+    profiler's ``profiler_start`` lines, for one) goes nowhere."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def conv_function(dims: int) -> Callable[..., Any]:
     """torch's float conv for 1, 2 or 3 spatial dims: ``F.conv1d``, ``conv2d`` or ``conv3d``."""
     import torch.nn.functional as F

@@ -151,19 +151,20 @@ def _callback_of(fn: Any) -> Any:
 
 def observed(compiled: CompiledWith, model: Any, batch: Any) -> CompiledWith:
     """``compiled`` with the conv ops ``model`` (as torch.compile returned it) runs on
-    ``batch`` under ``no_grad``, or the error that run raised. torch's log lines and warnings
-    are kept off the terminal."""
+    ``batch`` under ``no_grad``, or the error that run raised. torch's log lines, warnings and
+    the profiler's own lines on stderr are kept off the terminal."""
     import logging
 
     import torch
 
-    from ..torch_calls import capture_warnings
+    from ..torch_calls import capture_warnings, quiet_stderr
 
     log = logging.getLogger("torch")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        with torch.no_grad(), capture_warnings(), contextlib.ExitStack() as stack:
+        with torch.no_grad(), capture_warnings(), quiet_stderr(), \
+                contextlib.ExitStack() as stack:
             try:
                 model(batch)  # compiles, when not compiled yet
                 prof = stack.enter_context(torch.profiler.profile())

@@ -225,3 +225,12 @@ def test_qcd063_fires_on_a_pt2e_model_whose_int8_kernels_do_not_run():
     assert qcd063(CompiledWith("inductor", None, True), pt2e=True) is None
     assert qcd063(CompiledWith("inductor", False, True), pt2e=True) is not None
     assert qcd063(CompiledWith("eager", None, True), pt2e=True) is not None
+
+
+def test_running_the_compiled_model_prints_nothing(models, capfd):  # noqa: ANN001
+    """The profiler's C++ side writes its start and stop to stderr; torch's compile logs: none
+    of it reaches the terminal."""
+    capfd.readouterr()
+    _walk(models, torch.compile(models[1]))
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
