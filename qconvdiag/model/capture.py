@@ -102,7 +102,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     if not pairs:
         raise CaseError(_no_quantized_conv(quantized_model))
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
-    activations: dict[str, list[str]] = {}
+    activations: dict[str, list[tuple[str, str]]] = {}
     seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
     reused = reused_activations(activations, float_model, quantized_model,
                                 {name: qconv for name, (_f, qconv) in pairs.items()})
@@ -260,8 +260,8 @@ class _Seen:
 
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
-                    batches: list[Any], limit: int, activations: dict[str, list[str]]
-                    ) -> dict[str, _Seen]:
+                    batches: list[Any], limit: int,
+                    activations: dict[str, list[tuple[str, str]]]) -> dict[str, _Seen]:
     seen = {name: _Seen() for name in pairs}
 
     def q_hook(name: str) -> Callable[..., None]:
@@ -280,15 +280,15 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
 
 def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
              seen: dict[str, _Seen], batches: list[Any], limit: int, handles: list[Any],
-             folded: Callable[[str], bool], activations: dict[str, list[str]] | None = None
-             ) -> None:
+             folded: Callable[[str], bool],
+             activations: dict[str, list[tuple[str, str]]] | None = None) -> None:
     """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
     hooked; every hook in ``handles`` is removed at the end. ``folded``: whether the quantized
     model folded the float model's BatchNorm of this name into its conv. ``activations`` gets,
     per activation module of the float model (``FUSED_ACTIVATIONS``), its calls in the first
-    forward, in order: the conv whose output (or its BatchNorm's) each was called on, or "" for
-    another op's output.
+    forward, in order: the conv whose output (or its BatchNorm's) each was called on ("" for
+    another op's output), and the conv that ran last before it.
 
     A float conv's output is copied only when it is needed: a BatchNorm folded into the
     quantized conv takes its place (its output is copied instead). Until the conv's consumer
@@ -304,13 +304,14 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     pending = _PendingOutputs(seen, fconvs)
     produced = _ConvOutputs()
     calls = {} if activations is None else activations
-    first = [True]
+    first, last = [True], [""]  # the first forward; the conv that ran last
 
     def f_hook(name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
             seen[name].float_input.append(_copy(args[0]))
             pending.add(name, out)
             produced.add(out, name)
+            last[0] = name
         return hook
 
     def bn_hook(bn_name: str) -> Callable[..., None]:
@@ -332,7 +333,7 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
             is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
             pending.settle(but=args[0] if is_bn and args else None)
             if first[0] and args and type(module).__name__ in FUSED_ACTIVATIONS:
-                calls.setdefault(name, []).append(produced.of(args[0]) or "")
+                calls.setdefault(name, []).append((produced.of(args[0]) or "", last[0]))
         return hook
 
     for name, fconv in fconvs.items():

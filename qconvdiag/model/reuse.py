@@ -41,6 +41,8 @@ class ReusedActivation:
     module's place (fused into another conv), and their quantized conv fused no activation."""
     lost_other: int = 0
     """Its calls on another op's output that run as Identity in the quantized model."""
+    other_after: tuple[str, ...] = ()
+    """For each call on another op's output, the conv that ran last before it ("" if none)."""
 
     @property
     def calls(self) -> int:
@@ -49,7 +51,13 @@ class ReusedActivation:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "convs": list(self.convs),
                 "other_calls": self.other_calls, "lost": list(self.lost),
-                "lost_other": self.lost_other}
+                "lost_other": self.lost_other, "other_after": list(self.other_after)}
+
+    def missing_after(self) -> tuple[str, ...]:
+        """The convs after which the quantized model runs without the module: those that lost
+        it, and the last conv before each of its other calls that did."""
+        return tuple(dict.fromkeys([*self.lost, *(c for c in self.other_after if c and
+                                                  self.lost_other)]))
 
     @staticmethod
     def from_mapping(value: Any, where: str) -> ReusedActivation:
@@ -60,30 +68,33 @@ class ReusedActivation:
         if not isinstance(value, dict) or not all(isinstance(value.get(k), str)
                                                   for k in ("name", "kind")):
             raise bad()
-        lists = [value.get(k) for k in ("convs", "lost")]
+        lists = [value.get(k) for k in ("convs", "lost")] + [value.get("other_after", [])]
         counts = [value.get(k) for k in ("other_calls", "lost_other")]
         if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in lists):
             raise bad()
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise bad()
-        convs, lost = (tuple(str(c) for c in v or ()) for v in lists)
+        convs, lost, after = (tuple(str(c) for c in v or ()) for v in lists)
         return ReusedActivation(value["name"], value["kind"], convs, int(counts[0] or 0),
-                                lost, int(counts[1] or 0))
+                                lost, int(counts[1] or 0), after)
 
 
-def reused_activations(calls: dict[str, list[str]], float_model: Any, quantized_model: Any,
-                       qconvs: dict[str, Any]) -> tuple[ReusedActivation, ...]:
+def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any,
+                       quantized_model: Any, qconvs: dict[str, Any]
+                       ) -> tuple[ReusedActivation, ...]:
     """The activation modules called more than once per forward, once at least after a conv
-    (``calls``: module -> the conv each call followed, "" for another op: the capture's
-    hooks), with the calls each lost in the quantized model."""
+    (``calls``: module -> per call, the conv whose output it read ("" for another op's) and the
+    conv that ran last before it: the capture's hooks), with the calls each lost in the
+    quantized model."""
     import torch
 
     out = []
     for name, sites in calls.items():
-        convs = tuple(dict.fromkeys(c for c in sites if c))
+        convs = tuple(dict.fromkeys(c for c, _last in sites if c))
         if len(sites) < 2 or not convs:
             continue
-        other = sum(1 for c in sites if not c)
+        after = tuple(last for c, last in sites if not c)
+        other = len(after)
         kind = type(float_model.get_submodule(name)).__name__
         try:
             now = quantized_model.get_submodule(name)
@@ -94,7 +105,8 @@ def reused_activations(calls: dict[str, list[str]], float_model: Any, quantized_
         fused_away = isinstance(now, torch.nn.Identity)
         lost = tuple(c for c in convs if fused_away and c in qconvs
                      and kind not in type(qconvs[c]).__name__)
-        out.append(ReusedActivation(name, kind, convs, other, lost, other if fused_away else 0))
+        out.append(ReusedActivation(name, kind, convs, other, lost,
+                                    other if fused_away else 0, after))
     return tuple(out)
 
 

@@ -182,7 +182,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
         status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
         upstream=upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
-                                 {c: r.kind for r in bundle.reused for c in r.lost}),
+                                 {c: r.kind for r in bundle.reused for c in r.missing_after()}),
         findings=model_findings)
     return ModelDiagnosis(report, diagnoses)
 
@@ -225,10 +225,9 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             cause = ("an op between them (an add, a pool, a cat, a linear layer: its output "
                      "scale) loses it" if not before else
-                     f"{', '.join(before)} {'runs' if len(before) == 1 else 'run'} without the "
-                     f"{(missing or {})[before[0]]} the float model applies after "
-                     f"{'it' if len(before) == 1 else 'them'} (QCD064), which lets negative "
-                     "outputs through")
+                     f"the {(missing or {})[before[0]]} the float model applies after "
+                     f"{', '.join(before)} is gone in the quantized model (QCD064), which lets "
+                     "negative values through")
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"

@@ -77,7 +77,8 @@ def test_a_shared_relu_fused_into_one_conv_is_gone_after_the_other():
     conv3 = report.layer("conv3")
     assert conv3 is not None and conv3.input.sqnr_db is not None and conv3.input.sqnr_db < 10
     (loss,) = report.upstream  # blamed on the missing ReLU, not on an op between the convs
-    assert loss.layer == "conv3" and "conv2 runs without the ReLU" in loss.message
+    assert loss.layer == "conv3" and "the ReLU the float model applies after conv2 is gone" \
+        in loss.message
     # the repair the fix prints, run: the ReLU is back after conv2, and the finding is info
     exec(compile(f.fix, "QCD064 fix", "exec"), {"torch": torch, "quantized": quantized})
     bundle, report = _walk(model, quantized, x)
@@ -110,7 +111,10 @@ def test_a_relu_after_the_residual_add_fused_away_is_named():
     quantized = _quantized(model, [["conv1", "bn1", "relu"], ["conv2", "bn2"]], x)
     bundle, report = _walk(model, quantized, x)
     (r,) = bundle.reused
-    assert (r.convs, r.other_calls, r.lost, r.lost_other) == (("conv1",), 1, (), 1)
+    assert (r.convs, r.other_calls, r.lost, r.lost_other, r.other_after) == (
+        ("conv1",), 1, (), 1, ("conv2",))
+    (loss,) = report.upstream  # the ReLU after the add, gone: blamed, not an op between convs
+    assert loss.layer == "conv3" and "applies after conv2 is gone" in loss.message
     (f,) = report.findings
     assert f.severity == "warning" and "without it at 1 call(s) after other ops" in f.message
     assert "2 times per forward: after conv1 and after another op" in f.message
