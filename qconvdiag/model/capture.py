@@ -105,7 +105,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     activations: dict[str, list[tuple[str, str]]] = {}
     seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
     reused = reused_activations(activations, float_model, quantized_model,
-                                {name: qconv for name, (_f, qconv) in pairs.items()})
+                                {name: qconv for name, (_f, qconv) in pairs.items()},
+                                {name: s.bn for name, s in seen.items() if s.bn})
     keep, notes = sample_notes(seen, batches, limit)
     points = {}
     for name, (fconv, qconv) in pairs.items():

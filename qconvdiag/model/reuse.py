@@ -43,6 +43,8 @@ class ReusedActivation:
     """Its calls on another op's output that run as Identity in the quantized model."""
     other_after: tuple[str, ...] = ()
     """For each call on another op's output, the conv that ran last before it ("" if none)."""
+    bns: tuple[str, ...] = ()
+    """Per conv of ``convs``, the BatchNorm between it and the module ("" if none)."""
 
     @property
     def calls(self) -> int:
@@ -51,7 +53,8 @@ class ReusedActivation:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "convs": list(self.convs),
                 "other_calls": self.other_calls, "lost": list(self.lost),
-                "lost_other": self.lost_other, "other_after": list(self.other_after)}
+                "lost_other": self.lost_other, "other_after": list(self.other_after),
+                "bns": list(self.bns)}
 
     def missing_after(self) -> tuple[str, ...]:
         """The convs after which the quantized model runs without the module: those that lost
@@ -68,24 +71,25 @@ class ReusedActivation:
         if not isinstance(value, dict) or not all(isinstance(value.get(k), str)
                                                   for k in ("name", "kind")):
             raise bad()
-        lists = [value.get(k) for k in ("convs", "lost")] + [value.get("other_after", [])]
+        lists = [value.get(k) for k in ("convs", "lost")] + [value.get(k, []) for k in (
+            "other_after", "bns")]
         counts = [value.get(k) for k in ("other_calls", "lost_other")]
         if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in lists):
             raise bad()
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise bad()
-        convs, lost, after = (tuple(str(c) for c in v or ()) for v in lists)
+        convs, lost, after, bns = (tuple(str(c) for c in v or ()) for v in lists)
         return ReusedActivation(value["name"], value["kind"], convs, int(counts[0] or 0),
-                                lost, int(counts[1] or 0), after)
+                                lost, int(counts[1] or 0), after, bns)
 
 
 def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any,
-                       quantized_model: Any, qconvs: dict[str, Any]
+                       quantized_model: Any, qconvs: dict[str, Any], bns: dict[str, str]
                        ) -> tuple[ReusedActivation, ...]:
     """The activation modules called more than once per forward, once at least after a conv
     (``calls``: module -> per call, the conv whose output it read ("" for another op's) and the
     conv that ran last before it: the capture's hooks), with the calls each lost in the
-    quantized model."""
+    quantized model. ``bns``: the BatchNorm each conv's output went through, if any."""
     import torch
 
     out = []
@@ -106,7 +110,8 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
         lost = tuple(c for c in convs if fused_away and c in qconvs
                      and kind not in type(qconvs[c]).__name__)
         out.append(ReusedActivation(name, kind, convs, other, lost,
-                                    other if fused_away else 0, after))
+                                    other if fused_away else 0, after,
+                                    tuple(bns.get(c, "") for c in convs)))
     return tuple(out)
 
 
@@ -134,12 +139,14 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool) -> list[Finding]:
         owner, _, attr = r.name.rpartition(".")
         own = [f"self.{attr}{i}" for i in range(1, r.calls + 1)]
         where = f" of {owner!r}" if owner else ""
+        bns = r.bns or ("",) * len(r.convs)
+        groups = ", ".join("[" + ", ".join(f"'{m}'" for m in (c, b, o.removeprefix("self."))
+                                           if m) + "]"
+                           for c, b, o in zip(r.convs, bns, own))
         lasting = (f"# for good: one {r.kind} module per call, in __init__{where}\n"
                    + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
-                   + "# each used at one call in forward, each fused with its conv:\n"
-                   + "#     fuse_modules(model, [" + ", ".join(
-                       f"['{c}', '{o.removeprefix('self.')}']" for c, o in zip(r.convs, own))
-                   + "])")
+                   + "# each used at one call in forward; each conv's fused with it:\n"
+                   + f"#     fuse_modules(model, [{groups}])")
         parent = f"quantized.get_submodule({owner!r})" if owner else "quantized"
         calls = _calls_text(r)
         if r.lost or r.lost_other:

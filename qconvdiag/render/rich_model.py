@@ -67,6 +67,15 @@ def shared_cause_sentence(report: ModelReport) -> str | None:
 
 
 def summary_sentence(report: ModelReport) -> str:
+    serious = [f for f in report.findings if f.severity != "info"]
+    if not serious:
+        return _convs_sentence(report)
+    f = serious[0]
+    return (_convs_sentence(report) + f" Beyond its convs, the model as a whole: {f.code} "
+            f"({f.severity}: {f.title}), below.")
+
+
+def _convs_sentence(report: ModelReport) -> str:
     rows = report.layers
     off = [r for r in rows if r.verdict != "at_floor"]
     worst = report.layer(report.ranking[0]) if report.ranking else None
@@ -185,7 +194,8 @@ def render_model(report: ModelReport, console: Console | None = None,
     folded = [r for r in report.layers if r.bn_folded]
     if folded:
         hanging(console, f"BatchNorm folded into the float weight and bias of {len(folded)} "
-                "convs, as the quantized model folded it.", style="dim")
+                f"conv{'s' if len(folded) > 1 else ''}, as the quantized model folded it.",
+                style="dim")
     fp32 = [r.name for r in report.layers if r.output_dtype == "float32"]
     if fp32:
         hanging(console, "float32 output (a consumer takes float, e.g. a residual add): "

@@ -62,6 +62,9 @@ def test_compiled_without_freezing_is_named_with_its_numbers(models):  # noqa: A
     assert "freezing off" in f.message and f.fix == FIX
     assert "it ran aten::mkldnn_convolution (torch's profiler)" in f.message
     assert [b.layer for b in report.gate.breaches] == ["(model)"]
+    from qconvdiag.render.rich_model import summary_sentence
+
+    assert f"Beyond its convs, the model as a whole: {CODE} (warning" in summary_sentence(report)
     assert report.status == "fail"
     schema = json.loads(resources.files("qconvdiag").joinpath(
         "report.schema.json").read_text())

@@ -70,7 +70,8 @@ def test_a_shared_relu_fused_into_one_conv_is_gone_after_the_other():
     model, x = Shared().eval(), torch.randn(4, 3, 12, 12)
     quantized = _quantized(model, [["conv1", "relu"]], x)
     bundle, report = _walk(model, quantized, x)
-    assert bundle.reused == (ReusedActivation("relu", "ReLU", ("conv1", "conv2"), 0, ("conv2",)),)
+    assert bundle.reused == (ReusedActivation("relu", "ReLU", ("conv1", "conv2"), 0, ("conv2",),
+                                              bns=("", "")),)
     (f,) = report.findings
     assert (f.code, f.severity) == (CODE, "warning") and "without it at conv2:" in f.message
     # the cost is real: conv3 receives conv2's negative outputs, where the float model's are 0
@@ -116,6 +117,7 @@ def test_a_relu_after_the_residual_add_fused_away_is_named():
     (loss,) = report.upstream  # the ReLU after the add, gone: blamed, not an op between convs
     assert loss.layer == "conv3" and "applies after conv2 is gone" in loss.message
     (f,) = report.findings
+    assert "fuse_modules(model, [['conv1', 'bn1', 'relu1']])" in f.fix  # its BatchNorm kept
     assert f.severity == "warning" and "without it at 1 call(s) after other ops" in f.message
     assert "2 times per forward: after conv1 and after another op" in f.message
     conv3 = report.layer("conv3")
