@@ -81,11 +81,12 @@ def given_weight_fix(case: ConvCase, kernel: str, weight_qp: QParams, input_qp: 
             "qm.set_weight_bias(qw, conv.bias)  # repacks weight and bias")
 
 
-def output_fix(y0: np.ndarray) -> tuple[str, QParams]:
-    """Minmax quint8 output qparams over the float output's range (0 included)."""
+def output_fix(y0: np.ndarray, what: str = "the float output") -> tuple[str, QParams]:
+    """Minmax quint8 output qparams over the float output's range (0 included); ``what`` names
+    the values ``y0`` spans in the fix's comment."""
     scale, zp = minmax_qparams(y0, "quint8")
     lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
-    return (f"qm.scale = {scale!r}  # minmax over the float output [{fmt(lo)}, {fmt(hi)}]\n"
+    return (f"qm.scale = {scale!r}  # minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
             f"qm.zero_point = {zp}"), per_tensor(scale, zp, "quint8", "fix")
 
 

@@ -45,6 +45,14 @@ def _covered(ctx: Context, run: PathRun) -> np.ndarray:
     return np.asarray(output_span(ctx.case, y0), dtype=np.float64)
 
 
+def _output_fix(ctx: Context, run: PathRun) -> str:
+    """``output_fix`` over ``_covered``, its comment naming the calibration batches when their
+    range widened it (a model walk's: the message's numbers are the captured samples')."""
+    calibrated = ctx.case.output_range is not None and not ctx.case.output_range_sampled
+    what = "the float output on the calibration batches" if calibrated else "the float output"
+    return output_fix(_covered(ctx, run), what)[0]
+
+
 def qcd050(ctx: Context) -> Iterator[Finding]:
     run = ctx.as_given
     s = ctx.case.setup
@@ -63,7 +71,7 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
     y0 = _y0(run)
     lo, hi = float(y0.min()), float(y0.max())
     span = f"is {fmt(lo)}" if lo == hi else f"spans {fmt(lo)}..{fmt(hi)}"
-    fix, _ = output_fix(_covered(ctx, run))
+    fix = _output_fix(ctx, run)
     yield finding(
         "QCD050", severity(run, energy, "warning"),
         "output qparams left at the defaults 1.0 / 0",
@@ -107,13 +115,14 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         top, bottom = (qp.dtype_max - zp) * s, (qp.dtype_min - zp) * s
         y0 = _y0(run)
         sides = []
+        here = " on the captured inputs" if ctx.case.output_range is not None else ""
         if above:
             sides.append(f"{above} above {fmt(top)} (the float output reaches "
-                         f"{fmt(float(y0.max()))})")
+                         f"{fmt(float(y0.max()))}{here})")
         if below:
             sides.append(f"{below} below {fmt(bottom)} (the float output reaches "
-                         f"{fmt(float(y0.min()))})")
-        fix, _ = output_fix(_covered(ctx, run))
+                         f"{fmt(float(y0.min()))}{here})")
+        fix = _output_fix(ctx, run)
         production = run.report.name == "production"
         level = severity(run, energy)
         # a trim's cost is said, not warned about; a saturation that breaks the path, or
@@ -162,7 +171,7 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
         out_s = float(run.spec.output_qparams.scale[0])
         lo, hi = output_span(ctx.case, _y0(run))
         ideal = (hi - lo) / 255
-        fix, _ = output_fix(_covered(ctx, run))
+        fix = _output_fix(ctx, run)
         yield finding(
             "QCD052", severity(run, energy), "output step too coarse for the output's range",
             f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "
@@ -185,7 +194,7 @@ def qcd054(ctx: Context) -> Iterator[Finding]:
     energy = excess(run, *OUTPUT)
     zp, s = qp.zero_point[0], qp.scale[0]
     lo, hi = DTYPE_RANGES[qp.dtype_given]
-    fix, _ = output_fix(_covered(ctx, run))
+    fix = _output_fix(ctx, run)
     yield finding(
         "QCD054", severity(run, energy, "warning"),
         f"output qparams say {qp.dtype_given}; torch's quantized conv writes quint8",
@@ -206,7 +215,7 @@ def qcd053(ctx: Context) -> Iterator[Finding]:
     if qp.dtype_min <= zp <= qp.dtype_max:
         return
     energy = excess(run, *OUTPUT, "module_state")
-    fix, _ = output_fix(_covered(ctx, run))
+    fix = _output_fix(ctx, run)
     yield finding(
         "QCD053", severity(run, energy, "warning"),
         "output zero point outside the output dtype's range",
