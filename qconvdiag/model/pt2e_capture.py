@@ -43,16 +43,15 @@ from ..quantization.qparams import QParams, make_qparams
 from .bundle import LayerCapture, ModelBundle
 from .capture import (
     Progress,
-    _Seen,
     finish_bundle,
     float_conv_at,
     float_reference,
     layer_capture,
     output_ranges,
-    run_both,
     sample_notes,
 )
 from .compiled import CompiledWith
+from .hooks import Seen, run_both
 
 ENGINE = "x86_inductor"
 #: The output qparams inductor passes qconv_pointwise for a float32 output (scale 1.0, zero
@@ -207,7 +206,7 @@ def kernel_codes(p: ConvPattern, codes: Any) -> Any:
     return torch.from_numpy(got if p.float_output else got.astype(np.uint8))
 
 
-def _runner(model: Any, patterns: list[ConvPattern], seen: dict[str, _Seen],
+def _runner(model: Any, patterns: list[ConvPattern], seen: dict[str, Seen],
             differ: list[int]) -> Callable[[Any], Any]:
     """Run the graph with each pattern's output codes from the kernel; record every
     pattern's input and output codes in ``seen``, and in ``differ`` (outputs, of which
@@ -274,7 +273,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
                             "takes convs that run once per forward")
         fconvs[p.name] = _float_conv(float_model, p)
     graph_bns = _graph_batchnorms(converted)
-    seen = {p.name: _Seen() for p in patterns}
+    seen = {p.name: Seen() for p in patterns}
     differ = [0, 0]
     say(f"running both models on {len(batches)} batch(es), {len(patterns)} quantized convs")
     floats = [p.name for p in patterns if p.float_output]
@@ -324,13 +323,13 @@ def _graph_batchnorms(converted: Any) -> set[str]:
             and n.meta.get("nn_module_stack")}
 
 
-def _folded_bn(s: _Seen, graph_bns: set[str]) -> str | None:
+def _folded_bn(s: Seen, graph_bns: set[str]) -> str | None:
     """The float BatchNorm that consumed the conv's output, when the graph no longer has it
     (prepare_pt2e folded it into the conv)."""
     return s.bn if s.bn is not None and s.bn not in graph_bns else None
 
 
-def _layer(p: ConvPattern, fconv: Any, s: _Seen, keep: int, float_model: Any,
+def _layer(p: ConvPattern, fconv: Any, s: Seen, keep: int, float_model: Any,
            bn_name: str | None, calibration_range: tuple[float, float] | None) -> LayerCapture:
     # codes in their 8-bit dtype, as the eager capture keeps them
     x_codes = np.concatenate([t.numpy() for t in s.qinput])[:keep]

@@ -8,7 +8,7 @@ by ``capture_model``'s hooks on the float model's first forward, named by QCD064
   fusing the module into a second conv fails (``did not find fuser method``). A warning: it
   costs what the missing activation lets through, downstream.
 - The PT2E flow: a non-strict ``torch.export`` of such a model fails in ``prepare_pt2e``
-  ("Input partition has more than one output node"; ``capture.FUSED_ACTIVATIONS`` lists the
+  ("Input partition has more than one output node"; ``hooks.FUSED_ACTIVATIONS`` lists the
   module types measured). Info, on an eager or FX model: its migration (QCD060) will meet it.
 """
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qconvdiag.model.capture import _Seen, run_both
+from qconvdiag.model.hooks import Seen, run_both
 
 
 class _Net(torch.nn.Module):
@@ -31,12 +31,12 @@ class _Net(torch.nn.Module):
         return self.conv2(y)
 
 
-def _run(after: str, folded: bool) -> tuple[_Seen, torch.Tensor, np.ndarray]:
+def _run(after: str, folded: bool) -> tuple[Seen, torch.Tensor, np.ndarray]:
     net = _Net(after).eval()
     with torch.no_grad():
         net.bn.running_mean.uniform_(-1, 1)
     x = torch.randn(2, 3, 8, 8)
-    seen = {"conv": _Seen()}
+    seen = {"conv": Seen()}
 
     def quantized_side(_batch: torch.Tensor) -> None:  # what the quantized model's hooks add
         seen["conv"].qinput.append(torch.zeros(1))
@@ -89,7 +89,7 @@ def test_a_batchnorm_finds_its_conv_after_other_modules_ran(mode: str) -> None:
     between them, and in inference mode (whose tensors keep no version counter) too."""
     net = _TwoBranch().eval()
     x = torch.randn(2, 3, 8, 8)
-    seen = {"ca": _Seen(), "cb": _Seen()}
+    seen = {"ca": Seen(), "cb": Seen()}
 
     def quantized_side(_batch: torch.Tensor) -> None:
         for s in seen.values():

@@ -1,0 +1,230 @@
+"""``capture_model``'s recording: both models run batch by batch, hooks keeping what each
+captured conv saw (``Seen``), what the float model computed at it, and which activation modules
+the float model calls on which conv's output (reuse.py)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import CaseError
+
+#: Activation modules X86InductorQuantizer fuses into the conv before them. Measured with torch
+#: 2.13 and torchao 0.18: one such module called after two convs makes a non-strict
+#: ``torch.export`` of the model fail in ``prepare_pt2e`` ("Input partition has more than one
+#: output node"); GELU, LeakyReLU, Sigmoid and pools do not.
+FUSED_ACTIVATIONS = frozenset({"ReLU", "ReLU6", "Hardtanh", "Hardswish", "SiLU"})
+
+
+class Seen:
+    """What the hooks saw of one conv, batch by batch."""
+
+    def __init__(self) -> None:
+        self.qinput: list[Any] = []
+        self.qoutput: list[Any] = []
+        self.float_input: list[np.ndarray] = []
+        self.float_output: list[np.ndarray] = []
+        """The float conv's output (copied: an in-place ReLU may overwrite it next)."""
+        self.bn: str | None = None
+        self.bn_output: list[np.ndarray] = []
+
+
+def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
+             seen: dict[str, Seen], batches: list[Any], limit: int, handles: list[Any],
+             folded: Callable[[str], bool],
+             activations: dict[str, list[tuple[str, str]]] | None = None) -> None:
+    """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
+    quantized side) and the float model, batch by batch, the float convs and BatchNorms
+    hooked (``_FloatRecorder``); every hook in ``handles`` is removed at the end. ``folded``:
+    whether the quantized model folded the float model's BatchNorm of this name into its conv.
+    ``activations`` gets, per activation module of the float model (``FUSED_ACTIVATIONS``), its
+    calls in the first forward, in order: the conv whose output (or its BatchNorm's) each was
+    called on ("" for another op's output), and the conv that ran last before it."""
+    import torch
+
+    from ..torch_calls import capture_warnings
+
+    recorder = _FloatRecorder(seen, fconvs, folded, {} if activations is None else activations)
+    for name, fconv in fconvs.items():
+        handles.append(fconv.register_forward_hook(recorder.conv_hook(name)))
+    for name, module in float_model.named_modules():
+        handles.append(module.register_forward_pre_hook(recorder.before_hook(name)))
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_hook(recorder.bn_hook(name)))
+    try:
+        with torch.no_grad(), capture_warnings():
+            for run, batch in enumerate(batches, 1):
+                run_quantized(batch)
+                float_model(batch)
+                recorder.end_forward()
+                _check_once_per_forward(seen, run)
+                if _stored(seen) >= _room(seen, limit):
+                    break  # memory stays bounded: later batches would be dropped anyway
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _FloatRecorder:
+    """The float model's hooks. A float conv's output is copied only when it is needed: a
+    BatchNorm folded into the quantized conv takes its place (its output is copied instead).
+    Until the conv's consumer is known the output stays pending, and it is copied before any
+    other module runs (an in-place ReLU would overwrite it); a folded BatchNorm that reads it
+    after that (another module ran between them) drops the copy. An in-place op between
+    modules (``x += y``) bumps the output's version: the output is then computed again by the
+    conv, on its copied input. An edit through ``.data`` bumps no version and goes unseen
+    (torch keeps no trace of it)."""
+
+    def __init__(self, seen: dict[str, Seen], fconvs: dict[str, Any],
+                 folded: Callable[[str], bool], calls: dict[str, list[tuple[str, str]]]) -> None:
+        self.seen, self.folded, self.calls = seen, folded, calls
+        self.pending = _PendingOutputs(seen, fconvs)
+        self.produced = _ConvOutputs()
+        self.first = True  # the first forward: the activations' calls are recorded in it
+        self.last = ""  # the conv that ran last
+
+    def conv_hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            self.seen[name].float_input.append(copy_float(args[0]))
+            self.pending.add(name, out)
+            self.produced.add(out, name)
+            self.last = name
+        return hook
+
+    def bn_hook(self, bn_name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            conv = self.produced.of(args[0], direct=True)  # the conv whose output it read
+            if conv is not None and self.seen[conv].bn in (None, bn_name):
+                s = self.seen[conv]
+                s.bn = bn_name
+                s.bn_output.append(copy_float(out))
+                if self.folded(bn_name) and not self.pending.drop(conv):
+                    s.float_output.pop()  # copied already: the BatchNorm's stands
+            self.pending.settle()
+            conv = self.produced.of(args[0])
+            if conv is not None:
+                self.produced.add(out, conv, direct=False)
+        return hook
+
+    def before_hook(self, name: str) -> Callable[..., None]:
+        import torch
+
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
+            is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            self.pending.settle(but=args[0] if is_bn and args else None)
+            if self.first and args and type(module).__name__ in FUSED_ACTIVATIONS:
+                self.calls.setdefault(name, []).append(
+                    (self.produced.of(args[0]) or "", self.last))
+        return hook
+
+    def end_forward(self) -> None:
+        self.first = False
+        self.produced.clear()
+        self.pending.settle()
+
+
+class _ConvOutputs:
+    """The float convs' outputs of one forward (and their BatchNorms'), by tensor: which conv
+    a tensor came from. Weak references: a freed tensor's id may be reused."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[Any, str, bool]] = {}
+
+    def add(self, t: Any, conv: str, direct: bool = True) -> None:
+        """``t`` came from ``conv``: its output (``direct``) or its BatchNorm's."""
+        import weakref
+
+        self.by_id[id(t)] = (weakref.ref(t), conv, direct)
+
+    def of(self, t: Any, direct: bool = False) -> str | None:
+        """The conv ``t`` came from (with ``direct``: only a conv's own output)."""
+        hit = self.by_id.get(id(t))
+        if hit is None or hit[0]() is not t or (direct and not hit[2]):
+            return None
+        return hit[1]
+
+    def clear(self) -> None:
+        self.by_id.clear()
+
+
+class _PendingOutputs:
+    """Float convs' outputs whose consumer is not known yet (see ``_FloatRecorder``)."""
+
+    def __init__(self, seen: dict[str, Seen], fconvs: dict[str, Any]) -> None:
+        self.seen, self.fconvs = seen, fconvs
+        self.waiting: dict[str, tuple[Any, int]] = {}  # conv -> (output, its version)
+
+    def add(self, name: str, out: Any) -> None:
+        version = _version(out)
+        if version is None:  # an inference tensor keeps no version: copied now
+            self.seen[name].float_output.append(copy_float(out))
+        else:
+            self.waiting[name] = (out, version)
+
+    def drop(self, name: str) -> bool:
+        """Forget ``name``'s pending output (False: it was not pending, copied already)."""
+        return self.waiting.pop(name, None) is not None
+
+    def settle(self, but: Any = None) -> None:
+        """Copy every pending output (but ``but``, which a BatchNorm is about to read)."""
+        for name, (out, version) in list(self.waiting.items()):
+            if out is but:
+                continue
+            del self.waiting[name]
+            s = self.seen[name]
+            if _version(out) == version:
+                s.float_output.append(copy_float(out))
+            else:  # overwritten in place: the conv computes it again on its input
+                import torch
+
+                conv = self.fconvs[name]
+                with torch.no_grad():
+                    again = conv.forward(torch.from_numpy(s.float_input[-1]).to(
+                        conv.weight.dtype))
+                s.float_output.append(copy_float(again))
+
+
+def _version(t: Any) -> int | None:
+    """A tensor's version counter (bumped by every in-place op), None for an inference
+    tensor, which keeps none."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def copy_float(t: Any) -> np.ndarray:
+    """A float32, C-ordered copy of a float tensor (an in-place op may overwrite it next), made
+    by numpy: measured 3x faster than torch's copy of a 25 MB tensor, whose fresh memory
+    faults in page by page."""
+    return np.array(t.detach().float().numpy(), dtype=np.float32, order="C", copy=True)
+
+
+def _check_once_per_forward(seen: dict[str, Seen], runs: int) -> None:
+    """Each conv ran once per forward of each model (a conv called twice, or skipped, would
+    mix its calls up as samples)."""
+    for name, s in seen.items():
+        if len(s.qinput) != runs or len(s.float_input) != runs:
+            raise CaseError(f"capture_model: {name!r} ran {len(s.qinput)} times in the quantized "
+                            f"model and {len(s.float_input)} in the float one over {runs} "
+                            "forward(s); capture_model takes convs that run once per forward")
+
+
+def _stored(seen: dict[str, Seen]) -> int:
+    return sum(int(q.shape[0]) for q in next(iter(seen.values())).qinput)
+
+
+def _room(seen: dict[str, Seen], limit: int) -> int:
+    """How many samples every layer's tensors can hold within ``limit`` elements (at least
+    one)."""
+    per_sample = max((math.prod(q.shape[1:]) for s in seen.values() for q in s.qinput + s.qoutput),
+                     default=1)
+    return max(1, limit // max(per_sample, 1))
+
+
+def samples_within(seen: dict[str, Seen], limit: int) -> int:
+    """How many of the samples run every layer's tensors keep within ``limit`` elements."""
+    return min(_stored(seen), _room(seen, limit))
