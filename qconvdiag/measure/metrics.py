@@ -92,6 +92,14 @@ class Span(NamedTuple):
             return Span(0.0, 0.0, 0)
         return Span(float(a.min()), float(a.max()), int(np.count_nonzero(a > 0)))
 
+    @staticmethod
+    def joined(parts: list[Span]) -> Span:
+        """The span of the parts' arrays together (``Span(0, 0, 0)`` for none)."""
+        if not parts:
+            return Span(0.0, 0.0, 0)
+        return Span(min(p.low for p in parts), max(p.high for p in parts),
+                    sum(p.positive for p in parts))
+
 
 def fused_pass(approximation: Callable[[slice], np.ndarray], references: Sequence[np.ndarray],
                spans: Sequence[np.ndarray]) -> tuple[list[Difference], list[Span]]:
@@ -102,32 +110,22 @@ def fused_pass(approximation: Callable[[slice], np.ndarray], references: Sequenc
     At least one reference."""
     refs = [np.ascontiguousarray(r, dtype=np.float32).reshape(-1) for r in references]
     flat = [np.ascontiguousarray(a).reshape(-1) for a in spans]
-    n = refs[0].size
 
-    def work(parts: list[slice]) -> tuple[list[DifferenceSums], list[list[float]]]:
+    def work(parts: list[slice]) -> tuple[list[DifferenceSums], list[list[Span]]]:
         sums = [DifferenceSums() for _ in refs]
-        found = [[math.inf, -math.inf, 0] for _ in flat]
+        found: list[list[Span]] = [[] for _ in flat]
         for sl in parts:
             a = approximation(sl)
             for s, r in zip(sums, refs):
                 s.add(a, r[sl])
             for f, v in zip(found, flat):
-                c = v[sl]
-                f[0], f[1] = min(f[0], float(c.min())), max(f[1], float(c.max()))
-                f[2] += int(np.count_nonzero(c > 0))
+                f.append(Span.of(v[sl]))
         return sums, found
 
-    parts = over_chunks(n, work) if n else []
+    parts = over_chunks(refs[0].size, work)
     diffs = [DifferenceSums.merged([p[0][i] for p in parts]).difference()
-             for i in range(len(refs))] if parts else [Difference(None, 0.0, 0.0)] * len(refs)
-    out = []
-    for i in range(len(flat)):
-        if not parts:
-            out.append(Span(0.0, 0.0, 0))
-            continue
-        f = [p[1][i] for p in parts]
-        out.append(Span(min(x[0] for x in f), max(x[1] for x in f), sum(int(x[2]) for x in f)))
-    return diffs, out
+             for i in range(len(refs))]
+    return diffs, [Span.joined([s for p in parts for s in p[1][i]]) for i in range(len(flat))]
 
 
 class DifferenceSums:
@@ -142,7 +140,7 @@ class DifferenceSums:
 
     def add(self, a: np.ndarray, r: np.ndarray) -> None:
         k = r.size
-        e = np.subtract(a, r, out=_scratch32(k))
+        e = np.subtract(a, r, out=_scratch(k, np.float32))
         buf = _scratch(2 * CHUNK)
         e64, r64 = buf[:k], buf[CHUNK:CHUNK + k]
         e64[:], r64[:] = e, r
@@ -191,19 +189,14 @@ def merged(accs: list[ErrorAccumulator]) -> ErrorAccumulator:
 _LOCAL = threading.local()
 
 
-def _scratch(n: int) -> np.ndarray:
-    """A float64 buffer of n elements owned by the calling thread (reused across calls)."""
-    buf = getattr(_LOCAL, "buf", None)
+def _scratch(n: int, dtype: type = np.float64) -> np.ndarray:
+    """A buffer of n elements of ``dtype`` owned by the calling thread (reused across calls:
+    one per dtype)."""
+    key = f"buf_{np.dtype(dtype).name}"
+    buf = getattr(_LOCAL, key, None)
     if buf is None or buf.size < n:
-        buf = _LOCAL.buf = np.empty(max(n, CHUNK), dtype=np.float64)
-    return buf[:n]
-
-
-def _scratch32(n: int) -> np.ndarray:
-    """A float32 buffer of n <= CHUNK elements owned by the calling thread."""
-    buf = getattr(_LOCAL, "buf32", None)
-    if buf is None:
-        buf = _LOCAL.buf32 = np.empty(CHUNK, dtype=np.float32)
+        buf = np.empty(max(n, CHUNK), dtype=dtype)
+        setattr(_LOCAL, key, buf)
     return buf[:n]
 
 
