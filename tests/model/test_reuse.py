@@ -187,3 +187,33 @@ def test_the_bundle_keeps_the_reused_modules(tmp_path):  # noqa: ANN001
     with pytest.raises(CaseFileError, match="'reused' entry"):
         bundle_from_mapping(mapping, "b.pt")
 
+
+
+def test_an_fx_model_with_a_shared_relu_gets_the_info_only():
+    """FX fuses each call of the module with its own conv: no call loses the ReLU, so the
+    warning stays silent (its near miss) and the PT2E trap is the info."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.conv3 = torch.nn.Conv2d(8, 4, 1)
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv3(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+    model, x = Plain().eval(), torch.randn(4, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+        prepared(x)
+        quantized = convert_fx(prepared)
+    bundle, report = _walk(model, quantized, x)
+    assert bundle.reused and bundle.reused[0].lost == ()
+    assert [(f.code, f.severity) for f in report.findings] == [(CODE, "info")]
+    assert report.upstream == ()
