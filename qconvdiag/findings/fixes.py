@@ -86,8 +86,9 @@ def output_fix(y0: np.ndarray, what: str = "the float output") -> tuple[str, QPa
     the values ``y0`` spans in the fix's comment."""
     scale, zp = minmax_qparams(y0, "quint8")
     lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
-    return (f"qm.scale = {scale!r}  # minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
-            f"qm.zero_point = {zp}"), per_tensor(scale, zp, "quint8", "fix")
+    # the comment on its own line: the code lines stay within 80 columns when piped
+    return (f"# minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
+            f"qm.scale = {scale!r}\nqm.zero_point = {zp}"), per_tensor(scale, zp, "quint8", "fix")
 
 
 def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> str:

@@ -27,7 +27,9 @@ def test_the_forum_verdict_names_its_three_causes_and_a_first_fix():
     assert v is not None and v.judged and v.path == "as_given" and v.status == "broken"
     assert [c.code for c in v.causes] == ["QCD050", "QCD024", "QCD021"]
     assert sum(c.share for c in v.causes) == pytest.approx(1.0, abs=0.01)
-    assert v.first_fix is not None and v.first_fix.startswith("qm.scale = ")
+    assert v.first_fix is not None
+    comment, scale, _zero_point = v.first_fix.splitlines()[:3]
+    assert comment.startswith("# minmax over the float output") and scale.startswith("qm.scale = ")
     production = next(x for x in report.verdicts if x.path == "production")
     assert production.status == "at_floor" and production.healthy
 
