@@ -111,6 +111,17 @@ def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
+def _float_array(extra: dict[str, Any], what: str, shape: tuple[int, ...], where: str
+                 ) -> np.ndarray:
+    """A layer's ``float_input`` or ``float_output`` (``what``): finite float32 values of the
+    conv's input or output shape."""
+    a = np.asarray(extra[f"float_{what}"], dtype=np.float32)
+    if a.shape != tuple(shape) or not np.isfinite(a).all():
+        raise CaseFileError(f"{where}: float_{what} must be finite with the conv's {what} "
+                            f"shape {tuple(shape)}; capture the model again")
+    return a
+
+
 def _output_codes(q_out: np.ndarray, qp: QParams, where: str) -> np.ndarray:
     """A layer's output codes, in their 8-bit dtype as a capture keeps them (checked first:
     a cast would wrap a code outside the dtype's range around)."""
@@ -189,14 +200,8 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             raise CaseFileError(f"{where}: quantized_output has shape {q_out.shape}, the conv's "
                                 f"output is {case.output_shape}")
         cal = _range_entry(info.get("calibration_range"), where)
-        float_output = np.asarray(extra["float_output"], dtype=np.float32)
-        if float_output.shape != case.output_shape or not np.isfinite(float_output).all():
-            raise CaseFileError(f"{where}: float_output must be finite with the conv's output "
-                                f"shape {case.output_shape}; capture the model again")
-        float_input = np.asarray(extra["float_input"], dtype=np.float32)
-        if float_input.shape != case.input.shape or not np.isfinite(float_input).all():
-            raise CaseFileError(f"{where}: float_input must be finite with the conv's input "
-                                f"shape {case.input.shape}; capture the model again")
+        float_output = _float_array(extra, "output", case.output_shape, where)
+        float_input = _float_array(extra, "input", case.input.shape, where)
         layers.append(LayerCapture(
             name=info["name"], case=with_model_range(case, float_output, cal),
             float_input=float_input,
