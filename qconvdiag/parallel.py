@@ -17,8 +17,8 @@ T = TypeVar("T")
 CHUNK = 1 << 16
 
 
-def chunks(n: int) -> list[slice]:
-    return [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+def chunks(n: int, size: int = CHUNK) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 #: The chunks of one pass are cut into this many contiguous groups, each on its own thread
@@ -28,9 +28,10 @@ SPLIT = 2
 _POOL: list[Any] = []
 
 
-def over_chunks(n: int, work: Callable[[list[slice]], T]) -> list[T]:
-    """``work`` over the chunks of ``n`` elements, one call per group (see SPLIT), in order."""
-    return over_groups(chunks(n), work)
+def over_chunks(n: int, work: Callable[[list[slice]], T], size: int = CHUNK) -> list[T]:
+    """``work`` over the chunks of ``n`` elements (of ``size``), one call per group (see
+    SPLIT), in order."""
+    return over_groups(chunks(n, size), work)
 
 
 def over_groups(items: list[Any], work: Callable[[list[Any]], T]) -> list[T]:
