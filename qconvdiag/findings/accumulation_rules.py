@@ -9,19 +9,11 @@ import numpy as np
 
 from ..report import Finding
 from .base import Context, excess, finding, fmt, severity
-from .fixes import eager_flow
-
-REDUCE_RANGE_QCONFIG = (
-    "model.qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range={flag}), "
-    "weight=get_default_qconfig(\"{engine}\").weight)"
-)
-QCONFIG_IMPORTS = ("from torch.ao.quantization import QConfig\n"
-                   "from torch.ao.quantization.observer import HistogramObserver\n")
+from .fixes import eager_flow, reduce_range_flow
 
 
 def _reduce_range_fix(ctx: Context, engine: str, flag: bool) -> str:
-    return QCONFIG_IMPORTS + eager_flow(
-        ctx.case, engine, REDUCE_RANGE_QCONFIG.format(flag=flag, engine=engine))
+    return reduce_range_flow(ctx.case, engine, flag)
 
 
 def qcd040(ctx: Context) -> Iterator[Finding]:

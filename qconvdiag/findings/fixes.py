@@ -109,6 +109,21 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
     ])
 
 
+REDUCE_RANGE_QCONFIG = (
+    "model.qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range={flag}), "
+    "weight=get_default_qconfig(\"{engine}\").weight)"
+)
+QCONFIG_IMPORTS = ("from torch.ao.quantization import QConfig\n"
+                   "from torch.ao.quantization.observer import HistogramObserver\n")
+
+
+def reduce_range_flow(case: ConvCase, engine: str, flag: bool) -> str:
+    """``eager_flow`` with the engine's default weight observer and a histogram observer on
+    ``flag``-reduced activations (7 bits when True)."""
+    return QCONFIG_IMPORTS + eager_flow(case, engine,
+                                        REDUCE_RANGE_QCONFIG.format(flag=flag, engine=engine))
+
+
 def per_channel_qconfig() -> str:
     return ("from torch.ao.quantization import QConfig, get_default_qconfig\n"
             "from torch.ao.quantization.observer import PerChannelMinMaxObserver\n"
