@@ -96,9 +96,12 @@ def inputs(dims: int, n: int, seed: int) -> torch.Tensor:
 
 def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """The float model (eval) and its eager-quantized twin: fuse, prepare with the engine's
-    default qconfig, calibrate on 4 batches, convert. ``dims``: 2 (Net2d), 1 (Net1d) or 0
+    default qconfig (7-bit activations where this CPU's kernels sum int16 pairs:
+    tests/cpu.py), calibrate on 4 batches, convert. ``dims``: 2 (Net2d), 1 (Net1d) or 0
     (NetAdd, 2-d with a quantized add)."""
-    from torch.ao.quantization import convert, fuse_modules, get_default_qconfig, prepare
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    from tests.cpu import healthy_qconfig
 
     torch.manual_seed(seed)
     torch.backends.quantized.engine = engine
@@ -106,7 +109,7 @@ def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Modu
     _randomize_bn(model, seed)
     q = copy.deepcopy(model)
     fuse_modules(q, {2: FUSE_2D, 1: FUSE_1D, 0: FUSE_ADD}[dims], inplace=True)
-    q.qconfig = get_default_qconfig(engine)
+    q.qconfig = healthy_qconfig(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare(q, inplace=True)
@@ -121,14 +124,16 @@ def fx(engine: str, seed: int = 0) -> tuple[nn.Module, Any]:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    from tests.cpu import healthy_qconfig
+
     torch.manual_seed(seed)
     torch.backends.quantized.engine = engine
     model = Net2d().eval()
     _randomize_bn(model, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping(engine),
-                              example_inputs=(inputs(2, 1, 0),))
+        mapping = get_default_qconfig_mapping(engine).set_global(healthy_qconfig(engine))
+        prepared = prepare_fx(copy.deepcopy(model), mapping, example_inputs=(inputs(2, 1, 0),))
         with torch.no_grad():
             for i in range(4):
                 prepared(inputs(2, 8, 100 + i))
