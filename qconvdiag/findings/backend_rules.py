@@ -8,6 +8,14 @@ from collections.abc import Iterator
 from ..report import Finding
 from .base import Context, excess, finding, fmt
 
+DEFAULT_CONFIG = "quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())"
+#: Without VNNI oneDNN's int16 pair sums saturate on 8-bit activations (paths.py,
+#: ``advises_reduce_range``): the config torchao's docstring advises there.
+SEVEN_BIT_CONFIG = (
+    "# reduce_range: 7-bit activations, as torchao advises on CPUs without VNNI\n"
+    "# (8 bits saturate their int16 pair sums)\n"
+    "quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(\n"
+    "    reduce_range=True))")
 ALTERNATIVE = (
     "# torch 2.13 deprecates the quantized dtypes and torch.ao.quantization; today's\n"
     "# route is torchao's PT2E flow (pip install torchao): export, prepare,\n"
@@ -16,7 +24,7 @@ ALTERNATIVE = (
     "    convert_pt2e, prepare_pt2e)\n"
     "from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq\n"
     "quantizer = xiq.X86InductorQuantizer()\n"
-    "quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())\n"
+    f"{DEFAULT_CONFIG}\n"
     "# strict=True: a non-strict export of a module called twice (one ReLU\n"
     "# reused) fails in prepare_pt2e with 'Input partition has more than one\n"
     "# output node'\n"
@@ -36,7 +44,18 @@ ALTERNATIVE = (
 )
 """QCD060's fix: the eager flow's replacement, written against the script's ``conv``, ``x`` and
 ``calibration_batches`` (for a whole model, pass the model where it says ``conv``);
-tests/findings/test_pt2e_findings.py runs it with torchao."""
+tests/findings/test_pt2e_findings.py runs it with torchao. ``alternative()`` is what a report
+gives on this CPU."""
+
+
+def alternative() -> str:
+    """``ALTERNATIVE`` with the quantizer config this CPU needs (7-bit activations where
+    oneDNN sums int16 pairs)."""
+    from ..quantization.paths import advises_reduce_range
+
+    if not advises_reduce_range("x86_inductor"):
+        return ALTERNATIVE
+    return ALTERNATIVE.replace(DEFAULT_CONFIG, SEVEN_BIT_CONFIG)
 
 
 def qcd060(ctx: Context) -> Iterator[Finding]:
@@ -51,7 +70,7 @@ def qcd060(ctx: Context) -> Iterator[Finding]:
         "quantized tensor it creates). The eager kernels still run and are what this report "
         "explains; new code should use the current alternative.",
         {"apis": list(s.apis), "torch_warnings": deprecations[:3]},
-        ALTERNATIVE, ctx.as_given)
+        alternative(), ctx.as_given)
 
 
 def qcd061(ctx: Context) -> Iterator[Finding]:

@@ -93,7 +93,12 @@ def output_fix(y0: np.ndarray, what: str = "the float output") -> tuple[str, QPa
 
 def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> str:
     """The forum answer's route, done: observers, calibration between prepare and convert
-    (``qconfig_line`` in place of the engine's default qconfig)."""
+    (``qconfig_line`` in place of the engine's default qconfig; the reduce_range qconfig where
+    the default keeps 8-bit activations that this CPU's int16 pair sums saturate)."""
+    from ..quantization.paths import reduces_beyond_default
+
+    if qconfig_line is None and reduces_beyond_default(engine):
+        return reduce_range_flow(case, engine, True)
     shape = ", ".join(["N", *(str(d) for d in case.input.shape[1:])])
     return "\n".join([
         "from torch.ao.quantization import DeQuantStub, QuantStub, convert, "

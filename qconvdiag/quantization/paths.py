@@ -170,13 +170,53 @@ def holds_float_weight(case: ConvCase, module: ModuleState) -> bool:
 PT2E_PRODUCTION = ("x86_inductor",)
 
 
-def _pt2e_observer(which: str):  # type: ignore[no-untyped-def]
+def advises_reduce_range(engine: str) -> bool:
+    """Whether ``engine``'s dense convs sum u8*s8 products in saturating int16 pairs on this
+    CPU (no VNNI; the probe, arithmetic.engines), which 8-bit activations can saturate. There
+    torch and torchao advise 7-bit activations, reduce_range=True (the warning
+    ``get_default_qconfig("onednn")`` gives on such a CPU, and the docstring of torchao's
+    ``get_default_x86_inductor_quantization_config``), and the production path follows that
+    advice. x86's and fbgemm's defaults take 7 bits anyway."""
+    from ..arithmetic.accumulate import EXACT
+    from ..arithmetic.engines import PT2E_ENGINES, probe, probe_pt2e
+
+    profile = (probe_pt2e() if engine in PT2E_ENGINES else probe()).get(engine)
+    return (profile is not None and profile.available
+            and profile.accumulation.get("dense", EXACT) != EXACT)
+
+
+def reduces_beyond_default(engine: str) -> bool:
+    """The engine's default qconfig keeps 8-bit activations where this CPU needs 7
+    (``advises_reduce_range``): oneDNN without VNNI. The fixes then write the reduce_range
+    qconfig where they would write the default."""
+    if engine in PT2E_PRODUCTION:
+        return advises_reduce_range(engine)
+    from torch.ao.quantization import get_default_qconfig
+
+    with capture_warnings():  # onednn's "may have accuracy issues" without VNNI
+        default = get_default_qconfig(engine).activation
+    return advises_reduce_range(engine) and not default.p.keywords.get("reduce_range", False)
+
+
+def default_activation_observer(engine: str):  # type: ignore[no-untyped-def]
+    """The activation observer of the engine's default qconfig (the PT2E quantizer's default
+    config), with reduce_range where this CPU needs it (``advises_reduce_range``)."""
+    from torch.ao.quantization import get_default_qconfig
+
+    seven = reduces_beyond_default(engine)
+    if engine in PT2E_PRODUCTION:
+        return _pt2e_observer("input_activation", reduce_range=seven)
+    factory = get_default_qconfig(engine).activation
+    return (factory.with_args(reduce_range=True) if seven else factory)()
+
+
+def _pt2e_observer(which: str, reduce_range: bool = False):  # type: ignore[no-untyped-def]
     """An observer of ``X86InductorQuantizer``'s default config (torchao 0.18,
     ``get_default_x86_inductor_quantization_config``), built as ``prepare_pt2e`` builds it
     (``_create_obs_or_fq_from_qspec``): activations uint8 0..255 per-tensor affine with
     torchao's HistogramObserver, weights int8 -128..127 per-channel symmetric on axis 0 with
-    its PerChannelMinMaxObserver, both with eps 2**-12. ``which``: input_activation,
-    output_activation or weight."""
+    its PerChannelMinMaxObserver, both with eps 2**-12 (activations 0..127 with
+    ``reduce_range``). ``which``: input_activation, output_activation or weight."""
     from ..torchao_import import require_torchao
 
     require_torchao("the x86_inductor production path")
@@ -185,13 +225,13 @@ def _pt2e_observer(which: str):  # type: ignore[no-untyped-def]
         get_default_x86_inductor_quantization_config,
     )
 
-    spec = getattr(get_default_x86_inductor_quantization_config(), which)
+    spec = getattr(get_default_x86_inductor_quantization_config(reduce_range=reduce_range),
+                   which)
     return _create_obs_or_fq_from_qspec(spec, {}, False)
 
 
 def _activation_observer(engine: str, options: ProductionOptions):  # type: ignore[no-untyped-def]
     import torch
-    from torch.ao.quantization import get_default_qconfig
     from torch.ao.quantization.observer import (
         HistogramObserver,
         MinMaxObserver,
@@ -200,8 +240,7 @@ def _activation_observer(engine: str, options: ProductionOptions):  # type: igno
 
     from .observers import accelerate
 
-    default = (_pt2e_observer("input_activation") if engine in PT2E_PRODUCTION
-               else get_default_qconfig(engine).activation())
+    default = default_activation_observer(engine)
     reduce_range = bool(getattr(default, "reduce_range", False))
     if options.observer is None:
         return accelerate(default)

@@ -8,26 +8,43 @@ import torch
 
 from qconvdiag import Options, diagnose
 from qconvdiag.casefile.generate import forum_case
-from qconvdiag.findings.backend_rules import ALTERNATIVE
+from qconvdiag.findings.backend_rules import (
+    ALTERNATIVE,
+    DEFAULT_CONFIG,
+    SEVEN_BIT_CONFIG,
+    alternative,
+)
+from tests.cpu import pairs_here
 
 
 def test_qcd060_s_fix_is_the_alternative():
+    """The fix is the PT2E snippet with X86InductorQuantizer's default config, or, where this
+    CPU's oneDNN sums int16 pairs (no VNNI: 8-bit activations saturate them), with the 7-bit
+    config torchao advises there."""
     report = diagnose(forum_case(), Options(engine="x86"))
     (f,) = [f for f in report.findings if f.code == "QCD060"]
-    assert f.fix == ALTERNATIVE
+    assert f.fix == alternative()
+    if pairs_here("x86_inductor"):
+        assert f.fix == ALTERNATIVE.replace(DEFAULT_CONFIG, SEVEN_BIT_CONFIG)
+        assert f.fix != ALTERNATIVE and "reduce_range=True" in f.fix
+    else:
+        assert f.fix == ALTERNATIVE
 
 
 # the snippet is user code: torch's and torchao's own deprecation notices (torch.jit, pytree's
 # LeafSpec) are theirs, not the test's subject
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 def test_qcd060_s_migration_snippet_runs(monkeypatch):
-    """The snippet, pasted after a tiny conv, its input and two calibration batches, runs as it
-    is: export (strict), prepare_pt2e with X86InductorQuantizer's default config, calibration,
-    convert_pt2e, freezing on, torch.compile. torch.compile is replaced by torchao's
-    ``lower_pt2e_quantized_to_x86`` (what inductor's freezing passes make of the graph, without
-    the ~20 s of compiling on this machine): the snippet must have turned freezing on before it
-    compiles, and the result runs the int8 kernel (onednn.qconv_pointwise), gives what the
-    converted graph gives, and stays near the float conv (calibrated on ``x`` among others)."""
+    """The snippet the report gives on this CPU (``alternative()``), pasted after a tiny conv,
+    its input and two calibration batches, runs as it is: export (strict), prepare_pt2e with
+    X86InductorQuantizer's default config (7-bit activations where oneDNN sums int16 pairs:
+    there 8-bit ones saturate them, and the int8 kernel's output leaves the converted graph's,
+    37 of 512 outputs by up to 0.62 on this conv), calibration, convert_pt2e, freezing on,
+    torch.compile. torch.compile is replaced by torchao's ``lower_pt2e_quantized_to_x86`` (what
+    inductor's freezing passes make of the graph, without the ~20 s of compiling on this
+    machine): the snippet must have turned freezing on before it compiles, and the result runs
+    the int8 kernel (onednn.qconv_pointwise), gives what the converted graph gives, and stays
+    near the float conv (calibrated on ``x`` among others)."""
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
     torch.manual_seed(0)
@@ -46,7 +63,9 @@ def test_qcd060_s_migration_snippet_runs(monkeypatch):
     monkeypatch.setattr(torch, "compile", compile_with_freezing)
     scope = {"torch": torch, "conv": conv, "x": x,
              "calibration_batches": calibration_batches}
-    exec(compile(ALTERNATIVE, "QCD060 fix", "exec"), scope)
+    snippet = alternative()
+    assert ("reduce_range=True" in snippet) == pairs_here("x86_inductor")
+    exec(compile(snippet, "QCD060 fix", "exec"), scope)
     (lowered,) = compiled
     targets = {str(n.target) for n in lowered.graph.nodes}
     assert "onednn.qconv_pointwise.default" in targets, targets

@@ -18,6 +18,7 @@ from qconvdiag.case import build_case
 from qconvdiag.diagnosis import Options, run_diagnosis
 from qconvdiag.errors import CaseError, MissingExtraError
 from qconvdiag.model.walk import WalkOptions, walk_model
+from tests.cpu import pairs_here
 from tests.repo import SAMPLES
 
 
@@ -41,10 +42,11 @@ class PT2ENet(nn.Module):
         return self.last(self.pool(self.pw(x)))
 
 
-def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0
-          ) -> tuple[nn.Module, torch.fx.GraphModule, list]:
-    """The float model, its convert_pt2e twin (X86InductorQuantizer's default config,
-    calibrated on one batch, times ``calibration_scale``), and two batches of 8x8 images."""
+def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0,
+          reduce_range: bool = False) -> tuple[nn.Module, torch.fx.GraphModule, list]:
+    """The float model, its convert_pt2e twin (X86InductorQuantizer's default config, with
+    ``reduce_range`` if asked, calibrated on one batch, times ``calibration_scale``), and two
+    batches of 8x8 images."""
     pt2e.require_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -58,7 +60,8 @@ def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randn(batch, 3, 8, 8, generator=gen) for _ in range(2)]
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
+        reduce_range=reduce_range))
     exported = torch.export.export(model, (batches[0],), strict=True).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
@@ -201,8 +204,13 @@ def test_walk_is_torch_exact_on_x86_inductor(captured):  # noqa: ANN001
 
 def test_production_is_x86_inductor_quantizers_default_config(captured):  # noqa: ANN001
     """On the batch the model was calibrated on, the production path's observers give the
-    graph's own qparams (input and weight of the first conv)."""
+    graph's own qparams (input and weight of the first conv): the graph of the config with
+    reduce_range where this CPU's int16 pair sums need 7-bit activations, as torchao advises
+    (paths.advises_reduce_range)."""
     _model, converted, batches, bundle, _path, _walked = captured
+    seven = pairs_here("x86_inductor")
+    reference = build(reduce_range=True)[1] if seven else converted
+    dq = _graph_conv(reference, 0).args[0]  # the stem's input, dequantized: its literals
     from qconvdiag.quantization.paths import ProductionOptions, build_production
 
     stem = bundle.layers[0]
@@ -210,11 +218,13 @@ def test_production_is_x86_inductor_quantizers_default_config(captured):  # noqa
     case = build_case(batches[0].numpy(), stem.case.weight, stem.case.bias,
                                 padding=1, activation="relu", flow="pt2e")
     spec = build_production(case, "x86_inductor", ProductionOptions())
-    assert spec.input_qparams.scale == stem.case.setup.input_qparams.scale
-    assert spec.input_qparams.zero_point == stem.case.setup.input_qparams.zero_point
+    assert spec.input_qparams.scale == (float(dq.args[1]),)
+    assert spec.input_qparams.zero_point == (int(dq.args[2]),)
+    assert (dq.args[4] == 127) == seven
     assert np.allclose(spec.weight_qparams.scale, stem.case.setup.module.weight_qparams.scale,
                        rtol=1e-6)
-    assert np.array_equal(spec.input_codes, stem.case.setup.input_codes[:n])
+    if not seven:  # the captured graph's own codes
+        assert np.array_equal(spec.input_codes, stem.case.setup.input_codes[:n])
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".npz"])
