@@ -60,7 +60,9 @@ def test_a_healthy_layer_s_report_is_short(args):
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     assert "Nothing is misconfigured" in r.stdout
-    assert len(r.stdout.splitlines()) <= 30, r.stdout
+    # a CPU without VNNI may add QCD040's info line (a few saturated pairs, at the floor)
+    assert len(r.stdout.splitlines()) <= 31, r.stdout
+    assert "first fix" not in r.stdout  # no finding worth a fix
 
 
 def test_json_is_the_whole_stdout():

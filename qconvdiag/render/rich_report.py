@@ -131,8 +131,9 @@ def verdict_sentence(v: Verdict) -> str:
     ratio = "" if v.ratio is None else f"RMSE {_num(v.rmse)} is {_num(v.ratio, 2)}x its floor"
     detail = "; ".join(x for x in (ratio, db) if x)
     text = f"{where} is {STATUS_WORDS[v.status]}" + (f" ({detail})" if detail else "") + "."
-    if v.healthy and v.causes:
-        text += " No misuse found; what lifts it above its floor is advice:"
+    if v.healthy and v.causes:  # info findings only
+        text += (" Nothing is misconfigured; worth knowing:" if v.status == "at_floor" else
+                 " No misuse found; what lifts it above its floor is advice:")
     elif v.healthy:
         text += (" Nothing is misconfigured." if v.status == "at_floor" else
                  " No misuse found, and no cause explains the rest.")
