@@ -119,14 +119,19 @@ def _attr(model: Any, node: Any, what: str) -> Any:
 
 
 def _activation_qparams(node: Any, what: str) -> QParams:
-    """uint8 per-tensor qparams of a quantize/dequantize_per_tensor node's literal arguments."""
+    """uint8 per-tensor qparams of a quantize/dequantize_per_tensor node's literal arguments:
+    0..255 (X86InductorQuantizer's default config) or 0..127 (its ``reduce_range=True``,
+    which torchao advises on CPUs without VNNI). The kernel clamps to the uint8 range either
+    way: inductor's qconv fusion matches the quantize node's 0..127 but does not pass it to
+    ``qconv_pointwise`` (torch/_inductor/fx_passes/quantization.py), so an output beyond the
+    calibrated range reaches codes above 127 there, as the emulation's uint8 clamp gives."""
     import torch
 
     _x, scale, zero_point, qmin, qmax, dtype = node.args[:6]
-    if dtype != torch.uint8 or (qmin, qmax) != (0, 255):
+    if dtype != torch.uint8 or (qmin, qmax) not in ((0, 255), (0, 127)):
         raise CaseError(f"capture_model: {what} is quantized to {dtype} {qmin}..{qmax}; the "
-                        "x86_inductor kernel takes uint8 0..255 activations "
-                        "(X86InductorQuantizer's default config)")
+                        "x86_inductor kernel takes uint8 activations, 0..255 or 0..127 "
+                        "(X86InductorQuantizer's default config, or with reduce_range=True)")
     return make_qparams([float(scale)], [float(zero_point)], "quint8", None, what, "graph")
 
 

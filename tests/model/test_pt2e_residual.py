@@ -18,6 +18,7 @@ from qconvdiag import torchao_import as pt2e
 from qconvdiag.arithmetic.torch_ref import run_inductor_conv
 from qconvdiag.errors import UsageError
 from qconvdiag.model.walk import WalkOptions, walk_model
+from tests.cpu import pairs_here
 
 
 class Block(nn.Module):
@@ -56,7 +57,11 @@ FLOAT32 = {"layer1.conv2", "layer2.conv2"}
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory):  # noqa: ANN001, ANN201
     """The float model, its convert_pt2e twin (X86InductorQuantizer's default config,
-    calibrated on every batch: a healthy model), the bundle as read back, and its walk."""
+    calibrated on every batch: a healthy model), the bundle as read back, and its walk.
+    Healthy on every CPU: where oneDNN sums u8*s8 products in saturating int16 pairs (no VNNI)
+    the config takes 7-bit activations (reduce_range), as torchao's docstring advises there;
+    8-bit ones saturate those sums (QCD040 on the stem, and the convs before an add leave
+    their weight's floor)."""
     pt2e.require_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -72,7 +77,8 @@ def walked(tmp_path_factory):  # noqa: ANN001, ANN201
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(2)]
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
+        reduce_range=pairs_here("x86_inductor")))
     exported = torch.export.export(model, (batches[0],), strict=True).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
