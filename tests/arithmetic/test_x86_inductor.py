@@ -12,12 +12,20 @@ import sys
 import numpy as np
 
 from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_CHANNELS
-from qconvdiag.arithmetic.emulate import Kernel, emulate
-from qconvdiag.arithmetic.engines import ENGINES, LayerAttrs, onednn_arithmetic, probe, probe_pt2e
+from qconvdiag.arithmetic.emulate import emulate
+from qconvdiag.arithmetic.engines import (
+    ENGINES,
+    LayerAttrs,
+    onednn_arithmetic,
+    probe,
+    probe_pt2e,
+    select_kernel,
+)
 from qconvdiag.arithmetic.torch_ref import run_conv, run_inductor_conv
 from qconvdiag.case import Geometry
 from qconvdiag.quantization.qparams import QParams, per_tensor
 from tests.conftest import CODES_MAX_MISMATCH
+from tests.cpu import accumulation
 from tests.pt2e_check import check
 from tests.repo import ROOT
 
@@ -85,15 +93,24 @@ def test_fused_relu_and_float_output():
     wq = QParams(tuple(float(s) for s in rng.uniform(0.001, 0.01, 6).astype(np.float32)),
                  (0,) * 6, "qint8", 0, "t")
     out = per_tensor(0.05, 40, "quint8", "t")
-    kernel = Kernel("x86_inductor", "onednn", EXACT, direct_scales=True)
     relu = run_inductor_conv(x, xq, w, wq, b, 0.05, 40, g, relu=True)
     plain = run_inductor_conv(x, xq, w, wq, b, 0.05, 40, g)
     assert relu.output_codes.min() == 40 and plain.output_codes.min() < 40  # clamp at the zp
+    # the kernels as the diagnosis picks them for this layer (diagnosis.layer_kernel): the
+    # probe's accumulation (exact with VNNI; without, adjacent channels' products summed in
+    # saturating int16 pairs, which these 8-bit inputs saturate) and the implementation oneDNN
+    # runs for this shape, with a uint8 or a float32 output
+    kernel, float_kernel = (
+        select_kernel("x86_inductor", wq, 1, 4, 6, g, (3, 3), x.shape,
+                      LayerAttrs(True, not float_output, float_output, relu=True))
+        for float_output in (False, True))
+    for k in (kernel, float_kernel):
+        assert k.direct_scales and k.accumulation == accumulation("x86_inductor")
     assert np.array_equal(emulate(kernel, x, xq, w, wq, b, out, g, True).output_codes,
                           relu.output_codes)
     f = run_inductor_conv(x, xq, w, wq, b, 1.0, 0, g, relu=True, float_output=True)
     assert f.output_float.dtype == np.float32 and f.output_float.min() == 0
-    em = emulate(kernel, x, xq, w, wq, b, out, g, True, float_output=True)
+    em = emulate(float_kernel, x, xq, w, wq, b, out, g, True, float_output=True)
     assert np.array_equal(em.output_float32, f.output_float)
 
 

@@ -112,13 +112,19 @@ def test_without_torchao_a_pt2e_case_names_the_extra(tmp_path, monkeypatch):  # 
 
 def near_tie_case():  # noqa: ANN201
     """A dense 1x1 conv (8 -> 8 channels, 16x16) on which the eager Q/DQ graph and the integer
-    kernel give one output code differently (seed 179 of a search over 400)."""
-    rng = np.random.default_rng(179)
+    kernel give one output code differently (seed 246 of a search over 400), on any CPU: the
+    input takes 7-bit codes (0..127, a reduce_range minmax observer's range), so no int16 pair
+    of u8 x s8 products can saturate (2 * 127 * 127 < 32767) and oneDNN's kernels with and
+    without VNNI accumulate exactly; the search kept a seed whose kernel codes are the same
+    under both of oneDNN's scale orders (VNNI: source then weight scale; without: their
+    product) and whose eager codes are the same for the fp32 conv's sum in several orders."""
+    rng = np.random.default_rng(246)
     x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
     w = (rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32)
     b = (rng.standard_normal(8) * 0.1).astype(np.float32)
-    x_qp = per_tensor(float(np.float32(rng.uniform(0.01, 0.03))), int(rng.integers(100, 140)),
-                      "quint8", "user")
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    x_scale = float(np.float32((hi - lo) / 127))
+    x_qp = per_tensor(x_scale, round(-lo / x_scale), "quint8", "user")
     w_scales = tuple(float(np.float32(s)) for s in np.abs(w).reshape(8, -1).max(1) / 127.5)
     w_qp = QParams(w_scales, (0,) * 8, "qint8", 0, "module")
     out = per_tensor(float(np.float32(rng.uniform(0.002, 0.01))), int(rng.integers(100, 140)),
@@ -135,6 +141,7 @@ def test_ladder_separates_the_eager_graph_from_the_integer_kernel():
     from qconvdiag.measure.ladder_plan import PT2E_STAGE_IDS, STAGE_IDS
 
     case = near_tie_case()
+    assert case.setup.input_codes.max() <= 127  # no int16 pair can saturate, VNNI or not
     d = run_diagnosis(case, Options(engine="all", production_path=False, keep_arrays=True))
     (inductor,) = [r for r in d.runs if r.report.engine == "x86_inductor"]
     assert [s.id for s in inductor.report.stages] == list(PT2E_STAGE_IDS)
@@ -147,8 +154,9 @@ def test_ladder_separates_the_eager_graph_from_the_integer_kernel():
                                   spec.weight_qparams, spec.bias, spec.output_qparams,
                                   case.geometry), 0, 255)
     kernel = inductor.emulation.output_codes
+    assert inductor.emulation.saturated_pairs == 0
     differ = int(np.count_nonzero(eager != kernel))
-    assert differ == 1 and int(np.abs(eager - kernel).max()) == 1  # measured on this CPU
+    assert differ == 1 and int(np.abs(eager - kernel).max()) == 1
     stage = inductor.report.stage("integer_kernel")
     assert stage.applies and stage.delta.affected * kernel.size == pytest.approx(differ)
     assert stage.delta.max_abs_lsb == pytest.approx(1.0)

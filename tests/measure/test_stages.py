@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qconvdiag.arithmetic.accumulate import PAIRS_K
 from qconvdiag.arithmetic.float_conv import conv64
 from qconvdiag.casefile.generate import RandomSpec, forum_case, generate
 from qconvdiag.diagnosis import Options, diagnose_runs
 from qconvdiag.measure.ladder_plan import STAGE_IDS
 from qconvdiag.measure.metrics import error_metrics, summary
 from tests.conftest import REFERENCE_RTOL, TELESCOPE_RTOL
+from tests.cpu import accumulation, pairs_here
 
 
 def _check_telescoping(run):
@@ -50,7 +52,23 @@ def test_seed_case_ladder_tells_the_story():
     # clipped weights give ~565, the default output scale saturates at 255, the never-set
     # weight makes it 0, and torch agrees.
     assert st["weight_rounding"].item() == pytest.approx(564.6248, abs=1e-3)
-    assert st["output_rounding"].item() == 565
+    # x86 runs these asymmetric weights on fbgemm: exact with VNNI; without, it sums pairs of
+    # raw products along K in saturating int16, and taps 4 and 5 (input codes 40 and 254,
+    # weight codes 127) make 37338: 4571 accumulator steps lost, ~565 becomes ~540
+    kernel = as_given.emulation.kernel
+    assert kernel.kernel == "fbgemm" and kernel.accumulation == accumulation("fbgemm")
+    exact = int(as_given.emulation.acc_exact.item())
+    assert exact == 106571
+    if pairs_here("fbgemm"):
+        assert kernel.accumulation == PAIRS_K and as_given.emulation.saturated_pairs == 1
+        assert int(as_given.emulation.acc.item()) == exact - (40 * 127 + 254 * 127 - 32767)
+        assert st["accumulation"].item() == pytest.approx(540.3939, abs=1e-3)
+        assert st["output_rounding"].item() == 540
+    else:
+        assert as_given.emulation.saturated_pairs == 0
+        assert int(as_given.emulation.acc.item()) == exact
+        assert st["accumulation"].item() == st["bias_quantization"].item()
+        assert st["output_rounding"].item() == 565
     assert st["output_clipping"].item() == 255
     assert st["module_state"].item() == 0
     assert st["backend_residual"].item() == 0
