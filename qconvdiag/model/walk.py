@@ -16,9 +16,11 @@ layers asked for by name, get the full single-conv diagnosis (the production pat
 
 A conv whose kernel writes float32 (``LayerCapture.output_float32``: a PT2E conv before a
 residual add) is screened on those float32 values: no output rounding or clipping, so its floor
-is the weight's (and the bias's), its dominant stage a weight stage, and its torch check the
+is the weight's (and the bias's), its dominant stage a weight stage (or the accumulation, where
+saturated int16 pairs cost most of it), and its torch check the
 emulation's float32 output against the kernel's, bit for bit. The stage ladder and the findings
-model a quantized output, so such a conv is screened only (never diagnosed nor explained).
+model a quantized output, so such a conv is screened only (never diagnosed nor explained); on a
+kernel that sums int16 pairs its saturation is counted and named (``fp32_saturation``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..arithmetic.emulate import Kernel, emulate
+from ..arithmetic.emulate import Emulation, Kernel, emulate
 from ..arithmetic.engines import PT2E_ENGINES
 from ..case import ConvCase
 from ..diagnosis import Diagnosis, Options, layer_kernel, run_diagnosis
 from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
-from ..measure.budget import AT_FLOOR, FAR, SLACK, floors
+from ..measure.budget import AT_FLOOR, FAR, MATERIAL, MOST, SLACK, floors
 from ..measure.evidence import exec_weight_qparams
 from ..measure.metrics import chunked_energy, fused_pass
 from ..model_report import (
@@ -107,6 +109,9 @@ class Screen:
     floor_rmse: float
     verdict: str
     dominant_stage: str | None
+    findings: tuple[LayerFinding, ...] = ()
+    """A float32-output conv's findings (it gets no diagnosis): QCD040 where its kernel's
+    int16 pair sums saturated (``fp32_saturation``)."""
 
 
 def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
@@ -166,7 +171,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
             say(f"torch check of {lay.name}")
             checks[lay.name] = torch_check(lay, engine)
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
-                      checks.get(lay.name)) for lay in bundle.layers)
+                      checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
     model_findings = tuple(f for f in [qcd063(bundle.compiled, pt2e),
                                        *qcd064(bundle.reused, pt2e)]
@@ -319,15 +324,56 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
     at_floor = AT_FLOOR + SLACK / math.sqrt(max(y.size, 1)) / 2
     verdict = "at_floor" if ratio <= at_floor else "broken" if ratio >= FAR else "above_floor"
-    dominant = (weight_dominant(case, spec, own.rmse) if fp32 else
-                dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
-                               y_span.positive))
+    findings: tuple[LayerFinding, ...] = ()
+    if fp32:
+        dominant = weight_dominant(case, spec, own.rmse)
+        if verdict != "at_floor":
+            dominant, findings = fp32_saturation(lay, engine, own.rmse ** 2 * y.size,
+                                                 floor ** 2 * y.size, verdict, dominant)
+    else:
+        dominant = dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
+                                  y_span.positive)
     input_floor = float_x_span.ideal_step() / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
     in_qp = spec.input_qparams
     defaults = (in_qp.scale[0], in_qp.zero_point[0]) == (1.0, 0)
-    return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant)
+    return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant,
+                  findings)
+
+
+def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_energy: float,
+                    verdict: str, dominant: str | None
+                    ) -> tuple[str | None, tuple[LayerFinding, ...]]:
+    """A float32-output conv above its floor whose kernel sums int16 pairs (no VNNI): the
+    emulation on its captured input counts the saturated pair sums and what they cost
+    (sum(((acc - exact acc) * accumulator step)^2)). When they cost most of the own error,
+    the dominant stage is the accumulation's, not the weight's; QCD040 names them, with the
+    severity any cause gets (findings/base.py: a warning from MATERIAL of the floor, an error
+    on a broken conv when it explains most of the excess). Returns the dominant stage and
+    the findings."""
+    from ..arithmetic.accumulate import EXACT
+
+    case = lay.case
+    spec = module_spec(case)
+    if _kernel(case, spec, engine, True).accumulation == EXACT:
+        return dominant, ()
+    em = _module_emulation(lay, engine)
+    if not em.saturated_pairs:
+        return dominant, ()
+    steps = em.acc.astype(np.int64) - em.acc_exact
+    per_channel = em.acc_scale.reshape((1, -1) + (1,) * (steps.ndim - 2))
+    energy = float(np.sum(np.square(steps * per_channel)))
+    excess = max(own_energy - floor_energy, 0.0)
+    level = "info"
+    if energy >= MATERIAL * floor_energy:
+        level = "warning"
+        if verdict == "broken" and energy >= MOST * excess:
+            level = "error"
+    if energy >= MOST * own_energy:
+        dominant = "accumulation"
+    return dominant, (LayerFinding("QCD040", level,
+                                   f"int16 pair saturation in accumulation on {engine}"),)
 
 
 def _output_values(lay: LayerCapture) -> Callable[[slice], np.ndarray]:
@@ -427,18 +473,25 @@ def torch_check(lay: LayerCapture, engine: str) -> int:
     """Output elements where the emulation of the module on its captured input differs from
     the codes the quantized model computed (a float32 output: from the float32 values its
     kernel wrote, bit for bit)."""
-    case = lay.case
-    spec = module_spec(case)
     fp32 = lay.output_float32
-    em = emulate(_kernel(case, spec, engine, fp32),
-                 wide_codes(spec.input_codes, spec.input_qparams), spec.input_qparams,
-                 spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
-                 spec.output_qparams, case.geometry, case.activation == "relu", fp32)
+    em = _module_emulation(lay, engine)
     if fp32:
         assert em.output_float32 is not None
         mine, got = em.output_float32.view(np.int32), lay.quantized_output.view(np.int32)
         return int(np.count_nonzero(mine != got))
     return int(np.count_nonzero(em.output_codes != lay.quantized_output))
+
+
+def _module_emulation(lay: LayerCapture, engine: str) -> Emulation:
+    """The emulation of the quantized module on its captured input (a float32 output where
+    its kernel writes one)."""
+    case = lay.case
+    spec = module_spec(case)
+    fp32 = lay.output_float32
+    return emulate(_kernel(case, spec, engine, fp32),
+                   wide_codes(spec.input_codes, spec.input_qparams), spec.input_qparams,
+                   spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
+                   spec.output_qparams, case.geometry, case.activation == "relu", fp32)
 
 
 def _diagnosis_check(lay: LayerCapture, d: Diagnosis) -> int | None:
@@ -451,7 +504,7 @@ def _diagnosis_check(lay: LayerCapture, d: Diagnosis) -> int | None:
 
 
 def _row(lay: LayerCapture, engine: str, screen: Screen, diagnosis: Diagnosis | None,
-         mismatches: int | None) -> LayerRow:
+         mismatches: int | None, ignore: tuple[str, ...] = ()) -> LayerRow:
     case = lay.case
     op = f"conv{case.spatial_dims}d" + ("+relu" if case.activation == "relu" else "")
     findings: tuple[LayerFinding, ...] = ()
@@ -459,6 +512,8 @@ def _row(lay: LayerCapture, engine: str, screen: Screen, diagnosis: Diagnosis | 
     if diagnosis is not None:
         findings = judged_findings(diagnosis.report)
         dominant = ladder_dominant(diagnosis.report) or dominant
+    else:
+        findings = tuple(f for f in screen.findings if f.code not in ignore)
     return LayerRow(
         name=lay.name, op=op, input_shape=tuple(case.input.shape),
         weight_shape=tuple(case.weight.shape), engine=engine, own=screen.own,

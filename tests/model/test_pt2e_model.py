@@ -354,3 +354,40 @@ def test_a_prepared_model_not_converted_is_refused_as_such():
         qconvdiag.capture_model(model, prepared, batches)
     with pytest.raises(CaseError, match="a float graph"):
         qconvdiag.capture_model(model, torch.fx.symbolic_trace(model), batches)
+
+
+FORCED_WALK = """
+import json, warnings
+warnings.simplefilter("ignore")
+import qconvdiag
+from qconvdiag.model.walk import WalkOptions, walk_model
+from tests.model.test_pt2e_model import build
+model, converted, batches = build()
+report = walk_model(qconvdiag.capture_model(model, converted, batches[:1]), WalkOptions(top=0))
+print(json.dumps({r.name: [r.output_dtype, r.verdict, r.dominant_stage, r.torch_mismatches,
+                           [(f.code, f.severity) for f in r.findings]]
+                  for r in report.report.layers}))
+"""
+
+
+def test_a_float32_output_s_saturation_is_named_not_blamed_on_the_weight():
+    """ISA forced to AVX2 (oneDNN sums adjacent channels' u8*s8 products in saturating int16):
+    the 8-bit model's last conv, whose kernel writes float32, is broken by its saturated pair
+    sums. Its dominant stage is the accumulation (the weight's rounding alone is at the floor)
+    and QCD040 names it, though a float32-output conv gets no diagnosis; the torch check
+    stays exact."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.repo import ROOT
+
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", FORCED_WALK], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    dtype, verdict, dominant, mismatches, findings = rows["last"]
+    assert dtype == "float32" and verdict == "broken" and mismatches == 0
+    assert dominant == "accumulation" and findings == [["QCD040", "error"]]
+    for name in ("grouped", "pw"):  # the others stay at their floor
+        assert rows[name][1] == "at_floor" and rows[name][4] == []
