@@ -44,3 +44,10 @@ def healthy_qconfig(engine: str) -> Any:
         return qconfig
     return QConfig(activation=HistogramObserver.with_args(reduce_range=True),
                    weight=qconfig.weight)
+
+
+def vnni() -> bool:
+    """This CPU runs x86's and oneDNN's int8 convs with exact accumulation, x86 handing
+    symmetric weights to oneDNN (AVX512-VNNI), as on the CPU the samples and README examples
+    were made on."""
+    return probe()["x86"].x86_uses_onednn and not pairs_here("onednn")
