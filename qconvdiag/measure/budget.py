@@ -35,6 +35,7 @@ import numpy as np
 
 from ..arithmetic.emulate import Emulation, Kernel
 from ..case import ConvCase
+from ..parallel import CHUNK
 from ..quantization.paths import PathSpec
 from ..quantization.qparams import QParams
 from ..report import Budget, StageBudget
@@ -104,7 +105,9 @@ def output_span_of(case: ConvCase, low: float, high: float) -> tuple[float, floa
 def per_channel_steps(w: np.ndarray) -> np.ndarray:
     """Symmetric per-output-channel qint8 steps ``max|w_o| / 127.5`` (1.0 for a zero channel,
     as torch's observers give)."""
-    m = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)  # a max is exact
+    rows = w.reshape(w.shape[0], -1)
+    # max|w| as max(max w, -min w): a max is exact, and no |w|-sized temporary is made
+    m = np.maximum(rows.max(axis=1), -rows.min(axis=1)).astype(np.float64)
     return np.where(m > 0, m / 127.5, 1.0)
 
 
@@ -143,15 +146,29 @@ def input_noise_gain(case: ConvCase) -> float:
     return float((per_tap * _tap_counts(case)).sum() / (w2.shape[0] * max(positions, 1)))
 
 
+def _squares_over_batch(x: np.ndarray) -> np.ndarray:
+    """sum over the batch of x^2 in float64, sample by sample in order at each position
+    (sum(axis=0)'s numbers), a cache-sized block of positions at a time: the input is read
+    once, and no batch-sized float64 temporary is made."""
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    out = np.zeros(flat.shape[1], dtype=np.float64)
+    square = np.empty(min(CHUNK, flat.shape[1]), dtype=np.float64)
+    for start in range(0, flat.shape[1], CHUNK):
+        acc = out[start:start + CHUNK]
+        sq = square[:acc.size]
+        for sample in flat:
+            np.square(sample[start:start + CHUNK], out=sq, dtype=np.float64)
+            acc += sq
+    return out.reshape(x.shape[1:])
+
+
 def weight_noise_gains(case: ConvCase) -> np.ndarray:
     """Per output channel, the mean over its outputs of sum(x^2) over the window: the output
     variance per unit of weight variance. Window sums are linear, so x^2 is summed over the
     batch and the group's channels first."""
     g = case.geometry
     n = case.input.shape[0]
-    x2 = np.zeros(case.input.shape[1:], dtype=np.float64)
-    for sample in case.input:  # summed over the batch in order: sum(axis=0)'s numbers, no
-        x2 += np.square(sample, dtype=np.float64)  # batch-sized float64 temporary
+    x2 = _squares_over_batch(case.input)
     cin_g = case.weight.shape[1]
     a = x2.reshape(g.groups, cin_g, *x2.shape[1:]).sum(axis=1)  # (G, *spatial)
     for d in range(case.spatial_dims - 1, -1, -1):  # window sums, last spatial dim first
