@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qconvdiag.arithmetic.accumulate import EXACT
+from qconvdiag.arithmetic.accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K
 from qconvdiag.arithmetic.engines import probe, probe_pt2e
 
 
@@ -26,7 +26,7 @@ def accumulation(engine: str, layer: str = "dense") -> str:
 def pairs_here(engine: str, layer: str = "dense") -> bool:
     """``engine``'s convs of this class sum int16 pairs on this CPU: 8-bit activations can
     saturate them."""
-    return accumulation(engine, layer) != EXACT
+    return accumulation(engine, layer) in (PAIRS_K, PAIRS_CHANNELS)
 
 
 def healthy_qconfig(engine: str) -> Any:

@@ -177,12 +177,12 @@ def advises_reduce_range(engine: str) -> bool:
     ``get_default_qconfig("onednn")`` gives on such a CPU, and the docstring of torchao's
     ``get_default_x86_inductor_quantization_config``), and the production path follows that
     advice. x86's and fbgemm's defaults take 7 bits anyway."""
-    from ..arithmetic.accumulate import EXACT
+    from ..arithmetic.accumulate import EXACT, PAIRS_CHANNELS, PAIRS_K
     from ..arithmetic.engines import PT2E_ENGINES, probe, probe_pt2e
 
     profile = (probe_pt2e() if engine in PT2E_ENGINES else probe()).get(engine)
     return (profile is not None and profile.available
-            and profile.accumulation.get("dense", EXACT) != EXACT)
+            and profile.accumulation.get("dense", EXACT) in (PAIRS_K, PAIRS_CHANNELS))
 
 
 def reduces_beyond_default(engine: str) -> bool:
@@ -241,7 +241,7 @@ def _activation_observer(engine: str, options: ProductionOptions):  # type: igno
     from .observers import accelerate
 
     default = default_activation_observer(engine)
-    reduce_range = bool(getattr(default, "reduce_range", False))
+    reduce_range = seven_bits(default)
     if options.observer is None:
         return accelerate(default)
     cls = {
@@ -273,14 +273,28 @@ def _weight_observer(engine: str, options: ProductionOptions):  # type: ignore[n
     return MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
 
 
+def seven_bits(obs: Any) -> bool:
+    """An activation observer on 128 levels: torch.ao's ``reduce_range``, or torchao's range
+    0..127 (its x86_inductor config with ``reduce_range=True`` sets quant_max, not the
+    attribute)."""
+    return bool(getattr(obs, "reduce_range", False)) or (
+        getattr(obs, "quant_min", None) == 0 and getattr(obs, "quant_max", None) == 127)
+
+
 def _qparams_from_observer(obs, dtype: str, axis: int | None) -> QParams:  # type: ignore[no-untyped-def]
     scale, zp = obs.calculate_qparams()
     scale = scale.reshape(-1).double().tolist()
     zp = zp.reshape(-1).tolist()
     name = f"observer:{type(obs).__name__}"
-    notes = ("reduce_range: 7-bit activations",) if getattr(obs, "reduce_range", False) else ()
+    seven = dtype == "quint8" and seven_bits(obs)
+    notes = ("reduce_range: 7-bit activations",) if seven else ()
+    # torchao's range is the PT2E graph's quantize_per_tensor's, which clamps there; torch.ao's
+    # reduce_range only narrows the scale (its QuantStub clamps to the dtype's range)
+    narrow = seven and not getattr(obs, "reduce_range", False)
     if axis is None:
-        return QParams((float(scale[0]),), (int(zp[0]),), dtype, None, name, notes=notes)
+        return QParams((float(scale[0]),), (int(zp[0]),), dtype, None, name,
+                       quant_min=0 if narrow else None, quant_max=127 if narrow else None,
+                       notes=notes)
     return QParams(tuple(float(s) for s in scale), tuple(int(z) for z in zp), dtype, axis, name,
                    notes=notes)
 
