@@ -347,23 +347,27 @@ def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_ene
                     ) -> tuple[str | None, tuple[LayerFinding, ...]]:
     """A float32-output conv above its floor whose kernel sums int16 pairs (no VNNI): the
     emulation on its captured input counts the saturated pair sums and what they cost
-    (sum(((acc - exact acc) * accumulator step)^2)). When they cost most of the own error,
-    the dominant stage is the accumulation's, not the weight's; QCD040 names them, with the
-    severity any cause gets (findings/base.py: a warning from MATERIAL of the floor, an error
-    on a broken conv when it explains most of the excess). Returns the dominant stage and
-    the findings."""
+    (the squared difference of its output from the same kernel's with exact accumulation). When
+    they cost most of the own error,
+    the dominant stage is the accumulation's, not the weight's; QCD040 names them: info, a
+    warning from MATERIAL of the floor, an error on a broken conv when they explain most of
+    its excess (as findings/base.py's severity). Returns the dominant stage and the
+    findings."""
+    import dataclasses
+
     from ..arithmetic.accumulate import EXACT
 
-    case = lay.case
-    spec = module_spec(case)
-    if _kernel(case, spec, engine, True).accumulation == EXACT:
+    kernel = _kernel(lay.case, module_spec(lay.case), engine, True)
+    if kernel.accumulation == EXACT:
         return dominant, ()
-    em = _module_emulation(lay, engine)
+    em = _module_emulation(lay, kernel)
     if not em.saturated_pairs:
         return dominant, ()
-    steps = em.acc.astype(np.int64) - em.acc_exact
-    per_channel = em.acc_scale.reshape((1, -1) + (1,) * (steps.ndim - 2))
-    energy = float(np.sum(np.square(steps * per_channel)))
+    exact = _module_emulation(lay, dataclasses.replace(kernel, accumulation=EXACT))
+    assert em.output_float32 is not None and exact.output_float32 is not None
+    # on the output (a fused ReLU zeroes some saturated sums anyway), in float64
+    energy = float(np.sum(np.square(em.output_float32.astype(np.float64)
+                                    - exact.output_float32)))
     excess = max(own_energy - floor_energy, 0.0)
     level = "info"
     if energy >= MATERIAL * floor_energy:
@@ -474,7 +478,7 @@ def torch_check(lay: LayerCapture, engine: str) -> int:
     the codes the quantized model computed (a float32 output: from the float32 values its
     kernel wrote, bit for bit)."""
     fp32 = lay.output_float32
-    em = _module_emulation(lay, engine)
+    em = _module_emulation(lay, _kernel(lay.case, module_spec(lay.case), engine, fp32))
     if fp32:
         assert em.output_float32 is not None
         mine, got = em.output_float32.view(np.int32), lay.quantized_output.view(np.int32)
@@ -482,13 +486,13 @@ def torch_check(lay: LayerCapture, engine: str) -> int:
     return int(np.count_nonzero(em.output_codes != lay.quantized_output))
 
 
-def _module_emulation(lay: LayerCapture, engine: str) -> Emulation:
-    """The emulation of the quantized module on its captured input (a float32 output where
-    its kernel writes one)."""
+def _module_emulation(lay: LayerCapture, kernel: Kernel) -> Emulation:
+    """The emulation of the quantized module on its captured input by ``kernel`` (a float32
+    output where its kernel writes one)."""
     case = lay.case
     spec = module_spec(case)
     fp32 = lay.output_float32
-    return emulate(_kernel(case, spec, engine, fp32),
+    return emulate(kernel,
                    wide_codes(spec.input_codes, spec.input_qparams), spec.input_qparams,
                    spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
                    spec.output_qparams, case.geometry, case.activation == "relu", fp32)
