@@ -97,12 +97,15 @@ def qcd041(ctx: Context) -> Iterator[Finding]:
         + eager_flow(ctx.case, run.report.engine), run, energy, ("accumulation",))
 
 
-def _whose(engine: str) -> str:
-    """Where a production path's 7-bit activations come from."""
+def _whose(run: Any) -> str:
+    """Where a path's 7-bit activations come from: the production path takes torch's advice
+    for this CPU where the default keeps 8 bits."""
     from ..quantization.paths import reduces_beyond_default
 
+    engine = run.report.engine
     return ("torch's advice for this CPU, whose int16 pair sums 8 bits saturate"
-            if reduces_beyond_default(engine) else f"the {engine} default qconfig")
+            if run.report.name == "production" and reduces_beyond_default(engine)
+            else f"the {engine} default qconfig")
 
 
 def qcd042(ctx: Context) -> Iterator[Finding]:
@@ -118,7 +121,7 @@ def qcd042(ctx: Context) -> Iterator[Finding]:
         yield finding(
             "QCD042", "info", "7-bit activations: reduce_range's trade-off",
             f"The {which} use{'s' if ' and ' not in which else ''} 128 of 256 codes, as "
-            f"reduce_range gives ({_whose(run.report.engine)}): that costs "
+            f"reduce_range gives ({_whose(run)}): that costs "
             f"{cost_db:.1f} dB at the floor (RMSE floor {fmt(b.floor_rmse)} vs "
             f"{fmt(b.floor_rmse_8bit)} with 8 bits). On CPUs without AVX512-VNNI the x86, "
             "fbgemm and onednn kernels sum u8*s8 products in int16 pairs that 8-bit "

@@ -129,7 +129,18 @@ def reduce_range_flow(case: ConvCase, engine: str, flag: bool) -> str:
                                         REDUCE_RANGE_QCONFIG.format(flag=flag, engine=engine))
 
 
-def per_channel_qconfig() -> str:
+def per_channel_qconfig(engine: str) -> str:
+    """A qconfig with per-channel symmetric weights and the engine's default activations (7-bit
+    where the default keeps 8 that this CPU's int16 pair sums saturate)."""
+    from ..quantization.paths import reduces_beyond_default
+
+    if reduces_beyond_default(engine):
+        return ("from torch.ao.quantization import QConfig\n"
+                "from torch.ao.quantization.observer import HistogramObserver, "
+                "PerChannelMinMaxObserver\n"
+                "qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range=True), "
+                "weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, "
+                "qscheme=torch.per_channel_symmetric))")
     return ("from torch.ao.quantization import QConfig, get_default_qconfig\n"
             "from torch.ao.quantization.observer import PerChannelMinMaxObserver\n"
             "qconfig = QConfig(activation=get_default_qconfig(torch.backends.quantized.engine)"

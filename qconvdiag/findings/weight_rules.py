@@ -175,7 +175,8 @@ def qcd023(ctx: Context) -> Iterator[Finding]:
             {"rmse_per_tensor_symmetric": good, "rmse_per_channel": then,
              "channel_range_ratio": spread, "excess": energy},
             weight_fix(ctx.case, run.kernel.kernel, True, run.spec.input_qparams)
-            + "\n# in the eager flow: model.qconfig = qconfig, with\n" + per_channel_qconfig(),
+            + "\n# in the eager flow: model.qconfig = qconfig, with\n"
+            + per_channel_qconfig(run.report.engine),
             run, energy, WEIGHT)
 
 
