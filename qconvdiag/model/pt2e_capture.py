@@ -124,7 +124,9 @@ def _activation_qparams(node: Any, what: str) -> QParams:
     which torchao advises on CPUs without VNNI). The kernel clamps to the uint8 range either
     way: inductor's qconv fusion matches the quantize node's 0..127 but does not pass it to
     ``qconv_pointwise`` (torch/_inductor/fx_passes/quantization.py), so an output beyond the
-    calibrated range reaches codes above 127 there, as the emulation's uint8 clamp gives."""
+    calibrated range reaches codes above 127 there, as the emulation's uint8 clamp gives. The
+    captured qparams keep the dtype's range (a bundle stores no other): the ladder's eager
+    Q/DQ stages clamp at 255 too, where the converted graph clamps at 127."""
     import torch
 
     _x, scale, zero_point, qmin, qmax, dtype = node.args[:6]

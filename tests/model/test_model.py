@@ -250,7 +250,7 @@ def made(tmp_path_factory):  # noqa: ANN001, ANN201
     out = tmp_path_factory.mktemp("digits")
     make_digits = _sample_script("make_digits")
     make_pt2e = _sample_script("make_digits_pt2e")
-    threads = torch.get_num_threads()
+    threads, engine = torch.get_num_threads(), torch.backends.quantized.engine
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(make_digits, "HERE", out)
         mp.setattr(make_pt2e, "HERE", out)
@@ -258,8 +258,9 @@ def made(tmp_path_factory):  # noqa: ANN001, ANN201
         try:
             net = make_digits.main()
             make_pt2e.main(trained=net)
-        finally:
+        finally:  # the scripts set both: they leave the module's other tests alone
             torch.set_num_threads(threads)
+            torch.backends.quantized.engine = engine
     return out
 
 
