@@ -40,3 +40,22 @@ def test_qint8_output_qparams_match_torch_on_every_engine(zero_point):
         out = p.qparams["output"]
         assert out.dtype == "quint8" and any("say qint8" in n for n in out.notes)
     assert "QCD061" not in {f.code for f in report.findings}
+
+
+@pytest.mark.parametrize("observer", [None, "minmax", "histogram"])
+def test_production_activations_take_7_bits_where_this_cpu_needs_them(observer):
+    """Where oneDNN sums int16 pairs (no VNNI) the production path follows torch's and
+    torchao's advice: 7-bit activations on onednn and x86_inductor, whichever observer is
+    chosen, and x86_inductor's input codes stay within the graph's 0..127. Where it sums
+    exactly, they keep the defaults' 8 bits. x86 takes 7 bits on every CPU (its default)."""
+    from qconvdiag.casefile.generate import forum_case
+    from qconvdiag.quantization.paths import ProductionOptions, build_production
+    from tests.cpu import pairs_here
+
+    case = forum_case()
+    options = ProductionOptions(observer=observer)
+    for engine in ("onednn", "x86_inductor", "x86"):
+        spec = build_production(case, engine, options)
+        seven = engine == "x86" or pairs_here(engine)
+        assert ("reduce_range: 7-bit activations" in spec.input_qparams.notes) == seven, engine
+        assert (int(spec.input_codes.max()) <= 127) == seven, engine
