@@ -52,6 +52,19 @@ def over_groups(items: list[Any], work: Callable[[list[Any]], T]) -> list[T]:
     return [first, *(f.result() for f in futures)]
 
 
+def two_at_a_time(work: Callable[[Any], T], items: list[Any]) -> list[T]:
+    """``work`` on each item, on two threads taking the next item as they finish (the model
+    walk's layers: their single-threaded parts, numpy's and torch's, release the GIL and
+    overlap), results in order. Measured on a ResNet-18 shape's 20 convs: the capture's
+    per-layer work 45-70 ms faster, the screen 30-40 ms."""
+    if len(items) < 2 or _cores() < 2:
+        return [work(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="qconvdiag-layers") as pool:
+        return list(pool.map(work, items))
+
+
 def _cores() -> int:
     import os
 

@@ -24,6 +24,7 @@ import numpy as np
 from ..case import ModuleState, QuantSetup, build_case
 from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
+from ..parallel import two_at_a_time
 from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
 from .bundle import (
     FLOAT32_NOTE,
@@ -114,11 +115,14 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         points[name] = (fconv if bn is None else float_model.get_submodule(bn),
                         "ReLU" in type(qconv).__name__)
     ranges = output_ranges(float_model, points, calibration, notes, say)
-    layers = []
-    for name, (fconv, qconv) in pairs.items():
-        say(f"capturing {name}")
-        layers.append(_layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
-                             ranges.get(name)))
+    say(f"capturing {len(pairs)} convs")
+
+    def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
+        name, (fconv, qconv) = item
+        return _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
+                      ranges.get(name))
+
+    layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded
     from ..torch_calls import capture_warnings
 
     with capture_warnings():

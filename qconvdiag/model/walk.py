@@ -50,6 +50,7 @@ from ..model_report import (
     ModelReport,
     UpstreamLoss,
 )
+from ..parallel import two_at_a_time
 from ..quantization.paths import (
     PathSpec,
     ProductionOptions,
@@ -148,7 +149,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
 
         require_torchao(f"the PT2E model bundle {bundle.source or ''}".rstrip())
     say(f"screening {len(bundle.layers)} convs")
-    screens = {lay.name: screen_layer(lay, engine) for lay in bundle.layers}
+    screens = dict(zip([lay.name for lay in bundle.layers],
+                       two_at_a_time(lambda lay: screen_layer(lay, engine), list(bundle.layers))))
     ranking = rank(screens)
     floats = {lay.name for lay in bundle.layers if lay.output_float32}
     explainable = [name for name in ranking if name not in floats]
