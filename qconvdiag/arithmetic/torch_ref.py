@@ -9,6 +9,7 @@ here and handed back to the caller, never printed.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,16 +49,23 @@ def quantized_conv(dims: int, relu: bool = False) -> tuple[Callable[..., Any], C
     return prepack, conv
 
 
+#: torch's quantized engine is one setting for the whole process: a thread that switches it
+#: holds this lock until it has put the old one back (two threads switching at once would
+#: leave the wrong one behind, and run each other's convs on it).
+_ENGINE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def engine(name: str) -> Iterator[None]:
     import torch
 
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
+    with _ENGINE_LOCK:
+        old = torch.backends.quantized.engine
+        torch.backends.quantized.engine = name
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = old
 
 
 def quantized_tensor(codes: np.ndarray, qp: QParams):  # type: ignore[no-untyped-def]

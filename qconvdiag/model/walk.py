@@ -149,6 +149,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
 
         require_torchao(f"the PT2E model bundle {bundle.source or ''}".rstrip())
     say(f"screening {len(bundle.layers)} convs")
+    for lay in bundle.layers:  # the kernels chosen first, here: their probes run torch's convs
+        _kernel(lay.case, module_spec(lay.case), engine, lay.output_float32)  # (cached)
     screens = dict(zip([lay.name for lay in bundle.layers],
                        two_at_a_time(lambda lay: screen_layer(lay, engine), list(bundle.layers))))
     ranking = rank(screens)

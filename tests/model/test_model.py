@@ -514,3 +514,42 @@ def test_a_model_converted_without_calibration_is_named_once():
     healthy_f, healthy_q = models.eager("x86")
     _b, d = walk(healthy_f, healthy_q, models.inputs(2, 4, 7))
     assert d.report.shared_cause() is None
+
+
+ENGINE_AFTER_WALK = """
+import warnings
+warnings.simplefilter("ignore")
+import copy
+import torch, qconvdiag
+from torch.ao.quantization import DeQuantStub, QuantStub, convert, get_default_qconfig, prepare
+from qconvdiag.model.walk import WalkOptions, walk_model
+torch.manual_seed(0)
+torch.backends.quantized.engine = "x86"
+model = torch.nn.Sequential(QuantStub(), torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3),
+                            torch.nn.Conv2d(8, 4, 1), DeQuantStub()).eval()
+q = copy.deepcopy(model)
+q.qconfig = get_default_qconfig("x86")
+prepare(q, inplace=True)
+x = torch.randn(2, 3, 16, 16)
+q(x)
+convert(q, inplace=True)
+bundle = qconvdiag.capture_model(model, q, x)  # nothing has probed the engines yet
+before = torch.backends.quantized.engine
+walk_model(bundle, WalkOptions(top=0))  # the first walk of the process: the probes run in it
+print(before, torch.backends.quantized.engine)
+"""
+
+
+def test_a_walk_leaves_torch_s_quantized_engine_as_it_was():
+    """The probes switch torch's quantized engine (one setting per process) while they run;
+    the walk screens layers on two threads, so the probes run before them, and each switch
+    holds a lock until it puts the engine back. Before, the first walk of a process left
+    qnnpack set: the user's next model was packed for it (4x slower convs, measured)."""
+    import subprocess
+    import sys
+
+    from tests.repo import ROOT
+
+    out = subprocess.run([sys.executable, "-c", ENGINE_AFTER_WALK], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.split()[-2:] == ["x86", "x86"], out.stdout
