@@ -95,8 +95,13 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
     """The forum answer's route, done: observers, calibration between prepare and convert
     (``qconfig_line`` in place of the engine's default qconfig; the reduce_range qconfig where
     the default keeps 8-bit activations that this CPU's int16 pair sums saturate)."""
+    from ..arithmetic.engines import PT2E_ENGINES
     from ..quantization.paths import reduces_beyond_default
 
+    if engine in PT2E_ENGINES:  # no torch.ao qconfig: the quantizer's flow
+        from .backend_rules import alternative
+
+        return alternative()
     if qconfig_line is None and reduces_beyond_default(engine):
         return reduce_range_flow(case, engine, True)
     shape = ", ".join(["N", *(str(d) for d in case.input.shape[1:])])
@@ -124,7 +129,14 @@ QCONFIG_IMPORTS = ("from torch.ao.quantization import QConfig\n"
 
 def reduce_range_flow(case: ConvCase, engine: str, flag: bool) -> str:
     """``eager_flow`` with the engine's default weight observer and a histogram observer on
-    ``flag``-reduced activations (7 bits when True)."""
+    ``flag``-reduced activations (7 bits when True); on a PT2E engine, the quantizer's flow with
+    its config's ``reduce_range``."""
+    from ..arithmetic.engines import PT2E_ENGINES
+
+    if engine in PT2E_ENGINES:
+        from .backend_rules import ALTERNATIVE, DEFAULT_CONFIG, SEVEN_BIT_CONFIG
+
+        return ALTERNATIVE.replace(DEFAULT_CONFIG, SEVEN_BIT_CONFIG) if flag else ALTERNATIVE
     return QCONFIG_IMPORTS + eager_flow(case, engine,
                                         REDUCE_RANGE_QCONFIG.format(flag=flag, engine=engine))
 

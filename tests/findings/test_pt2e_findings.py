@@ -188,3 +188,14 @@ def test_qcd027_s_fix_folds_the_reference():
     scope = {"torch": torch, "conv": conv, "bn": bn, "x": x}
     exec(compile(fix, "QCD027 fix", "exec"), scope)
     assert not codes(scope["conv"]) & TRAPS
+
+
+def test_fixes_on_a_pt2e_engine_write_the_quantizer_s_flow():
+    """x86_inductor has no torch.ao qconfig (get_default_qconfig("x86_inductor") fails): where
+    a fix would set one up, it writes X86InductorQuantizer's flow, with the config this CPU
+    needs."""
+    report = diagnose(forum_case(), Options(engine="x86_inductor"))
+    fixes = {f.code: f.fix for f in report.findings}
+    for code, fix in fixes.items():
+        assert 'engine = "x86_inductor"' not in fix and 'qconfig("x86_inductor")' not in fix, code
+    assert alternative() in fixes["QCD050"]  # its "or the flow that sets them" part
