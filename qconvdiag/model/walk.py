@@ -61,6 +61,7 @@ from ..quantization.qparams import QParams, dequantize, dequantize32, wide_codes
 from ..report import Finding, Report
 from .bundle import LayerCapture, ModelBundle
 from .compiled import qcd063
+from .lost import qcd065
 from .reuse import qcd064
 
 Progress = Callable[[str], None]
@@ -177,8 +178,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
+    upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
+                               {c: r.kind for r in bundle.reused for c in r.missing_after()})
     model_findings = tuple(f for f in [qcd063(bundle.compiled, pt2e),
-                                       *qcd064(bundle.reused, pt2e)]
+                                       *qcd064(bundle.reused, pt2e), *qcd065(upstream, pt2e)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)
@@ -190,8 +193,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
         source=bundle.source, engine=engine, layers=rows, ranking=tuple(ranking),
         details=tuple(LayerDetail(name, diagnoses[name].report) for name in explain),
         status="fail" if gate.breaches else "ok", gate=gate, notes=tuple(notes),
-        upstream=upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
-                                 {c: r.kind for r in bundle.reused for c in r.missing_after()}),
+        upstream=upstream,
         findings=model_findings)
     return ModelDiagnosis(report, diagnoses)
 

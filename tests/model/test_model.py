@@ -393,9 +393,14 @@ def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
     assert all(row.verdict == "at_floor" for row in r.layers)
     (loss,) = r.upstream
     assert loss.layer == "stem" and loss.floor_ratio >= 4 and "QuantStub" in loss.message
+    # QCD065 names it, so a gate sees it though every conv is at its floor
+    (lost,) = [f for f in r.findings if f.code == "QCD065"]
+    assert lost.severity in ("warning", "error") and "input quantization" in lost.title
+    assert lost.evidence["layer"] == "stem" and "calibration_batches" in lost.fix
+    assert [b.layer for b in r.gate.breaches] == [] and r.status == "ok"  # --fail-on never
     f, q = models.eager("x86")
     _b, d = walk(f, q, models.inputs(2, 8, 7))
-    assert d.report.upstream == ()
+    assert d.report.upstream == () and d.report.findings == ()
 
 
 def test_a_loss_between_convs_is_named_at_the_conv_that_receives_it():
@@ -407,6 +412,23 @@ def test_a_loss_between_convs_is_named_at_the_conv_that_receives_it():
     (loss,) = d.report.upstream
     assert loss.layer == "c" and loss.worst_before in ("a", "b") and "an add" in loss.message
     assert d.report.layer("c").verdict == "at_floor"
+    (lost,) = d.report.findings
+    assert lost.code == "QCD065" and "an op between" in lost.title
+    # its fix prints each quantized module's output qparams: the add's 30x scale among them
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})
+    (line,) = [x for x in printed.getvalue().splitlines() if x.startswith("add ")]
+    assert float(line.split()[2]) == pytest.approx(float(q.add.scale))
+    from qconvdiag.model.walk import WalkOptions as Options_
+
+    gated = walk_model(_b, Options_(top=0, fail_on="warning")).report
+    assert [b.layer for b in gated.gate.breaches] == ["(model)"]
+    assert walk_model(_b, Options_(top=0, fail_on="warning", ignore=("QCD065",))
+                      ).report.gate.breaches == ()
 
 
 def test_capture_keeps_every_batch_within_the_limit():
@@ -457,6 +479,8 @@ def test_an_uncalibrated_quantstub_is_named_as_such():
     _b, d = walk(f, q, models.inputs(2, 8, 7))
     (loss,) = d.report.upstream
     assert loss.layer == "stem" and "was never calibrated (scale 1.0, zero point 0" in loss.message
+    assert loss.input.sqnr_db < 10  # the signal mostly gone: an error
+    assert [(f.code, f.severity) for f in d.report.findings] == [("QCD065", "error")]
     from qconvdiag.render.terminal import render_terminal
 
     text = render_terminal(d.report, width=100)

@@ -1,0 +1,57 @@
+"""QCD065: the signal is lost before a conv, by the model's input quantization or an op
+between convs (``walk.upstream_losses`` finds where). Each conv there is at its floor on what
+it received, so no conv's finding names it; without this one the gate would pass a model whose
+output is noise (measured: a MobileNetV2-like model on qnnpack, 0 dB at its output, every conv
+at its floor, from torch's quantized ReLU6 on a channels_last input)."""
+
+from __future__ import annotations
+
+from ..model_report import UpstreamLoss
+from ..report import Finding
+
+CODE = "QCD065"
+#: Below this input SQNR the signal is mostly gone (the error carries a tenth of its power or
+#: more): an error; a loss above it a warning.
+LOST_DB = 10.0
+
+_CALIBRATE_EAGER = ("prepared = prepare(model)\n"
+                    "for batch in calibration_batches:  # inputs as at inference\n"
+                    "    prepared(batch)\n"
+                    "quantized = convert(prepared)")
+_CALIBRATE_PT2E = ("prepared = prepare_pt2e(exported, quantizer)\n"
+                   "with torch.no_grad():\n"
+                   "    for batch in calibration_batches:  # inputs as at inference\n"
+                   "        prepared(batch)\n"
+                   "converted = convert_pt2e(prepared)")
+_SCALES = ("# the op between them with a far-off output scale (an add, a pool, a cat,\n"
+           "# a ReLU6 or another module): each quantized module's output qparams\n"
+           "for name, m in quantized.named_modules():\n"
+           "    if hasattr(m, \"scale\") and hasattr(m, \"zero_point\"):\n"
+           "        print(name, type(m).__name__, float(m.scale), int(m.zero_point))")
+
+
+def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool) -> list[Finding]:
+    """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a
+    missing activation module explains (QCD064 names that)."""
+    found = []
+    for loss in losses:
+        if "(QCD064)" in loss.message:
+            continue
+        sqnr = loss.input.sqnr_db
+        level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"
+        first = loss.worst_before is None
+        where = ("the model's input quantization" if first else
+                 f"an op between {loss.worst_before} and {loss.layer}")
+        if first:
+            fix = ("# calibrate the model's input quantization on inputs as at inference\n"
+                   + (_CALIBRATE_PT2E if pt2e else _CALIBRATE_EAGER))
+        else:
+            fix = (_SCALES if not pt2e else
+                   "# the op between them with a far-off output scale (an add, a pool, a cat):\n"
+                   "# the quantize_per_tensor nodes of the converted graph\n"
+                   "for node in converted.graph.nodes:\n"
+                   "    if \"quantize_per_tensor\" in str(node.target):\n"
+                   "        print(node.name, node.args[1:3])")
+        found.append(Finding(CODE, level, f"the signal is lost before {loss.layer}, by {where}",
+                             loss.message, loss.to_dict(), fix))
+    return found
