@@ -12,10 +12,6 @@ from .base import Context, excess, finding, fmt, severity
 from .fixes import eager_flow, reduce_range_flow
 
 
-def _reduce_range_fix(ctx: Context, engine: str, flag: bool) -> str:
-    return reduce_range_flow(ctx.case, engine, flag)
-
-
 def qcd040(ctx: Context) -> Iterator[Finding]:
     for engine in ctx.engines:
         for run in ctx.paths(engine):
@@ -50,7 +46,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps).",
                     {"saturated_pairs": em.saturated_pairs, "saturated_row_sums": rows,
                      "accumulation": run.kernel.accumulation, "excess": energy},
-                    _reduce_range_fix(ctx, engine, True), run, energy, (sid,))
+                    reduce_range_flow(ctx.case, engine, True), run, energy, (sid,))
             elif run.saturation_without_vnni:
                 n = run.saturation_without_vnni
                 yield finding(
@@ -62,7 +58,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     "result. 7-bit activations (reduce_range, the x86/fbgemm default) cannot.",
                     {"saturated_pairs_without_vnni": n,
                      "max_input_code": int(run.spec.input_codes.max())},
-                    _reduce_range_fix(ctx, engine, True), run)
+                    reduce_range_flow(ctx.case, engine, True), run)
 
 
 def qcd041(ctx: Context) -> Iterator[Finding]:
@@ -134,5 +130,5 @@ def qcd042(ctx: Context) -> Iterator[Finding]:
              "floor_rmse": b.floor_rmse, "floor_rmse_8bit": b.floor_rmse_8bit,
              "exact_here": exact_here},
             ("# only if the model never runs on a CPU without AVX512-VNNI:\n"
-             + _reduce_range_fix(ctx, run.report.engine, False)) if exact_here else
+             + reduce_range_flow(ctx.case, run.report.engine, False)) if exact_here else
             "# nothing to fix: keep reduce_range, this layer's kernel needs it here", run)

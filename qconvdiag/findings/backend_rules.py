@@ -48,14 +48,17 @@ tests/findings/test_pt2e_findings.py runs it with torchao. ``alternative()`` is 
 gives on this CPU."""
 
 
+def pt2e_flow(seven_bits: bool) -> str:
+    """``ALTERNATIVE``, with the 7-bit quantizer config when ``seven_bits``."""
+    return ALTERNATIVE.replace(DEFAULT_CONFIG, SEVEN_BIT_CONFIG) if seven_bits else ALTERNATIVE
+
+
 def alternative() -> str:
     """``ALTERNATIVE`` with the quantizer config this CPU needs (7-bit activations where
     oneDNN sums int16 pairs)."""
     from ..quantization.paths import advises_reduce_range
 
-    if not advises_reduce_range("x86_inductor"):
-        return ALTERNATIVE
-    return ALTERNATIVE.replace(DEFAULT_CONFIG, SEVEN_BIT_CONFIG)
+    return pt2e_flow(advises_reduce_range("x86_inductor"))
 
 
 def qcd060(ctx: Context) -> Iterator[Finding]:

@@ -134,9 +134,9 @@ def reduce_range_flow(case: ConvCase, engine: str, flag: bool) -> str:
     from ..arithmetic.engines import PT2E_ENGINES
 
     if engine in PT2E_ENGINES:
-        from .backend_rules import ALTERNATIVE, DEFAULT_CONFIG, SEVEN_BIT_CONFIG
+        from .backend_rules import pt2e_flow
 
-        return ALTERNATIVE.replace(DEFAULT_CONFIG, SEVEN_BIT_CONFIG) if flag else ALTERNATIVE
+        return pt2e_flow(flag)
     return QCONFIG_IMPORTS + eager_flow(case, engine,
                                         REDUCE_RANGE_QCONFIG.format(flag=flag, engine=engine))
 

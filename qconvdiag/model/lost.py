@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..model_report import UpstreamLoss
 from ..report import Finding
+from .reuse import CODE as REUSE_CODE
 
 CODE = "QCD065"
 #: Below this input SQNR the signal is mostly gone (the error carries a tenth of its power or
@@ -35,7 +36,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool) -> list[Finding]:
     missing activation module explains (QCD064 names that)."""
     found = []
     for loss in losses:
-        if "(QCD064)" in loss.message:
+        if f"({REUSE_CODE})" in loss.message:  # walk.upstream_losses blames QCD064's loss
             continue
         sqnr = loss.input.sqnr_db
         level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"

@@ -62,6 +62,7 @@ from ..report import Finding, Report
 from .bundle import LayerCapture, ModelBundle
 from .compiled import qcd063
 from .lost import qcd065
+from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
 
 Progress = Callable[[str], None]
@@ -237,8 +238,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
             cause = ("an op between them (an add, a pool, a cat, a linear layer: its output "
                      "scale) loses it" if not before else
                      f"the {(missing or {})[before[0]]} the float model applies after "
-                     f"{', '.join(before)} is gone in the quantized model (QCD064), which lets "
-                     "negative values through")
+                     f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "
+                     "which lets negative values through")
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
@@ -352,13 +353,12 @@ def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_ene
                     verdict: str, dominant: str | None
                     ) -> tuple[str | None, tuple[LayerFinding, ...]]:
     """A float32-output conv above its floor whose kernel sums int16 pairs (no VNNI): the
-    emulation on its captured input counts the saturated pair sums and what they cost
-    (the squared difference of its output from the same kernel's with exact accumulation). When
-    they cost most of the own error,
-    the dominant stage is the accumulation's, not the weight's; QCD040 names them: info, a
-    warning from MATERIAL of the floor, an error on a broken conv when they explain most of
-    its excess (as findings/base.py's severity). Returns the dominant stage and the
-    findings."""
+    emulation on its captured input counts the saturated pair sums and what they cost (the
+    squared difference of its output from the same kernel's with exact accumulation). When
+    they cost most of the own error, the dominant stage is the accumulation's, not the
+    weight's; QCD040 names them: info, a warning from MATERIAL of the floor, an error on a
+    broken conv when they explain most of its excess (as findings/base.py's severity).
+    Returns the dominant stage and the findings."""
     import dataclasses
 
     from ..arithmetic.accumulate import EXACT
