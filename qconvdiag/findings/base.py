@@ -93,17 +93,27 @@ def share_of_excess(run: PathRun | None, energy: float) -> float:
 def severity(run: PathRun | None, energy: float, floor: str = "info") -> str:
     """The severity a cause with ``energy`` of excess deserves on ``run`` (never below
     ``floor``; at most a warning on the production path)."""
-    level = floor
     b = None if run is None else run.report.budget
-    if b is not None and energy > 0:
-        if energy >= MATERIAL * b.floor_energy and level == "info":
-            level = "warning"
-        alone_far = energy >= (FAR ** 2 - 1) * b.floor_energy
-        if b.verdict == "broken" and (energy >= MOST * b.excess or alone_far) \
-                and energy >= MATERIAL * b.floor_energy:
-            level = "error"
+    level = floor if b is None else severity_of(energy, b.floor_energy, b.excess, b.verdict,
+                                                floor)
     if run is not None and run.report.name == "production" and level == "error":
         level = "warning"
+    return level
+
+
+def severity_of(energy: float, floor_energy: float, excess: float, verdict: str,
+                floor: str = "info") -> str:
+    """``severity`` from the numbers: a cause with ``energy`` of excess, on a path whose floor
+    has ``floor_energy``, whose whole excess is ``excess`` and whose verdict is ``verdict``
+    (also a model walk's screen, which has no budget: walk.fp32_saturation)."""
+    level = floor
+    if energy > 0:
+        if energy >= MATERIAL * floor_energy and level == "info":
+            level = "warning"
+        alone_far = energy >= (FAR ** 2 - 1) * floor_energy
+        if verdict == "broken" and (energy >= MOST * excess or alone_far) \
+                and energy >= MATERIAL * floor_energy:
+            level = "error"
     return level
 
 

@@ -37,7 +37,7 @@ from ..case import ConvCase
 from ..diagnosis import Diagnosis, Options, layer_kernel, run_diagnosis
 from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
-from ..measure.budget import AT_FLOOR, FAR, MATERIAL, MOST, SLACK, floors
+from ..measure.budget import AT_FLOOR, FAR, MOST, SLACK, floors
 from ..measure.evidence import exec_weight_qparams
 from ..measure.metrics import chunked_energy, fused_pass
 from ..model_report import (
@@ -356,12 +356,14 @@ def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_ene
     emulation on its captured input counts the saturated pair sums and what they cost (the
     squared difference of its output from the same kernel's with exact accumulation). When
     they cost most of the own error, the dominant stage is the accumulation's, not the
-    weight's; QCD040 names them: info, a warning from MATERIAL of the floor, an error on a
-    broken conv when they explain most of its excess (as findings/base.py's severity).
+    weight's; QCD040 names them with the severity every cause gets (findings/base.py's
+    severity_of: a warning from MATERIAL of the floor, an error on a broken conv when they
+    explain most of its excess or alone are FAR from the floor).
     Returns the dominant stage and the findings."""
     import dataclasses
 
     from ..arithmetic.accumulate import EXACT
+    from ..findings.base import severity_of
 
     kernel = _kernel(lay.case, module_spec(lay.case), engine, True)
     if kernel.accumulation == EXACT:
@@ -374,12 +376,7 @@ def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_ene
     # on the output (a fused ReLU zeroes some saturated sums anyway), in float64
     energy = float(np.sum(np.square(em.output_float32.astype(np.float64)
                                     - exact.output_float32)))
-    excess = max(own_energy - floor_energy, 0.0)
-    level = "info"
-    if energy >= MATERIAL * floor_energy:
-        level = "warning"
-        if verdict == "broken" and energy >= MOST * excess:
-            level = "error"
+    level = severity_of(energy, floor_energy, max(own_energy - floor_energy, 0.0), verdict)
     if energy >= MOST * own_energy:
         dominant = "accumulation"
     return dominant, (LayerFinding("QCD040", level,
