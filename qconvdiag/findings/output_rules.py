@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..arithmetic.engines import PT2E_ENGINES
 from ..measure.budget import output_span
 from ..measure.evidence import PathRun
 from ..quantization.qparams import DTYPE_RANGES
@@ -83,7 +84,9 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
          "1.0 can be represented. An output observer (calibration) or from_float sets them."),
         {"scale": qp.scale[0], "zero_point": qp.zero_point[0], "uncalibrated": uncalibrated,
          "excess": energy},
-        fix + "\n# or the eager flow, which sets them from observers:\n"
+        fix + ("\n# or the quantizer's flow, which sets them from observers:\n"
+               if run.report.engine in PT2E_ENGINES else
+               "\n# or the eager flow, which sets them from observers:\n")
         + eager_flow(ctx.case, run.report.engine),
         run, energy, stages)
 

@@ -15,11 +15,14 @@ CODE = "QCD065"
 #: more): an error; a loss above it a warning.
 LOST_DB = 10.0
 
-_CALIBRATE_EAGER = ("prepared = prepare(model)\n"
+_CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
+                    "prepared = prepare(model)  # the float model, its qconfig set\n"
                     "for batch in calibration_batches:  # inputs as at inference\n"
                     "    prepared(batch)\n"
                     "quantized = convert(prepared)")
-_CALIBRATE_PT2E = ("prepared = prepare_pt2e(exported, quantizer)\n"
+_CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
+                   "    convert_pt2e, prepare_pt2e)\n"
+                   "prepared = prepare_pt2e(exported, quantizer)  # as the model was\n"
                    "with torch.no_grad():\n"
                    "    for batch in calibration_batches:  # inputs as at inference\n"
                    "        prepared(batch)\n"

@@ -199,3 +199,4 @@ def test_fixes_on_a_pt2e_engine_write_the_quantizer_s_flow():
     for code, fix in fixes.items():
         assert 'engine = "x86_inductor"' not in fix and 'qconfig("x86_inductor")' not in fix, code
     assert alternative() in fixes["QCD050"]  # its "or the flow that sets them" part
+    assert "# or the quantizer's flow, which sets them from observers:" in fixes["QCD050"]

@@ -398,15 +398,32 @@ def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
     assert lost.severity in ("warning", "error") and "input quantization" in lost.title
     assert lost.evidence["layer"] == "stem" and "calibration_batches" in lost.fix
     assert [b.layer for b in r.gate.breaches] == [] and r.status == "ok"  # --fail-on never
-    f, q = models.eager("x86")
-    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    # the fix, run on the float model fused and given its qconfig as eager() does, calibrates
+    # the QuantStub again: its scale is the healthy model's, not 12x
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    from tests.cpu import healthy_qconfig
+
+    model = copy.deepcopy(f)
+    fuse_modules(model, models.FUSE_2D, inplace=True)
+    model.qconfig = healthy_qconfig("x86")
+    scope = {"model": model,
+             "calibration_batches": [models.inputs(2, 8, 100 + i) for i in range(4)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(lost.fix, "QCD065 fix", "exec"), scope)
+    healthy_f, healthy_q = models.eager("x86")
+    assert float(scope["quantized"].quant.scale) == pytest.approx(float(healthy_q.quant.scale))
+    _b, d = walk(healthy_f, healthy_q, models.inputs(2, 8, 7))
     assert d.report.upstream == () and d.report.findings == ()
 
 
 def test_a_loss_between_convs_is_named_at_the_conv_that_receives_it():
     f, q = models.eager("x86", dims=0)
     _b, d = walk(f, q, models.inputs(0, 8, 7))
-    assert d.report.upstream == ()
+    assert d.report.upstream == () and d.report.findings == ()  # the near miss: silent
     q.add.scale = q.add.scale * 30  # the quantized add's output scale, 30x too coarse
     _b, d = walk(f, q, models.inputs(0, 8, 7))
     (loss,) = d.report.upstream

@@ -289,6 +289,34 @@ def test_input_quantization_calibrated_on_other_inputs_is_named():
     assert loss.layer == "stem" and loss.floor_ratio >= 4
     assert "the quantize_per_tensor of the model's input" in loss.message
     assert "QuantStub" not in loss.message
+    (lost,) = report.findings
+    assert lost.code == "QCD065" and "input quantization" in lost.title
+    # its fix, run on the model exported and quantized as build() does, with the batch it
+    # meets at inference: the graph's input scale is the one calibrated on that batch
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
+             "exported": torch.export.export(model, (batches[0],), strict=True).module()}
+    exec(compile(lost.fix, "QCD065 fix", "exec"), scope)
+    calibrated = build()[1]  # calibrated on batches[0] itself
+    again = _graph_conv(scope["converted"], 0).args[0].args[1]
+    assert again == _graph_conv(calibrated, 0).args[0].args[1]
+    assert again < _graph_conv(converted, 0).args[0].args[1] / 4
+    # an op between convs: the fix prints the graph's quantize nodes' scale and zero point
+    import contextlib
+    import dataclasses
+    import io
+
+    from qconvdiag.model.lost import qcd065
+
+    (between,) = qcd065((dataclasses.replace(loss, floor_ratio=None, worst_before="stem"),),
+                        pt2e=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(between.fix, "QCD065 fix", "exec"), {"converted": converted})
+    assert "quantize_per_tensor" in printed.getvalue()
 
 
 def test_a_static_batch_size_is_named():
