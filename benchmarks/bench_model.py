@@ -104,7 +104,7 @@ def least(float_model, quantized, x, bundle) -> None:  # noqa: ANN001
     """The two forwards, no hooks, and the float conv of every captured conv on its input."""
     import torch
 
-    from qconvdiag.model.walk import float_conv
+    from qconvdiag.model.screen import float_conv
 
     with torch.no_grad():
         float_model(x)

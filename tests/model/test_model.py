@@ -127,7 +127,8 @@ def test_handmade_output_qparams_are_blamed_on_that_conv_only():
     assert r.details[0].layer == "dw"
     assert r.details[0].report.findings[0].code == "QCD051"
     # the screen's estimate of the dominant stage agrees with the stage ladder's
-    from qconvdiag.model.walk import ladder_dominant, screen_layer
+    from qconvdiag.model.screen import screen_layer
+    from qconvdiag.model.walk import ladder_dominant
 
     assert screen_layer(_b.layer("dw"), "x86").dominant_stage == "output_clipping"
     assert ladder_dominant(r.details[0].report) == "output_clipping"
