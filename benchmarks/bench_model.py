@@ -15,10 +15,11 @@ quantized with torch.ao's eager flow and the engine's default qconfig, one batch
   the float conv the own error needs (Numeric Suite compares propagated errors only);
 * each layer explained in full (``top=1``) against the single-conv diagnosis of that layer.
 
-Medians of several runs; ratios are what the targets speak of (issue 14: screening <= 2x
+Medians of 7 interleaved runs by default (the explained layer's cost is a difference of two walks,
+so fewer runs leave it to the machine's noise); ratios are what the targets speak of (issue 14: screening <= 2x
 Numeric Suite; a deep-explained layer adds at most its single-conv diagnosis time).
 
-    .venv/bin/python benchmarks/bench_model.py [--size 224] [--batch 8] [--repeats 3]
+    .venv/bin/python benchmarks/bench_model.py [--size 224] [--batch 8] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--engine", default="x86")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # torch.ao's deprecation notices, on every call
