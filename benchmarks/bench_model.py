@@ -15,9 +15,10 @@ quantized with torch.ao's eager flow and the engine's default qconfig, one batch
   the float conv the own error needs (Numeric Suite compares propagated errors only);
 * each layer explained in full (``top=1``) against the single-conv diagnosis of that layer.
 
-Medians of 7 interleaved runs by default (the explained layer's cost is a difference of two walks,
-so fewer runs leave it to the machine's noise); ratios are what the targets speak of (issue 14: screening <= 2x
-Numeric Suite; a deep-explained layer adds at most its single-conv diagnosis time).
+Medians of 7 interleaved runs by default (the explained layer's cost is a difference of two
+walks, so fewer runs leave it to the machine's noise); ratios are what the targets speak of
+(issue 14: screening <= 2x Numeric Suite; a deep-explained layer adds at most its single-conv
+diagnosis time).
 
     .venv/bin/python benchmarks/bench_model.py [--size 224] [--batch 8] [--repeats 7]
 """
