@@ -271,6 +271,8 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
             input_qparams=L2.input_qp(), module=module(
                 np.zeros(L2.w.shape, np.int64), per_tensor(1.0, 0, "qint8", "m"), None,
                 L2.output_qp()))), "fbgemm"),
+        ("the weight's codes at 10x their scale (written after convert)", lambda: holding(
+            L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp(10)), "x86"),
     ], [("the module holds the quantized weight", lambda: holding(
         L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp()), "x86")], severity="warning")
 
@@ -283,7 +285,9 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
     ], [("the float reference folded too", lambda: bn_folded(L1, 21, reference_folded=True),
          "x86"),
         ("the module holds the scaled weight plus 2 steps of noise", lambda: bn_folded(
-            L1, 24, noise_steps=2.0), "x86")])
+            L1, 24, noise_steps=2.0), "x86"),
+        ("one factor for every channel: the weight's codes at 10x their scale", lambda: holding(
+            L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp(10)), "x86")])
 
     square = Layer(_input(np.random.default_rng(11), (1, 6, 8, 8), "relu"),
                    _weight(np.random.default_rng(12), (6, 6, 3, 3), True), None,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..arithmetic.engines import PT2E_ENGINES
+from ..case import ConvCase
 from ..measure.budget import output_span
 from ..measure.evidence import PathRun
 from ..quantization.qparams import DTYPE_RANGES
@@ -125,6 +126,12 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         if below:
             sides.append(f"{below} below {fmt(bottom)} (the float output reaches "
                          f"{fmt(float(y0.min()))}{here})")
+        # most saturate only because the input strays (an earlier loss): not this conv's fault
+        astray = _beyond_float_model(ctx, y0, s, (bottom, top), below > 0, above > 0)
+        if 2 * astray >= below + above:
+            yield _fed_astray(run, energy, (astray, below + above, int(y0.size)),
+                              (bottom, top), ctx.case)
+            continue
         fix = _output_fix(ctx, run)
         production = run.report.name == "production"
         level = severity(run, energy)
@@ -147,6 +154,52 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
             {"saturated": below + above, "below": below, "above": above,
              "total": int(y0.size), "low": bottom, "high": top, "excess": energy},
             fix, run, energy, ("output_clipping",))
+
+
+def _beyond_float_model(ctx: Context, y0: np.ndarray, step: float,
+                        representable: tuple[float, float], low_side: bool,
+                        high_side: bool) -> int:
+    """In a model walk: how many outputs saturate beyond the float model's own reach at this
+    conv too (``ConvCase.output_range``: over the calibration batches and the captured
+    samples; half a step of slack), on the saturated sides. The float model never gives
+    those: only the input this conv received, strayed from the float model's, does. 0 outside
+    a model walk."""
+    reach = ctx.case.output_range
+    if reach is None:
+        return 0
+    n = 0
+    if high_side:
+        n += int(np.count_nonzero(y0 > max(reach[1], representable[1]) + step / 2))
+    if low_side:
+        n += int(np.count_nonzero(y0 < min(reach[0], representable[0]) - step / 2))
+    return n
+
+
+def _fed_astray(run: PathRun, energy: float, counts: tuple[int, int, int],
+                representable: tuple[float, float], case: ConvCase) -> Finding:
+    """QCD051 where most saturated outputs lie beyond the float model's own reach
+    (``_beyond_float_model``; ``counts``: those, all saturated, all outputs): said, not warned
+    about, and no fix to the output qparams, which fit the float model."""
+    assert case.output_range is not None
+    astray, saturated, total = counts
+    lo, hi = case.output_range
+    where = ("the captured samples" if case.output_range_sampled
+             else "the calibration batches and the captured samples")
+    return finding(
+        "QCD051", "info", "outputs saturated at the output dtype's limits",
+        f"{saturated} of {total} outputs fall outside the representable range "
+        f"[{fmt(representable[0])}, {fmt(representable[1])}] and saturate, {astray} of them "
+        f"beyond what the float model itself gives at this conv ({fmt(lo)} to {fmt(hi)} over "
+        f"{where}): they saturate because the input this conv received strays from the float "
+        "model's input here, lost before this conv. Its output qparams fit the float model; "
+        "the loss is upstream (the first conv above its floor, or the model's finding on a "
+        "lost input).",
+        {"saturated": saturated, "beyond_float_model": astray, "total": total,
+         "low": representable[0], "high": representable[1], "float_model_low": lo,
+         "float_model_high": hi, "excess": energy},
+        "# nothing to change in this conv's output qparams: they fit the float model here;\n"
+        "# fix the layer or op before it that loses the signal",
+        run, energy, ("output_clipping",))
 
 
 def _trimmed(saturated: int, total: int, representable: tuple[float, float],

@@ -202,7 +202,26 @@ def module_weight_problem(ctx: Context, run: PathRun) -> str | None:
                 "weight: never set")
     if zeros:
         return "all zeros"
+    rescaled = _rescaled_codes(run.spec.weight_codes, run.spec.weight_qparams, m.weight_codes,
+                               m.weight_qparams)
+    if rescaled is not None:
+        return rescaled
     return f"values up to {fmt(float(np.abs(held).max()))}, {fmt(diff)} away from the meant weight"
+
+
+def _rescaled_codes(codes: np.ndarray, qp: QParams, held_codes: np.ndarray,
+                    held_qp: QParams) -> str | None:
+    """How the module's weight differs when it holds the meant weight's codes and zero
+    points at other scales (a scale written by hand after convert), else None."""
+    if codes.shape != held_codes.shape or not np.array_equal(codes, held_codes) \
+            or tuple(qp.zero_point) != tuple(held_qp.zero_point):
+        return None
+    ratio = (np.asarray(held_qp.scales(), np.float64).reshape(-1)
+             / np.asarray(qp.scales(), np.float64).reshape(-1))
+    low, high = float(ratio.min()), float(ratio.max())
+    times = f"{fmt(low)}x" if high <= low * 1.001 else f"{fmt(low)}x to {fmt(high)}x"
+    return (f"the meant weight's codes at {times} their scale ({fmt(float(held_qp.scale[0]))} "
+            f"for {fmt(float(qp.scale[0]))}): a weight scale written after convert")
 
 
 #: QCD027's evidence. A channel of fewer weights fits any factor, so it proves nothing.
@@ -213,8 +232,12 @@ FOLD_MIN_WEIGHTS = 4
 FOLD_FIT_STEPS = 0.5
 #: ...and the factors explain at least this share of the difference's energy...
 FOLD_EXPLAINED = 0.75
-#: ...and none is near 0 (an all-zero module weight fits a factor 0: never set, QCD024).
+#: ...and none is near 0 (an all-zero module weight fits a factor 0: never set, QCD024)...
 FOLD_SMALLEST = 0.01
+#: ...and they differ: the largest |factor| at least this many times the smallest. A
+#: BatchNorm's gamma / sqrt(var + eps) differs per channel in any trained model; one factor
+#: for every channel is a weight scale written by hand (QCD024 says so), not a fold.
+FOLD_SPREAD = 1.1
 
 
 def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, float] | None:
@@ -222,8 +245,8 @@ def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, flo
     explained) when the module's weight is the float weight scaled per output channel, up to
     rounding: what folding a BatchNorm into the conv gives (w * gamma / sqrt(var + eps)), while
     the float weight is the conv's before BatchNorm. All-zero float channels (pruned) must be
-    zero in the module too, and at least half the channels (two or more) carry a factor. None
-    when it is not, or not shown.
+    zero in the module too, at least half the channels (two or more) carry a factor, and the
+    factors differ (FOLD_SPREAD). None when it is not, or not shown.
 
     E.g. float weights (0.1, -0.2, 0.3, 0.05) in channel 0, module weight codes (12, -24, 36, 6)
     at step 0.0125: the factor is 1.5 and nothing is left but rounding."""
@@ -249,8 +272,9 @@ def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, flo
     factors = factors[live]
     difference = float(((held - w) ** 2).sum())
     explained = 1.0 - float((left * left).sum()) / difference if difference > 0 else 0.0
-    if fit > FOLD_FIT_STEPS or explained < FOLD_EXPLAINED \
-            or float(np.abs(factors).min()) < FOLD_SMALLEST:
+    smallest = float(np.abs(factors).min())
+    if fit > FOLD_FIT_STEPS or explained < FOLD_EXPLAINED or smallest < FOLD_SMALLEST \
+            or float(np.abs(factors).max()) < FOLD_SPREAD * smallest:
         return None
     return float(factors.min()), float(factors.max()), fit, explained
 

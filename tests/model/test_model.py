@@ -595,3 +595,37 @@ def test_a_walk_leaves_torch_s_quantized_engine_as_it_was():
     out = subprocess.run([sys.executable, "-c", ENGINE_AFTER_WALK], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.split()[-2:] == ["x86", "x86"], out.stdout
+
+
+def _rescale_weight(m: torch.nn.Module, factor: float) -> None:
+    """The module's weight codes kept, their scale multiplied (written by hand after convert)."""
+    w, b = m.weight(), m.bias()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        w = torch._make_per_channel_quantized_tensor(
+            w.int_repr(), w.q_per_channel_scales() * factor, w.q_per_channel_zero_points(),
+            w.q_per_channel_axis())
+    else:
+        w = torch._make_per_tensor_quantized_tensor(w.int_repr(), w.q_scale() * factor,
+                                                    w.q_zero_point())
+    m.set_weight_bias(w, b)
+
+
+def test_saturation_downstream_of_a_broken_conv_is_blamed_on_that_conv():
+    """A weight scale written 10x after convert (the stem's) sends every later conv inputs the
+    float model never gives it: their outputs saturate beyond the float model's own reach
+    there. The stem gets QCD024 (the codes at 10x their scale, not a BatchNorm fold: one
+    factor for every channel), the convs after it QCD051 as info only (their output qparams
+    fit the float model), no error nor warning."""
+    f, q = models.eager("x86")
+    _rescale_weight(q.stem, 10.0)
+    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    rows = {r.name: r for r in d.report.layers}
+    stem = rows["stem"]
+    assert stem.findings[0].code == "QCD024" and stem.findings[0].severity == "error"
+    assert "QCD027" not in {x.code for x in stem.findings}
+    assert "codes at 10x their scale" in d.diagnoses["stem"].report.findings[0].message
+    for name in ("dw", "pw", "head"):
+        assert rows[name].verdict != "at_floor", name  # they do saturate
+        assert {(x.code, x.severity) for x in rows[name].findings} >= {("QCD051", "info")}
+        assert all(x.severity == "info" for x in rows[name].findings), name
+    assert d.report.shared_cause() is None
