@@ -86,10 +86,11 @@ def trace(case: ConvCase, position: tuple[int, ...] | None, path: str = "as_give
                          f"{run.report.refused}")
     out_shape = run.ladder.float_output.shape
     if position is None:
-        # Default: the element with the largest error of the intended setup's emulation.
+        # Default: the element with the largest error of the intended setup's emulation,
+        # against the float output after the fused ReLU (what the quantized conv gives too)
         out_qp = run.spec.output_qparams
         emulated = (run.emulation.output_codes - out_qp.zero_point[0]) * out_qp.scale[0]
-        err = np.abs(emulated - run.ladder.float_output)
+        err = np.abs(emulated - _float_output(case, run))
         position = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), out_shape))
     if len(position) != len(out_shape) or any(
             not 0 <= p < s for p, s in zip(position, out_shape)):
@@ -130,10 +131,17 @@ def _trace_run(case: ConvCase, run: PathRun, pos: tuple[int, ...]) -> Trace:
         output_zero_point=out_zp, unclamped=unclamped, output_int=codes,
         output_scale=float(out_qp.scale[0]),
         dequantized=float((codes - out_zp) * out_qp.scale[0]),
-        float_reference=float(run.ladder.float_output[pos]), torch_output_int=torch_code,
+        float_reference=float(_float_output(case, run)[pos]), torch_output_int=torch_code,
         torch_agrees=agrees, packed_params=packed_params(case, run),
         module_note=_module_note(run, pos), input_code_sum=input_code_sum,
     )
+
+
+def _float_output(case: ConvCase, run: PathRun) -> np.ndarray:
+    """The float output the quantized conv approximates: after the fused ReLU, if any."""
+    assert run.ladder is not None
+    y = run.ladder.float_output
+    return np.maximum(y, 0.0) if case.activation == "relu" else y
 
 
 def _terms(case: ConvCase, run: PathRun, pos: tuple[int, ...], zps: ZeroPoints

@@ -124,3 +124,22 @@ def test_trace_of_a_depthwise_window_whose_code_sum_leaves_int16():
     assert tr.accumulator == tr.accumulator_exact + sum(
         p["value"] - p["sum"] for p in tr.pairs) + 3 * (tr.input_code_sum["sum"] - 32767)
     assert tr.torch_agrees is True
+
+
+def test_a_fused_relu_is_traced_against_the_float_output_after_it():
+    """A ConvReLU's quantized output approximates relu(conv): its zeros where the conv is
+    negative are exact, so they are not the largest error, and the reference is never below 0."""
+    import dataclasses
+
+    case = dataclasses.replace(generate(RandomSpec(seed=3, distribution="normal")),
+                               activation="relu")
+    tr = trace(case, None, path="production", engine="x86")
+    assert tr.float_reference >= 0.0
+    from qconvdiag.diagnosis import Options, diagnose_path
+
+    run = diagnose_path(case, "production", Options(engine="x86"))
+    assert run.emulation is not None and run.ladder is not None
+    qp = run.spec.output_qparams
+    err = np.abs((run.emulation.output_codes - qp.zero_point[0]) * qp.scale[0]
+                 - np.maximum(run.ladder.float_output, 0.0))
+    assert abs(tr.dequantized - tr.float_reference) == pytest.approx(float(err.max()))
