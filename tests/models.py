@@ -99,9 +99,7 @@ def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Modu
     default qconfig (7-bit activations where this CPU's kernels sum int16 pairs:
     tests/cpu.py), calibrate on 4 batches, convert. ``dims``: 2 (Net2d), 1 (Net1d) or 0
     (NetAdd, 2-d with a quantized add)."""
-    from torch.ao.quantization import convert, fuse_modules, prepare
-
-    from tests.cpu import healthy_qconfig
+    from torch.ao.quantization import fuse_modules
 
     torch.manual_seed(seed)
     torch.backends.quantized.engine = engine
@@ -109,6 +107,16 @@ def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Modu
     _randomize_bn(model, seed)
     q = copy.deepcopy(model)
     fuse_modules(q, {2: FUSE_2D, 1: FUSE_1D, 0: FUSE_ADD}[dims], inplace=True)
+    return model, quantize_fused(q, engine, dims)
+
+
+def quantize_fused(q: nn.Module, engine: str, dims: int = 2) -> nn.Module:
+    """A fused float model quantized in place: prepare with the engine's default qconfig,
+    calibrate on 4 batches, convert."""
+    from torch.ao.quantization import convert, prepare
+
+    from tests.cpu import healthy_qconfig
+
     q.qconfig = healthy_qconfig(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,7 +125,19 @@ def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Modu
             for i in range(4):
                 q(inputs(dims, 8, 100 + i))
         convert(q, inplace=True)
-    return model, q
+    return q
+
+
+def with_outlier_channel(model: Net2d, channel: int = 3, factor: float = 100.0) -> Net2d:
+    """The same function, one channel between ``pw`` and ``head`` ``factor`` times the others:
+    bn3's gamma and beta of that channel times ``factor``, head's weights reading it divided by
+    it (a trained model's BatchNorm can end up so)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.bn3.weight[channel] *= factor
+        model.bn3.bias[channel] *= factor
+        model.head.weight[:, channel] /= factor
+    return model
 
 
 def fx(engine: str, seed: int = 0) -> tuple[nn.Module, Any]:

@@ -13,8 +13,8 @@ layers asked for by name, get the full single-conv diagnosis (the production pat
 
 The stage ladder and the findings model a quantized output, so a conv whose kernel writes
 float32 (a PT2E conv before a residual add) is screened only, never diagnosed nor explained.
-Findings about the whole model come last: QCD063 (compiled.py), QCD064 (reuse.py) and QCD065
-(lost.py, from ``upstream_losses``).
+Findings about the whole model come last: QCD063 (compiled.py), QCD064 (reuse.py), QCD065
+(lost.py, from ``upstream_losses``) and QCD066 (channels.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from ..parallel import two_at_a_time
 from ..quantization.paths import ProductionOptions
 from ..report import Finding, Report
 from .bundle import LayerCapture, ModelBundle
+from .channels import qcd066
 from .compiled import qcd063
 from .lost import qcd065
 from .reuse import CODE as REUSE_CODE
@@ -146,7 +147,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
                                {c: r.kind for r in bundle.reused for c in r.missing_after()})
     model_findings = tuple(f for f in [qcd063(bundle.compiled, pt2e),
-                                       *qcd064(bundle.reused, pt2e), *qcd065(upstream, pt2e)]
+                                       *qcd064(bundle.reused, pt2e), *qcd065(upstream, pt2e),
+                                       *qcd066(bundle.layers, screens,
+                                               {u.layer for u in upstream}, pt2e)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)

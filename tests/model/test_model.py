@@ -629,3 +629,38 @@ def test_saturation_downstream_of_a_broken_conv_is_blamed_on_that_conv():
         assert {(x.code, x.severity) for x in rows[name].findings} >= {("QCD051", "info")}
         assert all(x.severity == "info" for x in rows[name].findings), name
     assert d.report.shared_cause() is None
+
+
+def test_a_channel_far_beyond_the_others_is_named_and_equalization_restores_it():
+    """One channel between pw and head 100x the others (same float function): one output scale
+    for pw leaves the others a few steps, every conv is at its floor on what it received, and
+    head's output is noise. QCD066 names head's input channels; its fix (cross-layer
+    equalization of pw and head on the fused float model, run here) brings head back."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    f, _q = models.eager("x86")
+    f = models.with_outlier_channel(f)
+    x = models.inputs(2, 8, 7)
+    fused = fuse_modules(copy.deepcopy(f), models.FUSE_2D)
+    q = models.quantize_fused(copy.deepcopy(fused), "x86")
+    _b, d = walk(f, q, x)
+    assert all(r.verdict == "at_floor" for r in d.report.layers)
+    (found,) = [x for x in d.report.findings if x.code == "QCD066"]
+    assert found.severity == "error" and found.evidence["layer"] == "head"
+    assert found.evidence["conv_before"] == "pw" and found.evidence["reach_ratio"] > 30
+    before = d.report.layer("head").propagated.sqnr_db
+    assert before is not None and before < 10
+    scope = {"model": fused}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(found.fix, "QCD066 fix", "exec"), scope)
+    _b, fixed = walk(f, models.quantize_fused(scope["model"], "x86"), x)
+    assert "QCD066" not in {x.code for x in fixed.report.findings}
+    after = fixed.report.layer("head").propagated.sqnr_db
+    assert after is not None and after > before + 10
+
+
+def test_healthy_models_have_no_channel_finding(healthy_x86):  # noqa: ANN001
+    assert not [f for f in healthy_x86[4].report.findings if f.code == "QCD066"]

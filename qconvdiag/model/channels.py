@@ -1,0 +1,116 @@
+"""QCD066: a conv's input channels span too wide a range for one scale per tensor.
+
+A tensor quantized with one scale gives each channel the same step. When one channel reaches
+far beyond the others (a BatchNorm's gamma, a conv's channel that training made large), the
+others get a few steps and arrive near-noise, while the tensor as a whole looks fine: its SQNR
+is the large channel's. A conv that draws on the small channels then gives an output far worse
+than its input's SQNR and its own error explain, and every conv is at its floor on what it
+received (measured: a ResNet-shaped block with one channel 100x the others, every conv at its
+floor, 1 dB at the conv after it, 0.12 accuracy). The remedy is cross-layer equalization
+before quantization (torch.ao.quantization's ``equalize``; Nagel et al. 2019), which moves the
+channels' scale into the next conv's weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..report import Finding
+from .bundle import LayerCapture
+from .lost import LOST_DB
+from .screen import Screen
+
+CODE = "QCD066"
+#: A conv's output is this many dB worse than both its input and its own error (errors add:
+#: both at the same level cost 3 dB), and its input's median channel this many dB worse than
+#: the tensor as a whole.
+DROP_DB = 10.0
+
+
+@dataclass(frozen=True)
+class ChannelSpread:
+    """How a conv's received input compares with the float model's, channel by channel."""
+
+    median_db: float
+    """The median channel's SQNR (channels the float model gives 0 left out)."""
+    reach_ratio: float
+    """The largest channel's max |x| over the median channel's."""
+    largest: float
+    median: float
+
+
+def channel_spread(lay: LayerCapture) -> ChannelSpread | None:
+    """Per channel: the received input's SQNR against the float model's, and its reach."""
+    xf = lay.float_input.reshape(lay.float_input.shape[0], lay.float_input.shape[1], -1)
+    xr = lay.case.input.reshape(xf.shape)
+    signal = np.einsum("ncs,ncs->c", xf, xf, dtype=np.float64)
+    diff = (xr - xf).astype(np.float64)
+    noise = np.einsum("ncs,ncs->c", diff, diff)
+    reach = np.abs(xf).max(axis=(0, 2)).astype(np.float64)
+    live = signal > 0
+    if np.count_nonzero(live) < 2:
+        return None
+    with np.errstate(divide="ignore"):
+        db = 10 * np.log10(signal[live] / noise[live])  # inf where a channel is exact
+    median = float(np.median(reach[live]))
+    return ChannelSpread(float(np.median(db)), float(reach[live].max()) / median
+                         if median > 0 else math.inf, float(reach[live].max()), median)
+
+
+def qcd066(layers: tuple[LayerCapture, ...], screens: dict[str, Screen], skip: set[str],
+           pt2e: bool) -> list[Finding]:
+    """QCD066 at each conv whose output is DROP_DB worse than its input and its own error,
+    where its input's median channel is DROP_DB worse than the tensor (``skip``: convs whose
+    input QCD065 names as lost already)."""
+    found = []
+    for i, lay in enumerate(layers):
+        s = screens[lay.name]
+        prop, got = s.propagated.sqnr_db, s.input.sqnr_db
+        own = math.inf if s.own.sqnr_db is None else s.own.sqnr_db
+        if lay.name in skip or prop is None or got is None or prop > min(got, own) - DROP_DB:
+            continue
+        spread = channel_spread(lay)
+        if spread is None or spread.median_db > got - DROP_DB:
+            continue
+        before = layers[i - 1].name if i else None
+        level = "error" if prop < LOST_DB else "warning"
+        message = (
+            f"{lay.name}'s input channels span {spread.reach_ratio:.0f}x in reach (the largest "
+            f"{spread.largest:.4g}, the median {spread.median:.4g}): with one scale for the "
+            f"whole tensor its median channel arrives {spread.median_db:.1f} dB from the float "
+            f"model's while the tensor as a whole is {got:.1f} dB. {lay.name} draws on the "
+            f"small channels: its output is {prop:.1f} dB from the float model's, though its "
+            f"own error is {_db(s.own.sqnr_db)} dB. Every conv may be at its floor on what it "
+            "received; the loss is in the scale the channels share.")
+        evidence = {"layer": lay.name, "input_sqnr_db": got, "median_channel_sqnr_db":
+                    spread.median_db, "reach_ratio": spread.reach_ratio,
+                    "propagated_sqnr_db": prop, "own_sqnr_db": s.own.sqnr_db,
+                    "conv_before": before}
+        found.append(Finding(CODE, level, f"{lay.name}'s input channels span too wide a "
+                             "range for one scale", message, evidence,
+                             _fix(before, lay.name, pt2e)))
+    return found
+
+
+def _db(sqnr: float | None) -> str:
+    return "exactly 0" if sqnr is None else f"{sqnr:.1f}"
+
+
+def _fix(before: str | None, name: str, pt2e: bool) -> str:
+    if before is None:
+        return ("# the model's input: its channels differ in scale; normalize each channel\n"
+                "# (x - mean) / std over the training data, before the QuantStub")
+    fold = ("# the float model, its conv-BatchNorm(-ReLU) modules fused first (BatchNorm\n"
+            "# folded; prepare_pt2e would fold it after), before torch.export\n"
+            if pt2e else
+            "# the float model after fuse_modules (BatchNorm folded), before prepare\n")
+    return (f"# cross-layer equalization between the conv that writes {name}'s input\n"
+            f"# ({before}, the conv before it in model order) and {name}; only a ReLU\n"
+            "# or a max pool may lie between them, not an add\n"
+            + fold
+            + "from torch.ao.quantization._equalize import equalize\n"
+            f"equalize(model, [[\"{before}\", \"{name}\"]], threshold=1e-4)\n"
+            "# then quantize it again as before")
