@@ -448,7 +448,10 @@ def trace_cmd(
             raise QconvdiagError(f"--layer {layer}: its output is float32 (a conv before a "
                                  "residual add): trace follows an output's codes")
         case = loaded.layer(layer).case
-        engine = engine or loaded.engine  # the codes are that engine's
+        if engine is None:  # the codes are the kernels' that ran it (QCD067)
+            from .model.engine import layer_engine
+
+            engine = layer_engine(loaded, layer)
     elif layer is not None:
         raise QconvdiagError(f"--layer applies to a model bundle; {case_file} is one conv's case")
     else:

@@ -19,6 +19,7 @@ Findings about the whole model come last: QCD063 (compiled.py), QCD064 (reuse.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from ..report import Finding, Report
 from .bundle import LayerCapture, ModelBundle
 from .channels import qcd066
 from .compiled import qcd063
+from .engine import CODE as QCD067
+from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import qcd065
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
@@ -103,7 +106,10 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
         return _walk(bundle, options, progress or (lambda _msg: None))
 
 
-def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiagnosis:
+def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
+          ran: EngineThatRan | None = None) -> ModelDiagnosis:
+    """The walk of ``bundle`` on its engine (``ran``: the engine that ran its convs, found by a
+    first walk on the recorded one: QCD067)."""
     import torch
 
     from .. import __version__
@@ -141,18 +147,27 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress) -> ModelDiag
                 lay.output_float32 and screens[lay.name].verdict != "at_floor"):
             say(f"torch check of {lay.name}")
             checks[lay.name] = torch_check(lay, engine)
+    if ran is None and engine not in PT2E_ENGINES:
+        other = engine_that_ran(bundle, checks)
+        if other is not None:
+            say(f"the convs ran {other.engine}'s kernels, not {engine}'s: walking again on "
+                f"{other.engine}")
+            return _walk(dataclasses.replace(bundle, engine=other.engine), options, say, other)
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
                                {c: r.kind for r in bundle.reused for c in r.missing_after()})
-    model_findings = tuple(f for f in [qcd063(bundle.compiled, pt2e),
+    model_findings = tuple(f for f in [qcd067(ran), qcd063(bundle.compiled, pt2e),
                                        *qcd064(bundle.reused, pt2e), *qcd065(upstream, pt2e),
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)
+    if ran is not None:
+        notes.append(f"emulated on engine {ran.engine}, whose kernels ran the convs; "
+                     f"torch.backends.quantized.engine was {ran.recorded} at capture ({QCD067})")
     version_note = unverified_torch_note(torch.__version__)
     if version_note is not None:
         notes.append(version_note)

@@ -1,0 +1,76 @@
+"""QCD067: the engine set after convert does not repack the convs' weights, so the walk finds
+the engine whose kernels ran them (model/engine.py) and emulates that one."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import qconvdiag
+from qconvdiag.model.engine import layer_engine
+from qconvdiag.model.walk import WalkOptions, walk_model
+from tests import models
+
+
+@pytest.fixture(autouse=True)
+def _engine_restored():  # noqa: ANN202
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+def _walk(f, q, torch_check="diagnosed"):  # noqa: ANN001, ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(f, q, models.inputs(2, 8, 7))
+    return bundle, walk_model(bundle, WalkOptions(top=1, torch_check=torch_check))
+
+
+def _qcd067(d):  # noqa: ANN001, ANN202
+    return [f for f in d.report.findings if f.code == "QCD067"]
+
+
+@pytest.mark.parametrize(("packed", "set_after"), [("fbgemm", "qnnpack"),
+                                                    ("qnnpack", "x86")])
+def test_engine_set_after_convert_is_found_and_emulated(packed, set_after):  # noqa: ANN001
+    f, q = models.eager(packed)
+    torch.backends.quantized.engine = set_after
+    bundle, d = _walk(f, q, torch_check="all")
+    assert bundle.engine == set_after  # what torch said at capture
+    (finding,) = _qcd067(d)
+    assert finding.severity == "warning"
+    ev = finding.evidence
+    assert ev["recorded_engine"] == set_after and sum(ev["mismatches"].values()) > 0
+    assert ev["convs_checked"] == len(bundle.layers)
+    # the walk ran on an engine whose emulation reproduces every conv's codes
+    ran = d.report.engine
+    assert ran == ev["engine_that_ran"] != set_after
+    assert (ran == "qnnpack") == (packed == "qnnpack")
+    for row in d.report.layers:
+        assert row.engine == ran and row.torch_mismatches == 0, row.name
+        assert not [x for x in row.findings if x.severity != "info"], (row.name, row.findings)
+    assert any("QCD067" in n for n in d.report.notes)
+    # trace on a layer of the bundle takes the engine that ran it too
+    assert layer_engine(bundle, ev["mismatches"].popitem()[0]) == ran
+
+
+def test_its_fix_packs_the_weights_for_the_engine_set():
+    f, q = models.eager("fbgemm")
+    torch.backends.quantized.engine = "qnnpack"
+    _b, d = _walk(f, q)
+    (finding,) = _qcd067(d)
+    namespace = {"quantized_model": q}
+    exec(finding.fix, namespace)  # noqa: S102 - the finding's own fix, as a user pastes it
+    bundle, d = _walk(f, q, torch_check="all")
+    assert not _qcd067(d)
+    assert d.report.engine == bundle.engine == "qnnpack"
+    assert all(row.torch_mismatches == 0 for row in d.report.layers)
+
+
+def test_no_finding_where_the_engine_was_not_switched():
+    f, q = models.eager("qnnpack")
+    bundle, d = _walk(f, q, torch_check="all")
+    assert not _qcd067(d) and d.report.engine == bundle.engine == "qnnpack"
+    assert layer_engine(bundle, bundle.layers[0].name) == "qnnpack"
