@@ -21,14 +21,18 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def isa_flags() -> tuple[str, ...]:
+    """This CPU's flags among ISA_FLAGS, in that order."""
+    flags = cpu_flags()
+    return tuple(f for f in ISA_FLAGS if f in flags)
+
+
 def cpu_info() -> CpuInfo:
     import torch
 
-    flags = cpu_flags()
     engines = {
         name: EngineOnCpu(p.available, dict(p.accumulation),
                           p.x86_uses_onednn if name == "x86" else None)
         for name, p in probe().items()
     }
-    return CpuInfo(tuple(f for f in ISA_FLAGS if f in flags),
-                   torch.backends.cpu.get_cpu_capability(), engines)
+    return CpuInfo(isa_flags(), torch.backends.cpu.get_cpu_capability(), engines)

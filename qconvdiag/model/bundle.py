@@ -79,6 +79,9 @@ class ModelBundle:
     a compiled module)."""
     reused: tuple[ReusedActivation, ...] = ()
     """Activation modules the float model calls after several convs (reuse.py)."""
+    cpu_flags: tuple[str, ...] | None = None
+    """The capture CPU's flags that change the kernels' arithmetic (``cpu.ISA_FLAGS``; None in
+    a bundle written before they were recorded)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -146,6 +149,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["compiled"] = bundle.compiled.to_dict()
     if bundle.reused:
         meta["reused"] = [r.to_dict() for r in bundle.reused]
+    if bundle.cpu_flags is not None:
+        meta["cpu_flags"] = list(bundle.cpu_flags)
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -214,10 +219,16 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")
+    flags = meta.get("cpu_flags")
+    if flags is not None and not (isinstance(flags, list)
+                                  and all(isinstance(f, str) for f in flags)):
+        raise CaseFileError(f"{source}: 'cpu_flags' must be a list of strings; capture the "
+                            "model again")
     return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
                        tuple(str(n) for n in meta.get("notes") or ()),
                        None if compiled is None else CompiledWith.from_mapping(compiled, source),
-                       tuple(ReusedActivation.from_mapping(r, source) for r in reused))
+                       tuple(ReusedActivation.from_mapping(r, source) for r in reused),
+                       None if flags is None else tuple(flags))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

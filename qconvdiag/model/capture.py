@@ -184,8 +184,10 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   compiled: CompiledWith | None = None,
                   reused: tuple[ReusedActivation, ...] = ()) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
+    from ..arithmetic.cpu import isa_flags
+
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
-                         compiled, reused)
+                         compiled, reused, isa_flags())
     if path is not None:
         save_bundle(bundle, path)
     return bundle

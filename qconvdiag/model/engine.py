@@ -11,8 +11,10 @@ mismatches and its verdicts rest on the wrong arithmetic.
 The evidence is the torch check itself: where a checked conv's emulation on the recorded engine
 differs from the codes the model computed, the other engines are emulated on the checked convs;
 one that reproduces every one of them bit for bit is the engine that ran, and the walk runs
-again on it. No engine is inferred from a conv that matches: where the engines agree, the
-choice does not change a number.
+again on it. Only on the CPU the bundle was captured on (its ISA flags, recorded at capture):
+another CPU's kernels differ for that reason alone (int16 pair sums without VNNI), and another
+engine could reproduce a few small convs by chance. No engine is inferred from a conv that
+matches: where the engines agree, the choice does not change a number.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ def engine_that_ran(bundle: ModelBundle, checks: dict[str, int | None]
     torch check's mismatches on ``bundle.engine``, None where not checked), when some checked
     conv mismatches on ``bundle.engine``; None when none does, or no other engine reproduces
     them all (then the mismatches stand in the report)."""
+    from ..arithmetic.cpu import isa_flags
+
     checked = {name: n for name, n in checks.items() if n is not None}
     wrong = {name: n for name, n in checked.items() if n}
-    if not wrong or bundle.engine not in ENGINES:
-        return None
+    if not wrong or bundle.engine not in ENGINES or bundle.cpu_flags != isa_flags():
+        return None  # a bundle from another CPU (or not known) mismatches for that reason
     # the mismatching convs first: most candidates fail on the first of them
     order = [*wrong, *(name for name in checked if name not in wrong)]
     layers = [bundle.layer(name) for name in order]

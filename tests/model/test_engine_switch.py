@@ -74,3 +74,25 @@ def test_no_finding_where_the_engine_was_not_switched():
     bundle, d = _walk(f, q, torch_check="all")
     assert not _qcd067(d) and d.report.engine == bundle.engine == "qnnpack"
     assert layer_engine(bundle, bundle.layers[0].name) == "qnnpack"
+
+
+def test_a_bundle_from_another_cpu_keeps_its_mismatches(tmp_path):  # noqa: ANN001
+    """Another CPU's kernels differ for that reason alone: no engine is inferred there (nor in
+    a bundle that does not say which CPU captured it)."""
+    import dataclasses
+
+    from qconvdiag.arithmetic.cpu import isa_flags
+    from qconvdiag.model.bundle import load_bundle
+
+    f, q = models.eager("fbgemm")
+    torch.backends.quantized.engine = "qnnpack"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qconvdiag.capture_model(f, q, models.inputs(2, 8, 7), tmp_path / "m.pt")
+    bundle = load_bundle(tmp_path / "m.pt")
+    assert bundle.cpu_flags == isa_flags()  # written and read back
+    for flags in (("avx2", "fma"), None):
+        other = dataclasses.replace(bundle, cpu_flags=flags)
+        d = walk_model(other, WalkOptions(top=1, torch_check="all"))
+        assert not _qcd067(d) and d.report.engine == "qnnpack"
+        assert sum(row.torch_mismatches or 0 for row in d.report.layers) > 0
