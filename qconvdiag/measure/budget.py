@@ -37,7 +37,7 @@ from ..arithmetic.emulate import Emulation, Kernel
 from ..case import ConvCase
 from ..parallel import CHUNK
 from ..quantization.paths import PathSpec
-from ..quantization.qparams import QParams
+from ..quantization.qparams import QParams, dequantize32
 from ..report import Budget, StageBudget
 from .metrics import Span
 from .stages import StageResult
@@ -319,7 +319,7 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
     n_out = max(int(y0.size), 1)
     y = np.maximum(y0, 0.0) if case.activation == "relu" else y0
     y_abs = float(np.abs(y).max()) if y.size else 0.0
-    f = floors(case, spec, kernel, y0, emulation)
+    f = floors(case, spec, kernel, y0, emulation, input_floor=not on_input_grid(case, spec))
     # Each effect is judged by what it costs on its own, applied to the float path (the
     # ladder's isolated view): order-free, so an earlier stage's damage neither hides nor
     # inflates a later one's (a clip that pulls an overshoot back costs what the clip alone
@@ -362,6 +362,17 @@ def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple
         weight_step_ratio=float(np.max(_weight_step_ratios(spec.weight_qparams, case.weight))),
         outputs=n_out, weight_candidates=candidates,
     )
+
+
+def on_input_grid(case: ConvCase, spec: PathSpec) -> bool:
+    """The case's input is exactly the path's input codes dequantized: already 8-bit values on
+    this path's grid (a model walk's conv: the quantized input it received), so quantizing it
+    again rounds nothing, and the path's floor has no input rounding in it (the screen's floor,
+    ``screen.screen_layer``, is the same)."""
+    x = case.input
+    if spec.input_codes is None or spec.input_codes.shape != x.shape:
+        return False
+    return bool(np.array_equal(dequantize32(spec.input_codes, spec.input_qparams), x))
 
 
 def _excess(case: ConvCase, spec: PathSpec, f: Floors, alone: dict[str, float], n_out: int,

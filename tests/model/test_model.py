@@ -103,6 +103,21 @@ def test_screen_agrees_with_the_full_diagnosis(healthy_x86):  # noqa: ANN001
     assert row.own.sqnr_db == pytest.approx(total.sqnr_db, rel=SAME_RMSE)
 
 
+def test_the_table_and_the_detail_judge_a_conv_on_one_floor():
+    """An explained conv's detail has the table's floor: its input is the one it received,
+    on its input grid, so neither counts input rounding (the detail did: 38.9x against the
+    table's 63.8x on the sample's broken conv)."""
+    from qconvdiag.model.bundle import load_bundle
+
+    bundle = load_bundle(SAMPLE)
+    d = walk_model(bundle, WalkOptions(top=3))
+    for detail in d.report.details:
+        row = d.report.layer(detail.layer)
+        budget = detail.report.path("as_given").budget
+        assert budget.floor_rmse == pytest.approx(row.floor_rmse, rel=SAME_RMSE), row.name
+        assert budget.verdict == row.verdict, row.name
+
+
 def _break_output(q: torch.nn.Module, name: str, scale: float, zero_point: int) -> None:
     m = q.get_submodule(name)
     m.scale, m.zero_point = scale, zero_point
