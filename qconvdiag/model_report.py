@@ -114,11 +114,15 @@ class UpstreamLoss:
     ``worst_before_sqnr_db``."""
     worst_before_sqnr_db: float | None
     message: str
+    op: str | None = None
+    """The quantized op (module path) whose output qparams do not fit the float model's range
+    there, when the capture saw one just before the conv (an eager model's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "input": self.input.to_dict(),
                 "floor_ratio": self.floor_ratio, "worst_before": self.worst_before,
-                "worst_before_sqnr_db": self.worst_before_sqnr_db, "message": self.message}
+                "worst_before_sqnr_db": self.worst_before_sqnr_db, "message": self.message,
+                "op": self.op}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ..case import ConvCase
 from ..errors import CaseFileError
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 from .compiled import CompiledWith
+from .ops import OpRange
 from .reuse import ReusedActivation
 
 BUNDLE_VERSION = 1
@@ -80,8 +81,10 @@ class ModelBundle:
     reused: tuple[ReusedActivation, ...] = ()
     """Activation modules the float model calls after several convs (reuse.py)."""
     cpu_flags: tuple[str, ...] | None = None
-    """The capture CPU's flags that change the kernels' arithmetic (``cpu.ISA_FLAGS``; None in
-    a bundle written before they were recorded)."""
+    """The capture CPU's flags that change the kernels' arithmetic (``cpu.ISA_FLAGS``), for
+    QCD067; None in a PT2E model's bundle, and in one written before they were recorded."""
+    ops: tuple[OpRange, ...] = ()
+    """The quantized ops with their own output qparams an eager model runs (ops.py)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -151,6 +154,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["reused"] = [r.to_dict() for r in bundle.reused]
     if bundle.cpu_flags is not None:
         meta["cpu_flags"] = list(bundle.cpu_flags)
+    if bundle.ops:
+        meta["ops"] = [op.to_dict() for op in bundle.ops]
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -219,6 +224,9 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")
+    ops = meta.get("ops") or []
+    if not isinstance(ops, list):
+        raise CaseFileError(f"{source}: 'ops' must be a list; capture the model again")
     flags = meta.get("cpu_flags")
     if flags is not None and not (isinstance(flags, list)
                                   and all(isinstance(f, str) for f in flags)):
@@ -228,7 +236,8 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        tuple(str(n) for n in meta.get("notes") or ()),
                        None if compiled is None else CompiledWith.from_mapping(compiled, source),
                        tuple(ReusedActivation.from_mapping(r, source) for r in reused),
-                       None if flags is None else tuple(flags))
+                       None if flags is None else tuple(flags),
+                       tuple(OpRange.from_mapping(op, source) for op in ops))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

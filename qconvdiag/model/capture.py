@@ -36,6 +36,7 @@ from .bundle import (
 )
 from .compiled import CompiledWith
 from .hooks import Seen, run_both, samples_within
+from .ops import OpRange
 from .reuse import ReusedActivation, reused_activations
 
 Progress = Callable[[str], None]
@@ -104,7 +105,14 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         raise CaseError(_no_quantized_conv(quantized_model))
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
     activations: dict[str, list[tuple[str, str]]] = {}
-    seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
+    from .ops import OpRecorder
+
+    recorder = OpRecorder(float_model, quantized_model,
+                          {name: qconv for name, (_f, qconv) in pairs.items()})
+    try:
+        seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
+    finally:
+        recorder.remove()
     reused = reused_activations(activations, float_model, quantized_model,
                                 {name: qconv for name, (_f, qconv) in pairs.items()},
                                 {name: s.bn for name, s in seen.items() if s.bn})
@@ -114,7 +122,9 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         bn = folded_bn(seen[name], quantized_model)
         points[name] = (fconv if bn is None else float_model.get_submodule(bn),
                         "ReLU" in type(qconv).__name__)
-    ranges = output_ranges(float_model, points, calibration, notes, say)
+    ranges = output_ranges(float_model, {**points, **{
+        name: (point, False) for name, point in recorder.float_points.items()}},
+        calibration, notes, say)
     say(f"capturing {len(pairs)} convs")
 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
@@ -130,7 +140,11 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     if compiled is not None:
         notes.append(f"captured the model torch.compile wraps (backend {compiled.backend}), "
                      "as its eager run computes it")
-    return finish_bundle(layers, engine, path, notes, compiled, reused)
+    from ..arithmetic.cpu import isa_flags
+
+    # the CPU's flags, for QCD067 (engine.py: which engine's kernels ran an eager model's convs)
+    return finish_bundle(layers, engine, path, notes, compiled, reused,
+                         recorder.results(None if calibration is None else ranges), isa_flags())
 
 
 def _no_quantized_conv(model: Any) -> str:
@@ -182,12 +196,12 @@ def output_ranges(float_model: Any, points: dict[str, tuple[Any, bool]], calibra
 def finish_bundle(layers: list[LayerCapture], engine: str,
                   path: str | os.PathLike[str] | None, notes: list[str],
                   compiled: CompiledWith | None = None,
-                  reused: tuple[ReusedActivation, ...] = ()) -> ModelBundle:
+                  reused: tuple[ReusedActivation, ...] = (),
+                  ops: tuple[OpRange, ...] = (),
+                  cpu_flags: tuple[str, ...] | None = None) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
-    from ..arithmetic.cpu import isa_flags
-
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
-                         compiled, reused, isa_flags())
+                         compiled, reused, cpu_flags, ops)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

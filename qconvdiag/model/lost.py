@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..model_report import UpstreamLoss
 from ..report import Finding
+from .ops import OpRange
 from .reuse import CODE as REUSE_CODE
 
 CODE = "QCD065"
@@ -34,9 +35,12 @@ _SCALES = ("# the op between them with a far-off output scale (an add, a pool, a
            "        print(name, type(m).__name__, float(m.scale), int(m.zero_point))")
 
 
-def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool) -> list[Finding]:
+def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = ()
+           ) -> list[Finding]:
     """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a
-    missing activation module explains (QCD064 names that)."""
+    missing activation module explains (QCD064 names that). Where the loss names an op
+    (``UpstreamLoss.op``, one of ``ops``), an op between convs gets that op's qparams as its
+    fix."""
     found = []
     for loss in losses:
         if f"({REUSE_CODE})" in loss.message:  # walk.upstream_losses blames QCD064's loss
@@ -44,11 +48,15 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool) -> list[Finding]:
         sqnr = loss.input.sqnr_db
         level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"
         first = loss.worst_before is None
+        op = next((o for o in ops if o.name == loss.op), None)
         where = ("the model's input quantization" if first else
-                 f"an op between {loss.worst_before} and {loss.layer}")
+                 f"an op between {loss.worst_before} and {loss.layer}" if op is None else
+                 f"{op.name}'s output qparams")
         if first:
             fix = ("# calibrate the model's input quantization on inputs as at inference\n"
                    + (_CALIBRATE_PT2E if pt2e else _CALIBRATE_EAGER))
+        elif op is not None:
+            fix = op.fix()
         else:
             fix = (_SCALES if not pt2e else
                    "# the op between them with a far-off output scale (an add, a pool, a cat):\n"

@@ -49,6 +49,7 @@ from .compiled import qcd063
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import qcd065
+from .ops import OpRange, between
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
 from .screen import Screen, module_spec, screen_layer, spec_kernel, torch_check
@@ -157,9 +158,11 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                       checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
-                               {c: r.kind for r in bundle.reused for c in r.missing_after()})
+                               {c: r.kind for r in bundle.reused for c in r.missing_after()},
+                               bundle.ops)
     model_findings = tuple(f for f in [qcd067(ran), qcd063(bundle.compiled, pt2e),
-                                       *qcd064(bundle.reused, pt2e), *qcd065(upstream, pt2e),
+                                       *qcd064(bundle.reused, pt2e),
+                                       *qcd065(upstream, pt2e, bundle.ops),
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e)]
                            if f is not None and f.code not in options.ignore)
@@ -187,7 +190,8 @@ UPSTREAM_DB = 10.0
 
 
 def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = False,
-                    missing: dict[str, str] | None = None) -> tuple[UpstreamLoss, ...]:
+                    missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = ()
+                    ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
@@ -195,7 +199,9 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
     FAR times that floor too. ``pt2e``: the model is a convert_pt2e graph, whose input
     quantization is a quantize_per_tensor node, not a QuantStub. ``missing``: convs that run
     without the activation the float model applies after them (QCD064), and its kind: a loss
-    after one of them is blamed on that."""
+    after one of them is blamed on that. ``ops``: the quantized ops with their own output
+    qparams (an eager model's, ops.py): one that ran just before the conv with qparams that do
+    not fit the float model's range there is named."""
     stub = ("the quantize_per_tensor of the model's input" if pt2e else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
@@ -208,25 +214,30 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
                        "batches between prepare and convert)" if s.input_defaults else
                        "has a scale that does not fit the inputs (calibrate it on inputs "
                        "scaled as at inference)")
+                named = between(ops, order, name)[:1]
+                numbers = "".join(f" {op.name}: {op.misfit()}." for op in named)
                 out.append(UpstreamLoss(
                     name, s.input, s.input_floor_ratio, None, None,
                     f"{name}'s input is {_db_text(got)} from the float model's, "
                     f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: the "
-                    f"model's input quantization ({stub}) {why}, and loses it before "
-                    "any conv."))
+                    f"model's input quantization ({stub}) {why}, and loses it before any "
+                    f"conv.{numbers}", named[0].name if named else None))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
-            cause = ("an op between them (an add, a pool, a cat, a linear layer: its output "
-                     "scale) loses it" if not before else
-                     f"the {(missing or {})[before[0]]} the float model applies after "
+            named = [] if before else between(ops, order, name)[:1]
+            cause = (f"the {(missing or {})[before[0]]} the float model applies after "
                      f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "
-                     "which lets negative values through")
+                     "which lets negative values through" if before else
+                     f"{named[0].name} ({named[0].kind}) loses it: {named[0].misfit()}"
+                     if named else
+                     "an op between them (an add, a pool, a cat, a linear layer: its output "
+                     "scale) loses it")
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
                 f" dB worse than any conv before it delivers (worst: {worst[1]}, "
-                f"{worst[0]:.1f} dB): {cause}."))
+                f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None))
         p = s.propagated.sqnr_db
         if p is not None and (worst is None or p < worst[0]):
             worst = (p, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from importlib import resources
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -374,7 +375,8 @@ def _sample_script(name: str):  # noqa: ANN202
 
 
 #: sha256 of the samples as their scripts make them on a CPU without VNNI (an AVX2 AMD EPYC,
-#: torch 2.13.0+cpu, torchao 0.18.0). The committed samples were made on an AVX512-VNNI CPU,
+#: torch 2.13.0+cpu, torchao 0.18.0), before bundles recorded the capture CPU's flags and the
+#: ops between convs (``_without_cpu``). The committed samples were made on an AVX512-VNNI CPU,
 #: where x86 runs symmetric-weight convs on oneDNN, exactly; without VNNI it runs them on
 #: fbgemm, which requantizes one of conv2's near-tie outputs differently, and oneDNN's PT2E
 #: kernels sum int16 pairs.
@@ -382,21 +384,49 @@ NO_VNNI_DIGESTS = {
     "digits.pt": "34b65ac7ae50f705327ea7f34d24c47239df05842e166a4b2006fd146e7e04e3",
     "digits_pt2e.pt": "172351e531d268b4c08bfcb894a88f2224d40198766699864a62de45986657f8",
 }
+#: The ops' float ranges and scales on another CPU: its float convs may round differently.
+OPS_TOL = 1e-5
+
+
+def _without_cpu(path, ops: bool = True) -> bytes:  # noqa: ANN001
+    """The bundle's bytes as written without the capture CPU's flags (and, without ``ops``,
+    the ops' record): as a bundle of another CPU, or of an earlier version, holds them. A
+    bundle that records neither: its bytes as they are."""
+    import dataclasses
+
+    from qconvdiag.io import encode_case
+    from qconvdiag.model.bundle import bundle_to_mapping, load_bundle
+
+    bundle = load_bundle(path)
+    if bundle.cpu_flags is None and not bundle.ops:
+        return Path(path).read_bytes()
+    bundle = dataclasses.replace(bundle, cpu_flags=None, ops=bundle.ops if ops else ())
+    return encode_case(bundle_to_mapping(bundle), ".pt")
 
 
 def test_digits_samples_are_what_their_scripts_make(made):  # noqa: ANN001
-    """The bundled samples are real: their scripts write the same bytes again on a CPU like
-    the one they were made on (tests/cpu.py: with VNNI), and known bytes without VNNI."""
+    """The bundled samples are real: their scripts write the same bundles again on a CPU like
+    the one they were made on (tests/cpu.py: with VNNI), and known bytes without VNNI; the
+    capture CPU's flags are this CPU's."""
     import hashlib
 
+    from qconvdiag.arithmetic.cpu import isa_flags
+    from qconvdiag.model.bundle import load_bundle
     from tests.cpu import vnni
 
+    assert load_bundle(made / "digits.pt").cpu_flags == isa_flags()
     for name in ("digits.pt", "digits_pt2e.pt"):
-        got = (made / name).read_bytes()
         if vnni():
-            assert got == (SAMPLE.parent / name).read_bytes(), name
+            assert _without_cpu(made / name) == _without_cpu(SAMPLE.parent / name), name
         else:
+            got = _without_cpu(made / name, ops=False)
             assert hashlib.sha256(got).hexdigest() == NO_VNNI_DIGESTS[name], name
+            ours, shipped = load_bundle(made / name).ops, load_bundle(SAMPLE.parent / name).ops
+            assert [(o.name, o.kind, o.after) for o in ours] == [
+                (o.name, o.kind, o.after) for o in shipped]
+            for o, s in zip(ours, shipped):
+                assert (o.scale, o.float_low, o.float_high) == pytest.approx(
+                    (s.scale, s.float_low, s.float_high), rel=OPS_TOL), o.name
 
 
 def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
@@ -409,6 +439,8 @@ def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
     assert all(row.verdict == "at_floor" for row in r.layers)
     (loss,) = r.upstream
     assert loss.layer == "stem" and loss.floor_ratio >= 4 and "QuantStub" in loss.message
+    # the capture saw the QuantStub's (Quantize's) scale against the float model's input range
+    assert loss.op == "quant" and "quant: its output scale" in loss.message
     # QCD065 names it, so a gate sees it though every conv is at its floor
     (lost,) = [f for f in r.findings if f.code == "QCD065"]
     assert lost.severity in ("warning", "error") and "input quantization" in lost.title
@@ -443,25 +475,38 @@ def test_a_loss_between_convs_is_named_at_the_conv_that_receives_it():
     q.add.scale = q.add.scale * 30  # the quantized add's output scale, 30x too coarse
     _b, d = walk(f, q, models.inputs(0, 8, 7))
     (loss,) = d.report.upstream
-    assert loss.layer == "c" and loss.worst_before in ("a", "b") and "an add" in loss.message
+    assert loss.layer == "c" and loss.worst_before in ("a", "b")
     assert d.report.layer("c").verdict == "at_floor"
+    # the capture recorded the add's output qparams and the float model's range there: the
+    # add is named, with the step its range needs
+    assert loss.op == "add" and "add (QFunctional) loses it: its output scale" in loss.message
     (lost,) = d.report.findings
-    assert lost.code == "QCD065" and "an op between" in lost.title
-    # its fix prints each quantized module's output qparams: the add's 30x scale among them
+    assert lost.code == "QCD065" and "by add's output qparams" in lost.title
+    # without the ops' record (a bundle of an FX or older capture) it says "an op between",
+    # and its fix prints each quantized module's output qparams: the add's among them
     import contextlib
+    import dataclasses
     import io
 
+    from qconvdiag.model.walk import WalkOptions as Options_
+
+    generic = walk_model(dataclasses.replace(_b, ops=()), Options_(top=0)).report
+    (unnamed,) = generic.findings
+    assert "an op between" in unnamed.title and generic.upstream[0].op is None
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})
+        exec(compile(unnamed.fix, "QCD065 fix", "exec"), {"quantized": q})
     (line,) = [x for x in printed.getvalue().splitlines() if x.startswith("add ")]
     assert float(line.split()[2]) == pytest.approx(float(q.add.scale))
-    from qconvdiag.model.walk import WalkOptions as Options_
 
     gated = walk_model(_b, Options_(top=0, fail_on="warning")).report
     assert [b.layer for b in gated.gate.breaches] == ["(model)"]
     assert walk_model(_b, Options_(top=0, fail_on="warning", ignore=("QCD065",))
                       ).report.gate.breaches == ()
+    # the named op's fix sets its qparams from the float model's range: the loss is gone
+    exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})
+    _b, d = walk(f, q, models.inputs(0, 8, 7))
+    assert d.report.upstream == () and d.report.findings == ()
 
 
 def test_capture_keeps_every_batch_within_the_limit():

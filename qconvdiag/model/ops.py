@@ -1,0 +1,232 @@
+"""The quantized ops between convs that set their own output scale, for QCD065 to name.
+
+A signal lost between two convs (QCD065) is lost by a quantized op with its own output qparams:
+a FloatFunctional's add or cat (QFunctional after convert), a quantized Hardswish or Linear, the
+model's QuantStub (Quantize). The capture records, for each such module of an eager model, the
+qparams of the output it computed, which conv ran last before it, and the float model's output
+range at the same module (over the calibration batches when given, else over the captured
+samples). An op whose step is far coarser than that range needs, or whose representable range
+leaves out much of it, is the one QCD065 names, with its own qparams fix.
+
+Only minimum and maximum are kept: no op's tensors. A FloatFunctional is called through its
+methods (``add``, ``cat``), which runs no forward hook: its ``activation_post_process`` (an
+Identity, in the float model and in the quantized one) sees its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CaseFileError
+from ..measure.budget import FAR, SAMPLE_RANGE
+
+#: An op's qparams leave out this share of the float model's range there or more: the op loses
+#: the values beyond (they saturate).
+MISSED_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class OpRange:
+    """One quantized op with its own output qparams, as the capture saw it."""
+
+    name: str
+    """The module's path in the model (a FloatFunctional's, not its activation_post_process')."""
+    kind: str
+    """The quantized module's class name (QFunctional, Quantize, Hardswish, Linear, ...)."""
+    scale: float
+    zero_point: int
+    dtype: str
+    """quint8 or qint8: the codes' range."""
+    float_low: float
+    float_high: float
+    """The float model's output range at the same module."""
+    after: tuple[str, ...]
+    """Per call in the quantized model's forward, the conv that ran last before it ("" for
+    none)."""
+    sampled: bool
+    """The range is the captured samples' only (no calibration batches): narrower than the
+    observers saw."""
+    tensor_qparams: bool
+    """The module holds its scale and zero point as tensors (Quantize): its fix assigns
+    tensors."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "scale": self.scale,
+                "zero_point": self.zero_point, "dtype": self.dtype,
+                "float_range": [self.float_low, self.float_high], "after": list(self.after),
+                "sampled": self.sampled, "tensor_qparams": self.tensor_qparams}
+
+    @staticmethod
+    def from_mapping(m: Any, source: str) -> OpRange:
+        try:
+            lo, hi = (float(v) for v in m["float_range"])
+            op = OpRange(str(m["name"]), str(m["kind"]), float(m["scale"]),
+                         int(m["zero_point"]), str(m["dtype"]), lo, hi,
+                         tuple(str(a) for a in m["after"]),
+                         bool(m["sampled"]), bool(m["tensor_qparams"]))
+        except (KeyError, TypeError, ValueError):
+            raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
+                                "again") from None
+        if op.dtype not in ("quint8", "qint8") or not op.scale > 0:
+            raise CaseFileError(f"{source}: op {op.name!r} has qparams qconvdiag does not read; "
+                                "capture the model again")
+        return op
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        return (0, 255) if self.dtype == "quint8" else (-128, 127)
+
+    def representable(self) -> tuple[float, float]:
+        qmin, qmax = self.levels
+        return (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
+
+    def ideal_step(self) -> float:
+        """The step minmax qparams over the float range (0 included) give."""
+        qmin, qmax = self.levels
+        return (max(self.float_high, 0.0) - min(self.float_low, 0.0)) / (qmax - qmin)
+
+    def misfit(self) -> str | None:
+        """Why this op's qparams do not fit the float model's range there (None: they do):
+        a step FAR times too coarse (SAMPLE_RANGE times on the captured samples' range), or a
+        representable range that leaves out MISSED_SHARE of it."""
+        ideal = self.ideal_step()
+        if ideal <= 0:
+            return None
+        lo, hi = self.representable()
+        span = self.float_high - self.float_low
+        covered = max(0.0, min(hi, self.float_high) - max(lo, self.float_low))
+        rng = f"[{self.float_low:.4g}, {self.float_high:.4g}]"
+        if span > 0 and 1 - covered / span >= MISSED_SHARE:
+            return (f"its output qparams (scale {self.scale:.4g}, zero point "
+                    f"{self.zero_point}) represent [{lo:.4g}, {hi:.4g}], which leaves out "
+                    f"{1 - covered / span:.0%} of the float model's range there {rng}: the "
+                    "values beyond saturate")
+        ratio = self.scale / ideal
+        if ratio >= (SAMPLE_RANGE if self.sampled else FAR):
+            return (f"its output scale {self.scale:.4g} is {ratio:.1f}x the step the float "
+                    f"model's range there {rng} needs ({ideal:.4g})")
+        return None
+
+    def fix(self, module: str = "quantized") -> str:
+        """Minmax qparams over the float range, set on the quantized module."""
+        import numpy as np
+
+        from ..findings.base import minmax_qparams
+
+        scale, zp = minmax_qparams(np.array([self.float_low, self.float_high]), self.dtype)
+        m = f"{module}.get_submodule({self.name!r})"
+        values = ((f"torch.tensor([{scale!r}])", f"torch.tensor([{zp}])")
+                  if self.tensor_qparams else (repr(scale), str(zp)))
+        return (f"# {self.name}'s output qparams: minmax over the float model's range there\n"
+                f"# [{self.float_low:.4g}, {self.float_high:.4g}] (or calibrate it again)\n"
+                + ("import torch\n" if self.tensor_qparams else "")
+                + f"{m}.scale = {values[0]}\n{m}.zero_point = {values[1]}")
+
+
+def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:
+    """The ops that ran after the conv before ``layer`` (in ``order``, the convs' model order)
+    and whose qparams do not fit the float model's range (``OpRange.misfit``)."""
+    i = order.index(layer)
+    before = order[i - 1] if i else ""
+    return [op for op in ops if before in op.after and op.misfit() is not None]
+
+
+def own_qparams_modules(quantized_model: Any, convs: set[str]) -> dict[str, Any]:
+    """The quantized model's modules with their own output qparams (``scale`` and
+    ``zero_point``), but the captured convs: name -> module."""
+    return {name: m for name, m in quantized_model.named_modules()
+            if name and name not in convs and hasattr(m, "scale") and hasattr(m, "zero_point")}
+
+
+def _hook_point(model: Any, name: str) -> Any | None:
+    """The module whose forward output is the op's: a (Q/Float)Functional's
+    activation_post_process (its methods run no forward hook), else the module itself; None
+    where the model has none."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if type(m).__name__ in ("QFunctional", "FloatFunctional", "FXFloatFunctional"):
+        return getattr(m, "activation_post_process", None)
+    return m
+
+
+class OpRecorder:
+    """Hooks on both models for the ops ``own_qparams_modules`` finds: in the quantized
+    model's first forward, each op's output qparams and the convs that ran last before its
+    calls; in every forward of the float model, its output's range."""
+
+    def __init__(self, float_model: Any, quantized_model: Any, qconvs: dict[str, Any]) -> None:
+        self.handles: list[Any] = []
+        self.last = ""
+        self.first = True
+        self.qparams: dict[str, tuple[str, float, int, str, bool]] = {}
+        self.after: dict[str, list[str]] = {}
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.float_points: dict[str, Any] = {}
+        for name, qconv in qconvs.items():
+            self.handles.append(qconv.register_forward_hook(self._conv_ran(name)))
+        for name, m in own_qparams_modules(quantized_model, set(qconvs)).items():
+            q_point, f_point = _hook_point(quantized_model, name), _hook_point(float_model, name)
+            if q_point is None or f_point is None:
+                continue
+            self.float_points[name] = f_point
+            self.handles.append(q_point.register_forward_hook(self._op_ran(name, m)))
+            self.handles.append(f_point.register_forward_hook(self._float_ran(name)))
+        self.handles.append(quantized_model.register_forward_hook(self._forward_done))
+
+    def _conv_ran(self, name: str) -> Callable[..., None]:
+        def hook(_m: Any, _args: Any, _out: Any) -> None:
+            self.last = name
+        return hook
+
+    def _op_ran(self, name: str, module: Any) -> Callable[..., None]:
+        import torch
+
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            if not self.first or not isinstance(out, torch.Tensor) or not out.is_quantized:
+                return
+            if out.qscheme() != torch.per_tensor_affine or out.dtype not in (torch.quint8,
+                                                                              torch.qint8):
+                return
+            self.qparams[name] = (type(module).__name__, float(out.q_scale()),
+                                  int(out.q_zero_point()), str(out.dtype).split(".")[-1],
+                                  isinstance(getattr(module, "scale", None), torch.Tensor))
+            self.after.setdefault(name, []).append(self.last)
+        return hook
+
+    def _float_ran(self, name: str) -> Callable[..., None]:
+        import torch
+
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+                lo, hi = float(out.min()), float(out.max())
+                old = self.ranges.get(name, (lo, hi))
+                self.ranges[name] = (min(old[0], lo), max(old[1], hi))
+        return hook
+
+    def _forward_done(self, _m: Any, _args: Any, _out: Any) -> None:
+        self.first = False
+        self.last = ""
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def results(self, calibration: dict[str, tuple[float, float]] | None
+                ) -> tuple[OpRange, ...]:
+        """What was recorded, the float range widened by ``calibration``'s (None: the
+        samples' alone)."""
+        out = []
+        for name, (kind, scale, zp, dtype, tensors) in self.qparams.items():
+            if name not in self.ranges:
+                continue
+            lo, hi = self.ranges[name]
+            if calibration is not None and name in calibration:
+                lo, hi = min(lo, calibration[name][0]), max(hi, calibration[name][1])
+            out.append(OpRange(name, kind, scale, zp, dtype, lo, hi, tuple(self.after[name]),
+                               calibration is None, tensors))
+        return tuple(out)
