@@ -202,7 +202,8 @@ class OpRecorder:
 
         def hook(_m: Any, _args: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
-                lo, hi = float(out.min()), float(out.max())
+                low, high = torch.aminmax(out.detach())  # one pass
+                lo, hi = float(low), float(high)
                 old = self.ranges.get(name, (lo, hi))
                 self.ranges[name] = (min(old[0], lo), max(old[1], hi))
         return hook
