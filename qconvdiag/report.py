@@ -328,6 +328,14 @@ class Budget:
     def stage(self, sid: str) -> StageBudget:
         return next(s for s in self.stages if s.id == sid)
 
+    def excess_share(self, sb: StageBudget) -> float | None:
+        """A stage's share of the path's excess; None at the floor, where the excess is what
+        rounding scatters (a tiny weight clipping took 100% of it on a healthy layer), and
+        where there is none."""
+        if self.verdict == "at_floor" or self.excess <= 0:
+            return None
+        return sb.excess / self.excess
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "verdict": self.verdict, "rmse": self.rmse, "floor_rmse": self.floor_rmse,

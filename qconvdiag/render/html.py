@@ -252,7 +252,7 @@ def stage_table(p: PathReport) -> str:
         if sb is not None and sb.exact:
             rows.append((s.id, "exact", table_number(s.cumulative.max_abs), "", "", "", ""))
             continue
-        share = None if b is None or sb is None or b.excess <= 0 else sb.excess / b.excess
+        share = None if b is None or sb is None else b.excess_share(sb)
         rows.append((s.id, table_number(s.delta.max_abs), table_number(s.cumulative.max_abs),
                      table_number(s.delta.rmse, 3), "" if sb is None else table_number(sb.floor, 3),
                      f"{share:.0%}" if share else "", _share_bar(share)))

@@ -198,7 +198,7 @@ def stage_table(p: PathReport) -> Table:
         if sb is not None and sb.exact:
             t.add_row(s.id, "exact", _num(s.cumulative.max_abs), "", "", "", "")
             continue
-        share = None if b is None or sb is None or b.excess <= 0 else sb.excess / b.excess
+        share = None if b is None or sb is None else b.excess_share(sb)
         t.add_row(s.id, _num(s.delta.max_abs), _num(s.cumulative.max_abs),
                   _num(s.delta.rmse, 3), "" if sb is None else _num(sb.floor, 3),
                   "" if not share else f"{share:.0%}", _bar(share) if share else "")

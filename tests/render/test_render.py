@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qconvdiag import Options
 from qconvdiag.diagnosis import run_diagnosis
 from qconvdiag.io import load_case
@@ -30,3 +32,31 @@ def test_renderers_return_their_payload_and_print_nothing(capsys):
     assert "packed params" in render_trace(tr, width=80)
     assert json.loads(render_json(tr))["position"] == list(tr.position)
     assert capsys.readouterr().out == ""
+
+
+def test_a_path_at_its_floor_shows_no_share_of_an_excess():
+    """The stage table's excess shares name where a path's error above its floor comes from; at
+    the floor what is left is rounding's scatter, and no stage gets a share (a healthy layer's
+    tiny weight clipping showed 100%)."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from qconvdiag.render.rich_report import stage_table
+
+    def console_text(table: object, width: int) -> str:
+        console = Console(width=width)
+        with console.capture() as captured:
+            console.print(table)
+        return captured.get()
+
+    report = run_diagnosis(load_case(FORUM), Options()).report
+    path = report.path("as_given")
+    budget = path.budget
+    assert budget is not None and budget.verdict == "broken" and budget.excess > 0
+    shares = [budget.excess_share(sb) for sb in budget.stages]
+    assert sum(s for s in shares if s) == pytest.approx(1.0)
+    assert "%" in console_text(stage_table(path), 80)
+    quiet = dataclasses.replace(path, budget=dataclasses.replace(budget, verdict="at_floor"))
+    assert all(quiet.budget.excess_share(sb) is None for sb in budget.stages)
+    assert "%" not in console_text(stage_table(quiet), 80)
