@@ -102,19 +102,15 @@ def _convs_sentence(report: ModelReport) -> str:
 
 def layer_table(report: ModelReport, width: int) -> Table:
     """Every conv in model order; narrow terminals drop the shapes and RMSEs (the JSON has
-    them), the torch column shows only when a conv mismatches."""
+    them), the torch column shows only when a conv mismatches, and the dominant stage goes
+    where every column would not fit."""
     rank = {name: i + 1 for i, name in enumerate(report.ranking)}
     wide, medium = width >= 110, width >= 90
     mismatch = any(row.torch_mismatches for row in report.layers)  # None or 0: no column
-    t = Table(box=box.SIMPLE_HEAD, title=f"{len(report.layers)} quantized convs in model order, "
-              "# = rank by own error", title_justify="left", pad_edge=False,
-              padding=(0, 1), collapse_padding=True)
     columns = ["#", "layer", *(["conv"] if medium else []), "own dB", *(["RMSE"] if wide else []),
                "x floor", "prop dB", *(["RMSE "] if wide else []), "stage", "finding",
                *(["torch"] if mismatch else [])]
-    for col in columns:
-        right = col not in ("layer", "conv", "stage", "finding")
-        t.add_column(col, justify="right" if right else "left", no_wrap=True)
+    rows = []
     for row in report.layers:
         style = "" if row.verdict == "at_floor" else SEVERITY_STYLE[
             "error" if row.verdict == "broken" else "warning"]
@@ -132,6 +128,25 @@ def layer_table(report: ModelReport, width: int) -> Table:
             n = row.torch_mismatches
             cells.append(Text("-" if n is None else "ok" if n == 0 else
                               f"{n}/{row.torch_total} differ", style="bold red" if n else ""))
+        rows.append(cells)
+    t = _layer_table(len(report.layers), columns, rows)
+    if Console(width=10_000).measure(t).maximum > width:
+        # too narrow for every column: the dominant stage goes (the detail and the JSON have
+        # it), before rich shortens the names and the numbers
+        i = columns.index("stage")
+        t = _layer_table(len(report.layers), columns[:i] + columns[i + 1:],
+                         [cells[:i] + cells[i + 1:] for cells in rows])
+    return t
+
+
+def _layer_table(n: int, columns: list[str], rows: list[list[str | Text]]) -> Table:
+    t = Table(box=box.SIMPLE_HEAD, title=f"{n} quantized convs in model order, "
+              "# = rank by own error", title_justify="left", pad_edge=False,
+              padding=(0, 1), collapse_padding=True)
+    for col in columns:
+        right = col not in ("layer", "conv", "stage", "finding")
+        t.add_column(col, justify="right" if right else "left", no_wrap=True)
+    for cells in rows:
         t.add_row(*cells)
     return t
 

@@ -745,3 +745,25 @@ def test_a_channel_10x_the_others_is_a_near_miss():
     assert head.propagated.sqnr_db < head.input.sqnr_db - 3  # the spread costs something
     assert not [x for x in d.report.findings if x.code == "QCD066"]
     assert all(x.severity == "info" for r in d.report.layers for x in r.findings)
+
+
+def test_a_narrow_table_keeps_long_layer_names_whole(healthy_x86):  # noqa: ANN001
+    """A DenseNet-like name fills an 80-column table: the dominant stage goes, the name and
+    the numbers stay whole (before, rich cut every column down to a few letters)."""
+    import dataclasses
+
+    from qconvdiag.render.terminal import render_terminal
+
+    *_, d = healthy_x86
+    long = {row.name: f"features.denseblock4.denselayer16.{row.name}" for row in d.report.layers}
+    report = dataclasses.replace(
+        d.report, layers=tuple(dataclasses.replace(r, name=long[r.name]) for r in d.report.layers),
+        ranking=tuple(long[n] for n in d.report.ranking), details=())
+    narrow = render_terminal(report, width=80)
+    header = next(line for line in narrow.splitlines() if "prop dB" in line)
+    assert "stage" not in header and "finding" in header
+    for row in report.layers:
+        assert row.name in narrow and f"{row.own.sqnr_db:.1f}" in narrow
+    assert all(len(line) <= 80 for line in narrow.splitlines())
+    wide = render_terminal(report, width=160)
+    assert "stage" in next(line for line in wide.splitlines() if "prop dB" in line)
