@@ -282,7 +282,7 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                for name, (_fconv, qconv) in pairs.items()]
     run_both(float_model, lambda batch: quantized_model(batch),
              {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
-             handles, lambda bn: _gone(quantized_model, bn), activations)
+             handles, lambda bn: _gone(quantized_model, bn), activations, quantized_model)
     return seen
 
 

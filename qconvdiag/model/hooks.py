@@ -35,14 +35,17 @@ class Seen:
 def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
              seen: dict[str, Seen], batches: list[Any], limit: int, handles: list[Any],
              folded: Callable[[str], bool],
-             activations: dict[str, list[tuple[str, str]]] | None = None) -> None:
+             activations: dict[str, list[tuple[str, str]]] | None = None,
+             quantized_model: Any = None) -> None:
     """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
     hooked (``_FloatRecorder``); every hook in ``handles`` is removed at the end. ``folded``:
     whether the quantized model folded the float model's BatchNorm of this name into its conv.
     ``activations`` gets, per activation module of the float model (``FUSED_ACTIVATIONS``), its
     calls in the first forward, in order: the conv whose output (or its BatchNorm's) each was
-    called on ("" for another op's output), and the conv that ran last before it."""
+    called on ("" for another op's output), and the conv that ran last before it. A forward
+    that raises is refused in one line naming the module (``quantized_model``: the quantized
+    side's modules, for their names)."""
     import torch
 
     from ..torch_calls import capture_warnings
@@ -57,8 +60,12 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     try:
         with torch.no_grad(), capture_warnings():
             for run, batch in enumerate(batches, 1):
-                run_quantized(batch)
-                float_model(batch)
+                for which, forward, model in (("quantized", run_quantized, quantized_model),
+                                              ("float", float_model, float_model)):
+                    try:
+                        forward(batch)
+                    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+                        raise CaseError(failed_forward(which, exc, model)) from None
                 recorder.end_forward()
                 _check_once_per_forward(seen, run)
                 if _stored(seen) >= _room(seen, limit):
@@ -201,6 +208,35 @@ def copy_float(t: Any) -> np.ndarray:
     by numpy: measured 3x faster than torch's copy of a 25 MB tensor, whose fresh memory
     faults in page by page."""
     return np.array(t.detach().float().numpy(), dtype=np.float32, order="C", copy=True)
+
+
+def failed_forward(which: str, exc: BaseException, model: Any = None) -> str:
+    """One line for a model's forward that raised: the innermost module it was in (from the
+    traceback's frames; its path in ``model``), torch's first sentence, and what that error
+    usually means."""
+    import torch
+
+    module = None
+    tb = exc.__traceback__
+    while tb is not None:
+        me = tb.tb_frame.f_locals.get("self")
+        if isinstance(me, torch.nn.Module) and tb.tb_frame.f_code.co_name == "forward":
+            module = me
+        tb = tb.tb_next
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first.split(". ")[0].rstrip(".")[:240]
+    names = {} if model is None else {id(m): n for n, m in model.named_modules() if n}
+    where = ("" if module is None else f" at {names[id(module)]} ({type(module).__name__})"
+             if id(module) in names else f" in a {type(module).__name__}")
+    if "Could not run 'quantized::" in first:
+        hint = ("a float tensor reached a quantized op: is a QuantStub missing before it, or "
+                "defined but not called in forward?")
+    elif "QuantizedCPU" in first or "quint8" in first or "qint8" in first:
+        hint = ("a quantized tensor reached a float op: is a DeQuantStub missing before a "
+                "module its qconfig left in float?")
+    else:
+        hint = "does the model run on these inputs outside capture_model?"
+    return f"capture_model: the {which} model fails{where}: {first} ({hint})"
 
 
 def _check_once_per_forward(seen: dict[str, Seen], runs: int) -> None:

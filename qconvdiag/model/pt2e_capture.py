@@ -285,7 +285,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
     say(f"running both models on {len(batches)} batch(es), {len(patterns)} quantized convs")
     floats = [p.name for p in patterns if p.float_output]
     run_both(float_model, _runner(converted, patterns, seen, differ), fconvs, seen, batches,
-             limit, [], lambda bn: bn not in graph_bns)
+             limit, [], lambda bn: bn not in graph_bns, quantized_model=converted)
     keep, notes = sample_notes(seen, batches, limit)
     compared = (f"the eager Q/DQ graph (an fp32 conv on dequantized values) gives "
                 f"{differ[1]:,} of these {differ[0]:,} output codes differently" if differ[0]

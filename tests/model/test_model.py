@@ -767,3 +767,23 @@ def test_a_narrow_table_keeps_long_layer_names_whole(healthy_x86):  # noqa: ANN0
     assert all(len(line) <= 80 for line in narrow.splitlines())
     wide = render_terminal(report, width=160)
     assert "stage" in next(line for line in wide.splitlines() if "prop dB" in line)
+
+
+def test_a_model_that_fails_to_run_is_refused_in_one_line():
+    """torch's error inside a forward becomes one line naming the module and what the error
+    usually means (it was a traceback)."""
+    import copy
+
+    from qconvdiag.errors import CaseError
+
+    f, q = models.eager("x86")
+    q.quant = torch.nn.Identity()  # the QuantStub not called: a float tensor reaches stem
+    with pytest.raises(CaseError, match=r"the quantized model fails at stem \(ConvReLU2d\): "
+                                        r"Could not run .*QuantStub missing"):
+        walk(f, q, models.inputs(2, 8, 7))
+    f, q = models.eager("x86")
+    q.head = copy.deepcopy(f.head)  # left in float, no DeQuantStub before it
+    with pytest.raises(CaseError, match=r"fails at head \(Conv2d\): .*DeQuantStub missing"):
+        walk(f, q, models.inputs(2, 8, 7))
+    with pytest.raises(CaseError, match=r"fails at stem \(ConvReLU2d\): Input shape must be"):
+        walk(f, models.eager("x86")[1], models.inputs(1, 8, 7))  # a 1-d input for a 2-d model
