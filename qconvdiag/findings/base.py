@@ -105,8 +105,12 @@ def severity_of(energy: float, floor_energy: float, excess: float, verdict: str,
                 floor: str = "info") -> str:
     """``severity`` from the numbers: a cause with ``energy`` of excess, on a path whose floor
     has ``floor_energy``, whose whole excess is ``excess`` and whose verdict is ``verdict``
-    (also a model walk's screen, which has no budget: screen.fp32_saturation)."""
+    (also a model walk's screen, which has no budget: screen.fp32_saturation). A path at its
+    floor gets ``floor``: a correctly quantized path gets no warning from its stages' scatter.
+    """
     level = floor
+    if verdict == "at_floor":  # the path as a whole is as good as good qparams make it
+        return level
     if energy > 0:
         if energy >= MATERIAL * floor_energy and level == "info":
             level = "warning"
