@@ -81,14 +81,27 @@ def given_weight_fix(case: ConvCase, kernel: str, weight_qp: QParams, input_qp: 
             "qm.set_weight_bias(qw, conv.bias)  # repacks weight and bias")
 
 
-def output_fix(y0: np.ndarray, what: str = "the float output") -> tuple[str, QParams]:
+def output_fix(y0: np.ndarray, what: str = "the float output", engine: str | None = None
+               ) -> tuple[str, QParams]:
     """Minmax quint8 output qparams over the float output's range (0 included); ``what`` names
-    the values ``y0`` spans in the fix's comment."""
+    the values ``y0`` spans in the fix's comment; on qnnpack, the weight packed again after
+    (``repacked``)."""
     scale, zp = minmax_qparams(y0, "quint8")
     lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
     # the comment on its own line: the code lines stay within 80 columns when piped
-    return (f"# minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
-            f"qm.scale = {scale!r}\nqm.zero_point = {zp}"), per_tensor(scale, zp, "quint8", "fix")
+    return repacked(f"# minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
+                    f"qm.scale = {scale!r}\nqm.zero_point = {zp}", engine), per_tensor(
+        scale, zp, "quint8", "fix")
+
+
+def repacked(fix: str, engine: str | None) -> str:
+    """A fix that sets a quantized conv's output qparams, followed on qnnpack by packing its
+    weight again: qnnpack keeps the requantization it computed on the conv's first run, so a
+    scale set afterwards changes nothing (measured with torch 2.13) until it is packed again."""
+    if engine != "qnnpack":
+        return fix
+    return (fix + "\n# qnnpack keeps the requantization of the conv's first run: pack again\n"
+            "qm.set_weight_bias(qm.weight(), qm.bias())")
 
 
 def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> str:

@@ -52,7 +52,7 @@ def _output_fix(ctx: Context, run: PathRun) -> str:
     range widened it (a model walk's: the message's numbers are the captured samples')."""
     calibrated = ctx.case.output_range is not None and not ctx.case.output_range_sampled
     what = "the float output on the calibration batches" if calibrated else "the float output"
-    return output_fix(_covered(ctx, run), what)[0]
+    return output_fix(_covered(ctx, run), what, run.report.engine)[0]
 
 
 def qcd050(ctx: Context) -> Iterator[Finding]:

@@ -10,7 +10,7 @@ from ..measure.budget import ideal_step
 from ..quantization.qparams import QParams, clip_bounds
 from ..report import Finding
 from .base import Context, excess, finding, fmt, minmax_qparams, severity
-from .fixes import eager_flow, given_weight_fix, input_fix, output_fix, weight_fix
+from .fixes import eager_flow, given_weight_fix, input_fix, output_fix, repacked, weight_fix
 
 STAGES = {"input": ("input_clipping", "input_rounding"),
           "weight": ("weight_clipping", "weight_rounding"),
@@ -56,9 +56,10 @@ def qcd001(ctx: Context) -> Iterator[Finding]:
                    if in_range else None) or weight_fix(
                 ctx.case, run.kernel.kernel, qp.per_channel, run.spec.input_qparams)
         else:
-            fix = (f"qm.zero_point = {rounded}  # an integer zero point" if in_range
+            fix = (repacked(f"qm.zero_point = {rounded}  # an integer zero point",
+                            run.report.engine) if in_range
                    else output_fix(run.output_reference if run.output_reference is not None
-                                   else np.zeros(1))[0])
+                                   else np.zeros(1), engine=run.report.engine)[0])
         yield finding(
             "QCD001", "info", f"{name} zero point is not an integer",
             f"The {name} zero point {fmt(given)} is a float; torch truncates it toward 0 to "

@@ -787,3 +787,21 @@ def test_a_model_that_fails_to_run_is_refused_in_one_line():
         walk(f, q, models.inputs(2, 8, 7))
     with pytest.raises(CaseError, match=r"fails at stem \(ConvReLU2d\): Input shape must be"):
         walk(f, models.eager("x86")[1], models.inputs(1, 8, 7))  # a 1-d input for a 2-d model
+
+
+def test_an_output_fix_takes_effect_on_qnnpack_after_the_model_ran():
+    """qnnpack keeps the requantization of a conv's first run, so a scale set afterwards
+    changes nothing: the output qparams fix packs the weight again, and torch's own output
+    then follows it (before, pasting the fix left the conv as broken as it was)."""
+    f, q = models.eager("qnnpack")
+    x = models.inputs(2, 8, 7)
+    _break_output(q, "dw", 1 / 255, 0)  # "the activations are in [0, 1]"
+    _b, d = walk(f, q, x, top=1)  # the capture ran the model: qnnpack keeps dw's requantization
+    fix = next(x.fix for x in d.report.detail("dw").findings if x.code == "QCD051")
+    assert "set_weight_bias" in fix
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(fix, "QCD051 fix", "exec"), {"qm": q.dw, "torch": torch})  # noqa: S102
+    _b, d = walk(f, q, x)
+    dw = d.report.layer("dw")
+    assert dw.verdict == "at_floor" and dw.torch_mismatches == 0
