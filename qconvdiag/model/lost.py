@@ -51,10 +51,17 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
         op = next((o for o in ops if o.name == loss.op), None)
         where = ("the model's input quantization" if first else
                  f"an op between {loss.worst_before} and {loss.layer}" if op is None else
+                 f"{op.name}'s running statistics" if op.drifted() else
                  f"{op.name}'s output qparams")
         if first:
             fix = ("# calibrate the model's input quantization on inputs as at inference\n"
                    + (_CALIBRATE_PT2E if pt2e else _CALIBRATE_EAGER))
+        elif op is not None and op.drifted():  # every BatchNorm moved, and its observer saw it
+            moved = ", ".join(o.name for o in ops if o.drifted())
+            fix = (f"# BatchNorm updated its running statistics in calibration ({moved}),\n"
+                   "# and the observers saw its batch statistics: calibrate in eval mode\n"
+                   "model.eval()  # the float model, fused and its qconfig set as before\n"
+                   + _CALIBRATE_EAGER)
         elif op is not None:
             fix = op.fix()
         else:

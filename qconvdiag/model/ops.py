@@ -25,6 +25,11 @@ from ..measure.budget import FAR, SAMPLE_RANGE
 #: An op's qparams leave out this share of the float model's range there or more: the op loses
 #: the values beyond (they saturate).
 MISSED_SHARE = 0.5
+#: A quantized BatchNorm's running statistics are not the float model's when a mean moved by
+#: this many of the float model's standard deviations, or a variance by this factor (convert
+#: copies them exactly: they differ only when BatchNorm updated them, in train mode).
+MEAN_SHIFT = 0.01
+VAR_FACTOR = 1.01
 
 
 @dataclass(frozen=True)
@@ -51,21 +56,28 @@ class OpRange:
     tensor_qparams: bool
     """The module holds its scale and zero point as tensors (Quantize): its fix assigns
     tensors."""
+    stats: tuple[float, float, float] | None = None
+    """A BatchNorm's running statistics against the float model's: the largest mean shift in
+    the float model's standard deviations, the smallest and largest variance ratio."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "scale": self.scale,
                 "zero_point": self.zero_point, "dtype": self.dtype,
                 "float_range": [self.float_low, self.float_high], "after": list(self.after),
-                "sampled": self.sampled, "tensor_qparams": self.tensor_qparams}
+                "sampled": self.sampled, "tensor_qparams": self.tensor_qparams,
+                **({} if self.stats is None else {"stats": list(self.stats)})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> OpRange:
         try:
             lo, hi = (float(v) for v in m["float_range"])
+            stats = m.get("stats")
             op = OpRange(str(m["name"]), str(m["kind"]), float(m["scale"]),
                          int(m["zero_point"]), str(m["dtype"]), lo, hi,
                          tuple(str(a) for a in m["after"]),
-                         bool(m["sampled"]), bool(m["tensor_qparams"]))
+                         bool(m["sampled"]), bool(m["tensor_qparams"]),
+                         None if stats is None else (float(stats[0]), float(stats[1]),
+                                                     float(stats[2])))
         except (KeyError, TypeError, ValueError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
@@ -87,10 +99,23 @@ class OpRange:
         qmin, qmax = self.levels
         return (max(self.float_high, 0.0) - min(self.float_low, 0.0)) / (qmax - qmin)
 
+    def drifted(self) -> bool:
+        """A BatchNorm whose running statistics are not the float model's (MEAN_SHIFT,
+        VAR_FACTOR)."""
+        return self.stats is not None and (self.stats[0] >= MEAN_SHIFT or self.stats[1]
+                                           <= 1 / VAR_FACTOR or self.stats[2] >= VAR_FACTOR)
+
     def misfit(self) -> str | None:
-        """Why this op's qparams do not fit the float model's range there (None: they do):
-        a step FAR times too coarse (SAMPLE_RANGE times on the captured samples' range), or a
-        representable range that leaves out MISSED_SHARE of it."""
+        """Why this op does not compute what the float model's does there (None: it does): a
+        BatchNorm whose running statistics moved (``drifted``), a step FAR times too coarse
+        for the float model's range there (SAMPLE_RANGE times on the captured samples'
+        range), or a representable range that leaves out MISSED_SHARE of it."""
+        if self.stats is not None and self.drifted():
+            shift, low, high = self.stats
+            return (f"its running statistics are not the float model's: a mean moved by "
+                    f"{shift:.2f} standard deviations, variances by {low:.2f}x to {high:.2f}x "
+                    "(BatchNorm updates them in train mode: the model was calibrated without "
+                    ".eval())")
         ideal = self.ideal_step()
         if ideal <= 0:
             return None
@@ -166,6 +191,7 @@ class OpRecorder:
         self.after: dict[str, list[str]] = {}
         self.ranges: dict[str, tuple[float, float]] = {}
         self.float_points: dict[str, Any] = {}
+        self.stats: dict[str, tuple[float, float, float]] = {}
         for name, qconv in qconvs.items():
             self.handles.append(qconv.register_forward_hook(self._conv_ran(name)))
         for name, m in own_qparams_modules(quantized_model, set(qconvs)).items():
@@ -173,6 +199,9 @@ class OpRecorder:
             if q_point is None or f_point is None:
                 continue
             self.float_points[name] = f_point
+            stats = _stats(m, f_point)
+            if stats is not None:
+                self.stats[name] = stats
             self.handles.append(q_point.register_forward_hook(self._op_ran(name, m)))
             self.handles.append(f_point.register_forward_hook(self._float_ran(name)))
         self.handles.append(quantized_model.register_forward_hook(self._forward_done))
@@ -229,5 +258,24 @@ class OpRecorder:
             if calibration is not None and name in calibration:
                 lo, hi = min(lo, calibration[name][0]), max(hi, calibration[name][1])
             out.append(OpRange(name, kind, scale, zp, dtype, lo, hi, tuple(self.after[name]),
-                               calibration is None, tensors))
+                               calibration is None, tensors, self.stats.get(name)))
         return tuple(out)
+
+
+def _stats(quantized: Any, float_module: Any) -> tuple[float, float, float] | None:
+    """A BatchNorm's running statistics against the float model's (``OpRange.stats``); None
+    for other modules."""
+    import torch
+
+    tensors = [getattr(m, k, None) for m in (quantized, float_module)
+               for k in ("running_mean", "running_var")]
+    found = [t.detach().double() for t in tensors if isinstance(t, torch.Tensor)]
+    if len(found) != 4:
+        return None
+    q_mean, q_var, f_mean, f_var = found
+    if q_mean.shape != f_mean.shape or q_var.shape != f_var.shape or not len(f_var):
+        return None
+    std = f_var.clamp(min=1e-12).sqrt()
+    ratio = q_var.clamp(min=1e-12) / f_var.clamp(min=1e-12)
+    return (float(((q_mean - f_mean).abs() / std).max()), float(ratio.min()),
+            float(ratio.max()))

@@ -805,3 +805,63 @@ def test_an_output_fix_takes_effect_on_qnnpack_after_the_model_ran():
     _b, d = walk(f, q, x)
     dw = d.report.layer("dw")
     assert dw.verdict == "at_floor" and dw.torch_mismatches == 0
+
+
+def _unfused_bn3(calibrate_in_train_mode: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Net2d quantized with pw's BatchNorm left unfused (a quantized BatchNorm2d), calibrated
+    in train mode (BatchNorm updates its running statistics) or, the near miss, in eval."""
+    import copy
+
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    from tests.cpu import healthy_qconfig
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    f = models.Net2d().eval()
+    models._randomize_bn(f, 0)
+    q = copy.deepcopy(f)
+    fuse_modules(q, models.FUSE_2D[:2], inplace=True)
+    q.qconfig = healthy_qconfig("x86")
+    q.train(calibrate_in_train_mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        with torch.no_grad():
+            for i in range(4):
+                q(models.inputs(2, 8, 100 + i))
+        convert(q.eval(), inplace=True)
+    return f, q
+
+
+def test_batchnorm_statistics_moved_in_calibration_are_named():
+    """Calibrated without .eval(): an unfused BatchNorm's running statistics move, and the
+    conv after it receives its input 20 dB worse. QCD065 names the BatchNorm and why; its fix
+    puts the float model's statistics back (before, "an op between them: its output scale")."""
+    f, q = _unfused_bn3(True)
+    _b, d = walk(f, q, models.inputs(2, 8, 7))
+    (lost,) = d.report.findings
+    assert lost.code == "QCD065" and lost.title.endswith("by bn3's running statistics")
+    assert d.report.upstream[0].op == "bn3" and "calibrated without .eval()" in lost.message
+    # its fix, run on the float model fused and given its qconfig as before, in train mode as
+    # it was, calibrates in eval mode: the conv gets its input back
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    from tests.cpu import healthy_qconfig
+
+    model = copy.deepcopy(f)
+    fuse_modules(model, models.FUSE_2D[:2], inplace=True)
+    model.qconfig = healthy_qconfig("x86")
+    scope = {"model": model.train(),
+             "calibration_batches": [models.inputs(2, 8, 100 + i) for i in range(4)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(lost.fix, "QCD065 fix", "exec"), scope)  # noqa: S102
+    _b, d = walk(f, scope["quantized"], models.inputs(2, 8, 7))
+    assert d.report.findings == () and d.report.upstream == ()
+    f, q = _unfused_bn3(False)  # the near miss: calibrated in eval mode, statistics unmoved
+    bundle, d = walk(f, q, models.inputs(2, 8, 7))
+    assert d.report.findings == ()
+    assert [o.stats for o in bundle.ops if o.name == "bn3"] == [(0.0, 1.0, 1.0)]
