@@ -27,6 +27,7 @@ from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 from .compiled import CompiledWith
 from .ops import OpRange
 from .reuse import ReusedActivation
+from .stale import StaleRequantization
 
 BUNDLE_VERSION = 1
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
@@ -85,6 +86,9 @@ class ModelBundle:
     QCD067; None in a PT2E model's bundle, and in one written before they were recorded."""
     ops: tuple[OpRange, ...] = ()
     """The quantized ops with their own output qparams an eager model runs (ops.py)."""
+    stale: tuple[StaleRequantization, ...] = ()
+    """Convs qnnpack ran with a requantization kept from before their qparams changed
+    (stale.py)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -156,6 +160,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["cpu_flags"] = list(bundle.cpu_flags)
     if bundle.ops:
         meta["ops"] = [op.to_dict() for op in bundle.ops]
+    if bundle.stale:
+        meta["stale"] = [s.to_dict() for s in bundle.stale]
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -224,9 +230,10 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")
-    ops = meta.get("ops") or []
-    if not isinstance(ops, list):
-        raise CaseFileError(f"{source}: 'ops' must be a list; capture the model again")
+    ops, stale = meta.get("ops") or [], meta.get("stale") or []
+    if not isinstance(ops, list) or not isinstance(stale, list):
+        raise CaseFileError(f"{source}: 'ops' and 'stale' must be lists; capture the model "
+                            "again")
     flags = meta.get("cpu_flags")
     if flags is not None and not (isinstance(flags, list)
                                   and all(isinstance(f, str) for f in flags)):
@@ -237,7 +244,8 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        None if compiled is None else CompiledWith.from_mapping(compiled, source),
                        tuple(ReusedActivation.from_mapping(r, source) for r in reused),
                        None if flags is None else tuple(flags),
-                       tuple(OpRange.from_mapping(op, source) for op in ops))
+                       tuple(OpRange.from_mapping(op, source) for op in ops),
+                       tuple(StaleRequantization.from_mapping(s, source) for s in stale))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

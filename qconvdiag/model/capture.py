@@ -38,6 +38,7 @@ from .compiled import CompiledWith
 from .hooks import Seen, run_both, samples_within
 from .ops import OpRange
 from .reuse import ReusedActivation, reused_activations
+from .stale import StaleRequantization, stale_requantization
 
 Progress = Callable[[str], None]
 
@@ -137,6 +138,10 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
     with capture_warnings():
         engine = torch.backends.quantized.engine
+        stale = [] if engine != "qnnpack" else [  # QCD068: a requantization kept from before
+            s for s in (stale_requantization(name, qconv, seen[name].qinput[0][:1],
+                                             seen[name].qoutput[0][:1])
+                        for name, (_f, qconv) in pairs.items()) if s is not None]
     if compiled is not None:
         notes.append(f"captured the model torch.compile wraps (backend {compiled.backend}), "
                      "as its eager run computes it")
@@ -144,7 +149,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
     # the CPU's flags, for QCD067 (engine.py: which engine's kernels ran an eager model's convs)
     return finish_bundle(layers, engine, path, notes, compiled, reused,
-                         recorder.results(None if calibration is None else ranges), isa_flags())
+                         recorder.results(None if calibration is None else ranges), isa_flags(),
+                         tuple(stale))
 
 
 def _no_quantized_conv(model: Any) -> str:
@@ -198,10 +204,11 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   compiled: CompiledWith | None = None,
                   reused: tuple[ReusedActivation, ...] = (),
                   ops: tuple[OpRange, ...] = (),
-                  cpu_flags: tuple[str, ...] | None = None) -> ModelBundle:
+                  cpu_flags: tuple[str, ...] | None = None,
+                  stale: tuple[StaleRequantization, ...] = ()) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
-                         compiled, reused, cpu_flags, ops)
+                         compiled, reused, cpu_flags, ops, stale)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

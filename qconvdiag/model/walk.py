@@ -14,7 +14,9 @@ layers asked for by name, get the full single-conv diagnosis (the production pat
 The stage ladder and the findings model a quantized output, so a conv whose kernel writes
 float32 (a PT2E conv before a residual add) is screened only, never diagnosed nor explained.
 Findings about the whole model come last: QCD063 (compiled.py), QCD064 (reuse.py), QCD065
-(lost.py, from ``upstream_losses``) and QCD066 (channels.py).
+(lost.py, from ``upstream_losses``; the op it names: ops.py), QCD066 (channels.py), QCD067
+(engine.py: where the torch check finds another engine's kernels ran, the walk runs again on
+that engine) and QCD068 (stale.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .ops import OpRange, between
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
 from .screen import Screen, module_spec, screen_layer, spec_kernel, torch_check
+from .stale import qcd068
 
 Progress = Callable[[str], None]
 
@@ -160,7 +163,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
                                bundle.ops)
-    model_findings = tuple(f for f in [qcd067(ran), qcd063(bundle.compiled, pt2e),
+    # a conv packed on another engine differs from qnnpack's packing for that reason (QCD067)
+    model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),
+                                       qcd067(ran),
+                                       qcd063(bundle.compiled, pt2e),
                                        *qcd064(bundle.reused, pt2e),
                                        *qcd065(upstream, pt2e, bundle.ops),
                                        *qcd066(bundle.layers, screens,

@@ -96,3 +96,28 @@ def test_a_bundle_from_another_cpu_keeps_its_mismatches(tmp_path):  # noqa: ANN0
         d = walk_model(other, WalkOptions(top=1, torch_check="all"))
         assert not _qcd067(d) and d.report.engine == "qnnpack"
         assert sum(row.torch_mismatches or 0 for row in d.report.layers) > 0
+
+
+def test_qparams_set_after_the_first_run_on_qnnpack_are_named():
+    """qnnpack keeps the requantization of a conv's first run: a scale set afterwards is not
+    what the kernel computed with. QCD068 names the conv; its fix packs it again, after which
+    the scale takes effect (and, 4x too coarse, is judged as such). Set before the first run
+    (the near miss), the scale is what ran: no QCD068."""
+    f, q = models.eager("qnnpack")
+    x = models.inputs(2, 8, 7)
+    with torch.no_grad():
+        q(x)  # the model ran
+    q.dw.scale = q.dw.scale * 4
+    _b, d = _walk(f, q, torch_check="all")
+    (stale,) = [x for x in d.report.findings if x.code == "QCD068"]
+    assert stale.severity == "error" and stale.evidence["convs"][0]["layer"] == "dw"
+    assert stale.evidence["convs"][0]["differ"] > 0 and not _qcd067(d)
+    exec(stale.fix, {"quantized_model": q})  # noqa: S102 - the finding's own fix
+    _b, d = _walk(f, q, torch_check="all")
+    assert not [x for x in d.report.findings if x.code == "QCD068"]
+    assert all(row.torch_mismatches == 0 for row in d.report.layers)
+    f, q = models.eager("qnnpack")
+    q.dw.scale = q.dw.scale * 4  # before any run: what qnnpack computes with
+    _b, d = _walk(f, q, torch_check="all")
+    assert not [x for x in d.report.findings if x.code == "QCD068"]
+    assert all(row.torch_mismatches == 0 for row in d.report.layers)
