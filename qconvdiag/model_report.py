@@ -117,12 +117,15 @@ class UpstreamLoss:
     op: str | None = None
     """The quantized op (module path) whose output qparams do not fit the float model's range
     there, when the capture saw one just before the conv (an eager model's)."""
+    blamed_on: str | None = None
+    """The finding that explains the loss instead of QCD065 (QCD064: an activation the
+    quantized model lost), if any."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "input": self.input.to_dict(),
                 "floor_ratio": self.floor_ratio, "worst_before": self.worst_before,
                 "worst_before_sqnr_db": self.worst_before_sqnr_db, "message": self.message,
-                "op": self.op}
+                "op": self.op, "blamed_on": self.blamed_on}
 
 
 @dataclass(frozen=True)

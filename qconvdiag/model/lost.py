@@ -43,7 +43,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
     fix."""
     found = []
     for loss in losses:
-        if f"({REUSE_CODE})" in loss.message:  # walk.upstream_losses blames QCD064's loss
+        if loss.blamed_on == REUSE_CODE:  # QCD064 names it, with its cost
             continue
         sqnr = loss.input.sqnr_db
         level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"

@@ -14,10 +14,12 @@ by ``capture_model``'s hooks on the float model's first forward, named by QCD064
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CaseFileError
+from ..model_report import UpstreamLoss
 from ..report import Finding
 
 CODE = "QCD064"
@@ -126,11 +128,18 @@ def _calls_text(r: ReusedActivation) -> str:
     return f"{r.calls} times per forward: after {convs} and after {ops}"
 
 
-def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool) -> list[Finding]:
+def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
+           losses: tuple[UpstreamLoss, ...] = ()) -> list[Finding]:
     """QCD064 for each reused activation module of an eager or FX model (a PT2E model was
-    exported already): a warning where calls lost it in the quantized model, else info."""
+    exported already): a warning where calls lost it in the quantized model, an error where a
+    conv's input lost to it (``losses`` blamed on QCD064) is below LOST_DB, else info."""
     if pt2e:
         return []
+    from .lost import LOST_DB
+
+    costs = [loss for loss in losses if loss.blamed_on == CODE]
+    worst = min(costs, key=lambda loss: loss.input.sqnr_db if loss.input.sqnr_db is not None
+                else math.inf, default=None)
     found = []
     for r in reused:
         evidence = {"module": r.name, "kind": r.kind, "convs": list(r.convs),
@@ -155,14 +164,22 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool) -> list[Finding]:
             fix = (f"# now: a {r.kind} where fusion left Identity (after the conv that fused\n"
                    f"# it, a second {r.kind} changes nothing)\n"
                    f"{parent}.{attr} = torch.nn.{r.kind}()\n" + lasting)
+            cost = ""
+            level = "warning"
+            if worst is not None and worst.input.sqnr_db is not None:
+                cost = (f" {worst.layer}'s input is {worst.input.sqnr_db:.1f} dB from the float "
+                        "model's there.")
+                level = "error" if worst.input.sqnr_db < LOST_DB else "warning"
+                evidence = {**evidence, "conv": worst.layer,
+                            "input_sqnr_db": worst.input.sqnr_db}
             found.append(Finding(
-                CODE, "warning", f"{r.kind} module {r.name!r} called several times: fused "
+                CODE, level, f"{r.kind} module {r.name!r} called several times: fused "
                 "into one conv, gone at its other calls",
                 f"The float model calls {r.kind} module {r.name!r} {calls}. fuse_modules "
                 "fused it into one conv and left Identity in its place, so the quantized "
                 f"model runs without it at {', '.join(gone)}: negative values pass there "
                 f"where the float model's {r.kind} clips them, and what follows receives "
-                "them.", evidence, fix))
+                f"them.{cost}", evidence, fix))
         else:
             fix = ("exported = torch.export.export(model.eval(), (x,), strict=True).module()\n"
                    + lasting)

@@ -167,7 +167,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),
                                        qcd067(ran),
                                        qcd063(bundle.compiled, pt2e),
-                                       *qcd064(bundle.reused, pt2e),
+                                       *qcd064(bundle.reused, pt2e, upstream),
                                        *qcd065(upstream, pt2e, bundle.ops),
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e)]
@@ -243,7 +243,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
                 f" dB worse than any conv before it delivers (worst: {worst[1]}, "
-                f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None))
+                f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None,
+                REUSE_CODE if before else None))
         p = s.propagated.sqnr_db
         if p is not None and (worst is None or p < worst[0]):
             worst = (p, name)

@@ -1,5 +1,6 @@
 """QCD064: one activation module called after several convs. Fused into one conv by torch.ao's
-eager flow, it is gone after the others (a warning, whose repair runs here); not fused, it is
+eager flow, it is gone after the others (a warning, an error where the input it costs a conv
+is below 10 dB; its repair runs here); not fused, it is
 the trap a non-strict torch.export meets in prepare_pt2e (info, its claim checked here)."""
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def test_a_shared_relu_fused_into_one_conv_is_gone_after_the_other():
     assert bundle.reused == (ReusedActivation("relu", "ReLU", ("conv1", "conv2"), 0, ("conv2",),
                                               bns=("", "")),)
     (f,) = report.findings
-    assert (f.code, f.severity) == (CODE, "warning") and "without it at conv2:" in f.message
+    # an error: the input it costs conv3 is below 10 dB, as QCD065 would grade that loss
+    assert (f.code, f.severity) == (CODE, "error") and "without it at conv2:" in f.message
+    assert "conv3's input is" in f.message and f.evidence["input_sqnr_db"] < 10
     # the cost is real: conv3 receives conv2's negative outputs, where the float model's are 0
     conv3 = report.layer("conv3")
     assert conv3 is not None and conv3.input.sqnr_db is not None and conv3.input.sqnr_db < 10
@@ -118,7 +121,7 @@ def test_a_relu_after_the_residual_add_fused_away_is_named():
     assert loss.layer == "conv3" and "applies after conv2 is gone" in loss.message
     (f,) = report.findings
     assert "fuse_modules(model, [['conv1', 'bn1', 'relu1']])" in f.fix  # its BatchNorm kept
-    assert f.severity == "warning" and "without it at 1 call(s) after other ops" in f.message
+    assert f.severity == "error" and "without it at 1 call(s) after other ops" in f.message
     assert "2 times per forward: after conv1 and after another op" in f.message
     conv3 = report.layer("conv3")
     assert conv3 is not None and conv3.input.sqnr_db is not None and conv3.input.sqnr_db < 10
