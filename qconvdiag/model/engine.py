@@ -96,11 +96,11 @@ def qcd067(ran: EngineThatRan | None) -> Finding | None:
     fix = (f"# to run (and judge) {ran.recorded}'s kernels: pack every weight again for it\n"
            "import torch\n"
            f"torch.backends.quantized.engine = {ran.recorded!r}\n"
-           "quantized_model.load_state_dict(quantized_model.state_dict())\n"
+           "quantized.load_state_dict(quantized.state_dict())\n"
            f"# or to quantize for {ran.recorded}, set the engine before prepare and use\n"
-           f"# get_default_qconfig({ran.recorded!r}); to keep {ran.engine}'s kernels, set\n"
+           f"# get_default_qconfig({ran.recorded!r}); to keep the kernels that ran, set\n"
            f"# torch.backends.quantized.engine = {ran.engine!r} before capture_model")
-    return Finding(CODE, "warning", f"the convs ran {ran.engine}'s kernels, not "
+    return Finding(CODE, "warning", f"the convs ran another engine's kernels than "
                    f"{ran.recorded}'s", message, evidence, fix)
 
 

@@ -50,20 +50,45 @@ class StaleRequantization:
 def stale_requantization(name: str, qconv: Any, qinput: Any, qoutput: Any
                          ) -> StaleRequantization | None:
     """The check on one conv (``qinput``, ``qoutput``: what the model gave and computed for its
-    first sample); None when the conv packed again computes the same codes, or cannot run."""
+    first sample): packed again for qnnpack, then, where that differs, for each other engine
+    torch has (a conv packed for fbgemm runs fbgemm's kernels whatever the engine says now:
+    QCD067's case, not this one). None when some packing computes the same codes, or none
+    can run."""
+    import torch
+
+    from ..arithmetic.engines import ENGINES
+
+    engine = torch.backends.quantized.engine
+    others = [e for e in ENGINES if e != engine and e in torch.backends.quantized.supported_engines]
+    first = None
+    for e in [engine, *others]:
+        differ = _differ_packed_on(e, qconv, qinput, qoutput)
+        if differ == 0:
+            return None
+        if first is None:
+            first = differ
+    return None if first is None else StaleRequantization(name, first, qoutput.numel())
+
+
+def _differ_packed_on(engine: str, qconv: Any, qinput: Any, qoutput: Any) -> int | None:
+    """Output codes where ``qconv`` packed again on ``engine`` (a deep copy packs its weight
+    anew) differs from ``qoutput`` on ``qinput``; None where it cannot run."""
     import copy
 
     import torch
 
+    previous = torch.backends.quantized.engine
     try:
+        torch.backends.quantized.engine = engine
         with torch.no_grad():
             fresh = copy.deepcopy(qconv)(qinput)
-    except RuntimeError:  # a conv qnnpack cannot pack again (conv3d): nothing to compare
+    except RuntimeError:  # a conv this engine cannot pack (qnnpack's conv3d)
         return None
+    finally:
+        torch.backends.quantized.engine = previous
     if not fresh.is_quantized or fresh.shape != qoutput.shape:
         return None
-    differ = int(torch.count_nonzero(fresh.int_repr() != qoutput.int_repr()))
-    return StaleRequantization(name, differ, qoutput.numel()) if differ else None
+    return int(torch.count_nonzero(fresh.int_repr() != qoutput.int_repr()))
 
 
 def qcd068(stale: tuple[StaleRequantization, ...]) -> Finding | None:
@@ -83,7 +108,7 @@ def qcd068(stale: tuple[StaleRequantization, ...]) -> Finding | None:
         "requantization.")
     fix = ("# pack each such conv again after setting its qparams: qnnpack then requantizes\n"
            f"for name in {[s.layer for s in stale]!r}:\n"
-           "    qm = quantized_model.get_submodule(name)\n"
+           "    qm = quantized.get_submodule(name)\n"
            "    qm.set_weight_bias(qm.weight(), qm.bias())")
     return Finding(CODE, "error", f"{names}: qparams set after the first run on qnnpack",
                    message, {"convs": [s.to_dict() for s in stale]}, fix)
