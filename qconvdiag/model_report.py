@@ -120,12 +120,15 @@ class UpstreamLoss:
     blamed_on: str | None = None
     """The finding that explains the loss instead of QCD065 (QCD064: an activation the
     quantized model lost), if any."""
+    lost_after: tuple[str, ...] = ()
+    """With QCD064: the convs after which the quantized model lost the activation."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "input": self.input.to_dict(),
                 "floor_ratio": self.floor_ratio, "worst_before": self.worst_before,
                 "worst_before_sqnr_db": self.worst_before_sqnr_db, "message": self.message,
-                "op": self.op, "blamed_on": self.blamed_on}
+                "op": self.op, "blamed_on": self.blamed_on,
+                "lost_after": list(self.lost_after)}
 
 
 @dataclass(frozen=True)

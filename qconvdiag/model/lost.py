@@ -35,8 +35,8 @@ _SCALES = ("# the op between them with a far-off output scale (an add, a pool, a
            "        print(name, type(m).__name__, float(m.scale), int(m.zero_point))")
 
 
-def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = ()
-           ) -> list[Finding]:
+def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = (),
+           engine: str = "") -> list[Finding]:
     """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a
     missing activation module explains (QCD064 names that). Where the loss names an op
     (``UpstreamLoss.op``, one of ``ops``), an op between convs gets that op's qparams as its
@@ -63,7 +63,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
                    "model.eval()  # the float model, fused and its qconfig set as before\n"
                    + _CALIBRATE_EAGER)
         elif op is not None:
-            fix = op.fix()
+            fix = op.fix(engine)
         else:
             fix = (_SCALES if not pt2e else
                    "# the op between them with a far-off output scale (an add, a pool, a cat):\n"

@@ -137,9 +137,7 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
         return []
     from .lost import LOST_DB
 
-    costs = [loss for loss in losses if loss.blamed_on == CODE]
-    worst = min(costs, key=lambda loss: loss.input.sqnr_db if loss.input.sqnr_db is not None
-                else math.inf, default=None)
+    blamed = [loss for loss in losses if loss.blamed_on == CODE]
     found = []
     for r in reused:
         evidence = {"module": r.name, "kind": r.kind, "convs": list(r.convs),
@@ -164,6 +162,9 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
             fix = (f"# now: a {r.kind} where fusion left Identity (after the conv that fused\n"
                    f"# it, a second {r.kind} changes nothing)\n"
                    f"{parent}.{attr} = torch.nn.{r.kind}()\n" + lasting)
+            mine = [loss for loss in blamed if set(loss.lost_after) & set(r.missing_after())]
+            worst = min(mine, key=lambda loss: loss.input.sqnr_db
+                        if loss.input.sqnr_db is not None else math.inf, default=None)
             cost = ""
             level = "warning"
             if worst is not None and worst.input.sqnr_db is not None:

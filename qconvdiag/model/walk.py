@@ -168,7 +168,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        qcd067(ran),
                                        qcd063(bundle.compiled, pt2e),
                                        *qcd064(bundle.reused, pt2e, upstream),
-                                       *qcd065(upstream, pt2e, bundle.ops),
+                                       *qcd065(upstream, pt2e, bundle.ops, engine),
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e)]
                            if f is not None and f.code not in options.ignore)
@@ -231,12 +231,16 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
-            named = [] if before else between(ops, order, name)[:1]
-            cause = (f"the {(missing or {})[before[0]]} the float model applies after "
+            # an op whose qparams do not fit is measured evidence; a lost activation may
+            # cost nothing (where what it clips is rare), so it is blamed only without one
+            named = between(ops, order, name)[:1]
+            if named:
+                before = []
+            cause = (f"{named[0].name} ({named[0].kind}) loses it: {named[0].misfit()}"
+                     if named else
+                     f"the {(missing or {})[before[0]]} the float model applies after "
                      f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "
                      "which lets negative values through" if before else
-                     f"{named[0].name} ({named[0].kind}) loses it: {named[0].misfit()}"
-                     if named else
                      "an op between them (an add, a pool, a cat, a linear layer: its output "
                      "scale) loses it")
             out.append(UpstreamLoss(
@@ -244,7 +248,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
                 f" dB worse than any conv before it delivers (worst: {worst[1]}, "
                 f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None,
-                REUSE_CODE if before else None))
+                REUSE_CODE if before else None, tuple(before)))
         p = s.propagated.sqnr_db
         if p is not None and (worst is None or p < worst[0]):
             worst = (p, name)

@@ -220,3 +220,69 @@ def test_an_fx_model_with_a_shared_relu_gets_the_info_only():
     assert bundle.reused and bundle.reused[0].lost == ()
     assert [(f.code, f.severity) for f in report.findings] == [(CODE, "info")]
     assert report.upstream == ()
+
+
+class TwoShared(torch.nn.Module):
+    """relu_a after conv1 and conv2 (fused into conv1: lost after conv2), relu_b after conv4
+    and conv5 (fused into conv4: lost after conv5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(8, 8, 1)
+        self.conv4 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv5 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv6 = torch.nn.Conv2d(8, 4, 1)
+        self.relu_a, self.relu_b, self.relu3 = (torch.nn.ReLU() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu_a(self.conv2(self.relu_a(self.conv1(self.quant(x)))))
+        x = self.relu_b(self.conv4(self.relu3(self.conv3(x))))
+        return self.dequant(self.conv6(self.relu_b(self.conv5(x))))
+
+
+def test_each_lost_activation_carries_its_own_cost():
+    """Two reused ReLUs, each lost after one conv: the loss at conv3 (under 2 dB) is relu_a's,
+    an error; relu_b's costs no conv its signal, a warning (both were errors: one cost shared)."""
+    model, x = TwoShared().eval(), torch.randn(4, 3, 12, 12)
+    quantized = _quantized(model, [["conv1", "relu_a"], ["conv3", "relu3"],
+                                   ["conv4", "relu_b"]], x)
+    _bundle, report = _walk(model, quantized, x)
+    found = {f.evidence["module"]: f for f in report.findings if f.code == CODE}
+    assert found["relu_a"].severity == "error" and found["relu_a"].evidence["conv"] == "conv3"
+    assert found["relu_b"].severity == "warning" and "conv" not in found["relu_b"].evidence
+
+
+class AddAfterShared(Shared):
+    """Shared's ReLU lost after conv2, where conv2's outputs are mostly positive (its bias +3:
+    the lost ReLU costs little), then an add before conv3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.conv2.bias += 3.0
+        self.ff = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv1(self.quant(x)))
+        return self.dequant(self.conv3(self.ff.add(y, self.relu(self.conv2(y)))))
+
+
+def test_an_op_that_loses_the_signal_is_named_over_a_lost_activation():
+    """The add's scale 30x too coarse loses conv3's input; the ReLU lost after conv2 costs
+    little: the add is named (QCD065), the ReLU stays a warning with no cost (before, the loss
+    was blamed on the ReLU, whose fix would not bring it back)."""
+    model, x = AddAfterShared().eval(), torch.randn(8, 3, 12, 12)
+    quantized = _quantized(model, [["conv1", "relu"]], x)
+    _bundle, report = _walk(model, quantized, x)
+    assert [f.code for f in report.findings] == [CODE] and report.upstream == ()  # near miss
+    quantized.ff.scale = quantized.ff.scale * 30
+    _bundle, report = _walk(model, quantized, x)
+    (loss,) = report.upstream
+    assert loss.op == "ff" and loss.blamed_on is None
+    codes = {f.code: f for f in report.findings}
+    assert codes["QCD065"].title.endswith("by ff's output qparams")
+    assert codes[CODE].severity == "warning" and "input_sqnr_db" not in codes[CODE].evidence
