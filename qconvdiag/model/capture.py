@@ -149,7 +149,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
     # the CPU's flags, for QCD067 (engine.py: which engine's kernels ran an eager model's convs)
     return finish_bundle(layers, engine, path, notes, compiled, reused,
-                         recorder.results(None if calibration is None else ranges), isa_flags(),
+                         recorder.results(None if calibration is None else ranges),
+                         isa_flags() or None,
                          tuple(stale))
 
 

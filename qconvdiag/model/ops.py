@@ -8,13 +8,15 @@ range at the same module (over the calibration batches when given, else over the
 samples). An op whose step is far coarser than that range needs, or whose representable range
 leaves out much of it, is the one QCD065 names, with its own qparams fix.
 
-Only minimum and maximum are kept: no op's tensors. A FloatFunctional is called through its
+Only minimum and maximum are kept (and a BatchNorm's running statistics against the float
+model's): no op's tensors. A FloatFunctional is called through its
 methods (``add``, ``cat``), which runs no forward hook: its ``activation_post_process`` (an
 Identity, in the float model and in the quantized one) sees its output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,13 +61,17 @@ class OpRange:
     stats: tuple[float, float, float] | None = None
     """A BatchNorm's running statistics against the float model's: the largest mean shift in
     the float model's standard deviations, the smallest and largest variance ratio."""
+    packed: bool = False
+    """The module holds a packed weight (a quantized Linear): on qnnpack its requantization is
+    kept from its first run, so its fix packs it again there."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "scale": self.scale,
                 "zero_point": self.zero_point, "dtype": self.dtype,
                 "float_range": [self.float_low, self.float_high], "after": list(self.after),
                 "sampled": self.sampled, "tensor_qparams": self.tensor_qparams,
-                **({} if self.stats is None else {"stats": list(self.stats)})}
+                **({} if self.stats is None else {"stats": list(self.stats)}),
+                **({"packed": True} if self.packed else {})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> OpRange:
@@ -77,7 +83,8 @@ class OpRange:
                          tuple(str(a) for a in m["after"]),
                          bool(m["sampled"]), bool(m["tensor_qparams"]),
                          None if stats is None else (float(stats[0]), float(stats[1]),
-                                                     float(stats[2])))
+                                                     float(stats[2])),
+                         bool(m.get("packed", False)))
         except (KeyError, TypeError, ValueError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
@@ -134,8 +141,9 @@ class OpRange:
                     f"model's range there {rng} needs ({ideal:.4g})")
         return None
 
-    def fix(self, module: str = "quantized") -> str:
-        """Minmax qparams over the float range, set on the quantized module."""
+    def fix(self, engine: str = "", module: str = "quantized") -> str:
+        """Minmax qparams over the float range, set on the quantized module (packed again on
+        qnnpack, where it holds a packed weight)."""
         import numpy as np
 
         from ..findings.base import minmax_qparams
@@ -147,7 +155,10 @@ class OpRange:
         return (f"# {self.name}'s output qparams: minmax over the float model's range there\n"
                 f"# [{self.float_low:.4g}, {self.float_high:.4g}] (or calibrate it again)\n"
                 + ("import torch\n" if self.tensor_qparams else "")
-                + f"{m}.scale = {values[0]}\n{m}.zero_point = {values[1]}")
+                + f"{m}.scale = {values[0]}\n{m}.zero_point = {values[1]}"
+                + ("" if not (self.packed and engine == "qnnpack") else
+                   "\n# qnnpack keeps the requantization of its first run: pack again\n"
+                   f"{m}.set_weight_bias({m}.weight(), {m}.bias())"))
 
 
 def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:
@@ -160,9 +171,11 @@ def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRa
 
 def own_qparams_modules(quantized_model: Any, convs: set[str]) -> dict[str, Any]:
     """The quantized model's modules with their own output qparams (``scale`` and
-    ``zero_point``), but the captured convs: name -> module."""
+    ``zero_point``), but the captured convs and the transposed ones (whose float twin may have
+    a BatchNorm folded in after it): name -> module."""
     return {name: m for name, m in quantized_model.named_modules()
-            if name and name not in convs and hasattr(m, "scale") and hasattr(m, "zero_point")}
+            if name and name not in convs and hasattr(m, "scale") and hasattr(m, "zero_point")
+            and "Transpose" not in type(m).__name__}
 
 
 def _hook_point(model: Any, name: str) -> Any | None:
@@ -192,6 +205,7 @@ class OpRecorder:
         self.ranges: dict[str, tuple[float, float]] = {}
         self.float_points: dict[str, Any] = {}
         self.stats: dict[str, tuple[float, float, float]] = {}
+        self.packed: set[str] = set()
         for name, qconv in qconvs.items():
             self.handles.append(qconv.register_forward_hook(self._conv_ran(name)))
         for name, m in own_qparams_modules(quantized_model, set(qconvs)).items():
@@ -202,6 +216,8 @@ class OpRecorder:
             stats = _stats(m, f_point)
             if stats is not None:
                 self.stats[name] = stats
+            if callable(getattr(m, "set_weight_bias", None)):
+                self.packed.add(name)
             self.handles.append(q_point.register_forward_hook(self._op_ran(name, m)))
             self.handles.append(f_point.register_forward_hook(self._float_ran(name)))
         self.handles.append(quantized_model.register_forward_hook(self._forward_done))
@@ -220,7 +236,10 @@ class OpRecorder:
             if out.qscheme() != torch.per_tensor_affine or out.dtype not in (torch.quint8,
                                                                               torch.qint8):
                 return
-            self.qparams[name] = (type(module).__name__, float(out.q_scale()),
+            scale = float(out.q_scale())
+            if not math.isfinite(scale) or scale <= 0:  # torch runs it; nothing to compare
+                return
+            self.qparams[name] = (type(module).__name__, scale,
                                   int(out.q_zero_point()), str(out.dtype).split(".")[-1],
                                   isinstance(getattr(module, "scale", None), torch.Tensor))
             self.after.setdefault(name, []).append(self.last)
@@ -257,8 +276,13 @@ class OpRecorder:
             lo, hi = self.ranges[name]
             if calibration is not None and name in calibration:
                 lo, hi = min(lo, calibration[name][0]), max(hi, calibration[name][1])
+            if "ReLU" in kind:  # a fused ReLU (LinearReLU): the float module's output is
+                lo, hi = max(lo, 0.0), max(hi, 0.0)  # before it
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                continue
             out.append(OpRange(name, kind, scale, zp, dtype, lo, hi, tuple(self.after[name]),
-                               calibration is None, tensors, self.stats.get(name)))
+                               calibration is None, tensors, self.stats.get(name),
+                               name in self.packed))
         return tuple(out)
 
 
