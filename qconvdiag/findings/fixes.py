@@ -120,14 +120,16 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
     shape = ", ".join(["N", *(str(d) for d in case.input.shape[1:])])
     # a fused ReLU stays fused: convert makes the intrinsic ConvReLU a quantized ConvReLU (a
     # plain conv there would drop the ReLU)
-    relu = ([f"conv = torch.ao.nn.intrinsic.ConvReLU{case.spatial_dims}d(conv, "
-             "torch.nn.ReLU())  # its fused ReLU"] if case.activation == "relu" else [])
+    relu = case.activation == "relu"
+    fused = ([f"layer = torch.ao.nn.intrinsic.ConvReLU{case.spatial_dims}d(conv, "
+              "torch.nn.ReLU())  # its fused ReLU"] if relu else [])
     return "\n".join([
         "from torch.ao.quantization import DeQuantStub, QuantStub, convert, "
         "get_default_qconfig, prepare",
         f'torch.backends.quantized.engine = "{engine}"',
-        *relu,
-        "model = torch.nn.Sequential(QuantStub(), conv, DeQuantStub()).eval()",
+        *fused,
+        f"model = torch.nn.Sequential(QuantStub(), {'layer' if relu else 'conv'}, "
+        "DeQuantStub()).eval()",
         qconfig_line or f'model.qconfig = get_default_qconfig("{engine}")',
         "prepared = prepare(model)  # observers on the input and the conv's output",
         f"for batch in calibration_batches:  # a few real inputs, shape ({shape})",

@@ -11,6 +11,8 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from torch.ao.quantization import DeQuantStub as DeQuantStub_
+from torch.ao.quantization import QuantStub as QuantStub_
 
 import qconvdiag
 from qconvdiag.errors import QconvdiagError
@@ -837,7 +839,7 @@ def _unfused_bn3(calibrate_in_train_mode: bool) -> tuple[torch.nn.Module, torch.
 def test_batchnorm_statistics_moved_in_calibration_are_named():
     """Calibrated without .eval(): an unfused BatchNorm's running statistics move, and the
     conv after it receives its input 20 dB worse. QCD065 names the BatchNorm and why; its fix
-    puts the float model's statistics back (before, "an op between them: its output scale")."""
+    calibrates again in eval mode (before, "an op between them: its output scale")."""
     f, q = _unfused_bn3(True)
     _b, d = walk(f, q, models.inputs(2, 8, 7))
     (lost,) = d.report.findings
@@ -865,3 +867,79 @@ def test_batchnorm_statistics_moved_in_calibration_are_named():
     bundle, d = walk(f, q, models.inputs(2, 8, 7))
     assert d.report.findings == ()
     assert [o.stats for o in bundle.ops if o.name == "bn3"] == [(0.0, 1.0, 1.0)]
+
+
+class _ConvLinearReLU(torch.nn.Module):
+    """A conv1d, a Linear over its last axis with a ReLU fused into it, a conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.a = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.fc, self.relu = torch.nn.Linear(16, 16), torch.nn.ReLU()
+        self.b = torch.nn.Conv1d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.b(self.relu(self.fc(self.a(self.quant(x))))))
+
+
+def test_the_ops_record_is_the_float_model_s_at_the_op_and_always_readable(tmp_path):
+    """A LinearReLU's float twin is the Linear, before the ReLU: its range is taken after it
+    (before, a healthy fused Linear 'left out 50%' of it). An op whose scale torch runs but is
+    not a scale (nan) is not recorded: the bundle reads back."""
+    import copy
+
+    import torch.ao.quantization as tq
+
+    from qconvdiag.model.bundle import load_bundle
+
+    model, x = _ConvLinearReLU().eval(), torch.randn(8, 4, 16)
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = tq.fuse_modules(copy.deepcopy(model), [["fc", "relu"]])
+        q.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(q)
+        prepared(x)
+        q = tq.convert(prepared)
+        bundle = qconvdiag.capture_model(model, q, [x], calibration=[x])
+    (fc,) = [o for o in bundle.ops if o.name == "fc"]
+    assert fc.kind == "LinearReLU" and fc.float_low == 0.0 and fc.misfit() is None
+    assert fc.packed and "set_weight_bias" in fc.fix("qnnpack") and "set_weight" not in fc.fix()
+    model, x = _ConvThenAdd().eval(), torch.randn(8, 4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = copy.deepcopy(model)
+        q.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(q)
+        prepared(x)
+        q = tq.convert(prepared)
+        q.ff.scale = float("nan")  # after the last conv: no conv receives it
+        qconvdiag.capture_model(model, q, [x], tmp_path / "nan.pt")
+    assert [o.name for o in load_bundle(tmp_path / "nan.pt").ops] == ["quant"]
+
+
+class _ConvThenAdd(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.a = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.ff = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(self.quant(x))
+        return self.dequant(self.ff.add(y, y))
+
+
+def test_a_bug_in_a_hook_is_not_reported_as_the_model_s(monkeypatch):
+    """An error raised in qconvdiag's own hook (its float range: torch.aminmax made to fail
+    there) keeps its traceback: it is not the model's."""
+    import math
+
+    f, q = models.eager("x86", dims=0)
+    monkeypatch.setattr(torch, "aminmax", math.sqrt)  # raises on a tensor of several values
+    with pytest.raises((TypeError, RuntimeError, ValueError)) as raised:
+        walk(f, q, models.inputs(0, 8, 7))
+    assert not isinstance(raised.value, QconvdiagError)
