@@ -122,7 +122,7 @@ class OpRange:
             return (f"its running statistics are not the float model's: a mean moved by "
                     f"{shift:.2f} standard deviations, variances by {low:.2f}x to {high:.2f}x "
                     "(BatchNorm updates them in train mode: the model was calibrated without "
-                    ".eval())")
+                    ".eval(), or the float model given is not the one quantized)")
         ideal = self.ideal_step()
         if ideal <= 0:
             return None

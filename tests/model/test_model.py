@@ -943,3 +943,20 @@ def test_a_bug_in_a_hook_is_not_reported_as_the_model_s(monkeypatch):
     with pytest.raises((TypeError, RuntimeError, ValueError)) as raised:
         walk(f, q, models.inputs(0, 8, 7))
     assert not isinstance(raised.value, QconvdiagError)
+
+
+def test_an_op_s_misfit_is_a_coarse_step_or_a_range_left_out():
+    """OpRange.misfit's thresholds: a step 4x what the float range needs (8x on the samples'
+    range alone), or qparams that leave out half of it; within them, nothing."""
+    from qconvdiag.model.ops import OpRange
+
+    def op(scale: float, zero_point: int, sampled: bool = False) -> OpRange:
+        return OpRange("add", "QFunctional", scale, zero_point, "quint8", -1.0, 4.1, ("b",),
+                       sampled, False)
+
+    ideal = 5.1 / 255
+    assert op(ideal, 50).misfit() is None and op(3.9 * ideal, 13).misfit() is None
+    assert "4.0x the step" in (op(4.0 * ideal, 13).misfit() or "")
+    assert op(5 * ideal, 10, sampled=True).misfit() is None  # 8x on the samples' range
+    left = op(1 / 255, 0).misfit() or ""  # represents [0, 1] of [-1, 4.1]
+    assert "leaves out 80%" in left and "saturate" in left

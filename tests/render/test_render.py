@@ -60,3 +60,6 @@ def test_a_path_at_its_floor_shows_no_share_of_an_excess():
     quiet = dataclasses.replace(path, budget=dataclasses.replace(budget, verdict="at_floor"))
     assert all(quiet.budget.excess_share(sb) is None for sb in budget.stages)
     assert "%" not in console_text(stage_table(quiet), 80)
+    from qconvdiag.render import html
+
+    assert "%<" in html.stage_table(path) and "%<" not in html.stage_table(quiet)
