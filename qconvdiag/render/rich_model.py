@@ -49,9 +49,12 @@ MODEL_WIDE = {
               "calibration batches between prepare() and convert()",
     "QCD024": "the quantized model was not made from this float model's weights (or they "
               "changed since): quantize this float model again (prepare, calibrate, convert)",
-    "QCD052": "the output scales are coarse throughout: the model was calibrated on data "
-              "scaled differently from the inputs it gets now",
-    "QCD051": "outputs saturate throughout: the model was calibrated on data narrower than the "
+    "QCD052": "their output scales are coarser than their outputs need: the model was "
+              "calibrated on data scaled differently from the inputs it gets now, or with 7-bit "
+              "observers (reduce_range=True, as the x86 and fbgemm qconfigs set) on an engine "
+              "whose kernels do not need them (a step about 2x the range's: each conv's "
+              "finding gives its ratio)",
+    "QCD051": "their outputs saturate: the model was calibrated on data narrower than the "
               "inputs it gets now",
 }
 

@@ -960,3 +960,21 @@ def test_an_op_s_misfit_is_a_coarse_step_or_a_range_left_out():
     assert op(5 * ideal, 10, sampled=True).misfit() is None  # 8x on the samples' range
     left = op(1 / 255, 0).misfit() or ""  # represents [0, 1] of [-1, 4.1]
     assert "leaves out 80%" in left and "saturate" in left
+
+
+def test_a_model_wide_coarse_step_names_both_of_its_causes(healthy_x86):  # noqa: ANN001
+    """Most convs with QCD052: calibration data scaled otherwise, or 7-bit observers on an
+    engine that does not need them (a sweep's models on qnnpack with the fbgemm qconfig got
+    only the first, which was not theirs)."""
+    import dataclasses
+
+    from qconvdiag.model_report import LayerFinding
+    from qconvdiag.render.rich_model import shared_cause_sentence
+
+    *_, d = healthy_x86
+    coarse = LayerFinding("QCD052", "warning", "output step too coarse for the output's range")
+    rows = tuple(dataclasses.replace(r, findings=(coarse,)) if i < 2 else r
+                 for i, r in enumerate(d.report.layers))
+    sentence = shared_cause_sentence(dataclasses.replace(d.report, layers=rows)) or ""
+    assert "2 of 4 convs report QCD052" in sentence and "throughout" not in sentence
+    assert "scaled differently" in sentence and "7-bit observers" in sentence
