@@ -6,6 +6,8 @@ at its floor, from torch's quantized ReLU6 on a channels_last input)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..model_report import UpstreamLoss
 from ..report import Finding
 from .ops import OpRange
@@ -49,9 +51,12 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
         level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"
         first = loss.worst_before is None
         op = next((o for o in ops if o.name == loss.op), None)
+        if op is not None and len(op.after) > 1 and op.call_ranges:  # one module, several calls
+            op = dataclasses.replace(op, shared=len(op.after))
         where = ("the model's input quantization" if first else
                  f"an op between {loss.worst_before} and {loss.layer}" if op is None else
                  f"{op.name}'s running statistics" if op.drifted() else
+                 f"{op.name}, one module for {op.shared} calls" if op.shared > 1 else
                  f"{op.name}'s output qparams")
         if first:
             fix = ("# calibrate the model's input quantization on inputs as at inference\n"

@@ -16,6 +16,7 @@ Identity, in the float model and in the quantized one) sees its output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,11 @@ class OpRange:
     packed: bool = False
     """The module holds a packed weight (a quantized Linear): on qnnpack its requantization is
     kept from its first run, so its fix packs it again there."""
+    call_ranges: tuple[tuple[float, float], ...] = ()
+    """Where the module serves several calls per forward (one FloatFunctional for several
+    adds): the float model's range at each call, on the captured samples."""
+    shared: int = 1
+    """``between``'s view of one call of such a module: how many calls share its qparams."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "scale": self.scale,
@@ -71,7 +77,9 @@ class OpRange:
                 "float_range": [self.float_low, self.float_high], "after": list(self.after),
                 "sampled": self.sampled, "tensor_qparams": self.tensor_qparams,
                 **({} if self.stats is None else {"stats": list(self.stats)}),
-                **({"packed": True} if self.packed else {})}
+                **({"packed": True} if self.packed else {}),
+                **({"call_ranges": [list(r) for r in self.call_ranges]}
+                   if self.call_ranges else {})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> OpRange:
@@ -84,7 +92,8 @@ class OpRange:
                          bool(m["sampled"]), bool(m["tensor_qparams"]),
                          None if stats is None else (float(stats[0]), float(stats[1]),
                                                      float(stats[2])),
-                         bool(m.get("packed", False)))
+                         bool(m.get("packed", False)),
+                         tuple((float(lo_), float(hi_)) for lo_, hi_ in m.get("call_ranges", ())))
         except (KeyError, TypeError, ValueError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
@@ -126,6 +135,8 @@ class OpRange:
         ideal = self.ideal_step()
         if ideal <= 0:
             return None
+        if self.shared > 1:
+            return self._shared_misfit(ideal)
         lo, hi = self.representable()
         span = self.float_high - self.float_low
         covered = max(0.0, min(hi, self.float_high) - max(lo, self.float_low))
@@ -141,6 +152,20 @@ class OpRange:
                     f"model's range there {rng} needs ({ideal:.4g})")
         return None
 
+    def _shared_misfit(self, ideal: float) -> str | None:
+        """One call of a module that serves ``shared`` calls: its qparams fit the calls' union;
+        a misfit where that union's step is FAR times this call's (on the same samples)."""
+        qmin, qmax = self.levels
+        union = [r for r in self.call_ranges]
+        span = (max(max(h for _, h in union), 0.0) - min(min(lo for lo, _ in union), 0.0))
+        ratio = span / (qmax - qmin) / ideal
+        if ratio < FAR:
+            return None
+        return (f"it serves {self.shared} calls per forward with one output scale "
+                f"({self.scale:.4g}) fitted to them all, and at this call the float model's "
+                f"range [{self.float_low:.4g}, {self.float_high:.4g}] is {ratio:.1f}x narrower "
+                "than theirs together: one module per call gets its own scale")
+
     def fix(self, engine: str = "", module: str = "quantized") -> str:
         """Minmax qparams over the float range, set on the quantized module (packed again on
         qnnpack, where it holds a packed weight)."""
@@ -148,6 +173,15 @@ class OpRange:
 
         from ..findings.base import minmax_qparams
 
+        if self.shared > 1:
+            owner, _, attr = self.name.rpartition(".")
+            where = f" of {owner!r}" if owner else ""
+            return (f"# one {self.kind.replace('QFunctional', 'FloatFunctional')} per call, in "
+                    f"__init__{where} of the float model:\n"
+                    + "".join(f"#     self.{attr}{i} = torch.ao.nn.quantized.FloatFunctional()\n"
+                              for i in range(1, self.shared + 1))
+                    + f"# each used at one call in forward (self.{attr}1.add(...), ...);\n"
+                    "# then prepare, calibrate and convert again")
         scale, zp = minmax_qparams(np.array([self.float_low, self.float_high]), self.dtype)
         m = f"{module}.get_submodule({self.name!r})"
         values = ((f"torch.tensor([{scale!r}])", f"torch.tensor([{zp}])")
@@ -166,7 +200,17 @@ def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRa
     and whose qparams do not fit the float model's range (``OpRange.misfit``)."""
     i = order.index(layer)
     before = order[i - 1] if i else ""
-    return [op for op in ops if before in op.after and op.misfit() is not None]
+    found = []
+    for op in ops:
+        if before not in op.after:
+            continue
+        if len(op.after) > 1 and len(op.call_ranges) == len(op.after):
+            k = op.after.index(before)  # the call that ran just before ``layer``
+            lo, hi = op.call_ranges[k]
+            op = dataclasses.replace(op, float_low=lo, float_high=hi, shared=len(op.after))
+        if op.misfit() is not None:
+            found.append(op)
+    return found
 
 
 def own_qparams_modules(quantized_model: Any, convs: set[str]) -> dict[str, Any]:
@@ -206,6 +250,8 @@ class OpRecorder:
         self.float_points: dict[str, Any] = {}
         self.stats: dict[str, tuple[float, float, float]] = {}
         self.packed: set[str] = set()
+        self.calls_now: dict[str, int] = {}
+        self.call_ranges: dict[str, list[tuple[float, float]]] = {}
         for name, qconv in qconvs.items():
             self.handles.append(qconv.register_forward_hook(self._conv_ran(name)))
         for name, m in own_qparams_modules(quantized_model, set(qconvs)).items():
@@ -221,6 +267,7 @@ class OpRecorder:
             self.handles.append(q_point.register_forward_hook(self._op_ran(name, m)))
             self.handles.append(f_point.register_forward_hook(self._float_ran(name)))
         self.handles.append(quantized_model.register_forward_hook(self._forward_done))
+        self.handles.append(float_model.register_forward_hook(self._float_done))
 
     def _conv_ran(self, name: str) -> Callable[..., None]:
         def hook(_m: Any, _args: Any, _out: Any) -> None:
@@ -254,7 +301,17 @@ class OpRecorder:
                 lo, hi = float(low), float(high)
                 old = self.ranges.get(name, (lo, hi))
                 self.ranges[name] = (min(old[0], lo), max(old[1], hi))
+                k = self.calls_now.get(name, 0)  # this forward's call of the module
+                self.calls_now[name] = k + 1
+                calls = self.call_ranges.setdefault(name, [])
+                if k == len(calls):
+                    calls.append((lo, hi))
+                else:
+                    calls[k] = (min(calls[k][0], lo), max(calls[k][1], hi))
         return hook
+
+    def _float_done(self, _m: Any, _args: Any, _out: Any) -> None:
+        self.calls_now.clear()
 
     def _forward_done(self, _m: Any, _args: Any, _out: Any) -> None:
         self.first = False
@@ -280,9 +337,12 @@ class OpRecorder:
                 lo, hi = max(lo, 0.0), max(hi, 0.0)  # before it
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 continue
+            calls = self.call_ranges.get(name, [])
+            shared = len(calls) > 1 and len(calls) == len(self.after[name]) and all(
+                math.isfinite(a) and math.isfinite(b) for a, b in calls)
             out.append(OpRange(name, kind, scale, zp, dtype, lo, hi, tuple(self.after[name]),
                                calibration is None, tensors, self.stats.get(name),
-                               name in self.packed))
+                               name in self.packed, tuple(calls) if shared else ()))
         return tuple(out)
 
 

@@ -978,3 +978,68 @@ def test_a_model_wide_coarse_step_names_both_of_its_causes(healthy_x86):  # noqa
     sentence = shared_cause_sentence(dataclasses.replace(d.report, layers=rows)) or ""
     assert "2 of 4 convs report QCD052" in sentence and "throughout" not in sentence
     assert "scaled differently" in sentence and "7-bit observers" in sentence
+
+
+class _SharedAdd(torch.nn.Module):
+    """One FloatFunctional for two adds whose ranges differ ``scale``-fold (c scales the second
+    branch down), or one per add (``shared=False``)."""
+
+    def __init__(self, scale: float = 0.01, shared: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c, self.d = torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.e = torch.nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.c.weight *= scale
+            self.c.bias *= scale
+        self.shared = shared
+        if shared:
+            self.ff = torch.ao.nn.quantized.FloatFunctional()
+        else:
+            self.ff1 = torch.ao.nn.quantized.FloatFunctional()
+            self.ff2 = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = (self.ff, self.ff) if self.shared else (self.ff1, self.ff2)
+        x = self.a(self.quant(x))
+        y = self.c(first.add(x, self.b(x)))
+        return self.dequant(self.e(second.add(y, self.d(y))))
+
+
+def _eager_quantized(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    import copy
+
+    import torch.ao.quantization as tq
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = copy.deepcopy(model)
+        q.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(q)
+        prepared(x)
+        return tq.convert(prepared)
+
+
+def test_one_floatfunctional_for_two_adds_is_named():
+    """One add module for two adds 100x apart in range: its one scale fits the wide one, and
+    the conv after the narrow one gets its input 15 dB worse. QCD065 names the module shared
+    by two calls (before: 'an op between them'); one module per add, as its fix says, is
+    quiet, and so is a shared module whose calls span alike (the near miss)."""
+    x = torch.randn(4, 3, 12, 12)
+    model = _SharedAdd().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(model, _eager_quantized(model, x), [x], calibration=[x])
+    report = walk_model(bundle, WalkOptions(top=0)).report
+    (lost,) = report.findings
+    assert lost.title.endswith("by ff, one module for 2 calls") and "self.ff2 = " in lost.fix
+    assert "serves 2 calls per forward" in lost.message
+    for other in (_SharedAdd(shared=False).eval(), _SharedAdd(scale=1.0).eval()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bundle = qconvdiag.capture_model(other, _eager_quantized(other, x), [x],
+                                             calibration=[x])
+        assert walk_model(bundle, WalkOptions(top=0)).report.findings == ()
