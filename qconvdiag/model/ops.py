@@ -5,13 +5,16 @@ a FloatFunctional's add or cat (QFunctional after convert), a quantized Hardswis
 model's QuantStub (Quantize). The capture records, for each such module of an eager model, the
 qparams of the output it computed, which conv ran last before it, and the float model's output
 range at the same module (over the calibration batches when given, else over the captured
-samples). An op whose step is far coarser than that range needs, or whose representable range
-leaves out much of it, is the one QCD065 names, with its own qparams fix.
+samples), per call where one module serves several (a FloatFunctional used for several adds).
+QCD065 names an op that ran just before the lost conv when it does not compute what the float
+model's does there: a BatchNorm whose running statistics moved, a step far coarser than that
+range needs, a representable range that leaves out much of it, or one scale shared by calls
+whose ranges differ far; each with its own fix.
 
 Only minimum and maximum are kept (and a BatchNorm's running statistics against the float
-model's): no op's tensors. A FloatFunctional is called through its
-methods (``add``, ``cat``), which runs no forward hook: its ``activation_post_process`` (an
-Identity, in the float model and in the quantized one) sees its output.
+model's): no op's tensors. A FloatFunctional is called through its methods (``add``, ``cat``),
+which run no forward hook: its ``activation_post_process`` (an Identity, in the float model and
+in the quantized one) sees its output.
 """
 
 from __future__ import annotations
