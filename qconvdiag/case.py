@@ -105,6 +105,11 @@ class ConvCase:
     """``output_range`` comes from a few captured samples only, not the calibration batches
     the observer saw (a narrower range): an output step up to ``budget.SAMPLE_RANGE`` times
     the ideal step of that range counts as the floor."""
+    model_output: np.ndarray | None = None
+    """A model walk's conv: the float model's own output at it on the captured samples (the
+    fused activation applied), for telling saturations the float model gives there from those
+    only the received input gives (``output_rules._beyond_float_model``). Not written to a
+    case file."""
     flow: str = "eager"
     """``eager`` or ``pt2e`` (FLOWS). A PT2E case runs on ``x86_inductor`` unless ``--engine``
     says otherwise, its production path is X86InductorQuantizer's default config, and its

@@ -102,13 +102,14 @@ def with_model_range(case: ConvCase, float_output: np.ndarray,
                      calibration_range: tuple[float, float] | None = None) -> ConvCase:
     """The case with the float model's output range at this conv (``ConvCase.output_range``):
     over the captured samples and the calibration batches; from the samples alone, it is
-    marked as sampled."""
+    marked as sampled; and the float model's own output there (``ConvCase.model_output``)."""
     lo, hi = ((float(float_output.min()), float(float_output.max())) if float_output.size
               else (0.0, 0.0))
     if calibration_range is not None:
         lo, hi = min(lo, calibration_range[0]), max(hi, calibration_range[1])
     return dataclasses.replace(case, output_range=(lo, hi),
-                               output_range_sampled=calibration_range is None)
+                               output_range_sampled=calibration_range is None,
+                               model_output=float_output)
 
 
 def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
