@@ -869,6 +869,26 @@ def test_batchnorm_statistics_moved_in_calibration_are_named():
     assert [o.stats for o in bundle.ops if o.name == "bn3"] == [(0.0, 1.0, 1.0)]
 
 
+def _eager_quantized(model: torch.nn.Module, x: torch.Tensor,
+                     fuse: list[list[str]] | None = None) -> torch.nn.Module:
+    """``model`` quantized with x86's default qconfig in the eager flow (``fuse`` first),
+    calibrated on ``x``."""
+    import copy
+
+    import torch.ao.quantization as tq
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = copy.deepcopy(model)
+        if fuse:
+            q = tq.fuse_modules(q, fuse)
+        q.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(q)
+        prepared(x)
+        return tq.convert(prepared)
+
+
 class _ConvLinearReLU(torch.nn.Module):
     """A conv1d, a Linear over its last axis with a ReLU fused into it, a conv1d."""
 
@@ -888,34 +908,21 @@ def test_the_ops_record_is_the_float_model_s_at_the_op_and_always_readable(tmp_p
     """A LinearReLU's float twin is the Linear, before the ReLU: its range is taken after it
     (before, a healthy fused Linear 'left out 50%' of it). An op whose scale torch runs but is
     not a scale (nan) is not recorded: the bundle reads back."""
-    import copy
-
-    import torch.ao.quantization as tq
-
     from qconvdiag.model.bundle import load_bundle
 
     model, x = _ConvLinearReLU().eval(), torch.randn(8, 4, 16)
-    torch.backends.quantized.engine = "x86"
+    q = _eager_quantized(model, x, [["fc", "relu"]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = tq.fuse_modules(copy.deepcopy(model), [["fc", "relu"]])
-        q.qconfig = tq.get_default_qconfig("x86")
-        prepared = tq.prepare(q)
-        prepared(x)
-        q = tq.convert(prepared)
         bundle = qconvdiag.capture_model(model, q, [x], calibration=[x])
     (fc,) = [o for o in bundle.ops if o.name == "fc"]
     assert fc.kind == "LinearReLU" and fc.float_low == 0.0 and fc.misfit() is None
     assert fc.packed and "set_weight_bias" in fc.fix("qnnpack") and "set_weight" not in fc.fix()
     model, x = _ConvThenAdd().eval(), torch.randn(8, 4, 16)
+    q = _eager_quantized(model, x)
+    q.ff.scale = float("nan")  # after the last conv: no conv receives it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = copy.deepcopy(model)
-        q.qconfig = tq.get_default_qconfig("x86")
-        prepared = tq.prepare(q)
-        prepared(x)
-        q = tq.convert(prepared)
-        q.ff.scale = float("nan")  # after the last conv: no conv receives it
         qconvdiag.capture_model(model, q, [x], tmp_path / "nan.pt")
     assert [o.name for o in load_bundle(tmp_path / "nan.pt").ops] == ["quant"]
 
@@ -1006,21 +1013,6 @@ class _SharedAdd(torch.nn.Module):
         x = self.a(self.quant(x))
         y = self.c(first.add(x, self.b(x)))
         return self.dequant(self.e(second.add(y, self.d(y))))
-
-
-def _eager_quantized(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    import copy
-
-    import torch.ao.quantization as tq
-
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = copy.deepcopy(model)
-        q.qconfig = tq.get_default_qconfig("x86")
-        prepared = tq.prepare(q)
-        prepared(x)
-        return tq.convert(prepared)
 
 
 def test_one_floatfunctional_for_two_adds_is_named():
