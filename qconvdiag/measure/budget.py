@@ -370,9 +370,16 @@ def on_input_grid(case: ConvCase, spec: PathSpec) -> bool:
     again rounds nothing, and the path's floor has no input rounding in it (the screen's floor,
     ``screen.screen_layer``, is the same)."""
     x = case.input
-    if spec.input_codes is None or spec.input_codes.shape != x.shape:
+    codes = spec.input_codes
+    if codes is None or codes.shape != x.shape:
         return False
-    return bool(np.array_equal(dequantize32(spec.input_codes, spec.input_qparams), x))
+    # a path that rounds the input again differs at once: its first codes settle it cheaply
+    if not spec.input_qparams.per_channel:
+        head = slice(0, min(x.size, 4096))
+        flat = dequantize32(codes.reshape(-1)[head], spec.input_qparams)
+        if not np.array_equal(flat, x.reshape(-1)[head]):
+            return False
+    return bool(np.array_equal(dequantize32(codes, spec.input_qparams), x))
 
 
 def _excess(case: ConvCase, spec: PathSpec, f: Floors, alone: dict[str, float], n_out: int,

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import CaseFileError
 from ..measure.budget import FAR, SAMPLE_RANGE
+from ..quantization.qparams import DTYPE_RANGES
 
 #: An op's qparams leave out this share of the float model's range there or more: the op loses
 #: the values beyond (they saturate).
@@ -107,7 +108,7 @@ class OpRange:
 
     @property
     def levels(self) -> tuple[int, int]:
-        return (0, 255) if self.dtype == "quint8" else (-128, 127)
+        return DTYPE_RANGES[self.dtype]
 
     def representable(self) -> tuple[float, float]:
         qmin, qmax = self.levels
@@ -159,8 +160,8 @@ class OpRange:
         """One call of a module that serves ``shared`` calls: its qparams fit the calls' union;
         a misfit where that union's step is FAR times this call's (on the same samples)."""
         qmin, qmax = self.levels
-        union = [r for r in self.call_ranges]
-        span = (max(max(h for _, h in union), 0.0) - min(min(lo for lo, _ in union), 0.0))
+        span = (max(max(hi for _, hi in self.call_ranges), 0.0)
+                - min(min(lo for lo, _ in self.call_ranges), 0.0))
         ratio = span / (qmax - qmin) / ideal
         if ratio < FAR:
             return None
