@@ -94,14 +94,15 @@ def output_fix(y0: np.ndarray, what: str = "the float output", engine: str | Non
         scale, zp, "quint8", "fix")
 
 
-def repacked(fix: str, engine: str | None) -> str:
-    """A fix that sets a quantized conv's output qparams, followed on qnnpack by packing its
-    weight again: qnnpack keeps the requantization it computed on the conv's first run, so a
-    scale set afterwards changes nothing (measured with torch 2.13) until it is packed again."""
+def repacked(fix: str, engine: str | None, module: str = "qm") -> str:
+    """A fix that sets a quantized module's output qparams (``module``: its name in the fix),
+    followed on qnnpack by packing its weight again: qnnpack keeps the requantization it
+    computed on the module's first run, so a scale set afterwards changes nothing (measured
+    with torch 2.13) until it is packed again."""
     if engine != "qnnpack":
         return fix
-    return (fix + "\n# qnnpack keeps the requantization of the conv's first run: pack again\n"
-            "qm.set_weight_bias(qm.weight(), qm.bias())")
+    return (fix + "\n# qnnpack keeps the requantization of its first run: pack it again\n"
+            f"{module}.set_weight_bias({module}.weight(), {module}.bias())")
 
 
 def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> str:

@@ -176,6 +176,7 @@ class OpRange:
         import numpy as np
 
         from ..findings.base import minmax_qparams
+        from ..findings.fixes import repacked
 
         if self.shared > 1:
             owner, _, attr = self.name.rpartition(".")
@@ -187,16 +188,15 @@ class OpRange:
                     + f"# each used at one call in forward (self.{attr}1.add(...), ...);\n"
                     "# then prepare, calibrate and convert again")
         scale, zp = minmax_qparams(np.array([self.float_low, self.float_high]), self.dtype)
-        m = f"{module}.get_submodule({self.name!r})"
         values = ((f"torch.tensor([{scale!r}])", f"torch.tensor([{zp}])")
                   if self.tensor_qparams else (repr(scale), str(zp)))
-        return (f"# {self.name}'s output qparams: minmax over the float model's range there\n"
-                f"# [{self.float_low:.4g}, {self.float_high:.4g}] (or calibrate it again)\n"
-                + ("import torch\n" if self.tensor_qparams else "")
-                + f"{m}.scale = {values[0]}\n{m}.zero_point = {values[1]}"
-                + ("" if not (self.packed and engine == "qnnpack") else
-                   "\n# qnnpack keeps the requantization of its first run: pack again\n"
-                   f"{m}.set_weight_bias({m}.weight(), {m}.bias())"))
+        return repacked(
+            f"# {self.name}'s output qparams: minmax over the float model's range there\n"
+            f"# [{self.float_low:.4g}, {self.float_high:.4g}] (or calibrate it again)\n"
+            + ("import torch\n" if self.tensor_qparams else "")
+            + f"op = {module}.get_submodule({self.name!r})\n"
+            f"op.scale = {values[0]}\nop.zero_point = {values[1]}",
+            engine if self.packed else None, "op")
 
 
 def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:
