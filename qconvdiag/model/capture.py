@@ -139,8 +139,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     with capture_warnings():
         engine = torch.backends.quantized.engine
         stale = [] if engine != "qnnpack" else [  # QCD068: a requantization kept from before
-            s for s in (stale_requantization(name, qconv, seen[name].qinput[0][:1],
-                                             seen[name].qoutput[0][:1])
+            s for s in (stale_requantization(name, qconv, *_first_sample(seen[name]))
                         for name, (_f, qconv) in pairs.items()) if s is not None]
     if compiled is not None:
         notes.append(f"captured the model torch.compile wraps (backend {compiled.backend}), "
@@ -152,6 +151,15 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                          recorder.results(None if calibration is None else ranges),
                          isa_flags() or None,
                          tuple(stale))
+
+
+def _first_sample(s: Seen) -> tuple[Any, np.ndarray]:
+    """A conv's first captured sample: its input as the quantized tensor it received, and the
+    output codes the model computed from it."""
+    from ..arithmetic.torch_ref import quantized_tensor
+
+    x, y = s.qinput[0], s.qoutput[0]
+    return quantized_tensor(x.codes[:1], x.qparams), y.codes[:1]
 
 
 def _no_quantized_conv(model: Any) -> str:
@@ -281,9 +289,11 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
     seen = {name: Seen() for name in pairs}
 
     def q_hook(name: str) -> Callable[..., None]:
+        # the codes copied now, the tensors not kept: the forward's memory is then reused as
+        # it is without hooks (kept tensors made every later layer's memory fault in anew)
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
-            seen[name].qinput.append(args[0].detach())
-            seen[name].qoutput.append(out.detach())
+            seen[name].qinput.append(_Codes.of(args[0]))
+            seen[name].qoutput.append(_Codes.of(out))
         return hook
 
     handles = [qconv.register_forward_hook(q_hook(name))
@@ -310,16 +320,32 @@ def _qparams(t: Any, what: str) -> QParams:
                         int(t.q_per_channel_axis()), what, "tensor")
 
 
-def _codes(ts: Sequence[Any], keep: int) -> tuple[np.ndarray, QParams]:
-    """The integer codes (in their 8-bit dtype: a quarter of the memory that arithmetic's int32
-    takes) and qparams of a conv's quantized tensors of every batch (same qparams)."""
-    qp = _qparams(ts[0], "captured")
-    for t in ts[1:]:
-        if (float(t.q_scale()), int(t.q_zero_point())) != (qp.scale[0], qp.zero_point[0]):
-            raise CaseError("capture_model: a conv's input qparams change between batches")
-    from ..torch_calls import int_codes
+@dataclass(frozen=True, eq=False)
+class _Codes:
+    """A quantized tensor's integer codes (in their 8-bit dtype: a quarter of the memory that
+    arithmetic's int32 takes) and qparams."""
 
-    return _first([int_codes(t) for t in ts], keep), qp
+    codes: np.ndarray
+    qparams: QParams
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @staticmethod
+    def of(t: Any) -> _Codes:
+        from ..torch_calls import int_codes
+
+        return _Codes(int_codes(t.detach()), _qparams(t, "captured"))
+
+
+def _codes(batches: Sequence[_Codes], keep: int) -> tuple[np.ndarray, QParams]:
+    """The codes and qparams of a conv's quantized tensors of every batch (same qparams)."""
+    qp = batches[0].qparams
+    for b in batches[1:]:
+        if (b.qparams.scale, b.qparams.zero_point) != (qp.scale, qp.zero_point):
+            raise CaseError("capture_model: a conv's input qparams change between batches")
+    return _first([b.codes for b in batches], keep), qp
 
 
 def _folded(fconv: Any, bn: Any | None) -> tuple[Any, Any]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..report import Finding
 
 CODE = "QCD068"
@@ -47,13 +49,13 @@ class StaleRequantization:
                                 "again") from None
 
 
-def stale_requantization(name: str, qconv: Any, qinput: Any, qoutput: Any
+def stale_requantization(name: str, qconv: Any, qinput: Any, qoutput: np.ndarray
                          ) -> StaleRequantization | None:
-    """The check on one conv (``qinput``, ``qoutput``: what the model gave and computed for its
-    first sample): packed again for qnnpack, then, where that differs, for each other engine
-    torch has (a conv packed for fbgemm runs fbgemm's kernels whatever the engine says now:
-    QCD067's case, not this one). None when some packing computes the same codes, or none
-    can run."""
+    """The check on one conv (``qinput``: the quantized tensor the model gave it for its first
+    sample; ``qoutput``: the output codes it computed): packed again for qnnpack, then, where
+    that differs, for each other engine torch has (a conv packed for fbgemm runs fbgemm's
+    kernels whatever the engine says now: QCD067's case, not this one). None when some
+    packing computes the same codes, or none can run."""
     import torch
 
     from ..arithmetic.engines import ENGINES
@@ -67,15 +69,17 @@ def stale_requantization(name: str, qconv: Any, qinput: Any, qoutput: Any
             return None
         if first is None:
             first = differ
-    return None if first is None else StaleRequantization(name, first, qoutput.numel())
+    return None if first is None else StaleRequantization(name, first, int(qoutput.size))
 
 
-def _differ_packed_on(engine: str, qconv: Any, qinput: Any, qoutput: Any) -> int | None:
+def _differ_packed_on(engine: str, qconv: Any, qinput: Any, qoutput: np.ndarray) -> int | None:
     """Output codes where ``qconv`` packed again on ``engine`` (a deep copy packs its weight
     anew) differs from ``qoutput`` on ``qinput``; None where it cannot run."""
     import copy
 
     import torch
+
+    from ..torch_calls import int_codes
 
     previous = torch.backends.quantized.engine
     try:
@@ -86,9 +90,9 @@ def _differ_packed_on(engine: str, qconv: Any, qinput: Any, qoutput: Any) -> int
         return None
     finally:
         torch.backends.quantized.engine = previous
-    if not fresh.is_quantized or fresh.shape != qoutput.shape:
+    if not fresh.is_quantized or tuple(fresh.shape) != qoutput.shape:
         return None
-    return int(torch.count_nonzero(fresh.int_repr() != qoutput.int_repr()))
+    return int(np.count_nonzero(int_codes(fresh) != qoutput))
 
 
 def qcd068(stale: tuple[StaleRequantization, ...]) -> Finding | None:
