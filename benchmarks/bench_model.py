@@ -15,10 +15,11 @@ quantized with torch.ao's eager flow and the engine's default qconfig, one batch
   the float conv the own error needs (Numeric Suite compares propagated errors only);
 * each layer explained in full (``top=1``) against the single-conv diagnosis of that layer.
 
-Medians of 7 interleaved runs by default (the explained layer's cost is a difference of two
-walks, so fewer runs leave it to the machine's noise); ratios are what the targets speak of
-(issue 14: screening <= 2x Numeric Suite; a deep-explained layer adds at most its single-conv
-diagnosis time).
+The page faults each side paid are printed too: on a machine where a fault is costly, they
+move Numeric Suite's time, and so the ratio, with what ran before it. Medians of 7 interleaved
+runs by default (the explained layer's cost is a difference of two walks, so fewer runs leave
+it to the machine's noise); ratios are what the targets speak of (issue 14: screening <= 2x
+Numeric Suite; a deep-explained layer adds at most its single-conv diagnosis time).
 
     .venv/bin/python benchmarks/bench_model.py [--size 224] [--batch 8] [--repeats 7]
 """
@@ -38,6 +39,14 @@ def timed(fn) -> float:  # noqa: ANN001
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def faults() -> int:
+    """The process's minor page faults so far: fresh memory, which a side pays for when the
+    memory freed before it was given back to the kernel (what ran before decides)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -65,7 +74,12 @@ def main() -> None:
         # they log every later forward: it gets fresh copies (not timed), so neither side runs
         # with the other's loggers
         f, q = copy.deepcopy(float_model), copy.deepcopy(quantized)
-        return timed(lambda: compare_model_outputs(f, q, x))
+        before = faults()
+        t = timed(lambda: compare_model_outputs(f, q, x))
+        paged[0] += faults() - before
+        return t
+
+    paged = [0, 0]  # page faults: Numeric Suite's, the screening's
 
     bundle = qconvdiag.capture_model(float_model, quantized, x)
     walk_model(bundle, WalkOptions(top=0))  # warm-up: engine probes, first-call costs
@@ -74,10 +88,13 @@ def main() -> None:
     case = bundle.layer(worst).case
     # interleaved, so a busy machine slows both sides of each ratio alike
     rows = []
+    paged[:] = [0, 0]  # the warm-up's not counted
     for _ in range(args.repeats):
         t_ns = numeric_suite()
+        before = faults()
         t_capture = timed(lambda: qconvdiag.capture_model(float_model, quantized, x))
         t_top0 = timed(lambda: walk_model(bundle, WalkOptions(top=0)))
+        paged[1] += faults() - before
         t_top1 = timed(lambda: walk_model(bundle, WalkOptions(top=1)))
         t_single = timed(lambda: qconvdiag.diagnose(case, qconvdiag.Options(
             engine=bundle.engine)))
@@ -96,6 +113,8 @@ def main() -> None:
     print(f"qconvdiag screening (top=0): capture {t_capture * 1e3:.0f} ms + walk "
           f"{t_top0 * 1e3:.0f} ms")
     print(f"  ratio to Numeric Suite: {screen:.2f}x (target <= 2x)")
+    print(f"  page faults per run (fresh memory): Numeric Suite {paged[0] // args.repeats}, "
+          f"screening {paged[1] // args.repeats}")
     print(f"  of which no implementation avoids: two forwards + one float conv per conv, "
           f"{t_least * 1e3:.0f} ms, {floor:.2f}x")
     print(f"explaining the worst conv ({worst}) in full: +{(t_top1 - t_top0) * 1e3:.0f} ms; its "
