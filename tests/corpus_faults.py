@@ -262,6 +262,9 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
         s = lay.setup()
         return lay.case(replace(s, module=module(codes, w_qp, lay.b, s.output_qparams)))
 
+    def steps(w_qp: QParams) -> np.ndarray:  # the weight step of each output channel
+        return np.asarray(w_qp.scales()).reshape(-1, 1, 1, 1)
+
     other = layer(9).w
     yield from _group("QCD024", [
         ("the forum's never-set weight", lambda: forum_case(), "x86"),
@@ -273,6 +276,9 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
                 L2.output_qp()))), "fbgemm"),
         ("the weight's codes at 10x their scale (written after convert)", lambda: holding(
             L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp(10)), "x86"),
+        ("the float weight moved 0.45 steps after convert (codes one step off)", lambda: holding(
+            L1, quantize(L1.w - 0.45 * steps(L1.weight_qp()), L1.weight_qp()),
+            L1.weight_qp()), "x86"),
     ], [("the module holds the quantized weight", lambda: holding(
         L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp()), "x86")], severity="warning")
 

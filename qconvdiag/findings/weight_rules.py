@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..measure.evidence import PathRun
+from ..quantization.paths import FOREIGN_CODES
 from ..quantization.qparams import QParams, clip_bounds, dequantize
 from ..report import Finding
 from .base import Context, conv_name, excess, finding, fmt, material, severity
@@ -206,7 +207,49 @@ def module_weight_problem(ctx: Context, run: PathRun) -> str | None:
                                m.weight_qparams)
     if rescaled is not None:
         return rescaled
+    moved = moved_weight(run)
+    if moved is not None:
+        off, far, total = moved
+        return (f"the float weight quantized with the module's own qparams, but with "
+                f"{off} of its {total} codes ({off / total:.0%}) off, "
+                + (f"{far} of them by more than one step" if far else "each by one step"))
     return f"values up to {fmt(float(np.abs(held).max()))}, {fmt(diff)} away from the meant weight"
+
+
+def moved_weight(run: PathRun) -> tuple[int, int, int] | None:
+    """(codes off, codes more than one step off, codes) when the module holds the weight
+    meant at the same qparams but for codes off it, nearly all by one step
+    (paths.moved_codes: the float weight moved after convert), else None."""
+    m = run.spec.module
+    qp = run.spec.weight_qparams
+    if m is None or m.weight_codes.shape != run.spec.weight_codes.shape \
+            or (qp.scale, qp.zero_point, qp.axis) != (m.weight_qparams.scale,
+                                                      m.weight_qparams.zero_point,
+                                                      m.weight_qparams.axis):
+        return None
+    step = np.abs(run.spec.weight_codes.astype(np.int64) - m.weight_codes.astype(np.int64))
+    off, far = int(np.count_nonzero(step)), int(np.count_nonzero(step > 1))
+    if off == 0 or far > FOREIGN_CODES * step.size:  # far off: another weight altogether
+        return None
+    return off, far, int(step.size)
+
+
+def _moved_fix(ctx: Context) -> str:
+    """Repack the float weight at the module's own qparams (torch's readback of them)."""
+    name = conv_name(ctx.case)
+    per_channel = ("qw = torch.quantize_per_channel(\n"
+                   "    conv.weight.detach(), old.q_per_channel_scales(),\n"
+                   "    old.q_per_channel_zero_points(), old.q_per_channel_axis(), old.dtype)")
+    per_tensor = ("qw = torch.quantize_per_tensor(\n"
+                  "    conv.weight.detach(), old.q_scale(), old.q_zero_point(), old.dtype)")
+    qp = ctx.case.setup.module.weight_qparams if ctx.case.setup and ctx.case.setup.module \
+        else None
+    return ("# quantize this float weight at the module's own qparams (conv: the float\n"
+            f"# {name}, its BatchNorm folded in where the quantized one has it), or\n"
+            "# convert again from this float model: prepare, calibrate, convert\n"
+            "old = qm.weight()\n"
+            f"{per_channel if qp is not None and qp.per_channel else per_tensor}\n"
+            "qm.set_weight_bias(qw, conv.bias)  # repacks weight and bias")
 
 
 def _rescaled_codes(codes: np.ndarray, qp: QParams, held_codes: np.ndarray,
@@ -317,6 +360,9 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
     from .bias_rules import bias_energy
 
     energy = max(0.0, excess(run, "module_state") - bias_energy(ctx, run))
+    if moved_weight(run) is not None:
+        yield _qcd024_moved(ctx, run, problem, energy)
+        return
     intended_qp = run.spec.weight_qparams
     fix = given_weight_fix(ctx.case, run.kernel.kernel, intended_qp, run.spec.input_qparams) \
         if not intended_qp.source.startswith("observer") else None
@@ -334,6 +380,23 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
          "excess": energy},
         fix + f"\n# or build qm with {conv_name(ctx.case)}.from_float after calibration (QCD050)",
         run, energy, ("module_state",))
+
+
+def _qcd024_moved(ctx: Context, run: PathRun, problem: str, energy: float) -> Finding:
+    """QCD024 for a weight that moved after convert: graded by what it costs (a warning
+    only where it costs MATERIAL of the floor), unlike another weight altogether."""
+    return finding(
+        "QCD024", severity(run, energy),
+        "the module's weight is not this float weight quantized: it moved after convert",
+        f"The quantized {conv_name(ctx.case)} runs {problem}: the quantized model was "
+        "converted from other float weights than these (the float model trained on after "
+        "convert, or another checkpoint loaded), so part of the error measured here is the "
+        "move, not quantization.",
+        {"module_weight": problem,
+         "module_weight_scale": run.spec.module.weight_qparams.scale[0]
+         if run.spec.module is not None else None,
+         "excess": energy},
+        _moved_fix(ctx), run, energy, ("module_state",))
 
 
 def qcd025(ctx: Context) -> Iterator[Finding]:
