@@ -24,6 +24,7 @@ from .arithmetic.engines import (
     refusal_message,
     refusals,
     select_kernel,
+    torch_engines,
 )
 from .arithmetic.float_conv import conv64
 from .arithmetic.torch_ref import TorchRun, run_conv, run_eager_qdq
@@ -232,7 +233,7 @@ def resolve_engines(engine: str | None, pt2e: bool = False) -> tuple[str, ...]:
     ``x86_inductor`` only when asked by name. A PT2E engine needs torchao (the extra)."""
     import torch
 
-    supported = tuple(e for e in ENGINES if e in torch.backends.quantized.supported_engines)
+    supported = torch_engines()
     if engine is None and pt2e:
         engine = PT2E_ENGINES[0]
     if engine is None:
@@ -267,10 +268,7 @@ def _pt2e_engines(engines: tuple[str, ...]) -> tuple[str, ...]:
 
 def reference_engine() -> str:
     """The engine whose default production grid the float reference is derived from."""
-    import torch
-
-    supported = torch.backends.quantized.supported_engines
-    return next((e for e in ENGINES if e in supported), "x86")
+    return next(iter(torch_engines()), "x86")
 
 
 def torch_run(case: ConvCase, spec: PathSpec, engine: str) -> TorchRun:

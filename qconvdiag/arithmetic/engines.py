@@ -26,6 +26,14 @@ ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 #: (``torch.ops.onednn.qconv_prepack`` + ``qconv_pointwise``; torch_ref.run_inductor_conv).
 PT2E_ENGINES = ("x86_inductor",)
 
+
+def torch_engines() -> tuple[str, ...]:
+    """The engines of ENGINES this torch build has (``torch.backends.quantized``), in order."""
+    import torch
+
+    supported = torch.backends.quantized.supported_engines
+    return tuple(e for e in ENGINES if e in supported)
+
 #: Layer classes whose accumulation may differ within one engine. grouped4: channels per group,
 #: in and out, both multiples of 4 (oneDNN's blocked grouped kernel, which pairs channels in
 #: int16 on AVX2; other grouped convs accumulate exactly).
@@ -193,9 +201,8 @@ def _probe_x86_dispatch(accumulation: dict[str, str]) -> bool:
 @functools.lru_cache(maxsize=1)
 def probe() -> dict[str, EngineProfile]:
     """Probe every engine torch offers here (cached for the process)."""
-    import torch
 
-    supported = set(torch.backends.quantized.supported_engines)
+    supported = torch_engines()
     profiles: dict[str, EngineProfile] = {}
     for engine in ENGINES:
         if engine not in supported:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arithmetic.engines import ENGINES, refusal_message, refusals
+from ..arithmetic.engines import ENGINES, refusal_message, refusals, torch_engines
 from ..arithmetic.torch_ref import run_conv
 from ..case import Geometry
 from ..quantization.paths import PathSpec
@@ -23,7 +23,6 @@ def compare_engines(runs: list[PathRun]) -> tuple[EngineRow, ...]:
     """Per path, each engine against the first engine that ran it: how many output values of
     the path's own setup (the ladder's) differ and why: torch's refusal, different default
     qparams, int16 pair saturation, or the requantization arithmetic."""
-    import torch
 
     engines = {r.report.engine for r in runs}
     if len(engines) < 2:
@@ -37,8 +36,7 @@ def compare_engines(runs: list[PathRun]) -> tuple[EngineRow, ...]:
         rows.extend(_row(r, ref, refused[r.report.engine]) for r in group)
     rows.extend(EngineRow(None, e, None, None, None, None, None,
                           (f"{e} is not available in this torch build: skipped",))
-                for e in ENGINES
-                if e not in engines and e not in torch.backends.quantized.supported_engines)
+                for e in ENGINES if e not in engines and e not in torch_engines())
     return tuple(rows)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arithmetic.engines import ENGINES
+from ..arithmetic.engines import ENGINES, torch_engines
 from ..report import Finding
 from .bundle import ModelBundle
 from .screen import torch_check
@@ -61,10 +61,8 @@ def engine_that_ran(bundle: ModelBundle, checks: dict[str, int | None]
     # the mismatching convs first: most candidates fail on the first of them
     order = [*wrong, *(name for name in checked if name not in wrong)]
     layers = [bundle.layer(name) for name in order]
-    import torch
-
-    supported = torch.backends.quantized.supported_engines  # a packed weight's is among them
-    found = [engine for engine in ENGINES if engine != bundle.engine and engine in supported
+    # a packed weight's engine is among torch's
+    found = [engine for engine in torch_engines() if engine != bundle.engine
              and all(torch_check(lay, engine) == 0 for lay in layers)]
     if not found:
         return None

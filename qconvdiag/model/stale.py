@@ -58,10 +58,10 @@ def stale_requantization(name: str, qconv: Any, qinput: Any, qoutput: np.ndarray
     packing computes the same codes, or none can run."""
     import torch
 
-    from ..arithmetic.engines import ENGINES
+    from ..arithmetic.engines import torch_engines
 
     engine = torch.backends.quantized.engine
-    others = [e for e in ENGINES if e != engine and e in torch.backends.quantized.supported_engines]
+    others = [e for e in torch_engines() if e != engine]
     first = None
     for e in [engine, *others]:
         differ = _differ_packed_on(e, qconv, qinput, qoutput)
