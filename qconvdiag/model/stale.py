@@ -110,8 +110,11 @@ def qcd068(stale: tuple[StaleRequantization, ...]) -> Finding | None:
         "ran is what the output tensor says, not what the kernel computed with. This "
         "report's numbers for that conv, and for the convs after it, come from the old "
         "requantization.")
+    names_list = repr([s.layer for s in stale])
+    if len(names_list) > 64:  # one name per line: the fix stays within 80 columns
+        names_list = "[\n" + "".join(f"    {s.layer!r},\n" for s in stale) + "]"
     fix = ("# pack each such conv again after setting its qparams: qnnpack then requantizes\n"
-           f"for name in {[s.layer for s in stale]!r}:\n"
+           f"for name in {names_list}:\n"
            "    qm = quantized.get_submodule(name)\n"
            "    qm.set_weight_bias(qm.weight(), qm.bias())")
     return Finding(CODE, "error", f"{names}: qparams set after the first run on qnnpack",

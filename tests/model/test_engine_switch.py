@@ -125,3 +125,33 @@ def test_qparams_set_after_the_first_run_on_qnnpack_are_named():
     _b, d = _walk(f, q, torch_check="all")
     assert not [x for x in d.report.findings if x.code == "QCD068"]
     assert all(row.torch_mismatches == 0 for row in d.report.layers)
+
+
+def test_qcd068_s_fix_for_many_convs_stays_within_80_columns_and_runs() -> None:
+    from qconvdiag.model.stale import StaleRequantization, qcd068
+
+    names = [f"backbone.stage{i}.block{j}.conv{k}" for i in range(2) for j in range(2)
+             for k in (1, 2)]
+    finding = qcd068(tuple(StaleRequantization(n, 3, 100) for n in names))
+    assert finding is not None and max(map(len, finding.fix.splitlines())) <= 80
+
+    class Conv:
+        repacked = 0
+
+        def weight(self) -> str:
+            return "w"
+
+        def bias(self) -> str:
+            return "b"
+
+        def set_weight_bias(self, w: str, b: str) -> None:
+            assert (w, b) == ("w", "b")
+            Conv.repacked += 1
+
+    class Model:
+        def get_submodule(self, name: str) -> Conv:
+            assert name in names
+            return Conv()
+
+    exec(finding.fix, {"quantized": Model()})  # noqa: S102 - the finding's own fix
+    assert Conv.repacked == len(names)
