@@ -75,7 +75,7 @@ def qcd066(layers: tuple[LayerCapture, ...], screens: dict[str, Screen], skip: s
         spread = channel_spread(lay)
         if spread is None or spread.median_db > got - DROP_DB:
             continue
-        before = layers[i - 1].name if i else None
+        before = producer(layers, i)
         level = "error" if prop < LOST_DB else "warning"
         message = (
             f"{lay.name}'s input channels span {spread.reach_ratio:.0f}x in reach (the largest "
@@ -91,25 +91,44 @@ def qcd066(layers: tuple[LayerCapture, ...], screens: dict[str, Screen], skip: s
                     "conv_before": before}
         found.append(Finding(CODE, level, f"{lay.name}'s input channels span too wide a "
                              "range for one scale", message, evidence,
-                             _fix(before, lay.name, pt2e)))
+                             _fix(before, lay.name, pt2e, model_input=i == 0)))
     return found
+
+
+def producer(layers: tuple[LayerCapture, ...], i: int) -> str | None:
+    """The conv whose float output (after a ReLU) is conv ``i``'s float input, element for
+    element: the conv that writes its input, with at most a ReLU between (cross-layer
+    equalization's pair). None when no conv's is: an add, a pool or another op lies between,
+    or the input is the model's."""
+    x = layers[i].float_input
+    for lay in reversed(layers[:i]):
+        y = lay.float_output
+        if y.shape == x.shape and (np.array_equal(y, x) or np.array_equal(np.maximum(y, 0), x)):
+            return lay.name
+    return None
 
 
 def _db(sqnr: float | None) -> str:
     return "exactly 0" if sqnr is None else f"{sqnr:.1f}"
 
 
-def _fix(before: str | None, name: str, pt2e: bool) -> str:
-    if before is None:
+def _fix(before: str | None, name: str, pt2e: bool, model_input: bool = False) -> str:
+    if model_input:
         return ("# the model's input: its channels differ in scale; normalize each channel\n"
                 "# (x - mean) / std over the training data, before the QuantStub")
+    if before is None:  # no pair to equalize: the channels meet another op first
+        return (f"# {name}'s input is not one conv's output: an add, a pool or\n"
+                "# another op lies between, so no pair of convs can be equalized across\n"
+                "# it. Find the conv upstream whose channel is large (its BatchNorm's\n"
+                "# gamma) and equalize it with the conv it feeds directly, or keep the\n"
+                "# op's inputs within a range one scale serves (weight decay on that\n"
+                "# BatchNorm)")
     fold = ("# the float model, its conv-BatchNorm(-ReLU) modules fused first (BatchNorm\n"
             "# folded; prepare_pt2e would fold it after), before torch.export\n"
             if pt2e else
             "# the float model after fuse_modules (BatchNorm folded), before prepare\n")
-    return (f"# cross-layer equalization between the conv that writes {name}'s input\n"
-            f"# ({before}, the conv before it in model order) and {name}; only a ReLU\n"
-            "# or a max pool may lie between them, not an add\n"
+    return ("# cross-layer equalization between the conv that writes the input\n"
+            f"# ({before}, at most a ReLU between them) and {name}\n"
             + fold
             + "from torch.ao.quantization._equalize import equalize\n"
             f"equalize(model, [[\"{before}\", \"{name}\"]], threshold=1e-4)\n"

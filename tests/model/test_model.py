@@ -727,6 +727,39 @@ def test_a_channel_far_beyond_the_others_is_named_and_equalization_restores_it()
     assert after is not None and after > before + 10
 
 
+def test_qcd066_equalizes_only_a_conv_pair_with_nothing_but_a_relu_between():
+    """One channel of a's output 100x the others (the same float function: the convs reading
+    it divide by 100): b reads it straight from a (a fused ReLU between), c through the add.
+    QCD066 names both; b's fix equalizes a with b, and runs; c's names no pair (before, it
+    equalized b with c, across the add)."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    f, _q = models.eager("x86", dims=0)
+    with torch.no_grad():
+        f.a.weight[3] *= 100
+        f.a.bias[3] *= 100
+        f.b.weight[:, 3] /= 100
+        f.c.weight[:, 3] /= 100
+    x = models.inputs(2, 8, 7)
+    fused = fuse_modules(copy.deepcopy(f), models.FUSE_ADD)
+    _b, d = walk(f, models.quantize_fused(copy.deepcopy(fused), "x86", 0), x)
+    found = {x.evidence["layer"]: x for x in d.report.findings if x.code == "QCD066"}
+    assert set(found) == {"b", "c"}
+    assert found["b"].evidence["conv_before"] == "a" and 'equalize(model, [["a", "b"]]' \
+        in found["b"].fix
+    assert found["c"].evidence["conv_before"] is None and "equalize(" not in found["c"].fix
+    assert max(len(line) for x in found.values() for line in x.fix.splitlines()) <= 80
+    scope = {"model": fused}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(found["b"].fix, "QCD066 fix", "exec"), scope)
+    _b, fixed = walk(f, models.quantize_fused(scope["model"], "x86", 0), x)
+    before, after = (r.report.layer("b").propagated.sqnr_db for r in (d, fixed))
+    assert before is not None and after is not None and after > before + 10
+
+
 def test_healthy_models_have_no_channel_finding(healthy_x86):  # noqa: ANN001
     assert not [f for f in healthy_x86[4].report.findings if f.code == "QCD066"]
 
