@@ -51,7 +51,7 @@ def qcd030(ctx: Context) -> Iterator[Finding]:
         what = f"a bias that differs from the float bias by up to {fmt(d)}"
     energy = bias_energy(ctx, run)
     yield finding(
-        "QCD030", severity(run, energy, "warning" if material(run, energy) else "info"),
+        "QCD030", severity(run, energy),
         "the module's bias is missing or not the float bias",
         f"The quantized module holds {what}: outputs shift by "
         f"{fmt(float(np.sqrt(energy)))} RMSE.",

@@ -1,0 +1,71 @@
+"""Verdicts on convs quantized right but diagnosed on other data than they were calibrated on,
+and on a bias that moved with the float model: graded by cost, never a warning at the floor."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import qconvdiag  # noqa: E402
+
+
+def _eager(conv, x, engine: str, calibration: list, reduce_range: bool):  # noqa: ANN001, ANN202
+    """conv quantized by torch.ao's eager flow (minmax activations, per-channel weights),
+    calibrated on ``calibration``; returns the quantized conv and x quantized as it gets it."""
+    from torch.ao.quantization import DeQuantStub, QConfig, QuantStub, convert, prepare
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+    model = torch.nn.Sequential(QuantStub(), copy.deepcopy(conv), DeQuantStub()).eval()
+    model.qconfig = QConfig(
+        activation=MinMaxObserver.with_args(reduce_range=reduce_range),
+        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                  qscheme=torch.per_channel_symmetric))
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = prepare(model)
+        for batch in calibration:
+            prepared(batch)
+        quantized = convert(prepared)
+        qx = quantized[0](x)
+    return quantized[1], qx
+
+
+@pytest.mark.parametrize("factor", [1.2, 1.4])
+def test_seven_bit_activations_calibrated_on_a_wider_range_are_judged_like_eight_bit(
+        factor: float) -> None:
+    """x86's 7-bit activations (reduce_range) calibrated on data up to ``factor`` x the range
+    diagnosed: 8-bit ones are let be up to 1.5x, and so are these (at SEVEN_BIT_RATIO 2.6,
+    1.3x already read as an 8-bit step 2.5x too coarse: QCD012 and QCD052 warnings)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).eval()
+    x = torch.relu(torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1)) + 0.2)
+    qm, qx = _eager(conv, x, "x86", [x, factor * x], reduce_range=True)
+    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None),
+                                qconvdiag.Options(engine="x86"))
+    loud = [(f.code, f.severity) for f in report.findings
+            if f.path == "as_given" and f.severity != "info"]
+    assert not loud
+    budget = next(p for p in report.paths if p.name == "as_given").budget
+    assert budget is not None and (budget.input_bits, budget.output_bits) == (7, 7)
+
+
+def test_a_bias_that_moved_costs_nothing_at_the_floor_so_is_info() -> None:
+    """The float bias moved a little after convert (training continued): QCD030 names it,
+    graded by what it costs (it passed 'warning' as its least severity: a warning on a conv
+    at its floor)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).eval()
+    x = torch.relu(torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1)) + 0.2)
+    qm, qx = _eager(conv, x, "x86", [x], reduce_range=True)
+    with torch.no_grad():
+        conv.bias += 0.1 * float(conv.bias.abs().max())  # a small move, every channel alike
+    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None),
+                                qconvdiag.Options(engine="x86"))
+    verdict = next(v for v in report.verdicts if v.path == "as_given")
+    found = [f for f in report.findings if f.path == "as_given" and f.code == "QCD030"]
+    assert verdict.status == "at_floor" and found and found[0].severity == "info"
