@@ -10,6 +10,11 @@ from typing import Any
 
 from .report import SCHEMA_VERSION, CpuInfo, Finding, Report, _jsonable
 
+#: Findings that explain a conv's other findings, so count as its cause in a model-wide one:
+#: a module made from other float weights (QCD024) has their bias too (QCD030), whichever
+#: costs more.
+EXPLAINS_THE_REST = ("QCD024",)
+
 
 @dataclass(frozen=True)
 class ErrorSummary:
@@ -194,8 +199,9 @@ class ModelReport:
         for row in self.layers:
             serious = [f for f in row.findings if f.severity != "info"]
             if serious:
-                f, n = counts.get(serious[0].code, (serious[0], 0))
-                counts[serious[0].code] = (f, n + 1)
+                first = next((f for f in serious if f.code in EXPLAINS_THE_REST), serious[0])
+                f, n = counts.get(first.code, (first, 0))
+                counts[first.code] = (f, n + 1)
         best = max(counts.values(), key=lambda fn: fn[1], default=None)
         if best is None or best[1] < 2 or 2 * best[1] < len(self.layers):
             return None

@@ -373,13 +373,23 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
         "the module's weight is not the float weight",
         f"The quantized {conv_name(ctx.case)} runs a weight of {problem}, not the quantized "
         "float weight "
-        f"(max {fmt(float(np.abs(ctx.case.weight).max()))}). `qm.weight().data = w` changes "
-        "nothing: qm.weight() unpacks a fresh copy of the packed params, and the module keeps "
-        "running its original weight; qm.set_weight_bias(w, b) repacks.",
+        f"(max {fmt(float(np.abs(ctx.case.weight).max()))}){_how(problem)}"
+        "`qm.weight().data = w` changes nothing: qm.weight() unpacks a fresh copy of the packed "
+        "params, and the module keeps running its original weight; qm.set_weight_bias(w, b) "
+        "repacks.",
         {"module_weight": problem, "module_weight_scale": run.spec.module.weight_qparams.scale[0],
          "excess": energy},
         fix + f"\n# or build qm with {conv_name(ctx.case)}.from_float after calibration (QCD050)",
         run, energy, ("module_state",))
+
+
+def _how(problem: str) -> str:
+    """How a module comes to hold ``problem`` (module_weight_problem), where that is not
+    plain: another float weight, or a new weight that never reached it."""
+    if "never set" in problem or problem == "all zeros" or "written after convert" in problem:
+        return ". "
+    return (": it was made from other float weights (training continued, or another "
+            "checkpoint loaded, after convert), or a new weight never reached it. ")
 
 
 def _qcd024_moved(ctx: Context, run: PathRun, problem: str, energy: float) -> Finding:

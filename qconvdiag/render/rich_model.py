@@ -43,6 +43,20 @@ def _first_finding(row: LayerRow) -> Text:
     return Text(f.code, style=SEVERITY_STYLE[f.severity])
 
 
+def fix_names(layer: str, row: LayerRow | None) -> str:
+    """What ``qm`` and ``conv`` stand for in a layer's fixes: with its BatchNorm folded, the
+    line that builds that conv (the float model's own conv is the one before the fold)."""
+    bn = None if row is None else row.bn_folded
+    if bn is None:
+        return (f"In the fixes, qm is quantized.get_submodule({layer!r}) and conv the float "
+                f"model's {layer!r}.")
+    return (f"In the fixes, qm is quantized.get_submodule({layer!r}) and conv the float "
+            f"model's {layer!r} with its BatchNorm {bn!r} folded in, as the quantized model "
+            "folded it (the fixes give the quantized conv that conv's weight and bias): conv = "
+            f"torch.nn.utils.fusion.fuse_conv_bn_eval(model.get_submodule({layer!r}), "
+            f"model.get_submodule({bn!r})), model being the float model in eval mode.")
+
+
 #: What a finding shared by most convs says about the model as a whole.
 MODEL_WIDE = {
     "QCD050": "the model was converted without calibration (its observers never ran): run "
@@ -231,9 +245,7 @@ def render_model(report: ModelReport, console: Console | None = None,
                     f"config or calibration) and conv the float model's {detail.layer!r} "
                     "(BatchNorm folded in, if any).", style="dim")
         else:
-            hanging(console, f"In the fixes, qm is quantized.get_submodule({detail.layer!r}) "
-                    f"and conv the float model's {detail.layer!r} (BatchNorm folded in, if "
-                    "any).", style="dim")
+            hanging(console, fix_names(detail.layer, report.layer(detail.layer)), style="dim")
         render_rich(detail.report, console, verbose)
     if report.gate.breaches:
         console.print(Text("CI gate failed:", style="bold red"))

@@ -1020,6 +1020,34 @@ def test_a_model_wide_coarse_step_names_both_of_its_causes(healthy_x86):  # noqa
     assert "scaled differently" in sentence and "7-bit observers" in sentence
 
 
+def test_a_model_from_other_weights_is_the_model_wide_cause_not_their_bias(healthy_x86):  # noqa: ANN001
+    """Convs that hold other float weights report QCD024 and, as those weights' bias differs
+    too, QCD030, which may cost more and come first: the model-wide cause is QCD024's (a sweep
+    got 'the module's bias is missing' for a checkpoint of another seed)."""
+    import dataclasses
+
+    from qconvdiag.model_report import LayerFinding
+    from qconvdiag.render.rich_model import fix_names, shared_cause_sentence
+
+    f, _q, _x, bundle, d = healthy_x86
+    bias = LayerFinding("QCD030", "error", "the module's bias is missing or not the float bias")
+    weight = LayerFinding("QCD024", "warning", "the module's weight is not the float weight")
+    rows = tuple(dataclasses.replace(r, findings=(bias, weight)) if i < 3 else r
+                 for i, r in enumerate(d.report.layers))
+    report = dataclasses.replace(d.report, layers=rows)
+    shared = report.shared_cause()
+    assert shared is not None and shared[0].code == "QCD024" and shared[1] == 3
+    assert "not made from this float model's weights" in (shared_cause_sentence(report) or "")
+    # in a layer's fixes, conv is the float conv with the BatchNorm folded in: said as code
+    folded = next(r for r in d.report.layers if r.bn_folded)
+    line = fix_names(folded.name, folded)
+    assert (f"fuse_conv_bn_eval(model.get_submodule({folded.name!r}), "
+            f"model.get_submodule({folded.bn_folded!r}))") in line
+    conv = eval(line.split("conv = ", 1)[1].split(", model being")[0],  # noqa: S307
+                {"torch": torch, "model": f})
+    assert np.array_equal(conv.weight.detach().numpy(), bundle.layer(folded.name).case.weight)
+
+
 class _SharedAdd(torch.nn.Module):
     """One FloatFunctional for two adds whose ranges differ ``scale``-fold (c scales the second
     branch down), or one per add (``shared=False``)."""
