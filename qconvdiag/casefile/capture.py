@@ -57,6 +57,8 @@ def capture(
             mapping["qinput"] = tensor_to_numpy(qinput, "qinput", "capture")
         if qconv is not None:
             mapping.update(_module_entries(conv, qconv))
+            if qinput is not None:
+                _refuse_stale(qconv, qinput)
     if qconv is not None and "ReLU" in type(qconv).__name__:
         mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
     mapping["provenance"] = {
@@ -68,6 +70,40 @@ def capture(
     if path is not None:
         save_case(case, path)
     return case
+
+
+def _refuse_stale(qconv: Any, qinput: Any) -> None:
+    """Refuse a module whose kernel computes other codes than its state gives: qnnpack keeps
+    the weight and the requantization it packed, and its ``qm.weight()`` returns the packed
+    weight's source tensor, so ``qm.weight().data = w`` changes the state a case would hold
+    but not what runs (measured: the state at its floor, the module at -9.8 dB). Checked on
+    the first sample, packed again on each engine torch has (model/stale.py: a module packed
+    for another engine than the current one is not stale); a module torch refuses to run is
+    left to the diagnosis, which reports the refusal."""
+    import torch
+
+    from ..model.stale import stale_requantization
+    from ..torch_calls import int_codes
+
+    if not getattr(qinput, "is_quantized", False) or qinput.dim() < 2:
+        return
+    first = qinput[:1]
+    try:
+        with torch.no_grad():
+            ran = qconv(first)
+    except (RuntimeError, TypeError, ValueError):
+        return
+    if not getattr(ran, "is_quantized", False):
+        return
+    stale = stale_requantization("qconv", qconv, first, int_codes(ran))
+    if stale is not None:
+        raise CaseError(
+            f"capture: qconv computes other codes than its own state gives ({stale.differ} of "
+            f"{stale.total} outputs of the first sample differ from the same module packed "
+            "again): on qnnpack a module runs the weight and the scale it packed, so "
+            "`qm.weight().data = w` or a scale set after its first run never reach its kernel; "
+            "pack it again, qm.set_weight_bias(qm.weight(), qm.bias()), so it runs what it "
+            "states, then capture it")
 
 
 def _explicit_padding(conv: Any) -> Any:
