@@ -45,7 +45,7 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
         healthy = not any(f.severity in ("error", "warning") for f in mine)
         judged = p.name == judged_name and p.engine == first_engine
         b = p.budget
-        if b is None:
+        if b is None or p.refused:  # torch refuses it: what the emulation gives never runs
             refusal = next((f for f in mine if f.severity == "error"), None)
             out.append(Verdict(
                 p.name, p.engine, "refused", judged, None, None, None, None, None,

@@ -425,7 +425,7 @@ def qcd025(ctx: Context) -> Iterator[Finding]:
         # in the weight's effect alone, so it is credited with the path's whole excess
         energy = max(excess(run, *WEIGHT, "module_state"), 0.0 if b is None else b.excess)
         yield finding(
-            "QCD025", severity(run, energy, "warning"),
+            "QCD025", "error" if refused else severity(run, energy, "warning"),
             f"per-channel {label} scales along axis {qp.axis}, not 0",
             f"The {label} has {len(qp.scale)} per-channel scales along axis {qp.axis}; "
             "torch's quantized conv applies per-channel scales to output channels (axis 0). "

@@ -237,3 +237,16 @@ def test_a_histogram_observers_trim_is_told_apart_from_a_range_too_small() -> No
     assert not _trimmed(6, 1000, (-4.0, 6.0), (-5.0, 10.0), True, True)  # 0.6%
     assert not _trimmed(1, 1000, (0.0, 4.0), (0.0, 10.0), False, True)  # keeps 40% of reach
     assert not _trimmed(1, 1000, (-2.0, 9.0), (-5.0, 10.0), True, False)  # low side kept 40%
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_a_setup_torch_refuses_gets_a_refused_verdict_even_where_it_emulates(engine: str) -> None:
+    """A qint8 input: torch refuses it on every engine, while the emulation computes what it
+    would give (here at the floor on x86). The verdict is torch's refusal, never 'at its floor'
+    (a sweep found 'at_floor ... nothing is misconfigured' under a 'refused by torch' header)."""
+    lay = layer(1)
+    case = lay.case(lay.setup(input_qparams=qp(float(lay.x.max()) / 127, 0, "qint8")))
+    report = diagnose(case, Options(engine=engine))
+    verdict = next(v for v in report.verdicts if v.path == "as_given")
+    assert verdict.status == "refused" and not verdict.healthy
+    assert [c.code for c in verdict.causes] == ["QCD011"]
