@@ -20,6 +20,7 @@ import numpy as np
 from ..arithmetic.engines import refusals
 from ..case import ConvCase
 from ..errors import QconvdiagError
+from ..measure.evidence import PathRun
 from ..quantization.qparams import QParams, per_tensor
 from .base import conv_name, fmt, minmax_qparams
 
@@ -35,13 +36,25 @@ def checked(kernel: str, input_qp: QParams, weight_qp: QParams, out_channels: in
                              f"({', '.join(r.rule for r in refused)})")
 
 
-def input_fix(case: ConvCase) -> tuple[str, QParams]:
-    """Minmax quint8 input qparams over the input's range (0 included)."""
-    scale, zp = minmax_qparams(case.input, "quint8")
-    qp = per_tensor(scale, zp, "quint8", "fix")
+def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]:
+    """Minmax quint8 input qparams over the input's range (0 included): on 128 levels
+    (reduce_range's 0..127) where ``run``'s kernel sums int16 pairs, or its input is on 7 bits
+    already (8-bit inputs there saturate the pairs: a sweep's fbgemm depthwise conv went from
+    25.2 to 9.4 dB with the 8-bit fix)."""
+    from ..arithmetic.accumulate import EXACT
+
+    seven = run is not None and (run.kernel.accumulation != EXACT or (
+        run.report.budget is not None and run.report.budget.input_bits == 7))
     lo, hi = min(float(case.input.min()), 0.0), max(float(case.input.max()), 0.0)
+    if seven:
+        scale = (hi - lo) / 127 if hi > lo else 1.0
+        zp = int(np.clip(-round(lo / scale), 0, 127))
+    else:
+        scale, zp = minmax_qparams(case.input, "quint8")
+    qp = per_tensor(scale, zp, "quint8", "fix")
+    levels = "  (7 bits: this kernel sums int16 pairs)" if seven else ""
     return (f"qx = torch.quantize_per_tensor(x, {scale!r}, {zp}, torch.quint8)"
-            f"  # minmax over [{fmt(lo)}, {fmt(hi)}]"), qp
+            f"  # minmax over [{fmt(lo)}, {fmt(hi)}]{levels}"), qp
 
 
 def weight_fix(case: ConvCase, kernel: str, per_channel: bool, input_qp: QParams) -> str:

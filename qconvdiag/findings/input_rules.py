@@ -45,7 +45,7 @@ def qcd010(ctx: Context) -> Iterator[Finding]:
             {"clipped": low + high, "below": low, "above": high, "total": int(x.size),
              "low": lo, "high": hi, "input_min": float(x.min()), "input_max": float(x.max()),
              "excess": energy},
-            input_fix(ctx.case)[0], run, energy, CLIPPING)
+            input_fix(ctx.case, run)[0], run, energy, CLIPPING)
 
 
 def qcd011(ctx: Context) -> Iterator[Finding]:
@@ -63,7 +63,8 @@ def qcd011(ctx: Context) -> Iterator[Finding]:
             f"{what}. torch says: {run.report.refused or 'refused'}",
             {"dtype": qp.dtype, "scheme": qp.scheme, "engine": engine,
              "torch_error": run.report.refused},
-            input_fix(ctx.case)[0], run, run.report.budget.excess if run.report.budget else 0.0)
+            input_fix(ctx.case, run)[0], run,
+            run.report.budget.excess if run.report.budget else 0.0)
 
 
 def qcd012(ctx: Context) -> Iterator[Finding]:
@@ -91,4 +92,4 @@ def qcd012(ctx: Context) -> Iterator[Finding]:
                if below else "") + ".",
             {"scale": step, "ideal_step": ideal_step(x), "step_ratio": b.input_step_ratio,
              "below_half_step": below, "excess": energy},
-            input_fix(ctx.case)[0], run, energy, ROUNDING)
+            input_fix(ctx.case, run)[0], run, energy, ROUNDING)

@@ -46,7 +46,7 @@ def qcd001(ctx: Context) -> Iterator[Finding]:
         rounded = int(np.rint(given))
         in_range = qp.dtype_min <= rounded <= qp.dtype_max
         if name == "input":
-            fix = (input_fix(ctx.case)[0] if not in_range or qp.per_channel else
+            fix = (input_fix(ctx.case, run)[0] if not in_range or qp.per_channel else
                    f"qx = torch.quantize_per_tensor(x, {qp.scale[0]!r}, {rounded}, "
                    f"torch.{qp.dtype})  # an integer zero point")
         elif name == "weight":
@@ -80,7 +80,7 @@ def qcd002(ctx: Context) -> Iterator[Finding]:
         bad = [z for z in qp.zero_point if not qp.dtype_min <= z <= qp.dtype_max]
         if not bad or run is None:
             continue
-        fix = (input_fix(ctx.case)[0] if name == "input" else
+        fix = (input_fix(ctx.case, run)[0] if name == "input" else
                weight_fix(ctx.case, run.kernel.kernel, qp.per_channel, run.spec.input_qparams))
         yield finding(
             "QCD002", severity(run, excess(run, *STAGES[name]), "warning"),

@@ -77,3 +77,20 @@ def test_the_eager_flow_keeps_a_fused_relu():
     assert type(qm).__name__ == "ConvReLU" + f"{case.spatial_dims}d"
     assert float(qm(namespace["qx"]).dequantize().min()) >= 0
     assert "ConvReLU" not in eager_flow(dataclasses.replace(case, activation=None), "x86")
+
+
+def test_an_input_fix_on_a_kernel_that_sums_int16_pairs_keeps_7_bits():
+    """fbgemm's depthwise kernel sums int16 pairs on any CPU: an input fix there takes 128
+    levels (reduce_range's), as the engine's default qconfig does; 8-bit inputs would saturate
+    the pairs (a sweep's layer went from 25.2 to 9.4 dB with the 8-bit fix)."""
+    from tests.corpus_faults import layer
+
+    lay = layer(14, "depthwise", "normal")
+    case = lay.case(lay.setup(input_qparams=lay.input_qp(1 / 3)))  # a third of the range
+    before = diagnose(case, Options(engine="fbgemm"))
+    found = _finding(before, "QCD010")
+    assert found is not None and "(7 bits" in found.fix
+    after = diagnose(apply_fix(case, "fbgemm", found.fix), Options(engine="fbgemm"))
+    assert after.verdict.rmse is not None and before.verdict.rmse is not None
+    assert after.verdict.rmse < before.verdict.rmse
+    assert not [f for f in after.findings if f.code == "QCD040" and f.severity != "info"]
