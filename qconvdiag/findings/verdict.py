@@ -79,6 +79,15 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
         out.append(Verdict(
             p.name, p.engine, b.verdict, judged, b.rmse, b.floor_rmse,
             b.ratio if math.isfinite(b.ratio) else None, sqnr, floor_sqnr, causes,
-            unexplained, healthy, by_code[causes[0].code].fix if causes else None))
+            unexplained, healthy, _first_fix(causes, by_code, b.verdict)))
     out.sort(key=lambda v: not v.judged)
     return tuple(out)
+
+
+def _first_fix(causes: tuple[Cause, ...], by_code: dict[str, Finding], status: str
+               ) -> str | None:
+    """The first cause's fix; on a path at its floor only a warning's or an error's (an info
+    cause there costs too little to trade for its fix, which may cost more: QCD040's 7-bit
+    activations against a few saturated pairs cost a sweep's layer 2.7 dB)."""
+    worth = [c for c in causes if status != "at_floor" or c.severity != "info"]
+    return by_code[worth[0].code].fix if worth else None
