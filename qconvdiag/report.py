@@ -478,7 +478,7 @@ class Verdict:
     healthy: bool
     """No warning or error on this path."""
     first_fix: str | None
-    """The fix of the first cause."""
+    """The fix of the first cause (at the floor, of the first warning or error only)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
