@@ -37,6 +37,50 @@ _SCALES = ("# the op between them with a far-off output scale (an add, a pool, a
            "        print(name, type(m).__name__, float(m.scale), int(m.zero_point))")
 
 
+DRIFT_CODE = "QCD069"
+#: A drifted BatchNorm is a warning where its statistics move its output by as much as 8-bit
+#: rounding costs a tensor or more: the output's relative error, the mean's shift in standard
+#: deviations or the change of the scale sqrt(var), is that of an SQNR below this; info above.
+DRIFT_DB = 30.0
+
+
+def qcd069(ops: tuple[OpRange, ...], named: bool) -> Finding | None:
+    """QCD069: BatchNorm modules of the quantized model whose running statistics are not the
+    float model's (``OpRange.drifted``: convert copies them exactly, so they moved in train
+    mode, in calibration), whether or not a conv's input shows the loss (``named``: QCD065
+    names them already, with the loss)."""
+    drifted = [o for o in ops if o.drifted() and o.stats is not None]
+    if not drifted or named:
+        return None
+    import math
+
+    def db(stats: tuple[float, float, float]) -> float:
+        shift, low, high = stats
+        rel = max(shift, abs(1 - math.sqrt(low)), abs(math.sqrt(high) - 1))
+        return math.inf if rel <= 0 else -20 * math.log10(rel)
+
+    worst = min(drifted, key=lambda o: db(o.stats))  # type: ignore[arg-type]
+    assert worst.stats is not None
+    level = "warning" if db(worst.stats) < DRIFT_DB else "info"
+    names = ", ".join(o.name for o in drifted)
+    shift, low, high = worst.stats
+    message = (
+        f"The quantized model's BatchNorm {names} hold running statistics other than the float "
+        f"model's: {worst.name}'s means moved by up to {shift:.3g} standard deviations and its "
+        f"variances by {low:.3g}x to {high:.3g}x: an error in its output on the order of "
+        f"{db(worst.stats):.1f} dB SQNR. convert copies a BatchNorm's statistics exactly, so "
+        "they moved in calibration: the model was calibrated in train mode (without .eval()), "
+        "or the float model given is not the one quantized. The quantized model then computes "
+        "another function than the float one, whatever each conv's numbers say.")
+    fix = ("# calibrate in eval mode: BatchNorm then keeps its statistics\n"
+           "model.eval()  # the float model, fused and its qconfig set as before\n"
+           + _CALIBRATE_EAGER)
+    return Finding(DRIFT_CODE, level,
+                   f"BatchNorm statistics moved in calibration ({names})", message,
+                   {"batchnorms": [o.name for o in drifted], "mean_shift": shift,
+                    "var_low": low, "var_high": high, "output_sqnr_db": db(worst.stats)}, fix)
+
+
 def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = (),
            engine: str = "") -> list[Finding]:
     """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a

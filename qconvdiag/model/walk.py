@@ -50,7 +50,7 @@ from .channels import qcd066
 from .compiled import qcd063
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
-from .lost import qcd065
+from .lost import qcd065, qcd069
 from .ops import OpRange, between
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
@@ -163,14 +163,19 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
                                bundle.ops)
+    lost = qcd065(upstream, pt2e, bundle.ops, engine)
+    # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
+    drift_named = any(op.drifted() for u in upstream if u.blamed_on != REUSE_CODE
+                      for op in bundle.ops if op.name == u.op)
     # a conv packed on another engine differs from qnnpack's packing for that reason (QCD067)
     model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),
                                        qcd067(ran),
                                        qcd063(bundle.compiled, pt2e),
                                        *qcd064(bundle.reused, pt2e, upstream),
-                                       *qcd065(upstream, pt2e, bundle.ops, engine),
+                                       *lost,
                                        *qcd066(bundle.layers, screens,
-                                               {u.layer for u in upstream}, pt2e)]
+                                               {u.layer for u in upstream}, pt2e),
+                                       qcd069(bundle.ops, drift_named)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)

@@ -1096,3 +1096,24 @@ def test_one_floatfunctional_for_two_adds_is_named():
             bundle = qconvdiag.capture_model(other, _eager_quantized(other, x), [x],
                                              calibration=[x])
         assert walk_model(bundle, WalkOptions(top=0)).report.findings == ()
+
+
+def test_batchnorm_statistics_moved_are_named_where_no_loss_shows():
+    """QCD069: a BatchNorm whose statistics are not the float model's is named, graded by the
+    error its move puts in its output (a sweep's digits CNN calibrated in train mode lost 1.5
+    to 2.5 accuracy points with every conv at its floor and nothing said); not where QCD065
+    names it with its loss, and never for unmoved statistics."""
+    from qconvdiag.model.lost import qcd069
+    from qconvdiag.model.ops import OpRange
+
+    def bn(stats: tuple[float, float, float]) -> OpRange:
+        return OpRange("bn2", "BatchNorm2d", 0.05, 10, "quint8", -1.0, 4.0, ("conv2",), False,
+                       False, stats)
+
+    found = qcd069((bn((0.0286, 0.869, 1.102)),), named=False)  # the sweep's numbers
+    assert found is not None and found.code == "QCD069" and found.severity == "warning"
+    assert "bn2" in found.title and "calibrate in eval mode" in found.fix
+    small = qcd069((bn((0.012, 0.99, 1.01)),), named=False)  # moved: an error of 38 dB
+    assert small is not None and small.severity == "info"
+    assert qcd069((bn((0.0286, 0.869, 1.102)),), named=True) is None
+    assert qcd069((bn((0.0, 1.0, 1.0)),), named=False) is None
