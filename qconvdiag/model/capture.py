@@ -110,14 +110,21 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
     recorder = OpRecorder(float_model, quantized_model,
                           {name: qconv for name, (_f, qconv) in pairs.items()})
+    returned: list[bool] = []  # per forward: the quantized model returned a quantized tensor
+    handle = quantized_model.register_forward_hook(
+        lambda _m, _a, out: returned.append(_quantized_output(out)))
     try:
         seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
     finally:
         recorder.remove()
+        handle.remove()
     reused = reused_activations(activations, float_model, quantized_model,
                                 {name: qconv for name, (_f, qconv) in pairs.items()},
                                 {name: s.bn for name, s in seen.items() if s.bn})
     keep, notes = sample_notes(seen, batches, limit)
+    if any(returned):
+        notes.append("the quantized model returns a quantized tensor: is a DeQuantStub missing "
+                     "at its end? Float code after it (argmax, softmax, a loss) refuses one")
     points = {}
     for name, (fconv, qconv) in pairs.items():
         bn = folded_bn(seen[name], quantized_model)
@@ -151,6 +158,15 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                          recorder.results(None if calibration is None else ranges),
                          isa_flags() or None,
                          tuple(stale))
+
+
+def _quantized_output(out: Any) -> bool:
+    """A model's output is, or holds, a quantized tensor."""
+    if isinstance(out, (tuple, list)):
+        return any(_quantized_output(o) for o in out)
+    if isinstance(out, dict):
+        return any(_quantized_output(o) for o in out.values())
+    return bool(getattr(out, "is_quantized", False))
 
 
 def _first_sample(s: Seen) -> tuple[Any, np.ndarray]:

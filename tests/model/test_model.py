@@ -1117,3 +1117,16 @@ def test_batchnorm_statistics_moved_are_named_where_no_loss_shows():
     assert small is not None and small.severity == "info"
     assert qcd069((bn((0.0286, 0.869, 1.102)),), named=True) is None
     assert qcd069((bn((0.0, 1.0, 1.0)),), named=False) is None
+
+
+def test_a_quantized_model_that_returns_a_quantized_tensor_is_noted():
+    """No DeQuantStub at the end: the quantized model returns quint8, which float code after
+    it refuses (argmax); the walk's numbers are fine, so a note says it (a sweep's report was
+    healthy, with nothing about it)."""
+    f, q = models.eager("x86", dims=1)
+    q.dequant = torch.nn.Identity()
+    bundle, _d = walk(f, q, models.inputs(1, 4, 3))
+    assert any("DeQuantStub missing" in n for n in bundle.notes)
+    f, q = models.eager("x86", dims=1)
+    bundle, _d = walk(f, q, models.inputs(1, 4, 3))
+    assert not any("DeQuantStub" in n for n in bundle.notes)
