@@ -243,7 +243,10 @@ def _module_entry(mapping: Mapping[str, Any], where: str) -> ModuleState | None:
     bias = mapping.get("qconv.bias")
     if bias is not None:
         if not isinstance(bias, np.ndarray) or bias.dtype.kind != "f":
-            raise CaseFileError(f"{where}: 'qconv.bias' must be a float tensor")
+            raise CaseFileError(
+                f"{where}: 'qconv.bias' must be a float tensor: torch's quantized conv takes "
+                "a float bias and quantizes it itself (a quantized one, qint32, is read as "
+                "other numbers); set it with qm.set_weight_bias(qm.weight(), conv.bias)")
         if not np.isfinite(bias).all():
             raise CaseFileError(f"{where}: 'qconv.bias' holds NaN/Inf")
         bias = bias.astype(np.float32)

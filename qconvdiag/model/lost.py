@@ -19,7 +19,8 @@ CODE = "QCD065"
 LOST_DB = 10.0
 
 _CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
-                    "prepared = prepare(model)  # the float model, its qconfig set\n"
+                    "# the float model, fused (fuse_modules) and its qconfig set as before\n"
+                    "prepared = prepare(model)\n"
                     "for batch in calibration_batches:  # inputs as at inference\n"
                     "    prepared(batch)\n"
                     "quantized = convert(prepared)")

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import qconvdiag  # noqa: E402
-from qconvdiag.errors import CaseError  # noqa: E402
+from qconvdiag.errors import CaseError, CaseFileError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +74,26 @@ def test_a_module_packed_for_another_engine_is_not_stale() -> None:
     qm.scale, qm.zero_point = 0.05, 10
     torch.backends.quantized.engine = "qnnpack"
     qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)  # not refused
+
+
+def test_a_quantized_bias_is_refused_with_the_float_bias_as_its_fix() -> None:
+    """A qint32 bias (a TFLite habit): torch's x86 conv runs it and computes other numbers;
+    the case is refused in one line that says torch takes a float bias, and how to set it."""
+    import torch.ao.nn.quantized as nnq
+
+    torch.backends.quantized.engine = "x86"
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1).eval()
+    x = torch.relu(torch.randn(2, 8, 12, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qx = torch.quantize_per_tensor(x, float(x.max() / 255), 0, torch.quint8)
+        w = conv.weight.detach()
+        qm = nnq.Conv2d(8, 16, 3, padding=1)
+        w_scale = float(w.abs().max() / 127)
+        qb = torch.quantize_per_tensor(conv.bias.detach(), qx.q_scale() * w_scale, 0,
+                                       torch.qint32)
+        qm.set_weight_bias(torch.quantize_per_tensor(w, w_scale, 0, torch.qint8), qb)
+    with pytest.raises(CaseFileError, match=r"float bias.*set_weight_bias") as info:
+        qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
+    assert "\n" not in str(info.value)
