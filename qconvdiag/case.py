@@ -78,6 +78,11 @@ class QuantSetup:
     """Quantization APIs the case was built with (for QCD060)."""
 
 
+#: A model walk's conv: the note its case carries (its input is what the quantized model gave it).
+MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
+                    "dequantized: this conv's own error, nothing before it")
+
+
 @dataclass(frozen=True, eq=False)
 class ConvCase:
     """One convolution to explain."""
@@ -118,6 +123,11 @@ class ConvCase:
     @property
     def pt2e(self) -> bool:
         return self.flow == "pt2e"
+
+    @property
+    def in_model(self) -> bool:
+        """A conv of a captured model (a model walk's case), not one captured alone."""
+        return MODEL_INPUT_NOTE in self.notes
 
     @property
     def spatial_dims(self) -> int:

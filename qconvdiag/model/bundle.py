@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ConvCase
+from ..case import MODEL_INPUT_NOTE, ConvCase
 from ..errors import CaseFileError
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 from .compiled import CompiledWith
@@ -30,8 +30,6 @@ from .reuse import ReusedActivation
 from .stale import StaleRequantization
 
 BUNDLE_VERSION = 1
-MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
-                    "dequantized: this conv's own error, nothing before it")
 FLOAT32_NOTE = ("its output stays float32 (its consumer takes float, e.g. a residual add "
                 "inductor fuses into the conv): judged on the x86_inductor kernel's float32 "
                 "output (no output rounding or clipping); the fused add is not modelled")
