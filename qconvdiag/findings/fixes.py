@@ -131,6 +131,18 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
         return alternative()
     if qconfig_line is None and reduces_beyond_default(engine):
         return reduce_range_flow(case, engine, True)
+    if case.in_model:  # the model's own flow: this conv's input comes from the layers before
+        return "\n".join([
+            "from torch.ao.quantization import convert, get_default_qconfig, prepare",
+            f'torch.backends.quantized.engine = "{engine}"',
+            "# model: the float model, fused (fuse_modules) as before, in eval mode",
+            qconfig_line or f'model.qconfig = get_default_qconfig("{engine}")',
+            "prepared = prepare(model)  # observers on every quantized module",
+            "for batch in calibration_batches:  # a few of the model's real inputs",
+            "    prepared(batch)",
+            "quantized = convert(prepared)  # from_float: weight, bias, scale, zero_point set",
+            f"qm = quantized.get_submodule({case.source!r})",
+        ])
     shape = ", ".join(["N", *(str(d) for d in case.input.shape[1:])])
     # a fused ReLU stays fused: convert makes the intrinsic ConvReLU a quantized ConvReLU (a
     # plain conv there would drop the ReLU)

@@ -608,9 +608,25 @@ def test_a_model_converted_without_calibration_is_named_once():
         q.qconfig = get_default_qconfig("x86")
         prepare(q, inplace=True)
         convert(q, inplace=True)  # no calibration batches
-    _b, d = walk(f, q, models.inputs(2, 4, 7))
+    _b, d = walk(f, q, models.inputs(2, 4, 7), top=1)
     f_shared, n = d.report.shared_cause()
     assert f_shared.code == "QCD050" and n >= 2
+    # the explained conv's fix: its qparams, or the model's own flow (not a one-conv model
+    # fed that conv's input, which a model's script does not have); the flow runs
+    detail = d.report.details[0]
+    fix = next(x.fix for x in detail.report.findings if x.code == "QCD050")
+    flow = fix[fix.index("# or the eager flow"):]
+    assert "torch.nn.Sequential(QuantStub(), conv" not in fix
+    assert f"qm = quantized.get_submodule({detail.layer!r})" in flow
+    model = fuse_modules(copy.deepcopy(f), models.FUSE_2D)
+    scope = {"torch": torch, "model": model,
+             "calibration_batches": [models.inputs(2, 8, 100 + i) for i in range(4)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(flow, "QCD050 fix", "exec"), scope)  # noqa: S102
+    _b, fixed = walk(f, scope["quantized"], models.inputs(2, 4, 7))
+    assert fixed.report.layer(detail.layer).verdict == "at_floor"
+    assert not [x for r in fixed.report.layers for x in r.findings if x.code == "QCD050"]
     from qconvdiag.render.terminal import render_terminal
 
     text = " ".join(render_terminal(d.report, width=100).split())
