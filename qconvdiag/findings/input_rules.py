@@ -11,6 +11,7 @@ from ..quantization.qparams import clip_bounds
 from ..report import Finding
 from .base import Context, excess, finding, fmt, material, severity
 from .fixes import input_fix
+from .output_rules import trimmed_outliers
 
 CLIPPING, ROUNDING = ("input_clipping",), ("input_rounding",)
 
@@ -35,13 +36,23 @@ def qcd010(ctx: Context) -> Iterator[Finding]:
         if low:
             sides.append(f"{low} below {fmt(lo)} (smallest {fmt(float(x.min()))})")
         production = run.report.name == "production"
+        level = severity(run, energy)
+        # a few outliers beyond a range that keeps most of the input's reach: what a histogram
+        # observer's trim gives (QCD051's rule), said, not warned about; an error stays one
+        trimmed = level == "warning" and trimmed_outliers(
+            low + high, int(x.size), (lo, hi), (float(x.min()), float(x.max())), low > 0,
+            high > 0)
         yield finding(
-            "QCD010", severity(run, energy),
+            "QCD010", "info" if trimmed else level,
             "input values clipped by the input qparams",
             f"{low + high} of {x.size} input values lie outside the representable range "
             f"[{fmt(lo)}, {fmt(hi)}] and are clipped: {' and '.join(sides)}."
             + (" The observer clips outliers on purpose to get a finer step; here that costs "
-               "more than it saves." if production else ""),
+               "more than it saves." if production and not trimmed else "")
+            + (f" That is {fmt(100 * (low + high) / x.size)}% of the inputs, as a histogram "
+               "observer (the default) trims outliers for a finer step: data beyond what "
+               "calibration saw, or a MinMax observer, which keeps them at a coarser step."
+               if trimmed else ""),
             {"clipped": low + high, "below": low, "above": high, "total": int(x.size),
              "low": lo, "high": hi, "input_min": float(x.min()), "input_max": float(x.max()),
              "excess": energy},

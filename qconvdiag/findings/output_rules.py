@@ -137,7 +137,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         level = severity(run, energy)
         # a trim's cost is said, not warned about; a saturation that breaks the path, or
         # qparams the user wrote (no observer trimmed them), keep their severity
-        trimmed = level == "warning" and qp.source != "user" and _trimmed(
+        trimmed = level == "warning" and qp.source != "user" and trimmed_outliers(
             below + above, int(y0.size), (bottom, top), (float(y0.min()), float(y0.max())),
             below > 0, above > 0)
         yield finding(
@@ -217,7 +217,7 @@ def _fed_astray(run: PathRun, energy: float, counts: tuple[int, int, int],
         run, energy, ("output_clipping",))
 
 
-def _trimmed(saturated: int, total: int, representable: tuple[float, float],
+def trimmed_outliers(saturated: int, total: int, representable: tuple[float, float],
              reach: tuple[float, float], low_side: bool, high_side: bool) -> bool:
     """A saturation a histogram observer's trim gives: few outputs (TRIMMED_OUTLIERS, or
     TRIMMED_FEW) beyond a range that keeps most of the float output's reach (TRIM_KEEPS) on each
