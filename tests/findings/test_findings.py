@@ -273,3 +273,20 @@ def test_a_few_inputs_beyond_the_calibrated_range_are_a_trim_not_a_warning(
     found = [f for f in report.findings if f.code == "QCD010" and f.path == "as_given"]
     assert found and (found[0].severity == "info") == trim, [(f.code, f.severity) for f in found]
     assert ("histogram observer" in found[0].message) == trim
+
+
+def test_qcd042_names_where_7_bit_activations_come_from() -> None:
+    """x86's and fbgemm's default qconfigs set reduce_range; onednn's and qnnpack's keep 8 bits,
+    so 7-bit activations there are the user's choice, not 'the onednn default qconfig' (a sweep
+    read that)."""
+    from types import SimpleNamespace
+
+    from qconvdiag.findings.accumulation_rules import _whose
+
+    def run(engine: str) -> SimpleNamespace:
+        return SimpleNamespace(report=SimpleNamespace(name="as_given", engine=engine))
+
+    assert _whose(run("x86")) == "the x86 default qconfig"
+    assert _whose(run("onednn")) == ("reduce_range=True, which the onednn default qconfig "
+                                     "does not set")
+    assert "qnnpack default qconfig does not set" in _whose(run("qnnpack"))
