@@ -282,6 +282,11 @@ def fbgemm_conv_path(groups: int, cin_g: int, out_g: int, g: Geometry, k: tuple[
     return FBGEMM_GEMM
 
 
+#: How a path torch could run, but qconvdiag does not let it (``fbgemm_groupwise_overrun``),
+#: says so: not a refusal of torch's.
+NOT_RUN = "not run: "
+
+
 def fbgemm_groupwise_overrun(engine: str, weight_qp: QParams, groups: int, cin_g: int,
                              out_g: int, g: Geometry, k: tuple[int, ...]) -> str | None:
     """Why torch must not run this layer, or None: fbgemm's groupwise kernel works on
@@ -294,7 +299,7 @@ def fbgemm_groupwise_overrun(engine: str, weight_qp: QParams, groups: int, cin_g
     together = fbgemm_groups_together(cin_g, out_g)
     if groups % together == 0 or kernel_family(engine, weight_qp, groups) != "fbgemm":
         return None
-    return (f"not run: on this CPU torch's fbgemm groupwise kernel takes {together} groups at a "
+    return (f"{NOT_RUN}on this CPU torch's fbgemm groupwise kernel takes {together} groups at a "
             f"time and overruns its buffers on the last {groups % together} of {groups} groups "
             "(wrong outputs there, or the process aborts)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ..arithmetic.engines import NOT_RUN
 from ..measure.evidence import PathRun
 from ..report import SEVERITIES, Cause, Finding, Verdict
 
@@ -45,7 +46,8 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
         healthy = not any(f.severity in ("error", "warning") for f in mine)
         judged = p.name == judged_name and p.engine == first_engine
         b = p.budget
-        if b is None or p.refused:  # torch refuses it: what the emulation gives never runs
+        refused = p.refused is not None and not p.refused.startswith(NOT_RUN)
+        if b is None or refused:  # torch refuses it: what the emulation gives never runs
             refusal = next((f for f in mine if f.severity == "error"), None)
             out.append(Verdict(
                 p.name, p.engine, "refused", judged, None, None, None, None, None,
