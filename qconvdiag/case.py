@@ -130,6 +130,12 @@ class ConvCase:
         return MODEL_INPUT_NOTE in self.notes
 
     @property
+    def layer(self) -> str:
+        """A model walk's conv: its module path (its source, a loaded bundle's prefixed with
+        the file's path: ``<path>:<layer>``; a module path holds no colon)."""
+        return self.source.rsplit(":", 1)[-1]
+
+    @property
     def spatial_dims(self) -> int:
         return self.weight.ndim - 2
 

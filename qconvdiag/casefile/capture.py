@@ -27,7 +27,8 @@ def capture(
 
     ``conv``: the float ``nn.Conv1d/2d/3d``; ``input``: its float input (or None with
     ``qinput``); ``qconv``: the quantized conv module that disagrees; ``qinput``: the quantized
-    tensor you fed it. Example::
+    tensor you fed it (``qconv`` is run once on its first sample: a module whose kernel computes
+    other codes than its state gives is refused, see ``_refuse_stale``). Example::
 
         qconvdiag.capture(m, x, qconv=qm, qinput=qx, path="my_case.pt")
     """

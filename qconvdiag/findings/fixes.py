@@ -52,9 +52,13 @@ def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]
     else:
         scale, zp = minmax_qparams(case.input, "quint8")
     qp = per_tensor(scale, zp, "quint8", "fix")
-    levels = "  (7 bits: this kernel sums int16 pairs)" if seven else ""
+    if seven:
+        why = ("this kernel sums int16 pairs" if run is not None
+               and run.kernel.accumulation != EXACT else "as the input had")
+        return (f"# minmax over [{fmt(lo)}, {fmt(hi)}] on 128 levels (7 bits: {why})\n"
+                f"qx = torch.quantize_per_tensor(x, {scale!r}, {zp}, torch.quint8)"), qp
     return (f"qx = torch.quantize_per_tensor(x, {scale!r}, {zp}, torch.quint8)"
-            f"  # minmax over [{fmt(lo)}, {fmt(hi)}]{levels}"), qp
+            f"  # minmax over [{fmt(lo)}, {fmt(hi)}]"), qp
 
 
 def weight_fix(case: ConvCase, kernel: str, per_channel: bool, input_qp: QParams) -> str:
@@ -141,7 +145,7 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
             "for batch in calibration_batches:  # a few of the model's real inputs",
             "    prepared(batch)",
             "quantized = convert(prepared)  # from_float: weight, bias, scale, zero_point set",
-            f"qm = quantized.get_submodule({case.source!r})",
+            f"qm = quantized.get_submodule({case.layer!r})",
         ])
     shape = ", ".join(["N", *(str(d) for d in case.input.shape[1:])])
     # a fused ReLU stays fused: convert makes the intrinsic ConvReLU a quantized ConvReLU (a

@@ -49,10 +49,10 @@ def qcd010(ctx: Context) -> Iterator[Finding]:
             f"[{fmt(lo)}, {fmt(hi)}] and are clipped: {' and '.join(sides)}."
             + (" The observer clips outliers on purpose to get a finer step; here that costs "
                "more than it saves." if production and not trimmed else "")
-            + (f" That is {fmt(100 * (low + high) / x.size)}% of the inputs, as a histogram "
-               "observer (the default) trims outliers for a finer step: data beyond what "
-               "calibration saw, or a MinMax observer, which keeps them at a coarser step."
-               if trimmed else ""),
+            + (f" That is {fmt(100 * (low + high) / x.size)}% of the inputs, beyond a range that "
+               "keeps most of their reach: what a histogram observer (the default) gives when "
+               "it trims outliers for a finer step, or data beyond what calibration saw; a "
+               "MinMax observer keeps them, at a coarser step." if trimmed else ""),
             {"clipped": low + high, "below": low, "above": high, "total": int(x.size),
              "low": lo, "high": hi, "input_min": float(x.min()), "input_max": float(x.max()),
              "excess": energy},

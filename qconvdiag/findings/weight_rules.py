@@ -190,6 +190,12 @@ def module_weight_problem(ctx: Context, run: PathRun) -> str | None:
     held = dequantize(m.weight_codes, m.weight_qparams)
     if np.array_equal(intended, held):
         return None
+    moved = moved_weight(run)
+    if moved is not None:  # one step off in some codes (of any channel's step): named as such
+        off, far, total = moved
+        return (f"the float weight quantized with the module's own qparams, but with "
+                f"{off} of its {total} codes ({off / total:.0%}) off, "
+                + (f"{far} of them by more than one step" if far else "each by one step"))
     diff = float(np.abs(held - intended).max())
     if diff <= 0.5 * float(np.max(run.spec.weight_qparams.scales())):
         return None
@@ -207,12 +213,6 @@ def module_weight_problem(ctx: Context, run: PathRun) -> str | None:
                                m.weight_qparams)
     if rescaled is not None:
         return rescaled
-    moved = moved_weight(run)
-    if moved is not None:
-        off, far, total = moved
-        return (f"the float weight quantized with the module's own qparams, but with "
-                f"{off} of its {total} codes ({off / total:.0%}) off, "
-                + (f"{far} of them by more than one step" if far else "each by one step"))
     return f"values up to {fmt(float(np.abs(held).max()))}, {fmt(diff)} away from the meant weight"
 
 

@@ -86,7 +86,8 @@ def _differ_packed_on(engine: str, qconv: Any, qinput: Any, qoutput: np.ndarray)
         torch.backends.quantized.engine = engine
         with torch.no_grad():
             fresh = copy.deepcopy(qconv)(qinput)
-    except RuntimeError:  # a conv this engine cannot pack (qnnpack's conv3d)
+    except (RuntimeError, TypeError, copy.Error):  # an engine that cannot pack this conv
+        # (qnnpack's conv3d), or a module that cannot be copied
         return None
     finally:
         torch.backends.quantized.engine = previous

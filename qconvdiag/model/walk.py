@@ -165,8 +165,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                bundle.ops)
     lost = qcd065(upstream, pt2e, bundle.ops, engine)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
-    drift_named = any(op.drifted() for u in upstream if u.blamed_on != REUSE_CODE
-                      for op in bundle.ops if op.name == u.op)
+    drift_named = "QCD065" not in options.ignore and any(
+        op.drifted() for u in upstream if u.blamed_on != REUSE_CODE
+        for op in bundle.ops if op.name == u.op)
     # a conv packed on another engine differs from qnnpack's packing for that reason (QCD067)
     model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),
                                        qcd067(ran),

@@ -12,7 +12,7 @@ from rich.text import Text
 from ..arithmetic.engines import PT2E_ENGINES
 from ..model_report import ErrorSummary, LayerRow, ModelReport
 from ..numbers import table_number as _num
-from .rich_report import SEVERITY_STYLE, STATUS_WORDS, finding_block, render_rich
+from .rich_report import SEVERITY_STYLE, STATUS_WORDS, _print_code, finding_block, render_rich
 from .text import hanging
 
 
@@ -43,18 +43,20 @@ def _first_finding(row: LayerRow) -> Text:
     return Text(f.code, style=SEVERITY_STYLE[f.severity])
 
 
-def fix_names(layer: str, row: LayerRow | None) -> str:
-    """What ``qm`` and ``conv`` stand for in a layer's fixes: with its BatchNorm folded, the
-    line that builds that conv (the float model's own conv is the one before the fold)."""
+def fix_names(layer: str, row: LayerRow | None) -> tuple[str, str | None]:
+    """What ``qm`` and ``conv`` stand for in a layer's fixes, and, with its BatchNorm folded,
+    the code that builds that conv (the float model's own conv is the one before the fold),
+    to print whole."""
     bn = None if row is None else row.bn_folded
     if bn is None:
         return (f"In the fixes, qm is quantized.get_submodule({layer!r}) and conv the float "
-                f"model's {layer!r}.")
+                f"model's {layer!r}.", None)
     return (f"In the fixes, qm is quantized.get_submodule({layer!r}) and conv the float "
             f"model's {layer!r} with its BatchNorm {bn!r} folded in, as the quantized model "
-            "folded it (the fixes give the quantized conv that conv's weight and bias): conv = "
-            f"torch.nn.utils.fusion.fuse_conv_bn_eval(model.get_submodule({layer!r}), "
-            f"model.get_submodule({bn!r})), model being the float model in eval mode.")
+            "folded it (the fixes give the quantized conv that conv's weight and bias; model "
+            "is the float model, in eval mode):",
+            f"conv = torch.nn.utils.fusion.fuse_conv_bn_eval(\n"
+            f"    model.get_submodule({layer!r}), model.get_submodule({bn!r}))")
 
 
 #: What a finding shared by most convs says about the model as a whole.
@@ -245,7 +247,10 @@ def render_model(report: ModelReport, console: Console | None = None,
                     f"config or calibration) and conv the float model's {detail.layer!r} "
                     "(BatchNorm folded in, if any).", style="dim")
         else:
-            hanging(console, fix_names(detail.layer, report.layer(detail.layer)), style="dim")
+            names, code = fix_names(detail.layer, report.layer(detail.layer))
+            hanging(console, names, style="dim")
+            if code:
+                _print_code(console, code)
         render_rich(detail.report, console, verbose)
     if report.gate.breaches:
         console.print(Text("CI gate failed:", style="bold red"))

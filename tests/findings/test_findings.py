@@ -290,3 +290,18 @@ def test_qcd042_names_where_7_bit_activations_come_from() -> None:
     assert _whose(run("onednn")) == ("reduce_range=True, which the onednn default qconfig "
                                      "does not set")
     assert "qnnpack default qconfig does not set" in _whose(run("qnnpack"))
+
+
+def test_a_layer_qconvdiag_does_not_run_on_torch_is_not_a_refusal() -> None:
+    """5 groups of 4 channels on fbgemm: torch's groupwise kernel would overrun its buffers, so
+    qconvdiag does not run it (QCD062); torch did not refuse it, so the verdicts stay the
+    emulation's (the refused verdict is for torch's refusals: it read 'refused by torch' with
+    no cause here)."""
+    from tests.corpus_faults import Layer, _input, _weight
+
+    rng = np.random.default_rng(5)
+    lay = Layer(_input(rng, (1, 20, 8, 8), "relu"), _weight(rng, (20, 4, 3, 3), False),
+                (rng.standard_normal(20) * 0.1).astype(np.float32), dict(padding=1, groups=5))
+    report = diagnose(lay.case(lay.setup()), Options(engine="fbgemm"))
+    assert "QCD062" in _codes(report)
+    assert all(v.status != "refused" for v in report.verdicts), report.verdicts
