@@ -95,17 +95,42 @@ def qcd066(layers: tuple[LayerCapture, ...], screens: dict[str, Screen], skip: s
     return found
 
 
+#: Max pools tried between two convs (kernel, stride, padding): ResNet's stem (3, 2, 1) and
+#: the common halving (2, 2, 0).
+MAX_POOLS = ((3, 2, 1), (2, 2, 0))
+
+
 def producer(layers: tuple[LayerCapture, ...], i: int) -> str | None:
-    """The conv whose float output (after a ReLU) is conv ``i``'s float input, element for
-    element: the conv that writes its input, with at most a ReLU between (cross-layer
-    equalization's pair). None when no conv's is: an add, a pool or another op lies between,
-    or the input is the model's."""
+    """The conv whose float output (after a ReLU, and a 2-d max pool of MAX_POOLS) is conv
+    ``i``'s float input, element for element: the conv that writes its input (cross-layer
+    equalization's pair: a positive per-channel scale passes a ReLU and a max pool). None when
+    no conv's is: an add or another op lies between, or the input is the model's."""
     x = layers[i].float_input
     for lay in reversed(layers[:i]):
         y = lay.float_output
-        if y.shape == x.shape and (np.array_equal(y, x) or np.array_equal(np.maximum(y, 0), x)):
-            return lay.name
+        if y.shape[:2] != x.shape[:2]:
+            continue
+        for z in (y, np.maximum(y, 0)):
+            if any(p.shape == x.shape and np.array_equal(p, x) for p in _pooled(z, x.shape)):
+                return lay.name
     return None
+
+
+def _pooled(y: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """``y`` itself, and its 2-d max pools (MAX_POOLS) that give ``shape``."""
+    if y.shape == shape:
+        return [y]
+    if y.ndim != 4:
+        return []
+    import torch
+
+    out = []
+    for k, s, p in MAX_POOLS:
+        size = [(n + 2 * p - k) // s + 1 for n in y.shape[2:]]
+        if tuple(size) == tuple(shape[2:]):
+            with torch.no_grad():
+                out.append(torch.nn.functional.max_pool2d(torch.from_numpy(y), k, s, p).numpy())
+    return out
 
 
 def _db(sqnr: float | None) -> str:

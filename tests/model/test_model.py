@@ -1200,3 +1200,60 @@ def test_a_batchnorm_calibrated_in_train_mode_is_named_end_to_end():
     assert fixed.report.findings == ()
     _b, near = walk(f, quantized(False), models.inputs(2, 8, 7))  # calibrated in eval mode
     assert near.report.findings == ()
+
+
+class _ConvPoolConv(torch.nn.Module):
+    """a, its ReLU and a max pool, then b: cross-layer equalization's pair across the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(2)
+        self.b = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.b(self.pool(self.relu(self.a(self.quant(x))))))
+
+
+def test_qcd066_pairs_convs_across_a_relu_and_a_max_pool():
+    """One channel of a's output 100x the others, b reading it after a ReLU and a 2x2 max pool:
+    a positive per-channel scale passes both, so QCD066's fix equalizes a with b, and runs."""
+    import copy
+
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    from tests.cpu import healthy_qconfig
+
+    torch.manual_seed(0)
+    f = _ConvPoolConv().eval()
+    with torch.no_grad():
+        f.a.weight[3] *= 100
+        f.a.bias[3] *= 100
+        f.b.weight[:, 3] /= 100
+    batches = [models.inputs(2, 8, 100 + i) for i in range(4)]
+
+    def quantized(fused: torch.nn.Module) -> torch.nn.Module:
+        torch.backends.quantized.engine = "x86"
+        q = copy.deepcopy(fused)
+        q.qconfig = healthy_qconfig("x86")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prepare(q, inplace=True)
+            for batch in batches:
+                q(batch)
+            return convert(q)
+
+    fused = fuse_modules(copy.deepcopy(f), [["a", "relu"]])
+    x = models.inputs(2, 8, 7)
+    _b, d = walk(f, quantized(fused), x)
+    (found,) = [x for x in d.report.findings if x.code == "QCD066"]
+    assert found.evidence["layer"] == "b" and found.evidence["conv_before"] == "a"
+    scope = {"model": fused}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(found.fix, "QCD066 fix", "exec"), scope)  # noqa: S102
+    _b, fixed = walk(f, quantized(scope["model"]), x)
+    before, after = (r.report.layer("b").propagated.sqnr_db for r in (d, fixed))
+    assert before is not None and after is not None and after > before + 10
