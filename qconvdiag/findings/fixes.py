@@ -212,3 +212,12 @@ def per_channel_qconfig(engine: str) -> str:
 
 def module_name(case: ConvCase) -> str:
     return f"torch.ao.nn.quantized.{conv_name(case)}"
+
+
+def python_list(names: list[str], room: int = 64) -> str:
+    """``names`` as a Python list literal for a fix, one per line when it is longer than
+    ``room`` (the fix's lines stay within 80 columns)."""
+    flat = repr(names)
+    if len(flat) <= room:
+        return flat
+    return "[\n" + "".join(f"    {n!r},\n" for n in names) + "]"

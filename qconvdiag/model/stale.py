@@ -111,9 +111,9 @@ def qcd068(stale: tuple[StaleRequantization, ...]) -> Finding | None:
         "ran is what the output tensor says, not what the kernel computed with. This "
         "report's numbers for that conv, and for the convs after it, come from the old "
         "requantization.")
-    names_list = repr([s.layer for s in stale])
-    if len(names_list) > 64:  # one name per line: the fix stays within 80 columns
-        names_list = "[\n" + "".join(f"    {s.layer!r},\n" for s in stale) + "]"
+    from ..findings.fixes import python_list
+
+    names_list = python_list([s.layer for s in stale])
     fix = ("# pack each such conv again after setting its qparams: qnnpack then requantizes\n"
            f"for name in {names_list}:\n"
            "    qm = quantized.get_submodule(name)\n"
