@@ -24,6 +24,7 @@ import numpy as np
 from ..case import MODEL_INPUT_NOTE, ConvCase
 from ..errors import CaseFileError
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
+from .after import LostAfter
 from .compiled import CompiledWith
 from .ops import OpRange
 from .reuse import ReusedActivation
@@ -87,6 +88,9 @@ class ModelBundle:
     stale: tuple[StaleRequantization, ...] = ()
     """Convs qnnpack ran with a requantization kept from before their qparams changed
     (stale.py)."""
+    lost_after: LostAfter | None = None
+    """The model's output lost after its last conv (after.py); None where it is not, or not
+    compared (a PT2E model, an output that is not one tensor)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -161,6 +165,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["ops"] = [op.to_dict() for op in bundle.ops]
     if bundle.stale:
         meta["stale"] = [s.to_dict() for s in bundle.stale]
+    if bundle.lost_after is not None:
+        meta["lost_after"] = bundle.lost_after.to_dict()
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -244,7 +250,9 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        tuple(ReusedActivation.from_mapping(r, source) for r in reused),
                        None if flags is None else tuple(flags),
                        tuple(OpRange.from_mapping(op, source) for op in ops),
-                       tuple(StaleRequantization.from_mapping(s, source) for s in stale))
+                       tuple(StaleRequantization.from_mapping(s, source) for s in stale),
+                       None if meta.get("lost_after") is None
+                       else LostAfter.from_mapping(meta["lost_after"], source))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

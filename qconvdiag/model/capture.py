@@ -26,6 +26,7 @@ from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
 from ..parallel import two_at_a_time
 from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
+from .after import LostAfter
 from .bundle import (
     FLOAT32_NOTE,
     MODEL_INPUT_NOTE,
@@ -111,13 +112,23 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     recorder = OpRecorder(float_model, quantized_model,
                           {name: qconv for name, (_f, qconv) in pairs.items()})
     returned: list[bool] = []  # per forward: the quantized model returned a quantized tensor
-    handle = quantized_model.register_forward_hook(
-        lambda _m, _a, out: returned.append(_quantized_output(out)))
+    outputs: dict[str, list[Any]] = {"quantized": [], "float": []}  # the models' outputs
+
+    def kept(which: str) -> Any:
+        def hook(_m: Any, _a: Any, out: Any) -> None:
+            if which == "quantized":
+                returned.append(_quantized_output(out))
+            outputs[which].append(out)
+        return hook
+
+    handles = [quantized_model.register_forward_hook(kept("quantized")),
+               float_model.register_forward_hook(kept("float"))]
     try:
         seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
     finally:
         recorder.remove()
-        handle.remove()
+        for h in handles:
+            h.remove()
     reused = reused_activations(activations, float_model, quantized_model,
                                 {name: qconv for name, (_f, qconv) in pairs.items()},
                                 {name: s.bn for name, s in seen.items() if s.bn})
@@ -153,11 +164,41 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                      "as its eager run computes it")
     from ..arithmetic.cpu import isa_flags
 
+    ops = recorder.results(None if calibration is None else ranges)
+    last = recorder.ran_last
+    after = _lost_after(layers, last, outputs, keep,
+                        tuple(o.name for o in ops if last in o.after))
     # the CPU's flags, for QCD067 (engine.py: which engine's kernels ran an eager model's convs)
-    return finish_bundle(layers, engine, path, notes, compiled, reused,
-                         recorder.results(None if calibration is None else ranges),
-                         isa_flags() or None,
-                         tuple(stale))
+    return finish_bundle(layers, engine, path, notes, compiled, reused, ops,
+                         isa_flags() or None, tuple(stale), after)
+
+
+def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[Any]],
+                keep: int, after: tuple[str, ...]) -> LostAfter | None:
+    """The models' outputs (one tensor each, of one shape) against each other, and the conv
+    the quantized model ran last against the float model's output there (its propagated
+    SQNR), on the kept samples: the loss after the last conv (after.py), if any."""
+    from ..measure.metrics import difference
+    from .after import lost_after
+
+    lay = next((lay for lay in layers if lay.name == last), None)
+    q_out, f_out = outputs["quantized"], outputs["float"]
+    if lay is None or lay.output_float32 or not q_out or len(q_out) != len(f_out):
+        return None
+    pairs = []
+    for q, f in zip(q_out, f_out):
+        q = q.dequantize() if getattr(q, "is_quantized", False) else q
+        if not (hasattr(q, "shape") and hasattr(f, "shape")) or tuple(q.shape) != tuple(
+                f.shape) or not q.is_floating_point() or not f.is_floating_point():
+            return None  # not one float tensor each: nothing this compares
+        pairs.append((q.detach().float().numpy(), f.detach().float().numpy()))
+    got = np.concatenate([q for q, _ in pairs])[:keep]
+    want = np.concatenate([f for _, f in pairs])[:keep]
+    if got.size == 0 or not (np.isfinite(got).all() and np.isfinite(want).all()):
+        return None
+    last_q = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
+    last_sqnr = difference(last_q, lay.float_output).sqnr_db
+    return lost_after(last, last_sqnr, difference(got, want).sqnr_db, after)
 
 
 def _quantized_output(out: Any) -> bool:
@@ -230,10 +271,11 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   reused: tuple[ReusedActivation, ...] = (),
                   ops: tuple[OpRange, ...] = (),
                   cpu_flags: tuple[str, ...] | None = None,
-                  stale: tuple[StaleRequantization, ...] = ()) -> ModelBundle:
+                  stale: tuple[StaleRequantization, ...] = (),
+                  lost_after: LostAfter | None = None) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
-                         compiled, reused, cpu_flags, ops, stale)
+                         compiled, reused, cpu_flags, ops, stale, lost_after)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

@@ -247,6 +247,8 @@ class OpRecorder:
     def __init__(self, float_model: Any, quantized_model: Any, qconvs: dict[str, Any]) -> None:
         self.handles: list[Any] = []
         self.last = ""
+        self.ran_last = ""
+        """The conv the quantized model ran last in its latest forward."""
         self.first = True
         self.qparams: dict[str, tuple[str, float, int, str, bool]] = {}
         self.after: dict[str, list[str]] = {}
@@ -319,7 +321,7 @@ class OpRecorder:
 
     def _forward_done(self, _m: Any, _args: Any, _out: Any) -> None:
         self.first = False
-        self.last = ""
+        self.ran_last, self.last = self.last, ""
 
     def remove(self) -> None:
         for h in self.handles:

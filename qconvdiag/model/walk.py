@@ -45,6 +45,7 @@ from ..model_report import (
 from ..parallel import two_at_a_time
 from ..quantization.paths import ProductionOptions
 from ..report import Finding, Report
+from .after import qcd071
 from .bundle import LayerCapture, ModelBundle
 from .channels import qcd066
 from .compiled import qcd063
@@ -176,7 +177,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        *lost,
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e),
-                                       qcd069(bundle.ops, drift_named)]
+                                       qcd069(bundle.ops, drift_named),
+                                       qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
     notes = list(bundle.notes)

@@ -1257,3 +1257,68 @@ def test_qcd066_pairs_convs_across_a_relu_and_a_max_pool():
     _b, fixed = walk(f, quantized(scope["model"]), x)
     before, after = (r.report.layer("b").propagated.sqnr_db for r in (d, fixed))
     assert before is not None and after is not None and after > before + 10
+
+
+class _ConvThenLinear(torch.nn.Module):
+    """A conv, then a classifier's Linear after a pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.conv(self.quant(x))))
+        return self.dequant(self.fc(torch.flatten(x, 1)))
+
+
+def test_the_signal_lost_after_the_last_conv_is_named(tmp_path):  # noqa: ANN001
+    """QCD071: the quantized Linear holds another checkpoint's weight, the conv is at its floor,
+    and the model's output is noise (a sweep's digits CNN: 18% accuracy, a healthy report).
+    The capture compares the models' outputs with the last conv's; the bundle keeps the loss
+    (and only a loss: a healthy model's bundle holds nothing more); its fix shows the Linear's
+    weight far from the float one."""
+    import contextlib
+    import copy
+    import io
+
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    from tests.cpu import healthy_qconfig
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    q = fuse_modules(copy.deepcopy(f), [["conv", "relu"]])
+    q.qconfig = healthy_qconfig("x86")
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        for i in range(4):
+            q(models.inputs(2, 8, 100 + i))
+        convert(q, inplace=True)
+    x = models.inputs(2, 8, 7)
+    bundle, d = walk(f, q, x)
+    assert bundle.lost_after is None and not d.report.findings  # healthy: nothing said
+    other = torch.nn.Linear(16, 10).weight.detach()  # another checkpoint's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.fc.set_weight_bias(torch.quantize_per_tensor(other, float(other.abs().max() / 127),
+                                                       0, torch.qint8), q.fc.bias())
+    path = tmp_path / "fc.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qconvdiag.capture_model(f, q, x, path=path)
+    d = walk_model(qconvdiag.load_bundle(path), WalkOptions(top=0))
+    (found,) = d.report.findings
+    assert found.code == "QCD071" and found.severity == "error"
+    assert found.evidence["last_conv"] == "conv" and found.evidence["after"] == ["fc"]
+    assert all(r.verdict == "at_floor" for r in d.report.layers)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(found.fix, {"quantized": q, "model": f})  # noqa: S102 - the finding's own fix
+    assert printed.getvalue().startswith("fc Linear")
+    assert float(printed.getvalue().split("max |w - float w|")[1]) > 0.1
