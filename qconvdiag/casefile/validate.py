@@ -73,7 +73,8 @@ def _check_known_keys(mapping: Mapping[str, Any], where: str) -> None:
         raise CaseFileError(
             f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown[:5])}; known keys are "
             "input, weight, bias, stride, padding, dilation, groups, input_qparams, "
-            "weight_qparams, output_qparams, qinput, qweight, qconv.* (README 'Case files')"
+            "weight_qparams, output_qparams, qinput, qweight, qconv.*, activation, flow, notes, "
+            "provenance (README 'Case files')"
         )
 
 

@@ -71,7 +71,8 @@ def qcd011(ctx: Context) -> Iterator[Finding]:
         yield finding(
             "QCD011", "error", f"input {what} is not accepted by {engine}",
             f"The {engine} quantized conv takes per-tensor quint8 activations; this input is "
-            f"{what}. torch says: {run.report.refused or 'refused'}",
+            f"{what}" + (f". torch says: {run.report.refused}" if run.report.refused
+                         else ": torch refuses it"),
             {"dtype": qp.dtype, "scheme": qp.scheme, "engine": engine,
              "torch_error": run.report.refused},
             input_fix(ctx.case, run)[0], run,

@@ -138,7 +138,9 @@ def qcd022(ctx: Context) -> Iterator[Finding]:
             yield finding(
                 "QCD022", "error", f"{engine} requires symmetric weights (zero point 0)",
                 f"The {label} zero point is {qp.zero_point[0]}; {engine} refuses any weight "
-                f"zero point other than 0. torch says: {run.report.refused or 'refused'}",
+                f"zero point other than 0" + (f". torch says: {run.report.refused}"
+                                              if run.report.refused else
+                                              ": torch refuses it when it packs the weight"),
                 {"engine": engine, "tensor": label, "zero_point": list(qp.zero_point)[:8],
                  "torch_error": run.report.refused},
                 weight_fix(ctx.case, "onednn", qp.per_channel, run.spec.input_qparams), run)
