@@ -93,19 +93,15 @@ def qcd041(ctx: Context) -> Iterator[Finding]:
         + eager_flow(ctx.case, run.report.engine), run, energy, ("accumulation",))
 
 
-#: Engines whose default qconfig takes 7-bit activations (reduce_range=True) on every CPU.
-SEVEN_BIT_DEFAULTS = ("x86", "fbgemm")
-
-
 def _whose(run: Any) -> str:
     """Where a path's 7-bit activations come from: the production path takes torch's advice
     for this CPU where the default keeps 8 bits."""
-    from ..quantization.paths import reduces_beyond_default
+    from ..quantization.paths import default_reduces_range, reduces_beyond_default
 
     engine = run.report.engine
     if run.report.name == "production" and reduces_beyond_default(engine):
         return "torch's advice for this CPU, whose int16 pair sums 8 bits saturate"
-    if engine in SEVEN_BIT_DEFAULTS:
+    if default_reduces_range(engine):
         return f"the {engine} default qconfig"
     # the engine's default keeps 8 bits: these qparams chose 7 (or a step twice too coarse)
     return f"reduce_range=True, which the {engine} default qconfig does not set"

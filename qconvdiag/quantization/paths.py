@@ -218,13 +218,19 @@ def reduces_beyond_default(engine: str) -> bool:
     """The engine's default qconfig keeps 8-bit activations where this CPU needs 7
     (``advises_reduce_range``): oneDNN without VNNI. The fixes then write the reduce_range
     qconfig where they would write the default."""
+    return advises_reduce_range(engine) and not default_reduces_range(engine)
+
+
+def default_reduces_range(engine: str) -> bool:
+    """The engine's default qconfig takes 7-bit activations (``reduce_range=True``: x86's and
+    fbgemm's, on every CPU); the PT2E quantizer's default config keeps 8 bits."""
     if engine in PT2E_PRODUCTION:
-        return advises_reduce_range(engine)
+        return False
     from torch.ao.quantization import get_default_qconfig
 
     with capture_warnings():  # onednn's "may have accuracy issues" without VNNI
         default = get_default_qconfig(engine).activation
-    return advises_reduce_range(engine) and not default.p.keywords.get("reduce_range", False)
+    return bool(default.p.keywords.get("reduce_range", False))
 
 
 def default_activation_observer(engine: str):  # type: ignore[no-untyped-def]
