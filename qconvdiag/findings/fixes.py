@@ -55,7 +55,7 @@ def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]
     if seven:
         why = ("this kernel sums int16 pairs" if run is not None
                and run.kernel.accumulation != EXACT else "as the input had")
-        return (f"# minmax over [{fmt(lo)}, {fmt(hi)}] on 128 levels (7 bits: {why})\n"
+        return (f"# on 128 levels (7 bits): {why}\n# minmax over [{fmt(lo)}, {fmt(hi)}]\n"
                 f"qx = torch.quantize_per_tensor(x, {scale!r}, {zp}, torch.quint8)"), qp
     return (f"qx = torch.quantize_per_tensor(x, {scale!r}, {zp}, torch.quint8)"
             f"  # minmax over [{fmt(lo)}, {fmt(hi)}]"), qp

@@ -89,7 +89,8 @@ def test_an_input_fix_on_a_kernel_that_sums_int16_pairs_keeps_7_bits():
     case = lay.case(lay.setup(input_qparams=lay.input_qp(1 / 3)))  # a third of the range
     before = diagnose(case, Options(engine="fbgemm"))
     found = _finding(before, "QCD010")
-    assert found is not None and "(7 bits" in found.fix
+    assert found is not None and "(7 bits): this kernel sums int16 pairs" in found.fix
+    assert max(len(line) for line in found.fix.splitlines()) <= 80
     after = diagnose(apply_fix(case, "fbgemm", found.fix), Options(engine="fbgemm"))
     assert after.verdict.rmse is not None and before.verdict.rmse is not None
     assert after.verdict.rmse < before.verdict.rmse
