@@ -55,12 +55,13 @@ def test_a_weight_set_through_data_on_qnnpack_is_refused_with_its_fix() -> None:
     assert next(v for v in report.verdicts if v.path == "as_given").status == "at_floor"
 
 
-def test_a_module_packed_for_another_engine_is_not_stale() -> None:
-    """Packed for fbgemm, captured with the engine set to qnnpack: its kernels are fbgemm's,
-    which a copy packed on fbgemm reproduces (the model walk's QCD067 case, not this one)."""
+def _packed_on(engine: str, qint32_bias: bool = False):  # noqa: ANN202
+    """A float conv, its input, and a quantized twin packed on ``engine`` from its symmetric
+    per-tensor weight (and its bias, as a float tensor or a qint32 one), with the input
+    quantized as it gets it."""
     import torch.ao.nn.quantized as nnq
 
-    torch.backends.quantized.engine = "fbgemm"
+    torch.backends.quantized.engine = engine
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, padding=1).eval()
     x = torch.relu(torch.randn(2, 8, 12, 12))
@@ -68,10 +69,20 @@ def test_a_module_packed_for_another_engine_is_not_stale() -> None:
         warnings.simplefilter("ignore")
         qx = torch.quantize_per_tensor(x, float(x.max() / 255), 0, torch.quint8)
         w = conv.weight.detach()
+        w_scale = float(w.abs().max() / 127)
+        bias = conv.bias.detach()
+        if qint32_bias:
+            bias = torch.quantize_per_tensor(bias, qx.q_scale() * w_scale, 0, torch.qint32)
         qm = nnq.Conv2d(8, 16, 3, padding=1)
-        qm.set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max() / 127), 0,
-                                                     torch.qint8), conv.bias.detach())
+        qm.set_weight_bias(torch.quantize_per_tensor(w, w_scale, 0, torch.qint8), bias)
     qm.scale, qm.zero_point = 0.05, 10
+    return conv, x, qm, qx
+
+
+def test_a_module_packed_for_another_engine_is_not_stale() -> None:
+    """Packed for fbgemm, captured with the engine set to qnnpack: its kernels are fbgemm's,
+    which a copy packed on fbgemm reproduces (the model walk's QCD067 case, not this one)."""
+    conv, x, qm, qx = _packed_on("fbgemm")
     torch.backends.quantized.engine = "qnnpack"
     qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)  # not refused
 
@@ -79,21 +90,7 @@ def test_a_module_packed_for_another_engine_is_not_stale() -> None:
 def test_a_quantized_bias_is_refused_with_the_float_bias_as_its_fix() -> None:
     """A qint32 bias (a TFLite habit): torch's x86 conv runs it and computes other numbers;
     the case is refused in one line that says torch takes a float bias, and how to set it."""
-    import torch.ao.nn.quantized as nnq
-
-    torch.backends.quantized.engine = "x86"
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, 3, padding=1).eval()
-    x = torch.relu(torch.randn(2, 8, 12, 12))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qx = torch.quantize_per_tensor(x, float(x.max() / 255), 0, torch.quint8)
-        w = conv.weight.detach()
-        qm = nnq.Conv2d(8, 16, 3, padding=1)
-        w_scale = float(w.abs().max() / 127)
-        qb = torch.quantize_per_tensor(conv.bias.detach(), qx.q_scale() * w_scale, 0,
-                                       torch.qint32)
-        qm.set_weight_bias(torch.quantize_per_tensor(w, w_scale, 0, torch.qint8), qb)
+    conv, x, qm, qx = _packed_on("x86", qint32_bias=True)
     with pytest.raises(CaseFileError, match=r"float bias.*set_weight_bias") as info:
         qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
     assert "\n" not in str(info.value)

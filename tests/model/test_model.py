@@ -1222,9 +1222,8 @@ def test_qcd066_pairs_convs_across_a_relu_and_a_max_pool():
     a positive per-channel scale passes both, so QCD066's fix equalizes a with b, and runs."""
     import copy
 
-    from torch.ao.quantization import convert, fuse_modules, prepare
+    from torch.ao.quantization import fuse_modules
 
-    from tests.cpu import healthy_qconfig
 
     torch.manual_seed(0)
     f = _ConvPoolConv().eval()
@@ -1232,31 +1231,38 @@ def test_qcd066_pairs_convs_across_a_relu_and_a_max_pool():
         f.a.weight[3] *= 100
         f.a.bias[3] *= 100
         f.b.weight[:, 3] /= 100
-    batches = [models.inputs(2, 8, 100 + i) for i in range(4)]
-
-    def quantized(fused: torch.nn.Module) -> torch.nn.Module:
-        torch.backends.quantized.engine = "x86"
-        q = copy.deepcopy(fused)
-        q.qconfig = healthy_qconfig("x86")
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            prepare(q, inplace=True)
-            for batch in batches:
-                q(batch)
-            return convert(q)
-
     fused = fuse_modules(copy.deepcopy(f), [["a", "relu"]])
     x = models.inputs(2, 8, 7)
-    _b, d = walk(f, quantized(fused), x)
+    _b, d = walk(f, _calibrated(fused), x)
     (found,) = [x for x in d.report.findings if x.code == "QCD066"]
     assert found.evidence["layer"] == "b" and found.evidence["conv_before"] == "a"
     scope = {"model": fused}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exec(compile(found.fix, "QCD066 fix", "exec"), scope)  # noqa: S102
-    _b, fixed = walk(f, quantized(scope["model"]), x)
+    _b, fixed = walk(f, _calibrated(scope["model"]), x)
     before, after = (r.report.layer("b").propagated.sqnr_db for r in (d, fixed))
     assert before is not None and after is not None and after > before + 10
+
+
+def _calibrated(fused: torch.nn.Module) -> torch.nn.Module:
+    """A fused float model quantized in the eager flow on x86 with this CPU's healthy qconfig
+    (tests/cpu.py), calibrated on 4 batches."""
+    import copy
+
+    from torch.ao.quantization import convert, prepare
+
+    from tests.cpu import healthy_qconfig
+
+    torch.backends.quantized.engine = "x86"
+    q = copy.deepcopy(fused)
+    q.qconfig = healthy_qconfig("x86")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        for i in range(4):
+            q(models.inputs(2, 8, 100 + i))
+        return convert(q)
 
 
 class _ConvThenLinear(torch.nn.Module):
@@ -1285,21 +1291,11 @@ def test_the_signal_lost_after_the_last_conv_is_named(tmp_path):  # noqa: ANN001
     import copy
     import io
 
-    from torch.ao.quantization import convert, fuse_modules, prepare
-
-    from tests.cpu import healthy_qconfig
+    from torch.ao.quantization import fuse_modules
 
     torch.manual_seed(0)
     f = _ConvThenLinear().eval()
-    q = fuse_modules(copy.deepcopy(f), [["conv", "relu"]])
-    q.qconfig = healthy_qconfig("x86")
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prepare(q, inplace=True)
-        for i in range(4):
-            q(models.inputs(2, 8, 100 + i))
-        convert(q, inplace=True)
+    q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
     x = models.inputs(2, 8, 7)
     bundle, d = walk(f, q, x)
     assert bundle.lost_after is None and not d.report.findings  # healthy: nothing said
