@@ -385,6 +385,8 @@ def _ladder(case: ConvCase, spec: PathSpec, engine: str, em: Emulation,
         emulation=em,
         module_emulation=mem,
         module_output_qparams=m.output_qparams if m else None,
+        module_weight=(m.weight_codes, m.weight_qparams) if m and mem is not None else None,
+        module_bias=m.bias if m else None,
         module_reason=("the production path builds its own module with from_float"
                        if spec.name == "production"
                        else "the case holds no quantized module state (qconv.*)"),

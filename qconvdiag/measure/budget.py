@@ -236,6 +236,9 @@ def isolated_energy(s: StageResult, noise: float) -> float:
     noise); its delta where the effect has no isolated view (accumulation, module state,
     torch's residual: the ladder reports their delta as their isolated effect)."""
     m = s.isolated if s.isolated is not None else s.delta
+    if s.id == "module_state" and m is not None and s.delta is not None \
+            and s.delta.rmse > m.rmse:
+        m = s.delta  # its own output qparams: they show in the chain only (ladder_plan)
     if not s.applies or m is None or m.max_abs <= noise:
         return 0.0
     return m.rmse ** 2

@@ -91,6 +91,10 @@ class LadderInputs:
     """PT2E engines: the eager Q/DQ graph's output codes before the clamp
     (``torch_ref.run_eager_qdq``); the output stages are then its, and ``integer_kernel``
     follows. None elsewhere."""
+    module_weight: tuple[np.ndarray, QParams] | None = None
+    """The quantized module's own weight codes and qparams, with ``module_emulation``."""
+    module_bias: np.ndarray | None = None
+    """The quantized module's own float bias."""
 
 
 Fill = Callable[[np.ndarray, np.ndarray, Block], Any]
@@ -126,7 +130,7 @@ def plan_ladder(case: ConvCase, li: LadderInputs, y0: np.ndarray) -> Plan:
     reasons: dict[str, str] = {}
     weight, w_rmse = _weight_rungs(case, li)
     rungs = (_input_rungs(case, li, y0) + weight + _accumulator_rungs(case, li, reasons)
-             + _output_rungs(li) + _final_rungs(li, reasons))
+             + _output_rungs(li) + _final_rungs(case, li, reasons))
     return Plan(tuple(rungs), reasons, w_rmse)
 
 
@@ -254,7 +258,29 @@ def _output_rungs(li: LadderInputs) -> list[Rung]:
     return [rounding, clipping, kernel]
 
 
-def _final_rungs(li: LadderInputs, reasons: dict[str, str]) -> list[Rung]:
+def _module_effect(case: ConvCase, li: LadderInputs) -> object:
+    """The module's state alone on the float path, where it holds another weight or bias than
+    the path's: conv(x, its weight - the path's, both dequantized) + its bias - the path's.
+    In the chain a saturated output hides it (the forum's all-255 outputs with a never-set
+    weight: a zero delta). Where it holds the path's weight and bias, its effect is its delta
+    (its own output qparams); the budget takes the larger of the two (``isolated_energy``)."""
+    if li.module_weight is None:
+        return DELTA
+    codes, qp = li.module_weight
+    dw = dequantize(codes, qp) - dequantize(li.weight_codes, li.weight_qparams)
+    n = case.weight.shape[0]
+    mine = np.zeros(n) if li.module_bias is None else np.asarray(li.module_bias, np.float64)
+    path = np.zeros(n) if li.bias is None else np.asarray(li.bias, np.float64)
+    db = mine.reshape(-1) - path.reshape(-1)
+    if not dw.any() and not db.any():
+        return DELTA
+    effect = conv_diff(case.input, dw, case.geometry).astype(np.float64)
+    if db.any():
+        effect += db.reshape((1, -1) + (1,) * (effect.ndim - 2))
+    return effect
+
+
+def _final_rungs(case: ConvCase, li: LadderInputs, reasons: dict[str, str]) -> list[Rung]:
     """What the quantized module really runs, and torch's own output."""
     em, out_qp = li.emulation, li.output_qparams
     rungs = []
@@ -264,7 +290,8 @@ def _final_rungs(li: LadderInputs, reasons: dict[str, str]) -> list[Rung]:
         mem_r = as_rows(li.module_emulation.output_codes)
         ms, mzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])
         rungs.append(Rung("module_state",
-                          lambda out, prev, k: _dequantized(out, k.of(mem_r), mzp, ms), DELTA))
+                          lambda out, prev, k: _dequantized(out, k.of(mem_r), mzp, ms),
+                          _module_effect(case, li)))
     else:
         reasons["module_state"] = li.module_reason
     fs, fzp = float(final_qp.scale[0]), int(final_qp.zero_point[0])

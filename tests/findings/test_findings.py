@@ -25,13 +25,40 @@ def test_the_forum_verdict_names_its_three_causes_and_a_first_fix():
     report = diagnose(forum_case(), Options(engine="x86"))
     v = report.verdict
     assert v is not None and v.judged and v.path == "as_given" and v.status == "broken"
-    assert [c.code for c in v.causes] == ["QCD050", "QCD024", "QCD021"]
+    assert [c.code for c in v.causes] == ["QCD024", "QCD050", "QCD021"]
     assert sum(c.share for c in v.causes) == pytest.approx(1.0, abs=0.01)
     assert v.first_fix is not None
-    comment, scale, _zero_point = v.first_fix.splitlines()[:3]
-    assert comment.startswith("# minmax over the float output") and scale.startswith("qm.scale = ")
+    assert "qm.set_weight_bias(qw, conv.bias)" in v.first_fix  # the weight it never received
     production = next(x for x in report.verdicts if x.path == "production")
     assert production.status == "at_floor" and production.healthy
+
+
+def test_a_never_set_weight_is_named_where_saturated_outputs_hide_it() -> None:
+    """The forum's module on a 6x6 input: every output saturates at 255 with the weight the
+    module runs (uninitialised codes) as with the meant one, so in the chain the module's
+    state adds nothing. Judged by its effect alone on the float path (conv(x, its weight -
+    the meant one)), the never-set weight is an error the verdict names first, before the output
+    qparams (a user sweep's verdict was QCD050 100%: its fix alone gave 4.4 dB, with the
+    weight repacked too 51.6 dB)."""
+    import dataclasses
+
+    base = forum_case()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, size=(1, 1, 6, 6)).astype(np.float32)
+    s = base.setup
+    module = dataclasses.replace(s.module, weight_codes=rng.integers(1, 128, size=(1, 1, 3, 3)))
+    setup = dataclasses.replace(s, input_codes=np.clip(
+        np.rint(x / s.input_qparams.scale[0]) + s.input_qparams.zero_point[0], 0, 255
+    ).astype(np.int64), module=module)
+    case = build_case(x, base.weight, base.bias, setup=setup, source="test")
+    report = diagnose(case, Options(engine="x86"))
+    ladder = {st.id: st for st in report.paths[0].stages}
+    assert ladder["module_state"].delta.rmse == 0  # 255 either way
+    assert ladder["module_state"].isolated.rmse > 100 * report.paths[0].budget.floor_rmse
+    v = report.verdict
+    assert v is not None and v.status == "broken"
+    assert [(c.code, c.severity) for c in v.causes[:2]] == [("QCD024", "error"),
+                                                            ("QCD050", "error")], v.causes
 
 
 def test_the_production_path_is_advice_never_an_error():

@@ -60,7 +60,7 @@ def test_the_page_tells_the_story_first(forum):
                                      "as_given on x86: how each stage",
                                      "production on x86: how each stage")]
     assert order == sorted(order)
-    for i, code in enumerate(("QCD050", "QCD024", "QCD021"), 1):
+    for i, code in enumerate(("QCD024", "QCD050", "QCD021"), 1):
         assert f"{i}. {code}" in body
     assert report.verdict.first_fix is not None
     assert main_fix(report.verdict.first_fix) in body
