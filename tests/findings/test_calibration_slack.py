@@ -69,3 +69,18 @@ def test_a_bias_that_moved_costs_nothing_at_the_floor_so_is_info() -> None:
     verdict = next(v for v in report.verdicts if v.path == "as_given")
     found = [f for f in report.findings if f.path == "as_given" and f.code == "QCD030"]
     assert verdict.status == "at_floor" and found and found[0].severity == "info"
+
+
+def test_a_zero_bias_where_the_float_conv_has_none_is_not_a_finding() -> None:
+    """qnnpack reads a bias-less conv's bias back as zeros: the module adds what the float
+    layer adds, nothing (a user sweep's QCD030 said 'a bias (max |b| 0) the float layer does
+    not have: outputs shift by 0 RMSE', with a fix)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False).eval()
+    x = torch.relu(torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1)))
+    qm, qx = _eager(conv, x, "qnnpack", [x], reduce_range=False)
+    case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
+    assert case.bias is None and case.setup is not None and case.setup.module is not None
+    assert case.setup.module.bias is not None and not case.setup.module.bias.any()
+    report = qconvdiag.diagnose(case, qconvdiag.Options(engine="qnnpack"))
+    assert "QCD030" not in {f.code for f in report.findings}
