@@ -120,6 +120,11 @@ class ConvCase:
     says otherwise, its production path is X86InductorQuantizer's default config, and its
     setup's ``module`` holds the pattern's int8 weight, float32 bias and output qparams."""
 
+    engine: str | None = None
+    """The engine ``torch.backends.quantized.engine`` named when the case was captured with
+    its quantized module (``capture``), as a model bundle records it: ``explain`` runs on it
+    unless ``--engine`` says otherwise. None: not recorded (torch's current engine)."""
+
     @property
     def pt2e(self) -> bool:
         return self.flow == "pt2e"
@@ -353,6 +358,7 @@ def build_case(
     notes: tuple[str, ...] = (),
     activation: str | None = None,
     flow: str = "eager",
+    engine: str | None = None,
 ) -> ConvCase:
     """Validate and build a ConvCase (raises CaseError with a fix on any problem)."""
     if flow not in FLOWS:
@@ -374,7 +380,7 @@ def build_case(
     if setup is not None:
         _validate_setup(setup, inp_a, w_a)
     return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list), activation,
-                    flow=flow)
+                    flow=flow, engine=engine)
 
 
 def _validate_setup(setup: QuantSetup, inp: np.ndarray, weight: np.ndarray) -> None:

@@ -407,7 +407,8 @@ def _check_position(position: tuple[int, ...], case: Any) -> None:
 
 TraceEngineOpt = Annotated[
     Optional[str],
-    typer.Option("--engine", help="x86, fbgemm, onednn or qnnpack (default: torch's)."),
+    typer.Option("--engine", help="x86, fbgemm, onednn or qnnpack (default: the engine the "
+                 "case was captured on, else torch's)."),
 ]
 
 

@@ -46,7 +46,8 @@ class FailOn(str, Enum):
 EngineOpt = Annotated[
     Optional[str],
     typer.Option("--engine", help="x86, fbgemm, onednn, qnnpack, x86_inductor (PT2E), or "
-                 "all (default: torch's; x86_inductor for a PT2E case)."),
+                 "all (default: the engine a case was captured on, else torch's; "
+                 "x86_inductor for a PT2E case)."),
 ]
 ObserverOpt = Annotated[
     Optional[str],

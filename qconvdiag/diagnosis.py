@@ -142,7 +142,7 @@ def diagnose_runs(
     from .memo import forget_all, memo_scope
 
     say = progress or (lambda _msg: None)
-    engines = resolve_engines(options.engine, case.pt2e)
+    engines = resolve_engines(options.engine, case.pt2e, case.engine)
     runs: list[PathRun] = []
     # Hashing array contents costs ~1 ms per MB; it pays off only when engines share work.
     with capture_warnings() as torch_warnings, memo_scope(by_content=len(engines) > 1):
@@ -192,7 +192,7 @@ def diagnose_path(case: ConvCase, name: str, options: Options) -> PathRun:
     and the same float reference the full diagnosis uses."""
     from .memo import memo_scope
 
-    (engine,) = resolve_engines(options.engine, case.pt2e)
+    (engine,) = resolve_engines(options.engine, case.pt2e, case.engine)
     with capture_warnings(), memo_scope(by_content=False):
         probe()
         cache: dict[Any, Any] = {}
@@ -226,16 +226,20 @@ def _build_paths(case: ConvCase, options: Options, engines: tuple[str, ...],
     return out
 
 
-def resolve_engines(engine: str | None, pt2e: bool = False) -> tuple[str, ...]:
+def resolve_engines(engine: str | None, pt2e: bool = False,
+                    recorded: str | None = None) -> tuple[str, ...]:
     """The engines to diagnose on. A PT2E case (``pt2e``) runs on ``x86_inductor`` by default
     and with ``all`` on it first, then on torch's engines; an eager case keeps torch's engines
-    (its default: torch's current one; ``all``: every one this build has), and runs on
-    ``x86_inductor`` only when asked by name. A PT2E engine needs torchao (the extra)."""
+    (its default: the engine it was captured on, ``recorded``, else torch's current one;
+    ``all``: every one this build has), and runs on ``x86_inductor`` only when asked by name.
+    A PT2E engine needs torchao (the extra)."""
     import torch
 
     supported = torch_engines()
     if engine is None and pt2e:
         engine = PT2E_ENGINES[0]
+    if engine is None and recorded is not None and recorded in supported:
+        return (recorded,)
     if engine is None:
         current = torch.backends.quantized.engine
         return (current if current in supported else supported[0],)

@@ -62,6 +62,11 @@ def capture(
                 _refuse_stale(qconv, qinput)
     if qconv is not None and "ReLU" in type(qconv).__name__:
         mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
+    from ..arithmetic.engines import ENGINES
+
+    if qconv is not None and torch.backends.quantized.engine in ENGINES:
+        # the engine its weight is packed for, as a model bundle records it (explain runs on it)
+        mapping["engine"] = torch.backends.quantized.engine
     mapping["provenance"] = {
         "used_quantized_dtypes": qconv is not None or qinput is not None,
         "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])

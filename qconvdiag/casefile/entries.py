@@ -16,7 +16,8 @@ FORMATS = (".pt", ".pth", ".npz", ".safetensors")
 TENSOR_KEYS = ("input", "weight", "bias", "qinput", "qweight", "qconv.weight", "qconv.bias")
 GEOMETRY_KEYS = ("stride", "padding", "dilation", "groups")
 QPARAM_KEYS = ("input_qparams", "weight_qparams", "output_qparams", "qconv.weight_qparams")
-META_KEYS = ("qconv.scale", "qconv.zero_point", "provenance", "notes", "activation", "flow")
+META_KEYS = ("qconv.scale", "qconv.zero_point", "provenance", "notes", "activation", "flow",
+             "engine")
 KNOWN_KEYS = frozenset(TENSOR_KEYS + GEOMETRY_KEYS + QPARAM_KEYS + META_KEYS)
 
 #: The key that marks a model bundle (several convs of one model) in a file of the case formats.

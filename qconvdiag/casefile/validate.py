@@ -23,7 +23,11 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
     inp, weight, float_notes = _float_tensors(mapping, quant, where)
     _check_float_entries(mapping, where)
     setup = _quant_setup(mapping, quant, where)
+    engine = _engine_entry(mapping.get("engine"), where)
     notes = (*quant.notes, *float_notes, *_extra_notes(mapping))
+    if engine is not None:
+        notes = (*notes, f"captured with torch.backends.quantized.engine = {engine!r}: the "
+                 "default engine here (--engine names another)")
     try:
         return build_case(
             inp, weight, mapping.get("bias"),
@@ -36,6 +40,7 @@ def case_from_mapping(mapping: Mapping[str, Any], source: str = "") -> ConvCase:
             notes=notes,
             activation=_activation_entry(mapping.get("activation"), where),
             flow=_flow_entry(mapping.get("flow"), where),
+            engine=engine,
         )
     except CaseError as exc:
         raise CaseError(f"{where}: {exc}") from None
@@ -189,6 +194,19 @@ def _flow_entry(value: Any, where: str) -> str:
         return "eager"
     if not isinstance(value, str) or value not in FLOWS:
         raise CaseFileError(f"{where}: 'flow' must be one of {', '.join(FLOWS)}, got "
+                            f"{str(value)[:40]!r}")
+    return value
+
+
+def _engine_entry(value: Any, where: str) -> str | None:
+    """``engine``: the quantized engine the case was captured on (x86, fbgemm, onednn or
+    qnnpack), or none."""
+    from ..arithmetic.engines import ENGINES
+
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or value not in ENGINES:
+        raise CaseFileError(f"{where}: 'engine' must be one of {', '.join(ENGINES)}, got "
                             f"{str(value)[:40]!r}")
     return value
 

@@ -29,6 +29,8 @@ def case_to_mapping(case: ConvCase) -> dict[str, Any]:
         m["activation"] = case.activation
     if case.flow != "eager":
         m["flow"] = case.flow
+    if case.engine is not None:
+        m["engine"] = case.engine
     s = case.setup
     if s is not None:
         for key, qp in (

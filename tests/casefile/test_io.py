@@ -305,3 +305,47 @@ def test_a_library_message_is_cut_at_a_word_boundary():
     cut = brief(text, 60)
     assert cut == "Weights only load failed because something something..."
     assert brief("short message\nsecond line") == "short message"
+
+
+@pytest.mark.parametrize("fmt", [".pt", ".npz", ".safetensors"])
+def test_a_captured_case_keeps_its_engine_and_is_explained_on_it(tmp_path, fmt):
+    """capture() records torch.backends.quantized.engine with the quantized module (its weight
+    was packed for it, as a model bundle records it): explain runs on it by default, and
+    --engine still names another (a user sweep's fbgemm case was explained on x86)."""
+    import warnings
+
+    import torch
+    import torch.ao.nn.quantized as nnq
+
+    from qconvdiag import Options, diagnose
+
+    before = torch.backends.quantized.engine
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.rand(1, 3, 8, 8)
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qm = nnq.Conv2d(3, 4, 3, padding=1)
+            qx = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+        case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=tmp_path / f"c{fmt}")
+    finally:
+        torch.backends.quantized.engine = before
+    again = load_case(tmp_path / f"c{fmt}")
+    _same_case(case, again)
+    assert case.engine == again.engine == "fbgemm"
+    assert any("engine = 'fbgemm'" in note for note in again.notes)
+    assert {p.engine for p in diagnose(again).paths} == {"fbgemm"}
+    assert {p.engine for p in diagnose(again, Options(engine="qnnpack")).paths} == {"qnnpack"}
+    # a case without a module records none: torch's current engine, as before
+    assert qconvdiag.capture(conv, x, path=None).engine is None
+
+
+def test_an_unknown_engine_entry_is_refused_in_one_line(tmp_path):
+    import torch
+
+    path = _pt(tmp_path, {"input": torch.rand(1, 2, 5, 5), "weight": torch.rand(3, 2, 3, 3),
+                          "engine": "tpu"})
+    with pytest.raises(CaseFileError, match="'engine' must be one of x86, fbgemm, onednn, "
+                                            "qnnpack, got 'tpu'"):
+        load_case(path)
