@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from ..arithmetic.engines import ENGINES, torch_engines
 from ..report import Finding
-from .bundle import ModelBundle
-from .screen import torch_check
+from .bundle import LayerCapture, ModelBundle
+from .screen import emulated_codes, float_conv, torch_check
 
 CODE = "QCD067"
 
@@ -44,6 +44,10 @@ class EngineThatRan:
     """Per checked conv that mismatched: its mismatches on the recorded engine."""
     checked: int
     """How many convs were checked."""
+    extra: dict[str, tuple[float, float]]
+    """Per conv that mismatched: its own error (mean square, against the float conv on its
+    captured input) with the codes that ran, and what the recorded engine's kernels (its
+    emulation on that input) would add to it (negative where they would do better)."""
 
 
 def engine_that_ran(bundle: ModelBundle, checks: dict[str, int | None]
@@ -66,15 +70,38 @@ def engine_that_ran(bundle: ModelBundle, checks: dict[str, int | None]
              and all(torch_check(lay, engine) == 0 for lay in layers)]
     if not found:
         return None
-    return EngineThatRan(found[0], tuple(found[1:]), bundle.engine, wrong, len(checked))
+    extra = {name: _extra_energy(bundle.layer(name), bundle.engine) for name in wrong}
+    return EngineThatRan(found[0], tuple(found[1:]), bundle.engine, wrong, len(checked), extra)
 
 
-def qcd067(ran: EngineThatRan | None) -> Finding | None:
-    """The finding for a model whose convs ran on ``ran.engine``'s kernels: a warning (the
-    numbers a user takes for ``ran.recorded``'s are another engine's, and a weight packed again,
-    on ``load_state_dict``, changes them)."""
+def _extra_energy(lay: LayerCapture, engine: str) -> tuple[float, float]:
+    """``EngineThatRan.extra`` of one conv: its own error with the codes the model computed,
+    and with ``engine``'s codes less that (mean squares, float64)."""
+    import numpy as np
+
+    from ..quantization.qparams import dequantize32
+
+    y = float_conv(lay.case).astype(np.float64)
+    qp = lay.quantized_output_qparams
+    mine = dequantize32(emulated_codes(lay, engine), qp) - y
+    got = dequantize32(lay.quantized_output, qp) - y
+    n = max(y.size, 1)
+    own = float(np.vdot(got, got)) / n
+    return own, float(np.vdot(mine, mine)) / n - own
+
+
+def qcd067(ran: EngineThatRan | None, floors: dict[str, float]) -> Finding | None:
+    """The finding for a model whose convs ran on ``ran.engine``'s kernels: the numbers a user
+    takes for ``ran.recorded``'s are another engine's, and a weight packed again (on
+    ``load_state_dict``) changes them. A warning where that costs: some conv's own error would
+    gain at least MATERIAL of its floor's energy (``floors``: each conv's floor RMSE) with the
+    recorded engine's kernels; info where they compute other codes at no cost."""
+    from ..measure.budget import MATERIAL
+
     if ran is None:
         return None
+    costly = [name for name, (_own, e) in ran.extra.items()
+              if e > 0 and e >= MATERIAL * floors.get(name, 0.0) ** 2]
     engines = (ran.engine if not ran.also else
                f"{', '.join([ran.engine, *ran.also[:-1]])} or {ran.also[-1]} (on this CPU "
                "they compute the same codes here)")
@@ -87,10 +114,15 @@ def qcd067(ran: EngineThatRan | None) -> Finding | None:
         f"of the {ran.checked} conv(s) checked. A quantized conv runs the kernels of the engine "
         "its weight was packed for (at convert, or at load_state_dict); setting the engine "
         "afterwards does not repack it. This report gives the kernels that ran; the model "
-        f"packed for {ran.recorded} computes other numbers.")
+        f"packed for {ran.recorded} computes other numbers"
+        + (f", and they cost more: with {ran.recorded}'s kernels {_losses(ran, costly)}."
+           if costly else f", at no cost here (with {ran.recorded}'s kernels no conv's own "
+           f"error grows by {MATERIAL:g} of its floor's energy)."))
     evidence = {"recorded_engine": ran.recorded, "engine_that_ran": ran.engine,
                 "also_reproduce": list(ran.also), "mismatches": dict(ran.mismatches),
-                "convs_checked": ran.checked}
+                "convs_checked": ran.checked,
+                "extra_energy": {name: e for name, (_own, e) in ran.extra.items()},
+                "costly": costly}
     fix = (f"# to run (and judge) {ran.recorded}'s kernels: pack every weight again for it\n"
            "import torch\n"
            f"torch.backends.quantized.engine = {ran.recorded!r}\n"
@@ -98,8 +130,24 @@ def qcd067(ran: EngineThatRan | None) -> Finding | None:
            f"# or to quantize for {ran.recorded}, set the engine before prepare and use\n"
            f"# get_default_qconfig({ran.recorded!r}); to keep the kernels that ran, set\n"
            f"# torch.backends.quantized.engine = {ran.engine!r} before capture_model")
-    return Finding(CODE, "warning", f"the convs ran another engine's kernels than "
-                   f"{ran.recorded}'s", message, evidence, fix)
+    return Finding(CODE, "warning" if costly else "info", f"the convs ran another engine's "
+                   f"kernels than {ran.recorded}'s", message, evidence, fix)
+
+
+def _losses(ran: EngineThatRan, names: list[str]) -> str:
+    """What the recorded engine's kernels would cost ``names``: 'conv2 would lose 3.1 dB of
+    SQNR' (its own error energy with them over the one that ran), worst first, three at
+    most."""
+    import math
+
+    def loss(name: str) -> float:
+        own, extra = ran.extra[name]
+        return math.inf if own <= 0 else 10 * math.log10(1 + extra / own)
+
+    worst = sorted(names, key=loss, reverse=True)
+    said = [f"{n} would lose {loss(n):.1f} dB of SQNR" if math.isfinite(loss(n)) else
+            f"{n} would lose its exact output" for n in worst[:3]]
+    return ", ".join(said) + ("" if len(worst) <= 3 else f" (and {len(worst) - 3} more)")
 
 
 def layer_engine(bundle: ModelBundle, name: str) -> str:

@@ -276,6 +276,13 @@ def torch_check(lay: LayerCapture, engine: str) -> int:
     return int(np.count_nonzero(em.output_codes != lay.quantized_output))
 
 
+def emulated_codes(lay: LayerCapture, engine: str) -> np.ndarray:
+    """The output codes ``engine``'s kernel computes for the quantized module on its captured
+    input (an eager conv: quantized outputs)."""
+    return _module_emulation(lay, spec_kernel(lay.case, module_spec(lay.case), engine)
+                             ).output_codes
+
+
 def _module_emulation(lay: LayerCapture, kernel: Kernel) -> Emulation:
     """The emulation of the quantized module on its captured input by ``kernel`` (a float32
     output where its kernel writes one)."""

@@ -171,7 +171,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
         for op in bundle.ops if op.name == u.op)
     # a conv packed on another engine differs from qnnpack's packing for that reason (QCD067)
     model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),
-                                       qcd067(ran),
+                                       qcd067(ran, {n: s.floor_rmse
+                                                    for n, s in screens.items()}),
                                        qcd063(bundle.compiled, pt2e),
                                        *qcd064(bundle.reused, pt2e, upstream),
                                        *lost,

@@ -40,9 +40,12 @@ def test_engine_set_after_convert_is_found_and_emulated(packed, set_after):  # n
     bundle, d = _walk(f, q, torch_check="all")
     assert bundle.engine == set_after  # what torch said at capture
     (finding,) = _qcd067(d)
-    assert finding.severity == "warning"
     ev = finding.evidence
     assert ev["recorded_engine"] == set_after and sum(ev["mismatches"].values()) > 0
+    # graded by what the recorded engine's kernels would cost: these healthy convs compute
+    # other codes there, at about the same error
+    assert set(ev["extra_energy"]) == set(ev["mismatches"])
+    assert finding.severity == ("warning" if ev["costly"] else "info")
     assert ev["convs_checked"] == len(bundle.layers)
     # the walk ran on an engine whose emulation reproduces every conv's codes
     ran = d.report.engine
@@ -155,3 +158,37 @@ def test_qcd068_s_fix_for_many_convs_stays_within_80_columns_and_runs() -> None:
 
     exec(finding.fix, {"quantized": Model()})  # noqa: S102 - the finding's own fix
     assert Conv.repacked == len(names)
+
+
+def test_an_engine_switch_that_would_cost_is_a_warning():
+    """A model packed for qnnpack (8-bit activations) captured with the engine set to fbgemm:
+    fbgemm's depthwise kernel sums int16 pairs on every CPU, and this depthwise conv's
+    inputs near code 255 with every tap near 127 saturate them. Repacked for fbgemm (as
+    load_state_dict in an fbgemm process does), dw would lose most of its SQNR: a warning
+    that names it; where the recorded engine computes other codes at no cost, info."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    from qconvdiag.measure.budget import MATERIAL
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    f = models.Net2d().eval()
+    models._randomize_bn(f, 0)
+    with torch.no_grad():
+        f.dw.weight.copy_(torch.rand_like(f.dw.weight) * 0.2 + 0.8)  # every tap alike
+        f.stem.weight.mul_(0.05)  # the stem's outputs near its bias: dw's input codes high
+        f.bn1.bias.add_(2.0)
+    q = copy.deepcopy(f)
+    fuse_modules(q, models.FUSE_2D, inplace=True)
+    q = models.quantize_fused(q, "qnnpack")
+    torch.backends.quantized.engine = "fbgemm"
+    bundle, d = _walk(f, q, torch_check="all")
+    (finding,) = _qcd067(d)
+    ev = finding.evidence
+    assert finding.severity == "warning" and ev["costly"] == ["dw"], ev
+    floor = next(row for row in d.report.layers if row.name == "dw").floor_rmse
+    assert ev["extra_energy"]["dw"] >= MATERIAL * floor ** 2
+    assert "with fbgemm's kernels dw would lose" in finding.message
+    assert d.report.engine == "qnnpack"  # the walk still emulates the kernels that ran
