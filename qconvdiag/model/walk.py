@@ -318,9 +318,14 @@ def _row(lay: LayerCapture, engine: str, screen: Screen, diagnosis: Diagnosis | 
 
 
 def judged_findings(report: Report) -> tuple[LayerFinding, ...]:
-    """The as_given path's findings (the module as it is), most severe first."""
-    return tuple(LayerFinding(f.code, f.severity, f.title) for f in report.findings
-                 if f.path in (None, "as_given"))
+    """The as_given path's findings (the module as it is): the causes its verdict names, in
+    its order (the table's first finding is the verdict's first cause), then the others, most
+    severe first."""
+    v = report.verdict
+    causes = [c.code for c in v.causes] if v is not None and v.path == "as_given" else []
+    mine = [f for f in report.findings if f.path in (None, "as_given")]
+    mine.sort(key=lambda f: causes.index(f.code) if f.code in causes else len(causes))
+    return tuple(LayerFinding(f.code, f.severity, f.title) for f in mine)
 
 
 def ladder_dominant(report: Report) -> str | None:

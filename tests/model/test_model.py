@@ -1318,3 +1318,17 @@ def test_the_signal_lost_after_the_last_conv_is_named(tmp_path):  # noqa: ANN001
         exec(found.fix, {"quantized": q, "model": f})  # noqa: S102 - the finding's own fix
     assert printed.getvalue().startswith("fc Linear")
     assert float(printed.getvalue().split("max |w - float w|")[1]) > 0.1
+
+
+def test_a_layers_findings_lead_with_its_verdicts_causes() -> None:
+    """The table's first finding and the gate's first breach of a layer are its verdict's
+    first cause, in the verdict's order, then the other findings (a sweep's table named
+    QCD030, whose fix alone cost accuracy, where the verdict named QCD024 for 100%)."""
+    from qconvdiag.casefile.generate import forum_case
+    from qconvdiag.model.walk import judged_findings
+
+    report = qconvdiag.diagnose(forum_case(), qconvdiag.Options(engine="x86"))
+    causes = [c.code for c in report.verdict.causes]
+    codes = [f.code for f in judged_findings(report)]
+    assert codes[:len(causes)] == causes and len(causes) == 3
+    assert sorted(codes) == sorted(f.code for f in report.findings if f.path == "as_given")
