@@ -365,11 +365,7 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
     if moved_weight(run) is not None:
         yield _qcd024_moved(ctx, run, problem, energy)
         return
-    intended_qp = run.spec.weight_qparams
-    fix = given_weight_fix(ctx.case, run.kernel.kernel, intended_qp, run.spec.input_qparams) \
-        if not intended_qp.source.startswith("observer") else None
-    if fix is None:
-        fix = _symmetric_fix(ctx, run)
+    fix = _qcd024_fix(ctx, run)
     yield finding(
         "QCD024", severity(run, energy, "warning"),
         "the module's weight is not the float weight",
@@ -383,6 +379,17 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
          "excess": energy},
         fix + f"\n# or build qm with {conv_name(ctx.case)}.from_float after calibration (QCD050)",
         run, energy, ("module_state",))
+
+
+def _qcd024_fix(ctx: Context, run: PathRun) -> str:
+    """QCD024's fix for a module that holds another weight: the meant weight (or a symmetric
+    one) and the float bias, packed again."""
+    if moved_weight(run) is not None:
+        return _moved_fix(ctx)
+    intended_qp = run.spec.weight_qparams
+    fix = given_weight_fix(ctx.case, run.kernel.kernel, intended_qp, run.spec.input_qparams) \
+        if not intended_qp.source.startswith("observer") else None
+    return fix if fix is not None else _symmetric_fix(ctx, run)
 
 
 def _how(problem: str) -> str:
