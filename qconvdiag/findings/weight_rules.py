@@ -392,6 +392,14 @@ def _qcd024_fix(ctx: Context, run: PathRun) -> str:
     return fix if fix is not None else _symmetric_fix(ctx, run)
 
 
+def module_weight_fix(ctx: Context, run: PathRun) -> str | None:
+    """QCD024's fix where the module holds another weight than the meant one (it packs the
+    float bias with it), else None."""
+    if module_weight_problem(ctx, run) is None or batchnorm_fold(ctx, run) is not None:
+        return None
+    return _qcd024_fix(ctx, run)
+
+
 def _how(problem: str) -> str:
     """How a module comes to hold ``problem`` (module_weight_problem), where that is not
     plain: another float weight, or a new weight that never reached it."""
