@@ -139,7 +139,7 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
         return "\n".join([
             "from torch.ao.quantization import convert, get_default_qconfig, prepare",
             f'torch.backends.quantized.engine = "{engine}"',
-            "# model: the float model, fused (fuse_modules) as before, in eval mode",
+            "# model: the float model, fused (fuse_modules) if it was, in eval mode",
             qconfig_line or f'model.qconfig = get_default_qconfig("{engine}")',
             "prepared = prepare(model)  # observers on every quantized module",
             "for batch in calibration_batches:  # a few of the model's real inputs",

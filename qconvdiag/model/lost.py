@@ -19,11 +19,16 @@ CODE = "QCD065"
 LOST_DB = 10.0
 
 _CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
-                    "# the float model, fused (fuse_modules) and its qconfig set as before\n"
+                    "# the float model, fused (fuse_modules) if it was, its qconfig set as before\n"
                     "prepared = prepare(model)\n"
                     "for batch in calibration_batches:  # inputs as at inference\n"
                     "    prepared(batch)\n"
                     "quantized = convert(prepared)")
+#: The start of a drifted BatchNorm's fix: the model was not fused (its BatchNorm runs), so the
+#: fix says fusing folds it away, rather than "fused as before".
+_EVAL_CALIBRATION = ("# calibrate in eval mode: BatchNorm then keeps its statistics (fusing each\n"
+                     "# conv with its BatchNorm first, fuse_modules, folds it in: none runs)\n"
+                     "model.eval()\n")
 _CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
                    "    convert_pt2e, prepare_pt2e)\n"
                    "prepared = prepare_pt2e(exported, quantizer)  # as the model was\n"
@@ -73,9 +78,7 @@ def qcd069(ops: tuple[OpRange, ...], named: bool) -> Finding | None:
         "they moved in calibration: the model was calibrated in train mode (without .eval()), "
         "or the float model given is not the one quantized. The quantized model then computes "
         "another function than the float one, whatever each conv's numbers say.")
-    fix = ("# calibrate in eval mode: BatchNorm then keeps its statistics\n"
-           "model.eval()  # the float model, fused and its qconfig set as before\n"
-           + _CALIBRATE_EAGER)
+    fix = _EVAL_CALIBRATION + _CALIBRATE_EAGER
     return Finding(DRIFT_CODE, level,
                    f"BatchNorm statistics moved in calibration ({names})", message,
                    {"batchnorms": [o.name for o in drifted], "mean_shift": shift,
@@ -109,9 +112,8 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
         elif op is not None and op.drifted():  # every BatchNorm moved, and its observer saw it
             moved = ", ".join(o.name for o in ops if o.drifted())
             fix = (f"# BatchNorm updated its running statistics in calibration ({moved}),\n"
-                   "# and the observers saw its batch statistics: calibrate in eval mode\n"
-                   "model.eval()  # the float model, fused and its qconfig set as before\n"
-                   + _CALIBRATE_EAGER)
+                   "# and the observers saw its batch statistics\n"
+                   + _EVAL_CALIBRATION + _CALIBRATE_EAGER)
         elif op is not None:
             fix = op.fix(engine)
         else:

@@ -1190,6 +1190,9 @@ def test_a_batchnorm_calibrated_in_train_mode_is_named_end_to_end():
     _b, d = walk(f, quantized(True), models.inputs(2, 8, 7))
     assert [(x.code, x.severity) for x in d.report.findings] == [("QCD069", "warning")]
     assert "bn2" in d.report.findings[0].title and not d.report.upstream
+    # bn2 ran unfused: the fix does not say "fused as before", it says fusing folds it away
+    assert "fuse_modules, folds it in" in d.report.findings[0].fix
+    assert "fused as before" not in d.report.findings[0].fix
     model = fuse_modules(copy.deepcopy(f), fuse)
     model.qconfig = healthy_qconfig("x86")
     scope = {"model": model.train(), "calibration_batches": batches}
