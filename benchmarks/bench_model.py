@@ -13,7 +13,11 @@ quantized with torch.ao's eager flow and the engine's default qconfig, one batch
   convs above their floor);
 * the part of the screen no implementation avoids: the two forwards (no logging) and, per conv,
   the float conv the own error needs (Numeric Suite compares propagated errors only);
-* each layer explained in full (``top=1``) against the single-conv diagnosis of that layer.
+* each layer explained in full (``top=1``) against the single-conv diagnosis of that layer;
+* a sketch of the other design, a screen while the models run (``streamed``): the own error
+  in the quantized convs' hooks (the float conv on the dequantized input), the propagated and
+  input errors in the float model's, nothing kept but the 8-bit codes, float32 sums, no floor,
+  no verdict: a lower bound for that design, not a screen qconvdiag has.
 
 The page faults each side paid are printed too: on a machine where a fault is costly, they
 move Numeric Suite's time, and so the ratio, with what ran before it. ``--keep-freed-memory``
@@ -112,9 +116,15 @@ def main() -> None:
         rows.append((t_ns, t_capture, t_top0, t_top1, t_single, t_least))
     t_ns, t_capture, t_top0, t_top1, t_single, t_least = (statistics.median(c)
                                                           for c in zip(*rows))
+    # the sketch in its own interleaved runs: its memory would change what is fresh for the
+    # screen's runs above
+    sketched = [(numeric_suite(), timed(lambda: streamed(float_model, quantized, x, bundle)))
+                for _ in range(args.repeats)]
+    t_streamed = statistics.median(s for _, s in sketched)
     screen = statistics.median((r[1] + r[2]) / r[0] for r in rows)
     deep = statistics.median((r[3] - r[2]) / r[4] for r in rows)
     floor = statistics.median(r[5] / r[0] for r in rows)
+    sketch = statistics.median(s / n for n, s in sketched)
 
     print(f"model: ResNet-18 shape, {len(bundle.layers)} convs, input ({args.batch}, 3, "
           f"{args.size}, {args.size}), engine {bundle.engine}, torch threads "
@@ -128,6 +138,8 @@ def main() -> None:
           f"screening {paged[1] // args.repeats}")
     print(f"  of which no implementation avoids: two forwards + one float conv per conv, "
           f"{t_least * 1e3:.0f} ms, {floor:.2f}x")
+    print(f"  a screen while the models run (sketch: three comparisons in the hooks, float32 "
+          f"sums, no floor): {t_streamed * 1e3:.0f} ms, {sketch:.2f}x")
     print(f"explaining the worst conv ({worst}) in full: +{(t_top1 - t_top0) * 1e3:.0f} ms; its "
           f"single-conv diagnosis: {t_single * 1e3:.0f} ms; ratio {deep:.2f}x (target <= 1x)")
 
@@ -143,6 +155,75 @@ def least(float_model, quantized, x, bundle) -> None:  # noqa: ANN001
         quantized(x)
     for lay in bundle.layers:
         float_conv(lay.case)
+
+
+def streamed(float_model, quantized, x, bundle) -> dict:  # noqa: ANN001
+    """The sketch of a screen while the models run (see the module's docstring): per captured
+    conv, (error energy, reference energy, max |error|) of its own, input and propagated
+    error. The float weights (BatchNorm folded) are the bundle's; the float model's output at
+    a conv is its folded BatchNorm's, or its own."""
+    import torch
+    import torch.nn.functional as F
+
+    def difference(a, r):  # noqa: ANN001, ANN202 - a: a fresh temporary, overwritten
+        e, r = a.sub_(r).reshape(-1), r.reshape(-1)
+        lo, hi = torch.aminmax(e)
+        return float(torch.dot(e, e)), float(torch.dot(r, r)), max(float(hi), -float(lo))
+
+    layers = {lay.name: lay for lay in bundle.layers}
+    q_modules, f_modules = dict(quantized.named_modules()), dict(float_model.named_modules())
+    found: dict = {name: {} for name in layers}
+    codes: dict = {}
+
+    def on_quantized(name):  # noqa: ANN001, ANN202
+        case = layers[name].case
+        g = case.geometry
+        w = torch.from_numpy(case.weight)
+        b = None if case.bias is None else torch.from_numpy(case.bias)
+
+        def hook(_m, args, out):  # noqa: ANN001, ANN202
+            y = F.conv2d(args[0].dequantize(), w, b, g.stride, g.padding, g.dilation, g.groups)
+            if case.activation == "relu":
+                torch.relu_(y)
+            found[name]["own"] = difference(out.dequantize(), y)
+            codes[name] = tuple((t.int_repr(), t.q_scale(), t.q_zero_point())
+                                for t in (args[0], out))
+        return hook
+
+    def on_float_input(name):  # noqa: ANN001, ANN202
+        def hook(_m, args):  # noqa: ANN001, ANN202
+            c, s, z = codes[name][0]
+            found[name]["input"] = difference(c.float().sub_(z).mul_(s), args[0])
+        return hook
+
+    def on_float_output(name):  # noqa: ANN001, ANN202
+        relu = layers[name].case.activation == "relu"
+
+        def hook(_m, _args, out):  # noqa: ANN001, ANN202
+            c, s, z = codes[name][1]
+            found[name]["propagated"] = difference(c.float().sub_(z).mul_(s),
+                                                   torch.relu(out) if relu else out)
+        return hook
+
+    handles = [q_modules[name].register_forward_hook(on_quantized(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            quantized(x)
+    finally:
+        for h in handles:
+            h.remove()
+    handles = []
+    for name, lay in layers.items():
+        handles.append(f_modules[name].register_forward_pre_hook(on_float_input(name)))
+        handles.append(f_modules[lay.bn_folded or name].register_forward_hook(
+            on_float_output(name)))
+    try:
+        with torch.no_grad():
+            float_model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 if __name__ == "__main__":
