@@ -51,7 +51,8 @@ def _output_fix(ctx: Context, run: PathRun) -> str:
     """``output_fix`` over ``_covered``, its comment naming the calibration batches when their
     range widened it (a model walk's: the message's numbers are the captured samples')."""
     calibrated = ctx.case.output_range is not None and not ctx.case.output_range_sampled
-    what = "the float output on the calibration batches" if calibrated else "the float output"
+    what = ("the float output on calibration and captured inputs" if calibrated
+            else "the float output")
     return output_fix(_covered(ctx, run), what, run.report.engine)[0]
 
 
