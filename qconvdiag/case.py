@@ -110,6 +110,10 @@ class ConvCase:
     """``output_range`` comes from a few captured samples only, not the calibration batches
     the observer saw (a narrower range): an output step up to ``budget.SAMPLE_RANGE`` times
     the ideal step of that range counts as the floor."""
+    calibration_range: tuple[float, float] | None = None
+    """A model walk's conv: the float model's output range at it over the calibration batches
+    alone (``capture_model(calibration=...)``), what its output observer saw; None without
+    them. Not written to a case file."""
     model_output: np.ndarray | None = None
     """A model walk's conv: the float model's own output at it on the captured samples (the
     fused activation applied), for telling saturations the float model gives there from those

@@ -134,6 +134,11 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
                               (bottom, top), ctx.case)
             continue
         fix = _output_fix(ctx, run)
+        unlike = _unlike_calibration(ctx.case, below > 0, above > 0)
+        if unlike:
+            fix = ("# calibrate on inputs like these, prepared as at inference: every observer\n"
+                   + eager_flow(ctx.case, run.report.engine)
+                   + "\n# or, for this conv's output alone:\n" + fix)
         production = run.report.name == "production"
         level = severity(run, energy)
         # a trim's cost is said, not warned about; a saturation that breaks the path, or
@@ -151,10 +156,38 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
                "saves." if production and not trimmed else "")
             + (f" That is {fmt(100 * (below + above) / y0.size)}% of the outputs, as a histogram"
                " observer (the default) trims outliers for a finer step: a MinMax observer "
-               "keeps them, at a coarser step." if trimmed else ""),
+               "keeps them, at a coarser step." if trimmed else "")
+            + unlike,
             {"saturated": below + above, "below": below, "above": above,
              "total": int(y0.size), "low": bottom, "high": top, "excess": energy},
             fix, run, energy, ("output_clipping",))
+
+
+#: A model walk's float output at a conv reaching this many times beyond what it reached on
+#: the calibration batches (on a saturated side) says those batches are not like the inputs
+#: diagnosed: another scale or preprocessing, which every observer calibrated on them shares.
+UNLIKE_CALIBRATION = 2.0
+
+
+def _unlike_calibration(case: ConvCase, low_side: bool, high_side: bool) -> str:
+    """The sentence for a model walk's conv whose float output on the captured samples reaches
+    UNLIKE_CALIBRATION times beyond its range on the calibration batches, on a saturated side
+    ('' where it does not, or without calibration batches)."""
+    cal, own = case.calibration_range, case.model_output
+    if cal is None or own is None or own.size == 0:
+        return ""
+    lo, hi = float(own.min()), float(own.max())
+    if high_side and hi > 0 and hi > UNLIKE_CALIBRATION * max(cal[1], 0.0):
+        times, reach, there = hi / max(cal[1], 1e-30), hi, cal[1]
+    elif low_side and lo < 0 and lo < UNLIKE_CALIBRATION * min(cal[0], 0.0):
+        times, reach, there = lo / min(cal[0], -1e-30), lo, cal[0]
+    else:
+        return ""
+    over = f"{fmt(times)}x" if there != 0 else "far"
+    return (f" The float model's own output here reaches {fmt(reach)} on the captured inputs, "
+            f"{over} beyond what it reached on the calibration batches ({fmt(there)}): those "
+            "batches are not like these inputs (another scale or preprocessing?), and every "
+            "observer calibrated on them shares that.")
 
 
 def _beyond_float_model(ctx: Context, y0: np.ndarray, step: float,

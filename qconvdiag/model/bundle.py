@@ -111,7 +111,7 @@ def with_model_range(case: ConvCase, float_output: np.ndarray,
         lo, hi = min(lo, calibration_range[0]), max(hi, calibration_range[1])
     return dataclasses.replace(case, output_range=(lo, hi),
                                output_range_sampled=calibration_range is None,
-                               model_output=float_output)
+                               calibration_range=calibration_range, model_output=float_output)
 
 
 def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
