@@ -14,7 +14,10 @@ one that reproduces every one of them bit for bit is the engine that ran, and th
 again on it. Only on the CPU the bundle was captured on (its ISA flags, recorded at capture):
 another CPU's kernels differ for that reason alone (int16 pair sums without VNNI), and another
 engine could reproduce a few small convs by chance. No engine is inferred from a conv that
-matches: where the engines agree, the choice does not change a number.
+matches: where the engines agree, the choice does not change a number. The finding is graded
+by what the recorded engine's kernels would cost (their emulation on each mismatching conv's
+captured input, against the float conv there): a warning where a conv would lose MATERIAL of
+its floor, info where they only compute other codes.
 """
 
 from __future__ import annotations
