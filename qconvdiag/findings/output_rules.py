@@ -81,7 +81,7 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
         ("The quantized conv's output scale and zero point are 1.0 and 0: "
          + ("what its observer returns when the model was converted without calibration "
             "batches." if uncalibrated else
-            "a freshly built module's defaults, never set.")
+            "a freshly built module's defaults (never set, or set to them by hand).")
          + f" The float output {span}; with scale 1.0 and zero point 0 only 0..255 in steps of "
          "1.0 can be represented. An output observer (calibration) or from_float sets them."),
         {"scale": qp.scale[0], "zero_point": qp.zero_point[0], "uncalibrated": uncalibrated,
