@@ -157,18 +157,28 @@ def holds_float_weight(case: ConvCase, module: ModuleState) -> bool:
     """Does the quantized module hold the float weight, quantized with its own qparams (well or
     badly)? Not when it holds another weight, or a freshly built module's weight: scale 1.0
     and zero point 0 where the float weight's own symmetric scale (max|w| / 127.5) is below
-    0.25, a scale no observer would pick."""
+    0.25, a scale no observer would pick, unless its codes show the float weight was packed
+    at that scale by hand (``set_weight_bias``: some of them nonzero, or all zero with the
+    float model's nonzero bias beside them; a fresh module's bias is zeros)."""
     qp = module.weight_qparams
     w = case.weight
     top = float(np.abs(w).max()) if w.size else 0.0
-    if not qp.per_channel and qp.scale[0] == 1.0 and qp.zero_point[0] == 0 and top / 127.5 < 0.25:
-        return False
     try:
         expected = quantize(w, qp)
     except QParamsError:
         return True  # qparams that do not fit the weight: the weight rules say so
     off = np.abs(expected.astype(np.int64) - module.weight_codes.astype(np.int64)) > 1
-    return float(off.mean()) <= FOREIGN_CODES
+    held = float(off.mean()) <= FOREIGN_CODES
+    if not qp.per_channel and qp.scale[0] == 1.0 and qp.zero_point[0] == 0 and top / 127.5 < 0.25:
+        return held and (bool(np.any(module.weight_codes)) or _float_bias_packed(case, module))
+    return held
+
+
+def _float_bias_packed(case: ConvCase, module: ModuleState) -> bool:
+    """The module holds the float model's bias, which is not all zeros."""
+    b, held = case.bias, module.bias
+    return (b is not None and held is not None and bool(np.any(b)) and b.shape == held.shape
+            and bool(np.allclose(held, b, rtol=1e-6, atol=0.0)))
 
 
 #: A module holding the float weight quantized with its own qparams holds exactly those codes:
