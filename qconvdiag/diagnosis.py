@@ -322,6 +322,11 @@ def layer_kernel(case: ConvCase, engine: str, input_qp: QParams, weight_qp: QPar
                          attrs=attrs)
 
 
+#: Refusals whose arithmetic no kernel defines, so the path is not emulated either: a count of
+#: weight scales other than the output channels', and per-channel activations.
+UNDEFINED = ("per_channel_count", "input_per_channel")
+
+
 def _kernels(case: ConvCase, spec: PathSpec, engine: str) -> _Kernels:
     out_c = case.weight.shape[0]
     w_exec = exec_weight_qparams(spec.weight_qparams)
@@ -330,7 +335,7 @@ def _kernels(case: ConvCase, spec: PathSpec, engine: str) -> _Kernels:
     run = (layer_kernel(case, engine, spec.input_qparams, run_w_qp, spec.final_output_qparams)
            if spec.module else setup)
     run_refusals = refusals(run.kernel, spec.input_qparams, run_w_qp, out_c)
-    can_emulate = not any(r.rule == "per_channel_count" for r in
+    can_emulate = not any(r.rule in UNDEFINED for r in
                           refusals(setup.kernel, spec.input_qparams, w_exec, out_c)
                           + run_refusals)
     refused = "; ".join(refusal_message(r, spec.input_qparams, run_w_qp, out_c)

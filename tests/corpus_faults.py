@@ -124,6 +124,13 @@ def _group(code: str, triggers: list[tuple[str, Callable[[], ConvCase], str]],
                       forbid=frozenset({code}), said=True)
 
 
+def asymmetric_quint8(w: np.ndarray) -> QParams:
+    """quint8 weight qparams by the activations' minmax formula (pytorch#31868)."""
+    lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+    s = (hi - lo) / 255
+    return qp(s, round(-lo / s), "quint8")
+
+
 def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
     from qconvdiag.casefile.generate import forum_case
 
@@ -186,6 +193,8 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
             float(np.abs(L2.x).max()) / 127, 0, "qint8"))), "qnnpack"),
         ("qint32 input", lambda: L1.case(L1.setup(input_qparams=qp(
             float(L1.x.max()) / 1e6, 0, "qint32"))), "fbgemm"),
+        ("per-channel input (pytorch#84052)", lambda: L2.case(L2.setup(input_qparams=qp(
+            (np.abs(L2.x).max(axis=(0, 2, 3)) / 127).tolist(), 0, "quint8", 1))), "x86"),
     ], [("quint8 input", lambda: L1.case(L1.setup()), "x86")], severity="error")
 
     yield from _group("QCD012", [
@@ -266,6 +275,17 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
         return np.asarray(w_qp.scales()).reshape(-1, 1, 1, 1)
 
     other = layer(9).w
+    # the float weight (max 0.77) packed with set_weight_bias at scale 1.0: the qparams a fresh
+    # module has, but codes of the float weight (some +-1) and the float bias beside them
+    hand = Layer(L1.x, (L1.w * 0.77 / float(np.abs(L1.w).max())).astype(np.float32),
+                 np.linspace(-0.3, 0.3, 12).astype(np.float32), L1.geometry)
+
+    def packed_at_one() -> ConvCase:  # the module alone says what the weight is
+        one = qp(1.0, 0, "qint8")
+        s = hand.setup(weight_qparams=None)
+        return hand.case(replace(s, module=module(quantize(hand.w, one), one, hand.b,
+                                                  s.output_qparams)))
+
     yield from _group("QCD024", [
         ("the forum's never-set weight", lambda: forum_case(), "x86"),
         ("a different weight in the module", lambda: holding(
@@ -280,7 +300,9 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
             L1, quantize(L1.w - 0.45 * steps(L1.weight_qp()), L1.weight_qp()),
             L1.weight_qp()), "x86"),
     ], [("the module holds the quantized weight", lambda: holding(
-        L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp()), "x86")], severity="warning")
+        L1, quantize(L1.w, L1.weight_qp()), L1.weight_qp()), "x86"),
+        ("the float weight packed by hand at scale 1.0 (a coarse step: QCD026)",
+         lambda: packed_at_one(), "x86")], severity="warning")
 
     yield from _group("QCD027", [
         ("conv2d, BatchNorm folded into the module only", lambda: bn_folded(L1, 21), "x86"),
@@ -317,8 +339,23 @@ def faults() -> Iterator[Labeled]:  # noqa: C901 - one table of cases
             weight_qparams=L2.weight_qp(20, per_channel=True))), "onednn"),
         ("conv1d weight scale 30x", lambda: L3.case(L3.setup(weight_qparams=L3.weight_qp(30))),
          "qnnpack"),
+        ("the float weight packed by hand at scale 1.0", lambda: packed_at_one(), "x86"),
     ], [("weight scale 1.3x", lambda: L1.case(L1.setup(weight_qparams=L1.weight_qp(1.3))),
          "x86")], severity="warning")
+
+    yield from _group("QCD028", [
+        ("quint8 weights (the activations' formula) on x86", lambda: L1.case(L1.setup(
+            weight_qparams=asymmetric_quint8(L1.w))), "x86"),
+        ("quint8 weights on qnnpack", lambda: L2.case(L2.setup(
+            weight_qparams=asymmetric_quint8(L2.w))), "qnnpack"),
+        ("quint8 weights, zero point 0, on onednn: codes above 127 read as negative",
+         lambda: L1.case(L1.setup(weight_qparams=qp(float(np.abs(L1.w).max()) / 255, 0,
+                                                    "quint8"))), "onednn"),
+    ], [("qint8 weights", lambda: L1.case(L1.setup()), "x86"),
+        ("quint8 weights, zero point 0, all codes below 128, on onednn (read the same)",
+         lambda: L1.case(L1.setup(weight_qparams=qp(float(np.abs(L1.w).max()) / 127, 0,
+                                                    "quint8"))), "onednn")],
+        severity="error")
 
     def module_bias(lay: Layer, bias: np.ndarray | None) -> ConvCase:
         s = lay.setup()

@@ -72,6 +72,11 @@ ACCEPTANCE: tuple[Refusal, ...] = (
     Refusal(ALL, "input_dtype", lambda i, w, o: i.dtype != "quint8",
             "activations must be quint8 on every engine (got {input_dtype}): quantize the input "
             "with dtype=torch.quint8"),
+    # every engine's kernel reads one input scale and zero point (the emulation cannot run
+    # per-channel activations either: no kernel defines their arithmetic)
+    Refusal(ALL, "input_per_channel", lambda i, w, o: i.per_channel,
+            "activations must be quantized per tensor: quantize the input with "
+            "torch.quantize_per_tensor"),
     Refusal(("fbgemm", "qnnpack"), "weight_dtype", lambda i, w, o: w.dtype != "qint8",
             "weights must be qint8 (got {weight_dtype}): quantize the weight with "
             "dtype=torch.qint8"),
@@ -85,6 +90,9 @@ ACCEPTANCE: tuple[Refusal, ...] = (
             "onednn only accepts symmetric weights (zero point 0), got {weight_zero_point}: use "
             "torch.per_tensor_symmetric / per_channel_symmetric weight observers"),
 )
+
+#: The rules about the activations (every other rule is about the weight).
+INPUT_REFUSALS = ("input_dtype", "input_per_channel")
 
 
 def refusals(

@@ -41,6 +41,7 @@ REGISTRY: tuple[Rule, ...] = (
     Rule("QCD025", weight_rules.qcd025, W, root=True),
     Rule("QCD026", weight_rules.qcd026, W[1:]),
     Rule("QCD027", weight_rules.qcd027, ("module_state",), root=True),
+    Rule("QCD028", weight_rules.qcd028, W, root=True),
     Rule("QCD030", bias_rules.qcd030, ("module_state",), root=True),
     Rule("QCD031", bias_rules.qcd031, ("bias_quantization",)),
     Rule("QCD040", accumulation_rules.qcd040, ("accumulation", "integer_kernel")),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arithmetic.engines import refusals
+from ..arithmetic.engines import INPUT_REFUSALS, Refusal, refusals
 from ..case import ConvCase
 from ..errors import QconvdiagError
 from ..measure.evidence import PathRun
@@ -28,9 +28,18 @@ from .base import conv_name, fmt, minmax_qparams
 SYMMETRIC = 127.5
 
 
+def weight_refusals(kernel: str, input_qp: QParams, weight_qp: QParams, out_channels: int
+                    ) -> list[Refusal]:
+    """What stops ``kernel`` from taking these weight qparams (the input's own refusals are
+    the input fix's business: QCD011)."""
+    return [r for r in refusals(kernel, input_qp, weight_qp, out_channels)
+            if r.rule not in INPUT_REFUSALS]
+
+
 def checked(kernel: str, input_qp: QParams, weight_qp: QParams, out_channels: int) -> None:
-    """Refuse to print a fix the engine would refuse (a bug in the rule, never the user's)."""
-    refused = refusals(kernel, input_qp, weight_qp, out_channels)
+    """Refuse to print a weight fix the engine would refuse (a bug in the rule, never the
+    user's)."""
+    refused = weight_refusals(kernel, input_qp, weight_qp, out_channels)
     if refused:
         raise QconvdiagError(f"internal: a fix for {kernel} would be refused "
                              f"({', '.join(r.rule for r in refused)})")
@@ -89,7 +98,7 @@ def given_weight_fix(case: ConvCase, kernel: str, weight_qp: QParams, input_qp: 
     """Repack the user's own quantized weight into ``qm`` (None when the engine refuses those
     qparams or they cannot be written as one quantize call)."""
     out_c = case.weight.shape[0]
-    if weight_qp.per_channel or refusals(kernel, input_qp, weight_qp, out_c):
+    if weight_qp.per_channel or weight_refusals(kernel, input_qp, weight_qp, out_c):
         return None
     if not weight_qp.dtype_min <= weight_qp.zero_point[0] <= weight_qp.dtype_max:
         return None

@@ -35,6 +35,25 @@ def _credit_the_rest(credit: dict[str, float], total: float, mine: list[Finding]
         credit[best.code] = rest
 
 
+def _refused_causes(mine: list[Finding], roots: frozenset[str]) -> tuple[Cause, ...]:
+    """A path torch refuses: what stops it (the first error, share 1), then the root causes
+    that would remain once it runs, errors before warnings (share 0: a path that does not run
+    has no measured excess to share). Its fix alone would leave them in place."""
+    refusal = next((f for f in mine if f.severity == "error"), None)
+    if refusal is None:
+        return ()
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    rest = sorted((f for f in mine if f.code in roots and f.severity != "info"
+                   and f.code != refusal.code), key=lambda f: (rank[f.severity], f.code))
+    seen: set[str] = {refusal.code}
+    causes = [Cause(refusal.code, refusal.severity, refusal.title, 1.0)]
+    for f in rest:
+        if f.code not in seen and len(causes) < MAX_CAUSES:
+            seen.add(f.code)
+            causes.append(Cause(f.code, f.severity, f.title, 0.0))
+    return tuple(causes)
+
+
 def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozenset[str]
              ) -> tuple[Verdict, ...]:
     judged_name = runs[0].report.name if runs else None
@@ -48,12 +67,9 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
         b = p.budget
         refused = p.refused is not None and not p.refused.startswith(NOT_RUN)
         if b is None or refused:  # torch refuses it: what the emulation gives never runs
-            refusal = next((f for f in mine if f.severity == "error"), None)
-            out.append(Verdict(
-                p.name, p.engine, "refused", judged, None, None, None, None, None,
-                () if refusal is None else (Cause(refusal.code, refusal.severity,
-                                                  refusal.title, 1.0),),
-                0.0, False, None if refusal is None else refusal.fix))
+            out.append(Verdict(p.name, p.engine, "refused", judged, None, None, None, None,
+                               None, _refused_causes(mine, roots), 0.0, False,
+                               next((f.fix for f in mine if f.severity == "error"), None)))
             continue
         credit: dict[str, float] = {}
         rank = {s: i for i, s in enumerate(SEVERITIES)}
@@ -63,7 +79,10 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
             explaining = [f for f in mine if st.id in f.stages]
             if not explaining:
                 continue
-            best = min(explaining, key=lambda f: (f.code not in roots, rank[f.severity], f.code))
+            # an info finding costs nothing material: it takes a stage only when nothing
+            # else explains it (a root at no cost is no cause of another rule's excess)
+            best = min(explaining, key=lambda f: (f.severity == "info", f.code not in roots,
+                                                  rank[f.severity], f.code))
             credit[best.code] = credit.get(best.code, 0.0) + st.excess
         by_code = {f.code: f for f in mine}
         _credit_the_rest(credit, b.excess, mine, rank)

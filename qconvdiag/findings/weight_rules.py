@@ -485,3 +485,40 @@ def qcd026(ctx: Context) -> Iterator[Finding]:
             {"scale": float(steps.max()), "step_ratio": ratio, "vanished": vanished,
              "total": int(w.size), "excess": energy},
             _symmetric_fix(ctx, run), run, energy, ROUNDING)
+
+
+def qcd028(ctx: Context) -> Iterator[Finding]:
+    """Weights that are not qint8 (quint8, as the activations are): fbgemm and qnnpack (and
+    x86, whichever it hands the conv to) refuse them when they pack the weight; onednn takes
+    quint8 codes with zero point 0 and reads their bytes as int8, so codes above 127 turn
+    negative (with another zero point it refuses them: QCD022)."""
+    for engine in ctx.engines:
+        run = ctx.run("as_given", engine)
+        if run is None:
+            continue
+        held = run.spec.module.weight_qparams if run.spec.module else None
+        held_codes = run.spec.module.weight_codes if run.spec.module else None
+        for label, qp, codes in (("weight", run.spec.weight_qparams, run.spec.weight_codes),
+                                 ("module's weight", held, held_codes)):
+            if qp is None or codes is None or qp.dtype == "qint8":
+                continue
+            if run.kernel.kernel == "onednn":
+                flipped = int(np.count_nonzero(codes > 127))
+                if any(z != 0 for z in qp.zero_point) or not flipped:
+                    continue  # QCD022 names the zero point; codes below 128 read the same
+                what = (f"onednn reads {qp.dtype} weight bytes as int8: {flipped} of "
+                        f"{codes.size} codes are above 127 and turn negative (code c reads as "
+                        "c - 256)")
+            else:
+                what = (f"{engine} refuses {qp.dtype} weights when it packs them"
+                        + (f". torch says: {run.report.refused}" if run.report.refused
+                           else ""))
+            yield finding(
+                "QCD028", "error", f"{label} is {qp.dtype}: quantized convs take qint8 weights",
+                f"The {label} is quantized to {qp.dtype}; every engine's conv takes qint8 "
+                f"weights (onednn only with zero point 0). {what}.",
+                {"engine": engine, "tensor": label, "dtype": qp.dtype,
+                 "torch_error": run.report.refused},
+                weight_fix(ctx.case, run.kernel.kernel, qp.per_channel, run.spec.input_qparams),
+                run)
+            break

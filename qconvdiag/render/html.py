@@ -33,6 +33,7 @@ from . import html_data as data
 from .rich_report import (
     _sqnr,
     _values,
+    cause_share,
     engine_line,
     main_fix,
     other_sentence,
@@ -155,7 +156,8 @@ def verdict_section(report: Report) -> str:
     parts = [f'<p class="verdict">{escape(verdict_sentence(judged))}</p>']
     if judged.causes:
         parts.append(_table(("cause", "severity", "", "share of the excess"), [
-            (f"{i}. {c.code}", _severity(c.severity), escape(c.title), f"{c.share:.0%}")
+            (f"{i}. {c.code}", _severity(c.severity), escape(c.title),
+             cause_share(judged, i, c.share))
             for i, c in enumerate(judged.causes, 1)], escaped=True, numeric=(3,)))
     if judged.causes and judged.unexplained >= 0.05:
         parts.append(f"<p>{judged.unexplained:.0%} of the excess has no named cause.</p>")

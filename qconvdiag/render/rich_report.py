@@ -148,6 +148,14 @@ def other_sentence(v: Verdict) -> str:
     return f"{v.path} on {v.engine}: {STATUS_WORDS[v.status]}{sqnr}."
 
 
+def cause_share(v: Verdict, i: int, share: float) -> str:
+    """A cause's share of the excess; on a refused path, what stops it, then what would
+    remain once it runs."""
+    if v.status == "refused":
+        return "refused" if i == 1 else "then"
+    return f"{share:.0%}"
+
+
 def verdict_block(console: Console, report: Report) -> None:
     if not report.verdicts:
         return
@@ -169,7 +177,7 @@ def verdict_block(console: Console, report: Report) -> None:
             for i, c in enumerate(v.causes, 1):
                 rows.add_row(f"{i}. {c.code}", Text(f"{c.severity:<7}",
                                                     SEVERITY_STYLE[c.severity]),
-                             c.title, f"{c.share:.0%}")
+                             c.title, cause_share(v, i, c.share))
             console.print(Padding(rows, (0, 0, 0, INDENT * 2)))
         if v.causes and v.unexplained >= 0.05:
             console.print(_prose(f"  {v.unexplained:.0%} of the excess has no named cause."))
@@ -284,6 +292,10 @@ def render_rich(report: Report, console: Console | None = None, verbose: bool = 
         is_judged = judged is not None and (p.name, p.engine) == (judged.path, judged.engine)
         if is_judged or (verbose and p.engine == first):
             console.print()
+            if not any(s.applies for s in p.stages):  # no kernel defines its arithmetic
+                console.print(Text(f"{p.name} on {p.engine}: no stage ran: "
+                                   f"{p.refused or 'the path could not run'}."))
+                continue
             console.print(stage_table(p))
             console.print(stage_caption(p))
     if any(verbose or f.code != "QCD070" for f in report.findings):

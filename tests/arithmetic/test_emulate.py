@@ -135,6 +135,7 @@ def test_acceptance_table_row_matches_torch(row):
         "weight_dtype": (ok_x, per_tensor(0.1, 0, "quint8", "t")),
         "weight_symmetric": (ok_x, per_tensor(0.1, 3, "qint8", "t")),
         "per_channel_count": (ok_x, QParams((0.1, 0.2), (0, 0), "qint8", 1, "t")),
+        "input_per_channel": (QParams((0.1, 0.2), (10, 10), "quint8", 1, "t"), ok_w),
     }[row.rule]
     out_channels = 4 if row.rule == "per_channel_count" else 2
     assert row.test(*bad, out_channels) and not row.test(ok_x, ok_w, out_channels)

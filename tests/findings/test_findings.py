@@ -332,3 +332,76 @@ def test_a_layer_qconvdiag_does_not_run_on_torch_is_not_a_refusal() -> None:
     report = diagnose(lay.case(lay.setup()), Options(engine="fbgemm"))
     assert "QCD062" in _codes(report)
     assert all(v.status != "refused" for v in report.verdicts), report.verdicts
+
+
+def test_an_info_root_takes_no_stage_a_warning_or_error_explains() -> None:
+    """Per-tensor weights on qnnpack (its default: QCD023 is info) clipped by a scale 0.3x
+    what they need: the verdict names the clipping (QCD020, error), not the granularity advice
+    (it named QCD023 info 100% on a broken path)."""
+    lay = layer(6, "conv2d", "relu", spread=20.0)
+    report = diagnose(lay.case(lay.setup(weight_qparams=lay.weight_qp(0.3))),
+                      Options(engine="qnnpack"))
+    v = report.verdict
+    assert v is not None and v.status == "broken"
+    assert _codes(report, "as_given")["QCD023"] == "info"
+    assert v.causes[0].code == "QCD020" and v.causes[0].severity == "error"
+    assert "QCD023" not in [c.code for c in v.causes]
+
+
+def test_a_per_channel_input_is_refused_without_numbers_it_does_not_have() -> None:
+    """pytorch#84052: a per-channel quantized input. Every engine refuses it and no kernel
+    defines its arithmetic, so the path has no stage numbers and no input-clipping finding (it
+    used channel 0's qparams for every channel: a false QCD010 error). The verdict names what
+    stops it, then what would remain once it runs (an output zero point written for qint8)."""
+    import io
+
+    from rich.console import Console
+
+    from qconvdiag.render.rich_report import render_rich
+
+    lay = layer(2, inputs="normal")
+    per_channel = qp((np.abs(lay.x).max(axis=(0, 2, 3)) / 127).tolist(), 0, "quint8", 1)
+    out = lay.output_qp()
+    case = lay.case(lay.setup(input_qparams=per_channel,
+                              output_qparams=qp(out.scale[0], -16)))
+    report = diagnose(case, Options(engine="x86"))
+    given = next(p for p in report.paths if p.name == "as_given")
+    assert given.refused and given.budget is None and not any(s.applies for s in given.stages)
+    codes = _codes(report, "as_given")
+    assert codes["QCD011"] == "error" and "QCD010" not in codes
+    v = report.verdict
+    assert v is not None and v.status == "refused"
+    assert [(c.code, c.share) for c in v.causes][:2] == [("QCD011", 1.0), ("QCD053", 0.0)]
+    assert v.first_fix is not None and "quantize_per_tensor(x," in v.first_fix
+    text = io.StringIO()
+    render_rich(report, Console(file=text, width=100))
+    shown = text.getvalue()
+    assert "refused" in shown and "then" in shown and "no stage ran" in shown
+    assert "total RMSE 0," not in shown
+
+
+def test_a_fresh_module_is_told_from_a_weight_packed_by_hand_at_scale_one() -> None:
+    """Scale 1.0 and zero point 0 are a fresh module's weight qparams, and the float weight
+    packed at that scale (set_weight_bias) rounds mostly to 0 as well: nonzero codes of the
+    float weight, or the float bias beside all-zero codes, say it was packed (a coarse step,
+    QCD026); all-zero codes with a zero bias are a module never set (QCD024)."""
+    from qconvdiag.case import ModuleState
+    from qconvdiag.quantization.paths import holds_float_weight
+    from qconvdiag.quantization.qparams import quantize
+
+    one = qp(1.0, 0, "qint8")
+    x = np.random.default_rng(0).random((1, 2, 6, 6), dtype=np.float32)
+    small = np.full((3, 2, 3, 3), 0.2, np.float32)
+    bias = np.array([0.1, -0.2, 0.3], np.float32)
+    out = qp(0.1, 0)
+
+    def holds(w, b, module_bias):  # type: ignore[no-untyped-def]
+        case = build_case(x, w, b)
+        return holds_float_weight(case, ModuleState(quantize(w, one), one, module_bias, out))
+
+    big = small.copy()
+    big[0, 0, 0, 0] = 0.9  # one code rounds to 1
+    assert holds(big, None, None)
+    assert holds(small, bias, bias)  # all codes 0, the float bias packed beside them
+    assert not holds(small, bias, np.zeros(3, np.float32))  # a fresh module's zero bias
+    assert not holds(small, None, None)
