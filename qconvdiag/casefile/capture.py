@@ -34,8 +34,7 @@ def capture(
     """
     import torch
 
-    if not isinstance(conv, torch.nn.modules.conv._ConvNd) or getattr(conv, "transposed", False):
-        raise CaseError("capture() needs a float nn.Conv1d/Conv2d/Conv3d as 'conv'")
+    _refuse_other_modules(conv, qconv)
     if conv.padding_mode != "zeros":
         raise CaseError(
             f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv: "
@@ -76,6 +75,33 @@ def capture(
     if path is not None:
         save_case(case, path)
     return case
+
+
+def _refuse_other_modules(conv: Any, qconv: Any) -> None:
+    """Refuse what is not a float conv and its quantized twin, naming what was given: a
+    transposed conv, a Linear layer (quantized Linear layers are not diagnosed), a float conv
+    given as ``qconv``."""
+    import torch
+    from torch.ao.nn.quantized.modules.conv import _ConvNd as QuantizedConv
+
+    def kind(m: Any) -> str:
+        return f"{type(m).__module__}.{type(m).__name__}"
+
+    if not isinstance(conv, torch.nn.modules.conv._ConvNd):
+        raise CaseError(
+            f"capture() needs a float nn.Conv1d/Conv2d/Conv3d as 'conv', got {kind(conv)}"
+            + (": qconvdiag diagnoses convs; Linear layers are not supported"
+               if isinstance(conv, torch.nn.Linear) else ""))
+    if getattr(conv, "transposed", False) or getattr(qconv, "transposed", False):
+        raise CaseError(
+            "capture(): transposed convs (ConvTranspose1d/2d/3d) are not supported: qconvdiag "
+            "emulates torch's quantized Conv1d/Conv2d/Conv3d")
+    if qconv is not None and not isinstance(qconv, QuantizedConv):
+        raise CaseError(
+            f"capture() needs the quantized conv as 'qconv' (torch.ao.nn.quantized.Conv2d, "
+            f"ConvReLU2d, ... as convert() leaves it), got {kind(qconv)}"
+            + (": Linear layers are not supported" if "Linear" in type(qconv).__name__ else
+               "; in a model, qconvdiag.capture_model finds each conv's twin"))
 
 
 def _refuse_stale(qconv: Any, qinput: Any) -> None:

@@ -74,6 +74,10 @@ class _QuantEntries:
 
 def _check_known_keys(mapping: Mapping[str, Any], where: str) -> None:
     unknown = sorted(k for k in mapping if k not in KNOWN_KEYS)
+    if any(k.startswith("qconv._packed_params") for k in unknown):
+        raise CaseFileError(
+            f"{where}: 'qconv' holds a quantized Linear's state_dict (_packed_params): "
+            "qconvdiag diagnoses convs; Linear layers are not supported")
     if unknown:
         raise CaseFileError(
             f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown[:5])}; known keys are "
@@ -254,7 +258,8 @@ def _module_entry(mapping: Mapping[str, Any], where: str) -> ModuleState | None:
         return None
     w = mapping.get("qconv.weight")
     if w is None:
-        raise CaseFileError(f"{where}: qconv.* given without 'qconv.weight'")
+        raise CaseFileError(f"{where}: qconv.* given without 'qconv.weight': save the "
+                            "quantized conv's state_dict, {'qconv': qm.state_dict()}")
     if not isinstance(w, Quantized):
         qp = _qparams_entry(mapping, "qconv.weight_qparams")
         w = _codes_entry(mapping, "qconv.weight", qp, where)

@@ -229,6 +229,19 @@ def _no_quantized_conv(model: Any) -> str:
         return ("capture_model: the quantized model is a prepared one, not converted yet (its "
                 f"{type(observers[0]).__name__} modules still observe): calibrate it, then "
                 "pass what convert_pt2e, convert_fx or convert returns")
+    # convert_fx marks the graph it returns (torch.ao's quantize_fx: meta
+    # '_user_preserved_attributes'); a symbolic_trace of the float model has the same nodes
+    if isinstance(model, torch.fx.GraphModule) and "_user_preserved_attributes" in getattr(
+            model, "meta", {}) and any(
+            n.op == "call_module" and any(  # a conv, or a fused ConvReLU2d around one
+                isinstance(m, torch.nn.modules.conv._ConvNd)
+                for m in model.get_submodule(str(n.target)).modules())
+            for n in model.graph.nodes):
+        return ("capture_model: the quantized model is convert_fx's graph with every conv left "
+                "in float: convert_fx quantizes only what the backend supports, and its qconfig "
+                "asked for something else (activations must be quint8 and weights qint8: a "
+                "qint8 activation observer leaves the conv in float); prepare_fx with "
+                "get_default_qconfig_mapping(torch.backends.quantized.engine)")
     if isinstance(model, torch.fx.GraphModule):
         return ("capture_model: the quantized model is a graph without quantize or dequantize "
                 "nodes: a float graph (pass what convert_pt2e or convert_fx returns), or its "

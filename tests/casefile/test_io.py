@@ -349,3 +349,38 @@ def test_an_unknown_engine_entry_is_refused_in_one_line(tmp_path):
     with pytest.raises(CaseFileError, match="'engine' must be one of x86, fbgemm, onednn, "
                                             "qnnpack, got 'tpu'"):
         load_case(path)
+
+
+def test_capture_names_the_module_it_does_not_take(tmp_path):
+    """A Linear layer, a transposed conv, or a float conv given as qconv: one line naming what
+    was given (a user's quantized Linear passed as qconv read "qconv.* given without
+    'qconv.weight'"), and nothing written."""
+    import warnings
+
+    import torch
+
+    x = torch.rand(1, 3, 8, 8)
+    conv = torch.nn.Conv2d(3, 4, 3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        qlinear = torch.ao.nn.quantized.Linear(8, 4)
+        qtransposed = torch.ao.nn.quantized.ConvTranspose2d(3, 4, 3)
+    path = tmp_path / "case.pt"
+    for call, words in (
+        (lambda: qconvdiag.capture(conv, x, qconv=qlinear, path=path),
+         "quantized conv as 'qconv'.*Linear layers are not supported"),
+        (lambda: qconvdiag.capture(torch.nn.Linear(8, 4), x, path=path),
+         "got torch.nn.modules.linear.Linear"),
+        (lambda: qconvdiag.capture(torch.nn.ConvTranspose2d(3, 4, 3), x, path=path),
+         "transposed convs"),
+        (lambda: qconvdiag.capture(conv, x, qconv=qtransposed, path=path), "transposed convs"),
+        (lambda: qconvdiag.capture(conv, x, qconv=conv, path=path),
+         "got torch.nn.modules.conv.Conv2d"),
+    ):
+        with pytest.raises(CaseError, match=words):
+            call()
+        assert not path.exists()
+    torch.save({"input": x, "weight": conv.weight.detach(), "qconv": qlinear.state_dict()},
+               path)
+    with pytest.raises(CaseFileError, match="a quantized Linear's state_dict"):
+        load_case(path)

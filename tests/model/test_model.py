@@ -1382,3 +1382,28 @@ def test_calibration_batches_unlike_the_inputs_are_named_with_the_saturation() -
     assert all("prepare(model)" in x.fix and "# or, for this conv's output alone:" in x.fix
                for x in unlike)
     assert not any("not like these inputs" in x.message for x in found[1.0])
+
+
+def test_an_fx_model_left_in_float_names_its_qconfig():
+    """convert_fx quantizes only what the backend supports: with qint8 activations every conv
+    stays float, and capture_model says why (it blamed a float graph or the PT2E quantizer)."""
+    import warnings
+
+    from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.rand(2, 3, 10, 10)
+    qconfig = QConfig(activation=MinMaxObserver.with_args(dtype=torch.qint8),
+                      weight=PerChannelMinMaxObserver.with_args(
+                          dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), (x,))
+        prepared(x)
+        quantized = convert_fx(prepared)
+    with pytest.raises(QconvdiagError, match="convert_fx's graph with every conv left in float"
+                                             ".*activations must be quint8"):
+        qconvdiag.capture_model(model, quantized, x)
