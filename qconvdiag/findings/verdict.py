@@ -8,12 +8,13 @@ was picked for; up to three are kept, largest first.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..arithmetic.engines import NOT_RUN
 from ..measure.evidence import PathRun
-from ..report import SEVERITIES, Cause, Finding, Verdict
+from ..report import SEVERITIES, Budget, Cause, Finding, Verdict
 
 #: Causes the verdict names at most.
 MAX_CAUSES = 3
@@ -21,25 +22,55 @@ MAX_CAUSES = 3
 MIN_SHARE = 0.05
 
 
-def _credit_the_rest(credit: dict[str, float], total: float, mine: list[Finding],
-                     rank: dict[str, int]) -> None:
+def _credit_the_rest(credit: dict[str, float], b: Budget, mine: list[Finding],
+                     pick: Callable[[list[Finding]], Finding]) -> None:
     """When no stage's effect alone explains most of the excess (it shows only in the chain),
-    the rest goes to the most severe finding not yet named that claims at least half of it."""
-    rest = total - sum(credit.values())
-    if total <= 0 or rest < total / 2:
+    the rest goes to the most severe finding not yet named that claims at least half of it;
+    failing that, to the finding that explains the stage the chain moves most above its floor
+    (a stage whose effect alone is small, such as qnnpack's weight codes shifted past 255 by a
+    zero point outside qint8's range, which only the chain shows), chosen as the stages'
+    causes are (``pick``)."""
+    rest = b.excess - sum(credit.values())
+    if b.excess <= 0 or rest < b.excess / 2:
         return  # the stages explain most of it (the budget counts the whole only then)
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
     claims = [f for f in mine if f.code not in credit and f.severity != "info"
               and float(f.evidence.get("excess", 0.0) or 0.0) >= rest / 2]
     if claims:
         best = min(claims, key=lambda f: (rank[f.severity], f.code))
-        credit[best.code] = rest
+        credit[best.code] = credit.get(best.code, 0.0) + rest
+        return
+    for st in sorted(b.stages, key=lambda st: st.floor ** 2 - st.measured ** 2):
+        explaining = [f for f in mine if st.id in f.stages and f.severity != "info"]
+        if st.measured > st.floor and explaining:
+            best = pick(explaining)
+            credit[best.code] = credit.get(best.code, 0.0) + rest
+            return
 
 
-def _refused_causes(mine: list[Finding], roots: frozenset[str]) -> tuple[Cause, ...]:
-    """A path torch refuses: what stops it (the first error, share 1), then the root causes
-    that would remain once it runs, errors before warnings (share 0: a path that does not run
-    has no measured excess to share). Its fix alone would leave them in place."""
-    refusal = next((f for f in mine if f.severity == "error"), None)
+def _pick(explaining: list[Finding], roots: frozenset[str]) -> Finding:
+    """The finding a stage's excess is credited to: a root cause before its symptom, then the
+    more severe. An info finding costs nothing material: it takes a stage only when nothing
+    else explains it (a root at no cost is no cause of another rule's excess)."""
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    return min(explaining, key=lambda f: (f.severity == "info", f.code not in roots,
+                                          rank[f.severity], f.code))
+
+
+def _refusal(mine: list[Finding]) -> Finding | None:
+    """The finding that names what torch refuses (its evidence holds torch's error: QCD011,
+    QCD022, QCD025, QCD028), else the first error."""
+    errors = [f for f in mine if f.severity == "error"]
+    return next((f for f in errors if f.evidence.get("torch_error")),
+                next((f for f in errors if "torch_error" in f.evidence),
+                     errors[0] if errors else None))
+
+
+def _refused_causes(refusal: Finding | None, mine: list[Finding], roots: frozenset[str]
+                    ) -> tuple[Cause, ...]:
+    """A path torch refuses: what stops it (``refusal``, share 1), then the root causes that
+    would remain once it runs, errors before warnings (share 0: a path that does not run has
+    no measured excess to share). Its fix alone would leave them in place."""
     if refusal is None:
         return ()
     rank = {s: i for i, s in enumerate(SEVERITIES)}
@@ -67,25 +98,23 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
         b = p.budget
         refused = p.refused is not None and not p.refused.startswith(NOT_RUN)
         if b is None or refused:  # torch refuses it: what the emulation gives never runs
+            refusal = _refusal(mine)
             out.append(Verdict(p.name, p.engine, "refused", judged, None, None, None, None,
-                               None, _refused_causes(mine, roots), 0.0, False,
-                               next((f.fix for f in mine if f.severity == "error"), None)))
+                               None, _refused_causes(refusal, mine, roots), 0.0, False,
+                               None if refusal is None else refusal.fix))
             continue
         credit: dict[str, float] = {}
-        rank = {s: i for i, s in enumerate(SEVERITIES)}
+        pick = functools.partial(_pick, roots=roots)
         for st in b.stages:
             if st.excess <= 0:
                 continue
             explaining = [f for f in mine if st.id in f.stages]
             if not explaining:
                 continue
-            # an info finding costs nothing material: it takes a stage only when nothing
-            # else explains it (a root at no cost is no cause of another rule's excess)
-            best = min(explaining, key=lambda f: (f.severity == "info", f.code not in roots,
-                                                  rank[f.severity], f.code))
+            best = pick(explaining)
             credit[best.code] = credit.get(best.code, 0.0) + st.excess
         by_code = {f.code: f for f in mine}
-        _credit_the_rest(credit, b.excess, mine, rank)
+        _credit_the_rest(credit, b, mine, pick)
         named = sorted(credit.items(), key=lambda kv: -kv[1])
         causes = tuple(
             Cause(code, by_code[code].severity, by_code[code].title, float(energy / b.excess))

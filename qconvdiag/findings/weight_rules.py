@@ -520,5 +520,5 @@ def qcd028(ctx: Context) -> Iterator[Finding]:
                 {"engine": engine, "tensor": label, "dtype": qp.dtype,
                  "torch_error": run.report.refused},
                 weight_fix(ctx.case, run.kernel.kernel, qp.per_channel, run.spec.input_qparams),
-                run)
+                run, excess(run, *WEIGHT), WEIGHT)
             break

@@ -405,3 +405,41 @@ def test_a_fresh_module_is_told_from_a_weight_packed_by_hand_at_scale_one() -> N
     assert holds(small, bias, bias)  # all codes 0, the float bias packed beside them
     assert not holds(small, bias, np.zeros(3, np.float32))  # a fresh module's zero bias
     assert not holds(small, None, None)
+
+
+def test_a_refused_verdict_leads_with_what_torch_refuses() -> None:
+    """The handmade recipe on onednn: its weight zero point is refused (QCD022) and its output
+    qparams are the defaults (QCD050, an error too). The verdict leads with the refusal and
+    its fix (it led with QCD050, the first error in report order, and called it 'refused')."""
+    from qconvdiag.casefile.generate import RandomSpec, generate
+
+    report = diagnose(generate(RandomSpec(seed=0, recipe="handmade")), Options(engine="onednn"))
+    v = report.verdict
+    assert v is not None and v.status == "refused"
+    assert v.causes[0].code == "QCD022" and v.causes[0].share == 1.0
+    assert "QCD050" in [c.code for c in v.causes[1:]]
+    qcd022 = next(f for f in report.findings if f.code == "QCD022")
+    assert v.first_fix == qcd022.fix
+
+
+def test_a_broken_path_whose_cause_shows_only_in_the_chain_names_it() -> None:
+    """The handmade recipe on qnnpack with a weight zero point of 135 (above qint8's 127):
+    qnnpack's weight codes shift past 255, which the chain shows (weight_rounding adds 8.46
+    RMSE) but no stage's effect alone does. The verdict names the formula that gave that zero
+    point (it named nothing: 96% of the excess unexplained, no first fix)."""
+    from qconvdiag.casefile.generate import RandomSpec, generate
+
+    report = diagnose(generate(RandomSpec(seed=4, recipe="handmade")), Options(engine="qnnpack"))
+    v = report.verdict
+    assert v is not None and v.status == "broken"
+    assert v.causes and v.causes[0].code == "QCD021" and v.unexplained < 0.05
+    assert v.first_fix is not None
+
+
+def test_quint8_weight_codes_read_as_int8_by_onednn_are_the_verdict_s_cause() -> None:
+    """onednn reads quint8 weight codes above 127 as negative: QCD028 carries the weight
+    stages, so the broken verdict names it (it named nothing while QCD028 fired)."""
+    lay = layer(1)
+    case = lay.case(lay.setup(weight_qparams=qp(float(np.abs(lay.w).max()) / 255, 0, "quint8")))
+    v = diagnose(case, Options(engine="onednn")).verdict
+    assert v is not None and v.status == "broken" and v.causes[0].code == "QCD028"
