@@ -8,6 +8,7 @@ reaches the diagnosis has passed the same checks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,22 @@ class QuantSetup:
 #: A model walk's conv: the note its case carries (its input is what the quantized model gave it).
 MODEL_INPUT_NOTE = ("the input is the quantized input this conv received in the quantized model, "
                     "dequantized: this conv's own error, nothing before it")
+
+
+#: The padding modes torch's quantized convs take: their forward pads a 'reflect' conv's input
+#: with F.pad first, then runs the packed conv with padding 0 (any other mode is refused).
+PADDING_MODES = ("zeros", "reflect")
+REFLECT_NOTE = ("padding_mode='reflect': the input is reflect-padded as torch's quantized conv "
+                "pads it (F.pad), and the conv runs with padding 0")
+#: Notes a case file keeps (``notes``): what capture knew and the file cannot show. Every
+#: other note is made again when the file is read.
+PERSISTED_NOTES = (REFLECT_NOTE,)
+
+
+def reflect_padded(a: np.ndarray, padding: Sequence[int]) -> np.ndarray:
+    """``a`` (N, C, *spatial) reflect-padded by ``padding`` on each side of each spatial dim,
+    as F.pad(mode='reflect') pads it (codes are copied, so quantized inputs pad exactly)."""
+    return np.pad(a, [(0, 0), (0, 0), *((p, p) for p in padding)], mode="reflect")
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ConvCase
+from ..case import PADDING_MODES, REFLECT_NOTE, ConvCase
 from ..errors import CaseError
 from ..torch_calls import capture_warnings
 from .pt_reader import tensor_to_numpy
@@ -35,12 +35,25 @@ def capture(
     import torch
 
     _refuse_other_modules(conv, qconv)
-    if conv.padding_mode != "zeros":
+    if conv.padding_mode not in PADDING_MODES:
         raise CaseError(
-            f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv: "
-            "use padding_mode='zeros'"
-        )
+            f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv "
+            "(it takes 'zeros' and 'reflect'): use one of those")
     padding = _explicit_padding(conv)
+    reflect = conv.padding_mode == "reflect"
+    received = qinput  # what qconv is fed (it pads it itself)
+    if reflect:  # the quantized conv's forward: F.pad(input, mode='reflect'), then padding 0
+        import torch.nn.functional as F
+
+        each = ([padding] * (conv.weight.dim() - 2) if isinstance(padding, int)
+                else list(padding))
+        pads = [p for p in reversed(each) for _ in range(2)]  # F.pad's order: last dim first
+        if input is not None:
+            input = F.pad(torch.as_tensor(input), pads, mode="reflect")
+        if qinput is not None:
+            with capture_warnings():
+                qinput = F.pad(qinput, pads, mode="reflect")
+        padding = 0
     mapping: dict[str, Any] = {
         "weight": conv.weight.detach().float().cpu().numpy().copy(),
         "stride": list(conv.stride),
@@ -58,7 +71,7 @@ def capture(
         if qconv is not None:
             mapping.update(_module_entries(conv, qconv))
             if qinput is not None:
-                _refuse_stale(qconv, qinput)
+                _refuse_stale(qconv, received)
     if qconv is not None and "ReLU" in type(qconv).__name__:
         mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
     from ..arithmetic.engines import ENGINES
@@ -66,6 +79,8 @@ def capture(
     if qconv is not None and torch.backends.quantized.engine in ENGINES:
         # the engine its weight is packed for, as a model bundle records it (explain runs on it)
         mapping["engine"] = torch.backends.quantized.engine
+    if reflect:
+        mapping["notes"] = [REFLECT_NOTE]
     mapping["provenance"] = {
         "used_quantized_dtypes": qconv is not None or qinput is not None,
         "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])

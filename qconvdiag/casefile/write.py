@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ConvCase
+from ..case import PERSISTED_NOTES, ConvCase
 from ..errors import CaseFileError
 from ..quantization.qparams import CODE_DTYPES
 from ..writes import atomic_write
@@ -31,6 +31,9 @@ def case_to_mapping(case: ConvCase) -> dict[str, Any]:
         m["flow"] = case.flow
     if case.engine is not None:
         m["engine"] = case.engine
+    kept = [n for n in case.notes if n in PERSISTED_NOTES]  # the others are made on reading
+    if kept:
+        m["notes"] = kept
     s = case.setup
     if s is not None:
         for key, qp in (

@@ -14,6 +14,7 @@ the quantized conv fused it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ModuleState, QuantSetup, build_case
+from ..case import (
+    PADDING_MODES,
+    PERSISTED_NOTES,
+    REFLECT_NOTE,
+    ModuleState,
+    QuantSetup,
+    build_case,
+    reflect_padded,
+)
 from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
 from ..parallel import two_at_a_time
@@ -325,6 +334,11 @@ def _conv_pairs(float_model: Any, quantized_model: Any) -> dict[str, tuple[Any, 
             raise CaseError(f"capture_model: {name!r} has {fconv.in_channels}->"
                             f"{fconv.out_channels} channels in the float model, "
                             f"{qconv.in_channels}->{qconv.out_channels} quantized")
+        modes = (getattr(fconv, "padding_mode", "zeros"), getattr(qconv, "padding_mode", "zeros"))
+        if modes[0] != modes[1]:
+            raise CaseError(f"capture_model: {name!r} pads with padding_mode={modes[0]!r} in "
+                            f"the float model, {modes[1]!r} quantized: the quantized model was "
+                            "made from another float model (pass the one it was made from)")
         pairs[name] = (fconv, qconv)
     return pairs
 
@@ -347,10 +361,10 @@ def float_conv_at(float_model: Any, name: str, made_from: str) -> Any:
     if not isinstance(fconv, torch.nn.modules.conv._ConvNd) or fconv.transposed:
         raise CaseError(f"capture_model: {name!r} is a {type(fconv).__name__} in the float "
                         "model, not a Conv1d/2d/3d")
-    if getattr(fconv, "padding_mode", "zeros") != "zeros":
+    if getattr(fconv, "padding_mode", "zeros") not in PADDING_MODES:
         raise CaseError(f"capture_model: {name!r} pads with padding_mode="
-                        f"{fconv.padding_mode!r}; qconvdiag's emulation pads with zeros, "
-                        "as torch's quantized convs do")
+                        f"{fconv.padding_mode!r}, which torch's quantized convs do not take "
+                        "('zeros' and 'reflect' only)")
     return fconv
 
 
@@ -529,8 +543,17 @@ def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: A
     setup = QuantSetup(input_qparams=x_qp.with_source("user"), input_codes=x_codes,
                        module=module, used_quantized_dtypes=True,
                        apis=("torch.ao.nn.quantized",))
-    padding = fconv.padding if not isinstance(fconv.padding, str) else qconv.padding
-    return layer_capture(name, fconv, float_side, x_codes, x_qp, setup, list(padding), relu,
+    padding = list(fconv.padding if not isinstance(fconv.padding, str) else qconv.padding)
+    if getattr(fconv, "padding_mode", "zeros") == "reflect":
+        # the quantized conv pads its input itself (F.pad), then runs with padding 0: the case
+        # holds the padded input, as both convs see it
+        x_codes = reflect_padded(x_codes, padding)
+        float_side = dataclasses.replace(
+            float_side, input=reflect_padded(float_side.input, padding),
+            notes=(*float_side.notes, REFLECT_NOTE))
+        setup = dataclasses.replace(setup, input_codes=x_codes)
+        padding = [0] * len(padding)
+    return layer_capture(name, fconv, float_side, x_codes, x_qp, setup, padding, relu,
                          y_codes, y_qp, bn_name, calibration_range)
 
 
@@ -579,7 +602,8 @@ def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndar
                       stride=list(fconv.stride), padding=padding,
                       dilation=list(fconv.dilation), groups=fconv.groups, setup=setup,
                       source=name, activation="relu" if relu else None,
-                      notes=(MODEL_INPUT_NOTE,), flow=flow)
+                      notes=(MODEL_INPUT_NOTE,
+                             *(n for n in float_side.notes if n in PERSISTED_NOTES)), flow=flow)
     y_float = float_side.output
     notes = float_side.notes
     if output_float32:

@@ -384,3 +384,38 @@ def test_capture_names_the_module_it_does_not_take(tmp_path):
                path)
     with pytest.raises(CaseFileError, match="a quantized Linear's state_dict"):
         load_case(path)
+
+
+@pytest.mark.parametrize("fmt", [".pt", ".npz", ".safetensors"])
+def test_a_reflect_padded_conv_is_captured_as_torch_runs_it(tmp_path, fmt):
+    """torch's quantized conv takes padding_mode='reflect' (its forward pads with F.pad, then
+    runs with padding 0): the case holds the padded input and padding 0, the emulation gives
+    torch's codes, and the note survives the file (capture refused it, saying torch's quantized
+    conv pads with zeros: following that advice changed the model)."""
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect").eval()
+    x = torch.randn(2, 3, 9, 9)
+    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), conv,
+                                torch.ao.quantization.DeQuantStub()).eval()
+    model.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        prepared = torch.ao.quantization.prepare(model)
+        prepared(x)
+        quantized = torch.ao.quantization.convert(prepared)
+        qx = quantized[0](x)
+    case = qconvdiag.capture(conv, x, qconv=quantized[1], qinput=qx, path=tmp_path / f"c{fmt}")
+    assert case.input.shape == (2, 3, 11, 11) and case.geometry.padding == (0, 0)
+    loaded = load_case(tmp_path / f"c{fmt}")
+    assert any("padding_mode='reflect'" in n for n in loaded.notes)
+    report = qconvdiag.diagnose(loaded, qconvdiag.Options(engine="x86"))
+    given = next(p for p in report.paths if p.name == "as_given")
+    assert given.torch_check.ran and given.torch_check.mismatched_elements == 0
+    assert report.verdict is not None and report.verdict.status == "at_floor"
+    with pytest.raises(CaseError, match="'zeros' and 'reflect'"):
+        qconvdiag.capture(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), x,
+                          path=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from importlib import resources
@@ -527,8 +528,11 @@ def test_labels_in_batches_are_dropped_and_padding_modes_refused():
         warnings.simplefilter("ignore")
         pairs = qconvdiag.capture_model(f, q, [(x, torch.zeros(2)), (x, torch.ones(2))])
         assert all(lay.case.input.shape[0] == 4 for lay in pairs.layers)
-        f.stem.padding_mode = "reflect"
-        with pytest.raises(QconvdiagError, match="padding_mode='reflect'"):
+        f.stem.padding_mode = "replicate"  # torch's quantized convs take zeros and reflect
+        with pytest.raises(QconvdiagError, match="padding_mode='replicate'"):
+            qconvdiag.capture_model(f, q, x)
+        f.stem.padding_mode = "reflect"  # the quantized stem pads with zeros
+        with pytest.raises(QconvdiagError, match="'reflect' in the float model, 'zeros'"):
             qconvdiag.capture_model(f, q, x)
 
 
@@ -1407,3 +1411,30 @@ def test_an_fx_model_left_in_float_names_its_qconfig():
     with pytest.raises(QconvdiagError, match="convert_fx's graph with every conv left in float"
                                              ".*activations must be quint8"):
         qconvdiag.capture_model(model, quantized, x)
+
+
+def test_a_reflect_padded_conv_in_a_model_is_walked_as_torch_runs_it():
+    """A model with padding_mode='reflect' (the quantized conv pads its input itself): the
+    layer holds the padded input, the torch check finds 0 mismatches, and it is at its floor
+    (capture_model refused it, saying torch's quantized convs pad with zeros)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.ao.quantization.QuantStub(), torch.nn.Conv2d(3, 6, 3, padding=1,
+                                                           padding_mode="reflect"),
+        torch.nn.ReLU(), torch.nn.Conv2d(6, 4, 3, padding=2, padding_mode="reflect"),
+        torch.ao.quantization.DeQuantStub()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    model.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        prepared = torch.ao.quantization.prepare(copy.deepcopy(model))
+        prepared(x)
+        quantized = torch.ao.quantization.convert(prepared)
+    from qconvdiag.model.walk import WalkOptions, walk_model
+
+    report = walk_model(qconvdiag.capture_model(model, quantized, x),
+                        WalkOptions(top=0, torch_check="all")).report
+    assert [r.torch_mismatches for r in report.layers] == [0, 0]
+    assert all(r.verdict == "at_floor" for r in report.layers), report.layers
