@@ -147,9 +147,11 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
         own = [f"self.{attr}{i}" for i in range(1, r.calls + 1)]
         where = f" of {owner!r}" if owner else ""
         bns = r.bns or ("",) * len(r.convs)
-        groups = ", ".join("[" + ", ".join(f"'{m}'" for m in (c, b, o.removeprefix("self."))
-                                           if m) + "]"
-                           for c, b, o in zip(r.convs, bns, own))
+        # fuse_modules takes paths from the model it is given: the new modules' too
+        paths = [f"{owner}.{o.removeprefix('self.')}" if owner else o.removeprefix("self.")
+                 for o in own]
+        groups = ", ".join("[" + ", ".join(f"'{m}'" for m in (c, b, o) if m) + "]"
+                           for c, b, o in zip(r.convs, bns, paths))
         lasting = (f"# for good: one {r.kind} module per call, in __init__{where}\n"
                    + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
                    + "# each used at one call in forward; each conv's fused with it:\n"

@@ -286,3 +286,30 @@ def test_an_op_that_loses_the_signal_is_named_over_a_lost_activation():
     codes = {f.code: f for f in report.findings}
     assert codes["QCD065"].title.endswith("by ff's output qparams")
     assert codes[CODE].severity == "warning" and "input_sqnr_db" not in codes[CODE].evidence
+
+
+def test_the_lasting_fix_names_modules_by_their_path_in_the_model():
+    """A shared ReLU inside a submodule: the fuse list the fix prints takes paths from the
+    model, the new modules' too ('blk.relu1'; it printed 'relu1', and fuse_modules raised
+    AttributeError: 'Net' object has no attribute 'relu1', pytorch#118829's Bottleneck)."""
+    import ast
+    import re
+
+    class Parent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = Block()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blk(x)
+
+    model, x = Parent().eval(), torch.randn(4, 4, 10, 10)
+    quantized = _quantized(model, [["blk.conv1", "blk.bn1", "blk.relu"],
+                                   ["blk.conv2", "blk.bn2"]], x)
+    (f,) = _walk(model, quantized, x)[1].findings
+    groups = ast.literal_eval(re.search(r"fuse_modules\(model, (\[\[.*\]\])\)", f.fix)[1])
+    assert groups == [["blk.conv1", "blk.bn1", "blk.relu1"]]
+    lasting = copy.deepcopy(model)  # the fix's new modules, then its fuse list
+    lasting.blk.relu1, lasting.blk.relu2 = torch.nn.ReLU().eval(), torch.nn.ReLU().eval()
+    tq.fuse_modules(lasting, groups, inplace=True)
+    assert type(lasting.blk.conv1).__name__ == "ConvReLU2d"
