@@ -47,6 +47,11 @@ class ReusedActivation:
     """For each call on another op's output, the conv that ran last before it ("" if none)."""
     bns: tuple[str, ...] = ()
     """Per conv of ``convs``, the BatchNorm between it and the module ("" if none)."""
+    misfused: tuple[str, ...] = ()
+    """Convs (of the module's owner) that fused an activation of its kind in the quantized
+    model, where the float model calls none on their output: fused into a conv it never
+    follows (``['conv3', 'bn3', 'relu']`` for a ReLU the float model applies after the add),
+    so the quantized conv clips what the float model keeps."""
 
     @property
     def calls(self) -> int:
@@ -56,7 +61,7 @@ class ReusedActivation:
         return {"name": self.name, "kind": self.kind, "convs": list(self.convs),
                 "other_calls": self.other_calls, "lost": list(self.lost),
                 "lost_other": self.lost_other, "other_after": list(self.other_after),
-                "bns": list(self.bns)}
+                "bns": list(self.bns), "misfused": list(self.misfused)}
 
     def missing_after(self) -> tuple[str, ...]:
         """The convs after which the quantized model runs without the module: those that lost
@@ -74,15 +79,15 @@ class ReusedActivation:
                                                   for k in ("name", "kind")):
             raise bad()
         lists = [value.get(k) for k in ("convs", "lost")] + [value.get(k, []) for k in (
-            "other_after", "bns")]
+            "other_after", "bns", "misfused")]
         counts = [value.get(k) for k in ("other_calls", "lost_other")]
         if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in lists):
             raise bad()
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise bad()
-        convs, lost, after, bns = (tuple(str(c) for c in v or ()) for v in lists)
+        convs, lost, after, bns, misfused = (tuple(str(c) for c in v or ()) for v in lists)
         return ReusedActivation(value["name"], value["kind"], convs, int(counts[0] or 0),
-                                lost, int(counts[1] or 0), after, bns)
+                                lost, int(counts[1] or 0), after, bns, misfused)
 
 
 def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any,
@@ -95,6 +100,7 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
     import torch
 
     out = []
+    followed = {c for sites in calls.values() for c, _last in sites if c}
     for name, sites in calls.items():
         convs = tuple(dict.fromkeys(c for c, _last in sites if c))
         if len(sites) < 2 or not convs:
@@ -111,9 +117,12 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
         fused_away = isinstance(now, torch.nn.Identity)
         lost = tuple(c for c in convs if fused_away and c in qconvs
                      and kind not in type(qconvs[c]).__name__)
+        owner = name.rpartition(".")[0]
+        misfused = tuple(c for c, q in qconvs.items() if fused_away and kind in type(q).__name__
+                         and c not in followed and c.startswith(f"{owner}." if owner else ""))
         out.append(ReusedActivation(name, kind, convs, other, lost,
                                     other if fused_away else 0, after,
-                                    tuple(bns.get(c, "") for c in convs)))
+                                    tuple(bns.get(c, "") for c in convs), misfused))
     return tuple(out)
 
 
@@ -155,24 +164,34 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
         lasting = (f"# for good: one {r.kind} module per call, in __init__{where}\n"
                    + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
                    + "# each used at one call in forward; each conv's fused with it:\n"
-                   + f"#     fuse_modules(model, [{groups}])")
+                   + f"#     fuse_modules(model, [{groups}])"
+                   + "".join(f"\n# and {c} without a {r.kind} (the float model applies none "
+                             f"after it): fuse it with its BatchNorm alone, if it has one"
+                             for c in r.misfused))
         parent = f"quantized.get_submodule({owner!r})" if owner else "quantized"
         calls = _calls_text(r)
-        if r.lost or r.lost_other:
+        if r.lost or r.lost_other or r.misfused:
             gone = [*r.lost, *([f"{r.lost_other} call(s) after other ops"]
                                if r.lost_other else [])]
-            fix = (f"# now: a {r.kind} where fusion left Identity (after the conv that fused\n"
-                   f"# it, a second {r.kind} changes nothing)\n"
-                   f"{parent}.{attr} = torch.nn.{r.kind}()\n" + lasting)
+            into = (f" It was fused into {', '.join(r.misfused)}, whose output the float "
+                    f"model does not pass through it: there the quantized conv clips the "
+                    f"negative values the float model keeps." if r.misfused else "")
+            now = (f"# now: a {r.kind} where fusion left Identity (after the conv that fused\n"
+                   f"# it, a second {r.kind} changes nothing)\n" if not r.misfused else
+                   f"# now, at its own calls: a {r.kind} where fusion left Identity\n"
+                   f"# ({', '.join(r.misfused)} still clips: only quantizing again mends it)\n")
+            fix = (now + f"{parent}.{attr} = torch.nn.{r.kind}()\n" + lasting
+                   if r.lost or r.lost_other else lasting.replace("# for good: ", "# ", 1))
             mine = [loss for loss in blamed if set(loss.lost_after) & set(r.missing_after())]
             worst = min(mine, key=lambda loss: loss.input.sqnr_db
                         if loss.input.sqnr_db is not None else math.inf, default=None)
             cost = ""
-            level = "warning"
+            level = "error" if r.misfused else "warning"  # a conv clips what float keeps
             if worst is not None and worst.input.sqnr_db is not None:
                 cost = (f" {worst.layer}'s input is {worst.input.sqnr_db:.1f} dB from the float "
                         "model's there.")
-                level = "error" if worst.input.sqnr_db < LOST_DB else "warning"
+                level = ("error" if worst.input.sqnr_db < LOST_DB or r.misfused
+                         else "warning")
                 evidence = {**evidence, "conv": worst.layer,
                             "input_sqnr_db": worst.input.sqnr_db}
             found.append(Finding(
@@ -180,9 +199,10 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                 "into one conv, gone at its other calls",
                 f"The float model calls {r.kind} module {r.name!r} {calls}. fuse_modules "
                 "fused it into one conv and left Identity in its place, so the quantized "
-                f"model runs without it at {', '.join(gone)}: negative values pass there "
-                f"where the float model's {r.kind} clips them, and what follows receives "
-                f"them.{cost}", evidence, fix))
+                + (f"model runs without it at {', '.join(gone)}: negative values pass there "
+                   f"where the float model's {r.kind} clips them, and what follows receives "
+                   "them." if gone else "model keeps it at its own calls.")
+                + f"{into}{cost}", {**evidence, "misfused": list(r.misfused)}, fix))
         else:
             fix = ("exported = torch.export.export(model.eval(), (x,), strict=True).module()\n"
                    + lasting)

@@ -313,3 +313,40 @@ def test_the_lasting_fix_names_modules_by_their_path_in_the_model():
     lasting.blk.relu1, lasting.blk.relu2 = torch.nn.ReLU().eval(), torch.nn.ReLU().eval()
     tq.fuse_modules(lasting, groups, inplace=True)
     assert type(lasting.blk.conv1).__name__ == "ConvReLU2d"
+
+
+class Bottleneck(torch.nn.Module):
+    """NVIDIA's ResNet-50 Bottleneck (pytorch#118829): one ReLU after conv1's and conv2's
+    BatchNorm and after the residual add, none after conv3's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1, self.bn1 = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU()
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.dequant(self.relu(self.add.add(self.bn3(self.conv3(out)), x)))
+
+
+def test_a_relu_fused_into_a_conv_it_never_follows_is_named():
+    """['conv3', 'bn3', 'relu'] fuses the shared ReLU into conv3, whose output the float model
+    passes to the add without one: QCD064 says so, as an error, and its lasting fix fuses conv3
+    with its BatchNorm alone (the report named only the ReLU lost at conv1 and conv2)."""
+    model, x = Bottleneck().eval(), torch.randn(4, 4, 10, 10)
+    quantized = _quantized(model, [["conv1", "bn1"], ["conv2", "bn2"],
+                                   ["conv3", "bn3", "relu"]], x)
+    bundle, report = _walk(model, quantized, x)
+    (r,) = bundle.reused
+    assert r.misfused == ("conv3",) and r.lost == ("conv1", "conv2")
+    (f,) = report.findings
+    assert f.severity == "error" and "fused into conv3, whose output the float" in f.message
+    assert "conv3 without a ReLU" in f.fix and "conv3 still clips" in f.fix
+    right = _quantized(model, [["conv1", "bn1", "relu"], ["conv2", "bn2"], ["conv3", "bn3"]], x)
+    assert _walk(model, right, x)[0].reused[0].misfused == ()
