@@ -86,10 +86,13 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
          "1.0 can be represented. An output observer (calibration) or from_float sets them."),
         {"scale": qp.scale[0], "zero_point": qp.zero_point[0], "uncalibrated": uncalibrated,
          "excess": energy},
-        fix + ("\n# or the quantizer's flow, which sets them from observers:\n"
-               if run.report.engine in PT2E_ENGINES else
-               "\n# or the eager flow, which sets them from observers:\n")
-        + eager_flow(ctx.case, run.report.engine),
+        # converted without calibration: calibrating sets these and the input's at once
+        (eager_flow(ctx.case, run.report.engine) + "\n# or this conv's output qparams alone:\n"
+         + fix if uncalibrated else
+         fix + ("\n# or the quantizer's flow, which sets them from observers:\n"
+                if run.report.engine in PT2E_ENGINES else
+                "\n# or the eager flow, which sets them from observers:\n")
+         + eager_flow(ctx.case, run.report.engine)),
         run, energy, stages)
 
 
@@ -138,7 +141,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         if unlike:
             fix = ("# calibrate on inputs like these, prepared as at inference: every observer\n"
                    + eager_flow(ctx.case, run.report.engine)
-                   + "\n# or, for this conv's output alone:\n" + fix)
+                   + "\n# or this conv's output qparams alone:\n" + fix)
         production = run.report.name == "production"
         level = severity(run, energy)
         # a trim's cost is said, not warned about; a saturation that breaks the path, or

@@ -619,7 +619,7 @@ def test_a_model_converted_without_calibration_is_named_once(tmp_path):  # noqa:
     # fed that conv's input, which a model's script does not have); the flow runs
     detail = d.report.details[0]
     fix = next(x.fix for x in detail.report.findings if x.code == "QCD050")
-    flow = fix[fix.index("# or the eager flow"):]
+    flow = fix[:fix.index("# or this conv's output qparams alone")]  # calibrating comes first
     assert "torch.nn.Sequential(QuantStub(), conv" not in fix
     assert f"qm = quantized.get_submodule({detail.layer!r})" in flow
     model = fuse_modules(copy.deepcopy(f), models.FUSE_2D)
@@ -1383,7 +1383,7 @@ def test_calibration_batches_unlike_the_inputs_are_named_with_the_saturation() -
                         and x.path == "as_given"]
     unlike = [x for x in found[0.1] if "not like these inputs" in x.message]
     assert unlike, [x.message for x in found[0.1]]
-    assert all("prepare(model)" in x.fix and "# or, for this conv's output alone:" in x.fix
+    assert all("prepare(model)" in x.fix and "# or this conv's output qparams alone:" in x.fix
                for x in unlike)
     assert not any("not like these inputs" in x.message for x in found[1.0])
 
