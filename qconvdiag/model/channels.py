@@ -24,10 +24,17 @@ from .lost import LOST_DB
 from .screen import Screen
 
 CODE = "QCD066"
-#: A conv's output is this many dB worse than both its input and its own error (errors add:
-#: both at the same level cost 3 dB), and its input's median channel this many dB worse than
-#: the tensor as a whole.
+#: A conv's input's median channel is this many dB worse than the tensor as a whole.
 DROP_DB = 10.0
+#: And its output this many dB worse than its input's error and its own error added (errors
+#: that merely add cost at most 3 dB over the worse of the two: twice that is the conv
+#: drawing on the small channels).
+OUTPUT_DROP_DB = 6.0
+
+
+def added_db(a: float, b: float) -> float:
+    """The SQNR of two independent errors of SQNR ``a`` and ``b`` dB, added."""
+    return -10 * math.log10(10 ** (-a / 10) + 10 ** (-b / 10))
 
 
 @dataclass(frozen=True)
@@ -62,15 +69,16 @@ def channel_spread(lay: LayerCapture) -> ChannelSpread | None:
 
 def qcd066(layers: tuple[LayerCapture, ...], screens: dict[str, Screen], skip: set[str],
            pt2e: bool) -> list[Finding]:
-    """QCD066 at each conv whose output is DROP_DB worse than its input and its own error,
-    where its input's median channel is DROP_DB worse than the tensor (``skip``: convs whose
-    input QCD065 names as lost already)."""
+    """QCD066 at each conv whose output is OUTPUT_DROP_DB worse than its input's and its own
+    error added, where its input's median channel is DROP_DB worse than the tensor (``skip``:
+    convs whose input QCD065 names as lost already)."""
     found = []
     for i, lay in enumerate(layers):
         s = screens[lay.name]
         prop, got = s.propagated.sqnr_db, s.input.sqnr_db
         own = math.inf if s.own.sqnr_db is None else s.own.sqnr_db
-        if lay.name in skip or prop is None or got is None or prop > min(got, own) - DROP_DB:
+        if (lay.name in skip or prop is None or got is None
+                or prop > added_db(got, own) - OUTPUT_DROP_DB):
             continue
         spread = channel_spread(lay)
         if spread is None or spread.median_db > got - DROP_DB:
