@@ -97,8 +97,9 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
             continue
         sqnr = loss.input.sqnr_db
         level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"
-        first = loss.worst_before is None
         op = next((o for o in ops if o.name == loss.op), None)
+        # the model's input quantization (its stub, a Quantize op, or none seen)
+        first = loss.worst_before is None and (op is None or op.kind == "Quantize")
         if op is not None and len(op.after) > 1 and op.call_ranges:  # one module, several calls
             op = dataclasses.replace(op, shared=len(op.after))
         where = ("the model's input quantization" if first else

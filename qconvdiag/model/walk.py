@@ -225,18 +225,28 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = F
         got = s.input.sqnr_db
         if worst is None:
             if s.input_floor_ratio >= FAR:
-                why = ("was never calibrated (scale 1.0, zero point 0: run calibration "
-                       "batches between prepare and convert)" if s.input_defaults else
-                       "has a scale that does not fit the inputs (calibrate it on inputs "
-                       "scaled as at inference)")
                 named = between(ops, order, name)[:1]
-                numbers = "".join(f" {op.name}: {op.misfit()}." for op in named)
-                out.append(UpstreamLoss(
-                    name, s.input, s.input_floor_ratio, None, None,
-                    f"{name}'s input is {_db_text(got)} from the float model's, "
-                    f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: the "
-                    f"model's input quantization ({stub}) {why}, and loses it before any "
-                    f"conv.{numbers}", named[0].name if named else None))
+                head = (f"{name}'s input is {_db_text(got)} from the float model's, "
+                        f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: ")
+                if named and named[0].kind != "Quantize" and not s.input_defaults:
+                    # an op between the model's input and the first conv that does not
+                    # compute what the float model's does (measured), not the stub (a guess)
+                    op = named[0]
+                    out.append(UpstreamLoss(
+                        name, s.input, s.input_floor_ratio, None, None,
+                        f"{head}{op.name} ({op.kind}), between the model's input and {name}, "
+                        f"loses it: {op.misfit()}.", op.name))
+                else:
+                    why = ("was never calibrated (scale 1.0, zero point 0: run calibration "
+                           "batches between prepare and convert)" if s.input_defaults else
+                           "has a scale that does not fit the inputs (calibrate it on inputs "
+                           "scaled as at inference)")
+                    numbers = "".join(f" {op.name}: {op.misfit()}." for op in named)
+                    out.append(UpstreamLoss(
+                        name, s.input, s.input_floor_ratio, None, None,
+                        f"{head}the model's input quantization ({stub}) {why}, and loses it "
+                        f"before any conv.{numbers}",
+                        named[0].name if named and named[0].kind == "Quantize" else None))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]

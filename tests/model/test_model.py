@@ -1472,3 +1472,43 @@ def test_qcd066_weighs_the_output_against_both_errors_added():
 
     assert "head" in at(6.3)
     assert "head" not in at(13.1)
+
+
+def test_a_batchnorm_before_the_first_conv_that_moved_is_blamed_not_the_stub():
+    """A BatchNorm between the QuantStub and the first conv, calibrated in train mode on
+    brighter batches (a forum report's model): its running statistics moved, and QCD065 blames
+    it, with the eval-mode calibration as its fix (it blamed the QuantStub's scale, whose
+    output is fine, and its fix calibrated again without .eval())."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.quant, self.dequant = torch.ao.quantization.QuantStub(), \
+                torch.ao.quantization.DeQuantStub()
+            self.bn1 = torch.nn.BatchNorm2d(1)
+            self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.relu = torch.nn.ReLU()
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.bn1(self.quant(x))
+            return self.dequant(self.conv2(self.relu(self.conv1(x))))
+
+    f = Net().eval()
+    with torch.no_grad():
+        f.bn1.running_mean.fill_(0.5)
+        f.bn1.running_var.fill_(0.1)
+    q = copy.deepcopy(f).train()  # calibrated as it came out of training
+    q.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.prepare(q, inplace=True)
+        with torch.no_grad():
+            for i in range(8):
+                q(torch.rand(4, 1, 12, 12) * 2.0)
+        torch.ao.quantization.convert(q.eval(), inplace=True)
+    _b, d = walk(f, q, torch.rand(4, 1, 12, 12))
+    (lost,) = [x for x in d.report.findings if x.code == "QCD065"]
+    assert lost.title.endswith("by bn1's running statistics"), lost.title
+    assert "QuantStub" not in lost.message and "model.eval()" in lost.fix
