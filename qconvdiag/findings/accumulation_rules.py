@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..measure.budget import FAR
+from ..measure.evidence import PathRun
 from ..report import Finding
 from .base import Context, excess, finding, fmt, severity
 from .fixes import eager_flow, reduce_range_flow
@@ -49,16 +51,53 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     reduce_range_flow(ctx.case, engine, True), run, energy, (sid,))
             elif run.saturation_without_vnni:
                 n = run.saturation_without_vnni
+                cost = _without_vnni(run)
+                ratio = cost[2] if cost is not None else 0.0
                 yield finding(
-                    "QCD040", "info", "int16 pair saturation on CPUs without AVX512-VNNI",
+                    # this CPU computes it exactly: worth knowing, with what it would cost
+                    # there (the engines' default qconfigs keep 8-bit activations on onednn,
+                    # so a warning would fault healthy layers: 26 of the corpus's)
+                    "QCD040", "info",
+                    "int16 pair saturation on CPUs without AVX512-VNNI",
                     f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
                     f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "
                     f"this input (codes up to {int(run.spec.input_codes.max())}) would "
-                    f"saturate {n} pair sum{'s' if n != 1 else ''} there and change the "
-                    "result. 7-bit activations (reduce_range, the x86/fbgemm default) cannot.",
+                    f"saturate {n} pair sum{'s' if n != 1 else ''} there"
+                    + (f", moving {cost[0]} output{'s' if cost[0] != 1 else ''} by up to "
+                       f"{cost[1]} step{'s' if cost[1] != 1 else ''}: RMSE {fmt(cost[3])}, "
+                       f"{fmt(ratio)}x its floor" + (" (broken there)" if ratio >= FAR else "")
+                       if cost is not None else " and change the result")
+                    + ". 7-bit activations (reduce_range, the x86/fbgemm default) cannot.",
                     {"saturated_pairs_without_vnni": n,
-                     "max_input_code": int(run.spec.input_codes.max())},
+                     "max_input_code": int(run.spec.input_codes.max()),
+                     **({"outputs_moved_without_vnni": cost[0], "max_steps_without_vnni":
+                         cost[1], "floor_ratio_without_vnni": ratio} if cost else {})},
                     reduce_range_flow(ctx.case, engine, True), run)
+
+
+def _without_vnni(run: PathRun) -> tuple[int, int, float, float] | None:
+    """What the path's codes give on a CPU without AVX512-VNNI (its kernel pairing along K, as
+    fbgemm's GEMMs do there): (outputs that differ from this CPU's, the largest difference in
+    output steps, the RMSE's ratio to the path's floor, the RMSE against the float output)."""
+    import dataclasses
+
+    from ..arithmetic.accumulate import PAIRS_K
+    from ..arithmetic.emulate import emulate
+    from ..measure.evidence import exec_weight_qparams
+    from ..quantization.qparams import dequantize
+
+    b, em, y = run.report.budget, run.emulation, run.output_reference
+    if b is None or em is None or y is None or run.geometry is None or b.floor_rmse <= 0:
+        return None
+    spec = run.spec
+    paired = emulate(dataclasses.replace(run.kernel, accumulation=PAIRS_K), spec.input_codes,
+                     spec.input_qparams, spec.weight_codes,
+                     exec_weight_qparams(spec.weight_qparams), spec.bias, spec.output_qparams,
+                     run.geometry, run.activation == "relu")
+    diff = np.abs(paired.output_codes.astype(np.int64) - em.output_codes)
+    rmse = float(np.sqrt(np.mean(np.square(dequantize(paired.output_codes, spec.output_qparams)
+                                           - y))))
+    return int(np.count_nonzero(diff)), int(diff.max()), rmse / b.floor_rmse, rmse
 
 
 def qcd041(ctx: Context) -> Iterator[Finding]:

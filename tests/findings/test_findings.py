@@ -461,3 +461,47 @@ def test_an_uncalibrated_conv_s_first_fix_calibrates() -> None:
     first = main_fix(v.first_fix)
     assert "prepared(batch)" in first and "qm.scale" not in first
     assert "# or this conv's output qparams alone:" in v.first_fix
+
+
+def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
+    """8-bit activations (codes up to 255) against large positive weights: fbgemm's GEMMs on a
+    CPU without AVX512-VNNI saturate int16 pair sums. Where this CPU accumulates exactly,
+    QCD040 (info) says what that CPU would compute: its RMSE equals the as_given path's
+    measured with the ISA forced down to AVX2 (torch's kernels pairing, in a subprocess).
+    Where this CPU pairs already, the path itself saturates and QCD040 names it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qconvdiag.arithmetic.float_conv import conv64
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.casefile.write import save_case
+    from qconvdiag.quantization.qparams import quantize
+    from tests.corpus_faults import module
+
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (1, 16, 8, 8)).astype(np.float32)
+    w = rng.uniform(0.5, 1.0, (8, 16, 3, 3)).astype(np.float32)
+    out_qp = qp(float(conv64(x, w, None, build_case(x, w, None).geometry).max()) / 255, 0)
+    w_qp = qp(float(w.max()) / 127.5, 0, "qint8")
+    case = build_case(x, w, None, setup=QuantSetup(
+        input_qparams=qp(1 / 255, 0), weight_qparams=w_qp, output_qparams=out_qp,
+        module=module(quantize(w, w_qp), w_qp, None, out_qp)))
+    path = save_case(case, tmp_path / "pairs.npz")
+    report = diagnose(case, Options(engine="fbgemm"))
+    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    forced = subprocess.run([sys.executable, "-m", "qconvdiag", "explain", str(path),
+                             "--engine", "fbgemm", "--json"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert forced.returncode == 0, forced.stderr
+    there = next(p for p in json.loads(forced.stdout)["paths"] if p["name"] == "as_given")
+    assert there["torch_check"]["mismatched_elements"] == 0 and there["saturated_pairs"] > 0
+    f040 = next(f for f in report.findings if f.code == "QCD040" and f.path == "as_given")
+    given = next(p for p in report.paths if p.name == "as_given")
+    if given.saturated_pairs:  # this CPU pairs too: the path itself saturates
+        assert given.total.rmse == pytest.approx(there["total"]["rmse"], rel=1e-9)
+    else:
+        assert f040.severity == "info" and "x its floor" in f040.message
+        ratio = there["total"]["rmse"] / given.budget.floor_rmse
+        assert f040.evidence["floor_ratio_without_vnni"] == pytest.approx(ratio, rel=1e-6)

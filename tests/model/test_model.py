@@ -1499,13 +1499,14 @@ def test_a_batchnorm_before_the_first_conv_that_moved_is_blamed_not_the_stub():
     with torch.no_grad():
         f.bn1.running_mean.fill_(0.5)
         f.bn1.running_var.fill_(0.1)
+    torch.manual_seed(4)
     q = copy.deepcopy(f).train()  # calibrated as it came out of training
     q.qconfig = torch.ao.quantization.get_default_qconfig("x86")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.ao.quantization.prepare(q, inplace=True)
         with torch.no_grad():
-            for i in range(8):
+            for _ in range(8):
                 q(torch.rand(4, 1, 12, 12) * 2.0)
         torch.ao.quantization.convert(q.eval(), inplace=True)
     _b, d = walk(f, q, torch.rand(4, 1, 12, 12))
