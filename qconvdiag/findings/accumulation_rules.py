@@ -30,7 +30,8 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                 energy = excess(run, sid)
                 st = run.report.stage(sid)
                 module_note = ("" if ran is None else
-                               f" (the module's own weight: {ran.saturated_pairs} saturated pairs)")
+                               f" (the module's own weight: {ran.saturated_pairs} saturated pair"
+                               f"{'s' if ran.saturated_pairs != 1 else ''})")
                 rows = max(e.saturated_row_sums for e in saturated)
                 if rows:
                     module_note += (f"; {rows} window sums of input codes (the depthwise "
@@ -45,7 +46,8 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     f"sum{'s' if em.saturated_pairs != 1 else ''} saturated on the "
                     f"{run.report.name} path{module_note}, moving outputs by up to "
                     f"{fmt(st.delta.max_abs if st.delta else 0)} "
-                    f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps).",
+                    f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps) "
+                    "before the output's rounding and clamping.",
                     {"saturated_pairs": em.saturated_pairs, "saturated_row_sums": rows,
                      "accumulation": run.kernel.accumulation, "excess": energy},
                     reduce_range_flow(ctx.case, engine, True), run, energy, (sid,))
