@@ -68,14 +68,15 @@ def _refusal(mine: list[Finding]) -> Finding | None:
 
 def _refused_causes(refusal: Finding | None, mine: list[Finding], roots: frozenset[str]
                     ) -> tuple[Cause, ...]:
-    """A path torch refuses: what stops it (``refusal``, share 1), then the root causes that
-    would remain once it runs, errors before warnings (share 0: a path that does not run has
-    no measured excess to share). Its fix alone would leave them in place."""
+    """A path torch refuses: what stops it (``refusal``, share 1), then the warnings and errors
+    that would remain once it runs, root causes before symptoms, errors before warnings
+    (share 0: a path that does not run has no measured excess to share). Its fix alone would
+    leave them in place."""
     if refusal is None:
         return ()
     rank = {s: i for i, s in enumerate(SEVERITIES)}
-    rest = sorted((f for f in mine if f.code in roots and f.severity != "info"
-                   and f.code != refusal.code), key=lambda f: (rank[f.severity], f.code))
+    rest = sorted((f for f in mine if f.severity != "info" and f.code != refusal.code),
+                  key=lambda f: (f.code not in roots, rank[f.severity], f.code))
     seen: set[str] = {refusal.code}
     causes = [Cause(refusal.code, refusal.severity, refusal.title, 1.0)]
     for f in rest:

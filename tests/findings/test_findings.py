@@ -505,3 +505,17 @@ def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
         assert f040.severity == "info" and "x its floor" in f040.message
         ratio = there["total"]["rmse"] / given.budget.floor_rmse
         assert f040.evidence["floor_ratio_without_vnni"] == pytest.approx(ratio, rel=1e-6)
+
+
+def test_a_refused_verdict_lists_the_symptoms_that_would_remain() -> None:
+    """quint8 weights (refused on x86) and an output scale a tenth of what the output needs:
+    after the refusal, the verdict lists the saturation that would remain once it runs
+    (QCD051, a symptom: only root causes were listed, and it fell out of the verdict)."""
+    from tests.corpus_faults import asymmetric_quint8
+
+    lay = layer(1)
+    case = lay.case(lay.setup(weight_qparams=asymmetric_quint8(lay.w),
+                              output_qparams=lay.output_qp(0.1)))
+    v = diagnose(case, Options(engine="x86")).verdict
+    assert v is not None and v.status == "refused"
+    assert v.causes[0].code == "QCD028" and "QCD051" in [c.code for c in v.causes[1:]]
