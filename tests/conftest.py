@@ -19,6 +19,9 @@ GOLDEN_RTOL, GOLDEN_ATOL_FRACTION = 1e-4, 1e-6
 #: A healthy layer's RMSE over its modelled floor (budget.py), as measured on the corpus: the
 #: floor model is within this band for every layer torch's eager flow makes.
 FLOOR_MODEL_RANGE = (0.85, 1.55)
+#: The model walk's screen (metrics.difference, fused_pass) against float64 metrics: each
+#: chunk's sums of squares are float32 dots (relative, on the sums' RMSE and SQNR ratio).
+SCREEN_RTOL = 1e-5
 #: Emulated vs torch output codes: bit-exact.
 CODES_MAX_MISMATCH = 0
 

@@ -149,12 +149,12 @@ class DifferenceSums:
     def add(self, a: np.ndarray, r: np.ndarray) -> None:
         k = r.size
         e = np.subtract(a, r, out=_scratch(k, np.float32))
-        buf = _scratch(2 * k)
-        e64, r64 = buf[:k], buf[k:]
-        e64[:], r64[:] = e, r
         self.n += k
-        self.ee += float(np.dot(e64, e64))
-        self.rr += float(np.dot(r64, r64))
+        # a chunk's sums of squares in float32 (BLAS's dot: its partial sums in several
+        # lanes; at most 3.2e-5 relative on a chunk measured, 1.4e-4 dB), the chunks' in
+        # float64: 2.5x faster than widening each chunk to float64 first
+        self.ee += float(np.dot(e, e))
+        self.rr += float(np.dot(r, r))
         self.top = max(self.top, float(e.max()), -float(e.min()))
 
     @staticmethod
