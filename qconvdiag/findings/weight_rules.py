@@ -504,8 +504,19 @@ def qcd028(ctx: Context) -> Iterator[Finding]:
                 continue
             if run.kernel.kernel == "onednn":
                 flipped = int(np.count_nonzero(codes > 127))
-                if any(z != 0 for z in qp.zero_point) or not flipped:
-                    continue  # QCD022 names the zero point; codes below 128 read the same
+                if any(z != 0 for z in qp.zero_point):
+                    continue  # QCD022 names the zero point
+                if not flipped:  # read the same: worth knowing, as the other engines refuse
+                    yield finding(
+                        "QCD028", "info", f"{label} is {qp.dtype}: it runs on onednn only",
+                        f"The {label} is quantized to {qp.dtype}. onednn reads its bytes as "
+                        f"int8, and every code here is below 128, so they read the same; "
+                        "fbgemm, qnnpack and x86 refuse quint8 weights, and a weight whose "
+                        "codes reach 128 would turn negative here.",
+                        {"engine": engine, "tensor": label, "dtype": qp.dtype},
+                        weight_fix(ctx.case, run.kernel.kernel, qp.per_channel,
+                                   run.spec.input_qparams), run)
+                    break
                 what = (f"onednn reads {qp.dtype} weight bytes as int8: {flipped} of "
                         f"{codes.size} codes are above 127 and turn negative (code c reads as "
                         "c - 256)")

@@ -519,3 +519,12 @@ def test_a_refused_verdict_lists_the_symptoms_that_would_remain() -> None:
     v = diagnose(case, Options(engine="x86")).verdict
     assert v is not None and v.status == "refused"
     assert v.causes[0].code == "QCD028" and "QCD051" in [c.code for c in v.causes[1:]]
+
+
+def test_quint8_weights_onednn_reads_the_same_are_said_as_info() -> None:
+    """quint8 weights, zero point 0, every code below 128: onednn reads them as the same int8
+    codes, at no cost, while every other engine refuses them: QCD028 says so as info."""
+    lay = layer(1)
+    case = lay.case(lay.setup(weight_qparams=qp(float(np.abs(lay.w).max()) / 127, 0,
+                                                "quint8")))
+    assert _codes(diagnose(case, Options(engine="onednn")), "as_given")["QCD028"] == "info"
