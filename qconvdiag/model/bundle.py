@@ -107,6 +107,8 @@ def with_model_range(case: ConvCase, float_output: np.ndarray,
     marked as sampled; and the float model's own output there (``ConvCase.model_output``)."""
     lo, hi = ((float(float_output.min()), float(float_output.max())) if float_output.size
               else (0.0, 0.0))
+    if case.activation == "relu":  # the range the module's output qparams serve: after its
+        lo, hi = max(lo, 0.0), max(hi, 0.0)  # ReLU, which a float model may not apply there
     if calibration_range is not None:
         lo, hi = min(lo, calibration_range[0]), max(hi, calibration_range[1])
     return dataclasses.replace(case, output_range=(lo, hi),

@@ -155,10 +155,14 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         calibration, notes, say)
     say(f"capturing {len(pairs)} convs")
 
+    # convs whose quantized module fused an activation the float model does not apply after
+    # them (QCD064): their float output is compared as the float model gives it
+    misfused = {c for r in reused for c in r.misfused}
+
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
         return _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
-                      ranges.get(name))
+                      ranges.get(name), name in misfused)
 
     layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded
     from ..torch_calls import capture_warnings
@@ -517,11 +521,14 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
 
 
 def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: Any,
-           quantized_model: Any, calibration_range: tuple[float, float] | None
-           ) -> LayerCapture:
+           quantized_model: Any, calibration_range: tuple[float, float] | None,
+           misfused: bool = False) -> LayerCapture:
+    """``misfused``: the quantized conv fused a ReLU the float model does not apply after it
+    (QCD064): the float model's output there stays as it is (the propagated error then shows
+    what the fused ReLU clips); the case still models the module, its ReLU included."""
     bn_name = folded_bn(s, quantized_model)
     relu = "ReLU" in type(qconv).__name__
-    float_side = float_reference(fconv, s, keep, float_model, bn_name, relu)
+    float_side = float_reference(fconv, s, keep, float_model, bn_name, relu and not misfused)
     x_codes, x_qp = _codes(s.qinput, keep)
     y_codes, y_qp = _codes(s.qoutput, keep)
     try:

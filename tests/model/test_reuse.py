@@ -348,5 +348,12 @@ def test_a_relu_fused_into_a_conv_it_never_follows_is_named():
     (f,) = report.findings
     assert f.severity == "error" and "fused into conv3, whose output the float" in f.message
     assert "conv3 without a ReLU" in f.fix and "conv3 still clips" in f.fix
+    # conv3's float output is the float model's (negatives kept: its propagated error shows
+    # what the fused ReLU clips); its output qparams are judged on the range after the ReLU
+    conv3 = bundle.layer("conv3")
+    assert conv3.float_output.min() < 0 and conv3.case.output_range[0] == 0.0
+    assert conv3.case.activation == "relu"
     right = _quantized(model, [["conv1", "bn1", "relu"], ["conv2", "bn2"], ["conv3", "bn3"]], x)
-    assert _walk(model, right, x)[0].reused[0].misfused == ()
+    fused_right = _walk(model, right, x)[0]
+    assert fused_right.reused[0].misfused == ()
+    assert fused_right.layer("conv1").float_output.min() >= 0  # its ReLU, as the float model's
