@@ -28,7 +28,7 @@ CODE = "QCD064"
 @dataclass(frozen=True)
 class ReusedActivation:
     """An activation module the float model calls more than once per forward, at least once
-    after a conv."""
+    after a conv; or one the quantized model fused into a conv it never follows."""
 
     name: str
     """Its module path (``relu``)."""
@@ -103,8 +103,6 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
     followed = {c for sites in calls.values() for c, _last in sites if c}
     for name, sites in calls.items():
         convs = tuple(dict.fromkeys(c for c, _last in sites if c))
-        if len(sites) < 2 or not convs:
-            continue
         after = tuple(last for c, last in sites if not c)
         other = len(after)
         kind = type(float_model.get_submodule(name)).__name__
@@ -118,8 +116,16 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
         lost = tuple(c for c in convs if fused_away and c in qconvs
                      and kind not in type(qconvs[c]).__name__)
         owner = name.rpartition(".")[0]
-        misfused = tuple(c for c, q in qconvs.items() if fused_away and kind in type(q).__name__
+        # fused away, into none of the convs it follows: into one it never follows
+        fused_where_called = any(c in qconvs and kind in type(qconvs[c]).__name__
+                                 for c in convs)
+        misfused = tuple(c for c, q in qconvs.items()
+                         if fused_away and not fused_where_called and kind in type(q).__name__
                          and c not in followed and c.startswith(f"{owner}." if owner else ""))
+        # called more than once, once at least after a conv; or, once, fused into a conv it
+        # never follows (a ReLU after a residual add fused into the conv before the add)
+        if not ((len(sites) >= 2 and convs) or misfused):
+            continue
         out.append(ReusedActivation(name, kind, convs, other, lost,
                                     other if fused_away else 0, after,
                                     tuple(bns.get(c, "") for c in convs), misfused))
@@ -130,6 +136,9 @@ def _calls_text(r: ReusedActivation) -> str:
     """``after 2 convs (conv1, conv2)``, ``3 times per forward: after conv1 and after 2 other
     ops (an add, a pool)``."""
     convs = ", ".join(r.convs)
+    if not r.convs:  # fused into a conv it never follows
+        return ("once per forward, after another op (an add, a pool)" if r.other_calls == 1
+                else f"{r.other_calls} times per forward, after other ops (an add, a pool)")
     if not r.other_calls:
         return f"after {len(r.convs)} convs ({convs})"
     ops = "another op (an add, a pool)" if r.other_calls == 1 else (
@@ -161,10 +170,11 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                  for o in own]
         groups = ", ".join("[" + ", ".join(f"'{m}'" for m in (c, b, o) if m) + "]"
                            for c, b, o in zip(r.convs, bns, paths))
-        lasting = (f"# for good: one {r.kind} module per call, in __init__{where}\n"
-                   + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
-                   + "# each used at one call in forward; each conv's fused with it:\n"
-                   + f"#     fuse_modules(model, [{groups}])"
+        lasting = ((f"# for good: one {r.kind} module per call, in __init__{where}\n"
+                    + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
+                    + "# each used at one call in forward; each conv's fused with it:\n"
+                    + f"#     fuse_modules(model, [{groups}])" if r.calls > 1 and r.convs
+                    else f"# for good: keep {r.name!r} out of fuse_modules")
                    + "".join(f"\n# and {c} without a {r.kind} (the float model applies none "
                              f"after it): fuse it with its BatchNorm alone, if it has one"
                              for c in r.misfused))
@@ -196,7 +206,8 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                             "input_sqnr_db": worst.input.sqnr_db}
             found.append(Finding(
                 CODE, level, f"{r.kind} module {r.name!r} called several times: fused "
-                "into one conv, gone at its other calls",
+                "into one conv, gone at its other calls" if r.convs and r.calls > 1 else
+                f"{r.kind} module {r.name!r} fused into a conv it does not follow",
                 f"The float model calls {r.kind} module {r.name!r} {calls}. fuse_modules "
                 "fused it into one conv and left Identity in its place, so the quantized "
                 + (f"model runs without it at {', '.join(gone)}: negative values pass there "

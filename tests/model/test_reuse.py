@@ -357,3 +357,44 @@ def test_a_relu_fused_into_a_conv_it_never_follows_is_named():
     fused_right = _walk(model, right, x)[0]
     assert fused_right.reused[0].misfused == ()
     assert fused_right.layer("conv1").float_output.min() >= 0  # its ReLU, as the float model's
+
+
+class AddThenRelu(torch.nn.Module):
+    """A residual block whose only ReLU comes after the add: relu1 after conv1's BatchNorm,
+    `relu` once, after the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1, self.bn1 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.relu1, self.relu = torch.nn.ReLU(), torch.nn.ReLU()
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.dequant(self.relu(self.add.add(out, x)))
+
+
+def test_a_relu_used_once_after_the_add_fused_into_the_conv_before_it_is_named():
+    """['conv2', 'bn2', 'relu'] fuses the ReLU the float model applies after the add into
+    conv2: conv2 clips what the float model keeps until the add, and the add's output goes
+    without its ReLU. QCD064 names it though the module has one call (it looked only at
+    modules called more than once); conv2's propagated error shows the clipping."""
+    model, x = AddThenRelu().eval(), torch.randn(4, 4, 10, 10)
+    quantized = _quantized(model, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu"]], x)
+    bundle, report = _walk(model, quantized, x)
+    (r,) = bundle.reused
+    assert (r.name, r.convs, r.misfused, r.lost_other) == ("relu", (), ("conv2",), 1)
+    (f,) = [x for x in report.findings if x.code == "QCD064"]
+    assert f.severity == "error" and f.title.endswith("fused into a conv it does not follow")
+    assert "once per forward, after another op" in f.message and "fused into conv2" in f.message
+    assert "conv2 without a ReLU" in f.fix and "keep 'relu' out of fuse_modules" in f.fix
+    healthy = _quantized(model, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]], x)
+    assert _walk(model, healthy, x)[0].reused == ()
+    conv2 = report.layer("conv2")
+    fine = _walk(model, healthy, x)[1].layer("conv2")
+    assert conv2 is not None and fine is not None
+    assert conv2.propagated.sqnr_db < fine.propagated.sqnr_db - 10  # the clipping shows
