@@ -175,8 +175,8 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                     + "# each used at one call in forward; each conv's fused with it:\n"
                     + f"#     fuse_modules(model, [{groups}])" if r.calls > 1 and r.convs
                     else f"# for good: keep {r.name!r} out of fuse_modules")
-                   + "".join(f"\n# and {c} without a {r.kind} (the float model applies none "
-                             f"after it): fuse it with its BatchNorm alone, if it has one"
+                   + "".join(f"\n# and {c} without a {r.kind} (the float model applies\n"
+                             "# none after it): fuse it with its BatchNorm alone, if any"
                              for c in r.misfused))
         parent = f"quantized.get_submodule({owner!r})" if owner else "quantized"
         calls = _calls_text(r)
