@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ..case import PADDING_MODES, REFLECT_NOTE, ConvCase
+from ..case import PADDING_MODES, REFLECT_NOTE, ConvCase, reflect_padded
 from ..errors import CaseError
 from ..torch_calls import capture_warnings
+from .entries import Quantized
 from .pt_reader import tensor_to_numpy
 from .validate import case_from_mapping
 from .write import save_case
@@ -40,20 +41,6 @@ def capture(
             f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv "
             "(it takes 'zeros' and 'reflect'): use one of those")
     padding = _explicit_padding(conv)
-    reflect = conv.padding_mode == "reflect"
-    received = qinput  # what qconv is fed (it pads it itself)
-    if reflect:  # the quantized conv's forward: F.pad(input, mode='reflect'), then padding 0
-        import torch.nn.functional as F
-
-        each = ([padding] * (conv.weight.dim() - 2) if isinstance(padding, int)
-                else list(padding))
-        pads = [p for p in reversed(each) for _ in range(2)]  # F.pad's order: last dim first
-        if input is not None:
-            input = F.pad(torch.as_tensor(input), pads, mode="reflect")
-        if qinput is not None:
-            with capture_warnings():
-                qinput = F.pad(qinput, pads, mode="reflect")
-        padding = 0
     mapping: dict[str, Any] = {
         "weight": conv.weight.detach().float().cpu().numpy().copy(),
         "stride": list(conv.stride),
@@ -71,7 +58,7 @@ def capture(
         if qconv is not None:
             mapping.update(_module_entries(conv, qconv))
             if qinput is not None:
-                _refuse_stale(qconv, received)
+                _refuse_stale(qconv, qinput)
     if qconv is not None and "ReLU" in type(qconv).__name__:
         mapping["activation"] = "relu"  # ConvReLU: the float conv's output goes through a ReLU
     from ..arithmetic.engines import ENGINES
@@ -79,8 +66,8 @@ def capture(
     if qconv is not None and torch.backends.quantized.engine in ENGINES:
         # the engine its weight is packed for, as a model bundle records it (explain runs on it)
         mapping["engine"] = torch.backends.quantized.engine
-    if reflect:
-        mapping["notes"] = [REFLECT_NOTE]
+    if conv.padding_mode == "reflect":
+        _padded_as_the_quantized_conv_pads(mapping, padding, conv.weight.dim() - 2)
     mapping["provenance"] = {
         "used_quantized_dtypes": qconv is not None or qinput is not None,
         "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])
@@ -90,6 +77,22 @@ def capture(
     if path is not None:
         save_case(case, path)
     return case
+
+
+def _padded_as_the_quantized_conv_pads(mapping: dict[str, Any], padding: Any, dims: int
+                                       ) -> None:
+    """A reflect-padded conv's entries as torch's quantized conv runs it: its forward pads the
+    input (F.pad, mode 'reflect'), then runs the packed conv with padding 0; a note says so."""
+    each = [padding] * dims if isinstance(padding, int) else list(padding)
+    if "input" in mapping:
+        mapping["input"] = reflect_padded(mapping["input"], each)
+    q = mapping.get("qinput")
+    if isinstance(q, Quantized):
+        mapping["qinput"] = Quantized(reflect_padded(q.codes, each), q.qparams)
+    elif q is not None:
+        mapping["qinput"] = reflect_padded(q, each)
+    mapping["padding"] = 0
+    mapping["notes"] = [REFLECT_NOTE]
 
 
 def _refuse_other_modules(conv: Any, qconv: Any) -> None:

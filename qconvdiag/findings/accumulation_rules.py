@@ -86,6 +86,7 @@ def _without_vnni(run: PathRun) -> tuple[int, int, float, float] | None:
     from ..arithmetic.accumulate import PAIRS_K
     from ..arithmetic.emulate import emulate
     from ..measure.evidence import exec_weight_qparams
+    from ..measure.metrics import error_metrics
     from ..quantization.qparams import dequantize
 
     b, em, y = run.report.budget, run.emulation, run.output_reference
@@ -97,8 +98,8 @@ def _without_vnni(run: PathRun) -> tuple[int, int, float, float] | None:
                      exec_weight_qparams(spec.weight_qparams), spec.bias, spec.output_qparams,
                      run.geometry, run.activation == "relu")
     diff = np.abs(paired.output_codes.astype(np.int64) - em.output_codes)
-    rmse = float(np.sqrt(np.mean(np.square(dequantize(paired.output_codes, spec.output_qparams)
-                                           - y))))
+    rmse = error_metrics(dequantize(paired.output_codes, spec.output_qparams) - y, y,
+                         None).rmse
     return int(np.count_nonzero(diff)), int(diff.max()), rmse / b.floor_rmse, rmse
 
 

@@ -20,6 +20,8 @@ from ..report import SEVERITIES, Budget, Cause, Finding, Verdict
 MAX_CAUSES = 3
 #: A cause with less of the excess than this is left to the findings list.
 MIN_SHARE = 0.05
+#: Severities, most severe first (error 0).
+_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 
 def _credit_the_rest(credit: dict[str, float], b: Budget, mine: list[Finding],
@@ -33,11 +35,10 @@ def _credit_the_rest(credit: dict[str, float], b: Budget, mine: list[Finding],
     rest = b.excess - sum(credit.values())
     if b.excess <= 0 or rest < b.excess / 2:
         return  # the stages explain most of it (the budget counts the whole only then)
-    rank = {s: i for i, s in enumerate(SEVERITIES)}
     claims = [f for f in mine if f.code not in credit and f.severity != "info"
               and float(f.evidence.get("excess", 0.0) or 0.0) >= rest / 2]
     if claims:
-        best = min(claims, key=lambda f: (rank[f.severity], f.code))
+        best = min(claims, key=lambda f: (_RANK[f.severity], f.code))
         credit[best.code] = credit.get(best.code, 0.0) + rest
         return
     for st in sorted(b.stages, key=lambda st: st.floor ** 2 - st.measured ** 2):
@@ -52,9 +53,8 @@ def _pick(explaining: list[Finding], roots: frozenset[str]) -> Finding:
     """The finding a stage's excess is credited to: a root cause before its symptom, then the
     more severe. An info finding costs nothing material: it takes a stage only when nothing
     else explains it (a root at no cost is no cause of another rule's excess)."""
-    rank = {s: i for i, s in enumerate(SEVERITIES)}
     return min(explaining, key=lambda f: (f.severity == "info", f.code not in roots,
-                                          rank[f.severity], f.code))
+                                          _RANK[f.severity], f.code))
 
 
 def _refusal(mine: list[Finding]) -> Finding | None:
@@ -74,9 +74,8 @@ def _refused_causes(refusal: Finding | None, mine: list[Finding], roots: frozens
     leave them in place."""
     if refusal is None:
         return ()
-    rank = {s: i for i, s in enumerate(SEVERITIES)}
     rest = sorted((f for f in mine if f.severity != "info" and f.code != refusal.code),
-                  key=lambda f: (f.code not in roots, rank[f.severity], f.code))
+                  key=lambda f: (f.code not in roots, _RANK[f.severity], f.code))
     seen: set[str] = {refusal.code}
     causes = [Cause(refusal.code, refusal.severity, refusal.title, 1.0)]
     for f in rest:
