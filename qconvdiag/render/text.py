@@ -26,5 +26,9 @@ def engine_outputs(row: EngineRow) -> str:
         return "reference" if not row.causes else "refused"
     if row.differing_elements == 0:
         return f"same as {row.reference_engine}"
-    return (f"{row.differing_elements} outputs differ from {row.reference_engine}, "
-            f"up to {table_number(row.max_diff_lsb, 3)} steps")
+    n = row.differing_elements
+    # counted in the reference engine's output steps, which says whose steps they are: an
+    # engine with other qparams has steps of another size
+    return (f"{n} output{'s' if n != 1 else ''} differ{'s' if n == 1 else ''} from "
+            f"{row.reference_engine}, up to {table_number(row.max_diff_lsb, 3)} "
+            f"{row.reference_engine} output steps")

@@ -63,3 +63,16 @@ def test_a_path_at_its_floor_shows_no_share_of_an_excess():
     from qconvdiag.render import html
 
     assert "%<" in html.stage_table(path) and "%<" not in html.stage_table(quiet)
+
+
+def test_an_engine_row_names_whose_output_steps_it_counts_in():
+    """``--engine all`` counts a difference in the reference engine's output steps: the row
+    says which engine's, since an engine with other qparams has steps of another size (a user
+    read 'up to 0.498 steps' as onednn's when its output was a whole onednn step off)."""
+    from qconvdiag.render.text import engine_outputs
+    from qconvdiag.report import EngineRow
+
+    one = EngineRow("production", "onednn", "onednn", "exact", "x86", 1, 0.498)
+    assert engine_outputs(one) == "1 output differs from x86, up to 0.498 x86 output steps"
+    two = EngineRow("production", "qnnpack", "qnnpack", "exact", "x86", 7, 1.0)
+    assert engine_outputs(two) == "7 outputs differ from x86, up to 1 x86 output steps"
