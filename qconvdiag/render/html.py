@@ -258,7 +258,7 @@ def stage_table(p: PathReport) -> str:
         rows.append((s.id, table_number(s.delta.max_abs), table_number(s.cumulative.max_abs),
                      table_number(s.delta.rmse, 3), "" if sb is None else table_number(sb.floor, 3),
                      f"{share:.0%}" if share else "", _share_bar(share)))
-    return _table(("stage", "adds", "cumulative", "RMSE", "floor", "excess", ""), rows,
+    return _table(("stage", "max adds", "max so far", "RMSE adds", "floor", "excess", ""), rows,
                   escaped=True, numeric=(1, 2, 3, 4, 5))
 
 

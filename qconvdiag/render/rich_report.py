@@ -191,9 +191,9 @@ def stage_table(p: PathReport) -> Table:
     t = Table(title=f"{p.name} on {p.engine}: where the error comes from", box=None,
               title_justify="left", pad_edge=False, show_edge=False, padding=(0, 1))
     t.add_column("stage", no_wrap=True, min_width=17)
-    t.add_column("adds", justify="right", no_wrap=True)
-    t.add_column("cumulative", justify="right", no_wrap=True)
-    t.add_column("RMSE", justify="right", no_wrap=True)
+    t.add_column("max adds", justify="right", no_wrap=True)
+    t.add_column("max so far", justify="right", no_wrap=True)
+    t.add_column("RMSE adds", justify="right", no_wrap=True)
     t.add_column("floor", justify="right", no_wrap=True)
     t.add_column("excess", justify="right", no_wrap=True)
     t.add_column("", no_wrap=True)

@@ -66,6 +66,16 @@ def test_the_page_tells_the_story_first(forum):
     assert main_fix(report.verdict.first_fix) in body
 
 
+def test_the_stage_table_says_which_numbers_are_maxima(forum):
+    """The stage table's first two number columns are largest |changes| and errors, the third
+    an RMSE: their headers say so (a user read 'adds 0.49' beside an RMSE as the RMSE)."""
+    _, page = forum
+    headers = re.findall(r"<th(?: [^>]*)?>(.*?)</th>", page)
+    at = headers.index("stage")
+    assert headers[at:at + 6] == ["stage", "max adds", "max so far", "RMSE adds", "floor",
+                                  "excess"]
+
+
 def test_every_fix_is_a_copyable_code_block(forum):
     diagnosis, page = forum
     blocks = [unescape(b) for b in re.findall(
