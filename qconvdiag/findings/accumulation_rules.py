@@ -60,7 +60,12 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     # there (the engines' default qconfigs keep 8-bit activations on onednn,
                     # so a warning would fault healthy layers: 26 of the corpus's)
                     "QCD040", "info",
-                    "int16 pair saturation on CPUs without AVX512-VNNI",
+                    # the title is what a terminal report shows of an info finding: it says
+                    # what that CPU would do with these codes
+                    "int16 pair saturation on CPUs without AVX512-VNNI"
+                    + (": broken there" if ratio >= FAR else
+                       f": {cost[0]} output{'s' if cost[0] != 1 else ''} move there"
+                       if cost is not None and cost[0] else ""),
                     f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
                     f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "
                     f"this input (codes up to {int(run.spec.input_codes.max())}) would "

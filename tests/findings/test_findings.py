@@ -11,6 +11,7 @@ from qconvdiag import Options, diagnose
 from qconvdiag.arithmetic.engines import refusals
 from qconvdiag.case import build_case
 from qconvdiag.casefile.generate import forum_case
+from qconvdiag.measure.budget import FAR
 from qconvdiag.io import load_case
 from tests.corpus import healthy_layer
 from tests.corpus_faults import layer, qp
@@ -505,6 +506,10 @@ def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
         assert f040.severity == "info" and "x its floor" in f040.message
         ratio = there["total"]["rmse"] / given.budget.floor_rmse
         assert f040.evidence["floor_ratio_without_vnni"] == pytest.approx(ratio, rel=1e-6)
+        # the title, all a terminal report shows of an info finding, says what happens there
+        moved = f040.evidence["outputs_moved_without_vnni"]
+        assert moved > 0 and f040.title.endswith(
+            ": broken there" if ratio >= FAR else f": {moved} outputs move there")
 
 
 def test_a_refused_verdict_lists_the_symptoms_that_would_remain() -> None:
