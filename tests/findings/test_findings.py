@@ -11,8 +11,8 @@ from qconvdiag import Options, diagnose
 from qconvdiag.arithmetic.engines import refusals
 from qconvdiag.case import build_case
 from qconvdiag.casefile.generate import forum_case
-from qconvdiag.measure.budget import FAR
 from qconvdiag.io import load_case
+from qconvdiag.measure.budget import FAR
 from tests.corpus import healthy_layer
 from tests.corpus_faults import layer, qp
 from tests.repo import ROOT
