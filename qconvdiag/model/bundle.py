@@ -67,6 +67,10 @@ class LayerCapture:
     ``quantized_output_qparams`` is scale 1.0, zero point 0, as the kernel takes them."""
 
 
+#: The flows a quantized model comes from (``ModelBundle.flow``).
+FLOWS = ("eager", "fx", "pt2e")
+
+
 @dataclass(frozen=True, eq=False)
 class ModelBundle:
     layers: tuple[LayerCapture, ...]
@@ -91,6 +95,10 @@ class ModelBundle:
     lost_after: LostAfter | None = None
     """The model's output lost after its last conv (after.py); None where it is not, or not
     compared (a PT2E model, an output that is not one tensor)."""
+    flow: str = "eager"
+    """The flow that quantized the model: ``eager`` (prepare/convert), ``fx`` (convert_fx's
+    GraphModule) or ``pt2e`` (convert_pt2e's): the fixes that quantize it again are its
+    flow's."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -169,6 +177,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["stale"] = [s.to_dict() for s in bundle.stale]
     if bundle.lost_after is not None:
         meta["lost_after"] = bundle.lost_after.to_dict()
+    if bundle.flow == "fx":  # the engine tells a PT2E bundle; an eager one reads as before
+        meta["flow"] = bundle.flow
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -241,6 +251,12 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
     if not isinstance(ops, list) or not isinstance(stale, list):
         raise CaseFileError(f"{source}: 'ops' and 'stale' must be lists; capture the model "
                             "again")
+    from ..arithmetic.engines import PT2E_ENGINES
+
+    flow = meta.get("flow", "pt2e" if meta.get("engine") in PT2E_ENGINES else "eager")
+    if flow not in FLOWS:
+        raise CaseFileError(f"{source}: 'flow' must be one of {', '.join(FLOWS)}; capture the "
+                            "model again")
     flags = meta.get("cpu_flags")
     if flags is not None and not (isinstance(flags, list)
                                   and all(isinstance(f, str) for f in flags)):
@@ -254,7 +270,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        tuple(OpRange.from_mapping(op, source) for op in ops),
                        tuple(StaleRequantization.from_mapping(s, source) for s in stale),
                        None if meta.get("lost_after") is None
-                       else LostAfter.from_mapping(meta["lost_after"], source))
+                       else LostAfter.from_mapping(meta["lost_after"], source), flow)
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

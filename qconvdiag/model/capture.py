@@ -183,7 +183,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                         tuple(o.name for o in ops if last in o.after))
     # the CPU's flags, for QCD067 (engine.py: which engine's kernels ran an eager model's convs)
     return finish_bundle(layers, engine, path, notes, compiled, reused, ops,
-                         isa_flags() or None, tuple(stale), after)
+                         isa_flags() or None, tuple(stale), after,
+                         "fx" if isinstance(quantized_model, torch.fx.GraphModule) else "eager")
 
 
 def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[Any]],
@@ -298,10 +299,10 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   ops: tuple[OpRange, ...] = (),
                   cpu_flags: tuple[str, ...] | None = None,
                   stale: tuple[StaleRequantization, ...] = (),
-                  lost_after: LostAfter | None = None) -> ModelBundle:
+                  lost_after: LostAfter | None = None, flow: str = "eager") -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
-                         compiled, reused, cpu_flags, ops, stale, lost_after)
+                         compiled, reused, cpu_flags, ops, stale, lost_after, flow)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

@@ -29,6 +29,12 @@ _CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
 _EVAL_CALIBRATION = ("# calibrate in eval mode: BatchNorm then keeps its statistics (fusing each\n"
                      "# conv with its BatchNorm first, fuse_modules, folds it in: none runs)\n"
                      "model.eval()\n")
+_CALIBRATE_FX = ("from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx\n"
+                 "# the float model, with the qconfig mapping and example inputs as before\n"
+                 "prepared = prepare_fx(model, qconfig_mapping, example_inputs)\n"
+                 "for batch in calibration_batches:  # inputs as at inference\n"
+                 "    prepared(batch)\n"
+                 "quantized = convert_fx(prepared)")
 _CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
                    "    convert_pt2e, prepare_pt2e)\n"
                    "prepared = prepare_pt2e(exported, quantizer)  # as the model was\n"
@@ -41,6 +47,17 @@ _SCALES = ("# the op between them with a far-off output scale (an add, a pool, a
            "for name, m in quantized.named_modules():\n"
            "    if hasattr(m, \"scale\") and hasattr(m, \"zero_point\"):\n"
            "        print(name, type(m).__name__, float(m.scale), int(m.zero_point))")
+#: convert_fx's graph holds an add's or a cat's output qparams as the attributes its node reads
+_SCALES_FX = (_SCALES + "\n"
+              "for node in quantized.graph.nodes:  # convert_fx's functions (add, mul, ...)\n"
+              "    qp = [a for a in node.args if getattr(a, \"op\", \"\") == \"get_attr\"]\n"
+              "    if node.op == \"call_function\" and len(qp) == 2:\n"
+              "        print(node.name, [getattr(quantized, str(a.target)).item() for a in qp])")
+
+
+def calibration_fix(pt2e: bool, flow: str) -> str:
+    """The code that prepares, calibrates and converts the model again, in its flow."""
+    return _CALIBRATE_PT2E if pt2e else _CALIBRATE_FX if flow == "fx" else _CALIBRATE_EAGER
 
 
 DRIFT_CODE = "QCD069"
@@ -50,7 +67,7 @@ DRIFT_CODE = "QCD069"
 DRIFT_DB = 30.0
 
 
-def qcd069(ops: tuple[OpRange, ...], named: bool) -> Finding | None:
+def qcd069(ops: tuple[OpRange, ...], named: bool, flow: str = "eager") -> Finding | None:
     """QCD069: BatchNorm modules of the quantized model whose running statistics are not the
     float model's (``OpRange.drifted``: convert copies them exactly, so they moved in train
     mode, in calibration), whether or not a conv's input shows the loss (``named``: QCD065
@@ -78,7 +95,7 @@ def qcd069(ops: tuple[OpRange, ...], named: bool) -> Finding | None:
         "they moved in calibration: the model was calibrated in train mode (without .eval()), "
         "or the float model given is not the one quantized. The quantized model then computes "
         "another function than the float one, whatever each conv's numbers say.")
-    fix = _EVAL_CALIBRATION + _CALIBRATE_EAGER
+    fix = _EVAL_CALIBRATION + calibration_fix(False, flow)
     return Finding(DRIFT_CODE, level,
                    f"BatchNorm statistics moved in calibration ({names})", message,
                    {"batchnorms": [o.name for o in drifted], "mean_shift": shift,
@@ -86,11 +103,11 @@ def qcd069(ops: tuple[OpRange, ...], named: bool) -> Finding | None:
 
 
 def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = (),
-           engine: str = "") -> list[Finding]:
+           engine: str = "", flow: str = "eager") -> list[Finding]:
     """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a
     missing activation module explains (QCD064 names that). Where the loss names an op
     (``UpstreamLoss.op``, one of ``ops``), an op between convs gets that op's qparams as its
-    fix."""
+    fix. ``flow``: the model's (``ModelBundle.flow``), whose code the fixes are."""
     found = []
     for loss in losses:
         if loss.blamed_on == REUSE_CODE:  # QCD064 names it, with its cost
@@ -109,16 +126,16 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
                  f"{op.name}'s output qparams")
         if first:
             fix = ("# calibrate the model's input quantization on inputs as at inference\n"
-                   + (_CALIBRATE_PT2E if pt2e else _CALIBRATE_EAGER))
+                   + calibration_fix(pt2e, flow))
         elif op is not None and op.drifted():  # every BatchNorm moved, and its observer saw it
             moved = ", ".join(o.name for o in ops if o.drifted())
             fix = (f"# BatchNorm updated its running statistics in calibration ({moved}),\n"
                    "# and the observers saw its batch statistics\n"
-                   + _EVAL_CALIBRATION + _CALIBRATE_EAGER)
+                   + _EVAL_CALIBRATION + calibration_fix(False, flow))
         elif op is not None:
             fix = op.fix(engine)
         else:
-            fix = (_SCALES if not pt2e else
+            fix = (_SCALES_FX if flow == "fx" else _SCALES if not pt2e else
                    "# the op between them with a far-off output scale (an add, a pool, a cat):\n"
                    "# the quantize_per_tensor nodes of the converted graph\n"
                    "for node in converted.graph.nodes:\n"

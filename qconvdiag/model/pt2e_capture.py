@@ -312,7 +312,7 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
             notes.append("the compiled model, run once on the first batch under "
                          f"torch.no_grad(), failed ({compiled.error}); captured is the graph it "
                          "wraps")
-    return finish_bundle(layers, ENGINE, path, notes, compiled)
+    return finish_bundle(layers, ENGINE, path, notes, compiled, flow="pt2e")
 
 
 def _float_conv(float_model: Any, p: ConvPattern) -> Any:

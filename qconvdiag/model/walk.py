@@ -161,10 +161,11 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
-    upstream = upstream_losses([lay.name for lay in bundle.layers], screens, pt2e,
+    upstream = upstream_losses([lay.name for lay in bundle.layers], screens,
+                               pt2e or bundle.flow == "fx",
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
                                bundle.ops)
-    lost = qcd065(upstream, pt2e, bundle.ops, engine)
+    lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
         op.drifted() for u in upstream if u.blamed_on != REUSE_CODE
@@ -178,7 +179,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        *lost,
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e),
-                                       qcd069(bundle.ops, drift_named),
+                                       qcd069(bundle.ops, drift_named, bundle.flow),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
@@ -204,20 +205,20 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
 UPSTREAM_DB = 10.0
 
 
-def upstream_losses(order: list[str], screens: dict[str, Screen], pt2e: bool = False,
+def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: bool = False,
                     missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = ()
                     ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
     the convs before it (in model order: a residual branch's worst included), and its error
-    FAR times that floor too. ``pt2e``: the model is a convert_pt2e graph, whose input
-    quantization is a quantize_per_tensor node, not a QuantStub. ``missing``: convs that run
-    without the activation the float model applies after them (QCD064), and its kind: a loss
-    after one of them is blamed on that. ``ops``: the quantized ops with their own output
-    qparams (an eager model's, ops.py): one that ran just before the conv with qparams that do
-    not fit the float model's range there is named."""
-    stub = ("the quantize_per_tensor of the model's input" if pt2e else "its QuantStub")
+    FAR times that floor too. ``graph_input``: the model is a convert_pt2e or convert_fx
+    graph, whose input quantization is a quantize_per_tensor node, not a QuantStub.
+    ``missing``: convs that run without the activation the float model applies after them
+    (QCD064), and its kind: a loss after one of them is blamed on that. ``ops``: the quantized
+    ops with their own output qparams (an eager model's, ops.py): one that ran just before the
+    conv with qparams that do not fit the float model's range there is named."""
+    stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
     for name in order:

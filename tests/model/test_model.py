@@ -1513,3 +1513,78 @@ def test_a_batchnorm_before_the_first_conv_that_moved_is_blamed_not_the_stub():
     (lost,) = [x for x in d.report.findings if x.code == "QCD065"]
     assert lost.title.endswith("by bn1's running statistics"), lost.title
     assert "QuantStub" not in lost.message and "model.eval()" in lost.fix
+
+
+def test_an_fx_model_s_fixes_are_fx_code(tmp_path):
+    """A convert_fx model converted without calibration: QCD065 names the graph's input
+    quantization (a quantize_per_tensor node, not a QuantStub), and its fix prepares,
+    calibrates and converts with prepare_fx/convert_fx (it printed the eager flow's prepare and
+    convert, which on the FX float model quantize nothing and raise nothing). Run, the fix
+    gives the healthy FX model's walk. The bundle keeps the flow."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from qconvdiag.model.bundle import load_bundle
+    from tests.cpu import healthy_qconfig
+
+    f, _q = models.fx("x86")
+    mapping = get_default_qconfig_mapping("x86").set_global(healthy_qconfig("x86"))
+    example = (models.inputs(2, 1, 0),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uncalibrated = convert_fx(prepare_fx(copy.deepcopy(f), mapping, example))
+    path = tmp_path / "fx.pt"
+    qconvdiag.capture_model(f, uncalibrated, models.inputs(2, 8, 7), path)
+    bundle = load_bundle(path)
+    assert bundle.flow == "fx"
+    assert load_bundle(SAMPLE).flow == "eager"
+    assert load_bundle(SAMPLE.parent / "digits_pt2e.pt").flow == "pt2e"
+    d = walk_model(bundle, WalkOptions(top=0))
+    lost = next(x for x in d.report.findings if x.code == "QCD065")
+    assert "quantize_per_tensor of the model's input" in lost.message
+    assert "prepare_fx(model, qconfig_mapping, example_inputs)" in lost.fix
+    assert "convert_fx(prepared)" in lost.fix and "QuantStub" not in lost.fix
+    scope = {"model": copy.deepcopy(f), "qconfig_mapping": mapping, "example_inputs": example,
+             "calibration_batches": [models.inputs(2, 8, 100 + i) for i in range(4)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(lost.fix, "QCD065 fix", "exec"), scope)  # noqa: S102
+    _b, fixed = walk(f, scope["quantized"], models.inputs(2, 8, 7))
+    assert fixed.report.upstream == () and fixed.report.findings == ()
+    assert all(row.verdict == "at_floor" for row in fixed.report.layers)
+
+
+def test_an_fx_graph_s_op_qparams_are_printed_by_its_fix():
+    """The fix of a loss between convs that names no op prints every op's output qparams: in
+    a convert_fx graph an add's are the attributes its node reads, not a module's."""
+    import contextlib
+    import io
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from qconvdiag.model.lost import _SCALES_FX
+
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 4, 3)
+            self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            y = self.c1(x)
+            return y + self.c2(y)
+
+    x = models.inputs(2, 8, 7)[:, :3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(Residual().eval(), get_default_qconfig_mapping("x86"), (x,))
+        prepared(x)
+        q = convert_fx(prepared)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(_SCALES_FX, "QCD065 fix", "exec"), {"quantized": q})  # noqa: S102
+    printed = out.getvalue()
+    adds = [n.name for n in q.graph.nodes
+            if n.op == "call_function" and "quantized.add" in str(n.target)]
+    assert adds and all(name in printed for name in adds)
