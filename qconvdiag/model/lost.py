@@ -121,6 +121,8 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
             op = dataclasses.replace(op, shared=len(op.after))
         where = ("the model's input quantization" if first else
                  f"an op between {loss.worst_before} and {loss.layer}" if op is None else
+                 f"{op.name}, whose quantized kernel computes wrong values"
+                 if op.wrong is not None else
                  f"{op.name}'s running statistics" if op.drifted() else
                  f"{op.name}, one module for {op.shared} calls" if op.shared > 1 else
                  f"{op.name}'s output qparams")

@@ -28,6 +28,7 @@ from typing import Any
 from ..errors import CaseFileError
 from ..measure.budget import FAR, SAMPLE_RANGE
 from ..quantization.qparams import DTYPE_RANGES
+from .activations import ActivationCheck, WrongValues
 
 #: An op's qparams leave out this share of the float model's range there or more: the op loses
 #: the values beyond (they saturate).
@@ -74,6 +75,12 @@ class OpRange:
     adds): the float model's range at each call, on the captured samples."""
     shared: int = 1
     """``between``'s view of one call of such a module: how many calls share its qparams."""
+    wrong: WrongValues | None = None
+    """An activation module whose quantized kernel computed wrong values on its own input
+    (activations.py)."""
+    own_qparams: bool = True
+    """The module sets its output qparams (False: an activation that keeps its input's, such
+    as ReLU6, recorded for its wrong values only)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "scale": self.scale,
@@ -83,7 +90,9 @@ class OpRange:
                 **({} if self.stats is None else {"stats": list(self.stats)}),
                 **({"packed": True} if self.packed else {}),
                 **({"call_ranges": [list(r) for r in self.call_ranges]}
-                   if self.call_ranges else {})}
+                   if self.call_ranges else {}),
+                **({"wrong": self.wrong.to_dict()} if self.wrong is not None else {}),
+                **({"own_qparams": False} if not self.own_qparams else {})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> OpRange:
@@ -97,7 +106,10 @@ class OpRange:
                          None if stats is None else (float(stats[0]), float(stats[1]),
                                                      float(stats[2])),
                          bool(m.get("packed", False)),
-                         tuple((float(lo_), float(hi_)) for lo_, hi_ in m.get("call_ranges", ())))
+                         tuple((float(lo_), float(hi_)) for lo_, hi_ in m.get("call_ranges", ())),
+                         1, None if m.get("wrong") is None
+                         else WrongValues.from_mapping(m["wrong"]),
+                         bool(m.get("own_qparams", True)))
         except (KeyError, TypeError, ValueError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
@@ -129,7 +141,10 @@ class OpRange:
         """Why this op does not compute what the float model's does there (None: it does): a
         BatchNorm whose running statistics moved (``drifted``), a step FAR times too coarse
         for the float model's range there (SAMPLE_RANGE times on the captured samples'
-        range), or a representable range that leaves out MISSED_SHARE of it."""
+        range), or a representable range that leaves out MISSED_SHARE of it; first, a kernel
+        that computed wrong values (``wrong``)."""
+        if self.wrong is not None:
+            return self.wrong.message()
         if self.stats is not None and self.drifted():
             shift, low, high = self.stats
             return (f"its running statistics are not the float model's: a mean moved by "
@@ -137,7 +152,7 @@ class OpRange:
                     "(BatchNorm updates them in train mode: the model was calibrated without "
                     ".eval(), or the float model given is not the one quantized)")
         ideal = self.ideal_step()
-        if ideal <= 0:
+        if ideal <= 0 or not self.own_qparams:
             return None
         if self.shared > 1:
             return self._shared_misfit(ideal)
@@ -178,6 +193,8 @@ class OpRange:
         from ..findings.base import minmax_qparams
         from ..findings.fixes import repacked
 
+        if self.wrong is not None:
+            return self.wrong_values_fix(module)
         if self.shared > 1:
             owner, _, attr = self.name.rpartition(".")
             where = f" of {owner!r}" if owner else ""
@@ -197,6 +214,45 @@ class OpRange:
             + f"op = {module}.get_submodule({self.name!r})\n"
             f"op.scale = {values[0]}\nop.zero_point = {values[1]}",
             engine if self.packed else None, "op")
+
+
+    def wrong_values_fix(self, module: str = "quantized") -> str:
+        """A kernel that computed wrong values (``wrong``), worked around in the quantized
+        model: the module given a contiguous input where that is what it gets wrong, else run
+        in float (its float twin, ``model``'s module, between a dequantize and a quantize to its
+        output qparams)."""
+        assert self.wrong is not None
+        kind = self.wrong.kind
+        owner, _, attr = self.name.rpartition(".")
+        replace = ((f"owner = {module}.get_submodule({owner!r})\n" if owner
+                    else f"owner = {module}\n")
+                   + f"setattr(owner, {attr!r}, Fixed(getattr(owner, {attr!r})))")
+        if self.wrong.contiguous_ok:
+            return (f"# torch's quantized {kind} gets a channels_last input wrong: give it a\n"
+                    "# contiguous one\n"
+                    "import torch\n"
+                    "class Fixed(torch.nn.Module):\n"
+                    "    def __init__(self, op):\n"
+                    "        super().__init__()\n"
+                    "        self.op = op\n"
+                    "    def forward(self, x):\n"
+                    "        return self.op(x.contiguous())\n"
+                    + replace)
+        return (f"# torch's quantized {kind} computes wrong values: run it in float, its\n"
+                "# output quantized as the module's\n"
+                "import copy\n"
+                "import torch\n"
+                "class Fixed(torch.nn.Module):\n"
+                "    def __init__(self, op):\n"
+                "        super().__init__()\n"
+                "        self.op = op\n"
+                f"        self.float_op = copy.deepcopy(model.get_submodule({self.name!r}))\n"
+                "    def forward(self, x):\n"
+                "        scale = float(getattr(self.op, 'scale', x.q_scale()))\n"
+                "        zero_point = int(getattr(self.op, 'zero_point', x.q_zero_point()))\n"
+                "        return torch.quantize_per_tensor(self.float_op(x.dequantize()),\n"
+                "                                         scale, zero_point, x.dtype)\n"
+                + replace)
 
 
 def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:
@@ -258,6 +314,7 @@ class OpRecorder:
         self.packed: set[str] = set()
         self.calls_now: dict[str, int] = {}
         self.call_ranges: dict[str, list[tuple[float, float]]] = {}
+        self.activations = ActivationCheck(float_model, quantized_model, lambda: self.last)
         for name, qconv in qconvs.items():
             self.handles.append(qconv.register_forward_hook(self._conv_ran(name)))
         for name, m in own_qparams_modules(quantized_model, set(qconvs)).items():
@@ -327,6 +384,7 @@ class OpRecorder:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.activations.remove()
 
     def results(self, calibration: dict[str, tuple[float, float]] | None
                 ) -> tuple[OpRange, ...]:
@@ -348,7 +406,16 @@ class OpRecorder:
                 math.isfinite(a) and math.isfinite(b) for a, b in calls)
             out.append(OpRange(name, kind, scale, zp, dtype, lo, hi, tuple(self.after[name]),
                                calibration is None, tensors, self.stats.get(name),
-                               name in self.packed, tuple(calls) if shared else ()))
+                               name in self.packed, tuple(calls) if shared else (),
+                               wrong=self.activations.found.get(name)))
+        # an activation that keeps its input's qparams (ReLU6): recorded where it was wrong
+        recorded = {op.name for op in out}
+        for name, wrong in self.activations.found.items():
+            if name not in recorded:
+                scale, zp, dtype = self.activations.qparams[name]
+                out.append(OpRange(name, wrong.kind, scale, zp, dtype, 0.0, 0.0,
+                                   (self.activations.after[name],), calibration is None,
+                                   False, wrong=wrong, own_qparams=False))
         return tuple(out)
 
 

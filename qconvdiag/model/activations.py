@@ -1,0 +1,173 @@
+"""Quantized activation modules checked against their float twin, on their own input.
+
+An elementwise activation module of a quantized model (ReLU6, Hardtanh, Hardswish, Sigmoid, ...)
+runs torch's quantized kernel for it. Its output should be its float twin's (the float model's
+module at the same path) applied to its dequantized input, up to the output's rounding. Where
+it is not, the kernel computes wrong values, and no qparams explain it: measured with torch
+2.13, qnnpack's quantized ReLU6 and Hardtanh write wrong values on a channels_last input (what
+every quantized conv writes), up to 6.0 off on MobileNetV2's ReLU6, and right ones on the same
+values contiguous. QCD065 names such a module where the conv after it loses its input
+(ops.py: ``OpRange.wrong``).
+
+The check runs in the quantized model's first forward only, on its first sample (a kernel's
+fault shows on any); a module whose output is right records nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+#: Elementwise activation modules (class names) whose quantized kernel is checked.
+CHECKED = frozenset({"ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "Sigmoid", "Tanh",
+                     "LeakyReLU", "ELU"})
+#: An output is wrong when it lies more than this many output steps from its float twin's value
+#: (clamped to the representable range): rounding gives half a step, the kernels' lookup
+#: tables and approximations at most one.
+OFF_STEPS = 2.0
+#: A kernel computes wrong values when this share of its outputs is wrong, or more.
+WRONG_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class WrongValues:
+    """A quantized activation module whose outputs are not its float twin's on its input."""
+
+    kind: str
+    wrong: int
+    """Outputs more than OFF_STEPS output steps off."""
+    total: int
+    max_steps: float
+    """The largest difference, in output steps."""
+    contiguous_ok: bool
+    """On the same values in a contiguous tensor the kernel is right: the memory format is
+    what it gets wrong."""
+    channels_last: bool
+    """Its input was channels_last."""
+
+    def message(self) -> str:
+        fmt = " (its input is channels_last)" if self.channels_last else ""
+        why = ("; on the same values in a contiguous tensor it is right: torch's kernel gets "
+               "the memory format wrong" if self.contiguous_ok else "")
+        return (f"torch's quantized {self.kind} computes wrong values on its own input{fmt}: "
+                f"{self.wrong} of the first sample's {self.total} outputs are more than "
+                f"{OFF_STEPS:g} steps from the float {self.kind}'s (up to "
+                f"{self.max_steps:.1f} steps), which no qparams explain{why}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "wrong": self.wrong, "total": self.total,
+                "max_steps": self.max_steps, "contiguous_ok": self.contiguous_ok,
+                "channels_last": self.channels_last}
+
+    @staticmethod
+    def from_mapping(m: Any) -> WrongValues:
+        return WrongValues(str(m["kind"]), int(m["wrong"]), int(m["total"]),
+                           float(m["max_steps"]), bool(m["contiguous_ok"]),
+                           bool(m["channels_last"]))
+
+
+class ActivationCheck:
+    """Hooks on the quantized model's activation modules (CHECKED) that have a float twin of
+    the same class at the same path: in its first forward, each one's output against the twin
+    applied to its dequantized input. ``found``: the modules whose kernel computed wrong
+    values, by path. ``last``: the conv that ran last in the quantized model (ops.py's
+    recorder)."""
+
+    def __init__(self, float_model: Any, quantized_model: Any, last: Callable[[], str]) -> None:
+        self.handles: list[Any] = []
+        self.found: dict[str, WrongValues] = {}
+        self.after: dict[str, str] = {}
+        """The conv that ran last before each module found."""
+        self.qparams: dict[str, tuple[float, int, str]] = {}
+        """Each module found's output qparams (scale, zero point, dtype)."""
+        self.last = last
+        self.done = False
+        floats = dict(float_model.named_modules())
+        for name, m in quantized_model.named_modules():
+            kind = type(m).__name__
+            twin = floats.get(name)
+            if not name or kind not in CHECKED or twin is None or type(twin).__name__ != kind:
+                continue
+            inputs: list[Any] = []
+            self.handles.append(m.register_forward_pre_hook(self._before(inputs)))
+            self.handles.append(m.register_forward_hook(self._after(name, m, twin, inputs)))
+        self.handles.append(quantized_model.register_forward_hook(self._forward_done))
+
+    def _before(self, inputs: list[Any]) -> Callable[..., None]:
+        def hook(_m: Any, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if not self.done and x is not None and getattr(x, "is_quantized", False):
+                # the first sample's values (a kernel's fault shows on any), copied (an in-place
+                # module overwrites them) and contiguous whatever the input's memory format (a
+                # quantized clone does not keep channels_last), and that format
+                first = x[:1] if x.dim() > 1 else x
+                inputs[:] = [(first.clone().contiguous(), _channels_last(x), x.is_contiguous())]
+        return hook
+
+    def _after(self, name: str, module: Any, twin: Any, inputs: list[Any]
+               ) -> Callable[..., None]:
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            if self.done or not inputs:
+                return
+            x, channels_last, contiguous = inputs.pop()
+            first = out[:1] if getattr(out, "dim", lambda: 0)() > 1 else out
+            wrong = _check(module, twin, x, first, channels_last, contiguous)
+            if wrong is not None:
+                self.found[name] = wrong
+                self.after[name] = self.last()
+                self.qparams[name] = (float(out.q_scale()), int(out.q_zero_point()),
+                                      str(out.dtype).split(".")[-1])
+        return hook
+
+    def _forward_done(self, _m: Any, _args: Any, _out: Any) -> None:
+        self.done = True
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _channels_last(x: Any) -> bool:
+    import torch
+
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def _check(module: Any, twin: Any, x: Any, out: Any, channels_last: bool, contiguous: bool
+           ) -> WrongValues | None:
+    """``module``'s output ``out`` on its quantized input (``x``: its values, contiguous; the
+    input was ``channels_last``, or ``contiguous``) against ``twin`` on ``x`` dequantized
+    (None: right, or nothing to compare)."""
+    import torch
+
+    if not (isinstance(out, torch.Tensor) and out.is_quantized and out.shape == x.shape
+            and out.qscheme() == torch.per_tensor_affine and x.qscheme()
+            == torch.per_tensor_affine and out.numel()):
+        return None
+    off = _steps_off(twin, x, out)
+    wrong = int((off > OFF_STEPS).sum())
+    if wrong < WRONG_SHARE * out.numel():
+        return None
+    contiguous_ok = False
+    if not contiguous:
+        with torch.no_grad():  # forward: no hook of the capture's sees this second call
+            again = module.forward(x)
+        contiguous_ok = bool((_steps_off(twin, x, again) <= OFF_STEPS).all())
+    return WrongValues(type(module).__name__, wrong, int(out.numel()), float(off.max()),
+                       contiguous_ok, channels_last)
+
+
+def _steps_off(twin: Any, x: Any, out: Any) -> Any:
+    """|out - twin(x)| in out's steps, twin(x) clamped to out's representable range."""
+    import torch
+
+    s, zp = float(out.q_scale()), int(out.q_zero_point())
+    low, high = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}.get(out.dtype, (None, None))
+    if low is None or high is None:
+        return torch.zeros(out.shape)
+    with torch.no_grad():  # forward: the float model's hooks do not see this call
+        want = twin.forward(x.dequantize()).clamp((low - zp) * s, (high - zp) * s)
+    return (out.dequantize() - want).abs() / s
