@@ -64,7 +64,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     # what that CPU would do with these codes
                     "int16 pair saturation on CPUs without AVX512-VNNI"
                     + (": broken there" if ratio >= FAR else
-                       f": {cost[0]} output{'s' if cost[0] != 1 else ''} move there"
+                       f": {cost[0]} output{'s move' if cost[0] != 1 else ' moves'} there"
                        if cost is not None and cost[0] else ""),
                     f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
                     f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "

@@ -31,4 +31,4 @@ def engine_outputs(row: EngineRow) -> str:
     # engine with other qparams has steps of another size
     return (f"{n} output{'s' if n != 1 else ''} differ{'s' if n == 1 else ''} from "
             f"{row.reference_engine}, up to {table_number(row.max_diff_lsb, 3)} "
-            f"{row.reference_engine} output steps")
+            f"{row.reference_engine} output step{'' if row.max_diff_lsb == 1 else 's'}")

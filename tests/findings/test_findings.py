@@ -509,7 +509,8 @@ def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
         # the title, all a terminal report shows of an info finding, says what happens there
         moved = f040.evidence["outputs_moved_without_vnni"]
         assert moved > 0 and f040.title.endswith(
-            ": broken there" if ratio >= FAR else f": {moved} outputs move there")
+            ": broken there" if ratio >= FAR else
+            f": {moved} output{'s move' if moved != 1 else ' moves'} there")
 
 
 def test_a_refused_verdict_lists_the_symptoms_that_would_remain() -> None:

@@ -75,4 +75,4 @@ def test_an_engine_row_names_whose_output_steps_it_counts_in():
     one = EngineRow("production", "onednn", "onednn", "exact", "x86", 1, 0.498)
     assert engine_outputs(one) == "1 output differs from x86, up to 0.498 x86 output steps"
     two = EngineRow("production", "qnnpack", "qnnpack", "exact", "x86", 7, 1.0)
-    assert engine_outputs(two) == "7 outputs differ from x86, up to 1 x86 output steps"
+    assert engine_outputs(two) == "7 outputs differ from x86, up to 1 x86 output step"
