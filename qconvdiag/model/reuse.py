@@ -187,7 +187,9 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                     f"model does not pass through it: there the quantized conv clips the "
                     f"negative values the float model keeps." if r.misfused else "")
             now = (f"# now: a {r.kind} where fusion left Identity (after the conv that fused\n"
-                   f"# it, a second {r.kind} changes nothing)\n" if not r.misfused else
+                   f"# it, a second {r.kind} changes nothing); the scales after it were\n"
+                   "# calibrated without it: quantizing again, as below, fits them\n"
+                   if not r.misfused else
                    f"# now, at its own calls: a {r.kind} where fusion left Identity\n"
                    f"# ({', '.join(r.misfused)} still clips: only quantizing again mends it)\n")
             fix = (now + f"{parent}.{attr} = torch.nn.{r.kind}()\n" + lasting
