@@ -15,6 +15,7 @@ fault shows on any); a module whose output is right records nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,11 @@ WRONG_SHARE = 0.01
 
 @dataclass(frozen=True)
 class WrongValues:
-    """A quantized activation module whose outputs are not its float twin's on its input."""
+    """A quantized activation module whose outputs are not its float twin's on its input (its
+    worst call, on its first sample)."""
 
     kind: str
-    wrong: int
+    outputs_off: int
     """Outputs more than OFF_STEPS output steps off."""
     total: int
     max_steps: float
@@ -47,40 +49,46 @@ class WrongValues:
     """Its input was channels_last."""
 
     def message(self) -> str:
+        """What QCD065 says of the module (no final period: it ends a sentence of QCD065's)."""
         fmt = " (its input is channels_last)" if self.channels_last else ""
         why = ("; on the same values in a contiguous tensor it is right: torch's kernel gets "
                "the memory format wrong" if self.contiguous_ok else "")
         return (f"torch's quantized {self.kind} computes wrong values on its own input{fmt}: "
-                f"{self.wrong} of the first sample's {self.total} outputs are more than "
+                f"{self.outputs_off} of the first sample's {self.total} outputs are more than "
                 f"{OFF_STEPS:g} steps from the float {self.kind}'s (up to "
                 f"{self.max_steps:.1f} steps), which no qparams explain{why}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "wrong": self.wrong, "total": self.total,
+        return {"kind": self.kind, "outputs_off": self.outputs_off, "total": self.total,
                 "max_steps": self.max_steps, "contiguous_ok": self.contiguous_ok,
                 "channels_last": self.channels_last}
 
     @staticmethod
     def from_mapping(m: Any) -> WrongValues:
-        return WrongValues(str(m["kind"]), int(m["wrong"]), int(m["total"]),
-                           float(m["max_steps"]), bool(m["contiguous_ok"]),
-                           bool(m["channels_last"]))
+        """Read back from a bundle; a value of the wrong kind raises ValueError or TypeError
+        (ops.py turns them into one line)."""
+        off, total, steps = int(m["outputs_off"]), int(m["total"]), float(m["max_steps"])
+        flags = (m["contiguous_ok"], m["channels_last"])
+        if not all(isinstance(f, bool) for f in flags):
+            raise TypeError("contiguous_ok and channels_last are true or false")
+        if not (0 <= off <= total and math.isfinite(steps) and steps >= 0):
+            raise ValueError("counts and steps out of range")
+        return WrongValues(str(m["kind"]), off, total, steps, *flags)
 
 
 class ActivationCheck:
     """Hooks on the quantized model's activation modules (CHECKED) that have a float twin of
-    the same class at the same path: in its first forward, each one's output against the twin
-    applied to its dequantized input. ``found``: the modules whose kernel computed wrong
-    values, by path. ``last``: the conv that ran last in the quantized model (ops.py's
-    recorder)."""
+    the same class at the same path: in its first forward, each call's output against the twin
+    applied to its dequantized input. ``found``: the modules whose kernel computed wrong values
+    at a call, by path (the worst call); ``calls``: per module, the conv that ran last before
+    each of its calls (``last``: ops.py's recorder's), as ``OpRange.after`` holds them;
+    ``qparams``: a found module's output qparams (scale, zero point, dtype)."""
 
     def __init__(self, float_model: Any, quantized_model: Any, last: Callable[[], str]) -> None:
         self.handles: list[Any] = []
         self.found: dict[str, WrongValues] = {}
-        self.after: dict[str, str] = {}
-        """The conv that ran last before each module found."""
+        self.calls: dict[str, list[str]] = {}
         self.qparams: dict[str, tuple[float, int, str]] = {}
-        """Each module found's output qparams (scale, zero point, dtype)."""
         self.last = last
         self.done = False
         floats = dict(float_model.named_modules())
@@ -95,6 +103,7 @@ class ActivationCheck:
         self.handles.append(quantized_model.register_forward_hook(self._forward_done))
 
     def _before(self, inputs: list[Any]) -> Callable[..., None]:
+        """A module's pre-hook: its input's first sample, kept for ``_after``."""
         def hook(_m: Any, args: tuple[Any, ...]) -> None:
             x = args[0] if args else None
             if not self.done and x is not None and getattr(x, "is_quantized", False):
@@ -107,15 +116,17 @@ class ActivationCheck:
 
     def _after(self, name: str, module: Any, twin: Any, inputs: list[Any]
                ) -> Callable[..., None]:
+        """A module's forward hook: the call's output against the twin on its input."""
         def hook(_m: Any, _args: Any, out: Any) -> None:
             if self.done or not inputs:
                 return
             x, channels_last, contiguous = inputs.pop()
+            self.calls.setdefault(name, []).append(self.last())
             first = out[:1] if getattr(out, "dim", lambda: 0)() > 1 else out
             wrong = _check(module, twin, x, first, channels_last, contiguous)
-            if wrong is not None:
+            if wrong is not None and (name not in self.found
+                                      or wrong.outputs_off > self.found[name].outputs_off):
                 self.found[name] = wrong
-                self.after[name] = self.last()
                 self.qparams[name] = (float(out.q_scale()), int(out.q_zero_point()),
                                       str(out.dtype).split(".")[-1])
         return hook
@@ -145,29 +156,31 @@ def _check(module: Any, twin: Any, x: Any, out: Any, channels_last: bool, contig
 
     if not (isinstance(out, torch.Tensor) and out.is_quantized and out.shape == x.shape
             and out.qscheme() == torch.per_tensor_affine and x.qscheme()
-            == torch.per_tensor_affine and out.numel()):
+            == torch.per_tensor_affine and out.numel()
+            and str(out.dtype).split(".")[-1] in ("quint8", "qint8")):
         return None
     off = _steps_off(twin, x, out)
-    wrong = int((off > OFF_STEPS).sum())
-    if wrong < WRONG_SHARE * out.numel():
+    outputs_off = int((off > OFF_STEPS).sum())
+    if outputs_off < WRONG_SHARE * out.numel():
         return None
     contiguous_ok = False
     if not contiguous:
-        with torch.no_grad():  # forward: no hook of the capture's sees this second call
-            again = module.forward(x)
+        with torch.no_grad():  # forward: no hook of the capture's sees this second call; on a
+            again = module.forward(x.clone())  # copy, which an in-place module overwrites
         contiguous_ok = bool((_steps_off(twin, x, again) <= OFF_STEPS).all())
-    return WrongValues(type(module).__name__, wrong, int(out.numel()), float(off.max()),
+    return WrongValues(type(module).__name__, outputs_off, int(out.numel()), float(off.max()),
                        contiguous_ok, channels_last)
 
 
 def _steps_off(twin: Any, x: Any, out: Any) -> Any:
-    """|out - twin(x)| in out's steps, twin(x) clamped to out's representable range."""
+    """|out - twin(x)| in out's steps, twin(x) clamped to out's representable range (8-bit
+    outputs)."""
     import torch
 
+    from ..quantization.qparams import DTYPE_RANGES
+
     s, zp = float(out.q_scale()), int(out.q_zero_point())
-    low, high = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}.get(out.dtype, (None, None))
-    if low is None or high is None:
-        return torch.zeros(out.shape)
+    low, high = DTYPE_RANGES[str(out.dtype).split(".")[-1]]
     with torch.no_grad():  # forward: the float model's hooks do not see this call
         want = twin.forward(x.dequantize()).clamp((low - zp) * s, (high - zp) * s)
     return (out.dequantize() - want).abs() / s

@@ -254,9 +254,9 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
     from ..arithmetic.engines import PT2E_ENGINES
 
     flow = meta.get("flow", "pt2e" if meta.get("engine") in PT2E_ENGINES else "eager")
-    if flow not in FLOWS:
-        raise CaseFileError(f"{source}: 'flow' must be one of {', '.join(FLOWS)}; capture the "
-                            "model again")
+    if flow not in FLOWS or (flow == "pt2e") != (meta.get("engine") in PT2E_ENGINES):
+        raise CaseFileError(f"{source}: 'flow' must be one of {', '.join(FLOWS)}, pt2e with a "
+                            "PT2E engine only; capture the model again")
     flags = meta.get("cpu_flags")
     if flags is not None and not (isinstance(flags, list)
                                   and all(isinstance(f, str) for f in flags)):

@@ -80,7 +80,7 @@ class OpRange:
     (activations.py)."""
     own_qparams: bool = True
     """The module sets its output qparams (False: an activation that keeps its input's, such
-    as ReLU6, recorded for its wrong values only)."""
+    as ReLU6, recorded for its wrong values only: its float range is 0..0, unread)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "scale": self.scale,
@@ -219,40 +219,32 @@ class OpRange:
     def wrong_values_fix(self, module: str = "quantized") -> str:
         """A kernel that computed wrong values (``wrong``), worked around in the quantized
         model: the module given a contiguous input where that is what it gets wrong, else run
-        in float (its float twin, ``model``'s module, between a dequantize and a quantize to its
-        output qparams)."""
+        in float (its float twin, a copy of ``model``'s module, between a dequantize and a
+        quantize to the output qparams it computed with)."""
         assert self.wrong is not None
         kind = self.wrong.kind
         owner, _, attr = self.name.rpartition(".")
-        replace = ((f"owner = {module}.get_submodule({owner!r})\n" if owner
-                    else f"owner = {module}\n")
-                   + f"setattr(owner, {attr!r}, Fixed(getattr(owner, {attr!r})))")
         if self.wrong.contiguous_ok:
-            return (f"# torch's quantized {kind} gets a channels_last input wrong: give it a\n"
-                    "# contiguous one\n"
-                    "import torch\n"
-                    "class Fixed(torch.nn.Module):\n"
-                    "    def __init__(self, op):\n"
-                    "        super().__init__()\n"
-                    "        self.op = op\n"
-                    "    def forward(self, x):\n"
-                    "        return self.op(x.contiguous())\n"
-                    + replace)
-        return (f"# torch's quantized {kind} computes wrong values: run it in float, its\n"
-                "# output quantized as the module's\n"
-                "import copy\n"
-                "import torch\n"
+            head = (f"# torch's quantized {kind} gets a channels_last input wrong: give it a\n"
+                    "# contiguous one\n")
+            keep, body = "", "        return self.op(x.contiguous())\n"
+        else:
+            head = (f"# torch's quantized {kind} computes wrong values: run it in float, its\n"
+                    "# output quantized to the qparams it computed with\n"
+                    "import copy\n")
+            keep = f"        self.float_op = copy.deepcopy(model.get_submodule({self.name!r}))\n"
+            body = ("        y = self.float_op(x.dequantize())\n"
+                    f"        return torch.quantize_per_tensor(y, {self.scale!r}, "
+                    f"{self.zero_point}, torch.{self.dtype})\n")
+        return (head + "import torch\n"
                 "class Fixed(torch.nn.Module):\n"
                 "    def __init__(self, op):\n"
                 "        super().__init__()\n"
-                "        self.op = op\n"
-                f"        self.float_op = copy.deepcopy(model.get_submodule({self.name!r}))\n"
-                "    def forward(self, x):\n"
-                "        scale = float(getattr(self.op, 'scale', x.q_scale()))\n"
-                "        zero_point = int(getattr(self.op, 'zero_point', x.q_zero_point()))\n"
-                "        return torch.quantize_per_tensor(self.float_op(x.dequantize()),\n"
-                "                                         scale, zero_point, x.dtype)\n"
-                + replace)
+                "        self.op = op\n" + keep
+                + "    def forward(self, x):\n" + body
+                + (f"owner = {module}.get_submodule({owner!r})\n" if owner
+                   else f"owner = {module}\n")
+                + f"setattr(owner, {attr!r}, Fixed(getattr(owner, {attr!r})))")
 
 
 def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:
@@ -408,13 +400,14 @@ class OpRecorder:
                                calibration is None, tensors, self.stats.get(name),
                                name in self.packed, tuple(calls) if shared else (),
                                wrong=self.activations.found.get(name)))
-        # an activation that keeps its input's qparams (ReLU6): recorded where it was wrong
+        # an activation that keeps its input's qparams (ReLU6): recorded where it was wrong,
+        # with no float range (its qparams are not judged: ``misfit``)
         recorded = {op.name for op in out}
         for name, wrong in self.activations.found.items():
             if name not in recorded:
                 scale, zp, dtype = self.activations.qparams[name]
                 out.append(OpRange(name, wrong.kind, scale, zp, dtype, 0.0, 0.0,
-                                   (self.activations.after[name],), calibration is None,
+                                   tuple(self.activations.calls[name]), calibration is None,
                                    False, wrong=wrong, own_qparams=False))
         return tuple(out)
 

@@ -44,10 +44,17 @@ class Block(torch.nn.Module):
         return self.dequant(self.c2(self.act(self.b1(self.c1(self.quant(x))))))
 
 
-def quantized_block(engine: str) -> tuple[Block, torch.nn.Module]:
+class Before(Block):
+    """The ReLU6 on the model's input, before the convs."""
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.dequant(self.c2(self.b1(self.c1(self.act(self.quant(x))))))
+
+
+def quantized_block(engine: str, cls: type[Block] = Block) -> tuple[Block, torch.nn.Module]:
     torch.manual_seed(0)
     torch.backends.quantized.engine = engine
-    f = Block().eval()
+    f = cls().eval()
     m = copy.deepcopy(f)
     fuse_modules(m, [["c1", "b1"]], inplace=True)
     m.qconfig = get_default_qconfig(engine)
@@ -78,7 +85,7 @@ def test_qnnpack_s_relu6_on_a_channels_last_input_is_named_and_worked_around():
     bundle, report = walk(f, q)
     (op,) = [o for o in bundle.ops if o.wrong is not None]
     assert op.name == "act" and op.wrong.channels_last and op.wrong.contiguous_ok
-    assert op.wrong.wrong > 0.01 * op.wrong.total and not op.own_qparams
+    assert op.wrong.outputs_off > 0.01 * op.wrong.total and not op.own_qparams
     (lost,) = [x for x in report.findings if x.code == "QCD065"]
     assert lost.severity == "error" and lost.evidence["layer"] == "c2"
     assert lost.title.endswith("by act, whose quantized kernel computes wrong values")
@@ -101,6 +108,28 @@ class ReLU6(torch.nn.Module):
         return torch.quantize_per_tensor(y, x.q_scale(), x.q_zero_point(), x.dtype)
 
 
+def in_place_relu6() -> torch.nn.Module:
+    """A wrong in-place quantized ReLU6 (its outputs halved, written over its input)."""
+
+    class ReLU6(torch.nn.Module):  # the check pairs a module with its float twin's class name
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return x.copy_(globals()["ReLU6"]()(x))
+
+    return ReLU6()
+
+
+def test_a_wrong_in_place_kernel_is_checked_on_a_copy_of_its_input():
+    """An in-place module overwrites its input: the check compares its output with the float
+    twin on the input as it was (copied before the kernel ran), or the halved values would be
+    compared with themselves."""
+    f, q = quantized_block("x86", Before)
+    q.act = in_place_relu6()  # on the QuantStub's output: contiguous, copied by nothing else
+    bundle, _report = walk(f, q)
+    (op,) = [o for o in bundle.ops if o.wrong is not None]
+    assert op.name == "act" and op.wrong.outputs_off > 0.01 * op.wrong.total
+    assert op.after == ("",)  # before any conv
+
+
 def test_a_kernel_wrong_on_every_layout_is_run_in_float_by_its_fix():
     """Where a contiguous input does not help, QCD065's fix runs the op in float (its float
     twin, between a dequantize and a quantize to its output qparams): run, the loss is gone.
@@ -119,3 +148,53 @@ def test_a_kernel_wrong_on_every_layout_is_run_in_float_by_its_fix():
     exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q, "model": f})  # noqa: S102
     _b, report = walk(f, q)
     assert report.findings == () and report.layer("c2").propagated.sqnr_db > 25
+
+
+class Shared(Block):
+    """One in-place ReLU6 module after both convs (a model that reuses its activation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = torch.nn.ReLU6(inplace=True)
+        self.c3 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = self.act(self.b1(self.c1(self.quant(x))))
+        return self.dequant(self.c3(self.act(self.c2(y))))
+
+
+def test_a_shared_in_place_relu6_is_named_after_each_conv_it_follows():
+    """The check copies an in-place module's input before the kernel overwrites it, and keeps
+    every call's conv (``OpRange.after``), as the ops recorder does: the loss at c2 (the first
+    call's) is blamed on the ReLU6, not on 'an op between c1 and c2'."""
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    f = Shared().eval()
+    m = copy.deepcopy(f)
+    fuse_modules(m, [["c1", "b1"]], inplace=True)
+    m.qconfig = get_default_qconfig("qnnpack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(m)
+        for _ in range(4):
+            prepared(torch.randn(4, 3, 16, 16) * 2)
+        q = convert(prepared)
+    bundle, report = walk(f, q)
+    (op,) = [o for o in bundle.ops if o.wrong is not None]
+    assert op.name == "act" and op.after == ("c1", "c2")
+    lost = [x for x in report.findings if x.code == "QCD065"]
+    assert lost and lost[0].evidence["layer"] == "c2"
+    assert lost[0].title.endswith("by act, whose quantized kernel computes wrong values")
+
+
+def test_a_wrong_kernel_s_float_fix_keeps_the_qparams_it_computed_with():
+    """The float workaround quantizes to the output qparams the module computed with (a
+    Sigmoid's are fixed, 1/256 and 0), not its input's."""
+    from qconvdiag.model.activations import WrongValues
+    from qconvdiag.model.ops import OpRange
+
+    op = OpRange("head.gate", "Sigmoid", 1 / 256, 0, "quint8", 0.0, 0.0, ("c2",), False, False,
+                 wrong=WrongValues("Sigmoid", 90, 100, 30.0, False, False), own_qparams=False)
+    fix = op.fix()
+    assert "torch.quantize_per_tensor(y, 0.00390625, 0, torch.quint8)" in fix
+    assert "copy.deepcopy(model.get_submodule('head.gate'))" in fix
