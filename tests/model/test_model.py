@@ -208,6 +208,35 @@ def test_bundle_float_input_of_another_shape_is_refused(healthy_x86):  # noqa: A
         bundle_from_mapping(mapping, "b.npz")
 
 
+@pytest.mark.parametrize("meta, fragment", [
+    ({"flow": "bogus"}, "'flow' must be one of eager, fx, pt2e"),
+    ({"flow": "pt2e"}, "pt2e with a PT2E engine only"),  # an x86 bundle
+    ({"ops": [{"name": "act", "kind": "ReLU6", "scale": 0.1, "zero_point": 0,
+               "dtype": "quint8", "float_range": [0, 0], "after": ["c1"], "sampled": True,
+               "tensor_qparams": False, "wrong": {"kind": "ReLU6", "outputs_off": 3,
+                                                  "total": 10, "max_steps": float("nan"),
+                                                  "contiguous_ok": True,
+                                                  "channels_last": True}}]},
+     "an entry of 'ops' is malformed"),
+    ({"ops": [{"name": "act", "kind": "ReLU6", "scale": 0.1, "zero_point": 0,
+               "dtype": "quint8", "float_range": [0, 0], "after": ["c1"], "sampled": True,
+               "tensor_qparams": False, "wrong": {"kind": "ReLU6", "outputs_off": 3,
+                                                  "total": 10, "max_steps": 4.0,
+                                                  "contiguous_ok": "false",
+                                                  "channels_last": True}}]},
+     "an entry of 'ops' is malformed"),
+])
+def test_a_bundle_s_flow_and_wrong_values_are_checked_on_reading(healthy_x86, meta, fragment
+                                                                 ):  # noqa: ANN001
+    from qconvdiag.io import BUNDLE_KEY
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    mapping = bundle_to_mapping(healthy_x86[-2])
+    mapping[BUNDLE_KEY] = {**mapping[BUNDLE_KEY], **meta}
+    with pytest.raises(QconvdiagError, match=fragment):
+        bundle_from_mapping(mapping, "b.npz")
+
+
 def test_case_file_is_not_a_bundle():
     with pytest.raises(QconvdiagError, match="not a model bundle"):
         qconvdiag.load_bundle(SAMPLES / "forum_conv.pt")
