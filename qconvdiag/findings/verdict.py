@@ -85,6 +85,28 @@ def _refused_causes(refusal: Finding | None, mine: list[Finding], roots: frozens
     return tuple(causes)
 
 
+def _remaining(causes: tuple[Cause, ...], mine: list[Finding], roots: frozenset[str]
+               ) -> tuple[Cause, ...]:
+    """Errors the named causes' fixes leave in place, listed after them (share 0, 'then'):
+    those on stages none of the named causes is on (a fix mends its own stages: a weight
+    zero point's symptoms go with it), root causes first, while MAX_CAUSES allows. A user who
+    applied the first fix of a layer whose weight was never set found its output qparams still
+    at the defaults, named only in the findings list (credited with 0.01% of the excess:
+    the weight's error hid what the output's costs)."""
+    by_code = {f.code: f for f in mine}
+    covered = {sid for c in causes if c.code in by_code for sid in by_code[c.code].stages}
+    named = {c.code for c in causes}
+    rest = sorted((f for f in mine if f.severity == "error" and f.code not in named
+                   and f.stages), key=lambda f: (f.code not in roots, f.code))
+    out: list[Cause] = []
+    for f in rest:
+        if len(causes) + len(out) >= MAX_CAUSES or covered & set(f.stages):
+            continue
+        covered |= set(f.stages)
+        out.append(Cause(f.code, f.severity, f.title, 0.0))
+    return tuple(out)
+
+
 def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozenset[str]
              ) -> tuple[Verdict, ...]:
     judged_name = runs[0].report.name if runs else None
@@ -120,6 +142,8 @@ def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozen
             Cause(code, by_code[code].severity, by_code[code].title, float(energy / b.excess))
             for code, energy in named[:MAX_CAUSES] if b.excess > 0 and energy / b.excess
             >= MIN_SHARE)
+        if b.verdict != "at_floor":
+            causes += _remaining(causes, mine, roots)
         unexplained = 0.0 if b.excess <= 0 else max(
             0.0, 1.0 - sum(e for _, e in named) / b.excess)
         sqnr = p.total.sqnr_db

@@ -150,10 +150,10 @@ def other_sentence(v: Verdict) -> str:
 
 def cause_share(v: Verdict, i: int, share: float) -> str:
     """A cause's share of the excess; on a refused path, what stops it, then what would
-    remain once it runs."""
+    remain once it runs; after the named causes, the errors their fixes leave ('then')."""
     if v.status == "refused":
         return "refused" if i == 1 else "then"
-    return f"{share:.0%}"
+    return f"{share:.0%}" if share > 0 else "then"
 
 
 def verdict_block(console: Console, report: Report) -> None:

@@ -534,3 +534,32 @@ def test_quint8_weights_onednn_reads_the_same_are_said_as_info() -> None:
     case = lay.case(lay.setup(weight_qparams=qp(float(np.abs(lay.w).max()) / 127, 0,
                                                 "quint8")))
     assert _codes(diagnose(case, Options(engine="onednn")), "as_given")["QCD028"] == "info"
+
+
+def test_a_broken_verdict_lists_the_errors_its_causes_fixes_leave() -> None:
+    """A fresh module (its weight never set, its output qparams the defaults 1.0 / 0): the
+    never-set weight costs nearly all the excess, so the output's defaults were credited with
+    0.01% and left to the findings list, and a user who applied the first fix found the layer
+    still broken. The verdict lists them after the named causes ('then', share 0); errors on
+    the named causes' stages go with their fixes (the conv1d sample: QCD020's clipping and
+    QCD002's zero point are QCD021's weight qparams) and are not listed."""
+    import dataclasses
+
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.quantization.qparams import per_tensor
+    from qconvdiag.render.rich_report import cause_share
+    from tests.corpus_faults import module
+
+    lay = layer(2)  # positive weights and bias: outputs 1.1..11.3, none clipped at 0 by 1.0 / 0
+    lay = dataclasses.replace(lay, w=np.abs(lay.w), b=np.abs(lay.b))
+    fresh = lay.case(QuantSetup(input_qparams=lay.input_qp(), module=module(
+        np.zeros(lay.w.shape, np.int64), per_tensor(1.0, 0, "qint8", "m"), None)))
+    v = diagnose(fresh, Options(engine="x86")).verdict
+    assert v is not None and v.status == "broken"
+    assert [c.code for c in v.causes][:2] == ["QCD024", "QCD050"]
+    assert v.causes[0].share > 0.95 and v.causes[1].share == 0.0
+    assert cause_share(v, 2, v.causes[1].share) == "then"
+    sample = diagnose(load_case(ROOT / "samples" / "conv1d_handmade.pt"),
+                      Options(engine="x86")).verdict
+    assert sample is not None
+    assert not {"QCD020", "QCD002"} & {c.code for c in sample.causes}
