@@ -284,6 +284,10 @@ def _walk_and_report(bundle: Any, diag: DiagnosisArgs, outputs: Outputs, top: in
             raise QconvdiagError(
                 f"this bundle is a PT2E model's, run on engine {bundle.engine} (its codes are "
                 f"that engine's): --engine {diag.engine} does not apply")
+        if diag.engine == "all":  # not an engine a model can be captured on
+            raise QconvdiagError(
+                f"--engine all compares engines on one conv's case; this bundle's codes are "
+                f"engine {bundle.engine}'s (its convs ran there): leave --engine out")
         raise QconvdiagError(
             f"this bundle was captured on engine {bundle.engine} (its codes are that engine's): "
             f"capture it again with torch.backends.quantized.engine = '{diag.engine}'")

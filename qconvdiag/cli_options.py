@@ -72,7 +72,7 @@ SaveOutputsOpt = Annotated[
 ]
 HtmlOpt = Annotated[
     Optional[Path], typer.Option("--html", help="Write a self-contained HTML report (figures) "
-                                 "to this .html file; needs qconvdiag[html].")
+                                 "to this .html file; needs the html extra.")
 ]
 SqnrOpt = Annotated[
     Optional[float], typer.Option("--fail-under-sqnr", help="Exit 1 if SQNR (dB) is below this.")
@@ -230,7 +230,7 @@ def _check_diagnosis_args(diag: DiagnosisArgs) -> None:
 
 
 #: How to get what --html needs (altair and vl-convert-python).
-HTML_EXTRA = "pip install 'qconvdiag[html]'"
+HTML_EXTRA = "pip install -e '.[html]' in qconvdiag's checkout (make demo installs it)"
 
 
 def _check_html_extra() -> None:

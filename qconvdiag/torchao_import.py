@@ -17,7 +17,8 @@ from types import ModuleType
 
 from .errors import MissingExtraError
 
-EXTRA_HINT = "pip install 'qconvdiag[pt2e]'"
+#: qconvdiag is installed from its checkout (it is not on the package index): the extra too
+EXTRA_HINT = "pip install -e '.[pt2e]' in qconvdiag's checkout (make demo installs it)"
 #: Loggers that speak while torchao is imported.
 _IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 

@@ -19,7 +19,7 @@ def test_missing_extra_is_one_line_naming_it(monkeypatch):
         pt2e.require_torchao("the bundle model.pt")
     message = str(err.value)
     assert isinstance(err.value, QconvdiagError) and "\n" not in message
-    assert "qconvdiag[pt2e]" in message and message.startswith("the bundle model.pt needs")
+    assert "pip install -e '.[pt2e]'" in message and message.startswith("the bundle model.pt needs")
 
 
 def test_torchao_imports_without_a_word():

@@ -104,7 +104,7 @@ def test_without_torchao_a_pt2e_case_names_the_extra(tmp_path, monkeypatch):  # 
     monkeypatch.setattr(pt2e, "torchao_available", lambda: False)
     r = _cli("explain", str(path))
     assert r.exit_code == 2, r.stdout
-    assert r.stderr.count("\n") == 1 and "pip install 'qconvdiag[pt2e]'" in r.stderr
+    assert r.stderr.count("\n") == 1 and "pip install -e '.[pt2e]'" in r.stderr
     with pytest.raises(MissingExtraError):
         run_diagnosis(pt2e_case(), Options(engine="x86_inductor"))
     assert _cli("explain", str(path), "--engine", "x86", "--json").exit_code == 0

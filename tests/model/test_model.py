@@ -369,6 +369,7 @@ def test_cli_gate_names_the_layer():
 @pytest.mark.parametrize("args, fragment", [
     (["--save-outputs", "OUT.npz"], "--save-outputs applies to one conv's case"),
     (["--engine", "qnnpack"], "captured on engine x86"),
+    (["--engine", "all"], "--engine all compares engines on one conv's case"),
     (["--layer", "nope"], "no conv named 'nope'"),
     (["--top", "-1"], "--top must be 0 or more"),
 ])

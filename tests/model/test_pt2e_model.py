@@ -332,7 +332,7 @@ def test_without_torchao_one_line_names_the_extra(captured, monkeypatch):  # noq
         qconvdiag.capture_model(model, converted, batches)
     r = _cli("explain", str(path))
     assert r.exit_code == 2
-    assert r.stderr.count("\n") == 1 and "pip install 'qconvdiag[pt2e]'" in r.stderr
+    assert r.stderr.count("\n") == 1 and "pip install -e '.[pt2e]'" in r.stderr
     legacy = SAMPLES / "forum_conv.pt"
     assert _cli("explain", str(legacy), "--json").exit_code == 0
 

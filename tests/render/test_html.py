@@ -265,7 +265,8 @@ def test_without_the_extra_html_is_one_line_naming_the_install(tmp_path, monkeyp
                             str(tmp_path / "r.json")])
     assert r.exit_code == 2, r.output
     assert r.stderr.strip() == ("qconvdiag: error: --html needs the html extra (altair not "
-                                "installed): pip install 'qconvdiag[html]'")
+                                "installed): pip install -e '.[html]' in qconvdiag's checkout "
+                                "(make demo installs it)")
     assert list(tmp_path.iterdir()) == []
 
 
