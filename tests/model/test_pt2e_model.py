@@ -328,7 +328,7 @@ def test_a_static_batch_size_is_named():
 def test_without_torchao_one_line_names_the_extra(captured, monkeypatch):  # noqa: ANN001
     model, converted, batches, _bundle, path, _walked = captured
     monkeypatch.setattr(pt2e, "torchao_available", lambda: False)
-    with pytest.raises(MissingExtraError, match=r"qconvdiag\[pt2e\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e .\.\[pt2e\]."):
         qconvdiag.capture_model(model, converted, batches)
     r = _cli("explain", str(path))
     assert r.exit_code == 2
