@@ -193,6 +193,25 @@ def _unlike_calibration(case: ConvCase, low_side: bool, high_side: bool) -> str:
             "observer calibrated on them shares that.")
 
 
+def _wider_calibration(case: ConvCase) -> str:
+    """The sentence for a model walk's conv whose calibration batches reach far wider here
+    than the captured inputs (``bundle.unlike_inputs``: its output step is judged on the
+    inputs' range); '' otherwise."""
+    from ..model.bundle import UNLIKE_RANGE
+
+    cal, own = case.calibration_range, case.model_output
+    if cal is None or own is None or own.size == 0 or not case.output_range_sampled:
+        return ""
+    lo, hi = min(float(own.min()), 0.0), max(float(own.max()), 0.0)
+    if hi - lo <= 0 or max(cal[1], 0.0) - min(cal[0], 0.0) < UNLIKE_RANGE * (hi - lo):
+        return ""
+    times = (max(cal[1], 0.0) - min(cal[0], 0.0)) / (hi - lo)
+    return (f" The float model's output here spans [{fmt(cal[0])}, {fmt(cal[1])}] on the "
+            f"calibration batches, {fmt(times)}x its range on the captured inputs: those "
+            "batches are not like these inputs (another scale or preprocessing?), and every "
+            "observer calibrated on them shares that.")
+
+
 def _beyond_float_model(ctx: Context, y0: np.ndarray, step: float,
                         representable: tuple[float, float], low_side: bool,
                         high_side: bool) -> int:
@@ -280,13 +299,18 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
         lo, hi = output_span(ctx.case, _y0(run))
         ideal = (hi - lo) / 255
         fix = _output_fix(ctx, run)
+        wider = _wider_calibration(ctx.case)
+        if wider:
+            fix = ("# calibrate on inputs like these, prepared as at inference: every observer\n"
+                   + eager_flow(ctx.case, run.report.engine)
+                   + "\n# or this conv's output qparams alone:\n" + fix)
         yield finding(
             "QCD052", severity(run, energy), "output step too coarse for the output's range",
             f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "
             f"output's range [{fmt(lo)}, {fmt(hi)}] needs ({fmt(ideal)} = range / 255), so it "
             f"uses only {fmt((hi - lo) / out_s)} of quint8's 255 steps and output rounding adds "
             f"{fmt(b.stage('output_rounding').measured)} RMSE where "
-            f"{fmt(b.stage('output_rounding').floor)} would do.",
+            f"{fmt(b.stage('output_rounding').floor)} would do." + wider,
             {"output_scale": out_s, "needed_scale": ideal, "step_ratio": b.output_step_ratio,
              "levels": (hi - lo) / out_s, "excess": energy},
             fix, run, energy, ("output_rounding",))

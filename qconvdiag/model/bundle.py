@@ -23,6 +23,7 @@ import numpy as np
 
 from ..case import MODEL_INPUT_NOTE, ConvCase
 from ..errors import CaseFileError
+from ..measure.budget import SAMPLE_RANGE
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 from .after import LostAfter
 from .compiled import CompiledWith
@@ -108,20 +109,37 @@ class ModelBundle:
                             + ", ".join(lay.name for lay in self.layers))
 
 
+#: Calibration batches whose float output range at a conv spans this many times the captured
+#: samples' (0 included), or more, are unlike the inputs diagnosed (another scale or
+#: preprocessing: a forum user's batches were x255): the conv's output step is judged on the
+#: samples' range, as without calibration batches (a floor of 2.4 dB, from the batches'
+#: range, called broken convs healthy).
+UNLIKE_RANGE = SAMPLE_RANGE
+
+
 def with_model_range(case: ConvCase, float_output: np.ndarray,
                      calibration_range: tuple[float, float] | None = None) -> ConvCase:
     """The case with the float model's output range at this conv (``ConvCase.output_range``):
-    over the captured samples and the calibration batches; from the samples alone, it is
-    marked as sampled; and the float model's own output there (``ConvCase.model_output``)."""
+    over the captured samples and the calibration batches; from the samples alone (no
+    batches, or batches unlike the samples: UNLIKE_RANGE), it is marked as sampled; and the
+    float model's own output there (``ConvCase.model_output``)."""
     lo, hi = ((float(float_output.min()), float(float_output.max())) if float_output.size
               else (0.0, 0.0))
     if case.activation == "relu":  # the range the module's output qparams serve: after its
         lo, hi = max(lo, 0.0), max(hi, 0.0)  # ReLU, which a float model may not apply there
-    if calibration_range is not None:
-        lo, hi = min(lo, calibration_range[0]), max(hi, calibration_range[1])
-    return dataclasses.replace(case, output_range=(lo, hi),
-                               output_range_sampled=calibration_range is None,
+    used = calibration_range if calibration_range is not None and not unlike_inputs(
+        calibration_range, (lo, hi)) else None
+    if used is not None:
+        lo, hi = min(lo, used[0]), max(hi, used[1])
+    return dataclasses.replace(case, output_range=(lo, hi), output_range_sampled=used is None,
                                calibration_range=calibration_range, model_output=float_output)
+
+
+def unlike_inputs(calibration: tuple[float, float], samples: tuple[float, float]) -> bool:
+    """The calibration batches' range spans UNLIKE_RANGE times the samples' or more (each with
+    0 included; samples all 0 are not compared)."""
+    span = max(samples[1], 0.0) - min(samples[0], 0.0)
+    return span > 0 and max(calibration[1], 0.0) - min(calibration[0], 0.0) >= UNLIKE_RANGE * span
 
 
 def _range_entry(value: Any, where: str) -> tuple[float, float] | None:

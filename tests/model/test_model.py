@@ -1618,3 +1618,46 @@ def test_an_fx_graph_s_op_qparams_are_printed_by_its_fix():
     adds = [n.name for n in q.graph.nodes
             if n.op == "call_function" and "quantized.add" in str(n.target)]
     assert adds and all(name in printed for name in adds)
+
+
+def test_calibration_batches_unlike_the_inputs_do_not_raise_the_floor():
+    """A model calibrated on inputs x255 (a PT2E user's fault), its batches given to
+    capture_model as the README says: the output steps fit the batches' range, 255x the
+    inputs', and judged on it every conv was 'at its floor' with a floor of 2.4 dB. Batches
+    whose range spans UNLIKE_RANGE times the samples' are judged as no batches: QCD052 names
+    the coarse steps and says the batches are unlike the inputs; batches like the inputs
+    (the near miss) keep every conv at its floor."""
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    from tests.cpu import healthy_qconfig
+
+    f, _q = models.eager("x86")
+    bright = [models.inputs(2, 8, 100 + i) * 255 for i in range(4)]
+    q = copy.deepcopy(f)
+    fuse_modules(q, models.FUSE_2D, inplace=True)
+    q.qconfig = healthy_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        with torch.no_grad():
+            for batch in bright:
+                q(batch)
+        convert(q, inplace=True)
+        bundle = qconvdiag.capture_model(f, q, models.inputs(2, 8, 7), calibration=bright)
+    report = walk_model(bundle, WalkOptions(top=0)).report
+    assert all(lay.case.output_range_sampled for lay in bundle.layers)
+    assert all(row.verdict != "at_floor" for row in report.layers)
+    coarse = [x for row in report.layers for x in row.findings if x.code == "QCD052"]
+    assert len(coarse) == len(report.layers)
+    detail = walk_model(bundle, WalkOptions(top=1)).report.details[0].report
+    (f052,) = [x for x in detail.findings if x.code == "QCD052" and x.path == "as_given"]
+    assert "not like these inputs" in f052.message and "calibrate on inputs like" in f052.fix
+
+    f, q = models.eager("x86")  # calibrated on batches like the inputs
+    like = [models.inputs(2, 8, 100 + i) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(f, q, models.inputs(2, 8, 7), calibration=like)
+    assert not any(lay.case.output_range_sampled for lay in bundle.layers)
+    assert all(row.verdict == "at_floor"
+               for row in walk_model(bundle, WalkOptions(top=0)).report.layers)
