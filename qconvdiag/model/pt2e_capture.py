@@ -167,6 +167,16 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
         weight = _attr(model, w_codes_node, f"{name}'s weight").detach()
         scales = _attr(model, w_scales, f"{name}'s weight scales").detach().double()
         zps = _attr(model, w_zps, f"{name}'s weight zero points").detach()
+        out_channels = int(weight.shape[0])
+        if scales.numel() == 1 and zps.numel() == 1 and out_channels > 1:
+            # a weight observer that never ran (convert_pt2e without calibration) leaves one
+            # scale, 1.0; the graph's dequantize_per_channel broadcasts it to every channel
+            skipped.append(f"{name}: its weight's per-channel qparams hold one scale "
+                           f"({float(scales[0]):g}) for {out_channels} output channels, as an "
+                           "observer that never ran leaves them (no calibration between "
+                           "prepare_pt2e and convert_pt2e?); the graph's dequantize applies it "
+                           "to every channel, and so does qconvdiag")
+            scales, zps = scales.repeat(out_channels), zps.repeat(out_channels)
         w_qp = make_qparams(scales.tolist(), zps.tolist(), "qint8", 0, f"{name}.weight",
                             "graph")
         bias_node = node.args[2] if len(node.args) > 2 else None

@@ -43,10 +43,11 @@ class PT2ENet(nn.Module):
 
 
 def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0,
-          reduce_range: bool = False) -> tuple[nn.Module, torch.fx.GraphModule, list]:
+          reduce_range: bool = False, calibrate: bool = True
+          ) -> tuple[nn.Module, torch.fx.GraphModule, list]:
     """The float model, its convert_pt2e twin (X86InductorQuantizer's default config, with
-    ``reduce_range`` if asked, calibrated on one batch, times ``calibration_scale``), and two
-    batches of 8x8 images."""
+    ``reduce_range`` if asked, calibrated on one batch, times ``calibration_scale``, unless
+    not ``calibrate``), and two batches of 8x8 images."""
     pt2e.require_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -64,8 +65,9 @@ def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0,
         reduce_range=reduce_range))
     exported = torch.export.export(model, (batches[0],), strict=True).module()
     prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        prepared(batches[0] * calibration_scale)
+    if calibrate:
+        with torch.no_grad():
+            prepared(batches[0] * calibration_scale)
     return model, convert_pt2e(prepared), batches
 
 
@@ -419,3 +421,26 @@ def test_a_float32_output_s_saturation_is_named_not_blamed_on_the_weight():
     assert dominant == "accumulation" and findings == [["QCD040", "error"]]
     for name in ("grouped", "pw"):  # the others stay at their floor
         assert rows[name][1] == "at_floor" and rows[name][4] == []
+
+
+def test_a_model_converted_without_calibration_is_diagnosed_not_refused():
+    """convert_pt2e without calibration: each weight observer never ran and left one scale,
+    1.0, for all the conv's channels; the graph's dequantize_per_channel broadcasts it. The
+    walk did not: it called every conv 'refused by torch' (per-channel qparams with one scale
+    for 16 channels: quantize with axis=0), a cause and fix both wrong, and named no finding.
+    Now the weight is read as the graph applies it: the emulation gives the model's codes, the
+    convs are broken, with errors named (QCD026: the weight's step; QCD050: the output's
+    defaults), and a note says why."""
+    import warnings
+
+    model, converted, batches = build(calibrate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(model, converted, batches)
+    assert any("one scale (1) for" in n and "never ran" in n for n in bundle.notes)
+    report = walk_model(bundle, WalkOptions(top=0, torch_check="all")).report
+    quantized = [r for r in report.layers if r.output_dtype != "float32"]
+    assert quantized and all(r.torch_mismatches == 0 for r in report.layers)
+    assert all(r.verdict == "broken" and any(f.severity == "error" for f in r.findings)
+               for r in quantized)
+    assert any(f.code == "QCD026" for f in quantized[0].findings)
