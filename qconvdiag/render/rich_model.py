@@ -181,6 +181,9 @@ def torch_sentence(report: ModelReport) -> str:
     checked = [r for r in report.layers if r.torch_mismatches is not None]
     bad = [r for r in checked if r.torch_mismatches]
     if not checked:
+        if any(r.diagnosed for r in report.layers):  # diagnosed, with no emulation to check
+            return ("torch check: none ran: the diagnosed convs' setups have no emulation "
+                    "(their reports say why); --torch-check all checks every conv that has.")
         return ("torch check: none of the convs was diagnosed (all at their floor); "
                 "--torch-check all checks every conv's emulation against the model's codes.")
     float32 = sum(r.output_dtype == "float32" for r in checked)

@@ -1661,3 +1661,21 @@ def test_calibration_batches_unlike_the_inputs_do_not_raise_the_floor():
     assert not any(lay.case.output_range_sampled for lay in bundle.layers)
     assert all(row.verdict == "at_floor"
                for row in walk_model(bundle, WalkOptions(top=0)).report.layers)
+
+
+def test_the_torch_check_sentence_does_not_call_diagnosed_convs_at_their_floor(healthy_x86
+                                                                               ):  # noqa: ANN001
+    """With no conv checked, the sentence said 'none was diagnosed (all at their floor)' even
+    where convs were diagnosed and broken, their setups with no emulation to check."""
+    import dataclasses
+
+    from qconvdiag.render.rich_model import torch_sentence
+
+    report = healthy_x86[-1].report
+    unchecked = tuple(dataclasses.replace(r, torch_mismatches=None) for r in report.layers)
+    at_floor = dataclasses.replace(report, layers=tuple(
+        dataclasses.replace(r, diagnosed=False) for r in unchecked))
+    assert "all at their floor" in torch_sentence(at_floor)
+    diagnosed = dataclasses.replace(report, layers=(
+        dataclasses.replace(unchecked[0], diagnosed=True),) + at_floor.layers[1:])
+    assert torch_sentence(diagnosed).startswith("torch check: none ran: the diagnosed convs")
