@@ -108,6 +108,27 @@ def _ops() -> dict[str, Any]:
             "relus": (aten.relu.default, aten.relu_.default)}
 
 
+def _not_a_pattern(x: Any, w: Any) -> str:
+    """Why a conv whose input ``x`` and weight ``w`` (graph nodes) are not the int8 pattern's
+    (a dequantize_per_tensor of the input, a dequantize_per_channel of the weight) is none:
+    a per-tensor weight, or an input quantized at run time (is_dynamic=True), both of which
+    torch.compile ran as float32 convs (aten mkldnn_convolution, measured with torch 2.13 and
+    torchao 0.18: no int8 kernel), or no quantization at all."""
+    def target(node: Any) -> str:
+        return str(getattr(node, "target", ""))
+
+    if "dequantize_per_tensor" in target(w):
+        return ("its weight is quantized per tensor, and X86InductorQuantizer's int8 conv "
+                "takes per-channel weights: torch.compile runs this conv in float32 (quantize "
+                "with the default config's per-channel weights)")
+    if "dequantize_per_tensor.tensor" in target(x) or "choose_qparams" in target(
+            getattr(x, "args", [None])[0] if getattr(x, "args", None) else None):
+        return ("its input is quantized at run time (is_dynamic=True), which the int8 conv "
+                "kernel does not take: torch.compile runs this conv in float32 (use the "
+                "static config, calibrated)")
+    return "not a quantized conv pattern (its input or weight is not dequantized from int codes)"
+
+
 def _attr(model: Any, node: Any, what: str) -> Any:
     if node.op != "get_attr":
         raise CaseError(f"capture_model: {what} is computed by {node.name}, not a constant of "
@@ -157,8 +178,7 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
         x, w = node.args[0], node.args[1]
         if getattr(x, "target", None) != ops["dq"] or getattr(w, "target", None) != \
                 ops["dq_channel"]:
-            skipped.append(f"{name}: not a quantized conv pattern (its input or weight is not "
-                           "dequantized from int codes): left out")
+            skipped.append(f"{name}: {_not_a_pattern(x, w)}: left out")
             continue
         w_codes_node, w_scales, w_zps, axis, wmin, wmax = w.args[:6]
         if axis != 0 or (wmin, wmax) != (-128, 127):

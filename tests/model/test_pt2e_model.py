@@ -444,3 +444,39 @@ def test_a_model_converted_without_calibration_is_diagnosed_not_refused():
     assert all(r.verdict == "broken" and any(f.severity == "error" for f in r.findings)
                for r in quantized)
     assert any(f.code == "QCD026" for f in quantized[0].findings)
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ("dynamic", "its input is quantized at run time (is_dynamic=True)"),
+    ("per_tensor", "its weight is quantized per tensor"),
+])
+def test_a_conv_torch_compile_runs_in_float32_is_named_as_such(config, fragment):
+    """Per-tensor weights and dynamic activations give no int8 conv pattern (torch.compile
+    runs those convs in float32): the refusal says which, not 'its input or weight is not
+    dequantized from int codes' (its weight is int8 codes, per tensor)."""
+    import warnings
+
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from qconvdiag.errors import CaseError
+
+    model, _converted, batches = build()
+    default = xiq.get_default_x86_inductor_quantization_config(is_dynamic=config == "dynamic")
+    if config == "per_tensor":
+        weight = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127,
+                                  qscheme=torch.per_tensor_symmetric, is_dynamic=False,
+                                  observer_or_fake_quant_ctr=MinMaxObserver)
+        default = QuantizationConfig(default.input_activation, default.output_activation,
+                                     weight, None, False)
+    quantizer = xiq.X86InductorQuantizer().set_global(default)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(torch.export.export(model, (batches[0],), strict=True).module(),
+                                quantizer)
+        with torch.no_grad():
+            prepared(batches[0])
+        with pytest.raises(CaseError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            qconvdiag.capture_model(model, convert_pt2e(prepared), batches)
