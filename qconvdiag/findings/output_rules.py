@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -194,22 +195,21 @@ def _unlike_calibration(case: ConvCase, low_side: bool, high_side: bool) -> str:
 
 
 def _wider_calibration(case: ConvCase) -> str:
-    """The sentence for a model walk's conv whose calibration batches reach far wider here
-    than the captured inputs (``bundle.unlike_inputs``: its output step is judged on the
-    inputs' range); '' otherwise."""
-    from ..model.bundle import UNLIKE_RANGE
+    """The sentence for a model walk's conv judged on the captured inputs' range because the
+    calibration batches reach far wider at every conv (``bundle.calibration_unlike``); ''
+    otherwise."""
+    from ..model.bundle import sample_range, span_ratio
 
     cal, own = case.calibration_range, case.model_output
-    if cal is None or own is None or own.size == 0 or not case.output_range_sampled:
+    if cal is None or own is None or not case.output_range_sampled:
         return ""
-    lo, hi = min(float(own.min()), 0.0), max(float(own.max()), 0.0)
-    if hi - lo <= 0 or max(cal[1], 0.0) - min(cal[0], 0.0) < UNLIKE_RANGE * (hi - lo):
-        return ""
-    times = (max(cal[1], 0.0) - min(cal[0], 0.0)) / (hi - lo)
+    times = span_ratio(cal, sample_range(case, own))
+    wider = (f"{fmt(times)}x its range on the captured inputs" if math.isfinite(times)
+             else "where the captured inputs give 0")
     return (f" The float model's output here spans [{fmt(cal[0])}, {fmt(cal[1])}] on the "
-            f"calibration batches, {fmt(times)}x its range on the captured inputs: those "
-            "batches are not like these inputs (another scale or preprocessing?), and every "
-            "observer calibrated on them shares that.")
+            f"calibration batches, {wider}, as at every conv (8x or more): those batches are "
+            "not like these inputs (another scale or preprocessing?), and every observer "
+            "calibrated on them shares that.")
 
 
 def _beyond_float_model(ctx: Context, y0: np.ndarray, step: float,
@@ -300,10 +300,9 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
         ideal = (hi - lo) / 255
         fix = _output_fix(ctx, run)
         wider = _wider_calibration(ctx.case)
-        if wider:
+        if wider:  # not this conv's qparams fitted to a few samples: the batches are at fault
             fix = ("# calibrate on inputs like these, prepared as at inference: every observer\n"
-                   + eager_flow(ctx.case, run.report.engine)
-                   + "\n# or this conv's output qparams alone:\n" + fix)
+                   + eager_flow(ctx.case, run.report.engine))
         yield finding(
             "QCD052", severity(run, energy), "output step too coarse for the output's range",
             f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "

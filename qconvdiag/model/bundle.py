@@ -14,7 +14,9 @@ qparams the kernel took, scale 1.0 and zero point 0).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,37 +111,64 @@ class ModelBundle:
                             + ", ".join(lay.name for lay in self.layers))
 
 
-#: Calibration batches whose float output range at a conv spans this many times the captured
-#: samples' (0 included), or more, are unlike the inputs diagnosed (another scale or
-#: preprocessing: a forum user's batches were x255): the conv's output step is judged on the
+#: Calibration batches whose float output range spans this many times the captured samples'
+#: (0 included), or more, at every conv are unlike the inputs diagnosed (another scale or
+#: preprocessing: a PT2E user's batches were x255): each conv's output step is judged on the
 #: samples' range, as without calibration batches (a floor of 2.4 dB, from the batches'
-#: range, called broken convs healthy).
+#: range, called broken convs healthy). At every conv: one dull image among varied batches
+#: reaches 13x at some convs, not at all.
 UNLIKE_RANGE = SAMPLE_RANGE
 
 
 def with_model_range(case: ConvCase, float_output: np.ndarray,
-                     calibration_range: tuple[float, float] | None = None) -> ConvCase:
+                     calibration_range: tuple[float, float] | None = None,
+                     unlike: bool = False) -> ConvCase:
     """The case with the float model's output range at this conv (``ConvCase.output_range``):
     over the captured samples and the calibration batches; from the samples alone (no
-    batches, or batches unlike the samples: UNLIKE_RANGE), it is marked as sampled; and the
-    float model's own output there (``ConvCase.model_output``)."""
-    lo, hi = ((float(float_output.min()), float(float_output.max())) if float_output.size
-              else (0.0, 0.0))
-    if case.activation == "relu":  # the range the module's output qparams serve: after its
-        lo, hi = max(lo, 0.0), max(hi, 0.0)  # ReLU, which a float model may not apply there
-    used = calibration_range if calibration_range is not None and not unlike_inputs(
-        calibration_range, (lo, hi)) else None
+    batches, or batches ``unlike`` the samples: ``calibration_unlike``), it is marked as
+    sampled; and the float model's own output there (``ConvCase.model_output``)."""
+    lo, hi = sample_range(case, float_output)
+    used = None if unlike else calibration_range
     if used is not None:
         lo, hi = min(lo, used[0]), max(hi, used[1])
     return dataclasses.replace(case, output_range=(lo, hi), output_range_sampled=used is None,
                                calibration_range=calibration_range, model_output=float_output)
 
 
-def unlike_inputs(calibration: tuple[float, float], samples: tuple[float, float]) -> bool:
-    """The calibration batches' range spans UNLIKE_RANGE times the samples' or more (each with
-    0 included; samples all 0 are not compared)."""
+def sample_range(case: ConvCase, float_output: np.ndarray) -> tuple[float, float]:
+    """The float model's output range at a conv on the captured samples: after its fused
+    ReLU, the range the module's output qparams serve (a float model may not apply it)."""
+    lo, hi = ((float(float_output.min()), float(float_output.max())) if float_output.size
+              else (0.0, 0.0))
+    if case.activation == "relu":
+        lo, hi = max(lo, 0.0), max(hi, 0.0)
+    return lo, hi
+
+
+def span_ratio(calibration: tuple[float, float], samples: tuple[float, float]) -> float:
+    """The calibration batches' range over the samples' (each with 0 included; inf where the
+    samples are all 0)."""
     span = max(samples[1], 0.0) - min(samples[0], 0.0)
-    return span > 0 and max(calibration[1], 0.0) - min(calibration[0], 0.0) >= UNLIKE_RANGE * span
+    wide = max(calibration[1], 0.0) - min(calibration[0], 0.0)
+    return wide / span if span > 0 else math.inf
+
+
+def calibration_unlike(layers: Sequence[LayerCapture]) -> bool:
+    """The calibration batches reach UNLIKE_RANGE times the captured samples' range or more at
+    every conv that has both (convs whose samples are all 0 left out, at least one left)."""
+    ratios = [span_ratio(lay.calibration_range, sample_range(lay.case, lay.float_output))
+              for lay in layers if lay.calibration_range is not None]
+    ratios = [r for r in ratios if math.isfinite(r)]
+    return bool(ratios) and min(ratios) >= UNLIKE_RANGE
+
+
+def judged_ranges(layers: Sequence[LayerCapture]) -> tuple[LayerCapture, ...]:
+    """``layers`` with each conv's output range judged on the samples alone where the
+    calibration batches are unlike them (``calibration_unlike``), else as captured."""
+    if not calibration_unlike(layers):
+        return tuple(layers)
+    return tuple(dataclasses.replace(lay, case=with_model_range(
+        lay.case, lay.float_output, lay.calibration_range, unlike=True)) for lay in layers)
 
 
 def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
@@ -280,7 +309,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                                   and all(isinstance(f, str) for f in flags)):
         raise CaseFileError(f"{source}: 'cpu_flags' must be a list of strings; capture the "
                             "model again")
-    return ModelBundle(tuple(layers), str(meta.get("engine", "")), source,
+    return ModelBundle(judged_ranges(layers), str(meta.get("engine", "")), source,
                        tuple(str(n) for n in meta.get("notes") or ()),
                        None if compiled is None else CompiledWith.from_mapping(compiled, source),
                        tuple(ReusedActivation.from_mapping(r, source) for r in reused),

@@ -41,6 +41,7 @@ from .bundle import (
     MODEL_INPUT_NOTE,
     LayerCapture,
     ModelBundle,
+    judged_ranges,
     save_bundle,
     with_model_range,
 )
@@ -301,7 +302,8 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   stale: tuple[StaleRequantization, ...] = (),
                   lost_after: LostAfter | None = None, flow: str = "eager") -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
-    bundle = ModelBundle(tuple(layers), engine, "" if path is None else str(path), tuple(notes),
+    bundle = ModelBundle(judged_ranges(layers), engine, "" if path is None else str(path),
+                         tuple(notes),
                          compiled, reused, cpu_flags, ops, stale, lost_after, flow)
     if path is not None:
         save_bundle(bundle, path)
