@@ -448,7 +448,8 @@ class Cause:
     share: float
     """Share of the path's error energy above its floor this cause explains (0..1). On a path
     torch refuses: 1 for what stops it, 0 for the causes that would remain once it runs (no
-    excess is measured on a path that does not run)."""
+    excess is measured on a path that does not run). On a path that runs, 0 for an error
+    listed after the named causes because their fixes leave it in place ('then')."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "severity": self.severity, "title": self.title,

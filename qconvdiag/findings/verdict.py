@@ -92,19 +92,30 @@ def _remaining(causes: tuple[Cause, ...], mine: list[Finding], roots: frozenset[
     zero point's symptoms go with it), root causes first, while MAX_CAUSES allows. A user who
     applied the first fix of a layer whose weight was never set found its output qparams still
     at the defaults, named only in the findings list (credited with 0.01% of the excess:
-    the weight's error hid what the output's costs)."""
+    the weight's error hid what the output's costs). The module's state is one stage for
+    several fixes (its weight, its bias, its output qparams): there a fix mends only what
+    MENDS says."""
     by_code = {f.code: f for f in mine}
-    covered = {sid for c in causes if c.code in by_code for sid in by_code[c.code].stages}
     named = {c.code for c in causes}
+    covered = {sid for c in named if c in by_code for sid in by_code[c].stages} - {MODULE}
+    mended = {m for c in named for m in MENDS.get(c, ())}
     rest = sorted((f for f in mine if f.severity == "error" and f.code not in named
-                   and f.stages), key=lambda f: (f.code not in roots, f.code))
+                   and f.code not in mended and f.stages),
+                  key=lambda f: (f.code not in roots, f.code))
     out: list[Cause] = []
     for f in rest:
         if len(causes) + len(out) >= MAX_CAUSES or covered & set(f.stages):
             continue
-        covered |= set(f.stages)
+        covered |= set(f.stages) - {MODULE}
         out.append(Cause(f.code, f.severity, f.title, 0.0))
     return tuple(out)
+
+
+#: The module's state: the stage of every finding about what the quantized module holds.
+MODULE = "module_state"
+#: Findings a cause's fix mends beyond its own stages' (on the module's state): QCD024's
+#: ``set_weight_bias(qw, conv.bias)`` repacks the float bias too (QCD030).
+MENDS = {"QCD024": ("QCD030",)}
 
 
 def verdicts(runs: Sequence[PathRun], findings: Sequence[Finding], roots: frozenset[str]

@@ -559,6 +559,16 @@ def test_a_broken_verdict_lists_the_errors_its_causes_fixes_leave() -> None:
     assert [c.code for c in v.causes][:2] == ["QCD024", "QCD050"]
     assert v.causes[0].share > 0.95 and v.causes[1].share == 0.0
     assert cause_share(v, 2, v.causes[1].share) == "then"
+    # the never-set weight's fix repacks the float bias too: the bias (QCD030) is not listed
+    assert "QCD030" not in [c.code for c in v.causes]
+    # with the intended qparams in the case as well, QCD050 is about the module's state, the
+    # stage QCD024 is on too: it is listed all the same (it was dropped as covered)
+    given = lay.case(QuantSetup(
+        input_qparams=lay.input_qp(), weight_qparams=lay.weight_qp(),
+        output_qparams=lay.output_qp(), module=module(
+            np.zeros(lay.w.shape, np.int64), per_tensor(1.0, 0, "qint8", "m"), None)))
+    v2 = diagnose(given, Options(engine="x86")).verdict
+    assert v2 is not None and [c.code for c in v2.causes][:2] == ["QCD024", "QCD050"]
     sample = diagnose(load_case(ROOT / "samples" / "conv1d_handmade.pt"),
                       Options(engine="x86")).verdict
     assert sample is not None
