@@ -171,6 +171,7 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
     included), and notes on the convs left out (not a quantized conv pattern)."""
     ops = _ops()
     patterns, skipped = [], []
+    one_scale: list[str] = []  # convs whose weight holds one scale for all its channels
     for node in model.graph.nodes:
         if node.op != "call_function" or node.target not in ops["convs"]:
             continue
@@ -191,11 +192,7 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
         if scales.numel() == 1 and zps.numel() == 1 and out_channels > 1:
             # a weight observer that never ran (convert_pt2e without calibration) leaves one
             # scale, 1.0; the graph's dequantize_per_channel broadcasts it to every channel
-            skipped.append(f"{name}: its weight's per-channel qparams hold one scale "
-                           f"({float(scales[0]):g}) for {out_channels} output channels, as an "
-                           "observer that never ran leaves them (no calibration between "
-                           "prepare_pt2e and convert_pt2e?); the graph's dequantize applies it "
-                           "to every channel, and so does qconvdiag")
+            one_scale.append(f"{name} ({float(scales[0]):g} for {out_channels})")
             scales, zps = scales.repeat(out_channels), zps.repeat(out_channels)
         w_qp = make_qparams(scales.tolist(), zps.tolist(), "qint8", 0, f"{name}.weight",
                             "graph")
@@ -219,6 +216,12 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
             users[0] if quantized else after,
             _activation_qparams(users[0], f"{name}.output") if quantized else FLOAT32_OUTPUT,
             float_output=not quantized))
+    if one_scale:
+        skipped.append(f"{', '.join(one_scale)}: each weight's per-channel qparams hold one "
+                       "scale for all its output channels, as an observer that never ran "
+                       "leaves them (no calibration between prepare_pt2e and convert_pt2e?); "
+                       "the graph's dequantize applies it to every channel, and so does "
+                       "qconvdiag")
     return patterns, skipped
 
 
