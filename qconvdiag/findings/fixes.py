@@ -107,17 +107,38 @@ def given_weight_fix(case: ConvCase, kernel: str, weight_qp: QParams, input_qp: 
             "qm.set_weight_bias(qw, conv.bias)  # repacks weight and bias")
 
 
-def output_fix(y0: np.ndarray, what: str = "the float output", engine: str | None = None
-               ) -> tuple[str, QParams]:
+def output_fix(y0: np.ndarray, what: str = "the float output", engine: str | None = None,
+               graph_conv: str | None = None) -> tuple[str, QParams]:
     """Minmax quint8 output qparams over the float output's range (0 included); ``what`` names
     the values ``y0`` spans in the fix's comment; on qnnpack, the weight packed again after
-    (``repacked``)."""
+    (``repacked``). ``graph_conv``: a PT2E model's conv (its module path): the qparams are set
+    in the ``converted`` graph, on the quantize after it and the dequantizes that read it."""
     scale, zp = minmax_qparams(y0, "quint8")
     lo, hi = min(float(y0.min()), 0.0), max(float(y0.max()), 0.0)
     # the comment on its own line: the code lines stay within 80 columns when piped
-    return repacked(f"# minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
-                    f"qm.scale = {scale!r}\nqm.zero_point = {zp}", engine), per_tensor(
-        scale, zp, "quint8", "fix")
+    head = f"# minmax over {what} [{fmt(lo)}, {fmt(hi)}]\n"
+    chosen = per_tensor(scale, zp, "quint8", "fix")
+    if graph_conv is not None:
+        return head + graph_output_qparams(graph_conv, scale, zp), chosen
+    return repacked(head + f"qm.scale = {scale!r}\nqm.zero_point = {zp}", engine), chosen
+
+
+def graph_output_qparams(conv: str, scale: float, zero_point: int) -> str:
+    """Code that sets a convert_pt2e graph's output qparams of ``conv`` (its module path, as
+    the capture names it: the module stack of the conv node): on the quantize node after it
+    (or after its ReLU) and on the dequantize nodes that read those codes."""
+    return (f"# in the converted graph: the quantize after {conv} and the dequantizes\n"
+            "# that read its codes (their scale and zero point arguments)\n"
+            "conv = next(n for n in converted.graph.nodes if n.op == 'call_function'\n"
+            "            and 'conv' in str(n.target)\n"
+            "            and list(n.meta.get('nn_module_stack', {}).values())[-1][0]\n"
+            f"            == {conv!r})\n"
+            "q = next(iter(conv.users))\n"
+            "if 'relu' in str(q.target):\n"
+            "    q = next(iter(q.users))\n"
+            "for node in (q, *q.users):\n"
+            f"    node.args = (node.args[0], {scale!r}, {zero_point}, *node.args[3:])\n"
+            "converted.recompile()")
 
 
 def repacked(fix: str, engine: str | None, module: str = "qm") -> str:

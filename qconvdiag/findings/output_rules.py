@@ -54,7 +54,9 @@ def _output_fix(ctx: Context, run: PathRun) -> str:
     calibrated = ctx.case.output_range is not None and not ctx.case.output_range_sampled
     what = ("the float output on calibration and captured inputs" if calibrated
             else "the float output")
-    return output_fix(_covered(ctx, run), what, run.report.engine)[0]
+    case = ctx.case
+    graph_conv = case.layer if case.pt2e and case.in_model else None
+    return output_fix(_covered(ctx, run), what, run.report.engine, graph_conv)[0]
 
 
 def qcd050(ctx: Context) -> Iterator[Finding]:

@@ -481,3 +481,39 @@ def test_a_conv_torch_compile_runs_in_float32_is_named_as_such(config, fragment)
             prepared(batches[0])
         with pytest.raises(CaseError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             qconvdiag.capture_model(model, convert_pt2e(prepared), batches)
+
+
+def test_a_pt2e_conv_s_output_qparams_fix_edits_the_converted_graph():
+    """A PT2E model's output qparams live in its graph (the quantize after the conv and the
+    dequantizes reading it), not in a module: the fix printed 'qm.scale = ...', which runs on
+    nothing there. It now edits those nodes' arguments; run on the converted graph, the coarse
+    step it names (its scale set 10x by hand) is gone."""
+    import warnings
+
+    model, converted, batches = build()
+
+    def output_nodes(conv_name: str) -> list:
+        conv = next(n for n in converted.graph.nodes if n.op == "call_function"
+                    and "conv" in str(n.target)
+                    and list(n.meta.get("nn_module_stack", {}).values())[-1][0] == conv_name)
+        q = next(iter(conv.users))
+        if "relu" in str(q.target):
+            q = next(iter(q.users))
+        return [q, *q.users]
+
+    for node in output_nodes("grouped"):
+        node.args = (node.args[0], node.args[1] * 10, *node.args[2:])
+    converted.recompile()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(model, converted, batches, calibration=batches[:1])
+    report = walk_model(bundle, WalkOptions(top=0, layers=("grouped",))).report
+    detail = next(d.report for d in report.details if d.layer == "grouped")
+    coarse = next(f for f in detail.findings if f.code == "QCD052" and f.path == "as_given")
+    assert "converted.recompile()" in coarse.fix and "qm.scale" not in coarse.fix
+    exec(compile(coarse.fix, "QCD052 fix", "exec"), {"converted": converted})  # noqa: S102
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(model, converted, batches, calibration=batches[:1])
+    row = walk_model(bundle, WalkOptions(top=0)).report.layer("grouped")
+    assert row.verdict == "at_floor" and not [f for f in row.findings if f.code == "QCD052"]
