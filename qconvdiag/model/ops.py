@@ -233,9 +233,9 @@ class OpRange:
                     "# output quantized to the qparams it computed with\n"
                     "import copy\n")
             keep = f"        self.float_op = copy.deepcopy(model.get_submodule({self.name!r}))\n"
-            body = ("        y = self.float_op(x.dequantize())\n"
-                    f"        return torch.quantize_per_tensor(y, {self.scale!r}, "
-                    f"{self.zero_point}, torch.{self.dtype})\n")
+            body = ("        y = self.float_op(x.dequantize())\n"  # lines within 80 columns
+                    "        return torch.quantize_per_tensor(\n"
+                    f"            y, {self.scale!r}, {self.zero_point}, torch.{self.dtype})\n")
         return (head + "import torch\n"
                 "class Fixed(torch.nn.Module):\n"
                 "    def __init__(self, op):\n"

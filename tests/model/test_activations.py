@@ -190,11 +190,16 @@ def test_a_shared_in_place_relu6_is_named_after_each_conv_it_follows():
 def test_a_wrong_kernel_s_float_fix_keeps_the_qparams_it_computed_with():
     """The float workaround quantizes to the output qparams the module computed with (a
     Sigmoid's are fixed, 1/256 and 0), not its input's."""
+    import dataclasses
+
     from qconvdiag.model.activations import WrongValues
     from qconvdiag.model.ops import OpRange
 
     op = OpRange("head.gate", "Sigmoid", 1 / 256, 0, "quint8", 0.0, 0.0, ("c2",), False, False,
                  wrong=WrongValues("Sigmoid", 90, 100, 30.0, False, False), own_qparams=False)
     fix = op.fix()
-    assert "torch.quantize_per_tensor(y, 0.00390625, 0, torch.quint8)" in fix
+    assert "y, 0.00390625, 0, torch.quint8)" in fix
+    # a scale of many digits, as an observer's are: every line within 80 columns, indented
+    wide = dataclasses.replace(op, scale=0.03851956129074097, zero_point=140).fix()
+    assert max(len(line) for line in wide.split("\n")) <= 78
     assert "copy.deepcopy(model.get_submodule('head.gate'))" in fix
