@@ -123,7 +123,8 @@ class ActivationCheck:
             x, channels_last, contiguous = inputs.pop()
             self.calls.setdefault(name, []).append(self.last())
             first = out[:1] if getattr(out, "dim", lambda: 0)() > 1 else out
-            wrong = _check(module, twin, x, first, channels_last, contiguous)
+            wrong = _check(type(module).__name__, module.forward, twin.forward, x, first,
+                           channels_last, contiguous)
             if wrong is not None and (name not in self.found
                                       or wrong.outputs_off > self.found[name].outputs_off):
                 self.found[name] = wrong
@@ -147,11 +148,12 @@ def _channels_last(x: Any) -> bool:
         memory_format=torch.channels_last)
 
 
-def _check(module: Any, twin: Any, x: Any, out: Any, channels_last: bool, contiguous: bool
-           ) -> WrongValues | None:
-    """``module``'s output ``out`` on its quantized input (``x``: its values, contiguous; the
-    input was ``channels_last``, or ``contiguous``) against ``twin`` on ``x`` dequantized
-    (None: right, or nothing to compare)."""
+def _check(kind: str, run: Callable[[Any], Any], twin: Callable[[Any], Any], x: Any, out: Any,
+           channels_last: bool, contiguous: bool) -> WrongValues | None:
+    """A quantized kernel's output ``out`` on its quantized input (``x``: its values,
+    contiguous; the input was ``channels_last``, or ``contiguous``) against its float ``twin``
+    on ``x`` dequantized (None: right, or nothing to compare). ``run``: the kernel again, on a
+    contiguous input (forward: no hook of the capture's sees this second call)."""
     import torch
 
     if not (isinstance(out, torch.Tensor) and out.is_quantized and out.shape == x.shape
@@ -165,14 +167,14 @@ def _check(module: Any, twin: Any, x: Any, out: Any, channels_last: bool, contig
         return None
     contiguous_ok = False
     if not contiguous:
-        with torch.no_grad():  # forward: no hook of the capture's sees this second call; on a
-            again = module.forward(x.clone())  # copy, which an in-place module overwrites
+        with torch.no_grad():  # on a copy, which an in-place kernel overwrites
+            again = run(x.clone())
         contiguous_ok = bool((_steps_off(twin, x, again) <= OFF_STEPS).all())
-    return WrongValues(type(module).__name__, outputs_off, int(out.numel()), float(off.max()),
-                       contiguous_ok, channels_last)
+    return WrongValues(kind, outputs_off, int(out.numel()), float(off.max()), contiguous_ok,
+                       channels_last)
 
 
-def _steps_off(twin: Any, x: Any, out: Any) -> Any:
+def _steps_off(twin: Callable[[Any], Any], x: Any, out: Any) -> Any:
     """|out - twin(x)| in out's steps, twin(x) clamped to out's representable range (8-bit
     outputs)."""
     import torch
@@ -182,5 +184,5 @@ def _steps_off(twin: Any, x: Any, out: Any) -> Any:
     s, zp = float(out.q_scale()), int(out.q_zero_point())
     low, high = DTYPE_RANGES[str(out.dtype).split(".")[-1]]
     with torch.no_grad():  # forward: the float model's hooks do not see this call
-        want = twin.forward(x.dequantize()).clamp((low - zp) * s, (high - zp) * s)
+        want = twin(x.dequantize()).clamp((low - zp) * s, (high - zp) * s)
     return (out.dequantize() - want).abs() / s
