@@ -9,8 +9,14 @@ every quantized conv writes), up to 6.0 off on MobileNetV2's ReLU6, and right on
 values contiguous. QCD065 names such a module where the conv after it loses its input
 (ops.py: ``OpRange.wrong``).
 
+The same kernels run where the model calls a function instead of a module (``F.relu6(x)``,
+``x.clamp(0, 6)`` in a forward; an FX graph's call_function nodes keep them), with the same
+fault: the functions of FUNCTIONS are checked against themselves on the dequantized input,
+by a TorchFunctionMode over the quantized model's first forward. A call inside a checked
+module is that module's (an FX model's float ReLU6 module calls hardtanh): not checked twice.
+
 The check runs in the quantized model's first forward only, on its first sample (a kernel's
-fault shows on any); a module whose output is right records nothing.
+fault shows on any); a module or call whose output is right records nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +29,16 @@ from typing import Any
 #: Elementwise activation modules (class names) whose quantized kernel is checked.
 CHECKED = frozenset({"ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "Sigmoid", "Tanh",
                      "LeakyReLU", "ELU"})
+#: Elementwise functions whose quantized kernel is checked where the model calls them on a
+#: quantized tensor outside a checked module, as the fix names them (torch's functional forms,
+#: the tensor methods and their in-place variants; those a quantized tensor refuses, as
+#: hardswish or elu, are not here).
+FUNCTIONS = tuple(f"torch.{name}" for name in (
+    "nn.functional.relu6", "nn.functional.hardtanh", "nn.functional.hardtanh_",
+    "nn.functional.relu", "nn.functional.leaky_relu", "nn.functional.hardsigmoid",
+    "nn.functional.gelu", "clamp", "clamp_", "clip", "clip_", "relu", "relu_", "sigmoid",
+    "tanh", "Tensor.clamp", "Tensor.clamp_", "Tensor.clip", "Tensor.clip_", "Tensor.relu",
+    "Tensor.relu_", "Tensor.sigmoid", "Tensor.tanh"))
 #: An output is wrong when it lies more than this many output steps from its float twin's value
 #: (clamped to the representable range): rounding gives half a step, the kernels' lookup
 #: tables and approximations at most one.
@@ -47,6 +63,8 @@ class WrongValues:
     what it gets wrong."""
     channels_last: bool
     """Its input was channels_last."""
+    function: str = ""
+    """A function's call, not a module: the function as FUNCTIONS names it."""
 
     def message(self) -> str:
         """What QCD065 says of the module (no final period: it ends a sentence of QCD065's)."""
@@ -61,7 +79,8 @@ class WrongValues:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "outputs_off": self.outputs_off, "total": self.total,
                 "max_steps": self.max_steps, "contiguous_ok": self.contiguous_ok,
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last,
+                **({"function": self.function} if self.function else {})}
 
     @staticmethod
     def from_mapping(m: Any) -> WrongValues:
@@ -73,7 +92,10 @@ class WrongValues:
             raise TypeError("contiguous_ok and channels_last are true or false")
         if not (0 <= off <= total and math.isfinite(steps) and steps >= 0):
             raise ValueError("counts and steps out of range")
-        return WrongValues(str(m["kind"]), off, total, steps, *flags)
+        function = str(m.get("function", ""))
+        if function and function not in FUNCTIONS:
+            raise ValueError("a function qconvdiag does not check")
+        return WrongValues(str(m["kind"]), off, total, steps, *flags, function)
 
 
 class ActivationCheck:
@@ -82,7 +104,9 @@ class ActivationCheck:
     applied to its dequantized input. ``found``: the modules whose kernel computed wrong values
     at a call, by path (the worst call); ``calls``: per module, the conv that ran last before
     each of its calls (``last``: ops.py's recorder's), as ``OpRange.after`` holds them;
-    ``qparams``: a found module's output qparams (scale, zero point, dtype)."""
+    ``qparams``: a found module's output qparams (scale, zero point, dtype). A function's call
+    (FUNCTIONS) outside the checked modules is recorded the same way, under the name "the
+    <function> call after <conv>" (``call_name``)."""
 
     def __init__(self, float_model: Any, quantized_model: Any, last: Callable[[], str]) -> None:
         self.handles: list[Any] = []
@@ -91,6 +115,8 @@ class ActivationCheck:
         self.qparams: dict[str, tuple[float, int, str]] = {}
         self.last = last
         self.done = False
+        self.inside = 0  # checked modules whose forward is running (their calls are theirs)
+        self.mode: Any = None  # the TorchFunctionMode over the first forward
         floats = dict(float_model.named_modules())
         for name, m in quantized_model.named_modules():
             kind = type(m).__name__
@@ -100,11 +126,13 @@ class ActivationCheck:
             inputs: list[Any] = []
             self.handles.append(m.register_forward_pre_hook(self._before(inputs)))
             self.handles.append(m.register_forward_hook(self._after(name, m, twin, inputs)))
+        self.handles.append(quantized_model.register_forward_pre_hook(self._forward_starts))
         self.handles.append(quantized_model.register_forward_hook(self._forward_done))
 
     def _before(self, inputs: list[Any]) -> Callable[..., None]:
         """A module's pre-hook: its input's first sample, kept for ``_after``."""
         def hook(_m: Any, args: tuple[Any, ...]) -> None:
+            self.inside += 1
             x = args[0] if args else None
             if not self.done and x is not None and getattr(x, "is_quantized", False):
                 # the first sample's values (a kernel's fault shows on any), copied (an in-place
@@ -118,27 +146,113 @@ class ActivationCheck:
                ) -> Callable[..., None]:
         """A module's forward hook: the call's output against the twin on its input."""
         def hook(_m: Any, _args: Any, out: Any) -> None:
+            self.inside -= 1
             if self.done or not inputs:
                 return
             x, channels_last, contiguous = inputs.pop()
-            self.calls.setdefault(name, []).append(self.last())
-            first = out[:1] if getattr(out, "dim", lambda: 0)() > 1 else out
-            wrong = _check(type(module).__name__, module.forward, twin.forward, x, first,
-                           channels_last, contiguous)
-            if wrong is not None and (name not in self.found
-                                      or wrong.outputs_off > self.found[name].outputs_off):
-                self.found[name] = wrong
-                self.qparams[name] = (float(out.q_scale()), int(out.q_zero_point()),
-                                      str(out.dtype).split(".")[-1])
+            self._record(name, _check(type(module).__name__, module.forward, twin.forward, x,
+                                      _first(out), channels_last, contiguous), out)
         return hook
+
+    def _record(self, name: str, wrong: WrongValues | None, out: Any) -> None:
+        """A call of ``name`` (a module's path, or ``call_name``'s) checked: its worst."""
+        self.calls.setdefault(name, []).append(self.last())
+        if wrong is not None and (name not in self.found
+                                  or wrong.outputs_off > self.found[name].outputs_off):
+            self.found[name] = wrong
+            self.qparams[name] = (float(out.q_scale()), int(out.q_zero_point()),
+                                  str(out.dtype).split(".")[-1])
+
+    def function_ran(self, function: str, run: Callable[[Any], Any], x: Any, out: Any) -> None:
+        """A call of ``function`` (FUNCTIONS) outside the checked modules, on the quantized
+        ``x`` (the first sample, copied and contiguous, read before the call), with its other
+        arguments bound in ``run`` (the same function on a float input is its twin)."""
+        if self.done or self.inside or not _checkable(out):
+            return
+        values, channels_last, contiguous = x
+        kind = function.rpartition(".")[2]
+        wrong = _check(kind, run, run, values, _first(out), channels_last, contiguous)
+        if wrong is not None:
+            import dataclasses
+
+            wrong = dataclasses.replace(wrong, function=function)
+        self._record(call_name(kind, self.last()), wrong, out)
+
+    def _forward_starts(self, _m: Any, _args: Any) -> None:
+        if not self.done and self.mode is None:
+            self.mode = _function_mode(self)
+            self.mode.__enter__()
 
     def _forward_done(self, _m: Any, _args: Any, _out: Any) -> None:
         self.done = True
+        self._leave_mode()
+
+    def _leave_mode(self) -> None:
+        if self.mode is not None:
+            mode, self.mode = self.mode, None
+            mode.__exit__(None, None, None)
 
     def remove(self) -> None:
+        self._leave_mode()  # a forward that raised left it entered
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def call_name(kind: str, last: str) -> str:
+    """The name a function's call is recorded under: the conv that ran last before it."""
+    return f"the {kind} call " + (f"after {last}" if last else "before any conv")
+
+
+def _first(t: Any) -> Any:
+    """A tensor's first sample (the tensor itself when it has no batch axis)."""
+    return t[:1] if getattr(t, "dim", lambda: 0)() > 1 else t
+
+
+def _checkable(t: Any) -> bool:
+    """A per-tensor 8-bit quantized tensor: what the check compares."""
+    import torch
+
+    return (isinstance(t, torch.Tensor) and t.is_quantized
+            and t.qscheme() == torch.per_tensor_affine and t.dtype in (torch.quint8, torch.qint8))
+
+
+def _resolved() -> dict[Any, str]:
+    """FUNCTIONS' objects -> their names."""
+    import torch
+
+    found = {}
+    for name in FUNCTIONS:
+        obj: Any = torch
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)
+        found[obj] = name
+    return found
+
+
+def _function_mode(check: ActivationCheck) -> Any:
+    """A TorchFunctionMode that hands ``check`` each call of a FUNCTIONS function on a
+    checkable tensor (its input read before the call: an in-place variant overwrites it)."""
+    from torch.overrides import TorchFunctionMode
+
+    functions = _resolved()
+
+    class FunctionCheck(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            name = functions.get(func)
+            if name is None or check.done or check.inside or not args or not _checkable(
+                    args[0]):
+                return func(*args, **kwargs)
+            x = args[0]
+            before = (_first(x).clone().contiguous(), _channels_last(x), x.is_contiguous())
+            out = func(*args, **kwargs)
+            rest = args[1:]
+            check.function_ran(name, lambda t: func(t, *rest, **kwargs), before, out)
+            return out
+
+    return FunctionCheck()
 
 
 def _channels_last(x: Any) -> bool:

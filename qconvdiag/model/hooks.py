@@ -213,16 +213,20 @@ def copy_float(t: Any) -> np.ndarray:
 
 
 def _raised_by_us(exc: BaseException) -> bool:
-    """The error was raised in qconvdiag's own code (a hook's): its innermost frame is ours."""
+    """The error was raised in qconvdiag's own code (a hook's): its innermost frame is ours,
+    but the activation check's TorchFunctionMode, which passes the model's own torch calls
+    on (activations.py: a float op fed a quantized tensor raises there)."""
     import os
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package
+    frames = []
     tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
         tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here + os.sep)
+    while frames and frames[-1].co_name == "__torch_function__":
+        frames.pop()
+    return bool(frames) and os.path.abspath(frames[-1].co_filename).startswith(here + os.sep)
 
 
 def failed_forward(which: str, exc: BaseException, model: Any = None) -> str:

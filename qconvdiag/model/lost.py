@@ -135,7 +135,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
                    "# and the observers saw its batch statistics\n"
                    + _EVAL_CALIBRATION + calibration_fix(False, flow))
         elif op is not None:
-            fix = op.fix(engine)
+            fix = op.fix(engine, others=ops)
         else:
             fix = (_SCALES_FX if flow == "fx" else _SCALES if not pt2e else
                    "# the op between them with a far-off output scale (an add, a pool, a cat):\n"

@@ -185,16 +185,23 @@ class OpRange:
                 f"range [{self.float_low:.4g}, {self.float_high:.4g}] is {ratio:.1f}x narrower "
                 "than theirs together: one module per call gets its own scale")
 
-    def fix(self, engine: str = "", module: str = "quantized") -> str:
+    def label(self) -> str:
+        """How a message names the op: its module path and kind, or a function's call."""
+        return (self.name if self.wrong is not None and self.wrong.function
+                else f"{self.name} ({self.kind})")
+
+    def fix(self, engine: str = "", module: str = "quantized",
+            others: tuple[OpRange, ...] = ()) -> str:
         """Minmax qparams over the float range, set on the quantized module (packed again on
-        qnnpack, where it holds a packed weight)."""
+        qnnpack, where it holds a packed weight). ``others``: the model's other ops, whose
+        functions with wrong kernels a function's fix mends in the same pass."""
         import numpy as np
 
         from ..findings.base import minmax_qparams
         from ..findings.fixes import repacked
 
         if self.wrong is not None:
-            return self.wrong_values_fix(module)
+            return self.wrong_values_fix(module, others)
         if self.shared > 1:
             owner, _, attr = self.name.rpartition(".")
             where = f" of {owner!r}" if owner else ""
@@ -216,13 +223,16 @@ class OpRange:
             engine if self.packed else None, "op")
 
 
-    def wrong_values_fix(self, module: str = "quantized") -> str:
+    def wrong_values_fix(self, module: str = "quantized", others: tuple[OpRange, ...] = ()
+                         ) -> str:
         """A kernel that computed wrong values (``wrong``), worked around in the quantized
         model: the module given a contiguous input where that is what it gets wrong, else run
         in float (its float twin, a copy of ``model``'s module, between a dequantize and a
         quantize to the output qparams it computed with)."""
         assert self.wrong is not None
         kind = self.wrong.kind
+        if self.wrong.function:
+            return self._function_fix(module, others)
         owner, _, attr = self.name.rpartition(".")
         if self.wrong.contiguous_ok:
             head = (f"# torch's quantized {kind} gets a channels_last input wrong: give it a\n"
@@ -245,6 +255,46 @@ class OpRange:
                 + (f"owner = {module}.get_submodule({owner!r})\n" if owner
                    else f"owner = {module}\n")
                 + f"setattr(owner, {attr!r}, Fixed(getattr(owner, {attr!r})))")
+
+
+    def _function_fix(self, module: str, others: tuple[OpRange, ...]) -> str:
+        """``wrong_values_fix`` of a function's call: the quantized model's forward run under a
+        TorchFunctionMode that gives the function a contiguous input, or runs it in float on
+        the dequantized input and quantizes the result to the qparams the kernel chose. Every
+        function whose kernel computed wrong values somewhere in the model (``others``) is
+        mended with it: a fault after a broken layer shows in no loss of its own."""
+        wrong = [w for w in (self.wrong, *(o.wrong for o in others)) if w is not None
+                 and w.function]
+        functions = list(dict.fromkeys(w.function for w in wrong))
+        kinds = list(dict.fromkeys(w.kind for w in wrong))
+        one = len(kinds) == 1
+        named = f"# torch's quantized {' and '.join(kinds)}"
+        if all(w.contiguous_ok for w in wrong):
+            head = (f"{named} {'gets' if one else 'get'} a channels_last input wrong: give\n"
+                    "# it a contiguous one (x.contiguous() in the model's forward), or on\n"
+                    "# the quantized model as it is:\n")
+            body = ("            args = (args[0].contiguous(), *args[1:])\n"
+                    "        return func(*args, **kwargs)\n")
+        else:
+            head = (f"{named} compute{'s' if one else ''} wrong values: run it in float,\n"
+                    "# its output quantized to the qparams it computed with\n")
+            body = ("            out = func(*args, **kwargs)\n"
+                    "            y = func(args[0].dequantize(), *args[1:], **kwargs)\n"
+                    "            return torch.quantize_per_tensor(\n"
+                    "                y, out.q_scale(), out.q_zero_point(), out.dtype)\n"
+                    "        return func(*args, **kwargs)\n")
+        return (head + "import torch\n"
+                "WRONG = (" + ",\n         ".join(functions) + ",)\n"
+                "class Mended(torch.overrides.TorchFunctionMode):\n"
+                "    def __torch_function__(self, func, types, args=(), kwargs=None):\n"
+                "        kwargs = kwargs or {}\n"
+                "        if func in WRONG and args[0].is_quantized:\n"
+                + body
+                + f"forward = {module}.forward\n"
+                "def mended_forward(*args, **kwargs):\n"
+                "    with Mended():\n"
+                "        return forward(*args, **kwargs)\n"
+                f"{module}.forward = mended_forward")
 
 
 def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:

@@ -235,7 +235,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                     op = named[0]
                     out.append(UpstreamLoss(
                         name, s.input, s.input_floor_ratio, None, None,
-                        f"{head}{op.name} ({op.kind}), between the model's input and {name}, "
+                        f"{head}{op.label()}, between the model's input and {name}, "
                         f"loses it: {op.misfit()}.", op.name))
                 else:
                     why = ("was never calibrated (scale 1.0, zero point 0: run calibration "
@@ -256,7 +256,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
             named = between(ops, order, name)[:1]
             if named:
                 before = []
-            cause = (f"{named[0].name} ({named[0].kind}) loses it: {named[0].misfit()}"
+            cause = (f"{named[0].label()} loses it: {named[0].misfit()}"
                      if named else
                      f"the {(missing or {})[before[0]]} the float model applies after "
                      f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "

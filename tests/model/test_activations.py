@@ -203,3 +203,144 @@ def test_a_wrong_kernel_s_float_fix_keeps_the_qparams_it_computed_with():
     wide = dataclasses.replace(op, scale=0.03851956129074097, zero_point=140).fix()
     assert max(len(line) for line in wide.split("\n")) <= 78
     assert "copy.deepcopy(model.get_submodule('head.gate'))" in fix
+
+
+class Functional(torch.nn.Module):
+    """conv, F.relu6, conv, clamp(0, 6), conv: the activations called as functions in the
+    forward, as many MobileNet implementations call them (no module to hook)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = torch.nn.functional.relu6(self.c1(self.quant(x)))
+        return self.dequant(self.c3(torch.clamp(self.c2(y), 0, 6)))
+
+
+def quantized_functional(engine: str, flow: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = engine
+    f = Functional().eval()
+    x = torch.randn(4, 3, 16, 16) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if flow == "fx":
+            from torch.ao.quantization import get_default_qconfig_mapping
+            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+            prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping(engine), (x,))
+            prepared(x)
+            return f, convert_fx(prepared)
+        m = copy.deepcopy(f)
+        m.qconfig = get_default_qconfig(engine)
+        prepared = prepare(m)
+        prepared(x)
+        return f, convert(prepared)
+
+
+@pytest.mark.parametrize("flow", ["eager", "fx"])
+def test_qnnpack_s_functional_relu6_and_clamp_are_named_and_mended_in_one_pass(flow):  # noqa: ANN001
+    """F.relu6 and torch.clamp on a quantized tensor run the same qnnpack kernel as the ReLU6
+    module, with the same channels_last fault; an FX graph keeps them as call_function nodes.
+    QCD065 named 'an op between c1 and c2 (its output scale)', with a fix that printed
+    qparams: now it names the call, and its fix (a TorchFunctionMode over the quantized
+    model's forward) mends both functions, the clamp's fault included, which c2's broken
+    input hid (no loss of its own). Run, the model is clean; on x86 nothing is recorded."""
+    f, q = quantized_functional("qnnpack", flow)
+    bundle, report = walk(f, q)
+    wrong = {o.name: o.wrong for o in bundle.ops if o.wrong is not None}
+    assert set(wrong) == {"the relu6 call after c1", "the clamp call after c2"}
+    assert {w.function for w in wrong.values()} == {"torch.nn.functional.relu6", "torch.clamp"}
+    assert all(w.contiguous_ok and w.channels_last for w in wrong.values())
+    (lost,) = [x for x in report.findings if x.code == "QCD065"]
+    assert lost.title.endswith("by the relu6 call after c1, whose quantized kernel computes "
+                               "wrong values")
+    assert "the relu6 call after c1 loses it" in lost.message and "(relu6)" not in lost.message
+    assert max(len(line) for line in lost.fix.split("\n")) <= 80
+    exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})  # noqa: S102
+    bundle, report = walk(f, q)
+    assert not [o for o in bundle.ops if o.wrong is not None] and report.findings == ()
+    assert report.layer("c3").propagated.sqnr_db > 25
+
+    f, q = quantized_functional("x86", flow)
+    bundle, report = walk(f, q)
+    assert not [o for o in bundle.ops if o.wrong is not None] and report.findings == ()
+
+
+class FXReLU6(Block):
+    """An FX model's ReLU6 module: convert_fx keeps the float module, which calls hardtanh."""
+
+
+def test_a_call_inside_a_checked_module_is_the_module_s():
+    """FX keeps a float ReLU6 module in the converted graph; its forward calls hardtanh on the
+    quantized tensor. The module is checked and named; its inner call is not recorded again
+    as 'the hardtanh call after c1'."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    f = FXReLU6().eval()
+    x = torch.randn(4, 3, 16, 16) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(f), get_default_qconfig_mapping("qnnpack"), (x,))
+        prepared(x)
+        q = convert_fx(prepared)
+    bundle, _report = walk(f, q)
+    assert [o.name for o in bundle.ops if o.wrong is not None] == ["act"]
+
+
+def halved_clamp(x, low, high):  # noqa: ANN001, ANN201
+    """A function torch dispatches to modes (as its own functions), whose quantized result
+    is wrong on every layout: its values halved."""
+    from torch.overrides import handle_torch_function, has_torch_function_unary
+
+    if has_torch_function_unary(x):
+        return handle_torch_function(halved_clamp, (x,), x, low, high)
+    if not x.is_quantized:
+        return torch.clamp(x, low, high)
+    y = torch.clamp(x.dequantize(), low, high) * 0.5
+    return torch.quantize_per_tensor(y, x.q_scale(), x.q_zero_point(), x.dtype)
+
+
+class HalvedClamp(Functional):
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = torch.halved_clamp(self.c1(self.quant(x)), 0.0, 6.0)
+        return self.dequant(self.c3(self.c2(y)))
+
+
+def test_a_function_wrong_on_every_layout_is_run_in_float_by_its_fix(monkeypatch):  # noqa: ANN001
+    """Where a contiguous input does not help, the function's fix runs it in float on the
+    dequantized input, quantized to the qparams its kernel chose: run, the loss is gone. The
+    bundle keeps the function (read back, checked against FUNCTIONS)."""
+    from qconvdiag.model import activations
+
+    monkeypatch.setattr(torch, "halved_clamp", halved_clamp, raising=False)
+    monkeypatch.setattr(activations, "FUNCTIONS", (*activations.FUNCTIONS, "torch.halved_clamp"))
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    f = HalvedClamp().eval()
+    m = copy.deepcopy(f)
+    m.qconfig = get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(m)
+        prepared(torch.randn(4, 3, 16, 16) * 2)
+        q = convert(prepared)
+    bundle, report = walk(f, q)
+    (op,) = [o for o in bundle.ops if o.wrong is not None]
+    assert op.name == "the halved_clamp call after c1" and not op.wrong.contiguous_ok
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    again = bundle_from_mapping(bundle_to_mapping(bundle), "test")
+    assert [o.wrong for o in again.ops] == [o.wrong for o in bundle.ops]
+    (lost,) = [x for x in report.findings if x.code == "QCD065"]
+    assert "run it in float" in lost.fix and "torch.halved_clamp" in lost.fix
+    exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})  # noqa: S102
+    _b, report = walk(f, q)
+    assert report.findings == () and report.layer("c2").propagated.sqnr_db > 25

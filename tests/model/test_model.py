@@ -225,6 +225,14 @@ def test_bundle_float_input_of_another_shape_is_refused(healthy_x86):  # noqa: A
                                                   "contiguous_ok": "false",
                                                   "channels_last": True}}]},
      "an entry of 'ops' is malformed"),
+    # a function's name is printed into its fix, code the user runs: only FUNCTIONS' names
+    ({"ops": [{"name": "the relu6 call after c1", "kind": "relu6", "scale": 0.1,
+               "zero_point": 0, "dtype": "quint8", "float_range": [0, 0], "after": ["c1"],
+               "sampled": True, "tensor_qparams": False,
+               "wrong": {"kind": "relu6", "outputs_off": 3, "total": 10, "max_steps": 4.0,
+                         "contiguous_ok": True, "channels_last": True,
+                         "function": "__import__('os').remove"}}]},
+     "an entry of 'ops' is malformed"),
 ])
 def test_a_bundle_s_flow_and_wrong_values_are_checked_on_reading(healthy_x86, meta, fragment
                                                                  ):  # noqa: ANN001
