@@ -91,7 +91,12 @@ REFLECT_NOTE = ("padding_mode='reflect': the input is reflect-padded as torch's 
                 "pads it (F.pad), and the conv runs with padding 0")
 #: Notes a case file keeps (``notes``): what capture knew and the file cannot show. Every
 #: other note is made again when the file is read.
-PERSISTED_NOTES = (REFLECT_NOTE,)
+#: A case ``capture`` made without a module or output qparams: what its as_given output runs
+#: on (a dict case says what it holds; a capture's caller may not know what it left out).
+NO_OUTPUT_NOTE = ("no quantized module or output qparams given: the as_given output uses a "
+                  "fresh module's scale 1.0 / zero point 0 (capture(..., output_qparams=(scale, "
+                  "zero_point)) gives the ones your call uses)")
+PERSISTED_NOTES = (REFLECT_NOTE, NO_OUTPUT_NOTE)
 
 
 def reflect_padded(a: np.ndarray, padding: Sequence[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import PADDING_MODES, REFLECT_NOTE, ConvCase, reflect_padded
+from ..case import NO_OUTPUT_NOTE, PADDING_MODES, REFLECT_NOTE, ConvCase, reflect_padded
 from ..errors import CaseError
 from ..torch_calls import capture_warnings
 from .entries import Quantized
@@ -22,6 +22,8 @@ def capture(
     qconv: Any = None,
     qinput: Any = None,
     *,
+    qweight: Any = None,
+    output_qparams: Any = None,
     path: str | os.PathLike[str] | None = "qconvdiag_case.pt",
 ) -> ConvCase:
     """Capture a case from live modules and tensors, and write it to ``path`` (unless None).
@@ -29,13 +31,21 @@ def capture(
     ``conv``: the float ``nn.Conv1d/2d/3d``; ``input``: its float input (or None with
     ``qinput``); ``qconv``: the quantized conv module that disagrees; ``qinput``: the quantized
     tensor you fed it (``qconv`` is run once on its first sample: a module whose kernel computes
-    other codes than its state gives is refused, see ``_refuse_stale``). Example::
+    other codes than its state gives is refused, see ``_refuse_stale``). Without a module (the
+    functional API, ``torch.ao.nn.quantized.functional.conv2d``): ``qweight``, the quantized
+    weight, and ``output_qparams``, the output ``(scale, zero_point)`` the call was given (a
+    module holds both itself). Example::
 
         qconvdiag.capture(m, x, qconv=qm, qinput=qx, path="my_case.pt")
+        qconvdiag.capture(m, x, qinput=qx, qweight=qw, output_qparams=(0.0009, 121))
     """
     import torch
 
     _refuse_other_modules(conv, qconv)
+    if qconv is not None and (qweight is not None or output_qparams is not None):
+        raise CaseError("capture(): qweight and output_qparams are for a conv without a module "
+                        "(the functional API); the quantized module holds its own: pass qconv "
+                        "alone")
     if conv.padding_mode not in PADDING_MODES:
         raise CaseError(
             f"padding_mode='{conv.padding_mode}' is not supported by torch's quantized conv "
@@ -55,6 +65,15 @@ def capture(
     with capture_warnings():
         if qinput is not None:
             mapping["qinput"] = tensor_to_numpy(qinput, "qinput", "capture")
+        if qweight is not None:
+            if not getattr(qweight, "is_quantized", False):
+                raise CaseError("capture(): qweight must be the quantized weight (what "
+                                "torch.quantize_per_tensor or quantize_per_channel returned)")
+            mapping["qweight"] = tensor_to_numpy(qweight, "qweight", "capture")
+        if output_qparams is not None:
+            mapping["output_qparams"] = _output_qparams(output_qparams)
+        elif qconv is None and (qinput is not None or qweight is not None):
+            mapping["notes"] = [NO_OUTPUT_NOTE]
         if qconv is not None:
             mapping.update(_module_entries(conv, qconv))
             if qinput is not None:
@@ -68,15 +87,29 @@ def capture(
         mapping["engine"] = torch.backends.quantized.engine
     if conv.padding_mode == "reflect":
         _padded_as_the_quantized_conv_pads(mapping, padding, conv.weight.dim() - 2)
+    quantized_tensors = qinput is not None or qweight is not None
     mapping["provenance"] = {
-        "used_quantized_dtypes": qconv is not None or qinput is not None,
+        "used_quantized_dtypes": qconv is not None or quantized_tensors,
         "apis": (["torch.ao.nn.quantized"] if qconv is not None else [])
-        + (["torch.quantize_per_tensor"] if qinput is not None else []),
+        + (["torch.quantize_per_tensor"] if quantized_tensors else []),
     }
     case = case_from_mapping(mapping, source="capture")
     if path is not None:
         save_case(case, path)
     return case
+
+
+def _output_qparams(value: Any) -> dict[str, Any]:
+    """``capture``'s output_qparams, a (scale, zero_point) pair or a dict with those keys, as
+    a case's entry (quint8: what torch's quantized convs write)."""
+    if isinstance(value, dict):
+        value = (value.get("scale"), value.get("zero_point"))
+    try:
+        scale, zero_point = value
+        return {"scale": float(scale), "zero_point": float(zero_point), "dtype": "quint8"}
+    except (TypeError, ValueError):
+        raise CaseError("capture(): output_qparams must be (scale, zero_point), e.g. "
+                        "output_qparams=(0.0009, 121)") from None
 
 
 def _padded_as_the_quantized_conv_pads(mapping: dict[str, Any], padding: Any, dims: int
@@ -92,7 +125,7 @@ def _padded_as_the_quantized_conv_pads(mapping: dict[str, Any], padding: Any, di
     elif q is not None:
         mapping["qinput"] = reflect_padded(q, each)
     mapping["padding"] = 0
-    mapping["notes"] = [REFLECT_NOTE]
+    mapping["notes"] = [*mapping.get("notes", []), REFLECT_NOTE]
 
 
 def _refuse_other_modules(conv: Any, qconv: Any) -> None:

@@ -419,3 +419,41 @@ def test_a_reflect_padded_conv_is_captured_as_torch_runs_it(tmp_path, fmt):
     with pytest.raises(CaseError, match="'zeros' and 'reflect'"):
         qconvdiag.capture(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), x,
                           path=None)
+
+
+def test_a_functional_conv_is_captured_with_its_weight_and_output_qparams(tmp_path):
+    """pytorch#50720's functional conv2d: without a module, capture() took only qinput and made
+    up the rest (observer weight qparams, output 1.0 / 0), so QCD050 named defaults the user
+    never set and the weight's clipping went unnamed. With qweight and output_qparams the case
+    is the call: torch's own codes (0 mismatches), QCD020 named, no QCD050. Without them the
+    case says what its as_given output runs on, in the file too."""
+    import warnings
+
+    import torch
+
+    conv = torch.nn.Conv2d(1, 1, 3, bias=False)
+    conv.weight.data = torch.linspace(-1, 1, 9).reshape(1, 1, 3, 3)
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 10 - 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qx = torch.quantize_per_tensor(x, 0.15, 120, torch.quint8)
+        qw = torch.quantize_per_tensor(conv.weight.detach(), 0.0007, 0, torch.qint8)
+    case = qconvdiag.capture(conv, x, qinput=qx, qweight=qw, output_qparams=(0.0009, 121),
+                             path=tmp_path / "f.pt")
+    report = qconvdiag.diagnose(load_case(tmp_path / "f.pt"), qconvdiag.Options(engine="x86"))
+    given = next(p for p in report.paths if p.name == "as_given")
+    assert given.torch_check.ran and given.torch_check.mismatched_elements == 0
+    codes = {f.code for f in report.findings}
+    assert "QCD020" in codes and "QCD050" not in codes
+    assert case.setup.output_qparams.scale == (0.0009,)
+
+    qconvdiag.capture(conv, x, qinput=qx, path=tmp_path / "bare.pt")
+    assert any("no quantized module or output qparams given" in n
+               for n in load_case(tmp_path / "bare.pt").notes)
+    with pytest.raises(CaseError, match="the quantized module holds its own"):
+        qconvdiag.capture(conv, x, qconv=torch.ao.nn.quantized.Conv2d(1, 1, 3), qinput=qx,
+                          qweight=qw, path=None)
+    with pytest.raises(CaseError, match=r"output_qparams must be \(scale, zero_point\)"):
+        qconvdiag.capture(conv, x, qinput=qx, output_qparams=0.0009, path=None)
+    with pytest.raises(CaseError, match="qweight must be the quantized weight"):
+        qconvdiag.capture(conv, x, qinput=qx, qweight=conv.weight, path=None)
