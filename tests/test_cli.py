@@ -148,6 +148,12 @@ def test_engine_all_names_every_engine(tmp_path):
         "x86", "fbgemm", "onednn", "qnnpack"}
     with np.load(npz) as z:
         assert any(k.startswith("as_given@qnnpack.") for k in z.files)
+    # the terminal's rows: values longer than their column still stand apart from the error
+    text = invoke("explain", str(ROOT / "samples" / "conv1d_handmade.pt"), "--engine",
+                  "all").stdout
+    side = text.split("engines side by side", 1)[1]
+    rows = [line for line in side.split("\n") if line.startswith(("as_given ", "production "))]
+    assert rows and all(" max error " in line for line in rows)
 
 
 def test_random_forum_recipe_and_save(tmp_path):

@@ -309,8 +309,8 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
             "QCD052", severity(run, energy), "output step too coarse for the output's range",
             f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "
             f"output's range [{fmt(lo)}, {fmt(hi)}] needs ({fmt(ideal)} = range / 255), so it "
-            f"uses only {fmt((hi - lo) / out_s)} of quint8's 255 steps and output rounding adds "
-            f"{fmt(b.stage('output_rounding').measured)} RMSE where "
+            f"uses only {_about((hi - lo) / out_s)} of quint8's 255 steps and output "
+            f"rounding adds {fmt(b.stage('output_rounding').measured)} RMSE where "
             f"{fmt(b.stage('output_rounding').floor)} would do." + wider,
             {"output_scale": out_s, "needed_scale": ideal, "step_ratio": b.output_step_ratio,
              "levels": (hi - lo) / out_s, "excess": energy},
@@ -357,3 +357,8 @@ def qcd053(ctx: Context) -> Iterator[Finding]:
         "out of range.",
         {"zero_point": zp, "range": [qp.dtype_min, qp.dtype_max], "excess": energy},
         fix, run, energy, OUTPUT)
+
+
+def _about(steps: float) -> str:
+    """A count of steps in words: whole steps, or less than one."""
+    return f"about {steps:.0f}" if steps >= 0.5 else "less than one"

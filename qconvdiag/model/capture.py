@@ -283,7 +283,8 @@ def output_ranges(float_model: Any, points: dict[str, tuple[Any, bool]], calibra
     """The float model's output range at each conv over the calibration batches (``points``:
     see ``_calibration_ranges``); without them, none, and a note in ``notes``."""
     if calibration is None:
-        notes.append("no calibration batches given (capture_model(..., calibration=...)): "
+        notes.append("capture_model was not given the batches the model was calibrated on "
+                     "(calibration=...): "
                      "output scales are judged on the captured samples' range, which is "
                      "narrower than the observers saw, so only scales over "
                      f"{SAMPLE_RANGE:g}x too coarse for it are named")

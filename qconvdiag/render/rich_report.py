@@ -276,7 +276,7 @@ def engines_block(console: Console, report: Report) -> None:
         vs = engine_outputs(row)
         if p.torch_check.ran and p.torch_check.mismatched_elements:
             vs += f"; torch differs in {p.torch_check.mismatched_elements} outputs"
-        hanging(console, f"{p.name:<11}{p.engine:<8}{_values(p.output_summary, 2):<12}"
+        hanging(console, f"{p.name:<11}{p.engine:<8}{_values(p.output_summary, 2):<12} "
                 f"max error {_num(p.total.max_abs):<10} {vs}", 4)
         for cause in row.causes:
             hanging(console, f"    {cause}", 6, style="dim")
