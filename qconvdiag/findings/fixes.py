@@ -70,26 +70,29 @@ def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]
             f"  # minmax over [{fmt(lo)}, {fmt(hi)}]"), qp
 
 
-def weight_fix(case: ConvCase, kernel: str, per_channel: bool, input_qp: QParams) -> str:
-    """Symmetric qint8 weights (per tensor or per output channel), repacked into ``qm``."""
+def weight_fix(case: ConvCase, kernel: str, per_channel: bool, input_qp: QParams,
+               levels: float = SYMMETRIC) -> str:
+    """Symmetric qint8 weights (per tensor or per output channel), repacked into ``qm``: scale
+    max|w| / ``levels`` (torch's symmetric observers' 127.5; 127 keeps the largest weight
+    unclipped)."""
     w = case.weight
     out_c = w.shape[0]
     if per_channel:
         m = np.abs(w.reshape(out_c, -1).astype(np.float64)).max(axis=1)
-        qp = QParams(tuple(float(v / SYMMETRIC) if v > 0 else 1.0 for v in m), (0,) * out_c,
+        qp = QParams(tuple(float(v / levels) if v > 0 else 1.0 for v in m), (0,) * out_c,
                      "qint8", 0, "fix")
         checked(kernel, input_qp, qp, out_c)
         return ("w = conv.weight.detach()\n"
-                f"scales = w.flatten(1).abs().amax(dim=1).clamp(min=1e-30) / {SYMMETRIC}"
+                f"scales = w.flatten(1).abs().amax(dim=1).clamp(min=1e-30) / {levels:g}"
                 "  # per output channel\n"
                 "qw = torch.quantize_per_channel(w, scales.double(), "
                 "torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)\n"
                 "qm.set_weight_bias(qw, conv.bias)")
     top = float(np.abs(w).max())
-    scale = top / SYMMETRIC if top > 0 else 1.0
+    scale = top / levels if top > 0 else 1.0
     checked(kernel, input_qp, per_tensor(scale, 0, "qint8", "fix"), out_c)
     return (f"qw = torch.quantize_per_tensor(conv.weight.detach(), {scale!r}, 0, torch.qint8)"
-            f"  # symmetric: max|w| {fmt(top)} / {SYMMETRIC}\n"
+            f"  # symmetric: max|w| {fmt(top)} / {levels:g}\n"
             "qm.set_weight_bias(qw, conv.bias)")
 
 
