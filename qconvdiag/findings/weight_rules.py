@@ -78,6 +78,7 @@ def qcd020(ctx: Context) -> Iterator[Finding]:
         over, under = w > hi + half, w < lo - half
         n = int(over.sum() + under.sum())
         if n == 0:
+            yield from _half_step(ctx, run, energy, w, hi)
             continue
         where = []
         if over.any():
@@ -93,6 +94,37 @@ def qcd020(ctx: Context) -> Iterator[Finding]:
             {"clipped": n, "total": int(w.size), "weight_min": float(w.min()),
              "weight_max": float(w.max()), "excess": energy},
             _symmetric_fix(ctx, run), run, energy, CLIPPING)
+
+
+def _half_step(ctx: Context, run: PathRun, energy: float, w: np.ndarray, hi: np.ndarray
+               ) -> Iterator[Finding]:
+    """QCD020 for weights clipped by half a step at most, on the as_given path above its
+    floor: torch's symmetric observers' scale max|w| / 127.5 puts each channel's largest
+    weight on code 127.5, rounded to 128 and clipped to 127. One weight per channel there
+    costs nothing; many of one magnitude (an identity or constant kernel, pytorch#95785: half
+    the outputs one step low) cost a material share of the floor, which scale max|w| / 127
+    avoids."""
+    b = run.report.budget
+    if run.report.name != "as_given" or b is None or b.verdict == "at_floor":
+        return
+    top = w > hi + np.asarray(run.spec.weight_qparams.scales()).max() * 1e-3
+    n = int(top.sum())
+    if n == 0:
+        return
+    yield finding(
+        "QCD020", severity(run, energy), "the largest weights clipped by half a step",
+        f"{n} of {w.size} weights lie half a step above the largest code (at "
+        f"{fmt(float(np.min(np.broadcast_to(hi, w.shape)[top])))} and were clipped there): "
+        "torch's symmetric weight observers take scale max|w| / 127.5, which puts each "
+        "channel's largest weight on code 127.5, rounded to 128 and clipped to 127. Where many "
+        "weights share that magnitude the clip is systematic; scale max|w| / 127 keeps them "
+        "(an observer with quant_min=-127, quant_max=127 gives it).",
+        {"clipped": n, "total": int(w.size), "weight_min": float(w.min()),
+         "weight_max": float(w.max()), "excess": energy},
+        "# scale max|w| / 127: the largest weights on code 127, not clipped\n"
+        + weight_fix(ctx.case, run.kernel.kernel, run.spec.weight_qparams.per_channel,
+                     run.spec.input_qparams, levels=127),
+        run, energy, CLIPPING)
 
 
 def qcd021(ctx: Context) -> Iterator[Finding]:
