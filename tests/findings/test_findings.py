@@ -573,3 +573,34 @@ def test_a_broken_verdict_lists_the_errors_its_causes_fixes_leave() -> None:
                       Options(engine="x86")).verdict
     assert sample is not None
     assert not {"QCD020", "QCD002"} & {c.code for c in sample.causes}
+
+
+def test_symmetric_weights_with_no_negative_weight_are_not_quint8_s_formula():
+    """torch's per-tensor symmetric observer on weights that are all >= 0 (an all-zero
+    channel, the rest positive: a healthy sweep's layer, 0.13x its floor): zero point 0 is
+    -min/scale too, and float32's 127 * scale lands a hair below max - scale / 2. QCD021 said
+    'quint8's zero point formula' (a warning: --fail-on warning exited 1); now it needs a clip
+    beyond half a step, as QCD020 does."""
+    import warnings
+
+    import torch
+
+    import qconvdiag
+
+    w = torch.tensor([0.0, 0.0, 0.0, 0.5408849120140076, 0.3182084262371063,
+                      0.28284981846809387]).reshape(2, 3, 1, 1)
+    conv = torch.nn.Conv2d(3, 2, 1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.copy_(torch.tensor([0.05742178, 0.06583682]))
+    x = torch.rand(2, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 900
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = torch.ao.nn.intrinsic.quantized.ConvReLU2d(3, 2, 1)
+        qm.set_weight_bias(torch.quantize_per_tensor(w, 0.004242234397679567, 0, torch.qint8),
+                           conv.bias.detach())
+        qm.scale, qm.zero_point = 1.1092299222946167, 0
+        qx = torch.quantize_per_tensor(x, 3.9200572967529297, 0, torch.quint8)
+    case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
+    report = diagnose(case, Options(engine="x86"))
+    assert "QCD021" not in _codes(report, "as_given")
