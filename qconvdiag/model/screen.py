@@ -44,7 +44,8 @@ class Screen:
     propagated: ErrorSummary
     input: ErrorSummary
     input_floor_ratio: float
-    """The input's RMSE over the 8-bit rounding floor of quantizing it (inf for a constant
+    """The input's RMSE over the rounding floor of quantizing it (8-bit; 7-bit where its codes
+    show 7-bit activations: ``_input_levels``) (inf for a constant
     input that is not exact)."""
     input_defaults: bool
     """The input's qparams are an uncalibrated observer's (scale 1.0, zero point 0)."""
@@ -127,13 +128,24 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     else:
         dominant = dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
                                   y_span.positive)
-    input_floor = float_x_span.ideal_step() / math.sqrt(12)
+    in_qp = spec.input_qparams
+    input_floor = float_x_span.ideal_step(_input_levels(spec)) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
-    in_qp = spec.input_qparams
     defaults = (in_qp.scale[0], in_qp.zero_point[0]) == (1.0, 0)
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant,
                   findings)
+
+
+def _input_levels(spec: PathSpec) -> int:
+    """The steps the floor of quantizing a conv's input counts: 127 where its quint8 codes
+    all lie in 0..127, as 7-bit activations put them (reduce_range: x86's and fbgemm's
+    default qconfig; a QuantStub calibrated so is at its floor there, not 2x above it), else
+    255."""
+    qp, codes = spec.input_qparams, spec.input_codes
+    if qp.dtype == "quint8" and codes is not None and codes.size and int(codes.max()) <= 127:
+        return 127
+    return 255
 
 
 def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_energy: float,

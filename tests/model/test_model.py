@@ -610,6 +610,47 @@ def test_an_uncalibrated_quantstub_is_named_as_such():
     assert "but the signal is lost before stem" in " ".join(text.split())
 
 
+def test_a_quantstub_calibrated_to_7_bits_is_at_its_floor():
+    """x86's default qconfig quantizes activations to 7 bits (reduce_range): a QuantStub
+    calibrated on batches like the inputs puts them on codes 0..127, 2x the 8-bit floor by
+    design. A healthy sweep's conv1d model was 4.2x the 8-bit floor and got QCD065 ('a scale
+    that does not fit the inputs'); against the 7-bit floor its codes show, 2.1x: quiet. A
+    stub 8x coarser is still named."""
+    from torch.ao.quantization import convert, fuse_modules, get_default_qconfig, prepare
+
+    class Net1d(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant = torch.ao.quantization.QuantStub()
+            self.c1 = torch.nn.Conv1d(4, 16, 5, padding=2)
+            self.r1 = torch.nn.ReLU()
+            self.c2 = torch.nn.Conv1d(16, 8, 1)
+            self.dequant = torch.ao.quantization.DeQuantStub()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dequant(self.c2(self.r1(self.c1(self.quant(x)))))
+
+    g = torch.Generator().manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    f = Net1d().eval()
+    calibration = [torch.randn(2, 4, 64, generator=g) for _ in range(4)]
+    inputs = [torch.randn(2, 4, 64, generator=g) for _ in range(2)]
+    q = fuse_modules(copy.deepcopy(f), [["c1", "r1"]])
+    q.qconfig = get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(q)
+        for b in calibration:
+            prepared(b)
+        q = convert(prepared)
+        report = qconvdiag.diagnose_model(f, q, inputs, top=0, calibration=calibration)
+        assert int(q.quant(torch.cat(inputs)).int_repr().max()) <= 127
+        assert report.findings == () and report.upstream == ()
+        q.quant.scale = q.quant.scale * 8
+        report = qconvdiag.diagnose_model(f, q, inputs, top=0, calibration=calibration)
+    assert [x.code for x in report.findings] == ["QCD065"]
+
+
 def test_a_conv_called_twice_per_forward_is_refused():
     class Twice(torch.nn.Module):
         def __init__(self) -> None:
