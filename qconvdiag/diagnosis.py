@@ -244,7 +244,12 @@ def resolve_engines(engine: str | None, pt2e: bool = False,
         current = torch.backends.quantized.engine
         return (current if current in supported else supported[0],)
     if engine == "all":
-        return (*_pt2e_engines(PT2E_ENGINES), *supported) if pt2e else supported
+        if pt2e:
+            return (*_pt2e_engines(PT2E_ENGINES), *supported)
+        # the engine the case was captured on first: the verdict and the gate are its, as
+        # without --engine (a qnnpack case's warning was x86's info under 'all')
+        first = recorded if recorded in supported else None
+        return (*([first] if first else []), *(e for e in supported if e != first))
     if engine in PT2E_ENGINES:
         return _pt2e_engines((engine,))
     if engine not in ENGINES:

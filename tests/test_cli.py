@@ -384,3 +384,42 @@ def test_a_warning_of_a_run_that_succeeds_is_one_line(monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.stderr == "qconvdiag: warning: RuntimeWarning: something odd in two lines\n"
     json.loads(r.stdout)
+
+
+def test_engine_all_judges_the_engine_the_case_was_captured_on(tmp_path):
+    """A qnnpack case whose input step is 2.3x what its range needs: a QCD012 warning on
+    qnnpack (8-bit activations), within x86's 7-bit floor. --engine all judged it on x86, the
+    first engine torch lists, and its gate passed where the case's own engine's failed; now
+    the captured engine comes first, as without --engine."""
+    import warnings
+
+    import torch
+
+    import qconvdiag
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 1).eval()
+    x = torch.randn(2, 16, 8, 8, generator=g) * 2
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = conv.weight.detach()
+            qm = torch.ao.nn.quantized.Conv2d(16, 32, 1)
+            qm.set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max()) / 127.5, 0,
+                                                         torch.qint8), conv.bias.detach())
+            y = conv(x).detach()
+            qm.scale = float(y.max() - y.min()) / 255
+            qm.zero_point = int(round(-float(y.min()) / qm.scale))
+            step = float(x.max() - x.min()) / 255 * 2.3
+            qx = torch.quantize_per_tensor(x, step, int(round(-float(x.min()) / step)),
+                                           torch.quint8)
+        qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=tmp_path / "q.pt")
+    finally:
+        torch.backends.quantized.engine = engine
+    own = invoke("explain", str(tmp_path / "q.pt"), "--fail-on", "warning", "--json")
+    everyone = invoke("explain", str(tmp_path / "q.pt"), "--engine", "all", "--fail-on",
+                      "warning", "--json")
+    assert own.exit_code == everyone.exit_code == 1
+    assert json.loads(everyone.stdout)["paths"][0]["engine"] == "qnnpack"
