@@ -51,7 +51,12 @@ class ReusedActivation:
     """Convs (of the module's owner) that fused an activation of its kind in the quantized
     model, where the float model calls none on their output: fused into a conv it never
     follows (``['conv3', 'bn3', 'relu']`` for a ReLU the float model applies after the add),
-    so the quantized conv clips what the float model keeps."""
+    so the quantized conv clips what the float model keeps. Also a conv it follows through a
+    BatchNorm that the fusion left out (``[['conv', 'relu']]`` on conv-BatchNorm-ReLU): the
+    quantized conv clips before the BatchNorm, which stays in the quantized model (``across``)."""
+    across: tuple[str, ...] = ()
+    """The BatchNorms a fusion skipped (kept, quantized, after the conv that fused the
+    module), one per such conv of ``misfused``."""
 
     @property
     def calls(self) -> int:
@@ -61,7 +66,8 @@ class ReusedActivation:
         return {"name": self.name, "kind": self.kind, "convs": list(self.convs),
                 "other_calls": self.other_calls, "lost": list(self.lost),
                 "lost_other": self.lost_other, "other_after": list(self.other_after),
-                "bns": list(self.bns), "misfused": list(self.misfused)}
+                "bns": list(self.bns), "misfused": list(self.misfused),
+                **({"across": list(self.across)} if self.across else {})}
 
     def missing_after(self) -> tuple[str, ...]:
         """The convs after which the quantized model runs without the module: those that lost
@@ -79,15 +85,16 @@ class ReusedActivation:
                                                   for k in ("name", "kind")):
             raise bad()
         lists = [value.get(k) for k in ("convs", "lost")] + [value.get(k, []) for k in (
-            "other_after", "bns", "misfused")]
+            "other_after", "bns", "misfused", "across")]
         counts = [value.get(k) for k in ("other_calls", "lost_other")]
         if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in lists):
             raise bad()
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise bad()
-        convs, lost, after, bns, misfused = (tuple(str(c) for c in v or ()) for v in lists)
+        convs, lost, after, bns, misfused, across = (tuple(str(c) for c in v or ())
+                                                     for v in lists)
         return ReusedActivation(value["name"], value["kind"], convs, int(counts[0] or 0),
-                                lost, int(counts[1] or 0), after, bns, misfused)
+                                lost, int(counts[1] or 0), after, bns, misfused, across)
 
 
 def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any,
@@ -122,14 +129,32 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
         misfused = tuple(c for c, q in qconvs.items()
                          if fused_away and not fused_where_called and kind in type(q).__name__
                          and c not in followed and c.startswith(f"{owner}." if owner else ""))
+        # fused into a conv it follows through a BatchNorm the quantized model still runs:
+        # the fusion left the BatchNorm out, and the conv clips before it
+        skipped = [(c, bns[c]) for c in convs if fused_away and c in qconvs and bns.get(c)
+                   and kind in type(qconvs[c]).__name__ and _kept(quantized_model, bns[c])]
+        misfused += tuple(c for c, _bn in skipped)
         # called more than once, once at least after a conv; or, once, fused into a conv it
         # never follows (a ReLU after a residual add fused into the conv before the add)
         if not ((len(sites) >= 2 and convs) or misfused):
             continue
         out.append(ReusedActivation(name, kind, convs, other, lost,
                                     other if fused_away else 0, after,
-                                    tuple(bns.get(c, "") for c in convs), misfused))
+                                    tuple(bns.get(c, "") for c in convs), misfused,
+                                    tuple(bn for _c, bn in skipped)))
     return tuple(out)
+
+
+def _kept(quantized_model: Any, bn: str) -> bool:
+    """The quantized model still runs BatchNorm ``bn`` (not folded into a conv: fusion leaves
+    Identity, or nothing, in its place)."""
+    import torch
+
+    try:
+        m = quantized_model.get_submodule(bn)
+    except AttributeError:
+        return False
+    return not isinstance(m, torch.nn.Identity) and "BatchNorm" in type(m).__name__
 
 
 def _calls_text(r: ReusedActivation) -> str:
@@ -180,6 +205,9 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                              for c in r.misfused))
         parent = f"quantized.get_submodule({owner!r})" if owner else "quantized"
         calls = _calls_text(r)
+        if r.across and not (r.lost or r.lost_other) and len(r.misfused) == len(r.across):
+            found.append(_across(r, evidence, blamed))
+            continue
         if r.lost or r.lost_other or r.misfused:
             gone = [*r.lost, *([f"{r.lost_other} call(s) after other ops"]
                                if r.lost_other else [])]
@@ -228,3 +256,30 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
                 "torch 2.13 and torchao 0.18); torch.export.export(model, (x,), strict=True) "
                 "works, and so does one module per call.", evidence, fix))
     return found
+
+
+def _across(r: ReusedActivation, evidence: dict[str, Any], blamed: list[UpstreamLoss]
+            ) -> Finding:
+    """QCD064 (an error) for an activation fused into the conv it follows through a BatchNorm
+    the fusion left out: the quantized conv clips its output before the BatchNorm, which then
+    runs quantized on the clipped values; the float model clips after it."""
+    pairs = list(zip(r.misfused, r.across))
+    where = ", ".join(f"{c} (then {bn})" for c, bn in pairs)
+    groups = ", ".join(f"['{c}', '{bn}', '{r.name}']" for c, bn in pairs)
+    mine = [loss for loss in blamed if set(loss.lost_after) & set(r.misfused)]
+    cost = "".join(f" {loss.layer}'s input is {loss.input.sqnr_db:.1f} dB from the float "
+                   "model's there." for loss in mine[:1] if loss.input.sqnr_db is not None)
+    return Finding(
+        CODE, "error", f"{r.kind} module {r.name!r} fused into {r.misfused[0]} across "
+        f"BatchNorm {r.across[0]}",
+        f"The float model applies {r.kind} module {r.name!r} to the output of BatchNorm "
+        f"{', '.join(r.across)}, after {', '.join(r.misfused)}. fuse_modules was given the "
+        f"conv and the {r.kind} without the BatchNorm between them: it fused the {r.kind} "
+        f"into the conv and left Identity in its place, so the quantized model runs "
+        f"{where}: the conv clips its output before the BatchNorm, where the float model "
+        f"clips after it, and the BatchNorm's scale and shift then act on the clipped "
+        f"values.{cost}",
+        {**evidence, "misfused": list(r.misfused), "across": list(r.across)},
+        f"# fuse each conv with its BatchNorm and the {r.kind} in one group:\n"
+        f"#     fuse_modules(model, [{groups}])\n"
+        "# then prepare, calibrate and convert again (the BatchNorm folds into the conv)")
