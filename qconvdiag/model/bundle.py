@@ -68,6 +68,9 @@ class LayerCapture:
     """The conv's kernel writes float32, not codes (a PT2E conv whose consumer takes float, e.g.
     a residual add: x86_inductor's fp32 output): ``quantized_output`` holds those values and
     ``quantized_output_qparams`` is scale 1.0, zero point 0, as the kernel takes them."""
+    shared_range: tuple[float, float] | None = None
+    """Its output qparams are shared with other convs' (an FX cat's inputs: one observer for
+    all of them, ``shared.py``): the float model's range over all of them, which they serve."""
 
 
 #: The flows a quantized model comes from (``ModelBundle.flow``).
@@ -122,15 +125,20 @@ UNLIKE_RANGE = SAMPLE_RANGE
 
 def with_model_range(case: ConvCase, float_output: np.ndarray,
                      calibration_range: tuple[float, float] | None = None,
-                     unlike: bool = False) -> ConvCase:
+                     unlike: bool = False,
+                     shared_range: tuple[float, float] | None = None) -> ConvCase:
     """The case with the float model's output range at this conv (``ConvCase.output_range``):
     over the captured samples and the calibration batches; from the samples alone (no
     batches, or batches ``unlike`` the samples: ``calibration_unlike``), it is marked as
-    sampled; and the float model's own output there (``ConvCase.model_output``)."""
+    sampled; widened to ``shared_range`` where its output qparams serve other convs' outputs
+    too (``LayerCapture.shared_range``); and the float model's own output there
+    (``ConvCase.model_output``)."""
     lo, hi = sample_range(case, float_output)
     used = None if unlike else calibration_range
     if used is not None:
         lo, hi = min(lo, used[0]), max(hi, used[1])
+    if shared_range is not None:
+        lo, hi = min(lo, shared_range[0]), max(hi, shared_range[1])
     return dataclasses.replace(case, output_range=(lo, hi), output_range_sampled=used is None,
                                calibration_range=calibration_range, model_output=float_output)
 
@@ -168,16 +176,18 @@ def judged_ranges(layers: Sequence[LayerCapture]) -> tuple[LayerCapture, ...]:
     if not calibration_unlike(layers):
         return tuple(layers)
     return tuple(dataclasses.replace(lay, case=with_model_range(
-        lay.case, lay.float_output, lay.calibration_range, unlike=True)) for lay in layers)
+        lay.case, lay.float_output, lay.calibration_range, unlike=True,
+        shared_range=lay.shared_range)) for lay in layers)
 
 
-def _range_entry(value: Any, where: str) -> tuple[float, float] | None:
+def _range_entry(value: Any, where: str, key: str = "calibration_range"
+                 ) -> tuple[float, float] | None:
     if value is None:
         return None
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in value)
             or value[0] > value[1]):
-        raise CaseFileError(f"{where}: calibration_range must be [low, high], finite numbers")
+        raise CaseFileError(f"{where}: {key} must be [low, high], finite numbers")
     return float(value[0]), float(value[1])
 
 
@@ -210,7 +220,9 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
             "layers": [{"name": lay.name, "bn_folded": lay.bn_folded, "notes": list(lay.notes),
                         "calibration_range": (None if lay.calibration_range is None
                                               else list(lay.calibration_range)),
-                        **({"output": "float32"} if lay.output_float32 else {})}
+                        **({"output": "float32"} if lay.output_float32 else {}),
+                        **({"shared_range": list(lay.shared_range)}
+                           if lay.shared_range is not None else {})}
                        for lay in bundle.layers]}
     if bundle.compiled is not None:
         meta["compiled"] = bundle.compiled.to_dict()
@@ -280,17 +292,19 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             raise CaseFileError(f"{where}: quantized_output has shape {q_out.shape}, the conv's "
                                 f"output is {case.output_shape}")
         cal = _range_entry(info.get("calibration_range"), where)
+        shared = _range_entry(info.get("shared_range"), where, "shared_range")
         float_output = _float_array(extra, "output", case.output_shape, where)
         float_input = _float_array(extra, "input", case.input.shape, where)
         layers.append(LayerCapture(
-            name=info["name"], case=with_model_range(case, float_output, cal),
+            name=info["name"], case=with_model_range(case, float_output, cal,
+                                                     shared_range=shared),
             float_input=float_input,
             float_output=float_output,
             quantized_output=q_out if as_float else _output_codes(q_out, out_qp, where),
             quantized_output_qparams=out_qp,
             bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
-            output_float32=as_float))
+            output_float32=as_float, shared_range=shared))
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")

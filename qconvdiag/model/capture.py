@@ -166,6 +166,10 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                       ranges.get(name), name in misfused)
 
     layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded
+    from .shared import shared_groups, with_shared_ranges
+
+    layers = with_shared_ranges(layers, shared_groups(
+        quantized_model, {name: qconv for name, (_f, qconv) in pairs.items()}))
     from ..torch_calls import capture_warnings
 
     with capture_warnings():

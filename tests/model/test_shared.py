@@ -1,0 +1,87 @@
+"""Convs whose output qparams an FX cat shares (model/shared.py): convert_fx gives every input
+of a torch.cat one observer, so a branch conv writes at qparams fitted to all the branches'
+range. Judged on its own range it got QCD052 on a correctly quantized model, whose fix (its
+scale fitted to its own range) clipped the other branches; judged on the group's, it is quiet.
+An eager model's FloatFunctional.cat requantizes: nothing is shared there."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import qconvdiag  # noqa: E402
+
+
+class Branches(torch.nn.Module):
+    """Two branch convs, one with 5x the other's output range, concatenated, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.quant, self.dequant = (torch.ao.quantization.QuantStub(),
+                                    torch.ao.quantization.DeQuantStub())
+        self.narrow = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.wide = torch.nn.Conv2d(3, 8, 1)
+        self.r1, self.r2 = torch.nn.ReLU(), torch.nn.ReLU()
+        self.cat = torch.ao.nn.quantized.FloatFunctional()
+        self.head = torch.nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.wide.weight.mul_(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        y = self.cat.cat([self.r1(self.narrow(x)), self.r2(self.wide(x))], dim=1)
+        return self.dequant(self.head(y))
+
+
+def _report(flow: str):  # noqa: ANN202
+    torch.backends.quantized.engine = "x86"
+    model = Branches().eval()
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
+    x = torch.randn(4, 3, 12, 12, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if flow == "fx":
+            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+            prepared = prepare_fx(copy.deepcopy(model), torch.ao.quantization.
+                                  get_default_qconfig_mapping("x86"), (x,))
+        else:
+            prepared = torch.ao.quantization.fuse_modules(
+                copy.deepcopy(model), [["narrow", "r1"], ["wide", "r2"]])
+            prepared.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+            prepared = torch.ao.quantization.prepare(prepared)
+        for b in calibration:
+            prepared(b)
+        quantized = (convert_fx(prepared) if flow == "fx"
+                     else torch.ao.quantization.convert(prepared))
+        bundle = qconvdiag.capture_model(model, quantized, x, calibration=calibration)
+        return quantized, bundle, qconvdiag.walk_model(
+            bundle, qconvdiag.WalkOptions(layers=("narrow",), top=0)).report
+
+
+def test_the_convs_an_fx_cat_shares_qparams_with_are_judged_on_their_range_together():
+    quantized, bundle, report = _report("fx")
+    narrow, wide = quantized.get_submodule("narrow"), quantized.get_submodule("wide")
+    assert (narrow.scale, narrow.zero_point) == (wide.scale, wide.zero_point)  # FX shares
+    assert bundle.layer("narrow").shared_range == bundle.layer("wide").shared_range
+    assert bundle.layer("narrow").shared_range[1] >= bundle.layer("wide").case.output_range[1]
+    assert any("shared with wide" in n for n in bundle.layer("narrow").notes)
+    # it was broken, with a QCD052 error
+    assert report.layer("narrow").verdict == "at_floor"
+    assert not [f for d in report.details for f in d.report.findings
+                if f.severity != "info"]
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    again = bundle_from_mapping(bundle_to_mapping(bundle), "b")
+    assert again.layer("narrow").case.output_range == bundle.layer("narrow").case.output_range
+
+
+def test_an_eager_cat_shares_nothing():
+    _quantized, bundle, _report_ = _report("eager")
+    assert bundle.layer("narrow").shared_range is None
