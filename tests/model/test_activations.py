@@ -198,11 +198,11 @@ def test_a_wrong_kernel_s_float_fix_keeps_the_qparams_it_computed_with():
     op = OpRange("head.gate", "Sigmoid", 1 / 256, 0, "quint8", 0.0, 0.0, ("c2",), False, False,
                  wrong=WrongValues("Sigmoid", 90, 100, 30.0, False, False), own_qparams=False)
     fix = op.fix()
-    assert "y, 0.00390625, 0, torch.quint8)" in fix
+    assert "('head.gate', 0.00390625, 0, torch.quint8)," in fix
     # a scale of many digits, as an observer's are: every line within 80 columns, indented
     wide = dataclasses.replace(op, scale=0.03851956129074097, zero_point=140).fix()
     assert max(len(line) for line in wide.split("\n")) <= 78
-    assert "copy.deepcopy(model.get_submodule('head.gate'))" in fix
+    assert "copy.deepcopy(model.get_submodule(name))" in fix
 
 
 class Functional(torch.nn.Module):
@@ -344,3 +344,48 @@ def test_a_function_wrong_on_every_layout_is_run_in_float_by_its_fix(monkeypatch
     exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})  # noqa: S102
     _b, report = walk(f, q)
     assert report.findings == () and report.layer("c2").propagated.sqnr_db > 25
+
+
+class TwoReLU6(torch.nn.Module):
+    """conv-BatchNorm, ReLU6, conv-BatchNorm, ReLU6, conv: two unfused ReLU6 modules, each
+    after a conv (MobileNetV2 has one per block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.act1 = torch.nn.ReLU6()
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.act2 = torch.nn.ReLU6()
+        self.c3 = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = self.act1(self.b1(self.c1(self.quant(x))))
+        return self.dequant(self.c3(self.act2(self.b2(self.c2(y)))))
+
+
+def test_every_wrong_activation_module_is_mended_by_one_fix():
+    """qnnpack's ReLU6 is wrong after both convs; the loss shows before c2 only (c2's output
+    is broken already when act2 runs). The fix named act1 alone, and a sweep's MobileNet-like
+    model took four walks, one module each; now one fix mends every module found wrong, and
+    the model is clean after it."""
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    f = TwoReLU6().eval()
+    m = copy.deepcopy(f)
+    fuse_modules(m, [["c1", "b1"], ["c2", "b2"]], inplace=True)
+    m.qconfig = get_default_qconfig("qnnpack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(m)
+        for _ in range(4):
+            prepared(torch.randn(4, 3, 16, 16) * 2)
+        q = convert(prepared)
+    bundle, report = walk(f, q)
+    assert {o.name for o in bundle.ops if o.wrong is not None} == {"act1", "act2"}
+    (lost,) = [x for x in report.findings if x.code == "QCD065"]
+    assert "'act1'" in lost.fix and "'act2'" in lost.fix
+    exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})  # noqa: S102
+    bundle, report = walk(f, q)
+    assert not [o for o in bundle.ops if o.wrong is not None] and report.findings == ()
+    assert report.layer("c3").propagated.sqnr_db > 25
