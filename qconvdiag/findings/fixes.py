@@ -70,6 +70,35 @@ def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]
             f"  # minmax over [{fmt(lo)}, {fmt(hi)}]"), qp
 
 
+#: A whole model prepared, calibrated and converted again, in each flow (a model walk's
+#: fixes: ``model`` the float model, ``calibration_batches`` its inputs).
+CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
+                    "# the float model, fused (fuse_modules) if it was, its qconfig set as before\n"
+                    "prepared = prepare(model)\n"
+                    "for batch in calibration_batches:  # inputs as at inference\n"
+                    "    prepared(batch)\n"
+                    "quantized = convert(prepared)")
+CALIBRATE_FX = ("from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx\n"
+                 "# the float model, with the qconfig mapping and example inputs as before\n"
+                 "prepared = prepare_fx(model, qconfig_mapping, example_inputs)\n"
+                 "for batch in calibration_batches:  # inputs as at inference\n"
+                 "    prepared(batch)\n"
+                 "quantized = convert_fx(prepared)")
+CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
+                   "    convert_pt2e, prepare_pt2e)\n"
+                   "prepared = prepare_pt2e(exported, quantizer)  # as the model was\n"
+                   "with torch.no_grad():\n"
+                   "    for batch in calibration_batches:  # inputs as at inference\n"
+                   "        prepared(batch)\n"
+                   "converted = convert_pt2e(prepared)")
+
+
+def model_calibration(flow: str) -> str:
+    """The code that prepares, calibrates and converts a whole model again, in its ``flow``
+    (eager, fx or pt2e)."""
+    return CALIBRATE_PT2E if flow == "pt2e" else CALIBRATE_FX if flow == "fx" else CALIBRATE_EAGER
+
+
 def weight_fix(case: ConvCase, kernel: str, per_channel: bool, input_qp: QParams,
                levels: float = SYMMETRIC) -> str:
     """Symmetric qint8 weights (per tensor or per output channel), repacked into ``qm``: scale

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..findings.fixes import model_calibration
 from ..model_report import UpstreamLoss
 from ..report import Finding
 from .ops import OpRange
@@ -18,30 +19,11 @@ CODE = "QCD065"
 #: more): an error; a loss above it a warning.
 LOST_DB = 10.0
 
-_CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
-                    "# the float model, fused (fuse_modules) if it was, its qconfig set as before\n"
-                    "prepared = prepare(model)\n"
-                    "for batch in calibration_batches:  # inputs as at inference\n"
-                    "    prepared(batch)\n"
-                    "quantized = convert(prepared)")
 #: The start of a drifted BatchNorm's fix: the model was not fused (its BatchNorm runs), so the
 #: fix says fusing folds it away, rather than "fused as before".
 _EVAL_CALIBRATION = ("# calibrate in eval mode: BatchNorm then keeps its statistics (fusing each\n"
                      "# conv with its BatchNorm first, fuse_modules, folds it in: none runs)\n"
                      "model.eval()\n")
-_CALIBRATE_FX = ("from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx\n"
-                 "# the float model, with the qconfig mapping and example inputs as before\n"
-                 "prepared = prepare_fx(model, qconfig_mapping, example_inputs)\n"
-                 "for batch in calibration_batches:  # inputs as at inference\n"
-                 "    prepared(batch)\n"
-                 "quantized = convert_fx(prepared)")
-_CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
-                   "    convert_pt2e, prepare_pt2e)\n"
-                   "prepared = prepare_pt2e(exported, quantizer)  # as the model was\n"
-                   "with torch.no_grad():\n"
-                   "    for batch in calibration_batches:  # inputs as at inference\n"
-                   "        prepared(batch)\n"
-                   "converted = convert_pt2e(prepared)")
 _SCALES = ("# the op between them with a far-off output scale (an add, a pool, a cat,\n"
            "# a ReLU6 or another module): each quantized module's output qparams\n"
            "for name, m in quantized.named_modules():\n"
@@ -57,7 +39,7 @@ _SCALES_FX = (_SCALES + "\n"
 
 def calibration_fix(pt2e: bool, flow: str) -> str:
     """The code that prepares, calibrates and converts the model again, in its flow."""
-    return _CALIBRATE_PT2E if pt2e else _CALIBRATE_FX if flow == "fx" else _CALIBRATE_EAGER
+    return model_calibration("pt2e" if pt2e else flow)
 
 
 DRIFT_CODE = "QCD069"
