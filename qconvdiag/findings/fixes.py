@@ -73,24 +73,28 @@ def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]
 #: A whole model prepared, calibrated and converted again, in each flow (a model walk's
 #: fixes: ``model`` the float model, ``calibration_batches`` its inputs).
 CALIBRATE_EAGER = ("from torch.ao.quantization import convert, prepare\n"
-                    "# the float model, fused (fuse_modules) if it was, its qconfig set as before\n"
-                    "prepared = prepare(model)\n"
-                    "for batch in calibration_batches:  # inputs as at inference\n"
-                    "    prepared(batch)\n"
-                    "quantized = convert(prepared)")
+                   "# the float model, fused (fuse_modules) if it was, its qconfig set as before\n"
+                   "prepared = prepare(model)\n"
+                   "for batch in calibration_batches:  # inputs as at inference\n"
+                   "    prepared(batch)\n"
+                   "quantized = convert(prepared)")
 CALIBRATE_FX = ("from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx\n"
-                 "# the float model, with the qconfig mapping and example inputs as before\n"
-                 "prepared = prepare_fx(model, qconfig_mapping, example_inputs)\n"
-                 "for batch in calibration_batches:  # inputs as at inference\n"
-                 "    prepared(batch)\n"
-                 "quantized = convert_fx(prepared)")
+                "# the float model, with the qconfig mapping and example inputs as before\n"
+                "prepared = prepare_fx(model, qconfig_mapping, example_inputs)\n"
+                "for batch in calibration_batches:  # inputs as at inference\n"
+                "    prepared(batch)\n"
+                "quantized = convert_fx(prepared)")
 CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
-                   "    convert_pt2e, prepare_pt2e)\n"
-                   "prepared = prepare_pt2e(exported, quantizer)  # as the model was\n"
-                   "with torch.no_grad():\n"
-                   "    for batch in calibration_batches:  # inputs as at inference\n"
-                   "        prepared(batch)\n"
-                   "converted = convert_pt2e(prepared)")
+                  "    convert_pt2e, prepare_pt2e)\n"
+                  "# export the float model again (prepare_pt2e changed the graph it was\n"
+                  "# given), with the quantizer as before\n"
+                  "exported = torch.export.export(\n"
+                  "    model.eval(), (calibration_batches[0],), strict=True).module()\n"
+                  "prepared = prepare_pt2e(exported, quantizer)\n"
+                  "with torch.no_grad():\n"
+                  "    for batch in calibration_batches:  # inputs as at inference\n"
+                  "        prepared(batch)\n"
+                  "converted = convert_pt2e(prepared)")
 
 
 def model_calibration(flow: str) -> str:
@@ -191,6 +195,9 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
     from ..arithmetic.engines import PT2E_ENGINES
     from ..quantization.paths import reduces_beyond_default
 
+    if case.in_model and (engine in PT2E_ENGINES or case.flow == "fx" and qconfig_line is None):
+        # the model's own flow, whole: a PT2E or FX model is exported or traced as one
+        return model_calibration("pt2e" if engine in PT2E_ENGINES else "fx")
     if engine in PT2E_ENGINES:  # no torch.ao qconfig: the quantizer's flow
         from .backend_rules import alternative
 

@@ -293,14 +293,19 @@ def test_input_quantization_calibrated_on_other_inputs_is_named():
     assert "QuantStub" not in loss.message
     (lost,) = report.findings
     assert lost.code == "QCD065" and "input quantization" in lost.title
-    # its fix, run on the model exported and quantized as build() does, with the batch it
-    # meets at inference: the graph's input scale is the one calibrated on that batch
+    # its fix, run in the user's script as build() leaves it (its exported graph prepared
+    # already: prepare_pt2e changes the graph it is given, and preparing it again raised a
+    # KeyError), with the batch it meets at inference: the graph's input scale is the one
+    # calibrated on that batch
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (batches[0],), strict=True).module()
+    prepare_pt2e(exported, quantizer)
     scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
-             "exported": torch.export.export(model, (batches[0],), strict=True).module()}
+             "exported": exported, "model": model}
     exec(compile(lost.fix, "QCD065 fix", "exec"), scope)
     calibrated = build()[1]  # calibrated on batches[0] itself
     again = _graph_conv(scope["converted"], 0).args[0].args[1]
@@ -517,3 +522,29 @@ def test_a_pt2e_conv_s_output_qparams_fix_edits_the_converted_graph():
         bundle = qconvdiag.capture_model(model, converted, batches, calibration=batches[:1])
     row = walk_model(bundle, WalkOptions(top=0)).report.layer("grouped")
     assert row.verdict == "at_floor" and not [f for f in row.findings if f.code == "QCD052"]
+
+
+def test_a_pt2e_layer_s_calibration_fix_quantizes_the_whole_model_again():
+    """Calibrated on inputs x255, the batches given: QCD052 on the worst conv says the batches
+    are unlike the inputs and its fix calibrates. In a PT2E model walk that fix was the
+    single-conv recipe (torch.export.export(conv.eval(), (x,), ...): no 'x' in a model, and
+    one conv quantized alone); it is the model's own flow now, and run in the user's script
+    (its exported graph prepared already) it gives the model calibrated on the right batch."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    model, converted, batches = build(calibration_scale=255.0)
+    bundle = qconvdiag.capture_model(model, converted, batches, calibration=[batches[0] * 255])
+    detail = walk_model(bundle, WalkOptions(top=1)).report.details[0].report
+    (f052,) = [x for x in detail.findings if x.code == "QCD052" and x.path == "as_given"]
+    assert "not like these inputs" in f052.message and "conv.eval()" not in f052.fix
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (batches[0],), strict=True).module()
+    prepare_pt2e(exported, quantizer)
+    scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
+             "exported": exported, "model": model}
+    exec(compile(f052.fix, "QCD052 fix", "exec"), scope)  # noqa: S102
+    calibrated = build()[1]  # calibrated on batches[0] itself
+    assert (_graph_conv(scope["converted"], 1).args[0].args[1]
+            == _graph_conv(calibrated, 1).args[0].args[1])
