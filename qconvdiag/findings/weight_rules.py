@@ -18,7 +18,7 @@ from ..quantization.paths import FOREIGN_CODES
 from ..quantization.qparams import QParams, clip_bounds, dequantize
 from ..report import Finding
 from .base import Context, conv_name, excess, finding, fmt, material, severity
-from .fixes import given_weight_fix, per_channel_qconfig, weight_fix
+from .fixes import given_weight_fix, model_calibration, per_channel_qconfig, weight_fix
 
 CLIPPING, ROUNDING = ("weight_clipping",), ("weight_rounding",)
 #: Engines whose default qconfig quantizes weights per tensor (get_default_qconfig).
@@ -273,7 +273,15 @@ def moved_weight(run: PathRun) -> tuple[int, int, int] | None:
 
 
 def _moved_fix(ctx: Context) -> str:
-    """Repack the float weight at the module's own qparams (torch's readback of them)."""
+    """Repack the float weight at the module's own qparams (torch's readback of them); a PT2E
+    model's conv has no module (its weight is a constant of the converted graph): that model
+    quantized again from this float model."""
+    from ..arithmetic.engines import PT2E_ENGINES
+
+    if ctx.case.in_model and (ctx.case.flow == "pt2e" or ctx.case.engine in PT2E_ENGINES):
+        return ("# quantize the model again from this float model (its weights are\n"
+                "# constants of the converted graph: no module to repack)\n"
+                + model_calibration("pt2e"))
     name = conv_name(ctx.case)
     per_channel = ("qw = torch.quantize_per_channel(\n"
                    "    conv.weight.detach(), old.q_per_channel_scales(),\n"

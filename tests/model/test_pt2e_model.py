@@ -548,3 +548,33 @@ def test_a_pt2e_layer_s_calibration_fix_quantizes_the_whole_model_again():
     calibrated = build()[1]  # calibrated on batches[0] itself
     assert (_graph_conv(scope["converted"], 1).args[0].args[1]
             == _graph_conv(calibrated, 1).args[0].args[1])
+
+
+def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
+    """The float model trained on after convert_pt2e: QCD024 names the moved weight, and its
+    fix was the eager module's repack (qm.set_weight_bias: a PT2E model has no qm, its weights
+    are constants of the graph). Now it quantizes the model again; run, the conv holds this
+    float weight's codes and QCD024 is gone."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    model, converted, batches = build()
+    with torch.no_grad():
+        w = model.grouped.weight
+        w.add_(w.abs().amax(dim=(1, 2, 3), keepdim=True) / 127.5 * 0.8)
+    bundle = qconvdiag.capture_model(model, converted, batches, calibration=[batches[0]])
+    report = walk_model(bundle, WalkOptions(layers=("grouped",), top=0)).report
+    (moved,) = [x for d in report.details for x in d.report.findings
+                if x.code == "QCD024" and x.path == "as_given"]
+    assert "qm." not in moved.fix and "prepare_pt2e" in moved.fix
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (batches[0],), strict=True).module()
+    prepare_pt2e(exported, quantizer)
+    scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
+             "exported": exported, "model": model}
+    exec(compile(moved.fix, "QCD024 fix", "exec"), scope)  # noqa: S102
+    again = qconvdiag.capture_model(model, scope["converted"], batches,
+                                    calibration=[batches[0]])
+    report = walk_model(again, WalkOptions(layers=("grouped",), top=0)).report
+    assert not [x for d in report.details for x in d.report.findings if x.code == "QCD024"]
