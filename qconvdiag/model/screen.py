@@ -125,6 +125,8 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
         if verdict != "at_floor":
             dominant, findings = fp32_saturation(lay, engine, own.rmse ** 2 * y.size,
                                                  floor ** 2 * y.size, verdict, dominant)
+        if verdict != "at_floor" and dominant == "module_state":
+            findings += (_other_weight(own.rmse ** 2 * y.size, floor ** 2 * y.size, verdict),)
     else:
         dominant = dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
                                   y_span.positive)
@@ -146,6 +148,17 @@ def _input_levels(spec: PathSpec) -> int:
     if qp.dtype == "quint8" and codes is not None and codes.size and int(codes.max()) <= 127:
         return 127
     return 255
+
+
+def _other_weight(own_energy: float, floor_energy: float, verdict: str) -> LayerFinding:
+    """QCD024 for a float32-output conv (it gets no diagnosis) whose weight is not the float
+    weight quantized (``holds_float_weight``: a float model trained on after convert_pt2e, or
+    another checkpoint), which then carries its excess: graded as any cause is."""
+    from ..findings.base import severity_of
+
+    excess = max(own_energy - floor_energy, 0.0)
+    return LayerFinding("QCD024", severity_of(excess, floor_energy, excess, verdict),
+                        "the conv's weight is not this float weight quantized")
 
 
 def fp32_saturation(lay: LayerCapture, engine: str, own_energy: float, floor_energy: float,

@@ -560,10 +560,17 @@ def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
 
     model, converted, batches = build()
     with torch.no_grad():
-        w = model.grouped.weight
-        w.add_(w.abs().amax(dim=(1, 2, 3), keepdim=True) / 127.5 * 0.8)
+        for conv, steps in ((model.grouped, 0.8), (model.last, 3.0)):
+            w = conv.weight
+            w.add_(w.abs().amax(dim=(1, 2, 3), keepdim=True) / 127.5 * steps)
     bundle = qconvdiag.capture_model(model, converted, batches, calibration=[batches[0]])
     report = walk_model(bundle, WalkOptions(layers=("grouped",), top=0)).report
+    # 'last' writes float32 (no diagnosis): its screen names the weight all the same (it was
+    # broken with no finding)
+    assert bundle.layer("last").output_float32
+    assert report.layer("last").verdict == "above_floor"
+    assert [(x.code, x.severity) for x in report.layer("last").findings] == [
+        ("QCD024", "warning")]
     (moved,) = [x for d in report.details for x in d.report.findings
                 if x.code == "QCD024" and x.path == "as_given"]
     assert "qm." not in moved.fix and "prepare_pt2e" in moved.fix
