@@ -209,7 +209,12 @@ def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> b
         return False
     lo, hi = int(codes.min()), int(codes.max())
     # data a little beyond what the observer saw reaches a few codes past 128 levels
-    return hi <= lo + 140 or int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size
+    if hi <= lo + 140 or int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size:
+        return True
+    # or a few far below it (a model's inputs beyond its calibration batches): the codes but
+    # the lowest and the highest 0.25% span 128 levels
+    inner_lo, inner_hi = np.quantile(codes, (0.0025, 0.9975))
+    return bool(inner_hi - inner_lo <= 140)
 
 
 def input_error(x: np.ndarray, spec: PathSpec) -> float:
