@@ -207,7 +207,15 @@ def _module_entries(conv: Any, qconv: Any) -> dict[str, Any]:
     """The quantized module's state as case-file entries (``qconv.weight``, ...), after checking
     that it has the float conv's geometry."""
     out = {}
-    sd = qconv.state_dict()
+    try:
+        sd = qconv.state_dict()
+    except RuntimeError as exc:  # e.g. qnnpack cannot unpack a conv3d's weight
+        import torch
+
+        raise CaseError(f"capture(): torch cannot read back the quantized conv's weight on "
+                        f"engine {torch.backends.quantized.engine} "
+                        f"({str(exc).strip().splitlines()[0]}); quantize and capture it on "
+                        "another engine (x86, fbgemm or onednn)") from None
     for key in ("weight", "bias", "scale", "zero_point"):
         v = sd.get(key)
         if v is not None:

@@ -457,3 +457,24 @@ def test_a_functional_conv_is_captured_with_its_weight_and_output_qparams(tmp_pa
         qconvdiag.capture(conv, x, qinput=qx, output_qparams=0.0009, path=None)
     with pytest.raises(CaseError, match="qweight must be the quantized weight"):
         qconvdiag.capture(conv, x, qinput=qx, qweight=conv.weight, path=None)
+
+
+def test_a_qnnpack_conv3d_is_refused_in_one_line():
+    """qnnpack packs a quantized conv3d it cannot read back (its state_dict raises torch's
+    'QNNPACK only supports conv2d_unpack'): capture() said that in a raw RuntimeError; now
+    one line names the engine and what to do."""
+    import warnings
+
+    import torch
+
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qm = torch.ao.nn.quantized.Conv3d(2, 4, 3)
+            qx = torch.quantize_per_tensor(torch.rand(1, 2, 5, 5, 5), 1 / 255, 0, torch.quint8)
+        with pytest.raises(CaseError, match="cannot read back .* on engine qnnpack"):
+            qconvdiag.capture(torch.nn.Conv3d(2, 4, 3), None, qconv=qm, qinput=qx, path=None)
+    finally:
+        torch.backends.quantized.engine = previous
