@@ -304,3 +304,26 @@ def test_requantization_at_near_ties_without_vnni():
     _assert_near_ties_exact(_near_ties_forced("--layouts", "dense", *NEAR_TIE_SEEDS))
     _assert_near_ties_exact(_near_ties_forced("--engines", "x86,fbgemm,qnnpack",
                                               *FAST_KERNEL_NEAR_TIES))
+
+
+def test_qnnpack_s_int32_accumulator_wraps_past_its_range():
+    """qnnpack starts its int32 accumulator at the bias, quantized to int32 at in_s * w_s: a
+    weight scale torch's observer clamps to float32's eps (weights about 2e-6) puts a bias of
+    1.0 at the top of the int32 range, and the products' sum wraps past it (torch's output
+    9.3 dB from the float conv, every other engine near 42). The emulation added in int64: 23
+    codes differed from torch's in a sweep's 256-channel conv (QCD061), 59 of 576 here."""
+    if not probe()["qnnpack"].available:
+        return
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, 16, 6, 6))
+    w = rng.integers(-20, 21, (16, 16, 3, 3))
+    x_qp = per_tensor(0.0038181678391993046, 0, "quint8", "user")
+    w_qp = per_tensor(1.1920928955078125e-07, 0, "qint8", "user")
+    bias = np.linspace(-1.0, 1.05, 16).astype(np.float32)
+    out_qp = per_tensor(0.008156543597579002, 128, "quint8", "user")
+    g = Geometry((1, 1), (1, 1), (1, 1), 1)
+    kernel = select_kernel("qnnpack", w_qp, 1, 16, 16, g, (3, 3))
+    r = run_conv("qnnpack", x, x_qp, w, w_qp, bias, out_qp.scale[0], out_qp.zero_point[0], g)
+    em = emulate(kernel, x, x_qp, w, w_qp, bias, out_qp, g, False)
+    assert r.ran and em.bias_int32 is not None and em.bias_int32.max() > 2 ** 31 - 2 ** 24
+    assert np.count_nonzero(em.output_codes != r.output_codes) == 0
