@@ -179,11 +179,6 @@ def requantize_fbgemm(
     return y, r + out_zp, mult, bias_real
 
 
-def _wrap32(a: np.ndarray) -> np.ndarray:
-    """int64 values as an int32 register holds them (two's complement wrap)."""
-    return ((a.astype(np.int64) + 2 ** 31) % 2 ** 32) - 2 ** 31
-
-
 def requantize_qnnpack(
     acc: np.ndarray, bias: np.ndarray | None, in_scale: float, w_scales: np.ndarray,
     out_scale: float, out_zp: int, per_channel: bool,
@@ -195,7 +190,7 @@ def requantize_qnnpack(
         qp = QParams(tuple(float(s) for s in bias_scale), (0,) * o, "qint32", 0, "engine")
         bias_int = quantize(f32(bias), qp)
         acc = acc + _bcast(bias_int, acc.ndim)
-    acc = _wrap32(acc)  # qnnpack's int32 accumulator, started at the bias: a sum past the
+    acc = _wrap_int32(acc)  # qnnpack's int32 accumulator, started at the bias: a sum past the
     # int32 range wraps (a bias near it: a weight scale torch's observer clamps to eps)
     mult = mul32(f32(mul32(f32(w_scales), f32(in_scale))), recip32(f32(out_scale)))
     y = mul32(f32(acc), _bcast(np.broadcast_to(mult, (o,)), acc.ndim))
