@@ -35,6 +35,7 @@ from .rich_report import (
     _values,
     cause_share,
     engine_line,
+    first_fix_sentence,
     main_fix,
     other_sentence,
     verdict_sentence,
@@ -161,6 +162,9 @@ def verdict_section(report: Report) -> str:
             for i, c in enumerate(judged.causes, 1)], escaped=True, numeric=(3,)))
     if judged.causes and judged.unexplained >= 0.05:
         parts.append(f"<p>{judged.unexplained:.0%} of the excess has no named cause.</p>")
+    leaves = first_fix_sentence(judged)
+    if leaves is not None:
+        parts.append(f"<p>{escape(leaves)}</p>")
     if judged.first_fix and not judged.healthy:
         parts.append(f"<p>First fix ({escape(judged.causes[0].code)}):</p>"
                      + code_block(main_fix(judged.first_fix)))

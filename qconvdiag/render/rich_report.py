@@ -181,9 +181,33 @@ def verdict_block(console: Console, report: Report) -> None:
             console.print(Padding(rows, (0, 0, 0, INDENT * 2)))
         if v.causes and v.unexplained >= 0.05:
             console.print(_prose(f"  {v.unexplained:.0%} of the excess has no named cause."))
+        leaves = first_fix_sentence(v)
+        if leaves is not None:
+            console.print(_prose(f"  {leaves}"))
         if v.first_fix and not v.healthy:
             console.print(_prose(f"first fix ({v.causes[0].code}):"))
             _print_code(console, main_fix(v.first_fix), INDENT * 2)
+
+
+def first_fix_leaves(v: Verdict) -> float | None:
+    """Where a verdict names several causes and its first one's fix alone leaves the path
+    broken (FAR times its floor or more: the excess the other causes explain stays), the
+    ratio to its floor that fix leaves; else None. A user who ran the first fix alone saw
+    0.6 dB become 2.0 dB (three causes, none with most of the excess)."""
+    from ..measure.budget import FAR
+
+    if v.healthy or v.ratio is None or len(v.causes) < 2 or v.causes[0].share >= 1:
+        return None
+    excess = v.ratio ** 2 - 1
+    left = (1 + (1 - v.causes[0].share) * excess) ** 0.5
+    return left if left >= FAR else None
+
+
+def first_fix_sentence(v: Verdict) -> str | None:
+    """What the verdict says where its first cause's fix alone leaves the path broken."""
+    left = first_fix_leaves(v)
+    return None if left is None else (f"The first cause's fix alone leaves about {left:.0f}x "
+                                      "the floor: each cause listed needs its own.")
 
 
 def stage_table(p: PathReport) -> Table:

@@ -76,3 +76,25 @@ def test_an_engine_row_names_whose_output_steps_it_counts_in():
     assert engine_outputs(one) == "1 output differs from x86, up to 0.498 x86 output steps"
     two = EngineRow("production", "qnnpack", "qnnpack", "exact", "x86", 7, 1.0)
     assert engine_outputs(two) == "7 outputs differ from x86, up to 1 x86 output step"
+
+
+def test_a_verdict_says_when_its_first_fix_alone_leaves_the_path_broken():
+    """Three causes share the forum case's excess (47%, 44%, 8%): the first one's fix alone
+    leaves it about 300x its floor, and the verdict says each cause needs its own fix (a user
+    who ran the first fix of three saw 0.6 dB become 2.0 dB and read it as useless). Where the
+    first cause carries nearly all of the excess the sentence is not printed."""
+    import dataclasses
+
+    from qconvdiag.render.rich_report import first_fix_leaves
+
+    report = run_diagnosis(load_case(FORUM), Options()).report
+    v = report.verdict
+    assert v is not None and [c.code for c in v.causes] == ["QCD024", "QCD050", "QCD021"]
+    assert first_fix_leaves(v) == pytest.approx(300, rel=0.05)
+    assert "fix alone leaves about 300x the floor" in " ".join(
+        render_terminal(report, width=80).split())
+    from qconvdiag.render import html
+
+    assert "fix alone leaves about 300x the floor" in html.verdict_section(report)
+    most = (dataclasses.replace(v.causes[0], share=0.99995), *v.causes[1:])
+    assert first_fix_leaves(dataclasses.replace(v, causes=most)) is None
