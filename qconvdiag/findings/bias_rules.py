@@ -76,11 +76,19 @@ def qcd031(ctx: Context) -> Iterator[Finding]:
             continue
         st = run.report.stage("bias_quantization")
         assert st.delta is not None
+        em = run.emulation
+        clamped = 0 if em is None or em.bias_int32 is None else int(
+            np.count_nonzero(np.abs(em.bias_int32) >= 2 ** 31 - 1))
+        how = (f"{run.report.kernel} rounds the bias to int32" if not clamped else
+               f"{run.report.kernel} quantizes the bias to int32 at that step, and "
+               f"{clamped} bias value(s) lie beyond int32's range there and are clamped to "
+               "it: a weight scale that fine (torch's observers clamp a tiny weight's to "
+               "float32's eps) leaves the bias no room")
         yield finding(
             "QCD031", severity(run, energy), "bias quantization error is notable",
             f"Quantizing the bias (step input_scale * weight_scale) moves outputs by up to "
             f"{fmt(st.delta.max_abs)} ({fmt(st.delta.max_abs_lsb or 0)} output steps) on the "
-            f"{run.report.name} path ({run.report.kernel} rounds the bias to int32).",
+            f"{run.report.name} path ({how}).",
             {"max_abs": st.delta.max_abs, "max_abs_lsb": st.delta.max_abs_lsb,
              "excess": energy},
             "# the bias grid is input_scale * weight_scale; qparams from observers keep it fine\n"

@@ -604,3 +604,41 @@ def test_symmetric_weights_with_no_negative_weight_are_not_quint8_s_formula():
     case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
     report = diagnose(case, Options(engine="x86"))
     assert "QCD021" not in _codes(report, "as_given")
+
+
+def test_a_bias_beyond_int32_at_its_step_is_said_to_be_clamped():
+    """qnnpack quantizes the bias to int32 at input_scale * weight_scale; weights about 2e-6
+    (torch's observer clamps their scale to float32's eps) put a bias of 1.0 past int32's
+    range. QCD031 said qnnpack 'rounds the bias to int32' where it clamps it, 8 output steps
+    off: it says the bias is clamped now, and how many values."""
+    import warnings
+
+    import torch
+
+    import qconvdiag
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(16, 16, 3, 3, generator=g) * 2e-6)
+        conv.bias.copy_(torch.linspace(-1.0, 1.05, 16))
+    x = torch.rand(1, 16, 6, 6, generator=g)
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qm = torch.ao.nn.quantized.Conv2d(16, 16, 3, padding=1)
+            qm.set_weight_bias(torch.quantize_per_tensor(conv.weight.detach(),
+                                                         1.1920928955078125e-07, 0,
+                                                         torch.qint8), conv.bias.detach())
+            qm.scale, qm.zero_point = 0.008, 128
+            qx = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+        case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
+    finally:
+        torch.backends.quantized.engine = previous
+    report = diagnose(case, Options(engine="qnnpack"))
+    given = next(p for p in report.paths if p.name == "as_given")
+    assert given.torch_check.ran and given.torch_check.mismatched_elements == 0
+    (f031,) = [f for f in report.findings if f.code == "QCD031" and f.path == "as_given"]
+    assert "lie beyond int32's range there and are clamped" in f031.message
