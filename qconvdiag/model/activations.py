@@ -95,6 +95,10 @@ class WrongValues:
         function = str(m.get("function", ""))
         if function and function not in FUNCTIONS:
             raise ValueError("a function qconvdiag does not check")
+        from .names import is_kind
+
+        if not is_kind(m["kind"]):  # printed into its fix's comment
+            raise ValueError("a kind is a class or function name")
         return WrongValues(str(m["kind"]), off, total, steps, *flags, function)
 
 

@@ -41,15 +41,20 @@ class LostAfter:
     @staticmethod
     def from_mapping(m: Any, source: str) -> LostAfter:
         from ..errors import CaseFileError
+        from .names import is_op_name, is_path
 
         try:
             out = m["output_sqnr_db"]
-            return LostAfter(str(m["last_conv"]), float(m["last_conv_sqnr_db"]),
+            lost = LostAfter(str(m["last_conv"]), float(m["last_conv_sqnr_db"]),
                              None if out is None else float(out),
                              tuple(str(a) for a in m.get("after") or ()))
         except (KeyError, TypeError, ValueError, AttributeError):
+            lost = None
+        if lost is None or not is_path(lost.last_conv) or not all(is_op_name(a)
+                                                                  for a in lost.after):
             raise CaseFileError(f"{source}: 'lost_after' is malformed; capture the model "
-                                "again") from None
+                                "again")
+        return lost
 
 
 def lost_after(last_conv: str, last_sqnr: float | None, output_sqnr: float | None,

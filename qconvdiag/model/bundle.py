@@ -267,8 +267,11 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
         raise CaseFileError(f"{source}: the bundle lists no layers")
     layers = []
     for i, info in enumerate(layers_meta):
-        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
-            raise CaseFileError(f"{source}: layer {i} has no name")
+        from .names import is_path
+
+        if not isinstance(info, dict) or not is_path(info.get("name")) or not info["name"]:
+            raise CaseFileError(f"{source}: layer {i} has no name (a module path); capture "
+                                "the model again")
         prefix = f"layer{i}."
         own = {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
         extra = {k: own.pop(k, None) for k in EXTRA_KEYS}
@@ -302,7 +305,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             float_output=float_output,
             quantized_output=q_out if as_float else _output_codes(q_out, out_qp, where),
             quantized_output_qparams=out_qp,
-            bn_folded=info.get("bn_folded") if isinstance(info.get("bn_folded"), str) else None,
+            bn_folded=info.get("bn_folded") if is_path(info.get("bn_folded")) else None,
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
             output_float32=as_float, shared_range=shared))
     compiled, reused = meta.get("compiled"), meta.get("reused") or []

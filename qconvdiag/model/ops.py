@@ -113,6 +113,12 @@ class OpRange:
         except (KeyError, TypeError, ValueError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
+        from .names import is_kind, is_op_name, is_path
+
+        # names a fix prints as code: module paths (or a function's call) and class names
+        if not (is_op_name(op.name) and is_kind(op.kind) and all(is_path(a) for a in op.after)):
+            raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
+                                "again")
         if op.dtype not in ("quint8", "qint8") or not op.scale > 0:
             raise CaseFileError(f"{source}: op {op.name!r} has qparams qconvdiag does not read; "
                                 "capture the model again")

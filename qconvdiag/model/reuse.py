@@ -93,6 +93,14 @@ class ReusedActivation:
             raise bad()
         convs, lost, after, bns, misfused, across = (tuple(str(c) for c in v or ())
                                                      for v in lists)
+        from .hooks import FUSED_ACTIVATIONS
+        from .names import is_path
+
+        # names a fix prints as code: module paths and a torch.nn activation only
+        if value["kind"] not in FUSED_ACTIVATIONS or not all(
+                is_path(c) for c in (value["name"], *convs, *lost, *after, *bns, *misfused,
+                                     *across)):
+            raise bad()
         return ReusedActivation(value["name"], value["kind"], convs, int(counts[0] or 0),
                                 lost, int(counts[1] or 0), after, bns, misfused, across)
 
@@ -193,7 +201,7 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
         # fuse_modules takes paths from the model it is given: the new modules' too
         paths = [f"{owner}.{o.removeprefix('self.')}" if owner else o.removeprefix("self.")
                  for o in own]
-        groups = ", ".join("[" + ", ".join(f"'{m}'" for m in (c, b, o) if m) + "]"
+        groups = ", ".join("[" + ", ".join(f"{m!r}" for m in (c, b, o) if m) + "]"
                            for c, b, o in zip(r.convs, bns, paths))
         lasting = ((f"# for good: one {r.kind} module per call, in __init__{where}\n"
                     + "".join(f"#     {o} = torch.nn.{r.kind}()\n" for o in own)
@@ -265,7 +273,7 @@ def _across(r: ReusedActivation, evidence: dict[str, Any], blamed: list[Upstream
     runs quantized on the clipped values; the float model clips after it."""
     pairs = list(zip(r.misfused, r.across))
     where = ", ".join(f"{c} (then {bn})" for c, bn in pairs)
-    groups = ", ".join(f"['{c}', '{bn}', '{r.name}']" for c, bn in pairs)
+    groups = ", ".join(f"[{c!r}, {bn!r}, {r.name!r}]" for c, bn in pairs)
     mine = [loss for loss in blamed if set(loss.lost_after) & set(r.misfused)]
     cost = "".join(f" {loss.layer}'s input is {loss.input.sqnr_db:.1f} dB from the float "
                    "model's there." for loss in mine[:1] if loss.input.sqnr_db is not None)

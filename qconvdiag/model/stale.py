@@ -41,12 +41,16 @@ class StaleRequantization:
     @staticmethod
     def from_mapping(m: Any, source: str) -> StaleRequantization:
         from ..errors import CaseFileError
+        from .names import is_path
 
         try:
-            return StaleRequantization(str(m["layer"]), int(m["differ"]), int(m["total"]))
+            stale = StaleRequantization(str(m["layer"]), int(m["differ"]), int(m["total"]))
         except (KeyError, TypeError, ValueError):
+            stale = None
+        if stale is None or not is_path(stale.layer):
             raise CaseFileError(f"{source}: an entry of 'stale' is malformed; capture the model "
-                                "again") from None
+                                "again")
+        return stale
 
 
 def stale_requantization(name: str, qconv: Any, qinput: Any, qoutput: np.ndarray
