@@ -116,7 +116,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     if not pairs:
         raise CaseError(_no_quantized_conv(quantized_model))
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
-    activations: dict[str, list[tuple[str, str]]] = {}
+    activations: dict[str, list[tuple[str, str, bool]]] = {}
     from .ops import OpRecorder
 
     recorder = OpRecorder(float_model, quantized_model,
@@ -382,7 +382,7 @@ def float_conv_at(float_model: Any, name: str, made_from: str) -> Any:
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
                     batches: list[Any], limit: int,
-                    activations: dict[str, list[tuple[str, str]]]) -> dict[str, Seen]:
+                    activations: dict[str, list[tuple[str, str, bool]]]) -> dict[str, Seen]:
     seen = {name: Seen() for name in pairs}
 
     def q_hook(name: str) -> Callable[..., None]:

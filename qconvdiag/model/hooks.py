@@ -35,7 +35,7 @@ class Seen:
 def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict[str, Any],
              seen: dict[str, Seen], batches: list[Any], limit: int, handles: list[Any],
              folded: Callable[[str], bool],
-             activations: dict[str, list[tuple[str, str]]] | None = None,
+             activations: dict[str, list[tuple[str, str, bool]]] | None = None,
              quantized_model: Any = None) -> None:
     """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
@@ -88,7 +88,8 @@ class _FloatRecorder:
     (torch keeps no trace of it)."""
 
     def __init__(self, seen: dict[str, Seen], fconvs: dict[str, Any],
-                 folded: Callable[[str], bool], calls: dict[str, list[tuple[str, str]]]) -> None:
+                 folded: Callable[[str], bool],
+                 calls: dict[str, list[tuple[str, str, bool]]]) -> None:
         self.seen, self.folded, self.calls = seen, folded, calls
         self.pending = _PendingOutputs(seen, fconvs)
         self.produced = _ConvOutputs()
@@ -125,8 +126,10 @@ class _FloatRecorder:
             is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
             self.pending.settle(but=args[0] if is_bn and args else None)
             if self.first and args and type(module).__name__ in FUSED_ACTIVATIONS:
+                # and whether it read the conv's own output, not its BatchNorm's
                 self.calls.setdefault(name, []).append(
-                    (self.produced.of(args[0]) or "", self.last))
+                    (self.produced.of(args[0]) or "", self.last,
+                     self.produced.of(args[0], direct=True) is not None))
         return hook
 
     def end_forward(self) -> None:

@@ -105,20 +105,21 @@ class ReusedActivation:
                                 lost, int(counts[1] or 0), after, bns, misfused, across)
 
 
-def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any,
+def reused_activations(calls: dict[str, list[tuple[str, str, bool]]], float_model: Any,
                        quantized_model: Any, qconvs: dict[str, Any], bns: dict[str, str]
                        ) -> tuple[ReusedActivation, ...]:
     """The activation modules called more than once per forward, once at least after a conv
-    (``calls``: module -> per call, the conv whose output it read ("" for another op's) and the
-    conv that ran last before it: the capture's hooks), with the calls each lost in the
+    (``calls``: module -> per call, the conv whose output it read ("" for another op's), the
+    conv that ran last before it, and whether it read that conv's own output (not its
+    BatchNorm's): the capture's hooks), with the calls each lost in the
     quantized model. ``bns``: the BatchNorm each conv's output went through, if any."""
     import torch
 
     out = []
-    followed = {c for sites in calls.values() for c, _last in sites if c}
+    followed = {c for sites in calls.values() for c, _last, _direct in sites if c}
     for name, sites in calls.items():
-        convs = tuple(dict.fromkeys(c for c, _last in sites if c))
-        after = tuple(last for c, last in sites if not c)
+        convs = tuple(dict.fromkeys(c for c, _last, _direct in sites if c))
+        after = tuple(last for c, last, _direct in sites if not c)
         other = len(after)
         kind = type(float_model.get_submodule(name)).__name__
         try:
@@ -139,8 +140,12 @@ def reused_activations(calls: dict[str, list[tuple[str, str]]], float_model: Any
                          and c not in followed and c.startswith(f"{owner}." if owner else ""))
         # fused into a conv it follows through a BatchNorm the quantized model still runs:
         # the fusion left the BatchNorm out, and the conv clips before it
+        # (it read the BatchNorm's output: an in-place activation between the conv and its
+        # BatchNorm hands the BatchNorm the conv's own tensor, fused rightly with the conv)
+        through_bn = {c for c, _last, direct in sites if c and not direct}
         skipped = [(c, bns[c]) for c in convs if fused_away and c in qconvs and bns.get(c)
-                   and kind in type(qconvs[c]).__name__ and _kept(quantized_model, bns[c])]
+                   and c in through_bn and kind in type(qconvs[c]).__name__
+                   and _kept(quantized_model, bns[c])]
         misfused += tuple(c for c, _bn in skipped)
         # called more than once, once at least after a conv; or, once, fused into a conv it
         # never follows (a ReLU after a residual add fused into the conv before the add)

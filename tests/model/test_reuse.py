@@ -447,3 +447,26 @@ def test_a_relu_fused_across_the_batchnorm_left_out_is_named():
     assert bundle_from_mapping(bundle_to_mapping(bundle), "b").reused == bundle.reused
     right_bundle, right = _walk(model, _quantized(model, [["conv", "bn", "relu"]], x), x)
     assert right_bundle.reused == () and right.findings == ()
+
+
+class ConvInplaceReluBn(ConvBnRelu):
+    """conv, ReLU(inplace=True), BatchNorm, conv: the ReLU hands the BatchNorm the conv's own
+    tensor, and ['conv', 'relu'] is the right fusion for this order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        return self.dequant(self.head(self.bn(self.relu(self.conv(x)))))
+
+
+def test_an_in_place_relu_before_its_batchnorm_fused_with_the_conv_is_right():
+    """The near miss of the fusion across a BatchNorm: the BatchNorm reads the conv's own
+    tensor (an in-place ReLU ran on it), so it looked as if the ReLU followed the BatchNorm,
+    and QCD064 raised an error whose fix would have changed the model (a review found it).
+    The activation's call records that it read the conv's output: nothing is named."""
+    model, x = ConvInplaceReluBn().eval(), torch.randn(4, 4, 10, 10)
+    bundle, report = _walk(model, _quantized(model, [["conv", "relu"]], x), x)
+    assert bundle.reused == () and not [f for f in report.findings if f.code == "QCD064"]
