@@ -96,6 +96,12 @@ def qcd020(ctx: Context) -> Iterator[Finding]:
             _symmetric_fix(ctx, run), run, energy, CLIPPING)
 
 
+#: The share of a path's excess the half-step clip of the largest weights must carry for
+#: QCD020 to name it (pytorch#95785's identity conv: 25%; a sweep's 1x1 conv with 4 weights
+#: per channel beside an input clipped away: 0.5%).
+HALF_STEP_SHARE = 0.1
+
+
 def _half_step(ctx: Context, run: PathRun, energy: float, w: np.ndarray, hi: np.ndarray
                ) -> Iterator[Finding]:
     """QCD020 for weights clipped by half a step at most, on the as_given path above its
@@ -105,7 +111,10 @@ def _half_step(ctx: Context, run: PathRun, energy: float, w: np.ndarray, hi: np.
     the outputs one step low) cost a material share of the floor, which scale max|w| / 127
     avoids."""
     b = run.report.budget
-    if run.report.name != "as_given" or b is None or b.verdict == "at_floor":
+    # above its floor by this clip: HALF_STEP_SHARE of the excess or more (an input clipped
+    # away, with a few-weight conv's half steps beside it, is the input's)
+    if run.report.name != "as_given" or b is None or b.verdict == "at_floor" \
+            or energy < HALF_STEP_SHARE * b.excess:
         return
     top = w > hi + np.asarray(run.spec.weight_qparams.scales()).max() * 1e-3
     n = int(top.sum())

@@ -79,3 +79,17 @@ def test_one_largest_weight_per_channel_is_not_named():
     weight = torch.randn(3, 3, 1, 1, generator=torch.Generator().manual_seed(0))
     report = _walk(*_identity(weight))
     assert not [f for d in report.details for f in d.report.findings if f.code == "QCD020"]
+
+
+def test_half_steps_beside_an_input_clipped_away_are_not_named():
+    """A healthy sweep's conv1d (two weights per channel, about 700 in magnitude, onednn's
+    per-channel default qconfig; one of its four inputs clipped by qparams calibrated on other
+    data): every channel's largest weight is clipped by half a step, a material share of its
+    floor, but the clipped input carries the excess. QCD020 warned beside QCD010 on 0.5% of
+    the excess; only the input is named now."""
+    from tests.repo import ROOT
+
+    case = qconvdiag.load_case(ROOT / "tests" / "data" / "half_step_beside_clip.pt")
+    report = qconvdiag.diagnose(case, qconvdiag.Options(engine="onednn"))
+    codes = {f.code for f in report.findings if f.path == "as_given"}
+    assert "QCD010" in codes and "QCD020" not in codes
