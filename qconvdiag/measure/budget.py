@@ -207,14 +207,21 @@ def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> b
     code) or a few codes (data up to 10% beyond the range the observer saw)."""
     if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO:
         return False
-    lo, hi = int(codes.min()), int(codes.max())
-    # data a little beyond what the observer saw reaches a few codes past 128 levels
-    if hi <= lo + 140 or int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size:
+    if _on_128_levels(codes):
         return True
-    # or a few far below it (a model's inputs beyond its calibration batches): the codes but
-    # the lowest and the highest 0.25% span 128 levels
-    inner_lo, inner_hi = np.quantile(codes, (0.0025, 0.9975))
-    return bool(inner_hi - inner_lo <= 140)
+    # or a few beyond the 8-bit codes (unclamped: a model's inputs beyond its calibration
+    # batches), the rest on 128 levels; codes within 0..255 spread wider are 8-bit ones
+    inside = codes[(codes >= 0) & (codes <= 255)]
+    if inside.size == 0 or codes.size - inside.size > 0.01 * codes.size:
+        return False
+    return _on_128_levels(inside)
+
+
+def _on_128_levels(codes: np.ndarray) -> bool:
+    """The codes span at most 128 levels, but for 0.5% of them or a few codes (data up to 10%
+    beyond the range the observer saw reaches a few codes past 128 levels)."""
+    lo, hi = int(codes.min()), int(codes.max())
+    return hi <= lo + 140 or int(np.count_nonzero(codes > lo + 128)) <= 0.005 * codes.size
 
 
 def input_error(x: np.ndarray, spec: PathSpec) -> float:

@@ -131,7 +131,7 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
         dominant = dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
                                   y_span.positive)
     in_qp = spec.input_qparams
-    input_floor = float_x_span.ideal_step(_input_levels(spec)) / math.sqrt(12)
+    input_floor = float_x_span.ideal_step(_input_levels(spec, engine)) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
     defaults = (in_qp.scale[0], in_qp.zero_point[0]) == (1.0, 0)
@@ -139,13 +139,18 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
                   findings)
 
 
-def _input_levels(spec: PathSpec) -> int:
-    """The steps the floor of quantizing a conv's input counts: 127 where its quint8 codes
-    all lie in 0..127, as 7-bit activations put them (reduce_range: x86's and fbgemm's
-    default qconfig; a QuantStub calibrated so is at its floor there, not 2x above it), else
-    255."""
+#: The engines whose default qconfig quantizes activations to 7 bits (reduce_range).
+SEVEN_BIT_DEFAULT = ("x86", "fbgemm")
+
+
+def _input_levels(spec: PathSpec, engine: str) -> int:
+    """The steps the floor of quantizing a conv's input counts: 127 on an engine whose default
+    qconfig takes 7-bit activations, where its quint8 codes all lie in 0..127 as they put them
+    (reduce_range: a QuantStub calibrated so is at its floor there, not 2x above it), else 255
+    (on qnnpack, codes in 0..127 are a stub calibrated on inputs twice as wide or more)."""
     qp, codes = spec.input_qparams, spec.input_codes
-    if qp.dtype == "quint8" and codes is not None and codes.size and int(codes.max()) <= 127:
+    if engine in SEVEN_BIT_DEFAULT and qp.dtype == "quint8" and codes is not None \
+            and codes.size and int(codes.max()) <= 127:
         return 127
     return 255
 

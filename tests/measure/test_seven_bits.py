@@ -23,3 +23,13 @@ def test_codes_spread_over_256_levels_are_8_bit():
     assert not uses_seven_bits(rng.integers(0, 256, 10_000), 2.0, 1.0)
     # 7-bit codes but a step no 7-bit observer gives (the ideal 8-bit step's): 8-bit
     assert not uses_seven_bits(rng.integers(0, 128, 10_000), 0.9, 1.0)
+
+
+def test_heavy_tailed_8_bit_codes_are_not_read_as_7_bit():
+    """8-bit codes at the ideal step, heavy-tailed (most near the middle, a few out to 0 and
+    255): the codes but the tails span few levels, yet they are 8-bit ones (a review found a
+    quantile rule read them as 7-bit, which quadruples the output floor)."""
+    rng = np.random.default_rng(0)
+    middle = np.clip(np.rint(128 + rng.laplace(0, 6, 19_920)), 0, 255)
+    codes = np.concatenate([middle, np.zeros(40), np.full(40, 255)]).astype(np.int64)
+    assert not uses_seven_bits(codes, 1.0, 1.0)

@@ -650,6 +650,22 @@ def test_a_quantstub_calibrated_to_7_bits_is_at_its_floor():
         report = qconvdiag.diagnose_model(f, q, inputs, top=0, calibration=calibration)
     assert [x.code for x in report.findings] == ["QCD065"]
 
+    # qnnpack's default is 8-bit: a stub calibrated on inputs 4.5x as wide puts them on codes
+    # 0..127 too, and is named (a review found the 7-bit floor applied on every engine)
+    torch.backends.quantized.engine = "qnnpack"
+    q = fuse_modules(copy.deepcopy(f), [["c1", "r1"]])
+    q.qconfig = get_default_qconfig("qnnpack")
+    positive = [b.abs() for b in inputs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(q)
+        for b in calibration:
+            prepared(b.abs() * 4.5)
+        q = convert(prepared)
+        assert int(q.quant(torch.cat(positive)).int_repr().max()) <= 127
+        report = qconvdiag.diagnose_model(f, q, positive, top=0)
+    assert "QCD065" in [x.code for x in report.findings]
+
 
 def test_a_conv_called_twice_per_forward_is_refused():
     class Twice(torch.nn.Module):
