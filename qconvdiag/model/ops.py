@@ -295,16 +295,21 @@ class OpRange:
             head = (f"{named} {'gets' if one else 'get'} a channels_last input wrong: give\n"
                     "# it a contiguous one (x.contiguous() in the model's forward), or on\n"
                     "# the quantized model as it is:\n")
-            body = ("            args = (args[0].contiguous(), *args[1:])\n"
-                    "        return func(*args, **kwargs)\n")
+            body = ("            x = args[0]\n"
+                    "            out = func(x.contiguous(), *args[1:], **kwargs)\n")
         else:
             head = (f"{named} compute{'s' if one else ''} wrong values: run it in float,\n"
                     "# its output quantized to the qparams it computed with\n")
-            body = ("            out = func(*args, **kwargs)\n"
-                    "            y = func(args[0].dequantize(), *args[1:], **kwargs)\n"
-                    "            return torch.quantize_per_tensor(\n"
-                    "                y, out.q_scale(), out.q_zero_point(), out.dtype)\n"
-                    "        return func(*args, **kwargs)\n")
+            body = ("            x = args[0]\n"
+                    "            y = func(x.dequantize(), *args[1:], **kwargs)\n"
+                    "            out = func(x.clone(), *args[1:], **kwargs)  # its qparams\n"
+                    "            out = torch.quantize_per_tensor(\n"
+                    "                y, out.q_scale(), out.q_zero_point(), out.dtype)\n")
+        # an in-place call (F.hardtanh_, inplace=True) writes its result back: the caller may
+        # read the tensor it passed, not what the call returns
+        body += ("            in_place = kwargs.get('inplace') or func.__name__.endswith('_')\n"
+                 "            return x.copy_(out) if in_place else out\n"
+                 "        return func(*args, **kwargs)\n")
         return (head + "import torch\n"
                 "WRONG = (" + ",\n         ".join(functions) + ",)\n"
                 "class Mended(torch.overrides.TorchFunctionMode):\n"
