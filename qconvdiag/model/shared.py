@@ -28,42 +28,59 @@ SHARED_NOTE = ("its output qparams are shared with {others} (the inputs of one F
                "observer for all): judged on their range together")
 
 
-def shared_groups(quantized_model: Any, convs: dict[str, Any]) -> list[tuple[str, ...]]:
-    """The groups of captured convs (``convs``: path -> quantized module) that feed one cat of
-    an FX GraphModule at the same output qparams; none for another model."""
+def shared_groups(quantized_model: Any, convs: dict[str, Any]
+                  ) -> list[tuple[tuple[str, ...], bool]]:
+    """The groups of captured convs (``convs``: path -> quantized module) that feed the cats
+    of an FX GraphModule at the same output qparams, each with whether one of its cats takes
+    another input too (a pool branch: its values, at other qparams, are the cat's as well);
+    none for another model. A conv that feeds two cats joins their groups: convert_fx shares
+    the observer across both."""
     import torch
 
     if not isinstance(quantized_model, torch.fx.GraphModule):
         return []
-    groups = []
+    found: list[tuple[set[str], bool]] = []
     for node in quantized_model.graph.nodes:
         if not _is_cat(node):
             continue
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         if not isinstance(tensors, (list, tuple)):
             continue
+        sources = [_source_conv(t, convs) for t in tensors]
         by_qparams: dict[tuple[float, int], list[str]] = {}
-        for t in tensors:
-            conv = _source_conv(t, convs)
+        for conv in sources:
             if conv is not None:
                 q = convs[conv]
                 by_qparams.setdefault((float(q.scale), int(q.zero_point)), []).append(conv)
-        groups += [tuple(dict.fromkeys(m)) for m in by_qparams.values()
-                   if len(dict.fromkeys(m)) >= 2]
-    return groups
+        # open: the cat takes another input too (a pool branch, or a conv's output at other
+        # qparams), whose values the shared observer saw as well
+        found += [(set(members), len(members) < len(sources))
+                  for members in by_qparams.values() if len(set(members)) >= 2]
+    merged: list[tuple[set[str], bool]] = []
+    for members, open_ in found:  # groups that share a conv are one observer's
+        for other in [g for g in merged if g[0] & members]:
+            merged.remove(other)
+            members, open_ = members | other[0], open_ or other[1]
+        merged.append((members, open_))
+    order = list(convs)
+    return [(tuple(sorted(m, key=order.index)), open_) for m, open_ in merged]
 
 
-def with_shared_ranges(layers: Sequence[LayerCapture], groups: list[tuple[str, ...]]
-                       ) -> list[LayerCapture]:
+def with_shared_ranges(layers: Sequence[LayerCapture],
+                       groups: list[tuple[tuple[str, ...], bool]]) -> list[LayerCapture]:
     """``layers`` with each grouped conv's output range widened to its group's (the union of
-    its members' ranges: samples and calibration batches), and a note naming the others."""
+    its members' ranges: samples and calibration batches; where a cat also takes an input no
+    captured conv wrote, whose float range is not known, the range the shared qparams
+    represent), and a note naming the others."""
     by_name = {lay.name: lay for lay in layers}
     widened: dict[str, LayerCapture] = {}
-    for group in groups:
+    for group, open_ in groups:
         members = [by_name[c] for c in group if c in by_name and by_name[c].case.output_range]
         if len(members) < 2:
             continue
         ranges = [lay.case.output_range for lay in members if lay.case.output_range]
+        if open_:
+            ranges.append(_representable(members[0]))
         union = (min(r[0] for r in ranges), max(r[1] for r in ranges))
         for lay in members:
             others = ", ".join(m.name for m in members if m is not lay)
@@ -73,6 +90,13 @@ def with_shared_ranges(layers: Sequence[LayerCapture], groups: list[tuple[str, .
                                       shared_range=union),
                 notes=(*lay.notes, SHARED_NOTE.format(others=others)))
     return [widened.get(lay.name, lay) for lay in layers]
+
+
+def _representable(lay: LayerCapture) -> tuple[float, float]:
+    """The range a conv's output qparams represent."""
+    qp = lay.quantized_output_qparams
+    s, zp = float(qp.scale[0]), int(qp.zero_point[0])
+    return (qp.dtype_min - zp) * s, (qp.dtype_max - zp) * s
 
 
 def _is_cat(node: Any) -> bool:

@@ -85,3 +85,70 @@ def test_the_convs_an_fx_cat_shares_qparams_with_are_judged_on_their_range_toget
 def test_an_eager_cat_shares_nothing():
     _quantized, bundle, _report_ = _report("eager")
     assert bundle.layer("narrow").shared_range is None
+
+
+class TwoCats(torch.nn.Module):
+    """Conv a feeds two cats, one with b and one with c (16x a's range): convert_fx shares one
+    observer across all three."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Conv2d(3, 8, 1) for _ in range(3))
+        self.h1, self.h2 = torch.nn.Conv2d(16, 4, 1), torch.nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.b.weight.mul_(4)
+            self.c.weight.mul_(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        return self.h1(torch.cat([a, b], 1)) + self.h2(torch.cat([a, c], 1))
+
+
+class PoolBranch(torch.nn.Module):
+    """Inception-v3's reduction block: cat([conv, conv, max_pool(x)]), the pool's values at
+    the stem's qparams, wider than the convs'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.h = torch.nn.Conv2d(24, 4, 1)
+        with torch.no_grad():
+            self.stem.weight.mul_(8)
+            self.a.weight.mul_(0.05)
+            self.b.weight.mul_(0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([self.a(x), self.b(x), torch.nn.functional.max_pool2d(x, 3, 2, 1)], 1)
+        return self.h(y)
+
+
+@pytest.mark.parametrize("cls", [TwoCats, PoolBranch])
+def test_a_cat_group_spans_every_cat_and_every_input(cls):  # noqa: ANN001
+    """Found by review: groups built per cat left b judged on a's and b's range alone (a feeds
+    a second cat, with c), and a pool branch's values, part of what the shared observer saw,
+    were left out: QCD052 errors on correctly quantized models. Groups sharing a conv are one
+    group now, and a cat with another input widens its group to what the shared qparams
+    represent."""
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    model = cls().eval()
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
+    x = torch.randn(4, 3, 12, 12, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model),
+                              torch.ao.quantization.get_default_qconfig_mapping("x86"), (x,))
+        for b in calibration:
+            prepared(b)
+        bundle = qconvdiag.capture_model(model, convert_fx(prepared), x,
+                                         calibration=calibration)
+        report = qconvdiag.walk_model(bundle, qconvdiag.WalkOptions(top=0)).report
+    assert all(row.verdict == "at_floor" for row in report.layers)
+    assert bundle.layer("a").shared_range == bundle.layer("b").shared_range is not None
