@@ -281,16 +281,24 @@ def moved_weight(run: PathRun) -> tuple[int, int, int] | None:
     return off, far, int(step.size)
 
 
-def _moved_fix(ctx: Context) -> str:
-    """Repack the float weight at the module's own qparams (torch's readback of them); a PT2E
-    model's conv has no module (its weight is a constant of the converted graph): that model
-    quantized again from this float model."""
+def pt2e_requantize(ctx: Context) -> str | None:
+    """A PT2E model's conv has no module to repack (its weight and bias are constants of the
+    converted graph): the fix of a module's state quantizes the model again from this float
+    model; None for another conv."""
     from ..arithmetic.engines import PT2E_ENGINES
 
     if ctx.case.in_model and (ctx.case.flow == "pt2e" or ctx.case.engine in PT2E_ENGINES):
         return ("# quantize the model again from this float model (its weights are\n"
                 "# constants of the converted graph: no module to repack)\n"
                 + model_calibration("pt2e"))
+    return None
+
+
+def _moved_fix(ctx: Context) -> str:
+    """Repack the float weight at the module's own qparams (torch's readback of them)."""
+    again = pt2e_requantize(ctx)
+    if again is not None:
+        return again
     name = conv_name(ctx.case)
     per_channel = ("qw = torch.quantize_per_channel(\n"
                    "    conv.weight.detach(), old.q_per_channel_scales(),\n"
@@ -437,6 +445,9 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
 def _qcd024_fix(ctx: Context, run: PathRun) -> str:
     """QCD024's fix for a module that holds another weight: the meant weight (or a symmetric
     one) and the float bias, packed again."""
+    again = pt2e_requantize(ctx)
+    if again is not None:
+        return again
     if moved_weight(run) is not None:
         return _moved_fix(ctx)
     intended_qp = run.spec.weight_qparams

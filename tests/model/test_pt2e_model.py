@@ -551,8 +551,8 @@ def test_a_pt2e_layer_s_calibration_fix_quantizes_the_whole_model_again():
 
 
 def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
-    """The float model trained on after convert_pt2e: QCD024 names the moved weight, and its
-    fix was the eager module's repack (qm.set_weight_bias: a PT2E model has no qm, its weights
+    """The float model trained on after convert_pt2e: QCD024 names the weight, and its fix
+    (and QCD030's, for the bias) was the eager module's repack (qm.set_weight_bias: a PT2E model has no qm, its weights
     are constants of the graph). Now it quantizes the model again; run, the conv holds this
     float weight's codes and QCD024 is gone."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
@@ -560,7 +560,8 @@ def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
 
     model, converted, batches = build()
     with torch.no_grad():
-        for conv, steps in ((model.grouped, 0.8), (model.last, 3.0)):
+        # 3 steps: a weight that is not the one converted (a small move is read as moved)
+        for conv, steps in ((model.grouped, 3.0), (model.last, 3.0)):
             w = conv.weight
             w.add_(w.abs().amax(dim=(1, 2, 3), keepdim=True) / 127.5 * steps)
     bundle = qconvdiag.capture_model(model, converted, batches, calibration=[batches[0]])
@@ -574,6 +575,8 @@ def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
     (moved,) = [x for d in report.details for x in d.report.findings
                 if x.code == "QCD024" and x.path == "as_given"]
     assert "qm." not in moved.fix and "prepare_pt2e" in moved.fix
+    assert all("qm." not in x.fix for d in report.details for x in d.report.findings
+               if x.code in ("QCD024", "QCD030"))
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     exported = torch.export.export(model, (batches[0],), strict=True).module()
