@@ -438,7 +438,9 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
         "repacks.",
         {"module_weight": problem, "module_weight_scale": run.spec.module.weight_qparams.scale[0],
          "excess": energy},
-        fix + f"\n# or build qm with {conv_name(ctx.case)}.from_float after calibration (QCD050)",
+        fix + ("" if pt2e_requantize(ctx) else
+               f"\n# or build qm with {conv_name(ctx.case)}.from_float after calibration "
+               "(QCD050)"),
         run, energy, ("module_state",))
 
 
