@@ -43,7 +43,8 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     whether the quantized model folded the float model's BatchNorm of this name into its conv.
     ``activations`` gets, per activation module of the float model (``FUSED_ACTIVATIONS``), its
     calls in the first forward, in order: the conv whose output (or its BatchNorm's) each was
-    called on ("" for another op's output), and the conv that ran last before it. A forward
+    called on ("" for another op's output), the conv that ran last before it, and whether it
+    read that conv's own output. A forward
     that raises is refused in one line naming the module (``quantized_model``: the quantized
     side's modules, for their names)."""
     import torch
