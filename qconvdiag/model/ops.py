@@ -236,10 +236,19 @@ class OpRange:
         in float (its float twin, a copy of ``model``'s module, between a dequantize and a
         quantize to the output qparams it computed with)."""
         assert self.wrong is not None
-        if self.wrong.function:
-            return self._function_fix(module, others)
-        # every module found wrong, mended in one pass (a fault after a broken layer shows in
-        # no loss of its own: MobileNetV2 on qnnpack took four walks, one ReLU6 each)
+        # every module and function found wrong, mended in one pass (a fault after a broken
+        # layer shows in no loss of its own: MobileNetV2 on qnnpack took four walks, one ReLU6
+        # each), this op's kind first
+        found = (self, *others)
+        has_function = any(o.wrong is not None and o.wrong.function for o in found)
+        has_module = any(o.wrong is not None and not o.wrong.function for o in found)
+        parts = ([self._function_fix(module, others)] if has_function else []) + (
+            [self._module_fix(module, others)] if has_module else [])
+        return "\n".join(parts if self.wrong.function else parts[::-1])
+
+    def _module_fix(self, module: str, others: tuple[OpRange, ...]) -> str:
+        """``wrong_values_fix`` of the modules found wrong: each wrapped in a module that gives
+        it a contiguous input, or runs its float twin."""
         wrong = list({o.name: o for o in (self, *others)
                       if o.wrong is not None and not o.wrong.function}.values())
         kinds = list(dict.fromkeys(o.wrong.kind for o in wrong if o.wrong is not None))
@@ -263,8 +272,9 @@ class OpRange:
                     "        self.qparams = qparams\n")
             body = ("        y = self.float_op(x.dequantize())\n"  # lines within 80 columns
                     "        return torch.quantize_per_tensor(y, *self.qparams)\n")
-            listed = "".join(f"        ({o.name!r}, {o.scale!r}, {o.zero_point}, "
-                             f"torch.{o.dtype}),\n" for o in wrong)
+            listed = "".join(f"        ({o.name!r},\n"
+                             f"         {o.scale!r}, {o.zero_point}, torch.{o.dtype}),\n"
+                             for o in wrong)
             loop = ("for name, *qparams in [\n" + listed + "]:\n"
                     "    owner, _, attr = name.rpartition('.')\n"
                     f"    owner = {module}.get_submodule(owner)\n"
@@ -315,7 +325,8 @@ class OpRange:
                 "class Mended(torch.overrides.TorchFunctionMode):\n"
                 "    def __torch_function__(self, func, types, args=(), kwargs=None):\n"
                 "        kwargs = kwargs or {}\n"
-                "        if func in WRONG and args[0].is_quantized:\n"
+                "        if func in WRONG and args and getattr(args[0], 'is_quantized',\n"
+                "                                              False):\n"
                 + body
                 + f"forward = {module}.forward\n"
                 "def mended_forward(*args, **kwargs):\n"

@@ -198,7 +198,7 @@ def test_a_wrong_kernel_s_float_fix_keeps_the_qparams_it_computed_with():
     op = OpRange("head.gate", "Sigmoid", 1 / 256, 0, "quint8", 0.0, 0.0, ("c2",), False, False,
                  wrong=WrongValues("Sigmoid", 90, 100, 30.0, False, False), own_qparams=False)
     fix = op.fix()
-    assert "('head.gate', 0.00390625, 0, torch.quint8)," in fix
+    assert "('head.gate',\n         0.00390625, 0, torch.quint8)," in fix
     # a scale of many digits, as an observer's are: every line within 80 columns, indented
     wide = dataclasses.replace(op, scale=0.03851956129074097, zero_point=140).fix()
     assert max(len(line) for line in wide.split("\n")) <= 78
@@ -416,3 +416,41 @@ def test_in_place_activation_calls_are_mended_where_the_forward_reads_them():
     bundle, report = walk(f, q)
     assert not [o for o in bundle.ops if o.wrong is not None] and report.findings == ()
     assert report.layer("c3").propagated.sqnr_db > 25
+
+
+class Mixed(Block):
+    """A ReLU6 module after c1 and F.relu6 after c2: a module and a function, both wrong on
+    qnnpack's channels_last input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = self.act(self.b1(self.c1(self.quant(x))))
+        return self.dequant(self.c3(torch.nn.functional.relu6(self.c2(y))))
+
+
+def test_a_module_and_a_function_found_wrong_are_mended_by_one_fix():
+    """The fix mended the module's kind or the function's, and a model with both took two
+    walks (found by review): it mends both now, and a long module path keeps every line of
+    the float variant within 80 columns."""
+    f, q = quantized_block("qnnpack", Mixed)
+    bundle, report = walk(f, q)
+    assert {o.name for o in bundle.ops if o.wrong is not None} == {
+        "act", "the relu6 call after c2"}
+    (lost,) = [x for x in report.findings if x.code == "QCD065"]
+    assert "class Fixed" in lost.fix and "class Mended" in lost.fix
+    exec(compile(lost.fix, "QCD065 fix", "exec"), {"quantized": q})  # noqa: S102
+    bundle, report = walk(f, q)
+    assert not [o for o in bundle.ops if o.wrong is not None] and report.findings == ()
+
+    import dataclasses
+
+    from qconvdiag.model.activations import WrongValues
+    from qconvdiag.model.ops import OpRange
+
+    op = OpRange("encoder.stages.3.blocks.11.mlp.act", "Sigmoid", 0.0235294122248888, 0,
+                 "quint8", 0.0, 0.0, ("c2",), False, False,
+                 wrong=WrongValues("Sigmoid", 90, 100, 30.0, False, False), own_qparams=False)
+    assert max(len(line) for line in dataclasses.replace(op).fix().split("\n")) <= 80
