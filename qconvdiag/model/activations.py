@@ -150,12 +150,15 @@ class ActivationCheck:
                ) -> Callable[..., None]:
         """A module's forward hook: the call's output against the twin on its input."""
         def hook(_m: Any, _args: Any, out: Any) -> None:
-            self.inside -= 1
-            if self.done or not inputs:
-                return
-            x, channels_last, contiguous = inputs.pop()
-            self._record(name, _check(type(module).__name__, module.forward, twin.forward, x,
-                                      _first(out), channels_last, contiguous), out)
+            try:  # the check's own runs of the module are inside it too: its calls are its
+                if self.done or not inputs:
+                    return
+                x, channels_last, contiguous = inputs.pop()
+                self._record(name, _check(type(module).__name__, module.forward,
+                                          twin.forward, x, _first(out), channels_last,
+                                          contiguous), out)
+            finally:
+                self.inside -= 1
         return hook
 
     def _record(self, name: str, wrong: WrongValues | None, out: Any) -> None:
@@ -183,6 +186,7 @@ class ActivationCheck:
         self._record(call_name(kind, self.last()), wrong, out)
 
     def _forward_starts(self, _m: Any, _args: Any) -> None:
+        self.inside = 0  # a checked module that raised, caught by the model, left it counted
         if not self.done and self.mode is None:
             self.mode = _function_mode(self)
             self.mode.__enter__()
