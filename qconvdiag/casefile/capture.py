@@ -102,11 +102,13 @@ def capture(
 def _output_qparams(value: Any) -> dict[str, Any]:
     """``capture``'s output_qparams, a (scale, zero_point) pair or a dict with those keys, as
     a case's entry (quint8: what torch's quantized convs write)."""
-    if isinstance(value, dict):
+    dtype = "quint8"
+    if isinstance(value, dict):  # as a case file writes them: its dtype kept (QCD054 reads it)
+        dtype = str(value.get("dtype", dtype))
         value = (value.get("scale"), value.get("zero_point"))
     try:
         scale, zero_point = value
-        return {"scale": float(scale), "zero_point": float(zero_point), "dtype": "quint8"}
+        return {"scale": float(scale), "zero_point": float(zero_point), "dtype": dtype}
     except (TypeError, ValueError):
         raise CaseError("capture(): output_qparams must be (scale, zero_point), e.g. "
                         "output_qparams=(0.0009, 121)") from None

@@ -453,6 +453,10 @@ def test_a_functional_conv_is_captured_with_its_weight_and_output_qparams(tmp_pa
     with pytest.raises(CaseError, match="the quantized module holds its own"):
         qconvdiag.capture(conv, x, qconv=torch.ao.nn.quantized.Conv2d(1, 1, 3), qinput=qx,
                           qweight=qw, path=None)
+    as_dict = qconvdiag.capture(conv, x, qinput=qx, qweight=qw, path=None, output_qparams={
+        "scale": 0.0009, "zero_point": 0, "dtype": "qint8"})
+    assert as_dict.setup.output_qparams.dtype_given == "qint8" or (
+        as_dict.setup.output_qparams.dtype == "qint8")
     with pytest.raises(CaseError, match=r"output_qparams must be \(scale, zero_point\)"):
         qconvdiag.capture(conv, x, qinput=qx, output_qparams=0.0009, path=None)
     with pytest.raises(CaseError, match="qweight must be the quantized weight"):

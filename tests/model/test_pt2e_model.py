@@ -552,9 +552,9 @@ def test_a_pt2e_layer_s_calibration_fix_quantizes_the_whole_model_again():
 
 def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
     """The float model trained on after convert_pt2e: QCD024 names the weight, and its fix
-    (and QCD030's, for the bias) was the eager module's repack (qm.set_weight_bias: a PT2E model has no qm, its weights
-    are constants of the graph). Now it quantizes the model again; run, the conv holds this
-    float weight's codes and QCD024 is gone."""
+    (and QCD030's, for the bias) was the eager module's repack (qm.set_weight_bias: a PT2E
+    model has no qm, its weights are constants of the graph). Now it quantizes the model
+    again; run, the conv holds this float weight's codes and QCD024 is gone."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
