@@ -141,6 +141,9 @@ class ConvCase:
     fused activation applied), for telling saturations the float model gives there from those
     only the received input gives (``output_rules._beyond_float_model``). Not written to a
     case file."""
+    model_flow: str | None = None
+    """A model walk's conv: the flow its model was quantized with (``ModelBundle.flow``:
+    eager, fx or pt2e), whose code its fixes write. Not written to a case file."""
     flow: str = "eager"
     """``eager`` or ``pt2e`` (FLOWS). A PT2E case runs on ``x86_inductor`` unless ``--engine``
     says otherwise, its production path is X86InductorQuantizer's default config, and its

@@ -195,9 +195,14 @@ def eager_flow(case: ConvCase, engine: str, qconfig_line: str | None = None) -> 
     from ..arithmetic.engines import PT2E_ENGINES
     from ..quantization.paths import reduces_beyond_default
 
-    if case.in_model and (engine in PT2E_ENGINES or case.flow == "fx" and qconfig_line is None):
-        # the model's own flow, whole: a PT2E or FX model is exported or traced as one
-        return model_calibration("pt2e" if engine in PT2E_ENGINES else "fx")
+    if case.in_model and engine in PT2E_ENGINES:  # the model's own flow, exported whole
+        return model_calibration("pt2e")
+    if case.in_model and case.model_flow == "fx":  # traced whole, with its qconfig if meant
+        if qconfig_line is None and reduces_beyond_default(engine):
+            qconfig_line = QCONFIG_IMPORTS + REDUCE_RANGE_QCONFIG.format(flag=True,
+                                                                         engine=engine)
+        return model_calibration("fx") if qconfig_line is None else _fx_flow(
+            case, engine, qconfig_line)
     if engine in PT2E_ENGINES:  # no torch.ao qconfig: the quantizer's flow
         from .backend_rules import alternative
 
@@ -244,6 +249,23 @@ REDUCE_RANGE_QCONFIG = (
 )
 QCONFIG_IMPORTS = ("from torch.ao.quantization import QConfig\n"
                    "from torch.ao.quantization.observer import HistogramObserver\n")
+
+
+def _fx_flow(case: ConvCase, engine: str, qconfig_line: str) -> str:
+    """An FX model prepared with ``qconfig_line``'s qconfig (``model.qconfig = ...``, as the
+    eager flow sets it) for every module, calibrated and converted."""
+    return "\n".join([
+        "from torch.ao.quantization import QConfigMapping, get_default_qconfig",
+        "from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx",
+        f'torch.backends.quantized.engine = "{engine}"',
+        qconfig_line.replace("model.qconfig = ", "qconfig = "),
+        "# model: the float model, in eval mode; example_inputs as before",
+        "prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), example_inputs)",
+        "for batch in calibration_batches:  # a few of the model's real inputs",
+        "    prepared(batch)",
+        "quantized = convert_fx(prepared)",
+        f"qm = quantized.get_submodule({case.layer!r})",
+    ])
 
 
 def reduce_range_flow(case: ConvCase, engine: str, flag: bool) -> str:

@@ -142,7 +142,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
         full = lay.name in explain
         if full or screens[lay.name].verdict != "at_floor":
             say(f"diagnosing {lay.name}" + (" (in full)" if full else ""))
-            diagnoses[lay.name] = run_diagnosis(lay.case, _options(options, engine, full))
+            # its fixes in the model's own flow (an FX model's prepare_fx)
+            case = dataclasses.replace(lay.case, model_flow=bundle.flow)
+            diagnoses[lay.name] = run_diagnosis(case, _options(options, engine, full))
     checks = {}
     for lay in bundle.layers:
         d = diagnoses.get(lay.name)

@@ -152,3 +152,28 @@ def test_a_cat_group_spans_every_cat_and_every_input(cls):  # noqa: ANN001
         report = qconvdiag.walk_model(bundle, qconvdiag.WalkOptions(top=0)).report
     assert all(row.verdict == "at_floor" for row in report.layers)
     assert bundle.layer("a").shared_range == bundle.layer("b").shared_range is not None
+
+
+def test_an_fx_layer_s_qconfig_fix_prepares_the_fx_model():
+    """An FX model's layer fix that sets a qconfig (reduce_range's: QCD040, QCD042) printed
+    the eager flow's prepare(model), which quantizes nothing of an FX model (found by review):
+    the walk hands a layer its model's flow, and the fix is prepare_fx with that qconfig,
+    which runs: the conv it names is quantized again."""
+    import dataclasses
+
+    from qconvdiag.findings.fixes import reduce_range_flow
+
+    _quantized, bundle, report = _report("fx")
+    fixes = [f.fix for d in report.details for f in d.report.findings]
+    assert not any("prepare(model)" in fix for fix in fixes)
+    case = dataclasses.replace(bundle.layer("narrow").case, model_flow="fx")
+    fix = reduce_range_flow(case, "x86", True)
+    assert "prepare_fx(model, QConfigMapping().set_global(qconfig)" in fix
+    assert "HistogramObserver.with_args(reduce_range=True)" in fix
+    model = Branches().eval()
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    scope = {"torch": torch, "model": model, "example_inputs": (x,), "calibration_batches": [x]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(fix, "fix", "exec"), scope)  # noqa: S102
+    assert type(scope["qm"]).__name__ == "ConvReLU2d"
