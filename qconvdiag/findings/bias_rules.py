@@ -91,7 +91,25 @@ def qcd031(ctx: Context) -> Iterator[Finding]:
             f"{fmt(st.delta.max_abs)} ({fmt(st.delta.max_abs_lsb or 0)} output steps) on the "
             f"{run.report.name} path ({how}).",
             {"max_abs": st.delta.max_abs, "max_abs_lsb": st.delta.max_abs_lsb,
-             "excess": energy},
+             "excess": energy, "clamped": clamped},
+            _BIAS_ROOM if clamped else
             "# the bias grid is input_scale * weight_scale; qparams from observers keep it fine\n"
             "# against the output step:\n" + eager_flow(ctx.case, run.report.engine),
             run, energy, ("bias_quantization",))
+
+
+#: QCD031's fix where the bias is clamped at int32: a weight scale no finer than the bias
+#: needs (its int32 codes within 2^30, room for the products' sum), the weight packed again.
+_BIAS_ROOM = (
+    "# a weight scale at which the bias fits int32 (max|bias| / input_scale / 2**30;\n"
+    "# the observer clamped a tiny weight's to float32's eps), the weight packed again\n"
+    "old = qm.weight()\n"
+    "room = float(conv.bias.abs().max()) / qx.q_scale() / 2**30\n"
+    "if old.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):\n"
+    "    qw = torch.quantize_per_tensor(\n"
+    "        conv.weight.detach(), max(old.q_scale(), room), 0, torch.qint8)\n"
+    "else:\n"
+    "    qw = torch.quantize_per_channel(\n"
+    "        conv.weight.detach(), old.q_per_channel_scales().clamp(min=room),\n"
+    "        old.q_per_channel_zero_points(), old.q_per_channel_axis(), torch.qint8)\n"
+    "qm.set_weight_bias(qw, conv.bias)")
