@@ -228,7 +228,9 @@ def _raised_by_us(exc: BaseException) -> bool:
     while tb is not None:
         frames.append(tb.tb_frame.f_code)
         tb = tb.tb_next
-    while frames and frames[-1].co_name == "__torch_function__":
+    mode = os.path.join(here, "model", "activations.py")  # the mode's pass-through frames
+    while frames and frames[-1].co_name == "__torch_function__" and os.path.abspath(
+            frames[-1].co_filename) == mode:
         frames.pop()
     return bool(frames) and os.path.abspath(frames[-1].co_filename).startswith(here + os.sep)
 
