@@ -51,12 +51,14 @@ class Before(Block):
         return self.dequant(self.c2(self.b1(self.c1(self.act(self.quant(x))))))
 
 
-def quantized_block(engine: str, cls: type[Block] = Block) -> tuple[Block, torch.nn.Module]:
+def quantized_block(engine: str, cls: type[torch.nn.Module] = Block,
+                    fuse: tuple[list[str], ...] = (["c1", "b1"],)
+                    ) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     torch.backends.quantized.engine = engine
     f = cls().eval()
     m = copy.deepcopy(f)
-    fuse_modules(m, [["c1", "b1"]], inplace=True)
+    fuse_modules(m, list(fuse), inplace=True)
     m.qconfig = get_default_qconfig(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -167,18 +169,7 @@ def test_a_shared_in_place_relu6_is_named_after_each_conv_it_follows():
     """The check copies an in-place module's input before the kernel overwrites it, and keeps
     every call's conv (``OpRange.after``), as the ops recorder does: the loss at c2 (the first
     call's) is blamed on the ReLU6, not on 'an op between c1 and c2'."""
-    torch.manual_seed(0)
-    torch.backends.quantized.engine = "qnnpack"
-    f = Shared().eval()
-    m = copy.deepcopy(f)
-    fuse_modules(m, [["c1", "b1"]], inplace=True)
-    m.qconfig = get_default_qconfig("qnnpack")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare(m)
-        for _ in range(4):
-            prepared(torch.randn(4, 3, 16, 16) * 2)
-        q = convert(prepared)
+    f, q = quantized_block("qnnpack", Shared)
     bundle, report = walk(f, q)
     (op,) = [o for o in bundle.ops if o.wrong is not None]
     assert op.name == "act" and op.after == ("c1", "c2")
@@ -381,18 +372,7 @@ def test_every_wrong_activation_module_is_mended_by_one_fix():
     is broken already when act2 runs). The fix named act1 alone, and a sweep's MobileNet-like
     model took four walks, one module each; now one fix mends every module found wrong, and
     the model is clean after it."""
-    torch.manual_seed(0)
-    torch.backends.quantized.engine = "qnnpack"
-    f = TwoReLU6().eval()
-    m = copy.deepcopy(f)
-    fuse_modules(m, [["c1", "b1"], ["c2", "b2"]], inplace=True)
-    m.qconfig = get_default_qconfig("qnnpack")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare(m)
-        for _ in range(4):
-            prepared(torch.randn(4, 3, 16, 16) * 2)
-        q = convert(prepared)
+    f, q = quantized_block("qnnpack", TwoReLU6, (["c1", "b1"], ["c2", "b2"]))
     bundle, report = walk(f, q)
     assert {o.name for o in bundle.ops if o.wrong is not None} == {"act1", "act2"}
     (lost,) = [x for x in report.findings if x.code == "QCD065"]

@@ -71,6 +71,21 @@ def build(seed: int = 0, batch: int = 4, calibration_scale: float = 1.0,
     return model, convert_pt2e(prepared), batches
 
 
+def user_scope(model: nn.Module, batch: torch.Tensor) -> dict:
+    """The names a model walk's PT2E fix runs against, as a user's script holds them after
+    build(): the quantizer, the float model, its exported graph prepared already
+    (prepare_pt2e changes the graph it is given), and the batch to calibrate on."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (batch,), strict=True).module()
+    prepare_pt2e(exported, quantizer)
+    return {"torch": torch, "quantizer": quantizer, "calibration_batches": [batch],
+            "exported": exported, "model": model}
+
+
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory):  # noqa: ANN001, ANN201
     model, converted, batches = build()
@@ -297,15 +312,7 @@ def test_input_quantization_calibrated_on_other_inputs_is_named():
     # already: prepare_pt2e changes the graph it is given, and preparing it again raised a
     # KeyError), with the batch it meets at inference: the graph's input scale is the one
     # calibrated on that batch
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    exported = torch.export.export(model, (batches[0],), strict=True).module()
-    prepare_pt2e(exported, quantizer)
-    scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
-             "exported": exported, "model": model}
+    scope = user_scope(model, batches[0])
     exec(compile(lost.fix, "QCD065 fix", "exec"), scope)
     calibrated = build()[1]  # calibrated on batches[0] itself
     again = _graph_conv(scope["converted"], 0).args[0].args[1]
@@ -530,20 +537,12 @@ def test_a_pt2e_layer_s_calibration_fix_quantizes_the_whole_model_again():
     single-conv recipe (torch.export.export(conv.eval(), (x,), ...): no 'x' in a model, and
     one conv quantized alone); it is the model's own flow now, and run in the user's script
     (its exported graph prepared already) it gives the model calibrated on the right batch."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
     model, converted, batches = build(calibration_scale=255.0)
     bundle = qconvdiag.capture_model(model, converted, batches, calibration=[batches[0] * 255])
     detail = walk_model(bundle, WalkOptions(top=1)).report.details[0].report
     (f052,) = [x for x in detail.findings if x.code == "QCD052" and x.path == "as_given"]
     assert "not like these inputs" in f052.message and "conv.eval()" not in f052.fix
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    exported = torch.export.export(model, (batches[0],), strict=True).module()
-    prepare_pt2e(exported, quantizer)
-    scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
-             "exported": exported, "model": model}
+    scope = user_scope(model, batches[0])
     exec(compile(f052.fix, "QCD052 fix", "exec"), scope)  # noqa: S102
     calibrated = build()[1]  # calibrated on batches[0] itself
     assert (_graph_conv(scope["converted"], 1).args[0].args[1]
@@ -555,9 +554,6 @@ def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
     (and QCD030's, for the bias) was the eager module's repack (qm.set_weight_bias: a PT2E
     model has no qm, its weights are constants of the graph). Now it quantizes the model
     again; run, the conv holds this float weight's codes and QCD024 is gone."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
     model, converted, batches = build()
     with torch.no_grad():
         # 3 steps: a weight that is not the one converted (a small move is read as moved)
@@ -577,12 +573,7 @@ def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
     assert "qm" not in moved.fix and "prepare_pt2e" in moved.fix
     assert all("qm." not in x.fix for d in report.details for x in d.report.findings
                if x.code in ("QCD024", "QCD030"))
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    exported = torch.export.export(model, (batches[0],), strict=True).module()
-    prepare_pt2e(exported, quantizer)
-    scope = {"torch": torch, "quantizer": quantizer, "calibration_batches": [batches[0]],
-             "exported": exported, "model": model}
+    scope = user_scope(model, batches[0])
     exec(compile(moved.fix, "QCD024 fix", "exec"), scope)  # noqa: S102
     again = qconvdiag.capture_model(model, scope["converted"], batches,
                                     calibration=[batches[0]])

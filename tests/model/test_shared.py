@@ -38,9 +38,12 @@ class Branches(torch.nn.Module):
         return self.dequant(self.head(y))
 
 
-def _report(flow: str):  # noqa: ANN202
+def _report(flow: str, cls: type[torch.nn.Module] = Branches,
+            layers: tuple[str, ...] = ("narrow",)):  # noqa: ANN202
+    """``cls`` quantized on x86 (FX, or eager with its ReLUs fused) and calibrated, its bundle,
+    and the walk that explains ``layers``."""
     torch.backends.quantized.engine = "x86"
-    model = Branches().eval()
+    model = cls().eval()
     g = torch.Generator().manual_seed(1)
     calibration = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
     x = torch.randn(4, 3, 12, 12, generator=g)
@@ -62,7 +65,7 @@ def _report(flow: str):  # noqa: ANN202
                      else torch.ao.quantization.convert(prepared))
         bundle = qconvdiag.capture_model(model, quantized, x, calibration=calibration)
         return quantized, bundle, qconvdiag.walk_model(
-            bundle, qconvdiag.WalkOptions(layers=("narrow",), top=0)).report
+            bundle, qconvdiag.WalkOptions(layers=layers, top=0)).report
 
 
 def test_the_convs_an_fx_cat_shares_qparams_with_are_judged_on_their_range_together():
@@ -134,22 +137,7 @@ def test_a_cat_group_spans_every_cat_and_every_input(cls):  # noqa: ANN001
     were left out: QCD052 errors on correctly quantized models. Groups sharing a conv are one
     group now, and a cat with another input widens its group to what the shared qparams
     represent."""
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"
-    model = cls().eval()
-    g = torch.Generator().manual_seed(1)
-    calibration = [torch.randn(4, 3, 12, 12, generator=g) for _ in range(3)]
-    x = torch.randn(4, 3, 12, 12, generator=g)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model),
-                              torch.ao.quantization.get_default_qconfig_mapping("x86"), (x,))
-        for b in calibration:
-            prepared(b)
-        bundle = qconvdiag.capture_model(model, convert_fx(prepared), x,
-                                         calibration=calibration)
-        report = qconvdiag.walk_model(bundle, qconvdiag.WalkOptions(top=0)).report
+    _quantized, bundle, report = _report("fx", cls, layers=())
     assert all(row.verdict == "at_floor" for row in report.layers)
     assert bundle.layer("a").shared_range == bundle.layer("b").shared_range is not None
 
