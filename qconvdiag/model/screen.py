@@ -45,7 +45,8 @@ class Screen:
     input: ErrorSummary
     input_floor_ratio: float
     """The input's RMSE over the rounding floor of quantizing it (8-bit; 7-bit where its codes
-    show 7-bit activations: ``_input_levels``) (inf for a constant
+    and step show 7-bit activations on a kernel that pairs them: ``budget.floors``' input
+    bits) (inf for a constant
     input that is not exact)."""
     input_defaults: bool
     """The input's qparams are an uncalibrated observer's (scale 1.0, zero point 0)."""
@@ -131,28 +132,14 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
         dominant = dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
                                   y_span.positive)
     in_qp = spec.input_qparams
-    input_floor = float_x_span.ideal_step(_input_levels(spec, engine)) / math.sqrt(12)
+    # 7-bit inputs (reduce_range) as the floors read them from the codes and the step
+    levels = 127 if f.input_bits == 7 else 255
+    input_floor = float_x_span.ideal_step(levels) / math.sqrt(12)
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
     defaults = (in_qp.scale[0], in_qp.zero_point[0]) == (1.0, 0)
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant,
                   findings)
-
-
-#: The engines whose default qconfig quantizes activations to 7 bits (reduce_range).
-SEVEN_BIT_DEFAULT = ("x86", "fbgemm")
-
-
-def _input_levels(spec: PathSpec, engine: str) -> int:
-    """The steps the floor of quantizing a conv's input counts: 127 on an engine whose default
-    qconfig takes 7-bit activations, where its quint8 codes all lie in 0..127 as they put them
-    (reduce_range: a QuantStub calibrated so is at its floor there, not 2x above it), else 255
-    (on qnnpack, codes in 0..127 are a stub calibrated on inputs twice as wide or more)."""
-    qp, codes = spec.input_qparams, spec.input_codes
-    if engine in SEVEN_BIT_DEFAULT and qp.dtype == "quint8" and codes is not None \
-            and codes.size and int(codes.max()) <= 127:
-        return 127
-    return 255
 
 
 def _other_weight(own_energy: float, floor_energy: float, verdict: str) -> LayerFinding:
