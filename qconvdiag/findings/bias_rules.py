@@ -101,8 +101,9 @@ def qcd031(ctx: Context) -> Iterator[Finding]:
 #: QCD031's fix where the bias is clamped at int32: a weight scale no finer than the bias
 #: needs (its int32 codes within 2^30, room for the products' sum), the weight packed again.
 _BIAS_ROOM = (
-    "# a weight scale at which the bias fits int32 (max|bias| / input_scale / 2**30;\n"
-    "# the observer clamped a tiny weight's to float32's eps), the weight packed again\n"
+    "# a weight scale at which the bias fits int32 (max|bias| / input_scale /\n"
+    "# 2**30; the observer clamped a tiny weight's to float32's eps), the weight\n"
+    "# packed again\n"
     "old = qm.weight()\n"
     "room = float(conv.bias.abs().max()) / qx.q_scale() / 2**30\n"
     "if old.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):\n"

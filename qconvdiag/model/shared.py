@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from ..quantization.qparams import clip_bounds
 from .bundle import LayerCapture, with_model_range
 
 #: Nodes followed back from a cat's input to the conv that wrote it.
@@ -94,9 +95,8 @@ def with_shared_ranges(layers: Sequence[LayerCapture],
 
 def _representable(lay: LayerCapture) -> tuple[float, float]:
     """The range a conv's output qparams represent."""
-    qp = lay.quantized_output_qparams
-    s, zp = float(qp.scale[0]), int(qp.zero_point[0])
-    return (qp.dtype_min - zp) * s, (qp.dtype_max - zp) * s
+    lo, hi = clip_bounds(lay.quantized_output_qparams)
+    return float(lo.min()), float(hi.max())
 
 
 def _is_cat(node: Any) -> bool:

@@ -156,7 +156,7 @@ def test_an_fx_layer_s_qconfig_fix_prepares_the_fx_model():
     assert not any("prepare(model)" in fix for fix in fixes)
     case = dataclasses.replace(bundle.layer("narrow").case, model_flow="fx")
     fix = reduce_range_flow(case, "x86", True)
-    assert "prepare_fx(model, QConfigMapping().set_global(qconfig)" in fix
+    assert "QConfigMapping().set_global(qconfig)" in fix and "prepare_fx(model, mapping" in fix
     assert "HistogramObserver.with_args(reduce_range=True)" in fix
     model = Branches().eval()
     x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
