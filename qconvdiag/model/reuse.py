@@ -273,17 +273,23 @@ def qcd064(reused: tuple[ReusedActivation, ...], pt2e: bool,
 
 def _across(r: ReusedActivation, evidence: dict[str, Any], blamed: list[UpstreamLoss]
             ) -> Finding:
-    """QCD064 (an error) for an activation fused into the conv it follows through a BatchNorm
-    the fusion left out: the quantized conv clips its output before the BatchNorm, which then
-    runs quantized on the clipped values; the float model clips after it."""
+    """QCD064 for an activation fused into the conv it follows through a BatchNorm the fusion
+    left out: the quantized conv clips its output before the BatchNorm, which then runs
+    quantized on the clipped values; the float model clips after it. An error where a conv
+    after it receives an input lost to it (``blamed``: walk.upstream_losses), else a warning:
+    the model is not what its author meant, but no conv measured pays for it (a branch whose
+    clipped values the BatchNorm and what follows mostly discard)."""
     pairs = list(zip(r.misfused, r.across))
     where = ", ".join(f"{c} (then {bn})" for c, bn in pairs)
     groups = ", ".join(f"[{c!r}, {bn!r}, {r.name!r}]" for c, bn in pairs)
     mine = [loss for loss in blamed if set(loss.lost_after) & set(r.misfused)]
     cost = "".join(f" {loss.layer}'s input is {loss.input.sqnr_db:.1f} dB from the float "
                    "model's there." for loss in mine[:1] if loss.input.sqnr_db is not None)
+    if not mine:
+        cost = (" No conv after it receives an input far worse than the convs before it "
+                "deliver: on these inputs it costs little.")
     return Finding(
-        CODE, "error", f"{r.kind} module {r.name!r} fused into {r.misfused[0]} across "
+        CODE, "error" if mine else "warning", f"{r.kind} module {r.name!r} fused into {r.misfused[0]} across "
         f"BatchNorm {r.across[0]}",
         f"The float model applies {r.kind} module {r.name!r} to the output of BatchNorm "
         f"{', '.join(r.across)}, after {', '.join(r.misfused)}. fuse_modules was given the "

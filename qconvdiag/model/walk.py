@@ -166,7 +166,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens,
                                pt2e or bundle.flow == "fx",
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
-                               bundle.ops)
+                               bundle.ops,
+                               {c: bn for r in bundle.reused for c, bn in zip(r.misfused,
+                                                                              r.across)})
     lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
@@ -208,8 +210,8 @@ UPSTREAM_DB = 10.0
 
 
 def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: bool = False,
-                    missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = ()
-                    ) -> tuple[UpstreamLoss, ...]:
+                    missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = (),
+                    across: dict[str, str] | None = None) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
@@ -219,7 +221,13 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     ``missing``: convs that run without the activation the float model applies after them
     (QCD064), and its kind: a loss after one of them is blamed on that. ``ops``: the quantized
     ops with their own output qparams (an eager model's, ops.py): one that ran just before the
-    conv with qparams that do not fit the float model's range there is named."""
+    conv with qparams that do not fit the float model's range there is named. ``across``:
+    convs that fused an activation the float model applies after their BatchNorm, which the
+    quantized model kept after them (QCD064), and that BatchNorm: their propagated error is
+    measured before it (against the float conv's output, not what follows receives), so its
+    input's error stands for what it delivers, and a loss after one is blamed on the fusion, not on the BatchNorm's
+    qparams (fitted to the clipped values it receives)."""
+    across = across or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
@@ -252,26 +260,34 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                         named[0].name if named and named[0].kind == "Quantize" else None))
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
+            clipped = [c for c in order[since:order.index(name)] if c in across]
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one
-            named = between(ops, order, name)[:1]
+            named = [] if clipped else between(ops, order, name)[:1]
             if named:
                 before = []
             cause = (f"{named[0].label()} loses it: {named[0].misfit()}"
                      if named else
+                     f"the activation fused into {', '.join(clipped)} clips before its "
+                     f"BatchNorm {across[clipped[0]]}, where the float model clips after it "
+                     f"({REUSE_CODE})" if clipped else
                      f"the {(missing or {})[before[0]]} the float model applies after "
                      f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "
                      "which lets negative values through" if before else
                      "an op between them (an add, a pool, a cat, a linear layer: its output "
                      "scale) loses it")
+            before = clipped or before
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
-                f" dB worse than any conv before it delivers (worst: {worst[1]}, "
+                f" dB worse than any conv before it delivers (worst: {worst[1]}"
+                f"{' (its input)' if worst[1] in across else ''}, "
                 f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None,
                 REUSE_CODE if before else None, tuple(before)))
-        p = s.propagated.sqnr_db
+        # an across conv's propagated error is measured before its BatchNorm: what reaches
+        # it stands for what it delivers
+        p = s.input.sqnr_db if name in across else s.propagated.sqnr_db
         if p is not None and (worst is None or p < worst[0]):
             worst = (p, name)
         elif worst is None:

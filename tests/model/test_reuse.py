@@ -449,6 +449,34 @@ def test_a_relu_fused_across_the_batchnorm_left_out_is_named():
     assert right_bundle.reused == () and right.findings == ()
 
 
+def test_a_relu_fused_across_a_batchnorm_that_keeps_its_sign_is_a_warning():
+    """The same fusion where it costs nothing the model pays for: a BatchNorm with positive
+    scales and BN(0) = 0 maps the conv's negative values to negative ones, which the float
+    model's ReLU clips after it, as the quantized conv clips them before it (a sweep's
+    Inception branch: accuracy 97.4% either way). QCD064 still names the fusion, as a
+    warning: no conv after it receives a worse input, and the table's head is at its floor.
+    Where the next conv's input is lost to it (the test above), it is an error, and the loss
+    is blamed on the fusion, not on the BatchNorm's qparams."""
+    model, x = ConvBnRelu().eval(), torch.randn(4, 4, 10, 10)
+    with torch.no_grad():
+        model.bn.weight.abs_()
+        model.bn.bias.zero_()
+        model.bn.running_mean.zero_()
+    bundle, report = _walk(model, _quantized(model, [["conv", "relu"]], x), x)
+    (f,) = report.findings
+    assert f.code == "QCD064" and f.severity == "warning"
+    assert "on these inputs it costs little" in f.message
+    assert report.upstream == ()
+    head = report.layer("head")
+    assert head is not None and head.input.sqnr_db > 25
+    model, x = ConvBnRelu().eval(), torch.randn(4, 4, 10, 10)
+    _bundle, harmful = _walk(model, _quantized(model, [["conv", "relu"]], x), x)
+    (loss,) = harmful.upstream
+    assert loss.blamed_on == CODE and loss.lost_after == ("conv",) and loss.op is None
+    assert "clips before its BatchNorm bn" in loss.message
+    assert "(worst: conv (its input), " in loss.message
+
+
 class ConvInplaceReluBn(ConvBnRelu):
     """conv, ReLU(inplace=True), BatchNorm, conv: the ReLU hands the BatchNorm the conv's own
     tensor, and ['conv', 'relu'] is the right fusion for this order."""
