@@ -289,8 +289,8 @@ def _across(r: ReusedActivation, evidence: dict[str, Any], blamed: list[Upstream
         cost = (" No conv after it receives an input far worse than the convs before it "
                 "deliver: on these inputs it costs little.")
     return Finding(
-        CODE, "error" if mine else "warning", f"{r.kind} module {r.name!r} fused into {r.misfused[0]} across "
-        f"BatchNorm {r.across[0]}",
+        CODE, "error" if mine else "warning",
+        f"{r.kind} module {r.name!r} fused into {r.misfused[0]} across BatchNorm {r.across[0]}",
         f"The float model applies {r.kind} module {r.name!r} to the output of BatchNorm "
         f"{', '.join(r.across)}, after {', '.join(r.misfused)}. fuse_modules was given the "
         f"conv and the {r.kind} without the BatchNorm between them: it fused the {r.kind} "

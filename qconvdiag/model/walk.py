@@ -225,8 +225,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     convs that fused an activation the float model applies after their BatchNorm, which the
     quantized model kept after them (QCD064), and that BatchNorm: their propagated error is
     measured before it (against the float conv's output, not what follows receives), so its
-    input's error stands for what it delivers, and a loss after one is blamed on the fusion, not on the BatchNorm's
-    qparams (fitted to the clipped values it receives)."""
+    input's error stands for what it delivers, and a loss after one is blamed on the fusion,
+    not on the BatchNorm's qparams (fitted to the clipped values it receives)."""
     across = across or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
