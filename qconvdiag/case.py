@@ -7,6 +7,7 @@ reaches the diagnosis has passed the same checks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CaseError
-from .quantization.qparams import QParams
+from .quantization.qparams import QParams, wide_codes
 from .report import CaseSummary
 
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
@@ -50,13 +51,22 @@ class Geometry:
 class ModuleState:
     """What a quantized conv module (``nnq.Conv2d`` ...) really holds: it is what runs."""
 
-    weight_codes: np.ndarray
-    """Integer codes of the module's packed weight (int64 array, weight's shape)."""
+    stored_codes: np.ndarray
+    """Integer codes of the module's packed weight (weight's shape), as given: int32 or int64,
+    or, in a model capture, the 8-bit dtype torch stores them in (a quarter of int32's memory,
+    and no widening for the many convs a model walk only screens)."""
     weight_qparams: QParams
     bias: np.ndarray | None
     """Float bias as the module stores it (``None`` = no bias)."""
     output_qparams: QParams
     """The module's ``scale``/``zero_point`` (1.0 / 0 when never set)."""
+
+    @functools.cached_property
+    def weight_codes(self) -> np.ndarray:
+        """The codes in a dtype arithmetic on them may use: 8-bit ones widened
+        (``qparams.wide_codes``: int32), once; others as given."""
+        c = self.stored_codes
+        return c if c.dtype.itemsize >= 4 else wide_codes(c, self.weight_qparams)
 
 
 @dataclass(frozen=True, eq=False)
@@ -432,9 +442,9 @@ def _validate_setup(setup: QuantSetup, inp: np.ndarray, weight: np.ndarray) -> N
         raise CaseError(f"qweight shape {setup.weight_codes.shape} != weight shape {weight.shape}")
     if setup.module is not None:
         m = setup.module
-        if m.weight_codes.shape != weight.shape:
+        if m.stored_codes.shape != weight.shape:
             raise CaseError(
-                f"qconv.weight has shape {tuple(m.weight_codes.shape)} but the float weight has "
+                f"qconv.weight has shape {tuple(m.stored_codes.shape)} but the float weight has "
                 f"{tuple(weight.shape)}: the module is not this layer's quantized twin"
             )
         if m.bias is not None and m.bias.shape != (weight.shape[0],):

@@ -270,7 +270,7 @@ def forum_case() -> ConvCase:
     inp_np = inp.numpy()
     weight_np = weight.numpy()
     module = ModuleState(
-        weight_codes=np.zeros(weight_np.shape, dtype=np.int64),
+        stored_codes=np.zeros(weight_np.shape, dtype=np.int64),
         weight_qparams=per_tensor(1.0, 0, "qint8", "module"),
         bias=np.zeros(1, dtype=np.float32),
         output_qparams=per_tensor(1.0, 0, "quint8", "module"),

@@ -49,7 +49,7 @@ def case_to_mapping(case: ConvCase) -> dict[str, Any]:
             m["qweight"] = s.weight_codes.astype(CODE_DTYPES[s.weight_qparams.dtype])
         if s.module is not None:
             mod = s.module
-            m["qconv.weight"] = mod.weight_codes.astype(CODE_DTYPES[mod.weight_qparams.dtype])
+            m["qconv.weight"] = mod.stored_codes.astype(CODE_DTYPES[mod.weight_qparams.dtype])
             m["qconv.weight_qparams"] = mod.weight_qparams.to_dict()
             if mod.bias is not None:
                 m["qconv.bias"] = mod.bias

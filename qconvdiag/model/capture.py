@@ -34,7 +34,7 @@ from ..case import (
 from ..errors import CaseError
 from ..measure.budget import SAMPLE_RANGE
 from ..parallel import two_at_a_time
-from ..quantization.qparams import QParams, compact_codes, dequantize32, dtype_name, make_qparams
+from ..quantization.qparams import QParams, dequantize32, dtype_name, make_qparams
 from .after import LostAfter
 from .bundle import (
     FLOAT32_NOTE,
@@ -551,7 +551,7 @@ def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: A
     w_qp = _qparams(sd_weight, "qconv.weight").with_source("module")
     from ..torch_calls import int_codes
 
-    module = ModuleState(compact_codes(int_codes(sd_weight), w_qp), w_qp,
+    module = ModuleState(int_codes(sd_weight), w_qp,
                          None if sd_bias is None else sd_bias.detach().float().numpy().copy(),
                          make_qparams([float(qconv.scale)], [float(qconv.zero_point)],
                                       "quint8", None, "qconv", "module"))

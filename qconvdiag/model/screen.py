@@ -61,14 +61,15 @@ class Screen:
 
 
 def module_spec(case: ConvCase) -> PathSpec:
-    """The quantized module as it is, on the input codes it received (in the dtype the capture
-    kept them in: what the screen reads of them needs no arithmetic)."""
+    """The quantized module as it is, on the input codes it received and its weight codes (in
+    the dtypes the capture kept them in: what the screen reads of them needs no arithmetic;
+    the emulation widens them)."""
     s = case.setup
     assert s is not None and s.module is not None and s.input_qparams is not None
     assert s.input_codes is not None
     m = s.module
     return PathSpec("as_given", s.input_qparams, m.weight_qparams,
-                    conv_output_qparams(m.output_qparams), s.input_codes, m.weight_codes, m.bias,
+                    conv_output_qparams(m.output_qparams), s.input_codes, m.stored_codes, m.bias,
                     m)
 
 
@@ -306,7 +307,8 @@ def _module_emulation(lay: LayerCapture, kernel: Kernel) -> Emulation:
     case = lay.case
     spec = module_spec(case)
     fp32 = lay.output_float32
+    assert spec.module is not None
     return emulate(kernel,
                    wide_codes(spec.input_codes, spec.input_qparams), spec.input_qparams,
-                   spec.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
+                   spec.module.weight_codes, exec_weight_qparams(spec.weight_qparams), spec.bias,
                    spec.output_qparams, case.geometry, case.activation == "relu", fp32)

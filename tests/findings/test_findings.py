@@ -47,7 +47,7 @@ def test_a_never_set_weight_is_named_where_saturated_outputs_hide_it() -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 20, size=(1, 1, 6, 6)).astype(np.float32)
     s = base.setup
-    module = dataclasses.replace(s.module, weight_codes=rng.integers(1, 128, size=(1, 1, 3, 3)))
+    module = dataclasses.replace(s.module, stored_codes=rng.integers(1, 128, size=(1, 1, 3, 3)))
     setup = dataclasses.replace(s, input_codes=np.clip(
         np.rint(x / s.input_qparams.scale[0]) + s.input_qparams.zero_point[0], 0, 255
     ).astype(np.int64), module=module)
