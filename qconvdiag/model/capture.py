@@ -266,8 +266,22 @@ def _no_quantized_conv(model: Any) -> str:
                 "nodes: a float graph (pass what convert_pt2e or convert_fx returns), or its "
                 "quantizer left every conv in float (X86InductorQuantizer quantizes conv1d and "
                 "conv2d, not conv3d)")
+    if any(_dynamic(m) for m in model.modules()):
+        return ("capture_model: the quantized model holds no quantized conv: quantize_dynamic "
+                "quantizes Linear and recurrent layers and leaves convs in float; quantize the "
+                "model with prepare, calibration batches and convert")
     return ("capture_model: the quantized model holds no quantized conv (torch.ao.nn.quantized "
             "Conv1d/2d/3d, ConvReLU)")
+
+
+def _dynamic(module: Any) -> bool:
+    """A module of torch.ao's dynamic quantization (``quantize_dynamic``: torch.ao.nn.quantized
+    .dynamic, or a dynamic module of an older namespace)."""
+    return ".dynamic." in type(module).__module__ + "."
+
+
+def _kind(module: Any) -> str:
+    return f"torch.ao.nn.quantized.dynamic.{type(module).__name__}"
 
 
 def sample_notes(seen: dict[str, Seen], batches: list[Any], limit: int
@@ -341,6 +355,11 @@ def _conv_pairs(float_model: Any, quantized_model: Any) -> dict[str, tuple[Any, 
     for name, qconv in quantized_model.named_modules():
         if not _is_quantized_conv(qconv):
             continue
+        if _dynamic(qconv):
+            raise CaseError(f"capture_model: {name!r} is a dynamically quantized conv "
+                            f"({_kind(qconv)}: its input is quantized at run time, from each "
+                            "batch's range); qconvdiag diagnoses statically quantized convs: "
+                            "quantize the model with prepare, calibration batches and convert")
         fconv = float_conv_at(float_model, name, "the quantized one was made from")
         if (fconv.in_channels, fconv.out_channels) != (qconv.in_channels, qconv.out_channels):
             raise CaseError(f"capture_model: {name!r} has {fconv.in_channels}->"

@@ -104,3 +104,46 @@ def test_a_batchnorm_finds_its_conv_after_other_modules_ran(mode: str) -> None:
         s = seen[name]
         assert s.bn == bn and s.float_output == [], name  # the folded BatchNorm's stands
         np.testing.assert_array_equal(s.bn_output[0], want[name])
+
+
+class _ConvThenLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_dynamic_quantization_is_refused_in_one_line_that_says_why():
+    """quantize_dynamic (pytorch#70480, a ResNet-18 at 0% accuracy): by default it leaves convs
+    in float, and with a mapping to torch.ao.nn.quantized.dynamic.Conv2d its convs quantize
+    their input at run time. capture_model said a float32 tensor "packs several codes per
+    byte" for the second; now each is refused in one line naming dynamic quantization and the
+    static flow qconvdiag diagnoses."""
+    import warnings
+
+    import torch.ao.nn.quantized.dynamic as nnqd
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    import qconvdiag
+    from qconvdiag.errors import CaseError
+
+    torch.manual_seed(0)
+    model, x = _ConvThenLinear().eval(), torch.randn(2, 3, 8, 8)
+    qconfig = {torch.nn.Conv2d: default_dynamic_qconfig, torch.nn.Linear: default_dynamic_qconfig}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        linear_only = quantize_dynamic(model, qconfig)
+        both = quantize_dynamic(model, qconfig, mapping={torch.nn.Conv2d: nnqd.Conv2d,
+                                                         torch.nn.Linear: nnqd.Linear})
+    with pytest.raises(CaseError) as e:
+        qconvdiag.capture_model(model, linear_only, x)
+    assert "quantize_dynamic quantizes Linear and recurrent layers and leaves convs in float" \
+        in str(e.value)
+    with pytest.raises(CaseError) as e:
+        qconvdiag.capture_model(model, both, x)
+    message = str(e.value)
+    assert "'conv' is a dynamically quantized conv (torch.ao.nn.quantized.dynamic.Conv2d" \
+        in message and "prepare, calibration batches and convert" in message
+    assert "\n" not in message
