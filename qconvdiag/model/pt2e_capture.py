@@ -108,7 +108,7 @@ def _ops() -> dict[str, Any]:
             "relus": (aten.relu.default, aten.relu_.default)}
 
 
-def _not_a_pattern(x: Any, w: Any) -> str:
+def _not_a_pattern(x: Any, w: Any, model: Any = None) -> str:
     """Why a conv whose input ``x`` and weight ``w`` (graph nodes) are not the int8 pattern's
     (a dequantize_per_tensor of the input, a dequantize_per_channel of the weight) is none:
     a per-tensor weight, or an input quantized at run time (is_dynamic=True), both of which
@@ -125,8 +125,29 @@ def _not_a_pattern(x: Any, w: Any) -> str:
             getattr(x, "args", [None])[0] if getattr(x, "args", None) else None):
         return ("its input is quantized at run time (is_dynamic=True), which the int8 conv "
                 "kernel does not take: torch.compile runs this conv in float32 (use the "
-                "static config, calibrated)")
+                "static config, calibrated)" + _unobserved_weight(model, w))
     return "not a quantized conv pattern (its input or weight is not dequantized from int codes)"
+
+
+def _unobserved_weight(model: Any, w: Any) -> str:
+    """A sentence for a per-channel weight whose observer never ran (one scale, 1.0, for every
+    channel: the prepared model was not run before convert_pt2e), else ""."""
+    import torch
+
+    if model is None or getattr(w, "target", None) != torch.ops.quantized_decomposed \
+            .dequantize_per_channel.default:
+        return ""
+    try:
+        codes = _attr(model, w.args[0], "weight")
+        scales = _attr(model, w.args[1], "weight scales")
+    except CaseError:
+        return ""
+    if scales.numel() != 1 or float(scales.reshape(-1)[0]) != 1.0 or codes.shape[0] == 1:
+        return ""
+    zeros = int((codes == 0).sum())
+    return (f"; and its weight observer never ran: one scale, 1.0, for its {codes.shape[0]} "
+            f"channels puts {zeros} of its {codes.numel()} weights on code 0 (run the "
+            "prepared model on calibration batches before convert_pt2e)")
 
 
 def _attr(model: Any, node: Any, what: str) -> Any:
@@ -179,7 +200,7 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
         x, w = node.args[0], node.args[1]
         if getattr(x, "target", None) != ops["dq"] or getattr(w, "target", None) != \
                 ops["dq_channel"]:
-            skipped.append(f"{name}: {_not_a_pattern(x, w)}: left out")
+            skipped.append(f"{name}: {_not_a_pattern(x, w, model)}: left out")
             continue
         w_codes_node, w_scales, w_zps, axis, wmin, wmax = w.args[:6]
         if axis != 0 or (wmin, wmax) != (-128, 127):

@@ -579,3 +579,37 @@ def test_a_pt2e_weight_moved_after_convert_is_fixed_by_quantizing_again():
                                     calibration=[batches[0]])
     report = walk_model(again, WalkOptions(layers=("grouped",), top=0)).report
     assert not [x for d in report.details for x in d.report.findings if x.code == "QCD024"]
+
+
+def test_a_dynamic_pt2e_model_never_run_before_convert_says_its_weights_are_zero():
+    """pytorch/ao#4292: is_dynamic=True, a ResNet-18 at 10% accuracy. The prepared model was
+    never run before convert_pt2e, so its weight observers saw nothing: one scale, 1.0, puts
+    every weight on code 0. The refusal said only that torch.compile runs the conv in float32
+    (as if only int8 speed were lost); it now says the weights are all on code 0 and how to
+    mend that. Run once before convert, the same refusal says nothing of the weights."""
+    import warnings
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from qconvdiag.errors import CaseError
+
+    model, _converted, batches = build()
+    config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=True)
+    messages = []
+    for run in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_pt2e(torch.export.export(model, (batches[0],),
+                                                        strict=True).module(),
+                                    xiq.X86InductorQuantizer().set_global(config))
+            if run:
+                with torch.no_grad():
+                    prepared(batches[0])
+            with pytest.raises(CaseError) as e:
+                qconvdiag.capture_model(model, convert_pt2e(prepared), batches)
+        messages.append(str(e.value))
+    never, ran = messages
+    assert "its weight observer never ran: one scale, 1.0, for its" in never
+    assert "run the prepared model on calibration batches before convert_pt2e" in never
+    assert "weight observer never ran" not in ran and "is_dynamic=True" in ran
