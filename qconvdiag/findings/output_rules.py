@@ -100,16 +100,23 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
 
 
 def _saturation(run: PathRun) -> tuple[int, int]:
-    """Outputs below and above the dtype's range before clamping (the intended setup's)."""
+    """Outputs below and above the dtype's range before clamping (the intended setup's); where
+    none are, the float outputs beyond it (the view the stage's excess is measured on: a
+    saturated int16 accumulation can move an output the range leaves out back inside it)."""
     em = run.emulation
     if em is None or not em.unclamped.size:
         return 0, 0
     qp = run.spec.output_qparams
     lo, hi = int(em.unclamped.min()), int(em.unclamped.max())
     below = 0 if lo >= qp.dtype_min else int(np.count_nonzero(em.unclamped < qp.dtype_min))
+    above = 0 if hi <= qp.dtype_max else int(np.count_nonzero(em.unclamped > qp.dtype_max))
+    if below + above == 0 and run.output_reference is not None:
+        y0 = run.output_reference
+        s, zp = float(qp.scale[0]), int(qp.zero_point[0])
+        below = int(np.count_nonzero(y0 < (qp.dtype_min - zp - 0.5) * s))
+        above = int(np.count_nonzero(y0 > (qp.dtype_max - zp + 0.5) * s))
     if run.activation == "relu":
         below = 0  # a fused ReLU zeroes them anyway: its clamp, not a saturation
-    above = 0 if hi <= qp.dtype_max else int(np.count_nonzero(em.unclamped > qp.dtype_max))
     return below, above
 
 
