@@ -309,19 +309,47 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
         ideal = (hi - lo) / 255
         fix = _output_fix(ctx, run)
         wider = _wider_calibration(ctx.case)
+        reduced = "" if wider else _reduced_needlessly(ctx, run)
         if wider:  # not this conv's qparams fitted to a few samples: the batches are at fault
             fix = ("# calibrate on inputs like these, prepared as at inference: every observer\n"
                    + eager_flow(ctx.case, run.report.engine))
+        elif reduced:  # the qconfig is the engine's default: what the kernel needs
+            fix = eager_flow(ctx.case, run.report.engine)
         yield finding(
-            "QCD052", severity(run, energy), "output step too coarse for the output's range",
+            "QCD052", severity(run, energy), REDUCED_TITLE if reduced else
+            "output step too coarse for the output's range",
             f"The output scale {fmt(out_s)} is {fmt(b.output_step_ratio)}x what the float "
             f"output's range [{fmt(lo)}, {fmt(hi)}] needs ({fmt(ideal)} = range / 255), so it "
             f"uses only {_about((hi - lo) / out_s)} of quint8's 255 steps and output "
             f"rounding adds {fmt(b.stage('output_rounding').measured)} RMSE where "
-            f"{fmt(b.stage('output_rounding').floor)} would do." + wider,
+            f"{fmt(b.stage('output_rounding').floor)} would do." + wider + reduced,
             {"output_scale": out_s, "needed_scale": ideal, "step_ratio": b.output_step_ratio,
-             "levels": (hi - lo) / out_s, "excess": energy},
+             "levels": (hi - lo) / out_s, "excess": energy,
+             **({"reduce_range": True} if reduced else {})},
             fix, run, energy, ("output_rounding",))
+
+
+#: QCD052's title where the output is on 128 levels on qnnpack (``_reduced_needlessly``).
+REDUCED_TITLE = "output on 128 levels (reduce_range) where qnnpack takes 256"
+
+
+def _reduced_needlessly(ctx: Context, run: PathRun) -> str:
+    """A sentence when the output is on 128 levels (reduce_range=True: x86's and fbgemm's
+    default qconfig, which keeps their int16 pair sums from saturating on CPUs without VNNI)
+    on qnnpack, whose kernels sum exactly and whose default qconfig keeps 8 bits; else ""."""
+    from ..measure.budget import uses_seven_bits
+
+    b, em = run.report.budget, run.emulation
+    if b is None or em is None or run.kernel is None or run.kernel.kernel != "qnnpack":
+        return ""
+    codes = em.output_codes if run.activation == "relu" else em.unclamped
+    # as the floors read 7-bit activations (budget.floors): a calibration range is exact
+    if not uses_seven_bits(codes, b.output_step_ratio,
+                           1.0 if ctx.case.output_range is not None else 1.3):
+        return ""
+    return (" Its codes span 128 levels, as reduce_range=True gives (x86's and fbgemm's "
+            "default qconfig, for their kernels' int16 pair sums on CPUs without VNNI): "
+            "qnnpack's kernels sum exactly, and its own default qconfig keeps 8 bits.")
 
 
 def qcd054(ctx: Context) -> Iterator[Finding]:

@@ -76,11 +76,17 @@ MODEL_WIDE = {
 
 
 def shared_cause_sentence(report: ModelReport) -> str | None:
+    from ..findings.output_rules import REDUCED_TITLE
+
     shared = report.shared_cause()
     if shared is None:
         return None
     f, n = shared
-    why = MODEL_WIDE.get(f.code, "one cause for the whole model, and one fix")
+    why = ("the model was quantized with 7-bit activations (reduce_range=True, as x86's and "
+           "fbgemm's default qconfig sets: only their int16 pair sums need it) and runs on "
+           "qnnpack, whose kernels sum exactly: quantize it with "
+           "get_default_qconfig('qnnpack')" if f.title == REDUCED_TITLE
+           else MODEL_WIDE.get(f.code, "one cause for the whole model, and one fix"))
     return (f"A model-wide cause: {n} of {len(report.layers)} convs report {f.code} "
             f"({f.title}): {why}.")
 
