@@ -107,6 +107,8 @@ def _quant_entries(mapping: Mapping[str, Any], where: str) -> _QuantEntries:
         if w_qp is not None and _differs(w_qp, qweight.qparams):
             notes.append("weight_qparams differ from qweight's own; qweight's were used")
         w_qp = qweight.qparams.with_source("user")
+    if module is None and qweight is not None:
+        notes.append(FUNCTIONAL_NOTE)
     used_qdtypes = (
         any(q is not None and q.qparams.source == "tensor" for q in (qinput, qweight))
         or (module is not None and isinstance(mapping.get("qconv.weight"), Quantized))
@@ -174,6 +176,13 @@ def _quant_setup(
         used_quantized_dtypes=bool(prov.get("used_quantized_dtypes", quant.used_quantized_dtypes)),
         apis=apis,
     )
+
+
+#: A case of a quantized conv called without a module (the functional API: its quantized
+#: weight given, no module): the fixes' ``qm`` is the module it does not have.
+FUNCTIONAL_NOTE = ("no quantized module (a functional conv call): in the fixes, "
+                   "qm.set_weight_bias(qw, conv.bias) means pass qw as the call's weight, and "
+                   "qm.scale, qm.zero_point its scale= and zero_point=")
 
 
 def _extra_notes(mapping: Mapping[str, Any]) -> list[str]:

@@ -446,6 +446,11 @@ def test_a_functional_conv_is_captured_with_its_weight_and_output_qparams(tmp_pa
     codes = {f.code for f in report.findings}
     assert "QCD020" in codes and "QCD050" not in codes
     assert case.setup.output_qparams.scale == (0.0009,)
+    # its fixes name qm, the module it does not have: a note says what qm stands for
+    from qconvdiag.casefile.validate import FUNCTIONAL_NOTE
+
+    assert FUNCTIONAL_NOTE in report.case.notes and FUNCTIONAL_NOTE in case.notes
+    assert any("qm.set_weight_bias(qw" in f.fix for f in report.findings)
 
     qconvdiag.capture(conv, x, qinput=qx, path=tmp_path / "bare.pt")
     assert any("no quantized module or output qparams given" in n
