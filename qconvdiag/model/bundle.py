@@ -28,6 +28,7 @@ from ..errors import CaseFileError
 from ..measure.budget import SAMPLE_RANGE
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
 from .after import LostAfter
+from .batchnorm import KeptBatchNorm
 from .compiled import CompiledWith
 from .ops import OpRange
 from .reuse import ReusedActivation
@@ -71,6 +72,9 @@ class LayerCapture:
     shared_range: tuple[float, float] | None = None
     """Its output qparams are shared with other convs' (an FX cat's inputs: one observer for
     all of them, ``shared.py``): the float model's range over all of them, which they serve."""
+    bn_kept: KeptBatchNorm | None = None
+    """The BatchNorm that reads its output and stays in the quantized model, not fused into
+    it (an eager model's: batchnorm.py)."""
 
 
 #: The flows a quantized model comes from (``ModelBundle.flow``).
@@ -222,7 +226,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                                               else list(lay.calibration_range)),
                         **({"output": "float32"} if lay.output_float32 else {}),
                         **({"shared_range": list(lay.shared_range)}
-                           if lay.shared_range is not None else {})}
+                           if lay.shared_range is not None else {}),
+                        **({"bn_kept": lay.bn_kept.to_dict()} if lay.bn_kept else {})}
                        for lay in bundle.layers]}
     if bundle.compiled is not None:
         meta["compiled"] = bundle.compiled.to_dict()
@@ -307,7 +312,9 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             quantized_output_qparams=out_qp,
             bn_folded=info.get("bn_folded") if is_path(info.get("bn_folded")) else None,
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
-            output_float32=as_float, shared_range=shared))
+            output_float32=as_float, shared_range=shared,
+            bn_kept=None if info.get("bn_kept") is None else KeptBatchNorm.from_mapping(
+                info["bn_kept"], case.weight.shape[0], where)))
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")

@@ -159,11 +159,25 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     # convs whose quantized module fused an activation the float model does not apply after
     # them (QCD064): their float output is compared as the float model gives it
     misfused = {c for r in reused for c in r.misfused}
+    # the ReLU module the float model applies to each conv's BatchNorm's output (QCD072's
+    # fuse group, for a BatchNorm the quantized model kept)
+    relu_after_bn = {conv: act for act, calls in activations.items() for conv, _l, direct in calls
+                     if conv and not direct
+                     and type(float_model.get_submodule(act)).__name__ == "ReLU"}
+    eager = not isinstance(quantized_model, torch.fx.GraphModule)
 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
-        return _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
-                      ranges.get(name), name in misfused)
+        lay = _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
+                     ranges.get(name), name in misfused)
+        bn = seen[name].bn
+        if eager and bn is not None and lay.bn_folded is None:
+            from .batchnorm import kept_batchnorm
+
+            kept = kept_batchnorm(bn, float_model.get_submodule(bn),
+                                  relu_after_bn.get(name, ""))
+            lay = dataclasses.replace(lay, bn_kept=kept)
+        return lay
 
     layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded
     from .shared import shared_groups, with_shared_ranges

@@ -12,7 +12,6 @@ from ..findings.fixes import model_calibration
 from ..model_report import UpstreamLoss
 from ..report import Finding
 from .ops import OpRange
-from .reuse import CODE as REUSE_CODE
 
 CODE = "QCD065"
 #: Below this input SQNR the signal is mostly gone (the error carries a tenth of its power or
@@ -92,7 +91,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
     fix. ``flow``: the model's (``ModelBundle.flow``), whose code the fixes are."""
     found = []
     for loss in losses:
-        if loss.blamed_on == REUSE_CODE:  # QCD064 names it, with its cost
+        if loss.blamed_on is not None:  # QCD064 or QCD072 names it, with its cost
             continue
         sqnr = loss.input.sqnr_db
         level = "error" if sqnr is not None and sqnr < LOST_DB else "warning"

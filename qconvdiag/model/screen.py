@@ -33,6 +33,7 @@ from ..measure.metrics import chunked_energy, fused_pass
 from ..model_report import ErrorSummary, LayerFinding
 from ..quantization.paths import PathSpec, conv_output_qparams, holds_float_weight
 from ..quantization.qparams import QParams, dequantize, dequantize32, wide_codes
+from .batchnorm import KeptCost, kept_cost
 from .bundle import LayerCapture
 
 
@@ -56,6 +57,9 @@ class Screen:
     findings: tuple[LayerFinding, ...] = ()
     """A float32-output conv's findings (it gets no diagnosis): QCD040 where its kernel's
     int16 pair sums saturated (``fp32_saturation``)."""
+    bn_kept: KeptCost | None = None
+    """Where the quantized model kept the BatchNorm after it (not fused): that BatchNorm's
+    output from the conv's codes, and at a fused conv's floor (batchnorm.py)."""
 
 
 
@@ -139,8 +143,13 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     input_ratio = (received.rmse / input_floor if input_floor > 0
                    else 0.0 if received.rmse == 0 else math.inf)
     defaults = (in_qp.scale[0], in_qp.zero_point[0]) == (1.0, 0)
+    kept = None
+    if lay.bn_kept is not None and case.activation is None and not fp32:
+        kept = kept_cost(lay.bn_kept, dequantize32(lay.quantized_output,
+                                                   lay.quantized_output_qparams), y,
+                         own.sqnr_db)
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant,
-                  findings)
+                  findings, kept)
 
 
 def _other_weight(own_energy: float, floor_energy: float, verdict: str) -> LayerFinding:

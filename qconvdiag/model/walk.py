@@ -46,6 +46,9 @@ from ..parallel import two_at_a_time
 from ..quantization.paths import ProductionOptions
 from ..report import Finding, Report
 from .after import qcd071
+from .batchnorm import CODE as BN_CODE
+from .batchnorm import COST_DB as BN_COST_DB
+from .batchnorm import qcd072
 from .bundle import LayerCapture, ModelBundle
 from .channels import qcd066
 from .compiled import qcd063
@@ -132,6 +135,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     screens = dict(zip([lay.name for lay in bundle.layers],
                        two_at_a_time(lambda lay: screen_layer(lay, engine), list(bundle.layers))))
     ranking = rank(screens)
+    # convs whose kept BatchNorm costs its output what fusing it would not (QCD072)
+    unfused = [(lay.name, lay.bn_kept, cost) for lay in bundle.layers
+               if lay.bn_kept is not None and (cost := screens[lay.name].bn_kept) is not None
+               and cost.cost_db >= BN_COST_DB]
     floats = {lay.name for lay in bundle.layers if lay.output_float32}
     explainable = [name for name in ranking if name not in floats]
     explain = list(dict.fromkeys([*explainable[:options.top], *options.layers]))
@@ -168,11 +175,12 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
                                bundle.ops,
                                {c: bn for r in bundle.reused for c, bn in zip(r.misfused,
-                                                                              r.across)})
+                                                                              r.across)},
+                               {name: kept.name for name, kept, _c in unfused})
     lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
-        op.drifted() for u in upstream if u.blamed_on != REUSE_CODE
+        op.drifted() for u in upstream if u.blamed_on is None
         for op in bundle.ops if op.name == u.op)
     # a conv packed on another engine differs from qnnpack's packing for that reason (QCD067)
     model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),
@@ -184,6 +192,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e),
                                        qcd069(bundle.ops, drift_named, bundle.flow),
+                                       qcd072(unfused, upstream),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
@@ -211,7 +220,8 @@ UPSTREAM_DB = 10.0
 
 def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: bool = False,
                     missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = (),
-                    across: dict[str, str] | None = None) -> tuple[UpstreamLoss, ...]:
+                    across: dict[str, str] | None = None, unfused: dict[str, str] | None = None
+                    ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
@@ -226,8 +236,10 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     quantized model kept after them (QCD064), and that BatchNorm: their propagated error is
     measured before it (against the float conv's output, not what follows receives), so its
     input's error stands for what it delivers, and a loss after one is blamed on the fusion,
-    not on the BatchNorm's qparams (fitted to the clipped values it receives)."""
-    across = across or {}
+    not on the BatchNorm's qparams (fitted to the clipped values it receives). ``unfused``:
+    convs whose BatchNorm the quantized model kept (not fused) at a cost (QCD072), and that
+    BatchNorm: a loss after one is blamed on it, before the BatchNorm's qparams."""
+    across, unfused = across or {}, unfused or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
@@ -261,10 +273,11 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
         elif got is not None and got < worst[0] - UPSTREAM_DB and s.input_floor_ratio >= FAR:
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
             clipped = [c for c in order[since:order.index(name)] if c in across]
+            kept = [c for c in order[since:order.index(name)] if c in unfused]
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one
-            named = [] if clipped else between(ops, order, name)[:1]
+            named = [] if clipped or kept else between(ops, order, name)[:1]
             if named:
                 before = []
             cause = (f"{named[0].label()} loses it: {named[0].misfit()}"
@@ -272,19 +285,23 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                      f"the activation fused into {', '.join(clipped)} clips before its "
                      f"BatchNorm {across[clipped[0]]}, where the float model clips after it "
                      f"({REUSE_CODE})" if clipped else
+                     f"the BatchNorm {unfused[kept[-1]]} kept after {kept[-1]} (not fused into "
+                     "it) multiplies its output's per-tensor rounding error by per-channel "
+                     f"gains ({BN_CODE})" if kept else
                      f"the {(missing or {})[before[0]]} the float model applies after "
                      f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "
                      "which lets negative values through" if before else
                      "an op between them (an add, a pool, a cat, a linear layer: its output "
                      "scale) loses it")
-            before = clipped or before
+            before = clipped or ([] if kept else before)
             out.append(UpstreamLoss(
                 name, s.input, None, worst[1], worst[0],
                 f"{name}'s input is {_db_text(got)} from the float model's, {worst[0] - got:.1f}"
                 f" dB worse than any conv before it delivers (worst: {worst[1]}"
                 f"{' (its input)' if worst[1] in across else ''}, "
                 f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None,
-                REUSE_CODE if before else None, tuple(before)))
+                REUSE_CODE if before else BN_CODE if kept else None,
+                tuple(before) or tuple(kept[-1:])))
         # an across conv's propagated error is measured before its BatchNorm: what reaches
         # it stands for what it delivers
         p = s.input.sqnr_db if name in across else s.propagated.sqnr_db

@@ -78,3 +78,21 @@ def test_a_layer_named_with_code_is_refused(healthy):  # noqa: ANN001
     meta["layers"][0] = {**meta["layers"][0], "name": EVIL}
     with pytest.raises(QconvdiagError, match="has no name"):
         bundle_from_mapping(mapping, "b.npz")
+
+
+@pytest.mark.parametrize("kept", [
+    {"name": EVIL, "gain": [1.0] * 8, "shift": [0.0] * 8, "activation": ""},
+    {"name": "bn1", "gain": [1.0] * 8, "shift": [0.0] * 8, "activation": EVIL},
+    {"name": "bn1", "gain": [1.0] * 7, "shift": [0.0] * 8, "activation": ""},
+    {"name": "bn1", "gain": [float("nan")] * 8, "shift": [0.0] * 8, "activation": ""},
+])
+def test_a_kept_batchnorm_with_code_or_bad_numbers_is_refused(kept, healthy):  # noqa: ANN001
+    """QCD072's fix prints the kept BatchNorm's and its ReLU's names."""
+    from qconvdiag.io import BUNDLE_KEY
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    mapping = bundle_to_mapping(healthy)
+    meta = mapping[BUNDLE_KEY]
+    meta["layers"][0] = {**meta["layers"][0], "bn_kept": kept}
+    with pytest.raises(QconvdiagError, match="'bn_kept' is malformed"):
+        bundle_from_mapping(mapping, "b.npz")

@@ -1,0 +1,186 @@
+"""QCD072: a BatchNorm left unfused after a conv, which rescales the conv's quantized output
+channel by channel.
+
+``fuse_modules`` folds a conv's BatchNorm into its weight and bias, so the conv's output is
+quantized once, after the BatchNorm's per-channel scaling. Left out of the fusion, the
+BatchNorm stays a quantized module of its own: the conv's output is quantized first, with one
+step for all its channels, and the BatchNorm then multiplies each channel's rounding error by
+its gain (``weight / sqrt(running_var + eps)``). A trained network's gains span one to two
+orders of magnitude (a MobileNetV2's do), so channels with a small output and a large gain
+arrive as noise, while every conv is at its floor on what it computes (discuss.pytorch.org
+85477: "without fusing, my accuracy is very poor": a MobileNetV2-like net at 48% unfused, 98%
+fused). The capture records the kept BatchNorm's per-channel gain and shift; the screen
+measures the BatchNorm's output twice on the conv's own input: as it comes from the quantized
+conv's codes, and at the floor a fused conv would give (its output's range over 255 steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import CaseFileError
+from ..findings.fixes import CALIBRATE_EAGER
+from ..model_report import UpstreamLoss
+from ..report import Finding
+
+CODE = "QCD072"
+#: The BatchNorm's output is this many dB worse than a fused conv's floor gives, or more: the
+#: fusion is worth naming (its rounding error 4x the fused floor's energy).
+COST_DB = 6.0
+#: Below this SQNR the BatchNorm's output is mostly lost: an error.
+LOST_DB = 10.0
+
+
+@dataclass(frozen=True)
+class KeptBatchNorm:
+    """A BatchNorm that read a conv's output and stays in the quantized model (not fused)."""
+
+    name: str
+    """Its module path."""
+    gain: tuple[float, ...]
+    """Per channel, ``weight / sqrt(running_var + eps)`` (the float model's)."""
+    shift: tuple[float, ...]
+    """Per channel, ``bias - running_mean * gain``."""
+    activation: str = ""
+    """The ReLU module the float model applies to its output ("" for none, or another kind:
+    ``fuse_modules`` fuses conv, BatchNorm and ReLU, not ReLU6)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "gain": list(self.gain), "shift": list(self.shift),
+                "activation": self.activation}
+
+    @staticmethod
+    def from_mapping(value: Any, channels: int, where: str) -> KeptBatchNorm:
+        from .names import is_path
+
+        try:
+            kept = KeptBatchNorm(str(value["name"]), tuple(float(g) for g in value["gain"]),
+                                 tuple(float(s) for s in value["shift"]),
+                                 str(value.get("activation", "")))
+        except (KeyError, TypeError, ValueError):
+            kept = None
+        if kept is None or not is_path(kept.name) or not kept.name \
+                or not is_path(kept.activation) or len(kept.gain) != channels \
+                or len(kept.shift) != channels \
+                or not all(math.isfinite(v) for v in (*kept.gain, *kept.shift)):
+            raise CaseFileError(f"{where}: 'bn_kept' is malformed; capture the model again")
+        return kept
+
+
+def kept_batchnorm(name: str, bn: Any, activation: str) -> KeptBatchNorm | None:
+    """The record of the float model's BatchNorm module ``name`` (None when it keeps no
+    running statistics: its output depends on the batch)."""
+    import torch
+
+    if bn.running_mean is None or bn.running_var is None:
+        return None
+    with torch.no_grad():
+        var = bn.running_var.detach().double()
+        gain = 1.0 / torch.sqrt(var + bn.eps)
+        if bn.weight is not None:
+            gain = gain * bn.weight.detach().double()
+        shift = -bn.running_mean.detach().double() * gain
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().double()
+    return KeptBatchNorm(name, tuple(gain.tolist()), tuple(shift.tolist()), activation)
+
+
+@dataclass(frozen=True)
+class KeptCost:
+    """The kept BatchNorm's output, on the conv's own input: from the quantized conv's codes,
+    and at a fused conv's floor."""
+
+    sqnr_db: float | None
+    """The BatchNorm applied to the quantized conv's output against it applied to the float
+    conv's (None: exact)."""
+    fused_db: float | None
+    """What a conv fused with it gives there: the conv's own SQNR before the BatchNorm (a fused
+    conv's weight takes the gains per channel, and its output step the BatchNorm's range, so
+    its error keeps its size relative to the output)."""
+    gain_spread: float
+    """The largest |gain| over the smallest nonzero one."""
+
+    @property
+    def cost_db(self) -> float:
+        if self.sqnr_db is None:
+            return 0.0
+        return (math.inf if self.fused_db is None else self.fused_db) - self.sqnr_db
+
+
+def kept_cost(kept: KeptBatchNorm, quantized: np.ndarray, y: np.ndarray,
+              own_db: float | None) -> KeptCost:
+    """``KeptCost`` of ``kept`` after a conv whose dequantized output is ``quantized`` and
+    whose float output on the same input is ``y`` (both (N, C, ...)), at ``own_db`` SQNR."""
+    shape = (1, -1) + (1,) * (y.ndim - 2)
+    gain = np.asarray(kept.gain, dtype=np.float64).reshape(shape)
+    shift = np.asarray(kept.shift, dtype=np.float64).reshape(shape)
+    z = y * gain + shift
+    error = (quantized - y) * gain
+    if kept.activation:
+        zq = np.maximum(z + error, 0.0)
+        z = np.maximum(z, 0.0)
+        error = zq - z
+    signal, noise = float(np.vdot(z, z)), float(np.vdot(error, error))
+    magnitudes = np.abs(np.asarray(kept.gain))
+    nonzero = magnitudes[magnitudes > 0]
+    spread = float(nonzero.max() / nonzero.min()) if nonzero.size else 1.0
+    return KeptCost(_db(signal, noise), own_db, spread)
+
+
+def _db(signal: float, noise: float) -> float | None:
+    if noise <= 0:
+        return None
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
+           losses: tuple[UpstreamLoss, ...] = ()) -> Finding | None:
+    """QCD072 for the convs whose kept BatchNorm's output is COST_DB or more below a fused
+    conv's floor, in one finding (one fix fuses them all): an error where one's output is
+    below LOST_DB, or where a conv after one receives an input lost to it (``losses`` blamed
+    on QCD072: walk.upstream_losses) below LOST_DB, else a warning."""
+    costly = [(conv, kept, cost) for conv, kept, cost in layers if cost.cost_db >= COST_DB]
+    if not costly:
+        return None
+    mine = [loss for loss in losses if loss.blamed_on == CODE
+            and loss.input.sqnr_db is not None]
+    worst = min(costly, key=lambda c: -math.inf if c[2].sqnr_db is None else c[2].sqnr_db)
+    lowest = min((loss.input.sqnr_db for loss in mine if loss.input.sqnr_db is not None),
+                 default=math.inf)
+    got = -math.inf if worst[2].sqnr_db is None else worst[2].sqnr_db
+    level = "error" if min(got, lowest) < LOST_DB else "warning"
+    conv, kept, cost = worst
+    others = [c for c in costly if c is not worst]
+    more = "".join(f" {k.name} after {c}: {_text(x.sqnr_db)} against {_text(x.fused_db)}."
+                   for c, k, x in others[:4])
+    if len(others) > 4:
+        more += f" And {len(others) - 4} more."
+    after = "".join(f" {loss.layer}'s input is {loss.input.sqnr_db:.1f} dB from the float "
+                    "model's there." for loss in mine[:1] if loss.input.sqnr_db is not None)
+    groups = [[c, k.name, *([k.activation] if k.activation else [])] for c, k, _x in costly]
+    listed = "".join(f"\n    {g!r}," for g in groups)
+    return Finding(
+        CODE, level,
+        f"BatchNorm {kept.name} not fused into {conv}" if not others else
+        f"{len(costly)} BatchNorms not fused into the convs before them",
+        f"BatchNorm {kept.name} reads {conv}'s output and stays in the quantized model: "
+        f"{conv}'s output is quantized first, with one step for all its channels, and "
+        f"{kept.name} then multiplies each channel's rounding error by its gain (spanning "
+        f"{cost.gain_spread:.3g}x here). Its output is {_text(cost.sqnr_db)} from the float "
+        f"model's on {conv}'s own input, where a conv fused with it gives "
+        f"{_text(cost.fused_db)}.{more}{after}",
+        {"batchnorms": [{"conv": c, "batchnorm": k.name, "sqnr_db": x.sqnr_db,
+                         "fused_sqnr_db": x.fused_db, "gain_spread": x.gain_spread}
+                        for c, k, x in costly]},
+        "from torch.ao.quantization import fuse_modules\n"
+        "# the float model in eval mode, fused as before, and each conv with the\n"
+        "# BatchNorm after it (and its ReLU) too:\n"
+        f"model = fuse_modules(model.eval(), [{listed}\n])\n" + CALIBRATE_EAGER)
+
+
+def _text(sqnr: float | None) -> str:
+    return "exact" if sqnr is None else f"{sqnr:.1f} dB"

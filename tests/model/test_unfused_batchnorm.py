@@ -1,0 +1,103 @@
+"""QCD072: a BatchNorm left out of fuse_modules (discuss.pytorch.org 85477: a MobileNetV2 at
+48% accuracy unfused, 98% fused). The conv's output is quantized with one step for all its
+channels, and the BatchNorm, a quantized module of its own, multiplies each channel's rounding
+error by its gain: a trained network's gains span one to two orders of magnitude, so channels
+with a small output and a large gain arrive as noise. Every conv was at its floor, and QCD065
+blamed "an op between them (its output scale)" with a fix that printed qparams. QCD072 names
+the BatchNorm and fuses it; run, the fix takes the model back to the fused model's numbers. A
+BatchNorm whose gains are close (Net2d's bn2, 3.7x: 3 dB at the conv after it) is not named."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import qconvdiag  # noqa: E402
+from qconvdiag.model.walk import WalkOptions, walk_model  # noqa: E402
+from tests import models  # noqa: E402
+from tests.cpu import healthy_qconfig  # noqa: E402
+
+BATCHES = [models.inputs(2, 8, 100 + i) for i in range(4)]
+
+
+def _spread_model() -> torch.nn.Module:
+    """Net2d whose stem's output channels span 0.1x to 10x, undone exactly by bn1 (as a
+    trained network's are): the float model computes what it computed before."""
+    torch.manual_seed(0)
+    model = models.Net2d().eval()
+    models._randomize_bn(model, 0)
+    scale = torch.logspace(-1, 1, 8)[torch.randperm(8, generator=torch.Generator()
+                                                    .manual_seed(1))]
+    with torch.no_grad():
+        model.stem.weight.mul_(scale.view(-1, 1, 1, 1))
+        model.stem.bias.mul_(scale)
+        model.bn1.running_mean.mul_(scale)
+        model.bn1.running_var.mul_(scale * scale)
+        model.bn1.eps = 1e-12
+    return model
+
+
+def _quantized(model: torch.nn.Module, fuse: list[list[str]]) -> torch.nn.Module:
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    torch.backends.quantized.engine = "x86"
+    q = fuse_modules(copy.deepcopy(model), fuse)
+    q.qconfig = healthy_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        with torch.no_grad():
+            for b in BATCHES:
+                q(b)
+        return convert(q)
+
+
+def _walk(model: torch.nn.Module, quantized: torch.nn.Module, path=None):  # noqa: ANN001, ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(model, quantized, models.inputs(2, 8, 7), path)
+    return bundle, walk_model(bundle, WalkOptions(top=0)).report
+
+
+def test_a_batchnorm_left_unfused_is_named_and_its_fix_fuses_it(tmp_path):
+    from torch.ao.quantization import fuse_modules
+
+    model = _spread_model()
+    rest = [["dw", "bn2", "relu2"], ["pw", "bn3"]]
+    bundle, report = _walk(model, _quantized(model, rest), tmp_path / "unfused.pt")
+    (kept,) = [lay.bn_kept for lay in bundle.layers if lay.bn_kept is not None]
+    assert (kept.name, kept.activation) == ("bn1", "relu1")
+    (f,) = [x for x in report.findings if x.code == "QCD072"]
+    assert f.severity in ("warning", "error") and f.title == "BatchNorm bn1 not fused into stem"
+    assert not [x for x in report.findings if x.code == "QCD065"]
+    (loss,) = report.upstream
+    assert loss.layer == "dw" and loss.blamed_on == "QCD072" and loss.lost_after == ("stem",)
+    assert "['stem', 'bn1', 'relu1']" in f.fix
+    # the bundle file keeps it
+    loaded = walk_model(qconvdiag.load_bundle(tmp_path / "unfused.pt"), WalkOptions(top=0))
+    assert [x.code for x in loaded.report.findings] == [x.code for x in report.findings]
+    # run: the float model fused as before (its qconfig set), and the fix's group too
+    scope = {"torch": torch, "model": fuse_modules(copy.deepcopy(model), rest),
+             "calibration_batches": BATCHES}
+    scope["model"].qconfig = healthy_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(f.fix, "QCD072 fix", "exec"), scope)  # noqa: S102
+    _b, fixed = _walk(model, scope["quantized"])
+    assert not [x for x in fixed.findings if x.code in ("QCD072", "QCD065")]
+    before, after = report.layers[-1].propagated.sqnr_db, fixed.layers[-1].propagated.sqnr_db
+    assert after > before + 6, (before, after)
+
+
+def test_a_batchnorm_whose_gains_are_close_is_not_named():
+    """Net2d's bn2 unfused (gains 3.7x apart): the conv after it loses 3 dB, no more."""
+    torch.manual_seed(0)
+    model = models.Net2d().eval()
+    models._randomize_bn(model, 0)
+    bundle, report = _walk(model, _quantized(model, [["stem", "bn1", "relu1"], ["pw", "bn3"]]))
+    assert [lay.bn_kept.name for lay in bundle.layers if lay.bn_kept] == ["bn2"]
+    assert report.findings == ()
