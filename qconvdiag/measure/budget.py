@@ -217,6 +217,20 @@ def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> b
     return _on_128_levels(inside)
 
 
+def beyond_seven_bits(codes: np.ndarray, qp: QParams, step_ratio: float, low: float = 1.3
+                      ) -> bool:
+    """7-bit qparams on data wider than the range their observer saw: the step is about twice
+    the 8-bit step of a range (at least ``low`` times this data's 8-bit step, at most
+    SEVEN_BIT_RATIO), and the codes (before clamping) reach beyond the dtype's. Those codes
+    spread over more than 128 levels and cannot show the 7 bits (``uses_seven_bits``), but
+    8-bit qparams this coarse would cover the data: they saturate nothing (a healthy x86 layer
+    run on data wider than its calibration batches was judged against the 8-bit floor, with a
+    QCD052 warning for the default qconfig's step)."""
+    if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO:
+        return False
+    return int(codes.max()) > qp.dtype_max or int(codes.min()) < qp.dtype_min
+
+
 def _on_128_levels(codes: np.ndarray) -> bool:
     """The codes span at most 128 levels, but for 0.5% of them or a few codes (data up to 10%
     beyond the range the observer saw reaches a few codes past 128 levels)."""
@@ -312,7 +326,8 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     # outliers a histogram observer trims: its 7-bit step may be under 1.3x that ideal step
     low = 1.0 if case.output_range is not None else 1.3
     out_7 = (any("reduce_range" in n for n in out_qp.notes)
-             or uses_seven_bits(out_codes, out_ratio, low))
+             or uses_seven_bits(out_codes, out_ratio, low)
+             or beyond_seven_bits(out_codes, out_qp, out_ratio, low))
     out_bits = 7 if pairing and out_7 else 8
     on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1)) if input_floor else 0.0
     f_in8 = on_input * input_noise_gain(case) * active if input_floor else 0.0

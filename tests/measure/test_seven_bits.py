@@ -33,3 +33,30 @@ def test_heavy_tailed_8_bit_codes_are_not_read_as_7_bit():
     middle = np.clip(np.rint(128 + rng.laplace(0, 6, 19_920)), 0, 255)
     codes = np.concatenate([middle, np.zeros(40), np.full(40, 255)]).astype(np.int64)
     assert not uses_seven_bits(codes, 1.0, 1.0)
+
+
+def test_7_bit_qparams_on_data_wider_than_their_calibration_are_7_bit():
+    """x86's default qconfig (reduce_range) calibrated on other data, run on data about 30%
+    wider (a healthy sweep's 1x1 conv): its codes spread past 128 levels and below code 0, so
+    they cannot show the 7 bits, and the floor was the 8-bit one: 1.77x above it, with a QCD052
+    warning for the default qconfig's step, and --fail-on warning exited 1. Codes beyond the
+    dtype at a 7-bit step are 7-bit qparams (8-bit ones that coarse would cover the data): the
+    conv is at its 7-bit floor, with QCD051's saturation to say (info, a trim's few). 8-bit
+    codes of that spread that saturate nothing stay 8-bit."""
+    import qconvdiag
+    from qconvdiag.measure.budget import beyond_seven_bits
+    from qconvdiag.quantization.qparams import per_tensor
+    from tests.repo import ROOT
+
+    case = qconvdiag.load_case(ROOT / "tests" / "data" / "seven_bit_beyond_calibration.pt")
+    report = qconvdiag.diagnose(case, qconvdiag.Options(engine="x86"))
+    given = report.path("as_given")
+    assert given is not None and given.budget is not None
+    assert given.budget.output_bits == 7 and given.budget.verdict == "at_floor"
+    assert not [f for f in report.findings if f.severity != "info"]
+    qp = per_tensor(0.02, 60, "quint8", "t")
+    rng = np.random.default_rng(0)
+    spread = rng.integers(0, 200, 10_000)
+    assert beyond_seven_bits(np.concatenate([spread, [-12]]), qp, 1.5)
+    assert not beyond_seven_bits(spread, qp, 1.5)  # inside the dtype: 8-bit qparams may
+    assert not beyond_seven_bits(np.concatenate([spread, [-12]]), qp, 1.0)  # an 8-bit step
