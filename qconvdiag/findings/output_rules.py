@@ -101,23 +101,34 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
 
 def _saturation(run: PathRun) -> tuple[int, int]:
     """Outputs below and above the dtype's range before clamping (the intended setup's); where
-    none are, the float outputs beyond it (the view the stage's excess is measured on: a
-    saturated int16 accumulation can move an output the range leaves out back inside it)."""
+    none are, the float outputs beyond it (``_float_view``)."""
+    return _counted(run)[:2]
+
+
+def _float_view(run: PathRun) -> bool:
+    """The saturation is counted on the float output: the integer outputs stayed inside the
+    range (the view the stage's excess is measured on: a saturated int16 accumulation, or an
+    input clipped before the conv, can move an output the range leaves out back inside it)."""
+    return _counted(run)[2]
+
+
+def _counted(run: PathRun) -> tuple[int, int, bool]:
     em = run.emulation
     if em is None or not em.unclamped.size:
-        return 0, 0
+        return 0, 0, False
     qp = run.spec.output_qparams
     lo, hi = int(em.unclamped.min()), int(em.unclamped.max())
     below = 0 if lo >= qp.dtype_min else int(np.count_nonzero(em.unclamped < qp.dtype_min))
     above = 0 if hi <= qp.dtype_max else int(np.count_nonzero(em.unclamped > qp.dtype_max))
-    if below + above == 0 and run.output_reference is not None:
+    floats = below + above == 0
+    if floats and run.output_reference is not None:
         y0 = run.output_reference
         s, zp = float(qp.scale[0]), int(qp.zero_point[0])
         below = int(np.count_nonzero(y0 < (qp.dtype_min - zp - 0.5) * s))
         above = int(np.count_nonzero(y0 > (qp.dtype_max - zp + 0.5) * s))
     if run.activation == "relu":
         below = 0  # a fused ReLU zeroes them anyway: its clamp, not a saturation
-    return below, above
+    return below, above, floats and below + above > 0
 
 
 def qcd051(ctx: Context) -> Iterator[Finding]:
@@ -165,6 +176,9 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
             f"{below + above} of {y0.size} outputs fall outside the representable range "
             f"[{fmt(bottom)}, {fmt(top)}] of output scale {fmt(s)}, zero point {zp} and "
             f"saturate: {' and '.join(sides)}."
+            + (" Here an earlier stage moved the integer outputs back inside it (a saturated "
+               "accumulation, or an input clipped before the conv): the range leaves them "
+               "out all the same." if _float_view(run) else "")
             + (" The output observer trims outliers on purpose; here that costs more than it "
                "saves." if production and not trimmed else "")
             + (f" That is {fmt(100 * (below + above) / y0.size)}% of the outputs, as a histogram"

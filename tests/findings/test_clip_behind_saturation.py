@@ -65,3 +65,5 @@ def test_an_output_clip_behind_a_saturated_accumulation_is_named(tmp_path):
     (clip,) = [f for f in report["findings"]
                if f["code"] == "QCD051" and f["path"] == "as_given"]
     assert clip["severity"] == "error" and "the float output reaches -0.515" in clip["message"]
+    # what the stage table shows: the integer outputs stayed inside the range
+    assert "moved the integer outputs back inside it" in clip["message"]
