@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CaseFileError
+from ..findings.fixes import CALIBRATE_EAGER
 from ..model_report import UpstreamLoss
 from ..report import Finding
 
@@ -299,6 +300,7 @@ def _across(r: ReusedActivation, evidence: dict[str, Any], blamed: list[Upstream
         f"clips after it, and the BatchNorm's scale and shift then act on the clipped "
         f"values.{cost}",
         {**evidence, "misfused": list(r.misfused), "across": list(r.across)},
-        f"# fuse each conv with its BatchNorm and the {r.kind} in one group:\n"
-        f"#     fuse_modules(model, [{groups}])\n"
-        "# then prepare, calibrate and convert again (the BatchNorm folds into the conv)")
+        "from torch.ao.quantization import fuse_modules\n"
+        f"# the float model in eval mode, fused with your other groups (not the conv and\n"
+        f"# the {r.kind} alone): each conv with its BatchNorm and the {r.kind} in one group\n"
+        f"model = fuse_modules(model.eval(), [{groups}])\n" + CALIBRATE_EAGER)

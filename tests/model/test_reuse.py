@@ -438,7 +438,17 @@ def test_a_relu_fused_across_the_batchnorm_left_out_is_named():
     (f,) = report.findings
     assert f.code == "QCD064" and f.severity == "error"
     assert f.title == "ReLU module 'relu' fused into conv across BatchNorm bn"
-    assert "fuse_modules(model, [['conv', 'bn', 'relu']])" in f.fix
+    assert "model = fuse_modules(model.eval(), [['conv', 'bn', 'relu']])" in f.fix
+    # the fix runs: the float model (its qconfig set), the three fused, quantized again
+    scope = {"torch": torch, "model": copy.deepcopy(model), "calibration_batches": [x]}
+    scope["model"].qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(f.fix, "QCD064 fix", "exec"), scope)  # noqa: S102
+    fixed_bundle, fixed = _walk(model, scope["quantized"], x)
+    assert fixed_bundle.reused == () and fixed.findings == ()
+    head = fixed.layer("head")
+    assert head is not None and head.input.sqnr_db > 25
     conv = bundle.layer("conv")
     assert conv.float_output.min() < 0  # the float model's, before its BatchNorm
     assert report.layer("conv").propagated.sqnr_db < 10
