@@ -225,9 +225,10 @@ def beyond_seven_bits(codes: np.ndarray, qp: QParams, step_ratio: float, low: fl
     spread over more than 128 levels and cannot show the 7 bits (``uses_seven_bits``), but
     8-bit qparams this coarse would cover the data: they saturate nothing (a healthy x86 layer
     run on data wider than its calibration batches was judged against the 8-bit floor, with a
-    QCD052 warning for the default qconfig's step)."""
-    if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO:
-        return False
+    QCD052 warning for the default qconfig's step). Not for qparams a user wrote (misplaced
+    8-bit ones saturate too)."""
+    if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO or qp.source == "user":
+        return False  # qparams a user wrote: no observer reduced them
     return int(codes.max()) > qp.dtype_max or int(codes.min()) < qp.dtype_min
 
 

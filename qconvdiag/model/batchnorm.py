@@ -57,11 +57,19 @@ class KeptBatchNorm:
     def from_mapping(value: Any, channels: int, where: str) -> KeptBatchNorm:
         from .names import is_path
 
+        def numbers(v: Any) -> tuple[float, ...]:
+            if not isinstance(v, list) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise TypeError
+            return tuple(float(x) for x in v)
+
         try:
-            kept = KeptBatchNorm(str(value["name"]), tuple(float(g) for g in value["gain"]),
-                                 tuple(float(s) for s in value["shift"]),
-                                 str(value.get("activation", "")))
-        except (KeyError, TypeError, ValueError):
+            name, activation = value["name"], value.get("activation", "")
+            if not isinstance(name, str) or not isinstance(activation, str):
+                raise TypeError
+            kept = KeptBatchNorm(name, numbers(value["gain"]), numbers(value["shift"]),
+                                 activation)
+        except (KeyError, TypeError, ValueError, AttributeError):
             kept = None
         if kept is None or not is_path(kept.name) or not kept.name \
                 or not is_path(kept.activation) or len(kept.gain) != channels \

@@ -175,8 +175,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
                                bundle.ops,
                                {c: bn for r in bundle.reused for c, bn in zip(r.misfused,
-                                                                              r.across)},
-                               {name: kept.name for name, kept, _c in unfused})
+                                                                              r.across)
+                                if REUSE_CODE not in options.ignore},
+                               {name: kept.name for name, kept, _c in unfused
+                                if BN_CODE not in options.ignore})
     lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
@@ -277,7 +279,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one
-            named = [] if clipped or kept else between(ops, order, name)[:1]
+            named = [] if clipped else between(ops, order, name)[:1]
+            kept = [] if named else kept  # an op that misfits is measured: it is blamed
             if named:
                 before = []
             cause = (f"{named[0].label()} loses it: {named[0].misfit()}"

@@ -60,3 +60,6 @@ def test_7_bit_qparams_on_data_wider_than_their_calibration_are_7_bit():
     assert beyond_seven_bits(np.concatenate([spread, [-12]]), qp, 1.5)
     assert not beyond_seven_bits(spread, qp, 1.5)  # inside the dtype: 8-bit qparams may
     assert not beyond_seven_bits(np.concatenate([spread, [-12]]), qp, 1.0)  # an 8-bit step
+    # qparams a user wrote: misplaced 8-bit ones saturate too (a review's case)
+    user = per_tensor(0.02, 60, "quint8", "user")
+    assert not beyond_seven_bits(np.concatenate([spread, [-12]]), user, 1.5)

@@ -85,6 +85,8 @@ def test_a_layer_named_with_code_is_refused(healthy):  # noqa: ANN001
     {"name": "bn1", "gain": [1.0] * 8, "shift": [0.0] * 8, "activation": EVIL},
     {"name": "bn1", "gain": [1.0] * 7, "shift": [0.0] * 8, "activation": ""},
     {"name": "bn1", "gain": [float("nan")] * 8, "shift": [0.0] * 8, "activation": ""},
+    {"name": "bn1", "gain": [1.0] * 8, "shift": [0.0] * 8, "activation": None},
+    {"name": "bn1", "gain": "12345678", "shift": [0.0] * 8, "activation": ""},
 ])
 def test_a_kept_batchnorm_with_code_or_bad_numbers_is_refused(kept, healthy):  # noqa: ANN001
     """QCD072's fix prints the kept BatchNorm's and its ReLU's names."""

@@ -101,3 +101,27 @@ def test_a_batchnorm_whose_gains_are_close_is_not_named():
     bundle, report = _walk(model, _quantized(model, [["stem", "bn1", "relu1"], ["pw", "bn3"]]))
     assert [lay.bn_kept.name for lay in bundle.layers if lay.bn_kept] == ["bn2"]
     assert report.findings == ()
+
+
+def test_an_op_that_misfits_after_a_kept_batchnorm_is_blamed_not_the_batchnorm():
+    """A kept BatchNorm earlier in the model does not take the blame for a loss an op with
+    far-off qparams just before the conv explains (measured evidence; a review found QCD065's
+    error for the add gone)."""
+    from qconvdiag.model.lost import qcd065
+    from qconvdiag.model.ops import OpRange
+    from qconvdiag.model.screen import Screen
+    from qconvdiag.model.walk import upstream_losses
+    from qconvdiag.model_report import ErrorSummary
+
+    def screen(received: float, propagated: float, floor_ratio: float = 1.0) -> Screen:
+        e = ErrorSummary
+        return Screen(e(30, 0.1, 0.1), e(propagated, 0.1, 0.1), e(received, 0.1, 0.1),
+                      floor_ratio, False, 0.1, "at_floor", None)
+
+    order = ["c1", "c2", "c3", "c4"]
+    screens = {"c1": screen(40, 35), "c2": screen(28, 27), "c3": screen(27, 26),
+               "c4": screen(5, 4, 20.0)}
+    add = OpRange("add", "QFunctional", 50.0, 0, "quint8", -1.0, 1.0, ("c3",), False, False)
+    (loss,) = upstream_losses(order, screens, False, {}, (add,), {}, {"c1": "bn1"})
+    assert loss.layer == "c4" and loss.op == "add" and loss.blamed_on is None
+    assert [f.code for f in qcd065((loss,), False, (add,), "x86", "eager")] == ["QCD065"]
