@@ -328,7 +328,9 @@ def qcd052(ctx: Context) -> Iterator[Finding]:
             fix = ("# calibrate on inputs like these, prepared as at inference: every observer\n"
                    + eager_flow(ctx.case, run.report.engine))
         elif reduced:  # the qconfig is the engine's default: what the kernel needs
-            fix = eager_flow(ctx.case, run.report.engine)
+            engine = run.report.engine
+            fix = eager_flow(ctx.case, engine,
+                             f'model.qconfig = get_default_qconfig("{engine}")')
         yield finding(
             "QCD052", severity(run, energy), REDUCED_TITLE if reduced else
             "output step too coarse for the output's range",
