@@ -46,12 +46,16 @@ class KeptBatchNorm:
     shift: tuple[float, ...]
     """Per channel, ``bias - running_mean * gain``."""
     activation: str = ""
-    """The ReLU module the float model applies to its output ("" for none, or another kind:
-    ``fuse_modules`` fuses conv, BatchNorm and ReLU, not ReLU6)."""
+    """The ReLU module the float model applies to its output, called there only ("" for none,
+    another kind: ``fuse_modules`` fuses conv, BatchNorm and ReLU, not ReLU6; or a module
+    called elsewhere too, which fusing would remove from its other calls)."""
+    alone: bool = True
+    """It is the only reader of the conv's output (a pre-activation network's shortcut may read
+    it too: fusing would change the float model)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "gain": list(self.gain), "shift": list(self.shift),
-                "activation": self.activation}
+                "activation": self.activation, **({} if self.alone else {"alone": False})}
 
     @staticmethod
     def from_mapping(value: Any, channels: int, where: str) -> KeptBatchNorm:
@@ -65,10 +69,12 @@ class KeptBatchNorm:
 
         try:
             name, activation = value["name"], value.get("activation", "")
-            if not isinstance(name, str) or not isinstance(activation, str):
+            alone = value.get("alone", True)
+            if not isinstance(name, str) or not isinstance(activation, str) \
+                    or not isinstance(alone, bool):
                 raise TypeError
             kept = KeptBatchNorm(name, numbers(value["gain"]), numbers(value["shift"]),
-                                 activation)
+                                 activation, alone)
         except (KeyError, TypeError, ValueError, AttributeError):
             kept = None
         if kept is None or not is_path(kept.name) or not kept.name \
@@ -79,7 +85,8 @@ class KeptBatchNorm:
         return kept
 
 
-def kept_batchnorm(name: str, bn: Any, activation: str) -> KeptBatchNorm | None:
+def kept_batchnorm(name: str, bn: Any, activation: str, alone: bool = True
+                   ) -> KeptBatchNorm | None:
     """The record of the float model's BatchNorm module ``name`` (None when it keeps no
     running statistics: its output depends on the batch)."""
     import torch
@@ -94,7 +101,55 @@ def kept_batchnorm(name: str, bn: Any, activation: str) -> KeptBatchNorm | None:
         shift = -bn.running_mean.detach().double() * gain
         if bn.bias is not None:
             shift = shift + bn.bias.detach().double()
-    return KeptBatchNorm(name, tuple(gain.tolist()), tuple(shift.tolist()), activation)
+    return KeptBatchNorm(name, tuple(gain.tolist()), tuple(shift.tolist()), activation, alone)
+
+
+def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any) -> dict[str, bool]:
+    """Per conv of ``convs`` (name -> the float model's module): is one op alone (its
+    BatchNorm) reading its output, in one more forward of ``batch``? Every torch function
+    called on a tensor is seen (a TorchFunctionMode: module calls, and ``x + shortcut`` in a
+    forward alike); a read that returns no tensor (``x.shape``) is not counted."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from ..torch_calls import capture_warnings
+
+    watched: dict[int, str] = {}
+    held: list[Any] = []  # the outputs kept alive for the forward: their ids stay theirs
+    reads = dict.fromkeys(convs, 0)
+
+    def hook(name: str) -> Any:
+        def record(_m: Any, _a: Any, out: Any) -> None:
+            watched[id(out)] = name
+            held.append(out)
+        return record
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if watched and isinstance(out, torch.Tensor):
+                seen = {watched[id(a)] for a in _flat((args, kwargs)) if id(a) in watched}
+                for name in seen:
+                    reads[name] += 1
+            return out
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in convs.items()]
+    try:
+        with torch.no_grad(), capture_warnings(), Reads():
+            float_model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: n <= 1 for name, n in reads.items()}
+
+
+def _flat(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    return [value]
 
 
 @dataclass(frozen=True)
@@ -169,8 +224,17 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
         more += f" And {len(others) - 4} more."
     after = "".join(f" {loss.layer}'s input is {loss.input.sqnr_db:.1f} dB from the float "
                     "model's there." for loss in mine[:1] if loss.input.sqnr_db is not None)
-    groups = [[c, k.name, *([k.activation] if k.activation else [])] for c, k, _x in costly]
+    shared = {k.name for _c, k, _x in layers
+              if sum(k2.name == k.name for _c2, k2, _x2 in layers) > 1}
+    groups = [[c, k.name, *([k.activation] if k.activation else [])] for c, k, _x in costly
+              if k.alone and k.name not in shared]
     listed = "".join(f"\n    {g!r}," for g in groups)
+    left = "".join(
+        f"# {c}: its output is read by more than {k.name} (a shortcut): fusing them would\n"
+        "#   change the float model; not fused here\n" if not k.alone else
+        f"# {c}: {k.name} also follows another conv: give each conv its own BatchNorm\n"
+        "#   module (in __init__ and forward), then fuse each pair\n"
+        for c, k, _x in costly if not k.alone or k.name in shared)
     return Finding(
         CODE, level,
         f"BatchNorm {kept.name} not fused into {conv}" if not others else
@@ -184,10 +248,11 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
         {"batchnorms": [{"conv": c, "batchnorm": k.name, "sqnr_db": x.sqnr_db,
                          "fused_sqnr_db": x.fused_db, "gain_spread": x.gain_spread}
                         for c, k, x in costly]},
-        "from torch.ao.quantization import fuse_modules\n"
-        "# the float model in eval mode, fused as before, and each conv with the\n"
-        "# BatchNorm after it (and its ReLU) too:\n"
-        f"model = fuse_modules(model.eval(), [{listed}\n])\n" + CALIBRATE_EAGER)
+        left + ("from torch.ao.quantization import fuse_modules\n"
+                "# the float model in eval mode, fused as before, and each conv with the\n"
+                "# BatchNorm after it (and its ReLU) too:\n"
+                f"model = fuse_modules(model.eval(), [{listed}\n])\n" + CALIBRATE_EAGER
+                if groups else ""))
 
 
 def _text(sqnr: float | None) -> str:

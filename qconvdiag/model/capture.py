@@ -161,10 +161,17 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     misfused = {c for r in reused for c in r.misfused}
     # the ReLU module the float model applies to each conv's BatchNorm's output (QCD072's
     # fuse group, for a BatchNorm the quantized model kept)
+    # (a module called elsewhere too is left out: fusing it would remove it there)
     relu_after_bn = {conv: act for act, calls in activations.items() for conv, _l, direct in calls
-                     if conv and not direct
+                     if conv and not direct and len(calls) == 1
                      and type(float_model.get_submodule(act)).__name__ == "ReLU"}
     eager = not isinstance(quantized_model, torch.fx.GraphModule)
+    unfused_at = [name for name in pairs if seen[name].bn is not None
+                  and folded_bn(seen[name], quantized_model) is None] if eager else []
+    from .batchnorm import sole_readers
+
+    alone = sole_readers(float_model, {name: pairs[name][0] for name in unfused_at},
+                         batches[0]) if unfused_at else {}
 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
@@ -174,9 +181,9 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         if eager and bn is not None and lay.bn_folded is None:
             from .batchnorm import kept_batchnorm
 
-            kept = kept_batchnorm(bn, float_model.get_submodule(bn),
-                                  relu_after_bn.get(name, ""))
-            lay = dataclasses.replace(lay, bn_kept=kept)
+            record = kept_batchnorm(bn, float_model.get_submodule(bn),
+                                    relu_after_bn.get(name, ""), alone.get(name, True))
+            lay = dataclasses.replace(lay, bn_kept=record)
         return lay
 
     layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded

@@ -45,7 +45,7 @@ def _quantized(model: torch.nn.Module, fuse: list[list[str]]) -> torch.nn.Module
     from torch.ao.quantization import convert, fuse_modules, prepare
 
     torch.backends.quantized.engine = "x86"
-    q = fuse_modules(copy.deepcopy(model), fuse)
+    q = fuse_modules(copy.deepcopy(model), fuse) if fuse else copy.deepcopy(model)
     q.qconfig = healthy_qconfig("x86")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -125,3 +125,76 @@ def test_an_op_that_misfits_after_a_kept_batchnorm_is_blamed_not_the_batchnorm()
     (loss,) = upstream_losses(order, screens, False, {}, (add,), {}, {"c1": "bn1"})
     assert loss.layer == "c4" and loss.op == "add" and loss.blamed_on is None
     assert [f.code for f in qcd065((loss,), False, (add,), "x86", "eager")] == ["QCD065"]
+
+
+def _spread(conv: torch.nn.Module, bn: torch.nn.Module, seed: int) -> None:
+    scale = torch.logspace(-1, 1, conv.out_channels)[
+        torch.randperm(conv.out_channels, generator=torch.Generator().manual_seed(seed))]
+    with torch.no_grad():
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        conv.bias.mul_(scale)
+        bn.running_mean.mul_(scale)
+        bn.running_var.mul_(scale * scale)
+        bn.eps = 1e-12
+
+
+class _PreActivation(torch.nn.Module):
+    """A pre-activation stem: conv1's output feeds bn1 and the shortcut add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = models.QuantStub(), models.DeQuantStub()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.relu1, self.c2 = torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+        self.head = torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(self.quant(x))
+        return self.dequant(self.head(self.add.add(self.c2(self.relu1(self.bn1(x))), x)))
+
+
+class _SharedRelu(torch.nn.Module):
+    """Two conv-BatchNorm pairs and one ReLU module called after both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = models.QuantStub(), models.DeQuantStub()
+        self.c1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.bn2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.relu, self.head = torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.c1(self.quant(x))))
+        return self.dequant(self.head(self.relu(self.bn2(self.c2(x)))))
+
+
+def test_the_fuse_fix_changes_nothing_the_float_model_computes():
+    """A review's cases: fusing a conv whose output a shortcut reads too changes the float
+    model (a pre-activation stem: 22 dB to 0.6 dB after the printed fix), and fusing a ReLU
+    module called after two convs removes it from its other call. The first is named with no
+    fusion printed; the second's groups leave the ReLU out, and the fix runs."""
+    torch.manual_seed(0)
+    pre = _PreActivation().eval()
+    _spread(pre.conv1, pre.bn1, 1)
+    bundle, report = _walk(pre, _quantized(pre, []))
+    assert bundle.layer("conv1").bn_kept.alone is False
+    (f,) = [x for x in report.findings if x.code == "QCD072"]
+    assert "its output is read by more than bn1" in f.fix and "fuse_modules(" not in f.fix
+    torch.manual_seed(0)
+    shared = _SharedRelu().eval()
+    _spread(shared.c1, shared.bn1, 1)
+    _spread(shared.c2, shared.bn2, 2)
+    bundle, report = _walk(shared, _quantized(shared, []))
+    assert {lay.bn_kept.activation for lay in bundle.layers if lay.bn_kept} == {""}
+    (f,) = [x for x in report.findings if x.code == "QCD072"]
+    scope = {"torch": torch, "model": copy.deepcopy(shared), "calibration_batches": BATCHES}
+    scope["model"].qconfig = healthy_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(f.fix, "QCD072 fix", "exec"), scope)  # noqa: S102
+    with torch.no_grad():
+        x = models.inputs(2, 4, 3)
+        assert torch.allclose(scope["model"](x), shared(x), atol=1e-4)  # the ReLU kept
+    _b, fixed = _walk(shared, scope["quantized"])
+    assert not [x for x in fixed.findings if x.severity != "info"]
