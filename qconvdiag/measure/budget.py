@@ -217,8 +217,8 @@ def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> b
     return _on_128_levels(inside)
 
 
-def beyond_seven_bits(codes: np.ndarray, qp: QParams, step_ratio: float, low: float = 1.3
-                      ) -> bool:
+def beyond_seven_bits(codes: np.ndarray, qp: QParams, step_ratio: float, low: float = 1.3,
+                      saturated: bool | None = None) -> bool:
     """7-bit qparams on data wider than the range their observer saw: the step is about twice
     the 8-bit step of a range (at least ``low`` times this data's 8-bit step, at most
     SEVEN_BIT_RATIO), and the codes (before clamping) reach beyond the dtype's. Those codes
@@ -229,6 +229,8 @@ def beyond_seven_bits(codes: np.ndarray, qp: QParams, step_ratio: float, low: fl
     8-bit ones saturate too)."""
     if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO or qp.source == "user":
         return False  # qparams a user wrote: no observer reduced them
+    if saturated is not None:  # clamped codes: told from the float output
+        return saturated
     return int(codes.max()) > qp.dtype_max or int(codes.min()) < qp.dtype_min
 
 
@@ -300,11 +302,13 @@ class Floors:
 
 def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
            emulation: Emulation | None, out_codes: np.ndarray | None = None,
-           input_floor: bool = True, spans: tuple[Span, Span] | None = None) -> Floors:
+           input_floor: bool = True, spans: tuple[Span, Span] | None = None,
+           saturated: bool | None = None) -> Floors:
     """The floor of every rounding stage; 7-bit activations where the engine pairs int16. With
     a fused ReLU the output is relu(y0): noise passes, and rounding happens, only where it is
     active (its zeros are exact). The output's codes (is it on 128 levels?) come from the
-    emulation, or are given (``out_codes``: a model's own output codes). Without
+    emulation, or are given (``out_codes``: a model's own output codes, clamped: then
+    ``saturated`` says whether any output saturated, told from the float output). Without
     ``input_floor`` the input's floor is 0 (a model walk's conv: its input is the one it
     received, not rounded again). ``spans``: the input's and ``y0``'s, when known already."""
     x = case.input
@@ -328,7 +332,7 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     low = 1.0 if case.output_range is not None else 1.3
     out_7 = (any("reduce_range" in n for n in out_qp.notes)
              or uses_seven_bits(out_codes, out_ratio, low)
-             or beyond_seven_bits(out_codes, out_qp, out_ratio, low))
+             or beyond_seven_bits(out_codes, out_qp, out_ratio, low, saturated))
     out_bits = 7 if pairing and out_7 else 8
     on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1)) if input_floor else 0.0
     f_in8 = on_input * input_noise_gain(case) * active if input_floor else 0.0

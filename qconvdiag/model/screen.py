@@ -119,7 +119,8 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     own, propagated, received = (ErrorSummary(*d) for d in (own_d, propagated_d, received_d))
     f = floors(case, spec, spec_kernel(case, spec, engine, fp32), y, None,
                np.empty(0, dtype=np.int64) if fp32 else lay.quantized_output, input_floor=False,
-               spans=(x_span, y_span))
+               spans=(x_span, y_span),
+               saturated=None if fp32 else _saturated(case, spec, lay.quantized_output, y))
     # a float32 output is not rounded to a step: its floor is the weight's and the bias's
     floor = math.sqrt(f.energy - f.stages["output_rounding"] if fp32 else f.energy)
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
@@ -208,6 +209,18 @@ def _output_values(lay: LayerCapture) -> Callable[[slice], np.ndarray]:
         whole = dequantize32(lay.quantized_output, qp).reshape(-1)
         return lambda sl: whole[sl]
     return lambda sl: dequantize32(flat[sl], qp)
+
+
+def _saturated(case: ConvCase, spec: PathSpec, codes: np.ndarray, y: np.ndarray) -> bool:
+    """Some output is pinned at a limit of its dtype while the float output lies beyond it
+    (below its lowest code only without a fused ReLU, whose zeros are its own clamp)."""
+    qp = spec.output_qparams
+    s, zp = float(qp.scale[0]), int(qp.zero_point[0])
+    c, yf = codes.reshape(-1), y.reshape(-1)
+    if _beyond(c, yf, qp.dtype_max, (qp.dtype_max - zp + 0.5) * s, above=True).size:
+        return True
+    return case.activation != "relu" and bool(
+        _beyond(c, yf, qp.dtype_min, (qp.dtype_min - zp - 0.5) * s, above=False).size)
 
 
 def _energy(v: np.ndarray) -> float:

@@ -63,3 +63,44 @@ def test_7_bit_qparams_on_data_wider_than_their_calibration_are_7_bit():
     # qparams a user wrote: misplaced 8-bit ones saturate too (a review's case)
     user = per_tensor(0.02, 60, "quint8", "user")
     assert not beyond_seven_bits(np.concatenate([spread, [-12]]), user, 1.5)
+
+
+def test_the_walk_s_screen_and_its_detail_read_7_bits_alike_beyond_the_calibration():
+    """A model calibrated on inputs half as wide as those captured: the last conv saturates.
+    Its detail (the emulation's unclamped codes) read the 7 bits beyond the dtype, its screen
+    (the model's clamped codes) did not: the table said broken, the detail above its floor
+    (a review found it). The screen tells saturation from the float output now."""
+    import copy
+    import warnings
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    from torch.ao.quantization import convert, fuse_modules, prepare
+
+    import qconvdiag
+    from qconvdiag.model.walk import WalkOptions, walk_model
+    from tests import models
+    from tests.cpu import healthy_qconfig
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    model = models.Net2d().eval()
+    models._randomize_bn(model, 0)
+    q = fuse_modules(copy.deepcopy(model), models.FUSE_2D)
+    q.qconfig = healthy_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        with torch.no_grad():
+            for i in range(4):
+                q(models.inputs(2, 8, 100 + i) * 0.5)
+        convert(q, inplace=True)
+        bundle = qconvdiag.capture_model(model, q, models.inputs(2, 8, 7))
+    report = walk_model(bundle, WalkOptions(top=len(bundle.layers))).report
+    for row in report.layers:
+        detail = report.detail(row.name)
+        assert detail is not None
+        given = detail.path("as_given")
+        assert given is not None and given.budget is not None
+        assert row.verdict == given.budget.verdict, row.name
