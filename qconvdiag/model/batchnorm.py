@@ -205,7 +205,9 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
     """QCD072 for the convs whose kept BatchNorm's output is COST_DB or more below a fused
     conv's floor, in one finding (one fix fuses them all): an error where one's output is
     below LOST_DB, or where a conv after one receives an input lost to it (``losses`` blamed
-    on QCD072: walk.upstream_losses) below LOST_DB, else a warning."""
+    on QCD072: walk.upstream_losses) below LOST_DB, else a warning; a level lower where none
+    can be fused without changing the float model (its output read by a shortcut too, or one
+    BatchNorm after two convs)."""
     costly = [(conv, kept, cost) for conv, kept, cost in layers if cost.cost_db >= COST_DB]
     if not costly:
         return None
@@ -216,6 +218,12 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
                  default=math.inf)
     got = -math.inf if worst[2].sqnr_db is None else worst[2].sqnr_db
     level = "error" if min(got, lowest) < LOST_DB else "warning"
+    shared_bns = {k.name for _c, k, _x in layers
+                  if sum(k2.name == k.name for _c2, k2, _x2 in layers) > 1}
+    if not any(k.alone and k.name not in shared_bns for _c, k, _x in costly):
+        # nothing to fuse without changing the model (a pre-activation network's stem):
+        # worth knowing, a breach only where the signal is mostly lost
+        level = "warning" if level == "error" else "info"
     conv, kept, cost = worst
     others = [c for c in costly if c is not worst]
     more = "".join(f" {k.name} after {c}: {_text(x.sqnr_db)} against {_text(x.fused_db)}."

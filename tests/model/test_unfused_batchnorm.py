@@ -181,6 +181,8 @@ def test_the_fuse_fix_changes_nothing_the_float_model_computes():
     assert bundle.layer("conv1").bn_kept.alone is False
     (f,) = [x for x in report.findings if x.code == "QCD072"]
     assert "its output is read by more than bn1" in f.fix and "fuse_modules(" not in f.fix
+    # nothing to fuse: a level lower (a pre-activation network cannot fuse its stem's)
+    assert f.severity == "warning" and bundle.layer("conv1").bn_kept is not None
     torch.manual_seed(0)
     shared = _SharedRelu().eval()
     _spread(shared.c1, shared.bn1, 1)
