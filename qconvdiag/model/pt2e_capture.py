@@ -203,6 +203,11 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
             skipped.append(f"{name}: {_not_a_pattern(x, w, model)}: left out")
             continue
         w_codes_node, w_scales, w_zps, axis, wmin, wmax = w.args[:6]
+        if (wmin, wmax) == (-127, 127):
+            raise CaseError(f"capture_model: {name}'s weight is quantized to -127..127 (a "
+                            "quantizer other than X86InductorQuantizer, e.g. "
+                            "XNNPACKQuantizer); qconvdiag models the PT2E flow's x86_inductor "
+                            "kernels: quantize with X86InductorQuantizer to diagnose it")
         if axis != 0 or (wmin, wmax) != (-128, 127):
             raise CaseError(f"capture_model: {name}'s weight is per-channel on axis {axis}, "
                             f"{wmin}..{wmax}; x86_inductor takes int8 -128..127 on axis 0")

@@ -108,8 +108,10 @@ def walk_model(bundle: ModelBundle, options: WalkOptions | None = None,
         raise UsageError(f"--torch-check must be one of {', '.join(TORCH_CHECKS)}")
     for name in options.layers:
         if bundle.layer(name).output_float32:  # an unknown name is refused before any work
-            raise UsageError(f"--layer {name}: its output is float32 (a conv before a residual "
-                             "add): it is screened only; the diagnosis models quantized outputs")
+            raise UsageError(f"--layer {name}: its output is float32 (its consumer takes "
+                             "float: a residual add or an activation inductor fuses into the "
+                             "conv): it is screened only; the diagnosis models quantized "
+                             "outputs")
     with single_threaded_blas():
         return _walk(bundle, options, progress or (lambda _msg: None))
 

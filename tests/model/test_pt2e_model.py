@@ -613,3 +613,31 @@ def test_a_dynamic_pt2e_model_never_run_before_convert_says_its_weights_are_zero
     assert "its weight observer never ran: one scale, 1.0, for its" in never
     assert "run the prepared model on calibration batches before convert_pt2e" in never
     assert "weight observer never ran" not in ran and "is_dynamic=True" in ran
+
+
+def test_an_xnnpack_quantized_model_is_refused_in_one_line_that_says_so():
+    """XNNPACKQuantizer's symmetric weights run -127..127: the refusal said "-127..127;
+    x86_inductor takes int8 -128..127", which reads as if the range fit (a sweep's
+    pytorch/ao#4107). It now names the quantizer and the one qconvdiag models."""
+    import warnings
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    from qconvdiag.errors import CaseError
+
+    model, _converted, batches = build()
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(torch.export.export(model, (batches[0],), strict=True).module(),
+                                quantizer)
+        with torch.no_grad():
+            prepared(batches[0])
+        with pytest.raises(CaseError) as e:
+            qconvdiag.capture_model(model, convert_pt2e(prepared), batches)
+    assert "quantized to -127..127" in str(e.value) and "X86InductorQuantizer" in str(e.value)
