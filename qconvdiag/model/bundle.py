@@ -109,6 +109,9 @@ class ModelBundle:
     """The flow that quantized the model: ``eager`` (prepare/convert), ``fx`` (convert_fx's
     GraphModule) or ``pt2e`` (convert_pt2e's): the fixes that quantize it again are its
     flow's."""
+    bn_training: tuple[str, ...] = ()
+    """A PT2E graph's BatchNorms that run in training mode (pt2e_capture.training_batchnorms),
+    by module path."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -243,6 +246,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["lost_after"] = bundle.lost_after.to_dict()
     if bundle.flow == "fx":  # the engine tells a PT2E bundle; an eager one reads as before
         meta["flow"] = bundle.flow
+    if bundle.bn_training:
+        meta["bn_training"] = list(bundle.bn_training)
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -328,6 +333,12 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
     if flow not in FLOWS or (flow == "pt2e") != (meta.get("engine") in PT2E_ENGINES):
         raise CaseFileError(f"{source}: 'flow' must be one of {', '.join(FLOWS)}, pt2e with a "
                             "PT2E engine only; capture the model again")
+    training = meta.get("bn_training") or []
+    from .names import is_path as _is_path
+
+    if not isinstance(training, list) or not all(_is_path(t) and t for t in training):
+        raise CaseFileError(f"{source}: 'bn_training' must be a list of module paths; capture "
+                            "the model again")
     flags = meta.get("cpu_flags")
     if flags is not None and not (isinstance(flags, list)
                                   and all(isinstance(f, str) for f in flags)):
@@ -341,7 +352,8 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        tuple(OpRange.from_mapping(op, source) for op in ops),
                        tuple(StaleRequantization.from_mapping(s, source) for s in stale),
                        None if meta.get("lost_after") is None
-                       else LostAfter.from_mapping(meta["lost_after"], source), flow)
+                       else LostAfter.from_mapping(meta["lost_after"], source), flow,
+                       tuple(training))
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

@@ -340,11 +340,13 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   ops: tuple[OpRange, ...] = (),
                   cpu_flags: tuple[str, ...] | None = None,
                   stale: tuple[StaleRequantization, ...] = (),
-                  lost_after: LostAfter | None = None, flow: str = "eager") -> ModelBundle:
+                  lost_after: LostAfter | None = None, flow: str = "eager",
+                  bn_training: tuple[str, ...] = ()) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(judged_ranges(layers), engine, "" if path is None else str(path),
                          tuple(notes),
-                         compiled, reused, cpu_flags, ops, stale, lost_after, flow)
+                         compiled, reused, cpu_flags, ops, stale, lost_after, flow,
+                         bn_training)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

@@ -83,6 +83,29 @@ def qcd069(ops: tuple[OpRange, ...], named: bool, flow: str = "eager") -> Findin
                     "var_low": low, "var_high": high, "output_sqnr_db": db(worst.stats)}, fix)
 
 
+def qcd069_training(batchnorms: tuple[str, ...]) -> Finding | None:
+    """QCD069 for a PT2E graph whose BatchNorms run in training mode (``ModelBundle
+    .bn_training``): every batch is normalised with its own statistics, so the model computes
+    another function than the float one, and one that changes with the batch (pytorch#114547:
+    a DenseNet's standalone BatchNorms, 1.7% top-1). A warning: nothing a conv measures shows
+    it, the fix is one call."""
+    if not batchnorms:
+        return None
+    names = ", ".join(batchnorms)
+    return Finding(
+        DRIFT_CODE, "warning", f"BatchNorm in training mode in the converted graph ({names})",
+        f"The converted graph's batch_norm calls for {names} run with training=True: each "
+        "batch is normalised with its own mean and variance, not the running statistics the "
+        "float model uses in eval, so the quantized model's output depends on what else is in "
+        "the batch. The prepared model was not moved to eval before convert_pt2e (a QAT flow "
+        "trains it; move_exported_model_to_eval switches its BatchNorms and dropout).",
+        {"batchnorms": list(batchnorms)},
+        "from torchao.quantization.pt2e import move_exported_model_to_eval\n"
+        "# after calibration or QAT training, before convert_pt2e:\n"
+        "move_exported_model_to_eval(prepared)\n"
+        "converted = convert_pt2e(prepared)")
+
+
 def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = (),
            engine: str = "", flow: str = "eager") -> list[Finding]:
     """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a

@@ -371,7 +371,8 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
             notes.append("the compiled model, run once on the first batch under "
                          f"torch.no_grad(), failed ({compiled.error}); captured is the graph it "
                          "wraps")
-    return finish_bundle(layers, ENGINE, path, notes, compiled, flow="pt2e")
+    return finish_bundle(layers, ENGINE, path, notes, compiled, flow="pt2e",
+                         bn_training=training_batchnorms(converted))
 
 
 def _float_conv(float_model: Any, p: ConvPattern) -> Any:
@@ -380,6 +381,21 @@ def _float_conv(float_model: Any, p: ConvPattern) -> Any:
         raise CaseError(f"capture_model: {p.name!r}'s weight is {tuple(fconv.weight.shape)} "
                         f"in the float model, {p.weight_codes.shape} quantized")
     return fconv
+
+
+def training_batchnorms(converted: Any) -> tuple[str, ...]:
+    """Module paths of the graph's batch_norm calls that run in training mode (their
+    ``training`` argument True: the model was not moved to eval with
+    ``move_exported_model_to_eval`` before ``convert_pt2e``, as a QAT flow must): each batch
+    is normalised with its own statistics (QCD069)."""
+    found = []
+    for n in converted.graph.nodes:
+        target = str(n.target)
+        if n.op != "call_function" or "batch_norm" not in target or "no_training" in target:
+            continue
+        if len(n.args) > 5 and n.args[5] is True and n.meta.get("nn_module_stack"):
+            found.append(module_path(n))
+    return tuple(dict.fromkeys(found))
 
 
 def _graph_batchnorms(converted: Any) -> set[str]:

@@ -54,7 +54,7 @@ from .channels import qcd066
 from .compiled import qcd063
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
-from .lost import qcd065, qcd069
+from .lost import qcd065, qcd069, qcd069_training
 from .ops import OpRange, between
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
@@ -196,6 +196,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        *qcd066(bundle.layers, screens,
                                                {u.layer for u in upstream}, pt2e),
                                        qcd069(bundle.ops, drift_named, bundle.flow),
+                                       qcd069_training(bundle.bn_training),
                                        qcd072(unfused, upstream),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)

@@ -641,3 +641,57 @@ def test_an_xnnpack_quantized_model_is_refused_in_one_line_that_says_so():
         with pytest.raises(CaseError) as e:
             qconvdiag.capture_model(model, convert_pt2e(prepared), batches)
     assert "quantized to -127..127" in str(e.value) and "X86InductorQuantizer" in str(e.value)
+
+
+class _StandaloneBn(nn.Module):
+    """conv, ReLU, a BatchNorm no conv can fold (DenseNet's pre-activation), conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.r = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.bn, self.c2 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.bn(self.r(self.c1(x))))
+
+
+def test_a_pt2e_batchnorm_left_in_training_mode_is_named():
+    """pytorch#114547: a QAT-prepared DenseNet converted without move_exported_model_to_eval
+    keeps its standalone BatchNorms in training mode (each batch normalised with its own
+    statistics: 1.7% top-1). Nothing named it; QCD069 does now, with the one call that mends
+    it, and the same model moved to eval first has no such finding."""
+    import copy
+    import warnings
+
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    torch.manual_seed(0)
+    model, x = _StandaloneBn(), torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(0, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    found = []
+    for to_eval in (False, True):
+        config = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_qat_pt2e(
+                torch.export.export(copy.deepcopy(model).train(), (x,), strict=True).module(),
+                xiq.X86InductorQuantizer().set_global(config))
+            prepared(x)
+            if to_eval:
+                move_exported_model_to_eval(prepared)
+            bundle = qconvdiag.capture_model(model.eval(), convert_pt2e(prepared), x)
+        report = walk_model(bundle, WalkOptions(top=0)).report
+        found.append([f for f in report.findings if f.code == "QCD069"])
+        if not to_eval:
+            assert bundle.bn_training == ("bn",)
+            again = bundle_from_mapping(bundle_to_mapping(bundle), "b.pt")
+            assert again.bn_training == ("bn",)
+    (named,), after = found
+    assert named.severity == "warning" and "training mode" in named.title
+    assert "move_exported_model_to_eval(prepared)" in named.fix and after == []
