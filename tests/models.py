@@ -110,14 +110,14 @@ def eager(engine: str, dims: int = 2, seed: int = 0) -> tuple[nn.Module, nn.Modu
     return model, quantize_fused(q, engine, dims)
 
 
-def quantize_fused(q: nn.Module, engine: str, dims: int = 2) -> nn.Module:
-    """A fused float model quantized in place: prepare with the engine's default qconfig,
-    calibrate on 4 batches, convert."""
+def quantize_fused(q: nn.Module, engine: str, dims: int = 2, qconfig: Any = None) -> nn.Module:
+    """A fused float model quantized in place: prepare with the engine's default qconfig (or
+    ``qconfig``), calibrate on 4 batches, convert."""
     from torch.ao.quantization import convert, prepare
 
     from tests.cpu import healthy_qconfig
 
-    q.qconfig = healthy_qconfig(engine)
+    q.qconfig = healthy_qconfig(engine) if qconfig is None else qconfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare(q, inplace=True)

@@ -25,18 +25,11 @@ BATCHES = [models.inputs(2, 8, 100 + i) for i in range(4)]
 
 
 def _quantized(fused: torch.nn.Module, qconfig_engine: str) -> torch.nn.Module:
-    from torch.ao.quantization import convert, get_default_qconfig, prepare
+    """``fused`` quantized with ``qconfig_engine``'s default qconfig, calibrated on BATCHES."""
+    from torch.ao.quantization import get_default_qconfig
 
-    q = copy.deepcopy(fused)
-    q.qconfig = get_default_qconfig(qconfig_engine)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepare(q, inplace=True)
-        with torch.no_grad():
-            for b in BATCHES:
-                q(b)
-        convert(q, inplace=True)
-    return q
+    return models.quantize_fused(copy.deepcopy(fused), torch.backends.quantized.engine,
+                                 qconfig=get_default_qconfig(qconfig_engine))
 
 
 def _walk(model: torch.nn.Module, quantized: torch.nn.Module, top: int = 0):  # noqa: ANN202

@@ -42,18 +42,12 @@ def _spread_model() -> torch.nn.Module:
 
 
 def _quantized(model: torch.nn.Module, fuse: list[list[str]]) -> torch.nn.Module:
-    from torch.ao.quantization import convert, fuse_modules, prepare
+    """``model`` fused by ``fuse``, quantized on x86 with its default qconfig (BATCHES)."""
+    from torch.ao.quantization import fuse_modules
 
     torch.backends.quantized.engine = "x86"
     q = fuse_modules(copy.deepcopy(model), fuse) if fuse else copy.deepcopy(model)
-    q.qconfig = healthy_qconfig("x86")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepare(q, inplace=True)
-        with torch.no_grad():
-            for b in BATCHES:
-                q(b)
-        return convert(q)
+    return models.quantize_fused(q, "x86")
 
 
 def _walk(model: torch.nn.Module, quantized: torch.nn.Module, path=None):  # noqa: ANN001, ANN202
