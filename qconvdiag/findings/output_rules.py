@@ -99,20 +99,12 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
         run, energy, stages)
 
 
-def _saturation(run: PathRun) -> tuple[int, int]:
-    """Outputs below and above the dtype's range before clamping (the intended setup's); where
-    none are, the float outputs beyond it (``_float_view``)."""
-    return _counted(run)[:2]
-
-
-def _float_view(run: PathRun) -> bool:
-    """The saturation is counted on the float output: the integer outputs stayed inside the
-    range (the view the stage's excess is measured on: a saturated int16 accumulation, or an
-    input clipped before the conv, can move an output the range leaves out back inside it)."""
-    return _counted(run)[2]
-
-
-def _counted(run: PathRun) -> tuple[int, int, bool]:
+def _saturation(run: PathRun) -> tuple[int, int, bool]:
+    """Outputs below and above the dtype's range before clamping (the intended setup's), and
+    whether they are counted on the float output: where no integer output is beyond it, the
+    float outputs beyond it are (the view the stage's excess is measured on: a saturated int16
+    accumulation, or an input clipped before the conv, can move an output the range leaves
+    out back inside it)."""
     em = run.emulation
     if em is None or not em.unclamped.size:
         return 0, 0, False
@@ -136,7 +128,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         energy = excess(run, "output_clipping")
         if not material(run, energy) or run.float_output is None:
             continue
-        below, above = _saturation(run)
+        below, above, float_view = _saturation(run)
         if below + above == 0:
             continue
         qp = run.spec.output_qparams
@@ -178,7 +170,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
             f"saturate: {' and '.join(sides)}."
             + (" Here an earlier stage moved the integer outputs back inside it (a saturated "
                "accumulation, or an input clipped before the conv): the range leaves them "
-               "out all the same." if _float_view(run) else "")
+               "out all the same." if float_view else "")
             + (" The output observer trims outliers on purpose; here that costs more than it "
                "saves." if production and not trimmed else "")
             + (f" That is {fmt(100 * (below + above) / y0.size)}% of the outputs, as a histogram"

@@ -218,9 +218,9 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
                  default=math.inf)
     got = -math.inf if worst[2].sqnr_db is None else worst[2].sqnr_db
     level = "error" if min(got, lowest) < LOST_DB else "warning"
-    shared_bns = {k.name for _c, k, _x in layers
-                  if sum(k2.name == k.name for _c2, k2, _x2 in layers) > 1}
-    if not any(k.alone and k.name not in shared_bns for _c, k, _x in costly):
+    shared = {k.name for _c, k, _x in layers
+              if sum(k2.name == k.name for _c2, k2, _x2 in layers) > 1}
+    if not any(k.alone and k.name not in shared for _c, k, _x in costly):
         # nothing to fuse without changing the model (a pre-activation network's stem):
         # worth knowing, a breach only where the signal is mostly lost
         level = "warning" if level == "error" else "info"
@@ -232,8 +232,6 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
         more += f" And {len(others) - 4} more."
     after = "".join(f" {loss.layer}'s input is {loss.input.sqnr_db:.1f} dB from the float "
                     "model's there." for loss in mine[:1] if loss.input.sqnr_db is not None)
-    shared = {k.name for _c, k, _x in layers
-              if sum(k2.name == k.name for _c2, k2, _x2 in layers) > 1}
     groups = [[c, k.name, *([k.activation] if k.activation else [])] for c, k, _x in costly
               if k.alone and k.name not in shared]
     listed = "".join(f"\n    {g!r}," for g in groups)

@@ -117,10 +117,13 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     (received_d,), (x_span, float_x_span) = fused_pass(lambda sl: x[sl], (lay.float_input,),
                                                        (case.input, lay.float_input))
     own, propagated, received = (ErrorSummary(*d) for d in (own_d, propagated_d, received_d))
+    # outputs pinned at a limit of the dtype the float output lies beyond: the floors read
+    # 7-bit codes beyond the calibration from them, the dominant stage their energy
+    clipped = np.empty(0, dtype=np.int64) if fp32 else clipped_outputs(
+        case, spec, lay.quantized_output, y)
     f = floors(case, spec, spec_kernel(case, spec, engine, fp32), y, None,
                np.empty(0, dtype=np.int64) if fp32 else lay.quantized_output, input_floor=False,
-               spans=(x_span, y_span),
-               saturated=None if fp32 else _saturated(case, spec, lay.quantized_output, y))
+               spans=(x_span, y_span), saturated=None if fp32 else bool(clipped.size))
     # a float32 output is not rounded to a step: its floor is the weight's and the bias's
     floor = math.sqrt(f.energy - f.stages["output_rounding"] if fp32 else f.energy)
     ratio = own.rmse / floor if floor > 0 else (0.0 if own.rmse == 0 else math.inf)
@@ -136,7 +139,7 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
             findings += (_other_weight(own.rmse ** 2 * y.size, floor ** 2 * y.size, verdict),)
     else:
         dominant = dominant_stage(case, spec, lay.quantized_output, y, own.rmse ** 2 * y.size,
-                                  y_span.positive)
+                                  y_span.positive, clipped)
     in_qp = spec.input_qparams
     # 7-bit inputs (reduce_range) as the floors read them from the codes and the step
     levels = 127 if f.input_bits == 7 else 255
@@ -211,16 +214,19 @@ def _output_values(lay: LayerCapture) -> Callable[[slice], np.ndarray]:
     return lambda sl: dequantize32(flat[sl], qp)
 
 
-def _saturated(case: ConvCase, spec: PathSpec, codes: np.ndarray, y: np.ndarray) -> bool:
-    """Some output is pinned at a limit of its dtype while the float output lies beyond it
-    (below its lowest code only without a fused ReLU, whose zeros are its own clamp)."""
+def clipped_outputs(case: ConvCase, spec: PathSpec, codes: np.ndarray, y: np.ndarray
+                    ) -> np.ndarray:
+    """Flat positions of the outputs pinned at a limit of their dtype while the float output
+    ``y`` lies beyond it (below the lowest code only without a fused ReLU, whose zeros are its
+    own clamp)."""
     qp = spec.output_qparams
     s, zp = float(qp.scale[0]), int(qp.zero_point[0])
     c, yf = codes.reshape(-1), y.reshape(-1)
-    if _beyond(c, yf, qp.dtype_max, (qp.dtype_max - zp + 0.5) * s, above=True).size:
-        return True
-    return case.activation != "relu" and bool(
-        _beyond(c, yf, qp.dtype_min, (qp.dtype_min - zp - 0.5) * s, above=False).size)
+    clipped = _beyond(c, yf, qp.dtype_max, (qp.dtype_max - zp + 0.5) * s, above=True)
+    if case.activation != "relu":
+        clipped = np.concatenate(
+            [clipped, _beyond(c, yf, qp.dtype_min, (qp.dtype_min - zp - 0.5) * s, above=False)])
+    return clipped
 
 
 def _energy(v: np.ndarray) -> float:
@@ -228,7 +234,8 @@ def _energy(v: np.ndarray) -> float:
 
 
 def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, y: np.ndarray,
-                   own_energy: float, positive: int) -> str | None:
+                   own_energy: float, positive: int, clipped: np.ndarray | None = None
+                   ) -> str | None:
     """The stage that adds most of the own error, estimated from the output codes (a layer
     above its floor gets the stage ladder's answer instead). Outputs pinned at a limit of the
     output dtype while the float output lies beyond it are clipped: their error is the
@@ -236,14 +243,13 @@ def dominant_stage(case: ConvCase, spec: PathSpec, codes: np.ndarray, y: np.ndar
     the error has beyond that is the weight's (split between its clipping and its rounding, or
     the module's state when its weight is not the float weight quantized). The input stages
     add nothing: the input is the one received. ``own_energy``: sum((quantized - y)^2);
-    ``positive``: how many of ``y`` are above 0."""
+    ``positive``: how many of ``y`` are above 0; ``clipped``: ``clipped_outputs``, when known
+    already."""
     qp = spec.output_qparams
-    s, zp = float(qp.scale[0]), int(qp.zero_point[0])
+    s = float(qp.scale[0])
     c, yf = codes.reshape(-1), y.reshape(-1)
-    clipped = _beyond(c, yf, qp.dtype_max, (qp.dtype_max - zp + 0.5) * s, above=True)
-    if case.activation != "relu":  # a ReLU's zeros are its own clamp
-        clipped = np.concatenate(
-            [clipped, _beyond(c, yf, qp.dtype_min, (qp.dtype_min - zp - 0.5) * s, above=False)])
+    if clipped is None:
+        clipped = clipped_outputs(case, spec, codes, y)
     e_clipped = dequantize32(c[clipped], qp) - yf[clipped]
     at_limit = _energy(e_clipped)
     rest = max(own_energy - at_limit, 0.0)
