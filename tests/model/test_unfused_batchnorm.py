@@ -194,3 +194,27 @@ def test_the_fuse_fix_changes_nothing_the_float_model_computes():
         assert torch.allclose(scope["model"](x), shared(x), atol=1e-4)  # the ReLU kept
     _b, fixed = _walk(shared, scope["quantized"])
     assert not [x for x in fixed.findings if x.severity != "info"]
+
+
+def test_the_kept_batchnorm_s_sqnr_is_the_batchnorm_applied_to_both_outputs():
+    """QCD072's number against an independent float64 reference: the BatchNorm (and its ReLU)
+    applied to the quantized output and to the float one, per channel."""
+    import numpy as np
+
+    from qconvdiag.model.batchnorm import KeptBatchNorm, kept_cost
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(2, 3, 4, 4))
+    q = y + rng.normal(scale=0.01, size=y.shape)
+    gain, shift = np.array([0.1, 1.0, 10.0]), np.array([0.5, -0.2, 0.0])
+    for relu in ("", "relu"):
+        kept = KeptBatchNorm("bn", tuple(gain), tuple(shift), relu)
+        z = y * gain[None, :, None, None] + shift[None, :, None, None]
+        zq = q * gain[None, :, None, None] + shift[None, :, None, None]
+        if relu:
+            z, zq = np.maximum(z, 0), np.maximum(zq, 0)
+        expected = 10 * np.log10(np.sum(z ** 2) / np.sum((zq - z) ** 2))
+        cost = kept_cost(kept, q, y, 40.0)
+        assert cost.sqnr_db == pytest.approx(expected, abs=1e-9)
+        assert cost.gain_spread == pytest.approx(100.0) and cost.cost_db == pytest.approx(
+            40.0 - expected)
