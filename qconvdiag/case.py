@@ -115,6 +115,19 @@ def reflect_padded(a: np.ndarray, padding: Sequence[int]) -> np.ndarray:
     return np.pad(a, [(0, 0), (0, 0), *((p, p) for p in padding)], mode="reflect")
 
 
+@dataclass(frozen=True)
+class FoldedBatchNorm:
+    """A model walk's conv: the float model's BatchNorm that ``capture_model`` folded into its
+    float weight and bias, as the quantized model folded it (its statistics, for telling a fold
+    with other statistics or another eps apart: QCD027)."""
+
+    name: str
+    """Its module path."""
+    eps: float
+    running_var: tuple[float, ...]
+    """Per output channel."""
+
+
 @dataclass(frozen=True, eq=False)
 class ConvCase:
     """One convolution to explain."""
@@ -154,6 +167,9 @@ class ConvCase:
     model_flow: str | None = None
     """A model walk's conv: the flow its model was quantized with (``ModelBundle.flow``:
     eager, fx or pt2e), whose code its fixes write. Not written to a case file."""
+    folded_bn: FoldedBatchNorm | None = None
+    """A model walk's conv: the BatchNorm folded into its float weight and bias (the float
+    model's, as the quantized model folded it). Not written to a case file."""
     flow: str = "eager"
     """``eager`` or ``pt2e`` (FLOWS). A PT2E case runs on ``x86_inductor`` unless ``--engine``
     says otherwise, its production path is X86InductorQuantizer's default config, and its

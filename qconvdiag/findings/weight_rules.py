@@ -9,10 +9,13 @@ scale saves (QCD020/QCD021/QCD026), per-channel granularity with what it saves b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
+from ..case import FoldedBatchNorm
 from ..measure.evidence import PathRun
 from ..quantization.paths import FOREIGN_CODES
 from ..quantization.qparams import QParams, clip_bounds, dequantize
@@ -346,13 +349,26 @@ FOLD_SMALLEST = 0.01
 FOLD_SPREAD = 1.1
 
 
-def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, float] | None:
-    """(smallest factor, largest factor, worst fit in weight steps, share of the difference
-    explained) when the module's weight is the float weight scaled per output channel, up to
-    rounding: what folding a BatchNorm into the conv gives (w * gamma / sqrt(var + eps)), while
-    the float weight is the conv's before BatchNorm. All-zero float channels (pruned) must be
-    zero in the module too, at least half the channels (two or more) carry a factor, and the
-    factors differ (FOLD_SPREAD). None when it is not, or not shown.
+class Fold(NamedTuple):
+    """``batchnorm_fold``'s evidence."""
+
+    low: float
+    high: float
+    """The smallest and the largest factor."""
+    fit: float
+    """The worst channel's RMS left after the fit, in its weight steps."""
+    explained: float
+    """The share of the difference's energy the factors explain."""
+    factors: np.ndarray
+    """Per output channel (NaN for an all-zero float channel: none to fit)."""
+
+
+def batchnorm_fold(ctx: Context, run: PathRun) -> Fold | None:
+    """The factors when the module's weight is the float weight scaled per output channel, up
+    to rounding: what folding a BatchNorm into the conv gives (w * gamma / sqrt(var + eps)),
+    while the float weight is the conv's before BatchNorm. All-zero float channels (pruned)
+    must be zero in the module too, at least half the channels (two or more) carry a factor,
+    and the factors differ (FOLD_SPREAD). None when it is not, or not shown.
 
     E.g. float weights (0.1, -0.2, 0.3, 0.05) in channel 0, module weight codes (12, -24, 36, 6)
     at step 0.0125: the factor is 1.5 and nothing is left but rounding."""
@@ -375,14 +391,47 @@ def batchnorm_fold(ctx: Context, run: PathRun) -> tuple[float, float, float, flo
     factors = np.where(live, (held * w).sum(axis=1) / np.where(live, norms, 1.0), 1.0)
     left = held - factors[:, None] * w
     fit = float(np.max(np.sqrt((left * left).mean(axis=1)) / steps))
-    factors = factors[live]
     difference = float(((held - w) ** 2).sum())
     explained = 1.0 - float((left * left).sum()) / difference if difference > 0 else 0.0
-    smallest = float(np.abs(factors).min())
+    smallest = float(np.abs(factors[live]).min())
     if fit > FOLD_FIT_STEPS or explained < FOLD_EXPLAINED or smallest < FOLD_SMALLEST \
-            or float(np.abs(factors).max()) < FOLD_SPREAD * smallest:
+            or float(np.abs(factors[live]).max()) < FOLD_SPREAD * smallest:
         return None
-    return float(factors.min()), float(factors.max()), fit, explained
+    return Fold(float(factors[live].min()), float(factors[live].max()), fit, explained,
+                np.where(live, factors, np.nan))
+
+
+#: A fold with another eps: the factors are sqrt((var + eps) / (var + eps')) for one eps' on
+#: every channel to within this (relative; a fitted factor's own error is ~0.7% / sqrt(its
+#: weights), so 2% tells one eps from moved statistics)...
+EPS_FIT = 0.02
+#: ...fitted on the channels whose factor differs from 1 by at least this much (the others
+#: tell nothing of eps': their variance is far above it).
+EPS_INFORMATIVE = 0.01
+#: The eps torchao's prepare_qat_pt2e writes on every batch_norm it rewrites, whatever the
+#: model's (pytorch/ao#4107, #2980: ``export_utils._replace_batchnorm``, ``qat_utils``).
+TORCHAO_QAT_EPS = 1e-5
+
+
+def refolded_eps(factors: np.ndarray, bn: FoldedBatchNorm) -> float | None:
+    """The eps' with which the quantized model folded ``bn`` when that explains the factors
+    (``Fold.factors``) on every channel: w * gamma / sqrt(var + eps') against the float model's
+    w * gamma / sqrt(var + eps); None when no eps' does (its statistics moved, or gamma)."""
+    var = np.asarray(bn.running_var, dtype=np.float64)
+    live = np.isfinite(factors) & (factors > 0)
+    if var.shape != factors.shape or not np.any(live):
+        return None
+    f, v = factors[live], var[live]
+    informative = np.abs(f - 1.0) >= EPS_INFORMATIVE
+    if not np.any(informative):
+        return None
+    eps = float(np.median((v[informative] + bn.eps) / f[informative] ** 2 - v[informative]))
+    if not eps > 0 or math.isclose(eps, bn.eps, rel_tol=0.1):
+        return None
+    predicted = np.sqrt((v + bn.eps) / (v + eps))
+    if float(np.max(np.abs(f / predicted - 1.0))) > EPS_FIT:
+        return None
+    return eps
 
 
 def qcd027(ctx: Context) -> Iterator[Finding]:
@@ -392,8 +441,12 @@ def qcd027(ctx: Context) -> Iterator[Finding]:
     fold = batchnorm_fold(ctx, run)
     if fold is None:
         return
-    low, high, fit, explained = fold
     energy = excess(run, "module_state")
+    bn = ctx.case.folded_bn
+    if bn is not None:  # a model walk's conv: the float weight has the BatchNorm folded in
+        yield _refolded(ctx, run, fold, bn, energy)
+        return
+    low, high, fit, explained = fold.low, fold.high, fold.fit, fold.explained
     yield finding(
         "QCD027", severity(run, energy, "warning"),
         "the float reference is the conv before BatchNorm; the quantized conv has it folded in",
@@ -411,6 +464,67 @@ def qcd027(ctx: Context) -> Iterator[Finding]:
         "conv = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())\n"
         "# a whole model: qconvdiag.capture_model(model, quantized, ...) folds it",
         run, energy, ("module_state",))
+
+
+def _refolded(ctx: Context, run: PathRun, fold: Fold, bn: FoldedBatchNorm, energy: float
+              ) -> Finding:
+    """QCD027 for a model walk's conv, whose float weight has the float model's BatchNorm
+    folded in already: the quantized model folded that BatchNorm with another eps (torchao's
+    QAT writes 1e-05), or with other statistics than the float model's now."""
+    from ..arithmetic.engines import PT2E_ENGINES
+
+    flow = ctx.case.model_flow or ("pt2e" if ctx.case.pt2e or ctx.case.engine in PT2E_ENGINES
+                                   else "eager")
+    eps = refolded_eps(fold.factors, bn)
+    shown = (f"one factor per output channel ({fmt(fold.low)} to {fmt(fold.high)}, "
+             f"{fmt(fold.fit)} weight steps RMS left at most)")
+    evidence = {"factor_min": fold.low, "factor_max": fold.high, "fit_steps": fold.fit,
+                "explained": fold.explained, "batchnorm": bn.name, "batchnorm_eps": bn.eps,
+                "excess": energy}
+    if eps is not None:
+        torchao = flow == "pt2e" and math.isclose(eps, TORCHAO_QAT_EPS, rel_tol=0.1)
+        eps = TORCHAO_QAT_EPS if torchao else float(f"{eps:.2g}")  # as it was written
+        fix = (_QAT_EPS_FIX.format(eps=bn.eps) if torchao else
+               f"# quantize the model again from this float model (its BatchNorm's eps is\n"
+               f"# {fmt(bn.eps)}; the quantized model was converted with eps {fmt(eps)})\n"
+               + model_calibration(flow))
+        return finding(
+            "QCD027", severity(run, energy, "warning"),
+            f"BatchNorm {bn.name} folded with eps {fmt(eps)}, not its {fmt(bn.eps)}",
+            f"The quantized {conv_name(ctx.case)}'s weight is the float model's, with its "
+            f"BatchNorm {bn.name} folded in, times {shown}: sqrt((running_var + {fmt(bn.eps)}) "
+            f"/ (running_var + {fmt(eps)})) gives each within {EPS_FIT:.0%}. The quantized model "
+            f"folded the BatchNorm with eps {fmt(eps)}, not {fmt(bn.eps)}: a channel whose "
+            "running variance is near eps or below is scaled up, its outputs with it. "
+            + ("torchao's prepare_qat_pt2e writes eps 1e-05 (and momentum 0.1) on every "
+               "batch_norm it rewrites, whatever the model's (pytorch/ao#4107, #2980)."
+               if torchao else ""),
+            {**evidence, "folded_eps": eps}, fix, run, energy, ("module_state",))
+    return finding(
+        "QCD027", severity(run, energy, "warning"),
+        f"BatchNorm {bn.name} folded with other statistics than the float model's",
+        f"The quantized {conv_name(ctx.case)}'s weight is the float model's, with its "
+        f"BatchNorm {bn.name} folded in, times {shown}, which no single eps explains: the "
+        "quantized model folded the BatchNorm's running statistics (or gamma) as they were "
+        "at convert, and the float model's moved since (QAT trained them in the prepared "
+        "model, or the float model ran in training mode).",
+        evidence,
+        "# capture with the float model the quantized one was converted from (QAT: its\n"
+        "# trained BatchNorm buffers and weights), or quantize again from this one\n"
+        + model_calibration(flow), run, energy, ("module_state",))
+
+
+_QAT_EPS_FIX = (
+    "# torchao's prepare_qat_pt2e folds every BatchNorm with eps 1e-05: before\n"
+    "# torch.export, give each that eps and running_var + (eps - 1e-05), so that\n"
+    "# running_var + eps, the eval output and the fold stay as they are\n"
+    "for m in model.modules():\n"
+    "    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.eps != 1e-05:\n"
+    "        with torch.no_grad():\n"
+    "            m.running_var += m.eps - 1e-05\n"
+    "        m.eps = 1e-05\n"
+    "# then export, prepare_qat_pt2e, train or calibrate, convert_pt2e as before\n"
+    "# (your BatchNorms had eps {eps:g})")
 
 
 def qcd024(ctx: Context) -> Iterator[Finding]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import MODEL_INPUT_NOTE, ConvCase
+from ..case import MODEL_INPUT_NOTE, ConvCase, FoldedBatchNorm
 from ..errors import CaseFileError
 from ..measure.budget import SAMPLE_RANGE
 from ..quantization.qparams import CODE_DTYPES, QParams, from_mapping
@@ -209,6 +209,26 @@ def _float_array(extra: dict[str, Any], what: str, shape: tuple[int, ...], where
     return a
 
 
+def _folded_stats(value: Any, name: Any, channels: int, where: str) -> FoldedBatchNorm:
+    """A layer's ``bn_folded_stats``: the folded BatchNorm's eps and running variance (one
+    per output channel, finite, the variance at least 0 and the eps above 0)."""
+    from .names import is_path
+
+    try:
+        eps, var = value["eps"], value["running_var"]
+        if not isinstance(var, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in (eps, *var)):
+            raise TypeError
+        stats = FoldedBatchNorm(str(name), float(eps), tuple(float(v) for v in var))
+    except (KeyError, TypeError, ValueError):
+        stats = None
+    if stats is None or not is_path(name) or not name or len(stats.running_var) != channels \
+            or not (math.isfinite(stats.eps) and stats.eps > 0) \
+            or not all(math.isfinite(v) and v >= 0 for v in stats.running_var):
+        raise CaseFileError(f"{where}: 'bn_folded_stats' is malformed; capture the model again")
+    return stats
+
+
 def _output_codes(q_out: np.ndarray, qp: QParams, where: str) -> np.ndarray:
     """A layer's output codes, in their 8-bit dtype as a capture keeps them (checked first:
     a cast would wrap a code outside the dtype's range around)."""
@@ -230,7 +250,11 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                         **({"output": "float32"} if lay.output_float32 else {}),
                         **({"shared_range": list(lay.shared_range)}
                            if lay.shared_range is not None else {}),
-                        **({"bn_kept": lay.bn_kept.to_dict()} if lay.bn_kept else {})}
+                        **({"bn_kept": lay.bn_kept.to_dict()} if lay.bn_kept else {}),
+                        **({"bn_folded_stats": {"eps": lay.case.folded_bn.eps,
+                                                "running_var": list(
+                                                    lay.case.folded_bn.running_var)}}
+                           if lay.case.folded_bn is not None else {})}
                        for lay in bundle.layers]}
     if bundle.compiled is not None:
         meta["compiled"] = bundle.compiled.to_dict()
@@ -304,6 +328,9 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
         if q_out.shape != case.output_shape:
             raise CaseFileError(f"{where}: quantized_output has shape {q_out.shape}, the conv's "
                                 f"output is {case.output_shape}")
+        if info.get("bn_folded_stats") is not None:
+            case = dataclasses.replace(case, folded_bn=_folded_stats(
+                info["bn_folded_stats"], info.get("bn_folded"), case.weight.shape[0], where))
         cal = _range_entry(info.get("calibration_range"), where)
         shared = _range_entry(info.get("shared_range"), where, "shared_range")
         float_output = _float_array(extra, "output", case.output_shape, where)

@@ -26,6 +26,7 @@ from ..case import (
     PADDING_MODES,
     PERSISTED_NOTES,
     REFLECT_NOTE,
+    FoldedBatchNorm,
     ModuleState,
     QuantSetup,
     build_case,
@@ -627,6 +628,9 @@ class FloatSide:
     """The float model's output there: the conv's, or its folded BatchNorm's, then the fused
     ReLU."""
     notes: tuple[str, ...]
+    bn: FoldedBatchNorm | None = None
+    """The BatchNorm folded in, with its statistics (None: none, or one without running
+    statistics)."""
 
 
 def float_reference(fconv: Any, s: Seen, keep: int, float_model: Any, bn_name: str | None,
@@ -642,7 +646,16 @@ def float_reference(fconv: Any, s: Seen, keep: int, float_model: Any, bn_name: s
     y_float = _first(s.bn_output if bn is not None else s.float_output, keep)
     if relu:
         np.maximum(y_float, 0.0, out=y_float)
-    return FloatSide(w, b, x_float, y_float, notes)
+    return FloatSide(w, b, x_float, y_float, notes, folded_batchnorm(bn_name, bn))
+
+
+def folded_batchnorm(name: str | None, bn: Any) -> FoldedBatchNorm | None:
+    """The record of the BatchNorm module ``bn`` (``name``) folded into a conv: its eps and
+    running variance (None without running statistics)."""
+    if name is None or bn is None or getattr(bn, "running_var", None) is None:
+        return None
+    var = bn.running_var.detach().double().reshape(-1).tolist()
+    return FoldedBatchNorm(name, float(bn.eps), tuple(float(v) for v in var))
 
 
 def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndarray,
@@ -661,6 +674,8 @@ def layer_capture(name: str, fconv: Any, float_side: FloatSide, x_codes: np.ndar
                       source=name, activation="relu" if relu else None,
                       notes=(MODEL_INPUT_NOTE,
                              *(n for n in float_side.notes if n in PERSISTED_NOTES)), flow=flow)
+    if float_side.bn is not None:
+        case = dataclasses.replace(case, folded_bn=float_side.bn)
     y_float = float_side.output
     notes = float_side.notes
     if output_float32:

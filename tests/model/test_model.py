@@ -19,6 +19,7 @@ import qconvdiag
 from qconvdiag.errors import QconvdiagError
 from qconvdiag.model.walk import WalkOptions, walk_model
 from tests import models
+from tests.cpu import healthy_qconfig
 from tests.repo import SAMPLES
 
 #: The float model's activations recomputed with BatchNorm folded into the conv agree with the
@@ -1763,3 +1764,47 @@ def test_the_torch_check_sentence_does_not_call_diagnosed_convs_at_their_floor(h
     diagnosed = dataclasses.replace(report, layers=(
         dataclasses.replace(unchecked[0], diagnosed=True),) + at_floor.layers[1:])
     assert torch_sentence(diagnosed).startswith("torch check: none ran: the diagnosed convs")
+
+
+def test_batchnorm_statistics_moved_after_convert_are_named_as_such():
+    """The float model's BatchNorm ran in training mode after convert (its running statistics
+    moved): the quantized conv folded the old ones. QCD027 said the float reference was the
+    conv before its BatchNorm, which the capture had folded already; it names the moved
+    statistics now, no eps explains them, and its fix (quantize again from this float model)
+    runs and brings the conv back to its floor."""
+    f, q = models.eager("x86")
+    x = models.inputs(2, 8, 7)
+    with torch.no_grad():
+        f.train()
+        f(models.inputs(2, 8, 11) * 3)  # one training-mode forward: bn1's statistics move
+        f.eval()
+    bundle, d = walk(f, q, x, top=0)
+    (found,) = [x for x in d.diagnoses["stem"].report.findings if x.code == "QCD027"]
+    assert found.title == "BatchNorm bn1 folded with other statistics than the float model's"
+    assert found.severity == "error" and "folded_eps" not in found.evidence
+    fused = copy.deepcopy(f)
+    torch.ao.quantization.fuse_modules(fused, models.FUSE_2D, inplace=True)
+    fused.qconfig = healthy_qconfig("x86")  # as the fix's comment asks: fused, qconfig set
+    scope = {"model": fused, "calibration_batches": [models.inputs(2, 8, 100 + i)
+                                                     for i in range(4)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(found.fix, "QCD027 fix", "exec"), scope)  # noqa: S102
+    _bundle, after = walk(f, scope["quantized"], x, top=0)
+    assert after.report.layer("stem").verdict == "at_floor"
+
+
+def test_the_eps_of_a_fold_is_read_from_its_factors():
+    """refolded_eps: factors sqrt((var + 1e-3) / (var + 1e-5)) give 1e-5 back; running
+    variances that moved (no single eps) give None, and so do factors an eps cannot give."""
+    from qconvdiag.case import FoldedBatchNorm
+    from qconvdiag.findings.weight_rules import refolded_eps
+
+    var = np.logspace(-5, 0, 16)
+    bn = FoldedBatchNorm("bn", 1e-3, tuple(var))
+    factors = np.sqrt((var + 1e-3) / (var + 1e-5)) * (1 + 0.003 * np.sin(np.arange(16)))
+    assert refolded_eps(factors, bn) == pytest.approx(1e-5, rel=0.05)
+    moved = np.sqrt((var + 1e-3) / (var * np.linspace(0.5, 2.0, 16) + 1e-3))
+    assert refolded_eps(moved, bn) is None
+    assert refolded_eps(np.full(16, 1.0), bn) is None  # nothing differs: no fold to explain
+    assert refolded_eps(np.where(var < 1e-3, 0.5, 1.0), bn) is None  # eps' would be below 0

@@ -679,3 +679,71 @@ def test_a_pt2e_batchnorm_left_in_training_mode_is_named():
     (named,), after = found
     assert named.severity == "warning" and "training mode" in named.title
     assert "move_exported_model_to_eval(prepared)" in named.fix and after == []
+
+
+class _YoloConv(nn.Module):
+    """ultralytics' Conv (conv, BatchNorm with eps 1e-3 and momentum 0.03, activation), then a
+    conv: pytorch/ao#4107's model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn, self.act = nn.BatchNorm2d(8, eps=1e-3, momentum=0.03), nn.ReLU()
+        self.c2 = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.act(self.bn(self.conv(x))))
+
+
+def _qat_converted(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """``model`` through torchao's QAT flow as pytorch/ao#4107 runs it: prepare_qat_pt2e,
+    move_exported_model_to_eval, calibration, convert_pt2e."""
+    import copy
+    import warnings
+
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    config = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_qat_pt2e(
+            torch.export.export(copy.deepcopy(model).train(), (x,), strict=True).module(),
+            xiq.X86InductorQuantizer().set_global(config))
+        move_exported_model_to_eval(prepared)
+        with torch.no_grad():
+            prepared(x)
+        return convert_pt2e(prepared)
+
+
+def test_a_batchnorm_torchao_s_qat_folded_with_its_own_eps_is_named_and_the_fix_runs():
+    """pytorch/ao#4107 (yolo11s, mAP 47 to 43): prepare_qat_pt2e writes eps 1e-05 on every
+    batch_norm, and convert_pt2e folds with it; a channel whose running variance is near
+    1e-3 is scaled up. QCD027 said the float reference was the conv before its BatchNorm (the
+    capture had folded it already) with a fix that changed nothing. It names the eps now, and
+    its fix (eps 1e-05 with the variance shifted, before export) brings the conv back to its
+    floor."""
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    torch.manual_seed(0)
+    model, x = _YoloConv(), torch.randn(8, 3, 12, 12)
+    with torch.no_grad():  # small variances, as dark or low-contrast inputs give
+        model.conv.weight.mul_(0.02)
+        model.bn.running_var.copy_(torch.logspace(-5, -1, 8) * 0.04)
+    model.eval()
+    bundle = qconvdiag.capture_model(model, _qat_converted(model, x), x)
+    assert bundle.layer("conv").case.folded_bn.eps == 1e-3
+    again = bundle_from_mapping(bundle_to_mapping(bundle), "b.pt")
+    assert again.layer("conv").case.folded_bn == bundle.layer("conv").case.folded_bn
+    report = walk_model(again, WalkOptions(top=1)).report
+    (named,) = [f for f in report.details[0].report.findings if f.code == "QCD027"]
+    assert named.severity == "error"
+    assert named.title == "BatchNorm bn folded with eps 1e-05, not its 0.001"
+    assert named.evidence["folded_eps"] == 1e-5 and "pytorch/ao#4107" in named.message
+    exec(compile(named.fix, "QCD027 fix", "exec"), {"model": model, "torch": torch})  # noqa: S102
+    fixed = walk_model(qconvdiag.capture_model(model, _qat_converted(model, x), x),
+                       WalkOptions(top=0)).report
+    conv = fixed.layer("conv")
+    assert conv.verdict == "at_floor" and conv.own.sqnr_db > 35
+    assert report.layer("conv").own.sqnr_db < 0
