@@ -136,6 +136,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                float_model.register_forward_hook(kept("float"))]
     try:
         seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
+        pairs = {name: pairs[name] for name in seen}  # in the order the model runs them
     finally:
         recorder.remove()
         for h in handles:
@@ -427,11 +428,14 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                     batches: list[Any], limit: int,
                     activations: dict[str, list[tuple[str, str, bool]]]) -> dict[str, Seen]:
     seen = {name: Seen() for name in pairs}
+    ran: list[str] = []  # the order the quantized model runs its convs in
 
     def q_hook(name: str) -> Callable[..., None]:
         # the codes copied now, the tensors not kept: the forward's memory is then reused as
         # it is without hooks (kept tensors made every later layer's memory fault in anew)
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            if not seen[name].qinput:
+                ran.append(name)
             seen[name].qinput.append(_Codes.of(args[0]))
             seen[name].qoutput.append(_Codes.of(out))
         return hook
@@ -441,7 +445,9 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
     run_both(float_model, lambda batch: quantized_model(batch),
              {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
              handles, lambda bn: _gone(quantized_model, bn), activations, quantized_model)
-    return seen
+    # in the order they ran (a model may register its modules in another: the walk's "before"
+    # and "last" are the run's)
+    return {name: seen[name] for name in ran}
 
 
 def _first(arrays: Sequence[np.ndarray], keep: int) -> np.ndarray:

@@ -147,3 +147,43 @@ def test_dynamic_quantization_is_refused_in_one_line_that_says_why():
     assert "'conv' is a dynamically quantized conv (torch.ao.nn.quantized.dynamic.Conv2d" \
         in message and "prepare, calibration batches and convert" in message
     assert "\n" not in message
+
+
+class _LaterRegistered(torch.nn.Module):
+    """Its convs registered in one order (tail, head) and run in the other (head, tail), as
+    XLSR registers conv4 before the blocks it runs first (cxzhou95/XLSR#5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.tail = torch.nn.Conv2d(4, 2, 1)
+        self.head = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.tail(self.head(self.quant(x))))
+
+
+def test_the_convs_are_in_the_order_the_model_runs_them() -> None:
+    """The bundle's layers (the walk's "before" and "last") are in run order, not in the order
+    the model registers its modules."""
+    import copy
+    import warnings
+
+    import qconvdiag
+    from qconvdiag.model.walk import WalkOptions, walk_model
+
+    torch.manual_seed(0)
+    model, x = _LaterRegistered().eval(), torch.randn(4, 3, 8, 8)
+    q = copy.deepcopy(model)
+    q.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.prepare(q, inplace=True)
+        q(x)
+        torch.ao.quantization.convert(q, inplace=True)
+    assert [n for n, m in q.named_modules() if "Conv" in type(m).__name__] == ["tail", "head"]
+    bundle = qconvdiag.capture_model(model, q, x)
+    assert [lay.name for lay in bundle.layers] == ["head", "tail"]
+    report = walk_model(bundle, WalkOptions(top=0)).report
+    assert [row.name for row in report.layers] == ["head", "tail"]
