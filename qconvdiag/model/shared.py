@@ -30,61 +30,70 @@ SHARED_NOTE = ("its output qparams are shared with {others} (the inputs of one F
 
 
 def shared_groups(quantized_model: Any, convs: dict[str, Any]
-                  ) -> list[tuple[tuple[str, ...], bool]]:
+                  ) -> list[tuple[tuple[str, ...], bool, tuple[str, ...]]]:
     """The groups of captured convs (``convs``: path -> quantized module) that feed the cats
-    of an FX GraphModule at the same output qparams, each with whether one of its cats takes
-    another input too (a pool branch: its values, at other qparams, are the cat's as well);
-    none for another model. A conv that feeds two cats joins their groups: convert_fx shares
-    the observer across both."""
+    of an FX GraphModule at the same output qparams as another input of the cat (a captured
+    conv, or another quantized module: a ConvTranspose, a Linear), each with whether one of its
+    cats takes another input too (a pool branch, or such a module: its values, at these or
+    other qparams, are the cat's as well) and the other modules' paths; none for another model.
+    A conv that feeds two cats joins their groups: convert_fx shares the observer across
+    both."""
     import torch
 
     if not isinstance(quantized_model, torch.fx.GraphModule):
         return []
-    found: list[tuple[set[str], bool]] = []
+    modules = dict(quantized_model.named_modules())
+    found: list[tuple[set[str], bool, set[str]]] = []
     for node in quantized_model.graph.nodes:
         if not _is_cat(node):
             continue
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         if not isinstance(tensors, (list, tuple)):
             continue
-        sources = [_source_conv(t, convs) for t in tensors]
+        sources = [_source_module(t, modules) for t in tensors]
         by_qparams: dict[tuple[float, int], list[str]] = {}
-        for conv in sources:
-            if conv is not None:
-                q = convs[conv]
-                by_qparams.setdefault((float(q.scale), int(q.zero_point)), []).append(conv)
-        # open: the cat takes another input too (a pool branch, or a conv's output at other
-        # qparams), whose values the shared observer saw as well
-        found += [(set(members), len(members) < len(sources))
-                  for members in by_qparams.values() if len(set(members)) >= 2]
-    merged: list[tuple[set[str], bool]] = []
-    for members, open_ in found:  # groups that share a conv are one observer's
+        for source in sources:
+            if source is not None:
+                m = modules[source]
+                by_qparams.setdefault((float(m.scale), int(m.zero_point)), []).append(source)
+        for sharing in by_qparams.values():
+            mine = {c for c in sharing if c in convs}
+            others = set(sharing) - mine
+            if mine and len(set(sharing)) >= 2:
+                # open: the cat takes another input too (a pool branch, a module no capture
+                # holds, or a conv's output at other qparams), whose values the shared
+                # observer saw as well
+                found.append((mine, len(mine) < len(sources), others))
+    merged: list[tuple[set[str], bool, set[str]]] = []
+    for members, open_, others in found:  # groups that share a conv are one observer's
         for other in [g for g in merged if g[0] & members]:
             merged.remove(other)
-            members, open_ = members | other[0], open_ or other[1]
-        merged.append((members, open_))
+            members, open_, others = members | other[0], open_ or other[1], others | other[2]
+        merged.append((members, open_, others))
     order = list(convs)
-    return [(tuple(sorted(m, key=order.index)), open_) for m, open_ in merged]
+    return [(tuple(sorted(m, key=order.index)), open_, tuple(sorted(others)))
+            for m, open_, others in merged]
 
 
 def with_shared_ranges(layers: Sequence[LayerCapture],
-                       groups: list[tuple[tuple[str, ...], bool]]) -> list[LayerCapture]:
+                       groups: list[tuple[tuple[str, ...], bool, tuple[str, ...]]]
+                       ) -> list[LayerCapture]:
     """``layers`` with each grouped conv's output range widened to its group's (the union of
     its members' ranges: samples and calibration batches; where a cat also takes an input no
     captured conv wrote, whose float range is not known, the range the shared qparams
-    represent), and a note naming the others."""
+    represent), and a note naming the others (convs and other modules)."""
     by_name = {lay.name: lay for lay in layers}
     widened: dict[str, LayerCapture] = {}
-    for group, open_ in groups:
+    for group, open_, modules in groups:
         members = [by_name[c] for c in group if c in by_name and by_name[c].case.output_range]
-        if len(members) < 2:
+        if len(members) + len(modules) < 2:
             continue
         ranges = [lay.case.output_range for lay in members if lay.case.output_range]
         if open_:
             ranges.append(_representable(members[0]))
         union = (min(r[0] for r in ranges), max(r[1] for r in ranges))
         for lay in members:
-            others = ", ".join(m.name for m in members if m is not lay)
+            others = ", ".join([*(m.name for m in members if m is not lay), *modules])
             widened[lay.name] = dataclasses.replace(
                 lay, shared_range=union,
                 case=with_model_range(lay.case, lay.float_output, lay.calibration_range,
@@ -106,15 +115,21 @@ def _is_cat(node: Any) -> bool:
             or (node.op == "call_method" and node.target == "cat"))
 
 
-def _source_conv(node: Any, convs: dict[str, Any]) -> str | None:
-    """The captured conv whose output reaches ``node`` through single-input ops (a ReLU, a
-    pool, a reshape), if any."""
+def _writes_codes(module: Any) -> bool:
+    """A quantized module with output qparams of its own (a conv, a ConvTranspose, a Linear)."""
+    return module is not None and all(
+        isinstance(getattr(module, a, None), (int, float)) for a in ("scale", "zero_point"))
+
+
+def _source_module(node: Any, modules: dict[str, Any]) -> str | None:
+    """The module with output qparams of its own (``_writes_codes``) whose output reaches
+    ``node`` through single-input ops (a ReLU, a pool, a reshape), if any: its path."""
     import torch
 
     for _ in range(DEPTH):
         if not isinstance(node, torch.fx.Node):
             return None
-        if node.op == "call_module" and node.target in convs:
+        if node.op == "call_module" and _writes_codes(modules.get(str(node.target))):
             return str(node.target)
         inputs = node.all_input_nodes
         if len(inputs) != 1 or node.op in ("placeholder", "get_attr") or "quantize" in str(

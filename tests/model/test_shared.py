@@ -130,6 +130,39 @@ class PoolBranch(torch.nn.Module):
         return self.h(y)
 
 
+class TransposeBranch(torch.nn.Module):
+    """A UNet's skip: cat([relu(conv(x)), conv_transpose(y)]); the ConvTranspose (which the
+    capture does not walk) writes signed values, so the shared observer gives the ReLU conv a
+    zero point far above 0 (helper-50's healthy FX UNet: QCD052 warnings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.down = torch.nn.Conv2d(8, 8, 2, stride=2)
+        self.up = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.h = torch.nn.Conv2d(16, 4, 1)
+        with torch.no_grad():  # its range 3-4x the ReLU conv's, on both sides of 0
+            self.up.weight.mul_(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.relu(self.enc(x))
+        return self.h(torch.cat([e, self.up(self.down(e))], 1))
+
+
+def test_a_cat_with_a_module_no_capture_walks_shares_its_qparams_too():
+    """The ReLU conv's output qparams are the ConvTranspose's (one observer for the cat):
+    judged on what they represent, not on the conv's own range; the note names the
+    ConvTranspose."""
+    quantized, bundle, report = _report("fx", TransposeBranch, layers=("enc",))
+    enc, up = quantized.get_submodule("enc"), quantized.get_submodule("up")
+    assert (enc.scale, enc.zero_point) == (up.scale, up.zero_point) and enc.zero_point > 0
+    assert any("shared with up" in n for n in bundle.layer("enc").notes)
+    assert report.layer("enc").verdict == "at_floor"
+    assert not [f for d in report.details for f in d.report.findings if f.severity != "info"]
+
+
 @pytest.mark.parametrize("cls", [TwoCats, PoolBranch])
 def test_a_cat_group_spans_every_cat_and_every_input(cls):  # noqa: ANN001
     """Found by review: groups built per cat left b judged on a's and b's range alone (a feeds
