@@ -253,10 +253,21 @@ def failed_forward(which: str, exc: BaseException, model: Any = None) -> str:
     names = {} if model is None else {id(m): n for n, m in model.named_modules() if n}
     where = ("" if module is None else f" at {names[id(module)]} ({type(module).__name__})"
              if id(module) in names else f" in a {type(module).__name__}")
+    lower = first.lower()
     if "Could not run 'quantized::" in first:
         hint = ("a float tensor reached a quantized op: is a QuantStub missing before it, or "
                 "defined but not called in forward?")
-    elif "QuantizedCPU" in first or "quint8" in first or "qint8" in first:
+    elif "quint8" in lower and ("qint8" in lower.replace("quint8", "")
+                                or "should be quint8" in lower):
+        # pytorch#76298, #83156: a qconfig whose activation observer has dtype qint8 (e.g.
+        # default_symmetric_qnnpack_qconfig); every quantized conv refuses such an input
+        engine = torch.backends.quantized.engine
+        hint = ("its input is qint8: torch's quantized convs take quint8 activations, and the "
+                "qconfig's activation observer has dtype torch.qint8, as "
+                "default_symmetric_qnnpack_qconfig's does; quantize with "
+                f"get_default_qconfig({engine!r}), or get_default_qat_qconfig({engine!r}) "
+                "for QAT; QCD011")
+    elif "QuantizedCPU" in first or "quint8" in lower or "qint8" in lower:
         hint = ("a quantized tensor reached a float op: is a DeQuantStub missing before a "
                 "module its qconfig left in float?")
     else:

@@ -187,3 +187,36 @@ def test_the_convs_are_in_the_order_the_model_runs_them() -> None:
     assert [lay.name for lay in bundle.layers] == ["head", "tail"]
     report = walk_model(bundle, WalkOptions(top=0)).report
     assert [row.name for row in report.layers] == ["head", "tail"]
+
+
+@pytest.mark.parametrize("engine", ["x86", "fbgemm", "qnnpack"])
+def test_qint8_activations_are_refused_in_one_line_that_names_the_qconfig(engine: str) -> None:
+    """pytorch#76298, #83156: a qconfig whose activation observer has dtype qint8
+    (default_symmetric_qnnpack_qconfig) gives convs a qint8 input, which each engine refuses
+    in its own words ("should be QUint8", "Expected activation data type QUInt8 but got
+    QInt8"); the refusal asked whether the model runs on these inputs. It names the qconfig
+    and the engine's default now."""
+    import copy
+    import warnings
+
+    import qconvdiag
+    from qconvdiag.errors import CaseError
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        model, x = _LaterRegistered().eval(), torch.randn(2, 3, 8, 8)
+        q = copy.deepcopy(model)
+        q.qconfig = torch.ao.quantization.default_symmetric_qnnpack_qconfig
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.prepare(q, inplace=True)
+            q(x)
+            torch.ao.quantization.convert(q, inplace=True)
+        with pytest.raises(CaseError) as refused:
+            qconvdiag.capture_model(model, q, x)
+    finally:
+        torch.backends.quantized.engine = previous
+    message = str(refused.value)
+    assert "\n" not in message and "its input is qint8" in message
+    assert f"get_default_qconfig({engine!r})" in message and "QCD011" in message
