@@ -149,7 +149,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
         if lay.output_float32:
             continue
         full = lay.name in explain
-        if full or screens[lay.name].verdict != "at_floor":
+        if full or screens[lay.name].verdict != "at_floor" or _output_defaults(lay):
             say(f"diagnosing {lay.name}" + (" (in full)" if full else ""))
             # its fixes in the model's own flow (an FX model's prepare_fx)
             case = dataclasses.replace(lay.case, model_flow=bundle.flow)
@@ -316,6 +316,16 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
         elif worst is None:
             worst = (math.inf, name)
     return tuple(out)
+
+
+def _output_defaults(lay: LayerCapture) -> bool:
+    """The conv writes its output at an uncalibrated observer's qparams (scale 1.0, zero point
+    0: QCD050), evidence of its own whatever its error on the input it received (an input
+    lost before it leaves it little to round: cxzhou95/XLSR#5's last conv, at 0.9x its floor,
+    put every pixel at 0 or 1). Such a conv is diagnosed, so its finding shows."""
+    qp = lay.quantized_output_qparams
+    return not lay.output_float32 and not qp.per_channel and (
+        float(qp.scale[0]), int(qp.zero_point[0])) == (1.0, 0)
 
 
 def _db_text(sqnr: float | None) -> str:

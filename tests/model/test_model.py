@@ -715,7 +715,7 @@ def test_a_model_converted_without_calibration_is_named_once(tmp_path):  # noqa:
         convert(q, inplace=True)  # no calibration batches
     _b, d = walk(f, q, models.inputs(2, 4, 7), top=1)
     f_shared, n = d.report.shared_cause()
-    assert f_shared.code == "QCD050" and n >= 2
+    assert f_shared.code == "QCD050" and n == len(d.report.layers)  # every conv: all at 1.0, 0
     # the explained conv's fix: its qparams, or the model's own flow (not a one-conv model
     # fed that conv's input, which a model's script does not have); the flow runs
     detail = d.report.details[0]
@@ -1812,3 +1812,38 @@ def test_the_eps_of_a_fold_is_read_from_its_factors():
     assert refolded_eps(moved, bn) is None
     assert refolded_eps(np.full(16, 1.0), bn) is None  # nothing differs: no fold to explain
     assert refolded_eps(np.where(var < 1e-3, 0.5, 1.0), bn) is None  # eps' would be below 0
+
+
+class _Uncalibrated(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.r = torch.nn.ReLU()
+        self.b = torch.nn.Conv2d(8, 4, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.b(self.r(self.a(self.quant(x)))))
+
+
+def test_a_conv_at_its_floor_whose_output_qparams_are_the_defaults_is_diagnosed():
+    """cxzhou95/XLSR#5: converted without calibration, the last conv received an input the
+    QuantStub had lost and sat at 0.9x its floor on it, so it got no diagnosis and its row no
+    finding (its scale 1.0 put every pixel at 0 or 1; '13 of 14 convs report QCD050'). Output
+    qparams at the defaults are evidence of their own: such a conv is diagnosed."""
+    from torch.ao.quantization import convert, fuse_modules, get_default_qconfig, prepare
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    f = _Uncalibrated().eval()
+    with torch.no_grad():
+        f.a.weight.mul_(50)  # the float model's range there is wide; what a receives is not
+    q = copy.deepcopy(f)
+    fuse_modules(q, [["a", "r"]], inplace=True)
+    q.qconfig = get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = convert(prepare(q))  # no calibration batches
+    _b, d = walk(f, q, torch.rand(2, 3, 8, 8) * 1.2 - 0.6)
+    a = d.report.layer("a")
+    assert a.verdict == "at_floor" and a.diagnosed and "a" in d.diagnoses
