@@ -90,8 +90,9 @@ def _differ_packed_on(engine: str, qconv: Any, qinput: Any, qoutput: np.ndarray)
         torch.backends.quantized.engine = engine
         with torch.no_grad():
             fresh = copy.deepcopy(qconv)(qinput)
-    except (RuntimeError, TypeError, copy.Error):  # an engine that cannot pack this conv
-        # (qnnpack's conv3d), or a module that cannot be copied
+    except (RuntimeError, TypeError, IndexError, copy.Error):  # an engine that cannot pack
+        # this conv (qnnpack's conv3d; a qnnpack-packed conv1d read back on another engine
+        # raises IndexError), or a module that cannot be copied
         return None
     finally:
         torch.backends.quantized.engine = previous

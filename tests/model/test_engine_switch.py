@@ -192,3 +192,29 @@ def test_an_engine_switch_that_would_cost_is_a_warning():
     assert ev["extra_energy"]["dw"] >= MATERIAL * floor ** 2
     assert "with fbgemm's kernels dw would lose" in finding.message
     assert d.report.engine == "qnnpack"  # the walk still emulates the kernels that ran
+
+
+def test_a_stale_qnnpack_conv1d_is_refused_not_raised():
+    """A qnnpack Conv1d whose scale was set after its first run: the stale-requantization
+    check repacks a copy on another engine, where torch reads a qnnpack-packed conv1d back
+    with an IndexError, which leaked through capture (helper-49). It is refused as the Conv2d
+    is, in one line."""
+    from torch.ao.quantization import DeQuantStub, QuantStub, convert, get_default_qconfig, prepare
+
+    from qconvdiag.errors import QconvdiagError
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    conv, x = torch.nn.Conv1d(4, 8, 1), torch.randn(1, 4, 7)
+    m = torch.nn.Sequential(QuantStub(), conv, DeQuantStub()).eval()
+    m.qconfig = get_default_qconfig("qnnpack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare(m)
+        p(x)
+        q = convert(p)
+    qm, qx = q[1], q[0](x)
+    qm(qx)  # the first run keeps its requantization
+    qm.scale = float(qm.scale) / 8
+    with pytest.raises(QconvdiagError, match="computes other codes than its own state"):
+        qconvdiag.capture(conv, x, qconv=qm, qinput=qx)
