@@ -145,6 +145,12 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                                 {name: qconv for name, (_f, qconv) in pairs.items()},
                                 {name: s.bn for name, s in seen.items() if s.bn})
     keep, notes = sample_notes(seen, batches, limit)
+    transposed = [(kind, names) for kind, names in _quantized_others(quantized_model).items()
+                  if "ConvTranspose" in kind]
+    if transposed:  # between convs: a loss there shows as the next conv's input loss only
+        notes.append("not walked (qconvdiag diagnoses Conv1d/2d/3d): " + "; ".join(
+            f"{kind} {', '.join(names)}" for kind, names in transposed)
+            + "; a loss there shows as the input lost before the conv after it (QCD065)")
     if any(returned):
         notes.append("the quantized model returns a quantized tensor: is a DeQuantStub missing "
                      "at its end? Float code after it (argmax, softmax, a loss) refuses one")
@@ -271,6 +277,13 @@ def _no_quantized_conv(model: Any) -> str:
         return ("capture_model: the quantized model is a prepared one, not converted yet (its "
                 f"{type(observers[0]).__name__} modules still observe): calibrate it, then "
                 "pass what convert_pt2e, convert_fx or convert returns")
+    others = _quantized_others(model)
+    if others:  # quantized layers, none of them a conv qconvdiag walks
+        listed = "; ".join(f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                           for kind, names in others.items())
+        return (f"capture_model: the quantized model holds no quantized conv; its quantized "
+                f"layers are {listed}: qconvdiag diagnoses Conv1d/2d/3d (and ConvReLU), not "
+                "Linear or ConvTranspose layers")
     # convert_fx marks the graph it returns (torch.ao's quantize_fx: meta
     # '_user_preserved_attributes'); a symbolic_trace of the float model has the same nodes
     if isinstance(model, torch.fx.GraphModule) and "_user_preserved_attributes" in getattr(
@@ -295,6 +308,20 @@ def _no_quantized_conv(model: Any) -> str:
                 "model with prepare, calibration batches and convert")
     return ("capture_model: the quantized model holds no quantized conv (torch.ao.nn.quantized "
             "Conv1d/2d/3d, ConvReLU)")
+
+
+def _quantized_others(model: Any) -> dict[str, list[str]]:
+    """The statically quantized modules of ``model`` that are not convs qconvdiag walks
+    (Linear, ConvTranspose: torch.ao.nn.quantized's, with output qparams), by kind."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if name and type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic"
+                                                    ".quantized")) and not _dynamic(m) \
+                and not _is_quantized_conv(m) and isinstance(getattr(m, "scale", None), float) \
+                and ("Linear" in kind or "ConvTranspose" in kind):
+            found.setdefault(kind, []).append(name)
+    return found
 
 
 def _dynamic(module: Any) -> bool:

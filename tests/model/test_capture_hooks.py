@@ -220,3 +220,37 @@ def test_qint8_activations_are_refused_in_one_line_that_names_the_qconfig(engine
     message = str(refused.value)
     assert "\n" not in message and "its input is qint8" in message
     assert f"get_default_qconfig({engine!r})" in message and "QCD011" in message
+
+
+def test_linear_and_conv_transpose_layers_are_named_where_they_are_not_walked() -> None:
+    """pytorch#123824: a convert_fx model of Linear layers only was refused as 'a graph
+    without quantize or dequantize nodes'; it names its quantized layers now. A quantized
+    ConvTranspose between convs (a UNet's up-sampling) was skipped silently: a note says so
+    (helper-50: torch's fbgemm ConvTranspose2d lost the signal, and nothing pointed at it)."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    import qconvdiag
+    from qconvdiag.errors import CaseError
+
+    from tests.model.test_shared import TransposeBranch
+
+    torch.manual_seed(0)
+    cases = [(torch.nn.Sequential(torch.nn.Linear(5, 5)).eval(), torch.rand(2, 5)),
+             (TransposeBranch().eval(), torch.randn(2, 3, 8, 8))]
+    converted = []
+    for model, x in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"),
+                                  (x,))
+            prepared(x)
+            converted.append(convert_fx(prepared))
+    with pytest.raises(CaseError) as refused:
+        qconvdiag.capture_model(cases[0][0], converted[0], cases[0][1])
+    assert "its quantized layers are Linear (0)" in str(refused.value)
+    bundle = qconvdiag.capture_model(cases[1][0], converted[1], cases[1][1])
+    assert any(n.startswith("not walked") and "ConvTranspose2d up" in n for n in bundle.notes)
