@@ -235,7 +235,6 @@ def test_linear_and_conv_transpose_layers_are_named_where_they_are_not_walked() 
 
     import qconvdiag
     from qconvdiag.errors import CaseError
-
     from tests.model.test_shared import TransposeBranch
 
     torch.manual_seed(0)
