@@ -54,12 +54,16 @@ def input_fix(case: ConvCase, run: PathRun | None = None) -> tuple[str, QParams]
 
     seven = run is not None and (run.kernel.accumulation != EXACT or (
         run.report.budget is not None and run.report.budget.input_bits == 7))
-    lo, hi = min(float(case.input.min()), 0.0), max(float(case.input.max()), 0.0)
+    from ..measure.budget import calibrated_span
+    from ..measure.metrics import Span
+
+    span = calibrated_span(case, Span.of(case.input))  # the calibration batches' where like
+    lo, hi = min(span.low, 0.0), max(span.high, 0.0)
     if seven:
         scale = (hi - lo) / 127 if hi > lo else 1.0
         zp = int(np.clip(-round(lo / scale), 0, 127))
     else:
-        scale, zp = minmax_qparams(case.input, "quint8")
+        scale, zp = minmax_qparams(np.array([lo, hi], dtype=np.float32), "quint8")
     qp = per_tensor(scale, zp, "quint8", "fix")
     if seven:
         why = ("this kernel sums int16 pairs" if run is not None

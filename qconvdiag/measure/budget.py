@@ -62,6 +62,12 @@ SLACK = 4.0
 #: diagnosed are judged as leniently as 8-bit ones: at 2.6, 9.6% of healthy 7-bit layers
 #: calibrated on other batches warned against 0.6% of 8-bit ones).
 SEVEN_BIT_RATIO = 3.0
+#: Calibration batches given with a case (``--calib``) are like its input when their range and
+#: the input's together span at most this many times the input's own: heavy-tailed data's
+#: batches reach that (helper-49: three batches of outlier data, 1.97x one batch's range);
+#: calibration on data scaled otherwise (6x) does not. The input's step is then judged
+#: against that range (the observer saw it), else against the input's.
+CALIBRATION_LIKE = 3.0
 #: A model walk captured without calibration batches knows its outputs' range from a few
 #: samples, narrower than what the observers saw (by up to 5x measured on healthy models with
 #: heavy-tailed activations and 2-8 samples): an output step up to this many times the ideal
@@ -314,6 +320,7 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     x = case.input
     relu = case.activation == "relu"
     x_span, y_span = spans if spans is not None else (Span.of(x), Span.of(y0))
+    x_span = calibrated_span(case, x_span)
     active = y_span.positive / max(y0.size, 1) if relu else 1.0
     lo, hi = (max(y_span.low, 0.0), max(y_span.high, 0.0)) if relu else y_span[:2]
     lo, hi = output_span_of(case, lo, hi)
@@ -349,6 +356,29 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
               "output_rounding": f_out}
     return Floors(stages, f_in8, f_out8, on_input * (4 if in_bits == 7 else 1), in_bits,
                   out_bits, in_ratio, out_ratio)
+
+
+def calibrated_span(case: ConvCase, x_span: Span) -> Span:
+    """The input's span (``x_span``), widened to the range of the calibration batches given
+    with it (``case.input_range``) where they are like it (``CALIBRATION_LIKE``)."""
+    if calibration_unlike(case, x_span) is not False:
+        return x_span
+    assert case.input_range is not None
+    return Span(min(x_span.low, case.input_range[0]), max(x_span.high, case.input_range[1]),
+                x_span.positive)
+
+
+def calibration_unlike(case: ConvCase, x_span: Span | None = None) -> float | bool | None:
+    """How many times the input's range the calibration batches given with it and the input
+    span together, where that is more than ``CALIBRATION_LIKE`` (data unlike the input); False
+    where they are like it; None without them."""
+    if case.input_range is None:
+        return None
+    span = x_span if x_span is not None else Span.of(case.input)
+    own = max(span.high, 0.0) - min(span.low, 0.0)
+    lo, hi = min(case.input_range[0], span.low, 0.0), max(case.input_range[1], span.high, 0.0)
+    times = (hi - lo) / own if own > 0 else math.inf
+    return times if times > CALIBRATION_LIKE else False
 
 
 def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple[StageResult, ...],

@@ -107,3 +107,54 @@ def test_a_bias_from_another_checkpoint_is_fixed_with_its_weight() -> None:
     assert torch.allclose(b, conv.bias.detach())
     assert float((w - conv.weight.detach()).abs().max()) <= float(
         conv.weight.detach().abs().max()) / 127
+
+
+def _heavy_tailed(g: torch.Generator) -> torch.Tensor:
+    """A batch whose 1 in 300 values are 25x the rest (helper-49's 'outliers' data)."""
+    x = torch.randn(4, 3, 11, 11, generator=g)
+    return torch.where(torch.rand(x.shape, generator=g) < 1 / 300, x * 25, x)
+
+
+def test_an_input_judged_against_the_calibration_batches_given_with_it() -> None:
+    """The engine's default flow calibrated on three batches of heavy-tailed data, diagnosed
+    on one of them (2.3x narrower than the three): its input step is 4x what that batch needs,
+    so QCD012 named it an error on a layer quantized as torch's default flow does (helper-49:
+    9-11 of 220 healthy layers per engine), and --calib changed only the production path.
+    Given the batches, the input's step is judged against their range: quiet. Batches unlike
+    the input (6x its scale, what a user calibrates on by mistake) are not taken as its range:
+    QCD012 stays, and says how much wider they are; without batches it says that
+    --calib would tell."""
+    from torch.ao.quantization import get_default_qconfig
+
+    g = torch.Generator().manual_seed(2)
+    calibration = [_heavy_tailed(g) for _ in range(3)]
+    x = calibration[0]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).eval()
+
+    def loud(qm, qx, calib):  # noqa: ANN001, ANN202
+        case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
+        options = qconvdiag.Options(
+            engine="x86", calib=None if calib is None else torch.cat(calib).numpy())
+        report = qconvdiag.diagnose(case, options)
+        return {f.code: f for f in report.findings
+                if f.path == "as_given" and f.severity != "info"}
+
+    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
+                                torch.ao.quantization.DeQuantStub()).eval()
+    model.qconfig = get_default_qconfig("x86")
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = torch.ao.quantization.prepare(model)
+        for batch in calibration:
+            prepared(batch)
+        quantized = torch.ao.quantization.convert(prepared)
+        qx = quantized[0](x)
+    without = loud(quantized[1], qx, None)
+    assert without["QCD012"].severity == "error" and "--calib" in without["QCD012"].message
+    assert loud(quantized[1], qx, calibration) == {}
+    unlike = [6 * b for b in calibration]
+    qm, qx6 = _eager(conv, x, "x86", unlike, reduce_range=True)
+    named = loud(qm, qx6, unlike)["QCD012"]
+    assert named.severity == "error" and "calibration batches given with it span" in named.message
