@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+from ..measure.evidence import PathRun
 from ..report import Finding
 from .base import Context, excess, finding, fmt
 
@@ -81,23 +82,61 @@ def qcd061(ctx: Context) -> Iterator[Finding]:
         check = run.report.torch_check
         if not check.ran or not check.mismatched_elements:
             continue
-        depthwise = ctx.case.weight.shape[1] == 1 and ctx.case.geometry.groups > 1
-        known = run.report.kernel == "onednn" and depthwise
+        grouped = ctx.case.geometry.groups > 1
+        padding_only = _in_padding_only(ctx, run)
+        # oneDNN without VNNI (it sums int16 pairs there): README 'Limits'' classes
+        known = (run.report.kernel == "onednn" and grouped and not padding_only
+                 and run.report.accumulation != "exact")
         energy = excess(run, "backend_residual")
+        g = ctx.case.geometry
         yield finding(
             "QCD061", "warning",
             f"torch's output differs from the emulation on {run.report.engine}",
             f"{check.mismatched_elements} output elements of the {run.report.name} path differ "
             f"from the integer-exact emulation by up to {fmt(check.max_abs_lsb or 0)} steps; "
             "the stage table attributes that difference to backend_residual."
-            + (" This is the known unmatched class (oneDNN depthwise convs on AVX512 CPUs "
+            + (f" Every one is an output whose window reads padding only (padding "
+               f"{tuple(g.padding)}, at least the kernel's reach), where the conv gives its "
+               f"bias alone, as the emulation does; torch's {run.report.kernel} kernel does "
+               "not there (oneDNN's depthwise kernel leaves such outputs undefined: measured, "
+               "their codes change from run to run of the same call). A fault of torch's "
+               "kernel, not of this layer's qparams; a padding under the kernel's size avoids "
+               "it." if padding_only else
+               " This is a known unmatched class (oneDNN's grouped and depthwise convs "
                "without VNNI; README 'Limits')." if known else
                " Please report this case: qconvdiag.capture(...) writes it."),
             {"mismatched_elements": check.mismatched_elements,
              "max_abs_lsb": check.max_abs_lsb, "kernel": run.report.kernel,
-             "accumulation": run.report.accumulation, "known_limit": known, "excess": energy},
-            "qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path='report_me.pt')",
+             "accumulation": run.report.accumulation, "known_limit": known,
+             "padding_only": padding_only, "excess": energy},
+            "qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path='report_me.pt')"
+            if not padding_only else
+            f"# padding {tuple(g.padding)} reaches past the kernel: outputs that read padding "
+            "only are\n# the bias alone; drop them (a smaller padding) or run on another "
+            "engine\ntorch.backends.quantized.engine = \"fbgemm\"",
             run, energy, ("backend_residual",))
+
+
+def _in_padding_only(ctx: Context, run: PathRun) -> bool:
+    """Every output where torch's codes differ from the emulation's reads padding only: its
+    window lies wholly before or after the input in some spatial dim (padding at least the
+    kernel's reach: outputs a kernel may leave unwritten)."""
+    import numpy as np
+
+    em = run.module_emulation or run.emulation
+    if run.torch_codes is None or em is None or em.output_codes.shape != run.torch_codes.shape:
+        return False
+    where = np.argwhere(run.torch_codes != em.output_codes)
+    if not where.size:
+        return False
+    case, g = ctx.case, ctx.case.geometry
+    outside = np.zeros(len(where), dtype=bool)
+    for d, k in enumerate(case.kernel_size):
+        o = where[:, 2 + d]
+        first = o * g.stride[d] - g.padding[d]  # the window's first input position
+        last = first + (k - 1) * g.dilation[d]
+        outside |= (last < 0) | (first >= case.input.shape[2 + d])
+    return bool(outside.all())
 
 
 def qcd062(ctx: Context) -> Iterator[Finding]:

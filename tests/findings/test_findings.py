@@ -649,3 +649,30 @@ def test_a_bias_beyond_int32_at_its_step_is_said_to_be_clamped():
     fixed = diagnose(apply_fix(case, "qnnpack", f031.fix), Options(engine="qnnpack"))
     assert not [f for f in fixed.findings if f.code == "QCD031" and f.path == "as_given"]
     assert fixed.verdict.sqnr_db > report.verdict.sqnr_db + 20
+
+
+def test_torch_codes_that_differ_only_where_the_window_reads_padding_are_said_so():
+    """helper-49: torch's onednn depthwise kernel with padding past the kernel's reach leaves
+    the outputs whose window reads padding only undefined (their codes change from call to
+    call); QCD061 called that 'the known unmatched class (AVX512 CPUs without VNNI)' on a CPU
+    with VNNI. Mismatches all in such outputs are named as such; one elsewhere is not."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from qconvdiag.case import build_case
+    from qconvdiag.findings.backend_rules import _in_padding_only
+
+    case = build_case(np.zeros((1, 2, 4, 4), np.float32), np.ones((2, 1, 2, 2), np.float32),
+                      None, stride=[2, 2], padding=[2, 2], groups=2)
+    assert case.output_shape == (1, 2, 4, 4)
+    codes = np.full(case.output_shape, 7, dtype=np.int64)
+    theirs = codes.copy()
+    theirs[0, 1, 0, 3] = 200  # row 0 reads input rows -2, -1: padding only
+    theirs[0, 0, 3, 3] = 9  # column 3 reads input columns 4, 5: past the input
+    run = SimpleNamespace(torch_codes=theirs, module_emulation=None,
+                          emulation=SimpleNamespace(output_codes=codes))
+    ctx = SimpleNamespace(case=case)
+    assert _in_padding_only(ctx, run)
+    theirs[0, 0, 2, 2] = 8  # a window over real inputs
+    assert not _in_padding_only(ctx, run)
