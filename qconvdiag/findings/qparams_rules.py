@@ -96,6 +96,10 @@ def qcd003(ctx: Context) -> Iterator[Finding]:
     for name, qp, tensor in _user_qparams(ctx):
         if tensor is None or qp.per_channel:
             continue
+        if qp.dtype == "qint8" and qp.zero_point[0] == 0:
+            continue  # symmetric: max|t| / 127 (254 steps) keeps the largest value unclipped,
+            # as QCD020's fix does, and torch's observers' / 127.5 spans 254.x on a range a
+            # little short of symmetric: neither is the thread's (max - min) / 254
         t_max, t_min = tensor.max(), tensor.min()
         rng = float(t_max - t_min)
         if rng <= 0:

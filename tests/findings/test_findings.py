@@ -676,3 +676,35 @@ def test_torch_codes_that_differ_only_where_the_window_reads_padding_are_said_so
     assert _in_padding_only(ctx, run)
     theirs[0, 0, 2, 2] = 8  # a window over real inputs
     assert not _in_padding_only(ctx, run)
+
+
+def test_a_symmetric_weight_scale_over_127_is_not_the_thread_s_formula():
+    """helper-49: QCD003 ('the formula divides by 254') fired on max|w| / 127, QCD020's own fix,
+    and on torch's symmetric observers (/ 127.5) over a range a little short of symmetric (45
+    of 682 healthy qnnpack layers). Symmetric qint8 weights are not the thread's (max - min) /
+    254: no QCD003."""
+    import torch
+
+    import qconvdiag
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    conv = torch.nn.Conv2d(4, 6, 3).eval()
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = -float(conv.weight.abs().max()) * 1.0  # a little asymmetric
+    x = torch.rand(2, 4, 8, 8)
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # its range is the input qparams' own
+    w = conv.weight.detach()
+    top = float(w.abs().max())
+    assert abs(float(w.max() - w.min()) / (top / 127) - 254) <= 0.5  # the thread's count
+    qm = torch.ao.nn.quantized.Conv2d(4, 6, 3)
+    qm.set_weight_bias(torch.quantize_per_tensor(w, top / 127, 0, torch.qint8),
+                       conv.bias.detach())
+    with torch.no_grad():
+        y = conv(x)
+    qm.scale, qm.zero_point = float(y.max() - y.min()) / 255, int(round(-float(y.min()) / (
+        float(y.max() - y.min()) / 255)))
+    qx = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None),
+                                qconvdiag.Options(engine="qnnpack"))
+    assert "QCD003" not in {f.code for f in report.findings}
