@@ -84,8 +84,9 @@ def shared_cause_sentence(report: ModelReport) -> str | None:
     f, n = shared
     why = ("the model was quantized with 7-bit activations (reduce_range=True, as x86's and "
            "fbgemm's default qconfig sets: only their int16 pair sums need it) and runs on "
-           "qnnpack, whose kernels sum exactly: quantize it with qnnpack's default qconfig "
-           "(get_default_qconfig('qnnpack'); get_default_qconfig_mapping('qnnpack') in FX)"
+           "qnnpack, whose kernels sum exactly: quantize it with qnnpack's 8-bit activations "
+           "(get_default_qconfig('qnnpack').activation; per-channel weights may stay, "
+           "default_per_channel_weight_observer, as the layers' fixes keep them)"
            if f.title == REDUCED_TITLE
            else MODEL_WIDE.get(f.code, "one cause for the whole model, and one fix"))
     return (f"A model-wide cause: {n} of {len(report.layers)} convs report {f.code} "
