@@ -181,7 +181,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                 if REUSE_CODE not in options.ignore},
                                {name: kept.name for name, kept, _c in unfused
                                 if BN_CODE not in options.ignore})
-    lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow)
+    lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow,
+                  carried_to_end([lay.name for lay in bundle.layers], screens))
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
         op.drifted() for u in upstream if u.blamed_on is None
@@ -216,6 +217,16 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
         upstream=upstream,
         findings=model_findings)
     return ModelDiagnosis(report, diagnoses)
+
+
+def carried_to_end(order: list[str], screens: dict[str, Screen]) -> tuple[str, float] | None:
+    """The last conv (``order``: model order) and its propagated SQNR, where no conv is broken
+    by its own error: what the model carries to its end is then the losses before the convs
+    (QCD065's grade, lost.py); None where a conv is, or the last is exact."""
+    end = screens[order[-1]].propagated.sqnr_db
+    if end is None or any(s.verdict == "broken" for s in screens.values()):
+        return None
+    return order[-1], end
 
 
 #: A conv's input is lost upstream when it is this many dB worse than the worst propagated

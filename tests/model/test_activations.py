@@ -434,3 +434,36 @@ def test_a_module_and_a_function_found_wrong_are_mended_by_one_fix():
                  "quint8", 0.0, 0.0, ("c2",), False, False,
                  wrong=WrongValues("Sigmoid", 90, 100, 30.0, False, False), own_qparams=False)
     assert max(len(line) for line in dataclasses.replace(op).fix().split("\n")) <= 80
+
+
+def test_a_loss_the_model_carries_to_its_last_conv_below_10_db_is_an_error():
+    """helper-50: an EfficientNet-like model calibrated on 16x its inputs lost a few dB at each
+    SiLU's quantize, none 10 dB below the convs before it, and ended at -0.8 dB (51% against
+    99.7%) with QCD065 a warning (its first conv's input, 29 dB) and --fail-on error exiting
+    0. Where the model carries the loss to its last conv below LOST_DB and no conv is broken
+    by its own error, QCD065 is an error, and says so."""
+    from qconvdiag.model.lost import LOST_DB, qcd065
+    from qconvdiag.model_report import ErrorSummary, UpstreamLoss
+
+    loss = UpstreamLoss("stem", ErrorSummary(29.2, 0.01, 0.1), 25.0, None, None,
+                        "stem's input is 29.2 dB from the float model's.")
+    (alone,) = qcd065((loss,), False)
+    assert alone.severity == "warning"
+    (carried,) = qcd065((loss,), False, carried=("head", -0.8))
+    assert carried.severity == "error" and "its last conv (head), -0.8 dB" in carried.message
+    (kept,) = qcd065((loss,), False, carried=("head", LOST_DB + 5))
+    assert kept.severity == "warning"
+
+
+def test_what_the_model_carries_to_its_end_is_the_losses_only_where_no_conv_is_broken():
+    from types import SimpleNamespace
+
+    from qconvdiag.model.walk import carried_to_end
+
+    def screen(verdict, propagated):  # noqa: ANN001, ANN202
+        return SimpleNamespace(verdict=verdict, propagated=SimpleNamespace(sqnr_db=propagated))
+
+    screens = {"a": screen("at_floor", 20.0), "b": screen("above_floor", -0.8)}
+    assert carried_to_end(["a", "b"], screens) == ("b", -0.8)
+    screens["a"] = screen("broken", 3.0)  # a conv's own error explains it: not the losses'
+    assert carried_to_end(["a", "b"], screens) is None
