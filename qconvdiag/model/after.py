@@ -33,10 +33,14 @@ class LostAfter:
     after: tuple[str, ...]
     """The quantized ops with their own qparams that ran after the last conv (a Linear, an
     add: ops.py's record), in order."""
+    output: str = ""
+    """Which of the model's outputs (a tuple's index, a dict's key: ``logits``) is the worst,
+    where it returns several ("" for one tensor)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"last_conv": self.last_conv, "last_conv_sqnr_db": self.last_conv_sqnr_db,
-                "output_sqnr_db": self.output_sqnr_db, "after": list(self.after)}
+                "output_sqnr_db": self.output_sqnr_db, "after": list(self.after),
+                **({"output": self.output} if self.output else {})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> LostAfter:
@@ -47,25 +51,26 @@ class LostAfter:
             out = m["output_sqnr_db"]
             lost = LostAfter(str(m["last_conv"]), float(m["last_conv_sqnr_db"]),
                              None if out is None else float(out),
-                             tuple(str(a) for a in m.get("after") or ()))
+                             tuple(str(a) for a in m.get("after") or ()),
+                             m.get("output", ""))
         except (KeyError, TypeError, ValueError, AttributeError):
             lost = None
-        if lost is None or not is_path(lost.last_conv) or not all(is_op_name(a)
-                                                                  for a in lost.after):
+        if lost is None or not is_path(lost.last_conv) or not all(
+                is_op_name(a) for a in lost.after) or not is_path(lost.output):
             raise CaseFileError(f"{source}: 'lost_after' is malformed; capture the model "
                                 "again")
         return lost
 
 
 def lost_after(last_conv: str, last_sqnr: float | None, output_sqnr: float | None,
-               after: tuple[str, ...]) -> LostAfter | None:
-    """The loss after the last conv, when the output is AFTER_DB below it (None: no loss, or
-    nothing to compare: an exact last conv)."""
+               after: tuple[str, ...], output: str = "") -> LostAfter | None:
+    """The loss after the last conv, when the output (``output``, of several) is AFTER_DB
+    below it (None: no loss, or nothing to compare: an exact last conv)."""
     if last_sqnr is None:  # the last conv is exact: any loss after it shows in QCD065's way
         return None
     if output_sqnr is not None and output_sqnr > last_sqnr - AFTER_DB:
         return None
-    return LostAfter(last_conv, last_sqnr, output_sqnr, after)
+    return LostAfter(last_conv, last_sqnr, output_sqnr, after, output)
 
 
 def qcd071(lost: LostAfter | None) -> Finding | None:
@@ -76,8 +81,9 @@ def qcd071(lost: LostAfter | None) -> Finding | None:
     out_text = "no signal left" if out is None else f"{out:.1f} dB from the float model's"
     ops = (f"the quantized ops with their own qparams after it: {', '.join(lost.after)}"
            if lost.after else "no quantized op with its own qparams was seen after it")
+    which = f"output {lost.output!r}" if lost.output else "output"
     message = (
-        f"The quantized model's output is {out_text}, while its last conv, {lost.last_conv}, "
+        f"The quantized model's {which} is {out_text}, while its last conv, {lost.last_conv}, "
         f"is {lost.last_conv_sqnr_db:.1f} dB: the signal is lost after the last conv ({ops}). "
         "qconvdiag screens convs only; whatever their verdicts, the model's output is not "
         "the float model's. A Linear holding other weights than the float model's (another "

@@ -15,6 +15,7 @@ the quantized conv fused it).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -223,9 +224,10 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
 def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[Any]],
                 keep: int, after: tuple[str, ...]) -> LostAfter | None:
-    """The models' outputs (one tensor each, of one shape) against each other, and the conv
-    the quantized model ran last against the float model's output there (its propagated
-    SQNR), on the kept samples: the loss after the last conv (after.py), if any."""
+    """The models' outputs against each other (one tensor each, or a tuple, list or dict of
+    them: each leaf against its twin, the worst one kept), and the conv the quantized model ran
+    last against the float model's output there (its propagated SQNR), on the kept samples:
+    the loss after the last conv (after.py), if any."""
     from ..measure.metrics import difference
     from .after import lost_after
 
@@ -233,20 +235,67 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
     q_out, f_out = outputs["quantized"], outputs["float"]
     if lay is None or lay.output_float32 or not q_out or len(q_out) != len(f_out):
         return None
-    pairs = []
+    leaves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for q, f in zip(q_out, f_out):
-        q = q.dequantize() if getattr(q, "is_quantized", False) else q
-        if not (hasattr(q, "shape") and hasattr(f, "shape")) or tuple(q.shape) != tuple(
-                f.shape) or not q.is_floating_point() or not f.is_floating_point():
-            return None  # not one float tensor each: nothing this compares
-        pairs.append((q.detach().float().numpy(), f.detach().float().numpy()))
-    got = np.concatenate([q for q, _ in pairs])[:keep]
-    want = np.concatenate([f for _, f in pairs])[:keep]
-    if got.size == 0 or not (np.isfinite(got).all() and np.isfinite(want).all()):
+        pairs = _leaf_pairs(q, f)
+        if pairs is None:
+            return None  # not the same structure of float tensors: nothing this compares
+        for key, pair in pairs:
+            leaves.setdefault(key, []).append(pair)
+    worst: tuple[float, str] | None = None  # (output SQNR, leaf); -inf: no signal left
+    for key, batches in leaves.items():
+        got = np.concatenate([q for q, _ in batches])[:keep]
+        want = np.concatenate([f for _, f in batches])[:keep]
+        if got.size == 0 or not (np.isfinite(got).all() and np.isfinite(want).all()):
+            continue
+        d = difference(got, want)
+        # exact: +inf; a reference all zero with an error: no signal left (-inf)
+        value = math.inf if d.rmse == 0 else -math.inf if d.sqnr_db is None else d.sqnr_db
+        if worst is None or value < worst[0]:
+            worst = (value, key)
+    if worst is None:
         return None
     last_q = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
     last_sqnr = difference(last_q, lay.float_output).sqnr_db
-    return lost_after(last, last_sqnr, difference(got, want).sqnr_db, after)
+    output_sqnr = None if worst[0] == -math.inf else worst[0]
+    if output_sqnr == math.inf:
+        return None  # exact
+    return lost_after(last, last_sqnr, output_sqnr, after, worst[1])
+
+
+Leaves = list[tuple[str, tuple[np.ndarray, np.ndarray]]]
+
+
+def _leaf_pairs(q: Any, f: Any, key: str = "") -> Leaves | None:
+    """The float tensors of two models' outputs, leaf by leaf (a tuple's or list's items by
+    index, a dict's by key, a module-path-like name each: ``logits``, ``1.out``), as float32
+    arrays; None where the two are not the same structure of float tensors of one shape."""
+    import torch
+
+    from .names import is_path
+
+    if isinstance(q, torch.Tensor) and isinstance(f, torch.Tensor):
+        q = q.dequantize() if q.is_quantized else q
+        if tuple(q.shape) != tuple(f.shape) or not q.is_floating_point() \
+                or not f.is_floating_point():
+            return None
+        return [(key, (q.detach().float().numpy(), f.detach().float().numpy()))]
+    if isinstance(q, (tuple, list)) and isinstance(f, (tuple, list)) and len(q) == len(f):
+        items = [(str(i), a, b) for i, (a, b) in enumerate(zip(q, f))]
+    elif isinstance(q, dict) and isinstance(f, dict) and list(q) == list(f):
+        items = [(str(k), q[k], f[k]) for k in q]
+    else:
+        return None
+    out: Leaves = []
+    for name, a, b in items:
+        name = f"{key}.{name}" if key else name
+        if not is_path(name):
+            return None  # a key a report could not print safely
+        pairs = _leaf_pairs(a, b, name)
+        if pairs is None:
+            return None
+        out += pairs
+    return out
 
 
 def _quantized_output(out: Any) -> bool:

@@ -1428,6 +1428,41 @@ def test_the_signal_lost_after_the_last_conv_is_named(tmp_path):  # noqa: ANN001
     assert float(printed.getvalue().split("max |w - float w|")[1]) > 0.1
 
 
+class _TwoOutputs(torch.nn.Module):
+    """_ConvThenLinear's logits and its pooled features, as a dict (a multi-task or a
+    detection head's outputs)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"feat": x.mean(dim=(2, 3)), "logits": self.inner(x)}
+
+
+def test_the_signal_lost_after_the_last_conv_is_named_in_a_dict_of_outputs():
+    """helper-50: a model returning a dict (or tuple) of outputs was not compared at all, so
+    a Linear after its last conv holding another checkpoint's weight (0% accuracy) gave no
+    finding and no note. Each output is compared with its twin; the worst names QCD071."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
+    other = torch.nn.Linear(16, 10).weight.detach()  # another checkpoint's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.fc.set_weight_bias(torch.quantize_per_tensor(other, float(other.abs().max() / 127),
+                                                       0, torch.qint8), q.fc.bias())
+    bundle, d = walk(_TwoOutputs(f).eval(), _TwoOutputs(q).eval(), models.inputs(2, 8, 7))
+    (found,) = d.report.findings
+    assert found.code == "QCD071" and found.severity == "error"
+    assert bundle.lost_after is not None and bundle.lost_after.output == "logits"
+    assert "output 'logits'" in found.message and found.evidence["output"] == "logits"
+
+
 def test_a_layers_findings_lead_with_its_verdicts_causes() -> None:
     """The table's first finding and the gate's first breach of a layer are its verdict's
     first cause, in the verdict's order, then the other findings (a sweep's table named
