@@ -93,6 +93,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     given = quantized_model
     quantized_model, compiled = unwrap(quantized_model)
     float_model, _ = unwrap(float_model)  # its module names, not '_orig_mod.'-prefixed ones
+    _refuse_several_inputs(float_model)
     if compiled is not None and is_pt2e_graph(quantized_model):
         say("running the compiled model once on the first batch (torch.compile compiles it "
             "then, if not yet): which conv ops it runs")
@@ -428,6 +429,25 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
     if path is not None:
         save_bundle(bundle, path)
     return bundle
+
+
+def _refuse_several_inputs(model: Any) -> None:
+    """Refuse a model whose forward needs more than one argument: the capture runs each
+    batch as ``model(batch)``, and an (inputs, labels) pair's second item is taken for labels
+    (helper-50: forward(x, d) was refused as 'does the model run on these inputs')."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    needed = [p.name for p in params if p.default is inspect.Parameter.empty
+              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(needed) > 1:
+        raise CaseError(f"capture_model: the float model's forward takes {len(needed)} inputs "
+                        f"({', '.join(needed)}); capture_model runs models on one input tensor "
+                        "per batch: wrap the model in a module whose forward takes the first "
+                        "and passes the others as fixed tensors")
 
 
 def _batches(inputs: Any) -> list[Any]:

@@ -253,3 +253,23 @@ def test_linear_and_conv_transpose_layers_are_named_where_they_are_not_walked() 
     assert "its quantized layers are Linear (0)" in str(refused.value)
     bundle = qconvdiag.capture_model(cases[1][0], converted[1], cases[1][1])
     assert any(n.startswith("not walked") and "ConvTranspose2d up" in n for n in bundle.notes)
+
+
+def test_a_model_whose_forward_takes_two_inputs_is_refused_as_such() -> None:
+    """helper-50: forward(x, d) with (x, d) batches: the pair was read as (inputs, labels), d
+    dropped, and the refusal asked whether the model runs on these inputs (it does). It says
+    what capture_model takes now."""
+    import qconvdiag
+    from qconvdiag.errors import CaseError
+
+    class TwoIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + d.mean()
+
+    model = TwoIn().eval()
+    with pytest.raises(CaseError, match=r"forward takes 2 inputs \(x, d\)"):
+        qconvdiag.capture_model(model, model, [(torch.randn(1, 3, 8, 8), torch.randn(1))])
