@@ -93,3 +93,15 @@ def test_half_steps_beside_an_input_clipped_away_are_not_named():
     report = qconvdiag.diagnose(case, qconvdiag.Options(engine="onednn"))
     codes = {f.code for f in report.findings if f.path == "as_given"}
     assert "QCD010" in codes and "QCD020" not in codes
+
+
+def test_a_lone_largest_weight_clipped_by_half_a_step_is_not_named():
+    """helper-49: a healthy qnnpack Conv1d (1 to 16 channels, 16 weights, per tensor, its
+    default qconfig calibrated on its input) got a QCD020 warning for its one largest weight,
+    which torch's observer scale max|w| / 127.5 clips by half a step by design. QCD020 names
+    the half-step clip where many weights share that magnitude (two or more in a channel)."""
+    from tests.repo import ROOT
+
+    case = qconvdiag.load_case(ROOT / "tests" / "data" / "half_step_one_weight.pt")
+    report = qconvdiag.diagnose(case, qconvdiag.Options(engine="qnnpack"))
+    assert not [f for f in report.findings if f.severity != "info"]
