@@ -109,13 +109,17 @@ def _convs_sentence(report: ModelReport) -> str:
     last = rows[-1]
     tail = (f" The last conv ({last.name}) is {sqnr_text(last.propagated)} dB from the float "
             "model: what the quantized model carries, all layers before it included.")
+    every, received = ((f"All {len(rows)} quantized convs are at their rounding floor",
+                        "the inputs they received") if len(rows) > 1 else
+                       ("The one quantized conv is at its rounding floor",
+                        "the input it received"))
     if not off and report.upstream:
-        return (f"All {len(rows)} quantized convs are at their rounding floor on the inputs "
-                f"they received, but the signal is lost before {report.upstream[0].layer}: "
-                "the quantization outside the convs is at fault (below)." + tail)
+        return (f"{every} on {received}, but the signal is lost before "
+                f"{report.upstream[0].layer}: the quantization outside the convs is at fault "
+                "(below)." + tail)
     if not off:
-        return (f"All {len(rows)} quantized convs are at their rounding floor: no conv is "
-                "misquantized; what remains is what 8-bit rounding costs." + tail)
+        return (f"{every}: no conv is misquantized; what remains is what 8-bit rounding "
+                "costs." + tail)
     names = ", ".join(r.name for r in off[:4]) + (", ..." if len(off) > 4 else "")
     lead = (f"{len(off)} of {len(rows)} quantized convs are above their rounding floor "
             f"({names}).")

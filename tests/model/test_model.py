@@ -1882,3 +1882,19 @@ def test_a_conv_at_its_floor_whose_output_qparams_are_the_defaults_is_diagnosed(
     _b, d = walk(f, q, torch.rand(2, 3, 8, 8) * 1.2 - 0.6)
     a = d.report.layer("a")
     assert a.verdict == "at_floor" and a.diagnosed and "a" in d.diagnoses
+
+
+def test_a_one_conv_model_s_sentence_speaks_of_one_conv():
+    """helper-51: 'All 1 quantized convs are at their rounding floor'."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    from qconvdiag.render.rich_model import summary_sentence
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
+    _bundle, d = walk(f, q, models.inputs(2, 8, 7))
+    assert summary_sentence(d.report).startswith(
+        "The one quantized conv is at its rounding floor: no conv is misquantized")
