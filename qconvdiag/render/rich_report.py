@@ -17,6 +17,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from ..measure.budget import AT_FLOOR, SLACK
 from ..numbers import table_number as _num
 from ..report import Finding, Metrics, OutputSummary, PathReport, Report, Verdict
 from .text import engine_outputs, hanging
@@ -129,6 +130,9 @@ def verdict_sentence(v: Verdict) -> str:
     floor = "" if v.floor_sqnr_db is None else f"{v.floor_sqnr_db:.1f} dB at the floor"
     db = ", ".join(x for x in (sqnr, floor) if x)
     ratio = "" if v.ratio is None else f"RMSE {_num(v.rmse)} is {_num(v.ratio, 2)}x its floor"
+    if ratio and v.status == "at_floor" and v.ratio is not None and v.ratio > AT_FLOOR:
+        ratio += (", within the wider band a small output allows "
+                  f"({AT_FLOOR:g}x + {SLACK / 2:g}/√outputs)")
     detail = "; ".join(x for x in (ratio, db) if x)
     text = f"{where} is {STATUS_WORDS[v.status]}" + (f" ({detail})" if detail else "") + "."
     if v.healthy and v.causes:  # info findings only

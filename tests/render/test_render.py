@@ -98,3 +98,18 @@ def test_a_verdict_says_when_its_first_fix_alone_leaves_the_path_broken():
     assert "fix alone leaves about 300x the floor" in html.verdict_section(report)
     most = (dataclasses.replace(v.causes[0], share=0.99995), *v.causes[1:])
     assert first_fix_leaves(dataclasses.replace(v, causes=most)) is None
+
+
+def test_a_verdict_at_its_floor_above_1_5x_says_why():
+    """helper-51: 'RMSE 0.0996 is 2.69x its floor ... at its floor' read as a contradiction; a
+    small output's band is wider (1.5x + 2 / sqrt(outputs)), and the sentence says so."""
+    from qconvdiag.render.rich_report import verdict_sentence
+    from qconvdiag.report import Verdict
+
+    def verdict(ratio: float) -> Verdict:
+        return Verdict("as_given", "fbgemm", "at_floor", True, 0.1, 0.1 / ratio, ratio, 32.5,
+                       41.1, (), 0.0, True, None)
+
+    assert "within the wider band a small output allows (1.5x + 2/√outputs)" in \
+        verdict_sentence(verdict(2.69))
+    assert "band" not in verdict_sentence(verdict(1.2))
