@@ -64,6 +64,10 @@ SLACK = 4.0
 #: batches reached 2x the diagnosed one's range read as an 8-bit step 4x too coarse, a QCD012
 #: error where qnnpack's 8-bit one gave a warning: helper-49, 9-11 of 220 healthy layers).
 SEVEN_BIT_RATIO = 8.0
+#: A claim that the qparams are reduce_range's (QCD052 on qnnpack: "output on 128 levels")
+#: takes the step within 2 x 1.5 of the data's 8-bit step: an 8-bit step 4x too coarse spans
+#: fewer than 128 levels too, and is no reduce_range.
+REDUCED_CLAIM_RATIO = 3.0
 #: Calibration batches given with a case (``--calib``) are like its input when their range and
 #: the input's together span at most this many times the input's own: heavy-tailed data's
 #: batches reach that (helper-49: three batches of outlier data, 1.97x one batch's range);
@@ -208,12 +212,13 @@ def weight_noise(case: ConvCase, steps: np.ndarray, gains: np.ndarray | None = N
     return float(np.mean(np.asarray(steps, dtype=np.float64) ** 2 / 12 * gains * nonzero))
 
 
-def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3) -> bool:
+def uses_seven_bits(codes: np.ndarray, step_ratio: float, low: float = 1.3,
+                    high: float = SEVEN_BIT_RATIO) -> bool:
     """Activations quantized to 128 levels, as ``reduce_range`` gives: the step is about twice
     the 8-bit step (at least ``low`` times it) and the codes span at most 128 levels, but for
     0.5% of values (a histogram observer's trimmed outliers, or extremes that round up by one
     code) or a few codes (data up to 10% beyond the range the observer saw)."""
-    if codes.size == 0 or not low <= step_ratio <= SEVEN_BIT_RATIO:
+    if codes.size == 0 or not low <= step_ratio <= high:
         return False
     if _on_128_levels(codes):
         return True

@@ -708,3 +708,33 @@ def test_a_symmetric_weight_scale_over_127_is_not_the_thread_s_formula():
     report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None),
                                 qconvdiag.Options(engine="qnnpack"))
     assert "QCD003" not in {f.code for f in report.findings}
+
+
+def test_an_8_bit_output_step_4x_too_coarse_on_qnnpack_is_not_called_reduce_range():
+    """7-bit activations are read as such up to SEVEN_BIT_RATIO (8x the data's 8-bit step),
+    but QCD052's claim that a qnnpack output is reduce_range's takes the step within 3x: an
+    8-bit output scale set 4x too coarse spans 64 levels, and is named as too coarse."""
+    import copy
+    import warnings
+
+    import torch
+    from torch.ao.quantization import DeQuantStub, QuantStub, convert, get_default_qconfig, prepare
+
+    import qconvdiag
+    from qconvdiag.findings.output_rules import REDUCED_TITLE
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    conv, x = torch.nn.Conv2d(8, 16, 3).eval(), torch.randn(4, 8, 12, 12)
+    model = torch.nn.Sequential(QuantStub(), copy.deepcopy(conv), DeQuantStub()).eval()
+    model.qconfig = get_default_qconfig("qnnpack")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(model)
+        prepared(x)
+        q = convert(prepared)
+    q[1].scale = float(q[1].scale) * 4
+    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=q[1], qinput=q[0](x),
+                                                  path=None), qconvdiag.Options(engine="qnnpack"))
+    (found,) = [f for f in report.findings if f.code == "QCD052" and f.path == "as_given"]
+    assert found.title != REDUCED_TITLE and "reduce_range" not in found.evidence
