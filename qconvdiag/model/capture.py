@@ -270,21 +270,28 @@ Leaves = list[tuple[str, tuple[np.ndarray, np.ndarray]]]
 def _leaf_pairs(q: Any, f: Any, key: str = "") -> Leaves | None:
     """The float tensors of two models' outputs, leaf by leaf (a tuple's or list's items by
     index, a dict's by key, a module-path-like name each: ``logits``, ``1.out``), as float32
-    arrays; None where the two are not the same structure of float tensors of one shape."""
+    arrays; None where the two are not the same structure. Leaves that carry no signal to
+    compare are left out: not float tensors of one shape (None, an argmax's integers), 0-d
+    (a score), or discrete (``_discrete``: a mask's decisions, whose flips a dB does not
+    measure)."""
     import torch
 
     from .names import is_path
 
     if isinstance(q, torch.Tensor) and isinstance(f, torch.Tensor):
         q = q.dequantize() if q.is_quantized else q
-        if tuple(q.shape) != tuple(f.shape) or not q.is_floating_point() \
+        if tuple(q.shape) != tuple(f.shape) or q.dim() == 0 or not q.is_floating_point() \
                 or not f.is_floating_point():
-            return None
-        return [(key, (q.detach().float().numpy(), f.detach().float().numpy()))]
+            return []
+        want = f.detach().float().numpy()
+        return [] if _discrete(want) else [(key, (q.detach().float().numpy(), want))]
     if isinstance(q, (tuple, list)) and isinstance(f, (tuple, list)) and len(q) == len(f):
         items = [(str(i), a, b) for i, (a, b) in enumerate(zip(q, f))]
     elif isinstance(q, dict) and isinstance(f, dict) and list(q) == list(f):
         items = [(str(k), q[k], f[k]) for k in q]
+    elif not isinstance(q, (torch.Tensor, tuple, list, dict)) \
+            and not isinstance(f, (torch.Tensor, tuple, list, dict)):
+        return []  # None, a number, a string: nothing to compare
     else:
         return None
     out: Leaves = []
@@ -297,6 +304,17 @@ def _leaf_pairs(q: Any, f: Any, key: str = "") -> Leaves | None:
             return None
         out += pairs
     return out
+
+
+#: A float output of at most this many distinct values, each taken 4 times on average or
+#: more, is discrete (a mask, a class id as float): one flipped decision moves its SQNR by dB
+#: a healthy model's output does not lose (helper-52: a mask at 17.5 dB beside 32 dB logits).
+DISCRETE_VALUES = 16
+
+
+def _discrete(values: np.ndarray) -> bool:
+    distinct = np.unique(values).size
+    return distinct <= DISCRETE_VALUES and values.size >= 4 * distinct
 
 
 def _quantized_output(out: Any) -> bool:

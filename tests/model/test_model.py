@@ -1461,6 +1461,24 @@ def test_the_signal_lost_after_the_last_conv_is_named_in_a_dict_of_outputs():
     assert found.code == "QCD071" and found.severity == "error"
     assert bundle.lost_after is not None and bundle.lost_after.output == "logits"
     assert "output 'logits'" in found.message and found.evidence["output"] == "logits"
+    # leaves with nothing a dB measures are left out, not the whole comparison (helper-52: a
+    # 0-d score crashed the capture; None or an argmax dropped the comparison; a mask's six
+    # flipped decisions read as a loss after the last conv on a healthy model)
+
+    class Mixed(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple:
+            y = self.inner(x)
+            return y, y.sum(), None, y.argmax(1), (y > 0).float()
+
+    bundle, d = walk(Mixed(f).eval(), Mixed(q).eval(), models.inputs(2, 8, 7))
+    assert [x.code for x in d.report.findings] == ["QCD071"] and bundle.lost_after.output == "0"
+    healthy = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
+    _bundle, d = walk(Mixed(f).eval(), Mixed(healthy).eval(), models.inputs(2, 64, 7))
+    assert not d.report.findings
 
 
 def test_a_layers_findings_lead_with_its_verdicts_causes() -> None:
