@@ -53,7 +53,7 @@ class LostAfter:
                              None if out is None else float(out),
                              tuple(str(a) for a in m.get("after") or ()),
                              m.get("output", ""))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             lost = None
         if lost is None or not is_path(lost.last_conv) or not all(
                 is_op_name(a) for a in lost.after) or not is_path(lost.output):

@@ -75,7 +75,7 @@ class KeptBatchNorm:
                 raise TypeError
             kept = KeptBatchNorm(name, numbers(value["gain"]), numbers(value["shift"]),
                                  activation, alone)
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             kept = None
         if kept is None or not is_path(kept.name) or not kept.name \
                 or not is_path(kept.activation) or len(kept.gain) != channels \

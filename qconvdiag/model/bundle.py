@@ -191,11 +191,15 @@ def _range_entry(value: Any, where: str, key: str = "calibration_range"
                  ) -> tuple[float, float] | None:
     if value is None:
         return None
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in value)
-            or value[0] > value[1]):
+    try:
+        pair = [float(v) for v in value] if isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) else None
+    except OverflowError:  # an integer beyond float's range
+        pair = None
+    if pair is None or len(pair) != 2 or not all(math.isfinite(v) for v in pair) \
+            or pair[0] > pair[1]:
         raise CaseFileError(f"{where}: {key} must be [low, high], finite numbers")
-    return float(value[0]), float(value[1])
+    return pair[0], pair[1]
 
 
 def _float_array(extra: dict[str, Any], what: str, shape: tuple[int, ...], where: str
@@ -211,7 +215,7 @@ def _float_array(extra: dict[str, Any], what: str, shape: tuple[int, ...], where
 
 def _folded_stats(value: Any, name: Any, channels: int, where: str) -> FoldedBatchNorm:
     """A layer's ``bn_folded_stats``: the folded BatchNorm's eps and running variance (one
-    per output channel, finite, the variance at least 0 and the eps above 0)."""
+    per output channel, finite, at least 0: a BatchNorm may have eps 0)."""
     from .names import is_path
 
     try:
@@ -220,10 +224,10 @@ def _folded_stats(value: Any, name: Any, channels: int, where: str) -> FoldedBat
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in (eps, *var)):
             raise TypeError
         stats = FoldedBatchNorm(str(name), float(eps), tuple(float(v) for v in var))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         stats = None
     if stats is None or not is_path(name) or not name or len(stats.running_var) != channels \
-            or not (math.isfinite(stats.eps) and stats.eps > 0) \
+            or not (math.isfinite(stats.eps) and stats.eps >= 0) \
             or not all(math.isfinite(v) and v >= 0 for v in stats.running_var):
         raise CaseFileError(f"{where}: 'bn_folded_stats' is malformed; capture the model again")
     return stats

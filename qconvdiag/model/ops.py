@@ -110,7 +110,7 @@ class OpRange:
                          1, None if m.get("wrong") is None
                          else WrongValues.from_mapping(m["wrong"]),
                          bool(m.get("own_qparams", True)))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
         from .names import is_kind, is_op_name, is_path

@@ -45,7 +45,7 @@ class StaleRequantization:
 
         try:
             stale = StaleRequantization(str(m["layer"]), int(m["differ"]), int(m["total"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             stale = None
         if stale is None or not is_path(stale.layer):
             raise CaseFileError(f"{source}: an entry of 'stale' is malformed; capture the model "

@@ -63,6 +63,10 @@ OP = {"name": "act", "kind": "ReLU6", "scale": 0.1, "zero_point": 0, "dtype": "q
     {"stale": [{"layer": EVIL, "differ": 1, "total": 2}]},
     {"lost_after": {"last_conv": EVIL, "last_conv_sqnr_db": 1.0, "output_sqnr_db": 0.0,
                     "after": []}},
+    {"lost_after": {"last_conv": "conv", "last_conv_sqnr_db": 1.0, "output_sqnr_db": 0.0,
+                    "after": [], "output": EVIL}},
+    {"lost_after": {"last_conv": "conv", "last_conv_sqnr_db": 10 ** 400,
+                    "output_sqnr_db": 0.0, "after": []}},
 ])
 def test_a_bundle_with_code_in_its_names_is_refused(meta, healthy):  # noqa: ANN001
     with pytest.raises(QconvdiagError, match="malformed|must hold|capture the model again"):
@@ -98,3 +102,38 @@ def test_a_kept_batchnorm_with_code_or_bad_numbers_is_refused(kept, healthy):  #
     meta["layers"][0] = {**meta["layers"][0], "bn_kept": kept}
     with pytest.raises(QconvdiagError, match="'bn_kept' is malformed"):
         bundle_from_mapping(mapping, "b.npz")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda layer: layer.__setitem__("bn_folded_stats", [1, 2]),
+    lambda layer: layer.__setitem__("bn_folded_stats", {"eps": 10 ** 400, "running_var": [1.0]}),
+    lambda layer: layer.__setitem__("bn_folded_stats", {"eps": -1.0, "running_var": [1.0]}),
+    lambda layer: layer.__setitem__("calibration_range", [0, 10 ** 400]),
+])
+def test_malformed_layer_records_are_refused_in_one_line(edit, healthy):  # noqa: ANN001
+    """helper-52: an integer beyond float's range gave 'internal error: OverflowError'."""
+    from qconvdiag.io import BUNDLE_KEY
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    mapping = bundle_to_mapping(healthy)
+    layer = mapping[BUNDLE_KEY]["layers"][0]
+    layer["bn_folded"] = layer.get("bn_folded") or "bn1"
+    edit(layer)
+    with pytest.raises(QconvdiagError, match="malformed|must be"):
+        bundle_from_mapping(mapping, "b.npz")
+
+
+def test_a_batchnorm_with_eps_0_is_kept_and_read_back(healthy):  # noqa: ANN001
+    """helper-52: a BatchNorm2d(eps=0.0), captured and saved, made the bundle unreadable."""
+    import dataclasses
+
+    from qconvdiag.case import FoldedBatchNorm
+    from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
+
+    lay = healthy.layers[0]
+    stats = FoldedBatchNorm("bn1", 0.0, (1.0,) * lay.case.weight.shape[0])
+    bundle = dataclasses.replace(healthy, layers=(dataclasses.replace(
+        lay, bn_folded="bn1", case=dataclasses.replace(lay.case, folded_bn=stats)),
+        *healthy.layers[1:]))
+    assert bundle_from_mapping(bundle_to_mapping(bundle), "b.npz").layers[0].case.folded_bn \
+        == stats
