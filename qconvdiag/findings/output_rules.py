@@ -59,6 +59,12 @@ def _output_fix(ctx: Context, run: PathRun) -> str:
     return output_fix(_covered(ctx, run), what, run.report.engine, graph_conv)[0]
 
 
+#: Output qparams at the defaults are named in a model walk, whatever the error on the input
+#: the conv received, where scale 1.0 is this many times the step the float model's range at
+#: the conv needs (QCD052's bound).
+COARSE_DEFAULTS = 1.5
+
+
 def qcd050(ctx: Context) -> Iterator[Finding]:
     run = ctx.as_given
     s = ctx.case.setup
@@ -71,21 +77,33 @@ def qcd050(ctx: Context) -> Iterator[Finding]:
     # holds them: then the module_state rung carries their cost
     stages = OUTPUT if observer_default(run.spec.output_qparams) else ("module_state",)
     energy = excess(run, *stages)
-    if energy <= 0:
+    # a model walk's conv whose received input was lost before it leaves it little to round:
+    # its output qparams are judged on the float model's range there too (helper-52: at its
+    # floor on that input, the conv got the all-clear while scale 1.0 put its real outputs
+    # on a few codes)
+    model = ctx.case.output_range
+    too_coarse = model is not None and model[1] - model[0] > 0 and float(qp.scale[0]) >= (
+        COARSE_DEFAULTS * (model[1] - model[0]) / 255)
+    if energy <= 0 and not too_coarse:
         return  # 1.0 / 0 happen to suit this output (e.g. pixel values 0..255)
     uncalibrated = observer_default(s.input_qparams)
     y0 = _y0(run)
     lo, hi = float(y0.min()), float(y0.max())
+    whose = "The float output"
+    if energy <= 0 and model is not None:  # the float model's range, not the received one
+        lo, hi = model
+        whose = ("On the input it received it has little to round, but the float model's "
+                 "output at this conv")
     span = f"is {fmt(lo)}" if lo == hi else f"spans {fmt(lo)}..{fmt(hi)}"
     fix = _output_fix(ctx, run)
     yield finding(
-        "QCD050", severity(run, energy, "warning"),
+        "QCD050", severity(run, energy, "warning") if energy > 0 else "warning",
         "output qparams left at the defaults 1.0 / 0",
         ("The quantized conv's output scale and zero point are 1.0 and 0: "
          + ("what its observer returns when the model was converted without calibration "
             "batches." if uncalibrated else
             "a freshly built module's defaults (never set, or set to them by hand).")
-         + f" The float output {span}; with scale 1.0 and zero point 0 only 0..255 in steps of "
+         + f" {whose} {span}; with scale 1.0 and zero point 0 only 0..255 in steps of "
          "1.0 can be represented. An output observer (calibration) or from_float sets them."),
         {"scale": qp.scale[0], "zero_point": qp.zero_point[0], "uncalibrated": uncalibrated,
          "excess": energy},

@@ -1900,6 +1900,12 @@ def test_a_conv_at_its_floor_whose_output_qparams_are_the_defaults_is_diagnosed(
     _b, d = walk(f, q, torch.rand(2, 3, 8, 8) * 1.2 - 0.6)
     a = d.report.layer("a")
     assert a.verdict == "at_floor" and a.diagnosed and "a" in d.diagnoses
+    # named on the float model's range there (helper-52: diagnosed, it got QCD070's
+    # all-clear, its error on the lost input being small)
+    codes = {x.code: x.severity for x in a.findings}
+    assert codes.get("QCD050") == "warning" and "QCD070" not in codes
+    (found,) = [x for x in d.diagnoses["a"].report.findings if x.code == "QCD050"]
+    assert "the float model's output at this conv spans 0..35" in found.message
 
 
 def test_a_one_conv_model_s_sentence_speaks_of_one_conv():
