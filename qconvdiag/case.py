@@ -167,7 +167,7 @@ class ConvCase:
     model_flow: str | None = None
     """A model walk's conv: the flow its model was quantized with (``ModelBundle.flow``:
     eager, fx or pt2e), whose code its fixes write. Not written to a case file."""
-    input_range: tuple[float, float] | None = None
+    input_calibration_range: tuple[float, float] | None = None
     """The range of the calibration batches given with the case (``--calib``,
     ``Options.calib``) and of its input together: what the input's qparams were calibrated for.
     Where it is like the input's (``budget.calibrated_span``), the input's step is judged

@@ -102,11 +102,11 @@ def run_diagnosis(case: ConvCase, options: Options | None = None,
     options = options or Options()
     if options.fail_on not in FAIL_ON:
         raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
-    if options.calib is not None and options.calib.size and case.input_range is None:
+    if options.calib is not None and options.calib.size and case.input_calibration_range is None:
         # what the input's qparams were calibrated for: its step is judged against it
         # (budget.calibrated_span), as the production path's observers see it
         c, x = options.calib, case.input
-        case = dataclasses.replace(case, input_range=(float(min(c.min(), x.min())),
+        case = dataclasses.replace(case, input_calibration_range=(float(min(c.min(), x.min())),
                                                       float(max(c.max(), x.max()))))
     with single_threaded_blas(math.prod(case.output_shape)):
         runs, torch_warnings = diagnose_runs(case, options, progress)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..measure.budget import calibration_unlike, ideal_step
+from ..measure.budget import CALIBRATION_LIKE, calibration_times, ideal_step
 from ..quantization.qparams import clip_bounds
 from ..report import Finding
 from .base import Context, excess, finding, fmt, material, severity
@@ -93,10 +93,11 @@ def qcd012(ctx: Context) -> Iterator[Finding]:
         qp = run.spec.input_qparams
         step = float(qp.scale[0])
         below = int(np.count_nonzero((np.abs(x) < step / 2) & (x != 0)))
-        unlike = calibration_unlike(ctx.case)
+        times = calibration_times(ctx.case)  # the calibration batches' range, if given
+        unlike = times is not None and times > CALIBRATION_LIKE
         ideal = step / b.input_step_ratio if b.input_step_ratio > 0 else ideal_step(x)
-        whose = ("the input's and its calibration batches' range" if unlike is False
-                 else "the input's range")
+        whose = ("the input's and its calibration batches' range"
+                 if times is not None and not unlike else "the input's range")
         yield finding(
             "QCD012", severity(run, energy),
             "input step too coarse for the input's range",
@@ -106,11 +107,11 @@ def qcd012(ctx: Context) -> Iterator[Finding]:
             f"{fmt(b.stage('input_rounding').floor)} would do"
             + (f"; {below} of {x.size} nonzero inputs are below half a step and round to 0"
                if below else "") + "."
-            + (f" The calibration batches given with it span {fmt(unlike)}x its range: "
+            + (f" The calibration batches given with it span {fmt(times or 0.0)}x its range: "
                "calibrate on data like what the conv receives." if unlike else
                " Without calibration batches (--calib), the input is all it is judged "
                "against: an observer calibrated on a wider range gives a coarser step."
-               if unlike is None and run.report.name == "as_given" else ""),
+               if times is None and run.report.name == "as_given" else ""),
             {"scale": step, "ideal_step": ideal, "step_ratio": b.input_step_ratio,
              "below_half_step": below, "excess": energy},
             input_fix(ctx.case, run)[0], run, energy, ROUNDING)

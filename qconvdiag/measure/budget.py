@@ -367,25 +367,26 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
 
 def calibrated_span(case: ConvCase, x_span: Span) -> Span:
     """The input's span (``x_span``), widened to the range of the calibration batches given
-    with it (``case.input_range``) where they are like it (``CALIBRATION_LIKE``)."""
-    if calibration_unlike(case, x_span) is not False:
+    with it (``case.input_calibration_range``) where they are like it (``CALIBRATION_LIKE``)."""
+    times = calibration_times(case, x_span)
+    if times is None or times > CALIBRATION_LIKE:
         return x_span
-    assert case.input_range is not None
-    return Span(min(x_span.low, case.input_range[0]), max(x_span.high, case.input_range[1]),
-                x_span.positive)
+    assert case.input_calibration_range is not None
+    lo, hi = case.input_calibration_range
+    return Span(min(x_span.low, lo), max(x_span.high, hi), x_span.positive)
 
 
-def calibration_unlike(case: ConvCase, x_span: Span | None = None) -> float | bool | None:
-    """How many times the input's range the calibration batches given with it and the input
-    span together, where that is more than ``CALIBRATION_LIKE`` (data unlike the input); False
-    where they are like it; None without them."""
-    if case.input_range is None:
+def calibration_times(case: ConvCase, x_span: Span | None = None) -> float | None:
+    """How many times the input's own range (0 included) the calibration batches given with
+    it and the input span together (1.0 where they add nothing; inf for an input of one
+    value); None without them."""
+    if case.input_calibration_range is None:
         return None
     span = x_span if x_span is not None else Span.of(case.input)
     own = max(span.high, 0.0) - min(span.low, 0.0)
-    lo, hi = min(case.input_range[0], span.low, 0.0), max(case.input_range[1], span.high, 0.0)
-    times = (hi - lo) / own if own > 0 else math.inf
-    return times if times > CALIBRATION_LIKE else False
+    lo = min(case.input_calibration_range[0], span.low, 0.0)
+    hi = max(case.input_calibration_range[1], span.high, 0.0)
+    return (hi - lo) / own if own > 0 else math.inf
 
 
 def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple[StageResult, ...],

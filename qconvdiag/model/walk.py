@@ -334,9 +334,9 @@ def _output_defaults(lay: LayerCapture) -> bool:
     0: QCD050), evidence of its own whatever its error on the input it received (an input
     lost before it leaves it little to round: cxzhou95/XLSR#5's last conv, at 0.9x its floor,
     put every pixel at 0 or 1). Such a conv is diagnosed, so its finding shows."""
-    qp = lay.quantized_output_qparams
-    return not lay.output_float32 and not qp.per_channel and (
-        float(qp.scale[0]), int(qp.zero_point[0])) == (1.0, 0)
+    from ..findings.qparams_rules import observer_default
+
+    return not lay.output_float32 and observer_default(lay.quantized_output_qparams)
 
 
 def _db_text(sqnr: float | None) -> str:
