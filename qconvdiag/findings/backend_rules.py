@@ -113,7 +113,8 @@ def qcd061(ctx: Context) -> Iterator[Finding]:
             if not padding_only else
             f"# padding {tuple(g.padding)} reaches past the kernel: outputs that read padding "
             "only are\n# the bias alone; drop them (a smaller padding) or run on another "
-            "engine\ntorch.backends.quantized.engine = \"fbgemm\"",
+            "engine\ntorch.backends.quantized.engine = "
+            + ('"qnnpack"' if run.report.engine == "fbgemm" else '"fbgemm"'),
             run, energy, ("backend_residual",))
 
 

@@ -460,7 +460,7 @@ def _refuse_several_inputs(model: Any) -> None:
     except (TypeError, ValueError):
         return
     needed = [p.name for p in params if p.default is inspect.Parameter.empty
-              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if len(needed) > 1:
         raise CaseError(f"capture_model: the float model's forward takes {len(needed)} inputs "
                         f"({', '.join(needed)}); capture_model runs models on one input tensor "

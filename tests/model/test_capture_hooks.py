@@ -273,3 +273,11 @@ def test_a_model_whose_forward_takes_two_inputs_is_refused_as_such() -> None:
     model = TwoIn().eval()
     with pytest.raises(CaseError, match=r"forward takes 2 inputs \(x, d\)"):
         qconvdiag.capture_model(model, model, [(torch.randn(1, 3, 8, 8), torch.randn(1))])
+
+    class KeywordIn(TwoIn):
+        def forward(self, x: torch.Tensor, *, d: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + d.mean()
+
+    model = KeywordIn().eval()
+    with pytest.raises(CaseError, match=r"forward takes 2 inputs \(x, d\)"):
+        qconvdiag.capture_model(model, model, torch.randn(1, 3, 8, 8))
