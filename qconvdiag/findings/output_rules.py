@@ -372,7 +372,7 @@ def _reduced_needlessly(ctx: Context, run: PathRun) -> str:
     """A sentence when the output is on 128 levels (reduce_range=True: x86's and fbgemm's
     default qconfig, which keeps their int16 pair sums from saturating on CPUs without VNNI)
     on qnnpack, whose kernels sum exactly and whose default qconfig keeps 8 bits; else ""."""
-    from ..measure.budget import REDUCED_CLAIM_RATIO, uses_seven_bits
+    from ..measure.budget import uses_seven_bits
 
     b, em = run.report.budget, run.emulation
     if b is None or em is None or run.kernel is None or run.kernel.kernel != "qnnpack":
@@ -380,8 +380,7 @@ def _reduced_needlessly(ctx: Context, run: PathRun) -> str:
     codes = em.output_codes if run.activation == "relu" else em.unclamped
     # as the floors read 7-bit activations (budget.floors): a calibration range is exact
     if not uses_seven_bits(codes, b.output_step_ratio,
-                           1.0 if ctx.case.output_range is not None else 1.3,
-                           REDUCED_CLAIM_RATIO):
+                           1.0 if ctx.case.output_range is not None else 1.3):
         return ""
     return (" Its codes span 128 levels, as reduce_range=True gives (x86's and fbgemm's "
             "default qconfig, for their kernels' int16 pair sums on CPUs without VNNI): "

@@ -28,6 +28,7 @@ magnitude) count as exact. Thresholds, stated once:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,17 +58,29 @@ MOST = 0.5
 SLACK = 4.0
 #: Activations on 128 levels (reduce_range) have about twice the ideal 8-bit step of the data
 #: seen; calibrated on more data than that (a model's calibration set against one batch), up
-#: to this factor of it: twice, times the 4x wider range that heavy-tailed calibration batches
-#: reach (so 7-bit layers calibrated on a wider range than the data diagnosed are judged as
-#: 8-bit ones calibrated as widely are: at 2.6, 9.6% of healthy 7-bit layers calibrated on
-#: other batches warned against 0.6% of 8-bit ones; at 3.0 (2 x QCD012's 1.5), a layer whose
-#: batches reached 2x the diagnosed one's range read as an 8-bit step 4x too coarse, a QCD012
-#: error where qnnpack's 8-bit one gave a warning: helper-49, 9-11 of 220 healthy layers).
-SEVEN_BIT_RATIO = 8.0
-#: A claim that the qparams are reduce_range's (QCD052 on qnnpack: "output on 128 levels")
-#: takes the step within 2 x 1.5 of the data's 8-bit step: an 8-bit step 4x too coarse spans
-#: fewer than 128 levels too, and is no reduce_range.
-REDUCED_CLAIM_RATIO = 3.0
+#: to this factor of it: twice, times the 1.5x that QCD012 and QCD052 let an 8-bit step exceed
+#: what the data seen needs (at 2.6, 9.6% of healthy 7-bit layers calibrated on other batches
+#: warned against 0.6% of 8-bit ones). Beyond it, codes on 128 levels are an 8-bit step too
+#: coarse (a claim that the qparams are reduce_range's, QCD052's on qnnpack, needs it).
+SEVEN_BIT_RATIO = 3.0
+#: On an engine whose default qconfig takes 7-bit activations (x86, fbgemm), up to this
+#: factor: twice, times the 4x wider range heavy-tailed calibration batches reach. At 3.0, a
+#: healthy x86 layer whose batches reached 2x the diagnosed one's range read as an 8-bit step
+#: 4x too coarse, a QCD012 error where qnnpack's 8-bit one gave a warning (helper-49: 9-11 of
+#: 220 healthy layers per engine); on engines whose default keeps 8 bits (onednn, qnnpack),
+#: 8.0 read a calibration on 6x the data as 7-bit, half its cost (helper-53: 35 onednn runs).
+DEFAULT_SEVEN_BIT_RATIO = 8.0
+
+
+@functools.cache
+def seven_bit_bound(engine: str) -> float:
+    """How far above the data's 8-bit step codes on 128 levels read as 7-bit activations on
+    ``engine`` (``DEFAULT_SEVEN_BIT_RATIO`` where its default qconfig takes 7 bits)."""
+    from ..quantization.paths import default_reduces_range
+
+    return DEFAULT_SEVEN_BIT_RATIO if default_reduces_range(engine) else SEVEN_BIT_RATIO
+
+
 #: Calibration batches given with a case (``--calib``) are like its input when their range and
 #: the input's together span at most this many times the input's own: heavy-tailed data's
 #: batches reach that (helper-49: three batches of outlier data, 1.97x one batch's range);
@@ -337,7 +350,9 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     out_ratio = _step(out_qp) / dy8 if dy8 > 0 else 1.0
     pairing = kernel.kernel in PAIRING_KERNELS
     observed_7 = any("reduce_range" in n for n in spec.input_qparams.notes)
-    in_bits = 7 if pairing and (observed_7 or uses_seven_bits(spec.input_codes, in_ratio)) else 8
+    bound = seven_bit_bound(kernel.engine)
+    in_bits = 7 if pairing and (observed_7 or uses_seven_bits(spec.input_codes, in_ratio,
+                                                              high=bound)) else 8
     if out_codes is None:
         out_codes = np.empty(0) if emulation is None else (
             emulation.output_codes if relu else emulation.unclamped)  # relu: what it lets through
@@ -345,7 +360,7 @@ def floors(case: ConvCase, spec: PathSpec, kernel: Kernel, y0: np.ndarray,
     # outliers a histogram observer trims: its 7-bit step may be under 1.3x that ideal step
     low = 1.0 if case.output_range is not None else 1.3
     out_7 = (any("reduce_range" in n for n in out_qp.notes)
-             or uses_seven_bits(out_codes, out_ratio, low)
+             or uses_seven_bits(out_codes, out_ratio, low, bound)
              or beyond_seven_bits(out_codes, out_qp, out_ratio, low, saturated))
     out_bits = 7 if pairing and out_7 else 8
     on_input = dx8 ** 2 / 12 * (np.count_nonzero(x) / max(x.size, 1)) if input_floor else 0.0

@@ -162,3 +162,34 @@ def test_an_input_judged_against_the_calibration_batches_given_with_it() -> None
     qm, qx6 = _eager(conv, x, "x86", unlike, reduce_range=True)
     named = loud(qm, qx6, unlike)["QCD012"]
     assert named.severity == "error" and "calibration batches given with it span" in named.message
+
+
+def test_an_8_bit_engine_s_input_calibrated_on_6x_the_data_stays_8_bit():
+    """onednn's default qconfig keeps 8-bit activations: its input calibrated on 6x the data
+    has a step 6x what the data needs, on fewer than 128 levels. Read as 7-bit (reduce_range)
+    once the 7-bit reading went to 8x on every engine, its floor rose 6 dB and QCD012 fell
+    to a warning (helper-53: 35 onednn runs); the wider reading is for engines whose default
+    takes 7 bits (x86, fbgemm)."""
+    from qconvdiag.measure.budget import SEVEN_BIT_RATIO, seven_bit_bound
+
+    assert seven_bit_bound("onednn") == seven_bit_bound("qnnpack") == SEVEN_BIT_RATIO
+    assert seven_bit_bound("x86") > SEVEN_BIT_RATIO
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).eval()
+    x = torch.randn(4, 16, 16, 16)
+    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
+                                torch.ao.quantization.DeQuantStub()).eval()
+    model.qconfig = torch.ao.quantization.get_default_qconfig("onednn")
+    torch.backends.quantized.engine = "onednn"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = torch.ao.quantization.prepare(model)
+        prepared(x * 6)
+        quantized = torch.ao.quantization.convert(prepared)
+        qx = quantized[0](x)
+    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=quantized[1], qinput=qx,
+                                                  path=None), qconvdiag.Options(engine="onednn"))
+    found = {f.code: f for f in report.findings if f.path == "as_given"}
+    assert found["QCD012"].severity == "error" and "QCD042" not in found
+    budget = next(p for p in report.paths if p.name == "as_given").budget
+    assert budget is not None and budget.input_bits == 8
