@@ -172,6 +172,10 @@ class ConvCase:
     ``Options.calib``) and of its input together: what the input's qparams were calibrated for.
     Where it is like the input's (``budget.calibrated_span``), the input's step is judged
     against it. Not written to a case file."""
+    output_calibration_range: tuple[float, float] | None = None
+    """The float conv's output range on those calibration batches (``--calib``): what the
+    output's qparams were calibrated for, judged against where it is like the output's own
+    (``budget.output_span_of``). Not written to a case file."""
     folded_bn: FoldedBatchNorm | None = None
     """A model walk's conv: the BatchNorm folded into its float weight and bias (the float
     model's, as the quantized model folded it). Not written to a case file."""

@@ -93,6 +93,34 @@ def diagnose(case: ConvCase, options: Options | None = None,
     return run_diagnosis(case, options, progress).report
 
 
+def with_calibration_ranges(case: ConvCase, calib: np.ndarray) -> ConvCase:
+    """``case`` with what its qparams were calibrated for, from the calibration batches
+    ``calib``: their range and the input's, and the float conv's output range on them (after
+    the fused ReLU; not for a reflect-padded case, whose input holds its padding). Each is
+    judged against where it is like the case's own (``budget.calibrated_span``,
+    ``budget.output_span_of``), as the production path's observers see them."""
+    import torch
+
+    from .case import REFLECT_NOTE
+    from .torch_calls import conv_function
+
+    x = case.input
+    case = dataclasses.replace(case, input_calibration_range=(
+        float(min(calib.min(), x.min())), float(max(calib.max(), x.max()))))
+    if REFLECT_NOTE in case.notes:
+        return case
+    g = case.geometry
+    with torch.no_grad():
+        y = conv_function(case.spatial_dims)(
+            torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32)),
+            torch.from_numpy(case.weight),
+            None if case.bias is None else torch.from_numpy(case.bias), list(g.stride),
+            list(g.padding), list(g.dilation), g.groups)
+        if case.activation == "relu":
+            torch.relu_(y)
+    return dataclasses.replace(case, output_calibration_range=(float(y.min()), float(y.max())))
+
+
 def run_diagnosis(case: ConvCase, options: Options | None = None,
                   progress: Progress | None = None) -> Diagnosis:
     import torch
@@ -103,11 +131,7 @@ def run_diagnosis(case: ConvCase, options: Options | None = None,
     if options.fail_on not in FAIL_ON:
         raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}")
     if options.calib is not None and options.calib.size and case.input_calibration_range is None:
-        # what the input's qparams were calibrated for: its step is judged against it
-        # (budget.calibrated_span), as the production path's observers see it
-        c, x = options.calib, case.input
-        case = dataclasses.replace(case, input_calibration_range=(float(min(c.min(), x.min())),
-                                                      float(max(c.max(), x.max()))))
+        case = with_calibration_ranges(case, options.calib)
     with single_threaded_blas(math.prod(case.output_shape)):
         runs, torch_warnings = diagnose_runs(case, options, progress)
         if progress is not None:

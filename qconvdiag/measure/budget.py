@@ -123,8 +123,14 @@ def output_span(case: ConvCase, y: np.ndarray) -> tuple[float, float]:
 
 def output_span_of(case: ConvCase, low: float, high: float) -> tuple[float, float]:
     """``output_span`` of an output whose smallest and largest value are ``low`` and
-    ``high``."""
+    ``high``; widened to the calibration batches' output range where it is like it (at most
+    ``CALIBRATION_LIKE`` times its span, as the input's: ``calibrated_span``)."""
     lo, hi = min(low, 0.0), max(high, 0.0)
+    if case.output_calibration_range is not None:
+        c_lo = min(lo, case.output_calibration_range[0])
+        c_hi = max(hi, case.output_calibration_range[1])
+        if c_hi - c_lo <= CALIBRATION_LIKE * (hi - lo):
+            lo, hi = c_lo, c_hi
     if case.output_range is not None:
         lo, hi = min(lo, case.output_range[0]), max(hi, case.output_range[1])
     return lo, hi

@@ -193,3 +193,36 @@ def test_an_8_bit_engine_s_input_calibrated_on_6x_the_data_stays_8_bit():
     assert found["QCD012"].severity == "error" and "QCD042" not in found
     budget = next(p for p in report.paths if p.name == "as_given").budget
     assert budget is not None and budget.input_bits == 8
+
+
+def test_an_output_judged_against_the_calibration_batches_given_with_it() -> None:
+    """helper-53: given the calibration batches, the input's step was judged against them,
+    the output's not: QCD052 warned on healthy layers calibrated on two batches of
+    heavy-tailed data. The float conv's output range on the batches is what the output
+    observer saw; where it is like the output's own, the output is judged against it."""
+    from torch.ao.quantization import get_default_qconfig
+
+    def batch(g: torch.Generator) -> torch.Tensor:  # 1 in 100 values 12x the rest
+        x = torch.randn(1, 1, 16, 16, generator=g)
+        return torch.where(torch.rand(x.shape, generator=g) < 1 / 100, x * 12, x)
+
+    g = torch.Generator().manual_seed(14)
+    calibration = [batch(g) for _ in range(2)]
+    x = calibration[0]
+    torch.manual_seed(14)
+    conv = torch.nn.Conv2d(1, 4, 2, bias=False).eval()
+    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
+                                torch.ao.quantization.DeQuantStub()).eval()
+    model.qconfig = get_default_qconfig("x86")
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = torch.ao.quantization.prepare(model)
+        for b in calibration:
+            prepared(b)
+        quantized = torch.ao.quantization.convert(prepared)
+        qx = quantized[0](x)
+    case = qconvdiag.capture(conv, x, qconv=quantized[1], qinput=qx, path=None)
+    report = qconvdiag.diagnose(case, qconvdiag.Options(
+        engine="x86", calib=torch.cat(calibration).numpy()))
+    assert not [f for f in report.findings if f.path == "as_given" and f.severity != "info"]
