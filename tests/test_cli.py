@@ -185,6 +185,15 @@ def test_calibration_file(tmp_path):
     assert "calibrated on 8 inputs" in " ".join(prod["notes"])
 
 
+def test_calibration_inputs_smaller_than_the_kernel_are_refused_in_one_line(tmp_path):
+    """Calibration inputs of 2x2 for a 3x3 kernel gave 'internal error: RuntimeError'."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, calib=np.ones((2, 1, 2, 2), dtype=np.float32))
+    r = invoke("explain", FORUM, "--calib", str(calib))
+    assert r.exit_code == 2 and "does not fit the conv" in r.output
+    assert "internal error" not in r.output
+
+
 def test_version_and_help():
     assert "qconvdiag" in runner.invoke(app, ["--version"]).stdout
     assert runner.invoke(app, ["--help"]).exit_code == 0

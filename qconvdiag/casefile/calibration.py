@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..case import ConvCase, as_float_tensor, check_float32_range
+from ..case import ConvCase, as_float_tensor, check_float32_range, validate_shapes
 from ..errors import CaseError, CaseFileError
 from .entries import FORMATS
 from .guards import MAX_ELEMENTS
@@ -38,6 +38,13 @@ def load_calibration(path: str | os.PathLike[str], case: ConvCase,
             f"--calib {p}: shape {tuple(arr.shape)} does not match the case input "
             f"(B, {case.input.shape[1]}, ...)"
         )
+    try:
+        # the conv must run on it: each spatial size at least the kernel's reach
+        validate_shapes(arr.shape, case.weight.shape,
+                        None if case.bias is None else case.bias.shape, case.geometry)
+    except CaseError as exc:
+        raise CaseFileError(f"--calib {p}: shape {tuple(arr.shape)} does not fit the conv "
+                            f"({exc}); give inputs of the case's spatial size") from None
     try:
         check_float32_range(arr, case.weight, case.bias, "calib")
     except CaseError as exc:
