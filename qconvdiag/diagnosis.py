@@ -102,22 +102,15 @@ def with_calibration_ranges(case: ConvCase, calib: np.ndarray) -> ConvCase:
     import torch
 
     from .case import REFLECT_NOTE
-    from .torch_calls import conv_function
+    from .quantization.paths import float_layer
 
     x = case.input
     case = dataclasses.replace(case, input_calibration_range=(
         float(min(calib.min(), x.min())), float(max(calib.max(), x.max()))))
     if REFLECT_NOTE in case.notes:
         return case
-    g = case.geometry
     with torch.no_grad():
-        y = conv_function(case.spatial_dims)(
-            torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32)),
-            torch.from_numpy(case.weight),
-            None if case.bias is None else torch.from_numpy(case.bias), list(g.stride),
-            list(g.padding), list(g.dilation), g.groups)
-        if case.activation == "relu":
-            torch.relu_(y)
+        y = float_layer(case, torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32)))
     return dataclasses.replace(case, output_calibration_range=(float(y.min()), float(y.max())))
 
 

@@ -126,11 +126,9 @@ def output_span_of(case: ConvCase, low: float, high: float) -> tuple[float, floa
     ``high``; widened to the calibration batches' output range where it is like it (at most
     ``CALIBRATION_LIKE`` times its span, as the input's: ``calibrated_span``)."""
     lo, hi = min(low, 0.0), max(high, 0.0)
-    if case.output_calibration_range is not None:
-        c_lo = min(lo, case.output_calibration_range[0])
-        c_hi = max(hi, case.output_calibration_range[1])
-        if c_hi - c_lo <= CALIBRATION_LIKE * (hi - lo):
-            lo, hi = c_lo, c_hi
+    calibrated = case.output_calibration_range
+    if calibrated is not None and span_times(lo, hi, calibrated) <= CALIBRATION_LIKE:
+        lo, hi = min(lo, calibrated[0]), max(hi, calibrated[1])
     if case.output_range is not None:
         lo, hi = min(lo, case.output_range[0]), max(hi, case.output_range[1])
     return lo, hi
@@ -404,10 +402,16 @@ def calibration_times(case: ConvCase, x_span: Span | None = None) -> float | Non
     if case.input_calibration_range is None:
         return None
     span = x_span if x_span is not None else Span.of(case.input)
-    own = max(span.high, 0.0) - min(span.low, 0.0)
-    lo = min(case.input_calibration_range[0], span.low, 0.0)
-    hi = max(case.input_calibration_range[1], span.high, 0.0)
-    return (hi - lo) / own if own > 0 else math.inf
+    return span_times(span.low, span.high, case.input_calibration_range)
+
+
+def span_times(low: float, high: float, calibrated: tuple[float, float]) -> float:
+    """How many times the span of ``low..high`` (0 included) it and ``calibrated`` span
+    together (inf for a span of 0): calibration batches are like the data at most
+    ``CALIBRATION_LIKE`` times."""
+    own = max(high, 0.0) - min(low, 0.0)
+    together = max(calibrated[1], high, 0.0) - min(calibrated[0], low, 0.0)
+    return together / own if own > 0 else math.inf
 
 
 def compute_budget(case: ConvCase, spec: PathSpec, kernel: Kernel, stages: tuple[StageResult, ...],

@@ -417,14 +417,14 @@ def _observed_activations(case: ConvCase, act_in: Any, act_out: Any, calib: np.n
         for xb in batches:
             if calib is None:
                 if "float32_output" not in cache:
-                    cache["float32_output"] = _float_layer(case, xb)
+                    cache["float32_output"] = float_layer(case, xb)
                 act_out(cache["float32_output"])
             else:
-                act_out(_float_layer(case, xb))
+                act_out(float_layer(case, xb))
     return in_qp, _qparams_from_observer(act_out, "quint8", None), x_codes, len(batches)
 
 
-def _float_layer(case: ConvCase, x: Any) -> Any:
+def float_layer(case: ConvCase, x: Any) -> Any:
     """The float layer on a torch input: conv, then its fused activation."""
     import torch
 
