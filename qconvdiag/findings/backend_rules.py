@@ -111,9 +111,9 @@ def qcd061(ctx: Context) -> Iterator[Finding]:
              "padding_only": padding_only, "excess": energy},
             "qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path='report_me.pt')"
             if not padding_only else
-            f"# padding {tuple(g.padding)} reaches past the kernel: outputs that read padding "
-            "only are\n# the bias alone; drop them (a smaller padding) or run on another "
-            "engine\ntorch.backends.quantized.engine = "
+            "# the padding reaches past the kernel: outputs that read padding only are the\n"
+            "# bias alone; drop them (a smaller padding) or run on another engine\n"
+            "torch.backends.quantized.engine = "
             + ('"qnnpack"' if run.report.engine == "fbgemm" else '"fbgemm"'),
             run, energy, ("backend_residual",))
 
