@@ -35,6 +35,24 @@ def _eager(conv, x, engine: str, calibration: list, reduce_range: bool):  # noqa
     return quantized[1], qx
 
 
+
+def _default_flow(conv, x, engine: str, calibration: list):  # noqa: ANN001, ANN202
+    """conv quantized by torch.ao's eager flow with ``engine``'s default qconfig, calibrated
+    on ``calibration``; the quantized conv and x quantized as it gets it."""
+    from torch.ao.quantization import get_default_qconfig
+
+    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
+                                torch.ao.quantization.DeQuantStub()).eval()
+    model.qconfig = get_default_qconfig(engine)
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = torch.ao.quantization.prepare(model)
+        for batch in calibration:
+            prepared(batch)
+        quantized = torch.ao.quantization.convert(prepared)
+        return quantized[1], quantized[0](x)
+
 @pytest.mark.parametrize("factor", [1.2, 1.4])
 def test_seven_bit_activations_calibrated_on_a_wider_range_are_judged_like_eight_bit(
         factor: float) -> None:
@@ -125,7 +143,6 @@ def test_an_input_judged_against_the_calibration_batches_given_with_it() -> None
     the input (6x its scale, what a user calibrates on by mistake) are not taken as its range:
     QCD012 stays, and says how much wider they are; without batches it says that
     --calib would tell."""
-    from torch.ao.quantization import get_default_qconfig
 
     g = torch.Generator().manual_seed(2)
     calibration = [_heavy_tailed(g) for _ in range(3)]
@@ -141,23 +158,13 @@ def test_an_input_judged_against_the_calibration_batches_given_with_it() -> None
         return {f.code: f for f in report.findings
                 if f.path == "as_given" and f.severity != "info"}
 
-    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
-                                torch.ao.quantization.DeQuantStub()).eval()
-    model.qconfig = get_default_qconfig("x86")
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prepared = torch.ao.quantization.prepare(model)
-        for batch in calibration:
-            prepared(batch)
-        quantized = torch.ao.quantization.convert(prepared)
-        qx = quantized[0](x)
-    without = loud(quantized[1], qx, None)
+    qm, qx = _default_flow(conv, x, "x86", calibration)
+    without = loud(qm, qx, None)
     # its 7-bit input read as such (x86's default reduce_range) at a step 4x this batch's
     # 8-bit one: judged as an 8-bit layer calibrated as widely is (qnnpack: a warning), not
     # as an 8-bit step 4x too coarse (an error, before SEVEN_BIT_RATIO went from 3 to 8)
     assert without["QCD012"].severity == "warning" and "--calib" in without["QCD012"].message
-    assert loud(quantized[1], qx, calibration) == {}
+    assert loud(qm, qx, calibration) == {}
     unlike = [6 * b for b in calibration]
     qm, qx6 = _eager(conv, x, "x86", unlike, reduce_range=True)
     named = loud(qm, qx6, unlike)["QCD012"]
@@ -177,18 +184,9 @@ def test_an_8_bit_engine_s_input_calibrated_on_6x_the_data_stays_8_bit():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 32, 3, padding=1).eval()
     x = torch.randn(4, 16, 16, 16)
-    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
-                                torch.ao.quantization.DeQuantStub()).eval()
-    model.qconfig = torch.ao.quantization.get_default_qconfig("onednn")
-    torch.backends.quantized.engine = "onednn"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prepared = torch.ao.quantization.prepare(model)
-        prepared(x * 6)
-        quantized = torch.ao.quantization.convert(prepared)
-        qx = quantized[0](x)
-    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=quantized[1], qinput=qx,
-                                                  path=None), qconvdiag.Options(engine="onednn"))
+    qm, qx = _default_flow(conv, x, "onednn", [x * 6])
+    report = qconvdiag.diagnose(qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None),
+                                qconvdiag.Options(engine="onednn"))
     found = {f.code: f for f in report.findings if f.path == "as_given"}
     assert found["QCD012"].severity == "error" and "QCD042" not in found
     budget = next(p for p in report.paths if p.name == "as_given").budget
@@ -200,7 +198,6 @@ def test_an_output_judged_against_the_calibration_batches_given_with_it() -> Non
     the output's not: QCD052 warned on healthy layers calibrated on two batches of
     heavy-tailed data. The float conv's output range on the batches is what the output
     observer saw; where it is like the output's own, the output is judged against it."""
-    from torch.ao.quantization import get_default_qconfig
 
     def batch(g: torch.Generator) -> torch.Tensor:  # 1 in 100 values 12x the rest
         x = torch.randn(1, 1, 16, 16, generator=g)
@@ -211,18 +208,8 @@ def test_an_output_judged_against_the_calibration_batches_given_with_it() -> Non
     x = calibration[0]
     torch.manual_seed(14)
     conv = torch.nn.Conv2d(1, 4, 2, bias=False).eval()
-    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(), copy.deepcopy(conv),
-                                torch.ao.quantization.DeQuantStub()).eval()
-    model.qconfig = get_default_qconfig("x86")
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prepared = torch.ao.quantization.prepare(model)
-        for b in calibration:
-            prepared(b)
-        quantized = torch.ao.quantization.convert(prepared)
-        qx = quantized[0](x)
-    case = qconvdiag.capture(conv, x, qconv=quantized[1], qinput=qx, path=None)
+    qm, qx = _default_flow(conv, x, "x86", calibration)
+    case = qconvdiag.capture(conv, x, qconv=qm, qinput=qx, path=None)
     report = qconvdiag.diagnose(case, qconvdiag.Options(
         engine="x86", calib=torch.cat(calibration).numpy()))
     assert not [f for f in report.findings if f.path == "as_given" and f.severity != "info"]

@@ -627,6 +627,20 @@ def test_an_xnnpack_quantized_model_is_refused_in_one_line_that_says_so():
     assert "quantized to -127..127" in message and "X86InductorQuantizer" in message
 
 
+def _qat_prepared(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """A copy of ``model`` exported in training mode and prepared by torchao's QAT flow
+    (X86InductorQuantizer's default QAT config), as users run it."""
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    config = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+    return prepare_qat_pt2e(
+        torch.export.export(copy.deepcopy(model).train(), (x,), strict=True).module(),
+        xiq.X86InductorQuantizer().set_global(config))
+
+
 class _StandaloneBn(nn.Module):
     """conv, ReLU, a BatchNorm no conv can fold (DenseNet's pre-activation), conv."""
 
@@ -644,12 +658,10 @@ def test_a_pt2e_batchnorm_left_in_training_mode_is_named():
     keeps its standalone BatchNorms in training mode (each batch normalised with its own
     statistics: 1.7% top-1). Nothing named it; QCD069 does now, with the one call that mends
     it, and the same model moved to eval first has no such finding."""
-    import copy
     import warnings
 
     from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from qconvdiag.model.bundle import bundle_from_mapping, bundle_to_mapping
 
@@ -660,12 +672,9 @@ def test_a_pt2e_batchnorm_left_in_training_mode_is_named():
         model.bn.running_var.uniform_(0.5, 2)
     found = []
     for to_eval in (False, True):
-        config = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prepared = prepare_qat_pt2e(
-                torch.export.export(copy.deepcopy(model).train(), (x,), strict=True).module(),
-                xiq.X86InductorQuantizer().set_global(config))
+            prepared = _qat_prepared(model, x)
             prepared(x)
             if to_eval:
                 move_exported_model_to_eval(prepared)
@@ -698,19 +707,14 @@ class _YoloConv(nn.Module):
 def _qat_converted(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
     """``model`` through torchao's QAT flow as pytorch/ao#4107 runs it: prepare_qat_pt2e,
     move_exported_model_to_eval, calibration, convert_pt2e."""
-    import copy
     import warnings
 
     from torchao.quantization.pt2e import move_exported_model_to_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    config = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_qat_pt2e(
-            torch.export.export(copy.deepcopy(model).train(), (x,), strict=True).module(),
-            xiq.X86InductorQuantizer().set_global(config))
+        prepared = _qat_prepared(model, x)
         move_exported_model_to_eval(prepared)
         with torch.no_grad():
             prepared(x)
