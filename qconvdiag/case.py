@@ -7,6 +7,7 @@ reaches the diagnosis has passed the same checks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import CaseError
-from .quantization.qparams import QParams, wide_codes
+from .quantization.qparams import QParams, narrowed_weight_range, wide_codes
 from .report import CaseSummary
 
 OPS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
@@ -443,8 +444,25 @@ def build_case(
     check_float32_range(inp_a, w_a, b_a)
     if setup is not None:
         _validate_setup(setup, inp_a, w_a)
+        setup = _narrowed_weights(setup, w_a)
     return ConvCase(inp_a, w_a, b_a, g, setup, source, tuple(note_list), activation,
                     flow=flow, engine=engine)
+
+
+def _narrowed_weights(setup: QuantSetup, weight: np.ndarray) -> QuantSetup:
+    """``setup`` with the narrowed code range its weights show (4-bit weights of a weight
+    observer with quant_min=-8, quant_max=7: ``qparams.narrowed_weight_range``) in their
+    qparams, so that quantizing the float weight as the module did clamps where it clamped."""
+    m = setup.module
+    if m is not None:
+        qp = narrowed_weight_range(weight, m.stored_codes, m.weight_qparams)
+        if qp is not m.weight_qparams:
+            setup = dataclasses.replace(setup, module=dataclasses.replace(m, weight_qparams=qp))
+    if setup.weight_qparams is not None and setup.weight_codes is not None:
+        qp = narrowed_weight_range(weight, setup.weight_codes, setup.weight_qparams)
+        if qp is not setup.weight_qparams:
+            setup = dataclasses.replace(setup, weight_qparams=qp)
+    return setup
 
 
 def _validate_setup(setup: QuantSetup, inp: np.ndarray, weight: np.ndarray) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from ..case import FoldedBatchNorm
 from ..measure.evidence import PathRun
 from ..quantization.paths import FOREIGN_CODES
-from ..quantization.qparams import QParams, clip_bounds, dequantize
+from ..quantization.qparams import QParams, clip_bounds, dequantize, narrowed
 from ..report import Finding
 from .base import Context, conv_name, excess, finding, fmt, material, severity
 from .fixes import given_weight_fix, model_calibration, per_channel_qconfig, weight_fix
@@ -81,7 +81,8 @@ def qcd020(ctx: Context) -> Iterator[Finding]:
         over, under = w > hi + half, w < lo - half
         n = int(over.sum() + under.sum())
         if n == 0:
-            yield from _half_step(ctx, run, energy, w, hi)
+            if not narrowed(qp):  # the half step of torch's 8-bit observers (127.5)
+                yield from _half_step(ctx, run, energy, w, hi)
             continue
         where = []
         if over.any():
@@ -661,6 +662,9 @@ def qcd026(ctx: Context) -> Iterator[Finding]:
         zps = np.asarray(qp.zero_point).reshape((-1,) + (1,) * (w.ndim - 1)) \
             if qp.per_channel else qp.zero_point[0]
         vanished = int(np.count_nonzero((run.spec.weight_codes == zps) & (w != 0)))
+        if narrowed(qp) and ratio * (qp.qmax - qp.qmin) / 2 / 127.5 < 1.5:
+            yield _few_levels(ctx, run, energy, ratio, vanished)
+            continue
         yield finding(
             "QCD026", severity(run, energy),
             "weight step too coarse for the weight's range",
@@ -672,6 +676,37 @@ def qcd026(ctx: Context) -> Iterator[Finding]:
             {"scale": float(steps.max()), "step_ratio": ratio, "vanished": vanished,
              "total": int(w.size), "excess": energy},
             _symmetric_fix(ctx, run), run, energy, ROUNDING)
+
+
+def _few_levels(ctx: Context, run: PathRun, energy: float, ratio: float, vanished: int
+                ) -> Finding:
+    """QCD026 for weights on fewer levels than qint8 has, on purpose: a weight observer's
+    quant_min/quant_max (4 bits: -8..7, as in pytorch/ao#2138), its step what that range needs
+    for the weight. What they cost is measured against 8-bit weights; a choice, not a slip,
+    so a warning at most."""
+    b = run.report.budget
+    assert b is not None
+    qp = run.spec.weight_qparams
+    levels = qp.qmax - qp.qmin + 1
+    bits = math.log2(levels)
+    name = f"{int(bits)}-bit weights" if bits.is_integer() else f"weights on {levels} levels"
+    level = severity(run, energy)
+    return finding(
+        "QCD026", "warning" if level == "error" else level,
+        f"{name}: codes {qp.qmin}..{qp.qmax} (quant_min/quant_max)",
+        f"The module's weight codes span {qp.qmin}..{qp.qmax}, as a weight observer with "
+        f"quant_min={qp.qmin}, quant_max={qp.qmax} gives: {levels} levels, a step "
+        f"{fmt(ratio)}x what 8-bit weights need for this weight's range; {vanished} of "
+        f"{ctx.case.weight.size} nonzero weights round to the zero point, and weight rounding "
+        f"adds {fmt(b.stage('weight_rounding').measured)} RMSE where 8-bit weights add "
+        f"{fmt(b.stage('weight_rounding').floor)}. What the accuracy of {name} needs is "
+        "training with them (QAT, its fake quantization on until convert, so the scales it "
+        "trained with are the ones converted).",
+        {"scale": float(qp.scales().max()), "step_ratio": ratio, "vanished": vanished,
+         "total": int(ctx.case.weight.size), "excess": energy, "quant_min": qp.qmin,
+         "quant_max": qp.qmax},
+        "# 8-bit weights: the default weight observer's range\n"
+        + _symmetric_fix(ctx, run), run, energy, ROUNDING)
 
 
 def qcd028(ctx: Context) -> Iterator[Finding]:

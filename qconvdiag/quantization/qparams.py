@@ -377,3 +377,61 @@ def clip_bounds(qp: QParams) -> tuple[np.ndarray, np.ndarray]:
     """Smallest and largest representable float value (per channel if per-channel)."""
     s, zp = qp.scales(), qp.zero_points()
     return (qp.qmin - zp) * s, (qp.qmax - zp) * s
+
+
+#: The narrowed signed ranges a weight observer's ``quant_min``/``quant_max`` give (n bits,
+#: n < 8: -2^(n-1)..2^(n-1)-1, or the symmetric -(2^(n-1)-1)..2^(n-1)-1), by (lowest, highest).
+NARROWED_WEIGHT_RANGES = frozenset(
+    pair for n in range(2, 8) for pair in ((-(2 ** (n - 1)), 2 ** (n - 1) - 1),
+                                           (-(2 ** (n - 1) - 1), 2 ** (n - 1) - 1)))
+
+
+def narrowed_weight_range(weight: np.ndarray, codes: np.ndarray, qp: QParams) -> QParams:
+    """``qp`` with the ``quant_min``/``quant_max`` the codes show a weight observer had (4-bit
+    weights: -8..7, pytorch/ao#2138), else ``qp`` itself. The codes span one of
+    NARROWED_WEIGHT_RANGES, every one the float weight's at ``qp`` over the whole qint8 range
+    but those beyond the narrowed range, which the module holds clamped at its ends; and that
+    clamp, or the scale of a symmetric observer on that range (max|w| / ((quant_max -
+    quant_min) / 2) in every channel), shows the range (codes that merely lie inside one, a
+    coarse scale's, show neither)."""
+    if (qp.dtype != "qint8" or qp.quant_min is not None or qp.quant_max is not None
+            or codes.size == 0 or codes.shape != weight.shape):
+        return qp
+    low, high = int(codes.min()), int(codes.max())
+    if (low, high) not in NARROWED_WEIGHT_RANGES:
+        return qp
+    try:
+        full = quantize(weight, qp)
+    except QParamsError:
+        return qp
+    held = codes.astype(np.int64)
+    beyond = (full > high) | (full < low)
+    clamped = beyond & (held == np.clip(full, low, high))
+    # every code beyond the range is held at its end, and every other code is the float
+    # weight's own (a weight that moved after convert is not read as a narrowed range)
+    if not np.array_equal(clamped, beyond) or not np.array_equal(full[~beyond], held[~beyond]):
+        return qp
+    if not clamped.any() and not _symmetric_fit(weight, qp, (high - low) / 2):
+        return qp
+    return QParams(qp.scale, qp.zero_point, qp.dtype, qp.axis, qp.source, qp.zero_point_given,
+                   low, high, qp.notes, qp.dtype_given)
+
+
+def _symmetric_fit(weight: np.ndarray, qp: QParams, half_levels: float) -> bool:
+    """Every channel's scale (the tensor's, per tensor) is a symmetric observer's on
+    ``half_levels`` each side, max|w| / half_levels (float32's precision), where its weight is
+    not all zero."""
+    if any(z != 0 for z in qp.zero_point):
+        return False
+    axis = None if qp.axis is None else qp.axis % weight.ndim
+    rows = (weight.reshape(1, -1) if axis is None
+            else np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1))
+    top = np.abs(rows.astype(np.float64)).max(axis=1)
+    live = top > 0
+    return bool(live.any()) and bool(np.allclose(qp.scales()[live] * half_levels, top[live],
+                                                 rtol=1e-5, atol=0.0))
+
+
+def narrowed(qp: QParams) -> bool:
+    """Codes restricted to fewer levels than the dtype has (``narrowed_weight_range``'s)."""
+    return (qp.quant_min, qp.quant_max) in NARROWED_WEIGHT_RANGES
