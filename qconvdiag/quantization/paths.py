@@ -20,7 +20,15 @@ import numpy as np
 from ..case import ConvCase, ModuleState
 from ..errors import QParamsError, UsageError
 from ..torch_calls import capture_warnings, conv_function
-from .qparams import QParams, compact_codes, per_tensor, quantize, wide_codes
+from .qparams import (
+    QParams,
+    compact_codes,
+    dequantize32,
+    make_qparams,
+    per_tensor,
+    quantize,
+    wide_codes,
+)
 
 OBSERVERS = ("histogram", "minmax", "moving_average")
 
@@ -98,6 +106,8 @@ def build_as_given(case: ConvCase, production: PathSpec | Callable[[], PathSpec]
         if holds_float_weight(case, s.module):
             w_qp, w_codes = s.module.weight_qparams, s.module.weight_codes
             moved = moved_codes(case, s.module)
+            if moved is None and _rounded_twice(case, s.module):
+                notes.append(REQUANTIZED_NOTE)
             if moved is not None:  # the weight meant: this float weight, at the module's qparams
                 w_codes = compact_codes(moved, w_qp)
                 notes.append("the quantized module's weight codes are one step off the float "
@@ -171,7 +181,52 @@ def holds_float_weight(case: ConvCase, module: ModuleState) -> bool:
     held = float(off.mean()) <= FOREIGN_CODES
     if not qp.per_channel and qp.scale[0] == 1.0 and qp.zero_point[0] == 0 and top / 127.5 < 0.25:
         return held and (bool(np.any(module.weight_codes)) or _float_bias_packed(case, module))
-    return held
+    return held or requantized(case, module)
+
+
+REQUANTIZED_NOTE = ("the quantized module's weight is the float weight quantized twice: by "
+                    "a default observer, then, dequantized, again at the module's qparams "
+                    "(quantize_per_tensor/per_channel of qm.weight().dequantize()): quantize "
+                    "the float weight itself")
+
+
+def _rounded_twice(case: ConvCase, module: ModuleState) -> bool:
+    """The module's codes are not the float weight's at its qparams, but ``requantized``."""
+    try:
+        once = quantize(case.weight, module.weight_qparams)
+    except QParamsError:
+        return False
+    return not np.array_equal(once, module.weight_codes) and requantized(case, module)
+
+
+#: The share of a module's codes that quantizing the float weight twice must give for
+#: ``requantized`` to take them for that: all but the last bit of a scale's ties.
+REQUANTIZED_CODES = 0.999
+
+
+def requantized(case: ConvCase, module: ModuleState) -> bool:
+    """The module holds the float weight quantized twice: by a default weight observer
+    (symmetric, max|w| / 127.5 per output channel or per tensor, in float32 as torch's
+    observers compute it), then, dequantized (``qm.weight().dequantize()``), again at the
+    module's own qparams (a scale written after convert). Its codes are then one step off the
+    float weight's at those qparams in many weights (rounded twice), or more where the first
+    step was the coarser: not a weight that moved after convert, nor another weight."""
+    w = np.asarray(case.weight, dtype=np.float32)
+    if w.size == 0 or module.weight_codes.shape != w.shape:
+        return False
+    rows = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    eps = np.finfo(np.float32).eps
+    for top, axis in ((rows, 0), (np.array([rows.max()]), None)):
+        steps = np.maximum(top.astype(np.float32) / np.float32(127.5), eps)
+        first = make_qparams([float(v) for v in steps], [0] * len(steps), "qint8", axis,
+                             "observer", "default")
+        try:
+            twice = quantize(dequantize32(quantize(w, first), first), module.weight_qparams)
+        except QParamsError:
+            return False
+        if np.mean(twice == module.weight_codes) >= REQUANTIZED_CODES:
+            return True
+    return False
 
 
 def _float_bias_packed(case: ConvCase, module: ModuleState) -> bool:
@@ -199,7 +254,7 @@ def moved_codes(case: ConvCase, module: ModuleState) -> np.ndarray | None:
     except QParamsError:
         return None
     off = int(np.count_nonzero(expected.astype(np.int64) != module.weight_codes.astype(np.int64)))
-    if off < max(MOVED_MIN, MOVED_CODES * expected.size):
+    if off < max(MOVED_MIN, MOVED_CODES * expected.size) or requantized(case, module):
         return None
     return expected
 

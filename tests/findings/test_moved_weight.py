@@ -62,3 +62,42 @@ def test_a_small_move_that_costs_nothing_is_info_and_the_weight_it_was_made_from
     assert verdict.status == "at_floor" and found is not None and found.severity == "info"
     found, verdict = _qcd024(*_moved(0.0))
     assert found is None and verdict.status == "at_floor"
+
+
+def _requantized(engine: str, factor: float) -> tuple[torch.nn.Module, torch.nn.Module,
+                                                      torch.Tensor]:
+    """A conv quantized with the engine's default qconfig, then its weight packed again from
+    the dequantized module weight at a scale ``factor`` times max|w| / 127 (a scale written
+    after convert, as users write it: rounded twice; nothing moved)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.ao.quantization.QuantStub(),
+                                torch.nn.Conv2d(32, 32, 3, padding=1),
+                                torch.ao.quantization.DeQuantStub()).eval()
+    x = torch.rand(4, 32, 12, 12)
+    torch.backends.quantized.engine = engine
+    model.qconfig = torch.ao.quantization.get_default_qconfig(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = torch.ao.quantization.prepare(copy.deepcopy(model))
+        prepared(x)
+        quantized = torch.ao.quantization.convert(prepared)
+    qm = quantized[1]
+    w = qm.weight().dequantize()
+    qm.set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max()) / 127 * factor, 0,
+                                                 torch.qint8), qm.bias())
+    return model, quantized, x
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+@pytest.mark.parametrize(("factor", "cause"), [(6.0, "QCD026"), (0.25, "QCD020")])
+def test_a_weight_quantized_twice_is_its_scale_s_story_not_a_moved_or_foreign_weight(
+        engine: str, factor: float, cause: str) -> None:
+    model, quantized, x = _requantized(engine, factor)
+    report = qconvdiag.diagnose_model(model, quantized, x, top=1).details[0].report
+    codes = {f.code: f for f in report.findings}
+    assert "QCD024" not in codes, codes.get("QCD024")
+    verdict = next(v for v in report.verdicts if v.path == "as_given")
+    assert verdict.causes[0].code == cause  # a coarse scale (QCD026), a clipping one (QCD020)
+    assert codes[cause].severity in ("warning", "error")
+    assert any("quantized twice" in n for n in next(
+        p for p in report.paths if p.name == "as_given").notes)
