@@ -138,9 +138,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                        two_at_a_time(lambda lay: screen_layer(lay, engine), list(bundle.layers))))
     ranking = rank(screens)
     # convs whose kept BatchNorm costs its output what fusing it would not (QCD072)
-    unfused = [(lay.name, lay.bn_kept, cost) for lay in bundle.layers
-               if lay.bn_kept is not None and (cost := screens[lay.name].bn_kept) is not None
-               and cost.cost_db >= BN_COST_DB]
+    kept_bn = [(lay.name, lay.bn_kept, cost) for lay in bundle.layers
+               if lay.bn_kept is not None and (cost := screens[lay.name].bn_kept) is not None]
+    unfused = [(name, kept, cost) for name, kept, cost in kept_bn if cost.cost_db >= BN_COST_DB]
     floats = {lay.name for lay in bundle.layers if lay.output_float32}
     explainable = [name for name in ranking if name not in floats]
     explain = list(dict.fromkeys([*explainable[:options.top], *options.layers]))
@@ -198,7 +198,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                                {u.layer for u in upstream}, pt2e),
                                        qcd069(bundle.ops, drift_named, bundle.flow),
                                        qcd069_training(bundle.bn_training),
-                                       qcd072(unfused, upstream),
+                                       qcd072(kept_bn, upstream),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
