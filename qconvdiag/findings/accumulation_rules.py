@@ -14,6 +14,24 @@ from .base import Context, excess, finding, fmt, severity
 from .fixes import eager_flow, reduce_range_flow
 
 
+def _eight_bit_input(run: PathRun, engine: str) -> str:
+    """Where the input's codes use 8 bits on an engine whose default qconfig keeps 7
+    (reduce_range) so that its pairs cannot saturate: the input's qparams are not that
+    observer's (a helper's model: the output scale of the conv before, written by hand, made
+    the depthwise conv after it saturate, and the fix read as the qconfig already in use)."""
+    from ..quantization.paths import default_reduces_range
+
+    qp, codes = run.spec.input_qparams, run.spec.input_codes
+    if codes is None or codes.size == 0 or qp.dtype != "quint8" or qp.per_channel \
+            or int(codes.max()) <= 127 or not default_reduces_range(engine):
+        return ""  # 7-bit qparams (reduce_range) keep every code in 0..127
+    return (f" Its input codes reach {int(codes.max())}: 8 bits, where "
+            f"{engine}'s default qconfig keeps activations to 128 levels (reduce_range) so "
+            "that pairs cannot saturate: the input's scale and zero point are not that "
+            "observer's (written by hand, as the output qparams of the op before it, or "
+            "another qconfig's); the fix quantizes with it again, none written after convert.")
+
+
 def qcd040(ctx: Context) -> Iterator[Finding]:
     for engine in ctx.engines:
         for run in ctx.paths(engine):
@@ -47,7 +65,7 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     f"{run.report.name} path{module_note}, moving outputs by up to "
                     f"{fmt(st.delta.max_abs if st.delta else 0)} "
                     f"({fmt((st.delta.max_abs_lsb or 0) if st.delta else 0)} output steps) "
-                    "before the output's rounding and clamping.",
+                    "before the output's rounding and clamping." + _eight_bit_input(run, engine),
                     {"saturated_pairs": em.saturated_pairs, "saturated_row_sums": rows,
                      "accumulation": run.kernel.accumulation, "excess": energy},
                     reduce_range_flow(ctx.case, engine, True), run, energy, (sid,))
