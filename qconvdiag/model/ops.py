@@ -33,6 +33,9 @@ from .activations import ActivationCheck, WrongValues
 #: An op's qparams leave out this share of the float model's range there or more: the op loses
 #: the values beyond (they saturate).
 MISSED_SHARE = 0.5
+#: An op whose step is too coarse also leaves out this share of the float range on one side
+#: or more: its message says so (the values there are clipped to the representable edge).
+SIDE_SHARE = 0.1
 #: A quantized BatchNorm's running statistics are not the float model's when a mean moved by
 #: this many of the float model's standard deviations, or a variance by this factor (convert
 #: copies them exactly: they differ only when BatchNorm updated them, in train mode).
@@ -174,8 +177,22 @@ class OpRange:
         ratio = self.scale / ideal
         if ratio >= (SAMPLE_RANGE if self.sampled else FAR):
             return (f"its output scale {self.scale:.4g} is {ratio:.1f}x the step the float "
-                    f"model's range there {rng} needs ({ideal:.4g})")
+                    f"model's range there {rng} needs ({ideal:.4g})"
+                    + self._side_left_out(lo, hi, span))
         return None
+
+    def _side_left_out(self, lo: float, hi: float, span: float) -> str:
+        """Where the representable range leaves out one side of the float range (a zero
+        point 0 on an input normalized around 0: a helper's QuantStub clipped 58% of the
+        values, every negative one, and the message named the scale alone)."""
+        below, above = max(0.0, lo - self.float_low), max(0.0, self.float_high - hi)
+        if span <= 0 or max(below, above) < SIDE_SHARE * span:
+            return ""
+        side, edge = ((f"[{self.float_low:.4g}, {lo:.4g})", lo) if below >= above
+                      else (f"({hi:.4g}, {self.float_high:.4g}]", hi))
+        return (f"; and its zero point {self.zero_point} leaves {side} out, "
+                f"{max(below, above) / span:.0%} of that range: every value there is "
+                f"clipped to {edge:.4g}")
 
     def _shared_misfit(self, ideal: float) -> str | None:
         """One call of a module that serves ``shared`` calls: its qparams fit the calls' union;
