@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from ..measure.evidence import PathRun
 from ..report import Finding
 from .base import Context, excess, finding, fmt
+from .weight_rules import per_tensor_cost
 
 DEFAULT_CONFIG = "quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())"
 #: Without VNNI oneDNN's int16 pair sums saturate on 8-bit activations (paths.py,
@@ -171,6 +172,8 @@ def qcd070(ctx: Context, others: list[Finding]) -> Iterator[Finding]:
             continue
         if any(f.severity in ("error", "warning") and f.path == run.report.name
                and f.engine in (None, run.report.engine) for f in others):
+            continue
+        if per_tensor_cost(run) is not None:  # QCD023 says what the floor does not show
             continue
         sqnr = run.report.total.sqnr_db
         floor_sqnr = None if sqnr is None or b.ratio <= 0 else sqnr + 20 * math.log10(b.ratio)
