@@ -243,7 +243,7 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
             return None  # not the same structure of float tensors: nothing this compares
         for key, pair in pairs:
             leaves.setdefault(key, []).append(pair)
-    worst: tuple[float, str] | None = None  # (output SQNR, leaf); -inf: no signal left
+    worst: tuple[float, str, int] | None = None  # (output SQNR, leaf, values); -inf: none left
     for key, batches in leaves.items():
         got = np.concatenate([q for q, _ in batches])[:keep]
         want = np.concatenate([f for _, f in batches])[:keep]
@@ -253,7 +253,7 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
         # exact: +inf; a reference all zero with an error: no signal left (-inf)
         value = math.inf if d.rmse == 0 else -math.inf if d.sqnr_db is None else d.sqnr_db
         if worst is None or value < worst[0]:
-            worst = (value, key)
+            worst = (value, key, int(got.size))
     if worst is None:
         return None
     last_q = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
@@ -261,7 +261,7 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
     output_sqnr = None if worst[0] == -math.inf else worst[0]
     if output_sqnr == math.inf:
         return None  # exact
-    return lost_after(last, last_sqnr, output_sqnr, after, worst[1])
+    return lost_after(last, last_sqnr, output_sqnr, after, worst[1], worst[2])
 
 
 Leaves = list[tuple[str, tuple[np.ndarray, np.ndarray]]]

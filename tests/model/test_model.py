@@ -1428,6 +1428,18 @@ def test_the_signal_lost_after_the_last_conv_is_named(tmp_path):  # noqa: ANN001
     assert float(printed.getvalue().split("max |w - float w|")[1]) > 0.1
 
 
+def test_the_loss_after_the_last_conv_needs_enough_output_values():
+    """helper-55: a Conv3d classifier, 4 logits per sample, every conv at its floor: one
+    sample's logits fell 14 dB below the last conv (the float head amplifying its rounding),
+    and QCD071 blamed a Linear's weights or an output scale. An SQNR on fewer than MIN_VALUES
+    values is no evidence; no signal at all still is."""
+    from qconvdiag.model.after import MIN_VALUES, lost_after
+
+    assert lost_after("c3", 40.2, 26.1, ("fc",), values=4) is None
+    assert lost_after("c3", 40.2, 26.1, ("fc",), values=MIN_VALUES) is not None
+    assert lost_after("c3", 40.2, None, ("fc",), values=4) is not None  # nothing left
+
+
 class _TwoOutputs(torch.nn.Module):
     """_ConvThenLinear's logits and its pooled features, as a dict (a multi-task or a
     detection head's outputs)."""
