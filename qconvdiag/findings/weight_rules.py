@@ -630,7 +630,8 @@ def _how(problem: str) -> str:
     if "never set" in problem or problem == "all zeros" or "written after convert" in problem:
         return ". "
     return (": it was made from other float weights (training continued, or another "
-            "checkpoint loaded, after convert), or a new weight never reached it. ")
+            "checkpoint loaded, after convert; after QAT, pass the QAT model convert was called "
+            "on), or a new weight never reached it. ")
 
 
 def _qcd024_moved(ctx: Context, run: PathRun, problem: str, energy: float) -> Finding:
@@ -641,7 +642,8 @@ def _qcd024_moved(ctx: Context, run: PathRun, problem: str, energy: float) -> Fi
         "the module's weight is not this float weight quantized: it moved after convert",
         f"The quantized {conv_name(ctx.case)} runs {problem}: the quantized model was "
         "converted from other float weights than these (the float model trained on after "
-        "convert, or another checkpoint loaded), so part of the error measured here is the "
+        "convert, or another checkpoint loaded; after QAT, pass the QAT model convert was "
+        "called on, whose float twin is captured), so part of the error measured here is the "
         "move, not quantization.",
         {"module_weight": problem,
          "module_weight_scale": run.spec.module.weight_qparams.scale[0]

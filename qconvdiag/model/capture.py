@@ -93,6 +93,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     given = quantized_model
     quantized_model, compiled = unwrap(quantized_model)
     float_model, _ = unwrap(float_model)  # its module names, not '_orig_mod.'-prefixed ones
+    float_model, twin_notes = float_twin_of_qat(float_model)
     _refuse_several_inputs(float_model)
     if compiled is not None and is_pt2e_graph(quantized_model):
         say("running the compiled model once on the first batch (torch.compile compiles it "
@@ -101,12 +102,40 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     # a module compiled in place (module.compile()) runs as it is here: hooks and all
     with eager_calls(quantized_model), eager_calls(float_model):
         return _capture(float_model, quantized_model, batches, limit, path, calibration, say,
-                        compiled)
+                        compiled, twin_notes)
+
+
+def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...]]:
+    """The float model itself, or, where it holds QAT modules (``prepare_qat``: the model
+    convert was called on, as users pass it), its float twin: a copy whose QAT convs are their
+    ``to_float()`` (a ConvBn's BatchNorm a module again, which the quantized conv folded), its
+    fake quantization and observers off (identities that record nothing). Compared as it was,
+    its ConvBn's weight was the conv's before its BatchNorm: every conv of a healthy QAT model
+    read broken (a helper's)."""
+    import copy
+
+    from torch.ao.quantization import disable_fake_quant, disable_observer
+
+    qat = [name for name, m in float_model.named_modules()
+           if name and hasattr(m, "weight_fake_quant") and callable(getattr(m, "to_float", None))]
+    if not qat:
+        return float_model, ()
+    twin = copy.deepcopy(float_model)
+    twin.apply(disable_fake_quant)
+    twin.apply(disable_observer)
+    for name in qat:
+        parent, _, child = name.rpartition(".")
+        owner = twin.get_submodule(parent) if parent else twin
+        floated = getattr(owner, child).to_float()
+        setattr(owner, child, floated.eval())
+    return twin.eval(), (f"the float model holds QAT modules ({len(qat)}, as {qat[0]}): its "
+                         "float twin was captured (each one's to_float(), fake quantization "
+                         "and observers off)",)
 
 
 def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: int,
              path: str | os.PathLike[str] | None, calibration: Any, say: Progress,
-             compiled: CompiledWith | None) -> ModelBundle:
+             compiled: CompiledWith | None, twin_notes: tuple[str, ...] = ()) -> ModelBundle:
     """``capture_model`` of the models as they are (not compiled)."""
     import torch
 
@@ -147,6 +176,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                                 {name: qconv for name, (_f, qconv) in pairs.items()},
                                 {name: s.bn for name, s in seen.items() if s.bn})
     keep, notes = sample_notes(seen, batches, limit)
+    notes[:0] = twin_notes
     transposed = [(kind, names) for kind, names in _quantized_others(quantized_model).items()
                   if "ConvTranspose" in kind]
     if transposed:  # between convs: a loss there shows as the next conv's input loss only
