@@ -174,12 +174,25 @@ class OpRange:
                     f"{self.zero_point}) represent [{lo:.4g}, {hi:.4g}], which leaves out "
                     f"{1 - covered / span:.0%} of the float model's range there {rng}: the "
                     "values beyond saturate")
+        if lo >= 0 > self.float_low and -self.float_low >= SIDE_SHARE * span:
+            # qparams for a ReLU's output on a signed one: no negative value represented
+            return (f"its output qparams (scale {self.scale:.4g}, zero point "
+                    f"{self.zero_point}) represent no negative value, and the float model's "
+                    f"range there is {rng}: every negative value is clipped to 0"
+                    + self._coarse(ideal, rng))
         ratio = self.scale / ideal
         if ratio >= (SAMPLE_RANGE if self.sampled else FAR):
             return (f"its output scale {self.scale:.4g} is {ratio:.1f}x the step the float "
                     f"model's range there {rng} needs ({ideal:.4g})"
                     + self._side_left_out(lo, hi, span))
         return None
+
+    def _coarse(self, ideal: float, rng: str) -> str:
+        """The step's clause where it is too coarse too (FAR; SAMPLE_RANGE on samples)."""
+        ratio = self.scale / ideal
+        if ratio < (SAMPLE_RANGE if self.sampled else FAR):
+            return ""
+        return f", and its scale is {ratio:.1f}x the step {rng} needs ({ideal:.4g})"
 
     def _side_left_out(self, lo: float, hi: float, span: float) -> str:
         """Where the representable range leaves out one side of the float range (a zero

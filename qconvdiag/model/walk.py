@@ -278,7 +278,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                 else:
                     why = ("was never calibrated (scale 1.0, zero point 0: run calibration "
                            "batches between prepare and convert)" if s.input_defaults else
-                           "has a scale that does not fit the inputs (calibrate it on inputs "
+                           "has qparams that do not fit the inputs (calibrate it on inputs "
                            "scaled as at inference)")
                     numbers = "".join(f" {op.name}: {op.misfit()}." for op in named)
                     out.append(UpstreamLoss(

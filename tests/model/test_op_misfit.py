@@ -14,8 +14,37 @@ def _stub(scale: float, zero_point: int, low: float = -0.75, high: float = 1.75)
 
 def test_a_zero_point_that_leaves_the_negative_side_out_is_named_with_the_coarse_scale() -> None:
     why = _stub(0.05126, 0).misfit()
+    assert why is not None and "represent no negative value" in why
+    assert "every negative value is clipped to 0" in why and "5.2x the step" in why
+    # not as coarse: the negatives clipped all the same (a misfit the scale alone missed)
+    why = _stub(0.02, 0).misfit()
+    assert why is not None and "every negative value is clipped to 0" in why
+    assert "x the step" not in why
+    # a side left out by an affine zero point, the step too coarse: both named
+    why = _stub(0.05126, 8).misfit()
     assert why is not None and "5.2x the step" in why
-    assert "its zero point 0 leaves [-0.75, 0) out, 30% of that range" in why
+    assert "its zero point 8 leaves [-0.75, -0.4101) out, 14% of that range" in why
     # the same scale with a zero point that keeps the negatives: the scale alone
     why = _stub(0.05126, 15).misfit()
     assert why is not None and "5.2x the step" in why and "zero point" not in why
+
+
+def test_the_stub_s_loss_names_its_qparams_and_the_side_its_zero_point_leaves_out() -> None:
+    """A QuantStub given a ReLU's qparams (zero point 0, a coarse scale) on inputs normalized
+    around 0: the walk's sentence names its qparams, and the misfit the negatives clipped."""
+    import warnings
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    import qconvdiag
+    from tests import models
+
+    f, q = models.eager("x86")
+    q.quant.scale, q.quant.zero_point = torch.tensor([0.1]), torch.tensor([0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qconvdiag.diagnose_model(f, q, models.inputs(2, 8, 7), top=0)
+    (loss,) = [u for u in report.upstream if u.op == "quant"]
+    assert "quantization (its QuantStub) has qparams that do not fit the inputs" in loss.message
+    assert "represent no negative value" in loss.message and "clipped to 0" in loss.message
