@@ -107,7 +107,12 @@ REFLECT_NOTE = ("padding_mode='reflect': the input is reflect-padded as torch's 
 NO_OUTPUT_NOTE = ("no quantized module or output qparams given: the as_given output uses a "
                   "fresh module's scale 1.0 / zero point 0 (capture(..., output_qparams=(scale, "
                   "zero_point)) gives the ones your call uses)")
-PERSISTED_NOTES = (REFLECT_NOTE, NO_OUTPUT_NOTE)
+#: A model walk's conv whose float twin is a QAT module's (``capture_model`` given the model
+#: ``prepare_qat`` made): QAT trained its weight through the fake quantization the converted
+#: conv's qparams come from, so what those qparams clip of it, training saw.
+QAT_NOTE = ("the float weight is a QAT module's (its to_float()): QAT trained it through its "
+            "fake quantization, with the clip of the converted qparams")
+PERSISTED_NOTES = (REFLECT_NOTE, NO_OUTPUT_NOTE, QAT_NOTE)
 
 
 def reflect_padded(a: np.ndarray, padding: Sequence[int]) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 from ..case import (
     PADDING_MODES,
     PERSISTED_NOTES,
+    QAT_NOTE,
     REFLECT_NOTE,
     FoldedBatchNorm,
     ModuleState,
@@ -93,7 +94,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     given = quantized_model
     quantized_model, compiled = unwrap(quantized_model)
     float_model, _ = unwrap(float_model)  # its module names, not '_orig_mod.'-prefixed ones
-    float_model, twin_notes = float_twin_of_qat(float_model)
+    float_model, twin_notes, qat = float_twin_of_qat(float_model)
     _refuse_several_inputs(float_model)
     if compiled is not None and is_pt2e_graph(quantized_model):
         say("running the compiled model once on the first batch (torch.compile compiles it "
@@ -102,12 +103,13 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     # a module compiled in place (module.compile()) runs as it is here: hooks and all
     with eager_calls(quantized_model), eager_calls(float_model):
         return _capture(float_model, quantized_model, batches, limit, path, calibration, say,
-                        compiled, twin_notes)
+                        compiled, twin_notes, qat)
 
 
-def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...]]:
+def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset[str]]:
     """The float model itself, or, where it holds QAT modules (``prepare_qat``: the model
-    convert was called on, as users pass it), its float twin: a copy whose QAT convs are their
+    convert was called on, as users pass it), its float twin, a note saying so, and those
+    modules' paths: a copy whose QAT convs are their
     ``to_float()`` (a ConvBn's BatchNorm a module again, which the quantized conv folded), its
     fake quantization and observers off (identities that record nothing). Compared as it was,
     its ConvBn's weight was the conv's before its BatchNorm: every conv of a healthy QAT model
@@ -119,7 +121,7 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...]]:
     qat = [name for name, m in float_model.named_modules()
            if name and hasattr(m, "weight_fake_quant") and callable(getattr(m, "to_float", None))]
     if not qat:
-        return float_model, ()
+        return float_model, (), frozenset()
     twin = copy.deepcopy(float_model)
     twin.apply(disable_fake_quant)
     twin.apply(disable_observer)
@@ -130,12 +132,13 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...]]:
         setattr(owner, child, floated.eval())
     return twin.eval(), (f"the float model holds QAT modules ({len(qat)}, as {qat[0]}): its "
                          "float twin was captured (each one's to_float(), fake quantization "
-                         "and observers off)",)
+                         "and observers off)",), frozenset(qat)
 
 
 def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: int,
              path: str | os.PathLike[str] | None, calibration: Any, say: Progress,
-             compiled: CompiledWith | None, twin_notes: tuple[str, ...] = ()) -> ModelBundle:
+             compiled: CompiledWith | None, twin_notes: tuple[str, ...] = (),
+             qat: frozenset[str] = frozenset()) -> ModelBundle:
     """``capture_model`` of the models as they are (not compiled)."""
     import torch
 
@@ -216,7 +219,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
         lay = _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
-                     ranges.get(name), name in misfused)
+                     ranges.get(name), name in misfused, name in qat)
         bn = seen[name].bn
         if eager and bn is not None and lay.bn_folded is None:
             from .batchnorm import kept_batchnorm
@@ -723,13 +726,15 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
 
 def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: Any,
            quantized_model: Any, calibration_range: tuple[float, float] | None,
-           misfused: bool = False) -> LayerCapture:
+           misfused: bool = False, qat: bool = False) -> LayerCapture:
     """``misfused``: the quantized conv fused a ReLU the float model does not apply after it
     (QCD064): the float model's output there stays as it is (the propagated error then shows
     what the fused ReLU clips); the case still models the module, its ReLU included."""
     bn_name = folded_bn(s, quantized_model)
     relu = "ReLU" in type(qconv).__name__
     float_side = float_reference(fconv, s, keep, float_model, bn_name, relu and not misfused)
+    if qat:  # its weight trained through the fake quantization these qparams come from
+        float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_NOTE))
     x_codes, x_qp = _codes(s.qinput, keep)
     y_codes, y_qp = _codes(s.qoutput, keep)
     try:
