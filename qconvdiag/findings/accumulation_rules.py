@@ -13,6 +13,10 @@ from ..report import Finding
 from .base import Context, excess, finding, fmt, severity
 from .fixes import eager_flow, reduce_range_flow
 
+#: The fixed output qparams of torch's quantized sigmoid, hardsigmoid and softmax (1/256, 0)
+#: and tanh (2/256, 128): 8-bit codes whatever reduce_range says.
+FIXED_QPARAMS = ((1.0 / 256.0, 0), (2.0 / 256.0, 128))
+
 
 def _eight_bit_input(run: PathRun, engine: str) -> str:
     """Where the input's codes use 8 bits on an engine whose default qconfig keeps 7
@@ -25,6 +29,9 @@ def _eight_bit_input(run: PathRun, engine: str) -> str:
     if codes is None or codes.size == 0 or qp.dtype != "quint8" or qp.per_channel \
             or int(codes.max()) <= 127 or not default_reduces_range(engine):
         return ""  # 7-bit qparams (reduce_range) keep every code in 0..127
+    if (qp.scale[0], qp.zero_point[0]) in FIXED_QPARAMS:
+        return ""  # a sigmoid's, tanh's or hardsigmoid's output: 8 bits whatever the qconfig
+
     return (f" Its input codes reach {int(codes.max())}: 8 bits, where "
             f"{engine}'s default qconfig keeps activations to 128 levels (reduce_range) so "
             "that pairs cannot saturate: the input's scale and zero point are not that "

@@ -45,6 +45,8 @@ def test_8_bit_input_codes_on_fbgemm_s_pairs_say_the_input_qparams_are_not_the_o
     assert found is not None and found.severity in ("warning", "error")
     assert "8 bits, where fbgemm's default qconfig keeps activations to 128 levels" \
         in found.message
-    # 7-bit codes: no such sentence (and nothing saturates)
-    found = _qcd040(_case(1 / 127))
-    assert found is None or "8 bits" not in found.message
+    # 7-bit codes: their pair sums stay within int16 (2 * 127 * 127), nothing saturates
+    assert _qcd040(_case(1 / 127)) is None
+    # a sigmoid's fixed qparams (1/256, 0): 8 bits whatever the qconfig, not a hand's
+    found = _qcd040(_case(1 / 256))
+    assert found is not None and "8 bits" not in found.message
