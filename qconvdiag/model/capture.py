@@ -110,16 +110,18 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset
     """The float model itself, or, where it holds QAT modules (``prepare_qat``: the model
     convert was called on, as users pass it), its float twin, a note saying so, and those
     modules' paths: a copy whose QAT convs are their
-    ``to_float()`` (a ConvBn's BatchNorm a module again, which the quantized conv folded), its
-    fake quantization and observers off (identities that record nothing). Compared as it was,
-    its ConvBn's weight was the conv's before its BatchNorm: every conv of a healthy QAT model
-    read broken (a helper's)."""
+    ``to_float()`` (a ConvBn's BatchNorm folded into its conv, as convert folds it), its fake
+    quantization and observers off (identities that record nothing). Compared as it was, its
+    ConvBn's weight was the conv's before its BatchNorm: every conv of a healthy QAT model read
+    broken (a helper's). A QAT conv whose ``to_float()`` fails is refused in one line."""
     import copy
 
+    import torch
     from torch.ao.quantization import disable_fake_quant, disable_observer
 
     qat = [name for name, m in float_model.named_modules()
-           if name and hasattr(m, "weight_fake_quant") and callable(getattr(m, "to_float", None))]
+           if name and hasattr(m, "weight_fake_quant") and callable(getattr(m, "to_float", None))
+           and isinstance(m, torch.nn.modules.conv._ConvNd)]
     if not qat:
         return float_model, (), frozenset()
     twin = copy.deepcopy(float_model)
@@ -128,7 +130,14 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset
     for name in qat:
         parent, _, child = name.rpartition(".")
         owner = twin.get_submodule(parent) if parent else twin
-        floated = getattr(owner, child).to_float()
+        module = getattr(owner, child)
+        try:
+            floated = module.to_float()
+        except Exception as exc:  # noqa: BLE001 - a module's own to_float: refused in a line
+            raise CaseError(f"capture_model: the float model's QAT conv {name!r} "
+                            f"({type(module).__name__}) fails its to_float() ({exc}): pass a "
+                            "float model with the QAT-trained weights (each conv with its "
+                            "BatchNorm folded as convert folds it)") from None
         setattr(owner, child, floated.eval())
     return twin.eval(), (f"the float model holds QAT modules ({len(qat)}, as {qat[0]}): its "
                          "float twin was captured (each one's to_float(), fake quantization "

@@ -30,9 +30,11 @@ class _Net(torch.nn.Module):
         return self.dequant(self.b2(self.c2(self.r1(self.b1(self.c1(self.quant(x)))))))
 
 
-def _qat(settle: int, lr: float) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+def _qat(settle: int, lr: float, bn_settled: bool = True
+         ) -> tuple[torch.nn.Module, torch.nn.Module, list]:
     """_Net fused and prepared for QAT on x86, trained a few steps at ``lr`` (BatchNorm
-    statistics settled first), its observers then run ``settle`` more passes; and converted."""
+    statistics settled first, or not), its observers then run ``settle`` more passes; and
+    converted."""
     from torch.ao.quantization import (
         convert,
         fuse_modules_qat,
@@ -47,7 +49,7 @@ def _qat(settle: int, lr: float) -> tuple[torch.nn.Module, torch.nn.Module, list
         warnings.simplefilter("ignore")
         model = _Net().train()
         with torch.no_grad():
-            for _ in range(5):  # a trained model's BatchNorm statistics: settled
+            for _ in range(5 if bn_settled else 0):  # a trained model's BatchNorm statistics
                 for x in batches:
                     model(x)
         fuse_modules_qat(model, [["c1", "b1", "r1"], ["c2", "b2"]], inplace=True)
@@ -88,13 +90,33 @@ def test_a_qat_weight_s_clip_is_info_qat_trained_with_it(tmp_path) -> None:  # n
     model 0.5 accuracy points worse). QCD020 says so, as info; the bundle file keeps it."""
     from qconvdiag.model.walk import WalkOptions, walk_model
 
-    model, quantized, batches = _qat(0, 0.01)
+    model, quantized, batches = _qat(0, 0.01, bn_settled=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qconvdiag.capture_model(model, quantized, batches[:2], tmp_path / "qat.pt")
     report = walk_model(qconvdiag.load_bundle(tmp_path / "qat.pt"), WalkOptions(top=2)).report
-    clipped = [f for d in report.details for f in d.report.findings
-               if f.code == "QCD020" and f.path == "as_given"]
-    assert clipped and all(f.severity == "info" and "QAT trained this weight" in f.message
-                           for f in clipped)
+    rows = {r.name: r for r in report.layers}
+    clipped = {d.layer: f for d in report.details for f in d.report.findings
+               if f.code == "QCD020" and f.path == "as_given"}
+    trained = [name for name in clipped if rows[name].verdict == "above_floor"]
+    assert trained and all(clipped[name].severity == "info"
+                           and "QAT trained this weight" in clipped[name].message
+                           for name in trained)
+    # a broken conv's clip is not what QAT trained with: graded as any cause
+    broken = [name for name in clipped if rows[name].verdict == "broken"]
+    assert broken and all(clipped[name].severity != "info"
+                          and "QAT trained" not in clipped[name].message for name in broken)
+
+
+def test_a_qat_conv_whose_to_float_fails_is_refused_in_one_line() -> None:
+    from torch.ao.nn.intrinsic.qat import ConvBnReLU2d
+
+    model, quantized, batches = _qat(0, 1e-4)
+
+    def broken(self):  # noqa: ANN001, ANN202
+        raise NotImplementedError("a user's QAT conv")
+
+    model.c1.to_float = broken.__get__(model.c1, ConvBnReLU2d)
+    with pytest.raises(qconvdiag.QconvdiagError, match="'c1'.*fails its to_float"):
+        qconvdiag.diagnose_model(model, quantized, batches[:1], top=0)
 
