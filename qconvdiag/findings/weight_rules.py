@@ -60,7 +60,7 @@ def per_tensor_cost(run: PathRun) -> tuple[float, float] | None:
     now = b.stage("weight_clipping").measured ** 2 + b.stage("weight_rounding").measured ** 2
     weight = min(now, b.weight_candidates["per_tensor_symmetric"] ** 2)
     per_channel = b.weight_candidates["per_channel_symmetric"] ** 2
-    if per_channel <= 0 or weight < FAR ** 2 * per_channel \
+    if per_channel <= 0 or b.rmse <= 0 or weight < FAR ** 2 * per_channel \
             or weight < PER_TENSOR_SHARE * b.rmse ** 2:
         return None
     return math.sqrt(weight / per_channel), min(weight / b.rmse ** 2, 1.0)
@@ -117,7 +117,10 @@ def qcd020(ctx: Context) -> Iterator[Finding]:
         if under.any():
             where.append(f"{int(under.sum())} fall below the smallest "
                          f"{fmt(float(np.max(np.broadcast_to(lo, w.shape)[under])))}")
-        trained = QAT_NOTE in ctx.case.notes and run.report.name == "as_given"
+        b = run.report.budget
+        # (not on a broken conv: there the converted qparams are not the ones QAT trained with)
+        trained = (QAT_NOTE in ctx.case.notes and run.report.name == "as_given"
+                   and b is not None and b.verdict != "broken")
         yield finding(
             # QAT trained the weight with this clip: info (a helper's QAT model, the clip of
             # its stem undone: that conv 3.5 dB closer to its float twin, the model 0.5
