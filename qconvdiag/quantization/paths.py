@@ -192,11 +192,7 @@ REQUANTIZED_NOTE = ("the quantized module's weight is the float weight quantized
 
 def _rounded_twice(case: ConvCase, module: ModuleState) -> bool:
     """The module's codes are not the float weight's at its qparams, but ``requantized``."""
-    try:
-        once = quantize(case.weight, module.weight_qparams)
-    except QParamsError:
-        return False
-    return not np.array_equal(once, module.weight_codes) and requantized(case, module)
+    return requantized(case, module)
 
 
 #: The share of a module's codes that quantizing the float weight twice must give for
@@ -213,6 +209,11 @@ def requantized(case: ConvCase, module: ModuleState) -> bool:
     step was the coarser: not a weight that moved after convert, nor another weight."""
     w = np.asarray(case.weight, dtype=np.float32)
     if w.size == 0 or module.weight_codes.shape != w.shape:
+        return False
+    try:
+        if np.array_equal(quantize(w, module.weight_qparams), module.weight_codes):
+            return False  # quantized once, at the module's qparams
+    except QParamsError:
         return False
     rows = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
     eps = np.finfo(np.float32).eps

@@ -101,3 +101,13 @@ def test_a_weight_quantized_twice_is_its_scale_s_story_not_a_moved_or_foreign_we
     assert codes[cause].severity in ("warning", "error")
     assert any("quantized twice" in n for n in next(
         p for p in report.paths if p.name == "as_given").notes)
+
+
+def test_a_weight_quantized_once_is_not_read_as_quantized_twice() -> None:
+    from qconvdiag.quantization.paths import requantized
+
+    model, quantized, x = _moved(0.0)
+    case = qconvdiag.capture_model(model, quantized, x).layers[0].case
+    assert case.setup is not None and case.setup.module is not None
+    assert not requantized(case, case.setup.module)
+
