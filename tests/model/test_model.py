@@ -1438,6 +1438,23 @@ def test_the_loss_after_the_last_conv_needs_enough_output_values():
     assert lost_after("c3", 40.2, 26.1, ("fc",), values=4) is None
     assert lost_after("c3", 40.2, 26.1, ("fc",), values=MIN_VALUES) is not None
     assert lost_after("c3", 40.2, None, ("fc",), values=4) is not None  # nothing left
+    # the capture counts them: one sample's 10 logits, a Linear holding another checkpoint's
+    # weight, are no evidence; 8 samples' are (test_the_signal_lost_after_the_last_conv_...)
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
+    other = torch.nn.Linear(16, 10).weight.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.fc.set_weight_bias(torch.quantize_per_tensor(other, float(other.abs().max() / 127),
+                                                       0, torch.qint8), q.fc.bias())
+        x = models.inputs(2, 8, 7)
+        assert qconvdiag.capture_model(f, q, x[:1]).lost_after is None
+        assert qconvdiag.capture_model(f, q, x).lost_after is not None
 
 
 class _TwoOutputs(torch.nn.Module):
