@@ -180,17 +180,23 @@ class OpRange:
                     f"{self.zero_point}) represent no negative value, and the float model's "
                     f"range there is {rng}: every negative value is clipped to 0"
                     + self._coarse(ideal, rng))
-        ratio = self.scale / ideal
-        if ratio >= (SAMPLE_RANGE if self.sampled else FAR):
+        ratio = self._coarse_ratio(ideal)
+        if ratio is not None:
             return (f"its output scale {self.scale:.4g} is {ratio:.1f}x the step the float "
                     f"model's range there {rng} needs ({ideal:.4g})"
                     + self._side_left_out(lo, hi, span))
         return None
 
-    def _coarse(self, ideal: float, rng: str) -> str:
-        """The step's clause where it is too coarse too (FAR; SAMPLE_RANGE on samples)."""
+    def _coarse_ratio(self, ideal: float) -> float | None:
+        """The scale over ``ideal`` where it is FAR times it or more (SAMPLE_RANGE times on
+        the captured samples' range alone), else None."""
         ratio = self.scale / ideal
-        if ratio < (SAMPLE_RANGE if self.sampled else FAR):
+        return ratio if ratio >= (SAMPLE_RANGE if self.sampled else FAR) else None
+
+    def _coarse(self, ideal: float, rng: str) -> str:
+        """The step's clause where it is too coarse too."""
+        ratio = self._coarse_ratio(ideal)
+        if ratio is None:
             return ""
         return f", and its scale is {ratio:.1f}x the step {rng} needs ({ideal:.4g})"
 

@@ -106,7 +106,7 @@ def build_as_given(case: ConvCase, production: PathSpec | Callable[[], PathSpec]
         if holds_float_weight(case, s.module):
             w_qp, w_codes = s.module.weight_qparams, s.module.weight_codes
             moved = moved_codes(case, s.module)
-            if moved is None and _rounded_twice(case, s.module):
+            if moved is None and requantized(case, s.module):
                 notes.append(REQUANTIZED_NOTE)
             if moved is not None:  # the weight meant: this float weight, at the module's qparams
                 w_codes = compact_codes(moved, w_qp)
@@ -188,11 +188,6 @@ REQUANTIZED_NOTE = ("the quantized module's weight is the float weight quantized
                     "a default observer, then, dequantized, again at the module's qparams "
                     "(quantize_per_tensor/per_channel of qm.weight().dequantize()): quantize "
                     "the float weight itself")
-
-
-def _rounded_twice(case: ConvCase, module: ModuleState) -> bool:
-    """The module's codes are not the float weight's at its qparams, but ``requantized``."""
-    return requantized(case, module)
 
 
 #: The share of a module's codes that quantizing the float weight twice must give for
