@@ -68,14 +68,11 @@ class LostAfter:
 
 
 def lost_after(last_conv: str, last_sqnr: float | None, output_sqnr: float | None,
-               after: tuple[str, ...], output: str = "", values: int = MIN_VALUES
-               ) -> LostAfter | None:
-    """The loss after the last conv, when the output (``output``, of several; ``values``
-    compared) is AFTER_DB below it (None: no loss, or nothing to compare: an exact last conv,
-    or fewer than MIN_VALUES values with some signal left)."""
+               after: tuple[str, ...], output: str = "") -> LostAfter | None:
+    """The loss after the last conv, when the output (``output``, of several) is AFTER_DB
+    below it (None: no loss, or nothing to compare: an exact last conv). The capture compares
+    no output of fewer than MIN_VALUES values that keeps some signal."""
     if last_sqnr is None:  # the last conv is exact: any loss after it shows in QCD065's way
-        return None
-    if output_sqnr is not None and values < MIN_VALUES:
         return None
     if output_sqnr is not None and output_sqnr > last_sqnr - AFTER_DB:
         return None

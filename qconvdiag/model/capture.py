@@ -272,7 +272,7 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
     last against the float model's output there (its propagated SQNR), on the kept samples:
     the loss after the last conv (after.py), if any."""
     from ..measure.metrics import difference
-    from .after import lost_after
+    from .after import MIN_VALUES, lost_after
 
     lay = next((lay for lay in layers if lay.name == last), None)
     q_out, f_out = outputs["quantized"], outputs["float"]
@@ -285,7 +285,7 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
             return None  # not the same structure of float tensors: nothing this compares
         for key, pair in pairs:
             leaves.setdefault(key, []).append(pair)
-    worst: tuple[float, str, int] | None = None  # (output SQNR, leaf, values); -inf: none left
+    worst: tuple[float, str] | None = None  # (output SQNR, leaf); -inf: no signal left
     for key, batches in leaves.items():
         got = np.concatenate([q for q, _ in batches])[:keep]
         want = np.concatenate([f for _, f in batches])[:keep]
@@ -294,8 +294,10 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
         d = difference(got, want)
         # exact: +inf; a reference all zero with an error: no signal left (-inf)
         value = math.inf if d.rmse == 0 else -math.inf if d.sqnr_db is None else d.sqnr_db
+        if value > -math.inf and got.size < MIN_VALUES:
+            continue  # a few values with some signal: no evidence (after.MIN_VALUES)
         if worst is None or value < worst[0]:
-            worst = (value, key, int(got.size))
+            worst = (value, key)
     if worst is None:
         return None
     last_q = dequantize32(lay.quantized_output, lay.quantized_output_qparams)
@@ -303,7 +305,7 @@ def _lost_after(layers: list[LayerCapture], last: str, outputs: dict[str, list[A
     output_sqnr = None if worst[0] == -math.inf else worst[0]
     if output_sqnr == math.inf:
         return None  # exact
-    return lost_after(last, last_sqnr, output_sqnr, after, worst[1], worst[2])
+    return lost_after(last, last_sqnr, output_sqnr, after, worst[1])
 
 
 Leaves = list[tuple[str, tuple[np.ndarray, np.ndarray]]]

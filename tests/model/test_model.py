@@ -1433,13 +1433,8 @@ def test_the_loss_after_the_last_conv_needs_enough_output_values():
     sample's logits fell 14 dB below the last conv (the float head amplifying its rounding),
     and QCD071 blamed a Linear's weights or an output scale. An SQNR on fewer than MIN_VALUES
     values is no evidence; no signal at all still is."""
-    from qconvdiag.model.after import MIN_VALUES, lost_after
-
-    assert lost_after("c3", 40.2, 26.1, ("fc",), values=4) is None
-    assert lost_after("c3", 40.2, 26.1, ("fc",), values=MIN_VALUES) is not None
-    assert lost_after("c3", 40.2, None, ("fc",), values=4) is not None  # nothing left
-    # the capture counts them: one sample's 10 logits, a Linear holding another checkpoint's
-    # weight, are no evidence; 8 samples' are (test_the_signal_lost_after_the_last_conv_...)
+    # one sample's 10 logits, a Linear holding another checkpoint's weight, are no evidence;
+    # 8 samples' are (test_the_signal_lost_after_the_last_conv_...)
     import copy
 
     from torch.ao.quantization import fuse_modules
@@ -1490,6 +1485,19 @@ def test_the_signal_lost_after_the_last_conv_is_named_in_a_dict_of_outputs():
     assert found.code == "QCD071" and found.severity == "error"
     assert bundle.lost_after is not None and bundle.lost_after.output == "logits"
     assert "output 'logits'" in found.message and found.evidence["output"] == "logits"
+
+    class Few(torch.nn.Module):  # a leaf of 3 values beside the 80 logits
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = self.inner(x)
+            return {"few": y[:1, :3], "logits": y}
+
+    # too few values to judge on their own: the loss is judged on the logits, not hidden
+    bundle, _d = walk(Few(f).eval(), Few(q).eval(), models.inputs(2, 8, 7))
+    assert bundle.lost_after is not None and bundle.lost_after.output == "logits"
     # leaves with nothing a dB measures are left out, not the whole comparison (helper-52: a
     # 0-d score crashed the capture; None or an argmax dropped the comparison; a mask's six
     # flipped decisions read as a loss after the last conv on a healthy model)
