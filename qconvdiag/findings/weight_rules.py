@@ -44,7 +44,7 @@ def granularity_energy(run: PathRun) -> float:
 #: Per-tensor weights cost beyond what a path's verdict shows when even a good per-tensor
 #: scale leaves FAR times the weight error (RMSE) per-channel weights give, and that error is
 #: at least this share of the path's error energy: the path is at its floor only because its
-#: output step, set by its widest channel too, adds as much (a helper's conv whose BatchNorm
+#: other stages' floor (the activations' rounding) is as large (a helper's conv whose BatchNorm
 #: made one channel 40x the others: at its floor 1.21x, "nothing is misconfigured", while
 #: per-channel weights took the model from 59% to 89% accuracy).
 PER_TENSOR_SHARE = 1 / 3
@@ -269,7 +269,7 @@ def qcd023(ctx: Context) -> Iterator[Finding]:
             # at its floor by its whole error, with a weight error the floor does not show
             beyond = (f" That is {cost[0]:.1f}x what per-channel weights give, and "
                       f"{cost[1]:.0%} of this layer's error: it is at its floor overall only "
-                      "because its output step, set by its widest channel too, adds as much.")
+                      "because the floor of its other stages is as large.")
             if run.report.engine not in DEFAULT_PER_TENSOR:
                 level = "warning"
         yield finding(

@@ -1,6 +1,6 @@
 """QCD023 on a per-tensor conv at its floor whose weight error per-channel weights would cut
 FAR times, and which is a third of its error or more: the conv is at its floor overall only
-because its output step, set by its widest channel too, adds as much. A helper's model (a
+because the floor of its other stages is as large. A helper's model (a
 BatchNorm made one channel 40x the others, per-tensor weights on x86): that conv read "at its
 floor, nothing is misconfigured" while per-channel weights took the model from 59% to 89%
 accuracy. Where per-tensor is the engine's default (qnnpack) it stays advice (info)."""
@@ -62,7 +62,7 @@ def test_per_tensor_weights_far_from_per_channel_s_at_the_floor_get_a_warning() 
     f = found["QCD023"]
     assert f.severity == "warning"
     assert "x what per-channel weights give" in f.message
-    assert "at its floor overall only because its output step" in f.message
+    assert "at its floor overall only because the floor of its other stages" in f.message
     assert "QCD070" not in found  # not "nothing is misconfigured"
     # per-channel weights: at the floor, no QCD023
     verdict, found = _as_given(per_tensor=False)
