@@ -112,7 +112,18 @@ NO_OUTPUT_NOTE = ("no quantized module or output qparams given: the as_given out
 #: conv's qparams come from, so what those qparams clip of it, training saw.
 QAT_NOTE = ("the float weight is a QAT module's (its to_float()): QAT trained it through its "
             "fake quantization, with the clip of the converted qparams")
-PERSISTED_NOTES = (REFLECT_NOTE, NO_OUTPUT_NOTE, QAT_NOTE)
+#: A model walk's conv of a ``convert_pt2e`` graph whose quantizer annotated it with fake
+#: quantization (``prepare_qat_pt2e``): the same, for torchao's QAT flow.
+QAT_PT2E_NOTE = ("the conv was quantized by torchao's QAT flow (prepare_qat_pt2e): the model "
+                 "trained through its fake quantization, with the clip of the converted qparams")
+PERSISTED_NOTES = (REFLECT_NOTE, NO_OUTPUT_NOTE, QAT_NOTE, QAT_PT2E_NOTE)
+
+
+def trained_with_qat(notes: Sequence[str]) -> bool:
+    """A case's notes say QAT trained its model through the fake quantization its qparams come
+    from (eager ``prepare_qat`` or torchao's ``prepare_qat_pt2e``): what those qparams clip,
+    training saw."""
+    return QAT_NOTE in notes or QAT_PT2E_NOTE in notes
 
 
 def reflect_padded(a: np.ndarray, padding: Sequence[int]) -> np.ndarray:

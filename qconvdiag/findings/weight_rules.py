@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..case import QAT_NOTE, FoldedBatchNorm
+from ..case import FoldedBatchNorm, trained_with_qat
 from ..measure.budget import FAR
 from ..measure.evidence import PathRun
 from ..quantization.paths import FOREIGN_CODES
@@ -119,7 +119,7 @@ def qcd020(ctx: Context) -> Iterator[Finding]:
                          f"{fmt(float(np.max(np.broadcast_to(lo, w.shape)[under])))}")
         b = run.report.budget
         # (not on a broken conv: there the converted qparams are not the ones QAT trained with)
-        trained = (QAT_NOTE in ctx.case.notes and run.report.name == "as_given"
+        trained = (trained_with_qat(ctx.case.notes) and run.report.name == "as_given"
                    and b is not None and b.verdict != "broken")
         yield finding(
             # QAT trained the weight with this clip: info (a helper's QAT model, the clip of

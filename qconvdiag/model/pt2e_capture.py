@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..case import ModuleState, QuantSetup
+from ..case import QAT_PT2E_NOTE, ModuleState, QuantSetup
 from ..errors import CaseError
 from ..quantization.qparams import QParams, make_qparams
 from .bundle import LayerCapture, ModelBundle
@@ -85,6 +85,9 @@ class ConvPattern:
     """The output's; with a float32 output, ``FLOAT32_OUTPUT`` (what the kernel takes)."""
     float_output: bool = False
     """The conv's output stays float32 (a consumer takes float, e.g. a residual add)."""
+    qat: bool = False
+    """Its quantizer annotated it with fake quantization (``prepare_qat_pt2e``): the model
+    trained through it (``fake_quantized``)."""
 
 
 def is_pt2e_graph(model: Any) -> bool:
@@ -241,7 +244,7 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
             (list(stride), list(padding), list(dilation), int(groups)), relu,
             users[0] if quantized else after,
             _activation_qparams(users[0], f"{name}.output") if quantized else FLOAT32_OUTPUT,
-            float_output=not quantized))
+            float_output=not quantized, qat=fake_quantized(node)))
     if one_scale:
         skipped.append(f"{', '.join(one_scale)}: each weight's per-channel qparams hold one "
                        "scale for all its output channels, as an observer that never ran "
@@ -249,6 +252,24 @@ def find_patterns(model: Any) -> tuple[list[ConvPattern], list[str]]:
                        "the graph's dequantize applies it to every channel, and so does "
                        "qconvdiag")
     return patterns, skipped
+
+
+def fake_quantized(node: Any) -> bool:
+    """The quantizer annotated the conv ``node`` with fake quantization (its qspecs'
+    constructors are FakeQuantize classes: ``prepare_qat_pt2e``, a QAT config); the
+    annotation stays in the node's meta through ``convert_pt2e``."""
+    annotation = node.meta.get("quantization_annotation")
+    specs = list(getattr(annotation, "input_qspec_map", {}).values())
+    return any("FakeQuantize" in _constructor_name(getattr(q, "observer_or_fake_quant_ctr",
+                                                           None)) for q in specs)
+
+
+def _constructor_name(ctr: Any) -> str:
+    """The class name behind an observer constructor (``with_args``' wrapper of a
+    functools.partial of the class)."""
+    for attribute in ("p", "func"):
+        ctr = getattr(ctr, attribute, ctr)
+    return str(getattr(ctr, "__name__", ""))
 
 
 def kernel_codes(p: ConvPattern, codes: Any) -> Any:
@@ -422,6 +443,8 @@ def _layer(p: ConvPattern, fconv: Any, s: Seen, keep: int, float_model: Any,
     setup = QuantSetup(input_qparams=p.input_qparams.with_source("user"), input_codes=x_codes,
                        module=module)
     float_side = float_reference(fconv, s, keep, float_model, bn_name, p.relu)
+    if p.qat:  # the model trained through the fake quantization these qparams come from
+        float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_PT2E_NOTE))
     stride, padding, dilation, groups = p.geometry
     if (list(fconv.stride), list(fconv.dilation), fconv.groups) != (stride, dilation, groups):
         raise CaseError(f"capture_model: {p.name!r}'s geometry differs between the float model "

@@ -1,0 +1,158 @@
+"""A QAT model's output ranges come from its fake quantization's moving average of each
+training batch's range, which leaves a batch's largest values out: the model trained with
+that clip, and the layers after the conv learned on outputs clipped there. Such a trim
+(TRIMMED_OUTLIERS of the outputs at most, the range keeping TRIM_KEEPS of the reach) is said
+(QCD051 info), even where it lifts the conv far above its floor against its float twin; on a
+post-training model, or past the trim's thresholds, it keeps its severity. (A PT2E QAT digits
+CNN of a helper's: 97 of 65536 outputs clipped, 8.7x the floor, an error, with the quantized
+model as accurate as the float one.)"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import qconvdiag  # noqa: E402
+from qconvdiag import torchao_import as pt2e  # noqa: E402
+from qconvdiag.case import QAT_PT2E_NOTE  # noqa: E402
+
+#: The observers see batches growing this much over their passes (the EMA lags the last), and
+#: the walk a batch this much larger than the first ones: a trim of the top outputs.
+GROW = 0.6
+
+
+@pytest.fixture(autouse=True)
+def _engine_restored():  # noqa: ANN202
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, eager: bool = False) -> None:
+        super().__init__()
+        from torch.ao.quantization import DeQuantStub, QuantStub
+
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.stem, self.r1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()
+        self.mid, self.r2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()
+        self.last = torch.nn.Conv2d(16, 8, 1)
+        self.eager = eager
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.eager:
+            x = self.quant(x)
+        x = self.last(self.r2(self.mid(self.r1(self.stem(x)))))
+        return self.dequant(x) if self.eager else x
+
+
+def _batches() -> list:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(4)]
+
+
+def _observe(model: torch.nn.Module, batches: list) -> None:
+    """The observers' passes, as training runs them: the batches grow by GROW over them."""
+    with torch.no_grad():
+        for i in range(40):
+            model(batches[i % 3] * (1 + GROW * i / 39))
+
+
+def _pt2e(qat: bool = True) -> tuple[torch.nn.Module, torch.fx.GraphModule, list]:
+    pt2e.require_torchao()
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import (
+        convert_pt2e,
+        prepare_pt2e,
+        prepare_qat_pt2e,
+    )
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    torch.manual_seed(0)
+    model, batches = _Net(), _batches()
+    exported = torch.export.export(model.train() if qat else model.eval(), (batches[0],),
+                                   strict=True).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
+    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(exported, quantizer)
+    _observe(prepared, batches)
+    if qat:
+        move_exported_model_to_eval(prepared)
+    return model.eval(), convert_pt2e(prepared), [batches[3] * (1 + GROW)]
+
+
+def _walk(model: torch.nn.Module, quantized: torch.nn.Module, batches: list):  # noqa: ANN202
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qconvdiag.diagnose_model(model, quantized, batches, top=0)
+
+
+def _qcd051(report) -> dict[str, str]:  # noqa: ANN001
+    return {row.name: f.severity for row in report.layers for f in row.findings
+            if f.code == "QCD051"}
+
+
+def test_a_pt2e_qat_trim_is_said_even_where_it_breaks_the_conv() -> None:
+    report = _walk(*_pt2e(qat=True))
+    broken = [row.name for row in report.layers if row.verdict == "broken"]
+    assert broken, [(row.name, row.verdict) for row in report.layers]
+    assert all(_qcd051(report).get(name) == "info" for name in broken), _qcd051(report)
+    assert not [(row.name, f.code) for row in report.layers for f in row.findings
+                if f.severity != "info"]
+    assert all(QAT_PT2E_NOTE in row.notes for row in report.layers)
+
+
+def test_without_the_qat_annotation_the_same_trim_is_an_error() -> None:
+    # the same converted graph, its quantizer's annotations dropped: nothing says QAT trained
+    # through these ranges, and a trim that breaks a conv costs what it measures
+    model, converted, batches = _pt2e(qat=True)
+    for node in converted.graph.nodes:
+        node.meta.pop("quantization_annotation", None)
+    report = _walk(model, converted, batches)
+    assert "error" in _qcd051(report).values(), _qcd051(report)
+    assert not any(QAT_PT2E_NOTE in row.notes for row in report.layers)
+
+
+def test_a_qat_range_cut_past_the_trim_stays_an_error() -> None:
+    # the mid conv's output scale cut to a quarter by hand after convert: most of its outputs
+    # clip, no trim
+    model, converted, batches = _pt2e(qat=True)
+    conv = [n for n in converted.graph.nodes if n.op == "call_function"
+            and "conv" in str(n.target)][1]
+    q = next(iter(next(iter(conv.users)).users))  # conv -> relu -> quantize
+    for node in (q, *q.users):
+        node.args = (node.args[0], node.args[1] / 4, *node.args[2:])
+    converted.recompile()
+    assert _qcd051(_walk(model, converted, batches)).get("mid") == "error"
+
+
+def test_an_eager_qat_trim_is_said() -> None:
+    from torch.ao.quantization import (
+        convert,
+        fuse_modules_qat,
+        get_default_qat_qconfig,
+        prepare_qat,
+    )
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "qnnpack"
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _Net(eager=True).train()
+        fuse_modules_qat(model, [["stem", "r1"], ["mid", "r2"]], inplace=True)
+        model.qconfig = get_default_qat_qconfig("qnnpack")
+        prepare_qat(model, inplace=True)
+        _observe(model, batches)
+        model.eval()
+        quantized = convert(copy.deepcopy(model))
+    report = _walk(model, quantized, [batches[3] * (1 + GROW)])
+    broken = [row.name for row in report.layers if row.verdict != "at_floor"]
+    assert broken, [(row.name, row.verdict) for row in report.layers]
+    assert set(_qcd051(report).values()) == {"info"}, _qcd051(report)
+    assert not [(row.name, f.code) for row in report.layers for f in row.findings
+                if f.severity != "info"]
