@@ -84,6 +84,7 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     for label, model in (("float_model", float_model), ("quantized_model", quantized_model)):
         if not isinstance(model, torch.nn.Module):
             raise CaseError(f"capture_model: {label} must be a torch.nn.Module")
+    _refuse_prepared_graph(float_model)
     if float_model.training:
         raise CaseError("capture_model: the float model is in training mode (BatchNorm would "
                         "update its statistics): call float_model.eval() first")
@@ -104,6 +105,24 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
     with eager_calls(quantized_model), eager_calls(float_model):
         return _capture(float_model, quantized_model, batches, limit, path, calibration, say,
                         compiled, twin_notes, qat)
+
+
+def _refuse_prepared_graph(float_model: Any) -> None:
+    """A float model that is torchao's prepared graph (``prepare_pt2e`` or
+    ``prepare_qat_pt2e``: a GraphModule holding its observers or fake quantization) is refused
+    in one line: its convs are calls of the graph, no modules to hook, and it cannot be put in
+    eval mode with ``.eval()``. The model exported is the float model: export shares its
+    parameters, so after QAT it holds what training changed (unless a copy was exported)."""
+    import torch
+
+    if not isinstance(float_model, torch.fx.GraphModule):
+        return
+    kinds = {type(m).__name__ for m in float_model.modules()}
+    if any("FakeQuantize" in k or k.endswith("Observer") for k in kinds):
+        raise CaseError("capture_model: the float model is a prepared PT2E graph "
+                        "(prepare_pt2e or prepare_qat_pt2e: it holds observers); pass the "
+                        "model you exported, in eval mode (export shares its parameters: after "
+                        "QAT it holds the trained weights, unless you exported a copy)")
 
 
 def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset[str]]:

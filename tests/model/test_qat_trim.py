@@ -156,3 +156,22 @@ def test_an_eager_qat_trim_is_said() -> None:
     assert set(_qcd051(report).values()) == {"info"}, _qcd051(report)
     assert not [(row.name, f.code) for row in report.layers for f in row.findings
                 if f.severity != "info"]
+
+
+def test_the_prepared_graph_as_float_model_is_refused_in_one_line() -> None:
+    # users pass the graph they trained; it has no conv modules and refuses .eval(): the model
+    # exported is the float model (export shares its parameters)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from qconvdiag.errors import CaseError
+
+    model, converted, batches = _pt2e()
+    exported = torch.export.export(_Net().train(), (batches[0],), strict=True).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(exported, quantizer)
+    with pytest.raises(CaseError, match="prepared PT2E graph") as caught:
+        _walk(prepared, converted, batches)
+    assert "\n" not in str(caught.value)
+    assert "model you exported" in str(caught.value)
