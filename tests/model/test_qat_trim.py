@@ -175,3 +175,60 @@ def test_the_prepared_graph_as_float_model_is_refused_in_one_line() -> None:
         _walk(prepared, converted, batches)
     assert "\n" not in str(caught.value)
     assert "model you exported" in str(caught.value)
+
+
+def _eager_qat_grown(grow: float, cut: float = 1.0) -> tuple:
+    """The eager QAT model (x86, per-channel weights) after its observers' passes, then the
+    weight observers frozen and two weights of the stem's first channel grown ``grow`` times
+    (a weight that grows in training past the lagging moving average of its range), or its
+    weight range (its observer's, which convert reads) cut ``cut`` times by hand; converted."""
+    from torch.ao.quantization import (
+        convert,
+        disable_observer,
+        fuse_modules_qat,
+        get_default_qat_qconfig,
+        prepare_qat,
+    )
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _Net(eager=True).train()
+        fuse_modules_qat(model, [["stem", "r1"], ["mid", "r2"]], inplace=True)
+        model.qconfig = get_default_qat_qconfig("x86")
+        prepare_qat(model, inplace=True)
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        model.apply(disable_observer)
+        stem = model.stem
+        with torch.no_grad():
+            first = stem.weight[0].view(-1)
+            top = first.abs().argsort(descending=True)[:2]
+            first[top] *= grow
+            observer = stem.weight_fake_quant.activation_post_process  # convert reads it
+            observer.min_val /= cut
+            observer.max_val /= cut
+        model.eval()
+        return model, convert(copy.deepcopy(model)), batches[:1]
+
+
+def test_a_qat_weight_trim_is_said_even_where_it_breaks_the_conv() -> None:
+    # helper-60's eager and PT2E QAT models: 2 and 4 of 144 stem weights clipped, 9.5x and 25x
+    # the floor, an error whose fix cost the models 12 and 34 accuracy points
+    report = _walk(*_eager_qat_grown(1.8))
+    stem = report.layer("stem")
+    assert stem.verdict == "broken", (stem.verdict, stem.own.rmse / stem.floor_rmse)
+    (f020,) = [f for f in stem.findings if f.code == "QCD020"]
+    assert f020.severity == "info"
+    assert not [(row.name, f.code) for row in report.layers for f in row.findings
+                if f.severity != "info"]
+
+
+def test_a_qat_weight_scale_cut_by_hand_stays_an_error() -> None:
+    # the stem's weight scale cut to a third after training: most weights clip, no trim
+    report = _walk(*_eager_qat_grown(1.0, cut=3.0))
+    assert [f.severity for f in report.layer("stem").findings if f.code == "QCD020"] == [
+        "error"]

@@ -87,7 +87,8 @@ def test_a_qat_model_is_captured_as_its_float_twin() -> None:
 def test_a_qat_weight_s_clip_is_info_qat_trained_with_it(tmp_path) -> None:  # noqa: ANN001
     """A few QAT steps and no settling: the converted qparams clip some of the folded weights,
     as the fake quantization did in training (a helper's QAT model: undone on its stem, the
-    model 0.5 accuracy points worse). QCD020 says so, as info; the bundle file keeps it."""
+    model 0.5 accuracy points worse). QCD020 says so, as info, on a conv it breaks too; the
+    bundle file keeps it."""
     from qconvdiag.model.walk import WalkOptions, walk_model
 
     model, quantized, batches = _qat(0, 0.01, bn_settled=False)
@@ -98,14 +99,12 @@ def test_a_qat_weight_s_clip_is_info_qat_trained_with_it(tmp_path) -> None:  # n
     rows = {r.name: r for r in report.layers}
     clipped = {d.layer: f for d in report.details for f in d.report.findings
                if f.code == "QCD020" and f.path == "as_given"}
-    trained = [name for name in clipped if rows[name].verdict == "above_floor"]
-    assert trained and all(clipped[name].severity == "info"
-                           and "QAT trained this weight" in clipped[name].message
-                           for name in trained)
-    # a broken conv's clip is not what QAT trained with: graded as any cause
-    broken = [name for name in clipped if rows[name].verdict == "broken"]
-    assert broken and all(clipped[name].severity != "info"
-                          and "QAT trained" not in clipped[name].message for name in broken)
+    # a broken conv's clip too (19% and 23% of the weights, each keeping over 0.7 of its
+    # reach): QAT trained with it all the same (helper-60's: undoing such a clip on a broken
+    # stem cost its models 12 and 34 accuracy points)
+    assert {rows[name].verdict for name in clipped} == {"above_floor", "broken"}
+    assert all(clipped[name].severity == "info"
+               and "QAT trained this weight" in clipped[name].message for name in clipped)
 
 
 def test_a_qat_conv_whose_to_float_fails_is_refused_in_one_line() -> None:
