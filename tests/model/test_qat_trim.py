@@ -232,3 +232,10 @@ def test_a_qat_weight_scale_cut_by_hand_stays_an_error() -> None:
     report = _walk(*_eager_qat_grown(1.0, cut=3.0))
     assert [f.severity for f in report.layer("stem").findings if f.code == "QCD020"] == [
         "error"]
+
+
+def test_the_summary_says_a_qat_model_s_float_twin_is_not_what_training_fitted() -> None:
+    from qconvdiag.render.rich_model import summary_sentence
+
+    assert "QAT model's twin" in summary_sentence(_walk(*_pt2e()))
+    assert "QAT model's twin" not in summary_sentence(_walk(*_pt2e(qat=False)))
