@@ -21,8 +21,10 @@ quantized with torch.ao's eager flow and the engine's default qconfig, one batch
 
 The page faults each side paid are printed too: on a machine where a fault is costly, they
 move Numeric Suite's time, and so the ratio, with what ran before it. ``--keep-freed-memory``
-measures both sides as the command-line tool's process runs (``runtime.keep_freed_memory``:
-glibc keeps freed memory, so neither side pays faults, and the ratio is compute alone).
+measures both sides in a process whose allocator keeps freed memory (``runtime.keep_freed_memory``,
+which the command-line tool sets for one conv's explain; jemalloc and tcmalloc do the same):
+neither side pays faults, and the ratio is compute alone. ``capture_model`` and
+``diagnose_model`` run in the user's process as it is, which the default run measures.
 Medians of 7 interleaved runs by default (the explained layer's cost is a difference of two
 walks, so fewer runs leave it to the machine's noise); ratios are what the targets speak of
 (issue 14: screening <= 2x Numeric Suite; a deep-explained layer adds at most its single-conv
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--engine", default="x86")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc keeps freed memory, as in the CLI's process")
+                        help="glibc keeps freed memory (as jemalloc and tcmalloc do)")
     args = parser.parse_args()
     if args.keep_freed_memory:
         from qconvdiag.runtime import keep_freed_memory
@@ -129,7 +131,7 @@ def main() -> None:
     print(f"model: ResNet-18 shape, {len(bundle.layers)} convs, input ({args.batch}, 3, "
           f"{args.size}, {args.size}), engine {bundle.engine}, torch threads "
           f"{torch.get_num_threads()}; medians of {args.repeats} interleaved runs"
-          + ("; freed memory kept (as in the CLI)" if args.keep_freed_memory else ""))
+          + ("; freed memory kept" if args.keep_freed_memory else ""))
     print(f"Numeric Suite compare_model_outputs: {t_ns * 1e3:.0f} ms")
     print(f"qconvdiag screening (top=0): capture {t_capture * 1e3:.0f} ms + walk "
           f"{t_top0 * 1e3:.0f} ms")
