@@ -257,40 +257,6 @@ def layer_class(groups: int, cin_g: int, out_g: int = 1, geometry: Geometry | No
     return GROUPED4 if cin_g % 4 == 0 and out_g % 4 == 0 else GROUPED
 
 
-#: How a CPU without AVX512-VNNI (AVX2) accumulates each layer class, per kernel family:
-#: measured with the ISA forced down (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2,
-#: torch 2.13, the probe's layers): fbgemm pairs neighbouring taps (K) in int16 but in its
-#: groupwise kernel; oneDNN (and x86_inductor, its kernels) pairs neighbouring input channels
-#: in its dense and 4-channel grouped kernels, and stays exact in its grouped and depthwise
-#: ones. The x86 engine runs fbgemm there (it hands convs to oneDNN on VNNI CPUs only).
-WITHOUT_VNNI = {
-    "fbgemm": {DENSE: PAIRS_K, GROUPED: PAIRS_K, GROUPED4: PAIRS_K, DEPTHWISE: PAIRS_K,
-               DEPTHWISE_FAST: PAIRS_K, GROUPWISE_FAST: EXACT},
-    "onednn": {DENSE: PAIRS_CHANNELS, GROUPED: EXACT, GROUPED4: PAIRS_CHANNELS,
-               DEPTHWISE: EXACT, DEPTHWISE_FAST: EXACT},
-}
-
-
-def kernel_without_vnni(kernel: Kernel, weight_shape: tuple[int, ...], g: Geometry
-                        ) -> Kernel | None:
-    """The kernel ``kernel``'s engine runs this layer with on a CPU without AVX512-VNNI
-    (``WITHOUT_VNNI``), where it sums int16 pairs; None where it accumulates exactly there
-    (qnnpack never pairs)."""
-    import dataclasses
-
-    if kernel.kernel == "qnnpack":
-        return None
-    family = "onednn" if kernel.engine in ("onednn", *PT2E_ENGINES) else "fbgemm"
-    out_c, cin_g, *k = weight_shape
-    layer = layer_class(g.groups, cin_g, out_c // g.groups, g, tuple(k), family)
-    accumulation = WITHOUT_VNNI[family].get(layer, EXACT)
-    if accumulation == EXACT:
-        return None
-    return dataclasses.replace(kernel, kernel=family, accumulation=accumulation,
-                               combined_scales=family == "onednn",
-                               row_sums_int16=family == "fbgemm" and layer == DEPTHWISE_FAST)
-
-
 def fbgemm_conv_path(groups: int, cin_g: int, out_g: int, g: Geometry, k: tuple[int, ...]
                      ) -> str:
     """The kernel fbgemm runs a (non-transposed) conv with: FBGEMM's ``ConvFastPath`` (src/

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from ..arithmetic.engines import PT2E_ENGINES
 from ..measure.budget import FAR
 from ..measure.evidence import PathRun
 from ..report import Finding
@@ -92,8 +91,8 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     + (": broken there" if ratio >= FAR else
                        f": {cost[0]} output{'s move' if cost[0] != 1 else ' moves'} there"
                        if cost is not None and cost[0] else ""),
-                    "This CPU accumulates exactly, but on CPUs without AVX512-VNNI "
-                    + _pairing_there(engine) + ": "
+                    f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
+                    f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "
                     f"this input (codes up to {int(run.spec.input_codes.max())}) would "
                     f"saturate {n} pair sum{'s' if n != 1 else ''} there"
                     + (f", moving {cost[0]} output{'s' if cost[0] != 1 else ''} by up to "
@@ -108,21 +107,14 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     reduce_range_flow(ctx.case, engine, True), run)
 
 
-def _pairing_there(engine: str) -> str:
-    """What ``engine``'s kernels do on a CPU without AVX512-VNNI (``WITHOUT_VNNI``)."""
-    if engine in ("onednn", *PT2E_ENGINES):
-        return ("oneDNN's kernels sum raw u8*s8 products of neighbouring input channels in "
-                "saturating int16 pairs")
-    whose = "x86 runs fbgemm there, whose" if engine == "x86" else "fbgemm's"
-    return f"{whose} kernels sum raw u8*s8 products of neighbouring taps in saturating int16 pairs"
-
-
 def _without_vnni(run: PathRun) -> tuple[int, int, float, float] | None:
-    """What the path's codes give on a CPU without AVX512-VNNI (``kernel_without_vnni``: its
-    engine's pairing there): (outputs that differ from this CPU's, the largest difference in
+    """What the path's codes give on a CPU without AVX512-VNNI (its kernel pairing along K, as
+    fbgemm's GEMMs do there): (outputs that differ from this CPU's, the largest difference in
     output steps, the RMSE's ratio to the path's floor, the RMSE against the float output)."""
+    import dataclasses
+
+    from ..arithmetic.accumulate import PAIRS_K
     from ..arithmetic.emulate import emulate
-    from ..arithmetic.engines import kernel_without_vnni
     from ..measure.evidence import exec_weight_qparams
     from ..measure.metrics import error_metrics
     from ..quantization.qparams import dequantize
@@ -131,10 +123,7 @@ def _without_vnni(run: PathRun) -> tuple[int, int, float, float] | None:
     if b is None or em is None or y is None or run.geometry is None or b.floor_rmse <= 0:
         return None
     spec = run.spec
-    there = kernel_without_vnni(run.kernel, tuple(spec.weight_codes.shape), run.geometry)
-    if there is None:
-        return None
-    paired = emulate(there, spec.input_codes,
+    paired = emulate(dataclasses.replace(run.kernel, accumulation=PAIRS_K), spec.input_codes,
                      spec.input_qparams, spec.weight_codes,
                      exec_weight_qparams(spec.weight_qparams), spec.bias, spec.output_qparams,
                      run.geometry, run.activation == "relu")

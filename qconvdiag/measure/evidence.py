@@ -77,20 +77,15 @@ def exec_weight_qparams(qp: QParams) -> QParams:
 
 def saturation_without_vnni(spec: PathSpec, kernel: Kernel, g: Geometry) -> int | None:
     """How many int16 pair sums the path's codes would saturate on a CPU without AVX512-VNNI,
-    where the engine's kernels sum raw u8 * s8 products in pairs (``kernel_without_vnni``:
-    fbgemm's, x86's there, along K; oneDNN's, across input channels), measured only when
-    this CPU accumulates the path exactly; None where that CPU would not pair."""
-    from ..arithmetic.accumulate import EXACT, pair_saturation
-    from ..arithmetic.engines import kernel_without_vnni
+    where fbgemm/x86 sum raw u8 * s8 products pairwise along K (measured only when this CPU
+    accumulates the path exactly; qnnpack never pairs)."""
+    from ..arithmetic.accumulate import EXACT, PAIRS_K, pair_saturation
 
-    if kernel.accumulation != EXACT:
+    if kernel.kernel == "qnnpack" or kernel.accumulation != EXACT:
         return None
     if spec.weight_qparams.dtype != "qint8" or spec.input_qparams.dtype != "quint8":
         return None
-    there = kernel_without_vnni(kernel, tuple(spec.weight_codes.shape), g)
-    if there is None:
-        return None
     zp = spec.input_qparams.zero_point[0]
-    _, n = pair_saturation(spec.input_codes, zp, spec.weight_codes, g, there.accumulation, zp,
+    _, n = pair_saturation(spec.input_codes, zp, spec.weight_codes, g, PAIRS_K, zp,
                            count_only=True)
     return n
