@@ -109,7 +109,8 @@ def capture_model(float_model: Any, quantized_model: Any, inputs: Any,
 
 def _refuse_prepared_graph(float_model: Any) -> None:
     """A float model that is torchao's prepared graph (``prepare_pt2e`` or
-    ``prepare_qat_pt2e``: a GraphModule holding its observers or fake quantization) is refused
+    ``prepare_qat_pt2e``: an exported GraphModule holding observers or fake quantization; not
+    a ``prepare_fx`` model, whose conv modules capture hooks) is refused
     in one line: its convs are calls of the graph, no modules to hook, and it cannot be put in
     eval mode with ``.eval()``. The model exported is the float model: export shares its
     parameters, so after QAT it holds what training changed (unless a copy was exported)."""
@@ -117,8 +118,12 @@ def _refuse_prepared_graph(float_model: Any) -> None:
 
     if not isinstance(float_model, torch.fx.GraphModule):
         return
+    # an exported graph calls aten's convs (a prepare_fx model calls its conv modules, which
+    # capture hooks as any float model's)
+    exported = any(n.op == "call_function" and "aten.conv" in str(n.target)
+                   for n in float_model.graph.nodes)
     kinds = {type(m).__name__ for m in float_model.modules()}
-    if any("FakeQuantize" in k or k.endswith("Observer") for k in kinds):
+    if exported and any("FakeQuantize" in k or k.endswith("Observer") for k in kinds):
         raise CaseError("capture_model: the float model is a prepared PT2E graph "
                         "(prepare_pt2e or prepare_qat_pt2e: it holds observers); pass the "
                         "model you exported, in eval mode (export shares its parameters: after "

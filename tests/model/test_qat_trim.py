@@ -239,3 +239,29 @@ def test_the_summary_says_a_qat_model_s_float_twin_is_not_what_training_fitted()
 
     assert "QAT model's twin" in summary_sentence(_walk(*_pt2e()))
     assert "QAT model's twin" not in summary_sentence(_walk(*_pt2e(qat=False)))
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_a_prepared_fx_model_is_still_taken_as_the_float_model(qat) -> None:  # noqa: ANN001
+    # prepare_fx / prepare_qat_fx graphs call their conv modules: the model convert_fx was
+    # called on is a float model capture hooks (the PT2E refusal left them alone)
+    from torch.ao.quantization import (
+        get_default_qat_qconfig_mapping,
+        get_default_qconfig_mapping,
+    )
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    x = _batches()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _Net().train() if qat else _Net().eval()
+        prepared = (prepare_qat_fx if qat else prepare_fx)(
+            model, (get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping)(
+                "x86"), (x,))
+        prepared(x)
+        prepared.eval()
+        quantized = convert_fx(copy.deepcopy(prepared))
+    report = _walk(prepared, quantized, [x])
+    assert [row.name for row in report.layers] == ["stem", "mid", "last"]
