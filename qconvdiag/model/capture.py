@@ -130,10 +130,17 @@ def _refuse_prepared_graph(float_model: Any) -> None:
                         "QAT it holds the trained weights, unless you exported a copy)")
 
 
-def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset[str]]:
+#: A QAT conv's weight qparams as its fake quantization last applied them (its ``scale`` and
+#: ``zero_point`` buffers), per channel.
+TrainedQParams = tuple[tuple[float, ...], tuple[int, ...]]
+
+
+def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...],
+                                                  dict[str, TrainedQParams | None]]:
     """The float model itself, or, where it holds QAT modules (``prepare_qat``: the model
     convert was called on, as users pass it), its float twin, a note saying so, and those
-    modules' paths: a copy whose QAT convs are their
+    modules' paths, each with the weight qparams its fake quantization last applied
+    (``TrainedQParams``; None where it holds none): a copy whose QAT convs are their
     ``to_float()`` (a ConvBn's BatchNorm folded into its conv, as convert folds it), its fake
     quantization and observers off (identities that record nothing). Compared as it was, its
     ConvBn's weight was the conv's before its BatchNorm: every conv of a healthy QAT model read
@@ -147,7 +154,9 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset
            if name and hasattr(m, "weight_fake_quant") and callable(getattr(m, "to_float", None))
            and isinstance(m, torch.nn.modules.conv._ConvNd)]
     if not qat:
-        return float_model, (), frozenset()
+        return float_model, (), {}
+    trained = {name: _applied_qparams(float_model.get_submodule(name).weight_fake_quant)
+               for name in qat}
     twin = copy.deepcopy(float_model)
     twin.apply(disable_fake_quant)
     twin.apply(disable_observer)
@@ -165,13 +174,45 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...], frozenset
         setattr(owner, child, floated.eval())
     return twin.eval(), (f"the float model holds QAT modules ({len(qat)}, as {qat[0]}): its "
                          "float twin was captured (each one's to_float(), fake quantization "
-                         "and observers off)",), frozenset(qat)
+                         "and observers off)",), trained
+
+
+#: How far convert's weight scales may lie from the ones the fake quantization last applied
+#: and still be those: convert runs it once more on the weight (one more step of its moving
+#: average) and its observer computes them over another range of levels (measured 0.39% to
+#: 0.66% on x86's QAT qconfig); a range cut by hand by 1.5x lies 51% away.
+TRAINED_RTOL = 0.02
+
+
+def _applied_qparams(fake_quant: Any) -> TrainedQParams | None:
+    """The scale and zero point a fake quantization module last applied (its buffers), or
+    None where it keeps none."""
+    scale, zero_point = (getattr(fake_quant, "scale", None),
+                         getattr(fake_quant, "zero_point", None))
+    if scale is None or zero_point is None:
+        return None
+    return (tuple(float(v) for v in scale.detach().double().reshape(-1)),
+            tuple(int(v) for v in zero_point.detach().reshape(-1)))
+
+
+def trained_through(trained: TrainedQParams | None, qp: QParams) -> bool:
+    """The converted weight qparams ``qp`` are the ones QAT's fake quantization last applied
+    (``trained``): training saw what they clip. Not where they were set or recomputed after
+    it (an observer's range edited, a weight quantized again by hand)."""
+    if trained is None:
+        return False
+    scales, zero_points = trained
+    if len(scales) == 1 and len(qp.scale) > 1:  # a per-tensor fake quantization's
+        scales, zero_points = scales * len(qp.scale), zero_points * len(qp.scale)
+    return (len(scales) == len(qp.scale)
+            and bool(np.allclose(scales, qp.scale, rtol=TRAINED_RTOL, atol=0))
+            and tuple(int(z) for z in qp.zero_point) == tuple(zero_points))
 
 
 def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: int,
              path: str | os.PathLike[str] | None, calibration: Any, say: Progress,
              compiled: CompiledWith | None, twin_notes: tuple[str, ...] = (),
-             qat: frozenset[str] = frozenset()) -> ModelBundle:
+             qat: dict[str, TrainedQParams | None] | None = None) -> ModelBundle:
     """``capture_model`` of the models as they are (not compiled)."""
     import torch
 
@@ -252,7 +293,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
         lay = _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
-                     ranges.get(name), name in misfused, name in qat)
+                     ranges.get(name), name in misfused, (qat or {}).get(name))
         bn = seen[name].bn
         if eager and bn is not None and lay.bn_folded is None:
             from .batchnorm import kept_batchnorm
@@ -761,15 +802,15 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
 
 def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: Any,
            quantized_model: Any, calibration_range: tuple[float, float] | None,
-           misfused: bool = False, qat: bool = False) -> LayerCapture:
+           misfused: bool = False, qat: TrainedQParams | None = None) -> LayerCapture:
     """``misfused``: the quantized conv fused a ReLU the float model does not apply after it
     (QCD064): the float model's output there stays as it is (the propagated error then shows
-    what the fused ReLU clips); the case still models the module, its ReLU included."""
+    what the fused ReLU clips); the case still models the module, its ReLU included. ``qat``:
+    a QAT conv's weight qparams as its fake quantization last applied them: where the
+    converted ones are those, the layer carries the QAT note."""
     bn_name = folded_bn(s, quantized_model)
     relu = "ReLU" in type(qconv).__name__
     float_side = float_reference(fconv, s, keep, float_model, bn_name, relu and not misfused)
-    if qat:  # its weight trained through the fake quantization these qparams come from
-        float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_NOTE))
     x_codes, x_qp = _codes(s.qinput, keep)
     y_codes, y_qp = _codes(s.qoutput, keep)
     try:
@@ -782,6 +823,8 @@ def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: A
                         f"on engine {engine} ({str(exc).splitlines()[0]}); quantize and "
                         "capture the model on another engine (x86, fbgemm or onednn)") from None
     w_qp = _qparams(sd_weight, "qconv.weight").with_source("module")
+    if trained_through(qat, w_qp):  # its weight trained through the fake quantization
+        float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_NOTE))
     from ..torch_calls import int_codes
 
     module = ModuleState(int_codes(sd_weight), w_qp,
