@@ -135,12 +135,12 @@ def _refuse_prepared_graph(float_model: Any) -> None:
 TrainedQParams = tuple[tuple[float, ...], tuple[int, ...]]
 
 
-def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...],
-                                                  dict[str, TrainedQParams | None]]:
+def float_twin_of_qat(float_model: Any) -> tuple[
+        Any, tuple[str, ...], dict[str, tuple[TrainedQParams | None, TrainedQParams | None]]]:
     """The float model itself, or, where it holds QAT modules (``prepare_qat``: the model
     convert was called on, as users pass it), its float twin, a note saying so, and those
-    modules' paths, each with the weight qparams its fake quantization last applied
-    (``TrainedQParams``; None where it holds none): a copy whose QAT convs are their
+    modules' paths, each with the weight and output qparams its fake quantizations last
+    applied (``TrainedQParams``; None where it holds none): a copy whose QAT convs are their
     ``to_float()`` (a ConvBn's BatchNorm folded into its conv, as convert folds it), its fake
     quantization and observers off (identities that record nothing). Compared as it was, its
     ConvBn's weight was the conv's before its BatchNorm: every conv of a healthy QAT model read
@@ -155,8 +155,7 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...],
            and isinstance(m, torch.nn.modules.conv._ConvNd)]
     if not qat:
         return float_model, (), {}
-    trained = {name: _applied_qparams(float_model.get_submodule(name).weight_fake_quant)
-               for name in qat}
+    trained = {name: _trained_qparams(float_model.get_submodule(name)) for name in qat}
     twin = copy.deepcopy(float_model)
     twin.apply(disable_fake_quant)
     twin.apply(disable_observer)
@@ -184,6 +183,12 @@ def float_twin_of_qat(float_model: Any) -> tuple[Any, tuple[str, ...],
 TRAINED_RTOL = 0.02
 
 
+def _trained_qparams(module: Any) -> tuple[TrainedQParams | None, TrainedQParams | None]:
+    """A QAT conv's weight and output qparams as its fake quantizations last applied them."""
+    return (_applied_qparams(getattr(module, "weight_fake_quant", None)),
+            _applied_qparams(getattr(module, "activation_post_process", None)))
+
+
 def _applied_qparams(fake_quant: Any) -> TrainedQParams | None:
     """The scale and zero point a fake quantization module last applied (its buffers), or
     None where it keeps none."""
@@ -196,9 +201,9 @@ def _applied_qparams(fake_quant: Any) -> TrainedQParams | None:
 
 
 def trained_through(trained: TrainedQParams | None, qp: QParams) -> bool:
-    """The converted weight qparams ``qp`` are the ones QAT's fake quantization last applied
-    (``trained``): training saw what they clip. Not where they were set or recomputed after
-    it (an observer's range edited, a weight quantized again by hand)."""
+    """The converted qparams ``qp`` (a weight's or an output's) are the ones QAT's fake
+    quantization last applied (``trained``): training saw what they clip. Not where they were
+    set or recomputed after it (an observer's range edited, a scale written by hand)."""
     if trained is None:
         return False
     scales, zero_points = trained
@@ -212,7 +217,8 @@ def trained_through(trained: TrainedQParams | None, qp: QParams) -> bool:
 def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: int,
              path: str | os.PathLike[str] | None, calibration: Any, say: Progress,
              compiled: CompiledWith | None, twin_notes: tuple[str, ...] = (),
-             qat: dict[str, TrainedQParams | None] | None = None) -> ModelBundle:
+             qat: dict[str, tuple[TrainedQParams | None, TrainedQParams | None]] | None = None
+             ) -> ModelBundle:
     """``capture_model`` of the models as they are (not compiled)."""
     import torch
 
@@ -293,7 +299,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
         lay = _layer(name, fconv, qconv, seen[name], keep, float_model, quantized_model,
-                     ranges.get(name), name in misfused, (qat or {}).get(name))
+                     ranges.get(name), name in misfused, (qat or {}).get(name, (None, None)))
         bn = seen[name].bn
         if eager and bn is not None and lay.bn_folded is None:
             from .batchnorm import kept_batchnorm
@@ -802,12 +808,15 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
 
 def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: Any,
            quantized_model: Any, calibration_range: tuple[float, float] | None,
-           misfused: bool = False, qat: TrainedQParams | None = None) -> LayerCapture:
+           misfused: bool = False,
+           qat: tuple[TrainedQParams | None, TrainedQParams | None] = (None, None)
+           ) -> LayerCapture:
     """``misfused``: the quantized conv fused a ReLU the float model does not apply after it
     (QCD064): the float model's output there stays as it is (the propagated error then shows
     what the fused ReLU clips); the case still models the module, its ReLU included. ``qat``:
-    a QAT conv's weight qparams as its fake quantization last applied them: where the
-    converted ones are those, the layer carries the QAT note."""
+    a QAT conv's weight and output qparams as its fake quantizations last applied them: where
+    the converted module's are those, the layer carries the QAT note (not where either was
+    set after training: the forum thread's output scale written by hand)."""
     bn_name = folded_bn(s, quantized_model)
     relu = "ReLU" in type(qconv).__name__
     float_side = float_reference(fconv, s, keep, float_model, bn_name, relu and not misfused)
@@ -823,14 +832,16 @@ def _layer(name: str, fconv: Any, qconv: Any, s: Seen, keep: int, float_model: A
                         f"on engine {engine} ({str(exc).splitlines()[0]}); quantize and "
                         "capture the model on another engine (x86, fbgemm or onednn)") from None
     w_qp = _qparams(sd_weight, "qconv.weight").with_source("module")
-    if trained_through(qat, w_qp):  # its weight trained through the fake quantization
-        float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_NOTE))
     from ..torch_calls import int_codes
 
+    out_qp = make_qparams([float(qconv.scale)], [float(qconv.zero_point)], "quint8", None,
+                          "qconv", "module")
+    if trained_through(qat[0], w_qp) and trained_through(qat[1], out_qp):
+        # the model trained through the fake quantizations these qparams come from
+        float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_NOTE))
     module = ModuleState(int_codes(sd_weight), w_qp,
                          None if sd_bias is None else sd_bias.detach().float().numpy().copy(),
-                         make_qparams([float(qconv.scale)], [float(qconv.zero_point)],
-                                      "quint8", None, "qconv", "module"))
+                         out_qp)
     setup = QuantSetup(input_qparams=x_qp.with_source("user"), input_codes=x_codes,
                        module=module, used_quantized_dtypes=True,
                        apis=("torch.ao.nn.quantized",))

@@ -130,7 +130,9 @@ def test_a_qat_range_cut_past_the_trim_stays_an_error() -> None:
     assert _qcd051(_walk(model, converted, batches)).get("mid") == "error"
 
 
-def test_an_eager_qat_trim_is_said() -> None:
+def _eager_qat() -> tuple:
+    """The eager QAT model (qnnpack: 8-bit activations, no reduce_range headroom) after the
+    observers' passes, converted, and the batch they lag (GROW larger)."""
     from torch.ao.quantization import (
         convert,
         fuse_modules_qat,
@@ -150,12 +152,26 @@ def test_an_eager_qat_trim_is_said() -> None:
         _observe(model, batches)
         model.eval()
         quantized = convert(copy.deepcopy(model))
-    report = _walk(model, quantized, [batches[3] * (1 + GROW)])
+    return model, quantized, [batches[3] * (1 + GROW)]
+
+
+def test_an_eager_qat_trim_is_said() -> None:
+    report = _walk(*_eager_qat())
     broken = [row.name for row in report.layers if row.verdict != "at_floor"]
     assert broken, [(row.name, row.verdict) for row in report.layers]
     assert set(_qcd051(report).values()) == {"info"}, _qcd051(report)
     assert not [(row.name, f.code) for row in report.layers for f in row.findings
                 if f.severity != "info"]
+
+
+def test_a_qat_output_scale_written_by_hand_is_graded() -> None:
+    # the forum thread's edit, on a QAT model: the mid conv's output scale set after convert
+    # to 0.8 of what its fake quantization applied, a trim-like clip: not what training saw
+    model, quantized, batches = _eager_qat()
+    quantized.mid.scale = float(quantized.mid.scale) * 0.8
+    report = _walk(model, quantized, batches)
+    assert QAT_NOTE not in report.layer("mid").notes
+    assert _qcd051(report).get("mid") in ("warning", "error"), _qcd051(report)
 
 
 def test_the_prepared_graph_as_float_model_is_refused_in_one_line() -> None:
