@@ -185,7 +185,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         # learned on outputs clipped there, so even a trim that breaks the path is said (a
         # PT2E QAT model of a helper's digits CNN: 97 of 65536 outputs, 8.7x the floor, the
         # model's accuracy the float model's)
-        qat = trim and not production and trained_with_qat(ctx.case.notes)
+        qat = trim and run.report.name == "as_given" and trained_with_qat(ctx.case.notes)
         trimmed = trim and (level == "warning" or qat)
         yield finding(
             "QCD051", "info" if trimmed else level,
@@ -209,7 +209,13 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
             + unlike,
             {"saturated": below + above, "below": below, "above": above,
              "total": int(y0.size), "low": bottom, "high": top, "excess": energy},
-            fix, run, energy, ("output_clipping",))
+            QAT_TRIM_FIX if qat else fix, run, energy, ("output_clipping",))
+
+
+#: QCD051's fix on a QAT model's trim: the layers after the conv trained on it.
+QAT_TRIM_FIX = ("# nothing to change: the layers after this conv trained on outputs clipped\n"
+                "# at this range; widening it moves the conv toward its float twin, not\n"
+                "# toward what training fitted")
 
 
 #: A model walk's float output at a conv reaching this many times beyond what it reached on

@@ -286,3 +286,17 @@ def test_a_prepared_fx_model_is_still_taken_as_the_float_model(qat) -> None:  # 
         quantized = convert_fx(copy.deepcopy(prepared))
     report = _walk(prepared, quantized, [x])
     assert [row.name for row in report.layers] == ["stem", "mid", "last"]
+
+
+def test_a_qat_trim_s_fix_changes_nothing() -> None:
+    # its message says widening the range moves the conv toward a twin training did not fit:
+    # its fix must not widen it (helper-61's review)
+    from qconvdiag.findings.output_rules import QAT_TRIM_FIX
+
+    model, converted, batches = _pt2e()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qconvdiag.diagnose_model(model, converted, batches, top=3)
+    fixes = [f.fix for d in report.details for f in d.report.findings
+             if f.code == "QCD051" and f.path == "as_given"]
+    assert fixes and all(fix == QAT_TRIM_FIX for fix in fixes)
