@@ -113,9 +113,12 @@ NO_OUTPUT_NOTE = ("no quantized module or output qparams given: the as_given out
 QAT_NOTE = ("the float weight is a QAT module's (its to_float()): QAT trained it through its "
             "fake quantization, with the clip of the converted qparams")
 #: A model walk's conv of a ``convert_pt2e`` graph whose quantizer annotated it with fake
-#: quantization (``prepare_qat_pt2e``): the same, for torchao's QAT flow.
-QAT_PT2E_NOTE = ("the conv was quantized by torchao's QAT flow (prepare_qat_pt2e): the model "
-                 "trained through its fake quantization, with the clip of the converted qparams")
+#: quantization (``prepare_qat_pt2e``): the same, for torchao's QAT flow, on the annotation
+#: alone (a PTQ flow given a QAT config gets it too: helper-61's review).
+QAT_PT2E_NOTE = ("its quantizer annotated the conv with fake quantization (a QAT config, as "
+                 "prepare_qat_pt2e takes): judged as a model trained through it, with the clip "
+                 "of the converted qparams (the converted graph keeps no other trace of "
+                 "training)")
 PERSISTED_NOTES = (REFLECT_NOTE, NO_OUTPUT_NOTE, QAT_NOTE, QAT_PT2E_NOTE)
 
 
