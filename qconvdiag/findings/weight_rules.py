@@ -152,18 +152,15 @@ QAT_CLIP_FIX = ("# nothing to change: QAT trained this weight with this clip and
 
 
 def _qat_trim(w: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:
-    """The clip of ``w`` by ``lo``/``hi`` (per channel, broadcast) keeps TRIM_KEEPS of each
-    side's reach in every channel it clips."""
+    """The clip of ``w`` by ``lo``/``hi`` (broadcast: per tensor, or per channel on any axis)
+    keeps TRIM_KEEPS of each side's reach in every channel it clips: every weight beyond a
+    bound lies within 1 / TRIM_KEEPS of it."""
     from .output_rules import TRIM_KEEPS
 
-    axes = tuple(range(1, w.ndim))
-    top = np.broadcast_to(hi, w.shape).max(axis=axes) if w.ndim > 1 else hi
-    bottom = np.broadcast_to(lo, w.shape).min(axis=axes) if w.ndim > 1 else lo
-    reach_hi = w.max(axis=axes) if w.ndim > 1 else w.max()
-    reach_lo = w.min(axis=axes) if w.ndim > 1 else w.min()
-    keeps_hi = (reach_hi <= top) | (top >= TRIM_KEEPS * reach_hi)
-    keeps_lo = (reach_lo >= bottom) | (bottom <= TRIM_KEEPS * reach_lo)
-    return bool(np.all(keeps_hi) and np.all(keeps_lo))
+    top, bottom = np.broadcast_to(hi, w.shape), np.broadcast_to(lo, w.shape)
+    over, under = w > top, w < bottom
+    return bool(np.all(top[over] >= TRIM_KEEPS * w[over])
+                and np.all(bottom[under] <= TRIM_KEEPS * w[under]))
 
 
 #: The share of a path's excess the half-step clip of the largest weights must carry for

@@ -300,3 +300,17 @@ def test_a_qat_trim_s_fix_changes_nothing() -> None:
     fixes = [f.fix for d in report.details for f in d.report.findings
              if f.code == "QCD051" and f.path == "as_given"]
     assert fixes and all(fix == QAT_TRIM_FIX for fix in fixes)
+
+
+def test_the_qat_trim_test_reads_bounds_on_any_axis() -> None:
+    # per-channel bounds on axis 1: the channel cut to a third is no trim, whichever axis
+    # holds the channels (it reduced over axes 1..n, the bounds' own axis included)
+    import numpy as np
+
+    from qconvdiag.findings.weight_rules import _qat_trim
+
+    w = np.ones((4, 3, 2, 2), dtype=np.float32)
+    w[0, 0, 0, 0] = 3.0  # channel 0's reach, clipped at 1: a third kept
+    hi = np.array([1.0, 1.0, 3.0], dtype=np.float32).reshape(1, 3, 1, 1)  # channel 2 wide
+    assert not _qat_trim(w, -hi, hi)
+    assert _qat_trim(w, -hi, hi * np.array([1.6, 1, 1]).reshape(1, 3, 1, 1))  # over half kept
