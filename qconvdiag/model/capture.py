@@ -155,7 +155,7 @@ def float_twin_of_qat(float_model: Any) -> tuple[
            and isinstance(m, torch.nn.modules.conv._ConvNd)]
     if not qat:
         return float_model, (), {}
-    trained = {name: _trained_qparams(float_model.get_submodule(name)) for name in qat}
+    trained = {name: _trained_qparams(float_model, name) for name in qat}
     twin = copy.deepcopy(float_model)
     twin.apply(disable_fake_quant)
     twin.apply(disable_observer)
@@ -176,17 +176,35 @@ def float_twin_of_qat(float_model: Any) -> tuple[
                          "and observers off)",), trained
 
 
-#: How far convert's weight scales may lie from the ones the fake quantization last applied
-#: and still be those: convert runs it once more on the weight (one more step of its moving
-#: average) and its observer computes them over another range of levels (measured 0.39% to
-#: 0.66% on x86's QAT qconfig); a range cut by hand by 1.5x lies 51% away.
-TRAINED_RTOL = 0.02
+#: How far convert's qparams may lie from the ones the fake quantization last applied and
+#: still be those: convert runs the weight's once more (one more step of its moving average)
+#: and its observer computes them over another range of levels (measured 0.39% to 0.66% on
+#: x86's QAT qconfig); a model run after convert with its observers on moves them further
+#: (10 passes on a batch beyond its ranges: 7%, a zero point 1 off; 50: 30%, past this, and
+#: the note is lost: the tutorial's disable_observer before evaluating avoids it). A range cut
+#: by hand by 1.5x lies 51% away, an output scale written at 0.8 of its own 25%.
+TRAINED_RTOL = 0.1
+TRAINED_ZERO_POINTS = 2
 
 
-def _trained_qparams(module: Any) -> tuple[TrainedQParams | None, TrainedQParams | None]:
-    """A QAT conv's weight and output qparams as its fake quantizations last applied them."""
+def _trained_qparams(model: Any, name: str) -> tuple[TrainedQParams | None,
+                                                    TrainedQParams | None]:
+    """A QAT conv's weight and output qparams as its fake quantizations last applied them:
+    its output's is its own ``activation_post_process`` (eager), or, in a prepare_qat_fx
+    graph, the fake quantization module its call feeds alone."""
+    import torch
+
+    module = model.get_submodule(name)
+    output = getattr(module, "activation_post_process", None)
+    if output is None and isinstance(model, torch.fx.GraphModule):
+        node = next((n for n in model.graph.nodes
+                     if n.op == "call_module" and n.target == name), None)
+        users = [] if node is None else list(node.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            after = model.get_submodule(str(users[0].target))
+            output = after if "FakeQuantize" in type(after).__name__ else None
     return (_applied_qparams(getattr(module, "weight_fake_quant", None)),
-            _applied_qparams(getattr(module, "activation_post_process", None)))
+            _applied_qparams(output))
 
 
 def _applied_qparams(fake_quant: Any) -> TrainedQParams | None:
@@ -211,7 +229,8 @@ def trained_through(trained: TrainedQParams | None, qp: QParams) -> bool:
         scales, zero_points = scales * len(qp.scale), zero_points * len(qp.scale)
     return (len(scales) == len(qp.scale)
             and bool(np.allclose(scales, qp.scale, rtol=TRAINED_RTOL, atol=0))
-            and tuple(int(z) for z in qp.zero_point) == tuple(zero_points))
+            and all(abs(int(z) - t) <= TRAINED_ZERO_POINTS
+                    for z, t in zip(qp.zero_point, zero_points)))
 
 
 def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: int,
