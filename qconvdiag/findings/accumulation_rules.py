@@ -91,8 +91,8 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                     + (": broken there" if ratio >= FAR else
                        f": {cost[0]} output{'s move' if cost[0] != 1 else ' moves'} there"
                        if cost is not None and cost[0] else ""),
-                    f"This CPU accumulates exactly, but on CPUs without AVX512-VNNI the "
-                    f"fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs: "
+                    "This CPU accumulates exactly, but on CPUs without AVX512-VNNI "
+                    + _pairs_there(engine) + ": "
                     f"this input (codes up to {int(run.spec.input_codes.max())}) would "
                     f"saturate {n} pair sum{'s' if n != 1 else ''} there"
                     + (f", moving {cost[0]} output{'s' if cost[0] != 1 else ''} by up to "
@@ -105,6 +105,18 @@ def qcd040(ctx: Context) -> Iterator[Finding]:
                      **({"outputs_moved_without_vnni": cost[0], "max_steps_without_vnni":
                          cost[1], "floor_ratio_without_vnni": ratio} if cost else {})},
                     reduce_range_flow(ctx.case, engine, True), run)
+
+
+def _pairs_there(engine: str) -> str:
+    """Who sums int16 pairs on a CPU without AVX512-VNNI, and how the count was made: as
+    fbgemm pairs them (along K), which is what x86 and fbgemm run there; oneDNN pairs input
+    channels instead, and on AVX2 not in its grouped and depthwise kernels (measured with
+    the ISA forced down), so for its engines the count is fbgemm's pairing, said as such."""
+    if engine in ("x86", "fbgemm"):
+        return "the fbgemm/x86 kernels sum raw u8*s8 products in saturating int16 pairs"
+    return ("int8 kernels sum raw u8*s8 products in saturating int16 pairs (counted here as "
+            "fbgemm pairs them, along K; oneDNN's pair input channels, and on AVX2 CPUs not in "
+            "its grouped and depthwise convs)")
 
 
 def _without_vnni(run: PathRun) -> tuple[int, int, float, float] | None:

@@ -513,6 +513,33 @@ def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
             f": {moved} output{'s move' if moved != 1 else ' moves'} there")
 
 
+def test_foretold_pairs_on_onednn_say_how_they_were_counted() -> None:
+    """QCD040's foretelling counts pairs as fbgemm forms them (along K); oneDNN pairs input
+    channels, and on AVX2 not in its grouped and depthwise convs: on an onednn path its
+    message says so, not that "the fbgemm/x86 kernels" would run there."""
+    from qconvdiag.arithmetic.float_conv import conv64
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.quantization.qparams import quantize
+    from tests.corpus_faults import module
+    from tests.cpu import pairs_here
+
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (1, 16, 8, 8)).astype(np.float32)
+    w = rng.uniform(0.5, 1.0, (8, 16, 3, 3)).astype(np.float32)
+    out_qp = qp(float(conv64(x, w, None, build_case(x, w, None).geometry).max()) / 255, 0)
+    w_qp = qp(float(w.max()) / 127.5, 0, "qint8")
+    case = build_case(x, w, None, setup=QuantSetup(
+        input_qparams=qp(1 / 255, 0), weight_qparams=w_qp, output_qparams=out_qp,
+        module=module(quantize(w, w_qp), w_qp, None, out_qp)))
+    report = diagnose(case, Options(engine="onednn"))
+    foretold = [f for f in report.findings if "saturated_pairs_without_vnni" in f.evidence]
+    # where this CPU's oneDNN pairs already, the path itself saturates: nothing is foretold
+    assert bool(foretold) == (not pairs_here("onednn"))
+    for f in foretold:
+        assert "counted here as fbgemm pairs them" in f.message
+        assert "fbgemm/x86 kernels" not in f.message
+
+
 def test_a_refused_verdict_lists_the_symptoms_that_would_remain() -> None:
     """quint8 weights (refused on x86) and an output scale a tenth of what the output needs:
     after the refusal, the verdict lists the saturation that would remain once it runs
