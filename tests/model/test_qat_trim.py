@@ -332,3 +332,36 @@ def test_the_qat_trim_test_reads_bounds_on_any_axis() -> None:
     hi = np.array([1.0, 1.0, 3.0], dtype=np.float32).reshape(1, 3, 1, 1)  # channel 2 wide
     assert not _qat_trim(w, -hi, hi)
     assert _qat_trim(w, -hi, hi * np.array([1.6, 1, 1]).reshape(1, 3, 1, 1))  # over half kept
+
+
+def test_a_one_sided_channel_keeps_the_qat_note() -> None:
+    # torch's fused fake quantization applies a one-sided grid to a symmetric channel whose
+    # weights all lie on one side (half convert's scale, zero point 127): one such channel
+    # cost helper-63's QAT conv its note, and a trained clip came back as a warning
+    from torch.ao.quantization import (
+        convert,
+        fuse_modules_qat,
+        get_default_qat_qconfig,
+        prepare_qat,
+    )
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _Net(eager=True).train()
+        with torch.no_grad():
+            model.stem.weight[0] = -model.stem.weight[0].abs()
+        fuse_modules_qat(model, [["stem", "r1"], ["mid", "r2"]], inplace=True)
+        model.qconfig = get_default_qat_qconfig("x86")
+        prepare_qat(model, inplace=True)
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        model.eval()
+        quantized = convert(copy.deepcopy(model))
+    applied = model.stem.weight_fake_quant
+    assert int(applied.zero_point[0]) != 0  # the one-sided grid, as torch applies it
+    report = _walk(model, quantized, batches[:1])
+    assert QAT_NOTE in report.layer("stem").notes
