@@ -9,7 +9,7 @@ import pytest
 
 from qconvdiag import Options, diagnose
 from qconvdiag.arithmetic.engines import refusals
-from qconvdiag.case import build_case
+from qconvdiag.case import ConvCase, build_case
 from qconvdiag.casefile.generate import forum_case
 from qconvdiag.io import load_case
 from qconvdiag.measure.budget import FAR
@@ -464,20 +464,11 @@ def test_an_uncalibrated_conv_s_first_fix_calibrates() -> None:
     assert "# or this conv's output qparams alone:" in v.first_fix
 
 
-def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
-    """8-bit activations (codes up to 255) against large positive weights: fbgemm's GEMMs on a
-    CPU without AVX512-VNNI saturate int16 pair sums. Where this CPU accumulates exactly,
-    QCD040 (info) says what that CPU would compute: its RMSE equals the as_given path's
-    measured with the ISA forced down to AVX2 (torch's kernels pairing, in a subprocess).
-    Where this CPU pairs already, the path itself saturates and QCD040 names it."""
-    import json
-    import os
-    import subprocess
-    import sys
-
+def _pair_saturating_case() -> ConvCase:
+    """8-bit activations (codes up to 255) against large positive weights, symmetric qint8:
+    int16 pair sums of raw codes saturate wherever a kernel forms them."""
     from qconvdiag.arithmetic.float_conv import conv64
     from qconvdiag.case import QuantSetup
-    from qconvdiag.casefile.write import save_case
     from qconvdiag.quantization.qparams import quantize
     from tests.corpus_faults import module
 
@@ -489,6 +480,23 @@ def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
     case = build_case(x, w, None, setup=QuantSetup(
         input_qparams=qp(1 / 255, 0), weight_qparams=w_qp, output_qparams=out_qp,
         module=module(quantize(w, w_qp), w_qp, None, out_qp)))
+    return case
+
+
+def test_what_a_cpu_without_vnni_would_compute_is_measured(tmp_path) -> None:
+    """8-bit activations (codes up to 255) against large positive weights: fbgemm's GEMMs on a
+    CPU without AVX512-VNNI saturate int16 pair sums. Where this CPU accumulates exactly,
+    QCD040 (info) says what that CPU would compute: its RMSE equals the as_given path's
+    measured with the ISA forced down to AVX2 (torch's kernels pairing, in a subprocess).
+    Where this CPU pairs already, the path itself saturates and QCD040 names it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qconvdiag.casefile.write import save_case
+
+    case = _pair_saturating_case()
     path = save_case(case, tmp_path / "pairs.npz")
     report = diagnose(case, Options(engine="fbgemm"))
     env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
@@ -517,20 +525,9 @@ def test_foretold_pairs_on_onednn_say_how_they_were_counted() -> None:
     """QCD040's foretelling counts pairs as fbgemm forms them (along K); oneDNN pairs input
     channels, and on AVX2 not in its grouped and depthwise convs: on an onednn path its
     message says so, not that "the fbgemm/x86 kernels" would run there."""
-    from qconvdiag.arithmetic.float_conv import conv64
-    from qconvdiag.case import QuantSetup
-    from qconvdiag.quantization.qparams import quantize
-    from tests.corpus_faults import module
     from tests.cpu import pairs_here
 
-    rng = np.random.default_rng(7)
-    x = rng.uniform(0, 1, (1, 16, 8, 8)).astype(np.float32)
-    w = rng.uniform(0.5, 1.0, (8, 16, 3, 3)).astype(np.float32)
-    out_qp = qp(float(conv64(x, w, None, build_case(x, w, None).geometry).max()) / 255, 0)
-    w_qp = qp(float(w.max()) / 127.5, 0, "qint8")
-    case = build_case(x, w, None, setup=QuantSetup(
-        input_qparams=qp(1 / 255, 0), weight_qparams=w_qp, output_qparams=out_qp,
-        module=module(quantize(w, w_qp), w_qp, None, out_qp)))
+    case = _pair_saturating_case()
     report = diagnose(case, Options(engine="onednn"))
     foretold = [f for f in report.findings if "saturated_pairs_without_vnni" in f.evidence]
     # where this CPU's oneDNN pairs already, the path itself saturates: nothing is foretold

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import pytest
 
@@ -130,29 +131,43 @@ def test_a_qat_range_cut_past_the_trim_stays_an_error() -> None:
     assert _qcd051(_walk(model, converted, batches)).get("mid") == "error"
 
 
-def _eager_qat() -> tuple:
-    """The eager QAT model (qnnpack: 8-bit activations, no reduce_range headroom) after the
-    observers' passes, converted, and the batch they lag (GROW larger)."""
-    from torch.ao.quantization import (
-        convert,
-        fuse_modules_qat,
-        get_default_qat_qconfig,
-        prepare_qat,
-    )
+def _prepared_eager(engine: str, edit: Callable[[torch.nn.Module], None] | None = None
+                    ) -> torch.nn.Module:
+    """_Net (eager, seed 0) with ``edit`` applied to its float weights, fused and prepared for
+    QAT with ``engine``'s default QAT qconfig (the engine set), in train mode."""
+    from torch.ao.quantization import fuse_modules_qat, get_default_qat_qconfig, prepare_qat
 
     torch.manual_seed(0)
-    torch.backends.quantized.engine = "qnnpack"
-    batches = _batches()
+    torch.backends.quantized.engine = engine
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _Net(eager=True).train()
+        if edit is not None:
+            with torch.no_grad():
+                edit(model)
         fuse_modules_qat(model, [["stem", "r1"], ["mid", "r2"]], inplace=True)
-        model.qconfig = get_default_qat_qconfig("qnnpack")
+        model.qconfig = get_default_qat_qconfig(engine)
         prepare_qat(model, inplace=True)
-        _observe(model, batches)
-        model.eval()
-        quantized = convert(copy.deepcopy(model))
-    return model, quantized, [batches[3] * (1 + GROW)]
+    return model
+
+
+def _converted(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode, and convert's quantized copy of it."""
+    from torch.ao.quantization import convert
+
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(copy.deepcopy(model))
+
+
+def _eager_qat() -> tuple:
+    """The eager QAT model (qnnpack: 8-bit activations, no reduce_range headroom) after the
+    observers' passes, converted, and the batch they lag (GROW larger)."""
+    batches = _batches()
+    model = _prepared_eager("qnnpack")
+    _observe(model, batches)
+    return model, _converted(model), [batches[3] * (1 + GROW)]
 
 
 def test_an_eager_qat_trim_is_said() -> None:
@@ -212,37 +227,23 @@ def _eager_qat_grown(grow: float, cut: float = 1.0) -> tuple:
     weight observers frozen and two weights of the stem's first channel grown ``grow`` times
     (a weight that grows in training past the lagging moving average of its range), or its
     weight range (its observer's, which convert reads) cut ``cut`` times by hand; converted."""
-    from torch.ao.quantization import (
-        convert,
-        disable_observer,
-        fuse_modules_qat,
-        get_default_qat_qconfig,
-        prepare_qat,
-    )
+    from torch.ao.quantization import disable_observer
 
-    torch.manual_seed(0)
-    torch.backends.quantized.engine = "x86"
     batches = _batches()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = _Net(eager=True).train()
-        fuse_modules_qat(model, [["stem", "r1"], ["mid", "r2"]], inplace=True)
-        model.qconfig = get_default_qat_qconfig("x86")
-        prepare_qat(model, inplace=True)
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-        model.apply(disable_observer)
-        stem = model.stem
-        with torch.no_grad():
-            first = stem.weight[0].view(-1)
-            top = first.abs().argsort(descending=True)[:2]
-            first[top] *= grow
-            observer = stem.weight_fake_quant.activation_post_process  # convert reads it
-            observer.min_val /= cut
-            observer.max_val /= cut
-        model.eval()
-        return model, convert(copy.deepcopy(model)), batches[:1]
+    model = _prepared_eager("x86")
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    model.apply(disable_observer)
+    stem = model.stem
+    with torch.no_grad():
+        first = stem.weight[0].view(-1)
+        top = first.abs().argsort(descending=True)[:2]
+        first[top] *= grow
+        observer = stem.weight_fake_quant.activation_post_process  # convert reads it
+        observer.min_val /= cut
+        observer.max_val /= cut
+    return model, _converted(model), batches[:1]
 
 
 def test_a_qat_weight_trim_is_said_even_where_it_breaks_the_conv() -> None:
@@ -338,29 +339,15 @@ def test_a_one_sided_channel_keeps_the_qat_note() -> None:
     # torch's fused fake quantization applies a one-sided grid to a symmetric channel whose
     # weights all lie on one side (half convert's scale, zero point 127): one such channel
     # cost helper-63's QAT conv its note, and a trained clip came back as a warning
-    from torch.ao.quantization import (
-        convert,
-        fuse_modules_qat,
-        get_default_qat_qconfig,
-        prepare_qat,
-    )
+    def one_sided(net: torch.nn.Module) -> None:
+        net.stem.weight[0] = -net.stem.weight[0].abs()
 
-    torch.manual_seed(0)
-    torch.backends.quantized.engine = "x86"
     batches = _batches()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = _Net(eager=True).train()
-        with torch.no_grad():
-            model.stem.weight[0] = -model.stem.weight[0].abs()
-        fuse_modules_qat(model, [["stem", "r1"], ["mid", "r2"]], inplace=True)
-        model.qconfig = get_default_qat_qconfig("x86")
-        prepare_qat(model, inplace=True)
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-        model.eval()
-        quantized = convert(copy.deepcopy(model))
+    model = _prepared_eager("x86", one_sided)
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    quantized = _converted(model)
     applied = model.stem.weight_fake_quant
     assert int(applied.zero_point[0]) != 0  # the one-sided grid, as torch applies it
     report = _walk(model, quantized, batches[:1])
