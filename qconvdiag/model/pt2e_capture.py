@@ -86,8 +86,8 @@ class ConvPattern:
     float_output: bool = False
     """The conv's output stays float32 (a consumer takes float, e.g. a residual add)."""
     qat: bool = False
-    """Its quantizer annotated it with fake quantization (``prepare_qat_pt2e``): the model
-    trained through it (``fake_quantized``)."""
+    """Its quantizer annotated it with fake quantization (``fake_quantized``: a QAT config, as
+    ``prepare_qat_pt2e`` takes): judged as trained through it (``QAT_PT2E_NOTE``)."""
 
 
 def is_pt2e_graph(model: Any) -> bool:
@@ -443,7 +443,7 @@ def _layer(p: ConvPattern, fconv: Any, s: Seen, keep: int, float_model: Any,
     setup = QuantSetup(input_qparams=p.input_qparams.with_source("user"), input_codes=x_codes,
                        module=module)
     float_side = float_reference(fconv, s, keep, float_model, bn_name, p.relu)
-    if p.qat:  # the model trained through the fake quantization these qparams come from
+    if p.qat:  # judged as trained through the fake quantization these qparams come from
         float_side = dataclasses.replace(float_side, notes=(*float_side.notes, QAT_PT2E_NOTE))
     stride, padding, dilation, groups = p.geometry
     if (list(fconv.stride), list(fconv.dilation), fconv.groups) != (stride, dilation, groups):
