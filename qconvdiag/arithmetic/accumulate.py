@@ -44,6 +44,10 @@ def tap_views(xpad: np.ndarray, weight_shape: tuple[int, ...], g: Geometry,
 
 
 def pad_spatial(x: np.ndarray, padding: tuple[int, ...], value: int) -> np.ndarray:
+    """``x`` padded with ``value`` along its spatial dims; ``x`` itself without padding (its
+    callers read the result only)."""
+    if not any(padding):
+        return x
     width = [(0, 0), (0, 0)] + [(p, p) for p in padding]
     return np.pad(x, width, mode="constant", constant_values=value)
 
