@@ -579,6 +579,25 @@ def test_labels_in_batches_are_dropped_and_padding_modes_refused():
             qconvdiag.capture_model(f, q, x)
 
 
+@pytest.mark.parametrize("bad", ["unbatched", "other_channels", "uint8"])
+def test_calibration_batches_the_float_model_cannot_run_are_refused_in_one_line(
+        bad: str, tmp_path) -> None:  # noqa: ANN001
+    """calibration= batches the float model refuses (one image without its batch dimension,
+    too few channels, uint8) get the one line inputs= gets, naming calibration=; no
+    traceback, no bundle written (helper-65: torch's exception came through before)."""
+    f, q = models.eager("x86")
+    good = models.inputs(2, 8, 100)
+    calibration = {"unbatched": good[0], "other_channels": good[:, :2],
+                   "uint8": (good * 50).to(torch.uint8)}[bad]
+    path = tmp_path / "b.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(QconvdiagError, match="the float model fails on calibration=") as e:
+            qconvdiag.capture_model(f, q, models.inputs(2, 2, 7), path,
+                                    calibration=[calibration])
+    assert "\n" not in str(e.value) and not path.exists()
+
+
 def test_calibration_ranges_judge_output_scales_the_samples_cannot():
     """An output scale 3x too coarse: with the calibration batches the walk names it; from two
     samples alone their range is too uncertain to, and the bundle says so. A healthy model
