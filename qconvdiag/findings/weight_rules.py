@@ -768,7 +768,7 @@ def _few_levels(ctx: Context, run: PathRun, energy: float, ratio: float, vanishe
     return finding(
         "QCD026", "warning" if level == "error" else level,
         f"{name}: codes {qp.qmin}..{qp.qmax} (quant_min/quant_max)",
-        f"The module's weight codes span {qp.qmin}..{qp.qmax}, as a weight observer with "
+        f"The module's weight codes lie within {qp.qmin}..{qp.qmax}, as a weight observer with "
         f"quant_min={qp.qmin}, quant_max={qp.qmax} gives: {levels} levels, a step "
         f"{fmt(ratio)}x what 8-bit weights need for this weight's range; {vanished} of "
         f"{ctx.case.weight.size} nonzero weights round to the zero point, and weight rounding "

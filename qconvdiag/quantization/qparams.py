@@ -399,7 +399,14 @@ def narrowed_weight_range(weight: np.ndarray, codes: np.ndarray, qp: QParams) ->
         return qp
     low, high = int(codes.min()), int(codes.max())
     if (low, high) not in NARROWED_WEIGHT_RANGES:
-        return qp
+        # codes that reach one end of a range only (a per-tensor observer's largest weight on
+        # one side): the scale of a symmetric observer on that range must show it
+        ends = [(a, b) for a, b in NARROWED_WEIGHT_RANGES
+                if a <= low and high <= b and (a == low or b == high)
+                and _symmetric_fit(weight, qp, (b - a) / 2)]
+        if not ends:
+            return qp
+        low, high = ends[0]
     try:
         full = quantize(weight, qp)
     except QParamsError:

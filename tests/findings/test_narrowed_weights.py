@@ -97,3 +97,28 @@ def test_8_bit_weights_and_a_coarse_scale_are_not_read_as_a_narrowed_range() -> 
                                       torch.qint8).int_repr().numpy()
     assert (narrowed_weight_range(w, codes, fit).quant_min,
             narrowed_weight_range(w, codes, fit).quant_max) == (-7, 7)
+
+
+def test_per_tensor_narrowed_codes_that_reach_one_end_only_are_read_as_the_range() -> None:
+    """A per-tensor -8..7 observer on a weight whose largest |w| is positive puts its codes on
+    -3..7: the range shows at one end, and the scale is the observer's, max|w| / 7.5
+    (helper-65: such convs of a ResNet got a QCD026 error telling an 8-bit story, the rest of
+    the model a warning). A coarse scale on the same codes is not read as one."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w[w < 0] *= 0.3  # the negative side reaches a third of the positive one
+    top = float(np.abs(w).max())
+
+    def codes(scale: float) -> np.ndarray:  # torch's, clamped to the observer's range
+        q = torch.quantize_per_tensor(torch.from_numpy(w), scale, 0, torch.qint8).int_repr()
+        return q.clamp(-8, 7).numpy()
+
+    fit = make_qparams([top / 7.5], [0], "qint8", None, "w", "module")
+    held = codes(fit.scale[0])
+    assert int(held.max()) == 7 and int(held.min()) > -8
+    narrowed = narrowed_weight_range(w, held, fit)
+    assert (narrowed.quant_min, narrowed.quant_max) == (-8, 7)
+    coarse = make_qparams([top / 7.2], [0], "qint8", None, "w", "module")
+    held = codes(coarse.scale[0])
+    assert int(held.max()) == 7 and int(held.min()) > -8
+    assert narrowed_weight_range(w, held, coarse) is coarse
