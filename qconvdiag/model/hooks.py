@@ -267,6 +267,16 @@ def failed_forward(which: str, exc: BaseException, model: Any = None) -> str:
                 "default_symmetric_qnnpack_qconfig's does; quantize with "
                 f"get_default_qconfig({engine!r}), or get_default_qat_qconfig({engine!r}) "
                 "for QAT; QCD011")
+    elif "QuantizedCPU" in first and any(f"'aten::{op}" in first for op in ("add", "mul")):
+        # a `+` or `*` on two quantized tensors (a residual add written as x + y)
+        hint = ("an add or mul on quantized tensors (x + y in forward): eager quantization "
+                "needs a torch.ao.nn.quantized.FloatFunctional module for it, "
+                "self.add = FloatFunctional() and self.add.add(x, y)")
+    elif "not supported on quantized tensors" in first:
+        # torch 2.13's x + y on two quantized tensors fails in empty_strided
+        hint = ("a float op on quantized tensors: an add or mul written x + y needs a "
+                "torch.ao.nn.quantized.FloatFunctional module (self.add.add(x, y)); another "
+                "float op needs a DeQuantStub before it")
     elif "QuantizedCPU" in first or "quint8" in lower or "qint8" in lower:
         hint = ("a quantized tensor reached a float op: is a DeQuantStub missing before a "
                 "module its qconfig left in float?")

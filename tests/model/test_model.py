@@ -579,6 +579,32 @@ def test_labels_in_batches_are_dropped_and_padding_modes_refused():
             qconvdiag.capture_model(f, q, x)
 
 
+def test_a_residual_plus_on_quantized_tensors_is_refused_naming_floatfunctional() -> None:
+    """x + y on two quantized tensors (a residual add without FloatFunctional): one line that
+    names FloatFunctional (helper-65: it named a missing DeQuantStub alone)."""
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.quant(x)
+            return self.dequant(self.conv(x) + x)
+
+    torch.backends.quantized.engine = "x86"
+    f = Block().eval()
+    f.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = torch.ao.quantization.prepare(copy.deepcopy(f))
+        prepared(models.inputs(2, 2, 1))
+        q = torch.ao.quantization.convert(prepared)
+        with pytest.raises(QconvdiagError, match="FloatFunctional") as e:
+            qconvdiag.capture_model(f, q, models.inputs(2, 2, 7))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("bad", ["unbatched", "other_channels", "uint8"])
 def test_calibration_batches_the_float_model_cannot_run_are_refused_in_one_line(
         bad: str, tmp_path) -> None:  # noqa: ANN001
