@@ -49,7 +49,7 @@ from .bundle import (
     with_model_range,
 )
 from .compiled import CompiledWith
-from .hooks import Seen, _raised_by_us, failed_forward, run_both, samples_within
+from .hooks import Seen, forward_or_refuse, run_both, samples_within
 from .ops import OpRange
 from .reuse import ReusedActivation, reused_activations
 from .stale import StaleRequantization, stale_requantization
@@ -829,15 +829,8 @@ def _calibration_ranges(float_model: Any, points: dict[str, tuple[Any, bool]],
     try:
         with torch.no_grad(), capture_warnings():
             for batch in batches:
-                try:
-                    float_model(batch)
-                except (RuntimeError, TypeError, ValueError) as exc:
-                    if _raised_by_us(exc):
-                        raise  # a bug of qconvdiag's hooks: its traceback, not a verdict
-                    # one line, as for the inputs: the batches given as calibration=
-                    raise CaseError(failed_forward("float", exc, float_model).replace(
-                        "the float model fails", "the float model fails on calibration=",
-                        1)) from None
+                # one line, as for the inputs
+                forward_or_refuse(float_model, batch, "float", float_model, " on calibration=")
     finally:
         for h in handles:
             h.remove()

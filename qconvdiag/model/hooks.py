@@ -63,12 +63,7 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
             for run, batch in enumerate(batches, 1):
                 for which, forward, model in (("quantized", run_quantized, quantized_model),
                                               ("float", float_model, float_model)):
-                    try:
-                        forward(batch)
-                    except (RuntimeError, TypeError, ValueError) as exc:
-                        if _raised_by_us(exc):
-                            raise  # a bug of qconvdiag's hooks: its traceback, not a verdict
-                        raise CaseError(failed_forward(which, exc, model)) from None
+                    forward_or_refuse(forward, batch, which, model)
                 recorder.end_forward()
                 _check_once_per_forward(seen, run)
                 if _stored(seen) >= _room(seen, limit):
@@ -216,6 +211,19 @@ def copy_float(t: Any) -> np.ndarray:
     return np.array(t.detach().float().numpy(), dtype=np.float32, order="C", copy=True)
 
 
+def forward_or_refuse(forward: Callable[[Any], Any], batch: Any, which: str, model: Any,
+                      on: str = "") -> None:
+    """``forward(batch)``; a forward that raises is refused in one line (``failed_forward``:
+    ``which`` model, ``on`` what), but for an error of qconvdiag's own hooks, which keeps its
+    traceback."""
+    try:
+        forward(batch)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if _raised_by_us(exc):
+            raise  # a bug of qconvdiag's hooks: its traceback, not a verdict
+        raise CaseError(failed_forward(which, exc, model, on)) from None
+
+
 def _raised_by_us(exc: BaseException) -> bool:
     """The error was raised in qconvdiag's own code (a hook's): its innermost frame is ours,
     but the activation check's TorchFunctionMode, which passes the model's own torch calls
@@ -235,7 +243,7 @@ def _raised_by_us(exc: BaseException) -> bool:
     return bool(frames) and os.path.abspath(frames[-1].co_filename).startswith(here + os.sep)
 
 
-def failed_forward(which: str, exc: BaseException, model: Any = None) -> str:
+def failed_forward(which: str, exc: BaseException, model: Any = None, on: str = "") -> str:
     """One line for a model's forward that raised: the innermost module it was in (from the
     traceback's frames; its path in ``model``), torch's first sentence, and what that error
     usually means."""
@@ -282,7 +290,7 @@ def failed_forward(which: str, exc: BaseException, model: Any = None) -> str:
                 "module its qconfig left in float?")
     else:
         hint = "does the model run on these inputs outside capture_model?"
-    return f"capture_model: the {which} model fails{where}: {first} ({hint})"
+    return f"capture_model: the {which} model fails{on}{where}: {first} ({hint})"
 
 
 def _check_once_per_forward(seen: dict[str, Seen], runs: int) -> None:
