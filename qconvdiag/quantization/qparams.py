@@ -389,8 +389,10 @@ NARROWED_WEIGHT_RANGES = frozenset(
 def narrowed_weight_range(weight: np.ndarray, codes: np.ndarray, qp: QParams) -> QParams:
     """``qp`` with the ``quant_min``/``quant_max`` the codes show a weight observer had (4-bit
     weights: -8..7, pytorch/ao#2138), else ``qp`` itself. The codes span one of
-    NARROWED_WEIGHT_RANGES, every one the float weight's at ``qp`` over the whole qint8 range
-    but those beyond the narrowed range, which the module holds clamped at its ends; and that
+    NARROWED_WEIGHT_RANGES (or lie within one and reach one of its ends, its scale a symmetric
+    observer's on it: a per-tensor observer's largest weight on one side), every one the
+    float weight's at ``qp`` over the whole qint8 range but those beyond the narrowed range,
+    which the module holds clamped at its ends; and that
     clamp, or the scale of a symmetric observer on that range (max|w| / ((quant_max -
     quant_min) / 2) in every channel), shows the range (codes that merely lie inside one, a
     coarse scale's, show neither)."""
