@@ -11,7 +11,7 @@ from ..quantization.qparams import clip_bounds
 from ..report import Finding
 from .base import Context, excess, finding, fmt, material, severity
 from .fixes import input_fix
-from .output_rules import trimmed_outliers
+from .output_rules import said_as_trim, trimmed_outliers
 
 CLIPPING, ROUNDING = ("input_clipping",), ("input_rounding",)
 
@@ -39,7 +39,8 @@ def qcd010(ctx: Context) -> Iterator[Finding]:
         level = severity(run, energy)
         # a few outliers beyond a range that keeps most of the input's reach: what a histogram
         # observer's trim gives (QCD051's rule), said, not warned about; an error stays one
-        trimmed = level == "warning" and trimmed_outliers(
+        # unless one or two values (TRIMMED_FEW) are all that reach past it
+        trimmed = said_as_trim(level, low + high) and trimmed_outliers(
             low + high, int(x.size), (lo, hi), (float(x.min()), float(x.max())), low > 0,
             high > 0)
         yield finding(

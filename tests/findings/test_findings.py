@@ -280,21 +280,24 @@ def test_a_setup_torch_refuses_gets_a_refused_verdict_even_where_it_emulates(eng
     assert [c.code for c in verdict.causes] == ["QCD011"]
 
 
-@pytest.mark.parametrize("outliers, trim", [(6, True), (16, False)])
+@pytest.mark.parametrize("outliers, reach, trim", [(6, 1.15, True), (16, 1.15, False),
+                                                   (2, 1.9, True), (3, 1.9, False)])
 def test_a_few_inputs_beyond_the_calibrated_range_are_a_trim_not_a_warning(
-        outliers: int, trim: bool) -> None:
+        outliers: int, reach: float, trim: bool) -> None:
     """A histogram observer trims a few outliers for a finer step, and data other than the
     calibration set reaches past its range: QCD010 says so as info (QCD051's rule for
     outputs), as it is a trade-off the default observer makes, not a misuse (a sweep's trained
     conv1d: 7 of 32,768 inputs clipped, a warning, whose fix fitted the one sample and cost
-    other batches); clipping more (here 1% of the inputs) keeps its severity."""
+    other batches); clipping more (here 1% of the inputs) keeps its severity. Far past the
+    range (1.9x) the clip is an error, said all the same where only two inputs reach there
+    (TRIMMED_FEW: chance, no evidence), an error with three."""
     import dataclasses
 
     lay = layer(16)
     x = lay.x.copy()
     top = float(x.max())
     flat = x.reshape(-1)
-    flat[np.argsort(flat)[-outliers:]] = 1.15 * top  # beyond the range calibration saw
+    flat[np.argsort(flat)[-outliers:]] = reach * top  # beyond the range calibration saw
     lay = dataclasses.replace(lay, x=x)
     case = lay.case(lay.setup(input_qparams=qp(top / 255, 0, "quint8")))
     report = diagnose(case, Options(engine="x86"))
@@ -762,3 +765,36 @@ def test_an_8_bit_output_step_4x_too_coarse_on_qnnpack_is_not_called_reduce_rang
                                                   path=None), qconvdiag.Options(engine="qnnpack"))
     (found,) = [f for f in report.findings if f.code == "QCD052" and f.path == "as_given"]
     assert found.title != REDUCED_TITLE and "reduce_range" not in found.evidence
+
+
+@pytest.mark.parametrize("past, said", [(1, True), (2, True), (3, False)])
+def test_one_or_two_outputs_past_a_trim_are_said_even_where_they_break_the_conv(
+        past: int, said: bool) -> None:
+    """A squeeze-excite conv's few outputs (800 here) and a histogram observer's range that
+    keeps most of their reach: one or two outputs past it (TRIMMED_FEW) are what a sample
+    beyond the calibration data gives by chance, info even where they lift the conv far above
+    its floor (helper-64's SE squeeze conv: 1 of 800 outputs, an error whose fix left the
+    model's accuracy where it was); three of them break it as a warning's evidence would."""
+    from qconvdiag.case import QuantSetup
+    from qconvdiag.quantization.qparams import make_qparams
+
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((100, 32, 1, 1)), 0).astype(np.float32)
+    w = (rng.standard_normal((8, 32, 1, 1)) / 6).astype(np.float32)
+    b = (rng.standard_normal(8) / 10).astype(np.float32)
+    y = np.sort(np.maximum(np.einsum("nc,oc->no", x[:, :, 0, 0].astype(np.float64),
+                                     w[:, :, 0, 0]) + b, 0).reshape(-1))
+    top = min(y[-past - 1], 0.8 * y[-1])  # keeps 80% of the reach, ``past`` outputs beyond
+    setup = QuantSetup(
+        input_qparams=make_qparams([float(x.max()) / 255], [0], "quint8", None, "input",
+                                   "user"),
+        weight_qparams=make_qparams(list(np.abs(w).reshape(8, -1).max(1) / 127.5), [0] * 8,
+                                    "qint8", 0, "weight", "module"),
+        output_qparams=make_qparams([top / 255], [0], "quint8", None, "output", "module"))
+    report = diagnose(build_case(x, w, b, setup=setup, activation="relu"),
+                      Options(engine="qnnpack"))
+    assert report.verdict is not None and report.verdict.status == "broken"
+    (f,) = [f for f in report.findings if f.code == "QCD051" and f.path == "as_given"]
+    assert f.evidence["saturated"] == past
+    assert f.severity == ("info" if said else "error")
+    assert ("histogram observer" in f.message) == said
