@@ -29,8 +29,15 @@ SHARED_NOTE = ("its output qparams are shared with {others} (the inputs of one F
                "observer for all): judged on their range together")
 
 
-def shared_groups(quantized_model: Any, convs: dict[str, Any]
-                  ) -> list[tuple[tuple[str, ...], bool, tuple[str, ...]]]:
+#: One group: its convs in model order, whether one of its cats takes another input too, and
+#: the other modules' paths sharing its qparams.
+Group = tuple[tuple[str, ...], bool, tuple[str, ...]]
+#: A cat's inputs: each one's source (the path of the module that wrote it) and the output
+#: qparams it was written at, or None where no such module wrote it.
+CatInputs = list[tuple[str, tuple[float, int]] | None]
+
+
+def shared_groups(quantized_model: Any, convs: dict[str, Any]) -> list[Group]:
     """The groups of captured convs (``convs``: path -> quantized module) that feed the cats
     of an FX GraphModule at the same output qparams as another input of the cat (a captured
     conv, or another quantized module: a ConvTranspose, a Linear), each with whether one of its
@@ -43,7 +50,7 @@ def shared_groups(quantized_model: Any, convs: dict[str, Any]
     if not isinstance(quantized_model, torch.fx.GraphModule):
         return []
     modules = dict(quantized_model.named_modules())
-    found: list[tuple[set[str], bool, set[str]]] = []
+    cats: list[CatInputs] = []
     for node in quantized_model.graph.nodes:
         if not _is_cat(node):
             continue
@@ -51,11 +58,21 @@ def shared_groups(quantized_model: Any, convs: dict[str, Any]
         if not isinstance(tensors, (list, tuple)):
             continue
         sources = [_source_module(t, modules) for t in tensors]
+        cats.append([None if source is None else (source, (
+            float(modules[source].scale), int(modules[source].zero_point)))
+            for source in sources])
+    return grouped(cats, list(convs))
+
+
+def grouped(cats: list[CatInputs], convs: list[str]) -> list[Group]:
+    """The groups of ``shared_groups`` from each cat's inputs (``convs``: the captured convs'
+    paths, in model order)."""
+    found: list[tuple[set[str], bool, set[str]]] = []
+    for sources in cats:
         by_qparams: dict[tuple[float, int], list[str]] = {}
         for source in sources:
             if source is not None:
-                m = modules[source]
-                by_qparams.setdefault((float(m.scale), int(m.zero_point)), []).append(source)
+                by_qparams.setdefault(source[1], []).append(source[0])
         for sharing in by_qparams.values():
             mine = {c for c in sharing if c in convs}
             others = set(sharing) - mine
@@ -70,13 +87,11 @@ def shared_groups(quantized_model: Any, convs: dict[str, Any]
             merged.remove(other)
             members, open_, others = members | other[0], open_ or other[1], others | other[2]
         merged.append((members, open_, others))
-    order = list(convs)
-    return [(tuple(sorted(m, key=order.index)), open_, tuple(sorted(others)))
+    return [(tuple(sorted(m, key=convs.index)), open_, tuple(sorted(others)))
             for m, open_, others in merged]
 
 
-def with_shared_ranges(layers: Sequence[LayerCapture],
-                       groups: list[tuple[tuple[str, ...], bool, tuple[str, ...]]]
+def with_shared_ranges(layers: Sequence[LayerCapture], groups: list[Group]
                        ) -> list[LayerCapture]:
     """``layers`` with each grouped conv's output range widened to its group's (the union of
     its members' ranges: samples and calibration batches; where a cat also takes an input no
