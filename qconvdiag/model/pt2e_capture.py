@@ -386,6 +386,13 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
             say(f"capturing {p.name}")
             layers.append(_layer(p, fconvs[p.name], seen[p.name], keep, float_model,
                                  bns[p.name], ranges.get(p.name)))
+    from .shared import PT2E_CAT, pt2e_shared_groups, with_shared_ranges
+
+    outputs = {p.output: (p.name, (float(p.output_qparams.scale[0]),
+                                   int(p.output_qparams.zero_point[0])))
+               for p in patterns if not p.float_output}
+    layers = with_shared_ranges(layers, pt2e_shared_groups(
+        converted, outputs, [p.name for p in patterns]), PT2E_CAT)
     if compiled is not None:  # what the compiled model computes, if it runs the Q/DQ graph
         compiled = dataclasses.replace(compiled, qdq_differ=differ[1], qdq_outputs=differ[0])
         if compiled.error is not None:

@@ -1,4 +1,4 @@
-"""Convs whose output qparams are shared: the inputs of an FX graph's cat.
+"""Convs whose output qparams are shared: the inputs of an FX graph's cat, or a PT2E graph's.
 
 ``convert_fx`` gives every input of a ``torch.cat`` one observer (the backend config shares the
 cat's observer with its inputs, so the cat needs no requantization): each conv feeding it writes
@@ -7,6 +7,11 @@ narrower gets a coarser step than that range needs, by design. Judged on its own
 conv got QCD052 on a correctly quantized model, and its fix (the conv's scale fitted to its own
 range) cut the model's SQNR from 29.2 to 14.8 dB on an Inception block: torch's quantized cat
 takes its first input's qparams, so the other branches clipped.
+
+X86InductorQuantizer does the same in the PT2E flow: it annotates a cat's inputs with one
+shared quantization spec, so the quantize nodes after the convs feeding it hold one scale and
+zero point (helper-64's SqueezeNet-like Fire modules: QCD052 on each 1x1 expand conv, whose
+fix left the model's accuracy where it was).
 
 A conv belongs to such a group where its output reaches the cat through single-input ops, and
 its output qparams are another such conv's exactly (observers of their own do not give the same
@@ -25,8 +30,10 @@ from .bundle import LayerCapture, with_model_range
 #: Nodes followed back from a cat's input to the conv that wrote it.
 DEPTH = 8
 #: A shared conv's note (its layer's notes).
-SHARED_NOTE = ("its output qparams are shared with {others} (the inputs of one FX cat: one "
+SHARED_NOTE = ("its output qparams are shared with {others} (the inputs of one {cat}: one "
                "observer for all): judged on their range together")
+#: What shares the qparams, in SHARED_NOTE, by flow.
+FX_CAT, PT2E_CAT = "FX cat", "cat, as X86InductorQuantizer annotates it"
 
 
 #: One group: its convs in model order, whether one of its cats takes another input too, and
@@ -64,6 +71,40 @@ def shared_groups(quantized_model: Any, convs: dict[str, Any]) -> list[Group]:
     return grouped(cats, list(convs))
 
 
+def pt2e_shared_groups(converted: Any, outputs: dict[Any, tuple[str, tuple[float, int]]],
+                       convs: list[str]) -> list[Group]:
+    """``shared_groups`` of a convert_pt2e graph: ``outputs`` maps each conv pattern's output
+    node (its quantize_per_tensor) to its path and output qparams; ``convs`` are the patterns'
+    paths in graph order. A cat's input reaches back to such a node through single-input nodes
+    (its dequantize, a ReLU, a pool and the pool's own quantize and dequantize)."""
+    cats: list[CatInputs] = []
+    for node in converted.graph.nodes:
+        if not _is_cat(node):
+            continue
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        if isinstance(tensors, (list, tuple)):
+            cats.append([_source_pattern(t, outputs) for t in tensors])
+    return grouped(cats, convs)
+
+
+def _source_pattern(node: Any, outputs: dict[Any, tuple[str, tuple[float, int]]]
+                    ) -> tuple[str, tuple[float, int]] | None:
+    """The conv pattern (``outputs``) whose output node reaches ``node`` through single-input
+    nodes, if any."""
+    import torch
+
+    for _ in range(DEPTH):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node in outputs:
+            return outputs[node]
+        inputs = node.all_input_nodes
+        if len(inputs) != 1 or node.op in ("placeholder", "get_attr"):
+            return None
+        node = inputs[0]
+    return None
+
+
 def grouped(cats: list[CatInputs], convs: list[str]) -> list[Group]:
     """The groups of ``shared_groups`` from each cat's inputs (``convs``: the captured convs'
     paths, in model order)."""
@@ -91,8 +132,8 @@ def grouped(cats: list[CatInputs], convs: list[str]) -> list[Group]:
             for m, open_, others in merged]
 
 
-def with_shared_ranges(layers: Sequence[LayerCapture], groups: list[Group]
-                       ) -> list[LayerCapture]:
+def with_shared_ranges(layers: Sequence[LayerCapture], groups: list[Group],
+                       cat: str = FX_CAT) -> list[LayerCapture]:
     """``layers`` with each grouped conv's output range widened to its group's (the union of
     its members' ranges: samples and calibration batches; where a cat also takes an input no
     captured conv wrote, whose float range is not known, the range the shared qparams
@@ -113,7 +154,7 @@ def with_shared_ranges(layers: Sequence[LayerCapture], groups: list[Group]
                 lay, shared_range=union,
                 case=with_model_range(lay.case, lay.float_output, lay.calibration_range,
                                       shared_range=union),
-                notes=(*lay.notes, SHARED_NOTE.format(others=others)))
+                notes=(*lay.notes, SHARED_NOTE.format(others=others, cat=cat)))
     return [widened.get(lay.name, lay) for lay in layers]
 
 
@@ -126,7 +167,8 @@ def _representable(lay: LayerCapture) -> tuple[float, float]:
 def _is_cat(node: Any) -> bool:
     import torch
 
-    return ((node.op == "call_function" and node.target in (torch.cat, torch.concat))
+    return ((node.op == "call_function"
+             and node.target in (torch.cat, torch.concat, torch.ops.aten.cat.default))
             or (node.op == "call_method" and node.target == "cat"))
 
 

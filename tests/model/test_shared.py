@@ -49,7 +49,15 @@ def _report(flow: str, cls: type[torch.nn.Module] = Branches,
     x = torch.randn(4, 3, 12, 12, generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if flow == "fx":
+        if flow == "pt2e":
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+            quantizer = xiq.X86InductorQuantizer()
+            quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+            prepared = prepare_pt2e(torch.export.export(copy.deepcopy(model), (x,),
+                                                        strict=True).module(), quantizer)
+        elif flow == "fx":
             from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
             prepared = prepare_fx(copy.deepcopy(model), torch.ao.quantization.
@@ -61,8 +69,8 @@ def _report(flow: str, cls: type[torch.nn.Module] = Branches,
             prepared = torch.ao.quantization.prepare(prepared)
         for b in calibration:
             prepared(b)
-        quantized = (convert_fx(prepared) if flow == "fx"
-                     else torch.ao.quantization.convert(prepared))
+        quantized = (convert_pt2e(prepared) if flow == "pt2e" else convert_fx(prepared)
+                     if flow == "fx" else torch.ao.quantization.convert(prepared))
         bundle = qconvdiag.capture_model(model, quantized, x, calibration=calibration)
         return quantized, bundle, qconvdiag.walk_model(
             bundle, qconvdiag.WalkOptions(layers=layers, top=0)).report
@@ -83,6 +91,23 @@ def test_the_convs_an_fx_cat_shares_qparams_with_are_judged_on_their_range_toget
 
     again = bundle_from_mapping(bundle_to_mapping(bundle), "b")
     assert again.layer("narrow").case.output_range == bundle.layer("narrow").case.output_range
+
+
+def test_the_convs_a_pt2e_cat_shares_qparams_with_are_judged_on_their_range_together():
+    """X86InductorQuantizer annotates a cat's inputs with one shared quantization spec: the
+    quantize nodes after both branch convs hold one scale (helper-64's PT2E SqueezeNet-like
+    Fire modules: QCD052 warnings and an error on each 1x1 expand conv, whose fix left the
+    model's accuracy where it was)."""
+    from qconvdiag.torchao_import import require_torchao
+
+    require_torchao()
+    _quantized, bundle, report = _report("pt2e")
+    assert bundle.layer("narrow").shared_range == bundle.layer("wide").shared_range is not None
+    assert bundle.layer("narrow").shared_range[1] >= bundle.layer("wide").case.output_range[1]
+    assert any("shared with wide" in n and "X86InductorQuantizer" in n
+               for n in bundle.layer("narrow").notes)
+    assert report.layer("narrow").verdict == "at_floor"
+    assert not [f for d in report.details for f in d.report.findings if f.severity != "info"]
 
 
 def test_an_eager_cat_shares_nothing():
