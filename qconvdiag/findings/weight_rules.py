@@ -377,6 +377,14 @@ def pt2e_requantize(ctx: Context) -> str | None:
     return None
 
 
+def _model_flow(ctx: Context) -> str:
+    """The flow a model walk's conv was quantized with (eager, fx or pt2e)."""
+    from ..arithmetic.engines import PT2E_ENGINES
+
+    return ctx.case.model_flow or ("pt2e" if ctx.case.pt2e or ctx.case.engine in PT2E_ENGINES
+                                   else "eager")
+
+
 def _moved_fix(ctx: Context) -> str:
     """Repack the float weight at the module's own qparams (torch's readback of them)."""
     again = pt2e_requantize(ctx)
@@ -551,10 +559,7 @@ def _refolded(ctx: Context, run: PathRun, fold: Fold, bn: FoldedBatchNorm, energ
     """QCD027 for a model walk's conv, whose float weight has the float model's BatchNorm
     folded in already: the quantized model folded that BatchNorm with another eps (torchao's
     QAT writes 1e-05), or with other statistics than the float model's now."""
-    from ..arithmetic.engines import PT2E_ENGINES
-
-    flow = ctx.case.model_flow or ("pt2e" if ctx.case.pt2e or ctx.case.engine in PT2E_ENGINES
-                                   else "eager")
+    flow = _model_flow(ctx)
     eps = refolded_eps(fold.factors, bn)
     shown = (f"one factor per output channel ({fmt(fold.low)} to {fmt(fold.high)}, "
              f"{fmt(fold.fit)} weight steps RMS left at most)")
