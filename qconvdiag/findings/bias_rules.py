@@ -51,7 +51,7 @@ def qcd030(ctx: Context) -> Iterator[Finding]:
         d = float(np.abs(mb - b).max())
         what = f"a bias that differs from the float bias by up to {fmt(d)}"
     energy = bias_energy(ctx, run)
-    from .weight_rules import module_weight_fix, pt2e_requantize
+    from .weight_rules import module_weight_fix, other_weights_requantize, pt2e_requantize
 
     # the module holds another weight too (QCD024): the bias alone packed with it can cost
     # more (a sweep's depthwise conv from another checkpoint: 42.8% -> 32.0% accuracy)
@@ -59,7 +59,7 @@ def qcd030(ctx: Context) -> Iterator[Finding]:
     fix = ("qm.set_weight_bias(qm.weight(), conv.bias)  # the module's weight, the float bias"
            if both is None else "# the module's weight is not the float weight either (QCD024):"
            "\n# pack both again, the float bias with the meant weight\n" + both)
-    fix = pt2e_requantize(ctx) or fix
+    fix = pt2e_requantize(ctx) or other_weights_requantize(ctx, run) or fix
     yield finding(
         "QCD030", severity(run, energy),
         "the module's bias is missing or not the float bias",

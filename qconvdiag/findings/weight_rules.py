@@ -343,7 +343,13 @@ def module_weight_problem(ctx: Context, run: PathRun) -> str | None:
                                m.weight_qparams)
     if rescaled is not None:
         return rescaled
-    return f"values up to {fmt(float(np.abs(held).max()))}, {fmt(diff)} away from the meant weight"
+    return (f"{ANOTHER_WEIGHT} {fmt(float(np.abs(held).max()))}, {fmt(diff)} away from the "
+            "meant weight")
+
+
+#: How ``module_weight_problem`` begins its text for another weight altogether (not a fresh
+#: module's, not the meant codes at another scale, not the meant weight moved by a step).
+ANOTHER_WEIGHT = "values up to"
 
 
 def moved_weight(run: PathRun) -> tuple[int, int, int] | None:
@@ -375,6 +381,25 @@ def pt2e_requantize(ctx: Context) -> str | None:
                 "# constants of the converted graph: no module to repack)\n"
                 + model_calibration("pt2e"))
     return None
+
+
+def other_weights_requantize(ctx: Context, run: PathRun) -> str | None:
+    """A model walk's conv whose module holds another float weight altogether: the quantized
+    model was made from other float weights (another checkpoint loaded, or training on, after
+    convert), and its output scales, this conv's and those after it, were calibrated on what
+    those weights computed. Repacking this conv's weight alone keeps them (helper-65: every
+    conv's repack took a digits CNN from another seed's checkpoint to 7.6% accuracy, quantizing
+    again to the float model's 99.0%): its fix quantizes the model again; None for another
+    conv."""
+    if not ctx.case.in_model:
+        return None
+    problem = module_weight_problem(ctx, run)
+    if problem is None or not problem.startswith(ANOTHER_WEIGHT):
+        return None
+    return ("# quantize the model again from this float model: the quantized one was made\n"
+            "# from other float weights, and its output scales were calibrated on what\n"
+            "# they computed (repacking this conv's weight alone keeps those scales)\n"
+            + model_calibration(_model_flow(ctx)))
 
 
 def _model_flow(ctx: Context) -> str:
@@ -637,7 +662,7 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
         "repacks.",
         {"module_weight": problem, "module_weight_scale": run.spec.module.weight_qparams.scale[0],
          "excess": energy},
-        fix + ("" if pt2e_requantize(ctx) else
+        fix + ("" if pt2e_requantize(ctx) or other_weights_requantize(ctx, run) else
                f"\n# or build qm with {conv_name(ctx.case)}.from_float after calibration "
                "(QCD050)"),
         run, energy, ("module_state",))
@@ -646,7 +671,7 @@ def qcd024(ctx: Context) -> Iterator[Finding]:
 def _qcd024_fix(ctx: Context, run: PathRun) -> str:
     """QCD024's fix for a module that holds another weight: the meant weight (or a symmetric
     one) and the float bias, packed again."""
-    again = pt2e_requantize(ctx)
+    again = pt2e_requantize(ctx) or other_weights_requantize(ctx, run)
     if again is not None:
         return again
     if moved_weight(run) is not None:

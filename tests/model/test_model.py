@@ -1223,6 +1223,42 @@ def test_a_model_from_other_weights_is_the_model_wide_cause_not_their_bias(healt
                           bundle.layer(folded.name).case.weight)
 
 
+def test_a_model_made_from_another_checkpoint_is_quantized_again_conv_by_conv():
+    """Each conv holding another checkpoint's weight gets QCD024 and QCD030, whose fix was to
+    repack this conv's float weight and bias at its module's qparams: every output scale
+    stayed the other checkpoint's, and applied to every conv, that fix took helper-65's
+    digits CNN to 7.6% accuracy. Their fix quantizes the model again, which runs: the model it
+    gives has no conv left with another weight."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    from tests.cpu import healthy_qconfig
+
+    _other, quantized = models.eager("x86", seed=0)
+    f, _q = models.eager("x86", seed=1)  # the float model holds another seed's weights
+    x = models.inputs(2, 8, 7)
+    _b, d = walk(f, quantized, x, top=4)
+    fixes = {(detail.layer, finding.code): finding.fix for detail in d.report.details
+             for finding in detail.report.findings
+             if finding.code in ("QCD024", "QCD030") and finding.path == "as_given"}
+    assert {code for _layer, code in fixes} == {"QCD024", "QCD030"}, list(fixes)
+    assert all(fix.startswith("# quantize the model again from this float model")
+               and "prepared = prepare(model)" in fix and "set_weight_bias" not in fix
+               for fix in fixes.values()), fixes
+    model = copy.deepcopy(f)
+    fuse_modules(model, models.FUSE_2D, inplace=True)  # fused and its qconfig set as before
+    model.qconfig = healthy_qconfig("x86")
+    scope = {"model": model, "calibration_batches": [models.inputs(2, 8, 100 + i)
+                                                     for i in range(4)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(next(iter(fixes.values())), "fix", "exec"), scope)  # noqa: S102
+    _b, again = walk(f, scope["quantized"], x)
+    assert not [(row.name, finding.code) for row in again.report.layers
+                for finding in row.findings if finding.code in ("QCD024", "QCD030")]
+
+
 class _SharedAdd(torch.nn.Module):
     """One FloatFunctional for two adds whose ranges differ ``scale``-fold (c scales the second
     branch down), or one per add (``shared=False``)."""
