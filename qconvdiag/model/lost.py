@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 from ..findings.fixes import model_calibration
+from ..measure.budget import SAMPLE_RANGE as UNLIKE_RANGE
 from ..model_report import UpstreamLoss
 from ..report import Finding
+from .bundle import LayerCapture, sample_range, span_ratio
 from .ops import OpRange
 
 CODE = "QCD065"
@@ -34,6 +36,48 @@ _SCALES_FX = (_SCALES + "\n"
               "    qp = [a for a in node.args if getattr(a, \"op\", \"\") == \"get_attr\"]\n"
               "    if node.op == \"call_function\" and len(qp) == 2:\n"
               "        print(node.name, [getattr(quantized, str(a.target)).item() for a in qp])")
+
+
+#: The captured samples reach this many times the calibration batches' range at the first
+#: conv (or span this many times less, UNLIKE_RANGE): they are not prepared as those batches
+#: were, and a stub that loses them says so, not "calibrate" alone (helper-65's model,
+#: calibrated on [0, 1] and run on [0, 255]: calibrating on those inputs left it at 10.6%, the
+#: float model's own on them; normalizing them gave 99.7%).
+UNLIKE_INPUTS = 2.0
+
+
+def inputs_unlike(lay: LayerCapture) -> float | None:
+    """The captured samples' range at the first conv ``lay`` over the calibration batches'
+    there, where they differ UNLIKE_INPUTS-fold wider or UNLIKE_RANGE-fold narrower; None
+    where they are alike, or without calibration batches."""
+    if lay.calibration_range is None:
+        return None
+    ratio = span_ratio(sample_range(lay.case, lay.float_output), lay.calibration_range)
+    return ratio if ratio >= UNLIKE_INPUTS or ratio * UNLIKE_RANGE <= 1 else None
+
+
+def unlike_inputs_sentence(ratio: float, layer: str) -> str:
+    """Why a stub fitted to the calibration batches loses inputs unlike them: at the first
+    conv ``layer`` the float model reaches ``ratio`` times its range on those batches
+    (``inputs_unlike``)."""
+    return (f"The inputs here are not like those batches: at {layer} the float model's output "
+            f"{_spread(ratio)} its range on them. They are not prepared as the calibration "
+            "batches were (normalized otherwise, e.g. 8-bit pixel values not divided by 255), "
+            "or those batches are not like the inputs at inference.")
+
+
+def _spread(ratio: float) -> str:
+    return f"reaches {ratio:.3g}x" if ratio >= 1 else f"spans 1/{1 / ratio:.3g} of"
+
+
+def _unlike_fix(ratio: float) -> str:
+    """The comment before the calibration code of a stub that loses inputs unlike the
+    calibration batches (``inputs_unlike``): normalize first, or calibrate on such inputs."""
+    return ("# the inputs here are not like the calibration batches (at the first conv\n"
+            f"# the float model {_spread(ratio)} its range on them): prepare\n"
+            "# both alike. If the model was trained on inputs like the calibration\n"
+            "# batches, normalize these as those were (e.g. x / 255 for 8-bit pixels);\n"
+            "# if these are what it gets at inference, calibrate on inputs like them:\n")
 
 
 def calibration_fix(pt2e: bool, flow: str) -> str:
@@ -107,8 +151,8 @@ def qcd069_training(batchnorms: tuple[str, ...]) -> Finding | None:
 
 
 def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...] = (),
-           engine: str = "", flow: str = "eager", carried: tuple[str, float] | None = None
-           ) -> list[Finding]:
+           engine: str = "", flow: str = "eager", carried: tuple[str, float] | None = None,
+           unlike: float | None = None) -> list[Finding]:
     """QCD065 for each conv whose input was lost before it (``UpstreamLoss``), but those a
     missing activation module explains (QCD064 names that). Where the loss names an op
     (``UpstreamLoss.op``, one of ``ops``), an op between convs gets that op's qparams as its
@@ -116,7 +160,10 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
     where the conv's input is below LOST_DB, or where the model carries the loss to its last
     conv below LOST_DB (``carried``: that conv and its propagated SQNR, given where no conv is
     broken by its own error: a loss compounding over several ops, each under UPSTREAM_DB, took
-    a helper's EfficientNet-like model to -0.8 dB and 51% accuracy with warnings only)."""
+    a helper's EfficientNet-like model to -0.8 dB and 51% accuracy with warnings only).
+    ``unlike``: the captured samples' range at the first conv over the calibration batches'
+    (``inputs_unlike``): a loss at the model's input quantization says to prepare them
+    alike, normalizing first."""
     found = []
     for loss in losses:
         if loss.blamed_on is not None:  # QCD064 or QCD072 names it, with its cost
@@ -137,8 +184,9 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
                  f"{op.name}, one module for {op.shared} calls" if op.shared > 1 else
                  f"{op.name}'s output qparams")
         if first:
-            fix = ("# calibrate the model's input quantization on inputs as at inference\n"
-                   + calibration_fix(pt2e, flow))
+            fix = (_unlike_fix(unlike) if unlike is not None else
+                   "# calibrate the model's input quantization on inputs as at inference\n"
+                   ) + calibration_fix(pt2e, flow)
         elif op is not None and op.drifted():  # every BatchNorm moved, and its observer saw it
             moved = ", ".join(o.name for o in ops if o.drifted())
             fix = (f"# BatchNorm updated its running statistics in calibration ({moved}),\n"

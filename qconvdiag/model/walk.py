@@ -54,7 +54,7 @@ from .channels import qcd066
 from .compiled import qcd063
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
-from .lost import qcd065, qcd069, qcd069_training
+from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_sentence
 from .ops import OpRange, between
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
@@ -172,6 +172,8 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
+    # the captured samples against the calibration batches, at the first conv
+    unlike = inputs_unlike(bundle.layers[0])
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens,
                                pt2e or bundle.flow == "fx",
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},
@@ -180,9 +182,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                                                               r.across)
                                 if REUSE_CODE not in options.ignore},
                                {name: kept.name for name, kept, _c in unfused
-                                if BN_CODE not in options.ignore})
+                                if BN_CODE not in options.ignore}, unlike)
     lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow,
-                  carried_to_end([lay.name for lay in bundle.layers], screens))
+                  carried_to_end([lay.name for lay in bundle.layers], screens), unlike)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
         op.drifted() for u in upstream if u.blamed_on is None
@@ -236,8 +238,8 @@ UPSTREAM_DB = 10.0
 
 def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: bool = False,
                     missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = (),
-                    across: dict[str, str] | None = None, unfused: dict[str, str] | None = None
-                    ) -> tuple[UpstreamLoss, ...]:
+                    across: dict[str, str] | None = None, unfused: dict[str, str] | None = None,
+                    unlike: float | None = None) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
@@ -254,7 +256,9 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     input's error stands for what it delivers, and a loss after one is blamed on the fusion,
     not on the BatchNorm's qparams (fitted to the clipped values it receives). ``unfused``:
     convs whose BatchNorm the quantized model kept (not fused) at a cost (QCD072), and that
-    BatchNorm: a loss after one is blamed on it, before the BatchNorm's qparams."""
+    BatchNorm: a loss after one is blamed on it, before the BatchNorm's qparams. ``unlike``:
+    the captured samples' range at the first conv over the calibration batches' (where they
+    differ: ``lost.inputs_unlike``), said of a stub that loses them."""
     across, unfused = across or {}, unfused or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
@@ -278,9 +282,13 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                 else:
                     why = ("was never calibrated (scale 1.0, zero point 0: run calibration "
                            "batches between prepare and convert)" if s.input_defaults else
+                           "has qparams fitted to the calibration batches"
+                           if unlike is not None else
                            "has qparams that do not fit the inputs (calibrate it on inputs "
                            "scaled as at inference)")
                     numbers = "".join(f" {op.name}: {op.misfit()}." for op in named)
+                    if unlike is not None and not s.input_defaults:
+                        numbers += " " + unlike_inputs_sentence(unlike, name)
                     out.append(UpstreamLoss(
                         name, s.input, s.input_floor_ratio, None, None,
                         f"{head}the model's input quantization ({stub}) {why}, and loses it "

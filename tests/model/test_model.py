@@ -475,6 +475,33 @@ def test_digits_samples_are_what_their_scripts_make(made):  # noqa: ANN001
                     (s.scale, s.float_low, s.float_high), rel=OPS_TOL), o.name
 
 
+@pytest.mark.parametrize("factor", [50.0, 1.0])
+def test_inputs_unlike_the_calibration_batches_are_told_to_be_prepared_alike(factor: float):
+    """A model calibrated on its batches and run on inputs ``factor`` times them (helper-65's:
+    calibrated on [0, 1], run on [0, 255]): the stub loses them, and QCD065 said "calibrate
+    on inputs scaled as at inference", which left that model at the float model's own 10.6%
+    on such inputs where normalizing them gave 99.7%. It says the inputs are not like the
+    calibration batches, with the factor at the first conv, and its fix normalizes first. On
+    inputs like the batches with a stub cut by hand, it says neither."""
+    f, q = models.eager("x86")
+    if factor == 1.0:
+        q.quant.scale = q.quant.scale * 12
+    calibration = [models.inputs(2, 8, 100 + i) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qconvdiag.diagnose_model(f, q, models.inputs(2, 8, 7) * factor, top=0,
+                                          calibration=calibration)
+    (lost,) = [x for x in report.findings if x.code == "QCD065"]
+    unlike = "The inputs here are not like those batches: at stem the float model's output"
+    assert (unlike in lost.message) == (factor > 1), lost.message
+    assert ("normalize these as those were" in lost.fix) == (factor > 1), lost.fix
+    assert "calibration_batches" in lost.fix
+    assert max(len(line) for line in lost.fix.splitlines()) <= 80
+    if factor > 1:
+        ratio = float(lost.message.split("reaches ")[1].split("x")[0])
+        assert 25 <= ratio <= 100, ratio  # the stem's output, bias and all, about 50x
+
+
 def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
     """A QuantStub whose scale is 12x too coarse: every conv is at its floor on the input it
     received, and the report says the first conv's input was lost before it."""
