@@ -181,6 +181,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
                  f"{op.name}, whose quantized kernel computes wrong values"
                  if op.wrong is not None else
                  f"{op.name}'s running statistics" if op.drifted() else
+                 f"{op.name}, one float module for {op.shared} paths" if op.aliases else
                  f"{op.name}, one module for {op.shared} calls" if op.shared > 1 else
                  f"{op.name}'s output qparams")
         if first:

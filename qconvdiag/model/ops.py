@@ -84,6 +84,11 @@ class OpRange:
     own_qparams: bool = True
     """The module sets its output qparams (False: an activation that keeps its input's, such
     as ReLU6, recorded for its wrong values only: its float range is 0..0, unread)."""
+    aliases: tuple[str, ...] = ()
+    """The paths of one float module serving several calls (one FloatFunctional assigned to
+    several attributes), this op's among them, in call order: convert gave each path a
+    quantized module of its own, each with the one scale the shared observer fitted to all
+    the calls (``call_ranges``; the float range is this path's call's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "scale": self.scale,
@@ -95,7 +100,8 @@ class OpRange:
                 **({"call_ranges": [list(r) for r in self.call_ranges]}
                    if self.call_ranges else {}),
                 **({"wrong": self.wrong.to_dict()} if self.wrong is not None else {}),
-                **({"own_qparams": False} if not self.own_qparams else {})}
+                **({"own_qparams": False} if not self.own_qparams else {}),
+                **({"aliases": list(self.aliases)} if self.aliases else {})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> OpRange:
@@ -112,14 +118,18 @@ class OpRange:
                          tuple((float(lo_), float(hi_)) for lo_, hi_ in m.get("call_ranges", ())),
                          1, None if m.get("wrong") is None
                          else WrongValues.from_mapping(m["wrong"]),
-                         bool(m.get("own_qparams", True)))
+                         bool(m.get("own_qparams", True)),
+                         tuple(str(a) for a in m.get("aliases", ())))
+            if op.aliases:
+                op = dataclasses.replace(op, shared=len(op.aliases))
         except (KeyError, TypeError, ValueError, OverflowError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again") from None
         from .names import is_kind, is_op_name, is_path
 
         # names a fix prints as code: module paths (or a function's call) and class names
-        if not (is_op_name(op.name) and is_kind(op.kind) and all(is_path(a) for a in op.after)):
+        if not (is_op_name(op.name) and is_kind(op.kind)
+                and all(is_path(a) for a in (*op.after, *op.aliases))):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
                                 "again")
         if op.dtype not in ("quint8", "qint8") or not op.scale > 0:
@@ -215,15 +225,22 @@ class OpRange:
 
     def _shared_misfit(self, ideal: float) -> str | None:
         """One call of a module that serves ``shared`` calls: its qparams fit the calls' union;
-        a misfit where that union's step is FAR times this call's (on the same samples)."""
+        a misfit where that union's step is FAR times this call's (on the same samples). Of a
+        float module several paths share (``aliases``), so is each of their quantized
+        modules'."""
         qmin, qmax = self.levels
         span = (max(max(hi for _, hi in self.call_ranges), 0.0)
                 - min(min(lo for lo, _ in self.call_ranges), 0.0))
         ratio = span / (qmax - qmin) / ideal
         if ratio < FAR:
             return None
-        return (f"it serves {self.shared} calls per forward with one output scale "
-                f"({self.scale:.4g}) fitted to them all, and at this call the float model's "
+        serves = (f"its float module serves {', '.join(self.aliases)} (one module assigned "
+                  f"to each: {self.shared} calls per forward), and convert gave each its own "
+                  f"quantized module with the one output scale ({self.scale:.4g}) its observer "
+                  "fitted to them all; at this call the float model's " if self.aliases else
+                  f"it serves {self.shared} calls per forward with one output scale "
+                  f"({self.scale:.4g}) fitted to them all, and at this call the float model's ")
+        return (serves +
                 f"range [{self.float_low:.4g}, {self.float_high:.4g}] is {ratio:.1f}x narrower "
                 "than theirs together: one module per call gets its own scale")
 
@@ -244,6 +261,8 @@ class OpRange:
 
         if self.wrong is not None:
             return self.wrong_values_fix(module, others)
+        if self.aliases:
+            return self._aliases_fix()
         if self.shared > 1:
             owner, _, attr = self.name.rpartition(".")
             where = f" of {owner!r}" if owner else ""
@@ -264,6 +283,21 @@ class OpRange:
             f"op.scale = {values[0]}\nop.zero_point = {values[1]}",
             engine if self.packed else None, "op")
 
+
+    def _aliases_fix(self) -> str:
+        """One float module per path (``aliases``), then the model quantized again."""
+        from ..findings.fixes import model_calibration
+
+        kind = self.kind.replace("QFunctional", "FloatFunctional")
+        lines = []
+        for path in self.aliases[1:]:
+            owner, _, attr = path.rpartition(".")
+            where = f"model.get_submodule({owner!r})" if owner else "model"
+            lines.append(f"{where}.{attr} = torch.ao.nn.quantized.{kind}()\n")
+        return (f"# one {kind} of the float model serves several paths (one module\n"
+                "# assigned to each): give each its own, then quantize again (in\n"
+                "# __init__: one module per attribute)\n" + "".join(lines)
+                + model_calibration("eager"))
 
     def wrong_values_fix(self, module: str = "quantized", others: tuple[OpRange, ...] = ()
                          ) -> str:
@@ -429,6 +463,8 @@ class OpRecorder:
         self.stats: dict[str, tuple[float, float, float]] = {}
         self.packed: set[str] = set()
         self.calls_now: dict[str, int] = {}
+        self.order: dict[str, int] = {}
+        """Each op's place among the ops' first calls in the quantized model's forward."""
         self.call_ranges: dict[str, list[tuple[float, float]]] = {}
         self.activations = ActivationCheck(float_model, quantized_model, lambda: self.last)
         for name, qconv in qconvs.items():
@@ -469,6 +505,7 @@ class OpRecorder:
                                   int(out.q_zero_point()), str(out.dtype).split(".")[-1],
                                   isinstance(getattr(module, "scale", None), torch.Tensor))
             self.after.setdefault(name, []).append(self.last)
+            self.order.setdefault(name, len(self.order))
         return hook
 
     def _float_ran(self, name: str) -> Callable[..., None]:
@@ -507,6 +544,7 @@ class OpRecorder:
         """What was recorded, the float range widened by ``calibration``'s (None: the
         samples' alone)."""
         out = []
+        aliases = self._aliases()
         for name, (kind, scale, zp, dtype, tensors) in self.qparams.items():
             if name not in self.ranges:
                 continue
@@ -520,10 +558,16 @@ class OpRecorder:
             calls = self.call_ranges.get(name, [])
             shared = len(calls) > 1 and len(calls) == len(self.after[name]) and all(
                 math.isfinite(a) and math.isfinite(b) for a, b in calls)
+            paths = aliases.get(name, ())
+            if paths:  # this path's call of the float module, on the samples
+                lo, hi = calls[paths.index(name)]
+                shared = True
             out.append(OpRange(name, kind, scale, zp, dtype, lo, hi, tuple(self.after[name]),
-                               calibration is None, tensors, self.stats.get(name),
-                               name in self.packed, tuple(calls) if shared else (),
-                               wrong=self.activations.found.get(name)))
+                               calibration is None or bool(paths), tensors,
+                               self.stats.get(name), name in self.packed,
+                               tuple(calls) if shared else (),
+                               wrong=self.activations.found.get(name), aliases=paths,
+                               shared=len(paths) or 1))
         # an activation that keeps its input's qparams (ReLU6): recorded where it was wrong,
         # with no float range (its qparams are not judged: ``misfit``)
         recorded = {op.name for op in out}
@@ -534,6 +578,26 @@ class OpRecorder:
                                    tuple(self.activations.calls[name]), calibration is None,
                                    False, wrong=wrong, own_qparams=False))
         return tuple(out)
+
+
+    def _aliases(self) -> dict[str, tuple[str, ...]]:
+        """The ops whose float module several of them share (one FloatFunctional assigned to
+        several attributes; convert gives each its own quantized module), each called once in
+        the quantized model's forward and the float module once per op: op -> the paths in
+        call order (its call of the float module is the one at its place)."""
+        groups: dict[int, list[str]] = {}
+        for name in self.qparams:
+            groups.setdefault(id(self.float_points[name]), []).append(name)
+        found: dict[str, tuple[str, ...]] = {}
+        for names in groups.values():
+            calls = self.call_ranges.get(names[0], [])
+            if len(names) < 2 or len(calls) != len(names) or any(
+                    len(self.after[n]) != 1 for n in names) or not all(
+                    math.isfinite(a) and math.isfinite(b) for a, b in calls):
+                continue
+            paths = tuple(sorted(names, key=self.order.__getitem__))
+            found.update((n, paths) for n in names)
+        return found
 
 
 def _stats(quantized: Any, float_module: Any) -> tuple[float, float, float] | None:

@@ -1336,6 +1336,72 @@ def test_one_floatfunctional_for_two_adds_is_named():
         assert walk_model(bundle, WalkOptions(top=0)).report.findings == ()
 
 
+class _Holder(torch.nn.Module):
+    def __init__(self, ff: torch.nn.Module) -> None:
+        super().__init__()
+        self.add = ff
+
+
+class _AliasedAdd(_SharedAdd):
+    """_SharedAdd's two adds, each its submodule's ``add``: one FloatFunctional assigned to
+    both (``aliased``), or one each."""
+
+    def __init__(self, aliased: bool = True) -> None:
+        super().__init__(shared=False)
+        self.p1 = _Holder(self.ff1)
+        self.p2 = _Holder(self.ff1 if aliased else self.ff2)
+        del self.ff1, self.ff2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(self.quant(x))
+        y = self.c(self.p1.add.add(x, self.b(x)))
+        return self.dequant(self.e(self.p2.add.add(y, self.d(y))))
+
+
+def test_one_floatfunctional_assigned_to_two_paths_is_named(tmp_path):  # noqa: ANN001
+    """One FloatFunctional assigned to two submodules' ``add`` (helper-65's ResNet: one for
+    its three residual adds, 65% accuracy where one each gave 99.75%): convert gives each
+    path a QFunctional of its own, with the one scale the shared observer fitted to both
+    calls, so no module served two calls and QCD065 blamed "an op between them", its fix
+    printing every module's qparams. It names the float module and its paths, and its fix,
+    one module per path and the model quantized again, runs: the walk after it is quiet. The
+    bundle keeps the paths."""
+    import copy
+
+    from qconvdiag.model.bundle import load_bundle
+
+    x = torch.randn(4, 3, 12, 12)
+    model = _AliasedAdd().eval()
+    assert model.p1.add is model.p2.add
+    quantized = _eager_quantized(model, x)
+    assert quantized.p1.add is not quantized.p2.add
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qconvdiag.capture_model(model, quantized, [x], tmp_path / "b.pt", calibration=[x])
+    report = walk_model(load_bundle(tmp_path / "b.pt"), WalkOptions(top=0)).report
+    (lost,) = report.findings
+    assert lost.title.endswith("by p2.add, one float module for 2 paths"), lost.title
+    assert "its float module serves p1.add, p2.add" in lost.message
+    assert "model.get_submodule('p2').add = torch.ao.nn.quantized.FloatFunctional()" in lost.fix
+    assert max(len(line) for line in lost.fix.splitlines()) <= 80
+    scope = {"torch": torch, "model": copy.deepcopy(model), "calibration_batches": [x]}
+    scope["model"].qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(lost.fix, "QCD065 fix", "exec"), scope)  # noqa: S102
+        fixed = scope["model"]
+        assert fixed.p1.add is not fixed.p2.add
+        bundle = qconvdiag.capture_model(fixed, scope["quantized"], [x], calibration=[x])
+    assert walk_model(bundle, WalkOptions(top=0)).report.findings == ()
+    other = _AliasedAdd(aliased=False).eval()  # one module each: quiet, no paths shared
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(other, _eager_quantized(other, x), [x],
+                                         calibration=[x])
+    assert walk_model(bundle, WalkOptions(top=0)).report.findings == ()
+    assert not any(op.aliases for op in bundle.ops)
+
+
 def test_batchnorm_statistics_moved_are_named_where_no_loss_shows():
     """QCD069: a BatchNorm whose statistics are not the float model's is named, graded by the
     error its move puts in its output (a sweep's digits CNN calibrated in train mode lost 1.5
