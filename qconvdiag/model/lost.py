@@ -100,23 +100,16 @@ def qcd069(ops: tuple[OpRange, ...], named: bool, flow: str = "eager") -> Findin
     drifted = [o for o in ops if o.drifted() and o.stats is not None]
     if not drifted or named:
         return None
-    import math
-
-    def db(stats: tuple[float, float, float]) -> float:
-        shift, low, high = stats
-        rel = max(shift, abs(1 - math.sqrt(low)), abs(math.sqrt(high) - 1))
-        return math.inf if rel <= 0 else -20 * math.log10(rel)
-
-    worst = min(drifted, key=lambda o: db(o.stats))  # type: ignore[arg-type]
+    worst = min(drifted, key=OpRange.drift_db)
     assert worst.stats is not None
-    level = "warning" if db(worst.stats) < DRIFT_DB else "info"
+    level = "warning" if worst.drift_db() < DRIFT_DB else "info"
     names = ", ".join(o.name for o in drifted)
     shift, low, high = worst.stats
     message = (
         f"The quantized model's BatchNorm {names} hold running statistics other than the float "
         f"model's: {worst.name}'s means moved by up to {shift:.3g} standard deviations and its "
         f"variances by {low:.3g}x to {high:.3g}x: an error in its output on the order of "
-        f"{db(worst.stats):.1f} dB SQNR. convert copies a BatchNorm's statistics exactly, so "
+        f"{worst.drift_db():.1f} dB SQNR. convert copies a BatchNorm's statistics exactly, so "
         "they moved in calibration: the model was calibrated in train mode (without .eval()), "
         "or the float model given is not the one quantized. The quantized model then computes "
         "another function than the float one, whatever each conv's numbers say.")
@@ -124,7 +117,7 @@ def qcd069(ops: tuple[OpRange, ...], named: bool, flow: str = "eager") -> Findin
     return Finding(DRIFT_CODE, level,
                    f"BatchNorm statistics moved in calibration ({names})", message,
                    {"batchnorms": [o.name for o in drifted], "mean_shift": shift,
-                    "var_low": low, "var_high": high, "output_sqnr_db": db(worst.stats)}, fix)
+                    "var_low": low, "var_high": high, "output_sqnr_db": worst.drift_db()}, fix)
 
 
 def qcd069_training(batchnorms: tuple[str, ...]) -> Finding | None:

@@ -156,6 +156,16 @@ class OpRange:
         return self.stats is not None and (self.stats[0] >= MEAN_SHIFT or self.stats[1]
                                            <= 1 / VAR_FACTOR or self.stats[2] >= VAR_FACTOR)
 
+    def drift_db(self) -> float:
+        """The SQNR of the error a BatchNorm's moved statistics (``stats``) put in its output:
+        from the largest of the mean's shift (in standard deviations) and the change of the
+        scale sqrt(var); inf for statistics that did not move or another op."""
+        if self.stats is None:
+            return math.inf
+        shift, low, high = self.stats
+        rel = max(shift, abs(1 - math.sqrt(low)), abs(math.sqrt(high) - 1))
+        return math.inf if rel <= 0 else -20 * math.log10(rel)
+
     def misfit(self) -> str | None:
         """Why this op does not compute what the float model's does there (None: it does): a
         BatchNorm whose running statistics moved (``drifted``), a step FAR times too coarse
