@@ -415,9 +415,20 @@ class OpRange:
                 f"{module}.forward = mended_forward")
 
 
-def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRange]:
+#: A BatchNorm's moved statistics explain a loss where the error they put in its output
+#: (``OpRange.drift_db``) is within this many dB of the loss's SQNR: half its error power or
+#: more. A move of 0.01 standard deviations (32 dB) was blamed for a conv's input at 24.4 dB,
+#: and the fix, calibrating in eval mode, left it at 24.6 dB (helper-65: the loss was the
+#: unfused BatchNorm's, QCD072).
+DRIFT_EXPLAINS_DB = 3.0
+
+
+def between(ops: tuple[OpRange, ...], order: list[str], layer: str,
+            sqnr: float | None = None) -> list[OpRange]:
     """The ops that ran after the conv before ``layer`` (in ``order``, the convs' model order)
-    and whose qparams do not fit the float model's range (``OpRange.misfit``)."""
+    and whose qparams do not fit the float model's range (``OpRange.misfit``). ``sqnr``: the
+    loss's (the conv's input SQNR), which a BatchNorm's moved statistics must explain
+    (DRIFT_EXPLAINS_DB) to be named for them; their qparams are judged all the same."""
     i = order.index(layer)
     before = order[i - 1] if i else ""
     found = []
@@ -428,6 +439,8 @@ def between(ops: tuple[OpRange, ...], order: list[str], layer: str) -> list[OpRa
             k = op.after.index(before)  # the call that ran just before ``layer``
             lo, hi = op.call_ranges[k]
             op = dataclasses.replace(op, float_low=lo, float_high=hi, shared=len(op.after))
+        if op.drifted() and sqnr is not None and op.drift_db() > sqnr + DRIFT_EXPLAINS_DB:
+            op = dataclasses.replace(op, stats=None)  # too small a move for this loss
         if op.misfit() is not None:
             found.append(op)
     return found

@@ -268,7 +268,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
         got = s.input.sqnr_db
         if worst is None:
             if s.input_floor_ratio >= FAR:
-                named = between(ops, order, name)[:1]
+                named = between(ops, order, name, got)[:1]
                 head = (f"{name}'s input is {_db_text(got)} from the float model's, "
                         f"{s.input_floor_ratio:.1f}x the rounding floor of quantizing it: ")
                 if named and named[0].kind != "Quantize" and not s.input_defaults:
@@ -301,7 +301,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one
-            named = [] if clipped else between(ops, order, name)[:1]
+            named = [] if clipped else between(ops, order, name, got)[:1]
             kept = [] if named else kept  # an op that misfits is measured: it is blamed
             if named:
                 before = []

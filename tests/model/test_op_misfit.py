@@ -48,3 +48,29 @@ def test_the_stub_s_loss_names_its_qparams_and_the_side_its_zero_point_leaves_ou
     (loss,) = [u for u in report.upstream if u.op == "quant"]
     assert "quantization (its QuantStub) has qparams that do not fit the inputs" in loss.message
     assert "represent no negative value" in loss.message and "clipped to 0" in loss.message
+
+
+def test_a_batchnorm_is_blamed_for_its_moved_statistics_only_where_they_explain_the_loss() -> None:
+    """A train-mode calibration moves a BatchNorm's statistics: by 0.01 standard deviations
+    and its variances by 0.95x to 1.03x (an error of about 32 dB in its output), it was blamed
+    for a conv's input at 24.4 dB, and its fix left that input at 24.6 dB (helper-65: the
+    loss was the unfused BatchNorm's, QCD072). It is named where its move explains half the
+    loss's error power or more (DRIFT_EXPLAINS_DB), and for its qparams whatever its move."""
+    from qconvdiag.model.ops import between
+
+    def bn(stats: tuple[float, float, float], scale: float = 0.02) -> OpRange:
+        return OpRange("bn1", "BatchNorm2d", scale, 50, "quint8", -1.0, 4.0, ("conv1",), False,
+                       False, stats)
+
+    order = ["conv1", "conv2"]
+    small = bn((0.01, 0.95, 1.03))
+    assert 31 < small.drift_db() < 33
+    assert between((small,), order, "conv2", 24.4) == []
+    assert [o.name for o in between((small,), order, "conv2", 30.0)] == ["bn1"]
+    assert [o.name for o in between((small,), order, "conv2")] == ["bn1"]  # no loss given
+    large = bn((0.3, 0.8, 1.2))  # 10.5 dB: it explains the loss
+    (named,) = between((large,), order, "conv2", 24.4)
+    assert "running statistics" in (named.misfit() or "")
+    coarse = bn((0.01, 0.95, 1.03), scale=0.2)  # its step 10x what its range needs
+    (named,) = between((coarse,), order, "conv2", 24.4)
+    assert "output scale" in (named.misfit() or "")
