@@ -31,6 +31,7 @@ from .after import LostAfter
 from .batchnorm import KeptBatchNorm
 from .compiled import CompiledWith
 from .ops import OpRange
+from .refold import SharedFold
 from .reuse import ReusedActivation
 from .stale import StaleRequantization
 
@@ -112,6 +113,9 @@ class ModelBundle:
     bn_training: tuple[str, ...] = ()
     """A PT2E graph's BatchNorms that run in training mode (pt2e_capture.training_batchnorms),
     by module path."""
+    shared_folds: tuple[SharedFold, ...] = ()
+    """A PT2E graph's convs whose BatchNorm prepare_pt2e folded while the float model reads
+    their output elsewhere too (refold.py)."""
 
     def layer(self, name: str) -> LayerCapture:
         for lay in self.layers:
@@ -276,6 +280,8 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
         meta["flow"] = bundle.flow
     if bundle.bn_training:
         meta["bn_training"] = list(bundle.bn_training)
+    if bundle.shared_folds:
+        meta["shared_folds"] = [f.to_dict() for f in bundle.shared_folds]
     out: dict[str, Any] = {BUNDLE_KEY: meta}
     for i, lay in enumerate(bundle.layers):
         case = case_to_mapping(lay.case)
@@ -384,7 +390,15 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        tuple(StaleRequantization.from_mapping(s, source) for s in stale),
                        None if meta.get("lost_after") is None
                        else LostAfter.from_mapping(meta["lost_after"], source), flow,
-                       tuple(training))
+                       tuple(training), _shared_folds(meta.get("shared_folds"), source))
+
+
+def _shared_folds(value: Any, source: str) -> tuple[SharedFold, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise CaseFileError(f"{source}: 'shared_folds' must be a list; capture the model again")
+    return tuple(SharedFold.from_mapping(f, source) for f in value)
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str]) -> Path:

@@ -51,6 +51,7 @@ from .bundle import (
 from .compiled import CompiledWith
 from .hooks import Seen, forward_or_refuse, run_both, samples_within
 from .ops import OpRange
+from .refold import SharedFold
 from .reuse import ReusedActivation, reused_activations
 from .stale import StaleRequantization, stale_requantization
 
@@ -583,12 +584,13 @@ def finish_bundle(layers: list[LayerCapture], engine: str,
                   cpu_flags: tuple[str, ...] | None = None,
                   stale: tuple[StaleRequantization, ...] = (),
                   lost_after: LostAfter | None = None, flow: str = "eager",
-                  bn_training: tuple[str, ...] = ()) -> ModelBundle:
+                  bn_training: tuple[str, ...] = (),
+                  shared_folds: tuple[SharedFold, ...] = ()) -> ModelBundle:
     """The bundle of ``layers``, written to ``path`` unless None."""
     bundle = ModelBundle(judged_ranges(layers), engine, "" if path is None else str(path),
                          tuple(notes),
                          compiled, reused, cpu_flags, ops, stale, lost_after, flow,
-                         bn_training)
+                         bn_training, shared_folds)
     if path is not None:
         save_bundle(bundle, path)
     return bundle

@@ -399,8 +399,12 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
             notes.append("the compiled model, run once on the first batch under "
                          f"torch.no_grad(), failed ({compiled.error}); captured is the graph it "
                          "wraps")
+    from .refold import shared_folds
+
+    folds = shared_folds(float_model, {p.name: (fconvs[p.name], bn) for p in patterns
+                                       if (bn := bns[p.name]) is not None}, seen, batches[0])
     return finish_bundle(layers, ENGINE, path, notes, compiled, flow="pt2e",
-                         bn_training=training_batchnorms(converted))
+                         bn_training=training_batchnorms(converted), shared_folds=folds)
 
 
 def _float_conv(float_model: Any, p: ConvPattern) -> Any:

@@ -56,6 +56,8 @@ from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_sentence
 from .ops import OpRange, between
+from .refold import CODE as FOLD_CODE
+from .refold import qcd073
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
 from .screen import Screen, module_spec, screen_layer, spec_kernel, torch_check
@@ -182,7 +184,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                                                               r.across)
                                 if REUSE_CODE not in options.ignore},
                                {name: kept.name for name, kept, _c in unfused
-                                if BN_CODE not in options.ignore}, unlike)
+                                if BN_CODE not in options.ignore}, unlike,
+                               {f.conv: f.bn for f in bundle.shared_folds
+                                if FOLD_CODE not in options.ignore})
     lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow,
                   carried_to_end([lay.name for lay in bundle.layers], screens), unlike)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
@@ -201,6 +205,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        qcd069(bundle.ops, drift_named, bundle.flow),
                                        qcd069_training(bundle.bn_training),
                                        qcd072(kept_bn, upstream),
+                                       qcd073(bundle.shared_folds),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
@@ -239,7 +244,8 @@ UPSTREAM_DB = 10.0
 def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: bool = False,
                     missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = (),
                     across: dict[str, str] | None = None, unfused: dict[str, str] | None = None,
-                    unlike: float | None = None) -> tuple[UpstreamLoss, ...]:
+                    unlike: float | None = None, refolded: dict[str, str] | None = None
+                    ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
     quantizing it; after that, its input SQNR is UPSTREAM_DB below the worst propagated SQNR of
@@ -258,8 +264,10 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     convs whose BatchNorm the quantized model kept (not fused) at a cost (QCD072), and that
     BatchNorm: a loss after one is blamed on it, before the BatchNorm's qparams. ``unlike``:
     the captured samples' range at the first conv over the calibration batches' (where they
-    differ: ``lost.inputs_unlike``), said of a stub that loses them."""
-    across, unfused = across or {}, unfused or {}
+    differ: ``lost.inputs_unlike``), said of a stub that loses them. ``refolded``: a PT2E
+    graph's convs whose BatchNorm prepare_pt2e folded while the float model reads their
+    output elsewhere too (QCD073), and that BatchNorm: a loss after one is blamed on it."""
+    across, unfused, refolded = across or {}, unfused or {}, refolded or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
     worst: tuple[float, str] | None = None  # (propagated SQNR, conv) of the worst so far
@@ -298,12 +306,14 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
             clipped = [c for c in order[since:order.index(name)] if c in across]
             kept = [c for c in order[since:order.index(name)] if c in unfused]
+            folds = [c for c in order[since:order.index(name)] if c in refolded]
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one
             named = [] if clipped else between(ops, order, name, got)[:1]
             kept = [] if named else kept  # an op that misfits is measured: it is blamed
-            if named:
+            folds = [] if named or kept else folds
+            if named or folds:
                 before = []
             cause = (f"{named[0].label()} loses it: {named[0].misfit()}"
                      if named else
@@ -313,6 +323,9 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                      f"the BatchNorm {unfused[kept[-1]]} kept after {kept[-1]} (not fused into "
                      "it) multiplies its output's per-tensor rounding error by per-channel "
                      f"gains ({BN_CODE})" if kept else
+                     f"prepare_pt2e folded BatchNorm {refolded[folds[0]]} into {folds[0]}, "
+                     "whose output other ops read too: they get it after the BatchNorm "
+                     f"({FOLD_CODE})" if folds else
                      f"the {(missing or {})[before[0]]} the float model applies after "
                      f"{', '.join(before)} is gone in the quantized model ({REUSE_CODE}), "
                      "which lets negative values through" if before else
@@ -325,8 +338,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                 f" dB worse than any conv before it delivers (worst: {worst[1]}"
                 f"{' (its input)' if worst[1] in across else ''}, "
                 f"{worst[0]:.1f} dB): {cause}.", named[0].name if named else None,
-                REUSE_CODE if before else BN_CODE if kept else None,
-                tuple(before) or tuple(kept[-1:])))
+                REUSE_CODE if before else BN_CODE if kept else FOLD_CODE if folds else None,
+                tuple(before) or tuple(kept[-1:]) or tuple(folds[:1])))
         # an across conv's propagated error is measured before its BatchNorm: what reaches
         # it stands for what it delivers
         p = s.input.sqnr_db if name in across else s.propagated.sqnr_db
