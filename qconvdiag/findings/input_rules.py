@@ -40,7 +40,7 @@ def qcd010(ctx: Context) -> Iterator[Finding]:
         # a few outliers beyond a range that keeps most of the input's reach: what a histogram
         # observer's trim gives (QCD051's rule), said, not warned about; an error stays one
         # unless one or two values (TRIMMED_FEW) are all that reach past it
-        trimmed = said_as_trim(level, low + high) and trimmed_outliers(
+        trimmed = said_as_trim(level, low + high, int(x.size)) and trimmed_outliers(
             low + high, int(x.size), (lo, hi), (float(x.min()), float(x.max())), low > 0,
             high > 0)
         yield finding(

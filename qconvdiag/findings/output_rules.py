@@ -29,9 +29,10 @@ MIN_OUTPUTS_FOR_SCALE = 16
 TRIMMED_OUTLIERS = 0.005
 #: ...or at most this many outputs, where there are too few for a fraction (a squeeze-excite
 #: conv's 96 outputs): a sample other than the calibration data reaches past the trim by chance.
-#: So many or fewer are said (info) even where they break the path: one or two values past a
-#: trim are no evidence that the range is wrong (helper-64's SE squeeze conv, 1 of 800 outputs
-#: 18% past its histogram observer's range, 7x its floor: the fix left accuracy where it was).
+#: So many or fewer, where they are TRIMMED_OUTLIERS of the values too, are said (info) even
+#: where they break the path: one or two values past a trim are no evidence that the range is
+#: wrong (helper-64's SE squeeze conv, 1 of 800 outputs 18% past its histogram observer's
+#: range, 7x its floor: the fix left accuracy where it was).
 TRIMMED_FEW = 2
 TRIM_KEEPS = 0.5
 
@@ -190,7 +191,7 @@ def qcd051(ctx: Context) -> Iterator[Finding]:
         # PT2E QAT model of a helper's digits CNN: 97 of 65536 outputs, 8.7x the floor, the
         # model's accuracy the float model's)
         qat = trim and run.report.name == "as_given" and trained_with_qat(ctx.case.notes)
-        trimmed = trim and (said_as_trim(level, below + above) or qat)
+        trimmed = trim and (said_as_trim(level, below + above, int(y0.size)) or qat)
         yield finding(
             "QCD051", "info" if trimmed else level,
             "outputs saturated at the output dtype's limits",
@@ -328,11 +329,13 @@ def _fed_astray(run: PathRun, energy: float, counts: tuple[int, int, int],
         run, energy, ("output_clipping",))
 
 
-def said_as_trim(level: str, saturated: int) -> bool:
-    """Whether a trim (``trimmed_outliers``) of ``saturated`` values, which would be a finding
-    at ``level``, is said (info) instead: where it is a warning, or where TRIMMED_FEW values
-    or fewer reach past it (chance, at any level); more that break the path keep their error."""
-    return level == "warning" or saturated <= TRIMMED_FEW
+def said_as_trim(level: str, saturated: int, total: int) -> bool:
+    """Whether a trim (``trimmed_outliers``) of ``saturated`` of ``total`` values, which would
+    be a finding at ``level``, is said (info) instead: where it is a warning, or where
+    TRIMMED_FEW values or fewer reach past it that are also TRIMMED_OUTLIERS of the values or
+    fewer (chance, at any level: 2 of 400 or more); more that break the path keep their error
+    (2 of a conv's 10 outputs are a fifth of them, not chance)."""
+    return level == "warning" or saturated <= min(TRIMMED_FEW, TRIMMED_OUTLIERS * total)
 
 
 def trimmed_outliers(saturated: int, total: int, representable: tuple[float, float],

@@ -798,3 +798,8 @@ def test_one_or_two_outputs_past_a_trim_are_said_even_where_they_break_the_conv(
     assert f.evidence["saturated"] == past
     assert f.severity == ("info" if said else "error")
     assert ("histogram observer" in f.message) == said
+    # two of a conv's 10 outputs are a fifth of them, not chance: they keep their error
+    from qconvdiag.findings.output_rules import said_as_trim
+
+    assert said_as_trim("error", 2, 400) and not said_as_trim("error", 2, 399)
+    assert not said_as_trim("error", 1, 10) and said_as_trim("warning", 5, 10)
