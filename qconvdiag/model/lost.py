@@ -7,6 +7,7 @@ at its floor, from torch's quantized ReLU6 on a channels_last input)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..findings.fixes import model_calibration
 from ..measure.budget import SAMPLE_RANGE as UNLIKE_RANGE
@@ -53,6 +54,8 @@ def inputs_unlike(lay: LayerCapture) -> float | None:
     if lay.calibration_range is None:
         return None
     ratio = span_ratio(sample_range(lay.case, lay.float_output), lay.calibration_range)
+    if not 0 < ratio < math.inf:  # all zeros on one side: no factor to tell
+        return None
     return ratio if ratio >= UNLIKE_INPUTS or ratio * UNLIKE_RANGE <= 1 else None
 
 
@@ -60,10 +63,11 @@ def unlike_inputs_sentence(ratio: float, layer: str) -> str:
     """Why a stub fitted to the calibration batches loses inputs unlike them: at the first
     conv ``layer`` the float model reaches ``ratio`` times its range on those batches
     (``inputs_unlike``)."""
+    pixels = ", e.g. 8-bit pixel values not divided by 255" if ratio > 1 else ""
     return (f"The inputs here are not like those batches: at {layer} the float model's output "
             f"{_spread(ratio)} its range on them. They are not prepared as the calibration "
-            "batches were (normalized otherwise, e.g. 8-bit pixel values not divided by 255), "
-            "or those batches are not like the inputs at inference.")
+            f"batches were (normalized otherwise{pixels}), or those batches are not like the "
+            "inputs at inference.")
 
 
 def _spread(ratio: float) -> str:
@@ -76,7 +80,8 @@ def _unlike_fix(ratio: float) -> str:
     return ("# the inputs here are not like the calibration batches (at the first conv\n"
             f"# the float model {_spread(ratio)} its range on them): prepare\n"
             "# both alike. If the model was trained on inputs like the calibration\n"
-            "# batches, normalize these as those were (e.g. x / 255 for 8-bit pixels);\n"
+            + ("# batches, normalize these as those were (e.g. x / 255 for 8-bit pixels);\n"
+               if ratio > 1 else "# batches, normalize these as those were;\n") +
             "# if these are what it gets at inference, calibrate on inputs like them:\n")
 
 

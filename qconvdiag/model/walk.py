@@ -174,8 +174,10 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     rows = tuple(_row(lay, engine, screens[lay.name], diagnoses.get(lay.name),
                       checks.get(lay.name), options.ignore) for lay in bundle.layers)
     pt2e = engine in PT2E_ENGINES
-    # the captured samples against the calibration batches, at the first conv
-    unlike = inputs_unlike(bundle.layers[0])
+    # the captured samples against the calibration batches, at the first conv (a stub never
+    # calibrated is said as such)
+    first = bundle.layers[0]
+    unlike = None if screens[first.name].input_defaults else inputs_unlike(first)
     upstream = upstream_losses([lay.name for lay in bundle.layers], screens,
                                pt2e or bundle.flow == "fx",
                                {c: r.kind for r in bundle.reused for c in r.missing_after()},

@@ -502,6 +502,30 @@ def test_inputs_unlike_the_calibration_batches_are_told_to_be_prepared_alike(fac
         assert 25 <= ratio <= 100, ratio  # the stem's output, bias and all, about 50x
 
 
+def test_no_factor_is_told_where_one_side_is_all_zeros() -> None:
+    """A first conv whose fused ReLU zeroes every captured output (or every calibration one)
+    has no factor to tell (review: 1/0 in the sentence's 'spans 1/... of')."""
+    import dataclasses
+
+    from qconvdiag.model.lost import inputs_unlike, unlike_inputs_sentence
+
+    f, q = models.eager("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = qconvdiag.capture_model(f, q, models.inputs(2, 8, 7),
+                                         calibration=[models.inputs(2, 8, 100)])
+    stem = bundle.layer("stem")
+    assert inputs_unlike(stem) is None  # alike
+    zero = dataclasses.replace(stem, float_output=stem.float_output * 0)
+    assert inputs_unlike(zero) is None
+    assert inputs_unlike(dataclasses.replace(stem, calibration_range=(0.0, 0.0))) is None
+    narrow = dataclasses.replace(stem, float_output=stem.float_output / 20)
+    ratio = inputs_unlike(narrow)
+    assert ratio is not None and ratio < 1 / 8
+    assert "spans 1/" in unlike_inputs_sentence(ratio, "stem")
+    assert "255" not in unlike_inputs_sentence(ratio, "stem")
+
+
 def test_a_loss_before_the_convs_is_named_not_blamed_on_them():
     """A QuantStub whose scale is 12x too coarse: every conv is at its floor on the input it
     received, and the report says the first conv's input was lost before it."""
