@@ -14,7 +14,7 @@ from ..measure.budget import SAMPLE_RANGE as UNLIKE_RANGE
 from ..model_report import UpstreamLoss
 from ..report import Finding
 from .bundle import LayerCapture, sample_range, span_ratio
-from .ops import OpRange
+from .ops import OpRange, for_loss
 
 CODE = "QCD065"
 #: Below this input SQNR the signal is mostly gone (the error carries a tenth of its power or
@@ -169,7 +169,7 @@ def qcd065(losses: tuple[UpstreamLoss, ...], pt2e: bool, ops: tuple[OpRange, ...
         sqnr = loss.input.sqnr_db
         lost_at_end = carried is not None and carried[1] < LOST_DB
         level = "error" if (sqnr is not None and sqnr < LOST_DB) or lost_at_end else "warning"
-        op = next((o for o in ops if o.name == loss.op), None)
+        op = next((for_loss(o, sqnr) for o in ops if o.name == loss.op), None)
         # the model's input quantization (its stub, a Quantize op, or none seen)
         first = loss.worst_before is None and (op is None or op.kind == "Quantize")
         if op is not None and len(op.after) > 1 and op.call_ranges:  # one module, several calls

@@ -423,6 +423,14 @@ class OpRange:
 DRIFT_EXPLAINS_DB = 3.0
 
 
+def for_loss(op: OpRange, sqnr: float | None) -> OpRange:
+    """``op`` as a loss at ``sqnr`` dB (None: unknown) judges it: a BatchNorm's moved
+    statistics that do not explain it (DRIFT_EXPLAINS_DB) left out, its qparams judged alone."""
+    if op.drifted() and sqnr is not None and op.drift_db() > sqnr + DRIFT_EXPLAINS_DB:
+        return dataclasses.replace(op, stats=None)
+    return op
+
+
 def between(ops: tuple[OpRange, ...], order: list[str], layer: str,
             sqnr: float | None = None) -> list[OpRange]:
     """The ops that ran after the conv before ``layer`` (in ``order``, the convs' model order)
@@ -439,8 +447,7 @@ def between(ops: tuple[OpRange, ...], order: list[str], layer: str,
             k = op.after.index(before)  # the call that ran just before ``layer``
             lo, hi = op.call_ranges[k]
             op = dataclasses.replace(op, float_low=lo, float_high=hi, shared=len(op.after))
-        if op.drifted() and sqnr is not None and op.drift_db() > sqnr + DRIFT_EXPLAINS_DB:
-            op = dataclasses.replace(op, stats=None)  # too small a move for this loss
+        op = for_loss(op, sqnr)
         if op.misfit() is not None:
             found.append(op)
     return found

@@ -55,7 +55,7 @@ from .compiled import qcd063
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_sentence
-from .ops import OpRange, between
+from .ops import OpRange, between, for_loss
 from .refold import CODE as FOLD_CODE
 from .refold import qcd073
 from .reuse import CODE as REUSE_CODE
@@ -193,7 +193,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                   carried_to_end([lay.name for lay in bundle.layers], screens), unlike)
     # a BatchNorm whose statistics moved, named by QCD065 with the loss it causes already
     drift_named = "QCD065" not in options.ignore and any(
-        op.drifted() for u in upstream if u.blamed_on is None
+        for_loss(op, u.input.sqnr_db).drifted() for u in upstream if u.blamed_on is None
         for op in bundle.ops if op.name == u.op)
     # a conv packed on another engine differs from qnnpack's packing for that reason (QCD067)
     model_findings = tuple(f for f in [qcd068(() if ran is not None else bundle.stale),

@@ -74,3 +74,25 @@ def test_a_batchnorm_is_blamed_for_its_moved_statistics_only_where_they_explain_
     coarse = bn((0.01, 0.95, 1.03), scale=0.2)  # its step 10x what its range needs
     (named,) = between((coarse,), order, "conv2", 24.4)
     assert "output scale" in (named.misfit() or "")
+
+
+def test_qcd065_names_the_qparams_of_a_batchnorm_whose_small_move_it_leaves_out() -> None:
+    """Found by review: ``between`` named a BatchNorm for its coarse output scale, its small
+    move left out, while QCD065 looked the op up again and titled it by its running statistics,
+    with the eval-mode calibration as its fix. Now both judge it alike: its output qparams, and
+    their fix; a move that explains the loss keeps the statistics' title and fix."""
+    from qconvdiag.model.lost import qcd065
+    from qconvdiag.model_report import ErrorSummary, UpstreamLoss
+
+    def finding(stats: tuple[float, float, float]):  # noqa: ANN202
+        op = OpRange("bn1", "BatchNorm2d", 0.2, 50, "quint8", -1.0, 4.0, ("conv1",), False,
+                     False, stats)
+        loss = UpstreamLoss("conv2", ErrorSummary(24.4, 0.1, 0.5), None, "conv1", 35.0, "m",
+                            "bn1")
+        (found,) = qcd065((loss,), False, (op,))
+        return found
+
+    small = finding((0.01, 0.95, 1.03))
+    assert small.title.endswith("by bn1's output qparams") and "model.eval()" not in small.fix
+    large = finding((0.3, 0.8, 1.2))
+    assert large.title.endswith("by bn1's running statistics") and "model.eval()" in large.fix
