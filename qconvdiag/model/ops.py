@@ -119,8 +119,11 @@ class OpRange:
                          1, None if m.get("wrong") is None
                          else WrongValues.from_mapping(m["wrong"]),
                          bool(m.get("own_qparams", True)),
-                         tuple(str(a) for a in m.get("aliases", ())))
+                         _strings(m.get("aliases", [])))
             if op.aliases:
+                if not (len(op.aliases) >= 2 and op.name in op.aliases and op.kind ==
+                        "QFunctional" and len(op.call_ranges) == len(op.aliases)):
+                    raise ValueError("aliases need a call range each, this op's among them")
                 op = dataclasses.replace(op, shared=len(op.aliases))
         except (KeyError, TypeError, ValueError, OverflowError):
             raise CaseFileError(f"{source}: an entry of 'ops' is malformed; capture the model "
@@ -423,6 +426,13 @@ class OpRange:
 DRIFT_EXPLAINS_DB = 3.0
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    """A bundle's list of strings (a string is not one: its characters would be)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("a list of strings")
+    return tuple(value)
+
+
 def for_loss(op: OpRange, sqnr: float | None) -> OpRange:
     """``op`` as a loss at ``sqnr`` dB (None: unknown) judges it: a BatchNorm's moved
     statistics that do not explain it (DRIFT_EXPLAINS_DB) left out, its qparams judged alone."""
@@ -612,12 +622,13 @@ class OpRecorder:
 
     def _aliases(self) -> dict[str, tuple[str, ...]]:
         """The ops whose float module several of them share (one FloatFunctional assigned to
-        several attributes; convert gives each its own quantized module), each called once in
+        several attributes; convert gives each its own QFunctional), each called once in
         the quantized model's forward and the float module once per op: op -> the paths in
         call order (its call of the float module is the one at its place)."""
         groups: dict[int, list[str]] = {}
-        for name in self.qparams:
-            groups.setdefault(id(self.float_points[name]), []).append(name)
+        for name, (kind, *_rest) in self.qparams.items():
+            if kind == "QFunctional":  # a FloatFunctional's: its fix builds one per path
+                groups.setdefault(id(self.float_points[name]), []).append(name)
         found: dict[str, tuple[str, ...]] = {}
         for names in groups.values():
             calls = self.call_ranges.get(names[0], [])

@@ -1426,6 +1426,25 @@ def test_one_floatfunctional_assigned_to_two_paths_is_named(tmp_path):  # noqa: 
     assert not any(op.aliases for op in bundle.ops)
 
 
+def test_a_bundle_s_aliases_are_read_back_whole_or_refused():
+    """Found by review: aliases without a call range each reached ``_shared_misfit``'s max()
+    of nothing (a traceback), and a string was read as a tuple of its characters."""
+    from qconvdiag.errors import CaseFileError
+    from qconvdiag.model.ops import OpRange
+
+    entry = {"name": "p2.add", "kind": "QFunctional", "scale": 0.1, "zero_point": 0,
+             "dtype": "quint8", "float_range": [-1.0, 1.0], "after": ["b"], "sampled": True,
+             "tensor_qparams": False, "call_ranges": [[-5.0, 5.0], [-1.0, 1.0]],
+             "aliases": ["p1.add", "p2.add"]}
+    op = OpRange.from_mapping(entry, "b.pt")
+    assert op.aliases == ("p1.add", "p2.add") and op.shared == 2 and op.misfit() is not None
+    for bad in ({"call_ranges": []}, {"aliases": "p1.add"}, {"aliases": ["p1.add", "c"]},
+                {"aliases": ["p2.add"], "call_ranges": [[-1.0, 1.0]]},
+                {"kind": "Hardswish"}):  # a FloatFunctional's only: its fix builds one
+        with pytest.raises(CaseFileError, match="'ops' is malformed"):
+            OpRange.from_mapping({**entry, **bad}, "b.pt")
+
+
 def test_batchnorm_statistics_moved_are_named_where_no_loss_shows():
     """QCD069: a BatchNorm whose statistics are not the float model's is named, graded by the
     error its move puts in its output (a sweep's digits CNN calibrated in train mode lost 1.5
