@@ -391,7 +391,11 @@ def other_weights_requantize(ctx: Context, run: PathRun) -> str | None:
     conv's repack took a digits CNN from another seed's checkpoint to 7.6% accuracy, quantizing
     again to the float model's 99.0%): its fix quantizes the model again; None for another
     conv."""
-    if not ctx.case.in_model:
+    from ..case import trained_with_qat
+
+    # a QAT model's weights are what training made: quantizing its float twin again would
+    # throw them away
+    if not ctx.case.in_model or trained_with_qat(ctx.case.notes):
         return None
     problem = module_weight_problem(ctx, run)
     if problem is None or not problem.startswith(ANOTHER_WEIGHT):

@@ -28,6 +28,10 @@ CODE = "QCD073"
 #: error (QCD065's LOST_DB); a warning above it, down to SAID_DB; info beyond.
 LOST_DB = 10.0
 SAID_DB = 30.0
+#: A loss after such a conv is blamed on the fold where what the other readers get is within
+#: this many dB of the loss's SQNR or worse (half its error power or more); a harmless fold
+#: does not take a loss it cannot explain from QCD065 (review).
+EXPLAINS_DB = 3.0
 
 #: The fix: a copy of the conv's output for the BatchNorm to read, which keeps it out of the
 #: fold (it runs in float between the conv's dequantize and the next quantize); run, the
@@ -79,6 +83,8 @@ class SharedFold:
         try:
             fold = SharedFold(str(m["conv"]), str(m["bn"]), float(m["readers_sqnr_db"]))
         except (KeyError, TypeError, ValueError, OverflowError):
+            fold = None
+        if fold is not None and math.isnan(fold.readers_sqnr_db):
             fold = None
         if fold is None or not (is_path(fold.conv) and is_path(fold.bn)):
             raise CaseFileError(f"{source}: an entry of 'shared_folds' is malformed; capture "

@@ -57,6 +57,7 @@ from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_sentence
 from .ops import OpRange, between, for_loss
 from .refold import CODE as FOLD_CODE
+from .refold import EXPLAINS_DB as FOLD_EXPLAINS_DB
 from .refold import qcd073
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
@@ -187,7 +188,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                 if REUSE_CODE not in options.ignore},
                                {name: kept.name for name, kept, _c in unfused
                                 if BN_CODE not in options.ignore}, unlike,
-                               {f.conv: f.bn for f in bundle.shared_folds
+                               {f.conv: (f.bn, f.readers_sqnr_db) for f in bundle.shared_folds
                                 if FOLD_CODE not in options.ignore})
     lost = qcd065(upstream, pt2e, bundle.ops, engine, bundle.flow,
                   carried_to_end([lay.name for lay in bundle.layers], screens), unlike)
@@ -246,7 +247,8 @@ UPSTREAM_DB = 10.0
 def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: bool = False,
                     missing: dict[str, str] | None = None, ops: tuple[OpRange, ...] = (),
                     across: dict[str, str] | None = None, unfused: dict[str, str] | None = None,
-                    unlike: float | None = None, refolded: dict[str, str] | None = None
+                    unlike: float | None = None,
+                    refolded: dict[str, tuple[str, float]] | None = None
                     ) -> tuple[UpstreamLoss, ...]:
     """Convs whose input is far worse than the convs before them explain: for a conv no
     earlier conv feeds (the first), its input is at least budget.FAR times the 8-bit floor of
@@ -268,7 +270,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     the captured samples' range at the first conv over the calibration batches' (where they
     differ: ``lost.inputs_unlike``), said of a stub that loses them. ``refolded``: a PT2E
     graph's convs whose BatchNorm prepare_pt2e folded while the float model reads their
-    output elsewhere too (QCD073), and that BatchNorm: a loss after one is blamed on it."""
+    output elsewhere too (QCD073), that BatchNorm and what its other readers get (their SQNR):
+    a loss after one is blamed on it where that explains it (refold.EXPLAINS_DB)."""
     across, unfused, refolded = across or {}, unfused or {}, refolded or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
@@ -308,7 +311,8 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
             since = order.index(out[-1].layer) if out else 0  # after the last loss named
             clipped = [c for c in order[since:order.index(name)] if c in across]
             kept = [c for c in order[since:order.index(name)] if c in unfused]
-            folds = [c for c in order[since:order.index(name)] if c in refolded]
+            folds = [c for c in order[since:order.index(name)] if c in refolded
+                     and refolded[c][1] <= got + FOLD_EXPLAINS_DB]
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one
@@ -325,7 +329,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
                      f"the BatchNorm {unfused[kept[-1]]} kept after {kept[-1]} (not fused into "
                      "it) multiplies its output's per-tensor rounding error by per-channel "
                      f"gains ({BN_CODE})" if kept else
-                     f"prepare_pt2e folded BatchNorm {refolded[folds[0]]} into {folds[0]}, "
+                     f"prepare_pt2e folded BatchNorm {refolded[folds[0]][0]} into {folds[0]}, "
                      "whose output other ops read too: they get it after the BatchNorm "
                      f"({FOLD_CODE})" if folds else
                      f"the {(missing or {})[before[0]]} the float model applies after "

@@ -1289,7 +1289,7 @@ def test_a_model_made_from_another_checkpoint_is_quantized_again_conv_by_conv():
     _other, quantized = models.eager("x86", seed=0)
     f, _q = models.eager("x86", seed=1)  # the float model holds another seed's weights
     x = models.inputs(2, 8, 7)
-    _b, d = walk(f, quantized, x, top=4)
+    bundle, d = walk(f, quantized, x, top=4)
     fixes = {(detail.layer, finding.code): finding.fix for detail in d.report.details
              for finding in detail.report.findings
              if finding.code in ("QCD024", "QCD030") and finding.path == "as_given"}
@@ -1308,6 +1308,17 @@ def test_a_model_made_from_another_checkpoint_is_quantized_again_conv_by_conv():
     _b, again = walk(f, scope["quantized"], x)
     assert not [(row.name, finding.code) for row in again.report.layers
                 for finding in row.findings if finding.code in ("QCD024", "QCD030")]
+    # a QAT model's weights are what training made: not thrown away by quantizing again
+    import dataclasses
+
+    from qconvdiag import Options, diagnose
+    from qconvdiag.case import QAT_NOTE
+
+    case = bundle.layer("head").case
+    qat = dataclasses.replace(case, notes=(*case.notes, QAT_NOTE))
+    fixes = [x.fix for x in diagnose(qat, Options(engine="x86")).findings
+             if x.code == "QCD024" and x.path == "as_given"]
+    assert fixes and not any("quantize the model again" in fix for fix in fixes)
 
 
 class _SharedAdd(torch.nn.Module):

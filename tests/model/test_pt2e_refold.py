@@ -117,10 +117,33 @@ def test_a_batchnorm_that_is_its_conv_s_only_reader_is_folded_quietly() -> None:
 
 
 @pytest.mark.parametrize("entry", [{"conv": "stem"}, {"conv": "a b", "bn": "bn1",
-                                                      "readers_sqnr_db": 1.0}])
+                                                      "readers_sqnr_db": 1.0},
+                                   {"conv": "stem", "bn": "bn1", "readers_sqnr_db": "nan"}])
 def test_a_malformed_fold_entry_is_refused(entry: dict) -> None:
     from qconvdiag.errors import CaseFileError
     from qconvdiag.model.refold import SharedFold
 
     with pytest.raises(CaseFileError, match="shared_folds"):
         SharedFold.from_mapping(entry, "b.pt")
+
+
+@pytest.mark.parametrize("readers_db, blamed", [(2.9, True), (35.0, False)])
+def test_a_loss_is_blamed_on_a_fold_only_where_the_fold_explains_it(readers_db: float,
+                                                                     blamed: bool) -> None:
+    """Found by review: any loss after a refolded conv was blamed on QCD073 and left out of
+    QCD065, though QCD073 is graded by its readers' SQNR: a harmless fold (its readers at
+    35 dB, info) took a 5 dB loss. It takes a loss it explains (EXPLAINS_DB) only."""
+    from qconvdiag.model.screen import Screen
+    from qconvdiag.model.walk import upstream_losses
+    from qconvdiag.model_report import ErrorSummary
+
+    def screen(received: float, propagated: float, floor_ratio: float = 1.0) -> Screen:
+        e = ErrorSummary
+        return Screen(e(30, 0.1, 0.1), e(propagated, 0.1, 0.1), e(received, 0.1, 0.1),
+                      floor_ratio, False, 0.1, "at_floor", None)
+
+    order = ["stem", "c1", "c2"]
+    screens = {"stem": screen(40, 35), "c1": screen(34, 33), "c2": screen(5, 4, 20.0)}
+    (loss,) = upstream_losses(order, screens, True, refolded={"stem": ("bn1", readers_db)})
+    assert (loss.blamed_on == "QCD073") == blamed, loss
+    assert ("prepare_pt2e folded BatchNorm bn1 into stem" in loss.message) == blamed
