@@ -72,6 +72,9 @@ class WrongValues:
     """Its input was channels_last."""
     function: str = ""
     """A function's call, not a module: the function as FUNCTIONS names it."""
+    own_weight: bool = False
+    """A ConvTranspose whose float twin in the fix is its own weight, read back, not the float
+    model's module (which differs: convert_fx fused a BatchNorm into it)."""
 
     def message(self) -> str:
         """What QCD065 says of the module (no final period: it ends a sentence of QCD065's)."""
@@ -89,7 +92,8 @@ class WrongValues:
         return {"kind": self.kind, "outputs_off": self.outputs_off, "total": self.total,
                 "max_steps": self.max_steps, "contiguous_ok": self.contiguous_ok,
                 "channels_last": self.channels_last,
-                **({"function": self.function} if self.function else {})}
+                **({"function": self.function} if self.function else {}),
+                **({"own_weight": True} if self.own_weight else {})}
 
     @staticmethod
     def from_mapping(m: Any) -> WrongValues:
@@ -108,7 +112,10 @@ class WrongValues:
 
         if not is_kind(m["kind"]):  # printed into its fix's comment
             raise ValueError("a kind is a class or function name")
-        return WrongValues(str(m["kind"]), off, total, steps, *flags, function)
+        own = m.get("own_weight", False)
+        if not isinstance(own, bool):
+            raise TypeError("own_weight is true or false")
+        return WrongValues(str(m["kind"]), off, total, steps, *flags, function, own)
 
 
 class ActivationCheck:
@@ -134,15 +141,17 @@ class ActivationCheck:
         for name, m in quantized_model.named_modules():
             kind = type(m).__name__
             twin = floats.get(name)
-            if name and _quantized_transpose(m):
-                check: Callable[[Any], Any] = _transpose_twin(m)
-            elif not name or kind not in CHECKED or twin is None or type(twin).__name__ != kind:
-                continue
-            else:
-                check = twin.forward
             inputs: list[Any] = []
+            if name and _quantized_transpose(m):
+                self.handles.append(m.register_forward_pre_hook(self._before(inputs)))
+                self.handles.append(m.register_forward_hook(
+                    self._transpose_after(name, m, twin, inputs)))
+                continue
+            if not name or kind not in CHECKED or twin is None or type(twin).__name__ != kind:
+                continue
             self.handles.append(m.register_forward_pre_hook(self._before(inputs)))
-            self.handles.append(m.register_forward_hook(self._after(name, m, check, inputs)))
+            self.handles.append(m.register_forward_hook(self._after(name, m, twin.forward,
+                                                                   inputs)))
         self.handles.append(quantized_model.register_forward_pre_hook(self._forward_starts))
         self.handles.append(quantized_model.register_forward_hook(self._forward_done))
 
@@ -170,6 +179,20 @@ class ActivationCheck:
                 self._record(name, _check(type(module).__name__, module.forward,
                                           twin, x, _first(out), channels_last,
                                           contiguous), out)
+            finally:
+                self.inside -= 1
+        return hook
+
+    def _transpose_after(self, name: str, module: Any, float_twin: Any, inputs: list[Any]
+                         ) -> Callable[..., None]:
+        """A ConvTranspose's forward hook: its kernel checked on the call's input
+        (``transpose_check``)."""
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            try:
+                if self.done or not inputs:
+                    return
+                x, channels_last, _contiguous = inputs.pop()
+                self._record(name, transpose_check(module, float_twin, x, channels_last), out)
             finally:
                 self.inside -= 1
         return hook
@@ -226,17 +249,66 @@ def _quantized_transpose(m: Any) -> bool:
             and hasattr(m, "scale") and hasattr(m, "zero_point"))
 
 
-def _transpose_twin(m: Any) -> Callable[[Any], Any]:
-    """A quantized ConvTranspose's float twin: F.conv_transpose{1,2,3}d with its own quantized
-    weight and bias, dequantized, and its geometry (the kernel checked against itself)."""
+def transpose_check(m: Any, float_twin: Any, x: Any, channels_last: bool
+                    ) -> WrongValues | None:
+    """A quantized ConvTranspose's kernel on ``x`` (its call's first sample, contiguous)
+    against F.conv_transpose with the weight it runs. fbgemm reads some packed transposed
+    weights back wrong (kernel 2: codes up to 127 off, measured with torch 2.13), and a copy
+    packed with those codes is off too where the module is right: the kernel runs a copy
+    packed with a weight known here, the float model's quantized at the module's qparams
+    (read back where the float model has none of that shape). ``own_weight`` where the float
+    model's module (``float_twin``) does not hold the weight read back (a BatchNorm fused into
+    it) and the read back is faithful (the copy's reads back unchanged)."""
+    import copy
+
+    import torch
     import torch.nn.functional as F
 
-    def twin(x: Any) -> Any:
-        w = m.weight().dequantize()
-        run = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
-        return run(x, w, m.bias(), m.stride, m.padding, m.output_padding, m.groups,
+    read, b = m.weight(), m.bias()
+    # the weight the kernel is tried with: the float model's, quantized at the module's
+    # qparams (what convert packed, but for a BatchNorm fused in), where it has one
+    float_weight = getattr(float_twin, "weight", None)
+    if isinstance(float_weight, torch.Tensor) and float_weight.shape == read.shape \
+            and read.qscheme() == torch.per_tensor_affine:
+        with torch.no_grad():
+            w = torch.quantize_per_tensor(float_weight.detach().float(), read.q_scale(),
+                                          read.q_zero_point(), read.dtype)
+    else:
+        w = read.contiguous()
+    fresh = copy.deepcopy(m)
+    fresh.set_weight_bias(w, b)
+    run = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}.get(w.dim())
+    if run is None or w.qscheme() != torch.per_tensor_affine:
+        return None
+
+    def twin(t: Any) -> Any:
+        return run(t, w.dequantize(), b, m.stride, m.padding, m.output_padding, m.groups,
                    m.dilation)
-    return twin
+
+    with torch.no_grad():
+        wrong = _check(type(m).__name__, fresh.forward, twin, x, fresh(x), False, True)
+    if wrong is None:
+        return None
+    import dataclasses
+
+    # the fix's float twin: the float model's module, or, where it does not hold the weight
+    # the module reads back (a BatchNorm fused in) and that read back is faithful, that weight
+    kept = torch.equal(fresh.weight().int_repr(), w.int_repr())
+    return dataclasses.replace(wrong, channels_last=channels_last,
+                               own_weight=kept and not _holds(float_twin, read))
+
+
+def _holds(float_module: Any, w: Any) -> bool:
+    """The float module's weight, quantized at ``w``'s qparams, is ``w`` (within a code)."""
+    import torch
+
+    weight = getattr(float_module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != w.shape:
+        return False
+    with torch.no_grad():
+        codes = torch.quantize_per_tensor(weight.detach().float(), w.q_scale(),
+                                          w.q_zero_point(), w.dtype).int_repr()
+    return bool(((codes.int() - w.int_repr().int()).abs() <= 1).all())
 
 
 def call_name(kind: str, last: str) -> str:

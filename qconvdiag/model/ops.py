@@ -358,11 +358,18 @@ class OpRange:
             listed = "".join(f"        ({o.name!r},\n"
                              f"         {o.scale!r}, {o.zero_point}, torch.{o.dtype}),\n"
                              for o in wrong)
+            own = [o.name for o in wrong if o.wrong is not None and o.wrong.own_weight]
             loop = ("for name, *qparams in [\n" + listed + "]:\n"
                     "    owner, _, attr = name.rpartition('.')\n"
                     f"    owner = {module}.get_submodule(owner)\n"
                     "    float_op = copy.deepcopy(model.get_submodule(name))\n"
-                    "    setattr(owner, attr,\n"
+                    + (f"    if name in {own!r}:\n"
+                       "        # a BatchNorm fused into it: its own weight, in float\n"
+                       "        q = getattr(owner, attr)\n"
+                       "        float_op.weight = torch.nn.Parameter(q.weight().dequantize())\n"
+                       "        float_op.bias = torch.nn.Parameter(q.bias().detach())\n"
+                       if own else "")
+                    + "    setattr(owner, attr,\n"
                     "            Fixed(getattr(owner, attr), float_op, qparams))")
         return (head + "import torch\n"
                 "class Fixed(torch.nn.Module):\n"
