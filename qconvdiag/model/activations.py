@@ -81,8 +81,7 @@ class WrongValues:
         fmt = " (its input is channels_last)" if self.channels_last else ""
         why = ("; on the same values in a contiguous tensor it is right: torch's kernel gets "
                "the memory format wrong" if self.contiguous_ok else "")
-        own = (" with its own quantized weight and bias" if "ConvTranspose" in self.kind
-               else "")
+        own = (" with the same quantized weight" if "ConvTranspose" in self.kind else "")
         return (f"torch's quantized {self.kind} computes wrong values on its own input{fmt}: "
                 f"{self.outputs_off} of the first sample's {self.total} outputs are more than "
                 f"{OFF_STEPS:g} steps from the float {self.kind}'s{own} (up to "
