@@ -131,7 +131,11 @@ def _convs_sentence(report: ModelReport) -> str:
             f"({names}).")
     if worst is not None and worst.verdict != "at_floor":
         serious = [f for f in worst.findings if f.severity != "info"]
-        cause = f" ({serious[0].code}: {serious[0].title})" if serious else ""
+        # with no warning or error, what is said of it (a histogram observer's trim, QAT's):
+        # a verdict alone read as an alarm nothing backs
+        cause = (f" ({serious[0].code}: {serious[0].title})" if serious else
+                 f" ({worst.findings[0].code}, said as info: {worst.findings[0].title}; no "
+                 "warning or error)" if worst.findings else "")
         lead += (f" The worst by its own error is {worst.name}: {sqnr_text(worst.own)} dB, "
                  f"{floor_ratio_text(worst)} its floor, {STATUS_WORDS[worst.verdict]}{cause}.")
     return lead + tail

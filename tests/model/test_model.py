@@ -1246,6 +1246,26 @@ def test_a_model_wide_coarse_step_names_both_of_its_causes(healthy_x86):  # noqa
     assert "scaled differently" in sentence and "7-bit observers" in sentence
 
 
+def test_a_worst_conv_with_info_only_says_so_in_the_summary(healthy_x86):  # noqa: ANN001
+    """A conv above its floor whose only finding is info (a histogram observer's trim of one
+    output, helper-64's SE squeeze conv): the summary names that finding and says no warning
+    or error backs the verdict (it read 'broken' with nothing after it)."""
+    import dataclasses
+
+    from qconvdiag.model_report import ErrorSummary, LayerFinding
+    from qconvdiag.render.rich_model import summary_sentence
+
+    *_, d = healthy_x86
+    trim = LayerFinding("QCD051", "info", "outputs saturated at the output dtype's limits")
+    first = d.report.layers[0]
+    worse = dataclasses.replace(first, verdict="broken", findings=(trim,),
+                                own=ErrorSummary(5.0, first.own.rmse * 100, 1.0))
+    report = dataclasses.replace(d.report, layers=(worse, *d.report.layers[1:]),
+                                 ranking=(first.name, *d.report.ranking[1:]))
+    sentence = summary_sentence(report)
+    assert "(QCD051, said as info: outputs saturated" in sentence and "no warning" in sentence
+
+
 def test_a_model_from_other_weights_is_the_model_wide_cause_not_their_bias(healthy_x86):  # noqa: ANN001
     """Convs that hold other float weights report QCD024 and, as those weights' bias differs
     too, QCD030, which may cost more and come first: the model-wide cause is QCD024's (a sweep
