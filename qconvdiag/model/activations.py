@@ -15,9 +15,10 @@ fault: the functions of FUNCTIONS are checked against themselves on the dequanti
 by a TorchFunctionMode over the quantized model's first forward. A call inside a checked
 module is that module's (an FX model's float ReLU6 module calls hardtanh): not checked twice.
 
-A quantized ConvTranspose module is checked the same way, against its own quantized weight
-and bias in float (F.conv_transpose on the dequantized input): measured with torch 2.13, x86's,
-fbgemm's and onednn's kernels write codes up to 255 steps from that on many geometries (a
+A quantized ConvTranspose module's kernel is checked too (``transpose_check``): a copy packed
+with a weight known here, against F.conv_transpose with that weight on the dequantized input.
+Measured with torch 2.13, x86's, fbgemm's and onednn's kernels write codes up to 255 steps
+from that on many geometries (a
 UNet's ConvTranspose2d, kernel 2, stride 2, 16 to 8 channels: 4012 of 4096 outputs more than
 one step off; qnnpack's are right), which took helper-64's FX UNet from 99.0% to 10.6%, its loss
 blamed on "an op between". The walk does not diagnose transposed convs; this names them.
