@@ -147,3 +147,10 @@ def test_a_loss_is_blamed_on_a_fold_only_where_the_fold_explains_it(readers_db: 
     (loss,) = upstream_losses(order, screens, True, refolded={"stem": ("bn1", readers_db)})
     assert (loss.blamed_on == "QCD073") == blamed, loss
     assert ("prepare_pt2e folded BatchNorm bn1 into stem" in loss.message) == blamed
+
+
+def test_its_code_is_a_model_code_the_cli_takes() -> None:
+    """--ignore takes the codes CODES lists (a review of this session found QCD073 missing)."""
+    from qconvdiag.findings import CODES, MODEL_CODES
+
+    assert "QCD073" in MODEL_CODES and "QCD073" in CODES
