@@ -76,10 +76,6 @@ class LayerCapture:
     bn_kept: KeptBatchNorm | None = None
     """The BatchNorm that reads its output and stays in the quantized model, not fused into
     it (an eager model's: batchnorm.py)."""
-    activations_after: tuple[str, ...] = ()
-    """The float model's activation modules (hooks.FUSED_ACTIVATIONS) called on its output,
-    or its BatchNorm's, in the first forward: what a fix that keeps it in float keeps too
-    (constant.py)."""
 
 
 #: The flows a quantized model comes from (``ModelBundle.flow``).
@@ -263,8 +259,6 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                         **({"shared_range": list(lay.shared_range)}
                            if lay.shared_range is not None else {}),
                         **({"bn_kept": lay.bn_kept.to_dict()} if lay.bn_kept else {}),
-                        **({"activations_after": list(lay.activations_after)}
-                           if lay.activations_after else {}),
                         **({"bn_folded_stats": {"eps": lay.case.folded_bn.eps,
                                                 "running_var": list(
                                                     lay.case.folded_bn.running_var)}}
@@ -362,9 +356,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
             output_float32=as_float, shared_range=shared,
             bn_kept=None if info.get("bn_kept") is None else KeptBatchNorm.from_mapping(
-                info["bn_kept"], case.weight.shape[0], where),
-            activations_after=_paths(info.get("activations_after", []), where,
-                                     "activations_after")))
+                info["bn_kept"], case.weight.shape[0], where)))
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")
@@ -399,17 +391,6 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
                        None if meta.get("lost_after") is None
                        else LostAfter.from_mapping(meta["lost_after"], source), flow,
                        tuple(training), _shared_folds(meta.get("shared_folds"), source))
-
-
-def _paths(value: Any, where: str, key: str) -> tuple[str, ...]:
-    """A list of module paths, or a one-line refusal."""
-    from .names import is_path
-
-    if not isinstance(value, list) or not all(isinstance(v, str) and is_path(v) and v
-                                              for v in value):
-        raise CaseFileError(f"{where}: '{key}' must be a list of module paths; capture the "
-                            "model again")
-    return tuple(value)
 
 
 def _shared_folds(value: Any, source: str) -> tuple[SharedFold, ...]:

@@ -340,13 +340,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
             lay = dataclasses.replace(lay, bn_kept=record)
         return lay
 
-    acts: dict[str, list[str]] = {}  # the activation modules called on each conv's output
-    for act, calls in activations.items():
-        for conv, _last, _direct in calls:
-            if conv and act not in acts.setdefault(conv, []):
-                acts[conv].append(act)
-    layers = [dataclasses.replace(lay, activations_after=tuple(acts.get(lay.name, ())))
-              for lay in two_at_a_time(one, list(pairs.items()))]  # copies: single-threaded
+    layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded
     from .shared import shared_groups, with_shared_ranges
 
     layers = with_shared_ranges(layers, shared_groups(

@@ -437,22 +437,17 @@ OPS_TOL = 1e-5
 
 def _without_cpu(path, ops: bool = True) -> bytes:  # noqa: ANN001
     """The bundle's bytes as written without the capture CPU's flags (and, without ``ops``,
-    the ops' record and the activation modules after each conv, which came later): as a
-    bundle of another CPU, or of an earlier version, holds them. A bundle that records
-    none: its bytes as they are."""
+    the ops' record): as a bundle of another CPU, or of an earlier version, holds them. A
+    bundle that records neither: its bytes as they are."""
     import dataclasses
 
     from qconvdiag.io import encode_case
     from qconvdiag.model.bundle import bundle_to_mapping, load_bundle
 
     bundle = load_bundle(path)
-    if bundle.cpu_flags is None and not bundle.ops and not any(
-            lay.activations_after for lay in bundle.layers):
+    if bundle.cpu_flags is None and not bundle.ops:
         return Path(path).read_bytes()
     bundle = dataclasses.replace(bundle, cpu_flags=None, ops=bundle.ops if ops else ())
-    if not ops:
-        bundle = dataclasses.replace(bundle, layers=tuple(
-            dataclasses.replace(lay, activations_after=()) for lay in bundle.layers))
     return encode_case(bundle_to_mapping(bundle), ".pt")
 
 
