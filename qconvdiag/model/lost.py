@@ -10,10 +10,9 @@ import dataclasses
 import math
 
 from ..findings.fixes import model_calibration
-from ..measure.budget import SAMPLE_RANGE as UNLIKE_RANGE
 from ..model_report import UpstreamLoss
 from ..report import Finding
-from .bundle import LayerCapture, sample_range, span_ratio
+from .bundle import UNLIKE_RANGE, LayerCapture, sample_range, span_ratio
 from .ops import OpRange, for_loss
 
 CODE = "QCD065"

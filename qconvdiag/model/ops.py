@@ -425,12 +425,13 @@ class OpRange:
                 f"{module}.forward = mended_forward")
 
 
-#: A BatchNorm's moved statistics explain a loss where the error they put in its output
-#: (``OpRange.drift_db``) is within this many dB of the loss's SQNR: half its error power or
-#: more. A move of 0.01 standard deviations (32 dB) was blamed for a conv's input at 24.4 dB,
-#: and the fix, calibrating in eval mode, left it at 24.6 dB (helper-65: the loss was the
-#: unfused BatchNorm's, QCD072).
-DRIFT_EXPLAINS_DB = 3.0
+#: A cause explains a loss where the error it alone puts there is within this many dB of the
+#: loss's SQNR or worse: half its error power or more. A BatchNorm's moved statistics
+#: (``OpRange.drift_db``): a move of 0.01 standard deviations (32 dB) was blamed for a conv's
+#: input at 24.4 dB, and the fix, calibrating in eval mode, left it at 24.6 dB (helper-65: the
+#: loss was the unfused BatchNorm's, QCD072). A BatchNorm folded under a shortcut (QCD073,
+#: refold.py): what its other readers get.
+EXPLAINS_DB = 3.0
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -442,8 +443,8 @@ def _strings(value: Any) -> tuple[str, ...]:
 
 def for_loss(op: OpRange, sqnr: float | None) -> OpRange:
     """``op`` as a loss at ``sqnr`` dB (None: unknown) judges it: a BatchNorm's moved
-    statistics that do not explain it (DRIFT_EXPLAINS_DB) left out, its qparams judged alone."""
-    if op.drifted() and sqnr is not None and op.drift_db() > sqnr + DRIFT_EXPLAINS_DB:
+    statistics that do not explain it (EXPLAINS_DB) left out, its qparams judged alone."""
+    if op.drifted() and sqnr is not None and op.drift_db() > sqnr + EXPLAINS_DB:
         return dataclasses.replace(op, stats=None)
     return op
 
@@ -453,7 +454,7 @@ def between(ops: tuple[OpRange, ...], order: list[str], layer: str,
     """The ops that ran after the conv before ``layer`` (in ``order``, the convs' model order)
     and whose qparams do not fit the float model's range (``OpRange.misfit``). ``sqnr``: the
     loss's (the conv's input SQNR), which a BatchNorm's moved statistics must explain
-    (DRIFT_EXPLAINS_DB) to be named for them; their qparams are judged all the same."""
+    (EXPLAINS_DB) to be named for them; their qparams are judged all the same."""
     i = order.index(layer)
     before = order[i - 1] if i else ""
     found = []

@@ -24,14 +24,11 @@ from ..report import Finding
 from .hooks import Seen
 
 CODE = "QCD073"
-#: Where the other readers' input moves below this SQNR, the signal they carry is gone: an
-#: error (QCD065's LOST_DB); a warning above it, down to SAID_DB; info beyond.
-LOST_DB = 10.0
+#: Where the other readers' input moves below QCD065's LOST_DB, the signal they carry is gone:
+#: an error; a warning above it, down to this SQNR; info beyond. A loss after such a conv is
+#: blamed on the fold only where the fold explains it (ops.EXPLAINS_DB): a harmless fold does
+#: not take a loss it cannot explain from QCD065 (review).
 SAID_DB = 30.0
-#: A loss after such a conv is blamed on the fold where what the other readers get is within
-#: this many dB of the loss's SQNR or worse (half its error power or more); a harmless fold
-#: does not take a loss it cannot explain from QCD065 (review).
-EXPLAINS_DB = 3.0
 
 #: The fix: a copy of the conv's output for the BatchNorm to read, which keeps it out of the
 #: fold (it runs in float between the conv's dequantize and the next quantize); run, the
@@ -126,6 +123,8 @@ def shared_folds(float_model: Any, folded: dict[str, tuple[Any, str]],
 def qcd073(folds: tuple[SharedFold, ...]) -> Finding | None:
     """QCD073 for the convs ``shared_folds`` found, graded by the worst move of what their
     other readers get."""
+    from .lost import LOST_DB  # (lost imports bundle, which imports this module)
+
     if not folds:
         return None
     worst = min(folds, key=lambda f: f.readers_sqnr_db)

@@ -55,9 +55,8 @@ from .compiled import qcd063
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_sentence
-from .ops import OpRange, between, for_loss
+from .ops import EXPLAINS_DB, OpRange, between, for_loss
 from .refold import CODE as FOLD_CODE
-from .refold import EXPLAINS_DB as FOLD_EXPLAINS_DB
 from .refold import qcd073
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
@@ -271,7 +270,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
     differ: ``lost.inputs_unlike``), said of a stub that loses them. ``refolded``: a PT2E
     graph's convs whose BatchNorm prepare_pt2e folded while the float model reads their
     output elsewhere too (QCD073), that BatchNorm and what its other readers get (their SQNR):
-    a loss after one is blamed on it where that explains it (refold.EXPLAINS_DB)."""
+    a loss after one is blamed on it where that explains it (ops.EXPLAINS_DB)."""
     across, unfused, refolded = across or {}, unfused or {}, refolded or {}
     stub = ("the quantize_per_tensor of the model's input" if graph_input else "its QuantStub")
     out = []
@@ -312,7 +311,7 @@ def upstream_losses(order: list[str], screens: dict[str, Screen], graph_input: b
             clipped = [c for c in order[since:order.index(name)] if c in across]
             kept = [c for c in order[since:order.index(name)] if c in unfused]
             folds = [c for c in order[since:order.index(name)] if c in refolded
-                     and refolded[c][1] <= got + FOLD_EXPLAINS_DB]
+                     and refolded[c][1] <= got + EXPLAINS_DB]
             before = [c for c in order[since:order.index(name)] if c in (missing or {})]
             # an op whose qparams do not fit is measured evidence; a lost activation may
             # cost nothing (where what it clips is rare), so it is blamed only without one

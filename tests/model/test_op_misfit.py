@@ -55,7 +55,7 @@ def test_a_batchnorm_is_blamed_for_its_moved_statistics_only_where_they_explain_
     and its variances by 0.95x to 1.03x (an error of about 32 dB in its output), it was blamed
     for a conv's input at 24.4 dB, and its fix left that input at 24.6 dB (helper-65: the
     loss was the unfused BatchNorm's, QCD072). It is named where its move explains half the
-    loss's error power or more (DRIFT_EXPLAINS_DB), and for its qparams whatever its move."""
+    loss's error power or more (EXPLAINS_DB), and for its qparams whatever its move."""
     from qconvdiag.model.ops import between
 
     def bn(stats: tuple[float, float, float], scale: float = 0.02) -> OpRange:

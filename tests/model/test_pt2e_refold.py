@@ -132,7 +132,7 @@ def test_a_loss_is_blamed_on_a_fold_only_where_the_fold_explains_it(readers_db: 
                                                                      blamed: bool) -> None:
     """Found by review: any loss after a refolded conv was blamed on QCD073 and left out of
     QCD065, though QCD073 is graded by its readers' SQNR: a harmless fold (its readers at
-    35 dB, info) took a 5 dB loss. It takes a loss it explains (EXPLAINS_DB) only."""
+    35 dB, info) took a 5 dB loss. It takes a loss it explains (ops.EXPLAINS_DB) only."""
     from qconvdiag.model.screen import Screen
     from qconvdiag.model.walk import upstream_losses
     from qconvdiag.model_report import ErrorSummary
