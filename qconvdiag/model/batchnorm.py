@@ -129,7 +129,7 @@ def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any) -> dict[st
                                kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
             if watched and isinstance(out, torch.Tensor):
-                seen = {watched[id(a)] for a in _flat((args, kwargs)) if id(a) in watched}
+                seen = {watched[id(a)] for a in flat_args((args, kwargs)) if id(a) in watched}
                 for name in seen:
                     reads[name] += 1
             return out
@@ -144,11 +144,11 @@ def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any) -> dict[st
     return {name: n <= 1 for name, n in reads.items()}
 
 
-def _flat(value: Any) -> list[Any]:
+def flat_args(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _flat(v)]
+        return [x for v in value for x in flat_args(v)]
     if isinstance(value, dict):
-        return [x for v in value.values() for x in _flat(v)]
+        return [x for v in value.values() for x in flat_args(v)]
     return [value]
 
 
