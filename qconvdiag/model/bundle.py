@@ -42,6 +42,37 @@ FLOAT32_NOTE = ("its output stays float32 (its consumer takes float, e.g. a resi
 EXTRA_KEYS = ("float_input", "float_output", "quantized_output", "quantized_output_qparams")
 
 
+@dataclass(frozen=True)
+class WriterChain:
+    """The conv whose output a conv reads, and the modules between (its BatchNorm, activation
+    modules), in the float model's first forward; recorded for a conv whose input has
+    constant channels that 8-bit rounding moves (constant.py: QCD074)."""
+
+    conv: str
+    path: tuple[str, ...]
+    sole: bool
+    """No op but those modules and this conv reads the writer's output or theirs."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"conv": self.conv, "path": list(self.path), "sole": self.sole}
+
+    @staticmethod
+    def from_mapping(value: Any, where: str) -> WriterChain:
+        """The record, or a one-line refusal."""
+        from .names import is_path
+
+        def path_like(v: Any) -> bool:
+            return isinstance(v, str) and bool(v) and is_path(v)
+
+        if (not isinstance(value, dict) or not path_like(value.get("conv"))
+                or not isinstance(value.get("path"), list)
+                or not all(path_like(v) for v in value["path"])
+                or not isinstance(value.get("sole"), bool)):
+            raise CaseFileError(f"{where}: 'writer' must hold a conv's path, a list of module "
+                                "paths and whether they read alone; capture the model again")
+        return WriterChain(value["conv"], tuple(value["path"]), value["sole"])
+
+
 @dataclass(frozen=True, eq=False)
 class LayerCapture:
     """One quantized conv of a model, as the model walk needs it."""
@@ -76,6 +107,9 @@ class LayerCapture:
     bn_kept: KeptBatchNorm | None = None
     """The BatchNorm that reads its output and stays in the quantized model, not fused into
     it (an eager model's: batchnorm.py)."""
+    writer: WriterChain | None = None
+    """The conv that writes its input, where that input has constant channels that rounding
+    moves (constant.py)."""
 
 
 #: The flows a quantized model comes from (``ModelBundle.flow``).
@@ -259,6 +293,7 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                         **({"shared_range": list(lay.shared_range)}
                            if lay.shared_range is not None else {}),
                         **({"bn_kept": lay.bn_kept.to_dict()} if lay.bn_kept else {}),
+                        **({"writer": lay.writer.to_dict()} if lay.writer else {}),
                         **({"bn_folded_stats": {"eps": lay.case.folded_bn.eps,
                                                 "running_var": list(
                                                     lay.case.folded_bn.running_var)}}
@@ -356,7 +391,9 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             notes=tuple(str(n) for n in info.get("notes") or ()), calibration_range=cal,
             output_float32=as_float, shared_range=shared,
             bn_kept=None if info.get("bn_kept") is None else KeptBatchNorm.from_mapping(
-                info["bn_kept"], case.weight.shape[0], where)))
+                info["bn_kept"], case.weight.shape[0], where),
+            writer=None if info.get("writer") is None else WriterChain.from_mapping(
+                info["writer"], where)))
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")

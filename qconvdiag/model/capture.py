@@ -263,6 +263,7 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         raise CaseError(_no_quantized_conv(quantized_model))
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
     activations: dict[str, list[tuple[str, str, bool]]] = {}
+    writers: dict[str, tuple[str, tuple[str, ...]]] = {}
     from .ops import OpRecorder
 
     recorder = OpRecorder(float_model, quantized_model,
@@ -280,7 +281,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     handles = [quantized_model.register_forward_hook(kept("quantized")),
                float_model.register_forward_hook(kept("float"))]
     try:
-        seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations)
+        seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations,
+                               writers)
         pairs = {name: pairs[name] for name in seen}  # in the order the model runs them
     finally:
         recorder.remove()
@@ -341,7 +343,10 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
         return lay
 
     layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded
+    from .constant import with_writers
     from .shared import shared_groups, with_shared_ranges
+
+    layers = with_writers(layers, writers, float_model, batches[0])
 
     layers = with_shared_ranges(layers, shared_groups(
         quantized_model, {name: qconv for name, (_f, qconv) in pairs.items()}))
@@ -687,7 +692,8 @@ def float_conv_at(float_model: Any, name: str, made_from: str) -> Any:
 
 def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tuple[Any, Any]],
                     batches: list[Any], limit: int,
-                    activations: dict[str, list[tuple[str, str, bool]]]) -> dict[str, Seen]:
+                    activations: dict[str, list[tuple[str, str, bool]]],
+                    writers: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, Seen]:
     seen = {name: Seen() for name in pairs}
     ran: list[str] = []  # the order the quantized model runs its convs in
 
@@ -705,7 +711,8 @@ def _run_with_hooks(float_model: Any, quantized_model: Any, pairs: dict[str, tup
                for name, (_fconv, qconv) in pairs.items()]
     run_both(float_model, lambda batch: quantized_model(batch),
              {name: fconv for name, (fconv, _qconv) in pairs.items()}, seen, batches, limit,
-             handles, lambda bn: _gone(quantized_model, bn), activations, quantized_model)
+             handles, lambda bn: _gone(quantized_model, bn), activations, quantized_model,
+             writers)
     # in the order they ran (a model may register its modules in another: the walk's "before"
     # and "last" are the run's)
     return {name: seen[name] for name in ran}

@@ -36,7 +36,8 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
              seen: dict[str, Seen], batches: list[Any], limit: int, handles: list[Any],
              folded: Callable[[str], bool],
              activations: dict[str, list[tuple[str, str, bool]]] | None = None,
-             quantized_model: Any = None) -> None:
+             quantized_model: Any = None,
+             writers: dict[str, tuple[str, tuple[str, ...]]] | None = None) -> None:
     """Run the quantized model (``run_quantized``, whose own recording fills ``seen``'s
     quantized side) and the float model, batch by batch, the float convs and BatchNorms
     hooked (``_FloatRecorder``); every hook in ``handles`` is removed at the end. ``folded``:
@@ -44,20 +45,25 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     ``activations`` gets, per activation module of the float model (``FUSED_ACTIVATIONS``), its
     calls in the first forward, in order: the conv whose output (or its BatchNorm's) each was
     called on ("" for another op's output), the conv that ran last before it, and whether it
-    read that conv's own output. A forward
+    read that conv's own output. ``writers`` gets, per conv of ``fconvs`` whose input in the
+    first forward is another one's output through modules alone (its BatchNorm, activation
+    modules of FUSED_ACTIVATIONS), that conv and those modules' paths. A forward
     that raises is refused in one line naming the module (``quantized_model``: the quantized
     side's modules, for their names)."""
     import torch
 
     from ..torch_calls import capture_warnings
 
-    recorder = _FloatRecorder(seen, fconvs, folded, {} if activations is None else activations)
+    recorder = _FloatRecorder(seen, fconvs, folded, {} if activations is None else activations,
+                              {} if writers is None else writers)
     for name, fconv in fconvs.items():
         handles.append(fconv.register_forward_hook(recorder.conv_hook(name)))
     for name, module in float_model.named_modules():
         handles.append(module.register_forward_pre_hook(recorder.before_hook(name)))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             handles.append(module.register_forward_hook(recorder.bn_hook(name)))
+        elif type(module).__name__ in FUSED_ACTIVATIONS:
+            handles.append(module.register_forward_hook(recorder.activation_hook(name)))
     try:
         with torch.no_grad(), capture_warnings():
             for run, batch in enumerate(batches, 1):
@@ -85,10 +91,12 @@ class _FloatRecorder:
 
     def __init__(self, seen: dict[str, Seen], fconvs: dict[str, Any],
                  folded: Callable[[str], bool],
-                 calls: dict[str, list[tuple[str, str, bool]]]) -> None:
-        self.seen, self.folded, self.calls = seen, folded, calls
+                 calls: dict[str, list[tuple[str, str, bool]]],
+                 writers: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+        self.seen, self.folded, self.calls, self.writers = seen, folded, calls, writers
         self.pending = _PendingOutputs(seen, fconvs)
         self.produced = _ConvOutputs()
+        self.chains = _ConvOutputs()  # first forward: a conv's output, through modules alone
         self.first = True  # the first forward: the activations' calls are recorded in it
         self.last = ""  # the conv that ran last
 
@@ -98,7 +106,23 @@ class _FloatRecorder:
             self.pending.add(name, out)
             self.produced.add(out, name)
             self.last = name
+            if self.first:
+                chain = self.chains.chain_of(args[0])
+                if chain is not None:
+                    self.writers[name] = chain
+                self.chains.add(out, name)
         return hook
+
+    def activation_hook(self, act_name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            self._extend(args, out, act_name)
+        return hook
+
+    def _extend(self, args: tuple[Any, ...], out: Any, module: str) -> None:
+        """In the first forward: ``out`` continues the chain ``args[0]`` belongs to."""
+        chain = self.chains.chain_of(args[0]) if self.first and args else None
+        if chain is not None:
+            self.chains.add(out, chain[0], path=(*chain[1], module))
 
     def bn_hook(self, bn_name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
@@ -113,6 +137,7 @@ class _FloatRecorder:
             conv = self.produced.of(args[0])
             if conv is not None:
                 self.produced.add(out, conv, direct=False)
+            self._extend(args, out, bn_name)
         return hook
 
     def before_hook(self, name: str) -> Callable[..., None]:
@@ -131,6 +156,7 @@ class _FloatRecorder:
     def end_forward(self) -> None:
         self.first = False
         self.produced.clear()
+        self.chains.clear()
         self.pending.settle()
 
 
@@ -139,13 +165,21 @@ class _ConvOutputs:
     a tensor came from. Weak references: a freed tensor's id may be reused."""
 
     def __init__(self) -> None:
-        self.by_id: dict[int, tuple[Any, str, bool]] = {}
+        self.by_id: dict[int, tuple[Any, str, bool, tuple[str, ...]]] = {}
 
-    def add(self, t: Any, conv: str, direct: bool = True) -> None:
-        """``t`` came from ``conv``: its output (``direct``) or its BatchNorm's."""
+    def add(self, t: Any, conv: str, direct: bool = True, path: tuple[str, ...] = ()) -> None:
+        """``t`` came from ``conv``: its output (``direct``) or its BatchNorm's (``path``:
+        the modules it went through)."""
         import weakref
 
-        self.by_id[id(t)] = (weakref.ref(t), conv, direct)
+        self.by_id[id(t)] = (weakref.ref(t), conv, direct and not path, path)
+
+    def chain_of(self, t: Any) -> tuple[str, tuple[str, ...]] | None:
+        """The conv ``t`` came from and the modules between."""
+        hit = self.by_id.get(id(t))
+        if hit is None or hit[0]() is not t:
+            return None
+        return hit[1], hit[3]
 
     def of(self, t: Any, direct: bool = False) -> str | None:
         """The conv ``t`` came from (with ``direct``: only a conv's own output)."""

@@ -52,6 +52,7 @@ from .batchnorm import qcd072
 from .bundle import LayerCapture, ModelBundle
 from .channels import qcd066
 from .compiled import qcd063
+from .constant import qcd074
 from .engine import CODE as QCD067
 from .engine import EngineThatRan, engine_that_ran, qcd067
 from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_sentence
@@ -208,6 +209,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        qcd069_training(bundle.bn_training),
                                        qcd072(kept_bn, upstream),
                                        qcd073(bundle.shared_folds),
+                                       qcd074(bundle.layers, screens, bundle.flow),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
