@@ -104,11 +104,14 @@ def kept_batchnorm(name: str, bn: Any, activation: str, alone: bool = True
     return KeptBatchNorm(name, tuple(gain.tolist()), tuple(shift.tolist()), activation, alone)
 
 
-def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any) -> dict[str, bool]:
+def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any,
+                 until: dict[str, Any] | None = None) -> dict[str, bool]:
     """Per conv of ``convs`` (name -> the float model's module): is one op alone (its
     BatchNorm) reading its output, in one more forward of ``batch``? Every torch function
     called on a tensor is seen (a TorchFunctionMode: module calls, and ``x + shortcut`` in a
-    forward alike); a read that returns no tensor (``x.shape``) is not counted."""
+    forward alike); a read that returns no tensor (``x.shape``) is not counted. ``until``: per
+    conv, the module whose forward ends the watch (an in-place ReLU returns the conv's output
+    itself, which the ops after it read as the ReLU's)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -134,7 +137,14 @@ def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any) -> dict[st
                     reads[name] += 1
             return out
 
+    def done(name: str) -> Any:
+        def forget(_m: Any, _a: Any, out: Any) -> None:
+            if watched.get(id(out)) == name:  # in place: the conv's output is its output now
+                del watched[id(out)]
+        return forget
+
     handles = [m.register_forward_hook(hook(name)) for name, m in convs.items()]
+    handles += [m.register_forward_hook(done(name)) for name, m in (until or {}).items()]
     try:
         with torch.no_grad(), capture_warnings(), Reads():
             float_model(batch)

@@ -73,6 +73,17 @@ class WriterChain:
         return WriterChain(value["conv"], tuple(value["path"]), value["sole"])
 
 
+def _module_path(value: Any, where: str, key: str) -> str | None:
+    """A module path (None where absent), or a one-line refusal."""
+    from .names import is_path
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or not is_path(value):
+        raise CaseFileError(f"{where}: '{key}' must be a module path; capture the model again")
+    return value
+
+
 @dataclass(frozen=True, eq=False)
 class LayerCapture:
     """One quantized conv of a model, as the model walk needs it."""
@@ -110,6 +121,9 @@ class LayerCapture:
     writer: WriterChain | None = None
     """The conv that writes its input, where that input has constant channels that rounding
     moves (constant.py)."""
+    unfused_relu: str | None = None
+    """The ReLU module the float model calls on its own output, alone there, where an eager
+    model's quantized conv fused none (relu.py: QCD075)."""
 
 
 #: The flows a quantized model comes from (``ModelBundle.flow``).
@@ -294,6 +308,7 @@ def bundle_to_mapping(bundle: ModelBundle) -> dict[str, Any]:
                            if lay.shared_range is not None else {}),
                         **({"bn_kept": lay.bn_kept.to_dict()} if lay.bn_kept else {}),
                         **({"writer": lay.writer.to_dict()} if lay.writer else {}),
+                        **({"unfused_relu": lay.unfused_relu} if lay.unfused_relu else {}),
                         **({"bn_folded_stats": {"eps": lay.case.folded_bn.eps,
                                                 "running_var": list(
                                                     lay.case.folded_bn.running_var)}}
@@ -393,7 +408,8 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             bn_kept=None if info.get("bn_kept") is None else KeptBatchNorm.from_mapping(
                 info["bn_kept"], case.weight.shape[0], where),
             writer=None if info.get("writer") is None else WriterChain.from_mapping(
-                info["writer"], where)))
+                info["writer"], where),
+            unfused_relu=_module_path(info.get("unfused_relu"), where, "unfused_relu")))
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")

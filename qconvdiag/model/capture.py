@@ -322,12 +322,23 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                      if conv and not direct and len(calls) == 1
                      and type(float_model.get_submodule(act)).__name__ == "ReLU"}
     eager = not isinstance(quantized_model, torch.fx.GraphModule)
+    # the ReLU module the float model applies to a conv's own output, called there alone,
+    # where an eager model's quantized conv fused none (QCD075)
+    relu_unfused = {conv: act for act, calls in activations.items() for conv, _l, direct in calls
+                    if eager and conv in pairs and direct and len(calls) == 1
+                    and type(float_model.get_submodule(act)).__name__ == "ReLU"
+                    and "ReLU" not in type(pairs[conv][1]).__name__}
     unfused_at = [name for name in pairs if seen[name].bn is not None
                   and folded_bn(seen[name], quantized_model) is None] if eager else []
     from .batchnorm import sole_readers
 
     alone = sole_readers(float_model, {name: pairs[name][0] for name in unfused_at},
                          batches[0]) if unfused_at else {}
+    if relu_unfused:  # fusing a ReLU whose conv's output another op reads changes the model
+        relu_alone = sole_readers(float_model, {c: pairs[c][0] for c in relu_unfused},
+                                  batches[0], {c: float_model.get_submodule(act)
+                                               for c, act in relu_unfused.items()})
+        relu_unfused = {c: act for c, act in relu_unfused.items() if relu_alone[c]}
 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:
         name, (fconv, qconv) = item
@@ -340,6 +351,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
             record = kept_batchnorm(bn, float_model.get_submodule(bn),
                                     relu_after_bn.get(name, ""), alone.get(name, True))
             lay = dataclasses.replace(lay, bn_kept=record)
+        if name in relu_unfused:
+            lay = dataclasses.replace(lay, unfused_relu=relu_unfused[name])
         return lay
 
     layers = two_at_a_time(one, list(pairs.items()))  # a layer's copies: single-threaded

@@ -35,6 +35,7 @@ from ..quantization.paths import PathSpec, conv_output_qparams, holds_float_weig
 from ..quantization.qparams import QParams, dequantize, dequantize32, wide_codes
 from .batchnorm import KeptCost, kept_cost
 from .bundle import LayerCapture
+from .relu import ReluCost, relu_cost
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class Screen:
     bn_kept: KeptCost | None = None
     """Where the quantized model kept the BatchNorm after it (not fused): that BatchNorm's
     output from the conv's codes, and at a fused conv's floor (batchnorm.py)."""
+    relu: ReluCost | None = None
+    """Where an eager model left the ReLU after it unfused: that ReLU's output from the conv's
+    codes, and at a fused conv's step (relu.py)."""
 
 
 
@@ -152,8 +156,13 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
         kept = kept_cost(lay.bn_kept, dequantize32(lay.quantized_output,
                                                    lay.quantized_output_qparams), y,
                          own.sqnr_db)
+    relu = None
+    if lay.unfused_relu is not None and case.activation is None and not fp32:
+        qp = lay.quantized_output_qparams
+        relu = relu_cost(lay.unfused_relu, dequantize32(lay.quantized_output, qp), y,
+                         float(qp.scale[0]), lay.calibration_range or (y_span.low, y_span.high))
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant,
-                  findings, kept)
+                  findings, kept, relu)
 
 
 def _other_weight(own_energy: float, floor_energy: float, verdict: str) -> LayerFinding:

@@ -59,6 +59,7 @@ from .lost import inputs_unlike, qcd065, qcd069, qcd069_training, unlike_inputs_
 from .ops import EXPLAINS_DB, OpRange, between, for_loss
 from .refold import CODE as FOLD_CODE
 from .refold import qcd073
+from .relu import qcd075
 from .reuse import CODE as REUSE_CODE
 from .reuse import qcd064
 from .screen import Screen, module_spec, screen_layer, spec_kernel, torch_check
@@ -144,6 +145,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
     kept_bn = [(lay.name, lay.bn_kept, cost) for lay in bundle.layers
                if lay.bn_kept is not None and (cost := screens[lay.name].bn_kept) is not None]
     unfused = [(name, kept, cost) for name, kept, cost in kept_bn if cost.cost_db >= BN_COST_DB]
+    # convs whose unfused ReLU costs its output what fusing it would not (QCD075)
+    unfused_relus = [(lay.name, relu) for lay in bundle.layers
+                     if (relu := screens[lay.name].relu) is not None]
     floats = {lay.name for lay in bundle.layers if lay.output_float32}
     explainable = [name for name in ranking if name not in floats]
     explain = list(dict.fromkeys([*explainable[:options.top], *options.layers]))
@@ -210,6 +214,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        qcd072(kept_bn, upstream),
                                        qcd073(bundle.shared_folds),
                                        qcd074(bundle.layers, screens, bundle.flow),
+                                       qcd075(unfused_relus),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)

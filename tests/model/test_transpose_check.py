@@ -44,12 +44,14 @@ def _engine_restored():  # noqa: ANN202
 
 
 def _quantized(engine: str) -> tuple[torch.nn.Module, torch.nn.Module, list[torch.Tensor]]:
-    """The float model, its eager quantization on ``engine`` (per-tensor weights for the
-    ConvTranspose, which torch requires), and three batches (calibration)."""
+    """The float model, its eager quantization on ``engine`` (enc fused with its ReLU,
+    per-tensor weights for the ConvTranspose, which torch requires), and three batches
+    (calibration)."""
     from torch.ao.quantization import (
         QConfig,
         convert,
         default_weight_observer,
+        fuse_modules,
         get_default_qconfig,
         prepare,
     )
@@ -59,7 +61,7 @@ def _quantized(engine: str) -> tuple[torch.nn.Module, torch.nn.Module, list[torc
     model = _UNetish().eval()
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(3)]
-    q = copy.deepcopy(model)
+    q = fuse_modules(copy.deepcopy(model), [["enc", "relu"]])
     q.qconfig = get_default_qconfig(engine)
     q.up.qconfig = QConfig(activation=q.qconfig.activation, weight=default_weight_observer)
     with warnings.catch_warnings():
