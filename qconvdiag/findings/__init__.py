@@ -62,9 +62,10 @@ FLOOR_CODE = "QCD070"
 #: model/reuse.py; QCD065 and QCD069: model/lost.py; QCD066: model/channels.py; QCD067:
 #: model/engine.py; QCD068: model/stale.py; QCD071: model/after.py; QCD072:
 #: model/batchnorm.py; QCD073: model/refold.py; QCD074: model/constant.py; QCD075:
-#: model/relu.py).
+#: model/relu.py; QCD076: model/calibration.py).
 MODEL_CODES = ("QCD063", "QCD064", "QCD065", "QCD066", "QCD067", "QCD068", "QCD069",
-               "QCD071", "QCD072", "QCD073", "QCD074", "QCD075")
+               "QCD071", "QCD072", "QCD073", "QCD074", "QCD075",
+               "QCD076")
 CODES = tuple(sorted([r.code for r in REGISTRY] + [FLOOR_CODE, *MODEL_CODES]))
 ROOTS = frozenset(r.code for r in REGISTRY if r.root)
 

@@ -50,6 +50,7 @@ from .batchnorm import CODE as BN_CODE
 from .batchnorm import COST_DB as BN_COST_DB
 from .batchnorm import qcd072
 from .bundle import LayerCapture, ModelBundle
+from .calibration import qcd076
 from .channels import qcd066
 from .compiled import qcd063
 from .constant import qcd074
@@ -215,6 +216,7 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        qcd073(bundle.shared_folds),
                                        qcd074(bundle.layers, screens, bundle.flow),
                                        qcd075(unfused_relus),
+                                       qcd076(bundle.layers, screens, bundle.flow),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
     gate = _gate(rows, options, model_findings)
