@@ -181,7 +181,8 @@ def layer_table(report: ModelReport, width: int) -> Table:
 
 
 def _layer_table(n: int, columns: list[str], rows: list[list[str | Text]]) -> Table:
-    t = Table(box=box.SIMPLE_HEAD, title=f"{n} quantized convs in model order, "
+    t = Table(box=box.SIMPLE_HEAD, title=f"{n} quantized conv{'s' if n != 1 else ''} in "
+              "model order, "
               "# = rank by own error", title_justify="left", pad_edge=False,
               padding=(0, 1), collapse_padding=True)
     for col in columns:

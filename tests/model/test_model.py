@@ -2207,3 +2207,11 @@ def test_a_one_conv_model_s_sentence_speaks_of_one_conv():
     _bundle, d = walk(f, q, models.inputs(2, 8, 7))
     assert summary_sentence(d.report).startswith(
         "The one quantized conv is at its rounding floor: no conv is misquantized")
+    # helper-70: and the table's title, "1 quantized convs in model order"
+    from rich.console import Console
+
+    from qconvdiag.render.rich_model import layer_table
+
+    console = Console(record=True, width=100)
+    console.print(layer_table(d.report, 100))
+    assert "1 quantized conv in model order" in console.export_text()
