@@ -468,6 +468,10 @@ def _gate(rows: tuple[LayerRow, ...], options: WalkOptions,
                      tuple(breaches))
 
 
+#: How capture_model's refusals begin.
+CAPTURE_PREFIX = "capture_model:"
+
+
 def diagnose_model(float_model: object, quantized_model: object, inputs: object, top: int = 3,
                    options: WalkOptions | None = None, max_elements: int | None = None,
                    progress: Progress | None = None, calibration: object = None
@@ -479,9 +483,17 @@ def diagnose_model(float_model: object, quantized_model: object, inputs: object,
     """
     import dataclasses
 
+    from ..errors import CaseError
     from .capture import capture_model
 
-    bundle = capture_model(float_model, quantized_model, inputs, None, calibration=calibration,
-                           max_elements=max_elements, progress=progress)
+    try:
+        bundle = capture_model(float_model, quantized_model, inputs, None,
+                               calibration=calibration, max_elements=max_elements,
+                               progress=progress)
+    except CaseError as exc:  # its refusals name the function the user called
+        said = str(exc)
+        if not said.startswith(CAPTURE_PREFIX):
+            raise
+        raise type(exc)("diagnose_model:" + said[len(CAPTURE_PREFIX):]) from None
     options = dataclasses.replace(options or WalkOptions(), top=top)
     return walk_model(bundle, options, progress).report

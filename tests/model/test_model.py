@@ -2215,3 +2215,13 @@ def test_a_one_conv_model_s_sentence_speaks_of_one_conv():
     console = Console(record=True, width=100)
     console.print(layer_table(d.report, 100))
     assert "1 quantized conv in model order" in console.export_text()
+
+
+def test_diagnose_model_s_refusals_name_diagnose_model():
+    """helper-70: diagnose_model's refusal began 'capture_model:', a function the user had
+    not called."""
+    from qconvdiag.errors import CaseError
+
+    f = _ConvThenLinear().eval()
+    with pytest.raises(CaseError, match=r"^diagnose_model: the quantized model holds no "):
+        qconvdiag.diagnose_model(f, f, models.inputs(2, 8, 7))
