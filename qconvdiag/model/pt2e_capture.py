@@ -121,9 +121,13 @@ def _not_a_pattern(x: Any, w: Any, model: Any = None) -> str:
         return str(getattr(node, "target", ""))
 
     if "dequantize_per_tensor" in target(w):
-        return ("its weight is quantized per tensor, and X86InductorQuantizer's int8 conv "
-                "takes per-channel weights: torch.compile runs this conv in float32 (quantize "
-                "with the default config's per-channel weights)")
+        symmetric = list(getattr(w, "args", ())[3:5]) == [-127, 127]
+        return ("its weight is quantized per tensor"
+                + (" to -127..127 (XNNPACKQuantizer's config, is_per_channel=False, as the PT2E "
+                   "tutorial's)" if symmetric else "")
+                + ", and X86InductorQuantizer's int8 conv takes per-channel weights: "
+                "torch.compile runs this conv in float32 (quantize with X86InductorQuantizer's "
+                "default config, per-channel weights, to run and diagnose it in int8)")
     if "dequantize_per_tensor.tensor" in target(x) or "choose_qparams" in target(
             getattr(x, "args", [None])[0] if getattr(x, "args", None) else None):
         return ("its input is quantized at run time (is_dynamic=True), which the int8 conv "
@@ -349,10 +353,17 @@ def capture_pt2e(float_model: Any, converted: Any, batches: list[Any], limit: in
 
     require_torchao("a convert_pt2e model")
     patterns, skipped = find_patterns(converted)
+    if not patterns and skipped:  # its Q/DQ nodes are convert_pt2e's form; not the int8 conv's
+        n = len(skipped)
+        raise CaseError(f"capture_model: none of the convert_pt2e model's {n} conv"
+                        f"{'s' if n > 1 else ''} is the pattern x86_inductor's int8 conv runs "
+                        "(dequantize -> aten.conv with a per-channel int8 weight -> quantize; "
+                        "the dequantize and quantize nodes themselves are convert_pt2e's "
+                        f"form); {skipped[0].removesuffix(': left out')}"
+                        + (f" (and {n - 1} more)" if n > 1 else ""))
     if not patterns:
         raise CaseError("capture_model: the convert_pt2e model holds no quantized conv "
-                        "pattern (dequantize -> aten.conv -> quantize)"
-                        + (f"; {skipped[0]}" if skipped else ""))
+                        "pattern (dequantize -> aten.conv -> quantize)")
     fconvs = {}
     for p in patterns:
         if p.name in fconvs:
