@@ -7,6 +7,7 @@ model whose output keeps its last conv's SQNR writes nothing (its bundle's bytes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,57 @@ MIN_VALUES = 32
 
 
 @dataclass(frozen=True)
+class HeadStep:
+    """A module the quantized model ran after its last conv (an eager model's), against the
+    float model's module of the same name, on the first batch."""
+
+    name: str
+    kind: str
+    """The quantized module's class name (Linear, AdaptiveAvgPool2d, ...)."""
+    sqnr_db: float | None
+    """Its output against the float module's (None: exact)."""
+    own_db: float | None = None
+    """Its output against the float module's on the input it received, dequantized: its own
+    error, nothing before it (None: exact, or not measured: ``own``)."""
+    own: bool = False
+    """``own_db`` was measured."""
+    codes: int | None = None
+    """How many codes its quantized output spans (None: a float output)."""
+    weight_sqnr_db: float | None = None
+    """A Linear's weight, dequantized, against the float module's (None: none, or exact)."""
+    weight_per_channel: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "sqnr_db": self.sqnr_db,
+                **({"own_db": self.own_db} if self.own else {}),
+                **({} if self.codes is None else {"codes": self.codes}),
+                **({} if self.weight_per_channel is None else {
+                    "weight_sqnr_db": self.weight_sqnr_db,
+                    "weight_per_channel": self.weight_per_channel})}
+
+    @staticmethod
+    def from_mapping(m: Any) -> HeadStep:
+        """The record (raises TypeError, KeyError or ValueError where malformed)."""
+        from .names import is_kind, is_path
+
+        def number(v: Any) -> float | None:
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError
+            return float(v)
+
+        codes, per_channel = m.get("codes"), m.get("weight_per_channel")
+        if (not is_path(m["name"]) or not m["name"] or not is_kind(m["kind"])
+                or (codes is not None and (isinstance(codes, bool)
+                                           or not isinstance(codes, int)))
+                or (per_channel is not None and not isinstance(per_channel, bool))):
+            raise ValueError
+        return HeadStep(m["name"], m["kind"], number(m["sqnr_db"]), number(m.get("own_db")),
+                        "own_db" in m, codes, number(m.get("weight_sqnr_db")), per_channel)
+
+
+@dataclass(frozen=True)
 class LostAfter:
     """The model's output against the float model's, and its last conv's."""
 
@@ -41,11 +93,14 @@ class LostAfter:
     output: str = ""
     """Which of the model's outputs (a tuple's index, a dict's key: ``logits``) is the worst,
     where it returns several ("" for one tensor)."""
+    steps: tuple[HeadStep, ...] = ()
+    """The modules after the last conv, each against its float twin (an eager model's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"last_conv": self.last_conv, "last_conv_sqnr_db": self.last_conv_sqnr_db,
                 "output_sqnr_db": self.output_sqnr_db, "after": list(self.after),
-                **({"output": self.output} if self.output else {})}
+                **({"output": self.output} if self.output else {}),
+                **({"steps": [s.to_dict() for s in self.steps]} if self.steps else {})}
 
     @staticmethod
     def from_mapping(m: Any, source: str) -> LostAfter:
@@ -57,7 +112,8 @@ class LostAfter:
             lost = LostAfter(str(m["last_conv"]), float(m["last_conv_sqnr_db"]),
                              None if out is None else float(out),
                              tuple(str(a) for a in m.get("after") or ()),
-                             m.get("output", ""))
+                             m.get("output", ""),
+                             tuple(HeadStep.from_mapping(s) for s in m.get("steps") or ()))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             lost = None
         if lost is None or not is_path(lost.last_conv) or not all(
@@ -65,6 +121,198 @@ class LostAfter:
             raise CaseFileError(f"{source}: 'lost_after' is malformed; capture the model "
                                 "again")
         return lost
+
+
+class HeadRecorder:
+    """Hooks on an eager model's leaf modules for ``head_steps``: in the quantized model's first
+    forward, the outputs of the modules that ran after its last conv (a conv's call clears
+    them; Identity and DeQuantize add nothing); in the float model's, its same-named modules'.
+    The tensors are kept, not copied: they are the head's, after the last conv."""
+
+    def __init__(self, float_model: Any, quantized_model: Any, qconvs: set[str]) -> None:
+        import torch
+
+        self.after: list[tuple[str, str, Any, Any]] = []
+        self.float_out: dict[str, Any] = {}
+        self.first = [True, True]  # the quantized model's first forward, the float one's
+        self.handles = []
+        for name, m in quantized_model.named_modules():
+            if name and _leaf(m):
+                self.handles.append(m.register_forward_hook(self._quantized(name, name in qconvs)))
+        for name, m in float_model.named_modules():
+            if name and _leaf(m):
+                self.handles.append(m.register_forward_hook(self._float(name)))
+        self.handles.append(quantized_model.register_forward_hook(self._done(0)))
+        self.handles.append(float_model.register_forward_hook(self._done(1)))
+        self._tensor = torch.Tensor
+
+    def _quantized(self, name: str, conv: bool) -> Any:
+        def hook(m: Any, args: Any, out: Any) -> None:
+            if not self.first[0]:
+                return
+            if conv:
+                self.after.clear()
+            elif isinstance(out, self._tensor) and type(m).__name__ not in HEAD_SKIPPED:
+                x = args[0] if len(args) == 1 and isinstance(args[0], self._tensor) else None
+                self.after.append((name, type(m).__name__, out, x))
+        return hook
+
+    def _float(self, name: str) -> Any:
+        def hook(_m: Any, _a: Any, out: Any) -> None:
+            if self.first[1] and not self.first[0] and isinstance(out, self._tensor):
+                self.float_out[name] = out
+        return hook
+
+    def _done(self, which: int) -> Any:
+        def hook(*_: Any) -> None:
+            self.first[which] = False
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _leaf(module: Any) -> bool:
+    """A module with no children but its packed parameters (a quantized Linear's)."""
+    return all(name == "_packed_params" for name, _ in module.named_children())
+
+
+#: Modules whose output is their input's, as far as a loss goes.
+HEAD_SKIPPED = frozenset({"Identity", "DeQuantize", "DeQuantStub", "Dropout"})
+
+
+def head_steps(recorder: HeadRecorder, float_model: Any, quantized_model: Any, keep: int
+               ) -> tuple[HeadStep, ...]:
+    """Each module after the last conv (``recorder``'s) against the float model's module of
+    the same name, on the first batch's ``keep`` samples; a Linear's weight too."""
+    import numpy as np
+    import torch
+
+    from ..measure.metrics import difference
+
+    steps = []
+    for name, kind, out, x in recorder.after:
+        want = recorder.float_out.get(name)
+        if want is None or tuple(want.shape) != tuple(out.shape) or out.numel() == 0:
+            continue
+        got = out.dequantize() if out.is_quantized else out
+        if not got.is_floating_point() or not want.is_floating_point():
+            continue
+        a = got.detach().float().numpy()[:keep]
+        b = want.detach().float().numpy()[:keep]
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            continue
+        codes = None
+        if out.is_quantized and out.qscheme() == torch.per_tensor_affine:
+            r = out.int_repr()
+            codes = int(r.max()) - int(r.min()) + 1
+        w_db, per_channel = None, None
+        q_mod, f_mod = quantized_model.get_submodule(name), None
+        try:
+            f_mod = float_model.get_submodule(name)
+        except AttributeError:
+            pass
+        weight = getattr(q_mod, "weight", None)
+        if callable(weight) and f_mod is not None and isinstance(
+                getattr(f_mod, "weight", None), torch.Tensor):
+            qw = weight()
+            if qw.is_quantized and tuple(qw.shape) == tuple(f_mod.weight.shape):
+                w_db = difference(qw.dequantize().numpy(),
+                                  f_mod.weight.detach().float().numpy()).sqnr_db
+                per_channel = qw.qscheme() in (torch.per_channel_affine,
+                                               torch.per_channel_symmetric)
+        own = _own(f_mod, x, a, kind, keep)
+        steps.append(HeadStep(name, kind, difference(a, b).sqnr_db,
+                              None if own is None else own[0], own is not None, codes, w_db,
+                              per_channel))
+    return tuple(steps)
+
+
+def _own(f_mod: Any, x: Any, got: Any, kind: str, keep: int) -> tuple[float | None] | None:
+    """The float module on the input the quantized one received (dequantized), against the
+    quantized module's output ``got``: its own SQNR; None where not measured (no float twin,
+    an input of several tensors, a fused activation the twin lacks, another shape)."""
+    import numpy as np
+    import torch
+
+    from ..measure.metrics import difference
+
+    if f_mod is None or x is None or getattr(f_mod, "training", False) or (
+            "ReLU" in kind and "ReLU" not in type(f_mod).__name__):
+        return None  # (a module in training mode would update its statistics)
+    xf = x.dequantize() if x.is_quantized else x
+    if not xf.is_floating_point():
+        return None
+    try:
+        with torch.no_grad():
+            ref = f_mod(xf[:keep].float())
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != tuple(got.shape):
+        return None
+    r = ref.detach().float().numpy()
+    if not np.isfinite(r).all():
+        return None
+    return (difference(got, r).sqnr_db,)
+
+
+#: A quantized output on this many codes or fewer is coarse for what it carries.
+FEW_CODES = 32
+#: A Linear's weight this many dB or less from the float model's is another weight.
+OTHER_WEIGHT_DB = 10.0
+#: Pools and other modules that keep their input's scale and zero point.
+KEEPS_QPARAMS = ("Pool", "Flatten", "Upsample", "ReLU", "Hardtanh", "Dropout")
+
+
+def _where(lost: LostAfter) -> str:
+    """Each module after the last conv against its float twin, and where the most is lost:
+    the lowest own SQNR where measured (the module on the input it received), else the
+    largest drop from the module before; with what that module's record shows."""
+    def db(v: float | None) -> str:
+        return "exact" if v is None else f"{v:.1f} dB"
+
+    def inf(v: float | None) -> float:
+        return math.inf if v is None else v
+
+    listed = "; ".join(f"{s.name} ({s.kind}) {db(s.sqnr_db)}"
+                       + (f", own {db(s.own_db)}" if s.own else "") for s in lost.steps)
+    head = ("Module by module after it (the model's SQNR there"
+            + ("; own: the module on the input it received" if any(s.own for s in lost.steps)
+               else "") + f"): {listed}.")
+    measured = [s for s in lost.steps if s.own]
+    if measured:
+        worst = min(measured, key=lambda s: inf(s.own_db))
+        if inf(worst.own_db) >= lost.last_conv_sqnr_db:
+            return head + (" Each keeps its own error below the last conv's: what is lost "
+                           "is carried and grown (a Linear's sums cancel), not added there.")
+        text = f"{head} The lowest own SQNR is {worst.name}'s"
+    else:
+        before, drops = lost.last_conv_sqnr_db, []
+        for s in lost.steps:
+            drops.append((before - inf(s.sqnr_db), s))
+            before = inf(s.sqnr_db)
+        drop, worst = max(drops, key=lambda d: d[0])
+        if drop <= 0:
+            return head
+        text = f"{head} The most is lost at {worst.name} ({drop:.1f} dB)"
+    if worst.weight_per_channel is not None:
+        w = worst.weight_sqnr_db
+        if w is not None and w <= OTHER_WEIGHT_DB:
+            return text + (f": its weight is {db(w)} from the float model's, another weight "
+                           "(another checkpoint, a weight set without set_weight_bias).")
+        return text + (f": its weight is {db(w)} from the float model's, quantized "
+                       + ("per channel" if worst.weight_per_channel else
+                          "per tensor (a per-channel weight observer gives each output its "
+                          "own scale)") + "; and its output scale, for its output's range.")
+    if worst.codes is not None and worst.codes <= FEW_CODES and any(
+            k in worst.kind for k in KEEPS_QPARAMS):
+        return text + (f": a quantized {worst.kind} keeps its input's scale and zero point, "
+                       f"and its output spans only {worst.codes} codes of them (a pool's "
+                       "average is narrower than its input).")
+    if worst.codes is not None and worst.codes <= FEW_CODES:
+        return text + f": its output spans only {worst.codes} codes."
+    return text + "."
 
 
 def lost_after(last_conv: str, last_sqnr: float | None, output_sqnr: float | None,
@@ -92,9 +340,10 @@ def qcd071(lost: LostAfter | None) -> Finding | None:
         f"The quantized model's {which} is {out_text}, while its last conv, {lost.last_conv}, "
         f"is {lost.last_conv_sqnr_db:.1f} dB: the signal is lost after the last conv ({ops}). "
         "qconvdiag screens convs only; whatever their verdicts, the model's output is not "
-        "the float model's. A Linear holding other weights than the float model's (another "
-        "checkpoint, a weight set without set_weight_bias), or an output scale far from its "
-        "range, does this.")
+        "the float model's. " + (_where(lost) if lost.steps else
+                                 "A Linear holding other weights than the float model's "
+                                 "(another checkpoint, a weight set without set_weight_bias), "
+                                 "or an output scale far from its range, does this."))
     from ..findings.fixes import python_list
 
     if not lost.after:  # nothing recorded after it: every module with output qparams

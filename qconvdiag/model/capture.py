@@ -280,12 +280,19 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
     handles = [quantized_model.register_forward_hook(kept("quantized")),
                float_model.register_forward_hook(kept("float"))]
+    from .after import HeadRecorder, head_steps
+
+    # an eager model's modules after its last conv, for QCD071 to say where a loss there is
+    head = (HeadRecorder(float_model, quantized_model, set(pairs))
+            if not isinstance(quantized_model, torch.fx.GraphModule) else None)
     try:
         seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations,
                                writers)
         pairs = {name: pairs[name] for name in seen}  # in the order the model runs them
     finally:
         recorder.remove()
+        if head is not None:
+            head.remove()
         for h in handles:
             h.remove()
     reused = reused_activations(activations, float_model, quantized_model,
@@ -379,6 +386,9 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     last = recorder.ran_last
     after = _lost_after(layers, last, outputs, keep,
                         tuple(o.name for o in ops if last in o.after))
+    if after is not None and head is not None:
+        after = dataclasses.replace(after, steps=head_steps(head, float_model, quantized_model,
+                                                            keep))
     # the CPU's flags, for QCD067 (engine.py: which engine's kernels ran an eager model's convs)
     return finish_bundle(layers, engine, path, notes, compiled, reused, ops,
                          isa_flags() or None, tuple(stale), after,

@@ -1669,6 +1669,11 @@ def test_the_signal_lost_after_the_last_conv_is_named(tmp_path):  # noqa: ANN001
     assert found.code == "QCD071" and found.severity == "error"
     assert found.evidence["last_conv"] == "conv" and found.evidence["after"] == ["fc"]
     assert all(r.verdict == "at_floor" for r in d.report.layers)
+    # the modules after the last conv, read back from the file: the Linear's own error and
+    # its weight name it (its weight far from the float one)
+    assert [s["name"] for s in found.evidence["steps"]] == ["pool", "fc"]
+    assert "The lowest own SQNR is fc's: its weight is" in found.message
+    assert "another weight" in found.message
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(found.fix, {"quantized": q, "model": f})  # noqa: S102 - the finding's own fix
@@ -2225,3 +2230,65 @@ def test_diagnose_model_s_refusals_name_diagnose_model():
     f = _ConvThenLinear().eval()
     with pytest.raises(CaseError, match=r"^diagnose_model: the quantized model holds no "):
         qconvdiag.diagnose_model(f, f, models.inputs(2, 8, 7))
+
+
+def test_a_pool_that_keeps_a_coarse_step_is_where_the_loss_after_the_last_conv_is(tmp_path):
+    """helper-70 (pytorch#95287): QCD071 blamed the Linear's weight or output scale, where the
+    pool after the last conv kept that conv's step for its narrower average. The capture
+    measures each module after the last conv against its float twin, on the model's input
+    there and on the input it received (its own error): the pool's is the lowest, its output
+    on 2 codes."""
+    import copy
+
+    from torch.ao.quantization import convert, default_qconfig, fuse_modules, prepare
+
+    def inputs(n: int, seed: int) -> torch.Tensor:
+        x = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 0.05
+        x[:, :, 8, 8] = 20.0  # one bright pixel sets every channel's range
+        return x
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    with torch.no_grad():
+        f.conv.weight.abs_()
+        f.conv.bias.fill_(0.0)
+    torch.backends.quantized.engine = "x86"
+    q = fuse_modules(copy.deepcopy(f), [["conv", "relu"]])
+    q.qconfig = default_qconfig
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepare(q, inplace=True)
+        for i in range(4):
+            q(inputs(8, i))
+        convert(q, inplace=True)
+        qconvdiag.capture_model(f, q, inputs(16, 100), path=tmp_path / "pool.pt")
+    bundle = qconvdiag.load_bundle(tmp_path / "pool.pt")
+    assert bundle.lost_after is not None
+    pool, fc = bundle.lost_after.steps
+    assert (pool.name, pool.kind, pool.codes) == ("pool", "AdaptiveAvgPool2d", 2)
+    assert pool.own and fc.own and pool.own_db is not None and fc.own_db is not None
+    assert pool.own_db < 25 < fc.own_db and fc.weight_per_channel is False
+    (found,) = walk_model(bundle, WalkOptions(top=0)).report.findings
+    assert found.code == "QCD071"
+    assert ("The lowest own SQNR is pool's: a quantized AdaptiveAvgPool2d keeps its input's "
+            "scale and zero point, and its output spans only 2 codes") in found.message
+    assert "A Linear holding other weights" not in found.message
+
+
+def test_a_bundle_s_steps_after_the_last_conv_are_refused_when_malformed():
+    from qconvdiag.errors import CaseFileError
+    from qconvdiag.model.after import LostAfter
+
+    good = {"last_conv": "conv", "last_conv_sqnr_db": 30.0, "output_sqnr_db": 5.0,
+            "after": ["fc"], "steps": [{"name": "fc", "kind": "Linear", "sqnr_db": 5.0,
+                                        "own_db": 40.0, "codes": 100,
+                                        "weight_sqnr_db": 45.0, "weight_per_channel": True}]}
+    lost = LostAfter.from_mapping(good, "b.pt")
+    assert lost.steps[0].own and lost.steps[0].weight_per_channel is True
+    assert LostAfter.from_mapping(lost.to_dict(), "b.pt") == lost
+    step = good["steps"][0]
+    for bad in ({**step, "name": "a b"}, {**step, "kind": "x;y"}, {**step, "sqnr_db": "5"},
+                {**step, "codes": True}, {**step, "weight_per_channel": 1},
+                {k: v for k, v in step.items() if k != "sqnr_db"}):
+        with pytest.raises(CaseFileError, match="'lost_after' is malformed"):
+            LostAfter.from_mapping({**good, "steps": [bad]}, "b.pt")
