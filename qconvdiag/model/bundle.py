@@ -51,10 +51,15 @@ class WriterChain:
     conv: str
     path: tuple[str, ...]
     sole: bool
-    """No op but those modules and this conv reads the writer's output or theirs."""
+    """No op but those modules, this conv and the writer's other such readers reads the
+    writer's output or theirs."""
+    readers: tuple[str, ...] = ()
+    """The convs that read this conv's own output, through modules alone: where a loss it
+    causes shows."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"conv": self.conv, "path": list(self.path), "sole": self.sole}
+        return {"conv": self.conv, "path": list(self.path), "sole": self.sole,
+                "readers": list(self.readers)}
 
     @staticmethod
     def from_mapping(value: Any, where: str) -> WriterChain:
@@ -67,10 +72,26 @@ class WriterChain:
         if (not isinstance(value, dict) or not path_like(value.get("conv"))
                 or not isinstance(value.get("path"), list)
                 or not all(path_like(v) for v in value["path"])
-                or not isinstance(value.get("sole"), bool)):
+                or not isinstance(value.get("sole"), bool)
+                or not isinstance(value.get("readers", []), list)
+                or not all(path_like(v) for v in value.get("readers", []))):
             raise CaseFileError(f"{where}: 'writer' must hold a conv's path, a list of module "
-                                "paths and whether they read alone; capture the model again")
-        return WriterChain(value["conv"], tuple(value["path"]), value["sole"])
+                                "paths, whether they read alone and the convs reading it; "
+                                "capture the model again")
+        return WriterChain(value["conv"], tuple(value["path"]), value["sole"],
+                           tuple(value.get("readers", [])))
+
+
+def _check_writers(layers: Sequence[LayerCapture], source: str) -> None:
+    """Each 'writer' names another conv of the bundle, and its readers convs of the bundle."""
+    names = {lay.name for lay in layers}
+    for lay in layers:
+        w = lay.writer
+        if w is not None and (w.conv == lay.name or w.conv not in names
+                              or not set(w.readers) <= names):
+            raise CaseFileError(f"{source}: {lay.name}'s 'writer' must name another conv of "
+                                "the bundle, and its readers convs of it; capture the model "
+                                "again")
 
 
 def _module_path(value: Any, where: str, key: str) -> str | None:
@@ -410,6 +431,7 @@ def bundle_from_mapping(mapping: dict[str, Any], source: str) -> ModelBundle:
             writer=None if info.get("writer") is None else WriterChain.from_mapping(
                 info["writer"], where),
             unfused_relu=_module_path(info.get("unfused_relu"), where, "unfused_relu")))
+    _check_writers(layers, source)
     compiled, reused = meta.get("compiled"), meta.get("reused") or []
     if not isinstance(reused, list):
         raise CaseFileError(f"{source}: 'reused' must be a list; capture the model again")

@@ -366,7 +366,8 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     from .constant import with_writers
     from .shared import shared_groups, with_shared_ranges
 
-    layers = with_writers(layers, writers, float_model, batches[0])
+    layers = with_writers(layers, writers, float_model,
+                          {name: fconv for name, (fconv, _q) in pairs.items()}, batches[0])
 
     layers = with_shared_ranges(layers, shared_groups(
         quantized_model, {name: qconv for name, (_f, qconv) in pairs.items()}))

@@ -13,8 +13,10 @@ Each chain from the writing conv through the amplifying one, kept in float with 
 quantization inside, gave the float model's 98.5%.
 
 The capture records which conv writes such an input and the modules between (hooks.py: the
-first forward's tensors, through BatchNorms and activation modules only), and whether any other
-op reads their outputs (``sole_chains``: a forward with every torch function watched). The
+first forward's tensors, through BatchNorms and modules that return a tensor or their input
+only), whether any other op reads their outputs, and which convs first read what the
+amplifying conv's output becomes, through any op (``chain_reads``: one more forward with every
+torch function watched, only where a conv's input has such channels and amplifies them). The
 walk names a conv only on all of this evidence:
 
 - its input has channels constant in the float model over MIN_VALUES values or more each
@@ -22,7 +24,10 @@ walk names a conv only on all of this evidence:
   rounding moves by MOVED of their value or more;
 - its weights on them reach AMPLIFIED times the median of its other input channels' largest;
 - that rounding alone, through the conv, leaves its output below LOST_DB from the float
-  model's, and its output in the quantized model is below LOST_DB too (the loss shows).
+  model's, and its output in the quantized model is below LOST_DB too;
+- the loss shows where its output is read: a conv that reads what it becomes receives an
+  input below LOST_DB (an activation after it may clip the lost response away in the float
+  model too: a review's ReLU6 did).
 """
 
 from __future__ import annotations
@@ -79,13 +84,20 @@ def moved_constants(float_input: np.ndarray, received: np.ndarray,
     return candidates[flat & (np.abs(kq - k) >= MOVED * np.abs(k))]
 
 
-def sole_chains(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]], batch: Any
-                ) -> dict[str, bool]:
-    """Per reading conv of ``chains`` (its writer and the modules between): does no op but
-    those modules and the reading conv read the writer's output, or theirs, in one more forward
-    of ``batch``? Every torch function called on a tensor is seen (a TorchFunctionMode: a
-    residual ``x + a`` in a forward, another module alike); a read that returns no tensor
-    (``x.shape``) is not counted."""
+def chain_reads(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]],
+                convs: dict[str, Any], batch: Any
+                ) -> tuple[dict[str, bool], dict[str, tuple[str, ...]]]:
+    """In one more forward of ``batch``, per reading conv of ``chains`` (its writer and the
+    modules between): whether no op but those modules, the reading conv and the writer's other
+    reading convs of ``chains`` (which a fix keeps in float with it) reads the writer's output,
+    or theirs; and which convs of ``convs`` (name -> the float model's module) first read
+    what its own output becomes, through any op (a residual add, a pool): where a loss it
+    causes shows. Every torch function called on a tensor is seen (a TorchFunctionMode); a
+    read that returns no tensor (``x.shape``) is not counted. A chain module's output is
+    watched only where it continues the chain (the writer's output, or a watched input): an
+    activation module called elsewhere too adds nothing."""
+    import weakref
+
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -94,13 +106,34 @@ def sole_chains(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]]
 
     watched: dict[int, set[str]] = {}  # a chain's tensor -> the readers whose chain it is
     held: list[Any] = []  # kept alive for the forward: their ids stay theirs
-    inside: dict[str, set[str]] = {r: {*path, r} for r, (_w, path) in chains.items()}
+    inside: dict[str, set[str]] = {}
+    for reader, (writer, _path) in chains.items():
+        group = [r for r, (w, _p) in chains.items() if w == writer]
+        inside[reader] = {n for r in group for n in (r, *chains[r][1])}
     running: list[str] = []  # the chains' modules whose forward runs now
     other = dict.fromkeys(chains, 0)
-    producers: dict[str, set[str]] = {}  # module -> the readers whose chain its output is
+    heads: dict[str, set[str]] = {}  # writer -> the readers whose chain starts there
+    steps: dict[str, set[str]] = {}  # module between -> the readers whose chain it is on
     for reader, (writer, path) in chains.items():
-        for module in (writer, *path):
-            producers.setdefault(module, set()).add(reader)
+        heads.setdefault(writer, set()).add(reader)
+        for module in path:
+            steps.setdefault(module, set()).add(reader)
+    # what each reading conv's output becomes, weakly held (a freed tensor's id is reused)
+    derived: dict[int, tuple[Any, set[str]]] = {}
+    found: dict[str, list[str]] = {reader: [] for reader in chains}
+
+    def derived_of(t: Any) -> set[str]:
+        hit = derived.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else set()
+
+    def derive(t: Any, readers: set[str]) -> None:
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        old = derived_of(t)
+        derived[id(t)] = (ref, old | readers)
+
     modules = dict(float_model.named_modules())
 
     def enter(name: str) -> Any:
@@ -109,23 +142,47 @@ def sole_chains(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]]
         return hook
 
     def leave(name: str) -> Any:
-        def hook(_m: Any, _a: Any, out: Any) -> None:
+        def hook(_m: Any, args: Any, out: Any) -> None:
             running.pop()
-            if name in producers and isinstance(out, torch.Tensor):
-                watched.setdefault(id(out), set()).update(producers[name])
+            if not isinstance(out, torch.Tensor):
+                return
+            readers = set(heads.get(name, ()))
+            if name in steps and args:
+                readers |= steps[name] & watched.get(id(args[0]), set())
+            if readers:
+                watched.setdefault(id(out), set()).update(readers)
                 held.append(out)
+        return hook
+
+    def conv_reads(name: str) -> Any:
+        def hook(_m: Any, args: Any) -> None:
+            for reader in derived_of(args[0]) if args else ():
+                if name not in found[reader]:
+                    found[reader].append(name)
+        return hook
+
+    def conv_wrote(name: str) -> Any:
+        def hook(_m: Any, _a: Any, out: Any) -> None:
+            if name in chains and isinstance(out, torch.Tensor):
+                derived[id(out)] = (weakref.ref(out), {name})  # its own, nothing before
+            elif id(out) in derived:
+                del derived[id(out)]  # the first conv that reads it is where it shows
         return hook
 
     class Reads(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: Any = (),
                                kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
-            if watched and isinstance(out, torch.Tensor):
+            if isinstance(out, torch.Tensor) and (watched or derived):
                 now = running[-1] if running else None
+                carried: set[str] = set()
                 for a in flat_args((args, kwargs)):
                     for reader in watched.get(id(a), ()):
                         if now not in inside[reader]:
                             other[reader] += 1
+                    carried |= derived_of(a)
+                if carried:
+                    derive(out, carried)
             return out
 
     names = {n for r, (w, path) in chains.items() for n in (r, w, *path)}
@@ -134,13 +191,17 @@ def sole_chains(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]]
         if name in modules:
             handles.append(modules[name].register_forward_pre_hook(enter(name)))
             handles.append(modules[name].register_forward_hook(leave(name)))
+    for name, conv in convs.items():
+        handles.append(conv.register_forward_pre_hook(conv_reads(name)))
+        handles.append(conv.register_forward_hook(conv_wrote(name)))
     try:
         with torch.no_grad(), capture_warnings(), Reads():
             float_model(batch)
     finally:
         for h in handles:
             h.remove()
-    return {reader: n == 0 for reader, n in other.items()}
+    return ({reader: n == 0 for reader, n in other.items()},
+            {reader: tuple(names) for reader, names in found.items()})
 
 
 @dataclass(frozen=True)
@@ -154,6 +215,8 @@ class _Hit:
     alone_db: float
     top: tuple[float, float]
     at_floor: bool
+    after: tuple[str, float]
+    """The conv after it whose input is furthest from the float model's, and that SQNR."""
 
 
 def qcd074(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
@@ -171,9 +234,16 @@ def qcd074(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
         out = s.propagated.sqnr_db
         if out is None or out >= LOST_DB:
             continue
+        # the loss must show where its output is read: an activation after it may clip the
+        # border response away in the float model too (review: a ReLU6 did)
+        after = [(n, screens[n].input.sqnr_db) for n in lay.writer.readers if n in screens]
+        lossy = [(n, db) for n, db in after if db is not None and db < LOST_DB]
+        if not lossy:
+            continue
         hit = _evidence(lay)
         if hit is not None:
-            found.append(_Hit(lay.writer, lay, out, *hit, at_floor=s.verdict == "at_floor"))
+            found.append(_Hit(lay.writer, lay, out, *hit, at_floor=s.verdict == "at_floor",
+                              after=min(lossy, key=lambda a: a[1])))
     if not found:
         return None
     worst = min(found, key=lambda h: h.alone_db)
@@ -201,11 +271,13 @@ def qcd074(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
         f"{worst.top[0]:.3g}, {worst.top[0] / worst.top[1]:.0f}x the median of its other "
         f"input channels' largest ({worst.top[1]:.3g}){border}. That rounding alone, through it, "
         f"leaves its output {worst.alone_db:.1f} dB from the float model's; in the quantized "
-        f"model it is {worst.propagated_db:.1f} dB{floor}"
+        f"model it is {worst.propagated_db:.1f} dB{floor}, and {worst.after[0]}'s input, "
+        f"after it, {worst.after[1]:.1f} dB"
         + (f" ({', '.join(others)} too)" if others else "") + ".",
         {"convs": [h.lay.name for h in found], "writers": [h.writer.conv for h in found],
          "channels": [int(c) for c in channels], "propagated_sqnr_db": worst.propagated_db,
-         "rounding_alone_sqnr_db": worst.alone_db, "weight_ratio": worst.top[0] / worst.top[1]},
+         "rounding_alone_sqnr_db": worst.alone_db, "weight_ratio": worst.top[0] / worst.top[1],
+         "reader": worst.after[0], "reader_input_sqnr_db": worst.after[1]},
         _fix(found, flow))
 
 
@@ -235,13 +307,10 @@ def _evidence(lay: LayerCapture) -> tuple[list[int], tuple[float, float],
     channels = [int(c) for c in moved_constants(x, q)]
     if not channels:
         return None
-    w = np.abs(lay.case.weight.astype(np.float64))
-    groups = lay.case.geometry.groups
-    on = max(_weights_on(w, c, groups) for c in channels)
-    rest = [_weights_on(w, c, groups) for c in range(x.shape[1]) if c not in set(channels)]
-    median = float(np.median(rest)) if rest else 0.0
-    if median <= 0 or on < AMPLIFIED * median:
+    top = _amplified(lay, channels)
+    if top is None:
         return None
+    on, median = top
     axes = (0, *range(2, x.ndim))
     delta = np.zeros(x.shape, dtype=np.float64)
     delta[:, channels] = q[:, channels].astype(np.float64) - x[:, channels]
@@ -257,6 +326,20 @@ def _evidence(lay: LayerCapture) -> tuple[list[int], tuple[float, float],
             float(alone), (on, median))
 
 
+def _amplified(lay: LayerCapture, channels: list[int]) -> tuple[float, float] | None:
+    """The largest |weight| on ``channels`` and the median of the other input channels'
+    largest, where the first is AMPLIFIED times the second or more; else None."""
+    w = np.abs(lay.case.weight.astype(np.float64))
+    groups = lay.case.geometry.groups
+    on = max(_weights_on(w, c, groups) for c in channels)
+    rest = [_weights_on(w, c, groups) for c in range(lay.case.input.shape[1])
+            if c not in set(channels)]
+    median = float(np.median(rest)) if rest else 0.0
+    if median <= 0 or on < AMPLIFIED * median:
+        return None
+    return on, median
+
+
 def _weights_on(w: np.ndarray, channel: int, groups: int) -> float:
     """The largest |weight| on input ``channel``: of the output channels of its group, at its
     place in the group."""
@@ -265,23 +348,30 @@ def _weights_on(w: np.ndarray, channel: int, groups: int) -> float:
     return float(w[g * per_group_out:(g + 1) * per_group_out, channel % per_group_in].max())
 
 
-def _chains(found: list[_Hit]) -> list[tuple[str, list[str], str]]:
-    """Each kept-in-float chain: the first writer, the modules inside (between convs, and the
-    convs that both read and write such channels), the last reader; chains where one's reader
-    writes the next one's input are joined."""
-    parts = {h.lay.name: (h.writer.conv, list(h.writer.path)) for h in found}
-    starts = [r for r, (w, _p) in parts.items() if w not in parts]
-    chains = []
-    for reader in starts:
-        writer, inside = parts[reader]
-        last = reader
-        nxt = next((r for r, (w, _p) in parts.items() if w == last), None)
-        while nxt is not None:
-            inside = [*inside, last, *parts[nxt][1]]
-            last = nxt
-            nxt = next((r for r, (w, _p) in parts.items() if w == last), None)
-        chains.append((writer, inside, last))
-    return chains
+def _regions(found: list[_Hit]) -> list[tuple[list[str], list[str], list[str]]]:
+    """The float regions a fix keeps: each set of hits joined by a conv (one's reader is
+    another's writer, or two share a writer), as its entries (writers that read no such
+    channels: a DeQuantStub before each), the modules inside (between convs, and the convs
+    that both read and write such channels) and its exits (readers that write none: a
+    QuantStub after each), in model order."""
+    regions: list[list[_Hit]] = []
+    for h in found:
+        joined = [r for r in regions if any(
+            h.writer.conv in (o.writer.conv, o.lay.name) or h.lay.name == o.writer.conv
+            for o in r)]
+        merged = sorted([h, *(o for r in joined for o in r)], key=found.index)
+        regions = [r for r in regions if r not in joined] + [merged]
+    out = []
+    for r in regions:
+        readers = {h.lay.name for h in r}
+        writers = {h.writer.conv for h in r}
+        order = list(dict.fromkeys(n for h in r for n in (h.writer.conv, *h.writer.path,
+                                                          h.lay.name)))
+        entries = [n for n in order if n in writers and n not in readers]
+        exits = [n for n in order if n in readers and n not in writers]
+        inside = [n for n in order if n not in entries and n not in exits]
+        out.append((entries, inside, exits))
+    return out
 
 
 def _fix(found: list[_Hit], flow: str) -> str:
@@ -289,11 +379,11 @@ def _fix(found: list[_Hit], flow: str) -> str:
     quantization inside, in the model's flow: qconfig None for its modules (FX quantizes and
     dequantizes where float meets quantized), or a DeQuantStub before it and a QuantStub after
     it (eager: where only the chain reads its tensors; else in words)."""
-    chains = _chains(found)
+    regions = _regions(found)
     head = ("# keep each chain from the conv that writes the constant channels through\n"
-            "# the conv that amplifies them in float, with no quantization inside\n")
+            "# the convs that amplify them in float, with no quantization inside\n")
     if flow == "fx":
-        listed = "".join(f"        {[w, *inside, last]!r},\n" for w, inside, last in chains)
+        listed = "".join(f"        {[*e, *i, *x]!r},\n" for e, i, x in regions)
         return (head + "# (qconfig_mapping: the one the model was prepared with)\n"
                 "for names in [\n" + listed + "]:\n"
                 "    for name in names:\n"
@@ -301,13 +391,15 @@ def _fix(found: list[_Hit], flow: str) -> str:
     shared = [h for h in found if not h.writer.sole]
     if shared:
         h = shared[0]
-        modules = ", ".join([h.writer.conv, *h.writer.path])
-        return (f"Keep {h.writer.conv} through {h.lay.name} in float (qconfig None on "
-                f"{modules} and {h.lay.name}), with a DeQuantStub before {h.writer.conv} and a "
-                f"QuantStub after {h.lay.name}. Other ops read {h.writer.conv}'s output too "
-                "(a residual add, another branch): each needs a QuantStub of its own before "
-                "it, since that output is float then. Then calibrate and convert again.")
-    listed = "".join(f"        ({w!r}, {inside!r}, {last!r}),\n" for w, inside, last in chains)
+        group = [o.lay.name for o in found if o.writer.conv == h.writer.conv]
+        modules = ", ".join(dict.fromkeys([h.writer.conv, *h.writer.path, *group]))
+        readers = " and ".join(group)
+        return (f"Keep {h.writer.conv} through {readers} in float (qconfig None on "
+                f"{modules}), with a DeQuantStub before {h.writer.conv} and a QuantStub after "
+                f"each of {readers}. Other ops read {h.writer.conv}'s output too (a residual "
+                "add, another branch): each needs a QuantStub of its own before it, since "
+                "that output is float then. Then calibrate and convert again.")
+    listed = "".join(f"        ({e!r}, {i!r}, {x!r}),\n" for e, i, x in regions)
     return (head + "# (model: the float model, fused and its qconfig set as before)\n"
             "import torch\n"
             "from torch.ao.quantization import DeQuantStub, QuantStub\n"
@@ -316,29 +408,36 @@ def _fix(found: list[_Hit], flow: str) -> str:
             "    owner = model.get_submodule(owner) if owner else model\n"
             "    seq = [p if p is not None else getattr(owner, attr) for p in parts]\n"
             "    setattr(owner, attr, torch.nn.Sequential(*seq))\n"
-            "for first, inside, last in [\n" + listed + "]:\n"
-            "    for name in [first, *inside, last]:\n"
+            "for entries, inside, exits in [\n" + listed + "]:\n"
+            "    for name in [*entries, *inside, *exits]:\n"
             "        model.get_submodule(name).qconfig = None\n"
-            "    wrap(first, DeQuantStub(), None)\n"
-            "    wrap(last, None, QuantStub())\n" + CALIBRATE_EAGER)
+            "    for name in entries:\n"
+            "        wrap(name, DeQuantStub(), None)\n"
+            "    for name in exits:\n"
+            "        wrap(name, None, QuantStub())\n" + CALIBRATE_EAGER)
 
 
 def with_writers(layers: list[LayerCapture], writers: dict[str, tuple[str, tuple[str, ...]]],
-                 float_model: Any, batch: Any) -> list[LayerCapture]:
+                 float_model: Any, convs: dict[str, Any], batch: Any) -> list[LayerCapture]:
     """The layers, each whose input has constant channels that rounding moves
-    (``moved_constants``) with the conv that writes them and the modules between
-    (``writers``, from the first forward: hooks.run_both), and whether they alone read
-    those tensors (``sole_chains``: one more forward, only where there is such a layer)."""
+    (``moved_constants``), on which its weights reach AMPLIFIED times the other channels',
+    with the conv that writes them and the modules between (``writers``, from the first
+    forward: hooks.run_both), the convs of ``convs`` (name -> the float model's module) that
+    read what its own output becomes, and whether only the chain reads those tensors
+    (``chain_reads``: one more forward, only where there is such a layer)."""
     import dataclasses
 
-    def moved(lay: LayerCapture) -> bool:
+    def candidate(lay: LayerCapture) -> bool:
         setup = lay.case.setup
         codes = None if setup is None else setup.input_codes
-        return bool(moved_constants(lay.float_input, lay.case.input, codes).size)
+        channels = moved_constants(lay.float_input, lay.case.input, codes)
+        return bool(channels.size) and _amplified(lay, [int(c) for c in channels]) is not None
 
-    hit = {lay.name for lay in layers if lay.name in writers and moved(lay)}
+    hit = {lay.name for lay in layers if lay.name in writers and candidate(lay)}
     if not hit:
         return layers
-    sole = sole_chains(float_model, {name: writers[name] for name in hit}, batch)
-    return [dataclasses.replace(lay, writer=WriterChain(*writers[lay.name], sole[lay.name]))
+    sole, readers = chain_reads(float_model, {name: writers[name] for name in hit}, convs,
+                                batch)
+    return [dataclasses.replace(lay, writer=WriterChain(*writers[lay.name], sole[lay.name],
+                                                        readers[lay.name]))
             if lay.name in hit else lay for lay in layers]

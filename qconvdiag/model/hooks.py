@@ -64,6 +64,9 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
             handles.append(module.register_forward_hook(recorder.bn_hook(name)))
         elif type(module).__name__ in FUSED_ACTIVATIONS:
             handles.append(module.register_forward_hook(recorder.activation_hook(name)))
+        elif name not in fconvs and not any(True for _ in module.children()):
+            # a module that returns its input (Identity, Dropout in eval mode) is on the chain
+            handles.append(module.register_forward_hook(recorder.passthrough_hook(name)))
     try:
         with torch.no_grad(), capture_warnings():
             for run, batch in enumerate(batches, 1):
@@ -116,6 +119,12 @@ class _FloatRecorder:
     def activation_hook(self, act_name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
             self._extend(args, out, act_name)
+        return hook
+
+    def passthrough_hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], out: Any) -> None:
+            if args and out is args[0]:
+                self._extend(args, out, name)
         return hook
 
     def _extend(self, args: tuple[Any, ...], out: Any, module: str) -> None:
