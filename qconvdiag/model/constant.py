@@ -26,12 +26,14 @@ walk names a conv only on all of this evidence:
 - that rounding alone, through the conv, leaves its output below LOST_DB from the float
   model's, and its output in the quantized model is below LOST_DB too;
 - the loss shows where its output is read: a conv that reads what it becomes receives an
-  input below LOST_DB (an activation after it may clip the lost response away in the float
-  model too: a review's ReLU6 did).
+  input below LOST_DB, or SHOWS_DB or more below the input the amplifying conv received (an
+  activation after it may clip the lost response away in the float model too: a review's
+  ReLU6 did).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,10 @@ FLAT = 1e-6
 MIN_VALUES = 16
 #: Rounding moves a constant by this share of its value or more.
 MOVED = 0.25
+#: A conv reading what its output becomes receives an input this many dB below the input
+#: the amplifying conv received, or more: the loss shows there (as QCD065 judges a conv's
+#: input against the convs before it).
+SHOWS_DB = 10.0
 #: The conv's largest |weight| on those channels is this many times the median of its other
 #: input channels' largest or more: it amplifies them.
 AMPLIFIED = 10.0
@@ -217,6 +223,8 @@ class _Hit:
     at_floor: bool
     after: tuple[str, float]
     """The conv after it whose input is furthest from the float model's, and that SQNR."""
+    received: float
+    """The SQNR of the input the amplifying conv received (inf: exact)."""
 
 
 def qcd074(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
@@ -236,14 +244,16 @@ def qcd074(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
             continue
         # the loss must show where its output is read: an activation after it may clip the
         # border response away in the float model too (review: a ReLU6 did)
+        received = math.inf if s.input.sqnr_db is None else s.input.sqnr_db
         after = [(n, screens[n].input.sqnr_db) for n in lay.writer.readers if n in screens]
-        lossy = [(n, db) for n, db in after if db is not None and db < LOST_DB]
+        lossy = [(n, db) for n, db in after
+                 if db is not None and (db < LOST_DB or db <= received - SHOWS_DB)]
         if not lossy:
             continue
         hit = _evidence(lay)
         if hit is not None:
             found.append(_Hit(lay.writer, lay, out, *hit, at_floor=s.verdict == "at_floor",
-                              after=min(lossy, key=lambda a: a[1])))
+                              after=min(lossy, key=lambda a: a[1]), received=received))
     if not found:
         return None
     worst = min(found, key=lambda h: h.alone_db)
@@ -272,13 +282,17 @@ def qcd074(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
         f"input channels' largest ({worst.top[1]:.3g}){border}. That rounding alone, through it, "
         f"leaves its output {worst.alone_db:.1f} dB from the float model's; in the quantized "
         f"model it is {worst.propagated_db:.1f} dB{floor}, and {worst.after[0]}'s input, "
-        f"after it, {worst.after[1]:.1f} dB"
+        f"after it, {worst.after[1]:.1f} dB, where {lay.name}'s was {_db(worst.received)}"
         + (f" ({', '.join(others)} too)" if others else "") + ".",
         {"convs": [h.lay.name for h in found], "writers": [h.writer.conv for h in found],
          "channels": [int(c) for c in channels], "propagated_sqnr_db": worst.propagated_db,
          "rounding_alone_sqnr_db": worst.alone_db, "weight_ratio": worst.top[0] / worst.top[1],
          "reader": worst.after[0], "reader_input_sqnr_db": worst.after[1]},
         _fix(found, flow))
+
+
+def _db(value: float) -> str:
+    return "exact" if value == math.inf else f"{value:.1f} dB"
 
 
 def _span(values: tuple[float, float]) -> str:

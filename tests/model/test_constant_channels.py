@@ -482,3 +482,26 @@ def test_a_bundle_whose_writer_is_not_another_conv_of_it_is_refused(tmp_path) ->
         save_bundle(crafted, path)
         with pytest.raises(CaseFileError, match="'writer' must name another conv"):
             qconvdiag.load_bundle(path)
+
+
+@pytest.mark.parametrize("kept, named", [(0.05, True), (0.03, False)])
+def test_a_loss_an_activation_clips_in_part_shows_10_db_below_the_input_received(
+        kept: float, named: bool) -> None:
+    """helper-72: a pruned MobileNetV2's blocks.0 dropped out when QCD074 asked for the reader's
+    input below 10 dB: its ReLU6 clips part of the loss, and project received 11.8 dB where
+    dw had received 27 dB. The loss shows at a reader's input below 10 dB, or 10 dB or more
+    below what the amplifying conv received. Here ``kept`` of the interior response passes the
+    ReLU6 in the float model: head receives 16.1 dB (dw 29.6 dB), and 20.4 dB, a near miss."""
+    model = _Variant(after=torch.nn.ReLU6()).eval()
+    with torch.no_grad():
+        model.dw.bias[:2] += kept * 0.004 * model.dw.weight[:2].sum(dim=(1, 2, 3))
+    batches = _batches()
+    q = _quantize(model, batches)
+    before = _sqnr(model, q, batches[1])
+    _b, findings = _findings(model, q, batches)
+    found = _qcd074(findings)
+    assert bool(found) == named
+    if named:
+        assert 10 < found[0].evidence["reader_input_sqnr_db"] < 20
+        after = _sqnr(model, _run_eager_fix(model, found[0].fix, batches), batches[1])
+        assert after > before + 10, (before, after)
