@@ -137,6 +137,13 @@ class ActivationCheck:
         self.done = False
         self.inside = 0  # checked modules whose forward is running (their calls are theirs)
         self.mode: Any = None  # the TorchFunctionMode over the first forward
+        try:
+            self._register(float_model, quantized_model)
+        except BaseException:  # no hook left behind on the user's models
+            self.remove()
+            raise
+
+    def _register(self, float_model: Any, quantized_model: Any) -> None:
         floats = dict(float_model.named_modules())
         for name, m in quantized_model.named_modules():
             kind = type(m).__name__

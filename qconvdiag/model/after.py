@@ -135,16 +135,21 @@ class HeadRecorder:
         self.after: list[tuple[str, str, Any, Any]] = []
         self.float_out: dict[str, Any] = {}
         self.first = [True, True]  # the quantized model's first forward, the float one's
-        self.handles = []
-        for name, m in quantized_model.named_modules():
-            if name and _leaf(m):
-                self.handles.append(m.register_forward_hook(self._quantized(name, name in qconvs)))
-        for name, m in float_model.named_modules():
-            if name and _leaf(m):
-                self.handles.append(m.register_forward_hook(self._float(name)))
-        self.handles.append(quantized_model.register_forward_hook(self._done(0)))
-        self.handles.append(float_model.register_forward_hook(self._done(1)))
+        self.handles: list[Any] = []
         self._tensor = torch.Tensor
+        try:
+            for name, m in quantized_model.named_modules():
+                if name and _leaf(m):
+                    self.handles.append(m.register_forward_hook(
+                        self._quantized(name, name in qconvs)))
+            for name, m in float_model.named_modules():
+                if name and _leaf(m):
+                    self.handles.append(m.register_forward_hook(self._float(name)))
+            self.handles.append(quantized_model.register_forward_hook(self._done(0)))
+            self.handles.append(float_model.register_forward_hook(self._done(1)))
+        except BaseException:  # no hook left behind on the user's models
+            self.remove()
+            raise
 
     def _quantized(self, name: str, conv: bool) -> Any:
         def hook(m: Any, args: Any, out: Any) -> None:
@@ -174,8 +179,12 @@ class HeadRecorder:
 
 
 def _leaf(module: Any) -> bool:
-    """A module with no children but its packed parameters (a quantized Linear's)."""
-    return all(name == "_packed_params" for name, _ in module.named_children())
+    """A module with no children but its packed parameters (a quantized Linear's), and not a
+    TorchScript one (which takes no hooks)."""
+    import torch
+
+    return not isinstance(module, torch.jit.ScriptModule) and all(
+        name == "_packed_params" for name, _ in module.named_children())
 
 
 #: Modules whose output is their input's, as far as a loss goes.

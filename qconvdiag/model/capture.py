@@ -264,10 +264,9 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     say(f"running both models on {len(batches)} batch(es), {len(pairs)} quantized convs")
     activations: dict[str, list[tuple[str, str, bool]]] = {}
     writers: dict[str, tuple[str, tuple[str, ...]]] = {}
+    from .after import HeadRecorder, head_steps
     from .ops import OpRecorder
 
-    recorder = OpRecorder(float_model, quantized_model,
-                          {name: qconv for name, (_f, qconv) in pairs.items()})
     returned: list[bool] = []  # per forward: the quantized model returned a quantized tensor
     outputs: dict[str, list[Any]] = {"quantized": [], "float": []}  # the models' outputs
 
@@ -280,21 +279,30 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
 
     handles = [quantized_model.register_forward_hook(kept("quantized")),
                float_model.register_forward_hook(kept("float"))]
-    from .after import HeadRecorder, head_steps
-
-    # an eager model's modules after its last conv, for QCD071 to say where a loss there is
-    head = (HeadRecorder(float_model, quantized_model, set(pairs))
-            if not isinstance(quantized_model, torch.fx.GraphModule) else None)
-    try:
+    recorder: OpRecorder | None = None
+    head: HeadRecorder | None = None
+    try:  # every hook comes off, whatever fails, a recorder's registration included
+        recorder = OpRecorder(float_model, quantized_model,
+                              {name: qconv for name, (_f, qconv) in pairs.items()})
+        # an eager model's modules after its last conv, for QCD071 to say where a loss is
+        if not isinstance(quantized_model, torch.fx.GraphModule):
+            head = HeadRecorder(float_model, quantized_model, set(pairs))
         seen = _run_with_hooks(float_model, quantized_model, pairs, batches, limit, activations,
                                writers)
         pairs = {name: pairs[name] for name in seen}  # in the order the model runs them
+    except RuntimeError as exc:
+        if "ScriptModule" not in str(exc):
+            raise
+        raise CaseError("capture_model: a module the capture hooks is a TorchScript module "
+                        "(torch.jit.script), which takes no hooks; capture the models before "
+                        "scripting them") from None
     finally:
-        recorder.remove()
-        if head is not None:
-            head.remove()
         for h in handles:
             h.remove()
+        for part in (recorder, head):
+            if part is not None:
+                part.remove()
+    assert recorder is not None
     reused = reused_activations(activations, float_model, quantized_model,
                                 {name: qconv for name, (_f, qconv) in pairs.items()},
                                 {name: s.bn for name, s in seen.items() if s.bn})

@@ -59,6 +59,8 @@ def run_both(float_model: Any, run_quantized: Callable[[Any], Any], fconvs: dict
     for name, fconv in fconvs.items():
         handles.append(fconv.register_forward_hook(recorder.conv_hook(name)))
     for name, module in float_model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue  # takes no hooks
         handles.append(module.register_forward_pre_hook(recorder.before_hook(name)))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             handles.append(module.register_forward_hook(recorder.bn_hook(name)))

@@ -484,10 +484,14 @@ def _hook_point(model: Any, name: str) -> Any | None:
     """The module whose forward output is the op's: a (Q/Float)Functional's
     activation_post_process (its methods run no forward hook), else the module itself; None
     where the model has none."""
+    import torch
+
     try:
         m = model.get_submodule(name)
     except AttributeError:
         return None
+    if isinstance(m, torch.jit.ScriptModule):
+        return None  # takes no hooks
     if type(m).__name__ in ("QFunctional", "FloatFunctional", "FXFloatFunctional"):
         return getattr(m, "activation_post_process", None)
     return m
@@ -515,6 +519,14 @@ class OpRecorder:
         """Each op's place among the ops' first calls in the quantized model's forward."""
         self.call_ranges: dict[str, list[tuple[float, float]]] = {}
         self.activations = ActivationCheck(float_model, quantized_model, lambda: self.last)
+        try:
+            self._register(float_model, quantized_model, qconvs)
+        except BaseException:  # no hook left behind on the user's models
+            self.remove()
+            raise
+
+    def _register(self, float_model: Any, quantized_model: Any, qconvs: dict[str, Any]
+                  ) -> None:
         for name, qconv in qconvs.items():
             self.handles.append(qconv.register_forward_hook(self._conv_ran(name)))
         for name, m in own_qparams_modules(quantized_model, set(qconvs)).items():

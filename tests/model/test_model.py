@@ -2292,3 +2292,27 @@ def test_a_bundle_s_steps_after_the_last_conv_are_refused_when_malformed():
                 {k: v for k, v in step.items() if k != "sqnr_db"}):
         with pytest.raises(CaseFileError, match="'lost_after' is malformed"):
             LostAfter.from_mapping({**good, "steps": [bad]}, "b.pt")
+
+
+def test_a_scripted_module_in_the_quantized_model_is_walked_and_no_hook_is_left():
+    """helper-73: a TorchScript Flatten or Linear (torch.jit.script takes no hooks) made the
+    capture raise torch's RuntimeError and leave 25 hooks on the user's models. Such a module
+    is not hooked; every hook the capture registers comes off."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    def hooks(*ms: torch.nn.Module) -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                   for model in ms for m in model.modules())
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    for scripted in ("pool", "fc"):
+        q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
+        setattr(q, scripted, torch.jit.script(getattr(q, scripted)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = qconvdiag.diagnose_model(f, q, models.inputs(2, 8, 7), top=0)
+        assert [r.name for r in report.layers] == ["conv"]
+        assert hooks(f, q) == 0
