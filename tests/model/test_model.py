@@ -2316,3 +2316,65 @@ def test_a_scripted_module_in_the_quantized_model_is_walked_and_no_hook_is_left(
             report = qconvdiag.diagnose_model(f, q, models.inputs(2, 8, 7), top=0)
         assert [r.name for r in report.layers] == ["conv"]
         assert hooks(f, q) == 0
+
+
+class _TwoLinearHead(torch.nn.Module):
+    """conv -> relu -> pool -> fc1 -> act -> fc2 -> act (one ReLU module called twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub_(), DeQuantStub_()
+        self.conv, self.relu = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.relu_h = torch.nn.Linear(16, 16), torch.nn.ReLU()
+        self.fc2, self.act = torch.nn.Linear(16, 16), torch.nn.ReLU()
+        self.fc3 = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.pool(self.relu(self.conv(self.quant(x)))), 1)
+        x = self.act(self.fc2(self.act(self.relu_h(self.fc1(x)))))
+        return self.dequant(self.fc3(x))
+
+
+def test_the_modules_after_the_last_conv_are_compared_call_for_call():
+    """helper-73: a module called twice after the last conv (act) was compared with the float
+    module's last call (0.25 dB where it was 32 dB), and a fused LinearReLU with the float
+    Linear before its ReLU (2.5 dB where it was 28 dB). A module called twice is left out;
+    a LinearReLU's twin is the float Linear's output after the ReLU."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    torch.manual_seed(0)
+    f = _TwoLinearHead().eval()
+    q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"], ["fc1", "relu_h"]]))
+    other = torch.nn.Linear(16, 10).weight.detach()  # another checkpoint's: a loss to record
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.fc3.set_weight_bias(torch.quantize_per_tensor(other, float(other.abs().max() / 127),
+                                                        0, torch.qint8), q.fc3.bias())
+        bundle = qconvdiag.capture_model(f, q, models.inputs(2, 8, 7))
+    assert bundle.lost_after is not None
+    steps = {s.name: s for s in bundle.lost_after.steps}
+    assert "act" not in steps  # called twice
+    fc1 = steps["fc1"]
+    assert fc1.kind == "LinearReLU" and fc1.sqnr_db is not None and fc1.sqnr_db > 20
+    assert fc1.own and fc1.own_db is not None and fc1.own_db > 20
+
+
+def test_qcd071_names_a_module_only_well_below_the_last_conv_and_a_close_output_not_at_all():
+    """helper-73: a healthy model whose output is 25 dB from the float model's (its last conv
+    36.5 dB, two Linears and a softmax after it) was warned, the pool named among modules all
+    within a few dB. An output 20 dB or closer is not named; a module only 6 dB or more below
+    the last conv's SQNR."""
+    from qconvdiag.model.after import HeadStep, LostAfter, qcd071
+
+    near = (HeadStep("pool", "AdaptiveAvgPool2d", 33.0, 33.5, True, 30),
+            HeadStep("fc", "Linear", 14.0, 34.0, True, 200, 40.0, False))
+    assert qcd071(LostAfter("conv", 36.5, 25.0, ("fc",), "", near)) is None
+    found = qcd071(LostAfter("conv", 36.5, 14.0, ("fc",), "", near))
+    assert found is not None and found.severity == "warning"
+    assert "within 6 dB of the last conv's" in found.message and "lowest" not in found.message
+    low = (HeadStep("pool", "AdaptiveAvgPool2d", 18.0, 18.2, True, 2), near[1])
+    found = qcd071(LostAfter("conv", 36.5, 14.0, ("fc",), "", low))
+    assert found is not None and "The lowest own SQNR is pool's" in found.message
