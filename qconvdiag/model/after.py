@@ -71,14 +71,14 @@ class HeadStep:
         def number(v: Any) -> float | None:
             if v is None:
                 return None
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TypeError
             return float(v)
 
         codes, per_channel = m.get("codes"), m.get("weight_per_channel")
         if (not is_path(m["name"]) or not m["name"] or not is_kind(m["kind"])
                 or (codes is not None and (isinstance(codes, bool)
-                                           or not isinstance(codes, int)))
+                                           or not isinstance(codes, int) or codes < 1))
                 or (per_channel is not None and not isinstance(per_channel, bool))):
             raise ValueError
         return HeadStep(m["name"], m["kind"], number(m["sqnr_db"]), number(m.get("own_db")),

@@ -83,8 +83,13 @@ class WriterChain:
 
 
 def _check_writers(layers: Sequence[LayerCapture], source: str) -> None:
-    """Each 'writer' names another conv of the bundle, and its readers convs of the bundle."""
+    """Each 'writer' names another conv of the bundle, and its readers convs of the bundle;
+    an 'unfused_relu' follows one conv only, and is none of them."""
     names = {lay.name for lay in layers}
+    relus = [lay.unfused_relu for lay in layers if lay.unfused_relu is not None]
+    if len(set(relus)) != len(relus) or set(relus) & names:
+        raise CaseFileError(f"{source}: each 'unfused_relu' must name a module after one conv "
+                            "only; capture the model again")
     for lay in layers:
         w = lay.writer
         if w is not None and (w.conv == lay.name or w.conv not in names

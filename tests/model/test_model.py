@@ -2378,3 +2378,30 @@ def test_qcd071_names_a_module_only_well_below_the_last_conv_and_a_close_output_
     low = (HeadStep("pool", "AdaptiveAvgPool2d", 18.0, 18.2, True, 2), near[1])
     found = qcd071(LostAfter("conv", 36.5, 14.0, ("fc",), "", low))
     assert found is not None and "The lowest own SQNR is pool's" in found.message
+
+
+def test_a_bundle_s_head_steps_and_unfused_relus_are_refused_when_impossible(tmp_path):
+    """helper-73: NaN SQNRs in 'lost_after.steps' loaded and printed 'own nan dB'; codes -7
+    loaded; one ReLU named unfused after two convs printed it twice in a fuse list."""
+    import dataclasses
+
+    from qconvdiag.errors import CaseFileError
+    from qconvdiag.model.after import LostAfter
+    from qconvdiag.model.bundle import _check_writers
+
+    step = {"name": "fc", "kind": "Linear", "sqnr_db": 5.0, "own_db": 40.0, "codes": 100}
+    good = {"last_conv": "conv", "last_conv_sqnr_db": 30.0, "output_sqnr_db": 5.0,
+            "after": ["fc"], "steps": [step]}
+    for bad in ({**step, "own_db": float("nan")}, {**step, "sqnr_db": float("inf")},
+                {**step, "codes": -7}, {**step, "codes": 0}):
+        with pytest.raises(CaseFileError, match="'lost_after' is malformed"):
+            LostAfter.from_mapping({**good, "steps": [bad]}, "b.pt")
+    bundle, _d = walk(_ConvThenLinear().eval(), _calibrated(_ConvThenLinear().eval()),
+                      models.inputs(2, 8, 7))
+    lay = bundle.layers[0]
+    _check_writers([dataclasses.replace(lay, unfused_relu="relu")], "b.pt")
+    for layers in ([dataclasses.replace(lay, unfused_relu="relu"),
+                    dataclasses.replace(lay, name="conv2", unfused_relu="relu")],
+                   [dataclasses.replace(lay, unfused_relu="conv")]):
+        with pytest.raises(CaseFileError, match="'unfused_relu' must name a module"):
+            _check_writers(layers, "b.pt")
