@@ -337,10 +337,12 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
                      if conv and not direct and len(calls) == 1
                      and type(float_model.get_submodule(act)).__name__ == "ReLU"}
     eager = not isinstance(quantized_model, torch.fx.GraphModule)
-    # the ReLU module the float model applies to a conv's own output, called there alone,
-    # where an eager model's quantized conv fused none (QCD075)
+    # the ReLU module the float model applies to a conv's own output, or to the output of
+    # the BatchNorm the quantized conv folded, called there alone, where an eager model's
+    # quantized conv fused none (QCD075)
     relu_unfused = {conv: act for act, calls in activations.items() for conv, _l, direct in calls
-                    if eager and conv in pairs and direct and len(calls) == 1
+                    if eager and conv in pairs and len(calls) == 1
+                    and (direct or folded_bn(seen[conv], quantized_model) is not None)
                     and type(float_model.get_submodule(act)).__name__ == "ReLU"
                     and "ReLU" not in type(pairs[conv][1]).__name__}
     unfused_at = [name for name in pairs if seen[name].bn is not None
@@ -350,9 +352,12 @@ def _capture(float_model: Any, quantized_model: Any, batches: list[Any], limit: 
     alone = sole_readers(float_model, {name: pairs[name][0] for name in unfused_at},
                          batches[0]) if unfused_at else {}
     if relu_unfused:  # fusing a ReLU whose conv's output another op reads changes the model
-        relu_alone = sole_readers(float_model, {c: pairs[c][0] for c in relu_unfused},
-                                  batches[0], {c: float_model.get_submodule(act)
-                                               for c, act in relu_unfused.items()})
+        # (the output the ReLU reads: the conv's, or its folded BatchNorm's)
+        read = {c: pairs[c][0] if folded_bn(seen[c], quantized_model) is None
+                else float_model.get_submodule(seen[c].bn) for c in relu_unfused}
+        relu_alone = sole_readers(float_model, read, batches[0],
+                                  {c: float_model.get_submodule(act)
+                                   for c, act in relu_unfused.items()})
         relu_unfused = {c: act for c, act in relu_unfused.items() if relu_alone[c]}
 
     def one(item: tuple[str, tuple[Any, Any]]) -> LayerCapture:

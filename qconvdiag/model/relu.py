@@ -49,6 +49,8 @@ class ReluCost:
     exact)."""
     step_ratio: float
     """The conv's output step over a fused conv's."""
+    bn: str = ""
+    """The BatchNorm between them that the quantized conv folded ("" for none)."""
 
     @property
     def cost_db(self) -> float:
@@ -58,7 +60,7 @@ class ReluCost:
 
 
 def relu_cost(relu: str, quantized: np.ndarray, y: np.ndarray, step: float,
-              float_range: tuple[float, float]) -> ReluCost:
+              float_range: tuple[float, float], bn: str = "") -> ReluCost:
     """``ReluCost`` of the ReLU ``relu`` after a conv whose dequantized output is ``quantized``
     (at ``step``) and whose float output on the same input is ``y``; ``float_range``: the float
     output's range the conv's observer saw (or the samples'), from which a fused conv's step
@@ -73,7 +75,7 @@ def relu_cost(relu: str, quantized: np.ndarray, y: np.ndarray, step: float,
     fused_step = step / ratio
     fused = max(noise - passed * (step * step - fused_step * fused_step) / 12,
                 passed * fused_step * fused_step / 12)
-    return ReluCost(relu, _db(signal, noise), _db(signal, fused), ratio)
+    return ReluCost(relu, _db(signal, noise), _db(signal, fused), ratio, bn)
 
 
 def _db(signal: float, noise: float) -> float | None:
@@ -82,10 +84,13 @@ def _db(signal: float, noise: float) -> float | None:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def qcd075(layers: list[tuple[str, ReluCost]]) -> Finding | None:
+def qcd075(layers: list[tuple[str, ReluCost]], qat: bool = False) -> Finding | None:
     """QCD075 for the convs whose unfused ReLU's output is COST_DB or more below what a fused
     conv gives, in one finding whose fix fuses every pair in ``layers`` (the cheaper ones add
-    up along the model too): an error where one's output is below LOST_DB, else a warning."""
+    up along the model too): an error where one's output is below LOST_DB, else a warning.
+    ``qat``: the model was trained through its fake quantization (prepare_qat): the fix says
+    to fuse in that flow and train again (PTQ's prepare and convert would drop the training,
+    and refuse its fused QAT modules)."""
     costly = [(conv, cost) for conv, cost in layers if cost.cost_db >= COST_DB]
     if not costly:
         return None
@@ -107,7 +112,9 @@ def qcd075(layers: list[tuple[str, ReluCost]]) -> Finding | None:
         CODE, level,
         f"ReLU {cost.relu} not fused into {conv}" if not others else
         f"{len(costly)} ReLUs not fused into the convs before them",
-        f"{cost.relu} reads {conv}'s output and stays a module of its own: {conv}'s output "
+        f"{cost.relu} reads {conv}'s output"
+        + (f" (through {cost.bn}, folded into it)" if cost.bn else "")
+        + f" and stays a module of its own: {conv}'s output "
         f"is quantized over its signed range first, and {cost.relu} then drops the codes "
         f"below the zero point, so the values that pass keep a step {cost.step_ratio:.2f}x a "
         f"fused conv's (ops after it that keep their input's qparams, a pool, inherit it). "
@@ -116,10 +123,21 @@ def qcd075(layers: list[tuple[str, ReluCost]]) -> Finding | None:
         {"relus": [{"conv": n, "relu": c.relu, "sqnr_db": c.sqnr_db,
                     "fused_sqnr_db": c.fused_db, "step_ratio": c.step_ratio}
                    for n, c in costly]},
+        _qat_fix(layers) if qat else
         "from torch.ao.quantization import fuse_modules\n"
         "# the float model in eval mode, fused as before, and each conv with the ReLU\n"
         "# after it too:\n"
         f"model = fuse_modules(model.eval(), [{listed}\n])\n" + CALIBRATE_EAGER)
+
+
+def _qat_fix(layers: list[tuple[str, ReluCost]]) -> str:
+    """Fusing in the QAT flow, in words: the fuse list the model was prepared with gains each
+    ReLU (a group with its BatchNorm where one is folded), then prepare_qat, training and
+    convert again."""
+    groups = "; ".join(str([n, *([c.bn] if c.bn else []), c.relu]) for n, c in layers)
+    return ("A QAT model: put each ReLU in the fuse_modules_qat list the model was prepared "
+            f"with ({groups}), then prepare_qat, train again and convert; calibrating "
+            "again with prepare and convert would drop the training.")
 
 
 def _text(sqnr: float | None) -> str:

@@ -160,7 +160,8 @@ def screen_layer(lay: LayerCapture, engine: str) -> Screen:
     if lay.unfused_relu is not None and case.activation is None and not fp32:
         qp = lay.quantized_output_qparams
         relu = relu_cost(lay.unfused_relu, dequantize32(lay.quantized_output, qp), y,
-                         float(qp.scale[0]), lay.calibration_range or (y_span.low, y_span.high))
+                         float(qp.scale[0]), lay.calibration_range or (y_span.low, y_span.high),
+                         lay.bn_folded or "")
     return Screen(own, propagated, received, input_ratio, defaults, floor, verdict, dominant,
                   findings, kept, relu)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..arithmetic.engines import PT2E_ENGINES
+from ..case import trained_with_qat
 from ..diagnosis import Diagnosis, Options, run_diagnosis
 from ..errors import UsageError
 from ..gate import FAIL_ON, LEVELS
@@ -215,7 +216,9 @@ def _walk(bundle: ModelBundle, options: WalkOptions, say: Progress,
                                        qcd072(kept_bn, upstream),
                                        qcd073(bundle.shared_folds),
                                        qcd074(bundle.layers, screens, bundle.flow),
-                                       qcd075(unfused_relus),
+                                       qcd075(unfused_relus, any(
+                                           trained_with_qat(lay.notes)
+                                           for lay in bundle.layers)),
                                        qcd076(bundle.layers, screens, bundle.flow),
                                        qcd071(bundle.lost_after)]
                            if f is not None and f.code not in options.ignore)
