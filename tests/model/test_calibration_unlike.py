@@ -91,10 +91,11 @@ def test_batches_with_over_exposed_images_are_named_and_calibrating_on_likes_run
     assert found.evidence["samples"] == 16
     assert "inputs like those at inference" in found.fix
     assert max(len(line) for line in found.fix.splitlines()) <= 80
-    likes = calibration[:8]
-    fixed = _quantize(model, likes, found.fix)
+    # the fix, run on the same batches, leaves the over-exposed ones out itself (helper-73:
+    # one that only said so rebuilt the same model)
+    fixed = _quantize(model, calibration, found.fix)
     assert _sqnr(model, fixed, inputs) > _sqnr(model, q, inputs) + 6
-    assert not _findings(model, fixed, inputs, likes)
+    assert not _findings(model, fixed, inputs, calibration[:8])
 
 
 def test_batches_like_the_inputs_are_quiet() -> None:
