@@ -527,6 +527,10 @@ def _no_quantized_conv(model: Any) -> str:
     """Why ``model`` holds no quantized conv, and what to pass instead."""
     import torch
 
+    if isinstance(model, torch.jit.ScriptModule):  # its convs are not torch.ao modules
+        return ("capture_model: the quantized model is a TorchScript module (torch.jit.script, "
+                "trace or load), whose quantized convs are no torch.ao modules and take no "
+                "hooks; pass the eager model convert returned, before scripting it")
     observers = [m for m in model.modules()
                  if type(m).__name__.endswith(("Observer", "FakeQuantize"))]
     if observers:

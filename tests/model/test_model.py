@@ -2405,3 +2405,21 @@ def test_a_bundle_s_head_steps_and_unfused_relus_are_refused_when_impossible(tmp
                    [dataclasses.replace(lay, unfused_relu="conv")]):
         with pytest.raises(CaseFileError, match="'unfused_relu' must name a module"):
             _check_writers(layers, "b.pt")
+
+
+def test_a_torchscript_quantized_model_is_refused_as_such():
+    """helper-74 (pytorch#46749): a torch.jit.load'ed quantized model was refused as holding
+    no quantized conv, though it holds three; TorchScript is what capture_model cannot take."""
+    import copy
+
+    from torch.ao.quantization import fuse_modules
+
+    from qconvdiag.errors import CaseError
+
+    torch.manual_seed(0)
+    f = _ConvThenLinear().eval()
+    q = _calibrated(fuse_modules(copy.deepcopy(f), [["conv", "relu"]]))
+    x = models.inputs(2, 8, 7)
+    scripted = torch.jit.trace(q, x)
+    with pytest.raises(CaseError, match="the quantized model is a TorchScript module"):
+        qconvdiag.capture_model(f, scripted, x)
