@@ -94,6 +94,10 @@ def shared_cause_sentence(report: ModelReport) -> str | None:
             f"({f.title}): {why}.")
 
 
+#: Findings that name no cause of a conv's error: a deprecated API (QCD060).
+NO_ERROR_CODES = frozenset({"QCD060"})
+
+
 def summary_sentence(report: ModelReport) -> str:
     serious = [f for f in report.findings if f.severity != "info"]
     if not serious:
@@ -132,10 +136,13 @@ def _convs_sentence(report: ModelReport) -> str:
     if worst is not None and worst.verdict != "at_floor":
         serious = [f for f in worst.findings if f.severity != "info"]
         # with no warning or error, what is said of it (a histogram observer's trim, QAT's):
-        # a verdict alone read as an alarm nothing backs
+        # a verdict alone read as an alarm nothing backs; not a note on the API it used, which
+        # moves no number (helper-74: "above its floor (QCD060, said as info: deprecated
+        # quantization API in use)")
+        said = [f for f in worst.findings if f.code not in NO_ERROR_CODES]
         cause = (f" ({serious[0].code}: {serious[0].title})" if serious else
-                 f" ({worst.findings[0].code}, said as info: {worst.findings[0].title}; no "
-                 "warning or error)" if worst.findings else "")
+                 f" ({said[0].code}, said as info: {said[0].title}; no "
+                 "warning or error)" if said else " (no finding names a cause)")
         lead += (f" The worst by its own error is {worst.name}: {sqnr_text(worst.own)} dB, "
                  f"{floor_ratio_text(worst)} its floor, {STATUS_WORDS[worst.verdict]}{cause}.")
     return lead + tail

@@ -1264,6 +1264,13 @@ def test_a_worst_conv_with_info_only_says_so_in_the_summary(healthy_x86):  # noq
                                  ranking=(first.name, *d.report.ranking[1:]))
     sentence = summary_sentence(report)
     assert "(QCD051, said as info: outputs saturated" in sentence and "no warning" in sentence
+    # helper-74: a deprecated API moves no number, and is no reason a conv is above its floor
+    api = LayerFinding("QCD060", "info", "deprecated quantization API in use")
+    for findings, said in (((api, trim), "(QCD051, said as info"),
+                           ((api,), "(no finding names a cause)")):
+        rows = (dataclasses.replace(worse, findings=findings), *d.report.layers[1:])
+        sentence = summary_sentence(dataclasses.replace(report, layers=rows))
+        assert said in sentence and "QCD060" not in sentence
 
 
 def test_a_model_from_other_weights_is_the_model_wide_cause_not_their_bias(healthy_x86):  # noqa: ANN001
