@@ -306,7 +306,9 @@ def qcd023(ctx: Context) -> Iterator[Finding]:
             {"rmse_per_tensor_symmetric": good, "rmse_per_channel": then,
              "channel_range_ratio": spread, "excess": energy},
             weight_fix(ctx.case, run.kernel.kernel, True, run.spec.input_qparams)
-            + "\n# in the eager flow: model.qconfig = qconfig, with\n"
+            + ("\n# in the FX flow: qconfig_mapping.set_global(qconfig), with\n"
+               if ctx.case.model_flow == "fx" else
+               "\n# in the eager flow: model.qconfig = qconfig, with\n")
             + per_channel_qconfig(run.report.engine),
             run, energy, WEIGHT)
 

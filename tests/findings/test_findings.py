@@ -803,3 +803,17 @@ def test_one_or_two_outputs_past_a_trim_are_said_even_where_they_break_the_conv(
 
     assert said_as_trim("error", 2, 400) and not said_as_trim("error", 2, 399)
     assert not said_as_trim("error", 1, 10) and said_as_trim("warning", 5, 10)
+
+
+def test_qcd023_s_qconfig_line_is_in_the_model_s_flow() -> None:
+    """helper-74 (pytorch#90289): on an FX model's conv the fix said 'in the eager flow:
+    model.qconfig = qconfig'; convert_fx's user sets a qconfig mapping."""
+    import dataclasses
+
+    lay = layer(6, "conv2d", "relu", spread=20.0)
+    case = lay.case(lay.setup())
+    for flow, said in ((None, "# in the eager flow: model.qconfig = qconfig"),
+                       ("fx", "# in the FX flow: qconfig_mapping.set_global(qconfig)")):
+        report = diagnose(dataclasses.replace(case, model_flow=flow), Options(engine="qnnpack"))
+        (found,) = [f for f in report.findings if f.code == "QCD023" and f.path == "as_given"]
+        assert said in found.fix
