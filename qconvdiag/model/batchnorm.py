@@ -115,7 +115,6 @@ def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any,
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from ..torch_calls import capture_warnings
 
     watched: dict[int, str] = {}
     held: list[Any] = []  # the outputs kept alive for the forward: their ids stay theirs
@@ -145,13 +144,23 @@ def sole_readers(float_model: Any, convs: dict[str, Any], batch: Any,
 
     handles = [m.register_forward_hook(hook(name)) for name, m in convs.items()]
     handles += [m.register_forward_hook(done(name)) for name, m in (until or {}).items()]
+    forward_watched(float_model, batch, handles, Reads())
+    return {name: n <= 1 for name, n in reads.items()}
+
+
+def forward_watched(float_model: Any, batch: Any, handles: list[Any], mode: Any) -> None:
+    """One more forward of ``batch`` under the TorchFunctionMode ``mode``, without grad or
+    torch's warnings, every hook in ``handles`` removed after it, whatever happens."""
+    import torch
+
+    from ..torch_calls import capture_warnings
+
     try:
-        with torch.no_grad(), capture_warnings(), Reads():
+        with torch.no_grad(), capture_warnings(), mode:
             float_model(batch)
     finally:
         for h in handles:
             h.remove()
-    return {name: n <= 1 for name, n in reads.items()}
 
 
 def flat_args(value: Any) -> list[Any]:

@@ -107,8 +107,7 @@ def chain_reads(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]]
     import torch
     from torch.overrides import TorchFunctionMode
 
-    from ..torch_calls import capture_warnings
-    from .batchnorm import flat_args
+    from .batchnorm import flat_args, forward_watched
 
     watched: dict[int, set[str]] = {}  # a chain's tensor -> the readers whose chain it is
     held: list[Any] = []  # kept alive for the forward: their ids stay theirs
@@ -200,12 +199,7 @@ def chain_reads(float_model: Any, chains: dict[str, tuple[str, tuple[str, ...]]]
     for name, conv in convs.items():
         handles.append(conv.register_forward_pre_hook(conv_reads(name)))
         handles.append(conv.register_forward_hook(conv_wrote(name)))
-    try:
-        with torch.no_grad(), capture_warnings(), Reads():
-            float_model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_watched(float_model, batch, handles, Reads())
     return ({reader: n == 0 for reader, n in other.items()},
             {reader: tuple(names) for reader, names in found.items()})
 
