@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..report import Finding
+from .batchnorm import db_text
 
 CODE = "QCD071"
 #: The model's output is lost after its last conv when it is this many dB below that conv's
@@ -300,14 +301,11 @@ def _where(lost: LostAfter) -> str:
     """Each module after the last conv against its float twin, and where the most is lost:
     the lowest own SQNR where measured (the module on the input it received), else the
     largest drop from the module before; with what that module's record shows."""
-    def db(v: float | None) -> str:
-        return "exact" if v is None else f"{v:.1f} dB"
-
     def inf(v: float | None) -> float:
         return math.inf if v is None else v
 
-    listed = "; ".join(f"{s.name} ({s.kind}) {db(s.sqnr_db)}"
-                       + (f", own {db(s.own_db)}" if s.own else "") for s in lost.steps)
+    listed = "; ".join(f"{s.name} ({s.kind}) {db_text(s.sqnr_db)}"
+                       + (f", own {db_text(s.own_db)}" if s.own else "") for s in lost.steps)
     head = ("Module by module after it (the model's SQNR there"
             + ("; own: the module on the input it received" if any(s.own for s in lost.steps)
                else "") + f"): {listed}.")
@@ -331,9 +329,9 @@ def _where(lost: LostAfter) -> str:
     if worst.weight_per_channel is not None:
         w = worst.weight_sqnr_db
         if w is not None and w <= OTHER_WEIGHT_DB:
-            return text + (f": its weight is {db(w)} from the float model's, another weight "
+            return text + (f": its weight is {db_text(w)} from the float model's, another weight "
                            "(another checkpoint, a weight set without set_weight_bias).")
-        return text + (f": its weight is {db(w)} from the float model's, quantized "
+        return text + (f": its weight is {db_text(w)} from the float model's, quantized "
                        + ("per channel" if worst.weight_per_channel else
                           "per tensor (a per-channel weight observer gives each output its "
                           "own scale)") + "; and its output scale, for its output's range.")

@@ -210,10 +210,12 @@ def kept_cost(kept: KeptBatchNorm, quantized: np.ndarray, y: np.ndarray,
     magnitudes = np.abs(np.asarray(kept.gain))
     nonzero = magnitudes[magnitudes > 0]
     spread = float(nonzero.max() / nonzero.min()) if nonzero.size else 1.0
-    return KeptCost(_db(signal, noise), own_db, spread)
+    return KeptCost(energy_db(signal, noise), own_db, spread)
 
 
-def _db(signal: float, noise: float) -> float | None:
+def energy_db(signal: float, noise: float) -> float | None:
+    """The SQNR of ``noise`` on ``signal`` (energies): None where the noise is 0 (exact),
+    -inf where the signal is."""
     if noise <= 0:
         return None
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
@@ -247,7 +249,7 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
         level = "warning" if level == "error" else "info"
     conv, kept, cost = worst
     others = [c for c in costly if c is not worst]
-    more = "".join(f" {k.name} after {c}: {_text(x.sqnr_db)} against {_text(x.fused_db)}."
+    more = "".join(f" {k.name} after {c}: {db_text(x.sqnr_db)} against {db_text(x.fused_db)}."
                    for c, k, x in others[:4])
     if len(others) > 4:
         more += f" And {len(others) - 4} more."
@@ -275,9 +277,9 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
         f"BatchNorm {kept.name} reads {conv}'s output and stays in the quantized model: "
         f"{conv}'s output is quantized first, with one step for all its channels, and "
         f"{kept.name} then multiplies each channel's rounding error by its gain (spanning "
-        f"{cost.gain_spread:.3g}x here). Its output is {_text(cost.sqnr_db)} from the float "
+        f"{cost.gain_spread:.3g}x here). Its output is {db_text(cost.sqnr_db)} from the float "
         f"model's on {conv}'s own input, where a conv fused with it gives "
-        f"{_text(cost.fused_db)}.{more}{after}",
+        f"{db_text(cost.fused_db)}.{more}{after}",
         {"batchnorms": [{"conv": c, "batchnorm": k.name, "sqnr_db": x.sqnr_db,
                          "fused_sqnr_db": x.fused_db, "gain_spread": x.gain_spread}
                         for c, k, x in costly]},
@@ -288,5 +290,5 @@ def qcd072(layers: list[tuple[str, KeptBatchNorm, KeptCost]],
                 if groups else ""))
 
 
-def _text(sqnr: float | None) -> str:
+def db_text(sqnr: float | None) -> str:
     return "exact" if sqnr is None else f"{sqnr:.1f} dB"

@@ -246,13 +246,20 @@ def span_ratio(calibration: tuple[float, float], samples: tuple[float, float]) -
     return wide / span if span > 0 else math.inf
 
 
+def calibration_ratios(layers: Sequence[LayerCapture]) -> dict[str, float]:
+    """Per conv that has both, the calibration batches' range over the captured samples'
+    (``span_ratio``; convs whose samples are all 0 left out)."""
+    ratios = {lay.name: span_ratio(lay.calibration_range,
+                                   sample_range(lay.case, lay.float_output))
+              for lay in layers if lay.calibration_range is not None}
+    return {name: r for name, r in ratios.items() if math.isfinite(r)}
+
+
 def calibration_unlike(layers: Sequence[LayerCapture]) -> bool:
     """The calibration batches reach UNLIKE_RANGE times the captured samples' range or more at
-    every conv that has both (convs whose samples are all 0 left out, at least one left)."""
-    ratios = [span_ratio(lay.calibration_range, sample_range(lay.case, lay.float_output))
-              for lay in layers if lay.calibration_range is not None]
-    ratios = [r for r in ratios if math.isfinite(r)]
-    return bool(ratios) and min(ratios) >= UNLIKE_RANGE
+    every conv that has both (``calibration_ratios``, at least one)."""
+    ratios = calibration_ratios(layers)
+    return bool(ratios) and min(ratios.values()) >= UNLIKE_RANGE
 
 
 def judged_ranges(layers: Sequence[LayerCapture]) -> tuple[LayerCapture, ...]:

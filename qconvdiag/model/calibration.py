@@ -19,13 +19,12 @@ to 1.06x. From UNLIKE_RANGE (8x) the walk judges every conv on the samples' rang
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 
 from ..findings.fixes import model_calibration
 from ..report import Finding
-from .bundle import UNLIKE_RANGE, LayerCapture, sample_range, span_ratio
+from .bundle import UNLIKE_RANGE, LayerCapture, calibration_ratios
 from .screen import Screen
 
 CODE = "QCD076"
@@ -40,10 +39,7 @@ def qcd076(layers: Sequence[LayerCapture], screens: dict[str, Screen], flow: str
            ) -> Finding | None:
     """QCD076 where the calibration batches reach WIDER to UNLIKE_RANGE times the captured
     samples' range at every conv that has both (MIN_SAMPLES samples or more): a warning."""
-    ratios = {lay.name: span_ratio(lay.calibration_range, sample_range(lay.case,
-                                                                        lay.float_output))
-              for lay in layers if lay.calibration_range is not None}
-    ratios = {name: r for name, r in ratios.items() if math.isfinite(r)}
+    ratios = calibration_ratios(layers)
     if not ratios or not layers or layers[0].case.input.shape[0] < MIN_SAMPLES:
         return None
     low, high = min(ratios.values()), max(ratios.values())

@@ -26,13 +26,12 @@ import numpy as np
 
 from ..findings.fixes import CALIBRATE_EAGER
 from ..report import Finding
+from .batchnorm import LOST_DB, db_text, energy_db
 
 CODE = "QCD075"
 #: A fused conv would leave the ReLU's output this many dB closer to the float model's, or
 #: more: its rounding error energy half or less. Named: a fusion costs nothing.
 COST_DB = 3.0
-#: Below this SQNR the ReLU's output is mostly lost: an error.
-LOST_DB = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,13 +74,7 @@ def relu_cost(relu: str, quantized: np.ndarray, y: np.ndarray, step: float,
     fused_step = step / ratio
     fused = max(noise - passed * (step * step - fused_step * fused_step) / 12,
                 passed * fused_step * fused_step / 12)
-    return ReluCost(relu, _db(signal, noise), _db(signal, fused), ratio, bn)
-
-
-def _db(signal: float, noise: float) -> float | None:
-    if noise <= 0:
-        return None
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return ReluCost(relu, energy_db(signal, noise), energy_db(signal, fused), ratio, bn)
 
 
 def qcd075(layers: list[tuple[str, ReluCost]], qat: bool = False) -> Finding | None:
@@ -98,7 +91,7 @@ def qcd075(layers: list[tuple[str, ReluCost]], qat: bool = False) -> Finding | N
     lowest = min((-math.inf if c.sqnr_db is None else c.sqnr_db for _n, c in costly))
     level = "error" if lowest < LOST_DB else "warning"
     others = [c for c in costly if c[0] != conv]
-    more = "".join(f" {c.relu} after {n}: {_text(c.sqnr_db)} against {_text(c.fused_db)}."
+    more = "".join(f" {c.relu} after {n}: {db_text(c.sqnr_db)} against {db_text(c.fused_db)}."
                    for n, c in others[:4])
     if len(others) > 4:
         more += f" And {len(others) - 4} more."
@@ -118,8 +111,8 @@ def qcd075(layers: list[tuple[str, ReluCost]], qat: bool = False) -> Finding | N
         f"is quantized over its signed range first, and {cost.relu} then drops the codes "
         f"below the zero point, so the values that pass keep a step {cost.step_ratio:.2f}x a "
         f"fused conv's (ops after it that keep their input's qparams, a pool, inherit it). "
-        f"Its output is {_text(cost.sqnr_db)} from the float model's on {conv}'s own input, "
-        f"where a conv fused with it gives about {_text(cost.fused_db)}.{more}",
+        f"Its output is {db_text(cost.sqnr_db)} from the float model's on {conv}'s own input, "
+        f"where a conv fused with it gives about {db_text(cost.fused_db)}.{more}",
         {"relus": [{"conv": n, "relu": c.relu, "sqnr_db": c.sqnr_db,
                     "fused_sqnr_db": c.fused_db, "step_ratio": c.step_ratio}
                    for n, c in costly]},
@@ -138,7 +131,3 @@ def _qat_fix(layers: list[tuple[str, ReluCost]]) -> str:
     return ("A QAT model: put each ReLU in the fuse_modules_qat list the model was prepared "
             f"with ({groups}), then prepare_qat, train again and convert; calibrating "
             "again with prepare and convert would drop the training.")
-
-
-def _text(sqnr: float | None) -> str:
-    return "exact" if sqnr is None else f"{sqnr:.1f} dB"
