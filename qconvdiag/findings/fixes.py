@@ -101,6 +101,15 @@ CALIBRATE_PT2E = ("from torchao.quantization.pt2e.quantize_pt2e import (\n"
                   "converted = convert_pt2e(prepared)")
 
 
+def comment(text: str) -> str:
+    """A fix said in words, as comment lines of 80 columns at most: whole lines where a
+    report is piped at 80 columns (fixes print unwrapped, to stay pasteable)."""
+    import textwrap
+
+    return "\n".join("# " + line for line in textwrap.wrap(text, 78, break_long_words=False,
+                                                          break_on_hyphens=False))
+
+
 def model_calibration(flow: str) -> str:
     """The code that prepares, calibrates and converts a whole model again, in its ``flow``
     (eager, fx or pt2e)."""

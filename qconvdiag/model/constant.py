@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..arithmetic.float_conv import conv64
-from ..findings.fixes import CALIBRATE_EAGER, CALIBRATE_FX
+from ..findings.fixes import CALIBRATE_EAGER, CALIBRATE_FX, comment
 from ..report import Finding
 from .bundle import LayerCapture, WriterChain
 from .lost import LOST_DB
@@ -402,11 +402,12 @@ def _fix(found: list[_Hit], flow: str) -> str:
         group = [o.lay.name for o in found if o.writer.conv == h.writer.conv]
         modules = ", ".join(dict.fromkeys([h.writer.conv, *h.writer.path, *group]))
         readers = " and ".join(group)
-        return (f"Keep {h.writer.conv} through {readers} in float (qconfig None on "
-                f"{modules}), with a DeQuantStub before {h.writer.conv} and a QuantStub after "
-                f"each of {readers}. Other ops read {h.writer.conv}'s output too (a residual "
-                "add, another branch): each needs a QuantStub of its own before it, since "
-                "that output is float then. Then calibrate and convert again.")
+        return comment(
+            f"Keep {h.writer.conv} through {readers} in float (qconfig None on {modules}), "
+            f"with a DeQuantStub before {h.writer.conv} and a QuantStub after each of "
+            f"{readers}. Other ops read {h.writer.conv}'s output too (a residual add, another "
+            "branch): each needs a QuantStub of its own before it, since that output is float "
+            "then. Then calibrate and convert again.")
     listed = "".join(f"        ({e!r}, {i!r}, {x!r}),\n" for e, i, x in regions)
     return (head + "# (model: the float model, fused and its qconfig set as before)\n"
             "import torch\n"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..findings.fixes import CALIBRATE_EAGER
+from ..findings.fixes import CALIBRATE_EAGER, comment
 from ..report import Finding
 from .batchnorm import LOST_DB, db_text, energy_db
 
@@ -128,6 +128,7 @@ def _qat_fix(layers: list[tuple[str, ReluCost]]) -> str:
     ReLU (a group with its BatchNorm where one is folded), then prepare_qat, training and
     convert again."""
     groups = "; ".join(str([n, *([c.bn] if c.bn else []), c.relu]) for n, c in layers)
-    return ("A QAT model: put each ReLU in the fuse_modules_qat list the model was prepared "
-            f"with ({groups}), then prepare_qat, train again and convert; calibrating "
-            "again with prepare and convert would drop the training.")
+    return comment(
+        "A QAT model: put each ReLU in the fuse_modules_qat list the model was prepared with "
+        f"({groups}), then prepare_qat, train again and convert; calibrating again with "
+        "prepare and convert would drop the training.")

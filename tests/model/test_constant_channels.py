@@ -214,8 +214,12 @@ def test_a_residual_reading_the_writer_s_output_gets_words_not_a_fix_that_crashe
     assert bundle.layer("dw").writer.sole is False
     assert bundle.layer("dw").writer.readers == ("head",)  # through the add
     (found,) = _qcd074(findings)
-    assert "Other ops read expand's output too" in found.fix
-    assert "DeQuantStub before expand" in found.fix and "QuantStub after each of dw" in found.fix
+    # words, as comment lines whole at 80 columns
+    assert max(len(line) for line in found.fix.splitlines()) <= 80
+    words = " ".join(line.removeprefix("# ") for line in found.fix.splitlines())
+    assert all(line.startswith("# ") for line in found.fix.splitlines())
+    assert "Other ops read expand's output too" in words
+    assert "DeQuantStub before expand" in words and "QuantStub after each of dw" in words
 
 
 def test_overlapping_chains_are_kept_in_float_as_one() -> None:
